@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up everything vitlab needs on a fresh Debian machine: the Fashion-MNIST data package (when running as root with
+# apt) and a virtual environment in .venv with vitlab and its development tools installed. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing the Fashion-MNIST data package" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.vitlab-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  echo "setup: installing vitlab into .venv (first run takes a few minutes)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+  .venv/bin/python -c "import vitlab, torch, timm" # fail here, not later, if the install did not work
+  touch "$stamp"
+fi

@@ -1,0 +1,401 @@
+"""The Vision Transformer of Dosovitskiy et al. (ICLR 2021), read top to bottom in the order data flows.
+
+    z0  = [x_class; x_p^1 E; ...; x_p^N E] + E_pos
+    z'l = MSA(LN(z_{l-1})) + z_{l-1}
+    zl  = MLP(LN(z'l)) + z'l
+    y   = LN(z_L^0)                       -> optional pre-logits (Dense + tanh) -> head
+
+Module and parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv``,
+...), so a timm state dict loads as it is; the checkpoint package maps every other layout onto these names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+PoolType = Literal["token", "gap"]
+PosEmbedType = Literal["learned", "learned_2d", "sincos", "none"]
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that fixes a ViT's architecture; the registry is a table of these.
+
+    ``img_size`` and ``patch_size`` are (height, width); an int means a square. ``mlp_dim`` is the MLP hidden size M.
+    ``representation_size`` adds the paper's pre-logits layer (Dense D->R + tanh) before the head.
+    ``pool='gap'`` averages the patch tokens; ``norm_after_pool`` chooses where the final LayerNorm goes for it:
+    False applies it to every token and then averages (vit_jax, big_vision), True averages and then normalises
+    (timm's ``fc_norm``).
+    """
+
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    pool: PoolType = "token"
+    class_token: bool = True
+    pos_embed: PosEmbedType = "learned"
+    norm_after_pool: bool = False
+    representation_size: int | None = None
+    gelu: Literal["exact", "tanh"] = "exact"
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "img_size", _pair(self.img_size))
+        object.__setattr__(self, "patch_size", _pair(self.patch_size))
+        errors = []
+        for (size, patch, axis) in zip(self.img_size, self.patch_size, ("height", "width")):
+            if patch <= 0 or size <= 0 or size % patch:
+                errors.append(f"image {axis} {size} is not a positive multiple of patch {axis} {patch}")
+        if self.embed_dim % self.num_heads:
+            errors.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.pool not in ("token", "gap"):
+            errors.append(f"pool must be 'token' or 'gap', got {self.pool!r}")
+        if self.pool == "token" and not self.class_token:
+            errors.append("pool='token' needs class_token=True")
+        if self.pos_embed not in ("learned", "learned_2d", "sincos", "none"):
+            errors.append(f"pos_embed must be learned, learned_2d, sincos or none, got {self.pos_embed!r}")
+        if self.pos_embed == "learned_2d" and self.embed_dim % 2:
+            errors.append("pos_embed='learned_2d' needs an even embed_dim")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            errors.append("pos_embed='sincos' needs embed_dim divisible by 4")
+        if self.gelu not in ("exact", "tanh"):
+            errors.append(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        if self.num_classes < 0:
+            errors.append(f"num_classes must be >= 0, got {self.num_classes}")
+        if errors:
+            raise ValueError("invalid ViT config: " + "; ".join(errors))
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns)."""
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.class_token else 0
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (tuples become lists)."""
+        out = asdict(self)
+        out["img_size"] = list(self.img_size)
+        out["patch_size"] = list(self.patch_size)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ViTConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error so that typos are not ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ViT config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> ViTConfig:
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown ViT config keys: {', '.join(unknown)}")
+        return replace(self, **changes)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into P x P patches and project each linearly: a P x P convolution with stride P."""
+
+    def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), row-major over the grid
+
+
+def sincos_2d_position_embedding(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding, (gh * gw, dim), rows in row-major grid order.
+
+    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y), with geometric frequencies (big_vision's
+    ``posemb_sincos_2d``)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    gh, gw = grid_size
+    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    x = x.reshape(-1, 1) * omega
+    y = y.reshape(-1, 1) * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    The normal forward calls ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available); the
+    explicit softmax, which exposes the attention probabilities, runs only when ``return_attention=True``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        B, N, D = x.shape
+        # (B, N, 3D) -> (3, B, heads, N, head_dim)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        drop = self.attn_drop if self.training else 0.0
+        if return_attention:
+            probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+            out = F.dropout(probs, drop, self.training) @ v
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
+        return (out, probs) if return_attention else out
+
+
+class Mlp(nn.Module):
+    """Dense(D->M), GELU, Dense(M->D), with dropout after each dense layer as in the paper."""
+
+    def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch for a random subset of samples, rescaling the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim, cfg.gelu, cfg.dropout)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            y, probs = self.attn(self.norm1(x), return_attention=True)
+        else:
+            y, probs = self.attn(self.norm1(x)), None
+        x = x + drop_path(y, self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return (x, probs) if return_attention else x
+
+
+class PreLogits(nn.Module):
+    """The pre-training head's hidden layer: Dense(D->R) + tanh."""
+
+    def __init__(self, dim: int, representation_size: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, representation_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT built from a :class:`ViTConfig`. ``forward`` returns logits (B, num_classes)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        gh, gw = cfg.grid_size
+        if cfg.pos_embed == "learned":  # one row per token, class slot first (vit_jax layout)
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + self.num_prefix_tokens, D))
+        elif cfg.pos_embed == "learned_2d":  # paper's 2D ablation: X and Y halves concatenated
+            self.pos_embed_y = nn.Parameter(torch.zeros(gh, D // 2))
+            self.pos_embed_x = nn.Parameter(torch.zeros(gw, D // 2))
+        elif cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed_fixed", sincos_2d_position_embedding(cfg.grid_size, D), persistent=False)
+        self.pos_drop = nn.Dropout(cfg.dropout)
+
+        # stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList([Block(cfg, rate) for rate in rates])
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if not cfg.norm_after_pool else nn.Identity()
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.norm_after_pool else nn.Identity()
+        self.pre_logits = PreLogits(D, cfg.representation_size) if cfg.representation_size else nn.Identity()
+        self.head = self._new_head(cfg.representation_size or D, cfg.num_classes)
+        self.init_weights()
+
+    # ----- construction helpers
+    @staticmethod
+    def _new_head(in_features: int, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        head = nn.Linear(in_features, num_classes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return head
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """vit_jax initialisation: dense xavier-uniform (q, k, v each on its own), MLP biases normal(1e-6), other
+        biases zero, patch embedding LeCun normal, position embeddings normal(0.02), class token and head zero."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module is not self.head:
+                if name.endswith("attn.qkv"):
+                    for chunk in module.weight.chunk(3, dim=0):
+                        nn.init.xavier_uniform_(chunk)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    if ".mlp." in f".{name}.":
+                        nn.init.normal_(module.bias, std=1e-6)
+                    else:
+                        nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.proj.weight
+        fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for name in ("pos_embed", "pos_embed_x", "pos_embed_y"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=0.02)
+
+    def reset_head(self, num_classes: int, drop_pre_logits: bool = True) -> None:
+        """Replace the head for ``num_classes`` classes, zero-initialised as in the paper's fine-tuning.
+
+        With ``drop_pre_logits`` (the paper's choice) the pre-logits layer is removed too."""
+        if drop_pre_logits and self.cfg.representation_size:
+            self.pre_logits = nn.Identity()
+            self.cfg = self.cfg.replace(representation_size=None)
+        device = self.patch_embed.proj.weight.device
+        dtype = self.patch_embed.proj.weight.dtype
+        self.head = self._new_head(self.cfg.representation_size or self.cfg.embed_dim, num_classes).to(device, dtype)
+        self.cfg = self.cfg.replace(num_classes=num_classes)
+
+    reset_classifier = reset_head  # timm's name
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    # ----- forward
+    def position_embedding(self) -> torch.Tensor | None:
+        """The position embedding for the patch tokens, (1, N, D), or for all tokens (1, N+1, D) for ``learned``
+        with a class token; None when there is none."""
+        kind = self.cfg.pos_embed
+        if kind == "learned":
+            return self.pos_embed
+        gh, gw = self.cfg.grid_size
+        if kind == "learned_2d":
+            D2 = self.cfg.embed_dim // 2
+            y = self.pos_embed_y[:, None, :].expand(gh, gw, D2)
+            x = self.pos_embed_x[None, :, :].expand(gh, gw, D2)
+            return torch.cat([y, x], dim=-1).reshape(1, gh * gw, 2 * D2)
+        if kind == "sincos":
+            return self.pos_embed_fixed.unsqueeze(0)
+        return None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, class token and position embedding: (B, C, H, W) -> (B, N + prefix, D)."""
+        expected = (self.cfg.in_chans, *self.cfg.img_size)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        x = self.patch_embed(x)
+        pos = self.position_embedding()
+        full_pos = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
+        if pos is not None and not full_pos:
+            x = x + pos  # patch-only embedding; the class token needs none (it is learned itself)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if full_pos:
+            x = x + pos
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the encoder (and the final norm unless it comes after pooling): (B, N + prefix, D)."""
+        x = self.embed(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N + prefix, D) -> (B, D): the class token, or the mean of the patch tokens."""
+        if self.cfg.pool == "token":
+            return x[:, 0]
+        return x[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens, then fc_norm / pre-logits / head. ``pre_logits=True`` returns the representation the head
+        sees (B, R or D) instead of logits."""
+        x = self.fc_norm(self.pool(x))
+        x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and every layer's attention probabilities, a list of ``depth`` tensors (B, heads, T, T) where
+        T = N + prefix tokens. Uses the explicit softmax; the normal forward is not affected."""
+        x = self.embed(x)
+        maps = []
+        for block in self.blocks:
+            x, probs = block(x, return_attention=True)
+            maps.append(probs)
+        return self.forward_head(self.norm(x)), maps
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Number of parameters (buffers such as a fixed sin-cos embedding excluded)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
