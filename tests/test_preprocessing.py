@@ -23,7 +23,8 @@ def test_crop_policy_keeps_the_centre_and_grey_scale_has_one_channel():
     p = Preprocessing(img_size=10, resize="crop", crop_pct=0.5, channels=1, mean=(0.0,), std=(1.0,))
     x = p.transform()(Image.fromarray(img).convert("RGB"))
     assert x.shape == (1, 10, 10)
-    assert x[0, 3:7, 3:7].min() > 0.9 and x[0, 0, 0] < 0.1  # 20 px square, 2x scale, fills the middle 4 x 4
+    # shorter side 100 -> 20 (10 / crop_pct), so the 20 px square becomes 4 px, centred in the 10 px crop
+    assert x[0, 4:6, 4:6].min() > 0.99 and x[0, 3:7, 3:7].min() > 0.5 and x[0, 0, 0] < 0.01
 
 
 def test_round_trip_and_validation():
