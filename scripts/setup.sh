@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Sets up everything vitlab needs on a fresh Debian machine: the Fashion-MNIST data package (when running as root with
-# apt) and a virtual environment in .venv with vitlab and its development tools installed. Safe to run again.
+# apt) and a virtual environment in .venv with vitlab and its development tools installed. With --dev it also installs
+# Debian's chromium, which the HTML-report screenshot test uses. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \
-   && [ "$(id -u)" = 0 ]; then
-  echo "setup: installing the Fashion-MNIST data package" >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+debs=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || debs+=(dataset-fashion-mnist)
+if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null; then debs+=(chromium); fi
+if [ ${#debs[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${debs[*]}" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
+  else
+    echo "setup: warning: not root with apt-get; install these Debian packages yourself: ${debs[*]}" >&2
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then
