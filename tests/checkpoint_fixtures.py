@@ -39,7 +39,7 @@ def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if p.ndim == 1 and name.endswith("weight") and ("norm" in name or "ln" in name.split(".")[-2]):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             elif p.ndim >= 2 and name.endswith("weight"):
                 fan_in = p[0].numel()
