@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
 from .files import atomic_directory, write_atomic, write_json
-from .loading import build_model, read_checkpoint
+from .loading import build_model, read_checkpoint, zeroed_head_note
 from .npz import to_npz_arrays
 from .statedicts import to_hf, to_torchvision
 from .vitlab_format import save
@@ -215,6 +215,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
     metadata = dict(ckpt.metadata)
     metadata.setdefault("converted_from", {"path": src.name, "format": ckpt.format})
     notes = export(model, dst, to, metadata=metadata)
+    new_head = (model.cfg.num_classes != ckpt.config.num_classes
+                or model.cfg.representation_size != ckpt.config.representation_size)
+    head_note = None if new_head else zeroed_head_note(ckpt)
     return {
         "src": str(src),
         "dst": str(dst),
@@ -223,7 +226,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
         "config": model.cfg.to_dict(),
         "params": model.num_params(),
         "resampled": tuple(model.cfg.img_size) != tuple(ckpt.config.img_size),
-        "new_head": model.cfg.num_classes != ckpt.config.num_classes or
-                    model.cfg.representation_size != ckpt.config.representation_size,
-        "notes": ckpt.notes + notes,
+        "new_head": new_head,
+        "notes": ckpt.notes + notes + ([head_note] if head_note else []),
     }

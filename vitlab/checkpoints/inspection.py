@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..models import get_config, list_models
-from .loading import read_checkpoint
+from .loading import read_checkpoint, zeroed_head_note
 
 _SIZE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
 FORMAT_TITLES = {
@@ -68,5 +68,5 @@ def inspect_checkpoint(path: str | os.PathLike, *, model_name: str | None = None
         "preprocessing_source": "stored in the file" if stored_pre else f"default of the {ckpt.format} source",
         "facts": facts,
         "metadata": ckpt.metadata,
-        "notes": list(ckpt.notes),
+        "notes": list(ckpt.notes) + [n for n in [zeroed_head_note(ckpt)] if n],
     }
