@@ -114,8 +114,8 @@ def test_zeroed_imagenet21k_head_is_reported_not_used_silently(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- big_vision
-@pytest.mark.parametrize("prefix", ["params/", "opt/target/", "params/img/", ""])
-@pytest.mark.parametrize("scanned", [False, True])
+@pytest.mark.parametrize("prefix,scanned", [("params/", False), ("opt/target/", True), ("params/img/", True),
+                                            ("", False)])
 def test_big_vision_token_layout_matches_timm_and_jax(tmp_path, prefix, scanned):
     reference = random_timm_vit()
     arrays = vit_jax_arrays(reference)
