@@ -127,11 +127,13 @@ def plot_attention_distance(mean_distance: torch.Tensor, grid_size: tuple[int, i
 
 
 def plot_rollout(images: torch.Tensor, maps: torch.Tensor, titles: Sequence[str] | None = None,
-                 per_row: int = 4) -> Figure:
+                 per_row: int | None = None) -> Figure:
     """Each input next to its rollout map (upsampled, normalised to its maximum) overlaid in colour.
 
-    ``images``: (K, C, H, W) in [0, 1]; ``maps``: (K, gh, gw)."""
+    ``images``: (K, C, H, W) in [0, 1]; ``maps``: (K, gh, gw). ``per_row`` input/overlay pairs per row (default: a
+    roughly 4:3 layout)."""
     k = images.shape[0]
+    per_row = per_row or round(math.sqrt(k * 0.75))
     per_row = max(1, min(per_row, k))
     rows = math.ceil(k / per_row)
     height, width = images.shape[-2:]
