@@ -135,3 +135,35 @@ def test_html_page_shows_every_figure_in_headless_chromium(report):
         b = np.asarray(expected.resize(small, Image.BOX), dtype=np.float64).ravel()
         correlation = np.corrcoef(a, b)[0, 1]
         assert correlation > 0.8, f"{name}: what Chromium shows does not match {name}.png (r={correlation:.2f})"
+
+
+def test_images_are_found_recursively_in_order_and_preprocessed(tmp_path):
+    from vitlab.inspect import find_images, load_images
+    from vitlab.preprocessing import Preprocessing
+
+    pixels = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    (tmp_path / "b").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "b" / "1.png")
+    Image.fromarray(255 - pixels).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a.png", "b/1.png"]
+    assert find_images(tmp_path, limit=1) == paths[:1]
+    images = load_images(paths, Preprocessing.for_model(28, 1))
+    expected = torch.tensor(np.stack([255 - pixels, pixels]), dtype=torch.float32)[:, None] / 255 * 2 - 1
+    torch.testing.assert_close(images, expected, atol=1e-6, rtol=0)
+
+
+def test_bad_image_inputs_give_one_line_errors(tmp_path):
+    from vitlab.errors import VitlabError
+    from vitlab.inspect import find_images, load_images
+    from vitlab.preprocessing import Preprocessing
+
+    with pytest.raises(VitlabError, match="no image files"):
+        find_images(tmp_path)
+    with pytest.raises(VitlabError, match="no such file or folder"):
+        find_images(tmp_path / "missing")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(VitlabError, match="broken.png: not a readable image"):
+        load_images([broken], Preprocessing.for_model(28, 1))

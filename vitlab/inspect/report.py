@@ -158,6 +158,10 @@ def inspect_model(
     """
     cfg = model.cfg
     names = resolve_analyses(model, what, images is not None and len(images) > 0)
+    if head_fusion not in ("mean", "max", "min"):
+        raise ValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if images is not None and image_names is not None and len(image_names) != len(images):
         raise ValueError(f"{len(image_names)} image names for {len(images)} images")
     preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing.for_model(
