@@ -138,7 +138,8 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, titles: Sequence[str]
     rows = math.ceil(k / per_row)
     height, width = images.shape[-2:]
     aspect = height / width
-    fig = Figure(figsize=(per_row * 2 * 1.7 + 0.2, rows * (1.7 * aspect + 0.45) + 0.5))
+    fig_height = rows * (1.7 * aspect + 0.45) + 0.8  # the top 0.8 inch holds the title and the first row's labels
+    fig = Figure(figsize=(per_row * 2 * 1.7 + 0.2, fig_height))
     fig.suptitle("Attention rollout", fontsize=11)
     heat = upsample_map(maps, (height, width)).numpy()
     jet = matplotlib.colormaps["jet"]
@@ -152,6 +153,6 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, titles: Sequence[str]
             ax.set_axis_off()
             if j == 0 and titles is not None:
                 ax.set_title(titles[i], fontsize=7)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - 0.5 / (rows * (1.7 * aspect + 0.45) + 0.5),
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - 0.8 / fig_height,
                         wspace=0.05, hspace=0.3)
     return fig
