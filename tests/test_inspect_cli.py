@@ -17,8 +17,6 @@ from vitlab.inspect import (
     position_embedding_structure,
 )
 
-pytestmark = pytest.mark.skipif(not hasattr(vitlab, "load"), reason="vitlab.load (checkpoints) is not merged yet")
-
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
@@ -49,6 +47,7 @@ def image_folder(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_inspect_command_writes_the_report_for_test_images(checkpoint, image_folder, tmp_path, capsys):
     out = tmp_path / "report"
     status = main(["inspect", str(checkpoint), "--images", str(image_folder), "--out", str(out),
