@@ -50,7 +50,7 @@ def position_embedding_similarity(
         raise ValueError(f"expected {gh * gw} patch position embeddings for a {gh}x{gw} grid "
                          f"(+{num_prefix_tokens} prefix rows), got shape {given_shape}")
     unit = F.normalize(embedding.to(torch.float64), dim=-1)
-    return (unit @ unit.T).float().reshape(gh, gw, gh, gw)
+    return (unit @ unit.T).float().cpu().reshape(gh, gw, gh, gw)
 
 
 class PositionEmbeddingStructure(NamedTuple):
