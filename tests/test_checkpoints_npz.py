@@ -13,6 +13,7 @@ import torch
 import vitlab
 from vitlab.checkpoints import CheckpointWarning, convert, inspect_checkpoint, read_checkpoint
 from vitlab.errors import VitlabError
+from vitlab.preprocessing import Preprocessing
 
 from .checkpoint_fixtures import (
     bfloat16_round,
@@ -66,7 +67,7 @@ def test_vit_jax_layout_matches_timm_loader_and_jax_reference(tmp_path):
     jax_logits = _jax_logits(arrays, x)
     torch.testing.assert_close(_logits(model, x), jax_logits, atol=1e-5, rtol=1e-5)
     assert (_logits(exact, x) - jax_logits).abs().max() > 1e-4  # the GELU flavour is visible at this scale
-    assert model.preprocessing == vitlab.Preprocessing.for_model((IMG, IMG))  # squash, bilinear, [-1, 1]
+    assert model.preprocessing == Preprocessing.for_model((IMG, IMG))  # squash, bilinear, [-1, 1]
 
 
 def test_architecture_is_inferred_from_the_arrays(tmp_path):
