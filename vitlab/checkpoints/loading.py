@@ -192,6 +192,9 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
         raise VitlabError(f"{source}: the arrays describe no valid ViT ({exc})") from None
     backbone = npz_layout.find_backbone(arrays)
     if backbone is not None:
+        if backbone.architecture not in ARCHITECTURES:
+            raise VitlabError(f"{source}: the {backbone.name} backbone builds architecture "
+                              f"{backbone.architecture!r}, which is not registered")
         config = backbone.make_config(fields, arrays)
         arch = ARCHITECTURES[backbone.architecture]
         extra_rules = backbone.rules(arrays)
