@@ -139,3 +139,47 @@ def test_pretraining_exaflops_and_core_days_round_trip():
         accelerator_days(ef, "tpu-v9")
     with pytest.raises(ValueError, match="mfu"):
         accelerator_days(ef, mfu=0)
+
+
+def test_models_command_exaflops_and_table6(capsys):
+    from vitlab.cli import main
+
+    assert main(["models", "vit_b16", "--epochs", "7", "--json"]) == 0
+    import json
+
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["exaflops"] == pytest.approx(6 * 17_563_828_224 * 7 * 303e6 / 1e18)
+    assert row["accelerator_days"] == pytest.approx(accelerator_days(row["exaflops"], "tpuv3-core", 0.4))
+    assert main(["models", "--paper-table6"]) == 0
+    out = capsys.readouterr().out
+    assert "ViT-H/14" in out and "4262" in out and "+2.00%" in out
+    assert main(["models", "vit_b16", "--epochs", "7", "--images", "lots"]) == 2
+    assert "--images must be a number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,overrides", [("vit_ti16", dict(img_size=64)), ("vit_s16", dict(img_size=96, depth=2))])
+def test_float32_activation_estimate_matches_measured_allocations(name, overrides):
+    from vitlab.compute import activation_bytes_per_image
+    from vitlab.compute.bench import peak_memory_bytes
+
+    model = vitlab.create_model(name, **overrides)
+    x = torch.randn(8, 3, *model.cfg.img_size)
+    kept = []
+    measured = peak_memory_bytes(lambda: kept.append(model(x)), torch.device("cpu"))
+    estimate = 8 * activation_bytes_per_image(model.cfg, bf16=False)
+    assert measured == pytest.approx(estimate, rel=0.1)
+    kept.clear()
+    model.set_grad_checkpointing(True)
+    with_checkpoints = peak_memory_bytes(lambda: kept.append(model(x)), torch.device("cpu"))
+    assert with_checkpoints < 0.5 * measured
+
+
+def test_l16_and_h14_fit_one_80gb_gpu_with_these_micro_batches():
+    from vitlab.compute import max_micro_batch, training_memory
+
+    l16, h14 = get_config("vit_l16"), get_config("vit_h14")
+    assert max_micro_batch(l16, 304_326_632) >= 256  # bf16, no checkpointing
+    assert max_micro_batch(h14, 632_045_800) >= 128
+    assert max_micro_batch(h14, 632_045_800, checkpointing=True) >= 1024
+    memory = training_memory(h14, 632_045_800, batch=0)
+    assert memory.total == 18 * 632_045_800  # 4 + 4 + 8 bytes float32 state, 2 bytes bf16 copies

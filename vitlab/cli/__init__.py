@@ -12,7 +12,7 @@ import sys
 
 from ..errors import VitlabError
 
-COMMANDS = ["models"]
+COMMANDS = ["models", "bench", "export-onnx"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,12 +12,17 @@ from .flops import (
     table6_reproduction,
     vit_macs_breakdown,
 )
+from .memory import TrainingMemory, activation_bytes_per_image, max_micro_batch, training_memory
 
 __all__ = [
     "ACCELERATOR_PEAK_FLOPS",
     "DATASET_IMAGES",
     "TABLE6",
     "MacCount",
+    "TrainingMemory",
+    "activation_bytes_per_image",
+    "max_micro_batch",
+    "training_memory",
     "accelerator_days",
     "count_config_macs",
     "count_macs",
