@@ -72,10 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--model", help="model name, for a plain state dict")
+    parser.add_argument("--model-args", default="{}", help="JSON of config overrides for --model, e.g. "
+                        "'{\"embed_dim\": 64, \"num_heads\": 2, \"mlp_dim\": 128}'")
     parser.add_argument("--limit", type=int, help="only the first N test images")
     parser.add_argument("--out", help="also write the numbers as JSON")
     args = parser.parse_args()
-    model = load_model(args.checkpoint, args.model).eval()
+    model = load_model(args.checkpoint, args.model, model_args=json.loads(args.model_args)).eval()
     x, labels = test_images(model, args.limit)
     with tempfile.TemporaryDirectory() as folder:
         path = export_onnx(model, Path(folder) / "model.onnx")

@@ -26,17 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_model(source: str, model_name: str | None = None, weights: str | None = None):
-    """A model from a registered name (optionally with a state dict) or from any checkpoint vitlab can read."""
+def load_model(source: str, model_name: str | None = None, weights: str | None = None,
+               model_args: dict | None = None):
+    """A model from a registered name (optionally with a state dict) or from any checkpoint vitlab can read.
+    ``model_args`` are config overrides for a plain state dict of a registered model with changed sizes."""
     if Path(source).is_file():
         import vitlab
 
         loader = getattr(vitlab, "load", None)  # the checkpoints package: every supported format
-        if loader is not None:
+        if loader is not None and not model_args:
             return loader(source, model_name=model_name)
         if not model_name:
             raise VitlabError(f"{source}: give --model NAME (this vitlab reads plain state dicts only)")
-        return _with_state_dict(create_model(model_name), source)
+        return _with_state_dict(create_model(model_name, **(model_args or {})), source)
     if source not in list_models(aliases=True):
         raise VitlabError(f"{source!r} is neither a file nor a registered model; see `vitlab models`")
     model = create_model(source)

@@ -363,11 +363,21 @@ def run_benchmarks(models: list[str], tasks: tuple[str, ...], settings: BenchSet
     device = resolve_device(settings.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    gemm = measure_gemm_rate(device, settings.dtype)
+    gemm = measure_gemm_rate(device, settings.dtype, repeats=10)
     log("GEMM rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items()))
     rows = []
     for name in models:
         rows += [r.to_dict() for r in bench_model(name, tasks, settings, gemm, log)]
+    # a machine shared with other jobs can be slow at the start: measure again and keep the better rate, so that MFU
+    # is never flattered by a low denominator; MFU is recomputed if the rate rose
+    again = measure_gemm_rate(device, settings.dtype, repeats=10)
+    if again["peak"] > gemm["peak"]:
+        scale = gemm["peak"] / again["peak"]
+        for row in rows:
+            for key in ("mfu_vitlab", "mfu_timm"):
+                if row[key] is not None:
+                    row[key] *= scale
+    gemm = {key: max(gemm.get(key, 0.0), again.get(key, 0.0)) for key in again}
     env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()}
     try:

@@ -50,15 +50,18 @@ def _probe() -> bool:
         return False
 
 
-def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool, bool]):
-    """Gradients of y = x W^T + b, each a oneDNN product: dx = dy W, dW = dy^T x, db = sum dy."""
+def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool, bool],
+                     product=None):
+    """Gradients of y = x W^T + b, each a oneDNN product: dx = dy W, dW = dy^T x, db = sum dy. ``product`` is the
+    function that multiplies (the raw op in eager mode, the custom op in compiled graphs)."""
+    product = product or _onednn_product
     grad_x = grad_w = grad_b = None
     if needs[0]:
-        grad_x = _onednn_product(grad, weight.t(), None)
+        grad_x = product(grad, weight.t(), None)
     if needs[1] or needs[2]:
         grad2d = grad.reshape(-1, grad.shape[-1])  # (rows, out)
         if needs[1]:
-            grad_w = _onednn_product(grad2d.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, in)
+            grad_w = product(grad2d.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, in)
         if needs[2]:
             grad_b = grad2d.sum(0)
     return grad_x, grad_w, grad_b
@@ -99,7 +102,9 @@ def _setup_context(ctx, inputs, output):
 def _op_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-    return _linear_backward(grad.contiguous(), x, weight, needs)
+    # the backward products are the custom op too: inductor must not lower oneDNN's op itself (its lowering
+    # expects frozen constant weights)
+    return _linear_backward(grad.contiguous(), x, weight, needs, product=onednn_linear_op)
 
 
 onednn_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
