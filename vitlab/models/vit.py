@@ -251,7 +251,7 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = self.build_patch_embed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         gh, gw = cfg.grid_size
         if cfg.pos_embed == "learned":  # one row per token, class slot first (vit_jax layout)
@@ -273,6 +273,11 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     # ----- construction helpers
+    def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
+        """The module that turns images (B, C, H, W) into patch tokens (B, N, D) and has the linear map E as
+        ``.proj``; hybrid models override this to put a ResNet in front of it."""
+        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+
     @staticmethod
     def _new_head(in_features: int, num_classes: int) -> nn.Module:
         if num_classes == 0:
