@@ -364,8 +364,9 @@ class ResNetV2(nn.Module):
             if isinstance(module, Bottleneck):
                 nn.init.zeros_(module.norm3.weight)
 
-    def reset_head(self, num_classes: int) -> None:
-        """Replace the head for ``num_classes`` classes, zero-initialised (BiT fine-tuning)."""
+    def reset_head(self, num_classes: int, drop_pre_logits: bool = True) -> None:
+        """Replace the head for ``num_classes`` classes, zero-initialised (BiT fine-tuning). ``drop_pre_logits`` is
+        accepted for the ViT's signature; a ResNet has no pre-logits layer."""
         weight = self.stem.conv.weight
         self.head = ClassifierHead(self.num_features, num_classes, self.cfg.dropout).to(weight.device, weight.dtype)
         self.cfg = self.cfg.replace(num_classes=num_classes)

@@ -354,7 +354,11 @@ class VisionTransformer(nn.Module):
         expected = (self.cfg.in_chans, *self.cfg.img_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        x = self.patch_embed(x)
+        return self.embed_tokens(self.patch_embed(x))
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Class token and position embedding added to patch embeddings: (B, N, D) -> (B, N + prefix, D).
+        (Masked patch prediction corrupts the patch embeddings between the two halves of :meth:`embed`.)"""
         pos = self.position_embedding()
         full_pos = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
         if pos is not None and not full_pos:
