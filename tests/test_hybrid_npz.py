@@ -136,3 +136,18 @@ def test_hybrid_and_bit_round_trip_in_vitlab_format(tmp_path, name, overrides):
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
     retargeted = vitlab.load(path, num_classes=3)
     assert retargeted(x).shape == (2, 3) and torch.count_nonzero(retargeted(x)) == 0
+
+
+def test_info_names_hybrids_and_bit_by_their_backbone(tmp_path):
+    from vitlab.checkpoints.inspection import inspect_checkpoint, matching_model
+    from vitlab.cli.info import format_info
+
+    # R26+B/32 and R50+B/16 share the transformer and the 1x1 patch: only the backbone tells them apart
+    assert matching_model(vitlab.get_config("r26_vit_b32", img_size=384)) == "r26_vit_b32"
+    assert matching_model(vitlab.get_config("vit_base_r50_s16_384")) == "r50_vit_b16"
+    assert matching_model(vitlab.get_config("resnetv2_101x1_bit", num_classes=5)) == "bit_r101x1"
+    for name in ("bit_fmnist", "r_vit_fmnist"):
+        path = vitlab.save(vitlab.create_model(name), tmp_path / f"{name}.safetensors")
+        info = inspect_checkpoint(path)
+        assert info["model"] == name
+        assert ("convolutional" in format_info(info)) == (name == "bit_fmnist")
