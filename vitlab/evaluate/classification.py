@@ -1,0 +1,68 @@
+"""Classification accuracy of a model on a labelled dataset: ``vitlab eval`` as a function returning plain data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..errors import VitlabError
+from .features import model_outputs
+from .metrics import classification_metrics
+
+
+def load_label_sets(path: str | Path, file_names: Sequence[str] | None = None) -> list[list[int]]:
+    """Read a ReaL-style multi-label file: JSON, either a list with one list of acceptable class indices per sample
+    (in dataset order, as ImageNet ReaL's ``real.json``) or an object mapping file names to such lists.
+
+    The object form needs ``file_names`` (the dataset's file name per sample, in order; matched on the base name)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VitlabError(f"labels file {path}: cannot read it as JSON ({exc})") from exc
+    if isinstance(data, dict):
+        if file_names is None:
+            raise VitlabError(f"labels file {path} maps file names to labels, but this dataset has no file names")
+        by_name = {Path(k).name: v for k, v in data.items()}
+        missing = [n for n in file_names if Path(n).name not in by_name]
+        if missing:
+            raise VitlabError(f"labels file {path} has no entry for {len(missing)} images, e.g. {missing[0]}")
+        data = [by_name[Path(n).name] for n in file_names]
+    if not isinstance(data, list) or not all(isinstance(s, list) for s in data):
+        raise VitlabError(f"labels file {path} must hold a list of label lists or an object of them")
+    try:
+        return [[int(v) for v in labels] for labels in data]
+    except (TypeError, ValueError) as exc:
+        raise VitlabError(f"labels file {path}: labels must be integers ({exc})") from exc
+
+
+def evaluate_classifier(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    ks: Sequence[int] = (1, 5),
+    label_sets: Sequence[Sequence[int]] | None = None,
+    num_bins: int = 15,
+    class_names: Sequence[str] | None = None,
+    **kwargs,
+) -> dict:
+    """Top-k, per-class accuracy, confusion matrix, calibration (and ReaL accuracy with ``label_sets``) of a model.
+
+    ``dataset`` yields ``(image tensor, int label)`` already preprocessed for the model. Exact when run on several
+    processes (every sample counted once). Other keyword arguments go to :func:`features.model_outputs` (device,
+    num_workers, progress). Returns the dict of :func:`metrics.classification_metrics` plus ``class_names``."""
+    logits, labels = model_outputs(model, dataset, "logits", batch_size, **kwargs)
+    if label_sets is not None and len(label_sets) != len(labels):
+        raise VitlabError(f"the labels file has {len(label_sets)} entries but the dataset has {len(labels)} samples")
+    if labels.numel() and labels.max() >= logits.shape[1]:
+        raise VitlabError(f"the dataset has label {int(labels.max())} but the model predicts {logits.shape[1]} classes")
+    out = classification_metrics(logits, labels, ks=ks, num_bins=num_bins, label_sets=label_sets)
+    num_classes = logits.shape[1]
+    if class_names is not None and len(class_names) != num_classes:
+        raise VitlabError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    out["class_names"] = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    return out
