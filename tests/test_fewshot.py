@@ -103,21 +103,23 @@ def test_fewshot_is_reproducible_and_more_shots_help_on_noisy_data():
     assert a["methods"]["lsr"]["param_name"] == "l2" and len(lsr["5"]["chosen"]) == 3
 
 
-def test_knn_matches_sklearn_cosine_neighbours():
+def test_knn_matches_sklearn_cosine_neighbours_of_centred_features():
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(80, 6, generator=gen)
-    y = (x[:, 0] > 0).long()  # two classes, odd k: no ties
-    xt = torch.randn(50, 6, generator=gen)
+    x = torch.randn(80, 6, generator=gen) + 3.0  # the offset makes centring matter
+    y = (x[:, 0] > 3.0).long()  # two classes, odd k: no ties
+    xt = torch.randn(50, 6, generator=gen) + 3.0
     for k in (1, 5):
         ours = KNNClassifier().fit(x, y, 2).scores(xt, k).argmax(1)
-        ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(x.numpy(), y.numpy())
-        assert ours.tolist() == ref.predict(xt.numpy()).tolist()
+        centre = x.mean(0)
+        ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit((x - centre).numpy(), y)
+        assert ours.tolist() == ref.predict((xt - centre).numpy()).tolist()
 
 
 def test_knn_breaks_vote_ties_by_similarity():
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # already centred
     probe = KNNClassifier().fit(x, torch.tensor([0, 1]), 2)
-    assert probe.scores(torch.tensor([[0.2, 1.0]]), 2).argmax().item() == 1  # one vote each, class 1 is closer
+    assert probe.scores(torch.tensor([[-0.2, 1.0]]), 2).argmax().item() == 1  # one vote each, class 1 is closer
+    assert probe.scores(torch.tensor([[0.2, 1.0]]), 2).argmax().item() == 0
 
 
 def test_logistic_probe_matches_sklearn_logistic_regression():

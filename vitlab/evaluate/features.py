@@ -43,7 +43,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-@torch.inference_mode()
 def model_outputs(
     model: nn.Module,
     dataset: Dataset,
@@ -74,17 +73,18 @@ def model_outputs(
             from tqdm import tqdm
 
             batches = tqdm(loader, desc=kind, leave=False)
-        for x, y, idx in batches:
-            outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
-            labels.append(torch.as_tensor(y).long().reshape(-1))
-            indices.append(idx)
+        with torch.inference_mode():
+            for x, y, idx in batches:
+                outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
+                labels.append(torch.as_tensor(y).long().reshape(-1))
+                indices.append(idx)
+            if not outs:  # an empty shard: shapes must still match the other processes' outputs
+                outs.append(fn(dataset[0][0].unsqueeze(0).to(device)).float().cpu()[:0])  # type: ignore[index]
     finally:
         model.train(was_training)
-    if outs:
-        local = (torch.cat(indices), torch.cat(outs), torch.cat(labels))
-    else:  # an empty shard: shapes must still match the other processes' outputs
-        probe = fn(dataset[0][0].unsqueeze(0).to(device)).float().cpu()  # type: ignore[index]
-        local = (torch.zeros(0, dtype=torch.long), probe[:0], torch.zeros(0, dtype=torch.long))
+    # concatenated outside inference mode: the results are ordinary tensors that probes may train on
+    local = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long), torch.cat(outs),
+             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
     _, outputs, labels_all = gather_by_index(*local)
     return outputs, labels_all
 

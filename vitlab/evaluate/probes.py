@@ -95,7 +95,8 @@ class LeastSquaresClassifier:
 
 
 class KNNClassifier:
-    """k nearest neighbours by cosine similarity; majority vote, ties to the class with the larger summed similarity.
+    """k nearest neighbours by cosine similarity of centred features (the training mean subtracted, then L2
+    normalised, SimpleShot's "CL2N"); majority vote, ties to the class with the larger summed similarity.
 
     ``k`` is capped at the number of training samples (after ``fit`` the grid holds the distinct capped values)."""
 
@@ -108,7 +109,8 @@ class KNNClassifier:
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> KNNClassifier:
         _check_fit_inputs(x, y, num_classes)
-        self.train = F.normalize(x.float(), dim=1)
+        self.mean = x.float().mean(dim=0, keepdim=True)
+        self.train = F.normalize(x.float() - self.mean, dim=1)
         # every k >= N gives the same classifier: keep the distinct effective values so that the chosen k is real
         self.grid = tuple(sorted({min(k, x.shape[0]) for k in self.requested_grid}))
         self.labels = y.long()
@@ -118,7 +120,7 @@ class KNNClassifier:
     def scores(self, x: torch.Tensor, k: int) -> torch.Tensor:
         k = max(1, min(int(k), self.train.shape[0]))
         out = []
-        for part in F.normalize(x.float(), dim=1).split(self.chunk):
+        for part in F.normalize(x.float() - self.mean, dim=1).split(self.chunk):
             sims, idx = (part @ self.train.T).topk(k, dim=1)  # (m, k)
             votes = torch.zeros(part.shape[0], self.num_classes)
             # a vote counts 1; similarity (|s| <= 1, at most k of them) only breaks ties between equal counts

@@ -1,0 +1,201 @@
+"""A VTAB-1k-style suite: one protocol over a list of tasks, resumable, with per-task, group and mean scores.
+
+Per task: a seeded random sample of ``train_examples`` (1000) training images, split into ``train_examples -
+val_examples`` (800) for training and ``val_examples`` (200) for picking the hyper-parameter; then the chosen setting
+is trained on all 1000 and scored on the test split (optionally a seeded subset of it). ``fewshot`` mode fits a probe
+on frozen features (the l2 strength, k or weight decay is the tuned value); ``finetune`` mode fine-tunes the whole
+model with the VTAB recipe (the learning rate is the tuned value when several are given; with one, the 800 / 200
+round is skipped, as the paper fixes lr 0.01).
+
+Each finished task is written to ``<out>/tasks/<name>/result.json`` with a fingerprint of its settings and of the
+checkpoint; a rerun skips tasks whose fingerprint matches, so an interrupted suite resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from ..errors import VitlabError
+from .features import extract_features
+from .fewshot import tuned_probe
+from .report import plot_suite, suite_markdown, write_json, write_text
+from .suite_config import SuiteConfig, TaskConfig
+
+DatasetBuilder = Callable[[str, str, object], Dataset]
+
+
+def checkpoint_identity(path: str | os.PathLike | None) -> str | None:
+    """A string that changes when the checkpoint file changes: resolved path, size and modification time."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return str(path)
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def task_fingerprint(task: TaskConfig, seed: int, model_id: str | None) -> str:
+    """sha256 of everything that determines a task's result (its settings, the suite seed, the model)."""
+    blob = json.dumps({"task": task.to_dict(), "seed": seed, "model": model_id}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def vtab_split(num_available: int, train_examples: int, val_examples: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the (train_examples - val_examples) training and val_examples validation images, disjoint, drawn
+    at random (seeded) from a training split of ``num_available`` images."""
+    if num_available < train_examples:
+        raise VitlabError(f"the training split has {num_available} images, fewer than train_examples = "
+                          f"{train_examples}")
+    order = np.random.default_rng(seed).permutation(num_available)[:train_examples]
+    cut = train_examples - val_examples
+    return order[:cut].tolist(), order[cut:].tolist()
+
+
+def sample_test_indices(num_available: int, test_examples: int | None, seed: int) -> list[int] | None:
+    """A seeded random subset (in increasing order) of ``test_examples`` test images; None means all of them."""
+    if test_examples is None or test_examples >= num_available:
+        return None
+    return sorted(np.random.default_rng(seed + 1).permutation(num_available)[:test_examples].tolist())
+
+
+def _labels_of(dataset: Dataset) -> torch.Tensor:
+    targets = getattr(dataset, "targets", None)
+    if isinstance(dataset, Subset):
+        inner = _labels_of(dataset.dataset)
+        return inner[torch.as_tensor(dataset.indices)]
+    if targets is not None:
+        return torch.as_tensor(targets).long()
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+
+
+def num_classes_of(*datasets: Dataset) -> int:
+    """Class count: the datasets' ``classes`` attribute where there is one, else the largest label + 1."""
+    for ds in datasets:
+        base = ds.dataset if isinstance(ds, Subset) else ds
+        classes = getattr(base, "classes", None)
+        if classes:
+            return len(classes)
+    return int(max(_labels_of(ds).max() for ds in datasets)) + 1
+
+
+def run_fewshot_task(task: TaskConfig, model: nn.Module, train: Dataset, val: Dataset, test: Dataset,
+                     num_classes: int, **kwargs) -> dict:
+    """Frozen features of the task's images, then the probe tuned on train / val and refitted on both."""
+    options = task.fewshot
+    extract = lambda ds: extract_features(model, ds, representation=options["representation"],  # noqa: E731
+                                          batch_size=options["batch_size"], **kwargs)
+    out = tuned_probe(options["method"], extract(train), extract(val), extract(test), num_classes,
+                      grid=options["grid"])
+    return {"accuracy": out["accuracy"], "chosen": out["chosen"], "param_name": out["param_name"],
+            "val_accuracy": out["val_accuracy"], "method": options["method"],
+            "representation": options["representation"]}
+
+
+def aggregate(config: SuiteConfig, task_results: list[dict], model_id: str | None = None) -> dict:
+    """The suite's result: tasks in config order, mean accuracy, and group means when the config asks for them."""
+    scores = [t["accuracy"] for t in task_results]
+    out = {"name": config.name, "checkpoint": model_id, "seed": config.seed, "tasks": task_results,
+           "mean": statistics.fmean(scores) if scores else None}
+    if config.groups:
+        groups: dict[str, list[float]] = {}
+        for t in task_results:
+            groups.setdefault(t["group"], []).append(t["accuracy"])
+        out["groups"] = {g: statistics.fmean(v) for g, v in groups.items()}
+        out["mean_of_groups"] = statistics.fmean(out["groups"].values()) if groups else None
+    return out
+
+
+def _read_finished(path: Path, fingerprint: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("fingerprint") == fingerprint else None
+
+
+def run_suite(
+    config: SuiteConfig,
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    dataset_builder: DatasetBuilder | None = None,
+    finetune_fn: Callable | None = None,
+    model_id: str | None = None,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or resume) every task of a suite on ``model`` and write the report into ``out_dir``.
+
+    ``dataset_builder(data, split, preprocessing) -> Dataset`` of ``(image tensor, label)``; the default reads named
+    datasets and image folders through :mod:`vitlab.data`. ``model_id`` identifies the model for resuming (e.g.
+    :func:`checkpoint_identity` of its file). ``finetune_fn`` is the fine-tuning routine for ``finetune`` tasks.
+    Returns the suite result (see :func:`aggregate`); per-task results carry ``accuracy``, ``chosen`` (tuned value),
+    ``param_name``, ``num_train``, ``num_test``, ``seconds`` and ``resumed``."""
+    out_dir = Path(out_dir)
+    builder = dataset_builder or _default_builder
+    preprocessing = _preprocessing_of(model)
+    results = []
+    for task in config.tasks:
+        fingerprint = task_fingerprint(task, config.seed, model_id)
+        result_path = out_dir / "tasks" / task.name / "result.json"
+        finished = _read_finished(result_path, fingerprint)
+        if finished is not None:
+            log(f"[{task.name}] done before: {100 * finished['accuracy']:.2f}% (skipped)")
+            results.append({**finished, "resumed": True})
+            continue
+        log(f"[{task.name}] {task.mode} on {task.data} ...")
+        start = time.perf_counter()
+        train_full = builder(task.data, task.train_split, preprocessing)
+        test_full = builder(task.data, task.test_split, preprocessing)
+        train_idx, val_idx = vtab_split(len(train_full), task.train_examples, task.val_examples, config.seed)
+        test_idx = sample_test_indices(len(test_full), task.test_examples, config.seed)
+        train, val = Subset(train_full, train_idx), Subset(train_full, val_idx)
+        test = Subset(test_full, test_idx) if test_idx is not None else test_full
+        num_classes = num_classes_of(train_full, test_full)
+        kwargs = {"device": device, "num_workers": config.num_workers}
+        if task.mode == "fewshot":
+            outcome = run_fewshot_task(task, model, train, val, test, num_classes, **kwargs)
+        else:
+            if finetune_fn is None:
+                raise VitlabError(f"task {task.name!r} is a finetune task but no fine-tuning routine was given")
+            outcome = finetune_fn(task, model, train, val, test, num_classes, **kwargs)
+        result = {"name": task.name, "group": task.group, "mode": task.mode, "data": task.data,
+                  "num_classes": num_classes, "num_train": task.train_examples, "num_test": len(test), **outcome,
+                  "seconds": time.perf_counter() - start, "fingerprint": fingerprint}
+        write_json(result_path, result)
+        log(f"[{task.name}] {100 * result['accuracy']:.2f}% ({result['param_name']} = {result['chosen']:g}, "
+            f"{result['seconds']:.0f} s)")
+        results.append({**result, "resumed": False})
+    suite = aggregate(config, results, model_id)
+    write_json(out_dir / "results.json", suite)
+    write_text(out_dir / "report.md", suite_markdown(suite))
+    plot_suite(suite, out_dir / "suite.png")
+    return suite
+
+
+def _preprocessing_of(model: nn.Module):
+    from ..preprocessing import Preprocessing
+
+    pre = getattr(model, "preprocessing", None)
+    if pre is not None:
+        return pre
+    cfg = model.cfg
+    return Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+
+
+def _default_builder(data: str, split: str, preprocessing) -> Dataset:
+    from ..data import build_dataset
+
+    return build_dataset(data, split, preprocessing=preprocessing)
