@@ -1,0 +1,48 @@
+"""Checkpoints: vitlab's own self-describing format, and every ViT layout users bring (vit_jax and big_vision
+``.npz``, timm, Hugging Face, torchvision), both directions, read safely.
+
+Public API:
+
+- :func:`save` / :func:`load`: vitlab format out, any format in (``vitlab.save`` / ``vitlab.load``).
+- :func:`inspect_checkpoint`: what a file is, as plain data (``vitlab info``).
+- :func:`convert`: any format in, any layout out, optionally at a new resolution / class count (``vitlab convert``).
+- :func:`resample_pos_embed`: position-embedding resampling to a new patch grid.
+"""
+
+from .files import sniff
+from .loading import (
+    FORMATS,
+    Checkpoint,
+    CheckpointWarning,
+    build_model,
+    load,
+    read_checkpoint,
+    source_preprocessing,
+)
+from .npz import NpzBackbone, NpzRule, register_npz_backbone
+from .resample import RESAMPLE_METHODS, resample_pos_embed
+from .statedicts import from_hf, from_torchvision, to_hf, to_torchvision
+from .vitlab_format import Architecture, register_architecture, save
+
+__all__ = [
+    "FORMATS",
+    "RESAMPLE_METHODS",
+    "Architecture",
+    "Checkpoint",
+    "CheckpointWarning",
+    "NpzBackbone",
+    "NpzRule",
+    "build_model",
+    "from_hf",
+    "from_torchvision",
+    "load",
+    "read_checkpoint",
+    "register_architecture",
+    "register_npz_backbone",
+    "resample_pos_embed",
+    "save",
+    "sniff",
+    "source_preprocessing",
+    "to_hf",
+    "to_torchvision",
+]

@@ -1,0 +1,424 @@
+"""Read any supported checkpoint into one record, then build a model from it (new resolution, new head).
+
+:func:`read_checkpoint` sniffs the file, reads it safely, maps its names onto vitlab's and works out the
+architecture, the preprocessing of its source and notable facts. :func:`build_model` turns that record into a
+:class:`~vitlab.models.VisionTransformer`, resampling the position embedding and replacing the head when asked, and
+loads the weights strictly: any missing, unexpected or mis-shaped key is an error that lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import VitlabError
+from ..models import ViTConfig, get_config, resolve
+from ..preprocessing import Preprocessing
+from . import npz as npz_layout
+from .files import read_npz, read_safetensors, read_torch, sniff
+from .resample import check_method, resample_1d, resample_pos_embed
+from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
+from .vitlab_format import ARCHITECTURES, Architecture, parse_document, read_document
+
+FORMATS = ("vitlab", "vit_jax", "big_vision", "timm", "hf", "torchvision")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# the ViTConfig fields that the weights cannot show, as each source's code sets them
+SOURCE_NUMERICS = {
+    "vit_jax": {"gelu": "tanh", "norm_eps": 1e-6},  # Flax nn.gelu is the tanh approximation
+    "big_vision": {"gelu": "tanh", "norm_eps": 1e-6},
+    "timm": {"gelu": "exact", "norm_eps": 1e-6},
+    "hf": {"gelu": "exact", "norm_eps": 1e-12},  # transformers' ViTConfig default
+    "torchvision": {"gelu": "exact", "norm_eps": 1e-6},
+}
+_ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
+
+
+class CheckpointWarning(UserWarning):
+    """Something about a checkpoint the user should know before trusting its outputs (e.g. a zeroed head)."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into vitlab's terms. ``state_dict`` uses vitlab names; ``config`` is the architecture the
+    weights fit as stored (before any resolution or head change)."""
+
+    path: str
+    format: str
+    container: str
+    state_dict: dict[str, torch.Tensor]
+    config: ViTConfig
+    architecture: Architecture
+    preprocessing: Preprocessing
+    class_names: list[str] | None = None
+    metadata: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def default_resample(self) -> str:
+        """vit_jax's bilinear aligned-corners rule for npz files, timm's antialiased bicubic for the rest."""
+        return "bilinear_aligned" if self.format in ("vit_jax", "big_vision") else "bicubic"
+
+
+# ------------------------------------------------------------------------------------------------- preprocessing
+def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> Preprocessing:
+    """The evaluation preprocessing each source documents for its ViTs (used when a file carries none).
+
+    vit_jax / big_vision: squash to the model size, bilinear, [-1, 1]. timm: shorter side to size / 0.9 (1.0 from 384
+    up), centre crop, bicubic, mean = std = 0.5. Hugging Face: squash, bilinear, mean = std = 0.5. torchvision:
+    shorter side to size * 256/224, centre crop, bilinear, ImageNet mean and std."""
+    half = (0.5,) * in_chans
+    if fmt == "timm":
+        crop = 1.0 if min(img_size) >= 384 else 0.9
+        return Preprocessing(img_size, resize="crop", crop_pct=crop, interpolation="bicubic", mean=half, std=half,
+                             channels=in_chans)
+    if fmt == "torchvision" and in_chans == 3:
+        return Preprocessing(img_size, resize="crop", crop_pct=224 / 256, interpolation="bilinear",
+                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Preprocessing.for_model(img_size, in_chans)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
+                    grid_hint: tuple[int, int] | None = None, check_finite: bool = True) -> Checkpoint:
+    """Read any supported checkpoint (format sniffed from its bytes) into a :class:`Checkpoint`.
+
+    ``model_name`` supplies what a layout does not store (the head count of fused-qkv layouts, a non-square grid) and
+    is checked against the weights. ``prefer_ema`` picks EMA weights from a training checkpoint that has both.
+    Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
+    path = Path(path)
+    source = str(path)
+    kind = sniff(path)
+    named = None
+    if model_name is not None:
+        named = get_config(model_name)
+        grid_hint = grid_hint or named.grid_size
+    if kind == "npz":
+        ckpt = _read_npz(path, grid_hint)
+    elif kind == "directory":
+        ckpt = _read_hf_folder(path, grid_hint, named)
+    elif kind == "safetensors":
+        tensors, metadata = read_safetensors(path)
+        document = read_document(metadata, source)
+        if document is not None:
+            ckpt = _from_vitlab_document(source, tensors, document)
+        else:
+            ckpt = _from_state_dict(source, "safetensors", tensors, [], grid_hint, named)
+            if metadata and set(metadata) != {"format"}:
+                ckpt.metadata = dict(metadata)
+    else:  # torch-zip or torch-legacy
+        obj = read_torch(path)
+        state_dict, notes = unwrap_state_dict(obj, source, prefer_ema=prefer_ema)
+        ckpt = _from_state_dict(source, "torch", state_dict, notes, grid_hint, named, container_obj=obj)
+    if named is not None:
+        _check_named(ckpt, named, model_name)
+    if check_finite:
+        _check_finite(ckpt)
+    _record_facts(ckpt)
+    return ckpt
+
+
+def _from_vitlab_document(source: str, tensors: dict, document: dict) -> Checkpoint:
+    arch, config, preprocessing, class_names, metadata = parse_document(document, source)
+    return Checkpoint(source, "vitlab", "safetensors", tensors, config, arch, preprocessing, class_names, metadata,
+                      facts={"format_version": document.get("format_version")})
+
+
+def _embedded_config(obj: object) -> tuple[ViTConfig | None, list[str] | None]:
+    """A training checkpoint may carry ``config`` (ViTConfig fields) and ``class_names`` next to the weights."""
+    if not isinstance(obj, dict):
+        return None, None
+    config = None
+    for key in ("vit_config", "model_config", "config"):
+        value = obj.get(key)
+        if isinstance(value, dict):
+            try:
+                config = ViTConfig.from_dict(value)
+                break
+            except (TypeError, ValueError):
+                continue
+    names = obj.get("class_names")
+    names = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+    return config, names
+
+
+def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[str],
+                     grid_hint: tuple[int, int] | None, named: ViTConfig | None,
+                     container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
+    layout = detect_layout(state_dict)
+    if layout is None:
+        sample = ", ".join(sorted(state_dict)[:5])
+        raise VitlabError(f"{source}: tensors in no known ViT layout (timm, Hugging Face, torchvision); first keys: "
+                          f"{sample}")
+    sd, more_notes = to_vitlab_names(state_dict, layout)
+    notes = notes + more_notes
+    embedded, class_names = _embedded_config(container_obj)
+    defaults = dict(SOURCE_NUMERICS[layout])
+    if hf_config:
+        defaults.update(hf_config)
+    elif named is not None:
+        defaults["num_heads"] = named.num_heads
+    if embedded is not None:
+        config = embedded
+        notes.append("architecture taken from the config stored in the checkpoint")
+    else:
+        config, inferred_notes = infer_config(sd, source, defaults=defaults, grid_hint=grid_hint)
+        if named is None and not hf_config:
+            notes += inferred_notes
+    preprocessing = source_preprocessing(layout, config.img_size, config.in_chans)
+    if class_names is not None and len(class_names) != config.num_classes:
+        class_names = None
+    return Checkpoint(source, layout, container, sd, config, ARCHITECTURES["vit"], preprocessing, class_names,
+                      notes=notes)
+
+
+def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
+    source = str(path)
+    arrays, layout = npz_layout.normalise(read_npz(path), source)
+    fields, notes = npz_layout.infer_vit_fields(arrays, layout, source, grid_hint)
+    try:
+        vit_cfg = ViTConfig(**fields)  # the transformer part as the arrays describe it
+    except ValueError as exc:
+        raise VitlabError(f"{source}: the arrays describe no valid ViT ({exc})") from None
+    backbone = npz_layout.find_backbone(arrays)
+    if backbone is not None:
+        config = backbone.make_config(fields, arrays)
+        arch = ARCHITECTURES[backbone.architecture]
+        extra_rules = backbone.rules(arrays)
+        notes.append(f"convolutional backbone: {backbone.name}")
+    else:
+        config, arch, extra_rules = vit_cfg, ARCHITECTURES["vit"], []
+    state_dict = npz_layout.apply_rules(arrays, extra_rules + npz_layout.vit_rules(vit_cfg), source)
+    # a big_vision 'tok' embedding has no class slot: a zero row there adds nothing to the class token
+    if config.class_token and not layout.pos_has_class_slot and "pos_embed" in state_dict:
+        pos = state_dict["pos_embed"]
+        state_dict["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+    fmt = layout.flavour
+    preprocessing = source_preprocessing(fmt, config.img_size, config.in_chans)
+    ckpt = Checkpoint(source, fmt, "npz", state_dict, config, arch, preprocessing, notes=layout.notes + notes)
+    ckpt.facts.update(npz_prefix=layout.prefix or None, scanned=layout.scanned, bfloat16=bool(layout.bfloat16),
+                      arrays=len(arrays))
+    return ckpt
+
+
+def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTConfig | None) -> Checkpoint:
+    source = str(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise VitlabError(f"{source}: a directory without config.json; expected a Hugging Face model folder")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise VitlabError(f"{config_file}: not valid JSON ({exc})") from None
+    if hf.get("model_type") not in ("vit", None):
+        raise VitlabError(f"{config_file}: model_type {hf.get('model_type')!r} is not a ViT")
+    state_dict = _read_hf_weights(path)
+    act = hf.get("hidden_act", "gelu")
+    gelu = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}.get(act)
+    if gelu is None:
+        raise VitlabError(f"{config_file}: hidden_act {act!r} is not a GELU; vitlab's ViT supports gelu and "
+                          "gelu_pytorch_tanh")
+    size = hf.get("image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    patch = hf.get("patch_size", 16)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    hints = {"num_heads": hf.get("num_attention_heads", 12), "norm_eps": hf.get("layer_norm_eps", 1e-12),
+             "gelu": gelu}
+    hint = grid_hint or (size[0] // patch[0], size[1] // patch[1])
+    ckpt = _from_state_dict(source, "hf-folder", state_dict, [], hint, named, hf_config=hints)
+    id2label = hf.get("id2label")
+    if isinstance(id2label, dict) and len(id2label) == ckpt.config.num_classes:
+        names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(ckpt.config.num_classes)]
+        if names != [f"LABEL_{i}" for i in range(len(names))]:  # transformers' placeholder labels carry nothing
+            ckpt.class_names = names
+    pre_file = path / "preprocessor_config.json"
+    if pre_file.is_file():
+        ckpt.preprocessing = _hf_preprocessing(pre_file, ckpt.config)
+    return ckpt
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        sniff(single)
+        return read_safetensors(single)[0]
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = path / shard
+            sniff(shard_path)
+            tensors.update(read_safetensors(shard_path)[0])
+        return tensors
+    bin_file = path / "pytorch_model.bin"
+    if bin_file.is_file():
+        sniff(bin_file)
+        return unwrap_state_dict(read_torch(bin_file), str(bin_file))[0]
+    raise VitlabError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _hf_preprocessing(pre_file: Path, cfg: ViTConfig) -> Preprocessing:
+    try:
+        pre = json.loads(pre_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise VitlabError(f"{pre_file}: not valid JSON ({exc})") from None
+    size = pre.get("size", {})
+    img = (size.get("height", cfg.img_size[0]), size.get("width", cfg.img_size[1])) if isinstance(size, dict) \
+        else cfg.img_size
+    mean = pre.get("image_mean", [0.5] * cfg.in_chans) if pre.get("do_normalize", True) else [0.0] * cfg.in_chans
+    std = pre.get("image_std", [0.5] * cfg.in_chans) if pre.get("do_normalize", True) else [1.0] * cfg.in_chans
+    return Preprocessing(img, resize="squash", interpolation=_PIL_RESAMPLE.get(pre.get("resample", 2), "bilinear"),
+                         mean=mean, std=std, channels=cfg.in_chans)
+
+
+def _check_named(ckpt: Checkpoint, named: ViTConfig, model_name: str) -> None:
+    have = ckpt.config
+    diffs = [f"{f} {getattr(have, f)} (model: {getattr(named, f)})" for f in _ARCH_FIELDS
+             if getattr(have, f) != getattr(named, f)]
+    if diffs:
+        raise VitlabError(f"{ckpt.path}: the weights are not a {model_name}: " + ", ".join(diffs))
+
+
+def _check_finite(ckpt: Checkpoint) -> None:
+    bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise VitlabError(f"{ckpt.path}: non-finite weights (NaN or Inf) in {len(bad)} tensor(s): {shown}")
+
+
+def _record_facts(ckpt: Checkpoint) -> None:
+    sd = ckpt.state_dict
+    head = sd.get("head.weight")
+    zeroed = head is not None and not head.any().item()
+    ckpt.facts["zeroed_head"] = bool(zeroed)
+    if zeroed and ckpt.format in ("vit_jax", "big_vision"):
+        ckpt.notes.append("the classification head is all zeros (the original ImageNet-21k releases zeroed it on "
+                          "purpose): its logits are meaningless; load with num_classes=... to fine-tune a new head")
+    elif zeroed:
+        ckpt.notes.append("the classification head is all zeros (untrained or deliberately zeroed): every class "
+                          "gets the same logit")
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+    ckpt.facts.setdefault("dtypes", dtypes)
+    ckpt.facts["tensors"] = len(sd)
+    ckpt.facts["params"] = int(sum(v.numel() for v in sd.values()))
+
+
+# ------------------------------------------------------------------------------------------------- building
+def target_config(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
+                  drop_pre_logits: bool = False, gelu: str | None = None) -> tuple[object, bool]:
+    """The config of the model to build and whether it gets a new (zero-initialised) head."""
+    cfg = ckpt.config
+    changes: dict = {}
+    if img_size is None and model_name is not None:
+        implied = resolve(model_name)[1].get("img_size")  # an alias like vit_base_patch16_384 fixes the resolution
+        img_size = implied
+    if img_size is not None:
+        changes["img_size"] = img_size
+    if gelu is not None:
+        changes["gelu"] = gelu
+    new_head = False
+    if drop_pre_logits and cfg.representation_size:
+        changes["representation_size"] = None
+        new_head = True
+    if num_classes is not None and num_classes != cfg.num_classes:
+        new_head = True
+    if new_head:
+        changes["num_classes"] = cfg.num_classes if num_classes is None else num_classes
+    try:
+        return cfg.replace(**changes) if changes else cfg, new_head
+    except ValueError as exc:
+        raise VitlabError(f"{ckpt.path}: {exc}") from None
+
+
+def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict changed to fit ``target``: position embedding resampled to the new grid, head (and
+    pre-logits when the target drops them) removed when a new head is made."""
+    method = check_method(resample or ckpt.default_resample)
+    sd = dict(ckpt.state_dict)
+    src = ckpt.config
+    if tuple(target.grid_size) != tuple(src.grid_size):
+        if src.pos_embed == "learned" and "pos_embed" in sd:
+            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], target.grid_size, src.grid_size,
+                                                 num_prefix_tokens=src.num_prefix_tokens, method=method)
+        elif src.pos_embed == "learned_2d":
+            sd["pos_embed_y"] = resample_1d(sd["pos_embed_y"], target.grid_size[0], method)
+            sd["pos_embed_x"] = resample_1d(sd["pos_embed_x"], target.grid_size[1], method)
+    if new_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        if not target.representation_size:
+            sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
+    return sd
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                fresh_prefixes: tuple[str, ...] = ()) -> None:
+    """``model.load_state_dict`` with every mismatch reported at once: missing keys (except parameters deliberately
+    left fresh, e.g. a new head), unexpected keys and mis-shaped tensors (file shape vs model shape)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.startswith(fresh_prefixes)]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in state_dict
+             if k in own and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+            if items:
+                parts.append(f"{label} ({len(items)}): " + ", ".join(items[:20])
+                             + (f", ... ({len(items) - 20} more)" if len(items) > 20 else ""))
+        raise VitlabError(f"{source}: the weights do not fit the model; " + "; ".join(parts))
+    merged = {k: (state_dict[k] if k in state_dict else v) for k, v in own.items()}
+    model.load_state_dict(merged, strict=True)
+
+
+def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
+                resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None) -> nn.Module:
+    """A model in eval mode with the checkpoint's weights, adapted as asked, with ``preprocessing`` and
+    ``class_names`` attributes set. Warns (:class:`CheckpointWarning`) when a zeroed head is kept."""
+    target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                     drop_pre_logits=drop_pre_logits, gelu=gelu)
+    state_dict = adapt_state_dict(ckpt, target, new_head, resample)
+    model = ckpt.architecture.model_class(target)
+    fresh = ("head.", "pre_logits.") if new_head else ()
+    load_strict(model, state_dict, ckpt.path, fresh)
+    if ckpt.facts.get("zeroed_head") and not new_head and ckpt.format in ("vit_jax", "big_vision"):
+        warnings.warn(f"{ckpt.path}: the classification head is all zeros (an ImageNet-21k pre-training release); "
+                      "its logits are constant. Pass num_classes=... to fine-tune a new head.", CheckpointWarning,
+                      stacklevel=3)
+    model.preprocessing = ckpt.preprocessing.replace(img_size=target.img_size)
+    model.class_names = None if new_head else ckpt.class_names
+    return model.eval()
+
+
+def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
+         resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
+         prefer_ema: bool = False) -> nn.Module:
+    """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
+    torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder) and return
+    the model in eval mode, with ``model.preprocessing`` and ``model.class_names`` set.
+
+    - ``model_name``: a registered name; supplies what a layout does not store and is checked against the weights.
+      A resolution alias (``vit_base_patch16_384``) also sets the target image size.
+    - ``img_size``: build the model at this resolution (int or (height, width)); the position embedding is resampled
+      with ``resample`` (``bilinear_aligned``, default for npz; ``bicubic``, default otherwise; ``bilinear``;
+      ``nearest``).
+    - ``num_classes``: a new zero-initialised head when it differs from the checkpoint's; ``drop_pre_logits`` removes
+      the pre-logits layer too (the paper's fine-tuning set-up).
+    - ``gelu``: ``"exact"`` or ``"tanh"``; default: what the source used (tanh for npz, the saved config for vitlab
+      files, exact for timm / HF / torchvision).
+    - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
+    """
+    ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
+    return build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
+                       drop_pre_logits=drop_pre_logits, gelu=gelu)
+

@@ -1,0 +1,320 @@
+"""PyTorch state-dict layouts: timm (= vitlab's own parameter names), Hugging Face (on-disk names) and torchvision.
+
+Each layout is a pair of pure functions between its names and vitlab's, plus the container unwrapping every training
+script adds (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``state_dict`` / ``model`` / ``model_ema``
+wrappers), and the inference of a :class:`ViTConfig` from the shapes of a vitlab-named state dict.
+
+Key tables (REFERENCE.md section 6):
+
+======================  ===========================================  ==============================================
+vitlab / timm           Hugging Face (on disk)                       torchvision
+======================  ===========================================  ==============================================
+patch_embed.proj        vit.embeddings.patch_embeddings.projection   conv_proj
+cls_token               vit.embeddings.cls_token                     class_token
+pos_embed               vit.embeddings.position_embeddings           encoder.pos_embedding
+blocks.{i}.norm1        vit.encoder.layer.{i}.layernorm_before       encoder.layers.encoder_layer_{i}.ln_1
+blocks.{i}.attn.qkv     ...attention.attention.{query,key,value}     ...self_attention.in_proj_{weight,bias}
+blocks.{i}.attn.proj    ...attention.output.dense                    ...self_attention.out_proj
+blocks.{i}.norm2        ...layernorm_after                           ...ln_2
+blocks.{i}.mlp.fc1/fc2  ...intermediate.dense / ...output.dense      ...mlp.0 / ...mlp.3
+norm                    vit.layernorm                                encoder.ln
+pre_logits.fc           (vit.pooler.dense, ViTModel only)            heads.pre_logits
+head                    classifier                                   heads.head
+======================  ===========================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import VitlabError
+from ..models import ViTConfig
+
+STATE_DICT_LAYOUTS = ("timm", "hf", "torchvision")
+WRAPPER_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema", "module", "model_state_dict", "weights")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+# widths of the standard sizes -> heads (Table 1 + AugReg's Ti/S); state dicts with fused qkv do not record the heads
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+# ------------------------------------------------------------------------------------------------- unwrapping
+def unwrap_state_dict(obj: object, source: str, prefer_ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Find the state dict inside what ``torch.load`` returned and strip DDP / compile prefixes.
+
+    Returns (state dict, notes). With ``prefer_ema`` an EMA copy (``model_ema``/``state_dict_ema``) wins when present.
+    A training checkpoint's other entries (optimizer, epoch, ...) are ignored and mentioned in the notes."""
+    notes: list[str] = []
+    order = WRAPPER_KEYS
+    if prefer_ema:
+        order = ("model_ema", "state_dict_ema") + tuple(k for k in WRAPPER_KEYS if "ema" not in k)
+    depth = 0
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj) and depth < 3:
+        found = next((k for k in order if isinstance(obj.get(k), Mapping)), None)
+        if found is None:
+            break
+        others = sorted(str(k) for k in obj if k != found)
+        ema = [k for k in others if "ema" in k]
+        if ema:
+            notes.append(f"also holds EMA weights ({', '.join(ema)}); loaded {found!r}")
+        if others:
+            notes.append(f"training checkpoint: used {found!r}, ignored {', '.join(others[:6])}"
+                         f"{', ...' if len(others) > 6 else ''}")
+        obj = obj[found]
+        depth += 1
+    if not isinstance(obj, Mapping):
+        raise VitlabError(f"{source}: holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    skipped = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if not tensors:
+        raise VitlabError(f"{source}: no tensors found (keys: {', '.join(sorted(map(str, obj))[:8])})")
+    if skipped:
+        notes.append(f"non-tensor entries ignored: {', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}")
+    return strip_prefixes(tensors), notes
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any order and combination."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """``"timm"`` (vitlab's own names), ``"hf"`` or ``"torchvision"`` from signature keys; None if none matches."""
+    keys = set(state_dict)
+    if "patch_embed.proj.weight" in keys:
+        return "timm"
+    if {"vit.embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.weight"} & keys:
+        return "hf"
+    if "conv_proj.weight" in keys:
+        return "torchvision"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- renaming
+def _rename(state_dict: Mapping[str, torch.Tensor], rules: list[tuple[str, str]],
+            passthrough: bool = True) -> dict[str, torch.Tensor]:
+    """Apply the first matching (regex, replacement) rule to each key; unmatched keys pass through unchanged so that
+    strict loading reports them as unexpected."""
+    compiled = [(re.compile(f"^{pattern}$"), repl) for pattern, repl in rules]
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in compiled:
+            if pattern.match(key):
+                key = pattern.sub(repl, key)
+                break
+        out[key] = value
+    return out
+
+
+_TV_FROM = [
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"class_token", "cls_token"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
+    (r"heads\.pre_logits\.(weight|bias)", r"pre_logits.fc.\1"),
+    (r"heads\.head\.(weight|bias)", r"head.\1"),
+]
+_TV_TO = [
+    (r"patch_embed\.proj\.(weight|bias)", r"conv_proj.\1"),
+    (r"cls_token", "class_token"),
+    (r"pos_embed", "encoder.pos_embedding"),
+    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"encoder.layers.encoder_layer_\1.ln_1.\2"),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"encoder.layers.encoder_layer_\1.self_attention.in_proj_\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layers.encoder_layer_\1.self_attention.out_proj.\2"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"encoder.layers.encoder_layer_\1.ln_2.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"encoder.layers.encoder_layer_\1.mlp.0.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"encoder.layers.encoder_layer_\1.mlp.3.\2"),
+    (r"norm\.(weight|bias)", r"encoder.ln.\1"),
+    (r"pre_logits\.fc\.(weight|bias)", r"heads.pre_logits.\1"),
+    (r"head\.(weight|bias)", r"heads.head.\1"),
+]
+_HF_FROM = [
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+    (r"pooler\.dense\.(weight|bias)", r"pre_logits.fc.\1"),
+    (r"classifier\.(weight|bias)", r"head.\1"),
+]
+_HF_TO = [
+    (r"patch_embed\.proj\.(weight|bias)", r"vit.embeddings.patch_embeddings.projection.\1"),
+    (r"cls_token", "vit.embeddings.cls_token"),
+    (r"pos_embed", "vit.embeddings.position_embeddings"),
+    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"vit.encoder.layer.\1.layernorm_before.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"vit.encoder.layer.\1.attention.output.dense.\2"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"vit.encoder.layer.\1.layernorm_after.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"vit.encoder.layer.\1.intermediate.dense.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"vit.encoder.layer.\1.output.dense.\2"),
+    (r"norm\.(weight|bias)", r"vit.layernorm.\1"),
+    (r"head\.(weight|bias)", r"classifier.\1"),
+]
+_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision ``VisionTransformer`` names -> vitlab names (in_proj is already the fused q, k, v)."""
+    return _rename(state_dict, _TV_FROM)
+
+
+def to_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vitlab names -> torchvision ``VisionTransformer`` names."""
+    return _rename(state_dict, _TV_TO)
+
+
+def from_hf(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hugging Face ``ViTForImageClassification`` / ``ViTModel`` on-disk names -> vitlab names; separate q, k, v are
+    fused into ``qkv`` (query rows first). Returns (state dict, notes).
+
+    ``ViTForImageClassification`` does not use a pooler (its classifier reads the normalised class token), so when a
+    file holds both a pooler and a classifier the pooler is dropped, as HF itself does."""
+    stripped = {(k[4:] if k.startswith("vit.") else k): v for k, v in state_dict.items()}
+    notes = []
+    if "classifier.weight" in stripped and any(k.startswith("pooler.") for k in stripped):
+        stripped = {k: v for k, v in stripped.items() if not k.startswith("pooler.")}
+        notes.append("pooler weights dropped: ViTForImageClassification does not use them")
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    rest = {}
+    for key, value in stripped.items():
+        m = _HF_QKV.match(key)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        else:
+            rest[key] = value
+    out = _rename(rest, _HF_FROM)
+    for (block, kind), parts in qkv.items():
+        missing = [p for p in ("query", "key", "value") if p not in parts]
+        if missing:
+            raise VitlabError(f"Hugging Face layer {block}: attention {kind} lacks {', '.join(missing)}")
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out, notes
+
+
+def to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vitlab names -> Hugging Face ``ViTForImageClassification`` on-disk names (``qkv`` split into q, k, v)."""
+    rest = {}
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if m:
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[f"vit.encoder.layer.{m.group(1)}.attention.attention.{part}.{m.group(2)}"] = chunk.contiguous()
+        else:
+            rest[key] = value
+    out.update(_rename(rest, _HF_TO))
+    return out
+
+
+def to_vitlab_names(state_dict: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Any supported PyTorch layout -> vitlab names. Returns (state dict, notes)."""
+    if layout == "timm":
+        return dict(state_dict), []
+    if layout == "hf":
+        return from_hf(state_dict)
+    if layout == "torchvision":
+        return from_torchvision(state_dict), []
+    raise ValueError(f"unknown state-dict layout {layout!r}; choose one of {', '.join(STATE_DICT_LAYOUTS)}")
+
+
+# ------------------------------------------------------------------------------------------------- config inference
+def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, defaults: dict | None = None,
+                 grid_hint: tuple[int, int] | None = None) -> tuple[ViTConfig, list[str]]:
+    """The :class:`ViTConfig` that a vitlab-named state dict fits, from its shapes. Returns (config, notes).
+
+    Fused-qkv layouts do not record the head count: it is taken from ``defaults`` (``num_heads``) or from the standard
+    sizes (width 192 -> 3, 384 -> 6, 768 -> 12, 1024 and 1280 -> 16, else width / 64), which the notes say.
+    ``defaults`` also carries fields the weights cannot show (``norm_eps``, ``gelu``). ``grid_hint`` gives the patch
+    grid when the position embedding is not a square."""
+    defaults = dict(defaults or {})
+    notes: list[str] = []
+    sd = state_dict
+
+    def need(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise VitlabError(f"{source}: missing {key!r}; cannot infer the architecture (is this a ViT checkpoint?)")
+        return sd[key]
+
+    proj = need("patch_embed.proj.weight")
+    if proj.ndim != 4:
+        raise VitlabError(f"{source}: patch embedding weight has shape {tuple(proj.shape)}, expected (D, C, P, P)")
+    dim, in_chans, ph, pw = proj.shape
+    block_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))})
+    if not block_ids:
+        raise VitlabError(f"{source}: no transformer blocks found")
+    depth = block_ids[-1] + 1
+    if block_ids != list(range(depth)):
+        gaps = sorted(set(range(depth)) - set(block_ids))
+        raise VitlabError(f"{source}: transformer blocks {gaps} are missing (found {len(block_ids)} of {depth})")
+    mlp_dim = need("blocks.0.mlp.fc1.weight").shape[0]
+    heads = defaults.pop("num_heads", None)
+    if heads is None:
+        heads = STANDARD_HEADS.get(dim, max(dim // 64, 1))
+        notes.append(f"head count not stored in this layout: assumed {heads} for width {dim} (pass model_name to be "
+                     "explicit)")
+    class_token = "cls_token" in sd
+    prefix = 1 if class_token else 0
+    if "pos_embed" in sd:
+        pos_embed = "learned"
+        rows = sd["pos_embed"].shape[-2]
+        grid = _grid_from_rows(rows - prefix, grid_hint, source)
+    elif "pos_embed_x" in sd and "pos_embed_y" in sd:
+        pos_embed = "learned_2d"
+        grid = (sd["pos_embed_y"].shape[0], sd["pos_embed_x"].shape[0])
+    else:
+        pos_embed = defaults.pop("pos_embed", "none")
+        if grid_hint is None:
+            raise VitlabError(f"{source}: no learned position embedding, so the image size cannot be inferred; "
+                              "pass model_name or img_size")
+        grid = grid_hint
+        notes.append(f"no learned position embedding: assumed pos_embed={pos_embed!r}")
+    defaults.pop("pos_embed", None)
+    fc_norm = "fc_norm.weight" in sd
+    pool = "gap" if (fc_norm or not class_token) else "token"
+    representation = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
+    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    kwargs = dict(
+        img_size=(grid[0] * ph, grid[1] * pw), patch_size=(ph, pw), in_chans=in_chans, num_classes=num_classes,
+        embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim, pool=pool, class_token=class_token,
+        pos_embed=pos_embed, norm_after_pool=fc_norm, representation_size=representation,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+    )
+    kwargs.update(defaults)
+    try:
+        return ViTConfig(**kwargs), notes
+    except ValueError as exc:
+        raise VitlabError(f"{source}: the weights describe no valid ViT ({exc})") from None
+
+
+def _grid_from_rows(n: int, hint: tuple[int, int] | None, source: str) -> tuple[int, int]:
+    if hint is not None and hint[0] * hint[1] == n:
+        return (int(hint[0]), int(hint[1]))
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise VitlabError(f"{source}: the position embedding has {n} grid rows, not a square grid; pass model_name "
+                          "or the image size so that the grid is known")
+    return (side, side)

@@ -1,0 +1,145 @@
+"""vitlab's own checkpoint format: one ``.safetensors`` file that describes itself.
+
+The tensors are the model's state dict (vitlab names). The safetensors ``__metadata__`` holds one entry, ``vitlab``,
+a JSON document::
+
+    {"format": "vitlab", "format_version": 1, "architecture": "vit",
+     "config": ViTConfig.to_dict(), "preprocessing": Preprocessing.to_dict(),
+     "class_names": [...] or null, "metadata": {...free, JSON-serialisable...}}
+
+so that :func:`load_vitlab` rebuilds the model and its preprocessing from the file alone. Files are written
+atomically (temporary file in the same folder, fsync, rename): an interrupted save never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import VitlabError
+from ..models import VisionTransformer, ViTConfig
+from ..preprocessing import Preprocessing
+from .files import read_safetensors, write_atomic
+
+FORMAT_NAME = "vitlab"
+FORMAT_VERSION = 1
+METADATA_KEY = "vitlab"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to rebuild one model family from its saved config: the config class (with ``from_dict``/``to_dict``) and
+    the model class (built as ``model_class(config)``)."""
+
+    name: str
+    config_class: type
+    model_class: type
+
+
+ARCHITECTURES: dict[str, Architecture] = {"vit": Architecture("vit", ViTConfig, VisionTransformer)}
+
+
+def register_architecture(arch: Architecture) -> None:
+    """Make another model family (e.g. a hybrid) savable and loadable in the vitlab format."""
+    if arch.name in ARCHITECTURES and ARCHITECTURES[arch.name] != arch:
+        raise ValueError(f"architecture {arch.name!r} is already registered")
+    ARCHITECTURES[arch.name] = arch
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The registered architecture whose model class ``model`` is (most specific match)."""
+    for arch in ARCHITECTURES.values():
+        if type(model) is arch.model_class:
+            return arch
+    for arch in ARCHITECTURES.values():
+        if isinstance(model, arch.model_class):
+            return arch
+    raise VitlabError(f"cannot save a {type(model).__name__}: not a registered vitlab architecture")
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocessing | None = None,
+         class_names: list[str] | None = None, metadata: dict | None = None) -> Path:
+    """Write ``model`` as one self-describing ``.safetensors`` file at ``path`` (atomically) and return the path.
+
+    ``preprocessing`` defaults to ``model.preprocessing`` if set, else the paper's evaluation preprocessing for the
+    model's input (squash, bilinear, [-1, 1]); ``class_names`` defaults to ``model.class_names`` if set. ``metadata``
+    is any JSON-serialisable dict (training info, dataset, accuracy)."""
+    from safetensors.torch import save_file
+
+    arch = architecture_of(model)
+    cfg = model.cfg
+    if preprocessing is None:
+        preprocessing = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    if not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing must be a vitlab.Preprocessing, got {type(preprocessing).__name__}")
+    if class_names is None:
+        class_names = getattr(model, "class_names", None)
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != cfg.num_classes:
+            raise ValueError(f"{len(class_names)} class names for a model with {cfg.num_classes} classes")
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "architecture": arch.name,
+        "config": cfg.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "class_names": class_names,
+        "metadata": metadata or {},
+    }
+    try:
+        text = json.dumps(document)
+    except TypeError as exc:
+        raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: vitlab checkpoints are .safetensors files; use a name ending in .safetensors")
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
+
+
+def read_document(metadata: dict[str, str], source: str) -> dict | None:
+    """The vitlab JSON document from a safetensors ``__metadata__``, or None if it is not a vitlab file."""
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        document = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise VitlabError(f"{source}: the vitlab metadata is not valid JSON ({exc})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise VitlabError(f"{source}: the 'vitlab' metadata entry is not a vitlab checkpoint description")
+    version = document.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise VitlabError(f"{source}: vitlab checkpoint format version {version!r}; this vitlab reads up to "
+                          f"{FORMAT_VERSION} (upgrade vitlab)")
+    return document
+
+
+def parse_document(document: dict, source: str) -> tuple[Architecture, object, Preprocessing, list[str] | None, dict]:
+    """(architecture, config, preprocessing, class names, metadata) from a vitlab document, with clear errors."""
+    arch_name = document.get("architecture", "vit")
+    if arch_name not in ARCHITECTURES:
+        raise VitlabError(f"{source}: architecture {arch_name!r} is not known to this vitlab "
+                          f"(known: {', '.join(ARCHITECTURES)})")
+    arch = ARCHITECTURES[arch_name]
+    try:
+        config = arch.config_class.from_dict(document["config"])
+        preprocessing = Preprocessing.from_dict(document["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VitlabError(f"{source}: invalid vitlab config ({exc})") from None
+    class_names = document.get("class_names")
+    if class_names is not None and (not isinstance(class_names, list) or len(class_names) != config.num_classes):
+        raise VitlabError(f"{source}: {len(class_names) if isinstance(class_names, list) else '?'} class names for "
+                          f"{config.num_classes} classes")
+    return arch, config, preprocessing, class_names, dict(document.get("metadata") or {})
+
+
+def read_vitlab(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors and the vitlab document (None for a safetensors file without one) of a ``.safetensors`` file."""
+    tensors, metadata = read_safetensors(path)
+    return tensors, read_document(metadata, str(path))
