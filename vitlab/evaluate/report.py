@@ -10,9 +10,9 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from ..checkpoints.files import atomic_path
 from ..errors import VitlabError
 
 
@@ -22,19 +22,10 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     a crash never leaves a half-written file. Creates the folder. Returns the path."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
     except OSError as exc:
-        raise VitlabError(f"cannot create the output folder {path.parent}: {exc.strerror}") from exc
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 
