@@ -32,7 +32,7 @@ def _dataset() -> TensorDataset:
 def _run_everything(batch_size: int) -> dict:
     model, data = _model(), _dataset()
     metrics = evaluate_classifier(model, data, batch_size=batch_size, ks=(1, 2))
-    feats, labels = model_outputs(model, data, "pre_logits", batch_size=batch_size)
+    feats, labels, _ = model_outputs(model, data, "pre_logits", batch_size=batch_size)
     return {"metrics": metrics, "features": feats, "labels": labels}
 
 

@@ -97,3 +97,55 @@ def test_bad_shapes_are_clear_errors():
         topk_accuracy(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="labels file has 1 entries"):
         multilabel_accuracy(torch.tensor([0, 1]), [[0]])
+
+
+class _WithUnreadable(torch.utils.data.Dataset):
+    """Five samples; sample 2 stands in for a file that could not be decoded."""
+
+    class Bad:
+        reason = "img2.png: truncated"
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return (self.Bad() if i == 2 else torch.full((1, 4, 4), float(i))), i % 2
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for i in range(7):
+            yield torch.full((1, 4, 4), float(i)), i % 2
+
+
+def _mean_pixel_model():
+    """A stand-in classifier: logits (x, -x) from the mean pixel, with the config fields evaluation reads."""
+
+    class Model(torch.nn.Module):
+        cfg = type("Cfg", (), {"in_chans": 1, "img_size": (4, 4), "num_classes": 2})()
+
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3)) - 2.5
+            return torch.stack([-m, m], dim=1)
+
+    return Model()
+
+
+def test_unreadable_samples_are_skipped_counted_and_left_out_of_real_scores():
+    from vitlab.evaluate.classification import evaluate_classifier
+
+    reasons = []
+    out = evaluate_classifier(_mean_pixel_model(), _WithUnreadable(), batch_size=2, ks=(1,),
+                              label_sets=[[0], [1], [1], [0], [1]], on_skipped=reasons.extend)
+    # samples 0, 1, 3, 4 with labels 0, 1, 1, 0: predictions 0, 0, 1, 1 -> two right
+    assert out["num_samples"] == 4 and out["skipped"] == 1 and out["top1"] == 0.5
+    assert reasons == ["img2.png: truncated"]
+    assert out["real"] == {"accuracy": 0.5, "counted": 4, "skipped": 0}  # sample 2's label set is dropped too
+
+
+def test_iterable_datasets_are_read_as_a_stream():
+    from vitlab.evaluate.features import model_outputs
+
+    outputs, labels, indices = model_outputs(_mean_pixel_model(), _Stream(), batch_size=3)
+    assert indices.tolist() == list(range(7)) and labels.tolist() == [i % 2 for i in range(7)]
+    assert outputs[:, 1].tolist() == [i - 2.5 for i in range(7)]

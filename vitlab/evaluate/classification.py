@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import VitlabError
 from .features import model_outputs
@@ -54,10 +54,17 @@ def evaluate_classifier(
 
     ``dataset`` yields ``(image tensor, int label)`` already preprocessed for the model. Exact when run on several
     processes (every sample counted once). Other keyword arguments go to :func:`features.model_outputs` (device,
-    num_workers, progress). Returns the dict of :func:`metrics.classification_metrics` plus ``class_names``."""
-    logits, labels = model_outputs(model, dataset, "logits", batch_size, **kwargs)
-    if label_sets is not None and len(label_sets) != len(labels):
-        raise VitlabError(f"the labels file has {len(label_sets)} entries but the dataset has {len(labels)} samples")
+    num_workers, progress, on_skipped). Returns the dict of :func:`metrics.classification_metrics` plus
+    ``class_names`` and ``skipped`` (samples whose image could not be read, left out of every score)."""
+    logits, labels, indices = model_outputs(model, dataset, "logits", batch_size, **kwargs)
+    if label_sets is not None:
+        if isinstance(dataset, IterableDataset):
+            raise VitlabError("a multi-label file needs an indexable data set (an image folder or a named set), "
+                              "not tar shards")
+        if len(label_sets) != len(dataset):  # type: ignore[arg-type]
+            raise VitlabError(f"the labels file has {len(label_sets)} entries but the data set has "
+                              f"{len(dataset)} samples")  # type: ignore[arg-type]
+        label_sets = [label_sets[i] for i in indices.tolist()]  # unreadable images are left out of both scores
     if labels.numel() and labels.max() >= logits.shape[1]:
         raise VitlabError(f"the dataset has label {int(labels.max())} but the model predicts {logits.shape[1]} classes")
     out = classification_metrics(logits, labels, ks=ks, num_bins=num_bins, label_sets=label_sets)
@@ -65,4 +72,6 @@ def evaluate_classifier(
     if class_names is not None and len(class_names) != num_classes:
         raise VitlabError(f"{len(class_names)} class names for a model with {num_classes} classes")
     out["class_names"] = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if not isinstance(dataset, IterableDataset):
+        out["skipped"] = len(dataset) - out["num_samples"]  # type: ignore[arg-type]
     return out

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..errors import VitlabError
+from .data import class_names_of
 from .features import extract_features
 from .fewshot import tuned_probe
 from .report import plot_suite, suite_markdown, write_json, write_text
@@ -72,22 +73,21 @@ def sample_test_indices(num_available: int, test_examples: int | None, seed: int
 
 
 def _labels_of(dataset: Dataset) -> torch.Tensor:
-    targets = getattr(dataset, "targets", None)
     if isinstance(dataset, Subset):
-        inner = _labels_of(dataset.dataset)
-        return inner[torch.as_tensor(dataset.indices)]
-    if targets is not None:
-        return torch.as_tensor(targets).long()
+        return _labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for attr in ("labels", "targets"):
+        values = getattr(dataset, attr, None)
+        if values is not None:
+            return torch.as_tensor(values).long()
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
 def num_classes_of(*datasets: Dataset) -> int:
-    """Class count: the datasets' ``classes`` attribute where there is one, else the largest label + 1."""
+    """Class count: the class names a data set carries where there are some, else the largest label + 1."""
     for ds in datasets:
-        base = ds.dataset if isinstance(ds, Subset) else ds
-        classes = getattr(base, "classes", None)
-        if classes:
-            return len(classes)
+        names = class_names_of(ds)
+        if names:
+            return len(names)
     return int(max(_labels_of(ds).max() for ds in datasets)) + 1
 
 
