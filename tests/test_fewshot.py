@@ -152,3 +152,27 @@ def test_bad_method_and_shots_are_clear_errors():
         fewshot_evaluate(x, y, x, y, methods=("svm",))
     with pytest.raises(VitlabError, match="shots must be positive"):
         fewshot_evaluate(x, y, x, y, shots=(0, 5))
+
+
+def test_fewshot_model_embeds_only_the_drawn_images_and_matches_full_features():
+    from torch.utils.data import TensorDataset
+
+    from tests.conftest import randomize_
+    from vitlab.evaluate.features import extract_features
+    from vitlab.evaluate.fewshot import fewshot_model
+    from vitlab.models import VisionTransformer, ViTConfig
+
+    cfg = ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2,
+                    mlp_dim=32)
+    model = randomize_(VisionTransformer(cfg), std=0.2).eval()
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(40)
+    images = torch.randn(120, 1, 8, 8, generator=gen) + y.float()[:, None, None, None]
+    train, test = TensorDataset(images[:90], y[:90]), TensorDataset(images[90:], y[90:])
+    out = fewshot_model(model, train, test, shots=(1, 5), seeds=(0, 1), holdout_per_class=4, batch_size=16,
+                        methods=("lsr",), representation="cls_token")
+    x, _ = extract_features(model, train, representation="cls_token")
+    xt, _ = extract_features(model, test, representation="cls_token")
+    ref = fewshot_evaluate(x, y[:90], xt, y[90:], shots=(1, 5), seeds=(0, 1), holdout_per_class=4, methods=("lsr",))
+    assert out["methods"] == ref["methods"]
+    assert out["representation"] == "cls_token" and out["num_images_embedded"] < 90

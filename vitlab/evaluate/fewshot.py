@@ -131,3 +131,68 @@ def tuned_probe(
     test_acc = (probe.scores(test[0], chosen).argmax(1) == test[1]).double().mean().item()
     return {"accuracy": test_acc, "chosen": chosen, "param_name": probe.param_name,
             "val_accuracy": {str(k): v for k, v in val_acc.items()}}
+
+
+def labels_of(dataset) -> torch.Tensor:
+    """All labels of a map-style data set (N,) int64, read without decoding images where the data set keeps them
+    (``labels`` / ``targets`` attributes, folder ``samples``), looking through ``Subset``."""
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for attr in ("labels", "targets"):
+        values = getattr(dataset, attr, None)
+        if values is not None:
+            return torch.as_tensor(values).long()
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        return torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def fewshot_model(
+    model,
+    train_dataset,
+    test_dataset,
+    representation: str = "pre_logits",
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    holdout_per_class: int = 10,
+    batch_size: int = 256,
+    num_classes: int | None = None,
+    **kwargs,
+) -> dict:
+    """:func:`fewshot_evaluate` on a model's frozen representations of two data sets of ``(image, label)``.
+
+    Only the training images some seed draws (shots and held-out ones) go through the model, so a large training
+    split costs little. ``kwargs`` go to :func:`fewshot_evaluate` (methods, grids) and to
+    :func:`features.model_outputs` (device, num_workers, progress). Adds ``representation`` and ``num_images_embedded``
+    to the result."""
+    from torch.utils.data import Subset
+
+    from .features import extract_features, model_outputs
+
+    eval_keys = {"methods", "grids"}
+    probe_kwargs = {k: v for k, v in kwargs.items() if k in eval_keys}
+    feature_kwargs = {k: v for k, v in kwargs.items() if k not in eval_keys}
+    train_labels = labels_of(train_dataset)
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    needed: set[int] = set()
+    for seed in seeds:
+        shot_sets, holdout = fewshot_splits(train_labels, num_classes, shots, holdout_per_class, seed)
+        needed.update(shot_sets[max(shot_sets)].tolist(), holdout.tolist())
+    needed_idx = sorted(needed)
+    feats, _, present = model_outputs(model, Subset(train_dataset, needed_idx), representation, batch_size,
+                                      **feature_kwargs)
+    if len(present) != len(needed_idx):
+        raise VitlabError(f"{len(needed_idx) - len(present)} training images drawn for few-shot could not be read")
+    # scatter back to the full training pool's indexing; rows no seed drew stay zero and are never used
+    train_features = torch.zeros(len(train_labels), feats.shape[1])
+    train_features[torch.tensor(needed_idx)] = feats
+    test_features, test_labels = extract_features(model, test_dataset, representation=representation,
+                                                  batch_size=batch_size, **feature_kwargs)
+    out = fewshot_evaluate(train_features, train_labels, test_features, test_labels, shots=shots, seeds=seeds,
+                           holdout_per_class=holdout_per_class, num_classes=num_classes, **probe_kwargs)
+    return {"representation": representation, "num_images_embedded": len(needed_idx), **out}
+

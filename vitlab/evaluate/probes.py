@@ -158,8 +158,8 @@ class LogisticProbe:
             return self._trained[wd]
         weight = torch.zeros(self.x.shape[1], self.num_classes, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(self.num_classes, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-9,
-                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-7,
+                                      tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
             optimizer.zero_grad()

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, Subset
 from ..errors import VitlabError
 from .data import class_names_of
 from .features import extract_features
-from .fewshot import tuned_probe
+from .fewshot import labels_of, tuned_probe
 from .report import plot_suite, suite_markdown, write_json, write_text
 from .suite_config import SuiteConfig, TaskConfig
 
@@ -72,23 +72,13 @@ def sample_test_indices(num_available: int, test_examples: int | None, seed: int
     return sorted(np.random.default_rng(seed + 1).permutation(num_available)[:test_examples].tolist())
 
 
-def _labels_of(dataset: Dataset) -> torch.Tensor:
-    if isinstance(dataset, Subset):
-        return _labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    for attr in ("labels", "targets"):
-        values = getattr(dataset, attr, None)
-        if values is not None:
-            return torch.as_tensor(values).long()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
-
-
 def num_classes_of(*datasets: Dataset) -> int:
     """Class count: the class names a data set carries where there are some, else the largest label + 1."""
     for ds in datasets:
         names = class_names_of(ds)
         if names:
             return len(names)
-    return int(max(_labels_of(ds).max() for ds in datasets)) + 1
+    return int(max(labels_of(ds).max() for ds in datasets)) + 1
 
 
 def run_fewshot_task(task: TaskConfig, model: nn.Module, train: Dataset, val: Dataset, test: Dataset,
