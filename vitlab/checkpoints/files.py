@@ -12,6 +12,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,7 +117,9 @@ def read_torch(path: str | os.PathLike) -> object:
     There is deliberately no fallback to full unpickling: a file that needs it is refused with the offending object
     named in the message."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(str(exc))
         raise VitlabError(f"{path}: refused: the file holds pickled Python objects other than tensors ({detail}); "

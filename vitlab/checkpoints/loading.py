@@ -119,6 +119,9 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _from_state_dict(source, "torch", state_dict, notes, grid_hint, named, container_obj=obj)
     if named is not None:
         _check_named(ckpt, named, model_name)
+    with torch.device("meta"):  # the architecture's expected shapes, without allocating it
+        expected = ckpt.architecture.model_class(ckpt.config).state_dict()
+    check_fit(expected, ckpt.state_dict, source)
     if check_finite:
         _check_finite(ckpt)
     _record_facts(ckpt)
@@ -302,16 +305,20 @@ def _record_facts(ckpt: Checkpoint) -> None:
     head = sd.get("head.weight")
     zeroed = head is not None and not head.any().item()
     ckpt.facts["zeroed_head"] = bool(zeroed)
-    if zeroed and ckpt.format in ("vit_jax", "big_vision"):
-        ckpt.notes.append("the classification head is all zeros (the original ImageNet-21k releases zeroed it on "
-                          "purpose): its logits are meaningless; load with num_classes=... to fine-tune a new head")
-    elif zeroed:
-        ckpt.notes.append("the classification head is all zeros (untrained or deliberately zeroed): every class "
-                          "gets the same logit")
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
     ckpt.facts.setdefault("dtypes", dtypes)
     ckpt.facts["tensors"] = len(sd)
     ckpt.facts["params"] = int(sum(v.numel() for v in sd.values()))
+
+
+def zeroed_head_note(ckpt: Checkpoint) -> str | None:
+    """The note to show for an all-zero head, or None when the head is not all zeros."""
+    if not ckpt.facts.get("zeroed_head"):
+        return None
+    if ckpt.format in ("vit_jax", "big_vision"):
+        return ("the classification head is all zeros (the original ImageNet-21k releases zeroed it on purpose): its "
+                "logits are meaningless; load with num_classes=... to fine-tune a new head")
+    return "the classification head is all zeros (untrained or deliberately zeroed): every class gets the same logit"
 
 
 # ------------------------------------------------------------------------------------------------- building
@@ -361,11 +368,11 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     return sd
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                fresh_prefixes: tuple[str, ...] = ()) -> None:
-    """``model.load_state_dict`` with every mismatch reported at once: missing keys (except parameters deliberately
-    left fresh, e.g. a new head), unexpected keys and mis-shaped tensors (file shape vs model shape)."""
-    own = model.state_dict()
+def check_fit(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
+              fresh_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise one error listing every missing key (except parameters deliberately left fresh, e.g. a new head),
+    unexpected key and mis-shaped tensor (file shape vs model shape) of ``state_dict`` against ``expected``."""
+    own = expected
     missing = [k for k in own if k not in state_dict and not k.startswith(fresh_prefixes)]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in state_dict
@@ -377,6 +384,13 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
                 parts.append(f"{label} ({len(items)}): " + ", ".join(items[:20])
                              + (f", ... ({len(items) - 20} more)" if len(items) > 20 else ""))
         raise VitlabError(f"{source}: the weights do not fit the model; " + "; ".join(parts))
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                fresh_prefixes: tuple[str, ...] = ()) -> None:
+    """``model.load_state_dict(strict=True)`` after :func:`check_fit`, so that every mismatch is reported at once."""
+    own = model.state_dict()
+    check_fit(own, state_dict, source, fresh_prefixes)
     merged = {k: (state_dict[k] if k in state_dict else v) for k, v in own.items()}
     model.load_state_dict(merged, strict=True)
 
