@@ -45,6 +45,7 @@ def test_topk_per_class_and_confusion_match_sklearn():
     assert out["confusion_matrix"] == sk_confusion(y, pred, labels=range(12)).tolist()
     np.testing.assert_allclose(out["per_class_accuracy"], recall_score(y, pred, average=None, labels=range(12)))
     assert out["num_samples"] == 500 and out["num_classes"] == 12
+    assert out["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
 def test_class_without_samples_has_no_accuracy_and_is_left_out_of_the_mean():
@@ -84,6 +85,8 @@ def test_label_files_as_list_or_by_file_name(tmp_path):
     by_name = tmp_path / "by_name.json"
     by_name.write_text(json.dumps({"a.png": [0], "b.png": [4, 5]}))
     assert load_label_sets(by_name, ["dir/b.png", "dir/a.png"]) == [[4, 5], [0]]
+    # a list with file names follows sorted base names (ReaL: entry i is ILSVRC2012_val_{i+1:08d}), not folder order
+    assert load_label_sets(as_list, ["dog/c.png", "cat/b.png", "ant/a.png"]) == [[2, 3], [], [1]]
     with pytest.raises(VitlabError, match="no entry for 1 images"):
         load_label_sets(by_name, ["c.png"])
     bad = tmp_path / "bad.json"

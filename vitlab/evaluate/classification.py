@@ -15,10 +15,14 @@ from .metrics import classification_metrics
 
 
 def load_label_sets(path: str | Path, file_names: Sequence[str] | None = None) -> list[list[int]]:
-    """Read a ReaL-style multi-label file: JSON, either a list with one list of acceptable class indices per sample
-    (in dataset order, as ImageNet ReaL's ``real.json``) or an object mapping file names to such lists.
+    """Read a ReaL-style multi-label file and return one list of acceptable class indices per sample, in the data
+    set's order.
 
-    The object form needs ``file_names`` (the dataset's file name per sample, in order; matched on the base name)."""
+    The file is JSON: either an object mapping image file names (matched on the base name) to label lists, or a list
+    of label lists. For a list and a data set of files (``file_names`` given, in data set order), entry i belongs to
+    the i-th file in sorted base-name order: ImageNet ReaL's ``real.json`` convention (entry i is
+    ``ILSVRC2012_val_{i+1:08d}.JPEG``), whatever class folders the files sit in. Without ``file_names`` a list is
+    taken in data set order."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -26,12 +30,22 @@ def load_label_sets(path: str | Path, file_names: Sequence[str] | None = None) -
         raise VitlabError(f"labels file {path}: cannot read it as JSON ({exc})") from exc
     if isinstance(data, dict):
         if file_names is None:
-            raise VitlabError(f"labels file {path} maps file names to labels, but this dataset has no file names")
+            raise VitlabError(f"labels file {path} maps file names to labels, but this data set has no file names")
         by_name = {Path(k).name: v for k, v in data.items()}
         missing = [n for n in file_names if Path(n).name not in by_name]
         if missing:
             raise VitlabError(f"labels file {path} has no entry for {len(missing)} images, e.g. {missing[0]}")
         data = [by_name[Path(n).name] for n in file_names]
+    elif isinstance(data, list) and file_names is not None:
+        if len(data) != len(file_names):
+            raise VitlabError(f"labels file {path} has {len(data)} entries but the data set has {len(file_names)} "
+                              "images")
+        names = [Path(n).name for n in file_names]
+        rank = {name: i for i, name in enumerate(sorted(names))}
+        if len(rank) != len(names):
+            raise VitlabError(f"labels file {path} is a list, but file names repeat across folders; use an object "
+                              "mapping file names to labels")
+        data = [data[rank[name]] for name in names]
     if not isinstance(data, list) or not all(isinstance(s, list) for s in data):
         raise VitlabError(f"labels file {path} must hold a list of label lists or an object of them")
     try:

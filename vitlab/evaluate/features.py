@@ -84,6 +84,7 @@ def model_outputs(
     device: torch.device | str | None = None,
     progress: bool = False,
     on_skipped: Callable[[list[str]], None] | None = None,
+    precision: str = "fp32",
 ) -> ModelOutputs:
     """Outputs of ``model`` for every sample of a dataset of ``(image tensor, label)``, in dataset order.
 
@@ -91,9 +92,13 @@ def model_outputs(
     disjoint shard (no padding) and every process gets the complete, deduplicated result, identical to a
     single-process run. Samples whose image is not a tensor (unreadable files) are left out and their reasons passed
     to ``on_skipped``; ``indices`` tells which samples are present. An iterable dataset (tar shards) is read as it
-    splits itself over processes; its indices are stream positions. The model is put in eval mode and restored."""
+    splits itself over processes; its indices are stream positions. ``precision='bf16'`` runs the model under bf16
+    autocast (outputs are returned as float32). The model is put in eval mode and restored."""
     fn = output_function(model, kind)
     device = torch.device(device) if device is not None else _device_of(model)
+    if precision not in ("fp32", "bf16"):
+        raise VitlabError(f"precision must be fp32 or bf16, got {precision!r}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     rank, world_size = world()
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(_NumberedStream(dataset, rank, world_size), batch_size=batch_size, collate_fn=_collate)
@@ -118,7 +123,8 @@ def model_outputs(
                     on_skipped(bad)
                 if x is None:
                     continue
-                outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
+                with autocast:
+                    outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
                 labels.append(y)
                 indices.append(idx)
             if not outs:  # nothing on this process: the empty result must still have the right row shape

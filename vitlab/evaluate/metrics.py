@@ -93,7 +93,8 @@ def classification_metrics(
 ) -> dict:
     """All metrics of ``vitlab eval`` from logits (N, K) and labels (N,), as plain JSON-ready data.
 
-    Keys: ``num_samples``, ``num_classes``, ``top{k}`` for each k, ``per_class_accuracy`` (list),
+    Keys: ``num_samples``, ``num_classes``, ``top{k}`` for each k, ``loss`` (mean cross-entropy, nats),
+    ``per_class_accuracy`` (list),
     ``mean_class_accuracy`` (over classes with samples), ``confusion_matrix`` (K x K list, rows = true),
     ``calibration`` (see :func:`expected_calibration_error`) and, when ``label_sets`` is given, ``real`` (see
     :func:`multilabel_accuracy`)."""
@@ -104,6 +105,7 @@ def classification_metrics(
     out: dict = {"num_samples": int(labels.numel()), "num_classes": num_classes}
     for k, value in topk_accuracy(logits, labels, ks).items():
         out[f"top{k}"] = value
+    out["loss"] = torch.nn.functional.cross_entropy(logits.double(), labels).item()
     predictions = logits.argmax(dim=1)
     confusion = confusion_matrix(predictions, labels, num_classes)
     per_class = per_class_accuracy(confusion)
