@@ -7,9 +7,12 @@ interpolation, channel conversion and normalisation.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
+import torch
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from ..errors import VitlabError
@@ -22,15 +25,36 @@ def eval_dataset(spec: str, split: str, preprocessing: Preprocessing, data_dir: 
     with ``preprocessing``. Image files are decoded with the preprocessing's channel count; files that cannot be
     decoded come out as ``vitlab.data.BadSample`` (skipped and counted by the evaluators) or, with
     ``on_error='fail'``, stop the run."""
-    from ..data import ArrayDataset, build_dataset
+    from ..data import build_dataset
 
     dataset = build_dataset(spec, split, data_dir=data_dir, download=download, channels=preprocessing.channels,
                             on_error=on_error)
+    return with_transform(dataset, preprocessing)
+
+
+class _Transformed(Dataset):
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index][:2]
+        return (self.transform(image) if isinstance(image, torch.Tensor | Image.Image) else image), label
+
+
+def with_transform(dataset: Dataset, preprocessing: Preprocessing) -> Dataset:
+    """A view of a raw data set (images as uint8 tensors or PIL images) that yields ``(tensor, label)`` prepared
+    with ``preprocessing``. The raw data set is not changed (data sets with a ``transform`` field are copied)."""
     transform = preprocessing.transform()
-    if isinstance(dataset, ArrayDataset):
+    if dataclasses.is_dataclass(dataset) and hasattr(dataset, "transform"):  # in-memory sets: shares the tensors
         return dataclasses.replace(dataset, transform=transform)
-    dataset.transform = transform
-    return dataset
+    if hasattr(dataset, "transform"):  # image folders, tar shards: a shallow copy with its own transform
+        view = copy.copy(dataset)
+        view.transform = transform
+        return view
+    return _Transformed(dataset, transform)
 
 
 def class_names_of(dataset: Dataset) -> list[str] | None:

@@ -97,9 +97,7 @@ def classification_markdown(results: dict, title: str = "Classification accuracy
         rows.append([f"ReaL top1 (%), {real['counted']} images with labels", _pct(real["accuracy"])])
     rows += [["mean per-class accuracy (%)", _pct(results["mean_class_accuracy"])],
              [f"ECE (%), {results['calibration']['num_bins']} bins", _pct(results["calibration"]["ece"])]]
-    for key in ("checkpoint", "data", "split"):
-        if key in results:
-            rows.insert(0, [key, results[key]])
+    rows = [[key, results[key]] for key in ("checkpoint", "data", "split") if key in results] + rows
     text = f"# {title}\n\n" + markdown_table(["metric", "value"], rows)
     confusion = results["confusion_matrix"]
     per_class = []
@@ -193,9 +191,7 @@ def fewshot_markdown(results: dict, title: str = "Few-shot linear evaluation") -
                f"seeds {', '.join(map(str, results['seeds']))}",
                f"{results['holdout_per_class']} held-out images per class pick the hyper-parameter",
                f"{results['num_test']} test images"]
-    for key in ("checkpoint", "data", "representation"):
-        if key in results:
-            details.insert(0, f"{key}: {results[key]}")
+    details = [f"{key}: {results[key]}" for key in ("checkpoint", "data", "representation") if key in results] + details
     text += "; ".join(details) + ".\n\nTest accuracy (%), mean ± standard deviation over seeds:\n\n"
     rows = []
     for method, data in results["methods"].items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -27,13 +28,14 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..errors import VitlabError
-from .data import class_names_of
+from .data import class_names_of, with_transform
 from .features import extract_features
 from .fewshot import labels_of, tuned_probe
+from .finetune import finetune_task
 from .report import plot_suite, suite_markdown, write_json, write_text
 from .suite_config import SuiteConfig, TaskConfig
 
-DatasetBuilder = Callable[[str, str, object], Dataset]
+DatasetBuilder = Callable[[str, str, int], Dataset]
 
 
 def checkpoint_identity(path: str | os.PathLike | None) -> str | None:
@@ -120,51 +122,62 @@ def run_suite(
     config: SuiteConfig,
     model: nn.Module,
     out_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
     dataset_builder: DatasetBuilder | None = None,
-    finetune_fn: Callable | None = None,
     model_id: str | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run (or resume) every task of a suite on ``model`` and write the report into ``out_dir``.
+    """Run (or resume) every task of a suite and write the report into ``out_dir``.
 
-    ``dataset_builder(data, split, preprocessing) -> Dataset`` of ``(image tensor, label)``; the default reads named
-    datasets and image folders through :mod:`vitlab.data`. ``model_id`` identifies the model for resuming (e.g.
-    :func:`checkpoint_identity` of its file). ``finetune_fn`` is the fine-tuning routine for ``finetune`` tasks.
-    Returns the suite result (see :func:`aggregate`); per-task results carry ``accuracy``, ``chosen`` (tuned value),
-    ``param_name``, ``num_train``, ``num_test``, ``seconds`` and ``resumed``."""
+    ``model`` (loaded, with its preprocessing) serves the few-shot tasks; fine-tune tasks start from ``checkpoint``,
+    its file (without one the model is saved to ``out_dir/pretrained.safetensors`` first).
+    ``dataset_builder(data, split, channels) -> Dataset`` gives raw images (uint8 tensors or PIL images) with labels;
+    the default reads named data sets, image folders and shards through :mod:`vitlab.data`. ``model_id`` identifies
+    the model for resuming (default: :func:`checkpoint_identity` of ``checkpoint``). Returns the suite result (see
+    :func:`aggregate`); per-task results carry ``accuracy``, ``chosen`` (tuned value), ``param_name``,
+    ``num_train``, ``num_test``, ``seconds`` and ``resumed``."""
     out_dir = Path(out_dir)
     builder = dataset_builder or _default_builder
     preprocessing = _preprocessing_of(model)
+    if model_id is None and checkpoint is not None:
+        model_id = checkpoint_identity(checkpoint)
     results = []
     for task in config.tasks:
         fingerprint = task_fingerprint(task, config.seed, model_id)
-        result_path = out_dir / "tasks" / task.name / "result.json"
-        finished = _read_finished(result_path, fingerprint)
+        task_dir = out_dir / "tasks" / task.name
+        finished = _read_finished(task_dir / "result.json", fingerprint)
         if finished is not None:
             log(f"[{task.name}] done before: {100 * finished['accuracy']:.2f}% (skipped)")
             results.append({**finished, "resumed": True})
             continue
+        _claim_task_dir(task_dir, fingerprint)
         log(f"[{task.name}] {task.mode} on {task.data} ...")
         start = time.perf_counter()
-        train_full = builder(task.data, task.train_split, preprocessing)
-        test_full = builder(task.data, task.test_split, preprocessing)
-        train_idx, val_idx = vtab_split(len(train_full), task.train_examples, task.val_examples, config.seed)
-        test_idx = sample_test_indices(len(test_full), task.test_examples, config.seed)
-        train, val = Subset(train_full, train_idx), Subset(train_full, val_idx)
-        test = Subset(test_full, test_idx) if test_idx is not None else test_full
-        num_classes = num_classes_of(train_full, test_full)
+        raw_train = builder(task.data, task.train_split, model.cfg.in_chans)
+        raw_test = builder(task.data, task.test_split, model.cfg.in_chans)
+        train_idx, val_idx = vtab_split(len(raw_train), task.train_examples, task.val_examples, config.seed)
+        test_idx = sample_test_indices(len(raw_test), task.test_examples, config.seed)
+        num_classes = num_classes_of(raw_train, raw_test)
         kwargs = {"device": device, "num_workers": config.num_workers}
         if task.mode == "fewshot":
-            outcome = run_fewshot_task(task, model, train, val, test, num_classes, **kwargs)
+            train_view = with_transform(raw_train, preprocessing)
+            test_view = with_transform(raw_test, preprocessing)
+            outcome = run_fewshot_task(task, model, Subset(train_view, train_idx), Subset(train_view, val_idx),
+                                       Subset(test_view, test_idx) if test_idx is not None else test_view,
+                                       num_classes, **kwargs)
         else:
-            if finetune_fn is None:
-                raise VitlabError(f"task {task.name!r} is a finetune task but no fine-tuning routine was given")
-            outcome = finetune_fn(task, model, train, val, test, num_classes, **kwargs)
+            if checkpoint is None:
+                checkpoint = _save_pretrained(model, out_dir)
+            outcome = finetune_task(task, checkpoint, raw_train, train_idx, val_idx, raw_test, test_idx,
+                                    num_classes, task_dir, in_chans=model.cfg.in_chans, img_size=model.cfg.img_size,
+                                    seed=config.seed, progress=progress, log=log, **kwargs)
+        num_test = len(test_idx) if test_idx is not None else len(raw_test)
         result = {"name": task.name, "group": task.group, "mode": task.mode, "data": task.data,
-                  "num_classes": num_classes, "num_train": task.train_examples, "num_test": len(test), **outcome,
+                  "num_classes": num_classes, "num_train": task.train_examples, "num_test": num_test, **outcome,
                   "seconds": time.perf_counter() - start, "fingerprint": fingerprint}
-        write_json(result_path, result)
+        write_json(task_dir / "result.json", result)
         log(f"[{task.name}] {100 * result['accuracy']:.2f}% ({result['param_name']} = {result['chosen']:g}, "
             f"{result['seconds']:.0f} s)")
         results.append({**result, "resumed": False})
@@ -173,6 +186,29 @@ def run_suite(
     write_text(out_dir / "report.md", suite_markdown(suite))
     plot_suite(suite, out_dir / "suite.png")
     return suite
+
+
+def _claim_task_dir(task_dir: Path, fingerprint: str) -> None:
+    """Mark ``task_dir`` as working on ``fingerprint``; leftovers of a task with other settings are removed, those
+    of an interrupted run of the same task are kept (its fine-tuning runs resume)."""
+    marker = task_dir / "fingerprint"
+    if task_dir.exists():
+        try:
+            same = marker.read_text().strip() == fingerprint
+        except OSError:
+            same = False
+        if not same:
+            shutil.rmtree(task_dir)
+    write_text(marker, fingerprint + "\n")
+
+
+def _save_pretrained(model: nn.Module, out_dir: Path) -> Path:
+    from ..checkpoints import save
+
+    path = out_dir / "pretrained.safetensors"
+    if not path.is_file():
+        save(model, path)
+    return path
 
 
 def _preprocessing_of(model: nn.Module):
@@ -185,7 +221,7 @@ def _preprocessing_of(model: nn.Module):
     return Preprocessing.for_model(cfg.img_size, cfg.in_chans)
 
 
-def _default_builder(data: str, split: str, preprocessing) -> Dataset:
+def _default_builder(data: str, split: str, channels: int) -> Dataset:
     from ..data import build_dataset
 
-    return build_dataset(data, split, preprocessing=preprocessing)
+    return build_dataset(data, split, channels=channels)
