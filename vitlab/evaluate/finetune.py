@@ -154,9 +154,13 @@ def finetune_task(
                       num_workers=num_workers, progress=progress)
         if resolution[0] != resolution[1]:
             raise VitlabError(f"task {task.name!r}: fine-tuning needs a square resolution")
-        if options["warmup_steps"] is not None:
-            values["warmup_steps"] = options["warmup_steps"]
-        return get_recipe("finetune-vtab").config(**values)
+        recipe = get_recipe("finetune-vtab")
+        warmup = options["warmup_steps"]
+        if warmup is None:  # the recipe's share of warmup (200 of 2,500 steps) for any step count
+            base = recipe.config()
+            warmup = round(options["steps"] * base.warmup_steps / base.steps)
+        values["warmup_steps"] = warmup
+        return recipe.config(**values)
 
     kwargs = {"device": device, "num_workers": num_workers}
     lrs = [float(v) for v in options["lr"]]
@@ -184,8 +188,11 @@ def finetune_task(
                                   **kwargs)
     train_metrics = json.loads((work_dir / "runs" / "final" / "result.json").read_text()).get("metrics", {})
     shutil.rmtree(work_dir / "data", ignore_errors=True)  # the exported images; the runs keep their models
-    for run in (work_dir / "runs").glob("*/checkpoints"):
-        shutil.rmtree(run, ignore_errors=True)  # optimiser states are only needed to resume an unfinished run
+    for run in (work_dir / "runs").iterdir():
+        # optimiser states only serve to resume an unfinished run, tuning models only to pick the lr
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        if run.name != "final":
+            (run / "model.safetensors").unlink(missing_ok=True)
     return {"accuracy": scores["top1"], "chosen": best, "param_name": "lr", "val_accuracy": val_accuracy,
             "steps": options["steps"], "resolution": list(resolution), "train_accuracy": train_metrics.get("top1"),
             "model_path": str(model_path)}

@@ -24,9 +24,16 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
+            os.chmod(tmp, 0o666 & ~_umask())  # reports are ordinary files (the temporary file starts as 0600)
     except OSError as exc:
         raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> Path:

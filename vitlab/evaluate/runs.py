@@ -131,3 +131,27 @@ def eval_checkpoint(
     if out_dir is not None and world()[0] == 0:
         results["files"] = {k: str(v) for k, v in write_classification_report(results, out_dir).items()}
     return results
+
+
+def suite_checkpoint(
+    config_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    log=print,
+) -> dict:
+    """``vitlab suite``: run (or resume) the suite in ``config_path`` on a checkpoint (the config's ``checkpoint``
+    unless one is given) and write results.json, report.md and suite.png into ``out_dir``."""
+    from .suite import run_suite
+    from .suite_config import load_suite_config
+
+    config = load_suite_config(config_path)
+    checkpoint = checkpoint if checkpoint is not None else config.checkpoint
+    if checkpoint is None:
+        raise VitlabError(f"{config_path}: no checkpoint; give one on the command line or as 'checkpoint' in the "
+                          "config")
+    dev = resolve_device(device)
+    model = load_for_eval(checkpoint, model_name, dev)
+    return run_suite(config, model, out_dir, checkpoint=checkpoint, device=dev, progress=progress, log=log)

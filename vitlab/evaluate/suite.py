@@ -96,10 +96,10 @@ def run_fewshot_task(task: TaskConfig, model: nn.Module, train: Dataset, val: Da
             "representation": options["representation"]}
 
 
-def aggregate(config: SuiteConfig, task_results: list[dict], model_id: str | None = None) -> dict:
+def aggregate(config: SuiteConfig, task_results: list[dict], checkpoint: str | None = None) -> dict:
     """The suite's result: tasks in config order, mean accuracy, and group means when the config asks for them."""
     scores = [t["accuracy"] for t in task_results]
-    out = {"name": config.name, "checkpoint": model_id, "seed": config.seed, "tasks": task_results,
+    out = {"name": config.name, "checkpoint": checkpoint, "seed": config.seed, "tasks": task_results,
            "mean": statistics.fmean(scores) if scores else None}
     if config.groups:
         groups: dict[str, list[float]] = {}
@@ -181,7 +181,7 @@ def run_suite(
         log(f"[{task.name}] {100 * result['accuracy']:.2f}% ({result['param_name']} = {result['chosen']:g}, "
             f"{result['seconds']:.0f} s)")
         results.append({**result, "resumed": False})
-    suite = aggregate(config, results, model_id)
+    suite = aggregate(config, results, str(checkpoint) if checkpoint is not None else None)
     write_json(out_dir / "results.json", suite)
     write_text(out_dir / "report.md", suite_markdown(suite))
     plot_suite(suite, out_dir / "suite.png")
