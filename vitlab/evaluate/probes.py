@@ -16,7 +16,7 @@ import torch.nn.functional as F
 DEFAULT_BIAS_CONSTANT = 100.0
 DEFAULT_L2_GRID = tuple(2.0**i for i in range(-10, 20))
 DEFAULT_K_GRID = (1, 3, 5, 10, 20, 50)
-DEFAULT_WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def _check_fit_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
