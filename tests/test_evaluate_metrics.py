@@ -76,6 +76,7 @@ def test_real_style_multilabel_counts_any_label_and_skips_empty_sets():
     logits = torch.nn.functional.one_hot(preds, 6).float()
     full = classification_metrics(logits, torch.tensor([3, 2, 4, 1]), ks=(1,), label_sets=[[3, 5], [2], [], [0]])
     assert full["top1"] == 0.5 and full["real"]["accuracy"] == 2 / 3
+    assert "top5" not in classification_metrics(logits[:, :4], torch.tensor([3, 2, 1, 1]))  # 4 classes
 
 
 def test_label_files_as_list_or_by_file_name(tmp_path):
