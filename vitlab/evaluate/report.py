@@ -87,6 +87,8 @@ def classification_summary(results: dict) -> str:
     """A few lines for the terminal: sample count, top-k, ReaL, mean class accuracy, ECE."""
     parts = [f"{results['num_samples']} images, {results['num_classes']} classes"]
     parts += [f"{key} {_pct(value)}%" for key, value in results.items() if key.startswith("top")]
+    if "loss" in results:
+        parts.append(f"loss {results['loss']:.4f}")
     if "real" in results:
         parts.append(f"ReaL {_pct(results['real']['accuracy'])}% ({results['real']['counted']} images)")
     parts.append(f"mean class acc {_pct(results['mean_class_accuracy'])}%")
