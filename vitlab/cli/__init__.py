@@ -12,7 +12,7 @@ import sys
 
 from ..errors import VitlabError
 
-COMMANDS = ["models"]
+COMMANDS = ["models", "train", "finetune", "eval", "predict"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status. User errors print one line on stderr and return 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
