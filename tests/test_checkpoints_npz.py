@@ -13,6 +13,7 @@ import torch
 import vitlab
 from vitlab.checkpoints import CheckpointWarning, convert, inspect_checkpoint, read_checkpoint
 from vitlab.errors import VitlabError
+from vitlab.preprocessing import Preprocessing
 
 from .checkpoint_fixtures import (
     bfloat16_round,
@@ -66,7 +67,7 @@ def test_vit_jax_layout_matches_timm_loader_and_jax_reference(tmp_path):
     jax_logits = _jax_logits(arrays, x)
     torch.testing.assert_close(_logits(model, x), jax_logits, atol=1e-5, rtol=1e-5)
     assert (_logits(exact, x) - jax_logits).abs().max() > 1e-4  # the GELU flavour is visible at this scale
-    assert model.preprocessing == vitlab.Preprocessing.for_model((IMG, IMG))  # squash, bilinear, [-1, 1]
+    assert model.preprocessing == Preprocessing.for_model((IMG, IMG))  # squash, bilinear, [-1, 1]
 
 
 def test_architecture_is_inferred_from_the_arrays(tmp_path):
@@ -114,8 +115,8 @@ def test_zeroed_imagenet21k_head_is_reported_not_used_silently(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- big_vision
-@pytest.mark.parametrize("prefix", ["params/", "opt/target/", "params/img/", ""])
-@pytest.mark.parametrize("scanned", [False, True])
+@pytest.mark.parametrize("prefix,scanned", [("params/", False), ("opt/target/", True), ("params/img/", True),
+                                            ("", False)])
 def test_big_vision_token_layout_matches_timm_and_jax(tmp_path, prefix, scanned):
     reference = random_timm_vit()
     arrays = vit_jax_arrays(reference)
@@ -251,3 +252,48 @@ def test_export_npz_refuses_what_vit_jax_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="gap pooling"):
         vitlab.checkpoints.export_npz(model, tmp_path / "x.npz")
     assert not (tmp_path / "x.npz").exists()
+
+
+# ------------------------------------------------------------------------------------------------- backbone plug-in
+class _StemViT(vitlab.VisionTransformer):
+    """A toy 'hybrid': a 1x1 convolution in front of the patch embedding, to exercise the npz backbone hook."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.stem = torch.nn.Conv2d(cfg.in_chans, cfg.in_chans, 1)
+
+    def embed(self, x):
+        return super().embed(self.stem(x))
+
+
+def test_npz_backbone_plug_in_maps_extra_arrays(tmp_path, monkeypatch):
+    from vitlab.checkpoints import Architecture, NpzBackbone, NpzRule, npz, register_architecture, vitlab_format
+
+    monkeypatch.setattr(npz, "NPZ_BACKBONES", [])
+    monkeypatch.setitem(vitlab_format.ARCHITECTURES, "stem_vit", Architecture("stem_vit", vitlab.ViTConfig, _StemViT))
+    register_architecture(Architecture("stem_vit", vitlab.ViTConfig, _StemViT))  # same entry again: accepted
+
+    def rules(arrays):
+        return [NpzRule("stem.weight", ("conv_root/kernel",),
+                        lambda a: torch.from_numpy(a.transpose(3, 2, 0, 1).copy()),
+                        lambda t: (t.numpy().transpose(2, 3, 1, 0),)),
+                NpzRule("stem.bias", ("conv_root/bias",), lambda a: torch.from_numpy(a.copy()), lambda t: (t.numpy(),))]
+
+    npz.register_npz_backbone(NpzBackbone("toy stem", "stem_vit", lambda a: "conv_root/kernel" in a, rules,
+                                          lambda fields, arrays: vitlab.ViTConfig(**fields)))
+    reference = random_timm_vit()
+    arrays = vit_jax_arrays(reference)
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((1, 1, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(3).astype(np.float32)
+    save_npz(tmp_path / "stem.npz", {"params/conv_root/kernel": kernel, "params/conv_root/bias": bias,
+                                     **{f"params/{k}": v for k, v in to_big_vision(arrays, prefix="").items()}})
+    model = vitlab.load(tmp_path / "stem.npz", gelu="exact")
+    assert type(model) is _StemViT
+    x = _images()
+    stem_x = torch.einsum("nchw,cd->ndhw", x, torch.from_numpy(kernel[0, 0])) + torch.from_numpy(bias)[:, None, None]
+    timm_model = random_timm_vit(seed=99, no_embed_class=True)
+    timm_model.load_pretrained(str(tmp_path / "stem.npz"))
+    torch.testing.assert_close(_logits(model, x), _logits(timm_model, stem_x), atol=1e-5, rtol=1e-5)
+    again = vitlab.load(vitlab.save(model, tmp_path / "stem.safetensors"))  # the registered architecture round-trips
+    assert type(again) is _StemViT and torch.equal(_logits(again, x), _logits(model, x))

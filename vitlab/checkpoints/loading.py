@@ -120,7 +120,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     if named is not None:
         _check_named(ckpt, named, model_name)
     with torch.device("meta"):  # the architecture's expected shapes, without allocating it
-        expected = ckpt.architecture.model_class(ckpt.config).state_dict()
+        expected = construct_uninitialised(ckpt.architecture.model_class, ckpt.config).state_dict()
     check_fit(expected, ckpt.state_dict, source)
     if check_finite:
         _check_finite(ckpt)
@@ -192,6 +192,9 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
         raise VitlabError(f"{source}: the arrays describe no valid ViT ({exc})") from None
     backbone = npz_layout.find_backbone(arrays)
     if backbone is not None:
+        if backbone.architecture not in ARCHITECTURES:
+            raise VitlabError(f"{source}: the {backbone.name} backbone builds architecture "
+                              f"{backbone.architecture!r}, which is not registered")
         config = backbone.make_config(fields, arrays)
         arch = ARCHITECTURES[backbone.architecture]
         extra_rules = backbone.rules(arrays)
@@ -293,8 +296,23 @@ def _check_named(ckpt: Checkpoint, named: ViTConfig, model_name: str) -> None:
         raise VitlabError(f"{ckpt.path}: the weights are not a {model_name}: " + ", ".join(diffs))
 
 
+def construct_uninitialised(model_class: type, config) -> nn.Module:
+    """``model_class(config)`` without running its ``init_weights``: every parameter is about to be overwritten from
+    a checkpoint (a new head is zero-initialised by the constructor itself), so random initialisation is wasted time
+    (about half of the construction time of a ViT-B)."""
+    skipping = type(model_class.__name__, (model_class,), {"init_weights": lambda self: None})
+    model = skipping(config)
+    model.__class__ = model_class
+    return model
+
+
+def _is_finite(t: torch.Tensor) -> bool:
+    # a finite sum proves every element finite (NaN and Inf propagate); only an overflowing sum needs the full check
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(ckpt: Checkpoint) -> None:
-    bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not _is_finite(v)]
     if bad:
         shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
         raise VitlabError(f"{ckpt.path}: non-finite weights (NaN or Inf) in {len(bad)} tensor(s): {shown}")
@@ -402,7 +420,7 @@ def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=Non
     target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
                                      drop_pre_logits=drop_pre_logits, gelu=gelu)
     state_dict = adapt_state_dict(ckpt, target, new_head, resample)
-    model = ckpt.architecture.model_class(target)
+    model = construct_uninitialised(ckpt.architecture.model_class, target)
     fresh = ("head.", "pre_logits.") if new_head else ()
     load_strict(model, state_dict, ckpt.path, fresh)
     if ckpt.facts.get("zeroed_head") and not new_head and ckpt.format in ("vit_jax", "big_vision"):

@@ -1,6 +1,7 @@
 """Model definitions and the registry. Imports nothing from the rest of vitlab."""
 
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
+from .linear import Linear, onednn_linear_available, set_onednn_linear
 from .registry import (
     ModelEntry,
     architecture_of,
@@ -21,6 +22,7 @@ __all__ = [
     "HybridConfig",
     "HybridEmbed",
     "HybridVisionTransformer",
+    "Linear",
     "Mlp",
     "ModelEntry",
     "PatchEmbed",
@@ -34,7 +36,9 @@ __all__ = [
     "create_model",
     "get_config",
     "list_models",
+    "onednn_linear_available",
     "register",
     "resolve",
+    "set_onednn_linear",
     "sincos_2d_position_embedding",
 ]
