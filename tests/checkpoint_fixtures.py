@@ -29,11 +29,24 @@ def random_timm_vit(num_classes: int = 7, img_size: int = 32, patch: int = 8, de
     """A small timm VisionTransformer with every weight random (zero heads and unit norms would hide mistakes)."""
     model = _timm().models.VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=width, depth=depth,
                                              num_heads=heads, mlp_ratio=mlp / width, num_classes=num_classes, **kwargs)
+    randomize_weights_(model, seed)
+    return model.eval()
+
+
+def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights at a realistic scale: LayerNorm scales near 1, dense weights with std 1/sqrt(fan_in), so that
+    activations are O(1) and e.g. tanh and exact GELU give clearly different logits."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and name.endswith("weight") and ("norm" in name or "ln" in name.split(".")[-2]):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.ndim >= 2 and name.endswith("weight"):
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------- npz layouts

@@ -211,3 +211,13 @@ def test_resample_non_square_grid_and_identity():
         resample_pos_embed(pos, (5, 5))
     with pytest.raises(ValueError, match="unknown resampling method"):
         resample_pos_embed(pos, (5, 5), (4, 6), method="lanczos")
+
+
+def test_save_unwraps_compile_and_data_parallel(tmp_path):
+    model = _small()
+    wrapped = torch.nn.DataParallel(model)
+    loaded = load(save(wrapped, tmp_path / "dp.safetensors"))
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    with pytest.raises(VitlabError, match="register_architecture"):
+        save(torch.nn.Sequential(model), tmp_path / "seq.safetensors")

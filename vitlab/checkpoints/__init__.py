@@ -9,7 +9,10 @@ Public API:
 - :func:`resample_pos_embed`: position-embedding resampling to a new patch grid.
 """
 
+from . import hybrid_npz  # noqa: F401  (registers the hybrid npz backbone and the hybrid / BiT families)
+from .export import EXPORT_FORMATS, convert, export, export_hf, export_npz, export_timm, export_torchvision
 from .files import sniff
+from .inspection import inspect_checkpoint
 from .loading import (
     FORMATS,
     Checkpoint,
@@ -25,6 +28,7 @@ from .statedicts import from_hf, from_torchvision, to_hf, to_torchvision
 from .vitlab_format import Architecture, register_architecture, save
 
 __all__ = [
+    "EXPORT_FORMATS",
     "FORMATS",
     "RESAMPLE_METHODS",
     "Architecture",
@@ -33,8 +37,15 @@ __all__ = [
     "NpzBackbone",
     "NpzRule",
     "build_model",
+    "convert",
+    "export",
+    "export_hf",
+    "export_npz",
+    "export_timm",
+    "export_torchvision",
     "from_hf",
     "from_torchvision",
+    "inspect_checkpoint",
     "load",
     "read_checkpoint",
     "register_architecture",

@@ -12,6 +12,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,7 +117,9 @@ def read_torch(path: str | os.PathLike) -> object:
     There is deliberately no fallback to full unpickling: a file that needs it is refused with the offending object
     named in the message."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(str(exc))
         raise VitlabError(f"{path}: refused: the file holds pickled Python objects other than tensors ({detail}); "
@@ -193,6 +196,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make the file private; use open()'s mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -213,6 +217,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise VitlabError(f"{path}: exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     old = None
     try:
         yield tmp
@@ -229,6 +234,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -52,14 +52,25 @@ def register_architecture(arch: Architecture) -> None:
 
 
 def architecture_of(model: nn.Module) -> Architecture:
-    """The registered architecture whose model class ``model`` is (most specific match)."""
+    """The registered architecture whose model class is exactly ``type(model)``. A subclass (e.g. a hybrid) must be
+    registered itself, since its config has fields the parent's config cannot read back."""
     for arch in ARCHITECTURES.values():
         if type(model) is arch.model_class:
             return arch
-    for arch in ARCHITECTURES.values():
-        if isinstance(model, arch.model_class):
-            return arch
-    raise VitlabError(f"cannot save a {type(model).__name__}: not a registered vitlab architecture")
+    raise VitlabError(f"cannot save a {type(model).__name__}: not a registered vitlab architecture (register it "
+                      "with vitlab.checkpoints.register_architecture)")
+
+
+def unwrap_module(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) and DDP / DataParallel (``module``) wrappers."""
+    for _ in range(4):
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            break
+    return model
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocessing | None = None,
@@ -71,6 +82,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     is any JSON-serialisable dict (training info, dataset, accuracy)."""
     from safetensors.torch import save_file
 
+    model = unwrap_module(model)
     arch = architecture_of(model)
     cfg = model.cfg
     if preprocessing is None:

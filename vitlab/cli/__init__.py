@@ -1,7 +1,7 @@
 """The ``vitlab`` command: a thin layer that parses arguments, calls the library and prints.
 
 Each sub-command lives in its own module here with ``register(subparsers)``, which adds its parser and sets
-``func(args) -> int``. Add a new command by adding its module name to ``COMMANDS``.
+``func(args) -> int``. Modules are found by scanning this package, so adding a command is adding its module.
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ import sys
 
 from ..errors import VitlabError
 
-COMMANDS = ["models", "train", "finetune", "eval", "predict"]
+
+def command_modules() -> list[str]:
+    """Names of the modules in this package that define a sub-command (a ``register`` function), sorted."""
+    import pkgutil
+
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return sorted(n for n in names if hasattr(importlib.import_module(f"{__name__}.{n}"), "register"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: build, train, load, evaluate.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name.replace('-', '_')}").register(subparsers)
+    for name in command_modules():
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
 
 

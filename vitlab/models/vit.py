@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .linear import Linear
+
 PoolType = Literal["token", "gap"]
 PosEmbedType = Literal["learned", "learned_2d", "sincos", "none"]
 
@@ -166,8 +168,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
@@ -190,10 +192,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +237,7 @@ class PreLogits(nn.Module):
 
     def __init__(self, dim: int, representation_size: int):
         super().__init__()
-        self.fc = nn.Linear(dim, representation_size)
+        self.fc = Linear(dim, representation_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.fc(x))
@@ -251,7 +253,7 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = self.build_patch_embed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         gh, gw = cfg.grid_size
         if cfg.pos_embed == "learned":  # one row per token, class slot first (vit_jax layout)
@@ -273,11 +275,16 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     # ----- construction helpers
+    def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
+        """The module that turns images (B, C, H, W) into patch tokens (B, N, D) and has the linear map E as
+        ``.proj``; hybrid models override this to put a ResNet in front of it."""
+        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+
     @staticmethod
     def _new_head(in_features: int, num_classes: int) -> nn.Module:
         if num_classes == 0:
             return nn.Identity()
-        head = nn.Linear(in_features, num_classes)
+        head = Linear(in_features, num_classes)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         return head
@@ -349,7 +356,11 @@ class VisionTransformer(nn.Module):
         expected = (self.cfg.in_chans, *self.cfg.img_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        x = self.patch_embed(x)
+        return self.embed_tokens(self.patch_embed(x))
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Class token and position embedding added to patch embeddings: (B, N, D) -> (B, N + prefix, D).
+        (Masked patch prediction corrupts the patch embeddings between the two halves of :meth:`embed`.)"""
         pos = self.position_embedding()
         full_pos = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
         if pos is not None and not full_pos:

@@ -1,0 +1,106 @@
+"""int8 against float32 on Fashion-MNIST: how many test predictions stay the same, and how fast each runs.
+
+    PYTHONPATH=. nice -n 10 python benchmarks/int8_agreement.py CHECKPOINT [--model NAME] [--limit N] [--out FILE]
+
+CHECKPOINT is any file ``vitlab.load`` reads (or a state dict with --model NAME). The model is exported to ONNX,
+its Linear layers quantised to int8 by ONNX Runtime (vitlab.compute.deploy), and the 10,000 test images of
+Fashion-MNIST are classified by PyTorch float32 and by the int8 model. Prints the share of equal predictions (target:
+at least 99%), both accuracies and both throughputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitlab.cli.export_onnx import load_model
+from vitlab.compute.deploy import OnnxModel, export_onnx, prediction_agreement, quantize_int8
+from vitlab.compute.files import write_text_atomic
+from vitlab.preprocessing import Preprocessing
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzip) as a numpy array: magic (2 zero bytes, type 0x08 = uint8, number of dimensions), sizes."""
+    data = gzip.open(path).read()
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def test_images(model, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST test images as the model expects them (its preprocessing record, else the paper's [-1, 1])."""
+    images = torch.from_numpy(read_idx(FMNIST / "t10k-images-idx3-ubyte.gz").copy())
+    labels = torch.from_numpy(read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    cfg = model.cfg
+    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    x = images.float().div(255).unsqueeze(1)  # (N, 1, 28, 28) in [0, 1]
+    if tuple(x.shape[-2:]) != tuple(cfg.img_size):
+        x = F.interpolate(x, size=cfg.img_size, mode="bilinear", antialias=True, align_corners=False)
+    if cfg.in_chans == 3:
+        x = x.expand(-1, 3, -1, -1)
+    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous(), labels
+
+
+def throughput(fn, x: torch.Tensor, batch: int = 256, rounds: int = 3) -> float:
+    chunk = x[:batch]
+    fn(chunk)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn(chunk)
+        best = min(best, time.perf_counter() - start)
+    return len(chunk) / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--model", help="model name, for a plain state dict")
+    parser.add_argument("--model-args", default="{}", help="JSON of config overrides for --model, e.g. "
+                        "'{\"embed_dim\": 64, \"num_heads\": 2, \"mlp_dim\": 128}'")
+    parser.add_argument("--limit", type=int, help="only the first N test images")
+    parser.add_argument("--out", help="also write the numbers as JSON")
+    args = parser.parse_args()
+    model = load_model(args.checkpoint, args.model, model_args=json.loads(args.model_args)).eval()
+    x, labels = test_images(model, args.limit)
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(model, Path(folder) / "model.onnx")
+        int8 = OnnxModel(quantize_int8(path, Path(folder) / "model_int8.onnx"))
+        with torch.inference_mode():
+            result = prediction_agreement(model, int8, x)
+        report = {
+            "checkpoint": args.checkpoint,
+            "images": len(x),
+            "agreement": result["agreement"],
+            "max_abs_logit_diff": result["max_abs_logit_diff"],
+            "accuracy_fp32": float((result["reference_predictions"] == labels).float().mean()),
+            "accuracy_int8": float((result["candidate_predictions"] == labels).float().mean()),
+            "img_per_s_fp32_pytorch": throughput(torch.inference_mode()(model), x),
+            "img_per_s_int8": throughput(int8, x),
+        }
+    print(json.dumps(report, indent=2))
+    verdict = "meets" if report["agreement"] >= 0.99 else "MISSES"
+    print(f"int8 predictions equal to float32 on {100 * report['agreement']:.2f}% of {len(x)} test images "
+          f"({verdict} the 99% target)")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

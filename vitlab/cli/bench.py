@@ -1,0 +1,65 @@
+"""``vitlab bench``: vitlab next to timm in one run (throughput, latency, training steps, memory, MFU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..compute.bench import TASKS, BenchSettings, format_table, run_benchmarks
+from ..compute.files import write_text_atomic
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark models against timm in the same run",
+        description="Inference throughput, batch-1 latency, training-step throughput, peak memory and MFU (against "
+                    "a GEMM rate measured at the start) of vitlab models, with timm's same architecture measured in "
+                    "the same run (rounds alternate between the two) and the ratio printed.")
+    p.add_argument("models", nargs="+", help="registered model names, e.g. vit_ti16 vit_b16")
+    p.add_argument("--tasks", default="inference,latency,train",
+                   help=f"comma-separated, from {', '.join(TASKS)} (default: inference,latency,train)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (default fp32)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch for inference and int8 (default 8)")
+    p.add_argument("--train-batch-size", type=int, help="batch for training steps (default: --batch-size)")
+    p.add_argument("--img-size", type=int, help="resolution (default: the model's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations (both sides)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side, alternating (default 5)")
+    p.add_argument("--iters", type=int, default=1, help="calls per round (default 1)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per side first (default 2)")
+    p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's)")
+    p.add_argument("--no-timm", action="store_true", help="measure vitlab only")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON ('-' for stdout only)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"--tasks: unknown task(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
+    for option in ("batch_size", "train_batch_size", "rounds", "iters", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    settings = BenchSettings(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                             train_batch_size=args.train_batch_size, img_size=args.img_size, compile=args.compile,
+                             grad_checkpointing=args.grad_checkpointing, rounds=args.rounds, iters=args.iters,
+                             warmup=args.warmup, threads=args.threads, timm=not args.no_timm,
+                             memory=not args.no_memory)
+    to_stdout = args.json == "-"
+    report = run_benchmarks(args.models, tasks, settings,
+                            log=lambda s: print(s, file=sys.stderr if to_stdout else sys.stdout, flush=True))
+    if to_stdout:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_table(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,95 @@
+"""``vitlab export-onnx``: a model as ONNX (dynamic batch), checked against PyTorch, optionally int8 too."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..compute.deploy import OnnxModel, check_parity, export_onnx, quantize_int8
+from ..errors import VitlabError
+from ..models import create_model, list_models
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export-onnx", help="export a model to ONNX (and int8) with a parity check",
+        description="Export a registered model (fresh weights, or --weights) or a checkpoint file to ONNX with a "
+                    "dynamic batch axis, then run random inputs through PyTorch and ONNX Runtime and compare the "
+                    "logits. --int8 also writes ONNX Runtime's dynamic int8 quantisation of the Linear layers.")
+    p.add_argument("source", help="registered model name, or a checkpoint file")
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--model", help="model name for a checkpoint that does not store its architecture")
+    p.add_argument("--weights", help="a state dict (.safetensors or torch.save) for the registered model in SOURCE")
+    p.add_argument("--int8", metavar="FILE", help="also write the int8 model here")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference allowed (default 1e-4)")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check")
+    p.set_defaults(func=run)
+
+
+def load_model(source: str, model_name: str | None = None, weights: str | None = None,
+               model_args: dict | None = None):
+    """A model from a registered name (optionally with a state dict) or from any checkpoint vitlab can read.
+    ``model_args`` are config overrides for a plain state dict of a registered model with changed sizes."""
+    if Path(source).is_file():
+        import vitlab
+
+        loader = getattr(vitlab, "load", None)  # the checkpoints package: every supported format
+        if loader is not None and not model_args:
+            return loader(source, model_name=model_name)
+        if not model_name:
+            raise VitlabError(f"{source}: give --model NAME (this vitlab reads plain state dicts only)")
+        return _with_state_dict(create_model(model_name, **(model_args or {})), source)
+    if source not in list_models(aliases=True):
+        raise VitlabError(f"{source!r} is neither a file nor a registered model; see `vitlab models`")
+    model = create_model(source)
+    return _with_state_dict(model, weights) if weights else model
+
+
+def _with_state_dict(model, path: str):
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--weights: no such file {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise VitlabError(f"{path}: expected a state dict, got {type(state).__name__}")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise VitlabError(f"{path}: does not fit the model: missing {', '.join(result.missing_keys) or 'none'}; "
+                          f"unexpected {', '.join(result.unexpected_keys) or 'none'}")
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tolerance <= 0:
+        raise ValueError(f"--tolerance must be positive, got {args.tolerance}")
+    if not args.output.endswith(".onnx") or (args.int8 and not args.int8.endswith(".onnx")):
+        raise ValueError("output files must end in .onnx")
+    model = load_model(args.source, args.model, args.weights).eval()
+    path = export_onnx(model, args.output)
+    print(f"wrote {path} (input pixel_values (B, {', '.join(map(str, (model.cfg.in_chans, *model.cfg.img_size)))}), "
+          "dynamic batch)")
+    status = 0
+    if not args.no_check:
+        parity = check_parity(model, OnnxModel(path), tolerance=args.tolerance)
+        worst = max(parity.max_abs_diff.values())
+        sizes = ", ".join(f"batch {b}: {d:.2e}" for b, d in parity.max_abs_diff.items())
+        print(f"parity with PyTorch: max |logit difference| {sizes} -> {'OK' if parity.ok else 'FAILED'} "
+              f"(tolerance {args.tolerance:g}; largest |logit| {parity.max_abs_logit:.3g})")
+        if parity.max_abs_logit == 0:
+            print("note: every logit is 0 (a fresh model's head is zero-initialised), so the check compared zeros")
+        if not parity.ok:
+            print(f"error: ONNX output differs from PyTorch by {worst:.2e} > {args.tolerance:g}")
+            status = 1
+    if args.int8:
+        int8_path = quantize_int8(path, args.int8)
+        parity = check_parity(model, OnnxModel(int8_path), tolerance=float("inf"))
+        print(f"wrote {int8_path} (int8 Linear layers); max |logit difference| to float32: "
+              f"{max(parity.max_abs_diff.values()):.3g} on random inputs (see benchmarks/int8_agreement.py for "
+              "agreement on real data)")
+    return status

@@ -1,0 +1,425 @@
+"""Benchmarks of vitlab next to timm in one process run: throughput, latency, training steps, peak memory, MFU.
+
+Every comparison is a ratio measured in the same run, with the same batch, threads, dtype and weights (timm's
+weights are copied into the vitlab model, and the two outputs are compared before timing). Timing rounds alternate
+between the two sides (vitlab, timm, vitlab, timm, ...) after a warm-up, and each ratio is the median of the per-round
+ratios, so load from other processes and clock drift hit both sides alike. Model FLOPs utilisation (MFU) divides the
+model's analytic FLOPs per second by a GEMM rate measured at the start of the run on the same device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import VitlabError
+from ..models import create_model, get_config
+from ..models.linear import _onednn_product, onednn_linear_available
+from .flops import forward_macs
+
+# vitlab name -> timm name of the same architecture (224 px; other resolutions are passed as img_size)
+TIMM_NAMES = {
+    "vit_ti16": "vit_tiny_patch16_224",
+    "vit_s16": "vit_small_patch16_224",
+    "vit_s32": "vit_small_patch32_224",
+    "vit_b8": "vit_base_patch8_224",
+    "vit_b16": "vit_base_patch16_224",
+    "vit_b32": "vit_base_patch32_224",
+    "vit_l16": "vit_large_patch16_224",
+    "vit_l32": "vit_large_patch32_224",
+    "vit_h14": "vit_huge_patch14_224",
+}
+TASKS = ("inference", "latency", "train", "int8")
+
+
+@dataclass
+class BenchSettings:
+    """What to measure and how. ``dtype`` is ``fp32`` or ``bf16`` (autocast; CUDA only); ``rounds`` timed rounds of
+    ``iters`` calls per side after ``warmup`` calls."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch_size: int = 8
+    train_batch_size: int | None = None
+    img_size: int | None = None
+    compile: bool = False
+    grad_checkpointing: bool = False
+    rounds: int = 5
+    iters: int = 1
+    warmup: int = 2
+    threads: int | None = None
+    timm: bool = True
+    memory: bool = True
+
+
+@dataclass
+class Result:
+    """One measurement: a model, a task and the numbers of each side (img/s, or ms for latency)."""
+
+    model: str
+    task: str
+    batch_size: int
+    unit: str
+    vitlab: float
+    timm: float | None = None
+    ratio: float | None = None  # vitlab / timm speed, median of per-round ratios
+    mfu_vitlab: float | None = None
+    mfu_timm: float | None = None
+    peak_mem_mb_vitlab: float | None = None
+    peak_mem_mb_timm: float | None = None
+    max_abs_diff: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----- device helpers
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; a clear error when CUDA is asked for and absent."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitlabError("--device cuda: no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise VitlabError(f"--device must be cpu or cuda, got {name!r}")
+    return device
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measure_gemm_rate(device: torch.device, dtype: str = "fp32", size: int = 2048, repeats: int = 5) -> dict:
+    """Dense matrix-product rate in FLOP/s on ``device`` (best of ``repeats``): on the CPU both the BLAS path of
+    ``torch.mm`` and oneDNN's (the faster is the machine's attainable peak); on CUDA ``torch.mm`` in the dtype."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" and device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        size = max(size, 8192)
+    a = torch.randn(size, size, device=device, dtype=torch_dtype)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    candidates = {"blas": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and onednn_linear_available():
+        candidates["onednn"] = lambda: _onednn_product(a, b, None)
+    rates = {}
+    with torch.inference_mode():
+        for name, fn in candidates.items():
+            fn()
+            _sync(device)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                best = min(best, time.perf_counter() - start)
+            rates[name] = 2 * size**3 / best
+    rates["peak"] = max(rates.values())
+    return rates
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak tensor memory that one call of ``fn`` allocates on top of what exists before it: CUDA from the caching
+    allocator's statistics, CPU from the profiler's allocation records."""
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    changes = []
+    for event in prof.events():
+        own = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if own:
+            changes.append((event.time_range.start, own))
+    current = peak = 0
+    for _, delta in sorted(changes, key=lambda c: c[0]):
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, iters: int, device: torch.device,
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function, one entry per round; the functions take turns within every round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / iters)
+    return times
+
+
+def paired_ratio(faster_if_small: list[float], reference: list[float]) -> float:
+    """Median over rounds of reference time / candidate time (> 1: the candidate is faster)."""
+    return statistics.median(r / c for c, r in zip(faster_if_small, reference))
+
+
+# ----- model pairs
+
+def build_pair(name: str, settings: BenchSettings, device: torch.device):
+    """The vitlab model and, when timm is installed and knows the architecture, timm's with the same weights."""
+    overrides = {"img_size": settings.img_size} if settings.img_size else {}
+    model = create_model(name, **overrides)
+    reference = None
+    timm_name = TIMM_NAMES.get(name)
+    if settings.timm and timm_name:
+        try:
+            import timm
+        except ImportError:
+            timm = None
+        if timm is not None:
+            cfg = model.cfg
+            reference = timm.create_model(timm_name, pretrained=False, num_classes=cfg.num_classes,
+                                          img_size=cfg.img_size)
+            model.load_state_dict(reference.state_dict(), strict=True)
+            reference = reference.to(device)
+    model = model.to(device)
+    if settings.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+        if reference is not None:
+            reference.set_grad_checkpointing(True)
+    return model, reference
+
+
+def _maybe_compile(model: nn.Module, settings: BenchSettings) -> nn.Module:
+    return torch.compile(model) if settings.compile else model
+
+
+def _inference_fn(model, x, settings, device):
+    def run():
+        with torch.inference_mode(), _autocast(device, settings.dtype):
+            return model(x)
+
+    return run
+
+
+def _train_fn(model, x, y, settings, device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+
+    def step():
+        with _autocast(device, settings.dtype):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _mfu(macs: int, passes: int, img_per_s: float, peak: float) -> float:
+    return 2 * passes * macs * img_per_s / peak
+
+
+def bench_model(name: str, tasks: tuple[str, ...], settings: BenchSettings, gemm: dict,
+                log: Callable[[str], None] = lambda s: None) -> list[Result]:
+    """Measure ``tasks`` (see :data:`TASKS`) for one registered model; one :class:`Result` per task."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise VitlabError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    device = resolve_device(settings.device)
+    if settings.dtype not in ("fp32", "bf16"):
+        raise VitlabError(f"--dtype must be fp32 or bf16, got {settings.dtype!r}")
+    get_config(name)  # a clear error for unknown names before anything is built
+    torch.manual_seed(0)
+    model, reference = build_pair(name, settings, device)
+    cfg = model.cfg
+    macs = forward_macs(cfg)
+    peak = gemm["peak"]
+    results = []
+    shape = (cfg.in_chans, *cfg.img_size)
+    # training changes the weights: measure it last
+    for task in sorted(tasks, key=lambda t: (t == "train", TASKS.index(t))):
+        if task == "int8" and device.type != "cpu":
+            log(f"{name}: int8 runs on the CPU only; skipped on {device}")
+            continue
+        if task == "train" and settings.dtype == "bf16" and device.type == "cpu":
+            log(f"{name}: bf16 autocast training on the CPU is not benchmarked; skipped")
+            continue
+        batch = 1 if task == "latency" else (settings.train_batch_size or settings.batch_size) if task == "train" \
+            else settings.batch_size
+        x = torch.randn((batch, *shape), device=device)
+        log(f"{name}: {task}, batch {batch}")
+        if task in ("inference", "latency"):
+            model.eval()
+            sides = {"vitlab": _inference_fn(_maybe_compile(model, settings), x, settings, device)}
+            if reference is not None:
+                reference.eval()
+                sides["timm"] = _inference_fn(_maybe_compile(reference, settings), x, settings, device)
+            results.append(_measure(name, task, batch, sides, settings, device, macs, 1, peak))
+        elif task == "train":
+            y = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=device)
+            model.train()
+            sides = {"vitlab": _train_fn(_maybe_compile(model, settings), x, y, settings, device)}
+            if reference is not None:
+                reference.train()
+                sides["timm"] = _train_fn(_maybe_compile(reference, settings), x, y, settings, device)
+            results.append(_measure(name, task, batch, sides, settings, device, macs, 3, peak, compare=False))
+        elif task == "int8":
+            results.append(_measure_int8(name, model, reference, x, settings, device, macs, peak))
+    return results
+
+
+def _measure(name, task, batch, sides, settings, device, macs, passes, peak, compare=True) -> Result:
+    diff = None
+    if compare and "timm" in sides:
+        a, b = sides["vitlab"](), sides["timm"]()
+        diff = float((a.float() - b.float()).abs().max())
+    times = interleaved_times(sides, settings.rounds, settings.iters, device, settings.warmup)
+    memory = {}
+    if settings.memory:
+        for side, fn in sides.items():
+            memory[side] = peak_memory_bytes(fn, device) / 2**20
+    med = {side: statistics.median(t) for side, t in times.items()}
+    has_timm = "timm" in times
+    if task == "latency":
+        result = Result(name, task, batch, "ms", med["vitlab"] * 1e3, med["timm"] * 1e3 if has_timm else None)
+    else:
+        speed = {side: batch / t for side, t in med.items()}
+        result = Result(name, task, batch, "img/s", speed["vitlab"], speed.get("timm"),
+                        mfu_vitlab=_mfu(macs, passes, speed["vitlab"], peak),
+                        mfu_timm=_mfu(macs, passes, speed["timm"], peak) if has_timm else None)
+    if has_timm:
+        result.ratio = paired_ratio(times["vitlab"], times["timm"])
+    result.peak_mem_mb_vitlab = memory.get("vitlab")
+    result.peak_mem_mb_timm = memory.get("timm")
+    result.max_abs_diff = diff
+    result.extra = {"rounds_s": {side: [round(t, 5) for t in ts] for side, ts in times.items()}}
+    return result
+
+
+def _measure_int8(name, model, reference, x, settings, device, macs, peak) -> Result:
+    """vitlab int8 (ONNX Runtime dynamic quantisation of the Linear layers) against timm in float32; timm with
+    PyTorch's deprecated dynamic quantisation is timed too, as an extra reference."""
+    import tempfile
+    from pathlib import Path
+
+    from .deploy import OnnxModel, export_onnx, quantize_int8
+
+    model = model.eval()
+    with tempfile.TemporaryDirectory() as folder:
+        fp32_path = export_onnx(model, Path(folder) / "model.onnx")
+        int8_path = quantize_int8(fp32_path, Path(folder) / "model_int8.onnx")
+        int8 = OnnxModel(int8_path, threads=settings.threads)
+    sides = {"vitlab": lambda: int8(x)}
+    with torch.inference_mode():
+        expected = model(x)
+    diff = float((int8(x) - expected).abs().max())
+    if reference is not None:
+        reference.eval()
+        sides["timm"] = _inference_fn(reference, x, settings, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference_int8 = torch.ao.quantization.quantize_dynamic(reference, {nn.Linear}, dtype=torch.qint8)
+        sides["timm_int8_torch_ao"] = _inference_fn(reference_int8, x, settings, device)
+    times = interleaved_times(sides, settings.rounds, settings.iters, device, settings.warmup)
+    batch = x.shape[0]
+    speed = {side: batch / statistics.median(t) for side, t in times.items()}
+    result = Result(name, "int8", batch, "img/s", speed["vitlab"], speed.get("timm"),
+                    mfu_vitlab=_mfu(macs, 1, speed["vitlab"], peak), max_abs_diff=diff)
+    if "timm" in times:
+        result.ratio = paired_ratio(times["vitlab"], times["timm"])
+        result.mfu_timm = _mfu(macs, 1, speed["timm"], peak)
+        result.extra["timm_int8_torch_ao_img_s"] = speed["timm_int8_torch_ao"]
+        result.extra["ratio_vs_timm_int8_torch_ao"] = paired_ratio(times["vitlab"], times["timm_int8_torch_ao"])
+    result.extra["rounds_s"] = {side: [round(t, 5) for t in ts] for side, ts in times.items()}
+    return result
+
+
+def run_benchmarks(models: list[str], tasks: tuple[str, ...], settings: BenchSettings,
+                   log: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure the GEMM rate, then every task for every model. Returns a JSON-ready dict: environment, gemm
+    rates (FLOP/s) and one row per (model, task)."""
+    device = resolve_device(settings.device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    gemm = measure_gemm_rate(device, settings.dtype, repeats=10)
+    log("GEMM rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items()))
+    rows = []
+    for name in models:
+        rows += [r.to_dict() for r in bench_model(name, tasks, settings, gemm, log)]
+    # a machine shared with other jobs can be slow at the start: measure again and keep the better rate, so that MFU
+    # is never flattered by a low denominator; MFU is recomputed if the rate rose
+    again = measure_gemm_rate(device, settings.dtype, repeats=10)
+    if again["peak"] > gemm["peak"]:
+        scale = gemm["peak"] / again["peak"]
+        for row in rows:
+            for key in ("mfu_vitlab", "mfu_timm"):
+                if row[key] is not None:
+                    row[key] *= scale
+    gemm = {key: max(gemm.get(key, 0.0), again.get(key, 0.0)) for key in again}
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()}
+    try:
+        import timm
+
+        env["timm"] = timm.__version__
+    except ImportError:
+        env["timm"] = None
+    return {"settings": asdict(settings), "environment": env, "gemm_flops": gemm, "results": rows}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def format_table(report: dict) -> str:
+    """The results as a fixed-width text table."""
+    gemm = report["gemm_flops"]
+    lines = ["GEMM rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items()),
+             f"{'model':<10} {'task':<10} {'batch':>5} {'unit':>6} {'vitlab':>9} {'timm':>9} {'ratio':>6} "
+             f"{'MFU':>6} {'MFU timm':>8} {'mem MB':>8} {'timm MB':>8}"]
+
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    for r in report["results"]:
+        lines.append(f"{r['model']:<10} {r['task']:<10} {r['batch_size']:>5} {r['unit']:>6} {r['vitlab']:>9.2f} "
+                     f"{num(r['timm'], '9.2f'):>9} {num(r['ratio'], '6.2f'):>6} "
+                     f"{num(r['mfu_vitlab'] and 100 * r['mfu_vitlab'], '5.1f'):>5}% "
+                     f"{num(r['mfu_timm'] and 100 * r['mfu_timm'], '7.1f'):>7}% "
+                     f"{num(r['peak_mem_mb_vitlab'], '8.0f'):>8} {num(r['peak_mem_mb_timm'], '8.0f'):>8}")
+        if r["task"] == "int8" and "timm_int8_torch_ao_img_s" in r["extra"]:
+            lines.append(f"{'':<10} {'':<10} {'':>5} {'':>6} timm int8 (torch.ao, deprecated): "
+                         f"{r['extra']['timm_int8_torch_ao_img_s']:.2f} img/s, vitlab int8 / that = "
+                         f"{r['extra']['ratio_vs_timm_int8_torch_ao']:.2f}")
+    return "\n".join(lines)

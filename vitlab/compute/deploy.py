@@ -1,0 +1,149 @@
+"""Deployment formats: ONNX export with a dynamic batch, a parity check against PyTorch, and CPU int8 inference.
+
+int8 uses ONNX Runtime's dynamic quantization: the weights of every matrix product (the Linear layers: qkv, attention
+output, MLP, head) are stored as int8 per output channel, activations are quantised per tensor on the fly and the
+products run on int8 kernels (VNNI where the CPU has it). PyTorch's own ``torch.ao.quantization.quantize_dynamic`` is
+deprecated (it warns that it will be removed; its successor is the separate ``torchao`` package), so vitlab does not
+build on it. The patch-embedding convolution stays float32 (a small share of the compute, and the one layer that sees
+raw pixels).
+
+Needs the ``onnx`` extra: ``onnx``, ``onnxscript``, ``onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import VitlabError
+from .files import commit, temp_beside
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise VitlabError(f"{module} is not installed; install vitlab's 'onnx' extra (pip install 'vitlab[onnx]')") \
+            from exc
+
+
+def _input_shape(model: nn.Module) -> tuple[int, int, int]:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise VitlabError("export needs a vitlab model (with .cfg giving the input size)")
+    return (cfg.in_chans, *cfg.img_size)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> Path:
+    """Write ``model`` (eval mode, float32) as ONNX with a dynamic batch dimension: input ``pixel_values``
+    (B, C, H, W), output ``logits`` (B, classes). Written atomically (temp file + fsync + rename)."""
+    _require("onnx")
+    _require("onnxscript")
+    path = Path(path)
+    model = model.eval()
+    shape = _input_shape(model)
+    example = torch.randn(2, *shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tmp = temp_beside(path)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), opset_version=opset,
+                                        external_data=False, verbose=False)
+        program.save(str(tmp))
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, per_channel: bool = True) -> Path:
+    """Dynamic int8 quantisation of an exported model's matrix products (MatMul / Gemm) with ONNX Runtime: int8
+    weights (per output channel by default), per-tensor activations quantised at run time. Written atomically."""
+    quantization = _require("onnxruntime.quantization")
+    out_path = Path(out_path)
+    tmp = temp_beside(out_path)
+    try:
+        quantization.quantize_dynamic(str(onnx_path), str(tmp), weight_type=quantization.QuantType.QInt8,
+                                      per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"])
+        commit(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+class OnnxModel:
+    """An ONNX model on ONNX Runtime's CPU provider, called like a PyTorch model: (B, C, H, W) tensor -> logits."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        ort = _require("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Largest absolute difference of the logits between PyTorch and ONNX Runtime, per batch size tried."""
+
+    max_abs_diff: dict[int, float]
+    tolerance: float
+    max_abs_logit: float = 0.0  # the scale of what was compared (0 means a zero head: nothing was tested)
+
+    @property
+    def ok(self) -> bool:
+        return max(self.max_abs_diff.values()) <= self.tolerance
+
+
+def check_parity(model: nn.Module, onnx_model: OnnxModel, batch_sizes: tuple[int, ...] = (1, 3),
+                 tolerance: float = 1e-4, seed: int = 0) -> Parity:
+    """Run random N(0, 1) inputs at several batch sizes (the batch axis is dynamic) through both and compare."""
+    model = model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    shape = _input_shape(model)
+    diffs = {}
+    scale = 0.0
+    for batch in batch_sizes:
+        x = torch.randn((batch, *shape), generator=gen)
+        with torch.no_grad():
+            expected = model(x)
+        got = onnx_model(x)
+        if got.shape != expected.shape:
+            raise VitlabError(f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)}")
+        diffs[batch] = float((got - expected).abs().max())
+        scale = max(scale, float(expected.abs().max()))
+    return Parity(diffs, tolerance, scale)
+
+
+def prediction_agreement(reference, candidate, images: torch.Tensor, batch_size: int = 256) -> dict:
+    """Compare two classifiers on ``images`` (N, C, H, W): the share of equal top-1 predictions and the largest
+    logit difference. Both are callables returning logits."""
+    same = 0
+    max_diff = 0.0
+    ref_pred, cand_pred = [], []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        with torch.no_grad():
+            a, b = reference(x), candidate(x)
+        ref_pred.append(a.argmax(1))
+        cand_pred.append(b.argmax(1))
+        same += int((ref_pred[-1] == cand_pred[-1]).sum())
+        max_diff = max(max_diff, float((a - b).abs().max()))
+    return {"agreement": same / len(images), "max_abs_logit_diff": max_diff,
+            "reference_predictions": torch.cat(ref_pred), "candidate_predictions": torch.cat(cand_pred)}
