@@ -113,10 +113,12 @@ register_recipe(Recipe(
 # stronger augmentation costs accuracy), data held in memory as one uint8 tensor and augmented per batch.
 register_recipe(Recipe(
     "fashion-mnist",
-    "the main job: vit_fmnist on Fashion-MNIST in about ten minutes on two CPU cores (AdamW lr 2e-3, wd 0.05, "
-    "10 epochs, batch 128, warmup 0.5 epoch, cosine, label smoothing 0.1, flips)",
+    "the main job: a 0.3M-parameter ViT (width 96, depth 4, 4x4 patches, sin-cos position embedding, global average "
+    "pooling) on Fashion-MNIST in about ten minutes on two CPU cores: AdamW lr 2e-3, wd 0.05, 20 epochs, batch 128, "
+    "warmup 0.5 epoch, cosine, label smoothing 0.1, flips, half the patch tokens dropped per training image",
     dict(data="fashion-mnist", model="vit_fmnist", optimizer="adamw", lr=2e-3, betas=(0.9, 0.999),
-         weight_decay=0.05, schedule="cosine", warmup_epochs=0.5, epochs=10, batch_size=128, grad_clip=1.0,
-         augment="flip", flip=True, label_smoothing=0.1, eval_every_epochs=0, precision="fp32",
-         model_args={"embed_dim": 64, "num_heads": 2, "mlp_dim": 128}),
+         weight_decay=0.05, schedule="cosine", warmup_epochs=0.5, epochs=20, batch_size=128, grad_clip=1.0,
+         augment="flip", flip=True, label_smoothing=0.1, patch_dropout=0.5, eval_every_epochs=0, precision="fp32",
+         model_args={"embed_dim": 96, "num_heads": 3, "mlp_dim": 192, "depth": 4, "pool": "gap",
+                     "class_token": False, "pos_embed": "sincos"}),
 ))
