@@ -88,8 +88,8 @@ def test_hybrid_compute_is_backbone_plus_transformer():
     cfg = vitlab.get_config("r_vit_fmnist")
     model = vitlab.create_model("r_vit_fmnist").eval()
     convs = count_conv_macs(model.patch_embed, torch.randn(1, 1, 28, 28))  # backbone convs + patch projection
-    g, (ph, pw), D = cfg.num_patches, cfg.patch_size, cfg.embed_dim
-    assert convs == resnetv2_forward_macs(cfg.backbone, include_head=False) + g * ph * pw * 256 * D
+    g, (ph, pw), D, C = cfg.num_patches, cfg.patch_size, cfg.embed_dim, cfg.backbone.num_features
+    assert convs == resnetv2_forward_macs(cfg.backbone, include_head=False) + g * ph * pw * C * D
     plain = vitlab.get_config("vit_fmnist")  # same transformer, 7x7 grid, pixel patches
     assert forward_macs(cfg) - forward_macs(plain) == convs - plain.num_patches * 16 * plain.embed_dim
 

@@ -126,7 +126,7 @@ def test_head_reset_pre_logits_and_config_round_trip():
     x = torch.randn(3, 1, 28, 28)
     assert model(x).shape == (3, 10)
     assert torch.count_nonzero(model(x)) == 0  # zero-initialised head
-    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (3, 512)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (3, 256)
     model.reset_head(4)
     assert model(x).shape == (3, 4) and model.cfg.num_classes == 4
     cfg = model.cfg

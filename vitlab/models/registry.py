@@ -107,21 +107,21 @@ def _hybrid_variants() -> list[ModelEntry]:
 
 def _small_data_baselines() -> list[ModelEntry]:
     """A BiT ResNet and a hybrid sized like ``vit_fmnist`` for 28x28 grey images (not in the paper). Small images
-    get a 3x3/1 stem without max-pool, and GroupNorm(8) because the narrowest layers have 32 channels."""
+    get a 3x3/1 stem without max-pool, and GroupNorm(8) because the narrowest layers have 16 channels."""
     small = dict(stem_width=32, stem_kernel=3, stem_stride=1, stem_pool=False, gn_groups=8)
     vit = next(e.config for e in _small_data_variants() if e.name == "vit_fmnist")
     return [
         ModelEntry(
             "bit_fmnist",
-            ResNetV2Config(layers=(2, 2, 2), channels=(128, 256, 512), img_size=28, in_chans=1, num_classes=10,
+            ResNetV2Config(layers=(2, 2, 2), channels=(64, 128, 256), img_size=28, in_chans=1, num_classes=10,
                            **small),
-            "small-data BiT ResNet-v2 for 28x28 grey images (3 stages of 2 blocks, 512 features at 7x7)",
+            "small-data BiT ResNet-v2 for 28x28 grey images (3 stages of 2 blocks, 256 features at 7x7)",
         ),
         ModelEntry(
             "r_vit_fmnist",
             HybridConfig(**{k: v for k, v in vit.to_dict().items() if k != "patch_size"}, patch_size=2,
-                         backbone=HYBRID_BACKBONE.replace(layers=(1, 1), channels=(128, 256), **small)),
-            "small-data hybrid: 2-stage ResNet (256 channels at 14x14), 2x2 patches, vit_fmnist's transformer",
+                         backbone=HYBRID_BACKBONE.replace(layers=(1, 1), channels=(64, 128), **small)),
+            "small-data hybrid: 2-stage ResNet (128 channels at 14x14), 2x2 patches, vit_fmnist's transformer",
         ),
     ]
 

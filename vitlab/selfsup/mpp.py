@@ -95,6 +95,11 @@ class MaskedPatchPrediction(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    @property
+    def cfg(self):
+        """The encoder's config (input size, channels), so that the wrapper can stand where the ViT stood."""
+        return self.vit.cfg
+
     def predict(self, images: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(colour logits (B, N, num_colours), targets (B, N), corrupted positions (B, N) bool)."""
