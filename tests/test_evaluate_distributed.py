@@ -83,7 +83,7 @@ def test_two_process_evaluation_equals_one_process_exactly():
         for key in ("batch4", "batch1"):
             ours, ref = results[rank][key], single[key]
             # counts and everything derived from the argmax agree exactly
-            for name in ("num_samples", "top1", "top2", "confusion_matrix", "per_class_accuracy"):
+            for name in ("samples", "top1", "top2", "confusion_matrix", "per_class_accuracy"):
                 assert ours["metrics"][name] == ref["metrics"][name], (rank, key, name)
             assert torch.equal(ours["labels"], ref["labels"])
             torch.testing.assert_close(ours["features"], ref["features"], rtol=0, atol=1e-6)
@@ -93,4 +93,4 @@ def test_two_process_evaluation_equals_one_process_exactly():
         idx, rows = results[rank]["padded_gather"]
         assert idx.tolist() == list(range(NUM_SAMPLES)) and rows.tolist() == [10.0 * i for i in range(NUM_SAMPLES)]
     assert results[0]["local_count"] + results[1]["local_count"] == NUM_SAMPLES + 1  # the padded duplicate
-    assert single["batch4"]["metrics"]["num_samples"] == NUM_SAMPLES
+    assert single["batch4"]["metrics"]["samples"] == NUM_SAMPLES

@@ -44,7 +44,7 @@ def test_topk_per_class_and_confusion_match_sklearn():
     pred = scores.argmax(1)
     assert out["confusion_matrix"] == sk_confusion(y, pred, labels=range(12)).tolist()
     np.testing.assert_allclose(out["per_class_accuracy"], recall_score(y, pred, average=None, labels=range(12)))
-    assert out["num_samples"] == 500 and out["num_classes"] == 12
+    assert out["samples"] == 500 and out["num_classes"] == 12
     assert out["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
@@ -142,7 +142,7 @@ def test_unreadable_samples_are_skipped_counted_and_left_out_of_real_scores():
     out = evaluate_classifier(_mean_pixel_model(), _WithUnreadable(), batch_size=2, ks=(1,),
                               label_sets=[[0], [1], [1], [0], [1]], on_skipped=reasons.extend)
     # samples 0, 1, 3, 4 with labels 0, 1, 1, 0: predictions 0, 0, 1, 1 -> two right
-    assert out["num_samples"] == 4 and out["skipped"] == 1 and out["top1"] == 0.5
+    assert out["samples"] == 4 and out["skipped"] == 1 and out["top1"] == 0.5
     assert reasons == ["img2.png: truncated"]
     assert out["real"] == {"accuracy": 0.5, "counted": 4, "skipped": 0}  # sample 2's label set is dropped too
 

@@ -1,49 +1,77 @@
-"""``vitlab eval CKPT --data ...``: top-1 / top-5 accuracy of a saved model on a data set."""
+"""``vitlab eval CKPT --data ...``: accuracy of a saved model on a data set: top-1 / top-5, loss, per-class accuracy,
+confusion matrix, calibration (ECE) and ReaL-style multi-label accuracy, with a JSON / Markdown / PNG report."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="top-1 / top-5 accuracy of a checkpoint on a data set",
+    p = subparsers.add_parser("eval", help="accuracy, per-class accuracy, confusion matrix and calibration of a "
+                                           "checkpoint on a data set",
                               description="Evaluate a checkpoint (any format vitlab.load reads) on a named set, an "
-                                          "image folder or tar shards, with the model's own preprocessing. Exact "
-                                          "under torchrun (each process takes a disjoint share).")
+                                          "image folder or tar shards, with the model's own preprocessing: top-1 / "
+                                          "top-5, loss, per-class accuracy, confusion matrix, expected calibration "
+                                          "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
+                                          "process takes a disjoint share; no sample is counted twice).")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="named set, image folder or tar shards")
     p.add_argument("--split", default="test", help="split of a named set or folder tree (default test)")
     p.add_argument("--data-dir", help="folder holding a named set's files")
+    p.add_argument("--out", type=Path, help="report folder: results.json, report.md, confusion.png, reliability.png")
+    p.add_argument("--labels", type=Path,
+                   help="ReaL-style multi-label JSON (a prediction is right if it is any of the image's labels): a "
+                        "list of label lists (an image folder's files in sorted name order) or {file name: labels}")
+    p.add_argument("--max-samples", type=int, help="evaluate a seeded random subset of this many images")
+    p.add_argument("--bins", type=int, default=15, help="confidence bins of the calibration error (default 15)")
+    p.add_argument("--model", help="registered model name, for checkpoint layouts that do not store the architecture")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for folders and shards")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--img-size", type=int, help="evaluate at this resolution (position embeddings resampled)")
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load
-    from ..train import evaluate
+    from ..evaluate.runs import eval_checkpoint
+    from ..train import distributed as D
 
-    model = load(args.checkpoint, img_size=args.img_size)
-    metrics = evaluate(model, args.data, args.split, data_dir=args.data_dir, batch_size=args.batch_size,
-                       num_workers=args.workers, device=args.device, precision=args.precision,
-                       on_bad_image=args.on_bad_image)
-    if int(os.environ.get("RANK", "0")) != 0:
+    for option, value in (("--batch-size", args.batch_size), ("--bins", args.bins),
+                          ("--max-samples", args.max_samples or 1)):
+        if value < 1:
+            raise ValueError(f"{option} must be positive")
+    info = D.setup(args.device)
+    skipped: list[str] = []
+    try:
+        results = eval_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out, labels_file=args.labels,
+                                  data_dir=args.data_dir, img_size=args.img_size, model_name=args.model,
+                                  batch_size=args.batch_size, num_workers=args.workers, device=str(info.device),
+                                  precision=args.precision, on_bad_image=args.on_bad_image,
+                                  max_samples=args.max_samples, num_bins=args.bins, progress=info.is_main,
+                                  on_skipped=skipped.extend)
+    finally:
+        D.teardown()
+    if not info.is_main:
         return 0
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(results, indent=2))
         return 0
-    line = f"{args.data} {args.split}: top-1 {100 * metrics['top1']:.2f}%"
-    if "top5" in metrics:
-        line += f", top-5 {100 * metrics['top5']:.2f}%"
-    line += f", loss {metrics['loss']:.4f} on {metrics['samples']:,} images"
-    if metrics["skipped"]:
-        line += f" ({metrics['skipped']} unreadable skipped)"
+    line = f"{args.data} {args.split}: top-1 {100 * results['top1']:.2f}%"
+    if "top5" in results:
+        line += f", top-5 {100 * results['top5']:.2f}%"
+    line += f", loss {results['loss']:.4f} on {results['samples']:,} images"
+    if results.get("skipped"):
+        line += f" ({results['skipped']} unreadable skipped, e.g. {skipped[0] if skipped else '?'})"
     print(line)
+    print(f"mean per-class accuracy {100 * results['mean_class_accuracy']:.2f}%, ECE "
+          f"{100 * results['calibration']['ece']:.2f}% ({args.bins} bins)"
+          + (f", ReaL top-1 {100 * results['real']['accuracy']:.2f}% on {results['real']['counted']:,} images"
+             if "real" in results else ""))
+    if "files" in results:
+        print(f"wrote {', '.join(Path(p).name for p in results['files'].values())} to {args.out}")
     return 0

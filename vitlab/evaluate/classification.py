@@ -87,5 +87,5 @@ def evaluate_classifier(
         raise VitlabError(f"{len(class_names)} class names for a model with {num_classes} classes")
     out["class_names"] = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if not isinstance(dataset, IterableDataset):
-        out["skipped"] = len(dataset) - out["num_samples"]  # type: ignore[arg-type]
+        out["skipped"] = len(dataset) - out["samples"]  # type: ignore[arg-type]
     return out

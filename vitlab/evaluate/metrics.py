@@ -93,7 +93,7 @@ def classification_metrics(
 ) -> dict:
     """All metrics of ``vitlab eval`` from logits (N, K) and labels (N,), as plain JSON-ready data.
 
-    Keys: ``num_samples``, ``num_classes``, ``top{k}`` for each k up to the class count, ``loss`` (mean
+    Keys: ``samples``, ``num_classes``, ``top{k}`` for each k up to the class count, ``loss`` (mean
     cross-entropy, nats), ``per_class_accuracy`` (list), ``mean_class_accuracy`` (over classes with samples),
     ``confusion_matrix`` (K x K list, rows = true), ``calibration`` (see :func:`expected_calibration_error`) and,
     when ``label_sets`` is given, ``real`` (see :func:`multilabel_accuracy`)."""
@@ -101,7 +101,7 @@ def classification_metrics(
     labels = labels.long()
     _check(logits, labels)
     num_classes = logits.shape[1]
-    out: dict = {"num_samples": int(labels.numel()), "num_classes": num_classes}
+    out: dict = {"samples": int(labels.numel()), "num_classes": num_classes}
     ks = [k for k in ks if k == 1 or k <= num_classes]  # top-5 of a 3-class problem says nothing
     for k, value in topk_accuracy(logits, labels, ks).items():
         out[f"top{k}"] = value

@@ -85,7 +85,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 # ------------------------------------------------------------------------------------------------ classification
 def classification_summary(results: dict) -> str:
     """A few lines for the terminal: sample count, top-k, ReaL, mean class accuracy, ECE."""
-    parts = [f"{results['num_samples']} images, {results['num_classes']} classes"]
+    parts = [f"{results['samples']} images, {results['num_classes']} classes"]
     parts += [f"{key} {_pct(value)}%" for key, value in results.items() if key.startswith("top")]
     if "loss" in results:
         parts.append(f"loss {results['loss']:.4f}")
@@ -100,7 +100,7 @@ def classification_markdown(results: dict, title: str = "Classification accuracy
     """Markdown: the headline numbers, then per-class accuracy with each class's count and most frequent error."""
     names = results.get("class_names") or [str(i) for i in range(results["num_classes"])]
     header = [k for k in results if k.startswith("top")]
-    rows = [["images", results["num_samples"]]] + [[f"{k} (%)", _pct(results[k])] for k in header]
+    rows = [["images", results["samples"]]] + [[f"{k} (%)", _pct(results[k])] for k in header]
     if "real" in results:
         real = results["real"]
         rows.append([f"ReaL top1 (%), {real['counted']} images with labels", _pct(real["accuracy"])])

@@ -20,13 +20,11 @@ from .report import write_classification_report, write_fewshot_report
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> the CUDA device when there is one, else the CPU; otherwise the named device, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitlabError(f"device {name}: CUDA is not available")
-    return device
+    """``auto`` -> this process's CUDA device when there is one, else the CPU; otherwise the named device, checked
+    (the training package's rule, so that commands agree under ``torchrun``)."""
+    from ..train.distributed import resolve_device as resolve
+
+    return resolve(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,

@@ -141,6 +141,8 @@ def run_suite(
     out_dir = Path(out_dir)
     builder = dataset_builder or _default_builder
     preprocessing = _preprocessing_of(model)
+    if device is None:  # where the model is; fine-tuning runs and scoring use the same device
+        device = next(model.parameters()).device
     if model_id is None and checkpoint is not None:
         model_id = checkpoint_identity(checkpoint)
     results = []
