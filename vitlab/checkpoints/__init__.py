@@ -9,6 +9,7 @@ Public API:
 - :func:`resample_pos_embed`: position-embedding resampling to a new patch grid.
 """
 
+from . import hybrid_npz  # noqa: F401  (registers the hybrid npz backbone and the hybrid / BiT families)
 from .export import EXPORT_FORMATS, convert, export, export_hf, export_npz, export_timm, export_torchvision
 from .files import sniff
 from .inspection import inspect_checkpoint

@@ -19,11 +19,22 @@ FORMAT_TITLES = {
 }
 
 
+def _size_key(cfg) -> tuple:
+    """What fixes a model's size: family, the ViT's size and patch, a hybrid's or ResNet's stages and width."""
+    key: tuple = (type(cfg).__name__,)
+    if hasattr(cfg, "patch_size"):
+        key += tuple(getattr(cfg, f) for f in _SIZE_FIELDS)
+    backbone = getattr(cfg, "backbone", cfg if not hasattr(cfg, "patch_size") else None)
+    if backbone is not None:
+        key += (backbone.layers, backbone.width_factor, backbone.channels[:len(backbone.layers)])
+    return key
+
+
 def matching_model(cfg) -> str | None:
     """The registered short name with the same size and patch (resolution and head aside), if any."""
+    wanted = _size_key(cfg)
     for name in list_models():
-        named = get_config(name)
-        if all(getattr(named, f) == getattr(cfg, f) for f in _SIZE_FIELDS):
+        if _size_key(get_config(name)) == wanted:
             return name
     return None
 
@@ -44,9 +55,9 @@ def inspect_checkpoint(path: str | os.PathLike, *, model_name: str | None = None
     else:
         size = path.stat().st_size
     facts = dict(ckpt.facts)
-    facts["pooling"] = cfg.pool
-    facts["class_token"] = cfg.class_token
-    facts["pre_logits"] = cfg.representation_size
+    facts["pooling"] = getattr(cfg, "pool", "avg")  # CNN baselines (BiT) average their last feature map
+    facts["class_token"] = getattr(cfg, "class_token", False)
+    facts["pre_logits"] = getattr(cfg, "representation_size", None)
     stored_pre = ckpt.format == "vitlab" or (ckpt.container == "hf-folder" and (path /
                                                                                 "preprocessor_config.json").is_file())
     return {
@@ -57,8 +68,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, model_name: str | None = None
         "file_bytes": size,
         "model": matching_model(cfg),
         "architecture": cfg.to_dict(),
-        "grid": list(cfg.grid_size),
-        "tokens": cfg.num_patches + cfg.num_prefix_tokens,
+        "grid": list(cfg.grid_size) if hasattr(cfg, "grid_size") else None,
+        "tokens": cfg.num_patches + cfg.num_prefix_tokens if hasattr(cfg, "grid_size") else None,
         "params": facts.pop("params"),
         "tensors": facts.pop("tensors"),
         "dtypes": facts.pop("dtypes"),

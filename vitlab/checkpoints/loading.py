@@ -99,7 +99,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     named = None
     if model_name is not None:
         named = get_config(model_name)
-        grid_hint = grid_hint or named.grid_size
+        grid_hint = grid_hint or getattr(named, "grid_size", None)  # CNN baselines have no token grid
     if kind == "npz":
         ckpt = _read_npz(path, grid_hint)
     elif kind == "directory":
@@ -353,7 +353,7 @@ def target_config(ckpt: Checkpoint, *, model_name: str | None = None, img_size=N
     if gelu is not None:
         changes["gelu"] = gelu
     new_head = False
-    if drop_pre_logits and cfg.representation_size:
+    if drop_pre_logits and getattr(cfg, "representation_size", None):
         changes["representation_size"] = None
         new_head = True
     if num_classes is not None and num_classes != cfg.num_classes:
@@ -372,7 +372,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     method = check_method(resample or ckpt.default_resample)
     sd = dict(ckpt.state_dict)
     src = ckpt.config
-    if tuple(target.grid_size) != tuple(src.grid_size):
+    if hasattr(src, "grid_size") and tuple(target.grid_size) != tuple(src.grid_size):  # CNNs: nothing to resample
         if src.pos_embed == "learned" and "pos_embed" in sd:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], target.grid_size, src.grid_size,
                                                  num_prefix_tokens=src.num_prefix_tokens, method=method)
@@ -381,7 +381,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
             sd["pos_embed_x"] = resample_1d(sd["pos_embed_x"], target.grid_size[1], method)
     if new_head:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        if not target.representation_size:
+        if not getattr(target, "representation_size", None):
             sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
     return sd
 

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status. User errors print one line on stderr and return 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

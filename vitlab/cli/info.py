@@ -32,14 +32,25 @@ def format_info(info: dict) -> str:
     lines = [
         f"path:          {info['path']} ({info['file_bytes']:,} bytes)",
         f"format:        {info['format_title']} [{info['container']}]",
-        f"model:         {named}{_pair(a['img_size'])} px, patch {_pair(a['patch_size'])}, grid {_pair(info['grid'])}, "
-        f"{info['tokens']} tokens",
-        f"architecture:  depth {a['depth']}, width {a['embed_dim']}, heads {a['num_heads']}, MLP {a['mlp_dim']}, "
-        f"pool {a['pool']}{'' if a['class_token'] else ' (no class token)'}, pre-logits "
-        f"{a['representation_size'] or 'none'}, GELU {a['gelu']}, LayerNorm eps {a['norm_eps']:g}, "
-        f"{a['in_chans']} input channels",
-        f"parameters:    {info['params']:,} in {info['tensors']} tensors ({', '.join(info['dtypes'])})",
     ]
+    if info["tokens"] is None:  # a convolutional baseline (BiT ResNet-v2): no patches, no tokens
+        lines += [
+            f"model:         {named}{_pair(a['img_size'])} px, convolutional",
+            f"architecture:  ResNet-v2 stages {tuple(a['layers'])}, width x{a['width_factor']}, "
+            f"{'pre-activation' if a['preact'] else 'post-activation'}, {a['in_chans']} input channels",
+        ]
+    else:
+        backbone = a.get("backbone")
+        hybrid = f"ResNet stages {tuple(backbone['layers'])} (width x{backbone['width_factor']}), " if backbone else ""
+        lines += [
+            f"model:         {named}{_pair(a['img_size'])} px, patch {_pair(a['patch_size'])}, grid "
+            f"{_pair(info['grid'])}, {info['tokens']} tokens",
+            f"architecture:  {hybrid}depth {a['depth']}, width {a['embed_dim']}, heads {a['num_heads']}, MLP "
+            f"{a['mlp_dim']}, pool {a['pool']}{'' if a['class_token'] else ' (no class token)'}, pre-logits "
+            f"{a['representation_size'] or 'none'}, GELU {a['gelu']}, LayerNorm eps {a['norm_eps']:g}, "
+            f"{a['in_chans']} input channels",
+        ]
+    lines.append(f"parameters:    {info['params']:,} in {info['tensors']} tensors ({', '.join(info['dtypes'])})")
     names = info["class_names"]
     shown = "" if not names else ": " + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     lines.append(f"classes:       {info['num_classes']}{shown if names else ' (no class names)'}")

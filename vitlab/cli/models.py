@@ -63,11 +63,12 @@ def model_rows(names: list[str], **overrides) -> list[dict]:
         with torch.device("meta"):  # count parameters without allocating them
             params = create_model(name, **overrides).num_params()
         macs = forward_macs(cfg)
+        tokenised = hasattr(cfg, "patch_size")  # ViTs and hybrids; CNN baselines have no patches or tokens
         rows.append({
             "name": name,
             "img_size": list(cfg.img_size),
-            "patch_size": list(cfg.patch_size),
-            "tokens": cfg.num_patches + cfg.num_prefix_tokens,
+            "patch_size": list(cfg.patch_size) if tokenised else None,
+            "tokens": cfg.num_patches + cfg.num_prefix_tokens if tokenised else None,
             "params": params,
             "gmacs": macs / 1e9,
             "gflops": 2 * macs / 1e9,
@@ -122,9 +123,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'model':<24} {'res':>9} {'patch':>5} {'tokens':>6} {'params':>13} {'GMACs':>9} {'GFLOPs':>9}{extra_head}")
     for r in rows:
         res = "x".join(map(str, r["img_size"]))
-        patch = "x".join(map(str, r["patch_size"])) if r["patch_size"][0] != r["patch_size"][1] else r["patch_size"][0]
+        if r["patch_size"] is None:  # a CNN: no patches, no tokens
+            patch, tokens = "-", "-"
+        else:
+            ph, pw = r["patch_size"]
+            patch, tokens = (ph if ph == pw else f"{ph}x{pw}"), r["tokens"]
         extra = f" {r['exaflops']:>10.1f} {r['accelerator_days']:>9.0f}" if args.epochs is not None else ""
-        print(f"{r['name']:<24} {res:>9} {patch:>5} {r['tokens']:>6} {r['params']:>13,} {r['gmacs']:>9.2f} "
+        print(f"{r['name']:<24} {res:>9} {patch:>5} {tokens:>6} {r['params']:>13,} {r['gmacs']:>9.2f} "
               f"{r['gflops']:>9.2f}{extra}")
     if extra_title:
         print(extra_title)

@@ -10,14 +10,18 @@ L depth, P x P patches, C channels:
 
 (4 N D^2: q, k, v and output projections; 2 N^2 D: scores and weighted sum; 2 N D M: the two MLP layers.)
 Any other model (a hybrid with a ResNet stem, a ResNet) is counted by :mod:`vitlab.compute.counting`, which runs
-it on the meta device and adds up a rule per module type (convolutions counted in general).
+it on the meta device and adds up a rule per module type (convolutions counted in general). A BiT ResNet-v2 also has a
+closed form here (:func:`resnetv2_forward_macs`: output positions x kernel area x input x output channels per
+convolution), which the tests hold against the counted value.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..models.resnetv2 import ResNetV2Config
 from ..models.vit import ViTConfig
 from .counting import count_config_macs
 
@@ -55,6 +59,42 @@ def forward_macs(cfg, include_head: bool = True) -> int:
     if type(cfg) is ViTConfig:
         return sum(vit_macs_breakdown(cfg, include_head).values())
     return count_config_macs(cfg, include_head=include_head)
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
+    if padding == "same":
+        return math.ceil(size / stride)
+    return (size + 2 * ((kernel - 1) // 2) - kernel) // stride + 1
+
+
+def resnetv2_forward_macs(cfg: ResNetV2Config, include_head: bool = True) -> int:
+    """Multiply-accumulates of a ResNet-v2's convolutions (and its head) for one ``cfg.img_size`` image."""
+    h, w = cfg.img_size
+    macs = 0
+
+    def conv(h: int, w: int, c_in: int, c_out: int, kernel: int, stride: int) -> tuple[int, int]:
+        nonlocal macs
+        oh, ow = (_conv_out(s, kernel, stride, cfg.padding) for s in (h, w))
+        macs += oh * ow * kernel * kernel * c_in * c_out
+        return oh, ow
+
+    width = cfg.stem_width * cfg.width_factor
+    h, w = conv(h, w, cfg.in_chans, width, cfg.stem_kernel, cfg.stem_stride)
+    if cfg.stem_pool:  # 3x3/2 max-pool: both "SAME" and BiT's one-pixel pad give ceil(size / 2)
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    for i, depth in enumerate(cfg.layers):
+        out = cfg.channels[i] * cfg.width_factor
+        for j in range(depth):
+            stride = 2 if i > 0 and j == 0 else 1
+            if j == 0:
+                conv(h, w, width, out, 1, stride)  # projection shortcut
+            conv(h, w, width, out // 4, 1, 1)
+            h2, w2 = conv(h, w, out // 4, out // 4, 3, stride)
+            conv(h2, w2, out // 4, out, 1, 1)
+            h, w, width = h2, w2, out
+    if include_head:
+        macs += width * cfg.num_classes
+    return macs
 
 
 def pretraining_exaflops(cfg, epochs: float, images: float, include_head: bool = True) -> float:

@@ -1,18 +1,38 @@
 """Model definitions and the registry. Imports nothing from the rest of vitlab."""
 
+from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
 from .linear import Linear, onednn_linear_available, set_onednn_linear
-from .registry import ModelEntry, create_model, get_config, list_models, register, resolve
+from .registry import (
+    ModelEntry,
+    architecture_of,
+    build_model,
+    config_from_dict,
+    create_model,
+    get_config,
+    list_models,
+    register,
+    resolve,
+)
+from .resnetv2 import ResNetV2, ResNetV2Config
 from .vit import Attention, Block, Mlp, PatchEmbed, VisionTransformer, ViTConfig, sincos_2d_position_embedding
 
 __all__ = [
     "Attention",
     "Block",
+    "HybridConfig",
+    "HybridEmbed",
+    "HybridVisionTransformer",
     "Linear",
     "Mlp",
     "ModelEntry",
     "PatchEmbed",
+    "ResNetV2",
+    "ResNetV2Config",
     "ViTConfig",
     "VisionTransformer",
+    "architecture_of",
+    "build_model",
+    "config_from_dict",
     "create_model",
     "get_config",
     "list_models",

@@ -1,15 +1,23 @@
-"""The table of named ViT variants and ``create_model``.
+"""The table of named models and ``create_model``.
 
-Sizes are the paper's Table 1 plus the Ti and S sizes of the later AugReg release; patch sizes /8, /14, /16, /32.
+ViTs: the paper's Table 1 sizes plus the Ti and S sizes of the later AugReg release; patch sizes /8, /14, /16, /32.
 Each size and patch has a short name (``vit_b16``) and timm-style aliases (``vit_base_patch16_224``,
-``vit_base_patch16_384``) that fix the resolution. Any config field can be overridden at creation.
+``vit_base_patch16_384``) that fix the resolution. The paper's baselines and hybrids are in the same table: BiT
+ResNet-v2 (``bit_r50x1`` = ``resnetv2_50x1_bit``, ...) and ResNet + ViT hybrids (``r50_vit_b16`` =
+``vit_base_r50_s16_224`` / ``_384``, ...). Any config field can be overridden at creation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
+from .hybrid import HYBRID_BACKBONE, HybridConfig, HybridVisionTransformer
+from .resnetv2 import ResNetV2, ResNetV2Config
 from .vit import VisionTransformer, ViTConfig
+
+ModelConfig = ViTConfig | ResNetV2Config  # HybridConfig is a ViTConfig
 
 # size letter -> (long name, width D, depth L, MLP size M, heads)
 SIZES: dict[str, tuple[str, int, int, int, int]] = {
@@ -29,7 +37,7 @@ class ModelEntry:
     """One registered model: its canonical name, the config it builds and where it comes from."""
 
     name: str
-    config: ViTConfig
+    config: ModelConfig
     description: str
     aliases: tuple[str, ...] = ()
 
@@ -65,6 +73,89 @@ def _small_data_variants() -> list[ModelEntry]:
     ]
 
 
+def _bit_variants() -> list[ModelEntry]:
+    """BiT ResNet-v2 classifiers (Kolesnikov et al. 2020), the paper's convolutional baselines (Table 2's BiT-L is
+    R152x4). Depths 50 / 101 / 152, width factors 1 to 4."""
+    depths = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+    entries = []
+    for depth, width in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)):
+        cfg = ResNetV2Config(layers=depths[depth], width_factor=width)
+        entries.append(ModelEntry(f"bit_r{depth}x{width}", cfg, f"BiT ResNet-v2 {depth}x{width}",
+                                  (f"resnetv2_{depth}x{width}_bit",)))
+    return entries
+
+
+def _hybrid_variants() -> list[ModelEntry]:
+    """ResNet + ViT hybrids of the paper (R50+ViT-B/16, R50+ViT-L/32) and of the AugReg release (R26+ViT-S/32,
+    R+ViT-Ti/16 with the stem alone and 8x8 patches)."""
+    table = [  # name, size letter, backbone stages, patch on the feature map, timm alias stem, description
+        ("r50_vit_b16", "b", (3, 4, 9), 1, "vit_base_r50_s16", "R50+ViT-B/16 (stages 3, 4, 9; stride 16)"),
+        ("r50_vit_l32", "l", (3, 4, 6, 3), 1, "vit_large_r50_s32", "R50+ViT-L/32 (stride 32)"),
+        ("r26_vit_s32", "s", (2, 2, 2, 2), 1, "vit_small_r26_s32", "R26+ViT-S/32 (stride 32)"),
+        ("r26_vit_b32", "b", (2, 2, 2, 2), 1, "vit_base_r26_s32", "R26+ViT-B/32 (stride 32)"),
+        ("r_vit_ti16", "ti", (), 8, "vit_tiny_r_s16_p8", "R+ViT-Ti/16 (stem only, 8x8 patches)"),
+    ]
+    entries = []
+    for name, letter, stages, patch, alias, description in table:
+        _, dim, depth, mlp, heads = SIZES[letter]
+        cfg = HybridConfig(img_size=224, patch_size=patch, embed_dim=dim, depth=depth, mlp_dim=mlp, num_heads=heads,
+                           backbone=HYBRID_BACKBONE.replace(layers=stages))
+        resolutions = (224,) if name == "r26_vit_b32" else (224, 384)
+        entries.append(ModelEntry(name, cfg, description, tuple(f"{alias}_{res}" for res in resolutions)))
+    return entries
+
+
+def _small_data_baselines() -> list[ModelEntry]:
+    """A BiT ResNet and a hybrid sized like ``vit_fmnist`` for 28x28 grey images (not in the paper). Small images
+    get a 3x3/1 stem without max-pool, and GroupNorm(8) because the narrowest layers have 16 channels."""
+    small = dict(stem_width=32, stem_kernel=3, stem_stride=1, stem_pool=False, gn_groups=8)
+    vit = next(e.config for e in _small_data_variants() if e.name == "vit_fmnist")
+    return [
+        ModelEntry(
+            "bit_fmnist",
+            ResNetV2Config(layers=(2, 2, 2), channels=(64, 128, 256), img_size=28, in_chans=1, num_classes=10,
+                           **small),
+            "small-data BiT ResNet-v2 for 28x28 grey images (3 stages of 2 blocks, 256 features at 7x7)",
+        ),
+        ModelEntry(
+            "r_vit_fmnist",
+            HybridConfig(**{k: v for k, v in vit.to_dict().items() if k != "patch_size"}, patch_size=2,
+                         backbone=HYBRID_BACKBONE.replace(layers=(1, 1), channels=(64, 128), **small)),
+            "small-data hybrid: 2-stage ResNet (128 channels at 14x14), 2x2 patches, vit_fmnist's transformer",
+        ),
+    ]
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised model for a config of any family."""
+    if isinstance(cfg, HybridConfig):
+        return HybridVisionTransformer(cfg)
+    if isinstance(cfg, ViTConfig):
+        return VisionTransformer(cfg)
+    if isinstance(cfg, ResNetV2Config):
+        return ResNetV2(cfg)
+    raise TypeError(f"no model family for config type {type(cfg).__name__}")
+
+
+# family name <-> config class, for saving a config with its kind and reading it back
+ARCHITECTURES: dict[str, type] = {"vit": ViTConfig, "hybrid": HybridConfig, "resnetv2": ResNetV2Config}
+
+
+def architecture_of(cfg: ModelConfig) -> str:
+    """The family name of a config: ``vit``, ``hybrid`` or ``resnetv2``."""
+    for name, cls in ARCHITECTURES.items():
+        if type(cfg) is cls:
+            return name
+    raise TypeError(f"no model family for config type {type(cfg).__name__}")
+
+
+def config_from_dict(data: dict, architecture: str = "vit") -> ModelConfig:
+    """Rebuild a config saved with ``cfg.to_dict()`` and :func:`architecture_of`."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture].from_dict(data)
+
+
 _ENTRIES: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, tuple[str, dict]] = {}
 
@@ -80,8 +171,9 @@ def register(entry: ModelEntry) -> None:
         _ALIASES[alias] = (entry.name, overrides)
 
 
-for _entry in _paper_variants() + _small_data_variants():
-    register(_entry)
+for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_variants, _small_data_baselines):
+    for _entry in _family():
+        register(_entry)
 
 
 def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:
@@ -116,15 +208,18 @@ def resolve(name: str) -> tuple[ModelEntry, dict]:
     raise KeyError(f"unknown model {name!r}{hint}")
 
 
-def get_config(name: str, **overrides) -> ViTConfig:
+def get_config(name: str, **overrides) -> ModelConfig:
     """The config a name builds, with overrides applied (e.g. ``img_size=384, num_classes=10``)."""
     entry, implied = resolve(name)
     return entry.config.replace(**{**implied, **overrides})
 
 
-def create_model(name: str, **overrides) -> VisionTransformer:
-    """Build a registered model, freshly initialised. Overrides are :class:`ViTConfig` fields.
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model, freshly initialised. Overrides are fields of its config (:class:`ViTConfig`,
+    :class:`HybridConfig` or :class:`ResNetV2Config`).
 
     >>> model = create_model("vit_b16", num_classes=10, img_size=384)
+    >>> bit = create_model("bit_r50x1", num_classes=10)
     """
-    return VisionTransformer(get_config(name, **overrides))
+    return build_model(get_config(name, **overrides))
+

@@ -253,7 +253,7 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = self.build_patch_embed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         gh, gw = cfg.grid_size
         if cfg.pos_embed == "learned":  # one row per token, class slot first (vit_jax layout)
@@ -275,6 +275,11 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     # ----- construction helpers
+    def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
+        """The module that turns images (B, C, H, W) into patch tokens (B, N, D) and has the linear map E as
+        ``.proj``; hybrid models override this to put a ResNet in front of it."""
+        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+
     @staticmethod
     def _new_head(in_features: int, num_classes: int) -> nn.Module:
         if num_classes == 0:
@@ -351,7 +356,11 @@ class VisionTransformer(nn.Module):
         expected = (self.cfg.in_chans, *self.cfg.img_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        x = self.patch_embed(x)
+        return self.embed_tokens(self.patch_embed(x))
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Class token and position embedding added to patch embeddings: (B, N, D) -> (B, N + prefix, D).
+        (Masked patch prediction corrupts the patch embeddings between the two halves of :meth:`embed`.)"""
         pos = self.position_embedding()
         full_pos = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
         if pos is not None and not full_pos:

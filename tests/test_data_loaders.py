@@ -1,0 +1,141 @@
+"""Batched augmentation and the training / evaluation loaders: per-sample randomness, exact splits over processes and
+accumulation steps, and batches that can be reproduced from a position (resumption)."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from vitlab.data import (
+    ArrayDataset,
+    Augment,
+    FolderTrainLoader,
+    InMemoryTrainLoader,
+    build_dataset,
+    in_memory_eval_batches,
+)
+from vitlab.data import batch_transforms as BT
+from vitlab.data.loaders import folder_eval_batches
+from vitlab.preprocessing import Preprocessing
+
+
+def toy_arrays(n=40, size=6, channels=1) -> ArrayDataset:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, channels, size, size).contiguous()
+    return ArrayDataset(images, torch.arange(n) % 4, ["a", "b", "c", "d"], "toy")
+
+
+def test_to_float_is_the_papers_minus_one_one_scaling():
+    x = torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    torch.testing.assert_close(BT.to_float(x).flatten(), torch.tensor([-1.0, 127 / 127.5 - 1, 1.0]))
+
+
+def test_random_shift_and_flip_match_a_per_image_reference():
+    x = torch.randn(5, 2, 7, 7)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    shifted = BT.random_shift(x, 2, g1, fill=0.0)
+    offsets = torch.randint(0, 5, (2, 5), generator=g2)
+    for i in range(5):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        oy, ox = offsets[0, i], offsets[1, i]
+        torch.testing.assert_close(shifted[i], padded[:, oy:oy + 7, ox:ox + 7])
+    flipped = BT.random_flip(x, torch.Generator().manual_seed(0))
+    for i in range(5):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+
+
+def test_crop_resize_samples_like_torchvision_resized_crop():
+    x = torch.rand(2, 3, 16, 16)
+    boxes = torch.tensor([[4.0, 8.0, 8.0, 8.0], [0.0, 2.0, 16.0, 12.0]])  # (left, top, width, height)
+    out = BT.crop_resize(x, boxes, (16, 16))
+    for i, (left, top, w, h) in enumerate(boxes.long().tolist()):
+        ref = TF.resized_crop(x[i], top=top, left=left, height=h, width=w, size=[16, 16], antialias=False)
+        # same sample points; at the box edges torchvision clamps to the box, the batched crop reads the neighbours
+        torch.testing.assert_close(out[i][..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1])
+    torch.testing.assert_close(BT.crop_resize(x, torch.tensor([[0.0, 0, 16, 16]] * 2), (16, 16)), x)
+    mirrored = BT.crop_resize(x, torch.tensor([[0.0, 0, 16, 16]] * 2), (16, 16), torch.tensor([True, False]))
+    torch.testing.assert_close(mirrored[0], x[0].flip(-1))
+    torch.testing.assert_close(mirrored[1], x[1])
+
+
+def test_crop_boxes_follow_the_inception_distribution():
+    boxes = BT.sample_crop_boxes(4000, 20, 30, scale=(0.05, 1.0), generator=torch.Generator().manual_seed(0))
+    left, top, w, h = boxes.unbind(1)
+    assert (left >= 0).all() and (top >= 0).all() and (left + w <= 30 + 1e-4).all() and (top + h <= 20 + 1e-4).all()
+    area = w * h / 600
+    assert area.min() >= 0.05 - 1e-4 and area.max() <= 1 + 1e-4
+    # boxes small enough never to be clamped: area uniform in the range, log aspect ratio uniform around 0
+    small = BT.sample_crop_boxes(4000, 20, 20, scale=(0.05, 0.3), generator=torch.Generator().manual_seed(1))
+    area = small[:, 2] * small[:, 3] / 400
+    log_aspect = (small[:, 2] / small[:, 3]).log()
+    assert abs(area.mean().item() - 0.175) < 0.01 and abs(log_aspect.mean().item()) < 0.01
+    assert log_aspect.max() <= np.log(4 / 3) + 1e-5 and log_aspect.min() >= np.log(3 / 4) - 1e-5
+
+
+@pytest.mark.parametrize("world_size,accum", [(1, 1), (2, 1), (2, 2), (1, 4)])
+def test_a_global_batch_is_the_same_samples_however_it_is_split(world_size, accum):
+    ds = toy_arrays()
+    none = Augment(policy="none", flip=False)
+    single = InMemoryTrainLoader(ds, 8, (6, 6), none, seed=7)
+    reference = [b.images[:, 0, 0, 0] for b in single.epoch(0)]  # step by step
+    parts = [list(InMemoryTrainLoader(ds, 8, (6, 6), none, seed=7, rank=r, world_size=world_size,
+                                      accum_steps=accum).epoch(0)) for r in range(world_size)]
+    for step, expected in enumerate(reference):
+        chunks = [parts[r][step * accum + a].images[:, 0, 0, 0] for a in range(accum) for r in range(world_size)]
+        torch.testing.assert_close(torch.cat(chunks), expected)
+    assert single.steps_per_epoch == 5 and len(parts[0]) == 5 * accum
+
+
+def test_in_memory_batches_restart_exactly_from_a_position():
+    ds = toy_arrays(size=10)
+    aug = Augment(policy="inception", crop_scale=(0.3, 1.0))
+    loader = InMemoryTrainLoader(ds, 8, (8, 8), aug, seed=1)
+    full = list(loader.epoch(2))
+    tail = list(InMemoryTrainLoader(ds, 8, (8, 8), aug, seed=1).epoch(2, start=3))
+    for a, b in zip(full[3:], tail):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    other = list(loader.epoch(3))
+    assert not torch.equal(full[0].labels, other[0].labels)  # a new order each epoch
+    assert full[0].images.shape == (8, 1, 8, 8)
+
+
+def test_evaluation_shares_cover_every_sample_once():
+    ds = toy_arrays(n=23)
+    pre = Preprocessing.for_model(6, 1)
+    seen = []
+    for rank in range(3):
+        for batch in in_memory_eval_batches(ds, pre, batch_size=4, rank=rank, world_size=3):
+            seen += ((batch.images[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+    assert sorted(seen) == list(range(23))
+
+
+def _folder(root, n_per_class=6):
+    rng = np.random.default_rng(0)
+    for cls in ("x", "y"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    (root / "y" / "broken.png").write_bytes(b"nope")
+
+
+@pytest.mark.slow
+def test_folder_batches_do_not_depend_on_workers_and_restart_exactly(tmp_path):
+    _folder(tmp_path / "d")
+    aug = Augment(policy="inception", crop_scale=(0.2, 1.0))
+
+    def batches(workers, start=0):
+        ds = build_dataset(tmp_path / "d")
+        loader = FolderTrainLoader(ds, 4, (8, 8), aug, seed=3, num_workers=workers)
+        return list(loader.epoch(1, start=start))
+
+    serial, parallel, tail = batches(0), batches(2), batches(2, start=1)
+    assert len(serial) == 3  # 13 files // 4
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.skipped == b.skipped
+    for a, b in zip(serial[1:], tail):
+        assert torch.equal(a.images, b.images)
+    skipped = [r for b in serial for r in b.skipped]
+    assert len(skipped) <= 1 and all("broken.png" in r for r in skipped)
+    ds = build_dataset(tmp_path / "d")
+    evaluated = [b for r in range(2) for b in folder_eval_batches(ds, Preprocessing.for_model(8), 5, r, 2)]
+    assert sum(len(b.labels) for b in evaluated) == 12 and sum(len(b.skipped) for b in evaluated) == 1

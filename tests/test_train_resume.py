@@ -1,0 +1,149 @@
+"""Runs a user can trust: SIGKILL mid-epoch + resume ends with the weights of an uninterrupted run, a killed
+checkpoint write keeps the previous checkpoint, and a two-process torchrun run trains, evaluates exactly and writes
+one run folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitlab
+from vitlab.train import TrainConfig, evaluate, train
+from vitlab.train.checkpoint import atomic_torch_save, remove_stale_temporaries
+
+from .test_train import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(threads: int = 1) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _same_weights(a: Path, b: Path) -> list[str]:
+    sa, sb = load_file(a), load_file(b)
+    assert sa.keys() == sb.keys()
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    # dropout, drop-path, Inception crops, flips and EMA: every kind of state a resumed run has to restore
+    # 22 steps per epoch; checkpoints every 9 steps never fall on an epoch boundary before step 198
+    cfg = tiny_config(tmp_path, epochs=12, deterministic=True, save_every_steps=9, eval_every_epochs=5,
+                      augment="inception", crop_scale=(0.3, 1.0), ema_decay=0.99,
+                      model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1, "drop_path_rate": 0.1})
+    total_steps = 12 * 22
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.replace(run_name="killed").to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
+    killed_at = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
+            except Exception:  # caught between writes: try again
+                step = 0
+            if step >= 90:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert 90 <= state["step"] < 198 and state["step"] % 22 != 0  # mid-epoch
+    resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
+    assert resumed.steps == total_steps
+    reference = train(cfg.replace(run_name="reference"))
+    assert _same_weights(resumed.model_path, reference.model_path) == []
+    assert resumed.metrics == reference.metrics
+    a = torch.load(tmp_path / "runs" / "killed" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "reference" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["model_ema"][k], b["model_ema"][k]) for k in a["model_ema"])
+    # the metrics log keeps one row per step even though the killed run had logged past its last checkpoint
+    rows = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == total_steps
+
+
+def test_a_killed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"step": 1, "weights": torch.ones(3)}, path)
+    script = f"""
+import time, torch
+from vitlab.train import checkpoint
+
+def hanging_save(obj, f):
+    f.write(b"PK\\x03\\x04 the first bytes of a zip archive")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+
+checkpoint.torch.save = hanging_save
+checkpoint.atomic_torch_save({{"step": 2, "weights": torch.zeros(3)}}, {str(path)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = list(tmp_path.glob(".last.pt.*.tmp"))
+    assert len(leftovers) == 1  # the half-written temporary, never the checkpoint itself
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(3))
+    assert remove_stale_temporaries(tmp_path) == leftovers and not leftovers[0].exists()
+
+
+def test_resume_refuses_what_is_not_a_training_checkpoint(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(vitlab.errors.VitlabError, match="not a readable vitlab training checkpoint"):
+        train(TrainConfig(), resume=tmp_path / "run")
+    with pytest.raises(vitlab.errors.VitlabError, match="no checkpoint to resume from"):
+        train(TrainConfig(), resume=tmp_path / "elsewhere")
+
+
+def _torchrun(config_file: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab",
+           "train", "--config", str(config_file), *extra]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_path, fsdp):
+    # SGD: without Adam's normalisation, summation-order differences stay at rounding level
+    cfg = tiny_config(tmp_path, epochs=3, run_name="dist", eval_every_epochs=1, fsdp=fsdp, optimizer="sgd", lr=0.05)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    done = _torchrun(config_file, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["dist"]  # rank 0 alone creates and writes the run
+    assert sorted(p.name for p in (runs[0] / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    result = json.loads((runs[0] / "result.json").read_text())
+    assert result["world_size"] == 2 and result["metrics"]["samples"] == 359  # 180 + 179: nothing padded
+    assert "test accuracy" in done.stdout and done.stdout.count("run folder:") == 1
+    # the distributed evaluation equals a single-process evaluation of the saved model
+    model = vitlab.load(runs[0] / "model.safetensors")
+    single = evaluate(model, "digits", device="cpu")
+    assert single["top1"] == pytest.approx(result["metrics"]["top1"], abs=1e-12)
+    assert single["loss"] == pytest.approx(result["metrics"]["loss"], rel=1e-5)
+    # the same global batches as one process: the weights agree up to floating-point summation order
+    one = train(cfg.replace(run_name="single", fsdp=False))
+    a, b = load_file(one.model_path), load_file(runs[0] / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

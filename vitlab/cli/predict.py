@@ -1,0 +1,43 @@
+"""``vitlab predict CKPT IMAGES...``: top-k classes for image files; a bad image gets its own error line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="top-k classes for image files",
+                              description="Predict the top-k classes of image files with a checkpoint's own "
+                                          "preprocessing and class names. Unreadable files get an error line; the "
+                                          "others are still predicted (exit status 1 if any failed).")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load
+    from ..train import predict
+
+    if args.topk < 1:
+        raise ValueError(f"--topk must be at least 1, got {args.topk}")
+    model = load(args.checkpoint)
+    results = predict(model, args.images, topk=args.topk, device=args.device)
+    failed = 0
+    for r in results:
+        if r.error:
+            failed += 1
+            if not args.json:
+                print(f"vitlab predict: error: {r.error}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"image": r.source, "error": r.error,
+                              "top": [{"index": i, "class": name, "probability": p} for i, name, p in r.top]}))
+        elif not r.error:
+            ranked = ", ".join(f"{name} {100 * p:.1f}%" for _, name, p in r.top)
+            print(f"{r.source}: {ranked}")
+    return 1 if failed else 0

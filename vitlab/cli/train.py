@@ -1,0 +1,171 @@
+"""``vitlab train``: train a ViT from a recipe, a saved config, flags and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# flag -> TrainConfig field; every field can also be set with --set
+FLAG_FIELDS = {
+    "data": str, "data_dir": str, "val_data": str, "model": str, "img_size": int, "epochs": float, "steps": int,
+    "batch_size": int, "lr": float, "weight_decay": float, "warmup_epochs": float, "accum_steps": int, "seed": int,
+    "device": str, "precision": str, "threads": int, "num_workers": int, "out_dir": str, "run_name": str,
+    "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``finetune``."""
+    p.add_argument("--recipe", help="start from a named recipe (see --list-recipes)")
+    p.add_argument("--config", metavar="JSON", help="start from a saved config (a run's config.json)")
+    g = p.add_argument_group("common settings (any config field can be changed with --set)")
+    g.add_argument("--data", help="named set (fashion-mnist, mnist, cifar10, cifar100, digits), image folder or "
+                                  "tar shards")
+    g.add_argument("--data-dir", help="folder holding a named set's files")
+    g.add_argument("--val-data", help="evaluation data (default: the test split of --data)")
+    g.add_argument("--model", help="registered model name (vitlab models)")
+    g.add_argument("--img-size", type=int, help="input resolution")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--steps", type=int, help="optimiser steps (instead of epochs)")
+    g.add_argument("--batch-size", type=int, help="global batch per optimiser step")
+    g.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--augment", help="inception, crop, shift, flip, resize or none")
+    g.add_argument("--ema-decay", type=float, help="Polyak / EMA averaging factor (0 = off)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--precision", help="fp32, bf16 or auto")
+    g.add_argument("--threads", type=int, help="torch threads per process")
+    g.add_argument("--workers", dest="num_workers", type=int, help="DataLoader workers (image folders, shards)")
+    g.add_argument("--out-dir", help="where run folders go (default runs/)")
+    g.add_argument("--run-name", help="run folder name (default: data-model-time)")
+    g.add_argument("--on-bad-image", choices=["skip", "fail"])
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--download", action="store_true", default=None, help="download a missing named set")
+    g.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
+    g.add_argument("--fsdp", action="store_true", default=None, help="FSDP2 sharding (with torchrun / --nproc)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="change any config field, e.g. --set mixup=0.8 --set model_args.depth=4 (repeatable)")
+    p.add_argument("--nproc", metavar="N", help="run N data-parallel processes on this machine (via torchrun; 'auto': "
+                                                "one per GPU, or one per CPU core with one thread each)")
+
+
+def build_config(args: argparse.Namespace, base_recipe: str | None = None):
+    """The resolved TrainConfig: recipe or saved config, then flags, then --set."""
+    from ..train import TrainConfig, apply_overrides, get_recipe
+
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            config = TrainConfig.from_dict(json.load(f))
+        if args.recipe:
+            raise ValueError("give --recipe or --config, not both")
+    else:
+        name = args.recipe or base_recipe
+        config = get_recipe(name).config() if name else TrainConfig()
+    flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
+    for k in ("compile", "download", "deterministic", "fsdp", "progress"):
+        if getattr(args, k, None) is not None:
+            flags[k] = getattr(args, k)
+    if flags.get("steps") is not None:
+        flags.setdefault("epochs", None)
+    config = config.replace(**flags) if flags else config
+    return apply_overrides(config, args.assignments)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a ViT (recipes, checkpoints, resume, torchrun)",
+        description="Train a ViT. Start from a recipe (--recipe, see --list-recipes) and change anything with flags "
+                    "or --set key=value. Writes a run folder with config, metrics, checkpoints and the final model; "
+                    "prints the test accuracy. Data-parallel: --nproc N, or torchrun --nproc_per_node=N -m vitlab "
+                    "train ...")
+    add_config_arguments(p)
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its folder or a checkpoint file)")
+    p.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
+    p.add_argument("--show-recipe", metavar="NAME", help="print a recipe's full config (with your overrides) and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run)
+
+
+def print_recipes() -> None:
+    from ..train import list_recipes
+
+    for recipe in list_recipes():
+        print(f"{recipe.name:<16} {recipe.description}")
+
+
+def relaunch_with_torchrun(args: argparse.Namespace) -> int:
+    """Re-run this command under torchrun with ``--nproc`` processes (single node, standalone rendezvous)."""
+    import torch
+    from torch.distributed.run import main as torchrun_main
+
+    argv = list(args._argv)
+    cleaned, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--nproc":
+            skip = True
+            continue
+        if item.startswith("--nproc="):
+            continue
+        cleaned.append(item)
+    cpu = (args.device or "auto") == "cpu" or not torch.cuda.is_available()
+    if args.nproc == "auto":
+        nproc = (os.cpu_count() or 1) if cpu else torch.cuda.device_count()
+    else:
+        nproc = int(args.nproc)
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if cpu:  # share the cores out instead of letting every process start one thread per core
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
+    return 0
+
+
+def report(result) -> None:
+    """The lines a user looks for at the end of a run."""
+    m = result.metrics or {}
+    if "top1" in m:
+        top5 = f", top-5 {100 * m['top5']:.2f}%" if "top5" in m else ""
+        skipped = f", {m['skipped']} unreadable skipped" if m.get("skipped") else ""
+        print(f"test accuracy: {100 * m['top1']:.2f}% (top-1{top5}) on {m['samples']:,} images{skipped}")
+    else:
+        print("no evaluation data: nothing measured (set --val-data)")
+    mins, secs = divmod(int(round(result.train_seconds)), 60)
+    tmins, tsecs = divmod(int(round(result.total_seconds)), 60)
+    print(f"time: {mins}m{secs:02d}s training, {tmins}m{tsecs:02d}s in total; {result.steps} steps, "
+          f"{result.epochs:.2f} epochs, {result.train_flops / 1e12:.1f} TFLOPs")
+    print(f"run folder: {result.run_dir}")
+    if result.model_path:
+        print(f"model: {result.model_path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_recipes:
+        print_recipes()
+        return 0
+    if args.show_recipe:
+        args.recipe = args.show_recipe
+        print(build_config(args).to_json())
+        return 0
+    config = build_config(args)
+    if args.dry_run:
+        print(config.to_json())
+        return 0
+    if args.nproc and "WORLD_SIZE" not in os.environ:
+        return relaunch_with_torchrun(args)
+    from ..train import train
+
+    result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        report(result)
+        sys.stdout.flush()
+    return 0

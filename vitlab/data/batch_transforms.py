@@ -1,0 +1,102 @@
+"""Augmentation of whole batches of in-memory images, one random draw per sample.
+
+torchvision's transforms draw one set of parameters per call, so a batch tensor passed through them gets the same
+crop for every image. For data held in memory as one uint8 tensor (Fashion-MNIST, CIFAR, digits) it is much faster to
+augment the batch at once than to build PIL images one by one; these functions do that with per-sample parameters
+drawn from an explicit ``torch.Generator`` (so a resumed run can redraw exactly the same augmentations).
+
+All functions take and return float tensors (B, C, H, W); :func:`to_float` maps uint8 pixels to [-1, 1] (the paper's
+``(x - 127.5) / 127.5``) or to any mean / std.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def to_float(images: torch.Tensor, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> torch.Tensor:
+    """uint8 (B, C, H, W) in [0, 255] -> float32 ``(x / 255 - mean) / std`` per channel; mean = std = 0.5 gives
+    the paper's [-1, 1]."""
+    c = images.shape[1]
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).expand(c).view(1, c, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).expand(c).view(1, c, 1, 1)
+    return (images.float() / 255.0 - mean_t) / std_t
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+    """Flip each image left-right with probability ``p``."""
+    flip = torch.rand(x.shape[0], generator=generator) < p
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
+                 fill: float = -1.0) -> torch.Tensor:
+    """Translate each image by a random whole number of pixels in [-max_shift, max_shift] per axis (the "pad and
+    random crop" of small-image recipes); uncovered pixels get ``fill`` (-1 is black after [-1, 1] scaling)."""
+    if max_shift <= 0:
+        return x
+    B, C, H, W = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=fill)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator).to(x.device)
+    rows = (offsets[0, :, None] + torch.arange(H, device=x.device)).view(B, 1, H, 1)
+    cols = (offsets[1, :, None] + torch.arange(W, device=x.device)).view(B, 1, 1, W)
+    batch = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    chan = torch.arange(C, device=x.device).view(1, C, 1, 1)
+    return padded[batch, chan, rows, cols]
+
+
+def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float] = (0.05, 1.0),
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """Random boxes (batch, 4) as (left, top, box width, box height) in pixels, fractional: area uniform in
+    ``scale`` x image area, aspect ratio log-uniform in ``ratio``, clamped to the image, placed uniformly inside it
+    (the Inception crop's distribution; torchvision's ``RandomResizedCrop`` draws the same area and ratio but retries
+    instead of clamping)."""
+    area = torch.empty(batch).uniform_(*scale, generator=generator) * height * width
+    log_ratio = torch.empty(batch).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().clamp(1, width)
+    h = (area / aspect).sqrt().clamp(1, height)
+    left = torch.rand(batch, generator=generator) * (width - w)
+    top = torch.rand(batch, generator=generator) * (height - h)
+    return torch.stack([left, top, w, h], dim=1)
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flip: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Crop box i of image i and resize it to ``size`` (bilinear, sample points at pixel centres as in
+    ``F.interpolate(align_corners=False)``), mirroring the images where ``flip`` is true; one ``grid_sample`` for
+    the batch. ``boxes``: (B, 4) as (left, top, width, height) in pixels."""
+    B, _, H, W = x.shape
+    left, top, w, h = boxes.unbind(1)
+    sign = torch.where(flip, -1.0, 1.0) if flip is not None else torch.ones(B)
+    # affine_grid works in normalised coordinates (align_corners=False: the image spans [-1, 1] edge to edge)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = sign * w / W
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [B, x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float] = (0.05, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """The paper's Inception crop per sample (:func:`sample_crop_boxes`, default area 5%..100%), resized to
+    ``size``, optionally mirrored left-right with probability 1/2."""
+    B, _, H, W = x.shape
+    boxes = sample_crop_boxes(B, H, W, scale, ratio, generator)
+    mirror = torch.rand(B, generator=generator) < 0.5 if flip else None
+    return crop_resize(x, boxes, size, mirror)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Squash a batch to ``size`` (bilinear, antialiased when shrinking); no-op when the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -1,0 +1,273 @@
+"""Batches for training and evaluation, identical on every run with the same seed (so that a run can resume).
+
+Every random choice is derived from the run seed and a position, never from a generator that has to be carried
+along: the sample order of epoch ``e`` from (seed, e), the augmentation of micro-batch ``m`` of step ``s`` from
+(seed, e, s, m, rank), a folder image's augmentation from (seed, e, index). Resuming at step ``s`` therefore only
+needs the step number.
+
+Global batch ``B`` per optimiser step is split into ``world_size x accum_steps`` micro-batches: step ``s`` of an
+epoch uses the samples ``perm[s*B:(s+1)*B]`` whatever the number of processes, and rank ``r``'s micro-batch ``a`` is
+chunk ``a * world_size + r`` of it. Evaluation gives rank ``r`` the samples ``r, r + W, r + 2W, ...`` with no padding,
+so that summed counts are exact.
+
+In-memory data sets (:class:`~vitlab.data.arrays.ArrayDataset`) are batched straight from the uint8 tensor and
+augmented a whole batch at a time (:mod:`vitlab.data.batch_transforms`), without DataLoader workers; image folders
+and tar shards go through a ``torch.utils.data.DataLoader`` with per-image torchvision transforms.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..preprocessing import Preprocessing
+from . import batch_transforms as BT
+from .arrays import ArrayDataset
+from .folder import ImageFolderDataset, collate_skipping
+from .shards import ShardDataset
+from .transforms import POLICIES, train_transform
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same on every machine and run."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFFFFFF for v in values]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation settings shared by the in-memory and the per-image paths.
+
+    ``policy``: one of ``inception`` (paper), ``crop``, ``shift``, ``flip``, ``resize``, ``none``; ``crop_scale``
+    the area range of the random crop; ``max_shift`` the translation in pixels for ``shift``; ``randaugment``
+    (num_ops, magnitude) or None."""
+
+    policy: str = "inception"
+    crop_scale: tuple[float, float] = (0.05, 1.0)
+    flip: bool = True
+    max_shift: int = 2
+    randaugment: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"augmentation policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+
+
+class Batch:
+    """A micro-batch: float images (b, C, H, W), int64 labels (b,), and the reasons for samples skipped from it."""
+
+    __slots__ = ("images", "labels", "skipped")
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, skipped: list[str] | None = None):
+        self.images, self.labels, self.skipped = images, labels, skipped or []
+
+
+# ----- in-memory data
+def augment_batch(images: torch.Tensor, size: tuple[int, int], aug: Augment, generator: torch.Generator,
+                  mean=(0.5,), std=(0.5,)) -> torch.Tensor:
+    """uint8 (b, C, H, W) -> augmented, normalised float (b, C, *size), one random draw per sample."""
+    if aug.randaugment is not None:
+        from torchvision.transforms import v2 as T
+
+        ra = T.RandAugment(num_ops=aug.randaugment[0], magnitude=aug.randaugment[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            images = torch.stack([ra(img) for img in images])
+    x = BT.to_float(images, mean, std)
+    if aug.policy in ("inception", "crop"):
+        return BT.random_resized_crop(x, size, scale=aug.crop_scale, flip=aug.flip, generator=generator)
+    x = BT.resize(x, size)
+    if aug.flip and aug.policy in ("shift", "flip"):
+        x = BT.random_flip(x, generator)
+    if aug.policy == "shift":
+        x = BT.random_shift(x, aug.max_shift, generator, fill=float((0.0 - mean[0]) / std[0]))
+    return x
+
+
+class InMemoryTrainLoader:
+    """Training micro-batches of an :class:`ArrayDataset`, augmented per batch.
+
+    ``global_batch`` samples per optimiser step over all ranks and accumulation steps; the last partial step of an
+    epoch is dropped. Iterate with :meth:`epoch` (optionally from a micro-batch index, for resuming)."""
+
+    def __init__(self, dataset: ArrayDataset, global_batch: int, img_size: tuple[int, int], augment: Augment,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
+                 mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu"):
+        self.dataset, self.global_batch, self.img_size, self.augment = dataset, global_batch, img_size, augment
+        self.seed, self.rank, self.world_size, self.accum_steps = seed, rank, world_size, accum_steps
+        self.mean, self.std, self.device = tuple(mean), tuple(std), torch.device(device)
+        self.micro_batch = check_batch_split(global_batch, world_size, accum_steps)
+        self.steps_per_epoch = len(dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches this rank yields per epoch (steps x accumulation)."""
+        return self.steps_per_epoch * self.accum_steps
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Micro-batches of ``epoch`` from micro-batch ``start`` on."""
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
+        images, labels = self.dataset.images, self.dataset.labels
+        for m in range(start, self.batches_per_epoch):
+            step, acc = divmod(m, self.accum_steps)
+            chunk = acc * self.world_size + self.rank
+            lo = step * self.global_batch + chunk * self.micro_batch
+            idx = order[lo: lo + self.micro_batch]
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, acc, self.rank, 1))
+            x = images[idx].to(self.device, non_blocking=True)
+            x = augment_batch(x, self.img_size, self.augment, gen, self.mean, self.std)
+            yield Batch(x, labels[idx].to(self.device, non_blocking=True))
+
+
+def check_batch_split(global_batch: int, world_size: int, accum_steps: int) -> int:
+    """The micro-batch size; the global batch must split evenly over ranks and accumulation steps."""
+    parts = world_size * accum_steps
+    if global_batch <= 0 or global_batch % parts:
+        raise ValueError(f"batch size {global_batch} does not split into {world_size} processes x {accum_steps} "
+                         f"accumulation steps")
+    return global_batch // parts
+
+
+def in_memory_eval_batches(dataset: ArrayDataset, preprocessing: Preprocessing, batch_size: int = 500,
+                           rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"
+                           ) -> Iterator[Batch]:
+    """This rank's share of ``dataset`` (samples rank, rank + W, ...), resized and normalised as
+    ``preprocessing`` says (square resize, bilinear), in batches."""
+    indices = torch.arange(rank, len(dataset), world_size)
+    size = preprocessing.img_size
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo: lo + batch_size]
+        x = BT.to_float(dataset.images[idx].to(device), preprocessing.mean, preprocessing.std)
+        if tuple(x.shape[-2:]) != tuple(size):
+            mode = "bicubic" if preprocessing.interpolation == "bicubic" else "bilinear"
+            x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+        yield Batch(x, dataset.labels[idx].to(device))
+
+
+# ----- image folders and tar shards
+class _SampleSeed:
+    """Picklable ``index -> seed`` for one epoch (sent to DataLoader workers)."""
+
+    def __init__(self, seed: int, epoch: int):
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, index: int) -> int:
+        return mix_seed(self.seed, self.epoch, index, 2)
+
+
+class _WorkerInit:
+    """Seeds Python's, numpy's and torch's global generators in each worker from (seed, epoch, rank, worker), for
+    any user transform that draws from them."""
+
+    def __init__(self, seed: int, epoch: int, rank: int):
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def __call__(self, worker_id: int) -> None:
+        s = mix_seed(self.seed, self.epoch, self.rank, worker_id, 3)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+
+
+class _StepSampler(Sampler[int]):
+    """Indices of this rank's micro-batches for one epoch, from micro-batch ``start`` on (see the module doc)."""
+
+    def __init__(self, size: int, loader: FolderTrainLoader, epoch: int, start: int):
+        self.size, self.loader, self.epoch, self.start = size, loader, epoch, start
+
+    def __iter__(self):
+        ld = self.loader
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix_seed(ld.seed, self.epoch)))
+        for m in range(self.start, ld.batches_per_epoch):
+            step, acc = divmod(m, ld.accum_steps)
+            lo = step * ld.global_batch + (acc * ld.world_size + ld.rank) * ld.micro_batch
+            yield from order[lo: lo + ld.micro_batch].tolist()
+
+    def __len__(self) -> int:
+        return (self.loader.batches_per_epoch - self.start) * self.loader.micro_batch
+
+
+class FolderTrainLoader:
+    """Training micro-batches from an :class:`ImageFolderDataset` or a :class:`ShardDataset` through DataLoader
+    workers, same interface as :class:`InMemoryTrainLoader`. Skipped files are reported in ``Batch.skipped``."""
+
+    def __init__(self, dataset: ImageFolderDataset | ShardDataset, global_batch: int, img_size: tuple[int, int],
+                 augment: Augment, seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
+                 mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu", num_workers: int = 0,
+                 interpolation: str = "bilinear"):
+        self.dataset, self.global_batch, self.seed = dataset, global_batch, seed
+        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
+        self.device, self.num_workers = torch.device(device), num_workers
+        self.micro_batch = check_batch_split(global_batch, world_size, accum_steps)
+        self.steps_per_epoch = len(dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
+        dataset.transform = train_transform(
+            img_size, dataset.channels, augment.policy, augment.crop_scale, augment.flip, augment.max_shift,
+            augment.randaugment, mean, std, interpolation)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accum_steps
+
+    def _dataloader(self, epoch: int, start: int) -> DataLoader:
+        common = dict(batch_size=self.micro_batch, num_workers=self.num_workers, collate_fn=collate_skipping,
+                      worker_init_fn=_WorkerInit(self.seed, epoch, self.rank),
+                      pin_memory=self.device.type == "cuda")
+        if isinstance(self.dataset, ShardDataset):
+            self.dataset.set_epoch(epoch)
+            self.dataset.seed = self.seed
+            return DataLoader(self.dataset, **common)
+        self.dataset.sample_seed = _SampleSeed(self.seed, epoch)
+        return DataLoader(self.dataset, sampler=_StepSampler(len(self.dataset), self, epoch, start), **common)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Micro-batches of ``epoch`` from micro-batch ``start`` on. A tar-shard stream is read from the start of the
+        epoch and the first ``start`` batches are dropped; a rank whose shards run out early starts them again, so
+        that every rank yields the same number of batches (as DDP needs)."""
+        produced = start
+        if isinstance(self.dataset, ShardDataset):
+            skip = start
+            while produced < self.batches_per_epoch:
+                before = produced
+                for images, labels, skipped in self._dataloader(epoch, 0):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield Batch(images.to(self.device, non_blocking=True),
+                                labels.to(self.device, non_blocking=True), skipped)
+                    produced += 1
+                    if produced >= self.batches_per_epoch:
+                        return
+                if produced == before and skip == 0:
+                    raise ValueError("the tar shards yielded no batches for this process")
+            return
+        for images, labels, skipped in self._dataloader(epoch, start):
+            yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped)
+
+
+def folder_eval_batches(dataset: ImageFolderDataset | ShardDataset, preprocessing: Preprocessing,
+                        batch_size: int = 64, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                        device: torch.device | str = "cpu") -> Iterator[Batch]:
+    """This rank's share of an image folder (samples rank, rank + W, ...) or of the shards (split as in training),
+    with the evaluation transform of ``preprocessing``; skipped files are reported in ``Batch.skipped``."""
+    dataset.transform = preprocessing.transform()
+    if isinstance(dataset, ShardDataset):
+        dataset.shuffle_buffer = 0
+        source = dataset
+        sampler = None
+    else:
+        dataset.sample_seed = None
+        source = dataset
+        sampler = list(range(rank, len(dataset), world_size))
+    loader = DataLoader(source, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_skipping)
+    for images, labels, skipped in loader:
+        yield Batch(images.to(device), labels.to(device), skipped)

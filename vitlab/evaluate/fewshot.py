@@ -1,0 +1,198 @@
+"""The paper's few-shot linear evaluation on frozen features: shots per class, several seeds, tuned on held-out data.
+
+For each seed every class's training samples are shuffled once; the n-shot training set takes the first n of each
+class (so the 5-shot set contains the 1-shot set, as in big_vision), and the held-out set, which picks the probe's
+hyper-parameter (l2 strength, k, weight decay), takes the ``holdout_per_class`` samples that follow the largest shot
+count, so it never overlaps any training set. The chosen probe, fitted on the shots only, is scored on the test set.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import VitlabError
+from .probes import make_probe, select
+
+DEFAULT_SHOTS = (1, 5, 10, 25)
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max of a list of accuracies."""
+    values = list(values)
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def fewshot_splits(labels: torch.Tensor, num_classes: int, shots: Sequence[int], holdout_per_class: int,
+                   seed: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Indices into ``labels`` for each shot count (nested) and for the held-out set, for one seed.
+
+    Returns ``({shots: indices}, holdout_indices)``. Every class needs ``max(shots) + holdout_per_class`` samples."""
+    labels_np = labels.cpu().numpy()
+    need = max(shots) + holdout_per_class
+    counts = np.bincount(labels_np, minlength=num_classes)
+    short = [c for c in range(num_classes) if counts[c] < need]
+    if short:
+        listed = ", ".join(f"{c} ({counts[c]})" for c in short[:5])
+        raise VitlabError(f"{max(shots)} shots + {holdout_per_class} held out per class need {need} training samples "
+                          f"per class; too few in class {listed}{' ...' if len(short) > 5 else ''}")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels_np == c)) for c in range(num_classes)]
+    shot_sets = {n: torch.from_numpy(np.concatenate([p[:n] for p in per_class])) for n in shots}
+    top = max(shots)
+    holdout = torch.from_numpy(np.concatenate([p[top : top + holdout_per_class] for p in per_class]))
+    return shot_sets, holdout
+
+
+def fewshot_evaluate(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    methods: Sequence[str] = ("lsr",),
+    holdout_per_class: int = 10,
+    num_classes: int | None = None,
+    grids: dict[str, Sequence[float]] | None = None,
+) -> dict:
+    """Few-shot accuracy of each probe in ``methods`` (``lsr``, ``knn``, ``linear``) by shots, over seeds.
+
+    Features (N, D) / labels (N,) of the training pool and of the test set. ``grids`` overrides a probe's
+    hyper-parameter grid, e.g. ``{"lsr": [1, 10, 100]}``. Returns plain data::
+
+        {"shots": [...], "seeds": [...], "holdout_per_class": h, "num_classes": K, "feature_dim": D,
+         "num_test": M, "methods": {name: {"param_name": "l2", "results": {"5": {
+             "accuracy": [per seed], "chosen": [per seed], "mean", "std", "min", "max"}}}}}
+
+    Accuracies are fractions; ``std`` is the sample standard deviation over seeds."""
+    shots = sorted({int(s) for s in shots})
+    seeds = [int(s) for s in seeds]
+    if not shots or shots[0] < 1:
+        raise VitlabError(f"shots must be positive integers, got {shots}")
+    if not seeds:
+        raise VitlabError("give at least one seed")
+    if holdout_per_class < 1:
+        raise VitlabError(f"holdout_per_class must be >= 1, got {holdout_per_class}")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise VitlabError(f"train features have {train_features.shape[1]} dimensions, test {test_features.shape[1]}")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    grids = grids or {}
+    results: dict = {
+        "shots": shots, "seeds": seeds, "holdout_per_class": holdout_per_class, "num_classes": num_classes,
+        "feature_dim": int(train_features.shape[1]), "num_test": int(test_features.shape[0]), "methods": {},
+    }
+    per_method = {m: {n: {"accuracy": [], "chosen": []} for n in shots} for m in methods}
+    probes = {m: make_probe(m, grids.get(m)) for m in methods}  # validates the names before any work
+    for seed in seeds:
+        shot_sets, holdout = fewshot_splits(train_labels, num_classes, shots, holdout_per_class, seed)
+        x_val, y_val = train_features[holdout], train_labels[holdout]
+        for n, idx in shot_sets.items():
+            for name, probe in probes.items():
+                probe.fit(train_features[idx], train_labels[idx], num_classes)
+                chosen, _ = select(probe, x_val, y_val)
+                test_acc = (probe.scores(test_features, chosen).argmax(1) == test_labels).double().mean().item()
+                per_method[name][n]["accuracy"].append(test_acc)
+                per_method[name][n]["chosen"].append(chosen)
+    for name, by_shots in per_method.items():
+        results["methods"][name] = {
+            "param_name": probes[name].param_name,
+            "results": {str(n): {**r, **summarize(r["accuracy"])} for n, r in by_shots.items()},
+        }
+    return results
+
+
+def tuned_probe(
+    method: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    grid: Sequence[float] | None = None,
+) -> dict:
+    """VTAB-style probe: pick the hyper-parameter on (train, val), refit on train + val with it, score on test.
+
+    Each argument pair is (features (N, D), labels (N,)). Returns ``{"accuracy", "chosen", "param_name",
+    "val_accuracy": {value: accuracy}}``."""
+    probe = make_probe(method, grid)
+    probe.fit(*train, num_classes)
+    chosen, val_acc = select(probe, *val)
+    probe.fit(torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]), num_classes)
+    test_acc = (probe.scores(test[0], chosen).argmax(1) == test[1]).double().mean().item()
+    return {"accuracy": test_acc, "chosen": chosen, "param_name": probe.param_name,
+            "val_accuracy": {str(k): v for k, v in val_acc.items()}}
+
+
+def labels_of(dataset) -> torch.Tensor:
+    """All labels of a map-style data set (N,) int64, read without decoding images where the data set keeps them
+    (``labels`` / ``targets`` attributes, folder ``samples``), looking through ``Subset``."""
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for attr in ("labels", "targets"):
+        values = getattr(dataset, attr, None)
+        if values is not None:
+            return torch.as_tensor(values).long()
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        return torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def fewshot_model(
+    model,
+    train_dataset,
+    test_dataset,
+    representation: str = "pre_logits",
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    holdout_per_class: int = 10,
+    batch_size: int = 256,
+    num_classes: int | None = None,
+    **kwargs,
+) -> dict:
+    """:func:`fewshot_evaluate` on a model's frozen representations of two data sets of ``(image, label)``.
+
+    Only the training images some seed draws (shots and held-out ones) go through the model, so a large training
+    split costs little. ``kwargs`` go to :func:`fewshot_evaluate` (methods, grids) and to
+    :func:`features.model_outputs` (device, num_workers, progress). Adds ``representation`` and ``num_images_embedded``
+    to the result."""
+    from torch.utils.data import Subset
+
+    from .features import extract_features, model_outputs
+
+    eval_keys = {"methods", "grids"}
+    probe_kwargs = {k: v for k, v in kwargs.items() if k in eval_keys}
+    feature_kwargs = {k: v for k, v in kwargs.items() if k not in eval_keys}
+    train_labels = labels_of(train_dataset)
+    if num_classes is None:
+        num_classes = int(train_labels.max()) + 1
+    needed: set[int] = set()
+    for seed in seeds:
+        shot_sets, holdout = fewshot_splits(train_labels, num_classes, shots, holdout_per_class, seed)
+        needed.update(shot_sets[max(shot_sets)].tolist(), holdout.tolist())
+    needed_idx = sorted(needed)
+    feats, _, present = model_outputs(model, Subset(train_dataset, needed_idx), representation, batch_size,
+                                      **feature_kwargs)
+    if len(present) != len(needed_idx):
+        raise VitlabError(f"{len(needed_idx) - len(present)} training images drawn for few-shot could not be read")
+    # scatter back to the full training pool's indexing; rows no seed drew stay zero and are never used
+    train_features = torch.zeros(len(train_labels), feats.shape[1])
+    train_features[torch.tensor(needed_idx)] = feats
+    test_features, test_labels = extract_features(model, test_dataset, representation=representation,
+                                                  batch_size=batch_size, **feature_kwargs)
+    out = fewshot_evaluate(train_features, train_labels, test_features, test_labels, shots=shots, seeds=seeds,
+                           holdout_per_class=holdout_per_class, num_classes=num_classes, **probe_kwargs)
+    return {"representation": representation, "num_images_embedded": len(needed_idx), **out}
+

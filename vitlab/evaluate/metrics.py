@@ -1,0 +1,119 @@
+"""Classification metrics over a whole evaluation set, from logits and labels.
+
+Everything here works on complete, already-gathered tensors (one row per sample, no duplicates), so the numbers are
+the same however the samples were spread over processes. Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, K), got shape {tuple(logits.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must be (N,) with N = {logits.shape[0]}, got shape {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}], got [{labels.min()}, {labels.max()}]")
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of samples whose label is among the k highest logits, for each k (k is capped at the class count).
+
+    logits (N, K), labels (N,) int. Ties are broken by ``torch.topk`` (lowest index first on CPU)."""
+    _check(logits, labels)
+    if logits.shape[0] == 0:
+        raise ValueError("cannot compute accuracy of an empty evaluation set")
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # (N, kmax)
+    hits = top == labels[:, None]
+    return {k: hits[:, : min(k, kmax)].any(dim=1).double().mean().item() for k in ks}
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64 counts; row = true class, column = predicted class."""
+    index = labels.long() * num_classes + predictions.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
+    """Recall of each class (diagonal / row sum) from a confusion matrix; None for classes without samples."""
+    totals = confusion.sum(dim=1)
+    return [(confusion[i, i] / totals[i]).item() if totals[i] else None for i in range(confusion.shape[0])]
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict:
+    """Expected calibration error of the top-1 confidence with ``num_bins`` equal-width bins over (0, 1].
+
+    ECE = sum over bins b of (n_b / N) * |accuracy_b - mean confidence_b|. A confidence c falls into bin
+    ceil(c * num_bins) - 1 (bins are closed on the right). Returns ``ece`` plus per-bin ``count``, ``accuracy`` and
+    ``confidence`` (None for empty bins) for a reliability diagram."""
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    confidence, predicted = probs.double().max(dim=1)
+    correct = (predicted == labels).double()
+    bins = (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
+    count = torch.bincount(bins, minlength=num_bins)
+    sum_conf = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, confidence)
+    sum_correct = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    n = max(labels.numel(), 1)
+    ece = (sum_correct - sum_conf).abs().sum().item() / n
+    acc = [(sum_correct[b] / count[b]).item() if count[b] else None for b in range(num_bins)]
+    conf = [(sum_conf[b] / count[b]).item() if count[b] else None for b in range(num_bins)]
+    return {"ece": ece, "num_bins": num_bins, "count": count.tolist(), "accuracy": acc, "confidence": conf}
+
+
+def multilabel_accuracy(predictions: torch.Tensor, label_sets: Sequence[Sequence[int]]) -> dict:
+    """ReaL-style accuracy: a prediction is correct if it is any of the image's labels.
+
+    predictions (N,) int; ``label_sets[i]`` are the acceptable classes of sample i. Samples with an empty label set
+    (no valid label, as some ImageNet validation images in ReaL) are left out of the score. Returns ``accuracy``,
+    ``counted`` (samples scored) and ``skipped``."""
+    if len(label_sets) != predictions.shape[0]:
+        raise ValueError(f"the labels file has {len(label_sets)} entries but there are {predictions.shape[0]} samples")
+    hits = counted = 0
+    for pred, allowed in zip(predictions.tolist(), label_sets):
+        if len(allowed):
+            counted += 1
+            hits += int(pred in set(int(a) for a in allowed))
+    if not counted:
+        raise ValueError("no sample has a label in the multi-label file")
+    return {"accuracy": hits / counted, "counted": counted, "skipped": len(label_sets) - counted}
+
+
+def classification_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int] = (1, 5),
+    num_bins: int = 15,
+    label_sets: Sequence[Sequence[int]] | None = None,
+) -> dict:
+    """All metrics of ``vitlab eval`` from logits (N, K) and labels (N,), as plain JSON-ready data.
+
+    Keys: ``num_samples``, ``num_classes``, ``top{k}`` for each k up to the class count, ``loss`` (mean
+    cross-entropy, nats), ``per_class_accuracy`` (list), ``mean_class_accuracy`` (over classes with samples),
+    ``confusion_matrix`` (K x K list, rows = true), ``calibration`` (see :func:`expected_calibration_error`) and,
+    when ``label_sets`` is given, ``real`` (see :func:`multilabel_accuracy`)."""
+    logits = logits.float()
+    labels = labels.long()
+    _check(logits, labels)
+    num_classes = logits.shape[1]
+    out: dict = {"num_samples": int(labels.numel()), "num_classes": num_classes}
+    ks = [k for k in ks if k == 1 or k <= num_classes]  # top-5 of a 3-class problem says nothing
+    for k, value in topk_accuracy(logits, labels, ks).items():
+        out[f"top{k}"] = value
+    out["loss"] = torch.nn.functional.cross_entropy(logits.double(), labels).item()
+    predictions = logits.argmax(dim=1)
+    confusion = confusion_matrix(predictions, labels, num_classes)
+    per_class = per_class_accuracy(confusion)
+    present = [a for a in per_class if a is not None]
+    out["per_class_accuracy"] = per_class
+    out["mean_class_accuracy"] = sum(present) / len(present)
+    out["confusion_matrix"] = confusion.tolist()
+    out["calibration"] = expected_calibration_error(logits.double().softmax(dim=1), labels, num_bins)
+    if label_sets is not None:
+        out["real"] = multilabel_accuracy(predictions, label_sets)
+    return out

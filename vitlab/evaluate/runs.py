@@ -1,0 +1,157 @@
+"""The evaluation commands as functions: checkpoint and data in, results (plain data) and report files out.
+
+The CLI modules only parse arguments, call these, and print; Python users can call them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import VitlabError
+from ..preprocessing import Preprocessing
+from .classification import evaluate_classifier, load_label_sets
+from .data import class_names_of, eval_dataset, limit_dataset
+from .distributed import world
+from .fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
+from .report import write_classification_report, write_fewshot_report
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> the CUDA device when there is one, else the CPU; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitlabError(f"device {name}: CUDA is not available")
+    return device
+
+
+def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
+                  device: torch.device | str = "cpu", img_size: int | None = None):
+    """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
+    ``img_size`` when given: the position embeddings are resampled and the preprocessing follows)."""
+    from ..checkpoints import load
+
+    model = load(checkpoint, model_name=model_name, img_size=img_size).to(device).eval()
+    if getattr(model, "preprocessing", None) is None:
+        model.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
+    return model
+
+
+def fewshot_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str,
+    out_dir: str | os.PathLike | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    data_dir: str | None = None,
+    representation: str = "pre_logits",
+    methods: Sequence[str] = ("lsr", "knn", "linear"),
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    holdout_per_class: int = 10,
+    max_test: int | None = None,
+    grids: dict | None = None,
+    model_name: str | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """``vitlab fewshot``: the paper's few-shot linear evaluation of a checkpoint on a data set.
+
+    The images are prepared with the checkpoint's preprocessing. ``max_test`` scores a seeded random subset of the
+    test split. With ``out_dir`` the report (results.json, report.md, fewshot.png) is written there. Returns the
+    result of :func:`fewshot.fewshot_model` plus ``checkpoint``, ``data`` and ``files``."""
+    dev = resolve_device(device)
+    model = load_for_eval(checkpoint, model_name, dev)
+    train = eval_dataset(data, train_split, model.preprocessing, data_dir=data_dir, on_error="fail")
+    test = limit_dataset(eval_dataset(data, test_split, model.preprocessing, data_dir=data_dir, on_error="fail"),
+                         max_test)
+    names = class_names_of(train)
+    results = fewshot_model(model, train, test, representation=representation, shots=shots, seeds=seeds,
+                            holdout_per_class=holdout_per_class, batch_size=batch_size,
+                            num_classes=len(names) if names else None, methods=methods, grids=grids,
+                            device=dev, num_workers=num_workers, progress=progress)
+    results = {"checkpoint": str(checkpoint), "data": f"{data} ({train_split} / {test_split})", **results}
+    if out_dir is not None:
+        results["files"] = {k: str(v) for k, v in write_fewshot_report(results, out_dir).items()}
+    return results
+
+
+def eval_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+    labels_file: str | os.PathLike | None = None,
+    data_dir: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    img_size: int | None = None,
+    model_name: str | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "fp32",
+    on_bad_image: str = "skip",
+    max_samples: int | None = None,
+    num_bins: int = 15,
+    progress: bool = False,
+    on_skipped=None,
+) -> dict:
+    """``vitlab eval``: top-1 / top-5, loss, per-class accuracy, confusion matrix and calibration (ECE) of a
+    checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``.
+
+    The images are prepared with the checkpoint's preprocessing unless ``preprocessing`` is given; ``img_size``
+    evaluates at another resolution (position embeddings resampled, preprocessing resized). Under ``torchrun`` every
+    process evaluates a disjoint share and all get the exact whole-set result; only rank 0 writes the report into
+    ``out_dir`` (results.json, report.md, confusion.png, reliability.png). Returns the metrics dict of
+    :func:`classification.evaluate_classifier` plus ``checkpoint``, ``data``, ``split`` and ``files``."""
+    dev = resolve_device(device)
+    model = load_for_eval(checkpoint, model_name, dev, img_size=img_size)
+    pre = preprocessing or model.preprocessing
+    dataset = limit_dataset(eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image), max_samples)
+    label_sets = None
+    if labels_file is not None:
+        if max_samples is not None:
+            raise VitlabError("a labels file covers the whole split; drop the sample limit")
+        samples = getattr(dataset, "samples", None)
+        label_sets = load_label_sets(labels_file, [s[0] for s in samples] if samples is not None else None)
+    class_names = getattr(model, "class_names", None) or class_names_of(dataset)
+    if class_names is not None and len(class_names) != model.cfg.num_classes:
+        class_names = None
+    results = evaluate_classifier(model, dataset, batch_size=batch_size, label_sets=label_sets, num_bins=num_bins,
+                                  class_names=class_names, device=dev, num_workers=num_workers, progress=progress,
+                                  precision=precision, on_skipped=on_skipped)
+    results = {"checkpoint": str(checkpoint), "data": data, "split": split, "preprocessing": pre.to_dict(),
+               **results}
+    if out_dir is not None and world()[0] == 0:
+        results["files"] = {k: str(v) for k, v in write_classification_report(results, out_dir).items()}
+    return results
+
+
+def suite_checkpoint(
+    config_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    log=print,
+) -> dict:
+    """``vitlab suite``: run (or resume) the suite in ``config_path`` on a checkpoint (the config's ``checkpoint``
+    unless one is given) and write results.json, report.md and suite.png into ``out_dir``."""
+    from .suite import run_suite
+    from .suite_config import load_suite_config
+
+    config = load_suite_config(config_path)
+    checkpoint = checkpoint if checkpoint is not None else config.checkpoint
+    if checkpoint is None:
+        raise VitlabError(f"{config_path}: no checkpoint; give one on the command line or as 'checkpoint' in the "
+                          "config")
+    dev = resolve_device(device)
+    model = load_for_eval(checkpoint, model_name, dev)
+    return run_suite(config, model, out_dir, checkpoint=checkpoint, device=dev, progress=progress, log=log)

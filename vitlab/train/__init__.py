@@ -1,0 +1,56 @@
+"""Training and fine-tuning: recipes, the loop, checkpoints, distributed runs, evaluation and prediction.
+
+Python API (the CLI commands ``vitlab train / finetune / eval / predict`` call these):
+
+- ``train(config, resume=None) -> TrainResult``: run a :class:`TrainConfig` (``config.init_from`` fine-tunes).
+- ``finetune(checkpoint, config) -> TrainResult``: the same with ``init_from`` set.
+- ``evaluate(model, data, split="test", ...) -> dict``: top-1 / top-5 of a model on a data set.
+- ``predict(model, images, topk=5) -> list[Prediction]``: top-k classes for image files.
+- ``get_recipe(name).config(**overrides)``, ``list_recipes()``: the named recipes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import TrainConfig, apply_overrides
+from .loop import TrainResult, train
+from .predict import Prediction, predict
+from .recipes import Recipe, get_recipe, list_recipes, register_recipe
+
+
+def finetune(checkpoint: str | Path, config: TrainConfig) -> TrainResult:
+    """Fine-tune the model in ``checkpoint`` (any format ``vitlab.load`` reads) as ``config`` says."""
+    return train(config.replace(init_from=str(checkpoint)))
+
+
+def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = None, batch_size: int = 256,
+             num_workers: int = 0, device: str = "auto", precision: str = "fp32", topk: tuple[int, ...] = (1, 5),
+             on_bad_image: str = "skip") -> dict:
+    """Top-k accuracy of ``model`` on a named set, image folder or tar shards, with the model's preprocessing
+    (``model.preprocessing``, else the paper's for its input size). Exact under ``torchrun`` (each process
+    evaluates a disjoint share). Returns ``{"top1", "top5", "loss", "samples", "skipped"}``."""
+    from ..data import ArrayDataset, build_dataset
+    from ..data.loaders import folder_eval_batches, in_memory_eval_batches
+    from ..preprocessing import Preprocessing
+    from . import distributed as D
+    from .evaluation import evaluate_batches
+
+    info = D.setup(device)
+    cfg = model.cfg
+    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    dataset = build_dataset(data, split, data_dir=data_dir, channels=pre.channels, on_error=on_bad_image)
+    if isinstance(dataset, ArrayDataset):
+        if dataset.channels != cfg.in_chans:
+            from ..errors import VitlabError
+
+            raise VitlabError(f"{data}: {dataset.channels}-channel images, the model takes {cfg.in_chans}")
+        batches = in_memory_eval_batches(dataset, pre, batch_size, info.rank, info.world_size, info.device)
+    else:
+        batches = folder_eval_batches(dataset, pre, batch_size, info.rank, info.world_size, num_workers, info.device)
+    model = model.to(info.device)
+    return evaluate_batches(model, batches, info.device, topk=topk, precision=precision)
+
+
+__all__ = ["Prediction", "Recipe", "TrainConfig", "TrainResult", "apply_overrides", "evaluate", "finetune",
+           "get_recipe", "list_recipes", "predict", "register_recipe", "train"]

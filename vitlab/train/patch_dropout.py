@@ -1,0 +1,47 @@
+"""Patch dropout: train on a random subset of each image's patch tokens (Liu et al., 2022, "PatchDropout").
+
+The encoder's cost grows with the number of tokens, so keeping a fraction ``keep`` of the patch tokens per training
+image makes a step roughly ``1 / keep`` times cheaper; the model itself is unchanged and is evaluated on all tokens.
+Tokens are dropped after the position embedding is added (each kept token still knows where it came from); the
+class token, when there is one, is always kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class PatchDropoutForward(nn.Module):
+    """Wraps a :class:`~vitlab.models.VisionTransformer` for training: in training mode the forward keeps a random
+    ``keep`` fraction of the patch tokens of each image (at least one); in eval mode it is the model's own forward.
+    Holds no parameters of its own (its state dict is the model's under the prefix ``vit.``)."""
+
+    def __init__(self, vit: nn.Module, keep: float):
+        super().__init__()
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"patch dropout must leave a fraction of tokens in (0, 1], got keep={keep}")
+        self.vit = vit
+        self.keep = keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        if not self.training or self.keep >= 1.0:
+            return vit(x)
+        tokens = vit.embed(x)  # (B, prefix + N, D), position embedding added
+        prefix = vit.num_prefix_tokens
+        B, total, D = tokens.shape
+        n = total - prefix
+        kept = max(1, int(round(n * self.keep)))
+        # a random subset per image: the indices of the `kept` smallest of N uniform draws
+        order = torch.rand(B, n, device=x.device).argsort(dim=1)[:, :kept] + prefix
+        if prefix:
+            order = torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), order], dim=1)
+        tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, D))
+        for block in vit.blocks:
+            if vit.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens)
+        return vit.forward_head(vit.norm(tokens))

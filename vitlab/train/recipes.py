@@ -1,0 +1,124 @@
+"""Named training recipes: the paper's (Tables 3 and 4, appendix B.1) and small-data ones, as plain dicts.
+
+A recipe is a set of :class:`~vitlab.train.config.TrainConfig` fields on top of the defaults; anything can still be
+changed with flags or ``--set key=value``. ``vitlab train --list-recipes`` lists them, ``--show-recipe NAME`` prints
+the resolved config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    values: dict
+
+    def config(self, **overrides) -> TrainConfig:
+        """The defaults, then this recipe, then ``overrides``."""
+        return TrainConfig().replace(**{**self.values, **overrides})
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> None:
+    if recipe.name in RECIPES:
+        raise ValueError(f"recipe {recipe.name!r} is already registered")
+    TrainConfig().replace(**recipe.values)  # field names and types are checked now, not when a user picks it
+    RECIPES[recipe.name] = recipe
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(RECIPES), n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise KeyError(f"unknown recipe {name!r}{hint} (see vitlab train --list-recipes)")
+    return RECIPES[name]
+
+
+def list_recipes() -> list[Recipe]:
+    return list(RECIPES.values())
+
+
+# Pre-training (paper section 4.1, Table 3): Adam 0.9 / 0.999, decoupled weight decay on the kernels, batch 4096,
+# 10k warmup steps, linear decay, resolution 224; the head has the pre-logits layer. Batch 4096 is reached by
+# gradient accumulation over processes x accum_steps.
+register_recipe(Recipe(
+    "pretrain",
+    "paper pre-training on JFT-300M-scale data (ViT-B/16: Adam, lr 8e-4, wd 0.1, 7 epochs, batch 4096, 10k "
+    "warmup, linear decay, pre-logits head)",
+    dict(model="vit_b16", model_args={"representation_size": 768}, img_size=224, optimizer="adamw", lr=8e-4,
+         betas=(0.9, 0.999), weight_decay=0.1, schedule="linear", warmup_steps=10_000, end_lr_factor=0.0,
+         epochs=7, batch_size=4096, accum_steps=16, grad_clip=1.0, augment="inception", crop_scale=(0.05, 1.0),
+         flip=True, precision="auto"),
+))
+register_recipe(Recipe(
+    "pretrain-i21k",
+    "paper pre-training on ImageNet-21k (ViT-B/16: Adam, lr 1e-3 linear to 1e-5, wd 0.03, dropout 0.1, 90 epochs, "
+    "batch 4096, 10k warmup, pre-logits head)",
+    dict(model="vit_b16", model_args={"representation_size": 768, "dropout": 0.1}, img_size=224, optimizer="adamw",
+         lr=1e-3, betas=(0.9, 0.999), weight_decay=0.03, schedule="linear", warmup_steps=10_000,
+         end_lr_factor=0.01, epochs=90, batch_size=4096, accum_steps=16, grad_clip=1.0, augment="inception",
+         crop_scale=(0.05, 1.0), flip=True, precision="auto"),
+))
+register_recipe(Recipe(
+    "imagenet",
+    "paper training from scratch on ImageNet (Table 3: Adam, lr 3e-3, cosine, wd 0.3, dropout 0.1, grad clip 1, "
+    "300 epochs, batch 4096, 10k warmup)",
+    dict(model="vit_b16", model_args={"dropout": 0.1}, img_size=224, optimizer="adamw", lr=3e-3,
+         betas=(0.9, 0.999), weight_decay=0.3, schedule="cosine", warmup_steps=10_000, epochs=300,
+         batch_size=4096, accum_steps=16, grad_clip=1.0, augment="inception", crop_scale=(0.05, 1.0), flip=True,
+         precision="auto"),
+))
+# Fine-tuning (section 4.1, appendix B.1.1): SGD momentum 0.9, no weight decay, global-norm clip 1, cosine decay,
+# batch 512, higher resolution (384) with the position embeddings resampled, a new zero-initialised head.
+# Steps per dataset: ImageNet 20k, CIFAR 10k, Pets / Flowers 500, VTAB 2.5k; lr grid {0.001, 0.003, 0.01, 0.03}.
+register_recipe(Recipe(
+    "finetune",
+    "paper fine-tuning (SGD momentum 0.9, no weight decay, clip 1, cosine, batch 512, 10k steps, lr 0.003, "
+    "resolution 384, zero-initialised head; needs init_from)",
+    dict(optimizer="sgd", momentum=0.9, lr=0.003, weight_decay=0.0, schedule="cosine", warmup_steps=500,
+         steps=10_000, epochs=None, batch_size=512, grad_clip=1.0, img_size=384, reset_head="always",
+         augment="inception", crop_scale=(0.05, 1.0), flip=True, precision="auto"),
+))
+register_recipe(Recipe(
+    "finetune-vtab",
+    "paper VTAB-1k fine-tuning (SGD momentum 0.9, lr 0.01, 2,500 steps, batch 512, resolution 384, clip 1)",
+    dict(optimizer="sgd", momentum=0.9, lr=0.01, weight_decay=0.0, schedule="cosine", warmup_steps=200,
+         steps=2_500, epochs=None, batch_size=512, grad_clip=1.0, img_size=384, reset_head="always",
+         augment="resize", flip=False, precision="auto"),
+))
+# Small data from scratch: ViTs lack the convolution's locality prior, so on tens of thousands of images they need
+# strong regularisation and augmentation (RandAugment, mixup / cutmix, label smoothing, stochastic depth), small
+# patches, AdamW with warmup and cosine decay, and weight averaging.
+register_recipe(Recipe(
+    "small-data",
+    "ViT from scratch on a small data set such as CIFAR-10 (vit_cifar: AdamW lr 1e-3, wd 0.05, 200 epochs, "
+    "warmup 10, cosine, RandAugment 2/9, mixup 0.8 / cutmix 1.0, label smoothing 0.1, drop-path 0.1, EMA)",
+    dict(data="cifar10", model="vit_cifar", model_args={"drop_path_rate": 0.1}, optimizer="adamw", lr=1e-3,
+         betas=(0.9, 0.999), weight_decay=0.05, schedule="cosine", warmup_epochs=10, epochs=200, batch_size=256,
+         grad_clip=1.0, augment="crop", crop_scale=(0.35, 1.0), flip=True, randaugment=(2, 9), mixup=0.8,
+         cutmix=1.0, label_smoothing=0.1, ema_decay=0.9998),
+))
+# The main job: Fashion-MNIST on a laptop-class CPU in minutes. Measured choices (docs/training.md): 4x4 patches
+# (49 tokens + class token), a narrow model (width 64, two heads of 32, MLP 128, depth 6), batch 128, AdamW with a
+# short warmup and cosine decay, label smoothing, left-right flips only (the model underfits in this budget, so
+# stronger augmentation costs accuracy), data held in memory as one uint8 tensor and augmented per batch.
+register_recipe(Recipe(
+    "fashion-mnist",
+    "the main job: a 0.3M-parameter ViT (width 96, depth 4, 4x4 patches, sin-cos position embedding, global average "
+    "pooling) on Fashion-MNIST in about ten minutes on two CPU cores: AdamW lr 2e-3, wd 0.05, 20 epochs, batch 128, "
+    "warmup 0.5 epoch, cosine, label smoothing 0.1, flips, half the patch tokens dropped per training image",
+    dict(data="fashion-mnist", model="vit_fmnist", optimizer="adamw", lr=2e-3, betas=(0.9, 0.999),
+         weight_decay=0.05, schedule="cosine", warmup_epochs=0.5, epochs=20, batch_size=128, grad_clip=1.0,
+         augment="flip", flip=True, label_smoothing=0.1, patch_dropout=0.5, eval_every_epochs=0, precision="fp32",
+         model_args={"embed_dim": 96, "num_heads": 3, "mlp_dim": 192, "depth": 4, "pool": "gap",
+                     "class_token": False, "pos_embed": "sincos"}),
+))
