@@ -298,6 +298,6 @@ def plot_suite(results: dict, path: str | os.PathLike) -> Path:
     if len(groups) > 1 or groups != [""]:
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color=colours[g], label=g or "ungrouped") for g in groups])
+        ax.legend(handles=[Patch(color=colours[g], label=g or "ungrouped") for g in groups], loc="lower right")
     ax.set_title(f"{results.get('name', 'suite')}: mean {_pct(results.get('mean'))}%")
     return save_figure(fig, path)

@@ -77,7 +77,7 @@ def fewshot_checkpoint(
                             num_classes=len(names) if names else None, methods=methods, grids=grids,
                             device=dev, num_workers=num_workers, progress=progress)
     results = {"checkpoint": str(checkpoint), "data": f"{data} ({train_split} / {test_split})", **results}
-    if out_dir is not None:
+    if out_dir is not None and world()[0] == 0:
         results["files"] = {k: str(v) for k, v in write_fewshot_report(results, out_dir).items()}
     return results
 
