@@ -82,3 +82,54 @@ def test_hybrid_tokens_cover_stride_times_patch_pixels():
     assert logits.shape == (2, 49, 8) and targets.shape == chosen.shape == (2, 49)
     with pytest.raises(TypeError, match="VisionTransformer"):
         MaskedPatchPrediction(vitlab.create_model("bit_fmnist"), mean=(0.5,), std=(0.5,))
+
+
+def _digits_config(tmp_path, **changes):
+    pytest.importorskip("sklearn")
+    from vitlab.train import TrainConfig
+
+    values = dict(data="digits", model="vit_fmnist", model_args={"embed_dim": 32, "num_heads": 2, "mlp_dim": 64,
+                                                                "depth": 2}, img_size=16, steps=40, epochs=None,
+                  batch_size=64, lr=3e-3, warmup_steps=5, log_every_steps=5, eval_batch_size=200, threads=1,
+                  progress=False, out_dir=str(tmp_path), augment="none")
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+@pytest.mark.slow
+def test_pretraining_through_the_training_loop_lowers_the_loss_and_fine_tunes(tmp_path):
+    import json
+
+    from vitlab.selfsup import pretrain_mpp
+    from vitlab.train import train
+
+    result = pretrain_mpp(_digits_config(tmp_path, run_name="pre"))
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "step"]
+    assert losses[-1] < 0.8 * losses[0]
+    assert 0 < result.metrics["top1"] <= 1 and result.metrics["patches"] == 8 * result.metrics["samples"]  # 16 / 2
+    saved = vitlab.load(result.model_path)
+    assert saved.cfg.num_classes == 0 and type(saved) is vitlab.VisionTransformer  # the ViT alone, no MPP parts
+    tuned = train(_digits_config(tmp_path, run_name="ft", steps=5, init_from=str(result.model_path)))
+    assert tuned.model.cfg.num_classes == 10 and tuned.metrics["top1"] > 0
+
+
+def test_objective_refuses_patch_dropout(tmp_path):
+    from vitlab.errors import VitlabError
+    from vitlab.selfsup import pretrain_mpp
+
+    with pytest.raises(VitlabError, match="patch_dropout"):
+        pretrain_mpp(_digits_config(tmp_path, patch_dropout=0.5))
+
+
+@pytest.mark.slow
+def test_pretrain_mpp_command(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from vitlab.cli import main
+
+    code = main(["pretrain-mpp", "--data", "digits", "--model", "vit_fmnist", "--img-size", "16", "--steps", "3",
+                 "--batch-size", "32", "--threads", "1", "--out-dir", str(tmp_path), "--no-progress",
+                 "--set", 'model_args={"embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "depth": 1}'])
+    out = capsys.readouterr().out
+    assert code == 0 and "colour accuracy" in out and "vitlab finetune --from" in out
+    assert main(["pretrain-mpp", "--data", "digits", "--mask-ratio", "1.5"]) == 2

@@ -35,6 +35,10 @@ class TrainConfig:
     mixup: float = 0.0                      # Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0                     # Beta(alpha, alpha) of cutmix; 0 = off (both on: one or the other)
     label_smoothing: float = 0.0
+    train_subset: int | None = None         # train on this many images: a class-balanced random choice fixed
+                                            # by the seed, nested as the size grows (in-memory sets only)
+    holdout: int = 0                        # hold out this many training images (class-balanced, disjoint
+                                            # from train_subset) and evaluate on them instead (tuning)
     patch_dropout: float = 0.0              # fraction of patch tokens dropped per training image (PatchDropout)
 
     # ----- model

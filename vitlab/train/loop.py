@@ -105,6 +105,32 @@ def _eval_split_dataset(config: TrainConfig, channels: int):
         return None, str(exc)
 
 
+def split_training_set(dataset, size: int | None, holdout: int, seed: int):
+    """(training images, held-out images or None) of an in-memory set: a class-balanced random order fixed by
+    ``seed`` (every class in turn), the first ``holdout`` images held out and the next ``size`` (default: all the
+    rest) for training, so that smaller training sets are part of larger ones and every model of an experiment sees
+    the same images."""
+    if not isinstance(dataset, ArrayDataset):
+        raise VitlabError("train_subset and holdout need an in-memory data set (a named set such as fashion-mnist)")
+    available = len(dataset) - holdout
+    if holdout < 0 or available < 1:
+        raise VitlabError(f"holdout must be between 0 and {len(dataset) - 1:,}, got {holdout}")
+    if size is not None and not 0 < size <= available:
+        raise VitlabError(f"train_subset must be between 1 and {available:,} (training images left after the "
+                          f"holdout), got {size}")
+    gen = torch.Generator().manual_seed(mix_seed(seed, 11))
+    order = torch.randperm(len(dataset), generator=gen)
+    labels = dataset.labels[order]
+    rank = torch.zeros_like(labels)  # position of each image within its class in the shuffled order
+    for k in labels.unique():
+        members = labels == k
+        rank[members] = torch.arange(int(members.sum()))
+    balanced = order[torch.argsort(rank * len(dataset) + torch.arange(len(dataset)))]
+    held = dataset.subset(balanced[:holdout].sort().values) if holdout else None
+    chosen = balanced[holdout:] if size is None else balanced[holdout:holdout + size]
+    return dataset.subset(chosen.sort().values), held
+
+
 def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None, info: D.DistInfo, log: RunLog):
     """A fresh registered model, or the ``init_from`` checkpoint adapted to the run (resolution, head)."""
     overrides = dict(config.model_args)
@@ -184,7 +210,8 @@ def _grad_norm(parameters: list[torch.Tensor], clip: float) -> torch.Tensor:
 class _Trainer:
     """State of one run; :func:`train` is its public face."""
 
-    def __init__(self, config: TrainConfig, resume: str | Path | None):
+    def __init__(self, config: TrainConfig, resume: str | Path | None, objective=None):
+        self.objective = objective
         self.t_start = time.perf_counter()
         self.resume_state = None
         self.resume_path = None
@@ -227,6 +254,10 @@ class _Trainer:
         self.class_names = _class_names(train_set, cfg)
         channels = in_chans or want_channels
         eval_set, why_not = _eval_split_dataset(cfg, channels)
+        if cfg.train_subset is not None or cfg.holdout:
+            train_set, held_out = split_training_set(train_set, cfg.train_subset, cfg.holdout, cfg.seed)
+            if held_out is not None:
+                eval_set, why_not = held_out, None
         if eval_set is None:
             log.warning(f"no evaluation data ({why_not}); set val_data to evaluate")
         if isinstance(eval_set, ShardDataset) and eval_set.class_names and \
@@ -239,6 +270,11 @@ class _Trainer:
         model = build_model_for(cfg, len(self.class_names), in_chans, info, log)
         self.model_cfg = model.cfg
         self.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
+        if self.objective is not None:  # another training objective trains its own wrapper around the model
+            if cfg.fsdp or cfg.patch_dropout > 0:
+                raise VitlabError("a custom training objective (e.g. masked patch prediction) supports neither fsdp "
+                                  "nor patch_dropout")
+            model = self.objective.wrap(model, self.preprocessing)
         model.to(self.device)
         self.raw_model = model
         self.train_set, self.eval_set = train_set, eval_set
@@ -275,7 +311,7 @@ class _Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.schedule,
                                          cfg.end_lr_factor)
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-        self.mixer = _mixer(cfg, len(self.class_names))
+        self.mixer = _mixer(cfg, len(self.class_names)) if self.objective is None else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.macs = forward_macs(model.cfg)
         self.train_macs = self.macs  # per training image: fewer tokens with patch dropout
@@ -341,6 +377,8 @@ class _Trainer:
         else:
             batches = folder_eval_batches(self.eval_set, self.preprocessing, cfg.eval_batch_size, info.rank,
                                           info.world_size, cfg.num_workers, self.device)
+        if self.objective is not None:
+            return self.objective.evaluate(module, batches, self.device)
         return evaluate_batches(module, batches, self.device, precision=self.precision,
                                 on_skipped=self._report_skipped)
 
@@ -376,9 +414,13 @@ class _Trainer:
         log.info(f"run folder: {self.run_dir}")
         log.info(f"data: {cfg.data} ({len(self.train_set):,} train images, {len(self.class_names)} classes"
                  + (f", {len(self.eval_set):,} evaluation images" if self.eval_set is not None else "") + ")")
-        log.info(f"model: {cfg.model} {self.model_cfg.img_size[0]}x{self.model_cfg.img_size[1]}, patch "
-                 f"{self.model_cfg.patch_size[0]}, {self.model_cfg.num_patches + self.model_cfg.num_prefix_tokens} "
-                 f"tokens, width {self.model_cfg.embed_dim}, depth {self.model_cfg.depth}, {n_params:,} parameters, "
+        mc = self.model_cfg
+        if hasattr(mc, "patch_size"):
+            shape = (f"patch {mc.patch_size[0]}, {mc.num_patches + mc.num_prefix_tokens} tokens, width "
+                     f"{mc.embed_dim}, depth {mc.depth}")
+        else:  # a convolutional baseline (BiT ResNet-v2)
+            shape = f"ResNet-v2 stages {tuple(mc.layers)}, width x{mc.width_factor}"
+        log.info(f"model: {cfg.model} {mc.img_size[0]}x{mc.img_size[1]}, {shape}, {n_params:,} parameters, "
                  f"{self.macs / 1e6:.1f} M MACs per image forward")
         log.info(f"training: {self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs) of "
                  f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} warmup {self.warmup_steps}"
@@ -411,8 +453,11 @@ class _Trainer:
                     ctx = self.model.no_sync() if not sync else _null()
                     with ctx:
                         with autocast_context(self.device, self.precision):
-                            logits = model_main(images)
-                        loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                            output = model_main(images)
+                        if self.objective is None:
+                            loss = F.cross_entropy(output.float(), targets, label_smoothing=cfg.label_smoothing)
+                        else:
+                            loss = self.objective.loss(output, targets)
                         (loss / accum).backward()
                     step_loss += loss.item() / accum
                 images_since += images.shape[0]
@@ -522,7 +567,8 @@ class _Trainer:
         return final_view, best
 
     def _final_module(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.raw_model
+        module = self.ema.module if self.ema is not None else self.raw_model
+        return self.objective.export(module) if self.objective is not None else module
 
     def _save_final(self, metrics: dict | None) -> Path | None:
         """The final model (EMA weights when EMA is on) in the vitlab format, with preprocessing and class names."""
@@ -540,7 +586,8 @@ class _Trainer:
 
         meta = {"train_config": self.config.to_dict(), "metrics": metrics or {}, "steps": self.total_steps}
         path = save(module.cpu() if self.device.type != "cpu" else module, self.run_dir / "model.safetensors",
-                    preprocessing=self.preprocessing, class_names=self.class_names, metadata=meta)
+                    preprocessing=self.preprocessing, metadata=meta,
+                    class_names=self.class_names if self.objective is None else None)
         if self.device.type != "cpu":
             module.to(self.device)
         return Path(path)
@@ -565,14 +612,20 @@ def _checkpoint_path(resume: str | Path) -> Path:
     return path
 
 
-def train(config: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
+def train(config: TrainConfig, *, resume: str | Path | None = None, objective=None) -> TrainResult:
     """Train (or fine-tune, with ``config.init_from``) a ViT as ``config`` says and return the result.
 
     ``resume``: a run folder or a ``last.pt``/``best.pt`` file; the run continues in its folder with its stored
     config (runtime settings such as device and threads may change) and ends with the same weights as a run that
-    was never interrupted (with the same number of processes)."""
+    was never interrupted (with the same number of processes).
+
+    ``objective`` replaces classification by another training objective (self-supervised pre-training such as
+    :class:`vitlab.selfsup.MaskedPatchObjective`): ``wrap(model, preprocessing)`` gives the module to train,
+    ``loss(output, labels)`` the loss from its output, ``evaluate(module, batches, device)`` the evaluation metrics
+    (with ``top1`` for choosing the best checkpoint) and ``export(module)`` the model saved at the end. A resumed run
+    needs the same objective."""
     threads = torch.get_num_threads()
-    trainer = _Trainer(config, resume)
+    trainer = _Trainer(config, resume, objective)
     try:
         return trainer.run()
     finally:

@@ -1,0 +1,180 @@
+"""What every experiment shares: a base training config, running a series of training runs with the normal loop,
+and writing the results table (JSON, Markdown) and a plot.
+
+An experiment is a list of :class:`Run` (a label, a :class:`~vitlab.train.TrainConfig` and the columns that
+describe the run). :func:`run_series` trains them one after another with :func:`vitlab.train.train`, appending one
+row per run to ``results.json`` as soon as it finishes, and skips labels already there, so an interrupted
+experiment continues where it stopped. Rows hold the test accuracy, the model size, the images seen, the training
+compute (6 x forward MACs x images, paper section 4.4) and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VitlabError
+
+# Fashion-MNIST recipe of the training package with the ViT of the experiments (width 64, 4x4 patches, depth 6)
+BASE = dict(data="fashion-mnist", augment="flip", flip=True, optimizer="adamw", lr=2e-3, weight_decay=0.05,
+            schedule="cosine", warmup_steps=50, batch_size=128, grad_clip=1.0, label_smoothing=0.1,
+            eval_every_epochs=0, eval_batch_size=128, precision="fp32", progress=False, save_every_steps=0)
+SMALL_VIT = {"embed_dim": 64, "num_heads": 2, "mlp_dim": 128}
+
+
+@dataclass
+class Run:
+    """One training run of an experiment: ``label`` names its row, ``columns`` describe it in the table,
+    ``objective`` (optional) is passed to :func:`vitlab.train.train`."""
+
+    label: str
+    config: object  # vitlab.train.TrainConfig
+    columns: dict = field(default_factory=dict)
+    objective: object = None  # another training objective (masked patch prediction), or None: classification
+
+
+def base_config(args: argparse.Namespace, **changes):
+    """The experiments' training config: the Fashion-MNIST recipe's optimiser (AdamW lr 2e-3, wd 0.05, cosine,
+    label smoothing 0.1, flips, batch 128) for a fixed number of steps, with the command line's data, threads and
+    seed, and ``changes`` on top."""
+    from ..train import TrainConfig
+
+    values = dict(BASE, data=args.data, steps=args.steps, epochs=None, threads=args.threads, seed=args.seed,
+                  out_dir=str(Path(args.out) / "runs"))
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, steps: int, out: str) -> None:
+    """--out, --steps, --data, --threads, --seed and --plot-only, shared by every experiment script."""
+    parser.add_argument("--out", default=out, help=f"results folder (default {out})")
+    parser.add_argument("--steps", type=int, default=steps,
+                        help=f"optimiser steps of batch 128 per training run (default {steps})")
+    parser.add_argument("--data", default="fashion-mnist", help="named data set, image folder or shards")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot-only", action="store_true", help="redraw table and plot from results.json")
+
+
+def load_rows(out: str | Path) -> list[dict]:
+    """The rows an experiment has written so far (none if it has not started)."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())["rows"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise VitlabError(f"{path}: not an experiment results file ({exc})") from None
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_series(runs: Sequence[Run], out: str | Path, log: Callable[[str], None] = _say) -> list[dict]:
+    """Train every run not yet in ``out/results.json`` with the normal training loop and return all rows."""
+    from ..train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(out)
+    done = {r["label"] for r in rows}
+    for i, run in enumerate(runs, start=1):
+        if run.label in done:
+            log(f"[{i}/{len(runs)}] {run.label}: already in {out / 'results.json'}")
+            continue
+        log(f"[{i}/{len(runs)}] {run.label}: training ...")
+        t0 = time.perf_counter()
+        result = train(run.config, objective=run.objective)
+        row = {"label": run.label, **run.columns, **result_columns(result)}
+        if getattr(run.config, "holdout", 0):  # the run's own metric is on held-out training images
+            row["val_top1"] = row.pop("top1")
+            row["top1"] = test_accuracy(result.model, run.config)
+        row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        _write_json_atomic(out / "results.json", {"rows": rows})
+        log(f"[{i}/{len(runs)}] {run.label}: top-1 {row['top1']:.4f} in {row['wall_seconds']:.0f} s")
+    return rows
+
+
+def test_accuracy(model, config) -> float:
+    """Top-1 of a trained model on the test split of the run's data (for runs evaluated on a holdout)."""
+    from ..train import evaluate
+
+    return evaluate(model, config.data, "test", data_dir=config.data_dir, batch_size=config.eval_batch_size,
+                    device=config.device, precision=config.precision)["top1"]
+
+
+def result_columns(result) -> dict:
+    """The table columns of a :class:`~vitlab.train.TrainResult`."""
+    model = result.model
+    return {
+        "top1": result.metrics.get("top1"),
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": result.steps,
+        "epochs": round(result.epochs, 3),
+        "train_tflops": round(result.train_flops / 1e12, 3),
+        "train_seconds": round(result.train_seconds, 1),
+        "run_dir": str(result.run_dir),
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of ``rows`` with ``columns`` = [(key, heading)]; floats in [0, 1] as percentages for keys
+    named ``top1``/``*_top1``."""
+    def cell(key, value):
+        if value is None:
+            return "-"
+        if key.endswith("top1") and isinstance(value, float):
+            return f"{100 * value:.2f}"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, title: str, table: str, notes: Sequence[str] = ()) -> Path:
+    """``out/results.md``: the title, the table and notes (measured facts, settings)."""
+    path = Path(out) / "results.md"
+    text = f"# {title}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes)
+    path.write_text(text)
+    return path
+
+
+def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
+    """A matplotlib figure and its axes (one, or ``ncols`` side by side) on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height))
+
+
+def save_figure(fig, out: str | Path, name: str) -> Path:
+    path = Path(out) / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,104 @@
+"""Accuracy vs training compute (paper section 4.4, Figure 5): ViTs, BiT ResNets and hybrids of several sizes.
+
+The paper trains every model with the same schedule and plots transfer accuracy against total pre-training compute:
+ViTs reach a given accuracy with 2-4x less compute than ResNets; hybrids beat ViTs at small budgets and the gap
+closes as models grow. In small: three sizes of ViT, two BiT ResNets and two hybrids, every run the same recipe and
+steps on Fashion-MNIST, compute counted as 6 x forward MACs x images seen (section 4.4; MACs from
+:func:`vitlab.compute.flops.forward_macs`, every convolution of the CNNs included).
+
+    python -m vitlab.experiments.compute --out results/compute
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import (
+    SMALL_VIT,
+    Run,
+    add_common_arguments,
+    base_config,
+    load_rows,
+    markdown_table,
+    new_figure,
+    run_series,
+    save_figure,
+    write_report,
+)
+
+TINY_VIT = {"embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "depth": 4}
+# family, label, registered model, overrides (sizes for 28x28 grey images; see vitlab models)
+MODELS = [
+    ("ViT", "ViT w32 d4", "vit_fmnist", TINY_VIT),
+    ("ViT", "ViT w64 d6", "vit_fmnist", SMALL_VIT),
+    ("ViT", "ViT w128 d6", "vit_fmnist", {}),
+    ("BiT ResNet", "BiT 1-1-1", "bit_fmnist", {"layers": [1, 1, 1]}),
+    ("BiT ResNet", "BiT 2-2-2", "bit_fmnist", {}),
+    ("Hybrid", "Hybrid w32 d4", "r_vit_fmnist", TINY_VIT),
+    ("Hybrid", "Hybrid w64 d6", "r_vit_fmnist", SMALL_VIT),
+]
+FAMILIES = ("ViT", "BiT ResNet", "Hybrid")
+
+
+def build_runs(args: argparse.Namespace) -> list[Run]:
+    runs = []
+    for family, label, model, model_args in MODELS:
+        if args.only and label not in args.only:
+            continue
+        config = base_config(args, model=model, model_args=model_args, run_name=f"compute-{label.replace(' ', '')}")
+        runs.append(Run(label, config, {"family": family, "model": model}))
+    return runs
+
+
+def report(rows: list[dict], out: str) -> None:
+    columns = [("label", "model"), ("family", "family"), ("params", "params"), ("steps", "steps"),
+               ("train_tflops", "train TFLOPs"), ("top1", "test top-1 %"), ("train_seconds", "train s"),
+               ("wall_seconds", "wall s")]
+    ordered = sorted(rows, key=lambda r: r["train_tflops"])
+    notes = []
+    for family in FAMILIES:
+        pts = [r for r in ordered if r["family"] == family]
+        if pts:
+            best = max(pts, key=lambda r: r["top1"])
+            notes.append(f"{family}: best {100 * best['top1']:.2f}% ({best['label']}, {best['train_tflops']:.2f} "
+                         "TFLOPs)")
+    notes = ["; ".join(notes) + ".", f"Total wall time: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min."]
+    write_report(out, "Accuracy vs training compute", markdown_table(ordered, columns), notes)
+    fig, ax = new_figure()
+    for family, marker in zip(FAMILIES, "osD"):
+        pts = [r for r in ordered if r["family"] == family]
+        if pts:
+            ax.plot([r["train_tflops"] for r in pts], [100 * r["top1"] for r in pts], marker=marker, label=family)
+            for r in pts:
+                ax.annotate(r["label"].split(" ", 1)[1], (r["train_tflops"], 100 * r["top1"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (TFLOPs = 6 x forward MACs x images / 1e12)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Accuracy vs training compute (same recipe and steps)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    save_figure(fig, out, "compute.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitlab.experiments.compute", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, steps=300, out="results/compute")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", choices=[m[1] for m in MODELS],
+                        help="train only these of the models (default all: " + ", ".join(m[1] for m in MODELS) + ")")
+    args = parser.parse_args(argv)
+    if not args.plot_only:
+        run_series(build_runs(args), args.out)
+    rows = load_rows(args.out)
+    if not rows:
+        print("no results yet", file=sys.stderr)
+        return 1
+    report(rows, args.out)
+    print(open(f"{args.out}/results.md").read())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

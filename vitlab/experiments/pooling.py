@@ -1,0 +1,101 @@
+"""Class token vs global average pooling, each at its own tuned learning rate (paper appendix D.3, Figure 9).
+
+The paper finds that a ViT with global average pooling (GAP) instead of the class token does poorly at the class
+token's learning rate, and as well once the learning rate is re-tuned. In small: both heads over a grid of learning
+rates; each run is evaluated on 5,000 held-out training images (the tuning split), the best learning rate of each
+head is chosen there, and the test accuracy of the chosen runs is compared. GAP here is the vit_jax / big_vision
+form: no class token, final LayerNorm on every token, then the mean.
+
+    python -m vitlab.experiments.pooling --out results/pooling
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import (
+    SMALL_VIT,
+    Run,
+    add_common_arguments,
+    base_config,
+    load_rows,
+    markdown_table,
+    new_figure,
+    run_series,
+    save_figure,
+    write_report,
+)
+
+HEADS = {"class token": {"pool": "token", "class_token": True}, "GAP": {"pool": "gap", "class_token": False}}
+
+
+def build_runs(args: argparse.Namespace) -> list[Run]:
+    runs = []
+    for head, options in HEADS.items():
+        for lr in args.lrs:
+            model_args = dict(SMALL_VIT if args.model == "vit_fmnist" else {}, **options)
+            config = base_config(args, model=args.model, model_args=model_args, lr=lr, holdout=args.holdout,
+                                 run_name=f"pool-{options['pool']}-lr{lr:g}")
+            runs.append(Run(f"{head} / lr {lr:g}", config, {"head": head, "lr": lr, "model": args.model}))
+    return runs
+
+
+def best_per_head(rows: list[dict]) -> dict[str, dict]:
+    """The run with the best held-out accuracy for each head (the tuned learning rate)."""
+    best = {}
+    for row in rows:
+        if row["head"] not in best or row["val_top1"] > best[row["head"]]["val_top1"]:
+            best[row["head"]] = row
+    return best
+
+
+def report(rows: list[dict], out: str) -> None:
+    columns = [("head", "head"), ("lr", "lr"), ("params", "params"), ("steps", "steps"),
+               ("val_top1", "held-out top-1 %"), ("top1", "test top-1 %"), ("wall_seconds", "wall s")]
+    best = best_per_head(rows)
+    chosen = [f"{h}: lr {r['lr']:g}, held-out {100 * r['val_top1']:.2f}%, test {100 * r['top1']:.2f}%"
+              for h, r in best.items()]
+    notes = ["Tuned on the held-out split: " + "; ".join(chosen) + "."]
+    if len(best) == 2:
+        a, b = best["class token"], best["GAP"]
+        notes.append(f"Test difference at the tuned rates (GAP - class token): {100 * (b['top1'] - a['top1']):+.2f} "
+                     "points.")
+    notes.append(f"Total wall time: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min.")
+    write_report(out, "Class token vs global average pooling, each at its tuned learning rate",
+                 markdown_table(rows, columns), notes)
+    fig, ax = new_figure(5.5, 3.8)
+    for head, marker in zip(HEADS, "os"):
+        pts = sorted((r["lr"], r["val_top1"]) for r in rows if r["head"] == head)
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, label=head)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_title("Class token vs GAP across learning rates")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    save_figure(fig, out, "pooling.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitlab.experiments.pooling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, steps=200, out="results/pooling")
+    parser.add_argument("--model", default="vit_fmnist", help="a registered ViT")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3], help="learning rates")
+    parser.add_argument("--holdout", type=int, default=5000, help="held-out training images for tuning")
+    args = parser.parse_args(argv)
+    if not args.plot_only:
+        run_series(build_runs(args), args.out)
+    rows = load_rows(args.out)
+    if not rows:
+        print("no results yet", file=sys.stderr)
+        return 1
+    report(rows, args.out)
+    print(open(f"{args.out}/results.md").read())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

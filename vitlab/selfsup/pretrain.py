@@ -1,0 +1,69 @@
+"""Masked patch prediction pre-training with the normal training loop (:func:`vitlab.train.train` and its
+``objective`` hook): same data pipeline, optimiser, schedule, checkpoints and resumption as supervised training; the
+labels are ignored. The saved ``model.safetensors`` is the ViT alone (no [mask] embedding, no colour head, no class
+head), ready for ``vitlab finetune`` / ``init_from``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..preprocessing import Preprocessing
+from .mpp import MaskedPatchPrediction
+
+EVAL_SEED = 20201022  # fixed corruption for evaluation, so that evaluations of a run are comparable
+
+
+class MaskedPatchObjective:
+    """The training objective for :func:`vitlab.train.train`: wraps the ViT in :class:`MaskedPatchPrediction`
+    (the class head is dropped first: pre-training has no labels), takes the wrapper's output as the loss, evaluates
+    the held-out loss and colour accuracy (as ``top1``) on a fixed corruption, and exports the ViT."""
+
+    def __init__(self, bits: int = 3, ratio: float = 0.5, probs: tuple[float, float, float] = (0.8, 0.1, 0.1)):
+        self.bits, self.ratio, self.probs = bits, ratio, tuple(probs)
+
+    def wrap(self, model: nn.Module, preprocessing: Preprocessing) -> MaskedPatchPrediction:
+        model.reset_head(0)
+        return MaskedPatchPrediction(model, preprocessing.mean, preprocessing.std, self.bits, self.ratio, self.probs)
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return output  # the wrapper's forward is the masked-patch loss
+
+    @torch.no_grad()
+    def evaluate(self, module: MaskedPatchPrediction, batches: Iterable, device: torch.device) -> dict:
+        """``loss`` (mean cross-entropy per corrupted patch), ``top1`` (colour accuracy on corrupted patches),
+        ``patches`` and ``samples``, summed over all processes."""
+        was_training = module.training
+        module.eval()
+        gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+        loss = correct = patches = samples = 0.0
+        try:
+            for batch in batches:
+                if batch.images.shape[0] == 0:
+                    continue
+                batch_loss, batch_correct, batch_patches = module.accuracy(batch.images.to(device), gen)
+                loss, correct, patches = loss + batch_loss, correct + batch_correct, patches + batch_patches
+                samples += batch.images.shape[0]
+        finally:
+            module.train(was_training)
+        sums = torch.tensor([loss, correct, patches, samples], dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        loss, correct, patches, samples = sums.tolist()
+        return {"loss": loss / max(patches, 1), "top1": correct / max(patches, 1), "patches": int(patches),
+                "samples": int(samples)}
+
+    def export(self, module: MaskedPatchPrediction) -> nn.Module:
+        return module.vit
+
+
+def pretrain_mpp(config, *, objective: MaskedPatchObjective | None = None, resume=None):
+    """Pre-train ``config.model`` by masked patch prediction on ``config.data`` (labels unused) with the training
+    loop; returns its :class:`~vitlab.train.TrainResult` (``metrics``: held-out MPP ``loss`` and colour ``top1``;
+    ``model_path``: the ViT to fine-tune)."""
+    from ..train import train
+
+    return train(config, resume=resume, objective=objective or MaskedPatchObjective())
