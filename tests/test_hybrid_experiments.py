@@ -59,8 +59,7 @@ def test_results_are_resumed_by_label(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,extra", [
-    (posemb, []),
+@pytest.mark.parametrize("script,extra", [  # posemb: tests/test_experiment_cli.py
     (pooling, ["--lrs", "1e-3", "--holdout", "300"]),
     (data_requirements, ["--sizes", "256"]),
     (compute, ["--only", "ViT w32 d4", "BiT 1-1-1"]),

@@ -51,7 +51,8 @@ def base_config(args: argparse.Namespace, **changes):
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, steps: int, out: str) -> None:
-    """--out, --steps, --data, --threads, --seed and --plot-only, shared by every experiment script."""
+    """--out, --steps, --data, --threads, --seed and --plot-only, shared by every experiment script. ``steps`` is
+    the default that keeps the experiment's CPU time bounded (docs/experiments.md lists the times measured)."""
     parser.add_argument("--out", default=out, help=f"results folder (default {out})")
     parser.add_argument("--steps", type=int, default=steps,
                         help=f"optimiser steps of batch 128 per training run (default {steps})")
@@ -59,6 +60,49 @@ def add_common_arguments(parser: argparse.ArgumentParser, steps: int, out: str) 
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot-only", action="store_true", help="redraw table and plot from results.json")
+
+
+def execute(experiment, args: argparse.Namespace) -> list[dict]:
+    """Run one experiment with parsed options: train the runs not yet in ``args.out/results.json`` (none with
+    ``--plot-only``), then write ``results.md`` and the plot from every row. Returns the rows.
+
+    ``experiment`` is an experiment module: ``train_runs(args)`` trains, ``report(rows, out)`` writes.
+    """
+    if args.steps < 1:
+        raise VitlabError(f"--steps must be at least 1, got {args.steps}")
+    if not args.plot_only:
+        experiment.train_runs(args)
+    rows = load_rows(args.out)
+    if not rows:
+        raise VitlabError(f"{Path(args.out) / 'results.json'}: no results yet (run without --plot-only first)")
+    experiment.report(rows, str(args.out))
+    return rows
+
+
+def script_main(experiment, argv: list[str] | None = None) -> int:
+    """``python -m vitlab.experiments.<name>``: parse, :func:`execute`, print ``results.md``. Exit status 0 when
+    every run has a finite test accuracy, 1 when one has not, 2 (one line on stderr) on bad options or files."""
+    import sys
+
+    name = experiment.__name__.rsplit(".", 1)[-1]
+    parser = argparse.ArgumentParser(prog=f"python -m vitlab.experiments.{name}", description=experiment.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    experiment.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        rows = execute(experiment, args)
+    except (VitlabError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if all_finite(rows) else 1
+
+
+def all_finite(rows: Sequence[dict]) -> bool:
+    """Whether every row has a finite test accuracy (a diverged run has NaN)."""
+    import math
+
+    return all(isinstance(r.get("top1"), float) and math.isfinite(r["top1"]) for r in rows)
 
 
 def load_rows(out: str | Path) -> list[dict]:
@@ -73,9 +117,13 @@ def load_rows(out: str | Path) -> list[dict]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    _write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -156,7 +204,7 @@ def write_report(out: str | Path, title: str, table: str, notes: Sequence[str] =
     """``out/results.md``: the title, the table and notes (measured facts, settings)."""
     path = Path(out) / "results.md"
     text = f"# {title}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes)
-    path.write_text(text)
+    _write_text_atomic(path, text)
     return path
 
 
@@ -171,9 +219,12 @@ def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
 
 
 def save_figure(fig, out: str | Path, name: str) -> Path:
+    """Write ``fig`` to ``out/name`` as a PNG (atomically) and close it."""
     path = Path(out) / name
+    tmp = path.with_name(path.name + ".tmp")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -19,11 +19,11 @@ from .common import (
     Run,
     add_common_arguments,
     base_config,
-    load_rows,
     markdown_table,
     new_figure,
     run_series,
     save_figure,
+    script_main,
     write_report,
 )
 
@@ -82,22 +82,20 @@ def report(rows: list[dict], out: str) -> None:
     save_figure(fig, out, "compute.png")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitlab.experiments.compute", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This experiment's options (with the shared ones of :func:`~vitlab.experiments.common.add_common_arguments`)."""
     add_common_arguments(parser, steps=300, out="results/compute")
     parser.add_argument("--only", nargs="+", metavar="LABEL", choices=[m[1] for m in MODELS],
                         help="train only these of the models (default all: " + ", ".join(m[1] for m in MODELS) + ")")
-    args = parser.parse_args(argv)
-    if not args.plot_only:
-        run_series(build_runs(args), args.out)
-    rows = load_rows(args.out)
-    if not rows:
-        print("no results yet", file=sys.stderr)
-        return 1
-    report(rows, args.out)
-    print(open(f"{args.out}/results.md").read())
-    return 0
+
+
+def train_runs(args: argparse.Namespace) -> None:
+    """Train the runs of this experiment not yet in ``args.out/results.json``."""
+    run_series(build_runs(args), args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

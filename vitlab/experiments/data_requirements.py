@@ -14,7 +14,6 @@ same optimiser and the same number of steps (so the same compute per model), eva
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from .common import (
@@ -22,11 +21,11 @@ from .common import (
     Run,
     add_common_arguments,
     base_config,
-    load_rows,
     markdown_table,
     new_figure,
     run_series,
     save_figure,
+    script_main,
     write_report,
 )
 
@@ -75,24 +74,22 @@ def report(rows: list[dict], out: str) -> None:
     save_figure(fig, out, "data_requirements.png")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitlab.experiments.data_requirements", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This experiment's options (with the shared ones of :func:`~vitlab.experiments.common.add_common_arguments`)."""
     add_common_arguments(parser, steps=300, out="results/data_requirements")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 6000, 60000], help="training-set sizes")
-    parser.add_argument("--vit", default="vit_fmnist")
-    parser.add_argument("--bit", default="bit_fmnist")
-    parser.add_argument("--hybrid", default="r_vit_fmnist")
-    args = parser.parse_args(argv)
-    if not args.plot_only:
-        run_series(build_runs(args), args.out)
-    rows = load_rows(args.out)
-    if not rows:
-        print("no results yet", file=sys.stderr)
-        return 1
-    report(rows, args.out)
-    print(open(f"{args.out}/results.md").read())
-    return 0 if all(r.get("top1") is not None and math.isfinite(r["top1"]) for r in rows) else 1
+    parser.add_argument("--vit", default="vit_fmnist", help="the ViT (default vit_fmnist, width 64)")
+    parser.add_argument("--bit", default="bit_fmnist", help="the BiT ResNet (default bit_fmnist)")
+    parser.add_argument("--hybrid", default="r_vit_fmnist", help="the hybrid (default r_vit_fmnist)")
+
+
+def train_runs(args: argparse.Namespace) -> None:
+    """Train the runs of this experiment not yet in ``args.out/results.json``."""
+    run_series(build_runs(args), args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

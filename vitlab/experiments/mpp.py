@@ -22,11 +22,11 @@ from .common import (
     Run,
     add_common_arguments,
     base_config,
-    load_rows,
     markdown_table,
     new_figure,
     run_series,
     save_figure,
+    script_main,
     write_report,
 )
 
@@ -114,27 +114,25 @@ def report(rows: list[dict], out: str) -> None:
     save_figure(fig, out, "mpp.png")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitlab.experiments.mpp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This experiment's options (with the shared ones of :func:`~vitlab.experiments.common.add_common_arguments`)."""
     add_common_arguments(parser, steps=300, out="results/mpp")
-    parser.add_argument("--model", default="vit_fmnist", help="a registered ViT")
+    parser.add_argument("--model", default="vit_fmnist", help="a registered ViT (default vit_fmnist, width 64)")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="masked patch prediction steps")
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
     parser.add_argument("--labels", type=int, nargs="+", default=[1000, 60000],
                         help="labelled training images for fine-tuning (60000 = all)")
-    args = parser.parse_args(argv)
-    if not args.plot_only:
-        rows = run_series([pretrain_run(args)], args.out)
-        pre = next(r for r in rows if r["label"] == PRETRAIN)
-        run_series(finetune_runs(args, str(Path(pre["run_dir"]) / "model.safetensors")), args.out)
-    rows = load_rows(args.out)
-    if not rows:
-        print("no results yet", file=sys.stderr)
-        return 1
-    report(rows, args.out)
-    print(open(f"{args.out}/results.md").read())
-    return 0
+
+
+def train_runs(args: argparse.Namespace) -> None:
+    """Train the runs of this experiment not yet in ``args.out/results.json``."""
+    rows = run_series([pretrain_run(args)], args.out)
+    pre = next(r for r in rows if r["label"] == PRETRAIN)
+    run_series(finetune_runs(args, str(Path(pre["run_dir"]) / "model.safetensors")), args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

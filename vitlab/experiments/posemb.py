@@ -17,11 +17,11 @@ from .common import (
     Run,
     add_common_arguments,
     base_config,
-    load_rows,
     markdown_table,
     new_figure,
     run_series,
     save_figure,
+    script_main,
     write_report,
 )
 
@@ -56,21 +56,19 @@ def report(rows: list[dict], out: str) -> None:
     save_figure(fig, out, "posemb.png")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitlab.experiments.posemb", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This experiment's options (with the shared ones of :func:`~vitlab.experiments.common.add_common_arguments`)."""
     add_common_arguments(parser, steps=300, out="results/posemb")
-    parser.add_argument("--model", default="vit_fmnist", help="a registered ViT")
-    args = parser.parse_args(argv)
-    if not args.plot_only:
-        run_series(build_runs(args), args.out)
-    rows = load_rows(args.out)
-    if not rows:
-        print("no results yet", file=sys.stderr)
-        return 1
-    report(rows, args.out)
-    print(open(f"{args.out}/results.md").read())
-    return 0
+    parser.add_argument("--model", default="vit_fmnist", help="a registered ViT (default vit_fmnist, width 64)")
+
+
+def train_runs(args: argparse.Namespace) -> None:
+    """Train the runs of this experiment not yet in ``args.out/results.json``."""
+    run_series(build_runs(args), args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
