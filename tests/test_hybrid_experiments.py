@@ -63,6 +63,7 @@ def test_results_are_resumed_by_label(tmp_path):
     (pooling, ["--lrs", "1e-3", "--holdout", "300"]),
     (data_requirements, ["--sizes", "256"]),
     (compute, ["--only", "ViT w32 d4", "BiT 1-1-1"]),
+    (compute, ["--models", "vit_fmnist", "r_vit_fmnist"]),
     (mpp, ["--pretrain-steps", "3", "--labels", "256"]),
 ])
 def test_each_experiment_runs_end_to_end_on_digits(tmp_path, script, extra):
@@ -71,6 +72,8 @@ def test_each_experiment_runs_end_to_end_on_digits(tmp_path, script, extra):
     assert script.main(["--out", str(out), "--steps", "2", "--data", "digits", "--threads", "1", *extra]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows and all(r["top1"] is not None for r in rows)
+    if "--models" in extra:  # registered names: one row each, the family read from the model's config
+        assert [(r["label"], r["family"]) for r in rows] == [("vit_fmnist", "ViT"), ("r_vit_fmnist", "Hybrid")]
     assert (out / "results.md").is_file() and list(out.glob("*.png"))
 
 

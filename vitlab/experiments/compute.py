@@ -7,6 +7,7 @@ steps on Fashion-MNIST, compute counted as 6 x forward MACs x images seen (secti
 :func:`vitlab.compute.flops.forward_macs`, every convolution of the CNNs included).
 
     python -m vitlab.experiments.compute --out results/compute
+    python -m vitlab.experiments.compute --data ~/images --models vit_s32 vit_b32 bit_r50x1 r26_vit_s32 --steps 5000
 """
 
 from __future__ import annotations
@@ -39,11 +40,20 @@ MODELS = [
     ("Hybrid", "Hybrid w64 d6", "r_vit_fmnist", SMALL_VIT),
 ]
 FAMILIES = ("ViT", "BiT ResNet", "Hybrid")
+FAMILY_OF_ARCHITECTURE = {"vit": "ViT", "resnetv2": "BiT ResNet", "hybrid": "Hybrid"}
+
+
+def registered_models(names: list[str]) -> list[tuple[str, str, str, dict]]:
+    """``MODELS``-style entries for registered model names (each its own label; the family from its config)."""
+    from ..models import get_config
+    from ..models.registry import architecture_of
+
+    return [(FAMILY_OF_ARCHITECTURE[architecture_of(get_config(name))], name, name, {}) for name in names]
 
 
 def build_runs(args: argparse.Namespace) -> list[Run]:
     runs = []
-    for family, label, model, model_args in MODELS:
+    for family, label, model, model_args in registered_models(args.models) if args.models else MODELS:
         if args.only and label not in args.only:
             continue
         config = base_config(args, model=model, model_args=model_args, run_name=f"compute-{label.replace(' ', '')}")
@@ -71,7 +81,7 @@ def report(rows: list[dict], out: str) -> None:
         if pts:
             ax.plot([r["train_tflops"] for r in pts], [100 * r["top1"] for r in pts], marker=marker, label=family)
             for r in pts:
-                ax.annotate(r["label"].split(" ", 1)[1], (r["train_tflops"], 100 * r["top1"]), fontsize=7,
+                ax.annotate(r["label"].split(" ", 1)[-1], (r["train_tflops"], 100 * r["top1"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("training compute (TFLOPs = 6 x forward MACs x images / 1e12)")
@@ -87,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, steps=300, out="results/compute")
     parser.add_argument("--only", nargs="+", metavar="LABEL", choices=[m[1] for m in MODELS],
                         help="train only these of the models (default all: " + ", ".join(m[1] for m in MODELS) + ")")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="registered models to compare instead (e.g. vit_s16 vit_b16 bit_r50x1 r26_vit_s32 for "
+                             "larger images); the family is read from each model's config")
 
 
 def train_runs(args: argparse.Namespace) -> None:
