@@ -37,8 +37,11 @@ def test_pooling_report_picks_learning_rate_on_the_holdout_not_the_test_set(tmp_
             _row("GAP / lr 0.001", head="GAP", lr=1e-3, val_top1=0.83, top1=0.82)]
     best = pooling.best_per_head(rows)
     assert best["class token"]["lr"] == 1e-3 and best["GAP"]["lr"] == 1e-3
-    pooling.report(rows, str(tmp_path))
-    assert "(GAP - class token): +3.00 points" in (tmp_path / "results.md").read_text()
+    pooling.report([rows[2], rows[1], rows[0]], str(tmp_path))  # a wider grid run later appends rows
+    text = (tmp_path / "results.md").read_text()
+    assert "(GAP - class token): +3.00 points" in text
+    table = [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")][1:]
+    assert table == [["| class token", "0.001"], ["| class token", "0.004"], ["| GAP", "0.001"]]  # head, then lr
 
 
 def test_posemb_and_compute_reports(tmp_path):

@@ -51,6 +51,8 @@ def best_per_head(rows: list[dict]) -> dict[str, dict]:
 
 
 def report(rows: list[dict], out: str) -> None:
+    order = list(HEADS)
+    rows = sorted(rows, key=lambda r: (order.index(r["head"]) if r["head"] in order else len(order), r["lr"]))
     columns = [("head", "head"), ("lr", "lr"), ("params", "params"), ("steps", "steps"),
                ("val_top1", "held-out top-1 %"), ("top1", "test top-1 %"), ("wall_seconds", "wall s")]
     best = best_per_head(rows)
