@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This experiment's options (with the shared ones of :func:`~vitlab.experiments.common.add_common_arguments`)."""
     add_common_arguments(parser, steps=200, out="results/pooling")
     parser.add_argument("--model", default="vit_fmnist", help="a registered ViT (default vit_fmnist, width 64)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3], help="learning rates")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
+                        help="learning rates (default 5e-4 to 1.6e-2 in factors of 2)")
     parser.add_argument("--holdout", type=int, default=5000, help="held-out training images for tuning")
 
 
