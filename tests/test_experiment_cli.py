@@ -76,3 +76,18 @@ def test_cli_plot_only_without_results_is_a_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no results yet" in err and "results.json" in err
     with pytest.raises(SystemExit):
         cli_main(["experiment", "fig99"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_docs_tables_are_the_tables_of_the_recorded_results(tmp_path, name):
+    """docs/experiments.md shows, for each experiment, the table its recorded results.json renders to."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    recorded = docs / "experiments" / name / "results.json"
+    (tmp_path / "results.json").write_text(recorded.read_text())
+    rows = run(name, out=str(tmp_path), plot_only=True)
+    assert rows and all(r["top1"] is not None for r in rows)
+    table = "\n".join(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("|"))
+    assert len(table.splitlines()) == len([r for r in rows if r["label"] != "MPP pre-training"]) + 2
+    assert table in (docs / "experiments.md").read_text()
