@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from vitlab.atomic import write_text_atomic
 from vitlab.compute.bench import BenchSettings, format_table, run_benchmarks
-from vitlab.compute.files import write_text_atomic
 
 CPU_SUITE = [  # (models, tasks, batch, train batch)
     (["vit_ti16"], ("inference", "latency"), 16, None),

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitlab.atomic import write_text_atomic
 from vitlab.cli.export_onnx import load_model
 from vitlab.compute.deploy import OnnxModel, export_onnx, prediction_agreement, quantize_int8
-from vitlab.compute.files import write_text_atomic
 from vitlab.preprocessing import Preprocessing
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -83,6 +83,9 @@ def test_splits_are_nested_balanced_and_disjoint_from_the_holdout():
     assert torch.equal(again[5], sets[5]) and torch.equal(holdout_again, holdout)
     other, _ = fewshot_splits(y, 7, (1, 5, 10), 8, seed=4)
     assert not torch.equal(other[10], sets[10])
+    # asking for fewer shot counts draws the same sets and the same held-out images
+    fewer, holdout_fewer = fewshot_splits(y, 7, (5,), 8, seed=3)
+    assert torch.equal(fewer[5], sets[5]) and torch.equal(holdout_fewer, holdout)
     with pytest.raises(VitlabError, match="need 48 training samples per class"):
         fewshot_splits(y, 7, (1, 40), 8, seed=0)
 
@@ -97,6 +100,8 @@ def test_fewshot_is_reproducible_and_more_shots_help_on_noisy_data():
     a = fewshot_evaluate(x, y, xt, yt, shots=(1, 5, 25), seeds=(0, 1, 2), methods=("lsr", "knn"))
     b = fewshot_evaluate(x, y, xt, yt, shots=(1, 5, 25), seeds=(0, 1, 2), methods=("lsr", "knn"))
     assert a == b
+    alone = fewshot_evaluate(x, y, xt, yt, shots=(5,), seeds=(0, 1, 2), methods=("lsr",))
+    assert alone["methods"]["lsr"]["results"]["5"] == a["methods"]["lsr"]["results"]["5"]
     lsr = a["methods"]["lsr"]["results"]
     assert lsr["1"]["mean"] < lsr["25"]["mean"]
     assert lsr["25"]["mean"] > 0.9

@@ -38,7 +38,7 @@ def _same_weights(a: Path, b: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     # dropout, drop-path, Inception crops, flips and EMA: every kind of state a resumed run has to restore
-    # 22 steps per epoch; checkpoints every 9 steps never fall on an epoch boundary before step 198
+    # 22 steps per epoch, checkpoints every 9 steps and at every epoch end
     cfg = tiny_config(tmp_path, epochs=12, deterministic=True, save_every_steps=9, eval_every_epochs=5,
                       augment="inception", crop_scale=(0.3, 1.0), ema_decay=0.99,
                       model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1, "drop_path_rate": 0.1})
@@ -56,7 +56,8 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
                 step = torch.load(last, map_location="cpu", weights_only=True)["step"]
             except Exception:  # caught between writes: try again
                 step = 0
-            if step >= 90:
+            # kill while both this checkpoint and the next (9 steps on) are inside an epoch of 22 steps
+            if step >= 90 and 3 <= step % 22 <= 12:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = step
                 break
@@ -64,7 +65,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     proc.wait()
     assert killed_at is not None, "the run ended before it could be killed"
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert 90 <= state["step"] < 198 and state["step"] % 22 != 0  # mid-epoch
+    assert 90 <= state["step"] < total_steps and state["step"] % 22 != 0  # mid-epoch
     resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
     assert resumed.steps == total_steps
     reference = train(cfg.replace(run_name="reference"))
@@ -123,13 +124,7 @@ def _torchrun(config_file: Path, nproc: int, *extra: str) -> subprocess.Complete
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [
-    False,
-    # Known bug, tracked in issue 4: with FSDP2 on gloo, rank 1 aborts ("terminate called without an active
-    # exception") after the last epoch, before the final evaluation and save. Remove the mark once fixed.
-    pytest.param(True, marks=pytest.mark.xfail(reason="FSDP2 on gloo: rank 1 aborts after training (issue 4)",
-                                               strict=False)),
-], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_path, fsdp):
     # SGD: without Adam's normalisation, summation-order differences stay at rounding level
     cfg = tiny_config(tmp_path, epochs=3, run_name="dist", eval_every_epochs=1, fsdp=fsdp, optimizer="sgd", lr=0.05)

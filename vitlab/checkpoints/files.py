@@ -6,20 +6,18 @@ is wrong (an HTML page, a Git-LFS pointer, a truncated archive, pickled code, ..
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import struct
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_directory, atomic_path, write_atomic  # noqa: F401  (re-exported)
 from ..errors import VitlabError
 
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # what the safetensors library itself accepts
@@ -182,80 +180,6 @@ def _check_npy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInf
     if info.file_size != expected:
         raise VitlabError(f"{path}: member {info.filename} declares shape {tuple(shape)} {dtype} ({expected} bytes "
                           f"with header) but holds {info.file_size} bytes; the archive is corrupt")
-
-
-# ----------------------------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in the same folder as ``path``; when the block succeeds, fsync it and ``os.replace`` it
-    onto ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make the file private; use open()'s mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Like :func:`atomic_path` for a folder: build it under a temporary name next to ``path``, then swap it in (an
-    existing folder at ``path`` is replaced only once the new one is complete)."""
-    import shutil
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise VitlabError(f"{path}: exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    old = None
-    try:
-        yield tmp
-        for child in tmp.iterdir():
-            with open(child, "rb+") as f:
-                os.fsync(f.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; returns ``path``."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-    return Path(path)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from ..atomic import write_text_atomic
 from ..compute.bench import TASKS, BenchSettings, format_table, run_benchmarks
-from ..compute.files import write_text_atomic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -105,6 +105,8 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
     import torch
     from torch.distributed.run import main as torchrun_main
 
+    from ..train.distributed import available_cpus
+
     argv = list(args._argv)
     cleaned, skip = [], False
     for item in argv:
@@ -119,14 +121,20 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
         cleaned.append(item)
     cpu = (args.device or "auto") == "cpu" or not torch.cuda.is_available()
     if args.nproc == "auto":
-        nproc = (os.cpu_count() or 1) if cpu else torch.cuda.device_count()
+        nproc = available_cpus() if cpu else torch.cuda.device_count()
     else:
         nproc = int(args.nproc)
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if cpu:  # share the cores out instead of letting every process start one thread per core
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // nproc)))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
+    except ChildFailedError as exc:  # the processes have printed their own error lines
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        return next((code for code in codes if code > 0), 1)
     return 0
 
 

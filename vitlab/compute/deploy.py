@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..errors import VitlabError
-from .files import commit, temp_beside
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -54,16 +54,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18) -> P
     shape = _input_shape(model)
     example = torch.randn(2, *shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    tmp = temp_beside(path)
-    try:
+    with atomic_path(path) as tmp:
         with torch.no_grad():
             program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
                                         output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), opset_version=opset,
                                         external_data=False, verbose=False)
         program.save(str(tmp))
-        commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -72,13 +68,9 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, per
     weights (per output channel by default), per-tensor activations quantised at run time. Written atomically."""
     quantization = _require("onnxruntime.quantization")
     out_path = Path(out_path)
-    tmp = temp_beside(out_path)
-    try:
+    with atomic_path(out_path) as tmp:
         quantization.quantize_dynamic(str(onnx_path), str(tmp), weight_type=quantization.QuantType.QInt8,
                                       per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"])
-        commit(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 

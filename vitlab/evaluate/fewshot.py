@@ -1,9 +1,10 @@
 """The paper's few-shot linear evaluation on frozen features: shots per class, several seeds, tuned on held-out data.
 
-For each seed every class's training samples are shuffled once; the n-shot training set takes the first n of each
-class (so the 5-shot set contains the 1-shot set, as in big_vision), and the held-out set, which picks the probe's
-hyper-parameter (l2 strength, k, weight decay), takes the ``holdout_per_class`` samples that follow the largest shot
-count, so it never overlaps any training set. The chosen probe, fitted on the shots only, is scored on the test set.
+For each seed every class's training samples are shuffled once; the held-out set, which picks the probe's
+hyper-parameter (l2 strength, k, weight decay), takes the first ``holdout_per_class`` samples of each class, and the
+n-shot training set the n that follow (so the 5-shot set contains the 1-shot set, as in big_vision, and never overlaps
+the held-out set). Neither depends on which other shot counts are asked for: a seed and a shot count give the same
+result in every run. The chosen probe, fitted on the shots only, is scored on the test set.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def fewshot_splits(labels: torch.Tensor, num_classes: int, shots: Sequence[int],
                           f"per class; too few in class {listed}{' ...' if len(short) > 5 else ''}")
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels_np == c)) for c in range(num_classes)]
-    shot_sets = {n: torch.from_numpy(np.concatenate([p[:n] for p in per_class])) for n in shots}
-    top = max(shots)
-    holdout = torch.from_numpy(np.concatenate([p[top : top + holdout_per_class] for p in per_class]))
+    h = holdout_per_class
+    holdout = torch.from_numpy(np.concatenate([p[:h] for p in per_class]))
+    shot_sets = {n: torch.from_numpy(np.concatenate([p[h : h + n] for p in per_class])) for n in shots}
     return shot_sets, holdout
 
 

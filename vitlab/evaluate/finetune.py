@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..atomic import atomic_directory
 from ..errors import VitlabError
 from .data import with_transform
 from .features import model_outputs
@@ -47,30 +48,28 @@ def export_image_folder(dataset: Dataset, indices: list[int], root: Path, labels
     number of images written (unreadable samples are left out).
 
     Image-folder data sets (with ``samples`` file paths) are linked (copied where links are not possible);
-    everything else is written as PNG. The folder is built under a temporary name and renamed when complete."""
+    everything else is written as PNG. The folder is built under a temporary name and swapped in when complete
+    (:func:`vitlab.atomic.atomic_directory`)."""
     width = len(str(max(num_classes - 1, 0)))
-    tmp = root.with_name(f".{root.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     written = 0
     samples = getattr(dataset, "samples", None)
-    for i in indices:
-        folder = tmp / str(int(labels[i])).zfill(width)
-        folder.mkdir(parents=True, exist_ok=True)
-        if samples is not None:
-            source = Path(samples[i][0]).resolve()
-            target = folder / f"{i}{source.suffix.lower()}"
-            try:
-                os.symlink(source, target)
-            except OSError:
-                shutil.copyfile(source, target)
-        else:
-            image = _image_of(dataset[i])
-            if image is None:
-                continue
-            image.save(folder / f"{i}.png")
-        written += 1
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
+    with atomic_directory(root) as tmp:
+        for i in indices:
+            folder = tmp / str(int(labels[i])).zfill(width)
+            folder.mkdir(parents=True, exist_ok=True)
+            if samples is not None:
+                source = Path(samples[i][0]).resolve()
+                target = folder / f"{i}{source.suffix.lower()}"
+                try:
+                    os.symlink(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+            else:
+                image = _image_of(dataset[i])
+                if image is None:
+                    continue
+                image.save(folder / f"{i}.png")
+            written += 1
     return written
 
 

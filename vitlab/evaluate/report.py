@@ -12,30 +12,10 @@ import math
 import os
 from pathlib import Path
 
-from ..checkpoints.files import atomic_path
-from ..errors import VitlabError
+from ..atomic import write_bytes_atomic
 
 
 # ------------------------------------------------------------------------------------------------------------ files
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder (fsync, then ``os.replace``), so that
-    a crash never leaves a half-written file. Creates the folder. Returns the path."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o666 & ~_umask())  # reports are ordinary files (the temporary file starts as 0600)
-    except OSError as exc:
-        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: str | os.PathLike, data) -> Path:
     """Atomically write ``data`` as indented JSON (NaN/inf are rejected: JSON has no such numbers)."""
     return write_bytes_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())

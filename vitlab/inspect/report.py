@@ -8,8 +8,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import write_bytes_atomic
 from ..preprocessing import Preprocessing
 from .attention import attention_statistics
 from .distance import patch_centre_distances
@@ -110,23 +109,6 @@ def resolve_analyses(model: nn.Module, what: Sequence[str] | None, have_images: 
             reason = "the model has no position embedding" if name == "posemb" else "the patches are 1x1 pixels"
             raise ValueError(f"--what {name}: not available for this model ({reason})")
     return [name for name in ANALYSES if name in wanted]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, so that the file is complete or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions a plain open would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finite(value: float) -> float | None:
@@ -224,14 +206,14 @@ def inspect_model(
     files = {}
     for name, (png, _) in figures.items():
         files[name] = out / f"{name}.png"
-        write_atomic(files[name], png)
+        write_bytes_atomic(files[name], png)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     files["npz"] = out / "inspection.npz"
-    write_atomic(files["npz"], buffer.getvalue())
+    write_bytes_atomic(files["npz"], buffer.getvalue())
     summary["files"] = {k: v.name for k, v in files.items()} | {"json": "inspection.json", "html": "index.html"}
-    write_atomic(out / "inspection.json", (json.dumps(summary, indent=1) + "\n").encode())
-    write_atomic(out / "index.html", render_html(title, summary, figures).encode())
+    write_bytes_atomic(out / "inspection.json", (json.dumps(summary, indent=1) + "\n").encode())
+    write_bytes_atomic(out / "index.html", render_html(title, summary, figures).encode())
     return summary
 
 

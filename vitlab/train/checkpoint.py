@@ -8,14 +8,13 @@ killed during the write keeps its previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_path, remove_stale_temporaries  # noqa: F401  (part of this module's API)
 from ..errors import VitlabError
 
 STATE_FORMAT = "vitlab-train-state"
@@ -23,36 +22,9 @@ STATE_VERSION = 1
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` to ``path`` via a temporary file in the same folder + fsync + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary files left by a write that was killed (returns what was removed)."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
+    """``torch.save`` to ``path`` atomically (:func:`vitlab.atomic.atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict:

@@ -36,6 +36,21 @@ class DistInfo:
         return self.world_size > 1
 
 
+def available_cpus() -> int:
+    """CPU cores this process may use: the affinity mask, capped by a cgroup (container) CPU quota when one is set."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max", encoding="ascii").read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this process's GPU when CUDA is available, else the CPU; otherwise ``torch.device(name)``."""
     if name == "auto":

@@ -18,9 +18,10 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
+
+from ..atomic import write_text_atomic
 
 LOGGER_NAME = "vitlab.train"
 
@@ -42,15 +43,6 @@ def default_run_name(data: str, model: str) -> str:
     stem = Path(str(data).rstrip("/")).name or "data"
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip("-") or "data"
     return f"{stem}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _clean(value):
@@ -94,7 +86,7 @@ class RunLog:
 
     def write_json(self, name: str, data: dict) -> None:
         if self.enabled:
-            _atomic_write_text(self.run_dir / name, json.dumps(data, indent=2, default=_clean) + "\n")
+            write_text_atomic(self.run_dir / name, json.dumps(data, indent=2, default=_clean) + "\n")
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric rows past ``after_step`` (left by a run killed after its last checkpoint) before resuming."""
@@ -104,7 +96,7 @@ class RunLog:
         if path.is_file():
             keep = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= after_step]
-            _atomic_write_text(path, "".join(line + "\n" for line in keep))
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
             self._rewrite_csv()
 
     def metric(self, row: dict) -> None:
@@ -129,7 +121,7 @@ class RunLog:
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in columns} for r in evals)
-        _atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        write_text_atomic(self.run_dir / "metrics.csv", buf.getvalue())
 
     def _tensorboard(self, row: dict) -> None:
         if self._tb is None:
@@ -153,3 +145,4 @@ class RunLog:
         self._handlers = []
         if self._tb:
             self._tb.close()
+

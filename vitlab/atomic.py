@@ -1,0 +1,120 @@
+"""Atomic file writes, used by every part of vitlab that writes a file a user keeps.
+
+A file is written under a temporary name in its own folder, flushed to disk (fsync) and renamed onto its final name
+with ``os.replace``; the rename is made durable by an fsync of the folder. Readers therefore see the old file or the
+whole new one, never a part, and a process killed mid-write leaves the previous file untouched (plus, at worst, a
+``.NAME.*.tmp`` file that :func:`remove_stale_temporaries` clears). Folders are built the same way
+(:func:`atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .errors import VitlabError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path in the same folder as ``path`` (created if missing); when the block succeeds, fsync
+    it and ``os.replace`` it onto ``path``. On any error the temporary file is removed and ``path`` is left as it
+    was. The file gets the permissions a plain ``open`` would give it (``mkstemp`` makes it private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a folder: build it under a temporary name next to ``path``, then swap it in (an
+    existing folder at ``path`` is replaced only once the new one is complete)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VitlabError(f"{path}: exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            if child.is_file() and not child.is_symlink():
+                with open(child, "rb+") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (creating the folder); an OS error becomes a one-line
+    :class:`VitlabError` naming the file. Returns the path."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way left in ``folder``; returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
