@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_atomic, write_text_atomic
 from ..errors import VitlabError
 
 # Fashion-MNIST recipe of the training package with the ViT of the experiments (width 64, 4x4 patches, depth 6)
@@ -117,16 +117,7 @@ def load_rows(out: str | Path) -> list[dict]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=2))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _say(message: str) -> None:
@@ -204,7 +195,7 @@ def write_report(out: str | Path, title: str, table: str, notes: Sequence[str] =
     """``out/results.md``: the title, the table and notes (measured facts, settings)."""
     path = Path(out) / "results.md"
     text = f"# {title}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes)
-    _write_text_atomic(path, text)
+    write_text_atomic(path, text)
     return path
 
 
@@ -221,10 +212,8 @@ def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
 def save_figure(fig, out: str | Path, name: str) -> Path:
     """Write ``fig`` to ``out/name`` as a PNG (atomically) and close it."""
     path = Path(out) / name
-    tmp = path.with_name(path.name + ".tmp")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
