@@ -66,12 +66,16 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
     """Run one experiment with parsed options: train the runs not yet in ``args.out/results.json`` (none with
     ``--plot-only``), then write ``results.md`` and the plot from every row. Returns the rows.
 
-    ``experiment`` is an experiment module: ``train_runs(args)`` trains, ``report(rows, out)`` writes.
+    ``experiment`` is an experiment module: ``build_runs(args)`` lists its runs (or ``train_runs(args)`` trains
+    them, for experiments whose later runs depend on earlier ones), ``report(rows, out)`` writes.
     """
     if args.steps < 1:
         raise VitlabError(f"--steps must be at least 1, got {args.steps}")
     if not args.plot_only:
-        experiment.train_runs(args)
+        if hasattr(experiment, "train_runs"):
+            experiment.train_runs(args)
+        else:
+            run_series(experiment.build_runs(args), args.out)
     rows = load_rows(args.out)
     if not rows:
         raise VitlabError(f"{Path(args.out) / 'results.json'}: no results yet (run without --plot-only first)")
@@ -207,6 +211,29 @@ def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
     import matplotlib.pyplot as plt
 
     return plt.subplots(1, ncols, figsize=(width, height))
+
+
+def line_plot(out: str | Path, name: str, series: dict[str, list[tuple]], *, xlabel: str, ylabel: str, title: str,
+              log_x: bool = True) -> Path:
+    """Write ``out/name``: one line with markers per entry of ``series`` ({legend label: [(x, y) or (x, y, point
+    label), ...]}), sorted by x; points with a third element are annotated with it."""
+    fig, ax = new_figure()
+    for (label, points), marker in zip(series.items(), "osD^v<>"):
+        points = sorted(points, key=lambda p: p[0])
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        for p in points:
+            if len(p) > 2:
+                ax.annotate(p[2], (p[0], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return save_figure(fig, out, name)
 
 
 def save_figure(fig, out: str | Path, name: str) -> Path:

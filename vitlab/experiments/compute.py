@@ -20,10 +20,8 @@ from .common import (
     Run,
     add_common_arguments,
     base_config,
+    line_plot,
     markdown_table,
-    new_figure,
-    run_series,
-    save_figure,
     script_main,
     write_report,
 )
@@ -75,21 +73,10 @@ def report(rows: list[dict], out: str) -> None:
                          "TFLOPs)")
     notes = ["; ".join(notes) + ".", f"Total wall time: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min."]
     write_report(out, "Accuracy vs training compute", markdown_table(ordered, columns), notes)
-    fig, ax = new_figure()
-    for family, marker in zip(FAMILIES, "osD"):
-        pts = [r for r in ordered if r["family"] == family]
-        if pts:
-            ax.plot([r["train_tflops"] for r in pts], [100 * r["top1"] for r in pts], marker=marker, label=family)
-            for r in pts:
-                ax.annotate(r["label"].split(" ", 1)[-1], (r["train_tflops"], 100 * r["top1"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute (TFLOPs = 6 x forward MACs x images / 1e12)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Accuracy vs training compute (same recipe and steps)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save_figure(fig, out, "compute.png")
+    series = {f: [(r["train_tflops"], 100 * r["top1"], r["label"].split(" ", 1)[-1]) for r in ordered
+                  if r["family"] == f] for f in FAMILIES}
+    line_plot(out, "compute.png", series, xlabel="training compute (TFLOPs = 6 x forward MACs x images / 1e12)",
+              ylabel="test top-1 (%)", title="Accuracy vs training compute (same recipe and steps)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,11 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help="registered models to compare instead (e.g. vit_s16 vit_b16 bit_r50x1 r26_vit_s32 for "
                              "larger images); the family is read from each model's config")
-
-
-def train_runs(args: argparse.Namespace) -> None:
-    """Train the runs of this experiment not yet in ``args.out/results.json``."""
-    run_series(build_runs(args), args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

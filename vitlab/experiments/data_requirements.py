@@ -21,10 +21,8 @@ from .common import (
     Run,
     add_common_arguments,
     base_config,
+    line_plot,
     markdown_table,
-    new_figure,
-    run_series,
-    save_figure,
     script_main,
     write_report,
 )
@@ -60,18 +58,10 @@ def report(rows: list[dict], out: str) -> None:
     write_report(out, "Data requirements: ViT vs BiT ResNet vs hybrid on growing subsets",
                  markdown_table(rows, columns),
                  ["Best per size: " + "; ".join(winners) + ".", f"Total wall time: {total / 60:.1f} min."])
-    fig, ax = new_figure()
-    for family, marker in zip(FAMILIES, "osD"):
-        pts = sorted((r["train_images"], r["top1"]) for r in rows if r["family"] == family and r["top1"] is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, label=family)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Accuracy vs training-set size (equal steps per run)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save_figure(fig, out, "data_requirements.png")
+    series = {f: [(r["train_images"], 100 * r["top1"]) for r in rows if r["family"] == f and r["top1"] is not None]
+              for f in FAMILIES}
+    line_plot(out, "data_requirements.png", series, xlabel="training images", ylabel="test top-1 (%)",
+              title="Accuracy vs training-set size (equal steps per run)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,11 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vit", default="vit_fmnist", help="the ViT (default vit_fmnist, width 64)")
     parser.add_argument("--bit", default="bit_fmnist", help="the BiT ResNet (default bit_fmnist)")
     parser.add_argument("--hybrid", default="r_vit_fmnist", help="the hybrid (default r_vit_fmnist)")
-
-
-def train_runs(args: argparse.Namespace) -> None:
-    """Train the runs of this experiment not yet in ``args.out/results.json``."""
-    run_series(build_runs(args), args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,10 +19,8 @@ from .common import (
     Run,
     add_common_arguments,
     base_config,
+    line_plot,
     markdown_table,
-    new_figure,
-    run_series,
-    save_figure,
     script_main,
     write_report,
 )
@@ -66,18 +64,9 @@ def report(rows: list[dict], out: str) -> None:
     notes.append(f"Total wall time: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min.")
     write_report(out, "Class token vs global average pooling, each at its tuned learning rate",
                  markdown_table(rows, columns), notes)
-    fig, ax = new_figure(5.5, 3.8)
-    for head, marker in zip(HEADS, "os"):
-        pts = sorted((r["lr"], r["val_top1"]) for r in rows if r["head"] == head)
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, label=head)
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("held-out top-1 (%)")
-    ax.set_title("Class token vs GAP across learning rates")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save_figure(fig, out, "pooling.png")
+    series = {h: [(r["lr"], 100 * r["val_top1"]) for r in rows if r["head"] == h] for h in HEADS}
+    line_plot(out, "pooling.png", series, xlabel="peak learning rate", ylabel="held-out top-1 (%)",
+              title="Class token vs GAP across learning rates")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,11 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
                         help="learning rates (default 5e-4 to 1.6e-2 in factors of 2)")
     parser.add_argument("--holdout", type=int, default=5000, help="held-out training images for tuning")
-
-
-def train_runs(args: argparse.Namespace) -> None:
-    """Train the runs of this experiment not yet in ``args.out/results.json``."""
-    run_series(build_runs(args), args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

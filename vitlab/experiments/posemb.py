@@ -19,7 +19,6 @@ from .common import (
     base_config,
     markdown_table,
     new_figure,
-    run_series,
     save_figure,
     script_main,
     write_report,
@@ -60,11 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This experiment's options (with the shared ones of :func:`~vitlab.experiments.common.add_common_arguments`)."""
     add_common_arguments(parser, steps=300, out="results/posemb")
     parser.add_argument("--model", default="vit_fmnist", help="a registered ViT (default vit_fmnist, width 64)")
-
-
-def train_runs(args: argparse.Namespace) -> None:
-    """Train the runs of this experiment not yet in ``args.out/results.json``."""
-    run_series(build_runs(args), args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
