@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import vitlab
+from vitlab.atomic import remove_stale_temporaries
 from vitlab.train import TrainConfig, evaluate, train
-from vitlab.train.checkpoint import atomic_torch_save, remove_stale_temporaries
+from vitlab.train.checkpoint import atomic_torch_save
 
 from .test_train import tiny_config
 

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory, write_atomic
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
-from .files import atomic_directory, write_atomic, write_json
+from .files import write_json
 from .loading import build_model, read_checkpoint, zeroed_head_note
 from .npz import to_npz_arrays
 from .statedicts import to_hf, to_torchvision

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory, atomic_path, write_atomic  # noqa: F401  (re-exported)
 from ..errors import VitlabError
 
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # what the safetensors library itself accepts

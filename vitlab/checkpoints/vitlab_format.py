@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import write_atomic
 from ..errors import VitlabError
 from ..models import VisionTransformer, ViTConfig
 from ..preprocessing import Preprocessing
-from .files import read_safetensors, write_atomic
+from .files import read_safetensors
 
 FORMAT_NAME = "vitlab"
 FORMAT_VERSION = 1

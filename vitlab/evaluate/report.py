@@ -12,18 +12,13 @@ import math
 import os
 from pathlib import Path
 
-from ..atomic import write_bytes_atomic
+from ..atomic import write_bytes_atomic, write_text_atomic
 
 
 # ------------------------------------------------------------------------------------------------------------ files
 def write_json(path: str | os.PathLike, data) -> Path:
     """Atomically write ``data`` as indented JSON (NaN/inf are rejected: JSON has no such numbers)."""
     return write_bytes_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write UTF-8 text."""
-    return write_bytes_atomic(path, text.encode())
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -153,7 +148,7 @@ def write_classification_report(results: dict, out_dir: str | os.PathLike) -> di
     out = Path(out_dir)
     return {
         "json": write_json(out / "results.json", results),
-        "markdown": write_text(out / "report.md", classification_markdown(results)),
+        "markdown": write_text_atomic(out / "report.md", classification_markdown(results)),
         "confusion": plot_confusion(results, out / "confusion.png"),
         "reliability": plot_reliability(results, out / "reliability.png"),
     }
@@ -224,7 +219,7 @@ def write_fewshot_report(results: dict, out_dir: str | os.PathLike) -> dict[str,
     out = Path(out_dir)
     return {
         "json": write_json(out / "results.json", results),
-        "markdown": write_text(out / "report.md", fewshot_markdown(results)),
+        "markdown": write_text_atomic(out / "report.md", fewshot_markdown(results)),
         "plot": plot_fewshot(results, out / "fewshot.png"),
     }
 

@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..atomic import write_text_atomic
 from ..errors import VitlabError
 from .data import class_names_of, with_transform
 from .features import extract_features
 from .fewshot import labels_of, tuned_probe
 from .finetune import finetune_task
-from .report import plot_suite, suite_markdown, write_json, write_text
+from .report import plot_suite, suite_markdown, write_json
 from .suite_config import SuiteConfig, TaskConfig
 
 DatasetBuilder = Callable[[str, str, int], Dataset]
@@ -185,7 +186,7 @@ def run_suite(
         results.append({**result, "resumed": False})
     suite = aggregate(config, results, str(checkpoint) if checkpoint is not None else None)
     write_json(out_dir / "results.json", suite)
-    write_text(out_dir / "report.md", suite_markdown(suite))
+    write_text_atomic(out_dir / "report.md", suite_markdown(suite))
     plot_suite(suite, out_dir / "suite.png")
     return suite
 
@@ -201,7 +202,7 @@ def _claim_task_dir(task_dir: Path, fingerprint: str) -> None:
             same = False
         if not same:
             shutil.rmtree(task_dir)
-    write_text(marker, fingerprint + "\n")
+    write_text_atomic(marker, fingerprint + "\n")
 
 
 def _save_pretrained(model: nn.Module, out_dir: Path) -> Path:

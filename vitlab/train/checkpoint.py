@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, remove_stale_temporaries  # noqa: F401  (part of this module's API)
+from ..atomic import atomic_path
 from ..errors import VitlabError
 
 STATE_FORMAT = "vitlab-train-state"

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import remove_stale_temporaries
 from ..compute.flops import forward_macs
 from ..data import ArrayDataset, ImageFolderDataset, ShardDataset, build_dataset
 from ..data.loaders import (
@@ -40,7 +41,6 @@ from .checkpoint import (
     STATE_VERSION,
     atomic_torch_save,
     load_train_state,
-    remove_stale_temporaries,
     rng_state,
     set_rng_state,
 )
