@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from ..checkpoints.files import read_torch, sniff
 from ..errors import VitlabError
 
 STATE_FORMAT = "vitlab-train-state"
@@ -60,9 +61,12 @@ def load_train_state(path: str | Path) -> dict:
     if not path.is_file():
         raise VitlabError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle with disallowed globals, not a torch file at all
-        raise VitlabError(f"{path}: not a readable vitlab training checkpoint ({exc})") from exc
+        kind = sniff(path)  # HTML pages, pickles, lying archives: refused from their bytes, before torch.load
+        if kind not in ("torch-zip", "torch-legacy"):
+            raise VitlabError(f"{path}: a {kind} file, not a torch.save file")
+        state = read_torch(path)
+    except VitlabError as exc:
+        raise VitlabError(f"not a readable vitlab training checkpoint: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise VitlabError(f"{path}: not a vitlab training checkpoint (use `vitlab finetune --from` for model files)")
     if state.get("version", 0) > STATE_VERSION:
