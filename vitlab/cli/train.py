@@ -52,19 +52,61 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="change any config field, e.g. --set mixup=0.8 --set model_args.depth=4 (repeatable)")
-    p.add_argument("--nproc", metavar="N", help="run N data-parallel processes on this machine (via torchrun; 'auto': "
-                                                "one per GPU, or one per CPU core with one thread each)")
+    p.add_argument("--nproc", metavar="N", type=nproc_value,
+                   help="run N data-parallel processes on this machine (via torchrun; 'auto': one per GPU, or one per "
+                        "CPU core with one thread each)")
+
+
+def nproc_value(text: str) -> int | str:
+    """``--nproc``: a whole number of processes (1 or more) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"takes a number of processes (an integer >= 1) or 'auto', got {text!r}")
+    return n
+
+
+def _flag(field_name: str) -> str:
+    return "--workers" if field_name == "num_workers" else "--" + field_name.replace("_", "-")
+
+
+def _shown(value) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def build_config(args: argparse.Namespace, base_recipe: str | None = None):
-    """The resolved TrainConfig: recipe or saved config, then flags, then --set."""
+    """The resolved TrainConfig: recipe or saved config, then flags, then --set. A value out of range is refused
+    naming the flag (or ``--set key=value``, or the saved config) it came from and what it takes."""
+    from ..errors import VitlabError
+    from ..train.config import ConfigValueError
+
+    try:
+        return _build_config(args, base_recipe)
+    except ConfigValueError as exc:
+        field_name = exc.field
+        set_keys = {item.partition("=")[0].strip().replace("-", "_"): item for item in args.assignments}
+        if field_name in set_keys:
+            raise VitlabError(f"--set {set_keys[field_name]}: takes {exc.takes}") from None
+        if field_name in FLAG_FIELDS and getattr(args, field_name, None) is not None:
+            raise VitlabError(f"{_flag(field_name)} {_shown(getattr(args, field_name))}: takes {exc.takes}") from None
+        source = args.config or f"recipe {args.recipe or base_recipe}"
+        raise VitlabError(f"{source}: {exc}") from None
+
+
+def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
     from ..train import TrainConfig, apply_overrides, get_recipe
 
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             config = TrainConfig.from_dict(json.load(f))
         if args.recipe:
-            raise ValueError("give --recipe or --config, not both")
+            from ..errors import VitlabError
+
+            raise VitlabError("give --recipe or --config, not both")
     else:
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
@@ -125,7 +167,9 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
     else:
         nproc = int(args.nproc)
     if nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+        from ..errors import VitlabError
+
+        raise VitlabError(f"--nproc {args.nproc}: no GPU to start a process on (use --device cpu)")
     if cpu:  # share the cores out instead of letting every process start one thread per core
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // nproc)))
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
