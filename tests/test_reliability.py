@@ -141,3 +141,178 @@ def test_format_is_decided_from_bytes_not_the_name(tmp_path):
         vitlab.load(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / MARKER).exists()
+
+
+# ------------------------------------------------------------------------------------------------ 8, 9: options
+def _cli(argv, capsys):
+    """Run the CLI in-process: (exit status, stderr lines)."""
+    from vitlab.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    return rc, err.strip().splitlines()
+
+
+BAD_OPTIONS = [
+    (["--epochs", "0"], "--epochs 0: takes a number > 0"),
+    (["--steps", "0"], "--steps 0: takes an integer >= 1"),
+    (["--set", "model_args.depth=-1"], "--set model_args.depth=-1: takes an integer >= 1"),
+    (["--set", "warmup_epochs=-1"], "--set warmup_epochs=-1: takes a number >= 0"),
+    (["--workers", "-1"], "--workers -1: takes an integer >= 0"),
+    (["--accum-steps", "0"], "--accum-steps 0: takes an integer >= 1"),
+    (["--set", "log_every_steps=0"], "--set log_every_steps=0: takes an integer >= 1"),
+    (["--label-smoothing", "2"], "--label-smoothing 2: takes a number in [0, 1)"),
+    (["--threads", "-1"], "--threads -1: takes an integer >= 1"),
+    (["--device", "tpu"], "--device tpu: takes auto, cpu, cuda, cuda:N or mps"),
+    (["--set", "model_args.img_size=100000"],
+     "--set model_args.img_size=100000: takes an integer in [1, 16384] (or a pair of them)"),
+    (["--set", "epochs=true"], "--set epochs=true: takes a number"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_numeric_options_out_of_range_are_refused_in_one_line(tmp_path, capsys, command, argv, message):
+    extra = ["--from", str(tmp_path / "x.safetensors")] if command == "finetune" else []
+    rc, lines = _cli([command, *extra, "--data", "digits", "--out-dir", str(tmp_path / "runs"), *argv], capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0] == f"vitlab {command}: error: {message}"
+    assert not (tmp_path / "runs").exists()  # refused before anything was created
+
+
+def test_a_saved_config_out_of_range_is_refused_naming_the_file(tmp_path, capsys):
+    from .test_train import tiny_config
+
+    data = tiny_config(tmp_path).to_dict()
+    data["accum_steps"] = 0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    rc, lines = _cli(["train", "--config", str(path)], capsys)
+    assert rc == 2 and lines == [f"vitlab train: error: {path}: accum_steps = 0: takes an integer >= 1"]
+
+
+def test_nproc_says_what_it_takes(capsys):
+    rc, lines = _cli(["train", "--nproc", "abc"], capsys)
+    assert rc == 2
+    assert lines[-1] == ("vitlab train: error: argument --nproc: takes a number of processes (an integer >= 1) or "
+                         "'auto', got 'abc'")
+    assert not any("invalid literal" in line for line in lines)
+
+
+def test_every_numeric_config_field_has_a_range_rule():
+    """Validation lives in one table: a new numeric (or tuple) field without a rule fails here."""
+    import typing
+    from dataclasses import fields
+
+    from vitlab.train import TrainConfig
+    from vitlab.train.config import RULES
+
+    hints = typing.get_type_hints(TrainConfig)
+    numeric = [f.name for f in fields(TrainConfig)
+               if any(t in (int, float, tuple) or typing.get_origin(t) is tuple
+                      for t in (hints[f.name], *typing.get_args(hints[f.name])))
+               and hints[f.name] is not bool]
+    assert numeric and not [n for n in numeric if n not in RULES]
+
+
+# ------------------------------------------------------------------------------------------------ 8: files
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be written into: a read-only tmpfs where root can mount one (root ignores mode bits),
+    else a folder without write permission."""
+    path = tmp_path / "read_only"
+    if _mount_tmpfs(path, "ro,size=64k"):
+        yield path
+        subprocess.run(["umount", str(path)], check=True)
+    elif os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+    else:
+        pytest.skip("running as root without permission to mount a read-only tmpfs")
+
+
+def test_out_dir_that_is_a_file_or_read_only_is_refused_in_one_line(tmp_path, read_only_dir, capsys):
+    from .test_train import tiny_config
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config(tmp_path).to_json())
+    a_file = tmp_path / "runs_file"
+    a_file.write_bytes(b"precious\n")
+    rc, lines = _cli(["train", "--config", str(config), "--out-dir", str(a_file)], capsys)
+    assert rc == 2 and lines == [f"vitlab train: error: --out-dir {a_file}: {a_file} is a file, not a folder"]
+    assert a_file.read_bytes() == b"precious\n"
+    rc, lines = _cli(["train", "--config", str(config), "--out-dir", str(read_only_dir / "runs")], capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"vitlab train: error: --out-dir {read_only_dir}")
+    assert "cannot create the run folder" in lines[0]
+
+
+def test_convert_into_a_read_only_folder_or_under_a_file_is_refused_in_one_line(tmp_path, read_only_dir, capsys):
+    good = good_vitlab_file(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"precious\n")
+    for to, name in [("vitlab", "x.safetensors"), ("npz", "x.npz"), ("hf", "x_hf"), ("torchvision", "x.pth")]:
+        rc, lines = _cli(["convert", str(good), str(a_file / name), "--to", to], capsys)
+        assert rc == 2 and lines == [f"vitlab convert: error: cannot write {a_file / name}: {a_file} is a file, "
+                                     "not a folder"], (to, lines)
+        rc, lines = _cli(["convert", str(good), str(read_only_dir / name), "--to", to], capsys)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(
+            f"vitlab convert: error: cannot write {read_only_dir / name}: "), (to, lines)
+    assert a_file.read_bytes() == b"precious\n" and list(read_only_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("to,name", [("vitlab", "x.safetensors"), ("npz", "x.npz"), ("hf", "x_hf"),
+                                     ("torchvision", "x.pth")])
+def test_convert_on_a_full_disk_keeps_the_previous_file(tmp_path, capsys, monkeypatch, to, name):
+    """The disk fills while the new file is flushed (where a full disk shows at the latest): one line, the previous
+    file byte-identical, no temporary left."""
+    import errno
+
+    good = good_vitlab_file(tmp_path)
+    out = tmp_path / "out"
+    assert _cli(["convert", str(good), str(out / name), "--to", to], capsys)[0] == 0
+    before = _snapshot(out)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    rc, lines = _cli(["convert", str(good), str(out / name), "--to", to, "--num-classes", "5"], capsys)
+    monkeypatch.undo()
+    assert rc == 2 and len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert str(out / name) in lines[0]
+    assert _snapshot(out) == before
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` (hidden temporaries included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} | {
+        str(p.relative_to(folder)) + "/": b"" for p in sorted(folder.rglob("*")) if p.is_dir()}
+
+
+def test_convert_onto_a_really_full_disk_keeps_the_previous_file(tmp_path, capsys):
+    """The same on a real 96 KiB tmpfs (where it can be mounted): the new file does not fit next to the old."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "size=96k"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        good = good_vitlab_file(tmp_path)
+        target = disk / "x.safetensors"
+        assert _cli(["convert", str(good), str(target), "--to", "vitlab"], capsys)[0] == 0
+        before = _snapshot(disk)
+        rc, lines = _cli(["convert", str(good), str(target), "--to", "vitlab", "--num-classes", "5"], capsys)
+        assert rc == 2 and len(lines) == 1 and str(target) in lines[0], lines
+        assert _snapshot(disk) == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

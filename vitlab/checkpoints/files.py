@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -264,6 +265,22 @@ def _check_npy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInf
     if info.file_size != expected:
         raise VitlabError(f"{path}: member {info.filename} declares shape {tuple(shape)} {dtype} ({expected} bytes "
                           f"with header) but holds {info.file_size} bytes; the archive is corrupt")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as the OSError they are, so that
+    the atomic writer around it reports them like any other write error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from exc
 
 
 def write_json(path: Path, data: dict) -> None:

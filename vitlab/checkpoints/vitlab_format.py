@@ -25,7 +25,7 @@ from ..atomic import write_atomic
 from ..errors import VitlabError
 from ..models import VisionTransformer, ViTConfig
 from ..preprocessing import Preprocessing
-from .files import read_safetensors
+from .files import read_safetensors, write_safetensors
 
 FORMAT_NAME = "vitlab"
 FORMAT_VERSION = 1
@@ -81,8 +81,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     ``preprocessing`` defaults to ``model.preprocessing`` if set, else the paper's evaluation preprocessing for the
     model's input (squash, bilinear, [-1, 1]); ``class_names`` defaults to ``model.class_names`` if set. ``metadata``
     is any JSON-serialisable dict (training info, dataset, accuracy)."""
-    from safetensors.torch import save_file
-
     model = unwrap_module(model)
     arch = architecture_of(model)
     cfg = model.cfg
@@ -113,7 +111,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: vitlab checkpoints are .safetensors files; use a name ending in .safetensors")
-    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
+    return write_atomic(path, lambda tmp: write_safetensors(tensors, tmp, {METADATA_KEY: text}))
 
 
 def read_document(metadata: dict[str, str], source: str) -> dict | None:
