@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InvalidValueError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy, confusion matrix and calibration of a "
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--batch-size", args.batch_size), ("--bins", args.bins),
                           ("--max-samples", args.max_samples or 1)):
         if value < 1:
-            raise ValueError(f"{option} must be positive")
+            raise InvalidValueError(f"{option} must be positive")
     info = D.setup(args.device)
     skipped: list[str] = []
     try:

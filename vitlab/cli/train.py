@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from ..errors import InvalidValueError, VitlabError
+
 # flag -> TrainConfig field; every field can also be set with --set
 FLAG_FIELDS = {
     "data": str, "data_dir": str, "val_data": str, "model": str, "img_size": int, "epochs": float, "steps": int,
@@ -61,10 +63,13 @@ def build_config(args: argparse.Namespace, base_recipe: str | None = None):
     from ..train import TrainConfig, apply_overrides, get_recipe
 
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            config = TrainConfig.from_dict(json.load(f))
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                config = TrainConfig.from_dict(json.load(f))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise VitlabError(f"--config {args.config}: not a readable JSON config ({exc})") from None
         if args.recipe:
-            raise ValueError("give --recipe or --config, not both")
+            raise InvalidValueError("give --recipe or --config, not both")
     else:
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
@@ -125,7 +130,7 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
     else:
         nproc = int(args.nproc)
     if nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+        raise InvalidValueError(f"--nproc must be at least 1, got {args.nproc}")
     if cpu:  # share the cores out instead of letting every process start one thread per core
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // nproc)))
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -11,6 +11,8 @@ import json
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from ..errors import InvalidValueError
+
 
 @dataclass
 class TrainConfig:
@@ -92,7 +94,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown training config keys: {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
         values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
         return cls(**values)
@@ -118,12 +120,12 @@ def _coerce(key: str, value, hint):
         return _coerce(key, value, inner[0]) if len(inner) == 1 else value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{key} needs {len(args)} values, got {value!r}")
+            raise InvalidValueError(f"{key} needs {len(args)} values, got {value!r}")
         return tuple(a(v) for a, v in zip(args, value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise ValueError(f"{key} must be {hint.__name__}, got {value!r}")
+        raise InvalidValueError(f"{key} must be {hint.__name__}, got {value!r}")
     return value
 
 
@@ -153,11 +155,11 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise InvalidValueError(f"--set expects key=value, got {item!r}")
         if "." in key:
             top, sub = key.split(".", 1)
             if top != "model_args":
-                raise ValueError(f"--set {key}: only model_args has sub-keys")
+                raise InvalidValueError(f"--set {key}: only model_args has sub-keys")
             data["model_args"] = {**data["model_args"], sub: parse_value(sub, text)}
             continue
         if key not in data:
@@ -165,7 +167,7 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
 
             close = difflib.get_close_matches(key, list(data), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ValueError(f"--set {key}: unknown training config key{hint}")
+            raise InvalidValueError(f"--set {key}: unknown training config key{hint}")
         data[key] = parse_value(key, text)
     return TrainConfig.from_dict(data)
 

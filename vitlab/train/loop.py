@@ -32,7 +32,7 @@ from ..data.loaders import (
     in_memory_eval_batches,
     mix_seed,
 )
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
@@ -76,7 +76,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16"
         return "fp32"
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
     return precision
 
 
@@ -291,7 +291,7 @@ class _Trainer:
         self.steps_per_epoch = spe
         self.total_steps = cfg.steps if cfg.steps else int(math.ceil((cfg.epochs or 1) * spe))
         if self.total_steps <= 0:
-            raise ValueError("the run has no steps: set epochs or steps to a positive value")
+            raise InvalidValueError("the run has no steps: set epochs or steps to a positive value")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * spe))
         self.warmup_steps = min(warmup, self.total_steps)
         ev = cfg.eval_every_epochs

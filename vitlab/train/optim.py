@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
+
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that get weight decay: weights with two or more dimensions of linear and
@@ -48,7 +50,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be adamw or sgd, got {name!r}")
+    raise InvalidValueError(f"optimizer must be adamw or sgd, got {name!r}")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, end_factor: float = 0.0) -> float:
@@ -66,7 +68,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, end
         return end_factor + (1 - end_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "linear":
         return 1.0 - (1.0 - end_factor) * progress
-    raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
+    raise InvalidValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
 
 
 class _Factor:
@@ -95,7 +97,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise InvalidValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
