@@ -136,11 +136,12 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
 
 def _resolve_name(spec: str | os.PathLike):
     """What :func:`vitlab.hub.resolve` makes of a spec that is not an existing path (None: treat it as a path)."""
-    if isinstance(spec, Path) or Path(spec).exists():
+    spec = os.fspath(spec)
+    if Path(spec).exists():
         return None
     from ..hub import resolve
 
-    return resolve(os.fspath(spec))
+    return resolve(spec)
 
 
 def _apply_source(ckpt: Checkpoint, resolved) -> None:

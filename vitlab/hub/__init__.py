@@ -74,7 +74,7 @@ def resolve(spec: str) -> Resolved | None:
     if spec.startswith(HUB_PREFIX):
         return _from_hub(spec, spec[len(HUB_PREFIX):])
     if spec.startswith(URL_PREFIXES):
-        return Resolved(spec, fetch(spec), spec)
+        return Resolved(spec, fetch(spec), spec, facts={"source": spec})
     if is_pretrained_name(spec) and _names_a_model(spec):
         try:
             entry = get_pretrained(spec)
@@ -104,7 +104,8 @@ def _from_hub(spec: str, repo_spec: str, entry: PretrainedEntry | None = None) -
                               "(see `vitlab models --aliases`)") from None
     resolved = Resolved(spec, files.path, spec, entry=entry, model_name=model_name,
                         preprocessing=files.preprocessing, class_names=files.class_names,
-                        facts={"hub_repo": files.repo, "hub_layout": files.layout, "hub_revision": files.revision})
+                        facts={"source": spec, "hub_repo": files.repo, "hub_layout": files.layout,
+                               "hub_revision": files.revision})
     if model_name is not None and files.preprocessing is not None:
         resolved.grid_hint = _grid(model_name, files.preprocessing.img_size)
     if files.class_names is None and files.num_classes in (1000, 21843):
