@@ -38,8 +38,8 @@ URL_PREFIXES = ("gs://", "https://", "http://")
 HUB_PREFIX = "hf-hub:"
 
 __all__ = ["CATALOG", "DEFAULT_TAGS", "PretrainedEntry", "Resolved", "Source", "cache_path", "create_model",
-           "fetch", "get_pretrained", "hf_cache_dir", "is_remote", "list_pretrained", "offline_mode", "resolve",
-           "vitlab_home"]
+           "fetch", "get_pretrained", "hf_cache_dir", "is_checkpoint_name", "is_remote", "list_pretrained",
+           "offline_mode", "resolve", "vitlab_home"]
 
 
 @dataclass
@@ -63,6 +63,15 @@ class Resolved:
 def is_remote(spec: str) -> bool:
     """Whether ``spec`` names a remote checkpoint (URL or ``hf-hub:``) rather than a local path or catalog name."""
     return spec.startswith(URL_PREFIXES + (HUB_PREFIX,))
+
+
+def is_checkpoint_name(spec: str) -> bool:
+    """Whether ``spec`` is a checkpoint by name rather than by path: a URL, ``hf-hub:`` repo or catalog-style
+    ``model.tag`` (existing files excluded). Callers that join relative paths or test ``Path.exists`` ask this."""
+    spec = str(spec)
+    if Path(spec).exists():
+        return False
+    return is_remote(spec) or (is_pretrained_name(spec) and _names_a_model(spec))
 
 
 def resolve(spec: str) -> Resolved | None:

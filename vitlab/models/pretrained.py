@@ -314,9 +314,14 @@ def list_pretrained(pattern: str | None = None) -> list[PretrainedEntry]:
     return [e for e in CATALOG if fnmatch.fnmatch(e.name, glob)]
 
 
+FILE_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth", ".bin", ".ckpt", ".json", ".onnx", ".h5", ".msgpack")
+
+
 def is_pretrained_name(name: str) -> bool:
-    """Whether ``name`` looks like a catalog name (``model.tag``) rather than a path or URL."""
-    return "." in name and "/" not in name and "\\" not in name and ":" not in name and not name.startswith(".")
+    """Whether ``name`` looks like a catalog name (``model.tag``) rather than a path or URL (a checkpoint file
+    suffix such as ``.safetensors`` makes it a path)."""
+    return ("." in name and "/" not in name and "\\" not in name and ":" not in name and not name.startswith(".")
+            and not name.lower().endswith(FILE_SUFFIXES))
 
 
 def get_pretrained(name: str, tag: str | None = None) -> PretrainedEntry:
