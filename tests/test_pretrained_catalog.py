@@ -141,3 +141,19 @@ def test_models_cli_lists_the_catalog(capsys):
     out = capsys.readouterr().out
     assert "vit_ti16.augreg_in21k_ft_in1k " in out and "75.45" in out and "gs://vit_models/augreg/Ti_16" in out
     assert main(["models", "--pretrained", "nothing-like-this"]) == 2
+
+
+def test_docs_catalog_table_is_the_catalog():
+    """docs/pretrained.md lists every entry with the numbers the table holds (no hand-copied drift)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pretrained.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `") and "|" in line[3:] and "M |" in line]
+    assert len(rows) == len(CATALOG)
+    for row, entry in zip(rows, CATALOG):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0].split("`")[1] == entry.name
+        assert ("(default)" in cells[0]) == (DEFAULT_TAGS.get(entry.model) == entry.tag)
+        assert cells[1:4] == [str(entry.img_size), f"{entry.num_classes:,}", f"{entry.params / 1e6:.1f}M"]
+        assert cells[4] == (f"{entry.top1_timm:.2f}" if entry.top1_timm else "-")
+        assert cells[5] == (f"{entry.top1_paper:.2f}" if entry.top1_paper else "-")
