@@ -71,14 +71,30 @@ def export_npz(model: nn.Module, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if path.suffix != ".npz":
         raise InvalidValueError(f"{path}: use a name ending in .npz")
-    arrays = to_npz_arrays(_state_dict(model), model.cfg)
+    cfg = model.cfg
+    backbone = getattr(cfg, "backbone", None)  # a hybrid: its ResNet in vit_jax's conv_root / block{s}/unit{u} names
+    extra = []
+    notes = []
+    if backbone is not None:
+        from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
+
+        if backbone.stem_kernel != 7 or not backbone.stem_pool or backbone.gn_groups != 32:
+            raise InvalidValueError("cannot write the vit_jax .npz layout for this hybrid: vit_jax's ResNet has a "
+                                    "7x7 stem with max-pool and GroupNorm(32)")
+        extra = backbone_rules(tuple(backbone.layers))
+        differs = {k: getattr(backbone, k) for k, v in VIT_JAX_BACKBONE_NUMERICS.items() if getattr(backbone, k) != v}
+        if differs:
+            notes.append("the backbone computes with " + ", ".join(f"{k}={v}" for k, v in differs.items())
+                         + "; vit_jax uses " + ", ".join(f"{k}={v}" for k, v in VIT_JAX_BACKBONE_NUMERICS.items())
+                         + " (vitlab reads the file back with vit_jax's)")
+    arrays = to_npz_arrays(_state_dict(model), cfg, extra)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object, so that numpy does not append its own suffix
             np.savez(f, **arrays)
 
     write_atomic(path, write)
-    return _numerics_notes(model.cfg, "vit_jax (Flax nn.gelu)", "tanh")
+    return notes + _numerics_notes(cfg, "vit_jax (Flax nn.gelu)", "tanh")
 
 
 def export_timm(model: nn.Module, path: str | os.PathLike) -> list[str]:

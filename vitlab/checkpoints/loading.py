@@ -93,6 +93,10 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     ``model_name`` supplies what a layout does not store (the head count of fused-qkv layouts, a non-square grid) and
     is checked against the weights. ``prefer_ema`` picks EMA weights from a training checkpoint that has both.
     Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
+    resolved = _resolve_name(path)
+    if resolved is not None:  # a catalog name, hf-hub: repo or URL, now a local file
+        path, model_name = resolved.path, model_name or resolved.model_name
+        grid_hint = grid_hint or resolved.grid_hint
     path = Path(path)
     source = str(path)
     kind = sniff(path)
@@ -124,8 +128,47 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     check_fit(expected, ckpt.state_dict, source)
     if check_finite:
         _check_finite(ckpt)
+    if resolved is not None:
+        _apply_source(ckpt, resolved)
     _record_facts(ckpt)
     return ckpt
+
+
+def _resolve_name(spec: str | os.PathLike):
+    """What :func:`vitlab.hub.resolve` makes of a spec that is not an existing path (None: treat it as a path)."""
+    spec = os.fspath(spec)
+    if Path(spec).exists():
+        return None
+    from ..hub import resolve
+
+    return resolve(spec)
+
+
+def _apply_source(ckpt: Checkpoint, resolved) -> None:
+    """Give a checkpoint fetched by name what its source says (preprocessing, class names) and check a catalog
+    entry's resolution and classes against the file."""
+    from ..labels import class_names as label_names
+    from ..models.pretrained import LABEL_SETS
+
+    cfg, entry = ckpt.config, resolved.entry
+    if entry is not None:
+        source = next((s for s in entry.sources if s.spec == resolved.source), None)
+        problems = []
+        if tuple(cfg.img_size) != (entry.img_size, entry.img_size):
+            problems.append(f"resolution {tuple(cfg.img_size)} (catalog: {entry.img_size})")
+        if cfg.num_classes != entry.num_classes and not (source and source.note):
+            problems.append(f"{cfg.num_classes} classes (catalog: {entry.num_classes})")
+        if problems:
+            raise VitlabError(f"{resolved.spec}: the file {ckpt.path} does not match the catalog entry: "
+                              + ", ".join(problems))
+    if resolved.preprocessing is not None and ckpt.format != "vitlab":
+        ckpt.preprocessing = resolved.preprocessing.replace(img_size=cfg.img_size)
+    if ckpt.class_names is None:
+        if resolved.class_names is not None and len(resolved.class_names) == cfg.num_classes:
+            ckpt.class_names = list(resolved.class_names)
+        elif resolved.label_set and LABEL_SETS.get(resolved.label_set) == cfg.num_classes:
+            ckpt.class_names = label_names(resolved.label_set)
+    ckpt.facts.update(resolved.facts, resolved_from=resolved.spec)
 
 
 def _from_vitlab_document(source: str, tensors: dict, document: dict) -> Checkpoint:

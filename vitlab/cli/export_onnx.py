@@ -30,7 +30,9 @@ def load_model(source: str, model_name: str | None = None, weights: str | None =
                model_args: dict | None = None):
     """A model from a registered name (optionally with a state dict) or from any checkpoint vitlab can read.
     ``model_args`` are config overrides for a plain state dict of a registered model with changed sizes."""
-    if Path(source).is_file():
+    from ..hub import is_checkpoint_name
+
+    if Path(source).is_file() or is_checkpoint_name(source):  # a file, or a catalog name / hf-hub: repo / URL
         import vitlab
 
         loader = getattr(vitlab, "load", None)  # the checkpoints package: every supported format
