@@ -148,6 +148,11 @@ def test_layer_decay_leaves_frozen_parameters_out_and_covers_hybrids():
     depth = len(hybrid.blocks)
     stem = [n for n, _ in hybrid.named_parameters() if n.startswith("patch_embed.backbone.")]
     assert stem and all(T.layer_id(n, depth) == 0 for n in stem)
+    lines = []
+    T.apply_controls(small_vit(), freeze_blocks=1, layer_decay=0.5, log=lines.append)
+    assert lines[0].startswith("fine-tuning controls: embedding and first 1 block(s) frozen: ")
+    assert lines[1] == "layer-wise lr decay 0.5: layer l of 0..5 trains at lr x 0.5^(5 - l), from x0.0312 (patch " \
+                       "embedding) to x1 (head)"
     with pytest.raises(VitlabError, match="needs a transformer"):
         build_optimizer(vitlab.create_model("bit_fmnist"), "sgd", 0.1, layer_decay=0.7)
     with pytest.raises(ValueError, match="layer_decay must be in"):

@@ -269,7 +269,7 @@ class _Trainer:
         torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
         model = build_model_for(cfg, len(self.class_names), in_chans, info, log)
         apply_controls(model, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks,
-                       patterns=cfg.freeze, log=log.info)  # before DDP and the optimiser see the parameters
+                       patterns=cfg.freeze, layer_decay=cfg.layer_decay, log=log.info)  # before DDP, optimiser
         self.model_cfg = model.cfg
         self.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
         if self.objective is not None:  # another training objective trains its own wrapper around the model

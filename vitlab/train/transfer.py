@@ -36,7 +36,7 @@ HEAD_PREFIXES = ("head",)
 
 def _clean(name: str) -> str:
     """A parameter name without the prefixes of torch.compile, DDP and vitlab's training wrappers."""
-    for prefix in ("_orig_mod.", "module.", "vit.", "encoder."):
+    for prefix in ("_orig_mod.", "module.", "vit."):
         while name.startswith(prefix):
             name = name[len(prefix):]
     return name
@@ -170,9 +170,11 @@ def linear_probe(model: nn.Module) -> list[str]:
 
 
 def apply_controls(model: nn.Module, *, linear_probe_only: bool = False, freeze_blocks: int = 0,
-                   patterns: str | Iterable[str] | None = None, log: Callable[[str], None] | None = None) -> None:
+                   patterns: str | Iterable[str] | None = None, layer_decay: float | None = None,
+                   log: Callable[[str], None] | None = None) -> None:
     """Apply a run's freezing settings to ``model`` (before it is wrapped for data parallelism and before the
-    optimiser is built) and say in ``log`` what trains."""
+    optimiser is built) and say in ``log`` what trains (and, with ``layer_decay``, at which learning rates; the
+    optimiser applies it)."""
     patterns = normalise_patterns(patterns)
     if linear_probe_only:
         linear_probe(model)
@@ -194,6 +196,10 @@ def apply_controls(model: nn.Module, *, linear_probe_only: bool = False, freeze_
             what.append(f"frozen by pattern: {', '.join(patterns)}")
         log(f"fine-tuning controls: {'; '.join(what)}: {trainable:,} of {total:,} parameters train "
             f"({100 * trainable / total:.2f}%)")
+    if log is not None and layer_decay is not None and layer_decay != 1.0:
+        depth = num_layers(model)
+        log(f"layer-wise lr decay {layer_decay:g}: layer l of 0..{depth + 1} trains at lr x {layer_decay:g}^"
+            f"({depth + 1} - l), from x{layer_decay ** (depth + 1):.3g} (patch embedding) to x1 (head)")
 
 
 def init_channels(init_from: str | None) -> int | None:
