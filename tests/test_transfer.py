@@ -271,3 +271,28 @@ def test_layer_decay_optimizer_state_round_trips_through_the_checkpoint_function
         for p, q in zip(a["params"], b["params"]):
             torch.testing.assert_close(optimizer.state[p]["exp_avg"], fresh.state[q]["exp_avg"], rtol=0, atol=0)
     assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_image_folders_are_decoded_to_the_checkpoint_channels_unless_asked_for_grey(tmp_path):
+    """An RGB checkpoint fine-tuned on a folder gets colour images (no adaptation); model_args.in_chans=1 asks for
+    grey decoding and adapts the checkpoint instead."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "images" / split / cls / f"{i}.png")
+    rgb = randomize_(vitlab.create_model("vit_fmnist", img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                                         mlp_dim=32, in_chans=3, num_classes=2))
+    path = vitlab.save(rgb, tmp_path / "rgb.safetensors")
+    base = dict(data=str(tmp_path / "images"), init_from=str(path), epochs=None, steps=1, batch_size=4, lr=0.01,
+                augment="none", threads=1, progress=False, num_workers=0, eval_every_epochs=0)
+    colour = train(TrainConfig().replace(**base, out_dir=str(tmp_path / "runs1")))
+    assert colour.model.cfg.in_chans == 3
+    grey = train(TrainConfig().replace(**base, out_dir=str(tmp_path / "runs2"), model_args={"in_chans": 1}))
+    assert grey.model.cfg.in_chans == 1
+    assert "input convolution adapted" in (grey.run_dir / "log.txt").read_text()
