@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidValueError
 from ..preprocessing import Preprocessing
 
 # the state-dict key of the kernel that reads the image, per architecture (hybrid stems first: their patch_embed.proj
@@ -35,9 +36,9 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """The convolution kernel ``weight`` (O, I, kh, kw) adapted to ``in_chans`` input channels (see the module
     docstring); computed in float32, returned in the input dtype. ``in_chans == I`` returns a copy."""
     if weight.ndim != 4:
-        raise ValueError(f"expected a convolution kernel (out, in, kh, kw), got shape {tuple(weight.shape)}")
+        raise InvalidValueError(f"expected a convolution kernel (out, in, kh, kw), got shape {tuple(weight.shape)}")
     if in_chans < 1:
-        raise ValueError(f"in_chans must be positive, got {in_chans}")
+        raise InvalidValueError(f"in_chans must be positive, got {in_chans}")
     source = weight.shape[1]
     w = weight.float()
     if in_chans == source:
@@ -57,7 +58,7 @@ def input_conv_key(state_dict: dict[str, torch.Tensor], in_chans: int) -> str:
         value = state_dict.get(key)
         if value is not None and value.ndim == 4 and value.shape[1] == in_chans:
             return key
-    raise ValueError(f"no input convolution with {in_chans} input channels among {', '.join(INPUT_CONV_KEYS)}")
+    raise InvalidValueError(f"no input convolution with {in_chans} input channels among {', '.join(INPUT_CONV_KEYS)}")
 
 
 def adapt_state_dict_channels(state_dict: dict[str, torch.Tensor], source_chans: int,
