@@ -239,3 +239,92 @@ def test_hybrid_dynamic_size_and_intermediates_match_timm():
                      theirs.forward_intermediates(x, indices=[0, -1], norm=True))
     with pytest.raises(VitlabError, match=r"not a multiple of the 32x32 token"):
         ours(torch.randn(1, 3, 96, 150))
+
+
+# ----------------------------------------------------------------------------------------------- feature extractor
+def test_feature_extractor_gives_nchw_maps_with_feature_info():
+    from vitlab.models import FeatureExtractor
+
+    model = randomize_(VisionTransformer(ViTConfig(**SMALL, dynamic_img_size=True))).eval()
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=(1, 2), intermediates_only=True)
+    backbone = FeatureExtractor(model, indices=(1, -2), output="dict")
+    assert len(model.blocks) == 3 and model.cfg.num_classes == 0  # pruned after block 2, head dropped
+    assert backbone.feature_info.channels() == [64, 64] and backbone.feature_info.reduction() == [8, 8]
+    assert backbone.feature_info.module_name() == ["blocks.1", "blocks.2"]
+    with torch.no_grad():
+        maps = backbone(x)
+    assert list(maps) == ["blocks.1", "blocks.2"]
+    for got, want in zip(maps.values(), expected):
+        assert got.shape == (2, 64, 6, 8)
+        torch.testing.assert_close(got, want)
+
+
+def test_bit_forward_intermediates_equal_timm():
+    theirs = randomize_(timm.create_model("resnetv2_50x1_bit", num_classes=7)).eval()
+    ours = vitlab.create_model("bit_r50x1", num_classes=7).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert ours.feature_info == theirs.feature_info
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for indices in (None, 2, [0, -1]):
+            for norm in (False, True):
+                _assert_close_scaled(ours.forward_intermediates(x, indices=indices, norm=norm),
+                                     theirs.forward_intermediates(x, indices=indices, norm=norm))
+
+
+def _assert_close_scaled(got, expected):
+    """Deep ResNet maps grow large: compare relative to each map's scale."""
+    final, maps = got
+    assert len(maps) == len(expected[1])
+    for g, e in zip([final, *maps], [expected[0], *expected[1]]):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=1e-5 * float(e.abs().max()), rtol=1e-4)
+
+
+def test_hybrid_feature_extractor_offers_backbone_stages():
+    from vitlab.models import FeatureExtractor
+
+    model = vitlab.create_model("r_vit_fmnist", dynamic_img_size=True).eval()
+    x = torch.randn(2, 1, 28, 56)
+    with torch.no_grad():
+        stages = model.patch_embed.backbone.forward_intermediates(x, intermediates_only=True)
+        blocks = model.forward_intermediates(x, indices=[-1], intermediates_only=True)
+    backbone = FeatureExtractor(model, indices=[-1], backbone_indices=None)
+    info = backbone.feature_info
+    assert info.module_name() == ["patch_embed.backbone.stem.norm", "patch_embed.backbone.stages.0",
+                                  "patch_embed.backbone.stages.1", f"blocks.{model.cfg.depth - 1}"]
+    assert info.channels() == [32, 64, 128, 128] and info.reduction() == [1, 1, 2, 4]
+    with torch.no_grad():
+        maps = backbone(x)
+    for got, want in zip(maps, [*stages, *blocks]):
+        torch.testing.assert_close(got, want)
+    assert [m.shape[-2:] for m in maps] == [(28, 56), (28, 56), (14, 28), (7, 14)]
+
+
+# ----------------------------------------------------------------------------------------------- compute paths
+def test_intermediates_same_with_sdpa_explicit_attention_and_gradient_checkpointing():
+    model = randomize_(VisionTransformer(ViTConfig(**SMALL, dynamic_img_size=True)))
+    x = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        model.eval()
+        fused = model.forward_intermediates(x, indices=[0, 3], intermediates_only=True)
+        _, attn = model.forward_with_attention(x)
+        assert attn[0].shape == (2, 4, 1 + 15, 1 + 15)  # the input's 5x3 grid
+    model.train()
+    model.set_grad_checkpointing(True)
+    final, maps = model.forward_intermediates(x, indices=[0, 3])
+    (final.sum() + sum(m.sum() for m in maps)).backward()
+    assert model.pos_embed.grad is not None and model.blocks[0].attn.qkv.weight.grad is not None
+    for got, want in zip(maps, fused):
+        torch.testing.assert_close(got.detach(), want)
+
+
+def test_torch_compile_forward_intermediates_at_two_sizes():
+    model = randomize_(VisionTransformer(ViTConfig(**{**SMALL, "depth": 2}, dynamic_img_size=True))).eval()
+    compiled = torch.compile(model.forward_intermediates, backend="eager", dynamic=False)
+    with torch.no_grad():
+        for size in ((32, 32), (48, 40)):
+            x = torch.randn(1, 3, *size)
+            _assert_same(compiled(x, indices=[0, 1]), model.forward_intermediates(x, indices=[0, 1]))
