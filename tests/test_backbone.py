@@ -328,3 +328,26 @@ def test_torch_compile_forward_intermediates_at_two_sizes():
         for size in ((32, 32), (48, 40)):
             x = torch.randn(1, 3, *size)
             _assert_same(compiled(x, indices=[0, 1]), model.forward_intermediates(x, indices=[0, 1]))
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+@pytest.mark.slow
+def test_onnx_export_of_a_dynamic_size_model_matches_pytorch_at_other_sizes(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.checkpoints import save
+    from vitlab.cli import main
+    from vitlab.compute.deploy import OnnxModel, check_parity, export_onnx
+
+    model = randomize_(VisionTransformer(ViTConfig(**{**SMALL, "depth": 2}, dynamic_img_size=True)), std=0.1).eval()
+    path = export_onnx(model, tmp_path / "dyn.onnx")
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param and not d.dim_value for d in (dims[0], dims[2], dims[3]))  # batch, height, width
+    parity = check_parity(model, OnnxModel(path), batch_sizes=(2,), tolerance=1e-5, sizes=((48, 40), (16, 64)))
+    assert set(parity.max_abs_diff) == {2, "48x40", "16x64"} and parity.ok, parity
+    assert parity.max_abs_logit > 0.05
+    save(model, tmp_path / "dyn.safetensors")
+    assert main(["export-onnx", str(tmp_path / "dyn.safetensors"), str(tmp_path / "cli.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "dynamic batch, height and width" in out and "48x40" in out and "-> OK" in out
