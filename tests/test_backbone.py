@@ -351,3 +351,36 @@ def test_onnx_export_of_a_dynamic_size_model_matches_pytorch_at_other_sizes(tmp_
     assert main(["export-onnx", str(tmp_path / "dyn.safetensors"), str(tmp_path / "cli.onnx")]) == 0
     out = capsys.readouterr().out
     assert "dynamic batch, height and width" in out and "48x40" in out and "-> OK" in out
+
+
+# ----------------------------------------------------------------------------------------------- attention tools
+def test_attention_tools_follow_the_input_grid():
+    from vitlab.inspect import attention_rollout, attention_statistics, mean_attention_distance
+
+    model = randomize_(VisionTransformer(ViTConfig(**SMALL))).eval()
+    images = torch.randn(3, 3, 40, 56)  # a 5x7 grid on a model built for 4x4
+    stats = attention_statistics(model, images, rollout_images=2, dynamic_img_size=True)
+    assert stats.grid_size == (5, 7) and stats.rollout.shape == (2, 5, 7)
+    with torch.no_grad():
+        _, attn = model.forward_with_attention(images, dynamic_img_size=True)
+    torch.testing.assert_close(stats.mean_distance, mean_attention_distance(attn, (5, 7), (8, 8)))
+    torch.testing.assert_close(stats.rollout, attention_rollout([a[:2] for a in attn], 1, (5, 7)))
+
+
+@pytest.mark.slow
+def test_inspect_command_at_another_image_size(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.cli import main
+
+    model = vitlab.create_model("vit_fmnist", depth=2)
+    vitlab.save(model, tmp_path / "m.safetensors")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (50, 60), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert main(["inspect", str(tmp_path / "m.safetensors"), "--images", str(folder), "--out", str(tmp_path / "r"),
+                 "--what", "distance,rollout", "--img-size", "36x44"]) == 0
+    assert "at grid 9x11" in capsys.readouterr().out
+    assert np.load(tmp_path / "r" / "inspection.npz")["rollout"].shape == (3, 9, 11)
