@@ -98,6 +98,7 @@ async function predict(file) {
   const original = el("figure");
   const picture = el("img");
   picture.alt = "input";
+  picture.onerror = () => { original.classList.add("unreadable"); };  // the browser cannot show it either
   picture.src = URL.createObjectURL(file);
   original.append(picture, el("figcaption", "", file.name));
   const overlay = el("figure", "overlay");
