@@ -1,4 +1,8 @@
-"""The exception type behind every user-facing error; the CLI prints its message on one line and exits non-zero."""
+"""The exception types behind every user-facing error; the CLI prints their message on one line and exits 2.
+
+Anything else that reaches the CLI is a bug and keeps its traceback. The two subclasses are also the built-in types
+their sites raised before (``ValueError``, ``KeyError``), so Python callers that catch those keep working.
+"""
 
 _WORKER_PREFIX = "Caught "
 _WORKER_TRACEBACK = "\nOriginal Traceback"
@@ -16,6 +20,17 @@ class VitlabError(Exception):
                 and _WORKER_TRACEBACK in args[0]:
             args = (_original_message(args[0], type(self)),)
         super().__init__(*args)
+
+
+class InvalidValueError(VitlabError, ValueError):
+    """A value that an option, a config field or a function does not accept."""
+
+
+class UnknownNameError(VitlabError, KeyError):
+    """A name that is not in one of vitlab's tables (models, recipes, ...)."""
+
+    def __str__(self) -> str:  # KeyError's str() quotes its message; this one is a sentence
+        return str(self.args[0]) if self.args else ""
 
 
 def _original_message(text: str, cls: type) -> str:

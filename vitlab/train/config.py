@@ -14,10 +14,10 @@ import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError
 
 
-class ConfigError(VitlabError, ValueError):
+class ConfigError(InvalidValueError):
     """A bad training config: an unknown key, a malformed ``--set`` (a ValueError too, as it always was)."""
 
 
@@ -66,6 +66,13 @@ class TrainConfig:
     init_from: str | None = None            # checkpoint to start from (fine-tuning); any format vitlab.load reads
     reset_head: str = "auto"                # auto (new zero head when the classes differ), always, never
 
+    # ----- fine-tuning controls (vitlab.train.transfer)
+    linear_probe: bool = False              # train the head only (final norm frozen; dropout, drop-path off)
+    freeze_blocks: int = 0                  # freeze the embedding and the first N encoder blocks
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns to freeze: globs, module prefixes,
+                                            # index ranges (patch_embed, pos_embed, blocks.0-5, blocks.*.attn)
+    layer_decay: float | None = None        # layer-wise lr decay (BEiT / MAE): layer l at lr x decay^(L+1-l)
+
     # ----- optimisation
     optimizer: str = "adamw"                # adamw (Adam with decoupled weight decay) or sgd (momentum)
     lr: float = 1e-3
@@ -102,6 +109,7 @@ class TrainConfig:
     progress: bool = True                   # tqdm progress bar (on a terminal)
 
     def __post_init__(self) -> None:
+        self.freeze = _pattern_list("freeze", self.freeze)
         validate(self)
 
     def to_dict(self) -> dict:
@@ -126,6 +134,17 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _pattern_list(key: str, value) -> list[str]:
+    """A list of strings from a list or a comma-separated string (``--set freeze=patch_embed,blocks.0-5``)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigValueError(key, value, "a list of strings or a comma-separated string")
+    return [part.strip() for v in value for part in v.split(",") if part.strip()]
 
 
 def _coerce(key: str, value, hint):
@@ -296,6 +315,8 @@ RULES: dict[str, Rule] = {
     "save_every_steps": at_least(0, integer=True),
     "log_every_steps": at_least(1, integer=True),
     "max_bad_steps": at_least(1, integer=True),
+    "freeze_blocks": at_least(0, integer=True),
+    "layer_decay": Rule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (e.g. 0.65 or 0.75)"),
 }
 
 # model_args entries (architecture overrides) that are checked here; the model's own config checks the rest
