@@ -176,9 +176,9 @@ def vitlab_absurd_no_posembed(folder: Path) -> Path:
     return out
 
 
-def pickle_named_safetensors(folder: Path, payload: bool) -> Path:
-    """A pickle (a harmless dict, or a payload that runs a command) under a ``.safetensors`` name."""
-    path = folder / ("payload.safetensors" if payload else "pickled_dict.safetensors")
+def pickle_named_safetensors(folder: Path, payload: bool, suffix: str = ".safetensors") -> Path:
+    """A pickle (a harmless dict, or a payload that runs a command) under a ``.safetensors`` (or other) name."""
+    path = folder / (("payload" if payload else "pickled_dict") + suffix)
     obj = Payload(folder / MARKER) if payload else {"weight": [1.0, 2.0]}
     path.write_bytes(pickle.dumps(obj, protocol=4))
     return path
@@ -288,6 +288,7 @@ CORPUS = {
     "vitlab_absurd_no_posembed": (vitlab_absurd_no_posembed, "img_size"),
     "pickle_named_safetensors": (lambda d: pickle_named_safetensors(d, payload=False), "pickle"),
     "payload_named_safetensors": (lambda d: pickle_named_safetensors(d, payload=True), "pickle"),
+    "payload_named_pt": (lambda d: pickle_named_safetensors(d, payload=True, suffix=".pt"), "pickle"),
     "torch_zip_storage_beyond_record": (torch_zip_storage_beyond_record, "storage"),
     "torch_zip_member_terabyte": (torch_zip_member_terabyte, "data/0"),
     "html": (html_page, "HTML"),

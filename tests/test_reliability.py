@@ -316,3 +316,136 @@ def test_convert_onto_a_really_full_disk_keeps_the_previous_file(tmp_path, capsy
         assert _snapshot(disk) == before
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+# ------------------------------------------------------------------------------------- 8: full disk in training
+def test_full_disk_at_a_checkpoint_ends_the_run_in_one_line_and_keeps_the_previous_one(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import errno
+
+    import torch
+
+    from .test_train import tiny_config
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config(tmp_path, epochs=None, steps=4, save_every_steps=2, eval_every_epochs=0,
+                                  run_name="full").to_json())
+    last = tmp_path / "runs" / "full" / "checkpoints" / "last.pt"
+    real_save, seen = torch.save, {}
+
+    def save(obj, f, *args, **kwargs):
+        if "first" not in seen:
+            seen["first"] = True
+            return real_save(obj, f, *args, **kwargs)
+        seen["previous"] = last.read_bytes()
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+    rc, lines = _cli(["train", "--config", str(config)], capsys)
+    monkeypatch.undo()
+    assert "previous" in seen, "the second checkpoint was never written"
+    assert rc == 2 and lines[-1] == (f"vitlab train: error: cannot write {last}: No space left on device; the "
+                                     "previous file, if any, is unchanged")
+    assert not [line for line in lines if "Traceback" in line]
+    assert last.read_bytes() == seen["previous"]
+    assert torch.load(last, map_location="cpu", weights_only=True)["step"] == 2
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ 10: bad images
+def _folder_with_a_bad_image(root: Path, bad_name: bytes) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(2):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (8, 8), 60 + 120 * c + i).save(folder / f"{i}.png")
+    with open(os.path.join(os.fsencode(root / "train" / "c0"), bad_name), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def test_a_bad_image_whose_name_is_not_utf8_is_named_in_the_log(tmp_path, capfd):
+    from vitlab.train import train
+
+    from .test_train import tiny_config
+
+    data = _folder_with_a_bad_image(tmp_path / "data", b"bad\xff\xfe.png")
+    cfg = tiny_config(tmp_path, data=str(data), epochs=None, steps=2, batch_size=4, eval_every_epochs=0,
+                      num_workers=0, run_name="badname")
+    result = train(cfg)
+    err = capfd.readouterr().err
+    assert "--- Logging error ---" not in err and "UnicodeEncodeError" not in err
+    log = (result.run_dir / "log.txt").read_text(encoding="utf-8")
+    skipped = [line for line in log.splitlines() if "skipped image" in line]
+    assert skipped and "bad\\xff\\xfe.png" in skipped[0], log
+    assert result.skipped_files >= 1
+
+
+def test_on_bad_image_fail_with_workers_is_one_line(tmp_path):
+    from .test_train import tiny_config
+
+    data = _folder_with_a_bad_image(tmp_path / "data", b"broken.png")
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config(tmp_path, data=str(data), epochs=None, steps=2, batch_size=4, eval_every_epochs=0,
+                                  num_workers=2, on_bad_image="fail").to_json())
+    r = subprocess.run([sys.executable, "-m", "vitlab", "train", "--config", str(config)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()  # the run's log lines, then the error
+    assert r.returncode == 2 and lines[-1].startswith("vitlab train: error: "), r.stderr[-2000:]
+    assert "broken.png: cannot decode image" in lines[-1]
+    assert not [line for line in lines if "Traceback" in line or "DataLoader worker" in line or "File " in line]
+
+
+# ------------------------------------------------------------------------------------------------ 3: log lines
+def test_a_torn_last_metrics_line_is_dropped_and_repaired(tmp_path):
+    from vitlab.errors import VitlabError
+    from vitlab.train.runlog import RunLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = b'{"kind": "step", "step": 10, "loss": 1.5}\n{"kind": "eval", "step": 20, "top1": 0.5}\n'
+    for torn in (b'{"kind": "step", "st', b'{"kind": "step", "step": 30}', b'{"kind": "st\n'):
+        path.write_bytes(good + torn)
+        assert [r["step"] for r in read_metrics(path)] == [10, 20]
+        assert path.read_bytes() == good + torn  # reading alone changes nothing
+        assert [r["step"] for r in read_metrics(path, repair=True)] == [10, 20]
+        assert path.read_bytes() == good
+    path.write_bytes(good[:30] + b"\n" + good)  # damage in the middle is not a torn tail: refused, named
+    with pytest.raises(VitlabError, match=r"metrics.jsonl: line 1 is not JSON"):
+        read_metrics(path)
+    # what resume does: drop rows past the checkpoint, tolerating the torn tail
+    path.write_bytes(good + b'{"kind": "step", "st')
+    log = RunLog(tmp_path, console=False)
+    log.truncate_metrics(10)
+    log.close()
+    assert path.read_bytes() == good.split(b"\n")[0] + b"\n"
+
+
+def test_log_lines_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    from vitlab.errors import VitlabError
+    from vitlab.train.runlog import RunLog
+
+    log = RunLog(tmp_path, console=False)
+    log.info("first line")
+    log.metric({"kind": "step", "step": 1, "loss": 2.0})
+    before = {name: (tmp_path / name).read_bytes() for name in ("log.txt", "metrics.jsonl")}
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk fills in the middle of the line
+        if len(data) > 8:
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(VitlabError, match=r"cannot write .*log.txt: No space left on device"):
+        log.info("a line that does not fit on the disk")
+    with pytest.raises(VitlabError, match=r"cannot write .*metrics.jsonl: No space left on device"):
+        log.metric({"kind": "step", "step": 2, "loss": 1.0})
+    monkeypatch.undo()
+    log.close()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
