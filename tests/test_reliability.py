@@ -449,3 +449,37 @@ def test_log_lines_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     log.close()
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def _run_measured(argv: list[str], cwd: Path) -> tuple[int, str, int]:
+    """Run ``python -m vitlab ARGV`` as a child process: (exit status, stderr, its own peak RSS in bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "vitlab", *argv], cwd=cwd, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, err.read().decode("utf-8", "replace"), usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["info", "train --resume"])
+def test_crafted_checkpoints_as_separate_processes(tmp_path, command):
+    """The corpus as a user meets it: one process per file, exit status 2 and one line on stderr, and the child's
+    own peak RSS (wait4) within a small multiple of the file size of the same command's on a tiny file."""
+    corpus = build_corpus(tmp_path / "files")
+    commands = _commands(tmp_path, _image_folder(tmp_path / "images"))
+    baseline_file = good_vitlab_file(tmp_path) if command == "info" else empty_file(tmp_path)
+    baseline = _run_measured(commands[command](str(baseline_file)), ROOT)[2]
+    failures = []
+    for case, (path, _) in corpus.items():
+        rc, err, peak = _run_measured(commands[command](str(path)), ROOT)
+        lines = err.strip().splitlines()
+        if rc != 2 or len(lines) != 1 or str(path) not in lines[0]:
+            failures.append(f"{case}: rc {rc}: {err[-300:]!r}")
+        allowed = baseline + MEMORY_FACTOR * path.stat().st_size + MEMORY_SLACK
+        if peak > allowed:
+            failures.append(f"{case}: peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB")
+    assert not failures, "\n".join(failures)

@@ -124,12 +124,10 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _from_state_dict(source, "torch", state_dict, notes, grid_hint, named, container_obj=obj)
     if named is not None:
         _check_named(ckpt, named, model_name)
-    check_image_size(ckpt.config, source)
+    check_plausible_size(ckpt.config, ckpt.state_dict, source)
     with torch.device("meta"):  # the architecture's expected shapes, without allocating it
-        meta_model = construct_uninitialised(ckpt.architecture.model_class, ckpt.config)
-    expected = meta_model.state_dict()
+        expected = construct_uninitialised(ckpt.architecture.model_class, ckpt.config).state_dict()
     check_fit(expected, ckpt.state_dict, source)
-    check_unstored_buffers(meta_model, ckpt.config, ckpt.state_dict, source)
     if check_finite:
         _check_finite(ckpt)
     if resolved is not None:
@@ -140,32 +138,28 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
 
 # a file's config is data like its tensors: one that asks for more than any real model is refused before building
 MAX_IMAGE_SIDE = 16384  # pixels; the largest published ViT fine-tuning resolutions are around 1,000
-UNSTORED_BUFFER_FLOOR = 2**24  # values a model may compute at build time (fixed embeddings) whatever the file holds
+TOKEN_VALUES_FLOOR = 2**24  # tokens x width any model may have, whatever its size
 
 
-def check_image_size(config, source: str) -> None:
-    """Refuse a config whose input resolution no real model has: every image would be resized to it."""
+def check_plausible_size(config, state_dict: dict, source: str) -> None:
+    """Refuse a config whose input no real model takes (every image would be resized to it), or whose token grid
+    holds far more values than the file has weights: building the model would compute a fixed (sin-cos) embedding
+    of that size, and every image's activations would be that large. Runs before anything is built."""
     img = getattr(config, "img_size", None)
-    if img is not None and max(img) > MAX_IMAGE_SIDE:
+    if img is None:
+        return
+    if max(img) > MAX_IMAGE_SIDE:
         raise VitlabError(f"{source}: config field img_size {img[0]}x{img[1]} is beyond any real model (at most "
                           f"{MAX_IMAGE_SIDE:,} px a side); the file is corrupt or not what it claims")
-
-
-def check_unstored_buffers(meta_model: nn.Module, config, state_dict: dict, source: str) -> None:
-    """Refuse a config that makes the model compute far more values at build time than the file holds (a sin-cos
-    position embedding for an absurd grid, say); ``meta_model`` is the model built on the meta device."""
-    stored = set(meta_model.state_dict())
-    extra = {name: b.numel() for name, b in meta_model.named_buffers() if name not in stored}
-    held = sum(t.numel() for t in state_dict.values())
-    if sum(extra.values()) <= max(4 * held, UNSTORED_BUFFER_FLOOR):
+    tokens, width = getattr(config, "num_patches", None), getattr(config, "embed_dim", None)
+    if not tokens or not width:
         return
-    name = max(extra, key=extra.get)
-    field_name = "img_size" if "pos" in name else "config"
-    img = getattr(config, "img_size", None)
-    what = f"{field_name} {img[0]}x{img[1]}" if field_name == "img_size" and img else field_name
-    raise VitlabError(f"{source}: config field {what} asks for {sum(extra.values()):,} computed values ({name} "
-                      f"{tuple(meta_model.get_buffer(name).shape)}, {4 * extra[name] / 1e9:.1f} GB) for weights of "
-                      f"{held:,} values; the file is corrupt or not what it claims")
+    held = sum(t.numel() for t in state_dict.values())
+    if tokens * width > max(4 * held, TOKEN_VALUES_FLOOR):
+        raise VitlabError(f"{source}: config field img_size {img[0]}x{img[1]} (patch {config.patch_size[0]}) asks "
+                          f"for {tokens:,} tokens of width {width} ({tokens * width:,} values per image, "
+                          f"{4 * tokens * width / 1e9:.1f} GB) from weights of {held:,} values; the file is corrupt "
+                          "or not what it claims")
 
 
 def _resolve_name(spec: str | os.PathLike):
