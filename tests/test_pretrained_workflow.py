@@ -139,3 +139,28 @@ def test_finetune_from_catalog_name_runs_on_fashion_mnist(placed, tmp_path, caps
     run = tmp_path / "runs" / "ft"
     tuned = vitlab.load(next(run.glob("*.safetensors")))
     assert tuned.cfg.num_classes == 10 and tuned.cfg.img_size == (64, 64) and tuned.cfg.embed_dim == 192
+
+
+def test_catalog_name_downloads_from_the_gcs_endpoint_then_works_offline(ti16_npz, tmp_path, monkeypatch):
+    from tests.hub_fixtures import FileServer
+
+    entry = get_pretrained(NAME)
+    obj = entry.sources[0].location[len("gs://"):]
+    server = FileServer({f"/{obj}": ti16_npz.read_bytes()})
+    try:
+        monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("VITLAB_GCS_ENDPOINT", server.url)  # a loopback stand-in for storage.googleapis.com
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+        model = vitlab.load(NAME)
+        assert model.class_names[:2] == ["tench", "goldfish"]
+        assert server.gets(f"/{obj}") == [None]
+    finally:
+        server.stop()
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+    assert vitlab.load(NAME).cfg.num_classes == 1000  # from the cache, server gone
+
+
+def test_local_imagenet_npz_gets_imagenet_names(ti16_npz):
+    model = vitlab.load(ti16_npz)
+    assert model.class_names == class_names("imagenet-1k")

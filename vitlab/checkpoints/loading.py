@@ -130,8 +130,22 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         _check_finite(ckpt)
     if resolved is not None:
         _apply_source(ckpt, resolved)
+    _imagenet_names(ckpt)
     _record_facts(ckpt)
     return ckpt
+
+
+def _imagenet_names(ckpt: Checkpoint) -> None:
+    """A published layout (npz, timm, HF, torchvision) with a 1,000- or 21,843-class head and no names of its own is
+    an ImageNet-1k / ImageNet-21k classifier (the only such releases): give it those names, and say so."""
+    from ..labels import class_names as label_names
+
+    if ckpt.class_names is not None or ckpt.format == "vitlab":
+        return
+    label_set = {1000: "imagenet-1k", 21843: "imagenet-21k"}.get(getattr(ckpt.config, "num_classes", 0))
+    if label_set is not None:
+        ckpt.class_names = label_names(label_set)
+        ckpt.notes.append(f"class names: {label_set} (assumed from the {ckpt.config.num_classes}-class head)")
 
 
 def _resolve_name(spec: str | os.PathLike):
