@@ -21,6 +21,7 @@ from ..errors import VitlabError
 from ..models import ViTConfig, get_config, resolve
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
+from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
 from .files import read_npz, read_safetensors, read_torch, sniff
 from .resample import check_method, resample_1d, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
@@ -398,10 +399,15 @@ def zeroed_head_note(ckpt: Checkpoint) -> str | None:
 
 # ------------------------------------------------------------------------------------------------- building
 def target_config(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-                  drop_pre_logits: bool = False, gelu: str | None = None) -> tuple[object, bool]:
+                  drop_pre_logits: bool = False, gelu: str | None = None,
+                  in_chans: int | None = None) -> tuple[object, bool]:
     """The config of the model to build and whether it gets a new (zero-initialised) head."""
     cfg = ckpt.config
     changes: dict = {}
+    if in_chans is not None and in_chans != cfg.in_chans:
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+            raise VitlabError(f"{ckpt.path}: in_chans must be a positive integer, got {in_chans!r}")
+        changes["in_chans"] = in_chans
     if img_size is None and model_name is not None:
         implied = resolve(model_name)[1].get("img_size")  # an alias like vit_base_patch16_384 fixes the resolution
         img_size = implied
@@ -440,7 +446,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         if not getattr(target, "representation_size", None):
             sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
-    return sd
+    return adapt_state_dict_channels(sd, src.in_chans, target.in_chans)  # timm's adapt_input_conv rule
 
 
 def check_fit(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
@@ -471,11 +477,12 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
 
 
 def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-                resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None) -> nn.Module:
+                resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
+                in_chans: int | None = None) -> nn.Module:
     """A model in eval mode with the checkpoint's weights, adapted as asked, with ``preprocessing`` and
     ``class_names`` attributes set. Warns (:class:`CheckpointWarning`) when a zeroed head is kept."""
     target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                     drop_pre_logits=drop_pre_logits, gelu=gelu)
+                                     drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans)
     state_dict = adapt_state_dict(ckpt, target, new_head, resample)
     model = construct_uninitialised(ckpt.architecture.model_class, target)
     fresh = ("head.", "pre_logits.") if new_head else ()
@@ -484,14 +491,15 @@ def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=Non
         warnings.warn(f"{ckpt.path}: the classification head is all zeros (an ImageNet-21k pre-training release); "
                       "its logits are constant. Pass num_classes=... to fine-tune a new head.", CheckpointWarning,
                       stacklevel=3)
-    model.preprocessing = ckpt.preprocessing.replace(img_size=target.img_size)
+    model.preprocessing = adapt_preprocessing_channels(ckpt.preprocessing.replace(img_size=target.img_size),
+                                                      target.in_chans)
     model.class_names = None if new_head else ckpt.class_names
     return model.eval()
 
 
 def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
          resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-         prefer_ema: bool = False) -> nn.Module:
+         prefer_ema: bool = False, in_chans: int | None = None) -> nn.Module:
     """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
     torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder) and return
     the model in eval mode, with ``model.preprocessing`` and ``model.class_names`` set.
@@ -506,8 +514,11 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
     - ``gelu``: ``"exact"`` or ``"tanh"``; default: what the source used (tanh for npz, the saved config for vitlab
       files, exact for timm / HF / torchvision).
     - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
+    - ``in_chans``: take images with this many channels; the input convolution is adapted as timm's
+      ``adapt_input_conv`` does (summed for 1 channel, repeated and rescaled for more; see
+      :mod:`vitlab.checkpoints.channels`) and the preprocessing's mean / std follow.
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
     return build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                       drop_pre_logits=drop_pre_logits, gelu=gelu)
+                       drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans)
 

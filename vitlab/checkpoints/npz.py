@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import ViTConfig
 
 NPZ_PREFIXES = ("opt/target/", "params/img/", "params/")
@@ -352,7 +352,7 @@ def to_npz_arrays(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig,
     if not cfg.qkv_bias:
         problems.append("qkv_bias=False")
     if problems:
-        raise ValueError("cannot write the vit_jax .npz layout for this model: " + "; ".join(problems))
+        raise InvalidValueError("cannot write the vit_jax .npz layout for this model: " + "; ".join(problems))
     arrays = {}
     rules = [*extra_rules, *vit_rules(cfg)]
     for rule in rules:
@@ -362,5 +362,5 @@ def to_npz_arrays(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig,
             arrays[key] = np.ascontiguousarray(value, dtype=np.float32)
     extra = sorted(set(state_dict) - {r.torch_key for r in rules})
     if extra:
-        raise ValueError(f"cannot write the vit_jax .npz layout: no npz name for {', '.join(extra)}")
+        raise InvalidValueError(f"cannot write the vit_jax .npz layout: no npz name for {', '.join(extra)}")
     return arrays

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status. User errors print one line on stderr and return 2."""
+    """Run the CLI; returns the exit status. User errors (:class:`~vitlab.errors.VitlabError`) print one line on
+    stderr and return 2; anything else is a bug and propagates with its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
@@ -50,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VITLAB_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
-    except (VitlabError, ValueError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"vitlab {args.command}: error: {message}", file=sys.stderr)
+    except VitlabError as exc:  # bad input: the message says what to change
+        print(f"vitlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)

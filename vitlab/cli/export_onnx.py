@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..compute.deploy import OnnxModel, check_parity, export_onnx, quantize_int8
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import create_model, list_models
 
 
@@ -51,7 +51,7 @@ def _with_state_dict(model, path: str):
     import torch
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--weights: no such file {path}")
+        raise VitlabError(f"--weights: no such file {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -69,9 +69,9 @@ def _with_state_dict(model, path: str):
 
 def run(args: argparse.Namespace) -> int:
     if args.tolerance <= 0:
-        raise ValueError(f"--tolerance must be positive, got {args.tolerance}")
+        raise InvalidValueError(f"--tolerance must be positive, got {args.tolerance}")
     if not args.output.endswith(".onnx") or (args.int8 and not args.int8.endswith(".onnx")):
-        raise ValueError("output files must end in .onnx")
+        raise InvalidValueError("output files must end in .onnx")
     model = load_model(args.source, args.model, args.weights).eval()
     path = export_onnx(model, args.output)
     print(f"wrote {path} (input pixel_values (B, {', '.join(map(str, (model.cfg.in_chans, *model.cfg.img_size)))}), "

@@ -15,6 +15,7 @@ from ..compute.flops import (
     pretraining_exaflops,
     table6_reproduction,
 )
+from ..errors import InvalidValueError
 from ..models import create_model, get_config, list_models
 
 
@@ -49,9 +50,10 @@ def parse_images(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"--images must be a number or one of {', '.join(DATASET_IMAGES)}, got {text!r}") from None
+        raise InvalidValueError(f"--images must be a number or one of {', '.join(DATASET_IMAGES)}, "
+                                f"got {text!r}") from None
     if value <= 0:
-        raise ValueError(f"--images must be positive, got {text}")
+        raise InvalidValueError(f"--images must be positive, got {text}")
     return value
 
 
@@ -111,7 +113,7 @@ def pretrained_rows(pattern: str | None) -> list[dict]:
 def print_pretrained(pattern: str | None, as_json: bool) -> int:
     rows = pretrained_rows(pattern)
     if not rows:
-        raise ValueError(f"no pre-trained checkpoint matches {pattern!r}")
+        raise InvalidValueError(f"no pre-trained checkpoint matches {pattern!r}")
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -132,14 +134,14 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained:
         return print_pretrained(args.pattern, args.json)
     if args.epochs is not None and args.epochs <= 0:
-        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+        raise InvalidValueError(f"--epochs must be positive, got {args.epochs}")
     if not 0 < args.mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+        raise InvalidValueError(f"--mfu must be in (0, 1], got {args.mfu}")
     images = parse_images(args.images)
     overrides = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
     names = list_models(args.pattern, aliases=args.aliases)
     if not names:
-        raise ValueError(f"no model matches {args.pattern!r}")
+        raise InvalidValueError(f"no model matches {args.pattern!r}")
     rows = model_rows(names, **overrides)
     if args.epochs is not None:
         for r in rows:
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             r["accelerator_days"] = accelerator_days(r["exaflops"], args.accelerator, args.mfu)
     skipped = len(names) - len(rows)
     if not rows:
-        raise ValueError(f"--img-size {args.img_size} is not a multiple of the patch size of any matching model")
+        raise InvalidValueError(f"--img-size {args.img_size} is not a multiple of the patch size of any matching model")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -14,6 +14,8 @@ import gzip
 from functools import cache
 from importlib import resources
 
+from ..errors import UnknownNameError
+
 _FILES = {"imagenet-1k": "imagenet1k.tsv", "imagenet-21k": "imagenet21k.tsv.gz"}
 LABEL_SETS = tuple(_FILES)
 
@@ -21,7 +23,7 @@ LABEL_SETS = tuple(_FILES)
 @cache
 def _rows(label_set: str) -> tuple[tuple[str, str], ...]:
     if label_set not in _FILES:
-        raise KeyError(f"unknown label set {label_set!r}; expected one of {', '.join(_FILES)}")
+        raise UnknownNameError(f"unknown label set {label_set!r}; expected one of {', '.join(_FILES)}")
     data = resources.files(__name__).joinpath(_FILES[label_set]).read_bytes()
     if _FILES[label_set].endswith(".gz"):
         data = gzip.decompress(data)

@@ -1,4 +1,4 @@
-"""Model definitions and the registry. Imports nothing from the rest of vitlab."""
+"""Model definitions and the registry. Imports nothing from the rest of vitlab but its error types."""
 
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
 from .linear import Linear, onednn_linear_available, set_onednn_linear

@@ -21,6 +21,8 @@ import difflib
 import fnmatch
 from dataclasses import dataclass
 
+from ..errors import UnknownNameError
+
 IMAGENET_1K = "imagenet-1k"
 IMAGENET_21K = "imagenet-21k"
 LABEL_SETS = {IMAGENET_1K: 1000, IMAGENET_21K: 21843}
@@ -339,7 +341,8 @@ def get_pretrained(name: str, tag: str | None = None) -> PretrainedEntry:
         implied = {}
     if tag is None:
         if model not in DEFAULT_TAGS:
-            raise KeyError(f"no pre-trained weights for {name!r}; models with weights: {', '.join(DEFAULT_TAGS)}")
+            raise UnknownNameError(f"no pre-trained weights for {name!r}; models with weights: "
+                                   f"{', '.join(DEFAULT_TAGS)}")
         tag = DEFAULT_TAGS[model]
     candidates = [f"{model}.{tag}"]
     size = implied.get("img_size")
@@ -352,4 +355,4 @@ def get_pretrained(name: str, tag: str | None = None) -> PretrainedEntry:
     if not close:
         close = [e for e in _BY_NAME if e.startswith(f"{model}.")][:3]
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitlab models --pretrained`"
-    raise KeyError(f"unknown pre-trained checkpoint {name if given_tag else candidates[-1]!r}{hint}")
+    raise UnknownNameError(f"unknown pre-trained checkpoint {name if given_tag else candidates[-1]!r}{hint}")
