@@ -216,7 +216,7 @@ def export(model: nn.Module, dst: str | os.PathLike, to: str, *, metadata: dict 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size=None, num_classes: int | None = None,
             model_name: str | None = None, resample: str | None = None, drop_pre_logits: bool = False,
-            gelu: str | None = None, prefer_ema: bool = False) -> dict:
+            gelu: str | None = None, prefer_ema: bool = False, patch_size=None) -> dict:
     """Read ``src`` (any supported format), optionally change resolution / class count, write ``dst`` in layout ``to``.
 
     Returns a summary dict (source format, target, config, parameter count, notes). Nothing is written unless the
@@ -228,7 +228,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
         raise VitlabError(f"{dst}: the destination is the source file")
     ckpt = read_checkpoint(src, model_name=model_name, prefer_ema=prefer_ema)
     model = build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                        drop_pre_logits=drop_pre_logits, gelu=gelu)
+                        drop_pre_logits=drop_pre_logits, gelu=gelu, patch_size=patch_size)
     metadata = dict(ckpt.metadata)
     metadata.setdefault("converted_from", {"path": src.name, "format": ckpt.format})
     notes = export(model, dst, to, metadata=metadata)
@@ -242,7 +242,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
         "to": to,
         "config": model.cfg.to_dict(),
         "params": model.num_params(),
-        "resampled": tuple(model.cfg.img_size) != tuple(ckpt.config.img_size),
+        "resampled": tuple(getattr(model.cfg, "grid_size", model.cfg.img_size))
+        != tuple(getattr(ckpt.config, "grid_size", ckpt.config.img_size)),
         "new_head": new_head,
         "notes": ckpt.notes + notes + ([head_note] if head_note else []),
     }

@@ -24,7 +24,7 @@ from . import npz as npz_layout
 from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
 from .files import read_npz, read_safetensors, read_torch, sniff
 from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
-from .resample import check_method, resample_1d, resample_pos_embed
+from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
 from .vitlab_format import ARCHITECTURES, Architecture, parse_document, read_document
 
@@ -416,7 +416,7 @@ def zeroed_head_note(ckpt: Checkpoint) -> str | None:
 # ------------------------------------------------------------------------------------------------- building
 def target_config(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
                   drop_pre_logits: bool = False, gelu: str | None = None,
-                  in_chans: int | None = None) -> tuple[object, bool]:
+                  in_chans: int | None = None, patch_size=None) -> tuple[object, bool]:
     """The config of the model to build and whether it gets a new (zero-initialised) head."""
     cfg = ckpt.config
     changes: dict = {}
@@ -424,6 +424,10 @@ def target_config(ckpt: Checkpoint, *, model_name: str | None = None, img_size=N
         if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
             raise VitlabError(f"{ckpt.path}: in_chans must be a positive integer, got {in_chans!r}")
         changes["in_chans"] = in_chans
+    if patch_size is not None:
+        if not hasattr(cfg, "patch_size"):
+            raise VitlabError(f"{ckpt.path}: patch_size: a {type(cfg).__name__} has no patch embedding")
+        changes["patch_size"] = patch_size
     if img_size is None and model_name is not None:
         implied = resolve(model_name)[1].get("img_size")  # an alias like vit_base_patch16_384 fixes the resolution
         img_size = implied
@@ -458,6 +462,9 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
         elif src.pos_embed == "learned_2d":
             sd["pos_embed_y"] = resample_1d(sd["pos_embed_y"], target.grid_size[0], method)
             sd["pos_embed_x"] = resample_1d(sd["pos_embed_x"], target.grid_size[1], method)
+    kernel = sd.get("patch_embed.proj.weight")
+    if kernel is not None and tuple(kernel.shape[-2:]) != tuple(target.patch_size):  # FlexiViT's kernel resize
+        sd["patch_embed.proj.weight"] = resample_patch_embed(kernel, target.patch_size)
     if new_head:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         if not getattr(target, "representation_size", None):
@@ -494,11 +501,12 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
 
 def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
                 resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-                in_chans: int | None = None) -> nn.Module:
+                in_chans: int | None = None, patch_size=None) -> nn.Module:
     """A model in eval mode with the checkpoint's weights, adapted as asked, with ``preprocessing`` and
     ``class_names`` attributes set. Warns (:class:`CheckpointWarning`) when a zeroed head is kept."""
     target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                     drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans)
+                                     drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
+                                     patch_size=patch_size)
     state_dict = adapt_state_dict(ckpt, target, new_head, resample)
     model = construct_uninitialised(ckpt.architecture.model_class, target)
     fresh = ("head.", "pre_logits.") if new_head else ()
@@ -515,7 +523,7 @@ def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=Non
 
 def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
          resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-         prefer_ema: bool = False, in_chans: int | None = None) -> nn.Module:
+         prefer_ema: bool = False, in_chans: int | None = None, patch_size=None) -> nn.Module:
     """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
     torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder) and return
     the model in eval mode, with ``model.preprocessing`` and ``model.class_names`` set.
@@ -533,8 +541,11 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
     - ``in_chans``: take images with this many channels; the input convolution is adapted as timm's
       ``adapt_input_conv`` does (summed for 1 channel, repeated and rescaled for more; see
       :mod:`vitlab.checkpoints.channels`) and the preprocessing's mean / std follow.
+    - ``patch_size``: build the model with this patch size (int or (height, width)), the patch-embedding kernel
+      resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
+      position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
     return build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                       drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans)
+                       drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans, patch_size=patch_size)
 
