@@ -384,3 +384,24 @@ def test_inspect_command_at_another_image_size(tmp_path, capsys):
                  "--what", "distance,rollout", "--img-size", "36x44"]) == 0
     assert "at grid 9x11" in capsys.readouterr().out
     assert np.load(tmp_path / "r" / "inspection.npz")["rollout"].shape == (3, 9, 11)
+
+
+def test_linear_probe_on_frozen_multi_layer_features_trains_only_the_head():
+    """docs/backbone.md's worked example in small: four blocks' maps -> 1x1 conv -> upsampled per-pixel logits."""
+    import torch.nn.functional as F
+
+    from vitlab.models import FeatureExtractor
+
+    model = randomize_(VisionTransformer(ViTConfig(**SMALL)))
+    model.set_dynamic_img_size()
+    backbone = FeatureExtractor(model, indices=4, norm=True).requires_grad_(False)
+    head = torch.nn.Conv2d(sum(backbone.feature_info.channels()), 3, kernel_size=1)
+    x, target = torch.randn(4, 3, 40, 48), torch.randint(0, 3, (4, 40, 48))
+    with torch.no_grad():
+        maps = backbone(x)
+    logits = F.interpolate(head(torch.cat(maps, 1)), size=(40, 48), mode="bilinear")
+    F.cross_entropy(logits, target).backward()
+    assert logits.shape == (4, 3, 40, 48) and head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(VitlabError, match="dynamic_resample"):
+        model.set_dynamic_img_size(resample="cubic")

@@ -449,6 +449,20 @@ class VisionTransformer(nn.Module):
         return [{"module": f"blocks.{i}", "num_chs": self.cfg.embed_dim, "reduction": r}
                 for i in range(len(self.blocks))]
 
+    def set_dynamic_img_size(self, enable: bool = True, pad: bool | None = None, resample: str | None = None) -> None:
+        """Turn running at any input size on or off after construction (e.g. on a loaded checkpoint); ``pad`` sets
+        ``dynamic_img_pad``, ``resample`` the position-embedding method (:mod:`vitlab.models.resample`)."""
+        changes = {"dynamic_img_size": enable}
+        if pad is not None:
+            changes["dynamic_img_pad"] = pad
+        if resample is not None:
+            changes["dynamic_resample"] = resample
+        try:
+            self.cfg = self.cfg.replace(**changes)
+        except ValueError as exc:
+            raise ModelInputError(str(exc)) from None
+        self.pos_cache.clear()
+
     # ----- input size
     def input_grid(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> tuple[int, int]:
         """The token grid (rows, columns) for images ``x`` (B, C, H, W). Without ``dynamic_img_size`` (the config's
