@@ -405,3 +405,23 @@ def test_linear_probe_on_frozen_multi_layer_features_trains_only_the_head():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(VitlabError, match="dynamic_resample"):
         model.set_dynamic_img_size(resample="cubic")
+
+
+def test_position_embedding_cache_under_inference_mode():
+    model = randomize_(VisionTransformer(ViTConfig(**SMALL, dynamic_img_size=True))).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.inference_mode():
+        a = model(x)
+        assert model.position_embedding((6, 6)) is model.position_embedding((6, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), a)
+        assert not model.position_embedding((6, 6)).is_inference()
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_compiles_once_at_a_dynamic_size():
+    model = randomize_(VisionTransformer(ViTConfig(**{**SMALL, "depth": 1}, dynamic_img_size=True))).eval()
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)

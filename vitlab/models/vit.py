@@ -311,11 +311,13 @@ class GridCache:
 
     @staticmethod
     def stamp(sources: Sequence[torch.Tensor]) -> tuple:
-        return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+        # entries made under inference mode hold inference tensors: keep them apart from the others
+        return (torch.is_inference_mode_enabled(),) + tuple(
+            (id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
 
     def get(self, key, sources: Sequence[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-        if needs_graph or _tracing():
+        if needs_graph or _tracing() or any(t.is_inference() for t in sources):  # inference tensors: no version
             return compute()
         stamp = self.stamp(sources)
         hit = self.entries.get(key)
