@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..compute.deploy import OnnxModel, check_parity, export_onnx, quantize_int8
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import create_model, list_models
 
 
@@ -34,7 +34,9 @@ def load_model(source: str, model_name: str | None = None, weights: str | None =
                model_args: dict | None = None):
     """A model from a registered name (optionally with a state dict) or from any checkpoint vitlab can read.
     ``model_args`` are config overrides for a plain state dict of a registered model with changed sizes."""
-    if Path(source).is_file():
+    from ..hub import is_checkpoint_name
+
+    if Path(source).is_file() or is_checkpoint_name(source):  # a file, or a catalog name / hf-hub: repo / URL
         import vitlab
 
         loader = getattr(vitlab, "load", None)  # the checkpoints package: every supported format
@@ -53,7 +55,7 @@ def _with_state_dict(model, path: str):
     import torch
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--weights: no such file {path}")
+        raise VitlabError(f"--weights: no such file {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -78,9 +80,9 @@ def other_sizes(model) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def run(args: argparse.Namespace) -> int:
     if args.tolerance <= 0:
-        raise ValueError(f"--tolerance must be positive, got {args.tolerance}")
+        raise InvalidValueError(f"--tolerance must be positive, got {args.tolerance}")
     if not args.output.endswith(".onnx") or (args.int8 and not args.int8.endswith(".onnx")):
-        raise ValueError("output files must end in .onnx")
+        raise InvalidValueError("output files must end in .onnx")
     model = load_model(args.source, args.model, args.weights).eval()
     dynamic = args.dynamic_size or bool(getattr(model.cfg, "dynamic_img_size", False))
     path = export_onnx(model, args.output, dynamic_size=dynamic)

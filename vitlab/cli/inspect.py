@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..inspect import ANALYSES, find_images, inspect_model, load_images
 from ..inspect.report import NEEDS_IMAGES
 from .convert import _size
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     for option, value, low in (("--num-images", args.num_images, 1), ("--rollout-images", args.rollout_images, 1),
                                ("--components", args.components, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
-            raise ValueError(f"{option} must be at least {low}, got {value}")
+            raise InvalidValueError(f"{option} must be at least {low}, got {value}")
     what = args.what.split(",") if args.what is not None else None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # Pillow's own decompression-bomb limit (about 89.5 megapixels); above it we refuse to decode
@@ -66,7 +66,7 @@ def load_image(path: str | Path, channels: int = 3, *, max_pixels: int | None = 
     lets JPEG decode at a reduced scale that is still at least that size (faster for large photos). Raises
     :class:`ImageLoadError` naming the file on any decoding problem."""
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise InvalidValueError(f"channels must be 1 or 3, got {channels}")
     try:
         with Image.open(path) as img:
             width, height = img.size

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
 from .distance import mean_attention_distance
 from .rollout import HeadFusion, attention_rollout
 
@@ -42,7 +43,7 @@ def attention_statistics(
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty batch of images (N, C, H, W), got {tuple(images.shape)}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InvalidValueError(f"batch_size must be at least 1, got {batch_size}")
     cfg = model.cfg
     grid = model.input_grid(images[:1], dynamic_img_size)
     pixels_per_token = getattr(cfg, "reduction", cfg.patch_size)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_bytes_atomic
+from ..errors import InvalidValueError
 from ..preprocessing import Preprocessing
 from .attention import attention_statistics
 from .distance import patch_centre_distances
@@ -99,15 +100,15 @@ def resolve_analyses(model: nn.Module, what: Sequence[str] | None, have_images: 
     wanted = [w.strip() for w in what if w.strip()]
     unknown = [w for w in wanted if w not in ANALYSES]
     if unknown:
-        raise ValueError(f"--what: unknown analysis {', '.join(unknown)}; choose from {','.join(ANALYSES)}")
+        raise InvalidValueError(f"--what: unknown analysis {', '.join(unknown)}; choose from {','.join(ANALYSES)}")
     if not wanted:
-        raise ValueError(f"--what: no analysis given; choose from {','.join(ANALYSES)}")
+        raise InvalidValueError(f"--what: no analysis given; choose from {','.join(ANALYSES)}")
     for name in wanted:
         if name in NEEDS_IMAGES and not have_images:
-            raise ValueError(f"--what {name} needs images (--images PATH)")
+            raise InvalidValueError(f"--what {name} needs images (--images PATH)")
         if name not in possible:
             reason = "the model has no position embedding" if name == "posemb" else "the patches are 1x1 pixels"
-            raise ValueError(f"--what {name}: not available for this model ({reason})")
+            raise InvalidValueError(f"--what {name}: not available for this model ({reason})")
     return [name for name in ANALYSES if name in wanted]
 
 
@@ -144,11 +145,11 @@ def inspect_model(
     cfg = model.cfg
     names = resolve_analyses(model, what, images is not None and len(images) > 0)
     if head_fusion not in ("mean", "max", "min"):
-        raise ValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
+        raise InvalidValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise InvalidValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if images is not None and image_names is not None and len(image_names) != len(images):
-        raise ValueError(f"{len(image_names)} image names for {len(images)} images")
+        raise InvalidValueError(f"{len(image_names)} image names for {len(images)} images")
     preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing.for_model(
         cfg.img_size, cfg.in_chans)
     summary: dict = {"title": title, "model": cfg.to_dict(), "analyses": names}

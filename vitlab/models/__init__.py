@@ -1,4 +1,4 @@
-"""Model definitions and the registry. Imports nothing from the rest of vitlab."""
+"""Model definitions and the registry. Imports nothing from the rest of vitlab but its error types."""
 
 from .features import FeatureExtractor, FeatureInfo
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer

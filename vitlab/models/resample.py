@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidValueError
+
 RESAMPLE_METHODS = ("bilinear_aligned", "bicubic", "bicubic_noaa", "bilinear", "nearest")
 # method -> (F.interpolate mode, align_corners, default antialias)
 _MODES = {
@@ -37,7 +39,7 @@ _MODES = {
 def check_method(method: str) -> str:
     """Validate a resampling method name (see the module docstring)."""
     if method not in _MODES:
-        raise ValueError(f"unknown resampling method {method!r}; choose one of {', '.join(RESAMPLE_METHODS)}")
+        raise InvalidValueError(f"unknown resampling method {method!r}; choose one of {', '.join(RESAMPLE_METHODS)}")
     return method
 
 
@@ -77,11 +79,13 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_g
     if old_grid is None:
         side = int(round(n**0.5))
         if side * side != n:
-            raise ValueError(f"position embedding has {n} grid rows, not a square grid; give old_grid=(rows, cols)")
+            raise InvalidValueError(f"position embedding has {n} grid rows, not a square grid; "
+                                    "give old_grid=(rows, cols)")
         old_grid = (side, side)
     old_grid = (int(old_grid[0]), int(old_grid[1]))
     if old_grid[0] * old_grid[1] != n:
-        raise ValueError(f"old grid {old_grid[0]}x{old_grid[1]} does not match the {n} grid rows of the embedding")
+        raise InvalidValueError(f"old grid {old_grid[0]}x{old_grid[1]} does not match the {n} grid rows of the "
+                                "embedding")
     if old_grid == tuple(new_grid):
         return pos_embed.clone()
     grid = grid_rows.reshape(old_grid[0], old_grid[1], -1)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InvalidValueError
 from .vit import ModelInputError, _pair, drop_path, take_indices
 
 PaddingType = Literal["bit", "same"]
@@ -95,7 +96,7 @@ class ResNetV2Config:
         if min(self.img_size) < self.stride:
             errors.append(f"img_size {self.img_size} is smaller than the output stride {self.stride}")
         if errors:
-            raise ValueError("invalid ResNet-v2 config: " + "; ".join(errors))
+            raise InvalidValueError("invalid ResNet-v2 config: " + "; ".join(errors))
 
     @property
     def stride(self) -> int:
@@ -120,14 +121,14 @@ class ResNetV2Config:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown ResNet-v2 config keys: {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown ResNet-v2 config keys: {', '.join(unknown)}")
         return cls(**data)
 
     def replace(self, **changes) -> ResNetV2Config:
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
-            raise ValueError(f"unknown ResNet-v2 config keys: {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown ResNet-v2 config keys: {', '.join(unknown)}")
         return replace(self, **changes)
 
 
@@ -380,7 +381,7 @@ class ResNetV2(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map after the final norm: (B, C, H, W) -> (B, num_features, H / stride, W / stride)."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
-            raise ValueError(f"expected input of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
+            raise InvalidValueError(f"expected input of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
         x = self.stem(x)
         for stage in self.stages:
             for block in stage.blocks:

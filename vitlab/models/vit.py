@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from .linear import Linear
 from .resample import RESAMPLE_METHODS, resample_grid
 
@@ -38,7 +38,7 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     if len(value) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+        raise InvalidValueError(f"expected an int or a pair of ints, got {value!r}")
     return (int(value[0]), int(value[1]))
 
 
@@ -107,7 +107,7 @@ class ViTConfig:
             errors.append(f"dynamic_resample must be one of {', '.join(RESAMPLE_METHODS)}, got "
                           f"{self.dynamic_resample!r}")
         if errors:
-            raise ValueError("invalid ViT config: " + "; ".join(errors))
+            raise InvalidValueError("invalid ViT config: " + "; ".join(errors))
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -140,14 +140,14 @@ class ViTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ViT config keys: {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown ViT config keys: {', '.join(unknown)}")
         return cls(**data)
 
     def replace(self, **changes) -> ViTConfig:
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
-            raise ValueError(f"unknown ViT config keys: {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown ViT config keys: {', '.join(unknown)}")
         return replace(self, **changes)
 
 
@@ -169,7 +169,7 @@ def sincos_2d_position_embedding(grid_size: tuple[int, int], dim: int, temperatu
     A quarter of the channels each for sin(x), cos(x), sin(y), cos(y), with geometric frequencies (big_vision's
     ``posemb_sincos_2d``)."""
     if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+        raise InvalidValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
     gh, gw = grid_size
     y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
