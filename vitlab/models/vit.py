@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InvalidValueError, VitlabError
+from ..errors import InvalidValueError
 from .linear import Linear
 from .resample import RESAMPLE_METHODS, resample_grid
 
@@ -42,7 +42,7 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-class ModelInputError(VitlabError, ValueError):
+class ModelInputError(InvalidValueError):
     """Input a model cannot take (wrong channel count, a size it was not built for, a bad feature index)."""
 
 
