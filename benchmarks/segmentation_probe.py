@@ -8,9 +8,10 @@ pixel is foreground when its grey value is at least 25). The backbone is frozen:
 NCHW maps of the chosen blocks (final LayerNorm applied), they are concatenated on the channel axis, a 1x1
 convolution maps them to 11 logits per token and bilinear upsampling brings the logits to the pixels (the linear
 decoder of Segmenter / DPT-style probes). Only the 1x1 convolution is trained (Adam, cross-entropy per pixel).
-``--img-size`` runs the backbone at another input size (images resized, position embedding resampled at run
-time): a finer token grid. Prints pixel accuracy and mean IoU over the 11 classes on 2,000 test images, for the
-checkpoint and, as a control, for the same architecture with random weights.
+``--img-size`` adds runs of the backbone at other input sizes (images resized, position embedding resampled at run
+time): a finer token grid. Prints pixel accuracy and mean IoU over the 11 classes on 2,000 test images for the
+checkpoint with the chosen blocks, with the last block alone and, as a control, for the same architecture with
+random weights.
 """
 
 from __future__ import annotations
@@ -114,13 +115,15 @@ def main() -> None:
     trained = vitlab.load(args.checkpoint)
     random = vitlab.models.build_model(trained.cfg)
     random.preprocessing = trained.preprocessing
-    for name, model in (("checkpoint", trained), ("random weights", random)):
-        for blocks in (args.blocks, [-1]):
-            for img_size in args.img_size:
-                r = run_probe(copy.deepcopy(model).eval(), blocks, img_size, args.steps, train, test)
-                print(f"{name:15s} blocks {str(blocks):18s} input {img_size}px (grid {r['grid']}x{r['grid']}, "
-                      f"{r['channels']} channels): pixel accuracy {100 * r['pixel_accuracy']:.2f}%, "
-                      f"mIoU {100 * r['mean_iou']:.2f}% ({r['seconds']:.0f} s)")
+    native = trained.cfg.img_size[0]
+    runs = [("checkpoint", trained, args.blocks, native), ("checkpoint", trained, [-1], native),
+            ("random weights", random, args.blocks, native)]
+    runs += [("checkpoint", trained, args.blocks, size) for size in args.img_size if size != native]
+    for name, model, blocks, img_size in runs:
+        r = run_probe(copy.deepcopy(model).eval(), blocks, img_size, args.steps, train, test)
+        print(f"{name:15s} blocks {str(blocks):18s} input {img_size}px (grid {r['grid']}x{r['grid']}, "
+              f"{r['channels']} channels): pixel accuracy {100 * r['pixel_accuracy']:.2f}%, "
+              f"mIoU {100 * r['mean_iou']:.2f}% ({r['seconds']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

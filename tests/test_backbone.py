@@ -425,3 +425,16 @@ def test_torch_compile_inductor_compiles_once_at_a_dynamic_size():
     x = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_intermediates_equal_timm_where_the_cpu_fast_path_runs():
+    """Width 192 and 260 token rows per product: large enough for the CPU fast path of the Linear layers."""
+    theirs = randomize_(timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=5, dynamic_img_size=True)).eval()
+    ours = VisionTransformer(ViTConfig(img_size=64, patch_size=8, embed_dim=192, depth=2, num_heads=3, mlp_dim=768,
+                                       num_classes=5, dynamic_img_size=True)).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(4, 3, 64, 72)
+    with torch.no_grad():
+        _assert_same(ours.forward_intermediates(x, indices=[0, 1], norm=True),
+                     theirs.forward_intermediates(x, indices=[0, 1], norm=True))
