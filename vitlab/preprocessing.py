@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
+from .errors import InvalidValueError
+
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
@@ -50,7 +52,7 @@ class Preprocessing:
         if any(s <= 0 for s in self.std):
             problems.append("std values must be positive")
         if problems:
-            raise ValueError("invalid preprocessing: " + "; ".join(problems))
+            raise InvalidValueError("invalid preprocessing: " + "; ".join(problems))
 
     @classmethod
     def for_model(cls, img_size: tuple[int, int] | int, in_chans: int = 3, **changes) -> Preprocessing:
@@ -73,7 +75,7 @@ class Preprocessing:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown preprocessing keys: {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown preprocessing keys: {', '.join(unknown)}")
         return cls(**data)
 
     def transform(self):

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import ViTConfig
 
 STATE_DICT_LAYOUTS = ("timm", "hf", "torchvision")
@@ -238,7 +238,7 @@ def to_vitlab_names(state_dict: Mapping[str, torch.Tensor], layout: str) -> tupl
         return from_hf(state_dict)
     if layout == "torchvision":
         return from_torchvision(state_dict), []
-    raise ValueError(f"unknown state-dict layout {layout!r}; choose one of {', '.join(STATE_DICT_LAYOUTS)}")
+    raise InvalidValueError(f"unknown state-dict layout {layout!r}; choose one of {', '.join(STATE_DICT_LAYOUTS)}")
 
 
 # ------------------------------------------------------------------------------------------------- config inference

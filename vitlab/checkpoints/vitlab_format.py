@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import VisionTransformer, ViTConfig
 from ..preprocessing import Preprocessing
 from .files import read_safetensors
@@ -95,7 +95,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != cfg.num_classes:
-            raise ValueError(f"{len(class_names)} class names for a model with {cfg.num_classes} classes")
+            raise InvalidValueError(f"{len(class_names)} class names for a model with {cfg.num_classes} classes")
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -108,11 +108,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     try:
         text = json.dumps(document)
     except TypeError as exc:
-        raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
+        raise InvalidValueError(f"metadata must be JSON-serialisable: {exc}") from None
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: vitlab checkpoints are .safetensors files; use a name ending in .safetensors")
+        raise InvalidValueError(f"{path}: vitlab checkpoints are .safetensors files; use a name ending in .safetensors")
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
 
 

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: build, train, load, evaluate.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
+    parser.add_argument("--offline", action="store_true",
+                        help="never use the network: pre-trained checkpoints (catalog names, hf-hub:, URLs) must be "
+                             "in the cache (same as VITLAB_OFFLINE=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
@@ -34,18 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status. User errors print one line on stderr and return 2."""
+    """Run the CLI; returns the exit status. User errors (:class:`~vitlab.errors.VitlabError`) print one line on
+    stderr and return 2; anything else is a bug and propagates with its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.offline:  # read by vitlab.hub at each download; also reaches child processes (torchrun)
+        import os
+
+        os.environ["VITLAB_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
-    except (VitlabError, ValueError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"vitlab {args.command}: error: {message}", file=sys.stderr)
+    except VitlabError as exc:  # bad input: the message says what to change
+        print(f"vitlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)

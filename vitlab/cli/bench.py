@@ -8,6 +8,7 @@ import sys
 
 from ..atomic import write_text_atomic
 from ..compute.bench import TASKS, BenchSettings, format_table, run_benchmarks
+from ..errors import InvalidValueError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,13 +41,14 @@ def run(args: argparse.Namespace) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        raise ValueError(f"--tasks: unknown task(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
+        raise InvalidValueError(f"--tasks: unknown task(s) {', '.join(bad) or '(none given)'}; "
+                                f"choose from {', '.join(TASKS)}")
     for option in ("batch_size", "train_batch_size", "rounds", "iters", "threads"):
         value = getattr(args, option)
         if value is not None and value < 1:
-            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+            raise InvalidValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        raise InvalidValueError(f"--warmup must be >= 0, got {args.warmup}")
     settings = BenchSettings(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                              train_batch_size=args.train_batch_size, img_size=args.img_size, compile=args.compile,
                              grad_checkpointing=args.grad_checkpointing, rounds=args.rounds, iters=args.iters,

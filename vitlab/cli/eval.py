@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InvalidValueError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy, confusion matrix and calibration of a "
@@ -33,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--img-size", type=int, help="evaluate at this resolution (position embeddings resampled)")
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
+    p.add_argument("--map-classes-by-name", action="store_true",
+                   help="evaluate on the classes the checkpoint and the data both name (logits taken in the data's "
+                        "order); without it, data whose classes differ from the checkpoint's are refused")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--batch-size", args.batch_size), ("--bins", args.bins),
                           ("--max-samples", args.max_samples or 1)):
         if value < 1:
-            raise ValueError(f"{option} must be positive")
+            raise InvalidValueError(f"{option} must be positive")
     info = D.setup(args.device)
     skipped: list[str] = []
     try:
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, num_workers=args.workers, device=str(info.device),
                                   precision=args.precision, on_bad_image=args.on_bad_image,
                                   max_samples=args.max_samples, num_bins=args.bins, progress=info.is_main,
-                                  on_skipped=skipped.extend)
+                                  on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name)
     finally:
         D.teardown()
     if not info.is_main:
@@ -61,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    if "class_mapping" in results:
+        m = results["class_mapping"]
+        left = f"; {m['images_left_out']:,} images of other classes left out" if m["images_left_out"] else ""
+        print(f"classes matched by name: {m['matched']} of the data's {m['data_classes']} (the checkpoint has "
+              f"{m['model_classes']}){left}" + (f"; unmatched: {', '.join(m['unmatched'][:5])}"
+                                                 + (", ..." if len(m["unmatched"]) > 5 else "")
+                                                 if m["unmatched"] else ""))
     line = f"{args.data} {args.split}: top-1 {100 * results['top1']:.2f}%"
     if "top5" in results:
         line += f", top-5 {100 * results['top5']:.2f}%"

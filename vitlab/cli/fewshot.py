@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import InvalidValueError
 from ..evaluate.features import REPRESENTATIONS
 from ..evaluate.probes import PROBES
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--batch-size", args.batch_size), ("--holdout-per-class", args.holdout_per_class),
                           ("--max-test", args.max_test or 1), ("--workers", args.workers + 1)):
         if value < 1:
-            raise ValueError(f"{option} must be positive")
+            raise InvalidValueError(f"{option} must be positive")
     results = fewshot_checkpoint(
         args.checkpoint, args.data, args.out, train_split=args.train_split, test_split=args.test_split,
         data_dir=args.data_dir, representation=args.representation, methods=args.methods, shots=args.shots,

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..errors import InvalidValueError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="top-k classes for image files",
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import predict
 
     if args.topk < 1:
-        raise ValueError(f"--topk must be at least 1, got {args.topk}")
+        raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
     model = OnnxClassifier(args.checkpoint) if is_onnx_file(args.checkpoint) else load(args.checkpoint)
     results = predict(model, args.images, topk=args.topk, device=args.device)
     failed = 0

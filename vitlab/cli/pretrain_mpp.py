@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import InvalidValueError
 from .train import add_config_arguments, build_config
 
 
@@ -29,11 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from ..selfsup.pretrain import MaskedPatchObjective, pretrain_mpp
 
     if not 0 < args.mask_ratio <= 1:
-        raise ValueError(f"--mask-ratio must be in (0, 1], got {args.mask_ratio}")
+        raise InvalidValueError(f"--mask-ratio must be in (0, 1], got {args.mask_ratio}")
     if args.bits < 1 or args.bits > 8:
-        raise ValueError(f"--bits must be between 1 and 8, got {args.bits}")
+        raise InvalidValueError(f"--bits must be between 1 and 8, got {args.bits}")
     if getattr(args, "nproc", None):
-        raise ValueError("--nproc is not supported by pretrain-mpp; use torchrun -m vitlab pretrain-mpp ...")
+        raise InvalidValueError("--nproc is not supported by pretrain-mpp; use torchrun -m vitlab pretrain-mpp ...")
     config = build_config(args, base_recipe="fashion-mnist")
     if not any(a.strip().startswith("patch_dropout") for a in args.assignments):
         config = config.replace(patch_dropout=0.0)  # the recipe's patch dropout: MPP predicts from every patch

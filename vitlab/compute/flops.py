@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import InvalidValueError
 from ..models.resnetv2 import ResNetV2Config
 from ..models.vit import ViTConfig
 from .counting import count_config_macs
@@ -120,9 +121,10 @@ def accelerator_days(exaflops: float, accelerator: str = "tpuv3-core", mfu: floa
     """Accelerator-unit-days that ``exaflops`` of training take at model FLOPs utilisation ``mfu`` (0..1] of the
     unit's dense bf16 peak (:data:`ACCELERATOR_PEAK_FLOPS`); e.g. TPUv3-core-days as in the paper's Table 2."""
     if accelerator not in ACCELERATOR_PEAK_FLOPS:
-        raise ValueError(f"unknown accelerator {accelerator!r}; expected one of {', '.join(ACCELERATOR_PEAK_FLOPS)}")
+        raise InvalidValueError(f"unknown accelerator {accelerator!r}; "
+                                f"expected one of {', '.join(ACCELERATOR_PEAK_FLOPS)}")
     if not 0.0 < mfu <= 1.0:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        raise InvalidValueError(f"mfu must be in (0, 1], got {mfu}")
     return exaflops * 1e18 / (ACCELERATOR_PEAK_FLOPS[accelerator] * mfu) / 86400.0
 
 

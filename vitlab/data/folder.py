@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import DatasetFolder
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 
 ON_ERROR = ("skip", "fail")
@@ -41,7 +41,7 @@ class ImageFolderDataset(DatasetFolder):
     def __init__(self, root: str | Path, transform: Callable | None = None, channels: int = 3,
                  on_error: str = "skip", max_pixels: int | None = None):
         if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+            raise InvalidValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         root = Path(root)
         if not root.is_dir():
             raise VitlabError(f"{root}: no such folder")

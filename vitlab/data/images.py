@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # Pillow's own decompression-bomb limit (about 89.5 megapixels); above it we refuse to decode
@@ -68,7 +68,7 @@ def load_image(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: in
     lets JPEG decode at a reduced scale that is still at least that size (faster for large photos). Raises
     :class:`ImageLoadError` naming the file (or ``name``, which labels a file object) on any decoding problem."""
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise InvalidValueError(f"channels must be 1 or 3, got {channels}")
     label = path if name is None else name
     try:
         with Image.open(path) as img:

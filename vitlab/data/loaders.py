@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..errors import InvalidValueError
 from ..preprocessing import Preprocessing
 from . import batch_transforms as BT
 from .arrays import ArrayDataset
@@ -55,7 +56,7 @@ class Augment:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ValueError(f"augmentation policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+            raise InvalidValueError(f"augmentation policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
 
 class Batch:
@@ -104,7 +105,7 @@ class InMemoryTrainLoader:
         self.micro_batch = check_batch_split(global_batch, world_size, accum_steps)
         self.steps_per_epoch = len(dataset) // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
+            raise InvalidValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
 
     @property
     def batches_per_epoch(self) -> int:
@@ -130,7 +131,7 @@ def check_batch_split(global_batch: int, world_size: int, accum_steps: int) -> i
     """The micro-batch size; the global batch must split evenly over ranks and accumulation steps."""
     parts = world_size * accum_steps
     if global_batch <= 0 or global_batch % parts:
-        raise ValueError(f"batch size {global_batch} does not split into {world_size} processes x {accum_steps} "
+        raise InvalidValueError(f"batch size {global_batch} does not split into {world_size} processes x {accum_steps} "
                          f"accumulation steps")
     return global_batch // parts
 
@@ -208,7 +209,7 @@ class FolderTrainLoader:
         self.micro_batch = check_batch_split(global_batch, world_size, accum_steps)
         self.steps_per_epoch = len(dataset) // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
+            raise InvalidValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
         dataset.transform = train_transform(
             img_size, dataset.channels, augment.policy, augment.crop_scale, augment.flip, augment.max_shift,
             augment.randaugment, mean, std, interpolation)
@@ -247,7 +248,7 @@ class FolderTrainLoader:
                     if produced >= self.batches_per_epoch:
                         return
                 if produced == before and skip == 0:
-                    raise ValueError("the tar shards yielded no batches for this process")
+                    raise InvalidValueError("the tar shards yielded no batches for this process")
             return
         for images, labels, skipped in self._dataloader(epoch, start):
             yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped)

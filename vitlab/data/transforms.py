@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2 as T
 
+from ..errors import InvalidValueError
+
 POLICIES = ("inception", "crop", "shift", "flip", "resize", "none")
 
 
@@ -26,7 +28,7 @@ def train_transform(img_size: tuple[int, int], channels: int = 3, policy: str = 
     ``randaugment=(num_ops, magnitude)`` applies torchvision's RandAugment on the uint8 image before normalising.
     ``mean``/``std`` are per channel (a single value is repeated)."""
     if policy not in POLICIES:
-        raise ValueError(f"augmentation policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        raise InvalidValueError(f"augmentation policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     interp = getattr(T.InterpolationMode, interpolation.upper())
     steps: list = [T.ToImage()]
     if policy in ("inception", "crop"):

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import InvalidValueError
+
 
 def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.ndim != 2:
@@ -17,7 +19,7 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must be (N,) with N = {logits.shape[0]}, got shape {tuple(labels.shape)}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}], got [{labels.min()}, {labels.max()}]")
+        raise InvalidValueError(f"labels must lie in [0, {logits.shape[1] - 1}], got [{labels.min()}, {labels.max()}]")
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -73,14 +75,15 @@ def multilabel_accuracy(predictions: torch.Tensor, label_sets: Sequence[Sequence
     (no valid label, as some ImageNet validation images in ReaL) are left out of the score. Returns ``accuracy``,
     ``counted`` (samples scored) and ``skipped``."""
     if len(label_sets) != predictions.shape[0]:
-        raise ValueError(f"the labels file has {len(label_sets)} entries but there are {predictions.shape[0]} samples")
+        raise InvalidValueError(f"the labels file has {len(label_sets)} entries but there are "
+                                f"{predictions.shape[0]} samples")
     hits = counted = 0
     for pred, allowed in zip(predictions.tolist(), label_sets):
         if len(allowed):
             counted += 1
             hits += int(pred in set(int(a) for a in allowed))
     if not counted:
-        raise ValueError("no sample has a label in the multi-label file")
+        raise InvalidValueError("no sample has a label in the multi-label file")
     return {"accuracy": hits / counted, "counted": counted, "skipped": len(label_sets) - counted}
 
 

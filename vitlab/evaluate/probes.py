@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidValueError
+
 # big_vision's choice: a large constant bias feature is barely shrunk by the l2 penalty, so the bias is close to free
 DEFAULT_BIAS_CONSTANT = 100.0
 DEFAULT_L2_GRID = tuple(2.0**i for i in range(-10, 20))
@@ -183,10 +185,10 @@ PROBES = {"lsr": LeastSquaresClassifier, "knn": KNNClassifier, "linear": Logisti
 def make_probe(name: str, grid: Sequence[float] | None = None, **options):
     """A probe by name (``lsr``, ``knn``, ``linear``), optionally with its own hyper-parameter grid."""
     if name not in PROBES:
-        raise ValueError(f"unknown probe {name!r}; choose one of {', '.join(PROBES)}")
+        raise InvalidValueError(f"unknown probe {name!r}; choose one of {', '.join(PROBES)}")
     if grid is not None:
         if not len(grid):
-            raise ValueError(f"the {name} grid is empty")
+            raise InvalidValueError(f"the {name} grid is empty")
         options["grid"] = grid
     return PROBES[name](**options)
 

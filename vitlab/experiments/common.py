@@ -95,7 +95,7 @@ def script_main(experiment, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = execute(experiment, args)
-    except (VitlabError, ValueError) as exc:
+    except VitlabError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print((Path(args.out) / "results.md").read_text())

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
+
 
 class FilterComponents(NamedTuple):
     """PCA of the D patch-embedding filters, each a (C, ph, pw) image patch.
@@ -33,7 +35,7 @@ def embedding_filters_pca(model_or_weight: nn.Module | torch.Tensor, num_compone
     if weight.ndim != 4:
         raise ValueError(f"expected patch-embedding weights of shape (D, C, ph, pw), got {tuple(weight.shape)}")
     if num_components < 1:
-        raise ValueError(f"num_components must be at least 1, got {num_components}")
+        raise InvalidValueError(f"num_components must be at least 1, got {num_components}")
     D, C, ph, pw = weight.shape
     filters = weight.detach().to("cpu", torch.float64).reshape(D, C * ph * pw)  # one filter per row
     mean = filters.mean(dim=0)

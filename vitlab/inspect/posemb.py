@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidValueError
+
 
 def patch_position_embeddings(model: nn.Module) -> torch.Tensor:
     """The position embedding of each patch token of ``model``, (gh * gw, D) in row-major grid order.
@@ -17,7 +19,7 @@ def patch_position_embeddings(model: nn.Module) -> torch.Tensor:
     prefix-token rows are dropped. Raises ``ValueError`` for a model without position embedding."""
     pos = model.position_embedding()
     if pos is None:
-        raise ValueError(f"the model has no position embedding (pos_embed={model.cfg.pos_embed!r})")
+        raise InvalidValueError(f"the model has no position embedding (pos_embed={model.cfg.pos_embed!r})")
     pos = pos.detach().reshape(-1, pos.shape[-1])
     num_patches = model.cfg.grid_size[0] * model.cfg.grid_size[1]
     return pos[pos.shape[0] - num_patches :]  # a class slot, when there is one, comes first

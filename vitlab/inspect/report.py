@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_bytes_atomic
+from ..errors import InvalidValueError
 from ..preprocessing import Preprocessing
 from .attention import attention_statistics
 from .distance import patch_centre_distances
@@ -99,15 +100,15 @@ def resolve_analyses(model: nn.Module, what: Sequence[str] | None, have_images: 
     wanted = [w.strip() for w in what if w.strip()]
     unknown = [w for w in wanted if w not in ANALYSES]
     if unknown:
-        raise ValueError(f"--what: unknown analysis {', '.join(unknown)}; choose from {','.join(ANALYSES)}")
+        raise InvalidValueError(f"--what: unknown analysis {', '.join(unknown)}; choose from {','.join(ANALYSES)}")
     if not wanted:
-        raise ValueError(f"--what: no analysis given; choose from {','.join(ANALYSES)}")
+        raise InvalidValueError(f"--what: no analysis given; choose from {','.join(ANALYSES)}")
     for name in wanted:
         if name in NEEDS_IMAGES and not have_images:
-            raise ValueError(f"--what {name} needs images (--images PATH)")
+            raise InvalidValueError(f"--what {name} needs images (--images PATH)")
         if name not in possible:
             reason = "the model has no position embedding" if name == "posemb" else "the patches are 1x1 pixels"
-            raise ValueError(f"--what {name}: not available for this model ({reason})")
+            raise InvalidValueError(f"--what {name}: not available for this model ({reason})")
     return [name for name in ANALYSES if name in wanted]
 
 
@@ -129,6 +130,7 @@ def inspect_model(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     title: str = "",
+    dynamic_img_size: bool | None = None,
 ) -> dict:
     """Run ``what`` (default: every applicable analysis) and write ``out_dir``: one PNG per analysis
     (``filters.png``, ``posemb.png``, ``distance.png``, ``rollout.png``), ``inspection.npz`` (every array),
@@ -137,15 +139,17 @@ def inspect_model(
     ``images`` (N, C, H, W) are preprocessed model inputs; the mean attention distance uses all of them, the rollout
     the first ``rollout_images``. ``preprocessing`` undoes the normalisation for display (default: the model's own, or
     the paper's [-1, 1]). Returns the JSON summary (with a ``files`` entry listing what was written).
+    ``dynamic_img_size=True`` takes ``images`` of another size than the model's (distance and rollout follow their
+    grid).
     """
     cfg = model.cfg
     names = resolve_analyses(model, what, images is not None and len(images) > 0)
     if head_fusion not in ("mean", "max", "min"):
-        raise ValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
+        raise InvalidValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise InvalidValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if images is not None and image_names is not None and len(image_names) != len(images):
-        raise ValueError(f"{len(image_names)} image names for {len(images)} images")
+        raise InvalidValueError(f"{len(image_names)} image names for {len(images)} images")
     preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing.for_model(
         cfg.img_size, cfg.in_chans)
     summary: dict = {"title": title, "model": cfg.to_dict(), "analyses": names}
@@ -173,14 +177,16 @@ def inspect_model(
                              f"{structure.row_column_effect:+.3f}.")
     if "distance" in names or "rollout" in names:
         stats = attention_statistics(model, images, rollout_images if "rollout" in names else 0, head_fusion,
-                                     discard_ratio, batch_size, device)
+                                     discard_ratio, batch_size, device, dynamic_img_size)
+        grid, pixels_per_token = stats.grid_size, getattr(cfg, "reduction", cfg.patch_size)
         if "distance" in names:
             table = stats.mean_distance
-            uniform = float(patch_centre_distances(cfg.grid_size, cfg.patch_size).mean())
+            uniform = float(patch_centre_distances(grid, pixels_per_token).mean())
             arrays["attention_distance"] = table.numpy()
             summary["distance"] = {"num_images": len(images), "units": "pixels", "uniform_attention": uniform,
-                                   "per_layer_mean": table.mean(dim=1).tolist(), "table": table.tolist()}
-            figures["distance"] = (figure_png(plot_attention_distance(table, cfg.grid_size, cfg.patch_size,
+                                   "grid_size": list(grid), "per_layer_mean": table.mean(dim=1).tolist(),
+                                   "table": table.tolist()}
+            figures["distance"] = (figure_png(plot_attention_distance(table, grid, pixels_per_token,
                                                                       len(images))),
                                    f"Layer by layer, one dot per head, averaged over {len(images)} images; dashed: "
                                    f"uniform attention ({uniform:.1f} px).")

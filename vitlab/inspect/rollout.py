@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidValueError
 from .distance import attention_layers
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -32,9 +33,9 @@ def rollout_matrix(
     kept), then re-normalised so that each row sums to 1. Computed in float64.
     """
     if head_fusion not in ("mean", "max", "min"):
-        raise ValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
+        raise InvalidValueError(f"head_fusion must be mean, max or min, got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise InvalidValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     layers = list(attn_maps)
     if not layers:
         raise ValueError("no attention maps given")
@@ -80,9 +81,9 @@ def attention_rollout(
     """
     gh, gw = grid_size
     if source not in ("class", "mean"):
-        raise ValueError(f"source must be 'class' or 'mean', got {source!r}")
+        raise InvalidValueError(f"source must be 'class' or 'mean', got {source!r}")
     if source == "class" and num_prefix_tokens < 1:
-        raise ValueError("source='class' needs a class token (num_prefix_tokens >= 1); use source='mean'")
+        raise InvalidValueError("source='class' needs a class token (num_prefix_tokens >= 1); use source='mean'")
     layers = attention_layers(attn_maps, num_prefix_tokens + gh * gw)
     full = rollout_matrix(layers, num_prefix_tokens, head_fusion, discard_ratio)
     rows = full[:, 0] if source == "class" else full[:, num_prefix_tokens:].mean(dim=1)  # (B, T)

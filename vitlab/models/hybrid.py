@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
 from .resnetv2 import ResNetStem, ResNetV2, ResNetV2Config
 from .vit import VisionTransformer, ViTConfig
 
@@ -42,7 +43,7 @@ class HybridConfig(ViTConfig):
         if isinstance(backbone, dict):
             backbone = ResNetV2Config.from_dict(backbone)
         if not isinstance(backbone, ResNetV2Config):
-            raise ValueError(f"backbone must be a ResNetV2Config or a dict, got {type(backbone).__name__}")
+            raise InvalidValueError(f"backbone must be a ResNetV2Config or a dict, got {type(backbone).__name__}")
         backbone = backbone.replace(img_size=self.img_size, in_chans=self.in_chans, num_classes=0)
         object.__setattr__(self, "backbone", backbone)
         errors = []
@@ -51,13 +52,19 @@ class HybridConfig(ViTConfig):
                 errors.append(f"image {axis} {size} is not a multiple of backbone stride {backbone.stride} x patch "
                               f"{axis} {patch}")
         if errors:
-            raise ValueError("invalid hybrid config: " + "; ".join(errors))
+            raise InvalidValueError("invalid hybrid config: " + "; ".join(errors))
 
     @property
     def feature_size(self) -> tuple[int, int]:
         """The backbone's output map (rows, columns)."""
         s = self.backbone.stride
         return (self.img_size[0] // s, self.img_size[1] // s)
+
+    @property
+    def reduction(self) -> tuple[int, int]:
+        """Pixels per token: the backbone's stride times the patch size on its map."""
+        s = self.backbone.stride
+        return (s * self.patch_size[0], s * self.patch_size[1])
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import InvalidValueError, UnknownNameError
 from .hybrid import HYBRID_BACKBONE, HybridConfig, HybridVisionTransformer
 from .resnetv2 import ResNetV2, ResNetV2Config
 from .vit import VisionTransformer, ViTConfig
@@ -152,7 +153,7 @@ def architecture_of(cfg: ModelConfig) -> str:
 def config_from_dict(data: dict, architecture: str = "vit") -> ModelConfig:
     """Rebuild a config saved with ``cfg.to_dict()`` and :func:`architecture_of`."""
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        raise InvalidValueError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[architecture].from_dict(data)
 
 
@@ -205,7 +206,7 @@ def resolve(name: str) -> tuple[ModelEntry, dict]:
 
     close = difflib.get_close_matches(name, list(_ENTRIES) + list(_ALIASES), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitlab models`"
-    raise KeyError(f"unknown model {name!r}{hint}")
+    raise UnknownNameError(f"unknown model {name!r}{hint}")
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

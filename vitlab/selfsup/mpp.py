@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..models import VisionTransformer
 
 
@@ -50,9 +51,9 @@ def corrupt_patches(tokens: torch.Tensor, mask_token: torch.Tensor, ratio: float
     ``mask_token`` (1, 1, D) with probability ``probs[0]``, the embedding of a uniformly drawn patch of the batch with
     ``probs[1]``, and stays unchanged with ``probs[2]``. Returns (corrupted tokens (B, N, D), chosen (B, N) bool)."""
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"mask ratio must be in (0, 1], got {ratio}")
+        raise InvalidValueError(f"mask ratio must be in (0, 1], got {ratio}")
     if len(probs) != 3 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
-        raise ValueError(f"probs must be three non-negative numbers summing to 1, got {probs}")
+        raise InvalidValueError(f"probs must be three non-negative numbers summing to 1, got {probs}")
     B, N, D = tokens.shape
     device = tokens.device
     count = max(1, round(ratio * N))

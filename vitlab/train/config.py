@@ -11,6 +11,8 @@ import json
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from ..errors import InvalidValueError
+
 
 @dataclass
 class TrainConfig:
@@ -48,6 +50,13 @@ class TrainConfig:
     init_from: str | None = None            # checkpoint to start from (fine-tuning); any format vitlab.load reads
     reset_head: str = "auto"                # auto (new zero head when the classes differ), always, never
 
+    # ----- fine-tuning controls (vitlab.train.transfer)
+    linear_probe: bool = False              # train the head only (final norm frozen; dropout, drop-path off)
+    freeze_blocks: int = 0                  # freeze the embedding and the first N encoder blocks
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns to freeze: globs, module prefixes,
+                                            # index ranges (patch_embed, pos_embed, blocks.0-5, blocks.*.attn)
+    layer_decay: float | None = None        # layer-wise lr decay (BEiT / MAE): layer l at lr x decay^(L+1-l)
+
     # ----- optimisation
     optimizer: str = "adamw"                # adamw (Adam with decoupled weight decay) or sgd (momentum)
     lr: float = 1e-3
@@ -83,6 +92,13 @@ class TrainConfig:
     run_name: str | None = None             # default: <data>-<model>-<timestamp>
     progress: bool = True                   # tqdm progress bar (on a terminal)
 
+    def __post_init__(self) -> None:
+        self.freeze = _pattern_list("freeze", self.freeze)
+        if isinstance(self.freeze_blocks, bool) or not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
+            raise ValueError(f"freeze_blocks must be a non-negative integer, got {self.freeze_blocks!r}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.65 or 0.75), got {self.layer_decay}")
+
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -92,7 +108,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown training config keys: {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
         values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
         return cls(**values)
@@ -107,6 +123,17 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def _pattern_list(key: str, value) -> list[str]:
+    """A list of strings from a list or a comma-separated string (``--set freeze=patch_embed,blocks.0-5``)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of strings or a comma-separated string, got {value!r}")
+    return [part.strip() for v in value for part in v.split(",") if part.strip()]
+
+
 def _coerce(key: str, value, hint):
     """Bring a JSON value back to the field's type (lists to tuples for tuple fields)."""
     if value is None:
@@ -118,12 +145,12 @@ def _coerce(key: str, value, hint):
         return _coerce(key, value, inner[0]) if len(inner) == 1 else value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{key} needs {len(args)} values, got {value!r}")
+            raise InvalidValueError(f"{key} needs {len(args)} values, got {value!r}")
         return tuple(a(v) for a, v in zip(args, value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise ValueError(f"{key} must be {hint.__name__}, got {value!r}")
+        raise InvalidValueError(f"{key} must be {hint.__name__}, got {value!r}")
     return value
 
 
@@ -153,11 +180,11 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise InvalidValueError(f"--set expects key=value, got {item!r}")
         if "." in key:
             top, sub = key.split(".", 1)
             if top != "model_args":
-                raise ValueError(f"--set {key}: only model_args has sub-keys")
+                raise InvalidValueError(f"--set {key}: only model_args has sub-keys")
             data["model_args"] = {**data["model_args"], sub: parse_value(sub, text)}
             continue
         if key not in data:
@@ -165,7 +192,7 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
 
             close = difflib.get_close_matches(key, list(data), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ValueError(f"--set {key}: unknown training config key{hint}")
+            raise InvalidValueError(f"--set {key}: unknown training config key{hint}")
         data[key] = parse_value(key, text)
     return TrainConfig.from_dict(data)
 

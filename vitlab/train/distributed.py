@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -58,7 +60,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
+            raise InvalidValueError(f"device {name!r} requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

@@ -32,7 +32,7 @@ from ..data.loaders import (
     in_memory_eval_batches,
     mix_seed,
 )
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
@@ -49,6 +49,7 @@ from .evaluation import autocast_context, evaluate_batches
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog, default_run_name, new_run_dir
+from .transfer import adapt_init_channels, apply_controls, init_channels
 
 
 @dataclass
@@ -76,7 +77,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16"
         return "fp32"
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
     return precision
 
 
@@ -140,6 +141,8 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
         from ..checkpoints import load
 
         img_size = overrides.pop("img_size", None)
+        want_chans = in_chans if in_chans is not None else overrides.pop("in_chans", None)
+        overrides.pop("in_chans", None)
         source_classes = None
         model = load(config.init_from, img_size=img_size)
         source_classes = model.cfg.num_classes
@@ -164,10 +167,7 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
             state = model.state_dict()
             model = type(model)(model.cfg.replace(**extra))
             model.load_state_dict(state, strict=True)
-        if in_chans is not None and model.cfg.in_chans != in_chans:
-            raise VitlabError(f"{config.init_from}: the model takes {model.cfg.in_chans}-channel images, the data "
-                              f"have {in_chans}")
-        return model
+        return adapt_init_channels(model, want_chans, config.init_from, log.info)  # RGB checkpoint, grey data
     if in_chans is not None:
         overrides.setdefault("in_chans", in_chans)
     get_config(config.model, num_classes=num_classes, **overrides)  # validates names and values first
@@ -247,7 +247,7 @@ class _Trainer:
         cfg, info, log = self.config, self.info, self.log
         # the channel count: in-memory sets have their own; folders and shards are decoded for the model
         model_cfg = get_config(cfg.model, **{k: v for k, v in cfg.model_args.items() if k != "num_classes"})
-        want_channels = cfg.model_args.get("in_chans", model_cfg.in_chans)
+        want_channels = cfg.model_args.get("in_chans", init_channels(cfg.init_from) or model_cfg.in_chans)
         train_set = build_dataset(cfg.data, cfg.train_split, data_dir=cfg.data_dir, download=cfg.download,
                                   channels=want_channels, on_error=cfg.on_bad_image)
         in_chans = train_set.channels if isinstance(train_set, ArrayDataset) else None
@@ -268,6 +268,8 @@ class _Trainer:
                               f"{self.class_names[:5]}...")
         torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
         model = build_model_for(cfg, len(self.class_names), in_chans, info, log)
+        apply_controls(model, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks,
+                       patterns=cfg.freeze, layer_decay=cfg.layer_decay, log=log.info)  # before DDP, optimiser
         self.model_cfg = model.cfg
         self.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
         if self.objective is not None:  # another training objective trains its own wrapper around the model
@@ -291,7 +293,7 @@ class _Trainer:
         self.steps_per_epoch = spe
         self.total_steps = cfg.steps if cfg.steps else int(math.ceil((cfg.epochs or 1) * spe))
         if self.total_steps <= 0:
-            raise ValueError("the run has no steps: set epochs or steps to a positive value")
+            raise InvalidValueError("the run has no steps: set epochs or steps to a positive value")
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * spe))
         self.warmup_steps = min(warmup, self.total_steps)
         ev = cfg.eval_every_epochs
@@ -307,7 +309,7 @@ class _Trainer:
         self.model = D.wrap(trainable, info, fsdp=cfg.fsdp)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas),
-                                         cfg.momentum)
+                                         cfg.momentum, layer_decay=cfg.layer_decay)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.schedule,
                                          cfg.end_lr_factor)
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
+
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters that get weight decay: weights with two or more dimensions of linear and
@@ -40,15 +42,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
+                    layer_decay: float | None = None) -> torch.optim.Optimizer:
     """``adamw``: Adam with decoupled weight decay on weight matrices; ``sgd``: SGD with momentum (the paper's
-    fine-tuning, weight decay usually 0)."""
-    groups = parameter_groups(model, weight_decay)
+    fine-tuning, weight decay usually 0). Frozen parameters (``requires_grad=False``) are left out: no state, no
+    decay. ``layer_decay`` (BEiT / MAE layer-wise learning-rate decay) gives layer l the learning rate
+    ``lr x layer_decay^(L + 1 - l)`` (:func:`vitlab.train.transfer.layer_decay_groups`)."""
+    if layer_decay is not None and layer_decay != 1.0:
+        from .transfer import layer_decay_groups
+
+        groups = layer_decay_groups(model, weight_decay, layer_decay, lr, decay_parameter_names(model))
+    else:
+        groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be adamw or sgd, got {name!r}")
+    raise InvalidValueError(f"optimizer must be adamw or sgd, got {name!r}")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, end_factor: float = 0.0) -> float:
@@ -66,7 +76,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, end
         return end_factor + (1 - end_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "linear":
         return 1.0 - (1.0 - end_factor) * progress
-    raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
+    raise InvalidValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
 
 
 class _Factor:
@@ -95,7 +105,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise InvalidValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():

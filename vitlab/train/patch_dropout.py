@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InvalidValueError
+
 
 class PatchDropoutForward(nn.Module):
     """Wraps a :class:`~vitlab.models.VisionTransformer` for training: in training mode the forward keeps a random
@@ -21,7 +23,7 @@ class PatchDropoutForward(nn.Module):
     def __init__(self, vit: nn.Module, keep: float):
         super().__init__()
         if not 0.0 < keep <= 1.0:
-            raise ValueError(f"patch dropout must leave a fraction of tokens in (0, 1], got keep={keep}")
+            raise InvalidValueError(f"patch dropout must leave a fraction of tokens in (0, 1], got keep={keep}")
         self.vit = vit
         self.keep = keep
 

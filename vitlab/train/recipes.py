@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UnknownNameError
 from .config import TrainConfig
 
 
@@ -39,7 +40,7 @@ def get_recipe(name: str) -> Recipe:
 
         close = difflib.get_close_matches(name, list(RECIPES), n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise KeyError(f"unknown recipe {name!r}{hint} (see vitlab train --list-recipes)")
+        raise UnknownNameError(f"unknown recipe {name!r}{hint} (see vitlab train --list-recipes)")
     return RECIPES[name]
 
 

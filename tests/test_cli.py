@@ -1,0 +1,59 @@
+"""The CLI's error contract: vitlab's own errors (bad input) are one line and exit 2; anything else is a bug and
+keeps its traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitlab.cli import main
+from vitlab.errors import InvalidValueError, UnknownNameError, VitlabError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_with_failing_library(exc: str) -> subprocess.CompletedProcess:
+    """`vitlab models` with the library function it calls replaced by one raising ``exc``."""
+    code = ("import sys, vitlab.errors, vitlab.cli.models\n"
+            "def broken(*args, **kwargs):\n"
+            f"    raise {exc}\n"
+            "vitlab.cli.models.list_models = broken\n"
+            "from vitlab.cli import main\n"
+            "sys.exit(main(['models']))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("exc", ["RuntimeError('boom inside a command')", "ValueError('boom inside a command')",
+                                 "KeyError('boom inside a command')"])
+def test_an_unexpected_exception_inside_a_command_reaches_stderr_with_its_traceback(exc):
+    res = _run_with_failing_library(exc)
+    assert res.returncode == 1
+    assert "Traceback (most recent call last)" in res.stderr
+    assert "in broken" in res.stderr and "boom inside a command" in res.stderr
+    assert "error:" not in res.stderr
+
+
+def test_a_vitlab_error_inside_a_command_is_one_line():
+    res = _run_with_failing_library("vitlab.errors.VitlabError('the file x.bin is not a checkpoint')")
+    assert res.returncode == 2
+    assert res.stderr == "vitlab models: error: the file x.bin is not a checkpoint\n"
+
+
+def test_bad_input_is_one_line_with_exit_status_2(capsys, tmp_path):
+    assert main(["train", "--recipe", "no-such-recipe", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitlab train: error: unknown recipe 'no-such-recipe'") and err.count("\n") == 1
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitlab train: error: --config ") and "missing.json" in err and err.count("\n") == 1
+    assert main(["train", "--recipe", "fashion-mnist", "--set", "lr=fast", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "vitlab train: error: lr must be float, got 'fast'\n"
+
+
+def test_user_error_types_are_also_the_builtin_types_python_callers_catch():
+    assert issubclass(InvalidValueError, VitlabError) and issubclass(InvalidValueError, ValueError)
+    assert issubclass(UnknownNameError, VitlabError) and issubclass(UnknownNameError, KeyError)
+    assert str(UnknownNameError("unknown model 'x'")) == "unknown model 'x'"  # not quoted as KeyError's str() is
