@@ -401,3 +401,16 @@ def _up(url: str) -> bool:
         return True
     except (urllib.error.URLError, ConnectionError, OSError):
         return False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.safetensors"], "missing.safetensors"),
+    (["{ckpt}", "--port", "70000"], "--port must be in 0..65535"),
+    (["{ckpt}", "--max-batch", "0"], "max_batch must be at least 1"),
+    (["{ckpt}", "--backend", "onnx-int8", "--device", "cuda"], "--device cuda"),
+    (["{ckpt}", "--api-key-file", "no-such-key-file"], "--api-key-file no-such-key-file"),
+])
+def test_serve_command_reports_bad_options_in_one_line(ckpt, args, message, capsys):
+    code = cli_main(["serve", *(a.format(ckpt=ckpt) for a in args)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("vitlab serve: error:") and message in err and "\n" not in err, err
