@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import VitlabError
 from ..models import create_model, get_config
 from ..models.linear import _onednn_product, onednn_linear_available
@@ -89,11 +90,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; a clear error when CUDA is asked for and absent."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitlabError("--device cuda: no CUDA device is available")
+def bench_device(name: str) -> torch.device:
+    """The device of ``--device`` (:func:`vitlab.devices.resolve_device`); benchmarks know the CPU and CUDA only."""
+    device = resolve_device(name)
     if device.type not in ("cpu", "cuda"):
         raise VitlabError(f"--device must be cpu or cuda, got {name!r}")
     return device
@@ -247,7 +246,7 @@ def bench_model(name: str, tasks: tuple[str, ...], settings: BenchSettings, gemm
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise VitlabError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    device = resolve_device(settings.device)
+    device = bench_device(settings.device)
     if settings.dtype not in ("fp32", "bf16"):
         raise VitlabError(f"--dtype must be fp32 or bf16, got {settings.dtype!r}")
     get_config(name)  # a clear error for unknown names before anything is built
@@ -360,7 +359,7 @@ def run_benchmarks(models: list[str], tasks: tuple[str, ...], settings: BenchSet
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure the GEMM rate, then every task for every model. Returns a JSON-ready dict: environment, gemm
     rates (FLOP/s) and one row per (model, task)."""
-    device = resolve_device(settings.device)
+    device = bench_device(settings.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     gemm = measure_gemm_rate(device, settings.dtype, repeats=10)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..evaluate.distributed import sum_over_processes
 from ..preprocessing import Preprocessing
 from .mpp import MaskedPatchPrediction
 
@@ -49,10 +50,7 @@ class MaskedPatchObjective:
                 samples += batch.images.shape[0]
         finally:
             module.train(was_training)
-        sums = torch.tensor([loss, correct, patches, samples], dtype=torch.float64, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        loss, correct, patches, samples = sums.tolist()
+        loss, correct, patches, samples = sum_over_processes([loss, correct, patches, samples])
         return {"loss": loss / max(patches, 1), "top1": correct / max(patches, 1), "patches": int(patches),
                 "samples": int(samples)}
 

@@ -33,6 +33,8 @@ from ..data.loaders import (
     mix_seed,
 )
 from ..errors import InvalidValueError, VitlabError
+from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
+from ..evaluate.distributed import sum_over_processes
 from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
@@ -45,7 +47,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig
-from .evaluation import autocast_context, evaluate_batches
+from .evaluation import autocast_context
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog, default_run_name, new_run_dir
@@ -379,8 +381,9 @@ class _Trainer:
                                           info.world_size, cfg.num_workers, self.device)
         if self.objective is not None:
             return self.objective.evaluate(module, batches, self.device)
-        return evaluate_batches(module, batches, self.device, precision=self.precision,
-                                on_skipped=self._report_skipped)
+        results = evaluate_classifier(module, batches, device=self.device, precision=self.precision,
+                                      on_skipped=self._report_skipped)
+        return {k: results[k] for k in SUMMARY_KEYS if k in results}
 
     def _eval_modules(self) -> dict[str, nn.Module]:
         """The modules to evaluate on each rank independently: DDP's inner module, or for FSDP a gathered full copy
@@ -493,7 +496,7 @@ class _Trainer:
                     progress.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.3f}", refresh=False)
                 if step % cfg.log_every_steps == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - t_log
-                    row_loss = D.all_reduce_sum([loss_sum, float(loss_count)], self.device)
+                    row_loss = sum_over_processes([loss_sum, float(loss_count)])
                     throughput = images_since * info.world_size / max(elapsed, 1e-9)
                     log.metric({"kind": "step", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
                                 "loss": row_loss[0] / max(row_loss[1], 1), "lr": lr_now,
