@@ -1,7 +1,7 @@
 """Read any supported checkpoint into one record, then build a model from it (new resolution, new head).
 
 :func:`read_checkpoint` sniffs the file, reads it safely, maps its names onto vitlab's and works out the
-architecture, the preprocessing of its source and notable facts. :func:`build_model` turns that record into a
+architecture, the preprocessing of its source and notable facts. :func:`model_from_checkpoint` turns that record into a
 :class:`~vitlab.models.VisionTransformer`, resampling the position embedding and replacing the head when asked, and
 loads the weights strictly: any missing, unexpected or mis-shaped key is an error that lists them.
 """
@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from ..errors import VitlabError
-from ..models import ViTConfig, get_config, resolve
+from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .files import read_npz, read_safetensors, read_torch, sniff
 from .resample import check_method, resample_1d, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
-from .vitlab_format import ARCHITECTURES, Architecture, parse_document, read_document
+from .vitlab_format import parse_document, read_document
 
 FORMATS = ("vitlab", "vit_jax", "big_vision", "timm", "hf", "torchvision")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,7 +54,7 @@ class Checkpoint:
     container: str
     state_dict: dict[str, torch.Tensor]
     config: ViTConfig
-    architecture: Architecture
+    architecture: ModelFamily
     preprocessing: Preprocessing
     class_names: list[str] | None = None
     metadata: dict = field(default_factory=dict)
@@ -178,7 +178,7 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
     preprocessing = source_preprocessing(layout, config.img_size, config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
-    return Checkpoint(source, layout, container, sd, config, ARCHITECTURES["vit"], preprocessing, class_names,
+    return Checkpoint(source, layout, container, sd, config, FAMILIES["vit"], preprocessing, class_names,
                       notes=notes)
 
 
@@ -192,15 +192,15 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
         raise VitlabError(f"{source}: the arrays describe no valid ViT ({exc})") from None
     backbone = npz_layout.find_backbone(arrays)
     if backbone is not None:
-        if backbone.architecture not in ARCHITECTURES:
+        if backbone.architecture not in FAMILIES:
             raise VitlabError(f"{source}: the {backbone.name} backbone builds architecture "
                               f"{backbone.architecture!r}, which is not registered")
         config = backbone.make_config(fields, arrays)
-        arch = ARCHITECTURES[backbone.architecture]
+        arch = FAMILIES[backbone.architecture]
         extra_rules = backbone.rules(arrays)
         notes.append(f"convolutional backbone: {backbone.name}")
     else:
-        config, arch, extra_rules = vit_cfg, ARCHITECTURES["vit"], []
+        config, arch, extra_rules = vit_cfg, FAMILIES["vit"], []
     state_dict = npz_layout.apply_rules(arrays, extra_rules + npz_layout.vit_rules(vit_cfg), source)
     # a big_vision 'tok' embedding has no class slot: a zero row there adds nothing to the class token
     if config.class_token and not layout.pos_has_class_slot and "pos_embed" in state_dict:
@@ -413,8 +413,9 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     model.load_state_dict(merged, strict=True)
 
 
-def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-                resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None) -> nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None,
+                          num_classes: int | None = None, resample: str | None = None, drop_pre_logits: bool = False,
+                          gelu: str | None = None) -> nn.Module:
     """A model in eval mode with the checkpoint's weights, adapted as asked, with ``preprocessing`` and
     ``class_names`` attributes set. Warns (:class:`CheckpointWarning`) when a zeroed head is kept."""
     target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
@@ -451,6 +452,6 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
     - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
-    return build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                       drop_pre_logits=drop_pre_logits, gelu=gelu)
+    return model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                 resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu)
 
