@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compute.onednn import set_onednn_linear
 from ..errors import VitlabError
 from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
 from ..preprocessing import Preprocessing
@@ -450,8 +451,11 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
     - ``gelu``: ``"exact"`` or ``"tanh"``; default: what the source used (tanh for npz, the saved config for vitlab
       files, exact for timm / HF / torchvision).
     - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
+
+    The model's Linear layers take the CPU fast path (:func:`vitlab.compute.set_onednn_linear`).
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
-    return model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                 resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu)
+    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu)
+    return set_onednn_linear(model)  # the CPU fast path, as vitlab.create_model
 

@@ -23,8 +23,8 @@ from torch import nn
 from ..devices import resolve_device
 from ..errors import VitlabError
 from ..models import create_model, get_config
-from ..models.linear import _onednn_product, onednn_linear_available
 from .flops import forward_macs
+from .onednn import onednn_linear_available, onednn_product, set_onednn_linear
 
 # vitlab name -> timm name of the same architecture (224 px; other resolutions are passed as img_size)
 TIMM_NAMES = {
@@ -114,7 +114,7 @@ def measure_gemm_rate(device: torch.device, dtype: str = "fp32", size: int = 204
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     candidates = {"blas": lambda: torch.mm(a, b)}
     if device.type == "cpu" and onednn_linear_available():
-        candidates["onednn"] = lambda: _onednn_product(a, b, None)
+        candidates["onednn"] = lambda: onednn_product(a, b)
     rates = {}
     with torch.inference_mode():
         for name, fn in candidates.items():
@@ -188,7 +188,7 @@ def paired_ratio(faster_if_small: list[float], reference: list[float]) -> float:
 def build_pair(name: str, settings: BenchSettings, device: torch.device):
     """The vitlab model and, when timm is installed and knows the architecture, timm's with the same weights."""
     overrides = {"img_size": settings.img_size} if settings.img_size else {}
-    model = create_model(name, **overrides)
+    model = set_onednn_linear(create_model(name, **overrides))  # as vitlab.create_model builds it
     reference = None
     timm_name = TIMM_NAMES.get(name)
     if settings.timm and timm_name:

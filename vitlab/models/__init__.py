@@ -2,7 +2,6 @@
 
 from .families import FAMILIES, ModelFamily, config_from_dict, family_of, model_from_config, register_family
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
-from .linear import Linear, onednn_linear_available, set_onednn_linear
 from .registry import (
     ModelEntry,
     create_model,
@@ -20,7 +19,6 @@ __all__ = [
     "HybridConfig",
     "HybridEmbed",
     "HybridVisionTransformer",
-    "Linear",
     "Mlp",
     "ModelEntry",
     "PatchEmbed",
@@ -36,10 +34,8 @@ __all__ = [
     "get_config",
     "list_models",
     "model_from_config",
-    "onednn_linear_available",
     "register",
     "register_family",
     "resolve",
-    "set_onednn_linear",
     "sincos_2d_position_embedding",
 ]

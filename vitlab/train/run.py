@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..compute.flops import forward_macs
+from ..compute.onednn import set_onednn_linear
 from ..data import ArrayDataset, ImageFolderDataset, ShardDataset, build_dataset
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
 from ..errors import InvalidValueError, VitlabError
@@ -204,7 +205,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     objective = objective if objective is not None else Classification(cfg, len(class_names))
     objective.check(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
-    vit = build_model_for(cfg, len(class_names), in_chans, log)
+    vit = set_onednn_linear(build_model_for(cfg, len(class_names), in_chans, log))  # the CPU fast path
     preprocessing = Preprocessing.for_model(vit.cfg.img_size, vit.cfg.in_chans)
     model = objective.wrap(vit, preprocessing).to(info.device)
 
