@@ -71,14 +71,30 @@ def export_npz(model: nn.Module, path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if path.suffix != ".npz":
         raise InvalidValueError(f"{path}: use a name ending in .npz")
-    arrays = to_npz_arrays(_state_dict(model), model.cfg)
+    cfg = model.cfg
+    backbone = getattr(cfg, "backbone", None)  # a hybrid: its ResNet in vit_jax's conv_root / block{s}/unit{u} names
+    extra = []
+    notes = []
+    if backbone is not None:
+        from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
+
+        if backbone.stem_kernel != 7 or not backbone.stem_pool or backbone.gn_groups != 32:
+            raise InvalidValueError("cannot write the vit_jax .npz layout for this hybrid: vit_jax's ResNet has a "
+                                    "7x7 stem with max-pool and GroupNorm(32)")
+        extra = backbone_rules(tuple(backbone.layers))
+        differs = {k: getattr(backbone, k) for k, v in VIT_JAX_BACKBONE_NUMERICS.items() if getattr(backbone, k) != v}
+        if differs:
+            notes.append("the backbone computes with " + ", ".join(f"{k}={v}" for k, v in differs.items())
+                         + "; vit_jax uses " + ", ".join(f"{k}={v}" for k, v in VIT_JAX_BACKBONE_NUMERICS.items())
+                         + " (vitlab reads the file back with vit_jax's)")
+    arrays = to_npz_arrays(_state_dict(model), cfg, extra)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object, so that numpy does not append its own suffix
             np.savez(f, **arrays)
 
     write_atomic(path, write)
-    return _numerics_notes(model.cfg, "vit_jax (Flax nn.gelu)", "tanh")
+    return notes + _numerics_notes(cfg, "vit_jax (Flax nn.gelu)", "tanh")
 
 
 def export_timm(model: nn.Module, path: str | os.PathLike) -> list[str]:
@@ -200,7 +216,7 @@ def export(model: nn.Module, dst: str | os.PathLike, to: str, *, metadata: dict 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size=None, num_classes: int | None = None,
             model_name: str | None = None, resample: str | None = None, drop_pre_logits: bool = False,
-            gelu: str | None = None, prefer_ema: bool = False) -> dict:
+            gelu: str | None = None, prefer_ema: bool = False, patch_size=None) -> dict:
     """Read ``src`` (any supported format), optionally change resolution / class count, write ``dst`` in layout ``to``.
 
     Returns a summary dict (source format, target, config, parameter count, notes). Nothing is written unless the
@@ -212,7 +228,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
         raise VitlabError(f"{dst}: the destination is the source file")
     ckpt = read_checkpoint(src, model_name=model_name, prefer_ema=prefer_ema)
     model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu)
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu,
+                                  patch_size=patch_size)
     metadata = dict(ckpt.metadata)
     metadata.setdefault("converted_from", {"path": src.name, "format": ckpt.format})
     notes = export(model, dst, to, metadata=metadata)
@@ -226,7 +243,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
         "to": to,
         "config": model.cfg.to_dict(),
         "params": model.num_params(),
-        "resampled": tuple(model.cfg.img_size) != tuple(ckpt.config.img_size),
+        "resampled": tuple(getattr(model.cfg, "grid_size", model.cfg.img_size))
+        != tuple(getattr(ckpt.config, "grid_size", ckpt.config.img_size)),
         "new_head": new_head,
         "notes": ckpt.notes + notes + ([head_note] if head_note else []),
     }

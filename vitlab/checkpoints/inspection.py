@@ -47,8 +47,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, model_name: str | None = None
     preprocessing (dict) and preprocessing_source, facts (zeroed_head, pre_logits, pooling, npz details), metadata,
     notes. Raises :class:`~vitlab.errors.VitlabError` for files that cannot be loaded (the same checks as
     :func:`vitlab.load`)."""
-    path = Path(path)
-    ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
+    ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)  # a name or URL: the cached file
+    path = Path(ckpt.path)
     cfg = ckpt.config
     if path.is_dir():
         size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
@@ -76,7 +76,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, model_name: str | None = None
         "num_classes": cfg.num_classes,
         "class_names": ckpt.class_names,
         "preprocessing": ckpt.preprocessing.to_dict(),
-        "preprocessing_source": "stored in the file" if stored_pre else f"default of the {ckpt.format} source",
+        "preprocessing_source": "stored in the file" if stored_pre else
+        f"given by its source, {facts['source']}" if facts.get("source") else f"default of the {ckpt.format} source",
         "facts": facts,
         "metadata": ckpt.metadata,
         "notes": list(ckpt.notes) + [n for n in [zeroed_head_note(ckpt)] if n],

@@ -22,8 +22,9 @@ from ..errors import VitlabError
 from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
+from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
 from .files import read_npz, read_safetensors, read_torch, sniff
-from .resample import check_method, resample_1d, resample_pos_embed
+from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
 from .vitlab_format import parse_document, read_document
 
@@ -94,6 +95,10 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     ``model_name`` supplies what a layout does not store (the head count of fused-qkv layouts, a non-square grid) and
     is checked against the weights. ``prefer_ema`` picks EMA weights from a training checkpoint that has both.
     Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
+    resolved = _resolve_name(path)
+    if resolved is not None:  # a catalog name, hf-hub: repo or URL, now a local file
+        path, model_name = resolved.path, model_name or resolved.model_name
+        grid_hint = grid_hint or resolved.grid_hint
     path = Path(path)
     source = str(path)
     kind = sniff(path)
@@ -125,8 +130,47 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     check_fit(expected, ckpt.state_dict, source)
     if check_finite:
         _check_finite(ckpt)
+    if resolved is not None:
+        _apply_source(ckpt, resolved)
     _record_facts(ckpt)
     return ckpt
+
+
+def _resolve_name(spec: str | os.PathLike):
+    """What :func:`vitlab.hub.resolve` makes of a spec that is not an existing path (None: treat it as a path)."""
+    spec = os.fspath(spec)
+    if Path(spec).exists():
+        return None
+    from ..hub import resolve
+
+    return resolve(spec)
+
+
+def _apply_source(ckpt: Checkpoint, resolved) -> None:
+    """Give a checkpoint fetched by name what its source says (preprocessing, class names) and check a catalog
+    entry's resolution and classes against the file."""
+    from ..labels import class_names as label_names
+    from ..models.pretrained import LABEL_SETS
+
+    cfg, entry = ckpt.config, resolved.entry
+    if entry is not None:
+        source = next((s for s in entry.sources if s.spec == resolved.source), None)
+        problems = []
+        if tuple(cfg.img_size) != (entry.img_size, entry.img_size):
+            problems.append(f"resolution {tuple(cfg.img_size)} (catalog: {entry.img_size})")
+        if cfg.num_classes != entry.num_classes and not (source and source.note):
+            problems.append(f"{cfg.num_classes} classes (catalog: {entry.num_classes})")
+        if problems:
+            raise VitlabError(f"{resolved.spec}: the file {ckpt.path} does not match the catalog entry: "
+                              + ", ".join(problems))
+    if resolved.preprocessing is not None and ckpt.format != "vitlab":
+        ckpt.preprocessing = resolved.preprocessing.replace(img_size=cfg.img_size)
+    if ckpt.class_names is None:
+        if resolved.class_names is not None and len(resolved.class_names) == cfg.num_classes:
+            ckpt.class_names = list(resolved.class_names)
+        elif resolved.label_set and LABEL_SETS.get(resolved.label_set) == cfg.num_classes:
+            ckpt.class_names = label_names(resolved.label_set)
+    ckpt.facts.update(resolved.facts, resolved_from=resolved.spec)
 
 
 def _from_vitlab_document(source: str, tensors: dict, document: dict) -> Checkpoint:
@@ -342,10 +386,19 @@ def zeroed_head_note(ckpt: Checkpoint) -> str | None:
 
 # ------------------------------------------------------------------------------------------------- building
 def target_config(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-                  drop_pre_logits: bool = False, gelu: str | None = None) -> tuple[object, bool]:
+                  drop_pre_logits: bool = False, gelu: str | None = None,
+                  in_chans: int | None = None, patch_size=None) -> tuple[object, bool]:
     """The config of the model to build and whether it gets a new (zero-initialised) head."""
     cfg = ckpt.config
     changes: dict = {}
+    if in_chans is not None and in_chans != cfg.in_chans:
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+            raise VitlabError(f"{ckpt.path}: in_chans must be a positive integer, got {in_chans!r}")
+        changes["in_chans"] = in_chans
+    if patch_size is not None:
+        if not hasattr(cfg, "patch_size"):
+            raise VitlabError(f"{ckpt.path}: patch_size: a {type(cfg).__name__} has no patch embedding")
+        changes["patch_size"] = patch_size
     if img_size is None and model_name is not None:
         implied = resolve(model_name)[1].get("img_size")  # an alias like vit_base_patch16_384 fixes the resolution
         img_size = implied
@@ -380,11 +433,14 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
         elif src.pos_embed == "learned_2d":
             sd["pos_embed_y"] = resample_1d(sd["pos_embed_y"], target.grid_size[0], method)
             sd["pos_embed_x"] = resample_1d(sd["pos_embed_x"], target.grid_size[1], method)
+    kernel = sd.get("patch_embed.proj.weight")
+    if kernel is not None and tuple(kernel.shape[-2:]) != tuple(target.patch_size):  # FlexiViT's kernel resize
+        sd["patch_embed.proj.weight"] = resample_patch_embed(kernel, target.patch_size)
     if new_head:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         if not getattr(target, "representation_size", None):
             sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
-    return sd
+    return adapt_state_dict_channels(sd, src.in_chans, target.in_chans)  # timm's adapt_input_conv rule
 
 
 def check_fit(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
@@ -416,11 +472,12 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
 
 def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None,
                           num_classes: int | None = None, resample: str | None = None, drop_pre_logits: bool = False,
-                          gelu: str | None = None) -> nn.Module:
+                          gelu: str | None = None, in_chans: int | None = None, patch_size=None) -> nn.Module:
     """A model in eval mode with the checkpoint's weights, adapted as asked, with ``preprocessing`` and
     ``class_names`` attributes set. Warns (:class:`CheckpointWarning`) when a zeroed head is kept."""
     target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                     drop_pre_logits=drop_pre_logits, gelu=gelu)
+                                     drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
+                                     patch_size=patch_size)
     state_dict = adapt_state_dict(ckpt, target, new_head, resample)
     model = construct_uninitialised(ckpt.architecture.model_class, target)
     fresh = ("head.", "pre_logits.") if new_head else ()
@@ -429,14 +486,15 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
         warnings.warn(f"{ckpt.path}: the classification head is all zeros (an ImageNet-21k pre-training release); "
                       "its logits are constant. Pass num_classes=... to fine-tune a new head.", CheckpointWarning,
                       stacklevel=3)
-    model.preprocessing = ckpt.preprocessing.replace(img_size=target.img_size)
+    model.preprocessing = adapt_preprocessing_channels(ckpt.preprocessing.replace(img_size=target.img_size),
+                                                      target.in_chans)
     model.class_names = None if new_head else ckpt.class_names
     return model.eval()
 
 
 def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
          resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-         prefer_ema: bool = False) -> nn.Module:
+         prefer_ema: bool = False, in_chans: int | None = None, patch_size=None) -> nn.Module:
     """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
     torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder) and return
     the model in eval mode, with ``model.preprocessing`` and ``model.class_names`` set.
@@ -451,11 +509,18 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
     - ``gelu``: ``"exact"`` or ``"tanh"``; default: what the source used (tanh for npz, the saved config for vitlab
       files, exact for timm / HF / torchvision).
     - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
+    - ``in_chans``: take images with this many channels; the input convolution is adapted as timm's
+      ``adapt_input_conv`` does (summed for 1 channel, repeated and rescaled for more; see
+      :mod:`vitlab.checkpoints.channels`) and the preprocessing's mean / std follow.
+    - ``patch_size``: build the model with this patch size (int or (height, width)), the patch-embedding kernel
+      resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
+      position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
 
     The model's Linear layers take the CPU fast path (:func:`vitlab.compute.set_onednn_linear`).
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
     model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu)
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
+                                  patch_size=patch_size)
     return set_onednn_linear(model)  # the CPU fast path, as vitlab.create_model
 

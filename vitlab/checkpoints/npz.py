@@ -339,9 +339,11 @@ def _list(names: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def to_npz_arrays(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig) -> dict[str, np.ndarray]:
+def to_npz_arrays(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig,
+                  extra_rules: list[NpzRule] = ()) -> dict[str, np.ndarray]:
     """A vitlab state dict -> the vit_jax ``.npz`` arrays (float32, pre-Linen names, class slot in the position
-    embedding). Raises ValueError for configurations the vit_jax model cannot express."""
+    embedding). ``extra_rules`` name the tensors of a convolutional backbone (hybrids). Raises ValueError for
+    configurations the vit_jax model cannot express."""
     problems = []
     if cfg.pos_embed != "learned":
         problems.append(f"pos_embed={cfg.pos_embed!r} (vit_jax has learned 1D embeddings only)")
@@ -352,12 +354,13 @@ def to_npz_arrays(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig) -> dic
     if problems:
         raise InvalidValueError("cannot write the vit_jax .npz layout for this model: " + "; ".join(problems))
     arrays = {}
-    for rule in vit_rules(cfg):
+    rules = [*extra_rules, *vit_rules(cfg)]
+    for rule in rules:
         if rule.torch_key not in state_dict:
             raise ValueError(f"state dict lacks {rule.torch_key!r}")
         for key, value in zip(rule.npz_keys, rule.to_npz(state_dict[rule.torch_key])):
             arrays[key] = np.ascontiguousarray(value, dtype=np.float32)
-    extra = sorted(set(state_dict) - {r.torch_key for r in vit_rules(cfg)})
+    extra = sorted(set(state_dict) - {r.torch_key for r in rules})
     if extra:
         raise InvalidValueError(f"cannot write the vit_jax .npz layout: no npz name for {', '.join(extra)}")
     return arrays

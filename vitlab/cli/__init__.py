@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: build, train, load, evaluate.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
+    parser.add_argument("--offline", action="store_true",
+                        help="never use the network: pre-trained checkpoints (catalog names, hf-hub:, URLs) must be "
+                             "in the cache (same as VITLAB_OFFLINE=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.offline:  # read by vitlab.hub at each download; also reaches child processes (torchrun)
+        import os
+
+        os.environ["VITLAB_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
     except VitlabError as exc:  # bad input: the message says what to change

@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="destination file (or folder for --to hf)")
     p.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="target layout")
     p.add_argument("--img-size", type=_size, help="new resolution, N or HxW (position embedding resampled)")
+    p.add_argument("--patch-size", type=_size, help="new patch size, N or HxW: the patch-embedding kernel resampled "
+                                                    "as FlexiViT does, the position embedding to the new grid")
     p.add_argument("--num-classes", type=int, help="new class count: a new zero-initialised head")
     p.add_argument("--drop-pre-logits", action="store_true", help="remove the pre-logits layer (new head)")
     p.add_argument("--resample", choices=RESAMPLE_METHODS,
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # anything worth saying is in the notes
         summary = convert(args.src, args.dst, to=args.to, img_size=args.img_size, num_classes=args.num_classes,
                           model_name=args.model_name, resample=args.resample, drop_pre_logits=args.drop_pre_logits,
-                          gelu=args.gelu, prefer_ema=args.ema)
+                          gelu=args.gelu, prefer_ema=args.ema, patch_size=args.patch_size)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     size = "x".join(map(str, cfg["img_size"]))
     print(f"wrote {summary['dst']} ({summary['to']}) from {summary['src']} ({summary['from']}): "
           f"{size} px, {cfg['num_classes']} classes, {summary['params']:,} parameters"
+          + (f", patch {'x'.join(map(str, cfg['patch_size']))}" if args.patch_size else "")
           + (", position embedding resampled" if summary["resampled"] else "")
           + (", new zero-initialised head" if summary["new_head"] else ""))
     for note in summary["notes"]:

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "top-5, loss, per-class accuracy, confusion matrix, expected calibration "
                                           "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
                                           "process takes a disjoint share; no sample is counted twice).")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx file from `vitlab export-onnx`")
     p.add_argument("--data", required=True, help="named set, image folder or tar shards")
     p.add_argument("--split", default="test", help="split of a named set or folder tree (default test)")
     p.add_argument("--data-dir", help="folder holding a named set's files")
@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--img-size", type=int, help="evaluate at this resolution (position embeddings resampled)")
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
+    p.add_argument("--map-classes-by-name", action="store_true",
+                   help="evaluate on the classes the checkpoint and the data both name (logits taken in the data's "
+                        "order); without it, data whose classes differ from the checkpoint's are refused")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, num_workers=args.workers, device=str(info.device),
                                   precision=args.precision, on_bad_image=args.on_bad_image,
                                   max_samples=args.max_samples, num_bins=args.bins, progress=info.is_main,
-                                  on_skipped=skipped.extend)
+                                  on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name)
     finally:
         D.teardown()
     if not info.is_main:
@@ -63,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    if "class_mapping" in results:
+        m = results["class_mapping"]
+        left = f"; {m['images_left_out']:,} images of other classes left out" if m["images_left_out"] else ""
+        print(f"classes matched by name: {m['matched']} of the data's {m['data_classes']} (the checkpoint has "
+              f"{m['model_classes']}){left}" + (f"; unmatched: {', '.join(m['unmatched'][:5])}"
+                                                 + (", ..." if len(m["unmatched"]) > 5 else "")
+                                                 if m["unmatched"] else ""))
     line = f"{args.data} {args.split}: top-1 {100 * results['top1']:.2f}%"
     if "top5" in results:
         line += f", top-5 {100 * results['top5']:.2f}%"

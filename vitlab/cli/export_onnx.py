@@ -1,4 +1,5 @@
-"""``vitlab export-onnx``: a model as ONNX (dynamic batch), checked against PyTorch, optionally int8 too."""
+"""``vitlab export-onnx``: a model as ONNX (dynamic batch, optionally dynamic height and width), checked against
+PyTorch, optionally int8 too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", metavar="FILE", help="also write the int8 model here")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference allowed (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="dynamic height and width too (a ViT; position embedding resampled in the graph); the check "
+                        "then also runs two other sizes (default: on for models built with dynamic_img_size)")
     p.set_defaults(func=run)
 
 
@@ -30,7 +34,9 @@ def load_model(source: str, model_name: str | None = None, weights: str | None =
                model_args: dict | None = None):
     """A model from a registered name (optionally with a state dict) or from any checkpoint vitlab can read.
     ``model_args`` are config overrides for a plain state dict of a registered model with changed sizes."""
-    if Path(source).is_file():
+    from ..hub import is_checkpoint_name
+
+    if Path(source).is_file() or is_checkpoint_name(source):  # a file, or a catalog name / hf-hub: repo / URL
         import vitlab
 
         loader = getattr(vitlab, "load", None)  # the checkpoints package: every supported format
@@ -65,20 +71,31 @@ def _with_state_dict(model, path: str):
     return model
 
 
+def other_sizes(model) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two input sizes besides the build size for checking a dynamic-size export: a larger non-square one and one
+    with fewer rows (the position embedding shrinks along that axis)."""
+    (H, W), (rh, rw) = model.cfg.img_size, model.cfg.reduction
+    return (H + 2 * rh, W + rw), (H - rh if H > rh else H + rh, W + 2 * rw)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.tolerance <= 0:
         raise InvalidValueError(f"--tolerance must be positive, got {args.tolerance}")
     if not args.output.endswith(".onnx") or (args.int8 and not args.int8.endswith(".onnx")):
         raise InvalidValueError("output files must end in .onnx")
     model = load_model(args.source, args.model, args.weights).eval()
-    path = export_onnx(model, args.output)
-    print(f"wrote {path} (input pixel_values (B, {', '.join(map(str, (model.cfg.in_chans, *model.cfg.img_size)))}), "
-          "dynamic batch)")
+    dynamic = args.dynamic_size or bool(getattr(model.cfg, "dynamic_img_size", False))
+    path = export_onnx(model, args.output, dynamic_size=dynamic)
+    shape = ("H", "W") if dynamic else model.cfg.img_size
+    print(f"wrote {path} (input pixel_values (B, {', '.join(map(str, (model.cfg.in_chans, *shape)))}), "
+          f"dynamic batch{', height and width' if dynamic else ''})")
     status = 0
     if not args.no_check:
-        parity = check_parity(model, OnnxModel(path), tolerance=args.tolerance)
+        sizes = other_sizes(model) if dynamic else ()
+        parity = check_parity(model, OnnxModel(path), tolerance=args.tolerance, sizes=sizes)
         worst = max(parity.max_abs_diff.values())
-        sizes = ", ".join(f"batch {b}: {d:.2e}" for b, d in parity.max_abs_diff.items())
+        sizes = ", ".join(f"{'batch ' if isinstance(b, int) else ''}{b}: {d:.2e}"
+                          for b, d in parity.max_abs_diff.items())
         print(f"parity with PyTorch: max |logit difference| {sizes} -> {'OK' if parity.ok else 'FAILED'} "
               f"(tolerance {args.tolerance:g}; largest |logit| {parity.max_abs_logit:.3g})")
         if parity.max_abs_logit == 0:

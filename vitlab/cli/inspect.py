@@ -11,6 +11,7 @@ import torch
 from ..errors import InvalidValueError, VitlabError
 from ..inspect import ANALYSES, find_images, inspect_model, load_images
 from ..inspect.report import NEEDS_IMAGES
+from .convert import _size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--components", type=int, default=28, help="principal components of the filters (default: 28)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--device", default="cpu", help="torch device for the forward passes (default: cpu)")
+    p.add_argument("--img-size", type=_size,
+                   help="run distance and rollout at this input size, N or HxW (a multiple of the patch; the position "
+                        "embedding is resampled for the grid; default: the model's size)")
     p.set_defaults(func=run)
 
 
@@ -51,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--device {args.device}: CUDA is not available")
     model = load(args.checkpoint, model_name=args.model)
     preprocessing = getattr(model, "preprocessing", None)
+    if args.img_size is not None:
+        from ..preprocessing import Preprocessing
+
+        preprocessing = (preprocessing or Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)).replace(
+            img_size=args.img_size)
     images = names = None
     wants_images = what is None or any(w.strip() in NEEDS_IMAGES for w in what)
     if args.images is not None and wants_images:
@@ -66,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
                             preprocessing=preprocessing, num_components=args.components,
                             rollout_images=args.rollout_images, head_fusion=args.head_fusion,
                             discard_ratio=args.discard_ratio, batch_size=args.batch_size, device=device,
-                            title=Path(args.checkpoint).name)
+                            title=Path(args.checkpoint).name,
+                            dynamic_img_size=True if args.img_size is not None else None)
     print(f"wrote {', '.join(summary['files'].values())} to {args.out}")
     if "filters" in summary:
         ratio = summary["filters"]["explained_variance_ratio"]
@@ -84,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if "distance" in summary:
         d = summary["distance"]
         layers = " ".join(f"{v:.1f}" for v in d["per_layer_mean"])
-        print(f"mean attention distance over {d['num_images']} images (px, per layer, mean of heads): {layers}; "
+        print(f"mean attention distance over {d['num_images']} images at grid {'x'.join(map(str, d['grid_size']))} "
+              f"(px, per layer, mean of heads): {layers}; "
               f"uniform attention: {d['uniform_attention']:.1f}")
     if "rollout" in summary:
         print(f"rollout: {len(summary['rollout']['images'])} images in rollout.png")

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help="resolution to report compute at (default: each model's own)")
     p.add_argument("--num-classes", type=int, help="head size used for counting (default: each model's own)")
     p.add_argument("--aliases", action="store_true", help="list timm-style aliases too")
+    p.add_argument("--pretrained", action="store_true",
+                   help="list the catalog of pre-trained checkpoints instead (resolution, classes, reported ImageNet "
+                        "top-1, sources); PATTERN filters their names")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--epochs", type=float, help="add pre-training exaFLOPs for this many epochs")
     p.add_argument("--images", default="jft300m",
@@ -93,9 +96,43 @@ def print_table6(as_json: bool) -> int:
     return 0
 
 
+def pretrained_rows(pattern: str | None) -> list[dict]:
+    """One dict per catalog entry matching ``pattern``: name, model, resolution, classes, top-1, sources."""
+    from ..models.pretrained import DEFAULT_TAGS, list_pretrained
+
+    rows = []
+    for e in list_pretrained(pattern):
+        rows.append({"name": e.name, "model": e.model, "img_size": e.img_size, "num_classes": e.num_classes,
+                     "labels": e.labels, "params": e.params, "top1": e.top1, "top1_paper": e.top1_paper,
+                     "top1_timm": e.top1_timm, "default": DEFAULT_TAGS.get(e.model) == e.tag, "license": e.license,
+                     "sources": [{"kind": s.kind, "spec": s.spec, "size": s.size, "sha256": s.sha256, "note": s.note}
+                                 for s in e.sources]})
+    return rows
+
+
+def print_pretrained(pattern: str | None, as_json: bool) -> int:
+    rows = pretrained_rows(pattern)
+    if not rows:
+        raise InvalidValueError(f"no pre-trained checkpoint matches {pattern!r}")
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'checkpoint':<38} {'res':>4} {'classes':>7} {'params':>8} {'top-1':>6}  source (more: --json)")
+    for r in rows:
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        mark = "*" if r["default"] else " "
+        print(f"{r['name']:<37}{mark} {r['img_size']:>4} {r['num_classes']:>7} {r['params'] / 1e6:>7.1f}M {top1:>6}  "
+              f"{r['sources'][0]['spec']}")
+    print("* = the default tag of its model (create_model(model, pretrained=True)); top-1: ImageNet val as timm "
+          "measured it (else the paper's)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.paper_table6:
         return print_table6(args.json)
+    if args.pretrained:
+        return print_pretrained(args.pattern, args.json)
     if args.epochs is not None and args.epochs <= 0:
         raise InvalidValueError(f"--epochs must be positive, got {args.epochs}")
     if not 0 < args.mfu <= 1:

@@ -15,6 +15,7 @@ FLAG_FIELDS = {
     "batch_size": int, "lr": float, "weight_decay": float, "warmup_epochs": float, "accum_steps": int, "seed": int,
     "device": str, "precision": str, "threads": int, "num_workers": int, "out_dir": str, "run_name": str,
     "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
+    "freeze_blocks": int, "freeze": list, "layer_decay": float,
 }
 
 
@@ -54,6 +55,15 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="change any config field, e.g. --set mixup=0.8 --set model_args.depth=4 (repeatable)")
+    t = p.add_argument_group("fine-tuning controls (docs/training.md)")
+    t.add_argument("--linear-probe", action="store_true", default=None,
+                   help="train the head only (final norm frozen, dropout and drop-path off)")
+    t.add_argument("--freeze-blocks", type=int, metavar="N", help="freeze the embedding and the first N blocks")
+    t.add_argument("--freeze", action="append", metavar="PATTERNS",
+                   help="freeze parameters by name: globs, module prefixes, ranges, comma-separated or repeated "
+                        "(e.g. patch_embed,pos_embed,blocks.0-5)")
+    t.add_argument("--layer-decay", type=float, metavar="D",
+                   help="layer-wise lr decay (BEiT / MAE): layer l trains at lr x D^(L+1-l), e.g. 0.75")
     p.add_argument("--nproc", metavar="N", help="run N data-parallel processes on this machine (via torchrun; 'auto': "
                                                 "one per GPU, or one per CPU core with one thread each)")
 
@@ -74,7 +84,7 @@ def build_config(args: argparse.Namespace, base_recipe: str | None = None):
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
-    for k in ("compile", "download", "deterministic", "fsdp", "progress"):
+    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe"):
         if getattr(args, k, None) is not None:
             flags[k] = getattr(args, k)
     if flags.get("steps") is not None:

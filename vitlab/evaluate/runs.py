@@ -14,6 +14,7 @@ from ..devices import resolve_device
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
 from .classification import evaluate_classifier, load_label_sets
+from .classmap import SelectLogits, check_classes, match_classes_by_name, restrict_to_matched
 from .data import class_names_of, eval_dataset, limit_dataset
 from .distributed import world
 from .fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
@@ -23,9 +24,15 @@ from .report import write_classification_report, write_fewshot_report
 def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
                   device: torch.device | str = "cpu", img_size: int | None = None):
     """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
-    ``img_size`` when given: the position embeddings are resampled and the preprocessing follows)."""
+    ``img_size`` when given: the position embeddings are resampled and the preprocessing follows). An ``.onnx``
+    file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime with the preprocessing stored in it."""
     from ..checkpoints import load
+    from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
 
+    if is_onnx_file(checkpoint):
+        if img_size is not None:
+            raise VitlabError(f"{checkpoint}: an ONNX file runs at its exported resolution; drop --img-size")
+        return OnnxClassifier(checkpoint)
     model = load(checkpoint, model_name=model_name, img_size=img_size).to(device).eval()
     if getattr(model, "preprocessing", None) is None:
         model.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
@@ -92,9 +99,15 @@ def eval_checkpoint(
     num_bins: int = 15,
     progress: bool = False,
     on_skipped=None,
+    map_classes_by_name: bool = False,
 ) -> dict:
     """``vitlab eval``: top-1 / top-5, loss, per-class accuracy, confusion matrix and calibration (ECE) of a
     checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``.
+
+    Data whose classes are not the checkpoint's (another count, or other names than those the checkpoint carries)
+    are refused; ``map_classes_by_name`` instead evaluates on the classes both name, with the logits of those
+    classes in the data's order (``results["class_mapping"]`` says how many matched; see
+    :mod:`vitlab.evaluate.classmap`).
 
     The images are prepared with the checkpoint's preprocessing unless ``preprocessing`` is given; ``img_size``
     evaluates at another resolution (position embeddings resampled, preprocessing resized). Under ``torchrun`` every
@@ -104,24 +117,47 @@ def eval_checkpoint(
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev, img_size=img_size)
     pre = preprocessing or model.preprocessing
-    dataset = limit_dataset(eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image), max_samples)
+    dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image)
+    model, dataset, mapping = match_model_to_data(model, dataset, str(checkpoint), data, map_classes_by_name,
+                                                  labels_file is not None)
+    dataset = limit_dataset(dataset, max_samples)
     label_sets = None
     if labels_file is not None:
         if max_samples is not None:
             raise VitlabError("a labels file covers the whole split; drop the sample limit")
         samples = getattr(dataset, "samples", None)
         label_sets = load_label_sets(labels_file, [s[0] for s in samples] if samples is not None else None)
-    class_names = getattr(model, "class_names", None) or class_names_of(dataset)
-    if class_names is not None and len(class_names) != model.cfg.num_classes:
+    class_names = mapping.names if mapping else getattr(model, "class_names", None) or class_names_of(dataset)
+    if class_names is not None and not mapping and len(class_names) != model.cfg.num_classes:
         class_names = None
     results = evaluate_classifier(model, dataset, batch_size=batch_size, label_sets=label_sets, num_bins=num_bins,
                                   class_names=class_names, device=dev, num_workers=num_workers, progress=progress,
                                   precision=precision, on_skipped=on_skipped)
     results = {"checkpoint": str(checkpoint), "data": data, "split": split, "preprocessing": pre.to_dict(),
                **results}
+    if mapping:
+        results["class_mapping"] = mapping.summary()
     if out_dir is not None and world()[0] == 0:
         results["files"] = {k: str(v) for k, v in write_classification_report(results, out_dir).items()}
     return results
+
+
+def match_model_to_data(model, dataset, checkpoint: str, data: str, by_name: bool = False,
+                        multi_label: bool = False):
+    """(model, dataset, match): unchanged after :func:`classmap.check_classes` passes, or with ``by_name`` the model's
+    logits and the data restricted to the classes both name (``match`` a :class:`classmap.ClassMatch`, else None)."""
+    model_names = getattr(model, "class_names", None)
+    data_names = class_names_of(dataset)
+    if not by_name:
+        check_classes(model.cfg.num_classes, model_names, data_names, checkpoint, data)
+        return model, dataset, None
+    if multi_label:
+        raise VitlabError("a multi-label labels file numbers the data's own classes; it cannot be combined with "
+                          "matching classes by name")
+    match = match_classes_by_name(model_names, data_names, checkpoint, data)
+    dataset, left_out = restrict_to_matched(dataset, match)
+    match.images_left_out = left_out
+    return SelectLogits(model, match.model_indices), dataset, match
 
 
 def suite_checkpoint(

@@ -176,7 +176,10 @@ def parse_suite_config(data: dict, source: str = "suite config", base_dir: str |
             raise VitlabError(f"{source}: groups = true but tasks {', '.join(missing)} have no group")
     checkpoint = data.get("checkpoint")
     if checkpoint is not None:
-        checkpoint = str(base_dir / checkpoint) if not Path(checkpoint).is_absolute() else checkpoint
+        from ..hub import is_checkpoint_name
+
+        if not (Path(checkpoint).is_absolute() or is_checkpoint_name(str(checkpoint))):  # names stay names
+            checkpoint = str(base_dir / checkpoint)
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise VitlabError(f"{source}: seed must be an integer")

@@ -130,6 +130,7 @@ def inspect_model(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     title: str = "",
+    dynamic_img_size: bool | None = None,
 ) -> dict:
     """Run ``what`` (default: every applicable analysis) and write ``out_dir``: one PNG per analysis
     (``filters.png``, ``posemb.png``, ``distance.png``, ``rollout.png``), ``inspection.npz`` (every array),
@@ -138,6 +139,8 @@ def inspect_model(
     ``images`` (N, C, H, W) are preprocessed model inputs; the mean attention distance uses all of them, the rollout
     the first ``rollout_images``. ``preprocessing`` undoes the normalisation for display (default: the model's own, or
     the paper's [-1, 1]). Returns the JSON summary (with a ``files`` entry listing what was written).
+    ``dynamic_img_size=True`` takes ``images`` of another size than the model's (distance and rollout follow their
+    grid).
     """
     cfg = model.cfg
     names = resolve_analyses(model, what, images is not None and len(images) > 0)
@@ -174,14 +177,16 @@ def inspect_model(
                              f"{structure.row_column_effect:+.3f}.")
     if "distance" in names or "rollout" in names:
         stats = attention_statistics(model, images, rollout_images if "rollout" in names else 0, head_fusion,
-                                     discard_ratio, batch_size, device)
+                                     discard_ratio, batch_size, device, dynamic_img_size)
+        grid, pixels_per_token = stats.grid_size, getattr(cfg, "reduction", cfg.patch_size)
         if "distance" in names:
             table = stats.mean_distance
-            uniform = float(patch_centre_distances(cfg.grid_size, cfg.patch_size).mean())
+            uniform = float(patch_centre_distances(grid, pixels_per_token).mean())
             arrays["attention_distance"] = table.numpy()
             summary["distance"] = {"num_images": len(images), "units": "pixels", "uniform_attention": uniform,
-                                   "per_layer_mean": table.mean(dim=1).tolist(), "table": table.tolist()}
-            figures["distance"] = (figure_png(plot_attention_distance(table, cfg.grid_size, cfg.patch_size,
+                                   "grid_size": list(grid), "per_layer_mean": table.mean(dim=1).tolist(),
+                                   "table": table.tolist()}
+            figures["distance"] = (figure_png(plot_attention_distance(table, grid, pixels_per_token,
                                                                       len(images))),
                                    f"Layer by layer, one dot per head, averaged over {len(images)} images; dashed: "
                                    f"uniform attention ({uniform:.1f} px).")

@@ -1,6 +1,7 @@
 """Model definitions and the registry. Imports nothing from the rest of vitlab but its error types."""
 
 from .families import FAMILIES, ModelFamily, config_from_dict, family_of, model_from_config, register_family
+from .features import FeatureExtractor, FeatureInfo
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
 from .registry import (
     ModelEntry,
@@ -11,16 +12,28 @@ from .registry import (
     resolve,
 )
 from .resnetv2 import ResNetV2, ResNetV2Config
-from .vit import Attention, Block, Mlp, PatchEmbed, VisionTransformer, ViTConfig, sincos_2d_position_embedding
+from .vit import (
+    Attention,
+    Block,
+    Mlp,
+    ModelInputError,
+    PatchEmbed,
+    VisionTransformer,
+    ViTConfig,
+    sincos_2d_position_embedding,
+)
 
 __all__ = [
     "Attention",
     "Block",
+    "FeatureExtractor",
+    "FeatureInfo",
     "HybridConfig",
     "HybridEmbed",
     "HybridVisionTransformer",
     "Mlp",
     "ModelEntry",
+    "ModelInputError",
     "PatchEmbed",
     "ResNetV2",
     "ResNetV2Config",

@@ -61,6 +61,12 @@ class HybridConfig(ViTConfig):
         return (self.img_size[0] // s, self.img_size[1] // s)
 
     @property
+    def reduction(self) -> tuple[int, int]:
+        """Pixels per token: the backbone's stride times the patch size on its map."""
+        s = self.backbone.stride
+        return (s * self.patch_size[0], s * self.patch_size[1])
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (rows, columns) on the feature map."""
         fh, fw = self.feature_size

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidValueError
-from .vit import _pair, drop_path
+from .vit import ModelInputError, _pair, drop_path, take_indices
 
 PaddingType = Literal["bit", "same"]
 WsEpsMode = Literal["var", "std"]
@@ -390,6 +390,43 @@ class ResNetV2(nn.Module):
                 else:
                     x = block(x)
         return self.norm(x)
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """The stem's convolution output (stride ``stem_stride``) and each stage's output: ``module`` name,
+        ``num_chs`` channels, ``reduction`` (stride), as timm's ResNetV2 lists them."""
+        cfg, reduction = self.cfg, self.cfg.stem_stride
+        stem = "stem.conv" if cfg.preact else "stem.norm"  # pre-activation stems have no norm of their own
+        info = [{"module": stem, "num_chs": self.stem.num_features, "reduction": reduction}]
+        reduction *= 2 if cfg.stem_pool else 1
+        for i in range(len(self.stages)):
+            reduction *= 1 if i == 0 else 2
+            info.append({"module": f"stages.{i}", "num_chs": cfg.channels[i] * cfg.width_factor,
+                         "reduction": reduction})
+        return info
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Feature maps of the stem (before its max-pool) and of each stage, timm's interface: ``indices`` over
+        those ``1 + len(layers)`` maps (None: all, n: the last n, a list: those, negative from the end); ``norm``
+        applies the final norm to the last stage's map. Returns ``(final map after the norm, maps)`` or, with
+        ``intermediates_only``, the maps."""
+        if output_fmt != "NCHW":
+            raise ModelInputError(f"output_fmt must be 'NCHW' for a ResNet, got {output_fmt!r}")
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ModelInputError(f"expected input of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        taken, last = take_indices(1 + len(self.stages), indices)
+        x = self.stem.norm(self.stem.conv(x))
+        maps = [x] if 0 in taken else []
+        x = self.stem.pool(x)
+        stages = list(self.stages)[:last] if stop_early else list(self.stages)
+        for i, stage in enumerate(stages, start=1):
+            for block in stage.blocks:
+                x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                    else block(x)
+            if i in taken:
+                maps.append(self.norm(x) if norm and i == len(self.stages) else x)
+        return maps if intermediates_only else (self.norm(x), maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool and classify a feature map; ``pre_logits=True`` returns the pooled (B, num_features)."""

@@ -7,11 +7,17 @@
 
 Module and parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv``,
 ...), so a timm state dict loads as it is; the checkpoint package maps every other layout onto these names.
+
+As a backbone: :meth:`VisionTransformer.forward_intermediates` returns the tokens of chosen blocks (timm's
+interface), ``dynamic_img_size`` runs the model at any input size with the position embedding resampled for the
+input's grid (cached per grid), ``dynamic_img_pad`` pads inputs up to a multiple of the patch.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -20,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, VitlabError
+from .resample import RESAMPLE_METHODS, resample_grid
 
 PoolType = Literal["token", "gap"]
 PosEmbedType = Literal["learned", "learned_2d", "sincos", "none"]
@@ -32,6 +39,10 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if len(value) != 2:
         raise InvalidValueError(f"expected an int or a pair of ints, got {value!r}")
     return (int(value[0]), int(value[1]))
+
+
+class ModelInputError(VitlabError, ValueError):
+    """Input a model cannot take (wrong channel count, a size it was not built for, a bad feature index)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,9 @@ class ViTConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path_rate: float = 0.0
+    dynamic_img_size: bool = False
+    dynamic_img_pad: bool = False
+    dynamic_resample: str = "bicubic"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", _pair(self.img_size))
@@ -88,6 +102,9 @@ class ViTConfig:
             errors.append(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if self.num_classes < 0:
             errors.append(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.dynamic_resample not in RESAMPLE_METHODS:
+            errors.append(f"dynamic_resample must be one of {', '.join(RESAMPLE_METHODS)}, got "
+                          f"{self.dynamic_resample!r}")
         if errors:
             raise InvalidValueError("invalid ViT config: " + "; ".join(errors))
 
@@ -95,6 +112,11 @@ class ViTConfig:
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (rows, columns)."""
         return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def reduction(self) -> tuple[int, int]:
+        """Pixels per token along (height, width): the patch size (hybrids: backbone stride x patch size)."""
+        return self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -243,6 +265,73 @@ class PreLogits(nn.Module):
         return torch.tanh(self.fc(x))
 
 
+def _tracing() -> bool:
+    """True inside torch.compile / torch.export / ONNX export / TorchScript tracing: no Python-side caching or
+    size-dependent shortcuts there (a shortcut would fix the graph to the example's size)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    return bool(torch.compiler.is_exporting())
+
+
+def take_indices(num_features: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's meaning of ``indices``: None takes all ``num_features``, an int n the last n, a sequence those positions
+    (negative ones count from the end). Returns (absolute indices, largest index); out of range: ModelInputError."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ModelInputError(f"indices={indices}: the last-n count must be 1 to {num_features}")
+        taken = list(range(num_features - indices, num_features))
+    else:
+        taken = []
+        for i in indices:
+            idx = num_features + int(i) if int(i) < 0 else int(i)
+            if not 0 <= idx < num_features:
+                raise ModelInputError(f"indices: feature index {i} is out of range for {num_features} features "
+                                      f"(-{num_features} to {num_features - 1})")
+            taken.append(idx)
+        if not taken:
+            raise ModelInputError("indices: an empty list selects no feature")
+    return taken, max(taken)
+
+
+class GridCache:
+    """Position embeddings computed for other grids than the build grid, kept per grid (least recently used first
+    out) so that repeated calls at one size cost a dictionary look-up.
+
+    An entry is valid while the tensors it was computed from are unchanged: its stamp holds each source tensor's
+    identity, storage address, in-place version counter (bumped by optimiser steps and ``load_state_dict``), device
+    and dtype. Nothing is cached when the result would carry autograd history (training: the gradient must reach
+    the parameters through the resampling) or inside a compiled / exported graph."""
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self.entries: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def stamp(sources: Sequence[torch.Tensor]) -> tuple:
+        return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+
+    def get(self, key, sources: Sequence[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        if needs_graph or _tracing():
+            return compute()
+        stamp = self.stamp(sources)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            self.entries.move_to_end(key)
+            return hit[1]
+        value = compute()
+        self.entries[key] = (stamp, value)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class VisionTransformer(nn.Module):
     """ViT built from a :class:`ViTConfig`. ``forward`` returns logits (B, num_classes)."""
 
@@ -264,6 +353,7 @@ class VisionTransformer(nn.Module):
         elif cfg.pos_embed == "sincos":
             self.register_buffer("pos_embed_fixed", sincos_2d_position_embedding(cfg.grid_size, D), persistent=False)
         self.pos_drop = nn.Dropout(cfg.dropout)
+        self.pos_cache = GridCache()  # position embeddings for other grids (dynamic_img_size)
 
         # stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -334,34 +424,111 @@ class VisionTransformer(nn.Module):
         """Recompute each block's activations in the backward pass to save memory."""
         self.grad_checkpointing = enable
 
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (timm's meaning, see :meth:`forward_intermediates`) and,
+        with ``prune_head``, the pre-logits layer and the head (``forward`` then returns the pooled features);
+        ``prune_norm`` drops the final norm. Returns the absolute indices kept for ``forward_intermediates``."""
+        taken, last = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.cfg = self.cfg.replace(depth=last + 1)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_head(0, drop_pre_logits=True)
+        return taken
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """One entry per block, as detection / segmentation code expects: ``module`` name, ``num_chs`` channels and
+        ``reduction`` (pixels per token; the stride of the block's NCHW map)."""
+        rh, rw = self.cfg.reduction
+        r = rh if rh == rw else (rh, rw)
+        return [{"module": f"blocks.{i}", "num_chs": self.cfg.embed_dim, "reduction": r}
+                for i in range(len(self.blocks))]
+
+    # ----- input size
+    def input_grid(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> tuple[int, int]:
+        """The token grid (rows, columns) for images ``x`` (B, C, H, W). Without ``dynamic_img_size`` (the config's
+        value unless given) only the build size is accepted; with it any size that is a multiple of the patch, or
+        any size at all with ``dynamic_img_pad`` (the grid is then rounded up). Raises :class:`ModelInputError`."""
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_chans:
+            raise ModelInputError(f"expected input of shape (B, {cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        (rh, rw), unit = cfg.reduction, "patch" if cfg.reduction == cfg.patch_size else "token (stride x patch)"
+        if H < rh or W < rw:
+            raise ModelInputError(f"input {H}x{W} is smaller than one {rh}x{rw} {unit}")
+        dynamic = cfg.dynamic_img_size if dynamic_img_size is None else dynamic_img_size
+        if not dynamic:
+            if (H, W) != cfg.img_size:
+                raise ModelInputError(f"expected input of shape (B, {cfg.in_chans}, {cfg.img_size[0]}, "
+                                      f"{cfg.img_size[1]}), got {tuple(x.shape)}; build the model with "
+                                      "dynamic_img_size=True (or pass dynamic_img_size=True) to run at other sizes")
+            return cfg.grid_size
+        if cfg.dynamic_img_pad:
+            return (-(-H // rh), -(-W // rw))
+        if H % rh or W % rw:
+            raise ModelInputError(f"input {H}x{W} is not a multiple of the {rh}x{rw} {unit}; build the model with "
+                                  "dynamic_img_pad=True to pad it")
+        return (H // rh, W // rw)
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """With ``dynamic_img_pad``: zero-pad (B, C, H, W) at the bottom and right up to a multiple of the patch."""
+        if not self.cfg.dynamic_img_pad:
+            return x
+        (rh, rw), (H, W) = self.cfg.reduction, x.shape[-2:]
+        return F.pad(x, (0, (rw - W % rw) % rw, 0, (rh - H % rh) % rh))
+
     # ----- forward
-    def position_embedding(self) -> torch.Tensor | None:
+    def position_embedding(self, grid_size: tuple[int, int] | None = None) -> torch.Tensor | None:
         """The position embedding for the patch tokens, (1, N, D), or for all tokens (1, N+1, D) for ``learned``
-        with a class token; None when there is none."""
-        kind = self.cfg.pos_embed
-        if kind == "learned":
-            return self.pos_embed
-        gh, gw = self.cfg.grid_size
-        if kind == "learned_2d":
-            D2 = self.cfg.embed_dim // 2
-            y = self.pos_embed_y[:, None, :].expand(gh, gw, D2)
-            x = self.pos_embed_x[None, :, :].expand(gh, gw, D2)
-            return torch.cat([y, x], dim=-1).reshape(1, gh * gw, 2 * D2)
-        if kind == "sincos":
-            return self.pos_embed_fixed.unsqueeze(0)
-        return None
+        with a class token; None when there is none. ``grid_size`` other than the build grid: the learned grid
+        resampled with ``cfg.dynamic_resample`` (class slot unchanged), a sin-cos embedding computed for it; cached
+        per grid (see :class:`GridCache`)."""
+        kind, build = self.cfg.pos_embed, self.cfg.grid_size
+        grid = build if grid_size is None else tuple(grid_size)
+        if kind == "none":
+            return None
+        if grid == build and not _tracing():
+            return self._position_embedding_for(build)
+        sources = [getattr(self, n) for n in ("pos_embed", "pos_embed_y", "pos_embed_x", "pos_embed_fixed")
+                   if getattr(self, n, None) is not None]
+        return self.pos_cache.get(grid, sources, lambda: self._position_embedding_for(grid))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _position_embedding_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        cfg, (gh, gw) = self.cfg, grid
+        same = grid == cfg.grid_size and not _tracing()
+        if cfg.pos_embed == "learned":
+            if same:
+                return self.pos_embed
+            prefix, rows = self.pos_embed[:, : self.num_prefix_tokens], self.pos_embed[0, self.num_prefix_tokens :]
+            resampled = resample_grid(rows.reshape(*cfg.grid_size, -1), grid, cfg.dynamic_resample)
+            return torch.cat([prefix, resampled.reshape(1, gh * gw, -1)], dim=1)
+        if cfg.pos_embed == "learned_2d":
+            y, x = self.pos_embed_y, self.pos_embed_x
+            if not same:  # each axis table (n, D2) resampled as an (n, 1) grid
+                y = resample_grid(y[:, None], (gh, 1), cfg.dynamic_resample)[:, 0]
+                x = resample_grid(x[:, None], (gw, 1), cfg.dynamic_resample)[:, 0]
+            D2 = cfg.embed_dim // 2
+            return torch.cat([y[:, None, :].expand(gh, gw, D2), x[None, :, :].expand(gh, gw, D2)],
+                             dim=-1).reshape(1, gh * gw, 2 * D2)
+        fixed = self.pos_embed_fixed  # sincos: exact for any grid, no interpolation needed
+        if not same:
+            fixed = sincos_2d_position_embedding((gh, gw), cfg.embed_dim).to(fixed)
+        return fixed.unsqueeze(0)
+
+    def embed(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> torch.Tensor:
         """Patch embedding, class token and position embedding: (B, C, H, W) -> (B, N + prefix, D)."""
-        expected = (self.cfg.in_chans, *self.cfg.img_size)
-        if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        return self.embed_tokens(self.patch_embed(x))
+        grid = self.input_grid(x, dynamic_img_size)
+        return self.embed_tokens(self.patch_embed(self.pad_input(x)), grid)
 
-    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Class token and position embedding added to patch embeddings: (B, N, D) -> (B, N + prefix, D).
-        (Masked patch prediction corrupts the patch embeddings between the two halves of :meth:`embed`.)"""
-        pos = self.position_embedding()
+    def embed_tokens(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Class token and position embedding added to patch embeddings: (B, N, D) -> (B, N + prefix, D), N the
+        tokens of ``grid_size`` (default: the build grid). (Masked patch prediction corrupts the patch embeddings
+        between the two halves of :meth:`embed`.)"""
+        pos = self.position_embedding(grid_size)
         full_pos = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
         if pos is not None and not full_pos:
             x = x + pos  # patch-only embedding; the class token needs none (it is learned itself)
@@ -371,15 +538,65 @@ class VisionTransformer(nn.Module):
             x = x + pos
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One encoder block, recomputed in the backward pass when gradient checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> torch.Tensor:
         """Tokens after the encoder (and the final norm unless it comes after pooling): (B, N + prefix, D)."""
-        x = self.embed(x)
+        x = self.embed(x, dynamic_img_size)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = self.run_block(block, x)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        dynamic_img_size: bool | None = None,
+    ):
+        """The outputs of chosen blocks, with timm's interface and meaning.
+
+        ``indices``: None for every block, an int n for the last n, a sequence of block indices (negative from the
+        end). ``norm`` applies the final norm to each. ``output_fmt``: ``NCHW`` maps (B, D, gh, gw) or ``NLC`` tokens
+        (B, gh*gw, D), prefix tokens removed either way; ``return_prefix_tokens`` pairs each with its prefix tokens
+        (B, prefix, D). ``stop_early`` skips the blocks after the last index (the final output is then not the
+        model's). Returns ``(final tokens after the norm, intermediates)``, only the list with
+        ``intermediates_only``, or with ``output_dict`` a dict with ``image_intermediates``,
+        ``image_intermediates_prefix`` (when asked) and ``image_features`` (unless ``intermediates_only``)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ModelInputError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        taken, last = take_indices(len(self.blocks), indices)
+        grid = self.input_grid(x, dynamic_img_size)
+        x = self.embed(x, dynamic_img_size)
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            x = self.run_block(block, x)
+            if i in taken:
+                intermediates.append(self.norm(x) if norm else x)
+        p = self.num_prefix_tokens
+        prefix = [y[:, :p] for y in intermediates]
+        intermediates = [y[:, p:] for y in intermediates]  # (B, gh*gw, D)
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if return_prefix_tokens and p:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and p:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N + prefix, D) -> (B, D): the class token, or the mean of the patch tokens."""
@@ -394,13 +611,17 @@ class VisionTransformer(nn.Module):
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> torch.Tensor:
+        """Logits (B, num_classes). ``dynamic_img_size=True`` runs this call at the input's size even when the model
+        was built without it."""
+        return self.forward_head(self.forward_features(x, dynamic_img_size))
 
-    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_with_attention(self, x: torch.Tensor, dynamic_img_size: bool | None = None
+                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and every layer's attention probabilities, a list of ``depth`` tensors (B, heads, T, T) where
-        T = N + prefix tokens. Uses the explicit softmax; the normal forward is not affected."""
-        x = self.embed(x)
+        T = tokens of the input's grid + prefix tokens. Uses the explicit softmax; the normal forward is not
+        affected."""
+        x = self.embed(x, dynamic_img_size)
         maps = []
         for block in self.blocks:
             x, probs = block(x, return_attention=True)

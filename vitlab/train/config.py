@@ -50,6 +50,13 @@ class TrainConfig:
     init_from: str | None = None            # checkpoint to start from (fine-tuning); any format vitlab.load reads
     reset_head: str = "auto"                # auto (new zero head when the classes differ), always, never
 
+    # ----- fine-tuning controls (vitlab.train.transfer)
+    linear_probe: bool = False              # train the head only (final norm frozen; dropout, drop-path off)
+    freeze_blocks: int = 0                  # freeze the embedding and the first N encoder blocks
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns to freeze: globs, module prefixes,
+                                            # index ranges (patch_embed, pos_embed, blocks.0-5, blocks.*.attn)
+    layer_decay: float | None = None        # layer-wise lr decay (BEiT / MAE): layer l at lr x decay^(L+1-l)
+
     # ----- optimisation
     optimizer: str = "adamw"                # adamw (Adam with decoupled weight decay) or sgd (momentum)
     lr: float = 1e-3
@@ -85,6 +92,13 @@ class TrainConfig:
     run_name: str | None = None             # default: <data>-<model>-<timestamp>
     progress: bool = True                   # tqdm progress bar (on a terminal)
 
+    def __post_init__(self) -> None:
+        self.freeze = _pattern_list("freeze", self.freeze)
+        if isinstance(self.freeze_blocks, bool) or not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
+            raise ValueError(f"freeze_blocks must be a non-negative integer, got {self.freeze_blocks!r}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.65 or 0.75), got {self.layer_decay}")
+
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -107,6 +121,17 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def _pattern_list(key: str, value) -> list[str]:
+    """A list of strings from a list or a comma-separated string (``--set freeze=patch_embed,blocks.0-5``)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of strings or a comma-separated string, got {value!r}")
+    return [part.strip() for v in value for part in v.split(",") if part.strip()]
 
 
 def _coerce(key: str, value, hint):

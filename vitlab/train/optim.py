@@ -42,10 +42,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
+                    layer_decay: float | None = None) -> torch.optim.Optimizer:
     """``adamw``: Adam with decoupled weight decay on weight matrices; ``sgd``: SGD with momentum (the paper's
-    fine-tuning, weight decay usually 0)."""
-    groups = parameter_groups(model, weight_decay)
+    fine-tuning, weight decay usually 0). Frozen parameters (``requires_grad=False``) are left out: no state, no
+    decay. ``layer_decay`` (BEiT / MAE layer-wise learning-rate decay) gives layer l the learning rate
+    ``lr x layer_decay^(L + 1 - l)`` (:func:`vitlab.train.transfer.layer_decay_groups`)."""
+    if layer_decay is not None and layer_decay != 1.0:
+        from .transfer import layer_decay_groups
+
+        groups = layer_decay_groups(model, weight_decay, layer_decay, lr, decay_parameter_names(model))
+    else:
+        groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if name == "sgd":

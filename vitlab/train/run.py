@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog
+from .transfer import adapt_init_channels, apply_controls, init_channels
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,8 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
         from ..checkpoints import load
 
         img_size = overrides.pop("img_size", None)
+        want_chans = in_chans if in_chans is not None else overrides.pop("in_chans", None)
+        overrides.pop("in_chans", None)
         model = load(config.init_from, img_size=img_size)
         source_classes = model.cfg.num_classes
         reset = config.reset_head == "always" or (config.reset_head == "auto" and source_classes != num_classes)
@@ -161,10 +164,7 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
             state = model.state_dict()
             model = type(model)(model.cfg.replace(**extra))
             model.load_state_dict(state, strict=True)
-        if in_chans is not None and model.cfg.in_chans != in_chans:
-            raise VitlabError(f"{config.init_from}: the model takes {model.cfg.in_chans}-channel images, the data "
-                              f"have {in_chans}")
-        return model
+        return adapt_init_channels(model, want_chans, config.init_from, log.info)  # RGB checkpoint, grey data
     if in_chans is not None:
         overrides.setdefault("in_chans", in_chans)
     get_config(config.model, num_classes=num_classes, **overrides)  # validates names and values first
@@ -175,7 +175,7 @@ def _datasets(config: TrainConfig):
     """(training set, evaluation set or None, class names, channels of in-memory data or None)."""
     # the channel count: in-memory sets have their own; folders and shards are decoded for the model
     model_cfg = get_config(config.model, **{k: v for k, v in config.model_args.items() if k != "num_classes"})
-    want_channels = config.model_args.get("in_chans", model_cfg.in_chans)
+    want_channels = config.model_args.get("in_chans", init_channels(config.init_from) or model_cfg.in_chans)
     train_set = build_dataset(config.data, config.train_split, data_dir=config.data_dir, download=config.download,
                               channels=want_channels, on_error=config.on_bad_image)
     in_chans = train_set.channels if isinstance(train_set, ArrayDataset) else None
@@ -205,7 +205,10 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     objective = objective if objective is not None else Classification(cfg, len(class_names))
     objective.check(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
-    vit = set_onednn_linear(build_model_for(cfg, len(class_names), in_chans, log))  # the CPU fast path
+    vit = build_model_for(cfg, len(class_names), in_chans, log)
+    apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
+                   layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
+    set_onednn_linear(vit)  # the CPU fast path for its Linear layers
     preprocessing = Preprocessing.for_model(vit.cfg.img_size, vit.cfg.in_chans)
     model = objective.wrap(vit, preprocessing).to(info.device)
 
@@ -233,7 +236,8 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
             raise VitlabError("patch_dropout with FSDP is not supported; use DDP (drop fsdp)")
         trainable = PatchDropoutForward(model, 1.0 - cfg.patch_dropout)
     trainable = D.wrap(trainable, info, fsdp=cfg.fsdp)
-    optimizer = build_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.momentum)
+    optimizer = build_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.momentum,
+                                layer_decay=cfg.layer_decay)
     warmup_steps = min(warmup, total_steps)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.schedule, cfg.end_lr_factor)
     macs = forward_macs(vit.cfg)

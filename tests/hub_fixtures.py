@@ -1,0 +1,102 @@
+"""A real HTTP server on the loopback address, serving bytes the tests choose (with ``Range`` support, a transfer
+cut after N bytes, HTML pages, slow chunks), and a Hugging Face Hub cache laid out as ``huggingface_hub`` writes it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class FileServer:
+    """``files``: URL path -> bytes. ``cut_after``: the first response for a path stops after that many bytes and
+    closes the connection. ``html``: answer every request with an HTML page. ``delay``: seconds between 64 KiB
+    chunks. ``requests`` records (path, Range header) of every request."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = dict(files)
+        self.cut_after: int | None = None
+        self.html = False
+        self.html_as_binary = False
+        self.delay = 0.0
+        self.requests: list[tuple[str, str | None]] = []
+        self._cut_done: set[str] = set()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                owner.requests.append((self.path, self.headers.get("Range")))
+                if owner.html:
+                    page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream" if owner.html_as_binary
+                                     else "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
+                data = owner.files.get(self.path)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                rng = self.headers.get("Range")
+                start = int(rng.split("=", 1)[1].split("-", 1)[0]) if rng else 0
+                body = data[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if owner.cut_after is not None and self.path not in owner._cut_done:
+                    owner._cut_done.add(self.path)
+                    self.wfile.write(body[: owner.cut_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                for i in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[i: i + (1 << 16)])
+                    if owner.delay:
+                        time.sleep(owner.delay)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def gets(self, path: str) -> list[str | None]:
+        """The Range headers of the requests for ``path`` (None: a plain GET)."""
+        return [r for p, r in self.requests if p == path]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dict],
+                      commit: str = "0123456789abcdef0123456789abcdef01234567", ref: str = "main") -> Path:
+    """A repo in the Hub cache as ``huggingface_hub`` stores it: ``models--org--name/snapshots/<commit>/<file>`` and
+    ``refs/<ref>`` holding the commit. Returns the snapshot folder."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        target = snapshot / name
+        if isinstance(content, dict):
+            content = json.dumps(content)
+        if isinstance(content, str):
+            content = content.encode()
+        target.write_bytes(content)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    return snapshot

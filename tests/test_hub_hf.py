@@ -1,0 +1,123 @@
+"""``hf-hub:`` names resolved through ``huggingface_hub`` against a Hub cache laid out by the test, in timm's and in
+transformers' layout: the same logits as the same weights from a local file (and as timm / transformers), with the
+source's preprocessing and class names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vitlab
+from tests.checkpoint_fixtures import randomize_weights_
+from tests.hub_fixtures import lay_out_hub_cache
+from vitlab.errors import VitlabError
+
+timm = pytest.importorskip("timm")
+LABELS = [f"class {i}" for i in range(10)]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
+    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def timm_repo(tmp_path_factory):
+    """A ViT-Ti/16 at 32x32 px with 10 classes, as timm publishes its Hub repos."""
+    from safetensors.torch import save_file
+
+    model = randomize_weights_(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)).eval()
+    folder = tmp_path_factory.mktemp("timm-repo")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 10, "num_features": 192, "global_pool": "token",
+              "label_names": LABELS,
+              "pretrained_cfg": {"tag": "test", "input_size": [3, 32, 32], "interpolation": "bicubic",
+                                 "crop_pct": 0.875, "crop_mode": "center", "mean": [0.4, 0.45, 0.5],
+                                 "std": [0.2, 0.25, 0.3], "num_classes": 10}}
+    return model, folder, config
+
+
+def test_timm_layout_repo_gives_the_local_files_logits_preprocessing_and_class_names(hub, timm_repo):
+    model, folder, config = timm_repo
+    lay_out_hub_cache(hub, "timm/vit_test", {"config.json": config,
+                                            "model.safetensors": (folder / "model.safetensors").read_bytes()})
+    x = torch.randn(2, 3, 32, 32)
+    ours = vitlab.load("hf-hub:timm/vit_test")
+    local = vitlab.load(folder / "model.safetensors", model_name="vit_ti16")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), local(x), rtol=0, atol=0)
+        torch.testing.assert_close(ours(x), model(x), rtol=1e-4, atol=1e-4)
+    pre = ours.preprocessing
+    assert (pre.resize, pre.crop_pct, pre.interpolation, pre.img_size) == ("crop", 0.875, "bicubic", (32, 32))
+    assert pre.mean == (0.4, 0.45, 0.5) and pre.std == (0.2, 0.25, 0.3)
+    assert ours.class_names == LABELS
+
+
+def test_revision_after_at_picks_that_snapshot(hub, timm_repo):
+    _, folder, config = timm_repo
+    weights = (folder / "model.safetensors").read_bytes()
+    lay_out_hub_cache(hub, "timm/vit_test", {"config.json": config, "model.safetensors": weights})
+    other = dict(config, label_names=[f"v2 {i}" for i in range(10)])
+    lay_out_hub_cache(hub, "timm/vit_test", {"config.json": other, "model.safetensors": weights},
+                      commit="f" * 40, ref="v2")
+    assert vitlab.load("hf-hub:timm/vit_test@v2").class_names[0] == "v2 0"
+    assert vitlab.load("hf-hub:timm/vit_test").class_names[0] == "class 0"
+
+
+def test_transformers_layout_repo_gives_the_local_folders_logits_preprocessing_and_class_names(hub, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 image_size=32, patch_size=8, num_labels=3,
+                                 id2label={0: "cat", 1: "dog", 2: "fish"}, label2id={"cat": 0, "dog": 1, "fish": 2})
+    model = randomize_weights_(transformers.ViTForImageClassification(cfg)).eval()
+    folder = tmp_path / "hf-folder"
+    model.save_pretrained(folder)
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, resample=3,
+                                               image_mean=[0.3, 0.3, 0.3], image_std=[0.6, 0.6, 0.6])
+    processor.save_pretrained(folder)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= set(files)
+    lay_out_hub_cache(hub, "google/vit-test", files)
+    x = torch.randn(2, 3, 32, 32)
+    ours = vitlab.load("hf-hub:google/vit-test")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), vitlab.load(folder)(x), rtol=0, atol=0)
+        torch.testing.assert_close(ours(x), model(pixel_values=x).logits, rtol=1e-4, atol=1e-4)
+    assert ours.class_names == ["cat", "dog", "fish"]
+    pre = ours.preprocessing
+    assert (pre.resize, pre.interpolation, pre.mean, pre.std) == ("squash", "bicubic", (0.3,) * 3, (0.6,) * 3)
+
+
+def test_repo_without_a_vit_is_refused_clearly(hub):
+    lay_out_hub_cache(hub, "someone/bert", {"config.json": {"model_type": "bert", "architectures": ["BertModel"]}})
+    with pytest.raises(VitlabError, match="holds a 'bert' model, not a ViT"):
+        vitlab.load("hf-hub:someone/bert")
+    lay_out_hub_cache(hub, "someone/odd", {"config.json": json.dumps({"hello": 1})})
+    with pytest.raises(VitlabError, match="holds no ViT"):
+        vitlab.load("hf-hub:someone/odd")
+
+
+def test_repo_missing_offline_says_what_to_download(hub):
+    with pytest.raises(VitlabError) as info:
+        vitlab.load("hf-hub:google/vit-base-patch16-224")
+    message = str(info.value)
+    assert "config.json is not in the Hub cache" in message and "hf download google/vit-base-patch16-224" in message
+    assert "\n" not in message
+    with pytest.raises(VitlabError, match="expected hf-hub:ORG/NAME"):
+        vitlab.load("hf-hub:no-slash")
+
+
+def test_unreachable_endpoint_falls_back_to_the_hub_cache(hub, timm_repo, monkeypatch):
+    _, folder, config = timm_repo
+    lay_out_hub_cache(hub, "timm/vit_test", {"config.json": config,
+                                            "model.safetensors": (folder / "model.safetensors").read_bytes()})
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert vitlab.load("hf-hub:timm/vit_test").class_names == LABELS

@@ -1,0 +1,141 @@
+"""The pre-trained workflow from a catalog name, with the file placed in the cache by hand as docs/pretrained.md says
+(``$VITLAB_HOME/gcs/<bucket>/<object>``) and the network off: ``vitlab predict`` prints ImageNet class names,
+``vitlab finetune --from`` runs on Fashion-MNIST images, ``create_model(..., pretrained=True)`` and every command
+that takes a checkpoint accept the name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitlab
+from tests.checkpoint_fixtures import randomize_weights_, save_npz, vit_jax_arrays
+from vitlab.cli import main
+from vitlab.hub import cache_path, get_pretrained
+from vitlab.labels import class_names
+
+timm = pytest.importorskip("timm")
+NAME = "vit_ti16.augreg_in21k_ft_in1k"  # the smallest real entry: ViT-Ti/16, 224 px, ImageNet-1k head
+
+
+@pytest.fixture(scope="module")
+def ti16_npz(tmp_path_factory):
+    """ViT-Ti/16 with random weights in the layout of the AugReg release (vit_jax array names), as a file."""
+    model = randomize_weights_(timm.create_model("vit_tiny_patch16_224", num_classes=1000), seed=3).eval()
+    path = tmp_path_factory.mktemp("ti16") / "ti16.npz"
+    save_npz(path, vit_jax_arrays(model))
+    return path
+
+
+@pytest.fixture
+def placed(ti16_npz, tmp_path, monkeypatch):
+    """The file put where the offline docs say, network off."""
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    dest = cache_path(get_pretrained(NAME).sources[0].location)
+    assert dest == tmp_path / "home" / "gcs" / "vit_models" / "augreg" / (
+        "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz")
+    dest.parent.mkdir(parents=True)
+    dest.symlink_to(ti16_npz)
+    return ti16_npz
+
+
+def _photo(path, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (180, 240, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_load_by_name_matches_the_local_file_and_carries_the_publishers_preprocessing(placed):
+    model = vitlab.load(NAME)
+    local = vitlab.load(placed)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), local(x), rtol=0, atol=0)
+    assert model.class_names == class_names("imagenet-1k")
+    pre = model.preprocessing
+    assert (pre.resize, pre.interpolation, pre.img_size, pre.mean) == ("squash", "bilinear", (224, 224), (0.5,) * 3)
+
+
+def test_predict_by_catalog_name_prints_imagenet_class_names(placed, tmp_path, capsys):
+    image = _photo(tmp_path / "image.jpg")
+    assert main(["predict", NAME, str(image), "--topk", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = class_names("imagenet-1k")
+    ref = vitlab.load(placed)
+    with torch.no_grad():
+        from vitlab.data import load_image
+
+        logits = ref(ref.preprocessing.transform()(load_image(image)).unsqueeze(0))[0]
+    top = logits.topk(3).indices.tolist()
+    assert [r["class"] for r in result["top"]] == [names[i] for i in top]
+    assert main(["predict", NAME, str(image)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"{image}: {names[top[0]]} ")
+
+
+def test_create_model_pretrained_uses_the_default_tag_and_new_heads(placed):
+    model = vitlab.create_model("vit_ti16", pretrained=True)
+    assert model.cfg.num_classes == 1000 and model.class_names[0] == "tench"
+    tuned = vitlab.create_model("vit_ti16", pretrained="augreg_in21k_ft_in1k", num_classes=10, img_size=64)
+    assert tuned.cfg.num_classes == 10 and tuned.cfg.grid_size == (4, 4)
+    assert not tuned.head.weight.any()  # zero-initialised, as the paper fine-tunes
+    assert vitlab.create_model("vit_ti16").cfg.num_classes == 1000  # no weights asked: a fresh model
+
+
+def test_offline_without_the_file_says_where_to_place_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+    assert main(["info", NAME]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tmp_path / "empty" / "gcs" / "vit_models" / "augreg") in err
+    assert "storage.googleapis.com/vit_models/augreg/Ti_16" in err
+
+
+def test_info_and_convert_take_catalog_names(placed, tmp_path, capsys):
+    assert main(["info", NAME, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_classes"] == 1000 and info["facts"]["catalog_name"] == NAME
+    assert info["preprocessing_source"].startswith("given by its source, gs://vit_models/augreg/")
+    out = tmp_path / "ti16.safetensors"
+    assert main(["convert", NAME, str(out), "--to", "vitlab"]) == 0
+    capsys.readouterr()
+    again = vitlab.load(out)
+    assert again.class_names == class_names("imagenet-1k")
+
+
+def _fashion_folder(root, per_class=4):
+    """A few real Fashion-MNIST images per class as an image folder (RGB PNGs, as a user's folder would hold)."""
+    from vitlab.data import build_dataset
+
+    data = build_dataset("fashion-mnist", "train")
+    images, labels = data.images, data.labels
+    for k, name in enumerate(data.class_names):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for j, i in enumerate(np.flatnonzero(np.asarray(labels) == k)[:per_class]):
+            pixels = np.asarray(images[i]).reshape(28, 28)
+            Image.fromarray(pixels.astype(np.uint8)).convert("RGB").save(folder / f"{j}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_finetune_from_catalog_name_runs_on_fashion_mnist(placed, tmp_path, capsys):
+    try:
+        data = _fashion_folder(tmp_path / "fmnist")
+    except Exception as exc:  # the Debian package with the IDX files is not installed
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    code = main(["finetune", "--from", NAME, "--data", str(data), "--model", "vit_ti16", "--img-size", "64",
+                 "--steps", "3", "--batch-size", "8", "--lr", "0.01", "--device", "cpu", "--threads", "1",
+                 "--out-dir", str(tmp_path / "runs"), "--run-name", "ft", "--no-progress",
+                 "--set", "warmup_steps=1"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    run = tmp_path / "runs" / "ft"
+    tuned = vitlab.load(next(run.glob("*.safetensors")))
+    assert tuned.cfg.num_classes == 10 and tuned.cfg.img_size == (64, 64) and tuned.cfg.embed_dim == 192

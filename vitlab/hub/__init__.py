@@ -1,0 +1,213 @@
+"""Pre-trained checkpoints by name: catalog names, ``hf-hub:`` repos and URLs resolved into local files.
+
+:func:`resolve` is the one place that turns what a user typed where a checkpoint path goes into a local file plus
+what its source says about it (preprocessing, class names, the registered model it is). The checkpoint reader calls
+it for anything that is not an existing path, so every command that takes a checkpoint takes these too:
+
+- a catalog name, ``vit_b16.augreg_in21k_ft_in1k`` (see :mod:`vitlab.models.pretrained`; ``vitlab models
+  --pretrained``): its sources are tried in order, a cached one first;
+- ``hf-hub:org/name[@revision]``: a Hub repo in timm's or transformers' layout (:mod:`vitlab.hub.hf`);
+- ``gs://bucket/path``, ``https://...``, ``http://...``: downloaded into ``$VITLAB_HOME`` (:mod:`vitlab.hub.download`).
+
+:func:`create_model` is :func:`vitlab.models.create_model` with ``pretrained=``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VitlabError
+from ..models import get_config
+from ..models import resolve as resolve_model
+from ..models.pretrained import (
+    CATALOG,
+    DEFAULT_TAGS,
+    PretrainedEntry,
+    Source,
+    get_pretrained,
+    is_pretrained_name,
+    list_pretrained,
+)
+from ..preprocessing import Preprocessing
+from .cache import cache_path, hf_cache_dir, offline_mode, vitlab_home
+from .download import fetch, placement_hint
+from .hf import resolve_hub
+
+URL_PREFIXES = ("gs://", "https://", "http://")
+HUB_PREFIX = "hf-hub:"
+
+__all__ = ["CATALOG", "DEFAULT_TAGS", "PretrainedEntry", "Resolved", "Source", "cache_path", "create_model",
+           "fetch", "get_pretrained", "hf_cache_dir", "is_checkpoint_name", "is_remote", "list_pretrained",
+           "offline_mode", "resolve", "vitlab_home"]
+
+
+@dataclass
+class Resolved:
+    """A checkpoint spec resolved to a local ``path``. The rest is what the source says and the file may not:
+    the registered model it is (``model_name``, ``grid_hint``), its preprocessing and class names, and the catalog
+    entry when it came from one (checked against the file by the reader)."""
+
+    spec: str
+    path: Path
+    source: str
+    entry: PretrainedEntry | None = None
+    model_name: str | None = None
+    grid_hint: tuple[int, int] | None = None
+    preprocessing: Preprocessing | None = None
+    class_names: list[str] | None = None
+    label_set: str | None = None
+    facts: dict = field(default_factory=dict)
+
+
+def is_remote(spec: str) -> bool:
+    """Whether ``spec`` names a remote checkpoint (URL or ``hf-hub:``) rather than a local path or catalog name."""
+    return spec.startswith(URL_PREFIXES + (HUB_PREFIX,))
+
+
+def is_checkpoint_name(spec: str) -> bool:
+    """Whether ``spec`` is a checkpoint by name rather than by path: a URL, ``hf-hub:`` repo or catalog-style
+    ``model.tag`` (existing files excluded). Callers that join relative paths or test ``Path.exists`` ask this."""
+    spec = str(spec)
+    if Path(spec).exists():
+        return False
+    return is_remote(spec) or (is_pretrained_name(spec) and _names_a_model(spec))
+
+
+def resolve(spec: str) -> Resolved | None:
+    """Resolve a checkpoint spec that is not an existing path; ``None`` when it is a path (existing or not) so that
+    the caller reports the missing file. Raises :class:`VitlabError` for unknown catalog names (with the closest
+    ones), missing files when offline, and download or Hub errors."""
+    if Path(spec).exists():
+        return None
+    if spec.startswith(HUB_PREFIX):
+        return _from_hub(spec, spec[len(HUB_PREFIX):])
+    if spec.startswith(URL_PREFIXES):
+        return Resolved(spec, fetch(spec), spec, facts={"source": spec})
+    if is_pretrained_name(spec) and _names_a_model(spec):
+        try:
+            entry = get_pretrained(spec)
+        except KeyError as exc:
+            raise VitlabError(exc.args[0]) from None
+        return resolve_entry(entry, spec)
+    return None
+
+
+def _names_a_model(spec: str) -> bool:
+    model = spec.partition(".")[0]
+    try:
+        resolve_model(model)
+    except KeyError:
+        return any(e.name.startswith(f"{model}.") for e in CATALOG)
+    return True
+
+
+def _from_hub(spec: str, repo_spec: str, entry: PretrainedEntry | None = None) -> Resolved:
+    files = resolve_hub(repo_spec)
+    model_name = None
+    if files.architecture:
+        try:
+            model_name = resolve_model(files.architecture)[0].name
+        except KeyError:
+            raise VitlabError(f"{spec}: timm architecture {files.architecture!r} is not a model vitlab knows "
+                              "(see `vitlab models --aliases`)") from None
+    resolved = Resolved(spec, files.path, spec, entry=entry, model_name=model_name,
+                        preprocessing=files.preprocessing, class_names=files.class_names,
+                        facts={"source": spec, "hub_repo": files.repo, "hub_layout": files.layout,
+                               "hub_revision": files.revision})
+    if model_name is not None and files.preprocessing is not None:
+        resolved.grid_hint = _grid(model_name, files.preprocessing.img_size)
+    if files.class_names is None and files.num_classes in (1000, 21843):
+        resolved.label_set = "imagenet-1k" if files.num_classes == 1000 else "imagenet-21k"
+    return resolved
+
+
+def _grid(model_name: str, img_size) -> tuple[int, int] | None:
+    try:
+        cfg = get_config(model_name, img_size=img_size)
+    except (KeyError, ValueError):
+        return None
+    grid = getattr(cfg, "grid_size", None)
+    return tuple(grid) if grid is not None else None
+
+
+def _cached(source: Source) -> bool:
+    if source.kind in ("gcs", "url"):
+        return cache_path(source.location).is_file()
+    folder = hf_cache_dir() / f"models--{source.location.replace('/', '--')}" / "snapshots"
+    return folder.is_dir() and any(folder.glob("*/config.json"))
+
+
+def resolve_entry(entry: PretrainedEntry, spec: str | None = None) -> Resolved:
+    """A catalog entry as a local file: the first source already cached, else the sources in order (a failing
+    source falls through to the next). Offline, a missing file is an error naming where to place it."""
+    spec = spec or entry.name
+    ordered = sorted(entry.sources, key=lambda s: not _cached(s))
+    if offline_mode() and not _cached(ordered[0]):
+        first = entry.sources[0]
+        if first.kind in ("gcs", "url"):
+            how = placement_hint(first.location, cache_path(first.location))
+        else:
+            how = f"run `hf download {first.location}` on a connected machine and copy the Hub cache"
+        raise VitlabError(f"{spec}: not in the cache and network use is off (VITLAB_OFFLINE / HF_HUB_OFFLINE / "
+                          f"--offline); {how}")
+    errors = []
+    for source in ordered:
+        try:
+            return _resolve_source(entry, source, spec)
+        except VitlabError as exc:
+            errors.append(str(exc))
+            if offline_mode():
+                break
+    raise VitlabError(errors[0] if len(errors) == 1 else f"{spec}: no source worked: " + " | ".join(errors))
+
+
+def _resolve_source(entry: PretrainedEntry, source: Source, spec: str) -> Resolved:
+    if source.kind in ("timm", "transformers"):
+        resolved = _from_hub(spec, source.location, entry)
+    else:
+        path = fetch(source.location, size=source.size, sha256=source.sha256)
+        pre = entry.preprocessing
+        preprocessing = Preprocessing((entry.img_size, entry.img_size), resize=pre.resize, crop_pct=pre.crop_pct,
+                                      interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+        resolved = Resolved(spec, path, source.location, entry=entry, preprocessing=preprocessing)
+    resolved.source = source.spec
+    resolved.entry = entry
+    if hasattr(get_config(entry.model), "patch_size"):  # ViTs and hybrids; CNNs need no model name or grid
+        resolved.model_name = entry.model
+        resolved.grid_hint = _grid(entry.model, entry.img_size)
+    resolved.label_set = resolved.label_set or entry.labels
+    resolved.facts.update(catalog_name=entry.name, source=source.spec)
+    return resolved
+
+
+def create_model(name: str, pretrained: bool | str = False, **overrides):
+    """A registered model, freshly initialised (``pretrained=False``) or with pre-trained weights from the catalog:
+    ``pretrained=True`` loads the model's default tag (:data:`DEFAULT_TAGS`), a string loads that tag, and a name
+    with a tag (``vit_b16.augreg_in21k``) loads that entry. With weights, ``img_size`` resamples the position
+    embedding and ``num_classes`` puts a new zero-initialised head on (dropping the pre-logits layer, as the paper
+    fine-tunes); other overrides are the loader's keywords (``resample``, ``gelu``). The Linear layers take the CPU
+    fast path (:func:`vitlab.compute.set_onednn_linear`; ``set_onednn_linear(model, False)`` turns it off).
+
+    >>> model = create_model("vit_b16", pretrained=True)                      # doctest: +SKIP
+    >>> model = create_model("vit_b16", pretrained="augreg_in21k", num_classes=10, img_size=384)  # doctest: +SKIP
+    """
+    from ..compute.onednn import set_onednn_linear
+    from ..models import create_model as create_fresh
+
+    model, _, tag = name.partition(".")
+    if not pretrained:  # a tagged name without pretrained=True builds the architecture alone (as timm does)
+        # with the CPU fast path for its Linear layers, as vitlab.load gives it
+        return set_onednn_linear(create_fresh(model if tag else name, **overrides))
+    from ..checkpoints import load
+
+    entry = get_pretrained(name if tag else model, None if pretrained is True else str(pretrained))
+    allowed = {"img_size", "num_classes", "resample", "gelu", "drop_pre_logits"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise VitlabError(f"create_model({name!r}, pretrained=...): {', '.join(unknown)} cannot change with "
+                          f"pre-trained weights; allowed: {', '.join(sorted(allowed))}")
+    num_classes = overrides.pop("num_classes", None)
+    if num_classes is not None and num_classes != entry.num_classes:
+        overrides.setdefault("drop_pre_logits", True)
+    return load(entry.name, num_classes=num_classes, **overrides)

@@ -1,0 +1,68 @@
+"""Where downloaded checkpoints live, and whether the network may be used.
+
+- ``$VITLAB_HOME`` (default ``~/.cache/vitlab``) holds files fetched from URLs: ``gs://bucket/path`` is cached as
+  ``$VITLAB_HOME/gcs/bucket/path`` and ``https://host/path`` as ``$VITLAB_HOME/url/host/path``. A file put there by
+  hand is used as if vitlab had downloaded it.
+- Hugging Face Hub repos stay in the Hub's own cache (``$HF_HUB_CACHE``, default ``$HF_HOME/hub``).
+- Offline: ``VITLAB_OFFLINE=1`` (the CLI's ``--offline``) or ``HF_HUB_OFFLINE=1`` forbids network use; a file that is
+  not cached is then an error saying which file and where to place it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+from ..errors import VitlabError
+
+GCS_ENDPOINT = "https://storage.googleapis.com"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def vitlab_home() -> Path:
+    """``$VITLAB_HOME``, default ``~/.cache/vitlab`` (read at each call, so tests and users can change it)."""
+    return Path(os.environ.get("VITLAB_HOME") or Path.home() / ".cache" / "vitlab").expanduser()
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face Hub cache as ``huggingface_hub`` computes it, read now rather than at its import."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def offline_mode() -> bool:
+    """Whether network use is forbidden: ``VITLAB_OFFLINE`` or ``HF_HUB_OFFLINE`` set to 1 / true / yes / on."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("VITLAB_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def http_url(url: str) -> str:
+    """The HTTPS address of a ``gs://`` URL (``$VITLAB_GCS_ENDPOINT`` overrides the storage host, for mirrors);
+    other URLs unchanged. ``+`` and other reserved characters in object names are percent-encoded."""
+    if not url.startswith("gs://"):
+        return url
+    bucket, _, name = url[len("gs://"):].partition("/")
+    endpoint = os.environ.get("VITLAB_GCS_ENDPOINT", GCS_ENDPOINT).rstrip("/")
+    return f"{endpoint}/{bucket}/{quote(name, safe='/')}"
+
+
+def cache_path(url: str) -> Path:
+    """The file a URL is cached as under :func:`vitlab_home` (``gcs/<bucket>/<object>`` or ``url/<host>/<path>``;
+    a query string adds a short hash to the name)."""
+    if url.startswith("gs://"):
+        parts = ["gcs", *url[len("gs://"):].split("/")]
+    else:
+        split = urlsplit(url)
+        if split.scheme not in ("http", "https") or not split.netloc:
+            raise VitlabError(f"{url}: not a gs://, http:// or https:// URL")
+        parts = ["url", split.netloc.replace(":", "_"), *unquote(split.path).split("/")]
+        if split.query:
+            digest = hashlib.sha256(split.query.encode()).hexdigest()[:10]
+            parts[-1] = f"{parts[-1]}-{digest}"
+    parts = [p for p in parts if p]
+    if any(p in (".", "..") for p in parts) or len(parts) < 3:
+        raise VitlabError(f"{url}: no file name in the URL (or '.' / '..' in its path)")
+    return vitlab_home().joinpath(*parts)
