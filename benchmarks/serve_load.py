@@ -15,8 +15,9 @@ What it does, in one run:
 3. overloads the batching server (``--overload`` clients against a queue of ``--overload-queue`` images) to check
    that it answers 503 rather than queueing without bound, and that its memory stays flat.
 
-It prints throughput (answered images per second), p50 / p99 latency, failures, the mean batch size (from
-``/metrics``) and the server's resident memory, with the ratio of served to offline throughput. Only 127.0.0.1 is
+It prints throughput (answered images per second), p50 / p99 latency, failures, the mean batch size and the share
+of the time the model was computing (both from ``/metrics``) and the server's resident memory, with the ratio of
+served to offline throughput. Only 127.0.0.1 is
 ever contacted; every loop is bounded in requests and time.
 
 On a CPU shared with other jobs use ``--threads 1``: with more intra-op threads than free cores, OpenMP's waiting
@@ -229,6 +230,9 @@ def measure(server: Server, body: bytes, concurrency: int, args) -> dict:
     count = after[("vitlab_batch_size_count", ())] - before[("vitlab_batch_size_count", ())]
     total = after[("vitlab_batch_size_sum", ())] - before[("vitlab_batch_size_sum", ())]
     result["mean_batch"] = total / count if count else 0.0
+    # the share of the wall time the model was computing: what HTTP, decoding and queueing leave to it
+    busy = after[("vitlab_batch_duration_seconds_sum", ())] - before[("vitlab_batch_duration_seconds_sum", ())]
+    result["model_busy"] = busy / result["seconds"]
     result["rss_mb"] = rss_mb(server.proc.pid)
     return result
 
@@ -270,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
         print(f"offline (model alone) before the server runs: batch {args.max_batch}: "
               f"{offline_before[args.max_batch]:.1f} img/s, batch 1: {offline_before[1]:.1f} img/s")
-        print(f"{'batching':>9} {'clients':>7} {'img/s':>7} {'vs offline':>10} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'mean batch':>10} {'failed':>6} {'RSS MB':>7}")
         for batching in (True, False):
             max_batch = args.max_batch if batching else 1
             server = Server(checkpoint, args, max_batch, args.max_wait_ms if batching else 0.0, args.max_queue)
@@ -293,19 +295,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"offline (model alone) after the server runs: batch {args.max_batch}: "
               f"{offline_after[args.max_batch]:.1f} img/s, batch 1: {offline_after[1]:.1f} img/s")
         print(f"{'batching':>9} {'clients':>7} {'img/s':>7} {'vs offline':>10} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'mean batch':>10} {'failed':>6} {'RSS MB':>7}")
+              f"{'mean batch':>10} {'model busy':>10} {'failed':>6} {'RSS MB':>7}")
         for result in report["runs"]:
             reference = offline[result["max_batch"]]
             result.update(vs_offline=result["throughput"] / reference, offline_reference=reference)
             failed = result["failures"] + sum(n for s, n in result["statuses"].items() if s != 200)
             print(f"{'on' if result['batching'] else 'off':>9} {result['concurrency']:>7} "
                   f"{result['throughput']:>7.1f} {result['vs_offline']:>10.2f} {result['p50_ms']:>8.0f} "
-                  f"{result['p99_ms']:>8.0f} {result['mean_batch']:>10.1f} {failed:>6} {result['rss_mb']:>7.0f}")
+                  f"{result['p99_ms']:>8.0f} {result['mean_batch']:>10.1f} {result['model_busy']:>10.2f} {failed:>6} "
+                  f"{result['rss_mb']:>7.0f}")
         if args.overload:
             server = Server(checkpoint, args, args.max_batch, args.max_wait_ms, args.overload_queue)
             try:
                 # warm up first (the first full batches allocate their buffers), then two halves under overload
-                asyncio.run(load(server.port, body, args.max_batch, 2.0, 4 * args.max_batch))
+                asyncio.run(load(server.port, body, args.max_batch, 300.0, 2 * args.max_batch))
                 rss_before = rss_mb(server.proc.pid)
                 first = asyncio.run(load(server.port, body, args.overload, args.duration / 2, args.max_requests))
                 rss_middle = rss_mb(server.proc.pid)
@@ -325,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             o = report["overload"]
             print(f"overload: {args.overload} clients, queue limit {args.overload_queue} images: statuses "
                   f"{dict(sorted(statuses.items()))}, {o['failures']} connection failures, {o['throughput']:.1f} "
-                  f"img/s answered; server RSS {rss_before:.0f} -> {rss_middle:.0f} -> {rss_after:.0f} MB")
+                  f"img/s answered; server RSS after warm-up {rss_before:.0f}, after half the time {rss_middle:.0f}, "
+                  f"at the end {rss_after:.0f} MB")
     batch_seconds = args.max_batch / offline[args.max_batch]
     top = max(args.concurrency)
     on = next((r for r in report["runs"] if r["batching"] and r["concurrency"] == top), None)

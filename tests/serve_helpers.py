@@ -37,14 +37,15 @@ def save_tiny(path: Path) -> Path:
     return path
 
 
-def write_images(folder: Path, count: int = 5) -> list[Path]:
-    """Different kinds of images: RGB PNG and JPEG of several sizes, grey, 16-bit, RGBA, palette."""
+def write_images(folder: Path, count: int = 7) -> list[Path]:
+    """Different kinds of images: RGB PNG and JPEG of several sizes, grey, 16-bit, palette GIF, CMYK JPEG, and a
+    JPEG whose EXIF orientation says to rotate it."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []
     for i in range(count):
         height, width = 24 + 7 * i, 40 - 3 * i
-        kind = i % 5
+        kind = i % 7
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         if kind == 0:
             image, name = Image.fromarray(pixels), f"img{i}.png"
@@ -55,8 +56,17 @@ def write_images(folder: Path, count: int = 5) -> list[Path]:
         elif kind == 3:
             image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)  # 16-bit grey (I;16)
             name = f"img{i}.png"
-        else:
+        elif kind == 4:
             image, name = Image.fromarray(pixels).convert("RGBA").convert("P"), f"img{i}.gif"
+        elif kind == 5:
+            image, name = Image.fromarray(pixels).convert("CMYK"), f"img{i}.jpg"
+        else:
+            image, name = Image.fromarray(pixels), f"img{i}_rotated.jpg"
+            exif = Image.Exif()
+            exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+            image.save(folder / name, exif=exif.tobytes())
+            paths.append(folder / name)
+            continue
         image.save(folder / name)
         paths.append(folder / name)
     return paths

@@ -262,16 +262,17 @@ class _StemViT(vitlab.VisionTransformer):
         super().__init__(cfg)
         self.stem = torch.nn.Conv2d(cfg.in_chans, cfg.in_chans, 1)
 
-    def embed(self, x):
-        return super().embed(self.stem(x))
+    def embed(self, x, dynamic_img_size=None):
+        return super().embed(self.stem(x), dynamic_img_size)
 
 
 def test_npz_backbone_plug_in_maps_extra_arrays(tmp_path, monkeypatch):
-    from vitlab.checkpoints import Architecture, NpzBackbone, NpzRule, npz, register_architecture, vitlab_format
+    from vitlab.checkpoints import NpzBackbone, NpzRule, npz
+    from vitlab.models import FAMILIES, ModelFamily, register_family
 
     monkeypatch.setattr(npz, "NPZ_BACKBONES", [])
-    monkeypatch.setitem(vitlab_format.ARCHITECTURES, "stem_vit", Architecture("stem_vit", vitlab.ViTConfig, _StemViT))
-    register_architecture(Architecture("stem_vit", vitlab.ViTConfig, _StemViT))  # same entry again: accepted
+    monkeypatch.setitem(FAMILIES, "stem_vit", ModelFamily("stem_vit", vitlab.ViTConfig, _StemViT))
+    register_family(ModelFamily("stem_vit", vitlab.ViTConfig, _StemViT))  # same entry again: accepted
 
     def rules(arrays):
         return [NpzRule("stem.weight", ("conv_root/kernel",),

@@ -56,7 +56,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"), 5)
+    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +110,13 @@ def test_classify_answers_equal_vitlab_predict_on_the_same_files(server, ckpt, i
 def test_explain_rollout_equals_attention_rollout(server, ckpt, images):
     model = vitlab.load(ckpt)
     transform = model.preprocessing.transform()
-    status, _, answer = post_files(server + "/v1/explain", files_of(images[:3]))
+    picked = [images[0], images[5], images[6]]  # RGB PNG, CMYK JPEG, EXIF-rotated JPEG
+    status, _, answer = post_files(server + "/v1/explain", files_of(picked))
     assert status == 200, answer
     options = {"head_fusion": "max", "discard_ratio": "0.5"}
-    status, _, with_options = post_files(server + "/v1/explain", files_of(images[:1]), options)
+    status, _, with_options = post_files(server + "/v1/explain", files_of(picked[:1]), options)
     assert status == 200, with_options
-    for i, path in enumerate(images[:3]):
+    for i, path in enumerate(picked):
         x = transform(load_image(path, channels=3))[None]
         with torch.no_grad():
             logits, attn = model.forward_with_attention(x)
@@ -400,3 +401,16 @@ def _up(url: str) -> bool:
         return True
     except (urllib.error.URLError, ConnectionError, OSError):
         return False
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.safetensors"], "missing.safetensors"),
+    (["{ckpt}", "--port", "70000"], "--port must be in 0..65535"),
+    (["{ckpt}", "--max-batch", "0"], "max_batch must be at least 1"),
+    (["{ckpt}", "--backend", "onnx-int8", "--device", "cuda"], "--device cuda"),
+    (["{ckpt}", "--api-key-file", "no-such-key-file"], "--api-key-file no-such-key-file"),
+])
+def test_serve_command_reports_bad_options_in_one_line(ckpt, args, message, capsys):
+    code = cli_main(["serve", *(a.format(ckpt=ckpt) for a in args)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("vitlab serve: error:") and message in err and "\n" not in err, err

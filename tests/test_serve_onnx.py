@@ -34,7 +34,7 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("onnx_images"), 5)
+    return write_images(tmp_path_factory.mktemp("onnx_images"))
 
 
 def test_exported_file_carries_config_preprocessing_and_class_names(tmp_path):

@@ -1,7 +1,7 @@
 """Read any supported checkpoint into one record, then build a model from it (new resolution, new head).
 
 :func:`read_checkpoint` sniffs the file, reads it safely, maps its names onto vitlab's and works out the
-architecture, the preprocessing of its source and notable facts. :func:`build_model` turns that record into a
+architecture, the preprocessing of its source and notable facts. :func:`model_from_checkpoint` turns that record into a
 :class:`~vitlab.models.VisionTransformer`, resampling the position embedding and replacing the head when asked, and
 loads the weights strictly: any missing, unexpected or mis-shaped key is an error that lists them.
 """
@@ -17,17 +17,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compute.onednn import set_onednn_linear
 from ..errors import VitlabError
-from ..models import ViTConfig, get_config, resolve
+from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
 from .files import read_npz, read_safetensors, read_torch, sniff
+from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
-from .vitlab_format import ARCHITECTURES, Architecture, parse_document, read_document
+from .vitlab_format import parse_document, read_document
 
-FORMATS = ("vitlab", "vit_jax", "big_vision", "timm", "hf", "torchvision")
+FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the ViTConfig fields that the weights cannot show, as each source's code sets them
@@ -55,7 +57,7 @@ class Checkpoint:
     container: str
     state_dict: dict[str, torch.Tensor]
     config: ViTConfig
-    architecture: Architecture
+    architecture: ModelFamily
     preprocessing: Preprocessing
     class_names: list[str] | None = None
     metadata: dict = field(default_factory=dict)
@@ -132,6 +134,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         _check_finite(ckpt)
     if resolved is not None:
         _apply_source(ckpt, resolved)
+    _imagenet_names(ckpt)
     _record_facts(ckpt)
     return ckpt
 
@@ -162,6 +165,19 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
                           "or not what it claims")
 
 
+def _imagenet_names(ckpt: Checkpoint) -> None:
+    """A published layout (npz, timm, HF, torchvision) with a 1,000- or 21,843-class head and no names of its own is
+    an ImageNet-1k / ImageNet-21k classifier (the only such releases): give it those names, and say so."""
+    from ..labels import class_names as label_names
+
+    if ckpt.class_names is not None or ckpt.format == "vitlab":
+        return
+    label_set = {1000: "imagenet-1k", 21843: "imagenet-21k"}.get(getattr(ckpt.config, "num_classes", 0))
+    if label_set is not None:
+        ckpt.class_names = label_names(label_set)
+        ckpt.notes.append(f"class names: {label_set} (assumed from the {ckpt.config.num_classes}-class head)")
+
+
 def _resolve_name(spec: str | os.PathLike):
     """What :func:`vitlab.hub.resolve` makes of a spec that is not an existing path (None: treat it as a path)."""
     spec = os.fspath(spec)
@@ -182,7 +198,9 @@ def _apply_source(ckpt: Checkpoint, resolved) -> None:
     if entry is not None:
         source = next((s for s in entry.sources if s.spec == resolved.source), None)
         problems = []
-        if tuple(cfg.img_size) != (entry.img_size, entry.img_size):
+        if not hasattr(cfg, "grid_size"):  # a CNN takes any size: the entry's resolution is its nominal one
+            ckpt.config = cfg = cfg.replace(img_size=entry.img_size)
+        elif tuple(cfg.img_size) != (entry.img_size, entry.img_size):
             problems.append(f"resolution {tuple(cfg.img_size)} (catalog: {entry.img_size})")
         if cfg.num_classes != entry.num_classes and not (source and source.note):
             problems.append(f"{cfg.num_classes} classes (catalog: {entry.num_classes})")
@@ -227,6 +245,11 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
                      grid_hint: tuple[int, int] | None, named: ViTConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
     layout = detect_layout(state_dict)
+    bit = resnetv2_config_from_state_dict(state_dict) if layout is None else None
+    if bit is not None:  # timm's ResNetV2 (BiT) names are vitlab's
+        pre = source_preprocessing("timm", bit.img_size, bit.in_chans)
+        return Checkpoint(source, "timm", container, dict(state_dict), bit, FAMILIES["resnetv2"], pre,
+                          notes=notes + ["timm ResNetV2 (BiT) state dict"])
     if layout is None:
         sample = ", ".join(sorted(state_dict)[:5])
         raise VitlabError(f"{source}: tensors in no known ViT layout (timm, Hugging Face, torchvision); first keys: "
@@ -249,13 +272,21 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
     preprocessing = source_preprocessing(layout, config.img_size, config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
-    return Checkpoint(source, layout, container, sd, config, ARCHITECTURES["vit"], preprocessing, class_names,
+    return Checkpoint(source, layout, container, sd, config, FAMILIES["vit"], preprocessing, class_names,
                       notes=notes)
 
 
 def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
     source = str(path)
-    arrays, layout = npz_layout.normalise(read_npz(path), source)
+    raw = read_npz(path)
+    if bit_prefix(raw) is not None:  # a BiT ResNet-v2 release (the paper's convolutional baseline)
+        cfg, state_dict = read_bit_npz(raw, source)
+        pre = source_preprocessing("vit_jax", cfg.img_size, cfg.in_chans)  # BiT evaluates the same way
+        ckpt = Checkpoint(source, "bit", "npz", state_dict, cfg, FAMILIES["resnetv2"], pre,
+                          notes=["BiT ResNet-v2 release (pre-activation, weight-standardised convolutions)"])
+        ckpt.facts.update(arrays=len(raw))
+        return ckpt
+    arrays, layout = npz_layout.normalise(raw, source)
     fields, notes = npz_layout.infer_vit_fields(arrays, layout, source, grid_hint)
     try:
         vit_cfg = ViTConfig(**fields)  # the transformer part as the arrays describe it
@@ -263,15 +294,15 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
         raise VitlabError(f"{source}: the arrays describe no valid ViT ({exc})") from None
     backbone = npz_layout.find_backbone(arrays)
     if backbone is not None:
-        if backbone.architecture not in ARCHITECTURES:
+        if backbone.architecture not in FAMILIES:
             raise VitlabError(f"{source}: the {backbone.name} backbone builds architecture "
                               f"{backbone.architecture!r}, which is not registered")
         config = backbone.make_config(fields, arrays)
-        arch = ARCHITECTURES[backbone.architecture]
+        arch = FAMILIES[backbone.architecture]
         extra_rules = backbone.rules(arrays)
         notes.append(f"convolutional backbone: {backbone.name}")
     else:
-        config, arch, extra_rules = vit_cfg, ARCHITECTURES["vit"], []
+        config, arch, extra_rules = vit_cfg, FAMILIES["vit"], []
     state_dict = npz_layout.apply_rules(arrays, extra_rules + npz_layout.vit_rules(vit_cfg), source)
     # a big_vision 'tok' embedding has no class slot: a zero row there adds nothing to the class token
     if config.class_token and not layout.pos_has_class_slot and "pos_embed" in state_dict:
@@ -496,9 +527,9 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     model.load_state_dict(merged, strict=True)
 
 
-def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-                resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-                in_chans: int | None = None, patch_size=None) -> nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None,
+                          num_classes: int | None = None, resample: str | None = None, drop_pre_logits: bool = False,
+                          gelu: str | None = None, in_chans: int | None = None, patch_size=None) -> nn.Module:
     """A model in eval mode with the checkpoint's weights, adapted as asked, with ``preprocessing`` and
     ``class_names`` attributes set. Warns (:class:`CheckpointWarning`) when a zeroed head is kept."""
     target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
@@ -541,8 +572,12 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
     - ``patch_size``: build the model with this patch size (int or (height, width)), the patch-embedding kernel
       resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
       position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
+
+    The model's Linear layers take the CPU fast path (:func:`vitlab.compute.set_onednn_linear`).
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
-    return build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                       drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans, patch_size=patch_size)
+    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
+                                  patch_size=patch_size)
+    return set_onednn_linear(model)  # the CPU fast path, as vitlab.create_model
 

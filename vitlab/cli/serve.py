@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=16, help="most images per request (default 16)")
     p.add_argument("--max-pixels", type=int, default=25_000_000,
                    help="largest image accepted, in pixels, checked before decoding (default 25,000,000)")
+    p.add_argument("--max-connections", type=int,
+                   help="connections handled at once; beyond it 503 (default: no limit; each may hold a body)")
     p.add_argument("--api-key-file", type=Path, help=f"file holding the API key (else ${API_KEY_ENV}, else none)")
     p.add_argument("--threads", type=int, help="intra-op threads of torch / ONNX Runtime (default: torch's)")
     p.add_argument("--name", help="model name shown in answers and on the model card (default: the file's stem)")
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"vitlab serve needs the 'serve' extra (pip install 'vitlab[serve]'): {exc}") from exc
     if not 0 <= args.port <= 65535:
         raise VitlabError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise VitlabError(f"--max-connections must be at least 1, got {args.max_connections}")
     if args.max_body_mb <= 0:
         raise VitlabError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.device.startswith("cuda"):
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(host) and settings.api_key is None:
         print(f"vitlab serve: warning: listening on {host}, reachable from other machines, without an API key "
               f"(set ${API_KEY_ENV} or --api-key-file)", file=sys.stderr, flush=True)
-    run_server(app, sock, access_log=args.access_log, graceful_timeout=args.graceful_timeout)
+    run_server(app, sock, access_log=args.access_log, graceful_timeout=args.graceful_timeout,
+               max_connections=args.max_connections)
     print("vitlab serve: stopped", flush=True)
     return 0

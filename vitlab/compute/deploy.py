@@ -123,6 +123,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dyna
     _require("onnxscript")
     path = Path(path)
     model = model.eval()
+    metadata = model_metadata(model)  # before any wrapping below
     shape = _input_shape(model)
     example = torch.randn(2, *shape)
     axes = {0: torch.export.Dim("batch", min=1, max=4096)}

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InvalidValueError, VitlabError
-from .linear import Linear
+from ..errors import InvalidValueError
 from .resample import RESAMPLE_METHODS, resample_grid
 
 PoolType = Literal["token", "gap"]
@@ -42,7 +41,7 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-class ModelInputError(VitlabError, ValueError):
+class ModelInputError(InvalidValueError):
     """Input a model cannot take (wrong channel count, a size it was not built for, a bad feature index)."""
 
 
@@ -191,8 +190,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
@@ -215,10 +214,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", drop: float = 0.0):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +259,7 @@ class PreLogits(nn.Module):
 
     def __init__(self, dim: int, representation_size: int):
         super().__init__()
-        self.fc = Linear(dim, representation_size)
+        self.fc = nn.Linear(dim, representation_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.fc(x))
@@ -311,11 +310,13 @@ class GridCache:
 
     @staticmethod
     def stamp(sources: Sequence[torch.Tensor]) -> tuple:
-        return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+        # entries made under inference mode hold inference tensors: keep them apart from the others
+        return (torch.is_inference_mode_enabled(),) + tuple(
+            (id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
 
     def get(self, key, sources: Sequence[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-        if needs_graph or _tracing():
+        if needs_graph or _tracing() or any(t.is_inference() for t in sources):  # inference tensors: no version
             return compute()
         stamp = self.stamp(sources)
         hit = self.entries.get(key)
@@ -375,7 +376,7 @@ class VisionTransformer(nn.Module):
     def _new_head(in_features: int, num_classes: int) -> nn.Module:
         if num_classes == 0:
             return nn.Identity()
-        head = Linear(in_features, num_classes)
+        head = nn.Linear(in_features, num_classes)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         return head
@@ -448,6 +449,20 @@ class VisionTransformer(nn.Module):
         r = rh if rh == rw else (rh, rw)
         return [{"module": f"blocks.{i}", "num_chs": self.cfg.embed_dim, "reduction": r}
                 for i in range(len(self.blocks))]
+
+    def set_dynamic_img_size(self, enable: bool = True, pad: bool | None = None, resample: str | None = None) -> None:
+        """Turn running at any input size on or off after construction (e.g. on a loaded checkpoint); ``pad`` sets
+        ``dynamic_img_pad``, ``resample`` the position-embedding method (:mod:`vitlab.models.resample`)."""
+        changes = {"dynamic_img_size": enable}
+        if pad is not None:
+            changes["dynamic_img_pad"] = pad
+        if resample is not None:
+            changes["dynamic_resample"] = resample
+        try:
+            self.cfg = self.cfg.replace(**changes)
+        except ValueError as exc:
+            raise ModelInputError(str(exc)) from None
+        self.pos_cache.clear()
 
     # ----- input size
     def input_grid(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> tuple[int, int]:

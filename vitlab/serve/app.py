@@ -22,12 +22,15 @@ import binascii
 import hmac
 import json
 import logging
+import os
 import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 
+import anyio
+import anyio.to_thread
 import torch
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -201,6 +204,16 @@ class _Service:
                                max_wait_s=settings.max_wait_ms / 1000.0, max_queue=settings.max_queue,
                                on_batch=self.metrics.observe_batch, on_queue=self.metrics.queue_length.set)
         self.closing = False
+        self._decode_limiter = None
+
+    def decode_limiter(self):
+        """At most as many images decode at once as there are CPUs: decoded pixels are the big allocations (a
+        25-megapixel upload is 75 MB as RGB), so their number, not the connections', bounds the memory."""
+        if self._decode_limiter is None:  # created in the running loop, on first use
+            import anyio
+
+            self._decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        return self._decode_limiter
 
 
 def _display_name(raw: str | None) -> str | None:
@@ -378,7 +391,7 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
                                 for i, (_, data) in enumerate(uploads)])
 
         try:
-            images = await run_in_threadpool(decode)
+            images = await anyio.to_thread.run_sync(decode, limiter=service.decode_limiter())
         except VitlabError as exc:
             raise ApiError(400, str(exc)) from None
         try:

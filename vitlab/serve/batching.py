@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InvalidValueError
+
 
 class QueueFull(Exception):
     """The queue has no room for the request's images; ``retry_after`` is a suggested wait in whole seconds."""
@@ -58,7 +60,7 @@ class Batcher:
                  max_queue: int = 128, on_batch: Callable[[int, float], None] | None = None,
                  on_queue: Callable[[int], None] | None = None):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch and max_queue must be positive and max_wait_s not negative")
+            raise InvalidValueError("max_batch and max_queue must be positive and max_wait_s not negative")
         self.run_batch = run_batch
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.on_batch, self.on_queue = on_batch, on_queue

@@ -27,21 +27,25 @@ def bind_socket(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     return sock
 
 
-def _config(app, sock: socket.socket, access_log: bool, graceful_timeout: float | None, log_level: str):
+def _config(app, sock: socket.socket, access_log: bool, graceful_timeout: float | None, log_level: str,
+            max_connections: int | None = None):
     import uvicorn
 
     host, port = sock.getsockname()[:2]
-    # the whole body limit is the app's; uvicorn's own limits stay at their defaults (h11 caps header sizes)
+    # the body limit is the app's; uvicorn caps header sizes itself, and with ``max_connections`` (its
+    # limit_concurrency) answers 503 to connections beyond that many
     return uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level, lifespan="on",
-                          timeout_graceful_shutdown=graceful_timeout, server_header=False)
+                          timeout_graceful_shutdown=graceful_timeout, server_header=False,
+                          limit_concurrency=max_connections)
 
 
 def run_server(app, sock: socket.socket, *, access_log: bool = False, graceful_timeout: float | None = 30.0,
-               log_level: str = "info") -> None:
-    """Serve ``app`` on the bound socket until SIGINT / SIGTERM."""
+               log_level: str = "info", max_connections: int | None = None) -> None:
+    """Serve ``app`` on the bound socket until SIGINT / SIGTERM. ``max_connections``: connections and requests
+    handled at once; beyond it uvicorn answers 503 (default: no limit)."""
     import uvicorn
 
-    server = uvicorn.Server(_config(app, sock, access_log, graceful_timeout, log_level))
+    server = uvicorn.Server(_config(app, sock, access_log, graceful_timeout, log_level, max_connections))
     # uvicorn handles SIGINT / SIGTERM itself (graceful shutdown), then raises the signal again against the handlers
     # it found; handlers that only note the signal make that a normal return, so the caller ends with status 0
     noted: list[int] = []
