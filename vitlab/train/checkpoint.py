@@ -96,15 +96,16 @@ def full_model(run, device: torch.device | str) -> nn.Module | None:
     return module
 
 
-def save_run_state(run, name: str, step: int, best: dict | None) -> None:
+def save_run_state(run, name: str, step: int, best: dict | None, times: dict | None = None) -> None:
     """Write ``checkpoints/<name>`` of the run folder: everything a resumed run needs (every rank calls this; rank 0
-    writes)."""
+    writes). ``times``: the run's time so far (``train_seconds``, ``total_seconds``), summed over resumed segments."""
     model_sd, optim_sd = D.full_state_dicts(state_module(run), run.optimizer)
     if not run.info.is_main:
         return
     state = {
         "format": STATE_FORMAT, "version": STATE_VERSION,
         "step": step, "epoch": step / run.steps_per_epoch,
+        "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
         "model": model_sd,
         "optimizer": optim_sd,
         "scheduler": run.scheduler.state_dict(),
@@ -115,6 +116,7 @@ def save_run_state(run, name: str, step: int, best: dict | None) -> None:
         "preprocessing": run.preprocessing.to_dict(),
         "best": best,
         "world_size": run.info.world_size,
+        "times": dict(times or {}),
     }
     if run.ema is not None:
         state["model_ema"] = {k: v.detach().cpu() for k, v in run.ema.state_dict().items()}
@@ -135,8 +137,9 @@ def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
     set_rng_state(state["rng"])
     step = int(state["step"])
     run.log.truncate_metrics(step)
-    if run.info.is_main:
+    if run.info.is_main:  # what a kill mid-write left: a checkpoint's or the final model's temporary
         remove_stale_temporaries(run.run_dir / "checkpoints")
+        remove_stale_temporaries(run.run_dir)
     run.log.info(f"resumed from {path} at step {step} (epoch {step / run.steps_per_epoch:.2f})")
     return step, state.get("best")
 

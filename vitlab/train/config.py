@@ -101,7 +101,9 @@ class TrainConfig:
     fsdp: bool = False                      # shard parameters with FSDP2 instead of DDP (multi-process runs)
     eval_batch_size: int = 500
     eval_every_epochs: float = 1.0          # 0 = evaluate only at the end
-    save_every_steps: int = 0               # also write last.pt every N steps (0 = at each evaluation only)
+    save_every_steps: int = 0               # also write last.pt every N steps (0 = off)
+    save_every_epochs: float = 1.0          # also write last.pt every N epochs (0 = off)
+    save_every_minutes: float = 10.0        # ... and at least every N minutes of the run (0 = off)
     log_every_steps: int = 50
     max_bad_steps: int = 20                 # stop after this many consecutive non-finite steps
     out_dir: str = "runs"
@@ -313,6 +315,8 @@ RULES: dict[str, Rule] = {
     "eval_batch_size": at_least(1, integer=True),
     "eval_every_epochs": at_least(0),
     "save_every_steps": at_least(0, integer=True),
+    "save_every_epochs": at_least(0),
+    "save_every_minutes": at_least(0),
     "log_every_steps": at_least(1, integer=True),
     "max_bad_steps": at_least(1, integer=True),
     "freeze_blocks": at_least(0, integer=True),

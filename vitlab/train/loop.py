@@ -11,6 +11,7 @@ run resumed from a checkpoint continues exactly where the interrupted one was.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .checkpoint import checkpoint_path, full_model, load_train_state, restore_r
 from .config import TrainConfig
 from .progress import StepLog
 from .run import Run, build_run
+from .runfolder import RUNTIME_FIELDS, RunLock, run_folder_of
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
 
@@ -80,11 +82,13 @@ def evaluate_run(run: Run, on_skipped) -> dict:
     return metrics
 
 
-def _evaluate_and_save(run: Run, step: int, best: dict | None, train_seconds: float, on_skipped):
-    """Evaluate, log, write ``last.pt`` (and ``best.pt`` when top-1 improved); returns (the final model's metrics:
-    the EMA model's with EMA on, the best so far)."""
+def _evaluate_and_save(run: Run, step: int, best: dict | None, times: dict, on_skipped):
+    """Evaluate, log, write ``best.pt`` (when top-1 improved) and then ``last.pt`` (so a kill between the two is
+    repaired by the resumed run, which evaluates again); returns (the final model's metrics: the EMA model's with
+    EMA on, the best so far). ``times``: the run's time so far."""
     metrics = evaluate_run(run, on_skipped)
     final_view = None
+    train_seconds = times.get("train_seconds", 0.0)
     if metrics:
         prefix = "ema_" if run.ema is not None else ""
         final_view = {k.removeprefix(prefix): v for k, v in metrics.items()
@@ -98,9 +102,8 @@ def _evaluate_and_save(run: Run, step: int, best: dict | None, train_seconds: fl
     improved = bool(metrics) and (best is None or final_view.get("top1", -1) > best.get("top1", -1))
     if improved:
         best = {**final_view, "step": step}
-    save_run_state(run, "last.pt", step, best)
-    if improved:
-        save_run_state(run, "best.pt", step, best)
+        save_run_state(run, "best.pt", step, best, times)
+    save_run_state(run, "last.pt", step, best, times)
     D.barrier()
     return final_view, best
 
@@ -143,43 +146,135 @@ def _describe(run: Run, train_flops: float) -> None:
              f"{run.device}, {run.precision}, {torch.get_num_threads()} threads")
 
 
-def _start(config: TrainConfig, resume: str | Path | None):
-    """(config, distributed info, run folder, resume state and path): the stored config of a resumed run, with the
-    runtime-only settings of this call."""
+class RunFinished(VitlabError):
+    """``--resume`` of a run that has finished and is not asked to go on: nothing was written."""
+
+
+@dataclass
+class _Start:
+    """What :func:`_start` settles before the run is built."""
+
+    config: TrainConfig
+    info: D.DistInfo
+    run_dir: Path | None
+    state: dict | None = None
+    state_path: Path | None = None
+    created: bool = False            # this call made the run folder (removed again if the run never takes a step)
+    lock: RunLock | None = None
+    length_changed: bool = False     # a resumed run told to train longer (config.json is rewritten)
+    stepped: bool = False            # set by the loop after the first step
+
+
+def _resume_length(config: TrainConfig, state: dict, run_dir: Path, epochs, steps) -> tuple[TrainConfig, bool]:
+    """The resumed run's config with its new length (``epochs`` or ``steps``, when given); refuses a length shorter
+    than what is done, and raises :class:`RunFinished` for a finished run that is not made longer."""
+    done = int(state["step"])
+    spe = state.get("steps_per_epoch")
+    if not spe and state.get("epoch"):  # a checkpoint of an earlier version
+        spe = max(1, round(done / state["epoch"]))
+    changed = False
+    if steps is not None or epochs is not None:
+        new = config.replace(steps=steps, epochs=None) if steps is not None else config.replace(epochs=epochs,
+                                                                                                 steps=None)
+        changed = (new.steps, new.epochs) != (config.steps, config.epochs)
+        config = new
+    total = config.steps or (math.ceil(config.epochs * spe) if spe else None)
+    flag = f"--steps {steps}" if steps is not None else f"--epochs {epochs:g}" if epochs is not None else None
+    if total is not None and total < done:
+        raise VitlabError(f"{flag or run_dir}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
+                          "give a longer run to continue it")
+    result_file = run_dir / "result.json"
+    if result_file.is_file() and total is not None and done >= total:
+        raise RunFinished(f"{run_dir}: the run has finished ({done} steps, {state['epoch']:.2f} epochs); nothing "
+                          "changed (give --epochs or --steps beyond that to train on)")
+    return config, changed
+
+
+def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=None) -> _Start:
+    """The distributed setup and the run folder (made, or identified and checked for a resume) and its lock; a
+    resumed run takes its stored config, with the runtime-only settings of this call and its new length."""
     state = path = None
+    changed = False
     if resume is not None:
         path = checkpoint_path(resume)
         state = load_train_state(path)
+        run_dir = run_folder_of(path, state["train_config"])  # refuses a folder it cannot identify
         stored = TrainConfig.from_dict(state["train_config"])
         # runtime-only settings may differ on the resumed run; everything that shapes the result may not
-        config = stored.replace(device=config.device, threads=config.threads, progress=config.progress,
-                                num_workers=config.num_workers)
+        config = stored.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS})
+        config, changed = _resume_length(config, state, run_dir, epochs, steps)
+    elif epochs is not None or steps is not None:
+        raise VitlabError("epochs= and steps= of train() make a resumed run longer; set them in the config")
     info = D.setup(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if path is not None:
-        run_dir = path.parent.parent
-    elif info.is_main:
-        run_dir = new_run_dir(config.out_dir, config.run_name or default_run_name(config.data, config.model))
-    else:
-        run_dir = None
-    return config, info, D.broadcast_object(run_dir), state, path
+    start = _Start(config, info, None, state, path, length_changed=changed)
+    outcome = None
+    if info.is_main:
+        try:
+            if path is not None:
+                start.run_dir = path.resolve().parent.parent
+            else:
+                start.run_dir = new_run_dir(config.out_dir,
+                                            config.run_name or default_run_name(config.data, config.model))
+                start.created = True
+            start.lock = RunLock(start.run_dir).acquire()
+            if start.created:  # what identifies the folder as a run folder; written before anything else
+                RunLog(start.run_dir, enabled=True, console=False).write_json("config.json", config.to_dict())
+            outcome = ("ok", start.run_dir)
+        except VitlabError as exc:
+            _abandon(start)
+            if info.world_size == 1:
+                raise
+            outcome = ("error", str(exc))
+    outcome = D.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise VitlabError(outcome[1])
+    start.run_dir = outcome[1]
+    return start
 
 
-def _train(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: RunLog, state: dict | None,
-           state_path: Path | None, objective, t_start: float) -> TrainResult:
-    run = build_run(config, info, run_dir, log, objective)
+def _abandon(start: _Start) -> None:
+    """Release the run folder's lock; remove the folder this call made when the run never took a step."""
+    if start.lock is not None:
+        start.lock.release()
+        start.lock = None
+    if start.created and not start.stepped and start.run_dir is not None:
+        import shutil
+
+        shutil.rmtree(start.run_dir, ignore_errors=True)
+        start.created = False
+
+
+def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult:
+    info, state = start.info, start.state
+    run = build_run(start.config, info, start.run_dir, log, objective)
     cfg = run.config
     skipped = _Skipped(log)
-    step, best = restore_run_state(run, state, state_path) if state is not None else (0, None)
-    if state is None:
+    step, best = restore_run_state(run, state, start.state_path) if state is not None else (0, None)
+    before = dict((state or {}).get("times") or {})
+    earlier_train, earlier_total = float(before.get("train_seconds", 0.0)), float(before.get("total_seconds", 0.0))
+    if start.length_changed:
+        for factor in run.scheduler.lr_lambdas:  # the schedule runs over the new length from here on
+            factor.total = run.total_steps
+        for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
+            group["lr"] = base * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
         log.write_json("config.json", cfg.to_dict())
+        log.info(f"the run goes on to step {run.total_steps} ({run.total_steps / run.steps_per_epoch:.2f} epochs); "
+                 "the learning-rate schedule is stretched to the new length")
     train_flops = 6.0 * run.train_macs * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
-    bad_streak, train_seconds, last_eval = 0, 0.0, None
+    bad_streak, train_seconds = 0, 0.0
+
+    def times() -> dict:
+        return {"train_seconds": earlier_train + train_seconds,
+                "total_seconds": earlier_total + time.perf_counter() - t_start}
+
+    save_interval = max(1, int(round(cfg.save_every_epochs * run.steps_per_epoch))) if cfg.save_every_epochs else 0
+    last_save = time.monotonic()
     step_log = StepLog(run, step)
     while step < run.total_steps:
         epoch, in_epoch = divmod(step, run.steps_per_epoch)
@@ -188,6 +283,7 @@ def _train(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: Run
             t0 = time.perf_counter()
             out = train_step(run, micro_batches, step)
             train_seconds += time.perf_counter() - t0
+            start.stepped = True
             if out.skipped:
                 skipped(out.skipped)
             if out.stepped:
@@ -202,18 +298,25 @@ def _train(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: Run
                         "--resume from the last checkpoint")
             step += 1
             step_log.update(step, out)
-            if step % run.eval_interval == 0 or step == run.total_steps:
-                last_eval, best = _evaluate_and_save(run, step, best, train_seconds, skipped)
+            if step == run.total_steps:
+                break  # the end: checkpoint and model first, then the final evaluation (below)
+            if step % run.eval_interval == 0:
+                _, best = _evaluate_and_save(run, step, best, times(), skipped)
+                last_save = time.monotonic()
                 step_log.restart_clock()
-            elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                save_run_state(run, "last.pt", step, best)
+            elif _save_due(run, step, save_interval, last_save):
+                save_run_state(run, "last.pt", step, best, times())
+                last_save = time.monotonic()
     step_log.close()
-    if last_eval is None:  # resumed exactly at the end
-        last_eval, best = _evaluate_and_save(run, step, best, train_seconds, skipped)
+    # an error or a kill in the final evaluation loses nothing: the final state and model are on disk first
+    save_run_state(run, "last.pt", step, best, times())
+    _save_final(run, None)
+    last_eval, best = _evaluate_and_save(run, step, best, times(), skipped)
     model_path, module = _save_final(run, last_eval)
+    elapsed = times()
     result = TrainResult(
         run_dir=run.run_dir, metrics=last_eval or {}, best=best, steps=step, epochs=step / run.steps_per_epoch,
-        train_seconds=train_seconds, total_seconds=time.perf_counter() - t_start, train_flops=train_flops,
+        train_seconds=elapsed["train_seconds"], total_seconds=elapsed["total_seconds"], train_flops=train_flops,
         model_path=model_path, model=module, skipped_files=skipped.total)
     log.write_json("result.json", {
         "metrics": result.metrics, "best": result.best, "steps": result.steps, "epochs": result.epochs,
@@ -226,12 +329,32 @@ def _train(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: Run
     return result
 
 
-def train(config: TrainConfig, *, resume: str | Path | None = None, objective=None) -> TrainResult:
+def _save_due(run: Run, step: int, save_interval: int, last_save: float) -> bool:
+    """Whether ``last.pt`` is due between evaluations: every ``save_every_steps`` steps, every
+    ``save_every_epochs`` epochs, and when ``save_every_minutes`` have passed since the last save (decided by rank
+    0: checked every step with one process, every ``log_every_steps`` steps with several)."""
+    cfg = run.config
+    if (cfg.save_every_steps and step % cfg.save_every_steps == 0) or (save_interval and step % save_interval == 0):
+        return True
+    if not cfg.save_every_minutes:
+        return False
+    if run.info.world_size == 1:
+        return time.monotonic() - last_save >= 60.0 * cfg.save_every_minutes
+    if step % cfg.log_every_steps:
+        return False
+    return bool(D.broadcast_object(time.monotonic() - last_save >= 60.0 * cfg.save_every_minutes))
+
+
+def train(config: TrainConfig, *, resume: str | Path | None = None, objective=None, epochs: float | None = None,
+          steps: int | None = None) -> TrainResult:
     """Train (or fine-tune, with ``config.init_from``) a ViT as ``config`` says and return the result.
 
-    ``resume``: a run folder or a ``last.pt``/``best.pt`` file; the run continues in its folder with its stored
-    config (runtime settings such as device and threads may change) and ends with the same weights as a run that
-    was never interrupted (with the same number of processes).
+    ``resume``: a run folder or a ``last.pt``/``best.pt`` file in its ``checkpoints/``; the run continues in its
+    folder with its stored config (runtime settings such as device, threads and workers may change) and ends with
+    the same weights as a run that was never interrupted (with the same number of processes). Only a folder that is
+    positively a vitlab run folder is written to (:mod:`vitlab.train.runfolder`), one process at a time. A finished
+    run raises :class:`RunFinished` and changes nothing, unless ``epochs`` or ``steps`` make it longer (the
+    learning-rate schedule is then stretched to the new length).
 
     ``objective`` replaces classification (:class:`~vitlab.train.objectives.Classification`) by another training
     objective, a :class:`~vitlab.train.objectives.Objective` such as self-supervised pre-training
@@ -241,13 +364,15 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
     resumed run needs the same objective."""
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
-    log = None
+    log = start = None
     try:
-        config, info, run_dir, state, state_path = _start(config, resume)
-        log = RunLog(run_dir, enabled=info.is_main)
-        return _train(config, info, run_dir, log, state, state_path, objective, t_start)
+        start = _start(config, resume, epochs, steps)
+        log = RunLog(start.run_dir, enabled=start.info.is_main)
+        return _train(start, log, objective, t_start)
     finally:
         if log is not None:
             log.close()
+        if start is not None:
+            _abandon(start)  # a run folder made by this call and never stepped in goes again
         D.teardown()
         torch.set_num_threads(threads)  # the thread count is process-wide; leave it as the caller had it
