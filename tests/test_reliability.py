@@ -483,3 +483,198 @@ def test_crafted_checkpoints_as_separate_processes(tmp_path, command):
         if peak > allowed:
             failures.append(f"{case}: peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB")
     assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------- 1-5, 12: resume and run folders
+def _finished_run(root: Path, name: str = "r", **changes) -> Path:
+    """A finished tiny digits run (2 epochs of 22 steps, evaluated at the end): its folder."""
+    from vitlab.train import train
+
+    from .test_train import tiny_config
+
+    cfg = tiny_config(root, epochs=2, eval_every_epochs=0, run_name=name, **changes)
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    return _finished_run(tmp_path_factory.mktemp("finished"))
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    """A private copy of the finished run (a copied run folder is a run folder)."""
+    import shutil
+
+    return Path(shutil.copytree(finished_run, tmp_path / "runs" / "copy"))
+
+
+def _resume(run, capsys, *extra):
+    return _cli(["train", "--resume", str(run), "--device", "cpu", "--threads", "1", "--no-progress", *extra], capsys)
+
+
+def test_resume_writes_only_into_an_identified_run_folder(run_copy, tmp_path, capsys):
+    import shutil
+
+    # the issue's reproduction: a checkpoint copied into a backup folder next to a user's own files
+    p = tmp_path / "P"
+    (p / "backups").mkdir(parents=True)
+    (p / "result.json").write_text("precious\n")
+    shutil.copy(run_copy / "checkpoints" / "last.pt", p / "backups" / "last.pt")
+    # ... a checkpoints/ folder without the config.json vitlab writes, and a checkpoint put into another run's folder
+    q = tmp_path / "Q"
+    (q / "checkpoints").mkdir(parents=True)
+    (q / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    shutil.copy(run_copy / "checkpoints" / "last.pt", q / "checkpoints" / "last.pt")
+    other = _finished_run(tmp_path / "other", "other", seed=3)
+    (other / "result.json").unlink()  # unfinished, so only the identification can stop the resume
+    shutil.copy(run_copy / "checkpoints" / "last.pt", other / "checkpoints" / "last.pt")
+    capsys.readouterr()
+    for target, why in [(p / "backups" / "last.pt", "is not in a run folder's checkpoints/ folder"),
+                        (q, "config.json is missing"), (q / "checkpoints" / "last.pt", "config.json is missing"),
+                        (other, "describes another run than the checkpoint (they differ in out_dir, run_name, seed)")]:
+        folder = target if target.is_dir() else target.parent.parent if target.parent.name == "checkpoints" else p
+        before = _snapshot(folder)
+        rc, lines = _resume(target, capsys)
+        assert rc == 2 and len(lines) == 1, lines
+        assert "resume writes only into a vitlab run folder" in lines[0] and why in lines[0], lines
+        assert _snapshot(folder) == before
+    # the real run folder, by its folder or its checkpoint file, is accepted (and, finished, left alone)
+    assert _resume(run_copy / "checkpoints" / "last.pt", capsys)[0] == 0
+
+
+def test_a_finished_run_is_left_alone_unless_made_longer(run_copy, capsys):
+    before = _snapshot(run_copy)
+    first = json.loads((run_copy / "result.json").read_text())
+    rc, lines = _resume(run_copy, capsys)
+    assert rc == 0 and len(lines) == 1 and "the run has finished (44 steps, 2.00 epochs); nothing changed" in lines[0]
+    for extra, flag in [(["--lr", "0.1"], "--lr 0.1"), (["--batch-size", "3"], "--batch-size 3"),
+                        (["--set", "model_args.dropout=0.1"], "--set model_args.dropout=0.1"),
+                        (["--set", "mixup=0.2"], "--set mixup=0.2"), (["--recipe", "small-data"], "--recipe")]:
+        rc, lines = _resume(run_copy, capsys, *extra)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"vitlab train: error: {flag}"), lines
+        assert "cannot be changed on --resume" in lines[0]
+    rc, lines = _resume(run_copy, capsys, "--epochs", "1")
+    assert rc == 2 and len(lines) == 1 and "--epochs 1: the run is already at step 44" in lines[0], lines
+    assert _snapshot(run_copy) == before
+    # asked to go on: 3 epochs in all; the time counts both segments
+    rc, lines = _resume(run_copy, capsys, "--epochs", "3")
+    assert rc == 0, lines
+    result = json.loads((run_copy / "result.json").read_text())
+    assert result["steps"] == 66 and result["epochs"] == 3
+    assert result["train_seconds"] > first["train_seconds"] and result["total_seconds"] > first["total_seconds"]
+    assert json.loads((run_copy / "config.json").read_text())["epochs"] == 3
+    rows = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 66
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [44, 66]
+
+
+def test_resume_repairs_a_torn_metrics_tail(run_copy, capsys):
+    metrics = run_copy / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    with open(metrics, "ab") as f:
+        f.write(b'{"kind": "step", "step": 45, "lo')  # a kill during the append
+    rc, lines = _resume(run_copy, capsys, "--steps", "46")
+    assert rc == 0, lines
+    data = metrics.read_bytes()
+    assert data.startswith(whole) and data.endswith(b"\n")
+    rows = [json.loads(line) for line in data.decode().splitlines()]  # every line whole
+    assert [r["step"] for r in rows if r["kind"] == "step"][-2:] == [44, 46]
+
+
+def test_a_second_process_on_the_same_run_refuses_naming_the_holder(run_copy, capsys):
+    (run_copy / "result.json").unlink()  # an interrupted run: resuming it would write
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from vitlab.train.runfolder import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(120)"), str(run_copy)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(run_copy)
+        rc, lines = _resume(run_copy, capsys)
+        assert rc == 2 and len(lines) == 1, lines
+        assert f"the run is in use by vitlab pid {holder.pid} on " in lines[0] and "started 20" in lines[0]
+        assert _snapshot(run_copy) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _resume(run_copy, capsys)[0] == 0  # the lock goes with its process
+    assert (run_copy / "result.json").is_file()
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "train" / "a").mkdir(parents=True)
+    (images / "train" / "b").mkdir(parents=True)  # an empty class folder
+    Image.new("RGB", (8, 8), "red").save(images / "train" / "a" / "0.png")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    out = tmp_path / "runs"
+    common = ["--out-dir", str(out), "--device", "cpu", "--no-progress", "--workers", "0"]
+    for argv in (["train", "--data", str(images), *common],
+                 ["train", "--data", "digits", "--set", "train_subset=100000", *common],
+                 ["finetune", "--from", str(tmp_path / "junk.safetensors"), "--data", "digits", *common],
+                 ["finetune", "--from", str(tmp_path / "missing.safetensors"), "--data", "digits", *common]):
+        rc, lines = _cli(argv, capsys)
+        assert rc == 2 and lines and lines[-1].startswith("vitlab "), lines
+        assert not out.exists() or list(out.iterdir()) == [], argv
+
+
+def test_a_failed_final_evaluation_loses_nothing(tmp_path, capsys, monkeypatch):
+    """The final checkpoint and model are on disk before the final evaluation; a resume finishes the run."""
+    from safetensors.torch import load_file
+
+    from vitlab.train import loop, train
+
+    from .test_train import tiny_config
+
+    def failing(run, on_skipped):
+        raise RuntimeError("the evaluation data went away")
+
+    monkeypatch.setattr(loop, "evaluate_run", failing)
+    cfg = tiny_config(tmp_path, epochs=2, eval_every_epochs=0, run_name="r", deterministic=True)
+    with pytest.raises(RuntimeError, match="went away"):
+        train(cfg)
+    run = tmp_path / "runs" / "r"
+    assert (run / "model.safetensors").is_file() and not (run / "result.json").exists()
+    monkeypatch.undo()
+    assert _resume(run, capsys)[0] == 0
+    reference = _finished_run(tmp_path / "reference", deterministic=True)
+    capsys.readouterr()
+    a, b = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    assert json.loads((run / "result.json").read_text())["metrics"] == json.loads(
+        (reference / "result.json").read_text())["metrics"]
+
+
+def test_a_kill_in_the_final_writes_is_repaired_on_resume(tmp_path, capsys, monkeypatch):
+    """Killed while writing model.safetensors: the temporary next to it goes on resume. Killed between the final
+    last.pt and best.pt: the resumed run writes best.pt."""
+    import torch
+
+    from vitlab.train import checkpoint, loop, train
+
+    from .test_train import tiny_config
+
+    real = checkpoint.save_run_state
+
+    def killed_at_best(run, name, step, best, times=None):
+        if name == "best.pt":
+            raise KeyboardInterrupt  # stands for the kill: nothing after this point happens
+        real(run, name, step, best, times)
+
+    monkeypatch.setattr(loop, "save_run_state", killed_at_best)
+    cfg = tiny_config(tmp_path, epochs=2, eval_every_epochs=0, run_name="r")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.undo()
+    run = tmp_path / "runs" / "r"
+    assert not (run / "checkpoints" / "best.pt").exists() and not (run / "result.json").exists()
+    stale = run / ".model.safetensors.x1y2z3.tmp"
+    stale.write_bytes(b"half a model")
+    assert _resume(run, capsys)[0] == 0
+    assert not stale.exists() and not list(run.rglob("*.tmp"))
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == 44 and best["best"]["step"] == 44
+    assert json.loads((run / "result.json").read_text())["best"]["step"] == 44

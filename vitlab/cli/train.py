@@ -210,6 +210,43 @@ def report(result) -> None:
         print(f"model: {result.model_path}")
 
 
+# on --resume: the length (made longer) and the runtime settings apply; everything else comes from the checkpoint
+RESUME_RUNTIME = {"device", "threads", "num_workers", "progress"}
+
+
+def resume_length(args: argparse.Namespace) -> dict:
+    """``{"epochs": ...}`` or ``{"steps": ...}`` given with ``--resume`` (may be empty); any other setting is
+    refused naming its flag, since a resumed run continues with its stored config."""
+    given = []
+    if args.recipe:
+        given.append(("recipe", f"--recipe {args.recipe}"))
+    if args.config:
+        given.append(("config", f"--config {args.config}"))
+    for name in list(FLAG_FIELDS) + ["compile", "download", "deterministic", "fsdp", "progress", "linear_probe"]:
+        value = getattr(args, name, None)
+        if value is not None:
+            shown = _flag(name) if isinstance(value, bool) else f"{_flag(name)} {_shown(value)}"
+            given.append((name, "--no-progress" if name == "progress" else shown))
+    for item in args.assignments:
+        given.append((item.partition("=")[0].strip().replace("-", "_"), f"--set {item}"))
+    length = {}
+    for name, shown in given:
+        if name in RESUME_RUNTIME:
+            continue
+        if name in ("epochs", "steps") and not length:
+            value = getattr(args, name, None)
+            if value is None:  # from --set
+                from ..train.config import parse_value
+
+                value = parse_value(name, shown.partition("=")[2])
+            length[name] = value
+            continue
+        raise InvalidValueError(f"{shown}: cannot be changed on --resume (the run continues with the config stored "
+                                "in its checkpoint; only a longer --epochs or --steps, --device, --threads, --workers "
+                                "and --no-progress apply); start a new run to change it")
+    return length
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print_recipes()
@@ -225,8 +262,14 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return relaunch_with_torchrun(args)
     from ..train import train
+    from ..train.loop import RunFinished
 
-    result = train(config, resume=args.resume)
+    length = resume_length(args) if args.resume else {}
+    try:
+        result = train(config, resume=args.resume, **length)
+    except RunFinished as exc:  # not an error: there is nothing left to do
+        print(f"vitlab train: {exc}", file=sys.stderr)
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         report(result)
         sys.stdout.flush()

@@ -138,7 +138,9 @@ def _describe(run: Run, train_flops: float) -> None:
                  f"{mc.embed_dim}, depth {mc.depth}")
     else:  # a convolutional baseline (BiT ResNet-v2)
         shape = f"ResNet-v2 stages {tuple(mc.layers)}, width x{mc.width_factor}"
-    log.info(f"model: {cfg.model} {mc.img_size[0]}x{mc.img_size[1]}, {shape}, {n_params:,} parameters, "
+    # what is really trained: the registered name, or for fine-tuning the checkpoint and its architecture
+    name = f"{cfg.init_from} ({type(mc).__name__.removesuffix('Config') or 'model'})" if cfg.init_from else cfg.model
+    log.info(f"model: {name} {mc.img_size[0]}x{mc.img_size[1]}, {shape}, {n_params:,} parameters, "
              f"{run.macs / 1e6:.1f} M MACs per image forward")
     log.info(f"training: {run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.2f} epochs) of "
              f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} warmup {run.warmup_steps}"
