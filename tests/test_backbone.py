@@ -384,3 +384,57 @@ def test_inspect_command_at_another_image_size(tmp_path, capsys):
                  "--what", "distance,rollout", "--img-size", "36x44"]) == 0
     assert "at grid 9x11" in capsys.readouterr().out
     assert np.load(tmp_path / "r" / "inspection.npz")["rollout"].shape == (3, 9, 11)
+
+
+def test_linear_probe_on_frozen_multi_layer_features_trains_only_the_head():
+    """docs/backbone.md's worked example in small: four blocks' maps -> 1x1 conv -> upsampled per-pixel logits."""
+    import torch.nn.functional as F
+
+    from vitlab.models import FeatureExtractor
+
+    model = randomize_(VisionTransformer(ViTConfig(**SMALL)))
+    model.set_dynamic_img_size()
+    backbone = FeatureExtractor(model, indices=4, norm=True).requires_grad_(False)
+    head = torch.nn.Conv2d(sum(backbone.feature_info.channels()), 3, kernel_size=1)
+    x, target = torch.randn(4, 3, 40, 48), torch.randint(0, 3, (4, 40, 48))
+    with torch.no_grad():
+        maps = backbone(x)
+    logits = F.interpolate(head(torch.cat(maps, 1)), size=(40, 48), mode="bilinear")
+    F.cross_entropy(logits, target).backward()
+    assert logits.shape == (4, 3, 40, 48) and head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(VitlabError, match="dynamic_resample"):
+        model.set_dynamic_img_size(resample="cubic")
+
+
+def test_position_embedding_cache_under_inference_mode():
+    model = randomize_(VisionTransformer(ViTConfig(**SMALL, dynamic_img_size=True))).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.inference_mode():
+        a = model(x)
+        assert model.position_embedding((6, 6)) is model.position_embedding((6, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), a)
+        assert not model.position_embedding((6, 6)).is_inference()
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_compiles_once_at_a_dynamic_size():
+    model = randomize_(VisionTransformer(ViTConfig(**{**SMALL, "depth": 1}, dynamic_img_size=True))).eval()
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_intermediates_equal_timm_where_the_cpu_fast_path_runs():
+    """Width 192 and 260 token rows per product: large enough for the CPU fast path of the Linear layers."""
+    theirs = randomize_(timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=5, dynamic_img_size=True)).eval()
+    ours = VisionTransformer(ViTConfig(img_size=64, patch_size=8, embed_dim=192, depth=2, num_heads=3, mlp_dim=768,
+                                       num_classes=5, dynamic_img_size=True)).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(4, 3, 64, 72)
+    with torch.no_grad():
+        _assert_same(ours.forward_intermediates(x, indices=[0, 1], norm=True),
+                     theirs.forward_intermediates(x, indices=[0, 1], norm=True))

@@ -262,8 +262,8 @@ class _StemViT(vitlab.VisionTransformer):
         super().__init__(cfg)
         self.stem = torch.nn.Conv2d(cfg.in_chans, cfg.in_chans, 1)
 
-    def embed(self, x):
-        return super().embed(self.stem(x))
+    def embed(self, x, dynamic_img_size=None):
+        return super().embed(self.stem(x), dynamic_img_size)
 
 
 def test_npz_backbone_plug_in_maps_extra_arrays(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InvalidValueError, VitlabError
+from ..errors import InvalidValueError
 from .linear import Linear
 from .resample import RESAMPLE_METHODS, resample_grid
 
@@ -42,7 +42,7 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-class ModelInputError(VitlabError, ValueError):
+class ModelInputError(InvalidValueError):
     """Input a model cannot take (wrong channel count, a size it was not built for, a bad feature index)."""
 
 
@@ -311,11 +311,13 @@ class GridCache:
 
     @staticmethod
     def stamp(sources: Sequence[torch.Tensor]) -> tuple:
-        return tuple((id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
+        # entries made under inference mode hold inference tensors: keep them apart from the others
+        return (torch.is_inference_mode_enabled(),) + tuple(
+            (id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in sources)
 
     def get(self, key, sources: Sequence[torch.Tensor], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-        if needs_graph or _tracing():
+        if needs_graph or _tracing() or any(t.is_inference() for t in sources):  # inference tensors: no version
             return compute()
         stamp = self.stamp(sources)
         hit = self.entries.get(key)
@@ -448,6 +450,20 @@ class VisionTransformer(nn.Module):
         r = rh if rh == rw else (rh, rw)
         return [{"module": f"blocks.{i}", "num_chs": self.cfg.embed_dim, "reduction": r}
                 for i in range(len(self.blocks))]
+
+    def set_dynamic_img_size(self, enable: bool = True, pad: bool | None = None, resample: str | None = None) -> None:
+        """Turn running at any input size on or off after construction (e.g. on a loaded checkpoint); ``pad`` sets
+        ``dynamic_img_pad``, ``resample`` the position-embedding method (:mod:`vitlab.models.resample`)."""
+        changes = {"dynamic_img_size": enable}
+        if pad is not None:
+            changes["dynamic_img_pad"] = pad
+        if resample is not None:
+            changes["dynamic_resample"] = resample
+        try:
+            self.cfg = self.cfg.replace(**changes)
+        except ValueError as exc:
+            raise ModelInputError(str(exc)) from None
+        self.pos_cache.clear()
 
     # ----- input size
     def input_grid(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> tuple[int, int]:
