@@ -19,7 +19,7 @@ from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
 from ..preprocessing import Preprocessing
 from .files import write_json
-from .loading import build_model, read_checkpoint, zeroed_head_note
+from .loading import model_from_checkpoint, read_checkpoint, zeroed_head_note
 from .npz import to_npz_arrays
 from .statedicts import to_hf, to_torchvision
 from .vitlab_format import save
@@ -227,8 +227,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
     if src.resolve() == dst.resolve():
         raise VitlabError(f"{dst}: the destination is the source file")
     ckpt = read_checkpoint(src, model_name=model_name, prefer_ema=prefer_ema)
-    model = build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                        drop_pre_logits=drop_pre_logits, gelu=gelu, patch_size=patch_size)
+    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu,
+                                  patch_size=patch_size)
     metadata = dict(ckpt.metadata)
     metadata.setdefault("converted_from", {"path": src.name, "format": ckpt.format})
     notes = export(model, dst, to, metadata=metadata)

@@ -41,8 +41,9 @@ def wordnet_ids_of(model_names: Sequence[str] | None) -> list[str] | None:
         return None
     from ..labels import LABEL_SETS, class_names, wordnet_ids
 
-    for label_set in LABEL_SETS:  # the files are read once (cached)
-        if class_names(label_set) == list(model_names):
+    sizes = {"imagenet-1k": 1000, "imagenet-21k": 21843}
+    for label_set in LABEL_SETS:
+        if sizes.get(label_set) == len(model_names) and class_names(label_set) == list(model_names):
             return wordnet_ids(label_set)
     return None
 
@@ -58,9 +59,7 @@ def check_classes(model_classes: int, model_names: Sequence[str] | None, data_na
     if len(data_names) != model_classes:
         raise VitlabError(f"{checkpoint} predicts {model_classes} classes but {data} has {len(data_names)} "
                           f"({_shown(data_names)}): the accuracy would be meaningless{hint}")
-    from ..labels import same_classes
-
-    if model_names and not same_classes(model_names, data_names):  # ImageNet synset folders match its names
+    if model_names and list(model_names) != list(data_names) and wordnet_ids_of(model_names) != list(data_names):
         differ = [i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b]
         i = differ[0]
         raise VitlabError(f"{checkpoint} and {data} name their classes differently ({len(differ)} of "
