@@ -100,3 +100,64 @@ def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dic
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / ref).write_text(commit)
     return snapshot
+
+
+class LoopbackHub:
+    """The part of the Hugging Face Hub's HTTP interface ``hf_hub_download`` uses, on 127.0.0.1:
+    ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` answering with ``X-Repo-Commit`` and ``ETag``; an unknown
+    repo gets ``X-Error-Code: RepoNotFound``, a missing file ``EntryNotFound``. ``repos``: repo -> {file: bytes}."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], commit: str = "c" * 40):
+        import hashlib
+
+        self.repos, self.commit, self.requests = repos, commit, []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, body: bool) -> None:
+                owner.requests.append((self.command, self.path))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) < 5 or parts[2] != "resolve":
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                repo, name = "/".join(parts[:2]), "/".join(parts[4:])
+                files = owner.repos.get(repo)
+                data = None if files is None else files.get(name)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound" if files is None else "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", owner.commit)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self._answer(False)
+
+            def do_GET(self):
+                self._answer(True)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)

@@ -90,3 +90,14 @@ def test_matching_uses_synonyms_and_leaves_ambiguous_names_out():
         match_classes_by_name(["a"], ["b"], "ck", "data")
     check_classes(3, None, ["x", "y", "z"], "ck", "data")  # unnamed checkpoint, same count: nothing to refuse
     check_classes(3, NAMES, None, "ck", "data")  # unnamed data: labels are checked when evaluated
+
+
+def test_imagenet_checkpoints_accept_folders_named_by_wordnet_id():
+    from vitlab.labels import class_names, wordnet_ids
+
+    names, wnids = class_names("imagenet-1k"), wordnet_ids("imagenet-1k")
+    check_classes(1000, names, wnids, "ck", "imagenet")  # the release's folder layout: the same classes, in order
+    with pytest.raises(VitlabError, match="name their classes differently"):
+        check_classes(1000, names, wnids[::-1], "ck", "imagenet")
+    match = match_classes_by_name(names, ["n01443537", "tench", "unicorn"], "ck", "data")
+    assert match.model_indices == [1, 0] and match.unmatched == ["unicorn"]

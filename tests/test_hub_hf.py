@@ -121,3 +121,24 @@ def test_unreachable_endpoint_falls_back_to_the_hub_cache(hub, timm_repo, monkey
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     assert vitlab.load("hf-hub:timm/vit_test").class_names == LABELS
+
+
+def test_download_through_huggingface_hub_from_a_loopback_endpoint_then_offline(hub, timm_repo, monkeypatch):
+    from tests.hub_fixtures import LoopbackHub
+
+    model, folder, config = timm_repo
+    server = LoopbackHub({"timm/vit_served": {"config.json": json.dumps(config).encode(),
+                                              "model.safetensors": (folder / "model.safetensors").read_bytes()}})
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(vitlab.load("hf-hub:timm/vit_served")(x), model(x), rtol=1e-4, atol=1e-4)
+        assert (hub / "models--timm--vit_served" / "snapshots" / server.commit / "model.safetensors").exists()
+        with pytest.raises(VitlabError, match="no such repo on the Hub"):
+            vitlab.load("hf-hub:timm/not_there")
+    finally:
+        server.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub cache now holds it: no network needed
+    assert vitlab.load("hf-hub:timm/vit_served").class_names == LABELS

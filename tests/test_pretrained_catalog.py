@@ -157,3 +157,15 @@ def test_docs_catalog_table_is_the_catalog():
         assert cells[1:4] == [str(entry.img_size), f"{entry.num_classes:,}", f"{entry.params / 1e6:.1f}M"]
         assert cells[4] == (f"{entry.top1_timm:.2f}" if entry.top1_timm else "-")
         assert cells[5] == (f"{entry.top1_paper:.2f}" if entry.top1_paper else "-")
+
+
+def test_imagenet_synset_folders_match_the_shipped_names():
+    """An ImageNet val folder (``n01440764/``, ...) evaluates a checkpoint carrying ``tench``, ... names."""
+    from vitlab.evaluate.classmap import check_classes
+    from vitlab.labels import same_classes
+
+    names, ids = class_names("imagenet-1k"), wordnet_ids("imagenet-1k")
+    check_classes(1000, names, ids, "vit_b16.augreg_in21k_ft_in1k", "imagenet/val")
+    assert same_classes(ids, names) and not same_classes(names, ids[::-1])
+    with pytest.raises(VitlabError, match="name their classes differently"):
+        check_classes(1000, names, ids[1:] + ids[:1], "ckpt", "data")

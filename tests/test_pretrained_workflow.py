@@ -109,33 +109,44 @@ def test_info_and_convert_take_catalog_names(placed, tmp_path, capsys):
     assert again.class_names == class_names("imagenet-1k")
 
 
-def _fashion_folder(root, per_class=4):
-    """A few real Fashion-MNIST images per class as an image folder (RGB PNGs, as a user's folder would hold)."""
-    from vitlab.data import build_dataset
-
-    data = build_dataset("fashion-mnist", "train")
-    images, labels = data.images, data.labels
-    for k, name in enumerate(data.class_names):
-        folder = root / "train" / name
-        folder.mkdir(parents=True)
-        for j, i in enumerate(np.flatnonzero(np.asarray(labels) == k)[:per_class]):
-            pixels = np.asarray(images[i]).reshape(28, 28)
-            Image.fromarray(pixels.astype(np.uint8)).convert("RGB").save(folder / f"{j}.png")
-    return root
-
-
 @pytest.mark.slow
 def test_finetune_from_catalog_name_runs_on_fashion_mnist(placed, tmp_path, capsys):
+    """The RGB checkpoint on the grey 28x28 set: new 10-class head, resampled grid, input convolution adapted."""
+    from vitlab.data import build_dataset
+
     try:
-        data = _fashion_folder(tmp_path / "fmnist")
+        build_dataset("fashion-mnist", "test")
     except Exception as exc:  # the Debian package with the IDX files is not installed
         pytest.skip(f"Fashion-MNIST not available: {exc}")
-    code = main(["finetune", "--from", NAME, "--data", str(data), "--model", "vit_ti16", "--img-size", "64",
-                 "--steps", "3", "--batch-size", "8", "--lr", "0.01", "--device", "cpu", "--threads", "1",
-                 "--out-dir", str(tmp_path / "runs"), "--run-name", "ft", "--no-progress",
-                 "--set", "warmup_steps=1"])
+    code = main(["finetune", "--from", NAME, "--data", "fashion-mnist", "--img-size", "32", "--steps", "3",
+                 "--batch-size", "8", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path / "runs"),
+                 "--run-name", "ft", "--no-progress", "--set", "warmup_steps=1", "--set", "train_subset=200"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    run = tmp_path / "runs" / "ft"
-    tuned = vitlab.load(next(run.glob("*.safetensors")))
-    assert tuned.cfg.num_classes == 10 and tuned.cfg.img_size == (64, 64) and tuned.cfg.embed_dim == 192
+    assert f"fine-tuning from {NAME}: new zero-initialised head for 10 classes" in out.out + out.err
+    tuned = vitlab.load(tmp_path / "runs" / "ft" / "model.safetensors")
+    assert (tuned.cfg.num_classes, tuned.cfg.img_size, tuned.cfg.embed_dim, tuned.cfg.depth) == (10, (32, 32), 192, 12)
+
+def test_catalog_name_downloads_from_the_gcs_endpoint_then_works_offline(ti16_npz, tmp_path, monkeypatch):
+    from tests.hub_fixtures import FileServer
+
+    entry = get_pretrained(NAME)
+    obj = entry.sources[0].location[len("gs://"):]
+    server = FileServer({f"/{obj}": ti16_npz.read_bytes()})
+    try:
+        monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("VITLAB_GCS_ENDPOINT", server.url)  # a loopback stand-in for storage.googleapis.com
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+        model = vitlab.load(NAME)
+        assert model.class_names[:2] == ["tench", "goldfish"]
+        assert server.gets(f"/{obj}") == [None]
+    finally:
+        server.stop()
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+    assert vitlab.load(NAME).cfg.num_classes == 1000  # from the cache, server gone
+
+
+def test_local_imagenet_npz_gets_imagenet_names(ti16_npz):
+    model = vitlab.load(ti16_npz)
+    assert model.class_names == class_names("imagenet-1k")

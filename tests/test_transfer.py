@@ -246,6 +246,10 @@ def test_cli_flags_and_set_keys_reach_the_config(capsys):
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ValueError, match="freeze_blocks must be a non-negative integer"):
         apply_overrides(TrainConfig(), ["freeze_blocks=-1"])
+    for bad in (["--layer-decay", "1.5"], ["--freeze-blocks", "-2"], ["--set", "freeze=3"]):
+        assert cli_main(["finetune", "--from", "x.safetensors", "--data", "digits", *bad, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("vitlab finetune: error: "), err
 
 
 def test_layer_decay_optimizer_state_round_trips_through_the_checkpoint_functions():

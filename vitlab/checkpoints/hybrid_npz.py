@@ -122,3 +122,85 @@ VIT_JAX_HYBRID = NpzBackbone(
 register_npz_backbone(VIT_JAX_HYBRID)
 register_architecture(Architecture("hybrid", HybridConfig, HybridVisionTransformer))
 register_architecture(Architecture("resnetv2", ResNetV2Config, ResNetV2))
+
+
+# ------------------------------------------------------------------------------------- BiT classifiers (the baseline)
+BIT_ROOT = "root_block/standardized_conv2d/kernel"
+
+
+def bit_prefix(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """The prefix (``resnet/`` in BiT's releases) of a BiT ResNet-v2 ``.npz``, or None when the file is not one."""
+    for key in arrays:
+        if key.endswith(BIT_ROOT):
+            return key[: -len(BIT_ROOT)]
+    return None
+
+
+def bit_npz_rules(layers: tuple[int, ...], prefix: str) -> list[NpzRule]:
+    """BiT's own npz names (``block{s}/unit{uu}/{a,b,c}/standardized_conv2d``, ``group_norm/{gamma,beta}``, ``a/proj``
+    for the first unit, ``head/conv2d``) <-> vitlab's ResNetV2 (timm's names), pre-activation blocks."""
+    def gn(ours: str, theirs: str) -> list[NpzRule]:
+        read = lambda a: torch.from_numpy(np.ascontiguousarray(a.reshape(-1)))  # noqa: E731
+        write = lambda t: (t.detach().cpu().float().numpy(),)  # noqa: E731
+        return [NpzRule(f"{ours}.weight", (f"{prefix}{theirs}/gamma",), read, write),
+                NpzRule(f"{ours}.bias", (f"{prefix}{theirs}/beta",), read, write)]
+
+    rules = [_conv("stem.conv.weight", f"{prefix}{BIT_ROOT}"), *gn("norm", "group_norm"),
+             _conv("head.fc.weight", f"{prefix}head/conv2d/kernel"),
+             NpzRule("head.fc.bias", (f"{prefix}head/conv2d/bias",), lambda a: torch.from_numpy(a.copy()),
+                     lambda t: (t.detach().cpu().float().numpy(),))]
+    for s, units in enumerate(layers, start=1):
+        for u in range(1, units + 1):
+            ours, theirs = f"stages.{s - 1}.blocks.{u - 1}", f"block{s}/unit{u:02d}"
+            for i, letter in enumerate("abc", start=1):
+                rules.append(_conv(f"{ours}.conv{i}.weight", f"{prefix}{theirs}/{letter}/standardized_conv2d/kernel"))
+                rules += gn(f"{ours}.norm{i}", f"{theirs}/{letter}/group_norm")
+            if u == 1:
+                rules.append(_conv(f"{ours}.downsample.conv.weight",
+                                   f"{prefix}{theirs}/a/proj/standardized_conv2d/kernel"))
+    return rules
+
+
+def read_bit_npz(arrays: Mapping[str, np.ndarray], source: str) -> tuple[ResNetV2Config, dict[str, torch.Tensor]]:
+    """A BiT release (``BiT-M-R50x1.npz``, ...) as a ResNetV2 config and state dict; every array must be used."""
+    from .npz import apply_rules
+
+    prefix = bit_prefix(arrays)
+    root = arrays[f"{prefix}{BIT_ROOT}"]
+    if root.ndim != 4 or root.shape[-1] % 64:
+        raise VitlabError(f"{source}: {prefix}{BIT_ROOT} has shape {root.shape}, expected (k, k, C, 64 * width)")
+    layers = []
+    while f"{prefix}block{len(layers) + 1}/unit01/a/standardized_conv2d/kernel" in arrays:
+        stage, units = len(layers) + 1, 1
+        while f"{prefix}block{stage}/unit{units + 1:02d}/a/standardized_conv2d/kernel" in arrays:
+            units += 1
+        layers.append(units)
+    head = arrays.get(f"{prefix}head/conv2d/kernel")
+    if head is None or not layers:
+        raise VitlabError(f"{source}: a BiT root block without {'stages' if not layers else 'a head/conv2d layer'}")
+    try:
+        cfg = ResNetV2Config(layers=tuple(layers), width_factor=root.shape[-1] // 64, stem_kernel=root.shape[0],
+                             in_chans=root.shape[2], num_classes=head.shape[-1])
+    except ValueError as exc:
+        raise VitlabError(f"{source}: the arrays describe no valid BiT ResNet ({exc})") from None
+    return cfg, apply_rules(arrays, bit_npz_rules(cfg.layers, prefix), source)
+
+
+def resnetv2_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> ResNetV2Config | None:
+    """The BiT classifier a timm ``ResNetV2`` state dict (``stem.conv``, ``stages.{i}.blocks.{j}``, ``head.fc``)
+    holds, from its shapes; None when the keys are not that layout."""
+    if not {"stem.conv.weight", "stages.0.blocks.0.conv1.weight", "norm.weight", "head.fc.weight"} <= set(sd):
+        return None
+    layers = []
+    while f"stages.{len(layers)}.blocks.0.conv1.weight" in sd:
+        stage, blocks = len(layers), 1
+        while f"stages.{stage}.blocks.{blocks}.conv1.weight" in sd:
+            blocks += 1
+        layers.append(blocks)
+    stem = sd["stem.conv.weight"]
+    try:
+        return ResNetV2Config(layers=tuple(layers), width_factor=max(1, stem.shape[0] // 64),
+                              stem_kernel=stem.shape[-1], in_chans=stem.shape[1],
+                              num_classes=sd["head.fc.weight"].shape[0])
+    except ValueError:
+        return None

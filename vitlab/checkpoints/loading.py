@@ -23,11 +23,12 @@ from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
 from .files import read_npz, read_safetensors, read_torch, sniff
+from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
 from .vitlab_format import ARCHITECTURES, Architecture, parse_document, read_document
 
-FORMATS = ("vitlab", "vit_jax", "big_vision", "timm", "hf", "torchvision")
+FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the ViTConfig fields that the weights cannot show, as each source's code sets them
@@ -131,8 +132,22 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         _check_finite(ckpt)
     if resolved is not None:
         _apply_source(ckpt, resolved)
+    _imagenet_names(ckpt)
     _record_facts(ckpt)
     return ckpt
+
+
+def _imagenet_names(ckpt: Checkpoint) -> None:
+    """A published layout (npz, timm, HF, torchvision) with a 1,000- or 21,843-class head and no names of its own is
+    an ImageNet-1k / ImageNet-21k classifier (the only such releases): give it those names, and say so."""
+    from ..labels import class_names as label_names
+
+    if ckpt.class_names is not None or ckpt.format == "vitlab":
+        return
+    label_set = {1000: "imagenet-1k", 21843: "imagenet-21k"}.get(getattr(ckpt.config, "num_classes", 0))
+    if label_set is not None:
+        ckpt.class_names = label_names(label_set)
+        ckpt.notes.append(f"class names: {label_set} (assumed from the {ckpt.config.num_classes}-class head)")
 
 
 def _resolve_name(spec: str | os.PathLike):
@@ -155,7 +170,9 @@ def _apply_source(ckpt: Checkpoint, resolved) -> None:
     if entry is not None:
         source = next((s for s in entry.sources if s.spec == resolved.source), None)
         problems = []
-        if tuple(cfg.img_size) != (entry.img_size, entry.img_size):
+        if not hasattr(cfg, "grid_size"):  # a CNN takes any size: the entry's resolution is its nominal one
+            ckpt.config = cfg = cfg.replace(img_size=entry.img_size)
+        elif tuple(cfg.img_size) != (entry.img_size, entry.img_size):
             problems.append(f"resolution {tuple(cfg.img_size)} (catalog: {entry.img_size})")
         if cfg.num_classes != entry.num_classes and not (source and source.note):
             problems.append(f"{cfg.num_classes} classes (catalog: {entry.num_classes})")
@@ -200,6 +217,11 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
                      grid_hint: tuple[int, int] | None, named: ViTConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
     layout = detect_layout(state_dict)
+    bit = resnetv2_config_from_state_dict(state_dict) if layout is None else None
+    if bit is not None:  # timm's ResNetV2 (BiT) names are vitlab's
+        pre = source_preprocessing("timm", bit.img_size, bit.in_chans)
+        return Checkpoint(source, "timm", container, dict(state_dict), bit, ARCHITECTURES["resnetv2"], pre,
+                          notes=notes + ["timm ResNetV2 (BiT) state dict"])
     if layout is None:
         sample = ", ".join(sorted(state_dict)[:5])
         raise VitlabError(f"{source}: tensors in no known ViT layout (timm, Hugging Face, torchvision); first keys: "
@@ -228,7 +250,15 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
 
 def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
     source = str(path)
-    arrays, layout = npz_layout.normalise(read_npz(path), source)
+    raw = read_npz(path)
+    if bit_prefix(raw) is not None:  # a BiT ResNet-v2 release (the paper's convolutional baseline)
+        cfg, state_dict = read_bit_npz(raw, source)
+        pre = source_preprocessing("vit_jax", cfg.img_size, cfg.in_chans)  # BiT evaluates the same way
+        ckpt = Checkpoint(source, "bit", "npz", state_dict, cfg, ARCHITECTURES["resnetv2"], pre,
+                          notes=["BiT ResNet-v2 release (pre-activation, weight-standardised convolutions)"])
+        ckpt.facts.update(arrays=len(raw))
+        return ckpt
+    arrays, layout = npz_layout.normalise(raw, source)
     fields, notes = npz_layout.infer_vit_fields(arrays, layout, source, grid_hint)
     try:
         vit_cfg = ViTConfig(**fields)  # the transformer part as the arrays describe it

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "top-5, loss, per-class accuracy, confusion matrix, expected calibration "
                                           "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
                                           "process takes a disjoint share; no sample is counted twice).")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx file from `vitlab export-onnx`")
     p.add_argument("--data", required=True, help="named set, image folder or tar shards")
     p.add_argument("--split", default="test", help="split of a named set or folder tree (default test)")
     p.add_argument("--data-dir", help="folder holding a named set's files")

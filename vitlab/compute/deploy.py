@@ -13,6 +13,7 @@ Needs the ``onnx`` extra: ``onnx``, ``onnxscript``, ``onnxruntime``.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from ..errors import VitlabError
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
+# the ONNX metadata entry (metadata_props) holding what the model needs at inference: its config, preprocessing and
+# class names, as JSON; see model_metadata / read_metadata
+METADATA_KEY = "vitlab"
 
 
 def _require(module: str):
@@ -43,6 +47,47 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
     if cfg is None:
         raise VitlabError("export needs a vitlab model (with .cfg giving the input size)")
     return (cfg.in_chans, *cfg.img_size)
+
+
+def model_metadata(model: nn.Module) -> dict:
+    """What an exported file carries about ``model`` so that it can be used on its own: the architecture class and
+    config, the preprocessing (``model.preprocessing``, else the paper's for its input) and the class names."""
+    from ..preprocessing import Preprocessing
+
+    cfg = model.cfg
+    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    names = getattr(model, "class_names", None)
+    return {"architecture": type(model).__name__, "config": cfg.to_dict(), "preprocessing": pre.to_dict(),
+            "class_names": [str(n) for n in names] if names else None}
+
+
+def read_metadata(path: str | os.PathLike) -> dict | None:
+    """The vitlab metadata of an ONNX file (see :func:`model_metadata`), or None for a file exported without it."""
+    onnx = _require("onnx")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise VitlabError(f"{path}: not a readable ONNX file ({exc})") from exc
+    entry = next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), None)
+    if entry is None:
+        return None
+    try:
+        data = json.loads(entry)
+    except json.JSONDecodeError as exc:
+        raise VitlabError(f"{path}: the '{METADATA_KEY}' metadata entry is not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise VitlabError(f"{path}: the '{METADATA_KEY}' metadata entry is not a JSON object")
+    return data
+
+
+def _write_metadata(path: Path, metadata: dict) -> None:
+    onnx = _require("onnx")
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+    onnx.save(proto, str(path))
 
 
 class _AtAnySize(nn.Module):
@@ -69,7 +114,8 @@ def _size_axes(model: nn.Module) -> dict:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dynamic_size: bool | None = None) -> Path:
     """Write ``model`` (eval mode, float32) as ONNX with a dynamic batch dimension: input ``pixel_values``
-    (B, C, H, W), output ``logits`` (B, classes). Written atomically (temp file + fsync + rename).
+    (B, C, H, W), output ``logits`` (B, classes), and the model's config, preprocessing and class names in the
+    ``vitlab`` metadata entry (:func:`read_metadata`). Written atomically (temp file + fsync + rename).
 
     ``dynamic_size`` (default: the model's ``dynamic_img_size``) makes height and width dynamic too (multiples of
     the patch; any size with ``dynamic_img_pad``): the graph resamples the position embedding for the input's grid."""
@@ -77,9 +123,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dyna
     _require("onnxscript")
     path = Path(path)
     model = model.eval()
+    metadata = model_metadata(model)  # before any wrapping below
     shape = _input_shape(model)
     example = torch.randn(2, *shape)
     axes = {0: torch.export.Dim("batch", min=1, max=4096)}
+    metadata = model_metadata(model)
     if dynamic_size is None:
         dynamic_size = bool(getattr(model.cfg, "dynamic_img_size", False))
     if dynamic_size:
@@ -91,6 +139,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dyna
                                         output_names=[OUTPUT_NAME], dynamic_shapes=(axes,), opset_version=opset,
                                         external_data=False, verbose=False)
         program.save(str(tmp))
+        _write_metadata(tmp, metadata)
     return path
 
 
@@ -102,6 +151,9 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, per
     with atomic_path(out_path) as tmp:
         quantization.quantize_dynamic(str(onnx_path), str(tmp), weight_type=quantization.QuantType.QInt8,
                                       per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"])
+        metadata = read_metadata(onnx_path)
+        if metadata is not None:  # the quantised file carries the same metadata, marked int8
+            _write_metadata(tmp, {**metadata, "quantization": "int8 dynamic (ONNX Runtime), MatMul / Gemm weights"})
     return out_path
 
 

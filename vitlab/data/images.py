@@ -17,6 +17,7 @@ skip and report it instead of crashing a worker.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -57,21 +58,23 @@ def _flatten_alpha(img: Image.Image, background: tuple[int, int, int]) -> Image.
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
-def load_image(path: str | Path, channels: int = 3, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               background: tuple[int, int, int] = (255, 255, 255), draft_size: tuple[int, int] | None = None
-               ) -> Image.Image:
-    """Decode ``path`` completely and return an ``RGB`` (``channels=3``) or ``L`` (``channels=1``) image.
+def load_image(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               background: tuple[int, int, int] = (255, 255, 255), draft_size: tuple[int, int] | None = None,
+               name: str | None = None) -> Image.Image:
+    """Decode ``path`` (a file name, or a binary file object such as ``io.BytesIO`` of uploaded bytes) completely
+    and return an ``RGB`` (``channels=3``) or ``L`` (``channels=1``) image.
 
     ``max_pixels`` refuses larger images before decoding (None: no limit beyond Pillow's own); ``draft_size``
     lets JPEG decode at a reduced scale that is still at least that size (faster for large photos). Raises
-    :class:`ImageLoadError` naming the file on any decoding problem."""
+    :class:`ImageLoadError` naming the file (or ``name``, which labels a file object) on any decoding problem."""
     if channels not in (1, 3):
         raise InvalidValueError(f"channels must be 1 or 3, got {channels}")
+    label = path if name is None else name
     try:
         with Image.open(path) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageLoadError(f"{path}: image too large ({width}x{height} pixels, limit {max_pixels:,})")
+                raise ImageLoadError(f"{label}: image too large ({width}x{height} pixels, limit {max_pixels:,})")
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB" if channels == 3 else "L", draft_size)
             img.load()  # decode now: truncation and corrupt data surface here, not later
@@ -88,10 +91,10 @@ def load_image(path: str | Path, channels: int = 3, *, max_pixels: int | None = 
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{path}: image too large ({exc})") from exc
+        raise ImageLoadError(f"{label}: image too large ({exc})") from exc
     except Exception as exc:  # decoders raise OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad file"
         reason = str(exc) or type(exc).__name__
-        raise ImageLoadError(f"{path}: cannot decode image ({reason})") from exc
+        raise ImageLoadError(f"{label}: cannot decode image ({reason})") from exc
     return out
 
 

@@ -8,7 +8,9 @@ logits for those classes in that order, so every metric is computed over the sha
 
 Names match when they are equal after lower-casing and treating ``_``, ``-`` and runs of spaces as one space, or when
 the data's name is one of the checkpoint name's comma-separated synonyms (ImageNet's ``"tench, Tinca tinca"`` matches
-a folder ``tench``). A data class that fits several checkpoint classes is left out as ambiguous.
+a folder ``tench``). A checkpoint named with a shipped ImageNet label set also matches folders named by WordNet id
+(``n01440764``), the layout of the ImageNet release. A data class that fits several checkpoint classes is left out
+as ambiguous.
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ def _shown(names: Sequence[str], n: int = 3) -> str:
     return ", ".join(repr(x) for x in names[:n]) + (", ..." if len(names) > n else "")
 
 
+def wordnet_ids_of(model_names: Sequence[str] | None) -> list[str] | None:
+    """The WordNet ids of a checkpoint's classes when its names are one of the shipped ImageNet label sets (so an
+    ImageNet folder laid out by WordNet id, ``n01440764/...``, is recognised as the same classes), else None."""
+    if not model_names:
+        return None
+    from ..labels import LABEL_SETS, class_names, wordnet_ids
+
+    sizes = {"imagenet-1k": 1000, "imagenet-21k": 21843}
+    for label_set in LABEL_SETS:
+        if sizes.get(label_set) == len(model_names) and class_names(label_set) == list(model_names):
+            return wordnet_ids(label_set)
+    return None
+
+
 def check_classes(model_classes: int, model_names: Sequence[str] | None, data_names: Sequence[str] | None,
                   checkpoint: str, data: str) -> None:
     """Raise :class:`VitlabError` (one line) when the data's classes cannot be the checkpoint's: a different number
@@ -43,7 +59,7 @@ def check_classes(model_classes: int, model_names: Sequence[str] | None, data_na
     if len(data_names) != model_classes:
         raise VitlabError(f"{checkpoint} predicts {model_classes} classes but {data} has {len(data_names)} "
                           f"({_shown(data_names)}): the accuracy would be meaningless{hint}")
-    if model_names and list(model_names) != list(data_names):
+    if model_names and list(model_names) != list(data_names) and wordnet_ids_of(model_names) != list(data_names):
         differ = [i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b]
         i = differ[0]
         raise VitlabError(f"{checkpoint} and {data} name their classes differently ({len(differ)} of "
@@ -79,6 +95,8 @@ def match_classes_by_name(model_names: Sequence[str] | None, data_names: Sequenc
         raise VitlabError(f"{data}: the data do not name their classes, so they cannot be matched by name")
     full: dict[str, list[int]] = {}
     synonyms: dict[str, list[int]] = {}
+    for index, wnid in enumerate(wordnet_ids_of(model_names) or []):
+        full.setdefault(_norm(wnid), []).append(index)
     for index, name in enumerate(model_names):
         full.setdefault(_norm(name), []).append(index)
         for part in str(name).split(","):

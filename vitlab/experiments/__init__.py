@@ -1,6 +1,7 @@
 """Experiments of the paper in small, runnable on a CPU (see docs/experiments.md).
 
-Each experiment is a module here (``data_requirements``, ``posemb``, ``pooling``, ``compute``, ``mpp``) that trains
+Each experiment is a module here (``data_requirements``, ``posemb``, ``pooling``, ``compute``, ``mpp``,
+``finetune_controls``) that trains
 a series of runs with the normal training loop and writes ``results.json``, ``results.md`` and a PNG plot to its
 output folder. Three ways to run one, all the same code:
 
@@ -17,7 +18,7 @@ from types import ModuleType
 
 from ..errors import VitlabError
 
-NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp")
+NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls")
 
 
 def load(name: str) -> ModuleType:

@@ -168,6 +168,7 @@ def result_columns(result) -> dict:
     return {
         "top1": result.metrics.get("top1"),
         "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": result.steps,
         "epochs": round(result.epochs, 3),
         "train_tflops": round(result.train_flops / 1e12, 3),

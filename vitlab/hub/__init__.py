@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 from ..models import get_config
 from ..models import resolve as resolve_model
 from ..models.pretrained import (
@@ -204,7 +204,7 @@ def create_model(name: str, pretrained: bool | str = False, **overrides):
     allowed = {"img_size", "num_classes", "resample", "gelu", "drop_pre_logits"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise VitlabError(f"create_model({name!r}, pretrained=...): {', '.join(unknown)} cannot change with "
+        raise InvalidValueError(f"create_model({name!r}, pretrained=...): {', '.join(unknown)} cannot change with "
                           f"pre-trained weights; allowed: {', '.join(sorted(allowed))}")
     num_classes = overrides.pop("num_classes", None)
     if num_classes is not None and num_classes != entry.num_classes:

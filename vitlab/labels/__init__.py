@@ -38,3 +38,18 @@ def class_names(label_set: str) -> list[str]:
 def wordnet_ids(label_set: str) -> list[str]:
     """The WordNet ids (``n01440764``, ...) of ``label_set``, indexed as the heads are."""
     return [wnid for wnid, _ in _rows(label_set)]
+
+
+def same_classes(names: list[str] | tuple[str, ...], other: list[str] | tuple[str, ...]) -> bool:
+    """Whether two class lists name the same classes in the same order: equal, or one a shipped label set's names
+    and the other its WordNet ids (an ImageNet folder of ``n01440764/``... against a checkpoint's ``tench``...)."""
+    names, other = list(names), list(other)
+    if names == other:
+        return True
+    for label_set in LABEL_SETS:
+        if len(names) != len(_rows(label_set)):
+            continue
+        pair = (class_names(label_set), wordnet_ids(label_set))
+        if (names, other) in (pair, pair[::-1]):
+            return True
+    return False

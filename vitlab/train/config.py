@@ -95,9 +95,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.freeze = _pattern_list("freeze", self.freeze)
         if isinstance(self.freeze_blocks, bool) or not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
-            raise ValueError(f"freeze_blocks must be a non-negative integer, got {self.freeze_blocks!r}")
+            raise InvalidValueError(f"freeze_blocks must be a non-negative integer, got {self.freeze_blocks!r}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.65 or 0.75), got {self.layer_decay}")
+            raise InvalidValueError(f"layer_decay must be in (0, 1] (e.g. 0.65 or 0.75), got {self.layer_decay}")
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -130,7 +130,7 @@ def _pattern_list(key: str, value) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{key} must be a list of strings or a comma-separated string, got {value!r}")
+        raise InvalidValueError(f"{key} must be a list of strings or a comma-separated string, got {value!r}")
     return [part.strip() for v in value for part in v.split(",") if part.strip()]
 
 

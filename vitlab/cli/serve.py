@@ -1,0 +1,106 @@
+"""``vitlab serve CHECKPOINT``: the model behind an HTTP API (classify, explain, model card, metrics) and a web page."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from ..errors import VitlabError
+
+API_KEY_ENV = "VITLAB_API_KEY"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (API + web page) with dynamic batching",
+        description="Serve a checkpoint (any file or name vitlab.load reads, or an .onnx file) over HTTP: POST "
+                    "/v1/classify and /v1/explain (top-k classes, attention rollout), GET /v1/model, /healthz, "
+                    "/metrics (Prometheus) and a web page at /. Requests arriving within --max-wait-ms run as one "
+                    "batch of up to --max-batch images; when --max-queue images wait, new requests get 503 with "
+                    "Retry-After. SIGINT / SIGTERM stop it after answering the requests already accepted. "
+                    f"An API key is read from ${API_KEY_ENV} or --api-key-file.")
+    p.add_argument("checkpoint", help="checkpoint file or name, or an .onnx file (with --backend onnx-int8)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torch backend)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx-int8"],
+                   help="torch, or ONNX Runtime's int8 model (CPU; a checkpoint is exported and quantised at start)")
+    p.add_argument("--max-batch", type=int, default=16, help="most images per model call (default 16; 1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first image of a batch waits for others (default 5 ms)")
+    p.add_argument("--max-queue", type=int, default=128, help="most images waiting; beyond it 503 (default 128)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit in MiB (default 16)")
+    p.add_argument("--max-images", type=int, default=16, help="most images per request (default 16)")
+    p.add_argument("--max-pixels", type=int, default=25_000_000,
+                   help="largest image accepted, in pixels, checked before decoding (default 25,000,000)")
+    p.add_argument("--max-connections", type=int,
+                   help="connections handled at once; beyond it 503 (default: no limit; each may hold a body)")
+    p.add_argument("--api-key-file", type=Path, help=f"file holding the API key (else ${API_KEY_ENV}, else none)")
+    p.add_argument("--threads", type=int, help="intra-op threads of torch / ONNX Runtime (default: torch's)")
+    p.add_argument("--name", help="model name shown in answers and on the model card (default: the file's stem)")
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs time)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds to wait for requests in progress at shutdown (default 30)")
+    p.set_defaults(func=run)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            raise VitlabError(f"--api-key-file {args.api_key_file}: {exc.strerror or exc}") from exc
+        if not key:
+            raise VitlabError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return key or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from ..serve import ServeSettings, bind_socket, create_app, run_server
+    except ImportError as exc:
+        raise VitlabError(f"vitlab serve needs the 'serve' extra (pip install 'vitlab[serve]'): {exc}") from exc
+    if not 0 <= args.port <= 65535:
+        raise VitlabError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise VitlabError(f"--max-connections must be at least 1, got {args.max_connections}")
+    if args.max_body_mb <= 0:
+        raise VitlabError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise VitlabError(f"--device {args.device}: CUDA is not available on this machine")
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+                             max_pixels=args.max_pixels, api_key=_api_key(args))
+    app = create_app(args.checkpoint, backend=args.backend, device=args.device, name=args.name,
+                     threads=args.threads, settings=settings)
+    sock = bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    engine = app.state.vitlab.engine
+    shown = f"[{host}]" if ":" in host else host
+    print(f"vitlab serve: {engine.name} ({engine.backend} on {engine.device}) at http://{shown}:{port}/ "
+          f"({'API key required' if settings.api_key else 'no API key'}; batches of {settings.max_batch} within "
+          f"{settings.max_wait_ms:g} ms)", flush=True)
+    if not _is_loopback(host) and settings.api_key is None:
+        print(f"vitlab serve: warning: listening on {host}, reachable from other machines, without an API key "
+              f"(set ${API_KEY_ENV} or --api-key-file)", file=sys.stderr, flush=True)
+    run_server(app, sock, access_log=args.access_log, graceful_timeout=args.graceful_timeout,
+               max_connections=args.max_connections)
+    print("vitlab serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,81 @@
+"""An exported ONNX file used like a loaded vitlab model, so that ``vitlab predict``, ``vitlab eval`` and
+``vitlab serve`` take ``.onnx`` files (for example the int8 model) with the same code as PyTorch checkpoints.
+
+:func:`vitlab.compute.deploy.export_onnx` writes the model's config, preprocessing and class names into the file's
+``vitlab`` metadata entry; :class:`OnnxClassifier` reads them back and offers what the evaluators use of a model:
+``forward`` on (B, C, H, W) tensors returning logits, ``.cfg`` (``img_size``, ``in_chans``, ``num_classes``, ...),
+``.preprocessing`` and ``.class_names``. It runs on ONNX Runtime's CPU provider whatever device the inputs are on
+(the logits come back on the inputs' device). It has no attention maps: attention rollout needs the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..errors import VitlabError
+from ..preprocessing import Preprocessing
+from .deploy import METADATA_KEY, OnnxModel
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an ONNX file (by its ``.onnx`` suffix, any case)."""
+    return str(path).lower().endswith(".onnx")
+
+
+def _config(architecture: str, data: dict):
+    """The config object of the exported model: a ``ViTConfig`` for plain ViTs, else a namespace of its fields."""
+    from ..models import ViTConfig
+
+    if architecture == "VisionTransformer":
+        try:
+            return ViTConfig.from_dict(data)
+        except (TypeError, ValueError):
+            pass  # a config written by another vitlab version: fall back to the plain fields
+    fields = {k: tuple(v) if k in ("img_size", "patch_size") and isinstance(v, list) else v for k, v in data.items()}
+    return SimpleNamespace(**fields)
+
+
+class OnnxClassifier(nn.Module):
+    """An exported vitlab ONNX file (float32 or int8) on ONNX Runtime, with the model's config, preprocessing and
+    class names from the file's metadata. ``threads``: ONNX Runtime intra-op threads (default: torch's)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        path = Path(path)
+        if not path.is_file():
+            raise VitlabError(f"{path}: no such ONNX file")
+        try:
+            self.runtime = OnnxModel(path, threads=threads)
+        except VitlabError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / RuntimeError types
+            raise VitlabError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from exc
+        meta = self.runtime.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if meta is None:
+            raise VitlabError(f"{path}: no vitlab metadata (config, preprocessing, class names) in this ONNX file; "
+                              "export it with `vitlab export-onnx`")
+        try:
+            meta = json.loads(meta)
+            self.architecture = str(meta.get("architecture", "VisionTransformer"))
+            self.cfg = _config(self.architecture, dict(meta["config"]))
+            self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise VitlabError(f"{path}: the ONNX file's vitlab metadata is unreadable ({exc})") from exc
+        names = meta.get("class_names")
+        self.class_names = [str(n) for n in names] if names else None
+        self.quantization = meta.get("quantization")
+        self.path = path
+        self.num_prefix_tokens = getattr(self.cfg, "num_prefix_tokens", 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) for preprocessed images (B, C, H, W), on the device ``x`` is on."""
+        return self.runtime(x.float()).to(x.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.path.name}, {self.quantization or 'float32'}"

@@ -1,0 +1,231 @@
+"""The model side of the server: a loaded model (PyTorch, or ONNX Runtime int8), its preprocessing and class names,
+and the two batch operations the endpoints need: class probabilities, and probabilities with attention rollout.
+
+Uploaded bytes are decoded by :func:`vitlab.data.images.load_image` (the guards training data gets: truncated files,
+decompression bombs, 16-bit, CMYK, transparency, EXIF orientation) from memory, never from a path, and transformed
+with the model's own preprocessing, as ``vitlab predict`` does with files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data.images import load_image
+from ..errors import VitlabError
+from ..preprocessing import Preprocessing
+
+BACKENDS = ("torch", "onnx-int8")
+HEAD_FUSIONS = ("mean", "max", "min")
+OVERLAY_MIN_SIDE = 224  # overlays of small models (28 px) are scaled up to at least this for display
+
+
+class _Upload(io.BytesIO):
+    """Uploaded bytes as a file object; Pillow's messages show its repr, which should not be a memory address."""
+
+    def __repr__(self) -> str:
+        return "(uploaded bytes)"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One image's attention rollout: ``values`` (gh, gw), the share of the source token's information from each
+    patch (:func:`vitlab.inspect.attention_rollout`), and the options it was computed with."""
+
+    values: torch.Tensor
+    source: str
+    head_fusion: str
+    discard_ratio: float
+
+
+class Engine:
+    """A model ready to serve: ``classify`` and ``explain`` take preprocessed images (B, C, H, W) and return
+    probabilities (B, classes) as float32 on the CPU (``explain`` also rollout maps (B, gh, gw)).
+
+    ``model`` is a vitlab model (``vitlab.load``'s result) or an
+    :class:`~vitlab.compute.onnx_classifier.OnnxClassifier`; ``name`` and ``source`` describe it on the model card."""
+
+    def __init__(self, model: nn.Module, *, backend: str = "torch", device: str | torch.device = "cpu",
+                 name: str | None = None, source: str | None = None):
+        if backend not in BACKENDS:
+            raise VitlabError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval() if backend == "torch" else model.eval()
+        cfg = model.cfg
+        self.cfg = cfg
+        self.preprocessing: Preprocessing = (getattr(model, "preprocessing", None)
+                                             or Preprocessing.for_model(cfg.img_size, cfg.in_chans))
+        names = getattr(model, "class_names", None)
+        self.class_names = [str(n) for n in names] if names else [str(i) for i in range(cfg.num_classes)]
+        self.named_classes = bool(names)
+        self.name = name or (Path(source).stem if source else type(model).__name__)
+        self.source = source
+        self.transform = self.preprocessing.transform()
+        self.can_explain = (backend == "torch" and hasattr(model, "forward_with_attention")
+                            and hasattr(cfg, "grid_size") and hasattr(cfg, "num_prefix_tokens"))
+        self.rollout_source = "class" if getattr(cfg, "pool", "token") == "token" and \
+            getattr(cfg, "num_prefix_tokens", 0) > 0 else "mean"
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+    def prepare(self, data: bytes, label: str, max_pixels: int | None) -> torch.Tensor:
+        """Decode uploaded bytes and apply the model's preprocessing: (C, H, W) float32. Raises
+        :class:`~vitlab.data.images.ImageLoadError` (a ``VitlabError``) naming ``label`` for a bad image."""
+        image = load_image(_Upload(data), channels=self.preprocessing.channels, max_pixels=max_pixels, name=label)
+        return self.transform(image)
+
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.cfg.in_chans, *self.cfg.img_size)
+
+    # -- batch operations (run in the model thread) --------------------------------------------------------------
+    @torch.inference_mode()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images.to(self.device))
+        return logits.float().softmax(dim=1).cpu()
+
+    @torch.inference_mode()
+    def explain(self, images: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..inspect import attention_rollout
+
+        if not self.can_explain:
+            raise VitlabError("attention rollout needs the PyTorch model of a ViT (serve with --backend torch)")
+        logits, attn = self.model.forward_with_attention(images.to(self.device))
+        maps = attention_rollout(attn, self.cfg.num_prefix_tokens, self.cfg.grid_size, head_fusion=head_fusion,
+                                 discard_ratio=discard_ratio, source=self.rollout_source)
+        return logits.float().softmax(dim=1).cpu(), maps.cpu()
+
+    def run_batch(self, key: tuple, images: torch.Tensor) -> list:
+        """The batcher's entry point: ``key`` is ``("classify",)`` or ``("explain", head_fusion, discard_ratio)``;
+        one result per image: its probabilities, or (probabilities, Rollout)."""
+        if key[0] == "classify":
+            return list(self.classify(images))
+        _, fusion, discard = key
+        probs, maps = self.explain(images, fusion, discard)
+        return [(p, Rollout(m, self.rollout_source, fusion, discard)) for p, m in zip(probs, maps)]
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+    def top(self, probs: torch.Tensor, k: int) -> list[dict]:
+        """The ``k`` most probable classes of one image, best first, as ``vitlab predict --json`` lists them."""
+        values, indices = probs.topk(min(k, probs.shape[0]))
+        return [{"index": int(i), "class": self.class_names[i] if i < len(self.class_names) else str(i),
+                 "probability": float(v)} for v, i in zip(values.tolist(), indices.tolist())]
+
+    def overlay_png(self, image: torch.Tensor, values: torch.Tensor) -> bytes:
+        """The model's input (C, H, W; de-normalised) with the rollout map (gh, gw), upsampled and scaled to its
+        maximum, blended over it in the jet colour map (as ``vitlab inspect`` draws it): PNG bytes."""
+        import matplotlib
+
+        from ..inspect import upsample_map
+
+        pre = self.preprocessing
+        mean = torch.tensor(pre.mean).view(-1, 1, 1)
+        std = torch.tensor(pre.std).view(-1, 1, 1)
+        picture = (image.float().cpu() * std + mean).clamp(0, 1)
+        height, width = picture.shape[-2:]
+        scale = max(1, -(-OVERLAY_MIN_SIDE // max(height, width)))
+        size = (height * scale, width * scale)
+        picture = torch.nn.functional.interpolate(picture[None], size=size, mode="bilinear", align_corners=False)[0]
+        picture = picture.permute(1, 2, 0).clamp(0, 1).numpy()
+        if picture.shape[2] == 1:
+            picture = np.repeat(picture, 3, axis=2)
+        heat = upsample_map(values[None].float(), size)[0].numpy()
+        blended = 0.5 * picture + 0.5 * matplotlib.colormaps["jet"](heat)[..., :3]
+        out = io.BytesIO()
+        Image.fromarray(np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8)).save(out, format="PNG")
+        return out.getvalue()
+
+    def card(self) -> dict:
+        """The model card: what the model is, what it expects, what it answers."""
+        cfg = self.cfg
+        config = cfg.to_dict() if hasattr(cfg, "to_dict") else {k: (list(v) if isinstance(v, tuple) else v)
+                                                                  for k, v in vars(cfg).items()}
+        params = sum(p.numel() for p in self.model.parameters()) if self.backend == "torch" else None
+        return {
+            "name": self.name,
+            "architecture": getattr(self.model, "architecture", type(self.model).__name__),
+            "source": Path(self.source).name if self.source else None,
+            "backend": self.backend,
+            "device": str(self.device) if self.backend == "torch" else "cpu (ONNX Runtime)",
+            "quantization": getattr(self.model, "quantization", None),
+            "parameters": params,
+            "img_size": list(cfg.img_size),
+            "patch_size": list(cfg.patch_size) if hasattr(cfg, "patch_size") else None,
+            "in_chans": cfg.in_chans,
+            "num_classes": cfg.num_classes,
+            "config": config,
+            "preprocessing": self.preprocessing.to_dict(),
+            "class_names": self.class_names if self.named_classes else None,
+            "explain": self.can_explain,
+            "rollout_source": self.rollout_source if self.can_explain else None,
+        }
+
+
+def load_engine(source: str | os.PathLike | nn.Module, *, backend: str = "torch", device: str = "cpu",
+                name: str | None = None, threads: int | None = None, workdir: str | os.PathLike | None = None
+                ) -> Engine:
+    """Load what ``vitlab serve`` serves: a model object, any checkpoint (or name) ``vitlab.load`` reads, or an
+    ``.onnx`` file from ``vitlab export-onnx``.
+
+    ``backend='onnx-int8'`` runs ONNX Runtime's int8 model on the CPU: an int8 ``.onnx`` file as it is; a float32
+    ``.onnx`` file, a checkpoint or a model is exported and quantised first, into ``workdir`` (default: a temporary
+    folder kept for the life of the process)."""
+    from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+
+    if backend not in BACKENDS:
+        raise VitlabError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    label = None if isinstance(source, nn.Module) else str(source)
+    onnx_file = label is not None and is_onnx_file(label)
+    if backend == "torch":
+        if onnx_file:
+            raise VitlabError(f"{label}: an ONNX file needs --backend onnx-int8")
+        if isinstance(source, nn.Module):
+            model = source
+        else:
+            from .. import load
+
+            model = load(source)
+        if threads:
+            torch.set_num_threads(threads)
+        return Engine(model, backend=backend, device=device, name=name, source=label)
+    if torch.device(device).type != "cpu":
+        raise VitlabError(f"--backend onnx-int8 runs on the CPU (ONNX Runtime); drop --device {device}")
+    if onnx_file:
+        model = OnnxClassifier(label, threads=threads)
+        if model.quantization is not None:
+            return Engine(model, backend=backend, name=name, source=label)
+        fp32_path = Path(label)
+    else:
+        fp32_path = None
+    from ..compute.deploy import export_onnx, quantize_int8
+
+    folder = Path(workdir) if workdir is not None else Path(_scratch_dir())
+    if fp32_path is None:
+        from .. import load
+
+        torch_model = source if isinstance(source, nn.Module) else load(source)
+        fp32_path = export_onnx(torch_model.cpu().eval(), folder / "model.onnx")
+    int8_path = quantize_int8(fp32_path, folder / "model_int8.onnx")
+    return Engine(OnnxClassifier(int8_path, threads=threads), backend=backend, name=name or _stem(label), source=label)
+
+
+def _stem(label: str | None) -> str | None:
+    return Path(label).stem if label else None
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def _scratch_dir() -> str:
+    """A temporary folder removed at interpreter exit (holds the int8 model built at start-up)."""
+    folder = tempfile.TemporaryDirectory(prefix="vitlab-serve-")
+    _SCRATCH.append(folder)
+    return folder.name
