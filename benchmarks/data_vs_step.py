@@ -2,7 +2,7 @@
 
     PYTHONPATH=. nice -n 10 python benchmarks/data_vs_step.py [--recipe fashion-mnist] [--steps 30]
 
-Builds the recipe's run exactly as ``vitlab train`` does (vitlab.train's trainer: data set, loader, model), then
+Builds the recipe's run exactly as ``vitlab train`` does (``vitlab.train.run.build_run``: data set, loader, model), then
 times (1) fetching ``--steps`` batches from the loader with nothing else running (data time) and (2) the same number
 of training steps (forward, backward, AdamW) on batches already fetched (step time without data). Data time should
 be a small fraction of step time; the loader feeds the loop in the same thread, so the two add up.
@@ -17,8 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vitlab.train.loop import _Trainer
+from vitlab.train import distributed as D
 from vitlab.train.recipes import get_recipe
+from vitlab.train.run import build_run
+from vitlab.train.runlog import RunLog
 
 
 def main() -> None:
@@ -28,16 +30,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
         config = get_recipe(args.recipe).config(out_dir=out, run_name="bench")
-        trainer = _Trainer(config, None)
-        trainer.build()
+        run = build_run(config, D.setup(config.device), None, RunLog(None, enabled=False))
         batches = []
         start = time.perf_counter()
-        for batch in trainer.loader.epoch(0, 0):
+        for batch in run.loader.epoch(0, 0):
             batches.append(batch)
             if len(batches) == args.steps:
                 break
         data_s = (time.perf_counter() - start) / len(batches)
-        model = trainer.raw_model.train()
+        model = run.model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         times = []
         for batch in batches:

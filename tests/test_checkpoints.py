@@ -219,5 +219,5 @@ def test_save_unwraps_compile_and_data_parallel(tmp_path):
     loaded = load(save(wrapped, tmp_path / "dp.safetensors"))
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(_logits(loaded, x), _logits(model, x))
-    with pytest.raises(VitlabError, match="register_architecture"):
+    with pytest.raises(VitlabError, match="register_family"):
         save(torch.nn.Sequential(model), tmp_path / "seq.safetensors")

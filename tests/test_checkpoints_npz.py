@@ -267,11 +267,12 @@ class _StemViT(vitlab.VisionTransformer):
 
 
 def test_npz_backbone_plug_in_maps_extra_arrays(tmp_path, monkeypatch):
-    from vitlab.checkpoints import Architecture, NpzBackbone, NpzRule, npz, register_architecture, vitlab_format
+    from vitlab.checkpoints import NpzBackbone, NpzRule, npz
+    from vitlab.models import FAMILIES, ModelFamily, register_family
 
     monkeypatch.setattr(npz, "NPZ_BACKBONES", [])
-    monkeypatch.setitem(vitlab_format.ARCHITECTURES, "stem_vit", Architecture("stem_vit", vitlab.ViTConfig, _StemViT))
-    register_architecture(Architecture("stem_vit", vitlab.ViTConfig, _StemViT))  # same entry again: accepted
+    monkeypatch.setitem(FAMILIES, "stem_vit", ModelFamily("stem_vit", vitlab.ViTConfig, _StemViT))
+    register_family(ModelFamily("stem_vit", vitlab.ViTConfig, _StemViT))  # same entry again: accepted
 
     def rules(arrays):
         return [NpzRule("stem.weight", ("conv_root/kernel",),

@@ -50,7 +50,7 @@ def test_bad_input_is_one_line_with_exit_status_2(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("vitlab train: error: --config ") and "missing.json" in err and err.count("\n") == 1
     assert main(["train", "--recipe", "fashion-mnist", "--set", "lr=fast", "--dry-run"]) == 2
-    assert capsys.readouterr().err == "vitlab train: error: lr must be float, got 'fast'\n"
+    assert capsys.readouterr().err == "vitlab train: error: --set lr=fast: takes a number\n"
 
 
 def test_user_error_types_are_also_the_builtin_types_python_callers_catch():

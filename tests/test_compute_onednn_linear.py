@@ -1,11 +1,15 @@
-"""vitlab's Linear: the oneDNN CPU path gives F.linear's values and gradients, and is taken only where it should be."""
+"""The oneDNN CPU path for Linear layers: it gives F.linear's values and gradients, is taken only where it should be,
+and is swapped into a built model in place (same parameters, same state dict) and out again."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vitlab
-from vitlab.models import Linear, linear, onednn_linear_available, set_onednn_linear
+from vitlab.compute import onednn
+from vitlab.compute.onednn import OneDnnLinear, onednn_linear_available, set_onednn_linear
+
+linear = onednn  # the module whose product and thresholds the tests patch
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear")
 
@@ -14,13 +18,13 @@ pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTo
 def calls(monkeypatch):
     """Count oneDNN products, with the size threshold lowered so that small test shapes take the fast path."""
     counter = {"n": 0}
-    real = linear._onednn_product
+    real = linear.onednn_product
 
     def counting(*args):
         counter["n"] += 1
         return real(*args)
 
-    monkeypatch.setattr(linear, "_onednn_product", counting)
+    monkeypatch.setattr(linear, "onednn_product", counting)
     monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(linear, "ONEDNN_MIN_FEATURES", 0)
     return counter
@@ -29,7 +33,7 @@ def calls(monkeypatch):
 @pytest.mark.parametrize("shape,bias,frozen", [((6, 40), True, False), ((3, 7, 40), True, False),
                                                ((2, 5, 40), False, False), ((4, 9, 40), True, True)])
 def test_values_and_gradients_equal_f_linear(calls, shape, bias, frozen):
-    layer = Linear(40, 24, bias=bias)
+    layer = OneDnnLinear(40, 24, bias=bias)
     layer.weight.requires_grad_(not frozen)
     x = torch.randn(shape, requires_grad=True)
     y = layer(x)
@@ -53,16 +57,18 @@ def test_values_and_gradients_equal_f_linear(calls, shape, bias, frozen):
 
 
 def test_falls_back_where_onednn_does_not_apply(calls, monkeypatch):
-    layer = Linear(16, 8)
+    layer = OneDnnLinear(16, 8)
     x = torch.randn(4, 16)
     layer.double()(x.double())  # other dtypes
     layer.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast keeps its own casting
-    layer.onednn = False
+    set_onednn_linear(layer, False)
+    assert type(layer) is torch.nn.Linear
     layer(x)
     assert calls["n"] == 0
-    layer.onednn = True
+    set_onednn_linear(layer, True)
+    assert type(layer) is OneDnnLinear
     monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 10**9)  # too small to be worth a oneDNN call
     layer(x)
     monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 0)
@@ -87,7 +93,7 @@ def test_model_logits_and_state_dict_unchanged_by_the_fast_path(calls):
 @pytest.mark.slow
 def test_compiled_training_step_matches_eager(calls):
     torch.manual_seed(0)
-    layer = torch.nn.Sequential(Linear(32, 64), torch.nn.GELU(), Linear(64, 8))
+    layer = set_onednn_linear(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)))
     x = torch.randn(5, 32)
     eager = layer(x).square().sum()
     eager.backward()
@@ -99,3 +105,18 @@ def test_compiled_training_step_matches_eager(calls):
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     for p, g in zip(layer.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-5)
+
+
+def test_the_swap_keeps_parameters_and_state_dict_and_models_stay_plain(calls):
+    plain = vitlab.models.create_model("vit_ti16", img_size=32, depth=2, num_classes=5)
+    assert all(type(m) is not OneDnnLinear for m in plain.modules())  # the model files use nn.Linear
+    params = {name: p for name, p in plain.named_parameters()}
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    fast = set_onednn_linear(plain)
+    assert fast is plain and type(plain.blocks[1].mlp.fc2) is OneDnnLinear and type(plain.head) is OneDnnLinear
+    assert all(p is params[name] for name, p in plain.named_parameters())  # the same parameter objects
+    assert plain.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    set_onednn_linear(plain, False)
+    assert all(type(m) is not OneDnnLinear for m in plain.modules())
+    assert type(vitlab.create_model("vit_ti16", img_size=32, depth=2).head) is OneDnnLinear  # on by default

@@ -6,7 +6,7 @@ import torch
 
 import vitlab
 from vitlab.compute.flops import forward_macs, resnetv2_forward_macs
-from vitlab.models import HybridConfig, HybridVisionTransformer, architecture_of, config_from_dict
+from vitlab.models import HybridConfig, HybridVisionTransformer, config_from_dict, family_of
 
 from .conftest import randomize_
 from .test_resnetv2 import count_conv_macs
@@ -97,7 +97,7 @@ def test_hybrid_compute_is_backbone_plus_transformer():
 def test_config_overrides_round_trip_and_errors():
     cfg = vitlab.get_config("r50_vit_b16", img_size=384, num_classes=10, in_chans=1)
     assert isinstance(cfg, HybridConfig) and cfg.backbone.img_size == (384, 384) and cfg.backbone.in_chans == 1
-    assert architecture_of(cfg) == "hybrid"
+    assert family_of(cfg).name == "hybrid"
     assert config_from_dict(cfg.to_dict(), "hybrid") == cfg
     with pytest.raises(ValueError, match="unknown ViT config keys"):
         vitlab.ViTConfig.from_dict(cfg.to_dict())  # a hybrid is never silently read as a plain ViT

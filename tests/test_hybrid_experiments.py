@@ -85,7 +85,7 @@ def test_training_subsets_are_balanced_nested_and_disjoint_from_the_holdout():
 
     from vitlab.data import ArrayDataset
     from vitlab.errors import VitlabError
-    from vitlab.train.loop import split_training_set
+    from vitlab.train.run import split_training_set
 
     index = torch.arange(1000)
     images = torch.zeros(1000, 1, 2, 2, dtype=torch.uint8)

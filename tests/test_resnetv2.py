@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.compute.flops import forward_macs, resnetv2_forward_macs
-from vitlab.models import ResNetV2, ResNetV2Config, architecture_of, config_from_dict
+from vitlab.models import ResNetV2, ResNetV2Config, config_from_dict, family_of
 from vitlab.models.resnetv2 import pad_same, same_padding, standardize_weight
 
 from .conftest import randomize_
@@ -130,8 +130,8 @@ def test_head_reset_pre_logits_and_config_round_trip():
     model.reset_head(4)
     assert model(x).shape == (3, 4) and model.cfg.num_classes == 4
     cfg = model.cfg
-    assert architecture_of(cfg) == "resnetv2"
-    assert config_from_dict(cfg.to_dict(), architecture_of(cfg)) == cfg
+    assert family_of(cfg).name == "resnetv2" and family_of(ResNetV2(cfg)).model_class is ResNetV2
+    assert config_from_dict(cfg.to_dict(), "resnetv2") == cfg
     with pytest.raises(ValueError, match="expected input of shape"):
         model(torch.randn(1, 3, 28, 28))
 

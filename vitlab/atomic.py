@@ -25,8 +25,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     it and ``os.replace`` it onto ``path``. On any error the temporary file is removed and ``path`` is left as it
     was. The file gets the permissions a plain ``open`` would give it (``mkstemp`` makes it private)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
+    try:
+        _make_parent(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
+    except OSError as exc:
+        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -36,9 +39,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:  # a full disk, a quota, an I/O error: the previous file is still in place
+        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}; the previous file, if any, is unchanged"
+                          ) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder; a file in the way is named (``mkdir`` would only say "File exists")."""
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(20, f"{parent} is a file, not a folder")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -48,8 +64,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VitlabError(f"{path}: exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _make_parent(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.chmod(tmp, 0o777 & ~_umask())
     old = None
     try:
@@ -63,6 +82,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, old / path.name)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        if old is not None and not path.exists():  # put the previous folder back
+            os.replace(old / path.name, path)
+        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}; the previous folder, if any, is unchanged"
+                          ) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -81,11 +105,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (creating the folder); an OS error becomes a one-line
     :class:`VitlabError` naming the file. Returns the path."""
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-    except OSError as exc:
-        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

@@ -4,9 +4,22 @@ Anything else that reaches the CLI is a bug and keeps its traceback. The two sub
 their sites raised before (``ValueError``, ``KeyError``), so Python callers that catch those keep working.
 """
 
+_WORKER_PREFIX = "Caught "
+_WORKER_TRACEBACK = "\nOriginal Traceback"
+
 
 class VitlabError(Exception):
-    """A problem with the user's input (a file, an option, a dataset) described so that they can act on it."""
+    """A problem with the user's input (a file, an option, a dataset) described so that they can act on it.
+
+    Raised in a DataLoader worker, the error reaches the main process as ``type(error)(text)`` where the text is
+    "Caught ... in DataLoader worker process N" plus the worker's whole traceback; the original one-line message is
+    taken back out of it, so that a bad image named in a worker is still one line at the command line."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith(_WORKER_PREFIX) \
+                and _WORKER_TRACEBACK in args[0]:
+            args = (_original_message(args[0], type(self)),)
+        super().__init__(*args)
 
 
 class InvalidValueError(VitlabError, ValueError):
@@ -18,3 +31,12 @@ class UnknownNameError(VitlabError, KeyError):
 
     def __str__(self) -> str:  # KeyError's str() quotes its message; this one is a sentence
         return str(self.args[0]) if self.args else ""
+
+
+def _original_message(text: str, cls: type) -> str:
+    """The message of the exception whose formatted traceback ends ``text`` (its last line, less the type name)."""
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last

@@ -9,7 +9,7 @@ Public API:
 - :func:`resample_pos_embed`: position-embedding resampling to a new patch grid.
 """
 
-from . import hybrid_npz  # noqa: F401  (registers the hybrid npz backbone and the hybrid / BiT families)
+from . import hybrid_npz  # noqa: F401  (plugs the hybrid ResNet into the npz reader)
 from .export import EXPORT_FORMATS, convert, export, export_hf, export_npz, export_timm, export_torchvision
 from .files import sniff
 from .inspection import inspect_checkpoint
@@ -17,26 +17,24 @@ from .loading import (
     FORMATS,
     Checkpoint,
     CheckpointWarning,
-    build_model,
     load,
+    model_from_checkpoint,
     read_checkpoint,
     source_preprocessing,
 )
 from .npz import NpzBackbone, NpzRule, register_npz_backbone
 from .resample import RESAMPLE_METHODS, resample_pos_embed
 from .statedicts import from_hf, from_torchvision, to_hf, to_torchvision
-from .vitlab_format import Architecture, register_architecture, save
+from .vitlab_format import save
 
 __all__ = [
     "EXPORT_FORMATS",
     "FORMATS",
     "RESAMPLE_METHODS",
-    "Architecture",
     "Checkpoint",
     "CheckpointWarning",
     "NpzBackbone",
     "NpzRule",
-    "build_model",
     "convert",
     "export",
     "export_hf",
@@ -47,8 +45,8 @@ __all__ = [
     "from_torchvision",
     "inspect_checkpoint",
     "load",
+    "model_from_checkpoint",
     "read_checkpoint",
-    "register_architecture",
     "register_npz_backbone",
     "resample_pos_embed",
     "save",

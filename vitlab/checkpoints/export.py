@@ -18,8 +18,8 @@ from torch import nn
 from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
 from ..preprocessing import Preprocessing
-from .files import write_json
-from .loading import build_model, read_checkpoint, zeroed_head_note
+from .files import write_json, write_safetensors
+from .loading import model_from_checkpoint, read_checkpoint, zeroed_head_note
 from .npz import to_npz_arrays
 from .statedicts import to_hf, to_torchvision
 from .vitlab_format import save
@@ -56,9 +56,8 @@ def _numerics_notes(cfg, target: str, gelu: str, eps: float | None = 1e-6) -> li
 
 def _write_torch_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
 
-        write_atomic(path, lambda tmp: save_file(state_dict, str(tmp), metadata={"format": "pt"}))
+        write_atomic(path, lambda tmp: write_safetensors(state_dict, tmp, {"format": "pt"}))
     elif path.suffix in _TORCH_SUFFIXES:
         write_atomic(path, lambda tmp: torch.save(state_dict, tmp))
     else:
@@ -177,7 +176,6 @@ def hf_preprocessor_config(pre: Preprocessing) -> dict:
 def export_hf(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     """Write a Hugging Face model folder (``config.json``, ``model.safetensors``, ``preprocessor_config.json``) that
     ``ViTForImageClassification.from_pretrained`` reads. Returns notes."""
-    from safetensors.torch import save_file
 
     cfg = model.cfg
     problems = _common_problems(cfg, "Hugging Face")
@@ -197,7 +195,7 @@ def export_hf(model: nn.Module, folder: str | os.PathLike) -> list[str]:
         notes.append(f"HF's ViTImageProcessor squashes to the model size; the model's crop policy (crop_pct "
                      f"{pre.crop_pct:g}) is not expressible there")
     with atomic_directory(folder) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"})
         write_json(tmp / "config.json", hf_config(model, class_names))
         write_json(tmp / "preprocessor_config.json", hf_preprocessor_config(pre))
     return notes
@@ -227,8 +225,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
     if src.resolve() == dst.resolve():
         raise VitlabError(f"{dst}: the destination is the source file")
     ckpt = read_checkpoint(src, model_name=model_name, prefer_ema=prefer_ema)
-    model = build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                        drop_pre_logits=drop_pre_logits, gelu=gelu, patch_size=patch_size)
+    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu,
+                                  patch_size=patch_size)
     metadata = dict(ckpt.metadata)
     metadata.setdefault("converted_from", {"path": src.name, "format": ckpt.format})
     notes = export(model, dst, to, metadata=metadata)

@@ -6,9 +6,12 @@ is wrong (an HTML page, a Git-LFS pointer, a truncated archive, pickled code, ..
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -20,6 +23,8 @@ import torch
 from ..errors import VitlabError
 
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # what the safetensors library itself accepts
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data more than ~1032:1; a member declaring more is lying
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")
 _LFS_START = b"version https://git-lfs"
 
@@ -49,8 +54,11 @@ def sniff(path: str | os.PathLike) -> str:
                           "`git lfs pull` (or download it directly)")
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _sniff_zip(path)
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "torch-legacy"  # pickle protocol 2-5: legacy torch.save (or a bare pickle, refused when read)
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:  # a pickle, protocol 2-5
+        if _starts_with_torch_magic(head):
+            return "torch-legacy"  # torch.save before 1.6: pickles, then raw storages
+        raise VitlabError(f"{path}: a Python pickle, not a checkpoint: refused (unpickling can run code; vitlab "
+                          "reads .safetensors, .npz and torch.save files, the latter with weights only)")
     if size >= 8:
         header_len = struct.unpack("<Q", head[:8])[0]
         if head[8:9] == b"{":
@@ -70,6 +78,20 @@ def sniff(path: str | os.PathLike) -> str:
                       f"{head[:8].hex(' ')}); expected .safetensors, .npz, a torch.save file or a Hugging Face folder")
 
 
+def _starts_with_torch_magic(head: bytes) -> bool:
+    """Whether a pickle's first value is the magic number legacy ``torch.save`` writes first."""
+    import pickletools
+
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if opcode.name in ("PROTO", "FRAME"):
+                continue
+            return opcode.name == "LONG1" and arg == _TORCH_LEGACY_MAGIC
+    except ValueError:  # the 512 bytes end inside an opcode
+        return False
+    return False
+
+
 def _looks_like_text(head: bytes) -> bool:
     try:
         head.decode("utf-8")
@@ -81,6 +103,7 @@ def _looks_like_text(head: bytes) -> bool:
 def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
+            check_zip_sizes(path, archive)
             names = archive.namelist()
     except zipfile.BadZipFile as exc:
         raise VitlabError(f"{path}: truncated or corrupt zip archive ({exc}); download the file again") from None
@@ -90,6 +113,27 @@ def _sniff_zip(path: Path) -> str:
         return "npz"
     raise VitlabError(f"{path}: a zip archive that is neither an .npz of arrays nor a torch.save file "
                       f"(members: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+
+
+def check_zip_sizes(path: Path, archive: zipfile.ZipFile) -> None:
+    """Refuse an archive whose central directory declares members larger than the file can hold (a zip64 entry
+    claiming a terabyte, say), before anything is read or allocated: a stored member must lie inside the file and
+    hold what it declares; a deflated one cannot expand beyond deflate's maximum ratio."""
+    size = path.stat().st_size
+    for info in archive.infolist():
+        name, stored = info.filename, info.compress_size
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise VitlabError(f"{path}: member {name} uses zip compression method {info.compress_type}; .npz and "
+                              "torch.save archives are stored or deflated only")
+        if info.header_offset + stored > size:
+            raise VitlabError(f"{path}: member {name} declares {stored:,} bytes at offset {info.header_offset:,}, "
+                              f"beyond the end of the {size:,}-byte file; the archive is corrupt")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != stored:
+            raise VitlabError(f"{path}: member {name} is stored uncompressed but declares {info.file_size:,} bytes "
+                              f"for {stored:,} stored; the archive is corrupt")
+        if info.file_size > DEFLATE_MAX_RATIO * stored + 1024:
+            raise VitlabError(f"{path}: member {name} declares {info.file_size:,} bytes uncompressed from {stored:,} "
+                              "compressed, more than deflate can produce; the archive is corrupt")
 
 
 # ----------------------------------------------------------------------------------------------------------- readers
@@ -113,10 +157,17 @@ def read_torch(path: str | os.PathLike) -> object:
 
     There is deliberately no fallback to full unpickling: a file that needs it is refused with the offending object
     named in the message."""
+    path = Path(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open(path, "rb") as f:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            legacy = not zipfile.is_zipfile(f)
+            f.seek(0)
+            if legacy:
+                _check_legacy_storages(path, f)
+                f.seek(0)
+            # a file object, not the path: torch.load would pick safetensors for a name ending in .safetensors
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickling_detail(str(exc))
         raise VitlabError(f"{path}: refused: the file holds pickled Python objects other than tensors ({detail}); "
@@ -129,6 +180,40 @@ def read_torch(path: str | os.PathLike) -> object:
         raise VitlabError(f"{path}: cannot read torch.save file ({text.splitlines()[0]})") from None
     except (EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error) as exc:
         raise VitlabError(f"{path}: truncated or corrupt torch.save file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_legacy_storages(path: Path, f) -> None:
+    """Unpickle a legacy ``torch.save`` file's objects with torch's weights-only unpickler onto storages on the meta
+    device (nothing allocated), and refuse the file if its storages declare more bytes than the file holds: torch
+    itself would allocate every declared storage before reading a byte of it."""
+    from torch import _weights_only_unpickler as restricted
+
+    declared: dict[str, int] = {}
+
+    def record(pid):
+        try:
+            _, storage_type, key, _location, numel = pid[:5]
+            dtype = storage_type.dtype
+            nbytes = int(numel) * torch._utils._element_size(dtype)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise VitlabError(f"{path}: corrupt legacy torch.save file (storage record {pid!r:.80}: {exc})") from None
+        declared[str(key)] = max(declared.get(str(key), 0), nbytes)
+        storage = torch.UntypedStorage(nbytes, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+    if restricted.Unpickler(f, encoding="utf-8").load() != _TORCH_LEGACY_MAGIC:
+        raise VitlabError(f"{path}: a Python pickle, not a torch.save file: refused (unpickling can run code)")
+    for _ in range(2):  # protocol version, system info
+        restricted.Unpickler(f, encoding="utf-8").load()
+    unpickler = restricted.Unpickler(f, encoding="utf-8")
+    unpickler.persistent_load = record
+    unpickler.load()
+    size = path.stat().st_size
+    total = sum(declared.values())
+    if total > size:
+        key, largest = max(declared.items(), key=lambda kv: kv[1])
+        raise VitlabError(f"{path}: the pickled storages declare {total:,} bytes (storage {key}: {largest:,}) but the "
+                          f"file holds {size:,}; the file is corrupt")
 
 
 def _unpickling_detail(message: str) -> str:
@@ -146,6 +231,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:
+            check_zip_sizes(path, archive)
             for info in archive.infolist():
                 _check_npy_member(path, archive, info)
         with np.load(path, allow_pickle=False) as data:
@@ -175,10 +261,26 @@ def _check_npy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInf
     if dtype.hasobject:
         raise VitlabError(f"{path}: member {info.filename} is a Python object array, which would need unpickling; "
                           "refused")
-    expected = header_len + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header_len + math.prod(int(n) for n in shape) * dtype.itemsize  # exact: int64 products wrap
     if info.file_size != expected:
         raise VitlabError(f"{path}: member {info.filename} declares shape {tuple(shape)} {dtype} ({expected} bytes "
                           f"with header) but holds {info.file_size} bytes; the archive is corrupt")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as the OSError they are, so that
+    the atomic writer around it reports them like any other write error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from exc
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,5 +1,5 @@
 """The ResNet part of vit_jax hybrid ``.npz`` files (R50+ViT-B/16, R26+ViT-S/32, R+ViT-Ti/16, ...), plugged into the
-npz reader, and the hybrid and BiT families registered for vitlab's own format.
+npz reader.
 
 vit_jax array names (prefix already stripped by :func:`~vitlab.checkpoints.npz.normalise`):
 
@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import VitlabError
-from ..models import HybridConfig, HybridVisionTransformer, ResNetV2, ResNetV2Config
+from ..models import HybridConfig, ResNetV2Config
 from ..models.hybrid import HYBRID_BACKBONE
 from .npz import NpzBackbone, NpzRule, register_npz_backbone
-from .vitlab_format import Architecture, register_architecture
 
 # how vit_jax's hybrid backbone computes (models_resnet.py: StdConv eps 1e-5 added to the std; Flax GroupNorm 1e-6)
 VIT_JAX_BACKBONE_NUMERICS = {"ws_eps": 1e-5, "ws_eps_mode": "std", "gn_eps": 1e-6}
@@ -120,9 +119,6 @@ VIT_JAX_HYBRID = NpzBackbone(
 )
 
 register_npz_backbone(VIT_JAX_HYBRID)
-register_architecture(Architecture("hybrid", HybridConfig, HybridVisionTransformer))
-register_architecture(Architecture("resnetv2", ResNetV2Config, ResNetV2))
-
 
 # ------------------------------------------------------------------------------------- BiT classifiers (the baseline)
 BIT_ROOT = "root_block/standardized_conv2d/kernel"

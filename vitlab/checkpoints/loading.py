@@ -1,7 +1,7 @@
 """Read any supported checkpoint into one record, then build a model from it (new resolution, new head).
 
 :func:`read_checkpoint` sniffs the file, reads it safely, maps its names onto vitlab's and works out the
-architecture, the preprocessing of its source and notable facts. :func:`build_model` turns that record into a
+architecture, the preprocessing of its source and notable facts. :func:`model_from_checkpoint` turns that record into a
 :class:`~vitlab.models.VisionTransformer`, resampling the position embedding and replacing the head when asked, and
 loads the weights strictly: any missing, unexpected or mis-shaped key is an error that lists them.
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compute.onednn import set_onednn_linear
 from ..errors import VitlabError
-from ..models import ViTConfig, get_config, resolve
+from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
@@ -26,7 +27,7 @@ from .files import read_npz, read_safetensors, read_torch, sniff
 from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
-from .vitlab_format import ARCHITECTURES, Architecture, parse_document, read_document
+from .vitlab_format import parse_document, read_document
 
 FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,7 +57,7 @@ class Checkpoint:
     container: str
     state_dict: dict[str, torch.Tensor]
     config: ViTConfig
-    architecture: Architecture
+    architecture: ModelFamily
     preprocessing: Preprocessing
     class_names: list[str] | None = None
     metadata: dict = field(default_factory=dict)
@@ -125,6 +126,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _from_state_dict(source, "torch", state_dict, notes, grid_hint, named, container_obj=obj)
     if named is not None:
         _check_named(ckpt, named, model_name)
+    check_plausible_size(ckpt.config, ckpt.state_dict, source)
     with torch.device("meta"):  # the architecture's expected shapes, without allocating it
         expected = construct_uninitialised(ckpt.architecture.model_class, ckpt.config).state_dict()
     check_fit(expected, ckpt.state_dict, source)
@@ -135,6 +137,32 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     _imagenet_names(ckpt)
     _record_facts(ckpt)
     return ckpt
+
+
+# a file's config is data like its tensors: one that asks for more than any real model is refused before building
+MAX_IMAGE_SIDE = 16384  # pixels; the largest published ViT fine-tuning resolutions are around 1,000
+TOKEN_VALUES_FLOOR = 2**24  # tokens x width any model may have, whatever its size
+
+
+def check_plausible_size(config, state_dict: dict, source: str) -> None:
+    """Refuse a config whose input no real model takes (every image would be resized to it), or whose token grid
+    holds far more values than the file has weights: building the model would compute a fixed (sin-cos) embedding
+    of that size, and every image's activations would be that large. Runs before anything is built."""
+    img = getattr(config, "img_size", None)
+    if img is None:
+        return
+    if max(img) > MAX_IMAGE_SIDE:
+        raise VitlabError(f"{source}: config field img_size {img[0]}x{img[1]} is beyond any real model (at most "
+                          f"{MAX_IMAGE_SIDE:,} px a side); the file is corrupt or not what it claims")
+    tokens, width = getattr(config, "num_patches", None), getattr(config, "embed_dim", None)
+    if not tokens or not width:
+        return
+    held = sum(t.numel() for t in state_dict.values())
+    if tokens * width > max(4 * held, TOKEN_VALUES_FLOOR):
+        raise VitlabError(f"{source}: config field img_size {img[0]}x{img[1]} (patch {config.patch_size[0]}) asks "
+                          f"for {tokens:,} tokens of width {width} ({tokens * width:,} values per image, "
+                          f"{4 * tokens * width / 1e9:.1f} GB) from weights of {held:,} values; the file is corrupt "
+                          "or not what it claims")
 
 
 def _imagenet_names(ckpt: Checkpoint) -> None:
@@ -220,7 +248,7 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
     bit = resnetv2_config_from_state_dict(state_dict) if layout is None else None
     if bit is not None:  # timm's ResNetV2 (BiT) names are vitlab's
         pre = source_preprocessing("timm", bit.img_size, bit.in_chans)
-        return Checkpoint(source, "timm", container, dict(state_dict), bit, ARCHITECTURES["resnetv2"], pre,
+        return Checkpoint(source, "timm", container, dict(state_dict), bit, FAMILIES["resnetv2"], pre,
                           notes=notes + ["timm ResNetV2 (BiT) state dict"])
     if layout is None:
         sample = ", ".join(sorted(state_dict)[:5])
@@ -244,7 +272,7 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
     preprocessing = source_preprocessing(layout, config.img_size, config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
-    return Checkpoint(source, layout, container, sd, config, ARCHITECTURES["vit"], preprocessing, class_names,
+    return Checkpoint(source, layout, container, sd, config, FAMILIES["vit"], preprocessing, class_names,
                       notes=notes)
 
 
@@ -254,7 +282,7 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
     if bit_prefix(raw) is not None:  # a BiT ResNet-v2 release (the paper's convolutional baseline)
         cfg, state_dict = read_bit_npz(raw, source)
         pre = source_preprocessing("vit_jax", cfg.img_size, cfg.in_chans)  # BiT evaluates the same way
-        ckpt = Checkpoint(source, "bit", "npz", state_dict, cfg, ARCHITECTURES["resnetv2"], pre,
+        ckpt = Checkpoint(source, "bit", "npz", state_dict, cfg, FAMILIES["resnetv2"], pre,
                           notes=["BiT ResNet-v2 release (pre-activation, weight-standardised convolutions)"])
         ckpt.facts.update(arrays=len(raw))
         return ckpt
@@ -266,15 +294,15 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
         raise VitlabError(f"{source}: the arrays describe no valid ViT ({exc})") from None
     backbone = npz_layout.find_backbone(arrays)
     if backbone is not None:
-        if backbone.architecture not in ARCHITECTURES:
+        if backbone.architecture not in FAMILIES:
             raise VitlabError(f"{source}: the {backbone.name} backbone builds architecture "
                               f"{backbone.architecture!r}, which is not registered")
         config = backbone.make_config(fields, arrays)
-        arch = ARCHITECTURES[backbone.architecture]
+        arch = FAMILIES[backbone.architecture]
         extra_rules = backbone.rules(arrays)
         notes.append(f"convolutional backbone: {backbone.name}")
     else:
-        config, arch, extra_rules = vit_cfg, ARCHITECTURES["vit"], []
+        config, arch, extra_rules = vit_cfg, FAMILIES["vit"], []
     state_dict = npz_layout.apply_rules(arrays, extra_rules + npz_layout.vit_rules(vit_cfg), source)
     # a big_vision 'tok' embedding has no class slot: a zero row there adds nothing to the class token
     if config.class_token and not layout.pos_has_class_slot and "pos_embed" in state_dict:
@@ -499,9 +527,9 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: s
     model.load_state_dict(merged, strict=True)
 
 
-def build_model(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-                resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-                in_chans: int | None = None, patch_size=None) -> nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, img_size=None,
+                          num_classes: int | None = None, resample: str | None = None, drop_pre_logits: bool = False,
+                          gelu: str | None = None, in_chans: int | None = None, patch_size=None) -> nn.Module:
     """A model in eval mode with the checkpoint's weights, adapted as asked, with ``preprocessing`` and
     ``class_names`` attributes set. Warns (:class:`CheckpointWarning`) when a zeroed head is kept."""
     target, new_head = target_config(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
@@ -544,8 +572,12 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
     - ``patch_size``: build the model with this patch size (int or (height, width)), the patch-embedding kernel
       resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
       position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
+
+    The model's Linear layers take the CPU fast path (:func:`vitlab.compute.set_onednn_linear`).
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
-    return build_model(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes, resample=resample,
-                       drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans, patch_size=patch_size)
+    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
+                                  patch_size=patch_size)
+    return set_onednn_linear(model)  # the CPU fast path, as vitlab.create_model
 

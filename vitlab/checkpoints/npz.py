@@ -135,8 +135,8 @@ class NpzBackbone:
 
     - ``detect(arrays)``: True when the canonical arrays hold this backbone (e.g. ``conv_root/kernel`` present).
     - ``rules(arrays)``: the :class:`NpzRule` list for the backbone's own arrays (vitlab names on the torch side).
-    - ``make_config(vit_fields, arrays)``: the config of the registered architecture ``architecture`` (see
-      :func:`vitlab.checkpoints.register_architecture`), given the ViT fields inferred from the transformer arrays.
+    - ``make_config(vit_fields, arrays)``: the config of the model family ``architecture`` (see
+      :data:`vitlab.models.FAMILIES`), given the ViT fields inferred from the transformer arrays.
       ``vit_fields["patch_size"]`` and ``vit_fields["in_chans"]`` then describe ``embedding/kernel`` on the feature
       map (e.g. 1x1 over 1024 channels), which the backbone translates.
     """

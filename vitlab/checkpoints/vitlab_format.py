@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,43 +22,22 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..errors import InvalidValueError, VitlabError
-from ..models import VisionTransformer, ViTConfig
+from ..models import FAMILIES, ModelFamily, family_of
 from ..preprocessing import Preprocessing
-from .files import read_safetensors
+from .files import read_safetensors, write_safetensors
 
 FORMAT_NAME = "vitlab"
 FORMAT_VERSION = 1
 METADATA_KEY = "vitlab"
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """How to rebuild one model family from its saved config: the config class (with ``from_dict``/``to_dict``) and
-    the model class (built as ``model_class(config)``)."""
-
-    name: str
-    config_class: type
-    model_class: type
-
-
-ARCHITECTURES: dict[str, Architecture] = {"vit": Architecture("vit", ViTConfig, VisionTransformer)}
-
-
-def register_architecture(arch: Architecture) -> None:
-    """Make another model family (e.g. a hybrid) savable and loadable in the vitlab format."""
-    if arch.name in ARCHITECTURES and ARCHITECTURES[arch.name] != arch:
-        raise ValueError(f"architecture {arch.name!r} is already registered")
-    ARCHITECTURES[arch.name] = arch
-
-
-def architecture_of(model: nn.Module) -> Architecture:
-    """The registered architecture whose model class is exactly ``type(model)``. A subclass (e.g. a hybrid) must be
-    registered itself, since its config has fields the parent's config cannot read back."""
-    for arch in ARCHITECTURES.values():
-        if type(model) is arch.model_class:
-            return arch
-    raise VitlabError(f"cannot save a {type(model).__name__}: not a registered vitlab architecture (register it "
-                      "with vitlab.checkpoints.register_architecture)")
+def family_of_model(model: nn.Module) -> ModelFamily:
+    """The model family (:data:`vitlab.models.FAMILIES`) whose model class is exactly ``type(model)``."""
+    family = family_of(model)
+    if family is None or type(model) is not family.model_class:
+        raise VitlabError(f"cannot save a {type(model).__name__}: not a vitlab model family (add it with "
+                          "vitlab.models.register_family)")
+    return family
 
 
 def unwrap_module(model: nn.Module) -> nn.Module:
@@ -81,10 +59,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     ``preprocessing`` defaults to ``model.preprocessing`` if set, else the paper's evaluation preprocessing for the
     model's input (squash, bilinear, [-1, 1]); ``class_names`` defaults to ``model.class_names`` if set. ``metadata``
     is any JSON-serialisable dict (training info, dataset, accuracy)."""
-    from safetensors.torch import save_file
-
     model = unwrap_module(model)
-    arch = architecture_of(model)
+    arch = family_of_model(model)
     cfg = model.cfg
     if preprocessing is None:
         preprocessing = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
@@ -113,7 +89,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InvalidValueError(f"{path}: vitlab checkpoints are .safetensors files; use a name ending in .safetensors")
-    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
+    return write_atomic(path, lambda tmp: write_safetensors(tensors, tmp, {METADATA_KEY: text}))
 
 
 def read_document(metadata: dict[str, str], source: str) -> dict | None:
@@ -133,13 +109,13 @@ def read_document(metadata: dict[str, str], source: str) -> dict | None:
     return document
 
 
-def parse_document(document: dict, source: str) -> tuple[Architecture, object, Preprocessing, list[str] | None, dict]:
-    """(architecture, config, preprocessing, class names, metadata) from a vitlab document, with clear errors."""
+def parse_document(document: dict, source: str) -> tuple[ModelFamily, object, Preprocessing, list[str] | None, dict]:
+    """(model family, config, preprocessing, class names, metadata) from a vitlab document, with clear errors."""
     arch_name = document.get("architecture", "vit")
-    if arch_name not in ARCHITECTURES:
+    if arch_name not in FAMILIES:
         raise VitlabError(f"{source}: architecture {arch_name!r} is not known to this vitlab "
-                          f"(known: {', '.join(ARCHITECTURES)})")
-    arch = ARCHITECTURES[arch_name]
+                          f"(known: {', '.join(FAMILIES)})")
+    arch = FAMILIES[arch_name]
     try:
         config = arch.config_class.from_dict(document["config"])
         preprocessing = Preprocessing.from_dict(document["preprocessing"])

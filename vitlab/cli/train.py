@@ -64,12 +64,51 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. patch_embed,pos_embed,blocks.0-5)")
     t.add_argument("--layer-decay", type=float, metavar="D",
                    help="layer-wise lr decay (BEiT / MAE): layer l trains at lr x D^(L+1-l), e.g. 0.75")
-    p.add_argument("--nproc", metavar="N", help="run N data-parallel processes on this machine (via torchrun; 'auto': "
-                                                "one per GPU, or one per CPU core with one thread each)")
+    p.add_argument("--nproc", metavar="N", type=nproc_value,
+                   help="run N data-parallel processes on this machine (via torchrun; 'auto': one per GPU, or one per "
+                        "CPU core with one thread each)")
+
+
+def nproc_value(text: str) -> int | str:
+    """``--nproc``: a whole number of processes (1 or more) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"takes a number of processes (an integer >= 1) or 'auto', got {text!r}")
+    return n
+
+
+def _flag(field_name: str) -> str:
+    return "--workers" if field_name == "num_workers" else "--" + field_name.replace("_", "-")
+
+
+def _shown(value) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def build_config(args: argparse.Namespace, base_recipe: str | None = None):
-    """The resolved TrainConfig: recipe or saved config, then flags, then --set."""
+    """The resolved TrainConfig: recipe or saved config, then flags, then --set. A value out of range is refused
+    naming the flag (or ``--set key=value``, or the saved config) it came from and what it takes."""
+    from ..train.config import ConfigValueError
+
+    try:
+        return _build_config(args, base_recipe)
+    except ConfigValueError as exc:
+        field_name = exc.field
+        set_keys = {item.partition("=")[0].strip().replace("-", "_"): item for item in args.assignments}
+        if field_name in set_keys:
+            raise VitlabError(f"--set {set_keys[field_name]}: takes {exc.takes}") from None
+        if field_name in FLAG_FIELDS and getattr(args, field_name, None) is not None:
+            raise VitlabError(f"{_flag(field_name)} {_shown(getattr(args, field_name))}: takes {exc.takes}") from None
+        source = args.config or f"recipe {args.recipe or base_recipe}"
+        raise VitlabError(f"{source}: {exc}") from None
+
+
+def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
     from ..train import TrainConfig, apply_overrides, get_recipe
 
     if args.config:
@@ -140,7 +179,7 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
     else:
         nproc = int(args.nproc)
     if nproc < 1:
-        raise InvalidValueError(f"--nproc must be at least 1, got {args.nproc}")
+        raise InvalidValueError(f"--nproc {args.nproc}: no GPU to start a process on (use --device cpu)")
     if cpu:  # share the cores out instead of letting every process start one thread per core
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // nproc)))
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

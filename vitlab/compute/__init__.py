@@ -1,4 +1,5 @@
-"""Compute accounting (analytic and counted FLOPs, pre-training exaFLOPs, accelerator days) and benchmarks."""
+"""Compute accounting (analytic and counted FLOPs, pre-training exaFLOPs, accelerator days), benchmarks and the CPU
+fast path for Linear layers (:func:`set_onednn_linear`)."""
 
 from .counting import MacCount, count_config_macs, count_macs, register_mac_rule, rule_for
 from .flops import (
@@ -13,15 +14,19 @@ from .flops import (
     vit_macs_breakdown,
 )
 from .memory import TrainingMemory, activation_bytes_per_image, max_micro_batch, training_memory
+from .onednn import OneDnnLinear, onednn_linear_available, set_onednn_linear
 
 __all__ = [
     "ACCELERATOR_PEAK_FLOPS",
     "DATASET_IMAGES",
     "TABLE6",
     "MacCount",
+    "OneDnnLinear",
     "TrainingMemory",
     "activation_bytes_per_image",
     "max_micro_batch",
+    "onednn_linear_available",
+    "set_onednn_linear",
     "training_memory",
     "accelerator_days",
     "count_config_macs",

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import VitlabError
 from ..models import create_model, get_config
-from ..models.linear import _onednn_product, onednn_linear_available
 from .flops import forward_macs
+from .onednn import onednn_linear_available, onednn_product, set_onednn_linear
 
 # vitlab name -> timm name of the same architecture (224 px; other resolutions are passed as img_size)
 TIMM_NAMES = {
@@ -89,11 +90,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N``; a clear error when CUDA is asked for and absent."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitlabError("--device cuda: no CUDA device is available")
+def bench_device(name: str) -> torch.device:
+    """The device of ``--device`` (:func:`vitlab.devices.resolve_device`); benchmarks know the CPU and CUDA only."""
+    device = resolve_device(name)
     if device.type not in ("cpu", "cuda"):
         raise VitlabError(f"--device must be cpu or cuda, got {name!r}")
     return device
@@ -115,7 +114,7 @@ def measure_gemm_rate(device: torch.device, dtype: str = "fp32", size: int = 204
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     candidates = {"blas": lambda: torch.mm(a, b)}
     if device.type == "cpu" and onednn_linear_available():
-        candidates["onednn"] = lambda: _onednn_product(a, b, None)
+        candidates["onednn"] = lambda: onednn_product(a, b)
     rates = {}
     with torch.inference_mode():
         for name, fn in candidates.items():
@@ -189,7 +188,7 @@ def paired_ratio(faster_if_small: list[float], reference: list[float]) -> float:
 def build_pair(name: str, settings: BenchSettings, device: torch.device):
     """The vitlab model and, when timm is installed and knows the architecture, timm's with the same weights."""
     overrides = {"img_size": settings.img_size} if settings.img_size else {}
-    model = create_model(name, **overrides)
+    model = set_onednn_linear(create_model(name, **overrides))  # as vitlab.create_model builds it
     reference = None
     timm_name = TIMM_NAMES.get(name)
     if settings.timm and timm_name:
@@ -247,7 +246,7 @@ def bench_model(name: str, tasks: tuple[str, ...], settings: BenchSettings, gemm
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise VitlabError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    device = resolve_device(settings.device)
+    device = bench_device(settings.device)
     if settings.dtype not in ("fp32", "bf16"):
         raise VitlabError(f"--dtype must be fp32 or bf16, got {settings.dtype!r}")
     get_config(name)  # a clear error for unknown names before anything is built
@@ -360,7 +359,7 @@ def run_benchmarks(models: list[str], tasks: tuple[str, ...], settings: BenchSet
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Measure the GEMM rate, then every task for every model. Returns a JSON-ready dict: environment, gemm
     rates (FLOP/s) and one row per (model, task)."""
-    device = resolve_device(settings.device)
+    device = bench_device(settings.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     gemm = measure_gemm_rate(device, settings.dtype, repeats=10)

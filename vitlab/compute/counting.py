@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.vit import Attention, VisionTransformer, ViTConfig
+from ..models.families import model_from_config
+from ..models.vit import Attention
 
 MacRule = Callable[[nn.Module, tuple, object], int]
 _RULES: dict[type, MacRule] = {}
@@ -119,17 +120,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], exclude: tuple[st
     return MacCount(total=sum(counts.values()), by_module=counts)
 
 
-def _build_model(cfg) -> nn.Module:
-    from ..models import registry
-
-    build = getattr(registry, "build_model", None)  # model families beyond the plain ViT register a builder
-    if build is not None:
-        return build(cfg)
-    if isinstance(cfg, ViTConfig):
-        return VisionTransformer(cfg)
-    raise TypeError(f"cannot build a model for config type {type(cfg).__name__}")
-
-
 HEAD_MODULES = ("head", "pre_logits", "fc_norm")
 
 
@@ -137,7 +127,7 @@ def count_config_macs(cfg, include_head: bool = True) -> int:
     """Forward MACs per image of the model ``cfg`` builds, counted on the meta device. ``include_head=False``
     leaves out the classifier and pre-logits layer (modules named ``head`` / ``pre_logits``)."""
     with torch.device("meta"):
-        model = _build_model(cfg)
+        model = model_from_config(cfg)
     img = cfg.img_size if isinstance(cfg.img_size, tuple) else (cfg.img_size, cfg.img_size)
     count = count_macs(model, (cfg.in_chans, *img), exclude=() if include_head else HEAD_MODULES)
     return count.total

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import VitlabError
+from .distributed import sum_over_processes
 from .features import model_outputs
 from .metrics import classification_metrics
 
@@ -54,9 +55,12 @@ def load_label_sets(path: str | Path, file_names: Sequence[str] | None = None) -
         raise VitlabError(f"labels file {path}: labels must be integers ({exc})") from exc
 
 
+SUMMARY_KEYS = ("samples", "skipped", "loss", "top1", "top5")  # what training logs of each evaluation
+
+
 def evaluate_classifier(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | Iterable,
     batch_size: int = 256,
     ks: Sequence[int] = (1, 5),
     label_sets: Sequence[Sequence[int]] | None = None,
@@ -66,13 +70,26 @@ def evaluate_classifier(
 ) -> dict:
     """Top-k, per-class accuracy, confusion matrix, calibration (and ReaL accuracy with ``label_sets``) of a model.
 
-    ``dataset`` yields ``(image tensor, int label)`` already preprocessed for the model. Exact when run on several
-    processes (every sample counted once). Other keyword arguments go to :func:`features.model_outputs` (device,
-    num_workers, progress, on_skipped). Returns the dict of :func:`metrics.classification_metrics` plus
-    ``class_names`` and ``skipped`` (samples whose image could not be read, left out of every score)."""
+    The one classification evaluator: ``vitlab eval``, evaluation during training (:mod:`vitlab.train`) and the
+    experiments all measure with it. ``dataset`` yields ``(image tensor, int label)`` already preprocessed for the
+    model, or is an iterable of prepared batches (:class:`vitlab.data.loaders.Batch`, this process's share; training
+    evaluates so). Exact when run on several processes (every sample counted once). Other keyword arguments go to
+    :func:`features.model_outputs` (device, num_workers, progress, on_skipped, precision). Returns the dict of
+    :func:`metrics.classification_metrics` plus ``class_names`` and ``skipped`` (samples whose image could not be
+    read, left out of every score); ``{k: out[k] for k in SUMMARY_KEYS if k in out}`` is what training logs."""
+    skipped = []
+    if not isinstance(dataset, Dataset):  # batches: count the skipped files as they pass
+        report = kwargs.pop("on_skipped", None)
+
+        def on_skipped(reasons: list[str]) -> None:
+            skipped.extend(reasons)
+            if report is not None:
+                report(reasons)
+
+        kwargs["on_skipped"] = on_skipped
     logits, labels, indices = model_outputs(model, dataset, "logits", batch_size, **kwargs)
     if label_sets is not None:
-        if isinstance(dataset, IterableDataset):
+        if not isinstance(dataset, Dataset) or isinstance(dataset, IterableDataset):
             raise VitlabError("a multi-label file needs an indexable data set (an image folder or a named set), "
                               "not tar shards")
         if len(label_sets) != len(dataset):  # type: ignore[arg-type]
@@ -86,6 +103,8 @@ def evaluate_classifier(
     if class_names is not None and len(class_names) != num_classes:
         raise VitlabError(f"{len(class_names)} class names for a model with {num_classes} classes")
     out["class_names"] = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    if not isinstance(dataset, IterableDataset):
+    if not isinstance(dataset, Dataset):
+        out["skipped"] = int(sum_over_processes([float(len(skipped))])[0])
+    elif not isinstance(dataset, IterableDataset):
         out["skipped"] = len(dataset) - out["samples"]  # type: ignore[arg-type]
     return out

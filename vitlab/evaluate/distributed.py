@@ -22,6 +22,23 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _comm_device() -> torch.device:
+    """Where tensors travel for a collective: the current CUDA device with NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_processes(values: list[float]) -> list[float]:
+    """Sum numbers over all processes of the default process group (the numbers themselves without one). Float64,
+    so counts stay exact."""
+    if world()[1] == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 class ShardSampler(Sampler[int]):
     """Indices ``rank, rank + world, ...`` of ``range(num_samples)``: disjoint shards that together cover every
     sample exactly once (shard sizes differ by at most one; nothing is padded or repeated)."""
@@ -70,8 +87,7 @@ def gather_by_index(indices: torch.Tensor, *tensors: torch.Tensor) -> tuple[torc
             raise ValueError(f"every tensor needs {indices.shape[0]} rows (one per index), got {t.shape[0]}")
     rank, world_size = world()
     if world_size > 1:
-        backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        device = _comm_device()
         sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
         dist.all_gather(sizes, torch.tensor([indices.shape[0]], device=device))
         sizes = [int(s.item()) for s in sizes]

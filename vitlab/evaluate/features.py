@@ -10,7 +10,7 @@ Representations (what few-shot, kNN and linear probes read):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -75,9 +75,21 @@ def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tens
     return images, labels, indices, bad
 
 
+def _numbered_batches(batches: Iterable, rank: int, world_size: int):
+    """Already prepared batches (:class:`vitlab.data.loaders.Batch`: this process's share of the samples ``rank,
+    rank + W, ...``, as the training loaders give them) in the form the DataLoader path yields: (images or None,
+    labels, sample indices, skipped reasons). The i-th sample this process sees is numbered ``i * W + rank``."""
+    seen = 0
+    for batch in batches:
+        n = batch.labels.shape[0]
+        indices = torch.arange(seen, seen + n) * world_size + rank
+        seen += n
+        yield (batch.images if n else None), batch.labels, indices, list(batch.skipped)
+
+
 def model_outputs(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | Iterable,
     kind: str = "logits",
     batch_size: int = 256,
     num_workers: int = 0,
@@ -88,19 +100,23 @@ def model_outputs(
 ) -> ModelOutputs:
     """Outputs of ``model`` for every sample of a dataset of ``(image tensor, label)``, in dataset order.
 
-    ``kind`` is one of :data:`OUTPUTS`. When a ``torch.distributed`` process group is initialised each process runs a
-    disjoint shard (no padding) and every process gets the complete, deduplicated result, identical to a
-    single-process run. Samples whose image is not a tensor (unreadable files) are left out and their reasons passed
-    to ``on_skipped``; ``indices`` tells which samples are present. An iterable dataset (tar shards) is read as it
-    splits itself over processes; its indices are stream positions. ``precision='bf16'`` runs the model under bf16
-    autocast (outputs are returned as float32). The model is put in eval mode and restored."""
+    ``kind`` is one of :data:`OUTPUTS`. ``dataset`` may also be an iterable of prepared batches
+    (:class:`vitlab.data.loaders.Batch`, this process's share), as training evaluates. When a ``torch.distributed``
+    process group is initialised each process runs a disjoint shard (no padding) and every process gets the
+    complete, deduplicated result, identical to a single-process run. Samples whose image is not a tensor
+    (unreadable files) are left out and their reasons passed to ``on_skipped``; ``indices`` tells which samples are
+    present. An iterable dataset (tar shards) is read as it splits itself over processes; its indices are stream
+    positions. ``precision='bf16'`` runs the model under bf16 autocast (outputs are returned as float32).
+    The model is put in eval mode and restored."""
     fn = output_function(model, kind)
     device = torch.device(device) if device is not None else _device_of(model)
     if precision not in ("fp32", "bf16"):
         raise VitlabError(f"precision must be fp32 or bf16, got {precision!r}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     rank, world_size = world()
-    if isinstance(dataset, IterableDataset):
+    if not isinstance(dataset, Dataset):
+        loader = _numbered_batches(dataset, rank, world_size)
+    elif isinstance(dataset, IterableDataset):
         loader = DataLoader(_NumberedStream(dataset, rank, world_size), batch_size=batch_size, collate_fn=_collate)
     else:
         if len(dataset) == 0:  # type: ignore[arg-type]

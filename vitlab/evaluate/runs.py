@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
 from .classification import evaluate_classifier, load_label_sets
@@ -18,14 +19,6 @@ from .data import class_names_of, eval_dataset, limit_dataset
 from .distributed import world
 from .fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
 from .report import write_classification_report, write_fewshot_report
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> this process's CUDA device when there is one, else the CPU; otherwise the named device, checked
-    (the training package's rule, so that commands agree under ``torchrun``)."""
-    from ..train.distributed import resolve_device as resolve
-
-    return resolve(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,

@@ -43,10 +43,9 @@ FAMILY_OF_ARCHITECTURE = {"vit": "ViT", "resnetv2": "BiT ResNet", "hybrid": "Hyb
 
 def registered_models(names: list[str]) -> list[tuple[str, str, str, dict]]:
     """``MODELS``-style entries for registered model names (each its own label; the family from its config)."""
-    from ..models import get_config
-    from ..models.registry import architecture_of
+    from ..models import family_of, get_config
 
-    return [(FAMILY_OF_ARCHITECTURE[architecture_of(get_config(name))], name, name, {}) for name in names]
+    return [(FAMILY_OF_ARCHITECTURE[family_of(get_config(name)).name], name, name, {}) for name in names]
 
 
 def build_runs(args: argparse.Namespace) -> list[Run]:

@@ -186,18 +186,19 @@ def create_model(name: str, pretrained: bool | str = False, **overrides):
     ``pretrained=True`` loads the model's default tag (:data:`DEFAULT_TAGS`), a string loads that tag, and a name
     with a tag (``vit_b16.augreg_in21k``) loads that entry. With weights, ``img_size`` resamples the position
     embedding and ``num_classes`` puts a new zero-initialised head on (dropping the pre-logits layer, as the paper
-    fine-tunes); other overrides are the loader's keywords (``resample``, ``gelu``).
+    fine-tunes); other overrides are the loader's keywords (``resample``, ``gelu``). The Linear layers take the CPU
+    fast path (:func:`vitlab.compute.set_onednn_linear`; ``set_onednn_linear(model, False)`` turns it off).
 
     >>> model = create_model("vit_b16", pretrained=True)                      # doctest: +SKIP
     >>> model = create_model("vit_b16", pretrained="augreg_in21k", num_classes=10, img_size=384)  # doctest: +SKIP
     """
+    from ..compute.onednn import set_onednn_linear
     from ..models import create_model as create_fresh
 
     model, _, tag = name.partition(".")
-    if not pretrained and not tag:
-        return create_fresh(name, **overrides)
     if not pretrained:  # a tagged name without pretrained=True builds the architecture alone (as timm does)
-        return create_fresh(model, **overrides)
+        # with the CPU fast path for its Linear layers, as vitlab.load gives it
+        return set_onednn_linear(create_fresh(model if tag else name, **overrides))
     from ..checkpoints import load
 
     entry = get_pretrained(name if tag else model, None if pretrained is True else str(pretrained))

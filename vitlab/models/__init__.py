@@ -1,13 +1,10 @@
 """Model definitions and the registry. Imports nothing from the rest of vitlab but its error types."""
 
+from .families import FAMILIES, ModelFamily, config_from_dict, family_of, model_from_config, register_family
 from .features import FeatureExtractor, FeatureInfo
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
-from .linear import Linear, onednn_linear_available, set_onednn_linear
 from .registry import (
     ModelEntry,
-    architecture_of,
-    build_model,
-    config_from_dict,
     create_model,
     get_config,
     list_models,
@@ -34,7 +31,6 @@ __all__ = [
     "HybridConfig",
     "HybridEmbed",
     "HybridVisionTransformer",
-    "Linear",
     "Mlp",
     "ModelEntry",
     "ModelInputError",
@@ -43,15 +39,16 @@ __all__ = [
     "ResNetV2Config",
     "ViTConfig",
     "VisionTransformer",
-    "architecture_of",
-    "build_model",
+    "FAMILIES",
+    "ModelFamily",
     "config_from_dict",
     "create_model",
+    "family_of",
     "get_config",
     "list_models",
-    "onednn_linear_available",
+    "model_from_config",
     "register",
+    "register_family",
     "resolve",
-    "set_onednn_linear",
     "sincos_2d_position_embedding",
 ]

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import InvalidValueError, UnknownNameError
-from .hybrid import HYBRID_BACKBONE, HybridConfig, HybridVisionTransformer
-from .resnetv2 import ResNetV2, ResNetV2Config
-from .vit import VisionTransformer, ViTConfig
+from ..errors import UnknownNameError
+from .families import model_from_config
+from .hybrid import HYBRID_BACKBONE, HybridConfig
+from .resnetv2 import ResNetV2Config
+from .vit import ViTConfig
 
 ModelConfig = ViTConfig | ResNetV2Config  # HybridConfig is a ViTConfig
 
@@ -127,42 +128,12 @@ def _small_data_baselines() -> list[ModelEntry]:
     ]
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """A freshly initialised model for a config of any family."""
-    if isinstance(cfg, HybridConfig):
-        return HybridVisionTransformer(cfg)
-    if isinstance(cfg, ViTConfig):
-        return VisionTransformer(cfg)
-    if isinstance(cfg, ResNetV2Config):
-        return ResNetV2(cfg)
-    raise TypeError(f"no model family for config type {type(cfg).__name__}")
-
-
-# family name <-> config class, for saving a config with its kind and reading it back
-ARCHITECTURES: dict[str, type] = {"vit": ViTConfig, "hybrid": HybridConfig, "resnetv2": ResNetV2Config}
-
-
-def architecture_of(cfg: ModelConfig) -> str:
-    """The family name of a config: ``vit``, ``hybrid`` or ``resnetv2``."""
-    for name, cls in ARCHITECTURES.items():
-        if type(cfg) is cls:
-            return name
-    raise TypeError(f"no model family for config type {type(cfg).__name__}")
-
-
-def config_from_dict(data: dict, architecture: str = "vit") -> ModelConfig:
-    """Rebuild a config saved with ``cfg.to_dict()`` and :func:`architecture_of`."""
-    if architecture not in ARCHITECTURES:
-        raise InvalidValueError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[architecture].from_dict(data)
-
-
 _ENTRIES: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, tuple[str, dict]] = {}
 
 
 def register(entry: ModelEntry) -> None:
-    """Add a model to the table (other model families register themselves the same way)."""
+    """Add a named model to the table (the built-in entries are added below; users may add their own)."""
     if entry.name in _ENTRIES or entry.name in _ALIASES:
         raise ValueError(f"model name {entry.name!r} is already registered")
     _ENTRIES[entry.name] = entry
@@ -222,5 +193,5 @@ def create_model(name: str, **overrides) -> nn.Module:
     >>> model = create_model("vit_b16", num_classes=10, img_size=384)
     >>> bit = create_model("bit_r50x1", num_classes=10)
     """
-    return build_model(get_config(name, **overrides))
+    return model_from_config(get_config(name, **overrides))
 

@@ -27,7 +27,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidValueError
-from .linear import Linear
 from .resample import RESAMPLE_METHODS, resample_grid
 
 PoolType = Literal["token", "gap"]
@@ -191,8 +190,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = attn_drop
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
@@ -215,10 +214,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", drop: float = 0.0):
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +259,7 @@ class PreLogits(nn.Module):
 
     def __init__(self, dim: int, representation_size: int):
         super().__init__()
-        self.fc = Linear(dim, representation_size)
+        self.fc = nn.Linear(dim, representation_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.fc(x))
@@ -377,7 +376,7 @@ class VisionTransformer(nn.Module):
     def _new_head(in_features: int, num_classes: int) -> nn.Module:
         if num_classes == 0:
             return nn.Identity()
-        head = Linear(in_features, num_classes)
+        head = nn.Linear(in_features, num_classes)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         return head

@@ -11,13 +11,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..evaluate.distributed import sum_over_processes
 from ..preprocessing import Preprocessing
+from ..train.objectives import Objective
 from .mpp import MaskedPatchPrediction
 
 EVAL_SEED = 20201022  # fixed corruption for evaluation, so that evaluations of a run are comparable
 
 
-class MaskedPatchObjective:
+class MaskedPatchObjective(Objective):
     """The training objective for :func:`vitlab.train.train`: wraps the ViT in :class:`MaskedPatchPrediction`
     (the class head is dropped first: pre-training has no labels), takes the wrapper's output as the loss, evaluates
     the held-out loss and colour accuracy (as ``top1``) on a fixed corruption, and exports the ViT."""
@@ -33,7 +35,8 @@ class MaskedPatchObjective:
         return output  # the wrapper's forward is the masked-patch loss
 
     @torch.no_grad()
-    def evaluate(self, module: MaskedPatchPrediction, batches: Iterable, device: torch.device) -> dict:
+    def evaluate(self, module: MaskedPatchPrediction, batches: Iterable, device: torch.device, precision: str = "fp32",
+                 on_skipped=None) -> dict:
         """``loss`` (mean cross-entropy per corrupted patch), ``top1`` (colour accuracy on corrupted patches),
         ``patches`` and ``samples``, summed over all processes."""
         was_training = module.training
@@ -49,10 +52,7 @@ class MaskedPatchObjective:
                 samples += batch.images.shape[0]
         finally:
             module.train(was_training)
-        sums = torch.tensor([loss, correct, patches, samples], dtype=torch.float64, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        loss, correct, patches, samples = sums.tolist()
+        loss, correct, patches, samples = sum_over_processes([loss, correct, patches, samples])
         return {"loss": loss / max(patches, 1), "top1": correct / max(patches, 1), "patches": int(patches),
                 "samples": int(samples)}
 

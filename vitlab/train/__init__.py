@@ -1,6 +1,7 @@
 """Training and fine-tuning: recipes, the loop, checkpoints, distributed runs, evaluation and prediction.
 
-Python API (the CLI commands ``vitlab train / finetune / eval / predict`` call these):
+Python API (the CLI commands ``vitlab train / finetune / predict`` call these; ``vitlab eval`` is
+:func:`vitlab.evaluate.runs.eval_checkpoint`, on the same evaluator as :func:`evaluate`):
 
 - ``train(config, resume=None) -> TrainResult``: run a :class:`TrainConfig` (``config.init_from`` fine-tunes).
 - ``finetune(checkpoint, config) -> TrainResult``: the same with ``init_from`` set.
@@ -29,12 +30,14 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
              on_bad_image: str = "skip") -> dict:
     """Top-k accuracy of ``model`` on a named set, image folder or tar shards, with the model's preprocessing
     (``model.preprocessing``, else the paper's for its input size). Exact under ``torchrun`` (each process
-    evaluates a disjoint share). Returns ``{"top1", "top5", "loss", "samples", "skipped"}``."""
+    evaluates a disjoint share). Returns ``{"top1", "top5", "loss", "samples", "skipped"}``, measured by
+    :func:`vitlab.evaluate.evaluate_classifier` (the evaluator of ``vitlab eval``) on the training loaders'
+    batches."""
     from ..data import ArrayDataset, build_dataset
     from ..data.loaders import folder_eval_batches, in_memory_eval_batches
+    from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
     from ..preprocessing import Preprocessing
     from . import distributed as D
-    from .evaluation import evaluate_batches
 
     info = D.setup(device)
     cfg = model.cfg
@@ -49,7 +52,8 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
     else:
         batches = folder_eval_batches(dataset, pre, batch_size, info.rank, info.world_size, num_workers, info.device)
     model = model.to(info.device)
-    return evaluate_batches(model, batches, info.device, topk=topk, precision=precision)
+    results = evaluate_classifier(model, batches, ks=topk, device=info.device, precision=precision)
+    return {k: results[k] for k in (*SUMMARY_KEYS, *(f"top{k}" for k in topk)) if k in results}
 
 
 __all__ = ["Prediction", "Recipe", "TrainConfig", "TrainResult", "apply_overrides", "evaluate", "finetune",

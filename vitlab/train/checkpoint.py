@@ -3,7 +3,8 @@
 ``last.pt`` and ``best.pt`` in the run's ``checkpoints/`` folder hold everything a resumed run needs: model, EMA,
 optimiser and scheduler state, the step, the data position, the RNG states and the config. They are written to a
 temporary file in the same folder, flushed to disk (fsync) and moved over the old file with ``os.replace``, so a run
-killed during the write keeps its previous checkpoint intact.
+killed during the write keeps its previous checkpoint intact. :func:`save_run_state` / :func:`restore_run_state` write
+and read a run's state; :func:`full_model` is the one place the FSDP shards are gathered into a plain model.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..atomic import atomic_path
+from ..checkpoints.files import read_torch, sniff
 from ..errors import VitlabError
+from . import distributed as D
 
 STATE_FORMAT = "vitlab-train-state"
 STATE_VERSION = 1
@@ -60,11 +64,89 @@ def load_train_state(path: str | Path) -> dict:
     if not path.is_file():
         raise VitlabError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle with disallowed globals, not a torch file at all
-        raise VitlabError(f"{path}: not a readable vitlab training checkpoint ({exc})") from exc
+        kind = sniff(path)  # HTML pages, pickles, lying archives: refused from their bytes, before torch.load
+        if kind not in ("torch-zip", "torch-legacy"):
+            raise VitlabError(f"{path}: a {kind} file, not a torch.save file")
+        state = read_torch(path)
+    except VitlabError as exc:
+        raise VitlabError(f"not a readable vitlab training checkpoint: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise VitlabError(f"{path}: not a vitlab training checkpoint (use `vitlab finetune --from` for model files)")
     if state.get("version", 0) > STATE_VERSION:
         raise VitlabError(f"{path}: written by a newer vitlab (state version {state['version']})")
     return state
+
+
+# ----- a run's state (the loop's checkpoints)
+def state_module(run) -> nn.Module:
+    """The module whose state dict is the model's own: FSDP's sharded module (its state-dict API gathers the
+    shards), else the plain model (DDP and the patch-dropout wrapper share its parameters)."""
+    return run.trainable if run.config.fsdp else run.model
+
+
+def full_model(run, device: torch.device | str) -> nn.Module | None:
+    """The trained model as one plain module on ``device``: the model itself, or for FSDP a copy built from the
+    gathered full state dict (a collective: every rank calls this; ranks other than 0 get None unless
+    ``run.config.fsdp`` is off)."""
+    if not run.config.fsdp:
+        return run.model
+    model_sd, _ = D.full_state_dicts(run.trainable, None)
+    module = type(run.model)(run.model.cfg).to(device)
+    module.load_state_dict(model_sd, strict=True)
+    return module
+
+
+def save_run_state(run, name: str, step: int, best: dict | None) -> None:
+    """Write ``checkpoints/<name>`` of the run folder: everything a resumed run needs (every rank calls this; rank 0
+    writes)."""
+    model_sd, optim_sd = D.full_state_dicts(state_module(run), run.optimizer)
+    if not run.info.is_main:
+        return
+    state = {
+        "format": STATE_FORMAT, "version": STATE_VERSION,
+        "step": step, "epoch": step / run.steps_per_epoch,
+        "model": model_sd,
+        "optimizer": optim_sd,
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(),
+        "train_config": run.config.to_dict(),
+        "vit_config": run.model_cfg.to_dict(),
+        "class_names": run.class_names,
+        "preprocessing": run.preprocessing.to_dict(),
+        "best": best,
+        "world_size": run.info.world_size,
+    }
+    if run.ema is not None:
+        state["model_ema"] = {k: v.detach().cpu() for k, v in run.ema.state_dict().items()}
+    atomic_torch_save(state, run.run_dir / "checkpoints" / name)
+
+
+def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
+    """Load a training state into the run's model, optimiser, schedule, EMA and RNGs; returns (step, best)."""
+    from ..atomic import remove_stale_temporaries
+
+    if state.get("world_size", 1) != run.info.world_size:
+        run.log.warning(f"resuming a {state.get('world_size')}-process run with {run.info.world_size} processes: "
+                        "the data order differs from an uninterrupted run")
+    D.load_full_state_dicts(state_module(run), run.optimizer, state["model"], state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["model_ema"])
+    set_rng_state(state["rng"])
+    step = int(state["step"])
+    run.log.truncate_metrics(step)
+    if run.info.is_main:
+        remove_stale_temporaries(run.run_dir / "checkpoints")
+    run.log.info(f"resumed from {path} at step {step} (epoch {step / run.steps_per_epoch:.2f})")
+    return step, state.get("best")
+
+
+def checkpoint_path(resume: str | Path) -> Path:
+    """``--resume`` takes a run folder (its ``checkpoints/last.pt``) or a checkpoint file."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise VitlabError(f"{resume}: no checkpoint to resume from (expected a run folder with checkpoints/last.pt "
+                          "or a .pt file)")
+    return path

@@ -8,10 +8,26 @@ the run folder as ``config.json`` and stored in every checkpoint, so a run can b
 from __future__ import annotations
 
 import json
+import math
+import re
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import InvalidValueError
+
+
+class ConfigError(InvalidValueError):
+    """A bad training config: an unknown key, a malformed ``--set`` (a ValueError too, as it always was)."""
+
+
+class ConfigValueError(ConfigError):
+    """A training config value out of its range (or of the wrong type). ``field`` and ``value`` say which, ``takes``
+    what the field takes; the CLI rewrites the message with the flag the value came from."""
+
+    def __init__(self, field_name: str, value, takes: str):
+        self.field, self.value, self.takes = field_name, value, takes
+        super().__init__(f"{field_name} = {value!r}: takes {takes}")
 
 
 @dataclass
@@ -94,10 +110,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.freeze = _pattern_list("freeze", self.freeze)
-        if isinstance(self.freeze_blocks, bool) or not isinstance(self.freeze_blocks, int) or self.freeze_blocks < 0:
-            raise InvalidValueError(f"freeze_blocks must be a non-negative integer, got {self.freeze_blocks!r}")
-        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise InvalidValueError(f"layer_decay must be in (0, 1] (e.g. 0.65 or 0.75), got {self.layer_decay}")
+        validate(self)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -108,7 +121,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise InvalidValueError(f"unknown training config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown training config keys: {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
         values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
         return cls(**values)
@@ -130,7 +143,7 @@ def _pattern_list(key: str, value) -> list[str]:
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise InvalidValueError(f"{key} must be a list of strings or a comma-separated string, got {value!r}")
+        raise ConfigValueError(key, value, "a list of strings or a comma-separated string")
     return [part.strip() for v in value for part in v.split(",") if part.strip()]
 
 
@@ -145,12 +158,16 @@ def _coerce(key: str, value, hint):
         return _coerce(key, value, inner[0]) if len(inner) == 1 else value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise InvalidValueError(f"{key} needs {len(args)} values, got {value!r}")
-        return tuple(a(v) for a, v in zip(args, value))
+            raise ConfigValueError(key, value, f"{len(args)} values")
+        try:
+            return tuple(a(v) for a, v in zip(args, value))
+        except (TypeError, ValueError):
+            raise ConfigValueError(key, value, f"{len(args)} values of type {', '.join(a.__name__ for a in args)}"
+                              ) from None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise InvalidValueError(f"{key} must be {hint.__name__}, got {value!r}")
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigValueError(key, value, _TYPE_WORDS[hint])
     return value
 
 
@@ -174,17 +191,18 @@ _TUPLE_KEYS = {f.name for f in fields(TrainConfig) if "tuple" in str(f.type)}
 
 
 def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """Apply ``key=value`` strings (``--set``) to ``config``; unknown keys and bad values raise ``ValueError``."""
+    """Apply ``key=value`` strings (``--set``) to ``config``; unknown keys and bad values raise
+    :class:`ConfigError` (:class:`ConfigValueError` for a value out of range)."""
     data = config.to_dict()
     for item in assignments:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise InvalidValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         if "." in key:
             top, sub = key.split(".", 1)
             if top != "model_args":
-                raise InvalidValueError(f"--set {key}: only model_args has sub-keys")
+                raise ConfigError(f"--set {key}: only model_args has sub-keys")
             data["model_args"] = {**data["model_args"], sub: parse_value(sub, text)}
             continue
         if key not in data:
@@ -192,7 +210,7 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
 
             close = difflib.get_close_matches(key, list(data), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise InvalidValueError(f"--set {key}: unknown training config key{hint}")
+            raise ConfigError(f"--set {key}: unknown training config key{hint}")
         data[key] = parse_value(key, text)
     return TrainConfig.from_dict(data)
 
@@ -200,3 +218,140 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
 def merged(config: TrainConfig, **changes) -> TrainConfig:
     """``dataclasses.replace`` for trusted code paths (no re-validation of types)."""
     return replace(config, **changes)
+
+
+# ------------------------------------------------------------------------------------------------- validation
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one field takes: ``check(value) -> bool`` and the words for the message."""
+
+    check: Callable[[object], bool]
+    takes: str
+
+
+def _is_number(v, integer: bool = False) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) if integer else math.isfinite(v)
+
+
+def at_least(low, integer: bool = False) -> Rule:
+    kind = "an integer" if integer else "a number"
+    return Rule(lambda v: _is_number(v, integer) and v >= low, f"{kind} >= {low}")
+
+
+def above(low) -> Rule:
+    return Rule(lambda v: _is_number(v) and v > low, f"a number > {low}")
+
+
+def fraction(closed: bool = False) -> Rule:
+    """[0, 1) (or [0, 1] when ``closed``)."""
+    return Rule(lambda v: _is_number(v) and 0 <= v and (v <= 1 if closed else v < 1),
+                f"a number in [0, 1{']' if closed else ')'}")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+def pair_of(rule: Rule) -> Rule:
+    return Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(rule.check(x) for x in v),
+                f"two values, each {rule.takes}")
+
+
+def size(low: int = 1, high: int = 16384) -> Rule:
+    """An integer size in [low, high], or a (height, width) pair of them."""
+    one = Rule(lambda v: _is_number(v, True) and low <= v <= high, f"an integer in [{low}, {high}]")
+    both = pair_of(one)
+    return Rule(lambda v: one.check(v) or both.check(v), f"{one.takes} (or a pair of them)")
+
+
+DEVICE = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+              "auto, cpu, cuda, cuda:N or mps")
+
+# field -> what it takes. Every numeric field has a rule (tests/test_reliability.py checks that a new field gets
+# one); None passes for the fields whose type allows it.
+RULES: dict[str, Rule] = {
+    "num_classes": at_least(1, integer=True),
+    "on_bad_image": one_of("skip", "fail"),
+    "num_workers": at_least(0, integer=True),
+    "augment": one_of("inception", "crop", "shift", "flip", "resize", "none"),
+    "crop_scale": Rule(lambda v: pair_of(fraction(closed=True)).check(v) and 0 < v[0] <= v[1],
+                       "two numbers 0 < min <= max <= 1"),
+    "max_shift": at_least(0, integer=True),
+    "randaugment": pair_of(at_least(0, integer=True)),
+    "mixup": at_least(0),
+    "cutmix": at_least(0),
+    "label_smoothing": fraction(),
+    "train_subset": at_least(1, integer=True),
+    "holdout": at_least(0, integer=True),
+    "patch_dropout": fraction(),
+    "img_size": size(),
+    "reset_head": one_of("auto", "always", "never"),
+    "optimizer": one_of("adamw", "sgd"),
+    "lr": above(0),
+    "betas": pair_of(fraction()),
+    "momentum": fraction(),
+    "weight_decay": at_least(0),
+    "schedule": one_of("cosine", "linear", "constant"),
+    "warmup_steps": at_least(0, integer=True),
+    "warmup_epochs": at_least(0),
+    "end_lr_factor": fraction(closed=True),
+    "epochs": above(0),
+    "steps": at_least(1, integer=True),
+    "batch_size": at_least(1, integer=True),
+    "accum_steps": at_least(1, integer=True),
+    "grad_clip": at_least(0),
+    "ema_decay": fraction(),
+    "seed": Rule(lambda v: _is_number(v, True) and 0 <= v < 2**32, "an integer in [0, 2^32)"),
+    "device": DEVICE,
+    "precision": one_of("auto", "fp32", "bf16"),
+    "threads": at_least(1, integer=True),
+    "eval_batch_size": at_least(1, integer=True),
+    "eval_every_epochs": at_least(0),
+    "save_every_steps": at_least(0, integer=True),
+    "log_every_steps": at_least(1, integer=True),
+    "max_bad_steps": at_least(1, integer=True),
+    "freeze_blocks": at_least(0, integer=True),
+    "layer_decay": Rule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (e.g. 0.65 or 0.75)"),
+}
+
+# model_args entries (architecture overrides) that are checked here; the model's own config checks the rest
+MODEL_ARG_RULES: dict[str, Rule] = {
+    "img_size": size(),
+    "patch_size": size(),
+    "in_chans": at_least(1, integer=True),
+    "num_classes": at_least(1, integer=True),
+    "embed_dim": at_least(1, integer=True),
+    "depth": at_least(1, integer=True),
+    "num_heads": at_least(1, integer=True),
+    "mlp_dim": at_least(1, integer=True),
+    "representation_size": at_least(1, integer=True),
+    "norm_eps": above(0),
+    "dropout": fraction(),
+    "attn_dropout": fraction(),
+    "drop_path_rate": fraction(),
+}
+
+
+def validate(config: TrainConfig) -> None:
+    """Check every field against :data:`RULES` (and ``model_args`` against :data:`MODEL_ARG_RULES`); the first
+    value out of range raises :class:`ConfigValueError`."""
+    for name, rule in RULES.items():
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        if not rule.check(value):
+            raise ConfigValueError(name, value, rule.takes)
+    if not isinstance(config.model_args, dict):
+        raise ConfigValueError("model_args", config.model_args, "a dict of model config overrides")
+    for name, value in config.model_args.items():
+        rule = MODEL_ARG_RULES.get(name)
+        if rule is not None and not (value is None and name == "representation_size") and not rule.check(value):
+            raise ConfigValueError(f"model_args.{name}", value, rule.takes)
+
+
+_OPTIONAL = {f.name for f in fields(TrainConfig) if "None" in str(f.type)}

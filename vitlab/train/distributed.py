@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import InvalidValueError
+from ..devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,6 @@ def available_cpus() -> int:
     except (OSError, ValueError):
         pass
     return max(1, count)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU when CUDA is available, else the CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidValueError(f"device {name!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def setup(device: str = "auto") -> DistInfo:
@@ -138,15 +125,6 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | N
     set_model_state_dict(model, model_sd, options=options)
     if optimizer is not None and optim_sd is not None:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum numbers over all processes (identity for one process). Float64, so counts stay exact."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def barrier() -> None:

@@ -14,21 +14,31 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..errors import VitlabError
 
 LOGGER_NAME = "vitlab.train"
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
-    """A fresh folder ``out_dir/name`` (``-2``, ``-3``, ... appended when the name is taken)."""
-    base = Path(out_dir) / name
+    """A fresh folder ``out_dir/name`` (``-2``, ``-3``, ... appended when the name is taken). An ``out_dir`` that is
+    a file, or one that cannot be written, is refused naming ``--out-dir``."""
+    out = Path(out_dir)
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise VitlabError(f"--out-dir {out_dir}: {parent} is a file, not a folder")
+            break
+    base = out / name
     path, n = base, 1
     while True:
         try:
@@ -37,6 +47,9 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:
+            raise VitlabError(f"--out-dir {out_dir}: cannot create the run folder {path} "
+                              f"({exc.strerror or exc})") from None
 
 
 def default_run_name(data: str, model: str) -> str:
@@ -49,6 +62,100 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else str(value)
     return value
+
+
+def printable(text: str) -> str:
+    """``text`` with what cannot be written as UTF-8 shown as escapes: a file name that is not valid UTF-8 arrives
+    as lone surrogates (Python's ``surrogateescape``), which a UTF-8 log would refuse; its bytes are shown as
+    ``\\xNN`` so the name is still recognisable."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the file name's original bytes
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` (one or more complete lines) to ``path`` whole or not at all: a short or failed write (a full
+    disk) is cut back to where the file ended, so no reader ever sees half a line. Raises the OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                n = os.write(fd, data[written:])
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += n
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_metrics(path: str | Path, *, repair: bool = False) -> list[dict]:
+    """The rows of a ``metrics.jsonl``. A torn last line (no newline at the end, or not JSON: what a kill or a full
+    disk during the append leaves) is dropped, and with ``repair`` cut from the file; a broken line anywhere else
+    is an error naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # the bytes after the last newline: b"" for a file that ends whole
+    rows, good_end, offset = [], 0, 0
+    for number, line in enumerate(lines, start=1):
+        offset += len(line) + 1
+        if not line.strip():
+            good_end = offset
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if number == len(lines) and not tail:
+                break  # the last line is torn (e.g. written up to a full disk, newline included)
+            raise VitlabError(f"{path}: line {number} is not JSON; the file is damaged (remove the line to go on)"
+                              ) from None
+        if not isinstance(row, dict):
+            raise VitlabError(f"{path}: line {number} is not a JSON object; the file is damaged")
+        rows.append(row)
+        good_end = offset
+    if repair and good_end < len(data):
+        with open(path, "rb+") as f:
+            f.truncate(good_end)
+    return rows
+
+
+class _WholeLineHandler(logging.Handler):
+    """Writes each formatted record to ``log.txt`` as one whole line (:func:`append_whole`); what cannot be encoded
+    is escaped (:func:`printable`). A failed write raises (a full disk ends the run with one line), where
+    ``logging.FileHandler`` would print "--- Logging error ---" and drop the line."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = printable(self.format(record)).replace("\n", " ") + "\n"
+        try:
+            append_whole(self.path, line.encode("utf-8"))
+        except OSError as exc:
+            raise VitlabError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 class RunLog:
@@ -66,11 +173,11 @@ class RunLog:
             return
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         if console:
-            h = logging.StreamHandler()
+            h = _ConsoleHandler()
             h.setFormatter(logging.Formatter("%(message)s"))
             self._handlers.append(h)
         if self.enabled:
-            fh = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+            fh = _WholeLineHandler(run_dir / "log.txt")
             fh.setFormatter(fmt)
             self._handlers.append(fh)
         for h in self._handlers:
@@ -94,9 +201,8 @@ class RunLog:
             return
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= after_step]
-            write_text_atomic(path, "".join(line + "\n" for line in keep))
+            keep = [row for row in read_metrics(path) if row.get("step", 0) <= after_step]
+            write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
             self._rewrite_csv()
 
     def metric(self, row: dict) -> None:
@@ -104,15 +210,17 @@ class RunLog:
         if not self.enabled:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            append_whole(path, (json.dumps(row) + "\n").encode("utf-8"))
+        except OSError as exc:
+            raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from None
         if row.get("kind") == "eval":
             self._rewrite_csv()
         self._tensorboard(row)
 
     def _rewrite_csv(self) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_metrics(self.run_dir / "metrics.jsonl")
         evals = [r for r in rows if r.get("kind") == "eval"]
         if not evals:
             return

@@ -1,4 +1,5 @@
-"""``Linear``: ``nn.Linear`` whose large float32 CPU matrix products run on oneDNN.
+"""The CPU fast path for Linear layers: :func:`set_onednn_linear` swaps the ``nn.Linear`` layers of a built model
+for :class:`OneDnnLinear`, whose large float32 CPU matrix products run on oneDNN.
 
 PyTorch sends a float32 ``nn.Linear`` on the CPU to the BLAS (MKL) ``sgemm``. oneDNN, which PyTorch already uses for
 convolutions, has its own JIT-generated AVX-512 GEMM kernels; on CPUs where MKL runs a narrower code path (AMD EPYC:
@@ -6,11 +7,14 @@ MKL takes its AVX2 path) oneDNN's inner product is more than twice as fast, on t
 to float32 rounding, about 1e-6 relative). Small products keep ``F.linear``: oneDNN's per-call overhead (tens of
 microseconds) would dominate them.
 
-The module is an ``nn.Linear`` (same ``weight`` / ``bias`` parameters, same state dict, same ``isinstance``), so
-checkpoints, optimisers, hooks and quantisers see nothing new. Eager training and inference use a small autograd
-function; under ``torch.compile`` the product is the opaque custom op ``vitlab::onednn_linear`` so inductor still
-fuses everything around it. CUDA, other dtypes, autocast, tensor subclasses, TorchScript and ONNX export all take
-the plain ``F.linear`` path.
+The models themselves use plain ``nn.Linear``; the swap changes only the class of each layer in place, so the layer
+keeps its ``weight`` / ``bias`` parameters (the same objects), state dict, hooks and ``isinstance``, and checkpoints,
+optimisers and quantisers see nothing new. ``vitlab.create_model``, ``vitlab.load`` (and so every command) and the
+training loop apply it to the models they build; ``set_onednn_linear(model, False)`` turns it off.
+
+Eager training and inference use a small autograd function; under ``torch.compile`` the product is the opaque custom
+op ``vitlab::onednn_linear`` so inductor still fuses everything around it. CUDA, other dtypes, autocast, tensor
+subclasses, TorchScript and ONNX export all take the plain ``F.linear`` path.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# below this many multiply-accumulates a product stays on F.linear (oneDNN's fixed cost is ~10-70 us per call)
+# Where oneDNN pays, measured by benchmarks/onednn_linear_thresholds.py (forward + backward of one layer against
+# F.linear, docs/performance.md): below about 2^23 multiply-accumulates per product its fixed cost (tens of
+# microseconds a call) eats the gain, and layers narrower than 128 features gain nothing.
 ONEDNN_MIN_MACS = 1 << 23
-# narrow layers (the main job's 96-wide model) stay on F.linear too: the gain was measured on widths >= 192 only
 ONEDNN_MIN_FEATURES = 128
 
 
-def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` on oneDNN's inner product (float32 CPU tensors; x (..., in), weight (out, in))."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -47,7 +53,7 @@ def _probe() -> bool:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(s, generator=gen, device="cpu") for s in ((3, 5, 16), (8, 16), (8,)))
         with torch.no_grad():
-            return torch.allclose(_onednn_product(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+            return torch.allclose(onednn_product(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     except (RuntimeError, NotImplementedError):
         return False
 
@@ -56,7 +62,7 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                      product=None):
     """Gradients of y = x W^T + b, each a oneDNN product: dx = dy W, dW = dy^T x, db = sum dy. ``product`` is the
     function that multiplies (the raw op in eager mode, the custom op in compiled graphs)."""
-    product = product or _onednn_product
+    product = product or onednn_product
     grad_x = grad_w = grad_b = None
     if needs[0]:
         grad_x = product(grad, weight.t(), None)
@@ -74,7 +80,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_product(x, weight, bias)
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -87,7 +93,7 @@ class _OneDnnLinearFunction(torch.autograd.Function):
 @torch.library.custom_op("vitlab::onednn_linear", mutates_args=())
 def onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + b on oneDNN, as an op that ``torch.compile`` keeps whole. x: (..., in), W: (out, in)."""
-    return _onednn_product(x, weight, bias)
+    return onednn_product(x, weight, bias)
 
 
 @onednn_linear_op.register_fake
@@ -119,20 +125,12 @@ def _exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that runs large float32 CPU products on oneDNN (see the module docstring).
-
-    ``onednn`` (default True) turns the fast path off for this layer when False; the result is the same either way.
-    """
-
-    onednn: bool = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        onednn_linear_available()  # probe now, so that a compiled forward only reads the answer
+class OneDnnLinear(nn.Linear):
+    """``nn.Linear`` that runs large float32 CPU products on oneDNN (see the module docstring). Layers become one by
+    :func:`set_onednn_linear`; the result is the same either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.onednn and self._takes_onednn(x):
+        if self._takes_onednn(x):
             if torch.compiler.is_compiling():
                 return onednn_linear_op(x, self.weight, self.bias)
             return _OneDnnLinearFunction.apply(x, self.weight, self.bias)
@@ -153,9 +151,15 @@ class Linear(nn.Linear):
         return bool(_AVAILABLE)
 
 
-def set_onednn_linear(model: nn.Module, enabled: bool) -> nn.Module:
-    """Turn the oneDNN path of every :class:`Linear` in ``model`` on or off; returns ``model``."""
+def set_onednn_linear(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` for :class:`OneDnnLinear` (``enabled``), or back, in place; returns
+    ``model``. Only the layers' class changes: parameters, buffers, hooks and the state dict stay as they are. A
+    no-op where this PyTorch build has no usable oneDNN inner product."""
+    if enabled and not onednn_linear_available():  # probed here, so that a compiled forward only reads the answer
+        return model
     for module in model.modules():
-        if isinstance(module, Linear):
-            module.onednn = enabled
+        if enabled and type(module) is nn.Linear:
+            module.__class__ = OneDnnLinear
+        elif not enabled and type(module) is OneDnnLinear:
+            module.__class__ = nn.Linear
     return model

@@ -25,7 +25,7 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
         raise InvalidValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidValueError(f"device {name!r} requested but CUDA is not available")
+            raise InvalidValueError(f"device {name!r} requested but no CUDA device is available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

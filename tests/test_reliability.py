@@ -1,0 +1,485 @@
+"""Issue 17: runs that lose nothing, hostile files refused, bad values refused. One test (or more) per case.
+
+The crafted-checkpoint corpus (:mod:`tests.crafted_checkpoints`) goes through every command that reads a checkpoint
+in a child interpreter (:mod:`tests.corpus_driver`), which measures each run's peak memory above the warmed-up
+interpreter; a refusal must cost no more than a small multiple of the file's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .crafted_checkpoints import MARKER, build_corpus, empty_file, good_vitlab_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY_SLACK = 24 * 2**20  # bytes a refusal may add to the warm interpreter whatever the file size (allocator noise)
+MEMORY_FACTOR = 16  # ... plus this many times the file's size
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VITLAB_NO_PROGRESS": "1"}
+
+
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, colour in enumerate(["red", "green", "blue"]):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (32, 32), colour).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _commands(work: Path, images: Path) -> dict:
+    """command -> argv builder for a checkpoint path: every command that reads a checkpoint."""
+    cpu = ["--device", "cpu"]
+    return {
+        "info": lambda c: ["info", c],
+        "predict": lambda c: ["predict", c, str(images / "test" / "class0" / "0.png"), *cpu],
+        "eval": lambda c: ["eval", c, "--data", str(images), "--workers", "0", "--batch-size", "4", *cpu],
+        "convert": lambda c: ["convert", c, str(work / "converted" / "x.safetensors"), "--to", "vitlab"],
+        "finetune --from": lambda c: ["finetune", "--from", c, "--data", str(images), "--steps", "1",
+                                      "--batch-size", "4", "--workers", "0", "--out-dir", str(work / "runs"),
+                                      "--no-progress", *cpu],
+        "inspect": lambda c: ["inspect", c, "--out", str(work / "inspected"), "--images", str(images / "test")],
+        "train --resume": lambda c: ["train", "--resume", c, "--no-progress", *cpu],
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus_results(tmp_path_factory):
+    """Every crafted file through every command, in one child interpreter: {(command, case): result}."""
+    work = tmp_path_factory.mktemp("corpus")
+    corpus = build_corpus(work / "files")
+    images = _image_folder(work / "images")
+    good = good_vitlab_file(work)
+    empty = empty_file(work)
+    commands = _commands(work, images)
+    cheap = ("info", "predict", "eval", "convert", "inspect")  # warm up on a good file; the others on a refusal
+    warmup = [build(str(good if name in cheap else empty))
+              for name, build in _commands(work / "warmup", images).items()]
+    cases = {f"{cmd}|{case}": build(str(path)) for cmd, build in commands.items()
+             for case, (path, _) in corpus.items()}
+    spec, out = work / "spec.json", work / "results.json"
+    spec.write_text(json.dumps({"warmup": warmup, "cases": cases}))
+    subprocess.run([sys.executable, "-m", "tests.corpus_driver", str(spec), str(out)], cwd=ROOT, env=_env(),
+                   check=True, timeout=1200)
+    results = json.loads(out.read_text())
+    return {tuple(k.split("|")): v for k, v in results.items()}, corpus, work
+
+
+COMMAND_NAMES = ["info", "predict", "eval", "convert", "finetune --from", "inspect", "train --resume"]
+
+
+@pytest.mark.parametrize("command", COMMAND_NAMES)
+def test_crafted_checkpoints_are_refused_in_one_line_with_bounded_memory(corpus_results, command):
+    results, corpus, work = corpus_results
+    failures = []
+    for case, (path, fragment) in corpus.items():
+        r = results[(command, case)]
+        lines = r["stderr"].strip().splitlines()
+        size = path.stat().st_size
+        allowed = MEMORY_FACTOR * size + MEMORY_SLACK
+        if r["rc"] != 2 or len(lines) != 1:
+            failures.append(f"{case}: rc {r['rc']}, {len(lines)} stderr lines: {r['stderr'][-300:]!r}")
+        elif str(path) not in lines[0]:
+            failures.append(f"{case}: the message does not name the file: {lines[0]!r}")
+        elif command != "train --resume" and fragment.lower() not in lines[0].lower():
+            failures.append(f"{case}: expected {fragment!r} in {lines[0]!r}")
+        if r["peak_kb"] * 1024 > allowed:
+            failures.append(f"{case}: peak memory +{r['peak_kb'] / 1024:.1f} MiB, allowed {allowed / 2**20:.1f} MiB")
+        if (path.parent / MARKER).exists():
+            failures.append(f"{case}: the pickle payload ran")
+    assert not failures, "\n".join(failures)
+    converted = work / "converted"
+    assert not converted.exists() or not any(converted.iterdir())
+
+
+def test_corpus_memory_measurement_sees_a_real_allocation(tmp_path):
+    """The driver's peak measure is real: a run that does allocate (a conversion to 4096 px, whose resampled
+    position embedding and intermediates take some 60 MB) shows up well above the bound the refusals are held to."""
+    work = tmp_path
+    good = good_vitlab_file(work)
+    spec, out = work / "spec.json", work / "out.json"
+    spec.write_text(json.dumps({"warmup": [["info", str(good)]],
+                                "cases": {"big": ["convert", str(good), str(work / "big.safetensors"), "--to",
+                                                  "vitlab", "--img-size", "4096"]}}))
+    subprocess.run([sys.executable, "-m", "tests.corpus_driver", str(spec), str(out)], cwd=ROOT, env=_env(),
+                   check=True, timeout=600)
+    result = json.loads(out.read_text())["big"]
+    assert result["rc"] == 0, result["stderr"]
+    assert result["peak_kb"] * 1024 > 2 * (MEMORY_FACTOR * good.stat().st_size + MEMORY_SLACK)
+
+
+# ------------------------------------------------------------------------------------------------ 6, 7 in-process
+def test_format_is_decided_from_bytes_not_the_name(tmp_path):
+    """A torch.save zip and a legacy torch.save file load whatever they are called (the legacy storages pass the
+    declared-size check); a pickle called .safetensors is refused as a pickle, and the payload never runs."""
+    import torch
+
+    import vitlab
+    from vitlab.errors import VitlabError
+
+    from .crafted_checkpoints import pickle_named_safetensors, tiny_vit
+
+    model = tiny_vit()
+    torch.save(model.state_dict(), tmp_path / "zip.safetensors")
+    torch.save(model.state_dict(), tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("zip.safetensors", "legacy.safetensors"):
+        loaded = vitlab.load(tmp_path / name, model_name=None)
+        assert torch.allclose(loaded(x), model(x), atol=1e-5), name
+    path = pickle_named_safetensors(tmp_path, payload=True)
+    with pytest.raises(VitlabError, match=r"a Python pickle, not a checkpoint: refused") as info:
+        vitlab.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / MARKER).exists()
+
+
+# ------------------------------------------------------------------------------------------------ 8, 9: options
+def _cli(argv, capsys):
+    """Run the CLI in-process: (exit status, stderr lines)."""
+    from vitlab.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    return rc, err.strip().splitlines()
+
+
+BAD_OPTIONS = [
+    (["--epochs", "0"], "--epochs 0: takes a number > 0"),
+    (["--steps", "0"], "--steps 0: takes an integer >= 1"),
+    (["--set", "model_args.depth=-1"], "--set model_args.depth=-1: takes an integer >= 1"),
+    (["--set", "warmup_epochs=-1"], "--set warmup_epochs=-1: takes a number >= 0"),
+    (["--workers", "-1"], "--workers -1: takes an integer >= 0"),
+    (["--accum-steps", "0"], "--accum-steps 0: takes an integer >= 1"),
+    (["--set", "log_every_steps=0"], "--set log_every_steps=0: takes an integer >= 1"),
+    (["--label-smoothing", "2"], "--label-smoothing 2: takes a number in [0, 1)"),
+    (["--threads", "-1"], "--threads -1: takes an integer >= 1"),
+    (["--device", "tpu"], "--device tpu: takes auto, cpu, cuda, cuda:N or mps"),
+    (["--set", "model_args.img_size=100000"],
+     "--set model_args.img_size=100000: takes an integer in [1, 16384] (or a pair of them)"),
+    (["--set", "epochs=true"], "--set epochs=true: takes a number"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_numeric_options_out_of_range_are_refused_in_one_line(tmp_path, capsys, command, argv, message):
+    extra = ["--from", str(tmp_path / "x.safetensors")] if command == "finetune" else []
+    rc, lines = _cli([command, *extra, "--data", "digits", "--out-dir", str(tmp_path / "runs"), *argv], capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0] == f"vitlab {command}: error: {message}"
+    assert not (tmp_path / "runs").exists()  # refused before anything was created
+
+
+def test_a_saved_config_out_of_range_is_refused_naming_the_file(tmp_path, capsys):
+    from .test_train import tiny_config
+
+    data = tiny_config(tmp_path).to_dict()
+    data["accum_steps"] = 0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    rc, lines = _cli(["train", "--config", str(path)], capsys)
+    assert rc == 2 and lines == [f"vitlab train: error: {path}: accum_steps = 0: takes an integer >= 1"]
+
+
+def test_nproc_says_what_it_takes(capsys):
+    rc, lines = _cli(["train", "--nproc", "abc"], capsys)
+    assert rc == 2
+    assert lines[-1] == ("vitlab train: error: argument --nproc: takes a number of processes (an integer >= 1) or "
+                         "'auto', got 'abc'")
+    assert not any("invalid literal" in line for line in lines)
+
+
+def test_every_numeric_config_field_has_a_range_rule():
+    """Validation lives in one table: a new numeric (or tuple) field without a rule fails here."""
+    import typing
+    from dataclasses import fields
+
+    from vitlab.train import TrainConfig
+    from vitlab.train.config import RULES
+
+    hints = typing.get_type_hints(TrainConfig)
+    numeric = [f.name for f in fields(TrainConfig)
+               if any(t in (int, float, tuple) or typing.get_origin(t) is tuple
+                      for t in (hints[f.name], *typing.get_args(hints[f.name])))
+               and hints[f.name] is not bool]
+    assert numeric and not [n for n in numeric if n not in RULES]
+
+
+# ------------------------------------------------------------------------------------------------ 8: files
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be written into: a read-only tmpfs where root can mount one (root ignores mode bits),
+    else a folder without write permission."""
+    path = tmp_path / "read_only"
+    if _mount_tmpfs(path, "ro,size=64k"):
+        yield path
+        subprocess.run(["umount", str(path)], check=True)
+    elif os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+    else:
+        pytest.skip("running as root without permission to mount a read-only tmpfs")
+
+
+def test_out_dir_that_is_a_file_or_read_only_is_refused_in_one_line(tmp_path, read_only_dir, capsys):
+    from .test_train import tiny_config
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config(tmp_path).to_json())
+    a_file = tmp_path / "runs_file"
+    a_file.write_bytes(b"precious\n")
+    rc, lines = _cli(["train", "--config", str(config), "--out-dir", str(a_file)], capsys)
+    assert rc == 2 and lines == [f"vitlab train: error: --out-dir {a_file}: {a_file} is a file, not a folder"]
+    assert a_file.read_bytes() == b"precious\n"
+    rc, lines = _cli(["train", "--config", str(config), "--out-dir", str(read_only_dir / "runs")], capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"vitlab train: error: --out-dir {read_only_dir}")
+    assert "cannot create the run folder" in lines[0]
+
+
+def test_convert_into_a_read_only_folder_or_under_a_file_is_refused_in_one_line(tmp_path, read_only_dir, capsys):
+    good = good_vitlab_file(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"precious\n")
+    for to, name in [("vitlab", "x.safetensors"), ("npz", "x.npz"), ("hf", "x_hf"), ("torchvision", "x.pth")]:
+        rc, lines = _cli(["convert", str(good), str(a_file / name), "--to", to], capsys)
+        assert rc == 2 and lines == [f"vitlab convert: error: cannot write {a_file / name}: {a_file} is a file, "
+                                     "not a folder"], (to, lines)
+        rc, lines = _cli(["convert", str(good), str(read_only_dir / name), "--to", to], capsys)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(
+            f"vitlab convert: error: cannot write {read_only_dir / name}: "), (to, lines)
+    assert a_file.read_bytes() == b"precious\n" and list(read_only_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("to,name", [("vitlab", "x.safetensors"), ("npz", "x.npz"), ("hf", "x_hf"),
+                                     ("torchvision", "x.pth")])
+def test_convert_on_a_full_disk_keeps_the_previous_file(tmp_path, capsys, monkeypatch, to, name):
+    """The disk fills while the new file is flushed (where a full disk shows at the latest): one line, the previous
+    file byte-identical, no temporary left."""
+    import errno
+
+    good = good_vitlab_file(tmp_path)
+    out = tmp_path / "out"
+    assert _cli(["convert", str(good), str(out / name), "--to", to], capsys)[0] == 0
+    before = _snapshot(out)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    rc, lines = _cli(["convert", str(good), str(out / name), "--to", to, "--num-classes", "5"], capsys)
+    monkeypatch.undo()
+    assert rc == 2 and len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert str(out / name) in lines[0]
+    assert _snapshot(out) == before
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` (hidden temporaries included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} | {
+        str(p.relative_to(folder)) + "/": b"" for p in sorted(folder.rglob("*")) if p.is_dir()}
+
+
+def test_convert_onto_a_really_full_disk_keeps_the_previous_file(tmp_path, capsys):
+    """The same on a real 96 KiB tmpfs (where it can be mounted): the new file does not fit next to the old."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "size=96k"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        good = good_vitlab_file(tmp_path)
+        target = disk / "x.safetensors"
+        assert _cli(["convert", str(good), str(target), "--to", "vitlab"], capsys)[0] == 0
+        before = _snapshot(disk)
+        rc, lines = _cli(["convert", str(good), str(target), "--to", "vitlab", "--num-classes", "5"], capsys)
+        assert rc == 2 and len(lines) == 1 and str(target) in lines[0], lines
+        assert _snapshot(disk) == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# ------------------------------------------------------------------------------------- 8: full disk in training
+def test_full_disk_at_a_checkpoint_ends_the_run_in_one_line_and_keeps_the_previous_one(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import errno
+
+    import torch
+
+    from .test_train import tiny_config
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config(tmp_path, epochs=None, steps=4, save_every_steps=2, eval_every_epochs=0,
+                                  run_name="full").to_json())
+    last = tmp_path / "runs" / "full" / "checkpoints" / "last.pt"
+    real_save, seen = torch.save, {}
+
+    def save(obj, f, *args, **kwargs):
+        if "first" not in seen:
+            seen["first"] = True
+            return real_save(obj, f, *args, **kwargs)
+        seen["previous"] = last.read_bytes()
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+    rc, lines = _cli(["train", "--config", str(config)], capsys)
+    monkeypatch.undo()
+    assert "previous" in seen, "the second checkpoint was never written"
+    assert rc == 2 and lines[-1] == (f"vitlab train: error: cannot write {last}: No space left on device; the "
+                                     "previous file, if any, is unchanged")
+    assert not [line for line in lines if "Traceback" in line]
+    assert last.read_bytes() == seen["previous"]
+    assert torch.load(last, map_location="cpu", weights_only=True)["step"] == 2
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ 10: bad images
+def _folder_with_a_bad_image(root: Path, bad_name: bytes) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(2):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (8, 8), 60 + 120 * c + i).save(folder / f"{i}.png")
+    with open(os.path.join(os.fsencode(root / "train" / "c0"), bad_name), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def test_a_bad_image_whose_name_is_not_utf8_is_named_in_the_log(tmp_path, capfd):
+    from vitlab.train import train
+
+    from .test_train import tiny_config
+
+    data = _folder_with_a_bad_image(tmp_path / "data", b"bad\xff\xfe.png")
+    cfg = tiny_config(tmp_path, data=str(data), epochs=None, steps=2, batch_size=4, eval_every_epochs=0,
+                      num_workers=0, run_name="badname")
+    result = train(cfg)
+    err = capfd.readouterr().err
+    assert "--- Logging error ---" not in err and "UnicodeEncodeError" not in err
+    log = (result.run_dir / "log.txt").read_text(encoding="utf-8")
+    skipped = [line for line in log.splitlines() if "skipped image" in line]
+    assert skipped and "bad\\xff\\xfe.png" in skipped[0], log
+    assert result.skipped_files >= 1
+
+
+def test_on_bad_image_fail_with_workers_is_one_line(tmp_path):
+    from .test_train import tiny_config
+
+    data = _folder_with_a_bad_image(tmp_path / "data", b"broken.png")
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config(tmp_path, data=str(data), epochs=None, steps=2, batch_size=4, eval_every_epochs=0,
+                                  num_workers=2, on_bad_image="fail").to_json())
+    r = subprocess.run([sys.executable, "-m", "vitlab", "train", "--config", str(config)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()  # the run's log lines, then the error
+    assert r.returncode == 2 and lines[-1].startswith("vitlab train: error: "), r.stderr[-2000:]
+    assert "broken.png: cannot decode image" in lines[-1]
+    assert not [line for line in lines if "Traceback" in line or "DataLoader worker" in line or "File " in line]
+
+
+# ------------------------------------------------------------------------------------------------ 3: log lines
+def test_a_torn_last_metrics_line_is_dropped_and_repaired(tmp_path):
+    from vitlab.errors import VitlabError
+    from vitlab.train.runlog import RunLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = b'{"kind": "step", "step": 10, "loss": 1.5}\n{"kind": "eval", "step": 20, "top1": 0.5}\n'
+    for torn in (b'{"kind": "step", "st', b'{"kind": "step", "step": 30}', b'{"kind": "st\n'):
+        path.write_bytes(good + torn)
+        assert [r["step"] for r in read_metrics(path)] == [10, 20]
+        assert path.read_bytes() == good + torn  # reading alone changes nothing
+        assert [r["step"] for r in read_metrics(path, repair=True)] == [10, 20]
+        assert path.read_bytes() == good
+    path.write_bytes(good[:30] + b"\n" + good)  # damage in the middle is not a torn tail: refused, named
+    with pytest.raises(VitlabError, match=r"metrics.jsonl: line 1 is not JSON"):
+        read_metrics(path)
+    # what resume does: drop rows past the checkpoint, tolerating the torn tail
+    path.write_bytes(good + b'{"kind": "step", "st')
+    log = RunLog(tmp_path, console=False)
+    log.truncate_metrics(10)
+    log.close()
+    assert path.read_bytes() == good.split(b"\n")[0] + b"\n"
+
+
+def test_log_lines_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    from vitlab.errors import VitlabError
+    from vitlab.train.runlog import RunLog
+
+    log = RunLog(tmp_path, console=False)
+    log.info("first line")
+    log.metric({"kind": "step", "step": 1, "loss": 2.0})
+    before = {name: (tmp_path / name).read_bytes() for name in ("log.txt", "metrics.jsonl")}
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk fills in the middle of the line
+        if len(data) > 8:
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(VitlabError, match=r"cannot write .*log.txt: No space left on device"):
+        log.info("a line that does not fit on the disk")
+    with pytest.raises(VitlabError, match=r"cannot write .*metrics.jsonl: No space left on device"):
+        log.metric({"kind": "step", "step": 2, "loss": 1.0})
+    monkeypatch.undo()
+    log.close()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def _run_measured(argv: list[str], cwd: Path) -> tuple[int, str, int]:
+    """Run ``python -m vitlab ARGV`` as a child process: (exit status, stderr, its own peak RSS in bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "vitlab", *argv], cwd=cwd, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, err.read().decode("utf-8", "replace"), usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["info", "train --resume"])
+def test_crafted_checkpoints_as_separate_processes(tmp_path, command):
+    """The corpus as a user meets it: one process per file, exit status 2 and one line on stderr, and the child's
+    own peak RSS (wait4) within a small multiple of the file size of the same command's on a tiny file."""
+    corpus = build_corpus(tmp_path / "files")
+    commands = _commands(tmp_path, _image_folder(tmp_path / "images"))
+    baseline_file = good_vitlab_file(tmp_path) if command == "info" else empty_file(tmp_path)
+    baseline = _run_measured(commands[command](str(baseline_file)), ROOT)[2]
+    failures = []
+    for case, (path, _) in corpus.items():
+        rc, err, peak = _run_measured(commands[command](str(path)), ROOT)
+        lines = err.strip().splitlines()
+        if rc != 2 or len(lines) != 1 or str(path) not in lines[0]:
+            failures.append(f"{case}: rc {rc}: {err[-300:]!r}")
+        allowed = baseline + MEMORY_FACTOR * path.stat().st_size + MEMORY_SLACK
+        if peak > allowed:
+            failures.append(f"{case}: peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB")
+    assert not failures, "\n".join(failures)

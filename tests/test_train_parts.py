@@ -1,0 +1,96 @@
+"""The training loop's parts on their own: the frozen run, one step with gradient accumulation, the classification
+objective, step logging, and saving / restoring a run's state."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitlab.train import distributed as D
+from vitlab.train.checkpoint import restore_run_state, save_run_state
+from vitlab.train.objectives import Classification
+from vitlab.train.progress import StepLog
+from vitlab.train.run import Run, build_run
+from vitlab.train.runlog import RunLog
+from vitlab.train.step import StepOutput, train_step
+
+from .test_train import tiny_config
+
+
+def _run(tmp_path, name="run", **changes) -> Run:
+    cfg = tiny_config(tmp_path, run_name=name, **changes)
+    run_dir = tmp_path / name
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return build_run(cfg, D.setup("cpu"), run_dir, RunLog(run_dir, console=False))
+
+
+def test_build_run_gives_one_frozen_object_with_the_step_counts(tmp_path):
+    run = _run(tmp_path, epochs=3, warmup_steps=100)
+    assert run.steps_per_epoch == len(run.train_set) // 64 and run.total_steps == 3 * run.steps_per_epoch
+    assert run.warmup_steps == run.total_steps  # capped at the run's length
+    assert run.eval_interval == 2 * run.steps_per_epoch  # eval_every_epochs=2
+    assert isinstance(run.objective, Classification) and run.ema is None and run.trainable is run.model
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.total_steps = 1
+
+
+def test_two_accumulated_micro_batches_make_the_step_of_one_full_batch(tmp_path):
+    whole = _run(tmp_path, "whole", accum_steps=1)
+    halves = _run(tmp_path, "halves", accum_steps=2)
+    assert torch.equal(whole.model.pos_embed, halves.model.pos_embed)  # same initial weights
+    out_whole = train_step(whole, whole.loader.epoch(0), 0)
+    out_halves = train_step(halves, halves.loader.epoch(0), 0)
+    assert out_whole.images == out_halves.images == 64 and out_whole.stepped and out_halves.stepped
+    torch.testing.assert_close(out_halves.loss, out_whole.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_halves.grad_norm, out_whole.grad_norm, rtol=1e-5, atol=1e-6)
+    for a, b in zip(whole.model.parameters(), halves.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert whole.scheduler.last_epoch == 1
+
+
+def test_classification_objective_is_label_smoothed_cross_entropy(tmp_path):
+    cfg = tiny_config(tmp_path, label_smoothing=0.1)
+    objective = Classification(cfg, 10)
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert torch.equal(objective.loss(logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.1))
+    images = torch.randn(8, 1, 8, 8)
+    assert objective.transform(images, labels) == (images, labels)  # no mixup asked for
+    mixed, soft = Classification(cfg.replace(mixup=0.5), 10).transform(images, labels)
+    assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
+
+
+def test_step_log_reads_the_loss_back_only_at_logging_steps(tmp_path):
+    run = _run(tmp_path, steps=7, epochs=None, log_every_steps=3)
+    log = StepLog(run, 0)
+    losses = [1.0, 2.0, float("nan"), 4.0, 5.0, 6.0, 7.0]
+    for step, loss in enumerate(losses, start=1):
+        log.update(step, StepOutput(torch.tensor(loss, dtype=torch.float64), torch.tensor(1.0), True, 0.1, 64))
+    run.log.close()
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 7]  # every 3 steps and the last
+    assert [r["loss"] for r in rows] == [1.5, 5.0, 7.0]  # the non-finite step left out of its window's mean
+    assert all(math.isfinite(r["images_per_s"]) for r in rows)
+
+
+def test_saved_run_state_restores_model_optimiser_schedule_and_ema(tmp_path):
+    run = _run(tmp_path, "saved", ema_decay=0.9)
+    batches = run.loader.epoch(0)
+    for step in range(3):
+        train_step(run, batches, step)
+    save_run_state(run, "last.pt", 3, {"top1": 0.5, "step": 3})
+    fresh = _run(tmp_path, "fresh", ema_decay=0.9)
+    state = torch.load(run.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    step, best = restore_run_state(fresh, state, run.run_dir / "checkpoints" / "last.pt")
+    assert step == 3 and best == {"top1": 0.5, "step": 3}
+    for a, b in zip(run.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(run.ema.state_dict().values(), fresh.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh.scheduler.last_epoch == 3
+    # the next step is the same on both
+    out_a, out_b = train_step(run, run.loader.epoch(0, 3), 3), train_step(fresh, fresh.loader.epoch(0, 3), 3)
+    assert torch.equal(out_a.loss, out_b.loss)
+    assert all(torch.equal(a, b) for a, b in zip(run.model.parameters(), fresh.model.parameters()))

@@ -1,0 +1,257 @@
+"""Everything a training run needs, built once: ``build_run(config, ...) -> Run``.
+
+The data (training loader, evaluation set), the model and the module that trains it (objective wrapper, patch
+dropout, DDP / FSDP, ``torch.compile``), the optimiser, the schedule, EMA and the step counts. The loop
+(:mod:`vitlab.train.loop`) only reads the frozen :class:`Run`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..compute.flops import forward_macs
+from ..compute.onednn import set_onednn_linear
+from ..data import ArrayDataset, ImageFolderDataset, ShardDataset, build_dataset
+from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
+from ..errors import InvalidValueError, VitlabError
+from ..models import create_model, get_config
+from ..preprocessing import Preprocessing
+from . import distributed as D
+from .config import TrainConfig
+from .optim import EMA, build_optimizer, build_scheduler
+from .patch_dropout import PatchDropoutForward
+from .runlog import RunLog
+from .transfer import adapt_init_channels, apply_controls, init_channels
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's parts. ``model`` is the module whose weights are trained and saved (the ViT, or an objective's
+    wrapper around it); ``trainable`` is what the optimiser steps (``model`` inside patch dropout and DDP, or
+    sharded by FSDP); ``forward`` is ``trainable``, compiled when asked."""
+
+    config: TrainConfig
+    info: D.DistInfo
+    precision: str                   # fp32 or bf16 (``auto`` resolved)
+    run_dir: Path | None
+    log: RunLog
+    objective: object                # see vitlab.train.objectives
+    class_names: list[str]
+    preprocessing: Preprocessing
+    train_set: object
+    eval_set: object | None
+    loader: InMemoryTrainLoader | FolderTrainLoader
+    model: nn.Module
+    trainable: nn.Module
+    forward: nn.Module
+    params: list[torch.Tensor]       # trainable parameters, for the gradient norm
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_interval: int               # optimiser steps between evaluations
+    macs: int                        # forward multiply-accumulates per image
+    train_macs: int                  # ... per training image (fewer tokens with patch dropout)
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def model_cfg(self):
+        return self.model.cfg
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on GPUs that support it, fp32 elsewhere."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    return precision
+
+
+def _class_names(dataset, config: TrainConfig) -> list[str]:
+    names = getattr(dataset, "class_names", None)
+    if names:
+        if config.num_classes is not None and config.num_classes != len(names):
+            raise VitlabError(f"num_classes={config.num_classes} but the data has {len(names)} classes")
+        return list(names)
+    if config.num_classes is None:
+        raise VitlabError(f"{config.data}: the data do not name their classes (no classes.txt next to the shards); "
+                          "set num_classes")
+    return [str(i) for i in range(config.num_classes)]
+
+
+def _eval_split_dataset(config: TrainConfig, channels: int):
+    """The evaluation data set, or None (with the reason) when there is none."""
+    source = config.val_data or config.data
+    try:
+        return build_dataset(source, config.eval_split, data_dir=config.data_dir, download=config.download,
+                             channels=channels, on_error=config.on_bad_image), None
+    except VitlabError as exc:
+        if config.val_data is not None:
+            raise
+        return None, str(exc)
+
+
+def split_training_set(dataset, size: int | None, holdout: int, seed: int):
+    """(training images, held-out images or None) of an in-memory set: a class-balanced random order fixed by
+    ``seed`` (every class in turn), the first ``holdout`` images held out and the next ``size`` (default: all the
+    rest) for training, so that smaller training sets are part of larger ones and every model of an experiment sees
+    the same images."""
+    if not isinstance(dataset, ArrayDataset):
+        raise VitlabError("train_subset and holdout need an in-memory data set (a named set such as fashion-mnist)")
+    available = len(dataset) - holdout
+    if holdout < 0 or available < 1:
+        raise VitlabError(f"holdout must be between 0 and {len(dataset) - 1:,}, got {holdout}")
+    if size is not None and not 0 < size <= available:
+        raise VitlabError(f"train_subset must be between 1 and {available:,} (training images left after the "
+                          f"holdout), got {size}")
+    gen = torch.Generator().manual_seed(mix_seed(seed, 11))
+    order = torch.randperm(len(dataset), generator=gen)
+    labels = dataset.labels[order]
+    rank = torch.zeros_like(labels)  # position of each image within its class in the shuffled order
+    for k in labels.unique():
+        members = labels == k
+        rank[members] = torch.arange(int(members.sum()))
+    balanced = order[torch.argsort(rank * len(dataset) + torch.arange(len(dataset)))]
+    held = dataset.subset(balanced[:holdout].sort().values) if holdout else None
+    chosen = balanced[holdout:] if size is None else balanced[holdout:holdout + size]
+    return dataset.subset(chosen.sort().values), held
+
+
+def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None, log: RunLog) -> nn.Module:
+    """A fresh registered model, or the ``init_from`` checkpoint adapted to the run (resolution, head)."""
+    overrides = dict(config.model_args)
+    if config.img_size is not None:
+        overrides["img_size"] = config.img_size
+    if config.init_from:
+        from ..checkpoints import load
+
+        img_size = overrides.pop("img_size", None)
+        want_chans = in_chans if in_chans is not None else overrides.pop("in_chans", None)
+        overrides.pop("in_chans", None)
+        model = load(config.init_from, img_size=img_size)
+        source_classes = model.cfg.num_classes
+        reset = config.reset_head == "always" or (config.reset_head == "auto" and source_classes != num_classes)
+        if config.reset_head == "never" and source_classes != num_classes:
+            raise VitlabError(f"{config.init_from}: has {source_classes} classes, the data {num_classes}; "
+                              "reset_head=never cannot keep its head")
+        pre_logits = bool(model.cfg.representation_size)
+        if reset:
+            model = load(config.init_from, img_size=img_size, num_classes=num_classes, drop_pre_logits=True)
+            model.reset_head(num_classes, drop_pre_logits=True)
+            log.info(f"fine-tuning from {config.init_from}: new zero-initialised head for {num_classes} classes"
+                     + (" (pre-logits removed)" if pre_logits else ""))
+        else:
+            log.info(f"fine-tuning from {config.init_from}: keeping its {source_classes}-class head")
+        extra = {k: v for k, v in overrides.items() if getattr(model.cfg, k) != v}
+        if extra:  # dropout and similar options can change; shapes cannot
+            shape_keys = {"embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "in_chans", "class_token"}
+            bad = sorted(set(extra) & shape_keys)
+            if bad:
+                raise VitlabError(f"cannot change {', '.join(bad)} of a loaded checkpoint")
+            state = model.state_dict()
+            model = type(model)(model.cfg.replace(**extra))
+            model.load_state_dict(state, strict=True)
+        return adapt_init_channels(model, want_chans, config.init_from, log.info)  # RGB checkpoint, grey data
+    if in_chans is not None:
+        overrides.setdefault("in_chans", in_chans)
+    get_config(config.model, num_classes=num_classes, **overrides)  # validates names and values first
+    return create_model(config.model, num_classes=num_classes, **overrides)
+
+
+def _datasets(config: TrainConfig):
+    """(training set, evaluation set or None, class names, channels of in-memory data or None)."""
+    # the channel count: in-memory sets have their own; folders and shards are decoded for the model
+    model_cfg = get_config(config.model, **{k: v for k, v in config.model_args.items() if k != "num_classes"})
+    want_channels = config.model_args.get("in_chans", init_channels(config.init_from) or model_cfg.in_chans)
+    train_set = build_dataset(config.data, config.train_split, data_dir=config.data_dir, download=config.download,
+                              channels=want_channels, on_error=config.on_bad_image)
+    in_chans = train_set.channels if isinstance(train_set, ArrayDataset) else None
+    class_names = _class_names(train_set, config)
+    eval_set, why_not = _eval_split_dataset(config, in_chans or want_channels)
+    if config.train_subset is not None or config.holdout:
+        train_set, held_out = split_training_set(train_set, config.train_subset, config.holdout, config.seed)
+        if held_out is not None:
+            eval_set, why_not = held_out, None
+    if isinstance(eval_set, ShardDataset) and eval_set.class_names and eval_set.class_names != class_names:
+        raise VitlabError("the evaluation shards name different classes than the training data")
+    if isinstance(eval_set, (ArrayDataset, ImageFolderDataset)) and eval_set.class_names != class_names:
+        raise VitlabError(f"evaluation classes {eval_set.class_names[:5]}... differ from the training classes "
+                          f"{class_names[:5]}...")
+    return train_set, eval_set, why_not, class_names, in_chans
+
+
+def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: RunLog, objective=None) -> Run:
+    """Build every part of a run from its config (``objective``: default :class:`Classification`)."""
+    from .objectives import Classification
+
+    cfg = config
+    precision = resolve_precision(cfg.precision, info.device)
+    train_set, eval_set, why_not, class_names, in_chans = _datasets(cfg)
+    if eval_set is None:
+        log.warning(f"no evaluation data ({why_not}); set val_data to evaluate")
+    objective = objective if objective is not None else Classification(cfg, len(class_names))
+    objective.check(cfg)
+    torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
+    vit = build_model_for(cfg, len(class_names), in_chans, log)
+    apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
+                   layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
+    set_onednn_linear(vit)  # the CPU fast path for its Linear layers
+    preprocessing = Preprocessing.for_model(vit.cfg.img_size, vit.cfg.in_chans)
+    model = objective.wrap(vit, preprocessing).to(info.device)
+
+    common = dict(global_batch=cfg.batch_size, img_size=vit.cfg.img_size, augment=Augment(
+        cfg.augment, tuple(cfg.crop_scale), cfg.flip, cfg.max_shift,
+        tuple(cfg.randaugment) if cfg.randaugment else None), seed=cfg.seed, rank=info.rank,
+        world_size=info.world_size, accum_steps=cfg.accum_steps, mean=preprocessing.mean, std=preprocessing.std,
+        device=info.device)
+    if isinstance(train_set, ArrayDataset):
+        loader = InMemoryTrainLoader(train_set, **common)
+    else:
+        loader = FolderTrainLoader(train_set, num_workers=cfg.num_workers, **common)
+    spe = loader.steps_per_epoch
+    total_steps = cfg.steps if cfg.steps else int(math.ceil((cfg.epochs or 1) * spe))
+    if total_steps <= 0:
+        raise InvalidValueError("the run has no steps: set epochs or steps to a positive value")
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * spe))
+    ev = cfg.eval_every_epochs
+
+    if cfg.fsdp and cfg.ema_decay > 0:
+        raise VitlabError("EMA with FSDP is not supported; use DDP (drop fsdp) or set ema_decay=0")
+    trainable: nn.Module = model
+    if cfg.patch_dropout > 0:
+        if cfg.fsdp:
+            raise VitlabError("patch_dropout with FSDP is not supported; use DDP (drop fsdp)")
+        trainable = PatchDropoutForward(model, 1.0 - cfg.patch_dropout)
+    trainable = D.wrap(trainable, info, fsdp=cfg.fsdp)
+    optimizer = build_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.momentum,
+                                layer_decay=cfg.layer_decay)
+    warmup_steps = min(warmup, total_steps)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.schedule, cfg.end_lr_factor)
+    macs = forward_macs(vit.cfg)
+    train_macs = macs
+    if cfg.patch_dropout > 0:
+        kept = max(1, int(round(vit.cfg.num_patches * (1.0 - cfg.patch_dropout))))
+        ph, pw = vit.cfg.patch_size
+        train_macs = forward_macs(vit.cfg.replace(img_size=(ph, pw * kept)))  # a 1 x kept patch grid
+    return Run(
+        config=cfg, info=info, precision=precision, run_dir=run_dir, log=log, objective=objective,
+        class_names=class_names, preprocessing=preprocessing, train_set=train_set, eval_set=eval_set, loader=loader,
+        model=model, trainable=trainable, forward=torch.compile(trainable) if cfg.compile else trainable,
+        params=[p for p in trainable.parameters() if p.requires_grad], optimizer=optimizer, scheduler=scheduler,
+        ema=EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None, steps_per_epoch=spe,
+        total_steps=total_steps, warmup_steps=warmup_steps,
+        eval_interval=max(1, int(round(ev * spe))) if ev and ev > 0 else total_steps, macs=macs,
+        train_macs=train_macs)
