@@ -113,7 +113,7 @@ def main() -> None:
     train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.train_images])
     test = load_fashion_mnist("test").subset(range(args.test_images))
     trained = vitlab.load(args.checkpoint)
-    random = vitlab.models.build_model(trained.cfg)
+    random = vitlab.models.model_from_config(trained.cfg)
     random.preprocessing = trained.preprocessing
     native = trained.cfg.img_size[0]
     runs = [("checkpoint", trained, args.blocks, native), ("checkpoint", trained, [-1], native),
