@@ -678,3 +678,108 @@ def test_a_kill_in_the_final_writes_is_repaired_on_resume(tmp_path, capsys, monk
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert best["step"] == 44 and best["best"]["step"] == 44
     assert json.loads((run / "result.json").read_text())["best"]["step"] == 44
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_the_default_recipe_killed_after_its_first_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    """The main job's recipe (which evaluates only at the end) now keeps last.pt at every epoch end: SIGKILL after
+    epoch 1 of 2 and a resume give the weights of a run never interrupted, bit for bit."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    def command(name):
+        return [sys.executable, "-m", "vitlab", "train", "--recipe", "fashion-mnist", "--epochs", "2", "--set",
+                "train_subset=3840", "--set", "holdout=500", "--deterministic", "--threads", "1", "--no-progress",
+                "--device", "cpu", "--out-dir", str(tmp_path / "runs"), "--run-name", name]
+
+    proc = subprocess.Popen(command("killed"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
+    killed_at, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                killed_at = torch.load(last, map_location="cpu", weights_only=True)["step"]
+            except Exception:  # caught between writes
+                killed_at = None
+            if killed_at is not None:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at == 30, killed_at  # 3,840 images / batch 128: the checkpoint of the first epoch's end
+    assert not (tmp_path / "runs" / "killed" / "result.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "vitlab", "train", "--resume", str(tmp_path / "runs" / "killed"),
+                              "--threads", "1", "--no-progress", "--device", "cpu"], env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = subprocess.run(command("reference"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    a = load_file(tmp_path / "runs" / "killed" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "reference" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / "runs" / n / "result.json").read_text()) for n in ("killed", "reference"))
+    assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 60
+
+
+# ------------------------------------------------------------------------------------- 11: Ctrl-C at start-up
+def test_ctrl_c_while_workers_are_forked_is_held_back_and_delivered():
+    import signal
+
+    from vitlab.data.loaders import _sigint_deferred
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # the moment a fork's at-fork callbacks could have swallowed it
+            reached.append("after the signal")
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
+    """SIGINT at several moments of a --workers 2 run's start-up (the first epoch's worker start, where 1 try in 7
+    was swallowed): exit 130, one line, no run folder left (no step was taken)."""
+    import signal
+    import time
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for split in ("train", "test"):
+        for c in range(3):
+            (images / split / f"c{c}").mkdir(parents=True)
+            for i in range(16):
+                Image.new("RGB", (16, 16), (c * 80, i, 0)).save(images / split / f"c{c}" / f"{i}.png")
+    argv = [sys.executable, "-m", "vitlab", "train", "--data", str(images), "--img-size", "16", "--set",
+            "model_args.patch_size=4", "--set", "model_args.depth=1", "--set", "model_args.embed_dim=32", "--set",
+            "model_args.num_heads=2", "--set", "model_args.mlp_dim=32", "--batch-size", "8", "--epochs", "50",
+            "--workers", "2", "--device", "cpu", "--no-progress", "--threads", "1"]
+    failures = []
+    for n, delay in enumerate([0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12]):
+        out = tmp_path / f"runs{n}"
+        proc = subprocess.Popen([*argv, "--out-dir", str(out)], env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:  # the last line before the loop starts the first epoch's workers
+            if line.startswith("training:"):
+                break
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        try:
+            err = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+            failures.append(f"{delay}: the interrupt was swallowed, the run went on")
+            continue
+        lines = err.strip().splitlines()  # what came after the "training:" line
+        if proc.returncode != 130 or len(lines) != 1 or not lines[0].endswith("interrupted"):
+            failures.append(f"{delay}: exit {proc.returncode}: {err[-400:]!r}")
+        if out.exists() and any(out.iterdir()):
+            failures.append(f"{delay}: left {[p.name for p in out.iterdir()]}")
+    assert not failures, "\n".join(failures)

@@ -4,7 +4,11 @@ import logging
 import os
 import sys
 
-from vitlab.cli import main
+try:
+    from vitlab.cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch and the rest are imported (seconds on a loaded machine)
+    print("vitlab: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 code = main()
 if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status. User errors (:class:`~vitlab.errors.VitlabError`) print one line on
     stderr and return 2; anything else is a bug and propagates with its traceback."""
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every command's module: seconds, where a Ctrl-C must still be one line
+    except KeyboardInterrupt:
+        print("vitlab: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
     if not getattr(args, "func", None):

@@ -17,7 +17,11 @@ and tar shards go through a ``torch.utils.data.DataLoader`` with per-image torch
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -153,6 +157,45 @@ def in_memory_eval_batches(dataset: ArrayDataset, preprocessing: Preprocessing, 
 
 
 # ----- image folders and tar shards
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold back Ctrl-C while DataLoader workers are forked, and deliver it once they are all started.
+
+    A SIGINT whose Python handler happens to run inside an at-fork callback (``logging`` registers one that every
+    fork runs) raises KeyboardInterrupt where CPython can only print "Exception ignored" and go on: the interrupt
+    was lost, and the run went on (about 1 try in 7 when Ctrl-C came during start-up). One raised half-way through
+    the iterator's construction left a half-built iterator whose clean-up printed a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            if previous is signal.default_int_handler or previous is None:
+                raise KeyboardInterrupt
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def _workers_started(loader: DataLoader):
+    """``iter(loader)``: its workers started with Ctrl-C held back until they all run (:func:`_sigint_deferred`)."""
+    if not loader.num_workers:
+        return iter(loader)
+    with _sigint_deferred():
+        return iter(loader)
+
+
+def _interruptible_worker(worker_id: int) -> None:
+    """In a worker: Ctrl-C as Python's default (the handler that held it back in the parent is not the worker's)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class _SampleSeed:
     """Picklable ``index -> seed`` for one epoch (sent to DataLoader workers)."""
 
@@ -171,6 +214,7 @@ class _WorkerInit:
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __call__(self, worker_id: int) -> None:
+        _interruptible_worker(worker_id)
         s = mix_seed(self.seed, self.epoch, self.rank, worker_id, 3)
         random.seed(s)
         np.random.seed(s % 2**32)
@@ -238,7 +282,7 @@ class FolderTrainLoader:
             skip = start
             while produced < self.batches_per_epoch:
                 before = produced
-                for images, labels, skipped in self._dataloader(epoch, 0):
+                for images, labels, skipped in _workers_started(self._dataloader(epoch, 0)):
                     if skip:
                         skip -= 1
                         continue
@@ -250,7 +294,7 @@ class FolderTrainLoader:
                 if produced == before and skip == 0:
                     raise InvalidValueError("the tar shards yielded no batches for this process")
             return
-        for images, labels, skipped in self._dataloader(epoch, start):
+        for images, labels, skipped in _workers_started(self._dataloader(epoch, start)):
             yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped)
 
 
@@ -269,6 +313,6 @@ def folder_eval_batches(dataset: ImageFolderDataset | ShardDataset, preprocessin
         source = dataset
         sampler = list(range(rank, len(dataset), world_size))
     loader = DataLoader(source, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_skipping)
-    for images, labels, skipped in loader:
+                        collate_fn=collate_skipping, worker_init_fn=_interruptible_worker if num_workers else None)
+    for images, labels, skipped in _workers_started(loader):
         yield Batch(images.to(device), labels.to(device), skipped)

@@ -9,6 +9,7 @@
       model.safetensors    the final model with its preprocessing and class names (vitlab.save)
       result.json          final metrics, timings and compute
       tensorboard/         event files, when the tensorboard package is installed
+      run.lock             held by the process training the run (vitlab.train.runfolder)
 """
 
 from __future__ import annotations
