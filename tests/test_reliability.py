@@ -783,3 +783,16 @@ def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
         if out.exists() and any(out.iterdir()):
             failures.append(f"{delay}: left {[p.name for p in out.iterdir()]}")
     assert not failures, "\n".join(failures)
+
+
+def test_fine_tuning_logs_the_checkpoint_and_its_architecture_as_the_model(finished_run, tmp_path):
+    from vitlab.train import train
+
+    from .test_train import tiny_config
+
+    source = finished_run / "model.safetensors"
+    result = train(tiny_config(tmp_path, model="vit_b16", epochs=None, steps=1, init_from=str(source),
+                               model_args={}, eval_every_epochs=0))
+    log = (result.run_dir / "log.txt").read_text()
+    assert f"model: {source} (ViT) 8x8, patch 2, 17 tokens, width 32, depth 2" in log
+    assert "vit_b16" not in log.split("model: ")[1].splitlines()[0]
