@@ -133,3 +133,21 @@ def test_in_memory_finetune_evaluation_and_export_follow_the_source(tmp_path):
     assert result.metrics["samples"] == source["samples"]
     assert result.metrics["loss"] == pytest.approx(source["loss"], rel=1e-2)
     assert abs(result.metrics["loss"] - source["loss"]) < abs(paper["loss"] - source["loss"]) / 10
+
+
+def test_a_runs_training_checkpoint_carries_its_stored_preprocessing(tmp_path):
+    """A run's ``.pt`` stores the preprocessing it used; loading it (and so fine-tuning from it) takes that, not the
+    timm default its tensor names would suggest; a stored record for another channel count is refused."""
+    from vitlab.checkpoints import read_checkpoint
+    from vitlab.errors import VitlabError
+
+    model = randomize_(vitlab.create_model("vit_fmnist", img_size=8, patch_size=4, embed_dim=16, depth=1,
+                                           num_heads=2, mlp_dim=32, in_chans=3, num_classes=3))
+    state = {"model": model.state_dict(), "vit_config": model.cfg.to_dict(), "preprocessing": IMAGENET.to_dict()}
+    torch.save(state, tmp_path / "last.pt")
+    assert read_checkpoint(tmp_path / "last.pt").preprocessing == IMAGENET
+    assert vitlab.load(tmp_path / "last.pt", img_size=16).preprocessing == IMAGENET.replace(img_size=16)
+    torch.save({**state, "preprocessing": IMAGENET.replace(channels=1, mean=(0.5,), std=(0.5,)).to_dict()},
+               tmp_path / "bad.pt")
+    with pytest.raises(VitlabError, match="bad.pt: the stored preprocessing is for 1-channel images"):
+        read_checkpoint(tmp_path / "bad.pt")
