@@ -151,3 +151,37 @@ def test_a_runs_training_checkpoint_carries_its_stored_preprocessing(tmp_path):
                tmp_path / "bad.pt")
     with pytest.raises(VitlabError, match="bad.pt: the stored preprocessing is for 1-channel images"):
         read_checkpoint(tmp_path / "bad.pt")
+
+
+def test_torchvision_checkpoint_is_fine_tuned_with_imagenet_statistics(tmp_path, capsys):
+    """A torchvision ViT state dict (ImageNet mean / std, 224/256 centre crop, bilinear) fine-tuned on an image
+    folder from the command line: the first training batch is the folder's images normalised with ImageNet's
+    statistics, the log says so, and the saved model records it at the run's resolution."""
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    from torchvision.transforms import v2 as T
+
+    from vitlab.cli import main as cli_main
+    from vitlab.data import load_image
+
+    torch.manual_seed(0)
+    reference = tv.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                     mlp_dim=32, num_classes=3)
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    data = _folder(tmp_path / "images")
+    run, _ = _build(tmp_path, data=str(data), init_from=str(tmp_path / "tv.pth"), img_size=24, batch_size=4,
+                    num_workers=0)
+    batch = next(iter(run.loader.epoch(0)))
+    order = torch.randperm(len(run.train_set), generator=torch.Generator().manual_seed(mix_seed(run.config.seed, 0)))
+    expected = torch.stack([T.Compose([T.ToImage(), T.Resize((24, 24), antialias=True),
+                                       T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(
+        load_image(run.train_set.samples[i][0], channels=3)) for i in order[:4].tolist()])
+    torch.testing.assert_close(batch.images, expected, rtol=0, atol=1e-6)
+    assert cli_main(["finetune", "--from", str(tmp_path / "tv.pth"), "--data", str(data), "--steps", "1",
+                     "--batch-size", "4", "--img-size", "24", "--threads", "1", "--no-progress",
+                     "--out-dir", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr()
+    assert "mean 0.485/0.456/0.406, std 0.229/0.224/0.225, bilinear; evaluation: shorter side to 27 (crop_pct " \
+           "0.875), centre 24x24 crop" in out.out + out.err
+    saved = vitlab.load(next((tmp_path / "cli").glob("*/model.safetensors"))).preprocessing
+    assert saved == Preprocessing(img_size=24, resize="crop", crop_pct=224 / 256, interpolation="bilinear",
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
