@@ -84,15 +84,17 @@ def state_module(run) -> nn.Module:
     return run.trainable if run.config.fsdp else run.model
 
 
-def full_model(run, device: torch.device | str) -> nn.Module | None:
+def full_model(run, device: torch.device | str) -> nn.Module:
     """The trained model as one plain module on ``device``: the model itself, or for FSDP a copy built from the
-    gathered full state dict (a collective: every rank calls this; ranks other than 0 get None unless
-    ``run.config.fsdp`` is off)."""
+    gathered full state dict (a collective: every rank calls this, and every rank gets the copy)."""
     if not run.config.fsdp:
         return run.model
-    model_sd, _ = D.full_state_dicts(run.trainable, None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # no cpu_offload: with it only rank 0 would receive the full state dict, and every rank evaluates its copy
+    full = get_model_state_dict(run.trainable, options=StateDictOptions(full_state_dict=True))
     module = type(run.model)(run.model.cfg).to(device)
-    module.load_state_dict(model_sd, strict=True)
+    module.load_state_dict(full, strict=True)
     return module
 
 
