@@ -1,7 +1,7 @@
 """A linear segmentation probe on multi-layer ViT features (docs/backbone.md's worked example), on Fashion-MNIST.
 
     PYTHONPATH=. nice -n 10 python benchmarks/segmentation_probe.py runs/<run>/model.safetensors \\
-        [--blocks -4 -3 -2 -1] [--img-size 28] [--steps 300] [--threads 1]
+        [--blocks -4 -3 -2 -1] [--img-size 28 56] [--steps 200] [--threads 1]
 
 The task: label every pixel of a Fashion-MNIST test image with its garment class, or background (11 classes; a
 pixel is foreground when its grey value is at least 25). The backbone is frozen: ``FeatureExtractor`` gives the
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--blocks", type=int, nargs="+", default=[-4, -3, -2, -1])
     parser.add_argument("--img-size", type=int, nargs="+", default=[28])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--train-images", type=int, default=10000)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None)
@@ -113,7 +113,7 @@ def main() -> None:
     train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.train_images])
     test = load_fashion_mnist("test").subset(range(args.test_images))
     trained = vitlab.load(args.checkpoint)
-    random = vitlab.models.build_model(trained.cfg)
+    random = vitlab.models.model_from_config(trained.cfg)
     random.preprocessing = trained.preprocessing
     native = trained.cfg.img_size[0]
     runs = [("checkpoint", trained, args.blocks, native), ("checkpoint", trained, [-1], native),

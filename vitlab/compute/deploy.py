@@ -127,11 +127,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dyna
     shape = _input_shape(model)
     example = torch.randn(2, *shape)
     axes = {0: torch.export.Dim("batch", min=1, max=4096)}
-    metadata = model_metadata(model)
     if dynamic_size is None:
         dynamic_size = bool(getattr(model.cfg, "dynamic_img_size", False))
     if dynamic_size:
         axes.update(_size_axes(model))
+        metadata["config"]["dynamic_img_size"] = True  # the graph takes any size, whatever the model's default
         model = _AtAnySize(model).eval()
     with atomic_path(path) as tmp:
         with torch.no_grad():

@@ -1,9 +1,8 @@
 """Experiments of the paper in small, runnable on a CPU (see docs/experiments.md).
 
 Each experiment is a module here (``data_requirements``, ``posemb``, ``pooling``, ``compute``, ``mpp``,
-``finetune_controls``) that trains
-a series of runs with the normal training loop and writes ``results.json``, ``results.md`` and a PNG plot to its
-output folder. Three ways to run one, all the same code:
+``finetune_controls``) that trains a series of runs with the normal training loop and writes ``results.json``,
+``results.md`` and a PNG plot to its output folder. Three ways to run one, all the same code:
 
     vitlab experiment posemb --out results/posemb --steps 300
     python -m vitlab.experiments.posemb --out results/posemb --steps 300
