@@ -816,3 +816,27 @@ def test_fine_tuning_logs_the_checkpoint_and_its_architecture_as_the_model(finis
     log = (result.run_dir / "log.txt").read_text()
     assert f"model: {source} (ViT) 8x8, patch 2, 17 tokens, width 32, depth 2" in log
     assert "vit_b16" not in log.split("model: ")[1].splitlines()[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_nproc_2_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a two-process run: torchrun's
+    SignalException and the other process's failed collective stay out of sight; one line, exit 130."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--recipe", "fashion-mnist", "--nproc", "2",
+                             "--set", "train_subset=2000", "--out-dir", str(runs), "--no-progress", "--device", "cpu"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(runs.glob("*/metrics.jsonl")):
+        time.sleep(0.5)
+    time.sleep(3)  # a few steps into training, every process inside its collectives
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == "vitlab train: interrupted", err
+    assert not any("Traceback" in line or "SignalException" in line or "death signal" in line for line in lines), err

@@ -36,6 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count_interrupts() -> list[int]:
+    """Under torchrun, a list that records each SIGINT this process gets (the handler still raises
+    KeyboardInterrupt, as Python's default does); empty, and nothing installed, otherwise."""
+    import os
+    import signal
+    import threading
+
+    received: list[int] = []
+    if "RANK" in os.environ and threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            received.append(signum)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+    return received
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status. User errors (:class:`~vitlab.errors.VitlabError`) print one line on
     stderr and return 2; anything else is a bug and propagates with its traceback."""
@@ -53,14 +70,28 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ["VITLAB_OFFLINE"] = "1"
+    interrupts = _count_interrupts()
     try:
         return int(args.func(args) or 0)
     except VitlabError as exc:  # bad input: the message says what to change
         print(f"vitlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the signal: one line in all
+            print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # under torchrun a process stopped by Ctrl-C drops out of the collectives, and the others then fail inside
+        # one (gloo: "Connection closed by peer"); after a Ctrl-C that is the interrupt, not a bug
+        if interrupts:
+            import os
+
+            if os.environ.get("RANK", "0") == "0":
+                print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+            return 130
+        raise
     except BrokenPipeError:  # the reader went away (``vitlab ... | head``): stop quietly, as Unix tools do
         import os
 

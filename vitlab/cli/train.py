@@ -182,13 +182,21 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
         raise InvalidValueError(f"--nproc {args.nproc}: no GPU to start a process on (use --device cpu)")
     if cpu:  # share the cores out instead of letting every process start one thread per core
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // nproc)))
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # torchrun's agent logs each signal it forwards as a warning; the processes say what happened themselves
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
     except ChildFailedError as exc:  # the processes have printed their own error lines
         codes = [failure.exitcode for failure in exc.failures.values()]
         return next((code for code in codes if code > 0), 1)
+    except SignalException as exc:  # Ctrl-C / SIGTERM: torchrun has already stopped the processes
+        return 128 + int(exc.sigval)
     return 0
 
 
