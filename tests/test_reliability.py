@@ -483,3 +483,23 @@ def test_crafted_checkpoints_as_separate_processes(tmp_path, command):
         if peak > allowed:
             failures.append(f"{case}: peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB")
     assert not failures, "\n".join(failures)
+
+
+def test_export_onnx_weights_refuses_a_pickle_named_safetensors(tmp_path):
+    """`vitlab export-onnx MODEL --weights F` decides F's format from its bytes, like every other reader: a pickle
+    named .safetensors is refused in one line and its payload never runs."""
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(pickle.dumps(Payload()))
+    r = subprocess.run([sys.executable, "-m", "vitlab", "export-onnx", "vit_ti16", str(tmp_path / "m.onnx"),
+                        "--weights", str(weights)], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "pickle" in r.stderr
+    assert not marker.exists() and not (tmp_path / "m.onnx").exists()

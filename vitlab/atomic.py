@@ -19,6 +19,11 @@ from pathlib import Path
 from .errors import VitlabError
 
 
+class WriteError(VitlabError, OSError):
+    """A file or folder that cannot be written (read-only, a file in the way, a full disk): one line at the CLI, and
+    still the OSError Python callers caught before."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the same folder as ``path`` (created if missing); when the block succeeds, fsync
@@ -29,7 +34,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         _make_parent(path)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
     except OSError as exc:
-        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -40,7 +45,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:  # a full disk, a quota, an I/O error: the previous file is still in place
-        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}; the previous file, if any, is unchanged"
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}; the previous file, if any, is unchanged"
                           ) from exc
     finally:
         if tmp.exists():
@@ -68,7 +73,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _make_parent(path)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
-        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.chmod(tmp, 0o777 & ~_umask())
     old = None
     try:
@@ -85,7 +90,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         if old is not None and not path.exists():  # put the previous folder back
             os.replace(old / path.name, path)
-        raise VitlabError(f"cannot write {path}: {exc.strerror or exc}; the previous folder, if any, is unchanged"
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}; the previous folder, if any, is unchanged"
                           ) from exc
     finally:
         if tmp.exists():

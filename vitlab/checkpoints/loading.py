@@ -241,6 +241,22 @@ def _embedded_config(obj: object) -> tuple[ViTConfig | None, list[str] | None]:
     return config, names
 
 
+def _embedded_preprocessing(obj: object, source: str, config) -> Preprocessing | None:
+    """The preprocessing a vitlab training checkpoint (a run's ``.pt``) stores next to the weights: what the run
+    trained and evaluated with, not a guess from the tensor names."""
+    value = obj.get("preprocessing") if isinstance(obj, dict) else None
+    if not isinstance(value, dict):
+        return None
+    try:
+        pre = Preprocessing.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise VitlabError(f"{source}: the stored preprocessing is invalid: {exc}") from None
+    if pre.channels != config.in_chans:
+        raise VitlabError(f"{source}: the stored preprocessing is for {pre.channels}-channel images, the weights take "
+                          f"{config.in_chans}")
+    return pre.replace(img_size=config.img_size)
+
+
 def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[str],
                      grid_hint: tuple[int, int] | None, named: ViTConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
@@ -269,7 +285,8 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
         config, inferred_notes = infer_config(sd, source, defaults=defaults, grid_hint=grid_hint)
         if named is None and not hf_config:
             notes += inferred_notes
-    preprocessing = source_preprocessing(layout, config.img_size, config.in_chans)
+    preprocessing = _embedded_preprocessing(container_obj, source, config) or source_preprocessing(
+        layout, config.img_size, config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
     return Checkpoint(source, layout, container, sd, config, FAMILIES["vit"], preprocessing, class_names,

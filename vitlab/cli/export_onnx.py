@@ -52,16 +52,15 @@ def load_model(source: str, model_name: str | None = None, weights: str | None =
 
 
 def _with_state_dict(model, path: str):
-    import torch
+    from ..checkpoints.files import read_safetensors, read_torch, sniff
 
     if not Path(path).is_file():
         raise VitlabError(f"--weights: no such file {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    # the format is decided from the bytes, with the same size and pickle guards as every other reader
+    kind = sniff(path)
+    if kind not in ("safetensors", "torch-zip", "torch-legacy"):
+        raise VitlabError(f"--weights {path}: a {kind}, not a state dict; give it as the checkpoint instead")
+    state = read_safetensors(path)[0] if kind == "safetensors" else read_torch(path)
     if not isinstance(state, dict):
         raise VitlabError(f"{path}: expected a state dict, got {type(state).__name__}")
     result = model.load_state_dict(state, strict=False)

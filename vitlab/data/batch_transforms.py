@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidValueError
+
 
 def to_float(images: torch.Tensor, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> torch.Tensor:
     """uint8 (B, C, H, W) in [0, 255] -> float32 ``(x / 255 - mean) / std`` per channel; mean = std = 0.5 gives
@@ -66,11 +68,11 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
     return torch.stack([left, top, w, h], dim=1)
 
 
-def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flip: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """Crop box i of image i and resize it to ``size`` (bilinear, sample points at pixel centres as in
-    ``F.interpolate(align_corners=False)``), mirroring the images where ``flip`` is true; one ``grid_sample`` for
-    the batch. ``boxes``: (B, 4) as (left, top, width, height) in pixels."""
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], flip: torch.Tensor | None = None,
+                interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop box i of image i and resize it to ``size`` (``interpolation``: bilinear, bicubic or nearest; sample
+    points at pixel centres as in ``F.interpolate(align_corners=False)``), mirroring the images where ``flip`` is
+    true; one ``grid_sample`` for the batch. ``boxes``: (B, 4) as (left, top, width, height) in pixels."""
     B, _, H, W = x.shape
     left, top, w, h = boxes.unbind(1)
     sign = torch.where(flip, -1.0, 1.0) if flip is not None else torch.ones(B)
@@ -81,22 +83,50 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], fli
     theta[:, 1, 1] = h / H
     theta[:, 1, 2] = (2 * top + h) / H - 1
     grid = F.affine_grid(theta.to(x.device, x.dtype), [B, x.shape[1], *size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode=_mode(interpolation), padding_mode="border", align_corners=False)
 
 
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float] = (0.05, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None, interpolation: str = "bilinear") -> torch.Tensor:
     """The paper's Inception crop per sample (:func:`sample_crop_boxes`, default area 5%..100%), resized to
-    ``size``, optionally mirrored left-right with probability 1/2."""
+    ``size`` with ``interpolation``, optionally mirrored left-right with probability 1/2."""
     B, _, H, W = x.shape
     boxes = sample_crop_boxes(B, H, W, scale, ratio, generator)
     mirror = torch.rand(B, generator=generator) < 0.5 if flip else None
-    return crop_resize(x, boxes, size, mirror)
+    return crop_resize(x, boxes, size, mirror, interpolation)
 
 
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Squash a batch to ``size`` (bilinear, antialiased when shrinking); no-op when the size already matches."""
+def _mode(interpolation: str) -> str:
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise InvalidValueError(f"interpolation must be bilinear, bicubic or nearest, got {interpolation!r}")
+    return interpolation
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """Squash a batch to ``size`` (``interpolation``: bilinear or bicubic, antialiased when shrinking; nearest);
+    no-op when the size already matches."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    mode = _mode(interpolation)
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+def resize_center_crop(x: torch.Tensor, size: tuple[int, int], crop_pct: float,
+                       interpolation: str = "bilinear") -> torch.Tensor:
+    """timm's evaluation resize on a batch: the shorter side to ``size / crop_pct`` (the aspect ratio kept; both
+    sides scaled to ``size / crop_pct`` when ``size`` is not square), then the centre ``size`` crop, placed as
+    torchvision's ``CenterCrop`` places it (what :meth:`vitlab.preprocessing.Preprocessing.transform` does to one
+    image)."""
+    H, W = x.shape[-2:]
+    th, tw = size
+    if th == tw:
+        short = int(round(th / crop_pct))
+        scaled = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+    else:
+        scaled = (int(round(th / crop_pct)), int(round(tw / crop_pct)))
+    x = resize(x, scaled, interpolation)
+    top, left = int(round((scaled[0] - th) / 2.0)), int(round((scaled[1] - tw) / 2.0))
+    return x[..., top: top + th, left: left + tw]

@@ -70,8 +70,9 @@ class Batch:
 
 # ----- in-memory data
 def augment_batch(images: torch.Tensor, size: tuple[int, int], aug: Augment, generator: torch.Generator,
-                  mean=(0.5,), std=(0.5,)) -> torch.Tensor:
-    """uint8 (b, C, H, W) -> augmented, normalised float (b, C, *size), one random draw per sample."""
+                  mean=(0.5,), std=(0.5,), interpolation: str = "bilinear") -> torch.Tensor:
+    """uint8 (b, C, H, W) -> augmented, normalised float (b, C, *size), one random draw per sample; crops and
+    resizes sample with ``interpolation``."""
     if aug.randaugment is not None:
         from torchvision.transforms import v2 as T
 
@@ -81,8 +82,9 @@ def augment_batch(images: torch.Tensor, size: tuple[int, int], aug: Augment, gen
             images = torch.stack([ra(img) for img in images])
     x = BT.to_float(images, mean, std)
     if aug.policy in ("inception", "crop"):
-        return BT.random_resized_crop(x, size, scale=aug.crop_scale, flip=aug.flip, generator=generator)
-    x = BT.resize(x, size)
+        return BT.random_resized_crop(x, size, scale=aug.crop_scale, flip=aug.flip, generator=generator,
+                                      interpolation=interpolation)
+    x = BT.resize(x, size, interpolation)
     if aug.flip and aug.policy in ("shift", "flip"):
         x = BT.random_flip(x, generator)
     if aug.policy == "shift":
@@ -98,10 +100,11 @@ class InMemoryTrainLoader:
 
     def __init__(self, dataset: ArrayDataset, global_batch: int, img_size: tuple[int, int], augment: Augment,
                  seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
-                 mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu"):
+                 mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu", interpolation: str = "bilinear"):
         self.dataset, self.global_batch, self.img_size, self.augment = dataset, global_batch, img_size, augment
         self.seed, self.rank, self.world_size, self.accum_steps = seed, rank, world_size, accum_steps
         self.mean, self.std, self.device = tuple(mean), tuple(std), torch.device(device)
+        self.interpolation = interpolation
         self.micro_batch = check_batch_split(global_batch, world_size, accum_steps)
         self.steps_per_epoch = len(dataset) // global_batch
         if self.steps_per_epoch == 0:
@@ -123,7 +126,7 @@ class InMemoryTrainLoader:
             idx = order[lo: lo + self.micro_batch]
             gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, acc, self.rank, 1))
             x = images[idx].to(self.device, non_blocking=True)
-            x = augment_batch(x, self.img_size, self.augment, gen, self.mean, self.std)
+            x = augment_batch(x, self.img_size, self.augment, gen, self.mean, self.std, self.interpolation)
             yield Batch(x, labels[idx].to(self.device, non_blocking=True))
 
 
@@ -139,16 +142,19 @@ def check_batch_split(global_batch: int, world_size: int, accum_steps: int) -> i
 def in_memory_eval_batches(dataset: ArrayDataset, preprocessing: Preprocessing, batch_size: int = 500,
                            rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"
                            ) -> Iterator[Batch]:
-    """This rank's share of ``dataset`` (samples rank, rank + W, ...), resized and normalised as
-    ``preprocessing`` says (square resize, bilinear), in batches."""
+    """This rank's share of ``dataset`` (samples rank, rank + W, ...), normalised and resized as
+    ``preprocessing`` says (its mean / std, interpolation and resize policy: ``squash`` to the model size, or
+    ``crop``: the shorter side to ``size / crop_pct`` and the centre crop), in batches. The images are normalised
+    first and resized as floats (no rounding to uint8 in between)."""
     indices = torch.arange(rank, len(dataset), world_size)
-    size = preprocessing.img_size
+    size = tuple(preprocessing.img_size)
     for lo in range(0, len(indices), batch_size):
         idx = indices[lo: lo + batch_size]
         x = BT.to_float(dataset.images[idx].to(device), preprocessing.mean, preprocessing.std)
-        if tuple(x.shape[-2:]) != tuple(size):
-            mode = "bicubic" if preprocessing.interpolation == "bicubic" else "bilinear"
-            x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+        if preprocessing.resize == "crop":
+            x = BT.resize_center_crop(x, size, preprocessing.crop_pct, preprocessing.interpolation)
+        elif tuple(x.shape[-2:]) != size:
+            x = BT.resize(x, size, preprocessing.interpolation)
         yield Batch(x, dataset.labels[idx].to(device))
 
 

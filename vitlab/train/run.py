@@ -161,14 +161,44 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
             bad = sorted(set(extra) & shape_keys)
             if bad:
                 raise VitlabError(f"cannot change {', '.join(bad)} of a loaded checkpoint")
-            state = model.state_dict()
+            state, loaded = model.state_dict(), model
             model = type(model)(model.cfg.replace(**extra))
             model.load_state_dict(state, strict=True)
+            model.preprocessing = getattr(loaded, "preprocessing", None)  # the source's, for run_preprocessing
+            model.class_names = getattr(loaded, "class_names", None)
         return adapt_init_channels(model, want_chans, config.init_from, log.info)  # RGB checkpoint, grey data
     if in_chans is not None:
         overrides.setdefault("in_chans", in_chans)
     get_config(config.model, num_classes=num_classes, **overrides)  # validates names and values first
     return create_model(config.model, num_classes=num_classes, **overrides)
+
+
+def run_preprocessing(config: TrainConfig, model: nn.Module) -> tuple[Preprocessing, str]:
+    """(the preprocessing a run trains and evaluates with, where it comes from). From scratch: the paper's (square
+    resize, bilinear, [-1, 1]). Fine-tuning (``init_from``): the source checkpoint's (``model.preprocessing``, set by
+    ``vitlab.load``, with mean / std adapted when the channel count changed) at the run's resolution: its mean / std
+    and interpolation in training and evaluation, its resize policy (``crop_pct``) in evaluation."""
+    cfg = model.cfg
+    paper = Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    if not config.init_from:
+        return paper, "the paper's (training from scratch)"
+    source = getattr(model, "preprocessing", None)
+    if source is None or source.channels != cfg.in_chans:
+        return paper, f"the paper's ({config.init_from} records none for {cfg.in_chans}-channel images)"
+    return source.replace(img_size=cfg.img_size), f"the source checkpoint's ({config.init_from})"
+
+
+def describe_preprocessing(pre: Preprocessing) -> str:
+    """One line: normalisation, interpolation, evaluation resize."""
+    def values(v):
+        return "/".join(f"{x:.4g}" for x in v)
+
+    h, w = pre.img_size
+    if pre.resize == "crop":
+        resize = f"shorter side to {round(h / pre.crop_pct)} (crop_pct {pre.crop_pct:g}), centre {h}x{w} crop"
+    else:
+        resize = f"squash to {h}x{w}"
+    return f"mean {values(pre.mean)}, std {values(pre.std)}, {pre.interpolation}; evaluation: {resize}"
 
 
 def _datasets(config: TrainConfig):
@@ -209,14 +239,17 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
                    layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
     set_onednn_linear(vit)  # the CPU fast path for its Linear layers
-    preprocessing = Preprocessing.for_model(vit.cfg.img_size, vit.cfg.in_chans)
+    preprocessing, origin = run_preprocessing(cfg, vit)
+    log.info(f"preprocessing: {origin}: {describe_preprocessing(preprocessing)}; training: augmentation "
+             f"{cfg.augment} at {preprocessing.img_size[0]}x{preprocessing.img_size[1]} with the same mean / std "
+             f"and interpolation; saved with the model")
     model = objective.wrap(vit, preprocessing).to(info.device)
 
     common = dict(global_batch=cfg.batch_size, img_size=vit.cfg.img_size, augment=Augment(
         cfg.augment, tuple(cfg.crop_scale), cfg.flip, cfg.max_shift,
         tuple(cfg.randaugment) if cfg.randaugment else None), seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, accum_steps=cfg.accum_steps, mean=preprocessing.mean, std=preprocessing.std,
-        device=info.device)
+        device=info.device, interpolation=preprocessing.interpolation)
     if isinstance(train_set, ArrayDataset):
         loader = InMemoryTrainLoader(train_set, **common)
     else:

@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from ..atomic import WriteError, write_text_atomic
 from ..errors import VitlabError
 
 LOGGER_NAME = "vitlab.train"
@@ -150,7 +150,7 @@ class _WholeLineHandler(logging.Handler):
         try:
             append_whole(self.path, line.encode("utf-8"))
         except OSError as exc:
-            raise VitlabError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -214,7 +214,7 @@ class RunLog:
         try:
             append_whole(path, (json.dumps(row) + "\n").encode("utf-8"))
         except OSError as exc:
-            raise VitlabError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         if row.get("kind") == "eval":
             self._rewrite_csv()
         self._tensorboard(row)
