@@ -18,3 +18,10 @@ def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return module
+
+
+# vit_fmnist is the main job's model (global average pooling, sin-cos position embedding); tests of the class token
+# or of a learned position embedding build it with these instead (width 128, 4 heads, MLP 256, the paper's class
+# token and learned 1D position embedding: r_vit_fmnist's transformer)
+CLASS_TOKEN_VIT = {"embed_dim": 128, "num_heads": 4, "mlp_dim": 256, "pool": "token", "class_token": True,
+                   "pos_embed": "learned"}

@@ -26,7 +26,8 @@ IMAGENET = Preprocessing(img_size=8, resize="crop", crop_pct=0.875, interpolatio
 
 def _source(tmp_path, in_chans=3, num_classes=10, pre=IMAGENET, name="src.safetensors"):
     model = randomize_(vitlab.create_model("vit_fmnist", img_size=8, patch_size=4, embed_dim=16, depth=1,
-                                           num_heads=2, mlp_dim=32, in_chans=in_chans, num_classes=num_classes),
+                                           num_heads=2, mlp_dim=32, pool="token", class_token=True,
+                                           pos_embed="learned", in_chans=in_chans, num_classes=num_classes),
                        std=0.5)  # large enough that the logits depend visibly on the input
     return vitlab.save(model, tmp_path / name, preprocessing=pre.replace(channels=in_chans, mean=pre.mean[:in_chans],
                                                                          std=pre.std[:in_chans]))
@@ -64,7 +65,8 @@ def test_in_memory_finetune_sees_the_sources_normalisation_adapted_to_grey(tmp_p
 
 def test_from_scratch_keeps_the_papers_preprocessing(tmp_path):
     run, run_dir = _build(tmp_path, model="vit_fmnist", img_size=8,
-                          model_args={"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32})
+                          model_args={"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32,
+                                      "pool": "token", "class_token": True, "pos_embed": "learned"})
     assert run.preprocessing == Preprocessing.for_model(8, 1)
     batch = next(iter(run.loader.epoch(0)))
     assert batch.images.min() >= -1 and batch.images.max() <= 1
@@ -142,7 +144,8 @@ def test_a_runs_training_checkpoint_carries_its_stored_preprocessing(tmp_path):
     from vitlab.errors import VitlabError
 
     model = randomize_(vitlab.create_model("vit_fmnist", img_size=8, patch_size=4, embed_dim=16, depth=1,
-                                           num_heads=2, mlp_dim=32, in_chans=3, num_classes=3))
+                                           num_heads=2, mlp_dim=32, pool="token", class_token=True,
+                                           pos_embed="learned", in_chans=3, num_classes=3))
     state = {"model": model.state_dict(), "vit_config": model.cfg.to_dict(), "preprocessing": IMAGENET.to_dict()}
     torch.save(state, tmp_path / "last.pt")
     assert read_checkpoint(tmp_path / "last.pt").preprocessing == IMAGENET

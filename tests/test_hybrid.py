@@ -90,7 +90,9 @@ def test_hybrid_compute_is_backbone_plus_transformer():
     convs = count_conv_macs(model.patch_embed, torch.randn(1, 1, 28, 28))  # backbone convs + patch projection
     g, (ph, pw), D, C = cfg.num_patches, cfg.patch_size, cfg.embed_dim, cfg.backbone.num_features
     assert convs == resnetv2_forward_macs(cfg.backbone, include_head=False) + g * ph * pw * C * D
-    plain = vitlab.get_config("vit_fmnist")  # same transformer, 7x7 grid, pixel patches
+    # the same transformer on a 7x7 grid of 4x4 pixel patches
+    plain = vitlab.get_config("vit_fmnist", embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                              mlp_dim=cfg.mlp_dim, pool=cfg.pool, class_token=cfg.class_token, pos_embed=cfg.pos_embed)
     assert forward_macs(cfg) - forward_macs(plain) == convs - plain.num_patches * 16 * plain.embed_dim
 
 

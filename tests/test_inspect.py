@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
+from tests.conftest import CLASS_TOKEN_VIT
 from vitlab.inspect import (
     attention_rollout,
     attention_statistics,
@@ -123,7 +124,7 @@ def test_model_sincos_similarity_matches_the_closed_form():
 
 
 def test_similarity_drops_the_class_slot_of_a_learned_embedding():
-    model = vitlab.create_model("vit_fmnist", depth=1)
+    model = vitlab.create_model("vit_fmnist", **CLASS_TOKEN_VIT, depth=1)
     with torch.no_grad():
         model.pos_embed[0, 0] = 100.0  # a class slot that would dominate if it were not dropped
     patches = model.pos_embed[0, 1:].detach()
@@ -327,7 +328,7 @@ def test_upsample_map_normalises_to_the_peak():
 
 def test_model_with_uniform_attention_gives_the_analytic_statistics():
     # Zero query and key projections make every attention logit 0, so each layer attends uniformly.
-    model = vitlab.create_model("vit_fmnist", img_size=(20, 28), depth=3, num_classes=10)
+    model = vitlab.create_model("vit_fmnist", **CLASS_TOKEN_VIT, img_size=(20, 28), depth=3, num_classes=10)
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight[: 2 * model.cfg.embed_dim] = 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vitlab
+from tests.conftest import CLASS_TOKEN_VIT
 from vitlab.selfsup import MaskedPatchPrediction, corrupt_patches, mean_colour_targets
 
 
@@ -53,7 +54,7 @@ def test_corruption_chooses_half_and_splits_80_10_10():
 
 
 def test_loss_starts_at_log_classes_and_falls_on_fixed_images():
-    vit = vitlab.create_model("vit_fmnist", depth=2, embed_dim=64, mlp_dim=128)
+    vit = vitlab.create_model("vit_fmnist", **{**CLASS_TOKEN_VIT, "depth": 2, "embed_dim": 64, "mlp_dim": 128})
     mpp = MaskedPatchPrediction(vit, mean=(0.5,), std=(0.5,))
     assert mpp.num_colours == 8 and mpp.pixel_patch == (4, 4)
     gen = torch.Generator().manual_seed(1)

@@ -13,7 +13,9 @@ from vitlab.errors import VitlabError
 from vitlab.train import TrainConfig, apply_overrides, get_recipe, list_recipes, train
 from vitlab.train.optim import EMA, build_scheduler, decay_parameter_names, lr_factor, parameter_groups
 
-TINY_MODEL = {"patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64}
+# vit_fmnist shrunk, with the paper's class token and learned position embedding
+TINY_MODEL = {"patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "pool": "token",
+              "class_token": True, "pos_embed": "learned"}
 
 
 def tiny_config(tmp_path, **changes) -> TrainConfig:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitlab
-from tests.conftest import randomize_
+from tests.conftest import CLASS_TOKEN_VIT, randomize_
 from vitlab.checkpoints.channels import adapt_input_conv, adapt_model_channels
 from vitlab.cli import main as cli_main
 from vitlab.errors import VitlabError
@@ -72,8 +72,9 @@ def test_linear_probe_trains_the_head_only_with_fixed_features():
 def test_frozen_parameters_get_no_optimizer_state_and_stay_bit_identical(tmp_path):
     """A fine-tuning run with AdamW and weight decay: the frozen tensors come out bit for bit as loaded, have no
     optimiser state in the checkpoint, and the rest trains."""
-    source = randomize_(vitlab.create_model("vit_fmnist", img_size=8, patch_size=2, embed_dim=32, depth=3,
-                                            num_heads=2, mlp_dim=64, num_classes=10))
+    source = randomize_(vitlab.create_model("vit_fmnist", **{**CLASS_TOKEN_VIT, "img_size": 8, "patch_size": 2,
+                                                              "embed_dim": 32, "depth": 3, "num_heads": 2,
+                                                              "mlp_dim": 64, "num_classes": 10}))
     path = vitlab.save(source, tmp_path / "src.safetensors")
     config = TrainConfig().replace(
         data="digits", init_from=str(path), img_size=8, epochs=None, steps=6, batch_size=64, lr=3e-3,

@@ -20,11 +20,14 @@ from pathlib import Path
 from ..atomic import write_atomic, write_text_atomic
 from ..errors import VitlabError
 
-# Fashion-MNIST recipe of the training package with the ViT of the experiments (width 64, 4x4 patches, depth 6)
+# Fashion-MNIST recipe of the training package, for the ViT of the experiments below
 BASE = dict(data="fashion-mnist", augment="flip", flip=True, optimizer="adamw", lr=2e-3, weight_decay=0.05,
             schedule="cosine", warmup_steps=50, batch_size=128, grad_clip=1.0, label_smoothing=0.1,
             eval_every_epochs=0, eval_batch_size=128, precision="fp32", progress=False, save_every_steps=0)
-SMALL_VIT = {"embed_dim": 64, "num_heads": 2, "mlp_dim": 128}
+# The experiments' ViT: vit_fmnist's 4x4 patches of 28x28 grey images with the paper's class token and learned 1D
+# position embedding, width 64, depth 6, 2 heads, MLP 128 (the hybrid runs put it on r_vit_fmnist's ResNet stem)
+SMALL_VIT = {"embed_dim": 64, "depth": 6, "num_heads": 2, "mlp_dim": 128, "pool": "token", "class_token": True,
+             "pos_embed": "learned"}
 
 
 @dataclass

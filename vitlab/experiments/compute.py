@@ -26,12 +26,13 @@ from .common import (
     write_report,
 )
 
-TINY_VIT = {"embed_dim": 32, "num_heads": 2, "mlp_dim": 64, "depth": 4}
+TINY_VIT = dict(SMALL_VIT, embed_dim=32, mlp_dim=64, depth=4)
+WIDE_VIT = dict(SMALL_VIT, embed_dim=128, num_heads=4, mlp_dim=256)  # r_vit_fmnist's transformer
 # family, label, registered model, overrides (sizes for 28x28 grey images; see vitlab models)
 MODELS = [
     ("ViT", "ViT w32 d4", "vit_fmnist", TINY_VIT),
     ("ViT", "ViT w64 d6", "vit_fmnist", SMALL_VIT),
-    ("ViT", "ViT w128 d6", "vit_fmnist", {}),
+    ("ViT", "ViT w128 d6", "vit_fmnist", WIDE_VIT),
     ("BiT ResNet", "BiT 1-1-1", "bit_fmnist", {"layers": [1, 1, 1]}),
     ("BiT ResNet", "BiT 2-2-2", "bit_fmnist", {}),
     ("Hybrid", "Hybrid w32 d4", "r_vit_fmnist", TINY_VIT),
