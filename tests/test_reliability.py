@@ -800,8 +800,11 @@ def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
         lines = err.strip().splitlines()  # what came after the "training:" line
         if proc.returncode != 130 or len(lines) != 1 or not lines[0].endswith("interrupted"):
             failures.append(f"{delay}: exit {proc.returncode}: {err[-400:]!r}")
-        if out.exists() and any(out.iterdir()):
-            failures.append(f"{delay}: left {[p.name for p in out.iterdir()]}")
+        left = [p for p in out.iterdir()] if out.exists() else []
+        # within the start-up window nothing may stay; later the first step may have run (on an idle machine it
+        # does by 0.1 s), and then the folder is a real, resumable run: it must at least say what run it is
+        if left and (delay <= 0.04 or not all((p / "config.json").is_file() for p in left)):
+            failures.append(f"{delay}: left {[p.name for p in left]}")
     assert not failures, "\n".join(failures)
 
 
