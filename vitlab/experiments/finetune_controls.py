@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .common import (
     SMALL_VIT,
@@ -22,12 +21,11 @@ from .common import (
     base_config,
     markdown_table,
     new_figure,
-    run_series,
     save_figure,
     script_main,
     write_report,
 )
-from .mpp import PRETRAIN, pretrain_run
+from .mpp import PRETRAIN, pretrain_then_finetune
 
 # label -> (TrainConfig changes, learning-rate multiplier)
 METHODS = {
@@ -98,9 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_runs(args: argparse.Namespace) -> None:
     """Train the runs of this experiment not yet in ``args.out/results.json``."""
-    rows = run_series([pretrain_run(args)], args.out)
-    pre = next(r for r in rows if r["label"] == PRETRAIN)
-    run_series(finetune_runs(args, str(Path(pre["run_dir"]) / "model.safetensors")), args.out)
+    pretrain_then_finetune(args, finetune_runs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,11 +124,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelled training images for fine-tuning (60000 = all)")
 
 
-def train_runs(args: argparse.Namespace) -> None:
-    """Train the runs of this experiment not yet in ``args.out/results.json``."""
+def pretrain_then_finetune(args: argparse.Namespace, finetune_runs) -> None:
+    """Train the MPP pre-training, then ``finetune_runs(args, pretrained_model_path)``, skipping runs already in
+    ``args.out/results.json`` (shared by the experiments that fine-tune from this pre-training)."""
     rows = run_series([pretrain_run(args)], args.out)
     pre = next(r for r in rows if r["label"] == PRETRAIN)
     run_series(finetune_runs(args, str(Path(pre["run_dir"]) / "model.safetensors")), args.out)
+
+
+def train_runs(args: argparse.Namespace) -> None:
+    """Train the runs of this experiment not yet in ``args.out/results.json``."""
+    pretrain_then_finetune(args, finetune_runs)
 
 
 def main(argv: list[str] | None = None) -> int:
