@@ -57,3 +57,39 @@ def test_user_error_types_are_also_the_builtin_types_python_callers_catch():
     assert issubclass(InvalidValueError, VitlabError) and issubclass(InvalidValueError, ValueError)
     assert issubclass(UnknownNameError, VitlabError) and issubclass(UnknownNameError, KeyError)
     assert str(UnknownNameError("unknown model 'x'")) == "unknown model 'x'"  # not quoted as KeyError's str() is
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``vitlab models | head -0``: the closed pipe ends the command with 141 (128 + SIGPIPE), no traceback."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "models"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
+def test_importing_vitlab_does_not_load_torch():
+    """The package's names load on first use, so the CLI's own start-up handles a Ctrl-C while torch loads."""
+    code = ("import sys, vitlab, vitlab.cli; print('torch' in sys.modules); vitlab.ViTConfig; "
+            "print('torch' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    """A KeyboardInterrupt raised inside ``import torch`` (where a Ctrl-C at start-up lands: seconds on a loaded
+    machine) ends the command with one line and exit 130."""
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from vitlab.cli import main\n"
+            "sys.exit(main(['models']))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert (res.returncode, res.stderr) == (130, "vitlab: interrupted\n")

@@ -101,3 +101,17 @@ def test_imagenet_checkpoints_accept_folders_named_by_wordnet_id():
         check_classes(1000, names, wnids[::-1], "ck", "imagenet")
     match = match_classes_by_name(names, ["n01443537", "tench", "unicorn"], "ck", "data")
     assert match.model_indices == [1, 0] and match.unmatched == ["unicorn"]
+
+
+def test_python_evaluate_refuses_data_whose_classes_are_not_the_models():
+    """``vitlab.train.evaluate`` applies the same check as ``vitlab eval``: other names, or another count."""
+    import vitlab
+    from vitlab.train import evaluate
+
+    model = vitlab.create_model("vit_fmnist")
+    model.class_names = [f"class {i}" for i in range(10)]  # digits names its classes "0" .. "9"
+    with pytest.raises(VitlabError, match=r"the model and digits name their classes differently \(10 of 10 differ"):
+        evaluate(model, "digits", device="cpu")
+    five = vitlab.create_model("vit_fmnist", num_classes=5)
+    with pytest.raises(VitlabError, match="the model predicts 5 classes but digits has 10"):
+        evaluate(five, "digits", device="cpu")

@@ -1,5 +1,6 @@
 """The one rule for turning a ``--device`` value into a ``torch.device``, shared by training, evaluation and
-benchmarks so that every command picks the same device, also under ``torchrun``."""
+benchmarks so that every command picks the same device, also under ``torchrun``; and the one mixed-precision
+context they run their forwards in."""
 
 from __future__ import annotations
 
@@ -29,3 +30,9 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward's mixed-precision context: bf16 autocast on ``device`` for ``precision='bf16'``, a disabled one
+    (plain float32) otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

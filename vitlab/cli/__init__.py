@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VITLAB_OFFLINE"] = "1"
     interrupts = _count_interrupts()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's flush at exit
+        return code
     except VitlabError as exc:  # bad input: the message says what to change
         print(f"vitlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -82,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the signal: one line in all
             print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``vitlab ... | head``): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception:
         # under torchrun a process stopped by Ctrl-C drops out of the collectives, and the others then fail inside
         # one (gloo: "Connection closed by peer"); after a Ctrl-C that is the interrupt, not a bug
@@ -92,8 +99,3 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"vitlab {args.command}: interrupted", file=sys.stderr)
             return 130
         raise
-    except BrokenPipeError:  # the reader went away (``vitlab ... | head``): stop quietly, as Unix tools do
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141

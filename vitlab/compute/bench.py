@@ -9,7 +9,6 @@ model's analytic FLOPs per second by a GEMM rate measured at the start of the ru
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 import warnings
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..devices import resolve_device
+from ..devices import autocast, resolve_device
 from ..errors import VitlabError
 from ..models import create_model, get_config
 from .flops import forward_macs
@@ -96,12 +95,6 @@ def bench_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise VitlabError(f"--device must be cpu or cuda, got {name!r}")
     return device
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def measure_gemm_rate(device: torch.device, dtype: str = "fp32", size: int = 2048, repeats: int = 5) -> dict:
@@ -216,7 +209,7 @@ def _maybe_compile(model: nn.Module, settings: BenchSettings) -> nn.Module:
 
 def _inference_fn(model, x, settings, device):
     def run():
-        with torch.inference_mode(), _autocast(device, settings.dtype):
+        with torch.inference_mode(), autocast(device, settings.dtype):
             return model(x)
 
     return run
@@ -226,7 +219,7 @@ def _train_fn(model, x, y, settings, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
 
     def step():
-        with _autocast(device, settings.dtype):
+        with autocast(device, settings.dtype):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()

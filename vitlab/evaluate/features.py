@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+from ..devices import autocast
 from ..errors import VitlabError
 from .distributed import IndexedDataset, ShardSampler, gather_by_index, world
 
@@ -112,7 +113,7 @@ def model_outputs(
     device = torch.device(device) if device is not None else _device_of(model)
     if precision not in ("fp32", "bf16"):
         raise VitlabError(f"precision must be fp32 or bf16, got {precision!r}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    mixed_precision = autocast(device, precision)
     rank, world_size = world()
     if not isinstance(dataset, Dataset):
         loader = _numbered_batches(dataset, rank, world_size)
@@ -139,7 +140,7 @@ def model_outputs(
                     on_skipped(bad)
                 if x is None:
                     continue
-                with autocast:
+                with mixed_precision:
                     outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
                 labels.append(y)
                 indices.append(idx)

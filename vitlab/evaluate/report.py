@@ -21,6 +21,17 @@ def write_json(path: str | os.PathLike, data) -> Path:
     return write_bytes_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
 
 
+def write_report(results: dict, out_dir: str | os.PathLike, markdown: str, plots: dict) -> dict[str, Path]:
+    """results.json and report.md in ``out_dir``, then each ``{kind: (file name, plot function)}`` of ``plots``;
+    returns {kind: path} ("json", "markdown", then the plot kinds)."""
+    out = Path(out_dir)
+    files = {"json": write_json(out / "results.json", results),
+             "markdown": write_text_atomic(out / "report.md", markdown)}
+    for kind, (name, plot) in plots.items():
+        files[kind] = plot(results, out / name)
+    return files
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Render a matplotlib figure to PNG and write it atomically; the figure is closed."""
     import matplotlib.pyplot as plt
@@ -145,13 +156,9 @@ def plot_reliability(results: dict, path: str | os.PathLike) -> Path:
 
 def write_classification_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """results.json, report.md, confusion.png and reliability.png in ``out_dir``; returns {kind: path}."""
-    out = Path(out_dir)
-    return {
-        "json": write_json(out / "results.json", results),
-        "markdown": write_text_atomic(out / "report.md", classification_markdown(results)),
-        "confusion": plot_confusion(results, out / "confusion.png"),
-        "reliability": plot_reliability(results, out / "reliability.png"),
-    }
+    return write_report(results, out_dir, classification_markdown(results),
+                        {"confusion": ("confusion.png", plot_confusion),
+                         "reliability": ("reliability.png", plot_reliability)})
 
 
 # --------------------------------------------------------------------------------------------------------- few-shot
@@ -216,12 +223,7 @@ def plot_fewshot(results: dict, path: str | os.PathLike) -> Path:
 
 def write_fewshot_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """results.json, report.md and fewshot.png in ``out_dir``; returns {kind: path}."""
-    out = Path(out_dir)
-    return {
-        "json": write_json(out / "results.json", results),
-        "markdown": write_text_atomic(out / "report.md", fewshot_markdown(results)),
-        "plot": plot_fewshot(results, out / "fewshot.png"),
-    }
+    return write_report(results, out_dir, fewshot_markdown(results), {"plot": ("fewshot.png", plot_fewshot)})
 
 
 # ------------------------------------------------------------------------------------------------------------ suite
@@ -276,3 +278,8 @@ def plot_suite(results: dict, path: str | os.PathLike) -> Path:
         ax.legend(handles=[Patch(color=colours[g], label=g or "ungrouped") for g in groups], loc="lower right")
     ax.set_title(f"{results.get('name', 'suite')}: mean {_pct(results.get('mean'))}%")
     return save_figure(fig, path)
+
+
+def write_suite_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """results.json, report.md and suite.png in ``out_dir``; returns {kind: path}."""
+    return write_report(results, out_dir, suite_markdown(results), {"plot": ("suite.png", plot_suite)})

@@ -33,7 +33,7 @@ from .data import class_names_of, with_transform
 from .features import extract_features
 from .fewshot import labels_of, tuned_probe
 from .finetune import finetune_task
-from .report import plot_suite, suite_markdown, write_json
+from .report import write_json, write_suite_report
 from .suite_config import SuiteConfig, TaskConfig
 
 DatasetBuilder = Callable[[str, str, int], Dataset]
@@ -185,9 +185,7 @@ def run_suite(
             f"{result['seconds']:.0f} s)")
         results.append({**result, "resumed": False})
     suite = aggregate(config, results, str(checkpoint) if checkpoint is not None else None)
-    write_json(out_dir / "results.json", suite)
-    write_text_atomic(out_dir / "report.md", suite_markdown(suite))
-    plot_suite(suite, out_dir / "suite.png")
+    write_suite_report(suite, out_dir)
     return suite
 
 

@@ -30,12 +30,15 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
              on_bad_image: str = "skip") -> dict:
     """Top-k accuracy of ``model`` on a named set, image folder or tar shards, with the model's preprocessing
     (``model.preprocessing``, else the paper's for its input size). Exact under ``torchrun`` (each process
-    evaluates a disjoint share). Returns ``{"top1", "top5", "loss", "samples", "skipped"}``, measured by
-    :func:`vitlab.evaluate.evaluate_classifier` (the evaluator of ``vitlab eval``) on the training loaders'
-    batches."""
+    evaluates a disjoint share). Data whose classes cannot be the model's (another number of classes, or other
+    names than those the model carries) are refused, as in ``vitlab eval``. Returns ``{"top1", "top5", "loss",
+    "samples", "skipped"}``, measured by :func:`vitlab.evaluate.evaluate_classifier` (the evaluator of
+    ``vitlab eval``) on the training loaders' batches."""
     from ..data import ArrayDataset, build_dataset
     from ..data.loaders import folder_eval_batches, in_memory_eval_batches
     from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
+    from ..evaluate.classmap import check_classes
+    from ..evaluate.data import class_names_of
     from ..preprocessing import Preprocessing
     from . import distributed as D
 
@@ -43,6 +46,7 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
     cfg = model.cfg
     pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
     dataset = build_dataset(data, split, data_dir=data_dir, channels=pre.channels, on_error=on_bad_image)
+    check_classes(cfg.num_classes, getattr(model, "class_names", None), class_names_of(dataset), "the model", data)
     if isinstance(dataset, ArrayDataset):
         if dataset.channels != cfg.in_chans:
             from ..errors import VitlabError

@@ -49,34 +49,31 @@ def list_recipes() -> list[Recipe]:
 
 
 # Pre-training (paper section 4.1, Table 3): Adam 0.9 / 0.999, decoupled weight decay on the kernels, batch 4096,
-# 10k warmup steps, linear decay, resolution 224; the head has the pre-logits layer. Batch 4096 is reached by
-# gradient accumulation over processes x accum_steps.
+# 10k warmup steps, linear decay, resolution 224, Inception crops and flips; the head has the pre-logits layer.
+# Batch 4096 is reached by gradient accumulation over processes x accum_steps. The paper's three large-batch
+# recipes (two pre-trainings, ImageNet from scratch) share these settings and differ in lr, decay and epochs.
+PAPER_LARGE_BATCH = dict(model="vit_b16", img_size=224, optimizer="adamw", betas=(0.9, 0.999), warmup_steps=10_000,
+                         batch_size=4096, accum_steps=16, grad_clip=1.0, augment="inception",
+                         crop_scale=(0.05, 1.0), flip=True, precision="auto")
 register_recipe(Recipe(
     "pretrain",
     "paper pre-training on JFT-300M-scale data (ViT-B/16: Adam, lr 8e-4, wd 0.1, 7 epochs, batch 4096, 10k "
     "warmup, linear decay, pre-logits head)",
-    dict(model="vit_b16", model_args={"representation_size": 768}, img_size=224, optimizer="adamw", lr=8e-4,
-         betas=(0.9, 0.999), weight_decay=0.1, schedule="linear", warmup_steps=10_000, end_lr_factor=0.0,
-         epochs=7, batch_size=4096, accum_steps=16, grad_clip=1.0, augment="inception", crop_scale=(0.05, 1.0),
-         flip=True, precision="auto"),
+    dict(PAPER_LARGE_BATCH, model_args={"representation_size": 768}, lr=8e-4, weight_decay=0.1, schedule="linear",
+         end_lr_factor=0.0, epochs=7),
 ))
 register_recipe(Recipe(
     "pretrain-i21k",
     "paper pre-training on ImageNet-21k (ViT-B/16: Adam, lr 1e-3 linear to 1e-5, wd 0.03, dropout 0.1, 90 epochs, "
     "batch 4096, 10k warmup, pre-logits head)",
-    dict(model="vit_b16", model_args={"representation_size": 768, "dropout": 0.1}, img_size=224, optimizer="adamw",
-         lr=1e-3, betas=(0.9, 0.999), weight_decay=0.03, schedule="linear", warmup_steps=10_000,
-         end_lr_factor=0.01, epochs=90, batch_size=4096, accum_steps=16, grad_clip=1.0, augment="inception",
-         crop_scale=(0.05, 1.0), flip=True, precision="auto"),
+    dict(PAPER_LARGE_BATCH, model_args={"representation_size": 768, "dropout": 0.1}, lr=1e-3, weight_decay=0.03,
+         schedule="linear", end_lr_factor=0.01, epochs=90),
 ))
 register_recipe(Recipe(
     "imagenet",
     "paper training from scratch on ImageNet (Table 3: Adam, lr 3e-3, cosine, wd 0.3, dropout 0.1, grad clip 1, "
     "300 epochs, batch 4096, 10k warmup)",
-    dict(model="vit_b16", model_args={"dropout": 0.1}, img_size=224, optimizer="adamw", lr=3e-3,
-         betas=(0.9, 0.999), weight_decay=0.3, schedule="cosine", warmup_steps=10_000, epochs=300,
-         batch_size=4096, accum_steps=16, grad_clip=1.0, augment="inception", crop_scale=(0.05, 1.0), flip=True,
-         precision="auto"),
+    dict(PAPER_LARGE_BATCH, model_args={"dropout": 0.1}, lr=3e-3, weight_decay=0.3, schedule="cosine", epochs=300),
 ))
 # Fine-tuning (section 4.1, appendix B.1.1): SGD momentum 0.9, no weight decay, global-norm clip 1, cosine decay,
 # batch 512, higher resolution (384) with the position embeddings resampled, a new zero-initialised head.

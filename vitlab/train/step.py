@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data.loaders import Batch, mix_seed
-from .evaluation import autocast_context
+from ..devices import autocast
 from .run import Run
 
 
@@ -68,7 +68,7 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
         x, targets = objective.transform(batch.images, batch.labels)
         last = micro_step == accum - 1
         with run.trainable.no_sync() if ddp and not last else nullcontext():  # all-reduce on the last one only
-            with autocast_context(run.device, run.precision):
+            with autocast(run.device, run.precision):
                 output = run.forward(x)
             micro_loss = objective.loss(output, targets)
             (micro_loss / accum).backward()
