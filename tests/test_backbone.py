@@ -442,3 +442,22 @@ def test_forward_intermediates_equal_timm_where_the_cpu_fast_path_runs():
     with torch.no_grad():
         _assert_same(ours.forward_intermediates(x, indices=[0, 1], norm=True),
                      theirs.forward_intermediates(x, indices=[0, 1], norm=True))
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_dynamic_size_hybrid_matches_pytorch_at_other_sizes(tmp_path):
+    """A hybrid's token is the stem's stride times its patch: the exported height and width are multiples of that."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.compute.deploy import OnnxModel, check_parity, export_onnx
+
+    model = randomize_(vitlab.create_model("r_vit_fmnist", depth=1, dynamic_img_size=True), std=0.1).eval()
+    rh, rw = model.cfg.reduction
+    path = export_onnx(model, tmp_path / "hybrid.onnx")
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param and not d.dim_value for d in (dims[0], dims[2], dims[3]))
+    sizes = ((rh * 5, rw * 3), (rh * 2, rw * 8))
+    parity = check_parity(model, OnnxModel(path), batch_sizes=(2,), tolerance=1e-4, sizes=sizes)
+    assert parity.ok and parity.max_abs_logit > 0.05, parity
+    assert set(parity.max_abs_diff) == {2, f"{rh * 5}x{rw * 3}", f"{rh * 2}x{rw * 8}"}

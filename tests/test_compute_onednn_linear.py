@@ -27,6 +27,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(linear, "onednn_product", counting)
     monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(linear, "ONEDNN_MIN_FEATURES", 0)
+    monkeypatch.setenv("VITLAB_ONEDNN_LINEAR", "1")  # the fast path on, whatever this machine's default
     return counter
 
 
@@ -119,4 +120,29 @@ def test_the_swap_keeps_parameters_and_state_dict_and_models_stay_plain(calls):
     assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
     set_onednn_linear(plain, False)
     assert all(type(m) is not OneDnnLinear for m in plain.modules())
-    assert type(vitlab.create_model("vit_ti16", img_size=32, depth=2).head) is OneDnnLinear  # on by default
+    assert type(vitlab.create_model("vit_ti16", img_size=32, depth=2).head) is OneDnnLinear  # the default, here on
+
+
+@pytest.mark.parametrize("vendor,setting,expected", [("AuthenticAMD", None, True), ("GenuineIntel", None, False),
+                                                     ("", None, False), ("GenuineIntel", "1", True),
+                                                     ("AuthenticAMD", "0", False)])
+def test_the_default_is_on_for_amd_cpus_and_the_environment_decides_when_set(monkeypatch, vendor, setting,
+                                                                             expected):
+    monkeypatch.setattr(linear, "cpu_vendor", lambda: vendor)
+    if setting is None:
+        monkeypatch.delenv("VITLAB_ONEDNN_LINEAR", raising=False)
+    else:
+        monkeypatch.setenv("VITLAB_ONEDNN_LINEAR", setting)
+    assert linear.onednn_linear_default() is expected
+    model = vitlab.create_model("vit_ti16", img_size=32, depth=1)
+    assert (type(model.head) is OneDnnLinear) is expected
+    assert type(set_onednn_linear(model, True).head) is OneDnnLinear  # an explicit choice overrides the default
+
+
+def test_a_bad_environment_setting_is_refused_naming_the_variable(monkeypatch):
+    from vitlab.errors import InvalidValueError
+
+    monkeypatch.setenv("VITLAB_ONEDNN_LINEAR", "yes")
+    with pytest.raises(InvalidValueError, match=r"VITLAB_ONEDNN_LINEAR='yes': use 1 \(oneDNN fast path on\) or 0"):
+        vitlab.create_model("vit_ti16", img_size=32, depth=1)
+

@@ -14,7 +14,7 @@ from .flops import (
     vit_macs_breakdown,
 )
 from .memory import TrainingMemory, activation_bytes_per_image, max_micro_batch, training_memory
-from .onednn import OneDnnLinear, onednn_linear_available, set_onednn_linear
+from .onednn import OneDnnLinear, onednn_linear_available, onednn_linear_default, set_onednn_linear
 
 __all__ = [
     "ACCELERATOR_PEAK_FLOPS",
@@ -26,6 +26,7 @@ __all__ = [
     "activation_bytes_per_image",
     "max_micro_batch",
     "onednn_linear_available",
+    "onednn_linear_default",
     "set_onednn_linear",
     "training_memory",
     "accelerator_days",

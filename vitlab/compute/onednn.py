@@ -10,7 +10,9 @@ microseconds) would dominate them.
 The models themselves use plain ``nn.Linear``; the swap changes only the class of each layer in place, so the layer
 keeps its ``weight`` / ``bias`` parameters (the same objects), state dict, hooks and ``isinstance``, and checkpoints,
 optimisers and quantisers see nothing new. ``vitlab.create_model``, ``vitlab.load`` (and so every command) and the
-training loop apply it to the models they build; ``set_onednn_linear(model, False)`` turns it off.
+training loop apply the machine's default to the models they build (:func:`onednn_linear_default`: on for AMD CPUs,
+where it was measured faster, off elsewhere; ``VITLAB_ONEDNN_LINEAR=1`` / ``0`` decides instead);
+``set_onednn_linear(model, True)`` / ``False`` switches a model's layers either way.
 
 Eager training and inference use a small autograd function; under ``torch.compile`` the product is the opaque custom
 op ``vitlab::onednn_linear`` so inductor still fuses everything around it. CUDA, other dtypes, autocast, tensor
@@ -19,9 +21,14 @@ subclasses, TorchScript and ONNX export all take the plain ``F.linear`` path.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import InvalidValueError
 
 # Where oneDNN pays, measured by benchmarks/onednn_linear_thresholds.py (forward + backward of one layer against
 # F.linear, docs/performance.md): below about 2^23 multiply-accumulates per product its fixed cost (tens of
@@ -151,10 +158,42 @@ class OneDnnLinear(nn.Linear):
         return bool(_AVAILABLE)
 
 
-def set_onednn_linear(model: nn.Module, enabled: bool = True) -> nn.Module:
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it (``AuthenticAMD``, ``GenuineIntel``, ...); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def onednn_linear_default() -> bool:
+    """Whether models built by vitlab take the fast path on this machine. ``VITLAB_ONEDNN_LINEAR=1`` or ``0`` decides
+    when set. Otherwise on for AMD CPUs, where MKL runs its AVX2 code and oneDNN's AVX-512 kernels were measured
+    faster (vitlab / timm: ViT-S/16 training 1.34x, inference 1.5-1.6x), and off elsewhere: on an Intel Xeon with
+    AVX-512 MKL was faster at every layer shape measured (oneDNN at 0.41-0.87x its speed) and the fast path made
+    ViT-B/16 training 0.69-0.78x timm's (docs/performance.md)."""
+    setting = os.environ.get("VITLAB_ONEDNN_LINEAR")
+    if setting is not None:
+        if setting not in ("0", "1"):
+            raise InvalidValueError(f"VITLAB_ONEDNN_LINEAR={setting!r}: use 1 (oneDNN fast path on) or 0 (off)")
+        wanted = setting == "1"
+    else:
+        wanted = cpu_vendor() == "AuthenticAMD"
+    return wanted and onednn_linear_available()
+
+
+def set_onednn_linear(model: nn.Module, enabled: bool | None = None) -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` for :class:`OneDnnLinear` (``enabled``), or back, in place; returns
-    ``model``. Only the layers' class changes: parameters, buffers, hooks and the state dict stay as they are. A
-    no-op where this PyTorch build has no usable oneDNN inner product."""
+    ``model``. ``enabled=None`` applies this machine's default (:func:`onednn_linear_default`). Only the layers'
+    class changes: parameters, buffers, hooks and the state dict stay as they are. A no-op where this PyTorch build
+    has no usable oneDNN inner product."""
+    if enabled is None:
+        enabled = onednn_linear_default()
     if enabled and not onednn_linear_available():  # probed here, so that a compiled forward only reads the answer
         return model
     for module in model.modules():
