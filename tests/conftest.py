@@ -25,3 +25,14 @@ def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
 # token and learned 1D position embedding: r_vit_fmnist's transformer)
 CLASS_TOKEN_VIT = {"embed_dim": 128, "num_heads": 4, "mlp_dim": 256, "pool": "token", "class_token": True,
                    "pos_embed": "learned"}
+
+
+def assert_checkpointing_keeps_gradients(model: torch.nn.Module, x: torch.Tensor, rtol: float = 1e-5) -> None:
+    """The gradients of a training-mode ``model`` on ``x`` are the same with ``set_grad_checkpointing(True)``."""
+    model(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=rtol)

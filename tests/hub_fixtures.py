@@ -10,7 +10,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-class FileServer:
+class _LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) serving one handler class until :meth:`stop`."""
+
+    def _serve(self, handler) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class FileServer(_LoopbackServer):
     """``files``: URL path -> bytes. ``cut_after``: the first response for a path stops after that many bytes and
     closes the connection. ``html``: answer every request with an HTML page. ``delay``: seconds between 64 KiB
     chunks. ``requests`` records (path, Range header) of every request."""
@@ -64,23 +83,11 @@ class FileServer:
                     if owner.delay:
                         time.sleep(owner.delay)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._serve(Handler)
 
     def gets(self, path: str) -> list[str | None]:
         """The Range headers of the requests for ``path`` (None: a plain GET)."""
         return [r for p, r in self.requests if p == path]
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dict],
@@ -102,7 +109,7 @@ def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dic
     return snapshot
 
 
-class LoopbackHub:
+class LoopbackHub(_LoopbackServer):
     """The part of the Hugging Face Hub's HTTP interface ``hf_hub_download`` uses, on 127.0.0.1:
     ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` answering with ``X-Repo-Commit`` and ``ETag``; an unknown
     repo gets ``X-Error-Code: RepoNotFound``, a missing file ``EntryNotFound``. ``repos``: repo -> {file: bytes}."""
@@ -148,16 +155,4 @@ class LoopbackHub:
             def do_GET(self):
                 self._answer(True)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self._serve(Handler)

@@ -59,6 +59,30 @@ def test_hf_folder_loads_with_transformers_logits(tmp_path, act, eps):
     assert read_checkpoint(tmp_path / "hf").format == "hf"
 
 
+def test_hf_backbone_with_pooler_loads_as_the_google_in21k_repos_are(tmp_path):
+    """``google/vit-*-in21k`` are ``ViTModel`` folders: no classifier, a tanh pooler. They load as a headless ViT
+    whose pre-logits layer is the pooler: tokens and pooled features equal transformers'; ``num_classes`` adds a
+    zero head on top of the pooler, as fine-tuning from them does."""
+    cfg = transformers.ViTConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=384,
+                                 image_size=32, patch_size=8)
+    reference = randomize_weights_(transformers.ViTModel(cfg)).eval()
+    reference.save_pretrained(tmp_path / "in21k")
+    model = vitlab.load(tmp_path / "in21k")
+    assert model.cfg.num_classes == 0 and model.cfg.representation_size == 192
+    x = _images()
+    with torch.no_grad():
+        expected = reference(pixel_values=x)
+        tokens = model.forward_features(x)
+        pooled = model.forward_head(tokens, pre_logits=True)
+    assert expected.pooler_output.abs().max() > 0.1
+    torch.testing.assert_close(tokens, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, expected.pooler_output, atol=1e-5, rtol=1e-5)
+    tuned = vitlab.load(tmp_path / "in21k", num_classes=5)
+    assert tuned.cfg.num_classes == 5 and torch.count_nonzero(tuned.head.weight) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.forward_head(tuned.forward_features(x), pre_logits=True), pooled)
+
+
 def test_hf_safetensors_file_alone_uses_transformers_defaults(tmp_path):
     reference = _hf_model()
     reference.save_pretrained(tmp_path / "hf")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import vitlab
 from vitlab.models import VisionTransformer, ViTConfig, sincos_2d_position_embedding
 
-from .conftest import randomize_
+from .conftest import assert_checkpointing_keeps_gradients, randomize_
 
 timm = pytest.importorskip("timm")
 
@@ -260,15 +260,7 @@ def test_dropout_and_stochastic_depth_are_active_only_in_training():
 
 
 def test_gradient_checkpointing_gives_same_gradients():
-    model = _small().train()
-    x = torch.randn(2, 3, 32, 32)
-    model(x).square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).square().sum().backward()
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    assert_checkpointing_keeps_gradients(_small().train(), torch.randn(2, 3, 32, 32))
 
 
 def test_input_channels_and_shape_errors():
