@@ -125,10 +125,14 @@ def _torchrun(config_file: Path, nproc: int, *extra: str) -> subprocess.Complete
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,controls", [(False, {}), (True, {}), (True, {"freeze_blocks": 1, "layer_decay": 0.75})],
+                         ids=["ddp", "fsdp", "fsdp-frozen-layer-decay"])
+def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_path, fsdp, controls):
+    """Two processes equal one; with FSDP also when fine-tuning controls freeze parameters and give each layer its
+    own learning rate (sharded parameters in per-layer optimiser groups)."""
     # SGD: without Adam's normalisation, summation-order differences stay at rounding level
-    cfg = tiny_config(tmp_path, epochs=3, run_name="dist", eval_every_epochs=1, fsdp=fsdp, optimizer="sgd", lr=0.05)
+    cfg = tiny_config(tmp_path, epochs=3, run_name="dist", eval_every_epochs=1, fsdp=fsdp, optimizer="sgd", lr=0.05,
+                      **controls)
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.to_json())
     done = _torchrun(config_file, 2)
@@ -139,6 +143,8 @@ def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_pat
     result = json.loads((runs[0] / "result.json").read_text())
     assert result["world_size"] == 2 and result["metrics"]["samples"] == 359  # 180 + 179: nothing padded
     assert "test accuracy" in done.stdout and done.stdout.count("run folder:") == 1
+    if controls:
+        assert "8,938 of 18,218 parameters train" in done.stdout + done.stderr
     # the distributed evaluation equals a single-process evaluation of the saved model
     model = vitlab.load(runs[0] / "model.safetensors")
     single = evaluate(model, "digits", device="cpu")
