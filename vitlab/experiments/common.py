@@ -28,6 +28,10 @@ BASE = dict(data="fashion-mnist", augment="flip", flip=True, optimizer="adamw", 
 # position embedding, width 64, depth 6, 2 heads, MLP 128 (the hybrid runs put it on r_vit_fmnist's ResNet stem)
 SMALL_VIT = {"embed_dim": 64, "depth": 6, "num_heads": 2, "mlp_dim": 128, "pool": "token", "class_token": True,
              "pos_embed": "learned"}
+# The paper's three kinds of model (Figure 5: ViT, BiT ResNet, hybrid) as the experiments label them, and the label of
+# each vitlab model family
+MODEL_KINDS = ("ViT", "BiT ResNet", "Hybrid")
+MODEL_KIND_OF_FAMILY = {"vit": "ViT", "resnetv2": "BiT ResNet", "hybrid": "Hybrid"}
 
 
 @dataclass

@@ -16,6 +16,8 @@ import argparse
 import sys
 
 from .common import (
+    MODEL_KIND_OF_FAMILY,
+    MODEL_KINDS,
     SMALL_VIT,
     Run,
     add_common_arguments,
@@ -38,15 +40,13 @@ MODELS = [
     ("Hybrid", "Hybrid w32 d4", "r_vit_fmnist", TINY_VIT),
     ("Hybrid", "Hybrid w64 d6", "r_vit_fmnist", SMALL_VIT),
 ]
-FAMILIES = ("ViT", "BiT ResNet", "Hybrid")
-FAMILY_OF_ARCHITECTURE = {"vit": "ViT", "resnetv2": "BiT ResNet", "hybrid": "Hybrid"}
 
 
 def registered_models(names: list[str]) -> list[tuple[str, str, str, dict]]:
     """``MODELS``-style entries for registered model names (each its own label; the family from its config)."""
     from ..models import family_of, get_config
 
-    return [(FAMILY_OF_ARCHITECTURE[family_of(get_config(name)).name], name, name, {}) for name in names]
+    return [(MODEL_KIND_OF_FAMILY[family_of(get_config(name)).name], name, name, {}) for name in names]
 
 
 def build_runs(args: argparse.Namespace) -> list[Run]:
@@ -65,7 +65,7 @@ def report(rows: list[dict], out: str) -> None:
                ("wall_seconds", "wall s")]
     ordered = sorted(rows, key=lambda r: r["train_tflops"])
     notes = []
-    for family in FAMILIES:
+    for family in MODEL_KINDS:
         pts = [r for r in ordered if r["family"] == family]
         if pts:
             best = max(pts, key=lambda r: r["top1"])
@@ -74,7 +74,7 @@ def report(rows: list[dict], out: str) -> None:
     notes = ["; ".join(notes) + ".", f"Total wall time: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min."]
     write_report(out, "Accuracy vs training compute", markdown_table(ordered, columns), notes)
     series = {f: [(r["train_tflops"], 100 * r["top1"], r["label"].split(" ", 1)[-1]) for r in ordered
-                  if r["family"] == f] for f in FAMILIES}
+                  if r["family"] == f] for f in MODEL_KINDS}
     line_plot(out, "compute.png", series, xlabel="training compute (TFLOPs = 6 x forward MACs x images / 1e12)",
               ylabel="test top-1 (%)", title="Accuracy vs training compute (same recipe and steps)")
 

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from .common import (
+    MODEL_KINDS,
     SMALL_VIT,
     Run,
     add_common_arguments,
@@ -27,8 +28,6 @@ from .common import (
     write_report,
 )
 
-FAMILIES = ("ViT", "BiT ResNet", "Hybrid")
-
 
 def build_runs(args: argparse.Namespace) -> list[Run]:
     models = {"ViT": (args.vit, SMALL_VIT if args.vit == "vit_fmnist" else {}),
@@ -36,7 +35,7 @@ def build_runs(args: argparse.Namespace) -> list[Run]:
               "Hybrid": (args.hybrid, SMALL_VIT if args.hybrid == "r_vit_fmnist" else {})}
     runs = []
     for size in args.sizes:
-        for family in FAMILIES:
+        for family in MODEL_KINDS:
             model, model_args = models[family]
             config = base_config(args, model=model, model_args=model_args, train_subset=size,
                                  run_name=f"data-{size}-{model}")
@@ -59,7 +58,7 @@ def report(rows: list[dict], out: str) -> None:
                  markdown_table(rows, columns),
                  ["Best per size: " + "; ".join(winners) + ".", f"Total wall time: {total / 60:.1f} min."])
     series = {f: [(r["train_images"], 100 * r["top1"]) for r in rows if r["family"] == f and r["top1"] is not None]
-              for f in FAMILIES}
+              for f in MODEL_KINDS}
     line_plot(out, "data_requirements.png", series, xlabel="training images", ylabel="test top-1 (%)",
               title="Accuracy vs training-set size (equal steps per run)")
 
