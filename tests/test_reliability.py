@@ -26,6 +26,24 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VITLAB_NO_PROGRESS": "1"}
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A child's SIGINT back to the default, for the Ctrl-C tests: a shell that starts the test run in the background
+    (``pytest &``) makes it ignored, and a process inherits that (then Python never raises KeyboardInterrupt)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler in this process for the test (whatever the test run inherited), restored after."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _image_folder(root: Path) -> Path:
     from PIL import Image
 
@@ -747,7 +765,7 @@ def test_the_default_recipe_killed_after_its_first_epoch_resumes_to_the_uninterr
 
 
 # ------------------------------------------------------------------------------------- 11: Ctrl-C at start-up
-def test_ctrl_c_while_workers_are_forked_is_held_back_and_delivered():
+def test_ctrl_c_while_workers_are_forked_is_held_back_and_delivered(default_sigint):
     import signal
 
     from vitlab.data.loaders import _sigint_deferred
@@ -759,6 +777,28 @@ def test_ctrl_c_while_workers_are_forked_is_held_back_and_delivered():
             reached.append("after the signal")
     assert reached == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_worker_prints_nothing_when_the_main_process_leaves_mid_handshake():
+    """Broken connections in multiprocessing's resource sharer (the main process gone) are silent in a worker; the
+    same errors anywhere else, and other errors there, still reach the usual hook."""
+    import multiprocessing.resource_sharer as sharer
+
+    from vitlab.data.loaders import _main_process_gone_quietly
+
+    reported = []
+    hook = _main_process_gone_quietly(lambda exc_type, exc, tb: reported.append(type(exc).__name__))
+    in_sharer, elsewhere = {}, {}
+    exec(compile("def serve(exc):\n    raise exc\n", sharer.__file__, "exec"), in_sharer)
+    exec(compile("def serve(exc):\n    raise exc\n", "worker_code.py", "exec"), elsewhere)
+    for serve, exc in [(in_sharer, EOFError()), (in_sharer, ConnectionResetError(104, "reset")),
+                       (in_sharer, BrokenPipeError(32, "broken pipe")), (in_sharer, ValueError("a real bug")),
+                       (elsewhere, EOFError())]:
+        try:
+            serve["serve"](exc)
+        except Exception as raised:
+            hook(type(raised), raised, raised.__traceback__)
+    assert reported == ["ValueError", "EOFError"]
 
 
 @pytest.mark.slow
@@ -784,7 +824,7 @@ def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
     for n, delay in enumerate([0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12]):
         out = tmp_path / f"runs{n}"
         proc = subprocess.Popen([*argv, "--out-dir", str(out)], env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
         for line in proc.stderr:  # the last line before the loop starts the first epoch's workers
             if line.startswith("training:"):
                 break
@@ -832,7 +872,7 @@ def test_ctrl_c_with_nproc_2_is_one_line_and_exit_130(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--recipe", "fashion-mnist", "--nproc", "2",
                              "--set", "train_subset=2000", "--out-dir", str(runs), "--no-progress", "--device", "cpu"],
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not list(runs.glob("*/metrics.jsonl")):
         time.sleep(0.5)
