@@ -590,11 +590,11 @@ def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=Non
       resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
       position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
 
-    The model's Linear layers take the CPU fast path (:func:`vitlab.compute.set_onednn_linear`).
+    The model's Linear layers take this machine's CPU fast-path default (:func:`vitlab.compute.set_onednn_linear`).
     """
     ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
     model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
                                   resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
                                   patch_size=patch_size)
-    return set_onednn_linear(model)  # the CPU fast path, as vitlab.create_model
+    return set_onednn_linear(model)  # this machine's CPU fast-path default, as vitlab.create_model
 

@@ -238,7 +238,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     vit = build_model_for(cfg, len(class_names), in_chans, log)
     apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
                    layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
-    set_onednn_linear(vit)  # the CPU fast path for its Linear layers
+    set_onednn_linear(vit)  # this machine's CPU fast-path default for its Linear layers
     preprocessing, origin = run_preprocessing(cfg, vit)
     log.info(f"preprocessing: {origin}: {describe_preprocessing(preprocessing)}; training: augmentation "
              f"{cfg.augment} at {preprocessing.img_size[0]}x{preprocessing.img_size[1]} with the same mean / std "
