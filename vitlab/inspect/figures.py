@@ -1,7 +1,8 @@
 """Matplotlib figures for the inspection analyses. Math lives in the other modules; these only draw.
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state, no display needed);
-:func:`figure_png` turns one into PNG bytes.
+:func:`figure_png` turns one into PNG bytes. Matplotlib is imported when the first figure is drawn, not with the
+package (the command line imports ``vitlab.inspect`` to list its analyses).
 """
 
 from __future__ import annotations
@@ -9,18 +10,33 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from .distance import patch_centre_distances
 from .filters import FilterComponents
 from .posemb import PositionEmbeddingStructure
 from .rollout import upsample_map
 
+if TYPE_CHECKING:
+    from matplotlib.colors import Colormap
+    from matplotlib.figure import Figure
+
 DPI = 100
+
+
+def _new_figure(**kwargs) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _colormap(name: str) -> Colormap:
+    import matplotlib
+
+    return matplotlib.colormaps[name]
 
 
 def figure_png(fig: Figure) -> bytes:
@@ -53,7 +69,7 @@ def plot_embedding_filters(pca: FilterComponents) -> Figure:
     cols = min(7, k)
     rows = math.ceil(k / cols)
     tile_width = 1.3 if channels in (1, 3) else 0.5 + 0.5 * channels
-    fig = Figure(figsize=(cols * tile_width + 0.4, rows * 1.45 + 0.9))
+    fig = _new_figure(figsize=(cols * tile_width + 0.4, rows * 1.45 + 0.9))
     total = float(pca.explained_variance_ratio.sum()) * 100
     fig.suptitle(f"Patch-embedding filters: first {k} principal components ({total:.1f}% of variance)")
     for i in range(rows * cols):
@@ -82,9 +98,9 @@ def plot_position_similarity(similarity: torch.Tensor, structure: PositionEmbedd
     mosaic = np.ma.masked_invalid(_mosaic(sim, gap=max(1, min(gh, gw) // 6)))
     width = 7.0
     height = min(10.0, max(3.0, width * mosaic.shape[0] / mosaic.shape[1])) + 0.8
-    fig = Figure(figsize=(width + 1.2, height))
+    fig = _new_figure(figsize=(width + 1.2, height))
     ax = fig.add_axes((0.1, 0.1, 0.72, 0.78))
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    cmap = _colormap("viridis").with_extremes(bad="white")
     image = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     step_y, step_x = mosaic.shape[0] / gh, mosaic.shape[1] / gw
     ax.set_xticks([(j + 0.5) * step_x - 0.5 for j in range(gw)], [str(j + 1) for j in range(gw)], fontsize=7)
@@ -107,9 +123,9 @@ def plot_attention_distance(mean_distance: torch.Tensor, grid_size: tuple[int, i
     attention over the grid would give as a dashed reference."""
     table = mean_distance.numpy()
     layers, heads = table.shape
-    fig = Figure(figsize=(7.5, 5.0))
+    fig = _new_figure(figsize=(7.5, 5.0))
     ax = fig.add_axes((0.11, 0.11, 0.68, 0.78))
-    colours = matplotlib.colormaps["tab20"]
+    colours = _colormap("tab20")
     for h in range(heads):
         ax.scatter(np.arange(1, layers + 1), table[:, h], s=18, color=colours(h % 20), label=f"head {h + 1}")
     uniform = float(patch_centre_distances(grid_size, patch_size).mean())
@@ -139,10 +155,10 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, titles: Sequence[str]
     height, width = images.shape[-2:]
     aspect = height / width
     fig_height = rows * (1.7 * aspect + 0.45) + 0.8  # the top 0.8 inch holds the title and the first row's labels
-    fig = Figure(figsize=(per_row * 2 * 1.7 + 0.2, fig_height))
+    fig = _new_figure(figsize=(per_row * 2 * 1.7 + 0.2, fig_height))
     fig.suptitle("Attention rollout", fontsize=11)
     heat = upsample_map(maps, (height, width)).numpy()
-    jet = matplotlib.colormaps["jet"]
+    jet = _colormap("jet")
     for i in range(k):
         picture = images[i].permute(1, 2, 0).numpy()
         picture = np.repeat(picture, 3, axis=2) if picture.shape[2] == 1 else picture[..., :3]
