@@ -14,6 +14,15 @@ from vitlab.errors import InvalidValueError, UnknownNameError, VitlabError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` with this checkout's vitlab, its output captured."""
+    return subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+
+
 def _run_with_failing_library(exc: str) -> subprocess.CompletedProcess:
     """`vitlab models` with the library function it calls replaced by one raising ``exc``."""
     code = ("import sys, vitlab.errors, vitlab.cli.models\n"
@@ -22,8 +31,7 @@ def _run_with_failing_library(exc: str) -> subprocess.CompletedProcess:
             "vitlab.cli.models.list_models = broken\n"
             "from vitlab.cli import main\n"
             "sys.exit(main(['models']))\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return _python(code)
 
 
 @pytest.mark.parametrize("exc", ["RuntimeError('boom inside a command')", "ValueError('boom inside a command')",
@@ -61,8 +69,7 @@ def test_user_error_types_are_also_the_builtin_types_python_callers_catch():
 
 def test_a_reader_that_goes_away_ends_the_command_quietly():
     """``vitlab models | head -0``: the closed pipe ends the command with 141 (128 + SIGPIPE), no traceback."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "models"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "models"], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # before the command writes anything
     err = proc.stderr.read()
@@ -74,8 +81,7 @@ def test_importing_vitlab_does_not_load_torch():
     """The package's names load on first use, so the CLI's own start-up handles a Ctrl-C while torch loads."""
     code = ("import sys, vitlab, vitlab.cli; print('torch' in sys.modules); vitlab.ViTConfig; "
             "print('torch' in sys.modules)")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = _python(code)
     assert out.stdout.split() == ["False", "True"], out.stderr
 
 
@@ -90,6 +96,5 @@ def test_ctrl_c_while_torch_loads_is_one_line():
             "sys.meta_path.insert(0, Interrupt())\n"
             "from vitlab.cli import main\n"
             "sys.exit(main(['models']))\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = _python(code)
     assert (res.returncode, res.stderr) == (130, "vitlab: interrupted\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import VitlabError
@@ -39,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _count_interrupts() -> list[int]:
     """Under torchrun, a list that records each SIGINT this process gets (the handler still raises
     KeyboardInterrupt, as Python's default does); empty, and nothing installed, otherwise."""
-    import os
     import signal
     import threading
 
@@ -51,6 +51,14 @@ def _count_interrupts() -> list[int]:
 
         signal.signal(signal.SIGINT, on_sigint)
     return received
+
+
+def _interrupted(command: str) -> int:
+    """Exit status 130, and the one line that says so (under torchrun every process gets the signal: rank 0 says
+    it for all)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"vitlab {command}: interrupted", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.offline:  # read by vitlab.hub at each download; also reaches child processes (torchrun)
-        import os
-
         os.environ["VITLAB_OFFLINE"] = "1"
     interrupts = _count_interrupts()
     try:
@@ -79,23 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        import os
-
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the signal: one line in all
-            print(f"vitlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
     except BrokenPipeError:  # the reader went away (``vitlab ... | head``): stop quietly, as Unix tools do
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception:
         # under torchrun a process stopped by Ctrl-C drops out of the collectives, and the others then fail inside
         # one (gloo: "Connection closed by peer"); after a Ctrl-C that is the interrupt, not a bug
         if interrupts:
-            import os
-
-            if os.environ.get("RANK", "0") == "0":
-                print(f"vitlab {args.command}: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted(args.command)
         raise
