@@ -185,3 +185,131 @@ def test_config_round_trip_keeps_the_family_options():
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
     cfg = get_config("dinov2_g14_reg4")
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ----------------------------------------------------------------------------------------------- inspection
+def _by_hand_rollout(maps, first_patch: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Rollout written out: A_l = (mean-over-heads attention + I) / 2, multiplied from the first layer; the class
+    row (or ``start``, a row over the last layer's patch outputs), keeping the patch columns."""
+    T = maps[0].shape[-1]
+    rollout = torch.eye(T, dtype=torch.float64)
+    for layer in maps:
+        rollout = 0.5 * (layer.double().mean(dim=1) + torch.eye(T, dtype=torch.float64)) @ rollout
+    row = rollout[:, 0] if start is None else (start.unsqueeze(1) @ rollout[:, first_patch:])[:, 0]
+    return row[:, first_patch:]
+
+
+def test_inspection_of_a_dinov2_reg_model_uses_the_patch_tokens_only():
+    """Attention distance, rollout and position-embedding similarity of a model with a class token and 4 registers
+    equal the same computations written out by hand on the patch tokens (5 prefix tokens left out)."""
+    from vitlab.inspect import attention_statistics, position_embedding_similarity
+
+    _, model = _family_pair("dinov2_reg4")
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    stats = attention_statistics(model, images, rollout_images=3)
+    with torch.no_grad():
+        _, maps = model.forward_with_attention(images)
+    p, (gh, gw) = 5, model.cfg.grid_size
+    assert maps[0].shape[-1] == p + gh * gw
+    ys, xs = torch.meshgrid(torch.arange(gh) * 7.0, torch.arange(gw) * 7.0, indexing="ij")
+    centres = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1).double()
+    dist = ((centres[:, None] - centres[None]) ** 2).sum(-1).sqrt()  # (N, N) pixels
+    expected = []
+    for layer in maps:
+        patches = layer[..., p:, p:].double()
+        patches = patches / patches.sum(-1, keepdim=True)
+        expected.append((patches * dist).sum(-1).mean(dim=(0, 2)))  # (heads,)
+    torch.testing.assert_close(stats.mean_distance, torch.stack(expected).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.rollout, _by_hand_rollout(maps, p).reshape(3, gh, gw).float(),
+                               rtol=1e-5, atol=1e-6)
+    pos = torch.nn.functional.normalize(model.pos_embed[0].detach().double(), dim=-1)  # patch rows only
+    assert model.pos_embed.shape[1] == gh * gw
+    torch.testing.assert_close(position_embedding_similarity(model), (pos @ pos.T).reshape(gh, gw, gh, gw).float())
+
+
+def test_rollout_of_a_map_model_starts_from_the_pooling_probe():
+    from vitlab.inspect import attention_statistics
+
+    _, model = _family_pair("siglip", num_classes=0)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    stats = attention_statistics(model, images, rollout_images=2)
+    with torch.no_grad():
+        pooled, maps, probe = model.forward_with_attention(images, return_pool_attention=True)
+        torch.testing.assert_close(pooled, model(images))
+    start = probe.double().mean(dim=1)[:, 0]
+    expected = _by_hand_rollout(maps, 0, start / start.sum(-1, keepdim=True))
+    torch.testing.assert_close(stats.rollout, expected.reshape(2, 4, 4).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_features_for_few_shot_on_register_and_map_models():
+    from vitlab.evaluate.features import output_function
+
+    _, reg = _family_pair("dinov2_reg4", num_classes=0)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = reg.forward_features(x)
+        torch.testing.assert_close(output_function(reg, "cls_token")(x), tokens[:, 0])
+        torch.testing.assert_close(output_function(reg, "gap")(x), tokens[:, 5:].mean(dim=1))
+    _, siglip = _family_pair("siglip", num_classes=0)
+    with pytest.raises(VitlabError, match="needs a model with a class token"):
+        output_function(siglip, "cls_token")
+
+
+# ----------------------------------------------------------------------------------------------- timm files
+@pytest.mark.parametrize("case", list(CASES))
+def test_timm_state_dict_file_of_each_family_loads_with_the_right_architecture(case, tmp_path):
+    """A timm state dict (no name given) is read into the family's options from its keys and shapes alone; the
+    numerics a state dict cannot show (GELU kind, LayerNorm eps) are timm's defaults, so outputs are compared where
+    those are the family's."""
+    from safetensors.torch import save_file
+
+    theirs, ours = _family_pair(case)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(path))
+    loaded = vitlab.load(path)
+    structural = ("class_token", "reg_tokens", "distilled", "no_embed_class", "pre_norm", "patch_bias", "pool",
+                  "mlp_type", "mlp_dim", "num_classes", "embed_dim", "depth")
+    assert {f: getattr(loaded.cfg, f) for f in structural} == {f: getattr(ours.cfg, f) for f in structural}
+    assert (loaded.cfg.layer_scale is None) == (ours.cfg.layer_scale is None)
+    if ours.cfg.gelu == "exact" and ours.cfg.norm_eps == 1e-6 and not ours.cfg.drop_remainder:
+        # a fused qkv does not record the head count (the loader assumes width / 64): set the test's 4 heads
+        rebuilt = model_from_config(loaded.cfg.replace(num_heads=4)).eval()
+        rebuilt.load_state_dict(loaded.state_dict(), strict=True)
+        x = torch.randn(2, 3, 28, 28)
+        with torch.no_grad():
+            _assert_close(rebuilt(x), theirs(x))
+
+
+def test_timm_hub_repo_of_a_dinov2_reg_model_loads_by_its_timm_architecture(tmp_path, monkeypatch):
+    """``hf-hub:timm/vit_small_patch14_reg4_dinov2...``-style: timm's config.json names the architecture, which
+    resolves to ``dinov2_s14_reg4``; the weights load strictly and give timm's features (full width and depth at a
+    56 px grid to keep it small)."""
+    from safetensors.torch import save_file
+
+    from .hub_fixtures import lay_out_hub_cache
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
+    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+    theirs = randomize_weights_(timm.create_model("vit_small_patch14_reg4_dinov2", img_size=56)).eval()
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(weights))
+    config = {"architecture": "vit_small_patch14_reg4_dinov2", "num_classes": 0, "num_features": 384,
+              "global_pool": "token",
+              "pretrained_cfg": {"tag": "lvd142m", "input_size": [3, 56, 56], "interpolation": "bicubic",
+                                 "crop_pct": 1.0, "crop_mode": "center", "mean": [0.485, 0.456, 0.406],
+                                 "std": [0.229, 0.224, 0.225], "num_classes": 0}}
+    lay_out_hub_cache(tmp_path / "hf-hub", "timm/vit_small_patch14_reg4_dinov2.lvd142m",
+                      {"config.json": config, "model.safetensors": weights.read_bytes()})
+    ours = vitlab.load("hf-hub:timm/vit_small_patch14_reg4_dinov2.lvd142m")
+    assert ours.cfg == get_config("dinov2_s14_reg4", img_size=56)
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _assert_close(ours(x), theirs(x))
+        # a larger input, as DINOv2 features are used: resampled at run time like timm's dynamic_img_size
+        ours.set_dynamic_img_size(True)
+        big = torch.randn(1, 3, 70, 70)
+        dyn = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=56, dynamic_img_size=True).eval()
+        dyn.load_state_dict(theirs.state_dict())
+        _assert_close(ours(big), dyn(big))

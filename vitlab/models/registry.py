@@ -114,7 +114,7 @@ def _family_variants() -> list[ModelEntry]:
     ]
     for name, stem, patch, dim, depth, mlp, heads, size, sizes, description in siglip:
         cfg = ViTConfig(img_size=size, patch_size=patch, num_classes=0, embed_dim=dim, depth=depth, mlp_dim=mlp,
-                        num_heads=heads, class_token=False, pool="map", gelu="tanh", no_embed_class=True,
+                        num_heads=heads, class_token=False, pool="map", gelu="tanh",
                         drop_remainder=patch == 14)
         entries.append(ModelEntry(name, cfg, f"{description} (MAP head, tanh GELU)",
                                   tuple(f"{stem}_{r}" for r in sizes)))
