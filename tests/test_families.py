@@ -364,3 +364,38 @@ def test_onnx_export_of_register_and_map_models_matches_pytorch(tmp_path):
         path = export_onnx(model, tmp_path / f"{case}.onnx")
         parity = check_parity(model, OnnxModel(path), batch_sizes=(1, 3), tolerance=1e-4)
         assert parity.ok, (case, parity)
+
+
+def test_timm_hub_repo_of_a_drop_remainder_model_keeps_the_published_size(tmp_path, monkeypatch):
+    """SigLIP So400m/14 at 384 px: its weights show a 27x27 grid (378 px), its repo says 384 px; the loaded model
+    takes 384 px images like timm's. A small stand-in family entry keeps the file small."""
+    from safetensors.torch import save_file
+
+    from vitlab.models import ModelEntry, register
+    from vitlab.models.registry import _ALIASES
+
+    from .hub_fixtures import lay_out_hub_cache
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
+    theirs, ours = _family_pair("siglip_so400m_remainder", num_classes=0)
+    register(ModelEntry("test_tiny_so400m14", ours.cfg.replace(img_size=28), "test stand-in",
+                        ("vit_test_tiny_siglip_31",)))
+    try:
+        weights = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(weights))
+        config = {"architecture": "vit_test_tiny_siglip_31", "num_classes": 0,
+                  "pretrained_cfg": {"input_size": [3, 31, 31], "interpolation": "bicubic", "crop_pct": 1.0,
+                                     "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 0}}
+        lay_out_hub_cache(tmp_path / "hf-hub", "timm/vit_test_tiny_siglip_31.webli",
+                          {"config.json": config, "model.safetensors": weights.read_bytes()})
+        loaded = vitlab.load("hf-hub:timm/vit_test_tiny_siglip_31.webli")
+    finally:
+        _ENTRIES.pop("test_tiny_so400m14")
+        _ALIASES.pop("vit_test_tiny_siglip_31")
+    assert loaded.cfg.img_size == (31, 31) and loaded.cfg.grid_size == (4, 4) and loaded.cfg.gelu == "tanh"
+    assert loaded.preprocessing.img_size == (31, 31)
+    x = torch.randn(2, 3, 31, 31)
+    with torch.no_grad():
+        _assert_close(loaded(x), theirs(x))
