@@ -848,6 +848,33 @@ def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
     assert not failures, "\n".join(failures)
 
 
+def test_two_runs_in_one_process_each_log_only_their_own_lines_once(tmp_path):
+    """Issue 21: a run's logger and handlers belong to that run. They were named after ``id(...)`` and a temporary
+    run log left its handler attached, so a later run given a reused id wrote its lines twice, or into an earlier
+    (maybe deleted) run folder's log.txt."""
+    import gc
+    import logging
+
+    from vitlab.train import train
+
+    from .test_train import tiny_config
+
+    dirs = []
+    for name in ("first", "second"):
+        dirs.append(train(tiny_config(tmp_path, epochs=None, steps=2, eval_every_epochs=0, run_name=name)).run_dir)
+        gc.collect()  # frees the run's objects now, so that ids are reused as in a long-lived process
+    for run_dir, other in zip(dirs, reversed(dirs)):
+        lines = (run_dir / "log.txt").read_text().splitlines()
+        messages = [line.split(" ", 1)[1] for line in lines]  # without the time stamp
+        assert len(messages) == len(set(messages)), f"{run_dir.name}: lines written twice:\n" + "\n".join(lines)
+        assert f"run folder: {run_dir}" in messages and any(m.startswith("training: 2 steps") for m in messages)
+        assert str(other) not in "\n".join(lines)  # (each run folder is named in its own log only)
+    # nothing of either run stays attached in logging's tables
+    leaked = [name for name, lg in logging.Logger.manager.loggerDict.items()
+              if name.startswith("vitlab.train") and isinstance(lg, logging.Logger) and lg.handlers]
+    assert not leaked, leaked
+
+
 def test_fine_tuning_logs_the_checkpoint_and_its_architecture_as_the_model(finished_run, tmp_path):
     from vitlab.train import train
 
