@@ -275,8 +275,8 @@ def warn_if_saturating(path: str | os.PathLike, record: dict | None, machine: st
     if key in _warned:
         return False
     _warned.add(key)
-    warnings.warn(f"{path}: int8 with signed weights on a CPU without VNNI ({machine}, none of "
-                  f"{' / '.join(VNNI_FLAGS)}): ONNX Runtime's int8 "
+    seen = f"none of {' / '.join(VNNI_FLAGS)}" if flags is not None else "its CPU flags could not be read"
+    warnings.warn(f"{path}: int8 with signed weights on a CPU without VNNI ({machine}, {seen}): ONNX Runtime's int8 "
                   "products saturate here and accuracy may drop; re-export on this machine (vitlab export-onnx "
                   "MODEL out.onnx --int8 out_int8.onnx) or with --int8-weights unsigned", Int8AccuracyWarning,
                   stacklevel=3)
