@@ -132,7 +132,7 @@ def finetune_task(
     on ``val_idx`` (800 / 200), then the best is trained on both (1000); with one, that run happens directly.
     Returns ``accuracy`` (test top-1), ``chosen`` (lr), ``param_name``, ``val_accuracy`` (per lr), ``steps``,
     ``resolution`` and ``train_accuracy`` (the final run's accuracy on its own training images)."""
-    from ..checkpoints import load
+    from ..factory import load
     from ..train import get_recipe
     from .fewshot import labels_of
 

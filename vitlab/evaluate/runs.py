@@ -26,8 +26,8 @@ def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
     """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
     ``img_size`` when given: the position embeddings are resampled and the preprocessing follows). An ``.onnx``
     file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime with the preprocessing stored in it."""
-    from ..checkpoints import load
     from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+    from ..factory import load
 
     if is_onnx_file(checkpoint):
         if img_size is not None:
