@@ -36,14 +36,10 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 # importer -> imported pairs that break the layering today; fixing one means deleting it here
-KNOWN_UPWARD: set[str] = {
-    "vitlab.evaluate.finetune -> vitlab.train",
-}
+KNOWN_UPWARD: set[str] = set()
 
 # cycles between packages today (each as its sorted members); fixing one means deleting it here
-KNOWN_CYCLES: set[tuple[str, ...]] = {
-    ("vitlab.evaluate", "vitlab.train"),
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 # imports inside functions outside vitlab/cli, by (importing module, imported module's first two dotted parts): why
 # each is not at module level. Optional dependencies stay optional; heavy ones load when first needed so that
@@ -64,8 +60,8 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.evaluate.report", "matplotlib"): HEAVY,
     ("vitlab.evaluate.report", "matplotlib.patches"): HEAVY,
     ("vitlab.evaluate.report", "matplotlib.pyplot"): HEAVY,
-    ("vitlab.evaluate.finetune", "PIL"): HEAVY,
-    ("vitlab.evaluate.suite_config", "tomllib"): "Python >= 3.11 only",
+    ("vitlab.tasks.finetune", "PIL"): HEAVY,
+    ("vitlab.tasks.suite_config", "tomllib"): "Python >= 3.11 only",
     ("vitlab.experiments.common", "matplotlib"): HEAVY,
     ("vitlab.experiments.common", "matplotlib.pyplot"): HEAVY,
     ("vitlab.hub.download", "fcntl"): POSIX,
@@ -92,8 +88,6 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
 
 # imports inside functions with no reason yet (mostly left from dodging cycles); fixing one means deleting it here
 KNOWN_IN_FUNCTION: set[tuple[str, str]] = {
-    ("vitlab.evaluate.finetune", "vitlab.factory"),
-    ("vitlab.evaluate.runs", "vitlab.factory"),
     ("vitlab.checkpoints.export", "vitlab.checkpoints"),
     ("vitlab.checkpoints.files", "pickletools"),
     ("vitlab.checkpoints.files", "safetensors"),
@@ -110,15 +104,7 @@ KNOWN_IN_FUNCTION: set[tuple[str, str]] = {
     ("vitlab.evaluate.data", "vitlab.data"),
     ("vitlab.evaluate.fewshot", "torch.utils"),
     ("vitlab.evaluate.fewshot", "vitlab.evaluate"),
-    ("vitlab.evaluate.finetune", "vitlab.evaluate"),
-    ("vitlab.evaluate.finetune", "vitlab.train"),
     ("vitlab.evaluate.report", "numpy"),
-    ("vitlab.evaluate.runs", "vitlab.compute"),
-    ("vitlab.evaluate.runs", "vitlab.evaluate"),
-    ("vitlab.evaluate.suite", "vitlab.checkpoints"),
-    ("vitlab.evaluate.suite", "vitlab.data"),
-    ("vitlab.evaluate.suite", "vitlab.preprocessing"),
-    ("vitlab.evaluate.suite_config", "vitlab.hub"),
     ("vitlab.experiments", "vitlab.experiments"),
     ("vitlab.experiments.common", "math"),
     ("vitlab.experiments.common", "sys"),
@@ -133,11 +119,6 @@ KNOWN_IN_FUNCTION: set[tuple[str, str]] = {
     ("vitlab.serve.engine", "vitlab"),
     ("vitlab.serve.engine", "vitlab.compute"),
     ("vitlab.serve.engine", "vitlab.inspect"),
-    ("vitlab.train", "vitlab.data"),
-    ("vitlab.train", "vitlab.errors"),
-    ("vitlab.train", "vitlab.evaluate"),
-    ("vitlab.train", "vitlab.preprocessing"),
-    ("vitlab.train", "vitlab.train"),
     ("vitlab.train.checkpoint", "vitlab.atomic"),
     ("vitlab.train.config", "difflib"),
     ("vitlab.train.loop", "shutil"),
