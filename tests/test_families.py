@@ -280,6 +280,7 @@ def test_timm_state_dict_file_of_each_family_loads_with_the_right_architecture(c
             _assert_close(rebuilt(x), theirs(x))
 
 
+@pytest.mark.slow  # a full-width ViT-S (22M parameters) through a Hub cache: about 15 s here
 def test_timm_hub_repo_of_a_dinov2_reg_model_loads_by_its_timm_architecture(tmp_path, monkeypatch):
     """``hf-hub:timm/vit_small_patch14_reg4_dinov2...``-style: timm's config.json names the architecture, which
     resolves to ``dinov2_s14_reg4``; the weights load strictly and give timm's features (full width and depth at a
