@@ -149,6 +149,9 @@ def looks_like_hf(spec: str | Path) -> bool:
         data_dir = p / "data"
         return bool(tables) and len(tables) == len([f for f in entries if f.is_file()]) or (
             data_dir.is_dir() and any(f.suffix in TABLE_SUFFIXES for f in data_dir.iterdir()))
+    if any(c in base for c in "*?[") and not base.endswith(TABLE_SUFFIXES):  # a glob: all it matches are tables
+        matched = glob.glob(str(p))
+        return bool(matched) and all(m.endswith(TABLE_SUFFIXES) for m in matched)
     return base.endswith(TABLE_SUFFIXES)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .images import ImageLoadError, load_image
 
 _IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
 _LABEL_NAMES = ("label", "labels")
+_BYTES_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _INT = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
@@ -208,7 +210,10 @@ class _Rows:
             data, path = value, None
         kwargs = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
         if data is not None:
-            return load_image(io.BytesIO(data), self.channels, name=where, **kwargs)
+            try:
+                return load_image(io.BytesIO(data), self.channels, name=where, **kwargs)
+            except ImageLoadError as exc:  # Pillow names the file object in its reasons: say what it held instead
+                raise ImageLoadError(_BYTES_REPR.sub("the row's image bytes", str(exc))) from exc
         if path:  # an Image feature that refers to a file instead of holding its bytes
             return load_image(path, self.channels, name=f"{where} ({path})", **kwargs)
         raise ImageLoadError(f"{where}: no image (empty cell)")
