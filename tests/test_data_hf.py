@@ -203,9 +203,10 @@ def _weights(path):
 
 
 def _train_config(tmp_path, data, name, **changes):
-    return tiny_config(tmp_path, data=str(data), val_data=str(data), eval_split="train", run_name=name,
-                       epochs=None, steps=4, batch_size=6, augment="inception", crop_scale=(0.3, 1.0),
-                       num_workers=0, eval_every_epochs=0, deterministic=True, **changes)
+    values = dict(data=str(data), val_data=str(data), eval_split="train", run_name=name, epochs=None, steps=4,
+                  batch_size=6, augment="inception", crop_scale=(0.3, 1.0), num_workers=0, eval_every_epochs=0,
+                  deterministic=True)
+    return tiny_config(tmp_path, **{**values, **changes})
 
 
 def test_training_on_the_folder_a_saved_dataset_and_parquet_gives_the_same_weights(tmp_path, sources):
@@ -346,8 +347,16 @@ def test_sigkill_and_resume_on_a_streamed_dataset_ends_with_the_uninterrupted_we
         time.sleep(0.05)
     proc.wait()
     assert killed_at is not None, "the run ended before it could be killed"
-    resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
     reference = train(cfg.replace(run_name="reference"))
+    # the killed run's DataLoader workers notice their parent is gone within seconds and release the run's lock
+    for _ in range(60):
+        try:
+            resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
+            break
+        except VitlabError as exc:
+            if "in use by" not in str(exc):
+                raise
+            time.sleep(0.5)
     assert resumed.steps == reference.steps == 8 * steps_per_epoch
     a, b = _weights(resumed.model_path), _weights(reference.model_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
