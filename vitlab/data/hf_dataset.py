@@ -214,8 +214,9 @@ class _Rows:
                 return load_image(io.BytesIO(data), self.channels, name=where, **kwargs)
             except ImageLoadError as exc:  # Pillow names the file object in its reasons: say what it held instead
                 raise ImageLoadError(_BYTES_REPR.sub("the row's image bytes", str(exc))) from exc
-        if path:  # an Image feature that refers to a file instead of holding its bytes
-            return load_image(path, self.channels, name=f"{where} ({path})", **kwargs)
+        if path:  # an Image feature that refers to a file instead of holding its bytes: as given, else beside the data
+            found = Path(path) if Path(path).is_file() else self.files[0].parent / path
+            return load_image(found, self.channels, name=f"{where} ({path})", **kwargs)
         raise ImageLoadError(f"{where}: no image (empty cell)")
 
     def _sample(self, row: int, image_value, label_value):
