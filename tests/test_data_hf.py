@@ -297,6 +297,20 @@ def test_eval_and_fewshot_on_a_saved_dataset(tmp_path, sources, capsys):
     metrics = json.loads(out)
     assert metrics["samples"] == len(build_dataset(sources["saved"])) - 1 and metrics["skipped"] == 1
     assert metrics["top1"] == result.metrics["top1"]
+    assert cli_main(["eval", str(result.model_path), "--data", str(sources["parquet"]), "--stream", "on",
+                     "--workers", "2", "--json"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    assert (streamed["samples"], streamed["top1"]) == (metrics["samples"], metrics["top1"])  # each image once
+    # few-shot: the shots from the train split, scored on the test split of a saved DatasetDict
+    data = datasets.load_from_disk(str(sources["saved"]))
+    data = data.select([i for i, n in enumerate(data["note"]) if n != "broken.png"])  # few-shot stops on it
+    datasets.DatasetDict({"train": data, "test": data.select(range(0, len(data), 2))}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert cli_main(["fewshot", str(result.model_path), "--data", str(tmp_path / "dict"), "--out",
+                     str(tmp_path / "fewshot"), "--shots", "1", "--seeds", "0", "--methods", "lsr",
+                     "--holdout-per-class", "1"]) == 0
+    report = json.loads((tmp_path / "fewshot" / "results.json").read_text())
+    assert report["num_test"] == (len(data) + 1) // 2
 
 
 @pytest.mark.slow
