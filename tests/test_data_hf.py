@@ -134,6 +134,18 @@ def test_saved_parquet_and_arrow_read_the_folders_pixels_labels_and_bad_files(so
     assert isinstance(streamed, HFStreamDataset) and len(streamed) == len(folder)
     streamed.shuffle_buffer = 0
     assert _rows(streamed) == want
+    # the arrow IPC file format (Feather v2) as well as the stream format datasets writes
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(str(sources["parquet"]))
+    with pa.ipc.new_file(str(sources["parquet"].parent / "images.arrow"), table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=5):
+            writer.write_batch(batch)
+    for stream in ("off", "on"):
+        ds = build_dataset(f"{sources['parquet'].parent / 'images.arrow'}?stream={stream}")
+        ds.shuffle_buffer = 0
+        assert _rows(ds) == want, stream
 
 
 def test_labels_from_class_labels_integers_strings_and_lists(tmp_path):
@@ -229,6 +241,9 @@ def test_a_hub_dataset_in_the_datasets_cache_trains_offline(tmp_path, offline_ca
     test_set = build_dataset("hf:someone/tiny-pets", "test")  # test -> the validation split
     assert len(test_set) == 6 and "validation" in test_set.name
     assert len(build_dataset(f"hf:someone/tiny-pets:default@{COMMIT}#validation")) == 6
+    streamed = build_dataset("hf:someone/tiny-pets?stream=on")
+    streamed.shuffle_buffer = 0
+    assert isinstance(streamed, HFStreamDataset) and _rows(streamed) == _rows(train_set)
     result = train(_train_config(tmp_path, "hf:someone/tiny-pets", "hub").replace(
         val_data=None, eval_split="test", eval_every_epochs=1))
     assert result.metrics["samples"] == 6 and result.steps == 4
@@ -256,6 +271,14 @@ def test_bad_sources_are_one_line_naming_the_source_and_what_is_wrong(tmp_path, 
         build_dataset(tmp_path / "empty.parquet")
     with pytest.raises(VitlabError, match=r"label column 'nope'|no column 'nope'"):
         build_dataset(f"{tmp_path / 'empty.parquet'}?label=nope")
+    unlabelled = ds.cast_column("label", datasets.Value("int64")).map(
+        lambda r, i: {"label": -1 if i == 2 else r["label"]}, with_indices=True).cast_column(
+        "label", ds.features["label"])
+    unlabelled.save_to_disk(str(tmp_path / "unlabelled"))
+    bad = build_dataset(tmp_path / "unlabelled")[2][0]
+    assert isinstance(bad, BadSample) and bad.reason.endswith("unlabelled: row 2: no label (-1)")
+    with pytest.raises(VitlabError, match=r"unlabelled: row 2: no label \(-1\)"):
+        build_dataset(tmp_path / "unlabelled", on_error="fail")[2]
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "train-0.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(VitlabError, match=r"junk/train-0.parquet: unreadable parquet file"):
