@@ -5,10 +5,11 @@ Random access behaves as an image folder: the training loader draws a seeded per
 seeded by (seed, epoch, row), so the same images as a folder (rows in the folder's order) train to the same weights.
 The stream reads pieces (parquet row groups, arrow record batches) in turn, split over (rank, DataLoader worker)
 slots as tar shards are: with at least as many pieces as slots, slot ``s`` reads pieces ``s, s + S, ...``; with fewer,
-every slot reads every piece and keeps the rows ``r`` with ``r % S == s``. When training, the piece order and a
-shuffle buffer of ``shuffle_buffer`` rows are seeded by (seed, epoch) and each row's augmentation by (seed, epoch,
-row), so an epoch's stream is the same on every run with the same processes and workers and a resumed run replays it
-exactly. Memory holds one piece and the buffer per worker, whatever the size of the data.
+every slot reads every piece and keeps the rows ``r`` with ``r % S == s``. When training (the training loader sets
+``sample_seed``), the piece order and a shuffle buffer of ``shuffle_buffer`` rows are seeded by (seed, epoch) and each
+row's augmentation by (seed, epoch, row), so an epoch's stream is the same on every run with the same processes and
+workers and a resumed run replays it exactly; otherwise (evaluation, few-shot) the rows come in order. Memory holds
+one piece and the buffer per worker, whatever the size of the data.
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ class HFImageDataset(_Rows, Dataset):
 
 class HFStreamDataset(_Rows, IterableDataset):
     """The rows of a Hugging Face source read a piece at a time (see the module doc); ``rank`` / ``world_size``
-    default to ``torch.distributed``'s. Call :meth:`set_epoch` each epoch; ``shuffle_buffer`` 0 reads in order."""
+    default to ``torch.distributed``'s. Call :meth:`set_epoch` each epoch. ``shuffle_buffer`` rows are shuffled while
+    training (``sample_seed`` set); 0, or no ``sample_seed``, reads in order."""
 
     def __init__(self, resolved: Resolved, image_column: str | None = None, label_column: str | None = None,
                  channels: int = 3, on_error: str = "skip", max_pixels: int | None = None,
@@ -299,10 +301,14 @@ class HFStreamDataset(_Rows, IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def _buffer(self) -> int:
+        return self.shuffle_buffer if self.sample_seed is not None else 0
+
     def _rows(self, slot: int, slots: int):
         """(row, image value, label value) of this slot, in stream order before the shuffle buffer."""
         pieces = list(self.pieces)
-        if self.shuffle_buffer:
+        if self._buffer:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(pieces)
         by_piece = len(pieces) >= slots
         columns = [self.image_column, self.label_column]
@@ -320,7 +326,7 @@ class HFStreamDataset(_Rows, IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rows = self._rows(slot, slots)
-        if not self.shuffle_buffer:
+        if not self._buffer:
             for row, image, label in rows:
                 yield self._sample(row, image, label)
             return
@@ -328,7 +334,7 @@ class HFStreamDataset(_Rows, IterableDataset):
         buffer: list = []
         for item in rows:  # undecoded rows in the buffer: a row is decoded once, when it leaves
             buffer.append(item)
-            if len(buffer) >= self.shuffle_buffer:
+            if len(buffer) >= self._buffer:
                 yield self._sample(*buffer.pop(rng.randrange(len(buffer))))
         rng.shuffle(buffer)
         for item in buffer:
