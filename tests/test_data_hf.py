@@ -227,7 +227,8 @@ def test_training_on_the_folder_a_saved_dataset_and_parquet_gives_the_same_weigh
         other = _weights(results[key].model_path)
         assert all(torch.equal(reference[k], other[k]) for k in reference), key
         assert results[key].metrics == results["folder"].metrics
-    assert results["parquet"].metrics["skipped"] == 1 and results["parquet"].skipped_files >= 0
+        assert results[key].skipped_files == results["folder"].skipped_files
+    assert results["parquet"].metrics["skipped"] == 1 and results["parquet"].skipped_files > 0  # the broken file
 
 
 def test_a_hub_dataset_in_the_datasets_cache_trains_offline(tmp_path, offline_cache, capsys):

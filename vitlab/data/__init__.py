@@ -9,7 +9,8 @@ Entry points (the evaluation and inspection code reuse these):
     batches, read with a restricted unpickler), ``digits`` (scikit-learn's 8x8 digits). Images are a uint8 tensor
     (N, C, H, W), labels int64 (N,), plus ``class_names``.
 
-``build_dataset(name_or_path, split="train", *, data_dir=None, download=False, channels=None, on_error="skip")``
+``build_dataset(name_or_path, split="train", *, data_dir=None, download=False, channels=None, on_error="skip",
+image_column=None, label_column=None, stream=None)``
     Any source: a named set (as above), a folder of images laid out ``root/<class>/<image>`` (with ``root/train``,
     ``root/val`` or ``root/test`` sub-trees used for the matching split when present), or WebDataset-style tar
     shards (``shards/train-{000000..000009}.tar``, a glob, or a folder of ``.tar`` files), or a Hugging Face
