@@ -3,6 +3,7 @@ cache used offline read the same images as the image folder they were made from 
 and trained weights), a stream covers each row once per epoch over (rank, worker) slots and restarts exactly, and bad
 input is one line naming the source, row or file."""
 
+import json
 import os
 import signal
 import subprocess
@@ -313,10 +314,7 @@ def test_eval_and_fewshot_on_a_saved_dataset(tmp_path, sources, capsys):
     result = train(_train_config(tmp_path, sources["saved"], "m"))
     assert cli_main(["eval", str(result.model_path), "--data", str(sources["saved"]), "--image-column", "image",
                      "--json"]) == 0
-    out = capsys.readouterr().out
-    import json
-
-    metrics = json.loads(out)
+    metrics = json.loads(capsys.readouterr().out)
     assert metrics["samples"] == len(build_dataset(sources["saved"])) - 1 and metrics["skipped"] == 1
     assert metrics["top1"] == result.metrics["top1"]
     assert cli_main(["eval", str(result.model_path), "--data", str(sources["parquet"]), "--stream", "on",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -108,9 +108,10 @@ def find_label_column(features, chosen: str | None, image: str, name: str) -> st
 
 class LabelCodec:
     """Maps a label column's values to targets: an int class index, or for list labels a float32 multi-hot tensor
-    of ``len(class_names)``. ``check(value)`` returns None or why the value is not a label."""
+    of ``len(class_names)``. ``chunks()`` gives the column's values in lists (read only as far as needed: integer
+    and string labels read them all, a ``ClassLabel`` up to the first labelled row)."""
 
-    def __init__(self, features, column: str, values: Callable[[], list], name: str):
+    def __init__(self, features, column: str, chunks: Callable[[], Iterator[list]], name: str):
         feature = features[column]
         item = _list_item(feature)
         self.multi_label = item is not None
@@ -125,7 +126,7 @@ class LabelCodec:
             if dtype not in (*_INT, "string", "large_string", "bool"):
                 raise VitlabError(f"{where} is {feature}, not class labels (ClassLabel, integers or strings, or a "
                                   "list of them)")
-            present = self._present(values())
+            present = set().union(*(self._present(chunk) for chunk in chunks()))
             if not present:
                 raise VitlabError(f"{where} is empty (no row has a label)")
             if dtype in ("string", "large_string"):
@@ -135,7 +136,7 @@ class LabelCodec:
                 if min(present) < 0:
                     raise VitlabError(f"{where}: negative label {min(present)}")
                 self.class_names = [str(i) for i in range(int(max(present)) + 1)]
-        if labels is not None and not self._present(values(), unlabelled=-1):
+        if labels is not None and not any(self._present(chunk, unlabelled=-1) for chunk in chunks()):
             raise VitlabError(f"{where} is empty (no row has a label)")
         self.num_classes = len(self.class_names)
 
@@ -180,13 +181,13 @@ class _Rows:
     """What both kinds share: the columns, the label codec, and decoding one row with vitlab's image guards."""
 
     def _setup(self, resolved: Resolved, image_column: str | None, label_column: str | None, channels: int,
-               on_error: str, max_pixels: int | None, values_of_label: Callable[[str], list]) -> None:
+               on_error: str, max_pixels: int | None, chunks: Callable[[str], Iterator[list]]) -> None:
         if on_error not in ON_ERROR:
             raise InvalidValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         self.name, self.files, self.features = resolved.name, resolved.files, resolved.features
         self.image_column = find_image_column(self.features, image_column, self.name)
         self.label_column = find_label_column(self.features, label_column, self.image_column, self.name)
-        self.codec = LabelCodec(self.features, self.label_column, lambda: values_of_label(self.label_column),
+        self.codec = LabelCodec(self.features, self.label_column, lambda: chunks(self.label_column),
                                 self.name)
         self.channels, self.on_error, self.max_pixels = channels, on_error, max_pixels
         self.transform: Callable | None = None
@@ -251,13 +252,13 @@ class HFImageDataset(_Rows, Dataset):
 
     def __init__(self, resolved: Resolved, image_column: str | None = None, label_column: str | None = None,
                  channels: int = 3, on_error: str = "skip", max_pixels: int | None = None):
-        def values(column: str) -> list:
-            return self._table.column(column).to_pylist()
+        def chunks(column: str) -> Iterator[list]:
+            return (chunk.to_pylist() for chunk in self._table.column(column).chunks)
 
         first = find_image_column(resolved.features, image_column, resolved.name)
         label = find_label_column(resolved.features, label_column, first, resolved.name)
         self._table = read_columns(resolved.files, [first, label])
-        self._setup(resolved, first, label, channels, on_error, max_pixels, values)
+        self._setup(resolved, first, label, channels, on_error, max_pixels, chunks)
 
     def __len__(self) -> int:
         return self._table.num_rows
@@ -281,13 +282,10 @@ class HFStreamDataset(_Rows, IterableDataset):
         super().__init__()
         self.pieces = list_pieces(resolved.files)
 
-        def values(column: str) -> list:  # the label column alone, a piece at a time (a small read)
-            out: list = []
-            for piece in self.pieces:
-                out.extend(read_piece(resolved.files, piece, [column]).column(0).to_pylist())
-            return out
+        def chunks(column: str) -> Iterator[list]:  # the label column alone, a piece at a time (a small read)
+            return (read_piece(resolved.files, piece, [column]).column(0).to_pylist() for piece in self.pieces)
 
-        self._setup(resolved, image_column, label_column, channels, on_error, max_pixels, values)
+        self._setup(resolved, image_column, label_column, channels, on_error, max_pixels, chunks)
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
         if rank is None or world_size is None:
             dist = torch.distributed
