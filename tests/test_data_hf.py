@@ -334,9 +334,9 @@ def test_eval_and_fewshot_on_a_saved_dataset(tmp_path, sources, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_weights_on_the_folder_and_on_parquet(tmp_path, sources):
+def test_two_processes_train_the_same_weights_on_the_folder_a_saved_dataset_and_parquet(tmp_path, sources):
     runs = {}
-    for key in ("folder", "parquet"):
+    for key in ("folder", "saved", "parquet"):
         cfg = _train_config(tmp_path, sources[key], key, optimizer="sgd", lr=0.05)
         config_file = tmp_path / f"{key}.json"
         config_file.write_text(cfg.to_json())
@@ -344,7 +344,8 @@ def test_two_processes_train_the_same_weights_on_the_folder_and_on_parquet(tmp_p
                               env=_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[key] = _weights(tmp_path / "runs" / key / "model.safetensors")
-    assert all(torch.equal(runs["folder"][k], runs["parquet"][k]) for k in runs["folder"])
+    for key in ("saved", "parquet"):
+        assert all(torch.equal(runs["folder"][k], runs[key][k]) for k in runs["folder"]), key
 
 
 def _env() -> dict:
