@@ -16,6 +16,7 @@ FLAG_FIELDS = {
     "device": str, "precision": str, "threads": int, "num_workers": int, "out_dir": str, "run_name": str,
     "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
     "freeze_blocks": int, "freeze": list, "layer_decay": float,
+    "loss": str, "classes": str,
 }
 
 
@@ -24,8 +25,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="start from a named recipe (see --list-recipes)")
     p.add_argument("--config", metavar="JSON", help="start from a saved config (a run's config.json)")
     g = p.add_argument_group("common settings (any config field can be changed with --set)")
-    g.add_argument("--data", help="named set (fashion-mnist, mnist, cifar10, cifar100, digits), image folder or "
-                                  "tar shards")
+    g.add_argument("--data", help="named set (fashion-mnist, mnist, cifar10, cifar100, digits), image folder, "
+                                  ".csv / .jsonl manifest or tar shards")
     g.add_argument("--data-dir", help="folder holding a named set's files")
     g.add_argument("--val-data", help="evaluation data (default: the test split of --data)")
     g.add_argument("--model", help="registered model name (vitlab models)")
@@ -38,6 +39,15 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--loss", choices=["auto", "softmax", "sigmoid"],
+                   help="softmax cross-entropy, or sigmoid cross-entropy (multi-label; head bias -10); auto: sigmoid "
+                        "for multi-label data")
+    g.add_argument("--classes", metavar="FILE", help="class list of a manifest (one name a line)")
+    g.add_argument("--channels", type=int, metavar="N",
+                   help="image channels (model_args.in_chans): 1, 3, or more for .npy / multi-band TIFF images; an "
+                        "RGB checkpoint's input layer is adapted")
+    g.add_argument("--normalize-from-data", action="store_true", default=None,
+                   help="per-channel mean / std measured on the training images (saved with the model)")
     g.add_argument("--augment", help="inception, crop, shift, flip, resize or none")
     g.add_argument("--ema-decay", type=float, help="Polyak / EMA averaging factor (0 = off)")
     g.add_argument("--seed", type=int)
@@ -123,11 +133,13 @@ def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
-    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe"):
+    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe", "normalize_from_data"):
         if getattr(args, k, None) is not None:
             flags[k] = getattr(args, k)
     if flags.get("steps") is not None:
         flags.setdefault("epochs", None)
+    if getattr(args, "channels", None) is not None:
+        flags["model_args"] = {**config.model_args, "in_chans": args.channels}
     config = config.replace(**flags) if flags else config
     return apply_overrides(config, args.assignments)
 

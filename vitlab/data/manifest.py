@@ -1,0 +1,222 @@
+"""CSV and JSONL manifests: a file that lists image paths and their labels.
+
+CSV: a header row, then one row per image. Columns (names are case-insensitive, others are ignored):
+
+- ``path`` (or ``image``, ``file``, ``filename``): the image file, relative to the manifest's folder (or absolute);
+- ``label``: one class name per image (single-label), or ``labels``: the image's class names separated by ``|``,
+  possibly none (multi-label: the target is a multi-hot vector);
+- ``split`` (optional): ``train`` / ``test`` / ``val`` ... per row; ``build_dataset(manifest, split)`` keeps the rows
+  of that split (``test`` also takes ``val`` rows and back, as image-folder trees do). Without it every row belongs
+  to whatever split is asked.
+
+JSONL: one JSON object per line with the same keys; ``labels`` may be a list (``["cat", "dog"]``) or a ``|``-separated
+string; numbers are taken as class names (``3`` is the class ``"3"``).
+
+The class list: the ``classes`` given (a list, or a text file with one name per line), else ``classes.txt`` beside the
+manifest, else the sorted unique labels of every row of the file (all splits, so that the splits of one manifest
+agree; numerically when every label is an integer). A row whose label is not in a given list is an error naming the
+manifest and its line.
+
+Images are read as in image folders (:func:`~vitlab.data.images.load_sample`): a missing or unreadable file is a bad
+sample, skipped and counted (``on_error='skip'``, its reason naming the manifest line) or stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidValueError, VitlabError
+from .folder import ON_ERROR, ImageFolderDataset
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+PATH_COLUMNS = ("path", "image", "file", "filename")
+LABEL_SEPARATOR = "|"
+
+
+def looks_like_manifest(spec: str | Path) -> bool:
+    """Whether ``spec`` names a CSV or JSONL manifest file."""
+    return str(spec).lower().endswith(MANIFEST_SUFFIXES)
+
+
+def _read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row dict with lower-case keys) for every row, and the column names."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise VitlabError(f"{path}: no such manifest file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VitlabError(f"{path}: cannot read the manifest ({exc})") from exc
+    rows: list[tuple[int, dict]] = []
+    if path.suffix.lower() == ".jsonl":
+        columns: dict[str, None] = {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise VitlabError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise VitlabError(f"{path} line {number}: not a JSON object")
+            row = {str(k).lower(): v for k, v in obj.items()}
+            columns.update(dict.fromkeys(row))
+            rows.append((number, row))
+        return rows, list(columns)
+    reader = csv.DictReader(text.splitlines())
+    try:
+        header = [str(c).strip().lower() for c in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        for row in reader:
+            if not any((v or "").strip() for k, v in row.items() if k is not None):
+                continue  # a blank line
+            rows.append((reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()
+                                           if k is not None}))
+    except csv.Error as exc:
+        raise VitlabError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
+    return rows, header
+
+
+def _label_names(value, multi: bool, where: str) -> list[str]:
+    """The class names in one label cell."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if multi:
+            return []
+        raise VitlabError(f"{where}: empty label")
+    if isinstance(value, bool) or isinstance(value, (dict, float)):
+        raise VitlabError(f"{where}: label {value!r} is not a class name")
+    if isinstance(value, list):
+        if not multi:
+            raise VitlabError(f"{where}: a list of labels in the 'label' column; name it 'labels' for multi-label data")
+        names = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (str, int)):
+                raise VitlabError(f"{where}: label {item!r} is not a class name")
+            names.append(str(item).strip())
+        return [n for n in names if n]
+    text = str(value).strip()
+    if multi:
+        return [part.strip() for part in text.split(LABEL_SEPARATOR) if part.strip()]
+    if LABEL_SEPARATOR in text:
+        raise VitlabError(f"{where}: label {text!r} holds the separator '{LABEL_SEPARATOR}'; name the column "
+                          "'labels' for multi-label data")
+    return [text]
+
+
+def _sorted_classes(names: set[str]) -> list[str]:
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def read_class_list(classes: str | Path | Sequence[str]) -> list[str]:
+    """A class list given as names, or as a text file with one name per line (blank lines ignored)."""
+    if isinstance(classes, (str, Path)):
+        path = Path(classes)
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VitlabError(f"class list {path}: cannot read it ({exc})") from exc
+        where = str(path)
+    else:
+        names, where = [str(c) for c in classes], "the class list"
+    if not names:
+        raise VitlabError(f"{where}: no class names")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise VitlabError(f"{where}: class {dup!r} is listed twice")
+    return names
+
+
+class ManifestDataset(ImageFolderDataset):
+    """The images a CSV / JSONL manifest lists (see the module doc), with :class:`ImageFolderDataset`'s loading,
+    bad-image handling and seeded transforms, so that every loader that reads image folders reads manifests.
+
+    ``split_names``: keep the rows whose ``split`` cell is one of these (None: every row; ignored without a split
+    column). ``classes``: the class list (names or a text file). Targets are class indices, or float32 multi-hot
+    tensors (K,) when the manifest has a ``labels`` column (``multi_label``)."""
+
+    def __init__(self, path: str | Path, split_names: Sequence[str] | None = None, *,
+                 classes: str | Path | Sequence[str] | None = None, transform: Callable | None = None,
+                 channels: int = 3, on_error: str = "skip", max_pixels: int | None = None):
+        if on_error not in ON_ERROR:
+            raise InvalidValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        self.manifest = Path(path).expanduser()
+        rows, columns = _read_rows(self.manifest)
+        if not rows:
+            raise VitlabError(f"{self.manifest}: the manifest is empty (no rows)")
+        path_column = next((c for c in PATH_COLUMNS if c in columns), None)
+        if path_column is None:
+            raise VitlabError(f"{self.manifest}: no path column (columns: {', '.join(map(str, columns)) or 'none'}); "
+                              f"name the image column one of {', '.join(PATH_COLUMNS)}")
+        if "labels" in columns:
+            label_column, self.multi_label = "labels", True
+        elif "label" in columns:
+            label_column, self.multi_label = "label", False
+        else:
+            raise VitlabError(f"{self.manifest}: no label column (columns: {', '.join(map(str, columns))}); name it "
+                              "'label' (one class per image) or 'labels' (several, separated by '|')")
+        parsed = []
+        for number, row in rows:
+            where = f"{self.manifest} line {number}"
+            cell = row.get(path_column)
+            if cell is None or not str(cell).strip():
+                raise VitlabError(f"{where}: empty {path_column}")
+            parsed.append((number, str(cell).strip(), _label_names(row.get(label_column), self.multi_label, where),
+                           str(row.get("split") or "").strip().lower()))
+        if classes is None and (self.manifest.parent / "classes.txt").is_file():
+            classes = self.manifest.parent / "classes.txt"
+        if classes is not None:
+            names = read_class_list(classes)
+            source = f"the class list {classes}" if isinstance(classes, (str, Path)) else "the class list given"
+        else:
+            names = _sorted_classes({n for _, _, labels, _ in parsed for n in labels})
+            source = "the manifest"
+            if not names:
+                raise VitlabError(f"{self.manifest}: no row has a label")
+        self.has_split_column = "split" in columns
+        if self.has_split_column and split_names is not None:
+            wanted = {s.lower() for s in split_names}
+            present = sorted({s for *_, s in parsed})
+            parsed = [p for p in parsed if p[3] in wanted]
+            if not parsed:
+                raise VitlabError(f"{self.manifest}: no rows of split {'/'.join(split_names[:2])} (its split "
+                                  f"column has {', '.join(present)})")
+        index = {name: i for i, name in enumerate(names)}
+        samples, where_of = [], {}
+        for number, cell, labels, _ in parsed:
+            for name in labels:
+                if name not in index:
+                    raise VitlabError(f"{self.manifest} line {number}: label {name!r} is not in {source} "
+                                      f"({len(names)} classes)")
+            file = Path(cell).expanduser()
+            file = file if file.is_absolute() else self.manifest.parent / file
+            ids = tuple(sorted({index[n] for n in labels}))
+            samples.append((str(file), ids if self.multi_label else ids[0]))
+            where_of.setdefault(str(file), f"{self.manifest} line {number}: {cell}")
+        # the attributes torchvision's DatasetFolder sets and ImageFolderDataset reads
+        torch.utils.data.Dataset.__init__(self)
+        self.root = str(self.manifest.parent)
+        self.transform, self.target_transform, self.loader = transform, None, self._load
+        self.classes, self.class_to_idx = list(names), index
+        self.samples = samples
+        self.imgs = samples
+        self.targets = [s[1] for s in samples]
+        self.channels, self.on_error, self.max_pixels = channels, on_error, max_pixels
+        self.sample_seed = None
+        self._where = where_of
+
+    def _name(self, path: str) -> str:
+        return self._where.get(path, path)
+
+    def _target(self, label):
+        if not self.multi_label:
+            return label
+        target = torch.zeros(len(self.classes), dtype=torch.float32)
+        target[list(label)] = 1.0
+        return target
