@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import vitlab
-
 from vitlab.data import ImageFolderDataset, ManifestDataset, build_dataset
 from vitlab.errors import VitlabError
 from vitlab.train import TrainConfig, train
