@@ -55,6 +55,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss: str = "auto"                      # softmax (cross-entropy), sigmoid (per-label sigmoid cross-entropy,
                                             # head bias -10) or auto (sigmoid for multi-label data)
+    head_bias: float | None = None          # initial bias of a new head; default -10 with the sigmoid loss (the
+                                            # paper's ImageNet-21k), 0 with softmax
     classes: str | None = None              # class list of a CSV / JSONL manifest (a text file, one name a line)
     normalize_from_data: bool = False       # per-channel mean / std measured on the training images (saved with
                                             # the model's preprocessing) instead of the paper's 0.5 / 0.5
@@ -294,6 +296,7 @@ RULES: dict[str, Rule] = {
     "cutmix": at_least(0),
     "label_smoothing": fraction(),
     "loss": one_of("auto", "softmax", "sigmoid"),
+    "head_bias": Rule(lambda v: _is_number(v), "a number"),
     "train_subset": at_least(1, integer=True),
     "holdout": at_least(0, integer=True),
     "patch_dropout": fraction(),

@@ -127,10 +127,14 @@ class Classification(Objective):
         self.multi_label = multi_label
         self.loss_name = resolve_loss(config, multi_label)
         self.mixer = batch_mixer(config, num_classes, multi_label)
+        self.head_bias_init = config.head_bias
 
     @property
     def head_bias(self) -> float | None:
-        """The initial bias of a new head (None: the model's own zero init)."""
+        """The initial bias of a new head: the config's ``head_bias``, else -10 with the sigmoid loss (None: the
+        model's own zero init)."""
+        if self.head_bias_init is not None:
+            return self.head_bias_init
         return self.SIGMOID_HEAD_BIAS if self.loss_name == "sigmoid" else None
 
     def check(self, config: TrainConfig) -> None:

@@ -178,7 +178,7 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
 
 
 def _init_head_bias(model: nn.Module, bias: float | None, log: RunLog) -> None:
-    """Set a new head's bias to ``bias`` (the sigmoid loss's -10). Only a fresh head, all zeros (built from scratch,
+    """Set a new head's bias to ``bias`` (the sigmoid loss's -10, or the config's ``head_bias``). Only a fresh head, all zeros (built from scratch,
     reset for fine-tuning, or an ImageNet-21k release's zeroed one), is touched; a trained head is kept."""
     head = getattr(model, "head", None)
     if bias is None or not isinstance(head, nn.Linear) or head.bias is None:
@@ -187,7 +187,7 @@ def _init_head_bias(model: nn.Module, bias: float | None, log: RunLog) -> None:
         if torch.count_nonzero(head.weight) or torch.count_nonzero(head.bias):
             return
         head.bias.fill_(bias)
-    log.info(f"sigmoid loss: head bias initialised to {bias:g}")
+    log.info(f"new head: bias initialised to {bias:g}")
 
 
 def run_preprocessing(config: TrainConfig, model: nn.Module) -> tuple[Preprocessing, str]:
