@@ -178,8 +178,9 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
 
 
 def _init_head_bias(model: nn.Module, bias: float | None, log: RunLog) -> None:
-    """Set a new head's bias to ``bias`` (the sigmoid loss's -10, or the config's ``head_bias``). Only a fresh head, all zeros (built from scratch,
-    reset for fine-tuning, or an ImageNet-21k release's zeroed one), is touched; a trained head is kept."""
+    """Set a new head's bias to ``bias`` (the sigmoid loss's -10, or the config's ``head_bias``). Only a fresh
+    head, all zeros (built from scratch, reset for fine-tuning, or an ImageNet-21k release's zeroed one), is
+    touched; a trained head is kept."""
     head = getattr(model, "head", None)
     if bias is None or not isinstance(head, nn.Linear) or head.bias is None:
         return
