@@ -174,6 +174,8 @@ def load_array_image(path: str | Path, channels: int, *, max_pixels: int | None 
         raise ImageLoadError(f"{label}: cannot read array ({reason})") from exc
     if not isinstance(array, np.ndarray):
         raise ImageLoadError(f"{label}: not a single array")
+    if array.size == 0:  # tifffile answers a damaged file with an empty array and a logged warning
+        raise ImageLoadError(f"{label}: no pixels (an empty or damaged file)")
     if array.ndim in (2, 3) and max_pixels is not None:
         height, width = (array.shape if array.ndim == 2 else
                          (array.shape[:2] if array.shape[-1] == channels else array.shape[1:]))
