@@ -2,6 +2,7 @@
 (a folder and a manifest listing the same files in the same order train to bit-identical weights), and training."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -129,3 +130,33 @@ def test_train_on_jsonl_with_a_split_column_evaluates_on_its_rows(tmp_path):
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     result = train(tiny_run(tmp_path, path, batch_size=3))
     assert result.metrics["samples"] == 3 and 0.0 <= result.metrics["top1"] <= 1.0
+
+
+def test_multi_label_manifest_with_workers_and_a_resume_ends_bit_identical(tmp_path, monkeypatch):
+    import vitlab.train.loop as loop
+
+    folder = image_folder(tmp_path / "imgs")
+    rows = [(str(p.relative_to(tmp_path)), "|".join(sorted({p.parent.name, "any" if i % 2 else "odd"})))
+            for i, p in enumerate(sorted(folder.rglob("*.png")))]
+    manifest = write_csv(tmp_path / "tags.csv", ["path", "labels"], rows)
+    saved = {}
+    original = loop.save_run_state
+
+    def keep_step_two(run, name, step, *args, **kwargs):  # the state an interrupted run would resume from
+        original(run, name, step, *args, **kwargs)
+        if step == 2 and name == "last.pt":
+            saved["state"] = (run.run_dir / "checkpoints" / name).read_bytes()
+
+    monkeypatch.setattr(loop, "save_run_state", keep_step_two)
+    config = tiny_run(tmp_path, manifest, run_name="whole", augment="crop", crop_scale=(0.5, 1.0), steps=4,
+                      mixup=0.4, save_every_steps=2, num_workers=2)
+    whole = train(config)
+    monkeypatch.setattr(loop, "save_run_state", original)
+    shutil.copytree(whole.run_dir, tmp_path / "resumed")
+    (tmp_path / "resumed" / "checkpoints" / "last.pt").write_bytes(saved["state"])
+    (tmp_path / "resumed" / "result.json").unlink()
+    resumed = train(TrainConfig(threads=1, num_workers=0), resume=tmp_path / "resumed")
+    assert resumed.steps == 4
+    for (name, x), (_, y) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert vitlab.load(whole.model_path).class_names == ["ant", "any", "bee", "cat", "odd"]

@@ -144,6 +144,12 @@ def test_train_eval_and_predict_a_multi_label_model(tmp_path, capsys):
         assert [i for i, _, _ in pred.top] == row.argsort(descending=True).tolist()
         assert [p for *_, p in pred.top] == pytest.approx(row.sort(descending=True).values.tolist(), abs=1e-6)
         assert sum(p for *_, p in pred.top) < 0.5  # independent probabilities near sigmoid(-10), not a softmax
+    pytest.importorskip("fastapi")
+    from vitlab.serve import Engine
+
+    engine = Engine(model)  # what `vitlab serve` answers: the same per-label sigmoid probabilities
+    torch.testing.assert_close(engine.classify(x), expected)
+    assert engine.card()["probabilities"] == "sigmoid"
     out = tmp_path / "report"
     assert cli_main(["eval", str(result.model_path), "--data", str(data), "--out", str(out)]) == 0
     line = capsys.readouterr().out
