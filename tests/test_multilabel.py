@@ -78,6 +78,9 @@ def test_map_and_f1_match_scikit_learn():
     predicted = (1 / (1 + np.exp(-scores)) >= 0.5).astype(int)
     assert out["f1_micro"] == pytest.approx(f1_score(targets, predicted, average="micro", zero_division=0))
     assert out["f1_macro"] == pytest.approx(f1_score(targets, predicted, average="macro", zero_division=0))
+    bce = F.binary_cross_entropy_with_logits(torch.from_numpy(scores).double(), torch.from_numpy(targets).double(),
+                                             reduction="none")
+    assert out["loss"] == pytest.approx(bce.sum(1).mean().item())  # the training loss's scale
     labelled = targets.sum(1) > 0  # top-1 "any correct label", over images that have one
     hits = targets[labelled, scores[labelled].argmax(1)]
     assert out["top1"] == pytest.approx(hits.mean()) and out["top1_counted"] == labelled.sum()

@@ -144,13 +144,14 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float | No
 def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> dict:
     """The metrics of a multi-label evaluation from logits (N, K) and multi-hot targets (N, K), JSON-ready.
 
-    Keys: ``samples``, ``num_classes``, ``multi_label`` (True), ``loss`` (mean sigmoid cross-entropy per label,
-    nats), ``map_macro`` (mean over labels with at least one positive of each label's average precision, see
-    :func:`average_precision`; ``map_labels`` says how many), ``map_micro`` (the average precision of all (sample,
-    label) pairs pooled), ``f1_micro`` / ``f1_macro`` / ``precision_micro`` / ``recall_micro`` with a label
-    predicted where its sigmoid probability is at least ``threshold``, ``top1`` (ReaL-style: the highest-scoring
-    label is one of the image's labels, over the ``top1_counted`` images that have a label), ``per_class_ap``
-    (list, None for labels without positives) and ``positives`` per label."""
+    Keys: ``samples``, ``num_classes``, ``multi_label`` (True), ``loss`` (sigmoid cross-entropy summed over the
+    labels, mean over the images, nats: the training loss), ``map_macro`` (mean over labels with at least one
+    positive of each label's average precision, see :func:`average_precision`; ``map_labels`` says how many),
+    ``map_micro`` (the average precision of all (sample, label) pairs pooled), ``f1_micro`` / ``f1_macro`` /
+    ``precision_micro`` / ``recall_micro`` with a label predicted where its sigmoid probability is at least
+    ``threshold``, ``top1`` (ReaL-style: the highest-scoring label is one of the image's labels, over the
+    ``top1_counted`` images that have a label), ``per_class_ap`` (list, None for labels without positives) and
+    ``positives`` per label."""
     if logits.ndim != 2 or targets.shape != logits.shape:
         raise ValueError(f"logits and targets must both be (N, K), got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
@@ -170,7 +171,8 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, threshold: f
     f1_per = 2 * tp / (2 * tp + fp + fn).clamp_min(1)  # 0 for a label never present nor predicted (scikit-learn)
     has_label = targets.sum(1) > 0
     out = {"samples": int(logits.shape[0]), "num_classes": int(logits.shape[1]), "multi_label": True,
-           "loss": torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item(),
+           "loss": torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+           .sum(1).mean().item(),
            "map_macro": sum(present) / len(present), "map_labels": len(present),
            "map_micro": average_precision(logits.flatten(), targets.flatten()),
            "threshold": threshold,

@@ -96,7 +96,7 @@ def multilabel_markdown(results: dict, title: str = "Multi-label evaluation") ->
     if "top1" in results:
         rows.append([f"top-1 (%), any correct label, {results['top1_counted']} labelled images",
                      _pct(results["top1"])])
-    rows.append(["loss (sigmoid cross-entropy per label)", f"{results['loss']:.4f}"])
+    rows.append(["loss (sigmoid cross-entropy, summed over the labels)", f"{results['loss']:.4f}"])
     text = f"# {title}\n\n" + markdown_table(["metric", "value"], rows)
     per_label = [[names[k], results["positives"][k], _pct(ap)] for k, ap in enumerate(results["per_class_ap"])]
     return text + "\n## Per label\n\n" + markdown_table(["label", "positives", "average precision (%)"], per_label)
