@@ -67,13 +67,13 @@ class ImageFolderDataset(DatasetFolder):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _load(self, path: str):
+    def _load(self, path: str, name: str | None = None):
         kwargs = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
-        return load_sample(path, self.channels, name=self._name(path), **kwargs)
+        return load_sample(path, self.channels, name=name, **kwargs)
 
-    def _name(self, path: str) -> str:
-        """How errors name the file (manifests add the row)."""
-        return path
+    def _name(self, index: int, path: str) -> str | None:
+        """How errors name sample ``index``'s file (None: its path; manifests add their line)."""
+        return None
 
     def _target(self, label):
         """The sample's target from its stored label (manifests: a multi-hot tensor for multi-label data)."""
@@ -83,7 +83,7 @@ class ImageFolderDataset(DatasetFolder):
         path, label = self.samples[index]
         label = self._target(label)
         try:
-            image = self._load(path)
+            image = self._load(path, self._name(index, path))
         except ImageLoadError as exc:
             if self.on_error == "fail":
                 raise

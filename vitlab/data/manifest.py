@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import InvalidValueError, VitlabError
@@ -188,7 +190,7 @@ class ManifestDataset(ImageFolderDataset):
                 raise VitlabError(f"{self.manifest}: no rows of split {'/'.join(split_names[:2])} (its split "
                                   f"column has {', '.join(present)})")
         index = {name: i for i, name in enumerate(names)}
-        samples, where_of = [], {}
+        samples, lines = [], []
         for number, cell, labels, _ in parsed:
             for name in labels:
                 if name not in index:
@@ -198,7 +200,7 @@ class ManifestDataset(ImageFolderDataset):
             file = file if file.is_absolute() else self.manifest.parent / file
             ids = tuple(sorted({index[n] for n in labels}))
             samples.append((str(file), ids if self.multi_label else ids[0]))
-            where_of.setdefault(str(file), f"{self.manifest} line {number}: {cell}")
+            lines.append(number)
         # the attributes torchvision's DatasetFolder sets and ImageFolderDataset reads
         torch.utils.data.Dataset.__init__(self)
         self.root = str(self.manifest.parent)
@@ -209,10 +211,11 @@ class ManifestDataset(ImageFolderDataset):
         self.targets = [s[1] for s in samples]
         self.channels, self.on_error, self.max_pixels = channels, on_error, max_pixels
         self.sample_seed = None
-        self._where = where_of
+        self.lines = np.asarray(lines, dtype=np.int64)  # the manifest line of each sample (compact for big files)
 
-    def _name(self, path: str) -> str:
-        return self._where.get(path, path)
+    def _name(self, index: int, path: str) -> str:
+        shown = path.removeprefix(self.root + os.sep)  # as the manifest gives it, when relative
+        return f"{self.manifest} line {int(self.lines[index])}: {shown}"
 
     def _target(self, label):
         if not self.multi_label:
