@@ -45,52 +45,60 @@ def looks_like_manifest(spec: str | Path) -> bool:
     return str(spec).lower().endswith(MANIFEST_SUFFIXES)
 
 
-def _read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, row dict with lower-case keys) for every row, and the column names."""
+def _read_rows(path: Path) -> tuple[list[tuple[int, list]], list[str]]:
+    """(line number, the row's values in column order) for every non-blank row, and the lower-case column names
+    (a JSONL file's: every key that occurs, in order of appearance)."""
+    rows: list[tuple[int, list]] = []
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if path.suffix.lower() == ".jsonl":
+                objects = []
+                columns: dict[str, None] = {}
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise VitlabError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise VitlabError(f"{path} line {number}: not a JSON object")
+                    obj = {str(k).lower(): v for k, v in obj.items()}
+                    columns.update(dict.fromkeys(obj))
+                    objects.append((number, obj))
+                names = list(columns)
+                return [(number, [obj.get(c) for c in names]) for number, obj in objects], names
+            reader = csv.reader(f)
+            try:
+                header = [c.strip().lower() for c in next(reader, [])]
+                for values in reader:
+                    if any(values):  # blank lines are not rows
+                        rows.append((reader.line_num, values))
+            except csv.Error as exc:
+                raise VitlabError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
     except FileNotFoundError:
         raise VitlabError(f"{path}: no such manifest file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise VitlabError(f"{path}: cannot read the manifest ({exc})") from exc
-    rows: list[tuple[int, dict]] = []
-    if path.suffix.lower() == ".jsonl":
-        columns: dict[str, None] = {}
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise VitlabError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise VitlabError(f"{path} line {number}: not a JSON object")
-            row = {str(k).lower(): v for k, v in obj.items()}
-            columns.update(dict.fromkeys(row))
-            rows.append((number, row))
-        return rows, list(columns)
-    reader = csv.DictReader(text.splitlines())
-    try:
-        header = [str(c).strip().lower() for c in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        for row in reader:
-            if not any((v or "").strip() for k, v in row.items() if k is not None):
-                continue  # a blank line
-            rows.append((reader.line_num, {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()
-                                           if k is not None}))
-    except csv.Error as exc:
-        raise VitlabError(f"{path} line {reader.line_num}: malformed CSV ({exc})") from None
     return rows, header
 
 
-def _label_names(value, multi: bool, where: str) -> list[str]:
-    """The class names in one label cell."""
+def _label_names(value, multi: bool, manifest: Path, number: int) -> list[str]:
+    """The class names in one label cell (line ``number`` of ``manifest``, for the errors)."""
+    if isinstance(value, str):
+        if multi:
+            return [part for part in map(str.strip, value.split(LABEL_SEPARATOR)) if part]
+        text = value.strip()
+        if text and LABEL_SEPARATOR not in text:
+            return [text]
+    where = f"{manifest} line {number}"
     if value is None or (isinstance(value, str) and not value.strip()):
         if multi:
             return []
         raise VitlabError(f"{where}: empty label")
-    if isinstance(value, bool) or isinstance(value, (dict, float)):
-        raise VitlabError(f"{where}: label {value!r} is not a class name")
+    if isinstance(value, str):
+        raise VitlabError(f"{where}: label {value.strip()!r} holds the separator '{LABEL_SEPARATOR}'; name the "
+                          "column 'labels' for multi-label data")
     if isinstance(value, list):
         if not multi:
             raise VitlabError(f"{where}: a list of labels in the 'label' column; name it 'labels' for multi-label data")
@@ -100,13 +108,9 @@ def _label_names(value, multi: bool, where: str) -> list[str]:
                 raise VitlabError(f"{where}: label {item!r} is not a class name")
             names.append(str(item).strip())
         return [n for n in names if n]
-    text = str(value).strip()
-    if multi:
-        return [part.strip() for part in text.split(LABEL_SEPARATOR) if part.strip()]
-    if LABEL_SEPARATOR in text:
-        raise VitlabError(f"{where}: label {text!r} holds the separator '{LABEL_SEPARATOR}'; name the column "
-                          "'labels' for multi-label data")
-    return [text]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise VitlabError(f"{where}: label {value!r} is not a class name")
+    return [str(value)]
 
 
 def _sorted_classes(names: set[str]) -> list[str]:
@@ -163,14 +167,20 @@ class ManifestDataset(ImageFolderDataset):
         else:
             raise VitlabError(f"{self.manifest}: no label column (columns: {', '.join(map(str, columns))}); name it "
                               "'label' (one class per image) or 'labels' (several, separated by '|')")
+        def column(name: str) -> int | None:
+            return columns.index(name) if name in columns else None
+
+        path_at, label_at, split_at = column(path_column), column(label_column), column("split")
         parsed = []
-        for number, row in rows:
-            where = f"{self.manifest} line {number}"
-            cell = row.get(path_column)
+        for number, values in rows:
+            width = len(values)
+            cell = values[path_at] if path_at < width else None
             if cell is None or not str(cell).strip():
-                raise VitlabError(f"{where}: empty {path_column}")
-            parsed.append((number, str(cell).strip(), _label_names(row.get(label_column), self.multi_label, where),
-                           str(row.get("split") or "").strip().lower()))
+                raise VitlabError(f"{self.manifest} line {number}: empty {path_column}")
+            label = values[label_at] if label_at < width else None
+            split = values[split_at] if split_at is not None and split_at < width else None
+            parsed.append((number, str(cell).strip(), _label_names(label, self.multi_label, self.manifest, number),
+                           str(split or "").strip().lower()))
         if classes is None and (self.manifest.parent / "classes.txt").is_file():
             classes = self.manifest.parent / "classes.txt"
         if classes is not None:
@@ -190,16 +200,18 @@ class ManifestDataset(ImageFolderDataset):
                 raise VitlabError(f"{self.manifest}: no rows of split {'/'.join(split_names[:2])} (its split "
                                   f"column has {', '.join(present)})")
         index = {name: i for i, name in enumerate(names)}
+        base = str(self.manifest.parent)
         samples, lines = [], []
         for number, cell, labels, _ in parsed:
             for name in labels:
                 if name not in index:
                     raise VitlabError(f"{self.manifest} line {number}: label {name!r} is not in {source} "
                                       f"({len(names)} classes)")
-            file = Path(cell).expanduser()
-            file = file if file.is_absolute() else self.manifest.parent / file
+            file = os.path.expanduser(cell) if cell.startswith("~") else cell
+            if not os.path.isabs(file) and base != ".":  # os.path, not Path: a million rows stay quick
+                file = os.path.join(base, file)
             ids = tuple(sorted({index[n] for n in labels}))
-            samples.append((str(file), ids if self.multi_label else ids[0]))
+            samples.append((file, ids if self.multi_label else ids[0]))
             lines.append(number)
         # the attributes torchvision's DatasetFolder sets and ImageFolderDataset reads
         torch.utils.data.Dataset.__init__(self)
