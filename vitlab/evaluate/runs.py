@@ -68,6 +68,8 @@ def fewshot_checkpoint(
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev)
     train = eval_dataset(data, train_split, model.preprocessing, data_dir=data_dir, on_error="fail")
+    if getattr(train, "multi_label", False):
+        raise VitlabError(f"{data}: few-shot evaluation needs single-label data (a 'label' column), not multi-label")
     test = limit_dataset(eval_dataset(data, test_split, model.preprocessing, data_dir=data_dir, on_error="fail"),
                          max_test)
     names = class_names_of(train)
@@ -125,6 +127,9 @@ def eval_checkpoint(
     own_classes = None if map_classes_by_name else getattr(model, "class_names", None)
     dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,
                            classes=own_classes if looks_like_manifest(data) else None)
+    if getattr(dataset, "multi_label", False) and (map_classes_by_name or labels_file is not None):
+        raise VitlabError(f"{data}: multi-label data are scored on their own labels; drop --map-classes-by-name "
+                          "and --labels")
     model, dataset, mapping = match_model_to_data(model, dataset, str(checkpoint), data, map_classes_by_name,
                                                   labels_file is not None)
     dataset = limit_dataset(dataset, max_samples)
