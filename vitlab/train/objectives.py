@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VitlabError
 from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
@@ -99,8 +100,6 @@ class Objective:
     saves_class_names = False
 
     def check(self, config: TrainConfig) -> None:
-        from ..errors import VitlabError
-
         if config.fsdp or config.patch_dropout > 0:
             raise VitlabError("a custom training objective (e.g. masked patch prediction) supports neither fsdp "
                               "nor patch_dropout")
@@ -138,8 +137,6 @@ class Classification(Objective):
         return self.SIGMOID_HEAD_BIAS if self.loss_name == "sigmoid" else None
 
     def check(self, config: TrainConfig) -> None:
-        from ..errors import VitlabError
-
         if self.multi_label and self.loss_name != "sigmoid":
             raise VitlabError("multi-label data need loss=sigmoid (--loss sigmoid, or auto)")
         if self.loss_name == "sigmoid" and config.label_smoothing > 0:

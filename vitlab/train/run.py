@@ -20,6 +20,7 @@ from ..data import ArrayDataset, ImageFolderDataset, ManifestDataset, ShardDatas
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
 from ..data.stats import channel_statistics
 from ..errors import InvalidValueError, VitlabError
+from ..factory import load
 from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
@@ -140,8 +141,6 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
     if config.img_size is not None:
         overrides["img_size"] = config.img_size
     if config.init_from:
-        from ..checkpoints import load
-
         img_size = overrides.pop("img_size", None)
         want_chans = in_chans if in_chans is not None else overrides.pop("in_chans", None)
         overrides.pop("in_chans", None)
