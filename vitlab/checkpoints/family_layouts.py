@@ -1,0 +1,341 @@
+"""The layouts DINOv2, DeiT, SigLIP and CLIP image towers are published in, mapped onto timm's (= vitlab's) names.
+
+Each reader is a pure function from the publisher's state dict to timm names, plus notes on what was dropped (a text
+tower, DINOv2's ``mask_token``); :func:`to_timm_names` picks it from :func:`detect_family_layout`. The writers
+(:func:`to_transformers`) go back to transformers' on-disk names with the ``config.json`` that rebuilds the model.
+
+=========================  ===========================================  ============================================
+vitlab / timm              transformers (on disk)                       original release
+=========================  ===========================================  ============================================
+cls_token                  ``embeddings.cls_token`` (DINOv2, DeiT),     ``cls_token`` (DINOv2), ``visual.class_
+                           ``embeddings.class_embedding`` (CLIP, (D,))  embedding`` (OpenAI / OpenCLIP, (D,))
+reg_token                  ``embeddings.register_tokens``               ``register_tokens`` (DINOv2)
+dist_token                 ``embeddings.distillation_token`` (DeiT)     ``dist_token`` (DeiT ``.pth``: timm names)
+pos_embed                  ``embeddings.position_embeddings`` /         ``pos_embed`` / ``visual.positional_
+                           ``embeddings.position_embedding.weight``     embedding``
+patch_embed.proj           ``embeddings.patch_embeddings.projection`` / ``patch_embed.proj`` / ``visual.conv1``
+                           ``embeddings.patch_embedding``
+norm_pre                   ``pre_layrnorm`` (CLIP; sic)                 ``visual.ln_pre``
+blocks.{i}.attn.qkv        ``...{query,key,value}`` / ``self_attn.      ``visual.transformer.resblocks.{i}.attn.
+                           {q,k,v}_proj`` (fused, q rows first)         in_proj_{weight,bias}``
+blocks.{i}.ls1.gamma       ``encoder.layer.{i}.layer_scale1.lambda1``   ``blocks.{i}.ls1.gamma`` (DINOv2),
+                                                                        ``blocks.{i}.gamma_1`` (DeiT III)
+blocks.{i}.mlp.fc1 / fc2   ``mlp.fc1`` / ``mlp.weights_in`` (SwiGLU)    ``mlp.w12`` / ``mlp.w3`` (DINOv2 SwiGLU),
+                                                                        ``mlp.c_fc`` / ``mlp.c_proj`` (CLIP)
+norm                       ``layernorm`` / ``post_layernorm``           ``norm`` / ``visual.ln_post``
+attn_pool.*                ``head.{probe,attention,layernorm,mlp}``     big_vision ``MAPHead_0`` (see npz.py)
+head / head_dist           ``classifier``, ``cls_classifier`` /         ``head`` / ``head_dist``; CLIP
+                           ``distillation_classifier``;                 ``visual.proj`` (D, P), transposed
+                           ``visual_projection`` (CLIP, no bias)
+=========================  ===========================================  ============================================
+
+DINOv2 with registers stores a class slot in its position embedding and adds it to the class token before the
+registers are inserted; timm (and vitlab) fold that slot into ``cls_token`` and keep the embedding for the patches
+only, which computes the same (timm's ``_convert_dinov2`` does the same). CLIP's projection has no bias: it becomes a
+``head`` with a zero bias, as in timm.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import InvalidValueError, VitlabError
+
+# transformers' model types read here, and the vision-config fields they nest (full SigLIP / CLIP models)
+HF_FAMILY_TYPES = {"dinov2": "hf_dinov2", "dinov2_with_registers": "hf_dinov2", "deit": "hf_deit",
+                   "siglip": "hf_siglip", "siglip_vision_model": "hf_siglip", "clip": "hf_clip",
+                   "clip_vision_model": "hf_clip"}
+FAMILY_LAYOUTS = ("hf_dinov2", "hf_deit", "hf_siglip", "hf_clip", "dinov2", "deit3", "open_clip")
+# transformers' hidden_act -> vitlab's gelu field
+HF_ACTIVATIONS = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh",
+                  "quick_gelu": "quick"}
+# what each source's code computes that the weights cannot show: GELU flavour and LayerNorm epsilon
+FAMILY_NUMERICS = {
+    "dinov2": {"gelu": "exact", "norm_eps": 1e-6},  # dinov2/models/vision_transformer.py: nn.GELU, eps 1e-6
+    "deit3": {"gelu": "exact", "norm_eps": 1e-6},  # DeiT III is built on timm's layers
+    "open_clip": {"gelu": "quick", "norm_eps": 1e-5},  # OpenAI's release; OpenCLIP's LAION towers use exact GELU
+}
+
+
+# ------------------------------------------------------------------------------------------------- detection
+def detect_family_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The family layout of a state dict from its signature keys (one of :data:`FAMILY_LAYOUTS`), or None for the
+    layouts :func:`vitlab.checkpoints.statedicts.detect_layout` already knows (timm, plain HF ViT, torchvision)."""
+    keys = set(state_dict)
+    if {"visual.class_embedding", "visual.conv1.weight"} & keys:
+        return "open_clip"
+    for prefix in ("vision_model.", ""):
+        if f"{prefix}embeddings.class_embedding" in keys:
+            return "hf_clip"
+        if f"{prefix}embeddings.patch_embedding.weight" in keys:
+            return "hf_siglip"
+    if {"deit.embeddings.distillation_token", "embeddings.distillation_token"} & keys:
+        return "hf_deit"
+    for prefix in ("dinov2.", ""):
+        if f"{prefix}embeddings.mask_token" in keys or f"{prefix}encoder.layer.0.layer_scale1.lambda1" in keys:
+            return "hf_dinov2"
+    if "patch_embed.proj.weight" in keys:
+        if {"mask_token", "register_tokens"} & keys or any(re.match(r"blocks\.\d+\.(\d+\.)?mlp\.w12\.", k)
+                                                           for k in keys):
+            return "dinov2"
+        if any(re.match(r"blocks\.\d+\.(\d+\.)?ls1\.gamma$", k) for k in keys) and "reg_token" not in keys \
+                and any(re.match(r"blocks\.\d+\.\d+\.", k) for k in keys):
+            return "dinov2"  # a DINOv2 training checkpoint: blocks in chunks (blocks.{chunk}.{i}.)
+        if any(re.match(r"blocks\.\d+\.gamma_[12]$", k) for k in keys):
+            return "deit3"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _rename(state_dict: Mapping[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """First matching (regex, replacement) per key; unmatched keys pass through so that strict loading names them."""
+    compiled = [(re.compile(f"^{p}$"), r) for p, r in rules]
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in compiled:
+            if pattern.match(key):
+                key = pattern.sub(repl, key)
+                break
+        out[key] = value
+    return out
+
+
+def _fuse_qkv(state_dict: Mapping[str, torch.Tensor], pattern: str, names: tuple[str, str, str],
+              target: str, source: str) -> dict[str, torch.Tensor]:
+    """Fuse separate q, k, v projections into ``target`` (``blocks.{i}.attn.qkv.{kind}``), query rows first.
+    ``pattern`` captures (block, which, kind) with ``which`` one of ``names``."""
+    regex = re.compile(f"^{pattern}$")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    out = {}
+    for key, value in state_dict.items():
+        m = regex.match(key)
+        if m:
+            parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        else:
+            out[key] = value
+    for (block, kind), found in parts.items():
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise VitlabError(f"{source}: layer {block}: attention {kind} lacks {', '.join(missing)}")
+        out[target.format(block=block, kind=kind)] = torch.cat([found[n] for n in names], dim=0)
+    return out
+
+
+def _split_off(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...],
+               what: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Drop the keys under ``prefixes`` (another tower, training-only tensors) and say so in a note."""
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    dropped = len(state_dict) - len(kept)
+    return kept, ([f"{dropped} tensors of the {what} ignored"] if dropped else [])
+
+
+def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def _fold_class_slot(sd: dict[str, torch.Tensor]) -> None:
+    """DINOv2 with registers: the position embedding's class slot is constant, so it is added to the class token and
+    the embedding keeps the patches only (the registers never had a position)."""
+    pos = sd["pos_embed"]
+    sd["cls_token"] = sd["cls_token"] + pos[:, :1]
+    sd["pos_embed"] = pos[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------- transformers
+_HF_VIT_LAYER = [  # DeiT's encoder layers use ViT's names
+    (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+]
+_HF_EMBED = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.register_tokens", "reg_token"),
+    (r"embeddings\.distillation_token", "dist_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"layernorm\.(weight|bias)", r"norm.\1"),
+]
+_HF_DINOV2_LAYER = [
+    (r"encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
+    (r"encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+]
+_HF_QKV = r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"
+_QKV_TARGET = "blocks.{block}.attn.qkv.{kind}"
+_HF_TOWER = [  # SigLIP and CLIP vision towers (CLIP-style encoder names)
+    (r"embeddings\.patch_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"pre_layrnorm\.(weight|bias)", r"norm_pre.\1"),
+    (r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"blocks.\1.mlp.fc\2.\3"),
+    (r"post_layernorm\.(weight|bias)", r"norm.\1"),
+    (r"head\.probe", "attn_pool.latent"),
+    (r"head\.attention\.out_proj\.(weight|bias)", r"attn_pool.proj.\1"),
+    (r"head\.layernorm\.(weight|bias)", r"attn_pool.norm.\1"),
+    (r"head\.mlp\.fc([12])\.(weight|bias)", r"attn_pool.mlp.fc\1.\2"),
+]
+_TOWER_QKV = r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)"
+
+
+def from_hf_dinov2(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` -> timm names."""
+    sd, notes = _split_off(_strip(state_dict, "dinov2."), ("embeddings.mask_token",),
+                           "masked-image training (mask_token)")
+    if "classifier.weight" in sd:
+        raise VitlabError(f"{source}: a Dinov2ForImageClassification head (it reads the class token next to the mean "
+                          "patch token) has no vitlab equivalent; load the backbone alone (Dinov2Model)")
+    sd = _rename(_fuse_qkv(sd, _HF_QKV, ("query", "key", "value"), _QKV_TARGET, source),
+                 _HF_DINOV2_LAYER + _HF_EMBED)
+    if "reg_token" in sd:
+        _fold_class_slot(sd)
+    return sd, notes
+
+
+def from_hf_deit(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers ``DeiTForImageClassificationWithTeacher`` / ``DeiTForImageClassification`` / ``DeiTModel`` ->
+    timm's distilled names (``dist_token``, ``head``, ``head_dist``).
+
+    ``DeiTForImageClassification`` keeps the distillation token but classifies the class token alone; vitlab's
+    distilled model averages the two heads, so its head is the classifier doubled and its distillation head zero,
+    which gives the same logits."""
+    sd, notes = _split_off(_strip(state_dict, "deit."), ("pooler.",), "pooler (unused by the classifiers)")
+    if "classifier.weight" in sd:
+        weight, bias = sd.pop("classifier.weight"), sd.pop("classifier.bias")
+        sd.update({"head.weight": 2 * weight, "head.bias": 2 * bias, "head_dist.weight": torch.zeros_like(weight),
+                   "head_dist.bias": torch.zeros_like(bias)})
+        notes.append("DeiTForImageClassification classifies the class token alone: loaded as a distilled model "
+                     "whose head is the classifier x2 and whose distillation head is zero (same logits)")
+    sd = _rename(sd, [(r"cls_classifier\.(weight|bias)", r"head.\1"),
+                      (r"distillation_classifier\.(weight|bias)", r"head_dist.\1")])
+    sd = _rename(_fuse_qkv(sd, _HF_QKV, ("query", "key", "value"), _QKV_TARGET, source), _HF_VIT_LAYER + _HF_EMBED)
+    return sd, notes
+
+
+def from_hf_tower(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers ``SiglipVisionModel`` / ``CLIPVisionModel(WithProjection)``, or the vision tower of a full
+    ``SiglipModel`` / ``CLIPModel`` -> timm names (SigLIP's ``map`` head as ``attn_pool``, CLIP's projection as
+    ``head``)."""
+    sd, notes = _split_off(state_dict, ("text_model.", "text_projection.", "logit_scale", "logit_bias"),
+                           "text tower")
+    sd = _strip(sd, "vision_model.")
+    if "classifier.weight" in sd:
+        raise VitlabError(f"{source}: an image-classification head on a SigLIP / CLIP tower (it averages the patch "
+                          "tokens) is not read by vitlab; load the vision tower alone")
+    if "embeddings.class_embedding" in sd:
+        sd["cls_token"] = sd.pop("embeddings.class_embedding").reshape(1, 1, -1)
+    if "embeddings.position_embedding.weight" in sd:
+        sd["pos_embed"] = sd.pop("embeddings.position_embedding.weight").unsqueeze(0)
+    if "visual_projection.weight" in sd:
+        weight = sd.pop("visual_projection.weight")
+        sd["head.weight"], sd["head.bias"] = weight, weight.new_zeros(weight.shape[0])
+    for kind in ("weight", "bias"):
+        fused = sd.pop(f"head.attention.in_proj_{kind}", None)
+        if fused is not None:  # nn.MultiheadAttention's in_proj: the query of the probe, key and value of the tokens
+            dim = fused.shape[0] // 3
+            sd[f"attn_pool.q.{kind}"], sd[f"attn_pool.kv.{kind}"] = fused[:dim], fused[dim:]
+    sd = _rename(_fuse_qkv(sd, _TOWER_QKV, ("q", "k", "v"), _QKV_TARGET, source), _HF_TOWER)
+    return sd, notes
+
+
+# ------------------------------------------------------------------------------------------------- original releases
+_OPEN_CLIP = [
+    (r"visual\.conv1\.weight", "patch_embed.proj.weight"),
+    (r"visual\.ln_pre\.(weight|bias)", r"norm_pre.\1"),
+    (r"visual\.transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"visual\.ln_post\.(weight|bias)", r"norm.\1"),
+]
+
+
+def from_open_clip(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An OpenAI CLIP / OpenCLIP state dict (``visual.conv1``, ``visual.class_embedding``, ...) -> the image tower in
+    timm names; the text tower is ignored. ``visual.proj`` (D, P) becomes ``head`` (P, D) with a zero bias."""
+    visual = {k: v for k, v in state_dict.items() if k.startswith("visual.")}
+    notes = [f"{len(state_dict) - len(visual)} tensors of the text tower ignored"] if len(visual) < len(state_dict) \
+        else []
+    sd = dict(visual)
+    if "visual.class_embedding" in sd:
+        sd["cls_token"] = sd.pop("visual.class_embedding").reshape(1, 1, -1)
+    if "visual.positional_embedding" in sd:
+        sd["pos_embed"] = sd.pop("visual.positional_embedding").unsqueeze(0)
+    if "visual.proj" in sd:
+        proj = sd.pop("visual.proj")
+        sd["head.weight"], sd["head.bias"] = proj.t().contiguous(), proj.new_zeros(proj.shape[1])
+    return _rename(sd, _OPEN_CLIP), notes
+
+
+def from_dinov2(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A DINOv2 release (torch.hub ``dinov2_vits14[_reg]`` ``.pth``: ``cls_token``, ``register_tokens``,
+    ``mask_token``, ``blocks.{i}.ls1.gamma``, SwiGLU ``mlp.w12`` / ``mlp.w3``; training checkpoints chunk the blocks
+    as ``blocks.{chunk}.{i}.``) -> timm names."""
+    sd, notes = _split_off(state_dict, ("mask_token",), "masked-image training (mask_token)")
+    sd = _rename(sd, [(r"blocks\.\d+\.(\d+)\.(.*)", r"blocks.\1.\2")] if any(
+        re.match(r"blocks\.\d+\.\d+\.", k) for k in sd) else [])
+    sd = _rename(sd, [(r"register_tokens", "reg_token"),
+                      (r"blocks\.(\d+)\.mlp\.w12\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+                      (r"blocks\.(\d+)\.mlp\.w3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2")])
+    if "reg_token" in sd:
+        _fold_class_slot(sd)
+    return sd, notes
+
+
+def from_deit3(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A DeiT III release (``blocks.{i}.gamma_1`` / ``gamma_2``, otherwise timm names) -> timm names."""
+    return _rename(state_dict, [(r"blocks\.(\d+)\.gamma_([12])", r"blocks.\1.ls\2.gamma")]), []
+
+
+_READERS = {"hf_dinov2": from_hf_dinov2, "hf_deit": from_hf_deit, "hf_siglip": from_hf_tower,
+            "hf_clip": from_hf_tower, "open_clip": from_open_clip, "dinov2": from_dinov2, "deit3": from_deit3}
+
+
+def to_timm_names(state_dict: Mapping[str, torch.Tensor], layout: str,
+                  source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A state dict in one of :data:`FAMILY_LAYOUTS` -> timm (= vitlab) names. Returns (state dict, notes)."""
+    if layout not in _READERS:
+        raise InvalidValueError(f"unknown family layout {layout!r}; choose one of {', '.join(FAMILY_LAYOUTS)}")
+    return _READERS[layout](dict(state_dict), source)
+
+
+# ------------------------------------------------------------------------------------------------- HF config.json
+def hf_vision_config(hf: dict, source: str) -> tuple[str, dict]:
+    """(family layout, the vision part of a transformers ``config.json``): a full SigLIP / CLIP model nests it under
+    ``vision_config``; CLIP's ``projection_dim`` sits at the top there."""
+    model_type = hf.get("model_type")
+    layout = HF_FAMILY_TYPES.get(model_type)
+    if layout is None:
+        raise VitlabError(f"{source}: model_type {model_type!r} is not one vitlab reads")
+    if model_type in ("siglip", "clip"):
+        vision = hf.get("vision_config")
+        if not isinstance(vision, dict):
+            raise VitlabError(f"{source}: a {model_type!r} config without a vision_config object")
+        vision = dict(vision)
+        if model_type == "clip" and "projection_dim" in hf:
+            vision["projection_dim"] = hf["projection_dim"]
+        return layout, vision
+    return layout, dict(hf)
+
+
+def hf_hints(vision: dict, source: str) -> dict:
+    """The ViTConfig fields a transformers vision config fixes that the weights cannot show (heads, LayerNorm
+    epsilon, GELU flavour), and the image and patch size (for the token grid)."""
+    act = vision.get("hidden_act", "gelu")
+    gelu = HF_ACTIVATIONS.get(act)
+    if gelu is None:
+        raise VitlabError(f"{source}: hidden_act {act!r} is not one vitlab computes ({', '.join(HF_ACTIVATIONS)})")
+
+    def pair(value):
+        return (value, value) if isinstance(value, int) else tuple(value)
+
+    return {"num_heads": int(vision.get("num_attention_heads", 12)),
+            "norm_eps": float(vision.get("layer_norm_eps", 1e-12)), "gelu": gelu,
+            "img_size": pair(vision.get("image_size", 224)), "patch_size": pair(vision.get("patch_size", 16))}
