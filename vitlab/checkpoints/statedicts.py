@@ -271,17 +271,23 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         gaps = sorted(set(range(depth)) - set(block_ids))
         raise VitlabError(f"{source}: transformer blocks {gaps} are missing (found {len(block_ids)} of {depth})")
     mlp_dim = need("blocks.0.mlp.fc1.weight").shape[0]
+    if "blocks.0.mlp.fc2.weight" in sd and sd["blocks.0.mlp.fc2.weight"].shape[1] * 2 == mlp_dim:
+        mlp_dim //= 2  # SwiGLU: fc1 packs the gate and the value (2M rows), fc2 reads M
     heads = defaults.pop("num_heads", None)
     if heads is None:
         heads = STANDARD_HEADS.get(dim, max(dim // 64, 1))
         notes.append(f"head count not stored in this layout: assumed {heads} for width {dim} (pass model_name to be "
                      "explicit)")
     class_token = "cls_token" in sd
-    prefix = 1 if class_token else 0
+    options = family_options(sd, defaults)
+    prefix = int(class_token) + int(options.get("distilled", False)) + options.get("reg_tokens", 0)
     if "pos_embed" in sd:
         pos_embed = "learned"
         rows = sd["pos_embed"].shape[-2]
-        grid = _grid_from_rows(rows - prefix, grid_hint, source)
+        patch_only = _patch_only_rows(rows, prefix, grid_hint, defaults.pop("no_embed_class", None))
+        if patch_only:
+            options["no_embed_class"] = True
+        grid = _grid_from_rows(rows - (0 if patch_only else prefix), grid_hint, source)
     elif "pos_embed_x" in sd and "pos_embed_y" in sd:
         pos_embed = "learned_2d"
         grid = (sd["pos_embed_y"].shape[0], sd["pos_embed_x"].shape[0])
@@ -294,7 +300,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         notes.append(f"no learned position embedding: assumed pos_embed={pos_embed!r}")
     defaults.pop("pos_embed", None)
     fc_norm = "fc_norm.weight" in sd
-    pool = "gap" if (fc_norm or not class_token) else "token"
+    pool = "map" if "attn_pool.latent" in sd else "gap" if (fc_norm or not class_token) else "token"
     representation = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     kwargs = dict(
@@ -303,11 +309,47 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         pos_embed=pos_embed, norm_after_pool=fc_norm, representation_size=representation,
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
     )
+    kwargs.update(options)
     kwargs.update(defaults)
     try:
         return ViTConfig(**kwargs), notes
     except ValueError as exc:
         raise VitlabError(f"{source}: the weights describe no valid ViT ({exc})") from None
+
+
+def family_options(state_dict: Mapping[str, torch.Tensor], defaults: dict) -> dict:
+    """The :class:`ViTConfig` options of the post-2021 families that a vitlab-named state dict shows by its keys
+    and shapes: LayerScale (``blocks.0.ls1.gamma``; its init value only matters for training from scratch: taken
+    from ``defaults['layer_scale']``, else 1e-5), registers (``reg_token``), DeiT's distillation token, CLIP's
+    ``norm_pre``, a patch embedding without bias, SwiGLU (``fc1`` twice as wide as ``fc2`` reads)."""
+    sd = state_dict
+    out: dict = {}
+    if "blocks.0.ls1.gamma" in sd:
+        out["layer_scale"] = defaults.pop("layer_scale", None) or 1e-5
+    if "reg_token" in sd:
+        out["reg_tokens"] = int(sd["reg_token"].shape[1])
+    if "dist_token" in sd:
+        out["distilled"] = True
+    if "norm_pre.weight" in sd:
+        out["pre_norm"] = True
+    if "patch_embed.proj.weight" in sd and "patch_embed.proj.bias" not in sd:
+        out["patch_bias"] = False
+    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
+    if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
+        out["mlp_type"] = "swiglu"
+    return out
+
+
+def _patch_only_rows(rows: int, prefix: int, hint: tuple[int, int] | None, default: bool | None) -> bool:
+    """Whether a learned position embedding of ``rows`` rows covers the patches only (DeiT III, DINOv2 with
+    registers, SigLIP) rather than the ``prefix`` tokens too: the grid (or a square) decides; without prefix tokens
+    both read the same and ``default`` (a named model's choice) or False is kept."""
+    if prefix == 0:
+        return bool(default)
+    if hint is not None and hint[0] * hint[1] in (rows, rows - prefix):
+        return hint[0] * hint[1] == rows
+    square = int(round((rows - prefix) ** 0.5)) ** 2 == rows - prefix
+    return not square and int(round(rows**0.5)) ** 2 == rows
 
 
 def _grid_from_rows(n: int, hint: tuple[int, int] | None, source: str) -> tuple[int, int]:
