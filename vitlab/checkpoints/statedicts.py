@@ -319,12 +319,12 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
 
 def family_options(state_dict: Mapping[str, torch.Tensor], defaults: dict) -> dict:
     """The :class:`ViTConfig` options of the post-2021 families that a vitlab-named state dict shows by its keys
-    and shapes: LayerScale (``blocks.0.ls1.gamma``; its init value only matters for training from scratch: taken
+    and shapes: LayerScale (``blocks.{i}.ls1.gamma``; its init value only matters for training from scratch: taken
     from ``defaults['layer_scale']``, else 1e-5), registers (``reg_token``), DeiT's distillation token, CLIP's
     ``norm_pre``, a patch embedding without bias, SwiGLU (``fc1`` twice as wide as ``fc2`` reads)."""
     sd = state_dict
     out: dict = {}
-    if "blocks.0.ls1.gamma" in sd:
+    if any(re.match(r"blocks\.\d+\.ls[12]\.gamma$", k) for k in sd):  # any block: one missing key is named as such
         out["layer_scale"] = defaults.pop("layer_scale", None) or 1e-5
     if "reg_token" in sd:
         out["reg_tokens"] = int(sd["reg_token"].shape[1])
@@ -348,7 +348,7 @@ def _patch_only_rows(rows: int, prefix: int, hint: tuple[int, int] | None, defau
         return bool(default)
     if hint is not None and hint[0] * hint[1] in (rows, rows - prefix):
         return hint[0] * hint[1] == rows
-    square = int(round((rows - prefix) ** 0.5)) ** 2 == rows - prefix
+    square = rows > prefix and int(round((rows - prefix) ** 0.5)) ** 2 == rows - prefix
     return not square and int(round(rows**0.5)) ** 2 == rows
 
 
