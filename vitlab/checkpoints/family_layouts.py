@@ -339,3 +339,167 @@ def hf_hints(vision: dict, source: str) -> dict:
     return {"num_heads": int(vision.get("num_attention_heads", 12)),
             "norm_eps": float(vision.get("layer_norm_eps", 1e-12)), "gelu": gelu,
             "img_size": pair(vision.get("image_size", 224)), "patch_size": pair(vision.get("patch_size", 16))}
+
+
+# ------------------------------------------------------------------------------------------------- writing transformers
+_GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gelu"}
+
+
+def transformers_class(cfg) -> str | None:
+    """The transformers class that holds a model with these options (None: the paper's ViT, written as
+    ``ViTForImageClassification``). Raises InvalidValueError for option sets no transformers class computes."""
+    pool, pre_norm = getattr(cfg, "pool", "token"), getattr(cfg, "pre_norm", False)
+    distilled, layer_scale = getattr(cfg, "distilled", False), getattr(cfg, "layer_scale", None)
+    regs, patch_only = getattr(cfg, "reg_tokens", 0), getattr(cfg, "no_embed_class", False)
+    swiglu = getattr(cfg, "mlp_type", "mlp") == "swiglu"
+    problems = []
+    if pool == "map":
+        name = "SiglipVisionModel"
+        if cfg.class_token or regs or distilled or pre_norm or layer_scale or swiglu:
+            problems.append("SiglipVisionModel has no class, register or distillation token, ln_pre, LayerScale or "
+                            "SwiGLU")
+        if cfg.num_classes:
+            problems.append("SiglipVisionModel has no classifier (num_classes must be 0)")
+    elif pre_norm:
+        name = "CLIPVisionModelWithProjection" if cfg.num_classes else "CLIPVisionModel"
+        if not cfg.class_token or regs or distilled or layer_scale or swiglu or patch_only:
+            problems.append("CLIP's vision tower has a class token with a position, and no registers, distillation "
+                            "token, LayerScale or SwiGLU")
+        if getattr(cfg, "patch_bias", True):
+            problems.append("CLIP's patch embedding has no bias (patch_bias must be False)")
+    elif distilled:
+        name = "DeiTForImageClassificationWithTeacher"
+        if layer_scale or regs or patch_only or swiglu or not cfg.num_classes:
+            problems.append("DeiT in transformers has no LayerScale, registers, SwiGLU, patch-only position "
+                            "embedding, and needs a classifier")
+    elif layer_scale:
+        name = "Dinov2WithRegistersModel" if regs else "Dinov2Model"
+        if cfg.num_classes:
+            problems.append(f"{name} has no classifier (num_classes must be 0; transformers has no DeiT III)")
+    else:
+        return None
+    if cfg.pos_embed != "learned" or getattr(cfg, "representation_size", None) or cfg.pool == "gap":
+        problems.append("transformers' towers have a learned 1D position embedding, no pre-logits layer and no "
+                        "global-average pooling")
+    if problems:
+        raise InvalidValueError(f"cannot write the transformers {name} layout for this model: " + "; ".join(problems))
+    return name
+
+
+def _unfuse(state_dict: Mapping[str, torch.Tensor], target: str, names: tuple[str, str, str]) -> dict:
+    """``blocks.{i}.attn.qkv.{kind}`` -> three tensors named by ``target.format(block=, which=, kind=)``."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if m:
+            for which, chunk in zip(names, value.chunk(3, dim=0)):
+                out[target.format(block=m.group(1), which=which, kind=m.group(2))] = chunk.contiguous()
+        else:
+            out[key] = value
+    return out
+
+
+def _class_slot(sd: dict[str, torch.Tensor]) -> None:
+    """A patch-only position embedding gets a zero row for the class token (which already holds its position)."""
+    pos = sd["pos_embed"]
+    sd["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+
+
+def _common_hf(cfg) -> dict:
+    size = cfg.img_size[0] if cfg.img_size[0] == cfg.img_size[1] else list(cfg.img_size)
+    patch = cfg.patch_size[0] if cfg.patch_size[0] == cfg.patch_size[1] else list(cfg.patch_size)
+    return {"hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+            "hidden_act": _GELU_TO_HF[cfg.gelu], "layer_norm_eps": cfg.norm_eps, "image_size": size,
+            "patch_size": patch, "num_channels": cfg.in_chans}
+
+
+def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: list[str] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A vitlab (= timm) state dict of a DINOv2 / DeiT / SigLIP / CLIP model -> (transformers on-disk tensors,
+    ``config.json``), for the class :func:`transformers_class` names."""
+    name = transformers_class(cfg)
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    common = _common_hf(cfg)
+    if name.startswith("Dinov2"):
+        if getattr(cfg, "no_embed_class", False):
+            _class_slot(sd)
+        sd = _unfuse(sd, "encoder.layer.{block}.attention.attention.{which}.{kind}", ("query", "key", "value"))
+        rules = [(r"cls_token", "embeddings.cls_token"), (r"reg_token", "embeddings.register_tokens"),
+                 (r"pos_embed", "embeddings.position_embeddings"),
+                 (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
+                 (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", r"encoder.layer.\1.norm\2.\3"),
+                 (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layer.\1.attention.output.dense.\2"),
+                 (r"blocks\.(\d+)\.ls([12])\.gamma", r"encoder.layer.\1.layer_scale\2.lambda1"),
+                 (r"norm\.(weight|bias)", r"layernorm.\1")]
+        swiglu = cfg.mlp_type == "swiglu"
+        mlp = ("weights_in", "weights_out") if swiglu else ("fc1", "fc2")
+        rules += [(rf"blocks\.(\d+)\.mlp\.fc{i + 1}\.(weight|bias)", rf"encoder.layer.\1.mlp.{n}.\2")
+                  for i, n in enumerate(mlp)]
+        tensors = _rename(sd, rules)
+        tensors["embeddings.mask_token"] = torch.zeros(1, cfg.embed_dim)  # only used for masked-image training
+        ratio = cfg.mlp_dim / cfg.embed_dim
+        ratio = int(ratio) if ratio == int(ratio) else ratio  # transformers' Dinov2Config types it as an int
+        if swiglu:  # transformers derives the gated width as round(2/3 * D * mlp_ratio) up to a multiple of 8
+            ratio = next((r for r in (4, cfg.mlp_dim * 1.5 / cfg.embed_dim)
+                          if (int(int(cfg.embed_dim * r) * 2 / 3) + 7) // 8 * 8 == cfg.mlp_dim), None)
+            if ratio is None:
+                raise InvalidValueError(f"cannot write the transformers {name} layout: no mlp_ratio gives the "
+                                        f"SwiGLU width {cfg.mlp_dim}")
+        config = {**common, "architectures": [name], "mlp_ratio": ratio, "layerscale_value": cfg.layer_scale,
+                  "use_swiglu_ffn": swiglu, "qkv_bias": cfg.qkv_bias, "drop_path_rate": 0.0,
+                  "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                  "model_type": "dinov2_with_registers" if cfg.reg_tokens else "dinov2"}
+        if cfg.reg_tokens:
+            config["num_register_tokens"] = cfg.reg_tokens
+        return tensors, config
+    if name.startswith("DeiT"):
+        sd = _unfuse(sd, "deit.encoder.layer.{block}.attention.attention.{which}.{kind}", ("query", "key", "value"))
+        rules = [(r"cls_token", "deit.embeddings.cls_token"), (r"dist_token", "deit.embeddings.distillation_token"),
+                 (r"pos_embed", "deit.embeddings.position_embeddings"),
+                 (r"patch_embed\.proj\.(weight|bias)", r"deit.embeddings.patch_embeddings.projection.\1"),
+                 (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"deit.encoder.layer.\1.layernorm_before.\2"),
+                 (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"deit.encoder.layer.\1.attention.output.dense.\2"),
+                 (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"deit.encoder.layer.\1.layernorm_after.\2"),
+                 (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"deit.encoder.layer.\1.intermediate.dense.\2"),
+                 (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"deit.encoder.layer.\1.output.dense.\2"),
+                 (r"norm\.(weight|bias)", r"deit.layernorm.\1"), (r"head\.(weight|bias)", r"cls_classifier.\1"),
+                 (r"head_dist\.(weight|bias)", r"distillation_classifier.\1")]
+        names = class_names or [f"LABEL_{i}" for i in range(cfg.num_classes)]
+        config = {**common, "architectures": [name], "model_type": "deit", "intermediate_size": cfg.mlp_dim,
+                  "qkv_bias": cfg.qkv_bias, "encoder_stride": cfg.patch_size[0], "hidden_dropout_prob": 0.0,
+                  "attention_probs_dropout_prob": 0.0, "id2label": {str(i): n for i, n in enumerate(names)},
+                  "label2id": {n: i for i, n in enumerate(names)}}
+        return _rename(sd, rules), config
+    # SigLIP and CLIP towers: vision_model.* (+ CLIP's visual_projection)
+    sd = _unfuse(sd, "vision_model.encoder.layers.{block}.self_attn.{which}_proj.{kind}", ("q", "k", "v"))
+    tensors = {}
+    if "cls_token" in sd:
+        tensors["vision_model.embeddings.class_embedding"] = sd.pop("cls_token").reshape(-1)
+    tensors["vision_model.embeddings.position_embedding.weight"] = sd.pop("pos_embed")[0]
+    if "head.weight" in sd:
+        bias = sd.pop("head.bias", None)
+        if bias is not None and bias.any():
+            raise InvalidValueError(f"cannot write the transformers {name} layout: CLIP's visual_projection has no "
+                                    "bias and this head's bias is not zero")
+        tensors["visual_projection.weight"] = sd.pop("head.weight")
+    if "attn_pool.q.weight" in sd:
+        for kind in ("weight", "bias"):
+            tensors[f"vision_model.head.attention.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"attn_pool.q.{kind}"), sd.pop(f"attn_pool.kv.{kind}")], dim=0)
+    rules = [(r"patch_embed\.proj\.(weight|bias)", r"vision_model.embeddings.patch_embedding.\1"),
+             (r"norm_pre\.(weight|bias)", r"vision_model.pre_layrnorm.\1"),
+             (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
+             (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+             (r"blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc\2.\3"),
+             (r"norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
+             (r"attn_pool\.latent", "vision_model.head.probe"),
+             (r"attn_pool\.proj\.(weight|bias)", r"vision_model.head.attention.out_proj.\1"),
+             (r"attn_pool\.norm\.(weight|bias)", r"vision_model.head.layernorm.\1"),
+             (r"attn_pool\.mlp\.fc([12])\.(weight|bias)", r"vision_model.head.mlp.fc\1.\2")]
+    tensors.update(_rename(sd, rules))
+    config = {**common, "architectures": [name], "intermediate_size": cfg.mlp_dim, "attention_dropout": 0.0}
+    if name.startswith("Siglip"):
+        config.update(model_type="siglip_vision_model", vision_use_head=True)
+    else:
+        config.update(model_type="clip_vision_model", projection_dim=cfg.num_classes or 512)
+    return tensors, config
