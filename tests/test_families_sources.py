@@ -3,13 +3,17 @@ the original releases' state dicts and big_vision ``.npz``. transformers and tim
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitlab.checkpoints.family_layouts import detect_family_layout, to_timm_names
+import vitlab
+from vitlab.checkpoints import convert, read_checkpoint
+from vitlab.checkpoints.family_layouts import detect_family_layout
+from vitlab.errors import InvalidValueError, VitlabError
 
 from .checkpoint_fixtures import randomize_weights_
 
@@ -42,89 +46,389 @@ def _timm_target(model, state_dict):
     return model
 
 
+def _close(actual, expected, tol=1e-4):
+    """Within ``tol`` relative to the output's scale (outputs of random weights are O(1))."""
+    assert expected.abs().max() > 0.05
+    torch.testing.assert_close(actual, expected, atol=tol * max(1.0, float(expected.abs().max())), rtol=tol)
+
+
+def _dinov2(folder, registers=0, swiglu=False, **kw):
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+               use_swiglu_ffn=swiglu, **kw)
+    if registers:
+        model = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+            **cfg, num_register_tokens=registers))
+    else:
+        model = transformers.Dinov2Model(transformers.Dinov2Config(**cfg))
+    return _saved(model, folder)
+
+
+def _siglip(folder, full=False, **kw):
+    tower = {**TOWER, **kw}
+    if full:
+        return _saved(transformers.SiglipModel(transformers.SiglipConfig(vision_config=tower, text_config=TEXT)),
+                      folder)
+    return _saved(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**tower)), folder)
+
+
+def _clip(folder, kind="vision", **kw):
+    tower = {**TOWER, **kw}
+    if kind == "full":
+        return _saved(transformers.CLIPModel(transformers.CLIPConfig(vision_config=tower, text_config=TEXT,
+                                                                     projection_dim=24)), folder)
+    if kind == "projection":
+        return _saved(transformers.CLIPVisionModelWithProjection(
+            transformers.CLIPVisionConfig(**tower, projection_dim=24)), folder)
+    return _saved(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**tower)), folder)
+
+
+def _image_features(ref, x):
+    out = ref.get_image_features(pixel_values=x)
+    return getattr(out, "pooler_output", out)
+
+
 # ------------------------------------------------------------------------------------------------- transformers
 @pytest.mark.parametrize("registers,swiglu", [(0, False), (4, False), (0, True)])
-def test_hf_dinov2_maps_onto_timm_names(tmp_path, registers, swiglu):
-    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
-              use_swiglu_ffn=swiglu)
-    if registers:
-        ref, sd = _saved(transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
-            **kw, num_register_tokens=registers)), tmp_path)
-    else:
-        ref, sd = _saved(transformers.Dinov2Model(transformers.Dinov2Config(**kw)), tmp_path)
+def test_hf_dinov2_folder_gives_transformers_hidden_states_and_pooled_output(tmp_path, registers, swiglu):
+    ref, sd = _dinov2(tmp_path, registers, swiglu)
     assert detect_family_layout(sd) == "hf_dinov2"
-    mapped, notes = to_timm_names(sd, "hf_dinov2", "x")
-    assert "mask_token" in notes[0]
-    extra = dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2 * 88 / 32) if swiglu else {}
-    model = _timm_target(_timm_vit(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, init_values=1.0,
-                                   num_classes=0, reg_tokens=registers, no_embed_class=bool(registers), **extra),
-                         mapped)
+    model = vitlab.load(tmp_path)
+    cfg = model.cfg
+    assert (cfg.reg_tokens, cfg.no_embed_class, cfg.mlp_type) == (registers, bool(registers),
+                                                                  "swiglu" if swiglu else "mlp")
+    assert cfg.layer_scale == 1.0 and cfg.num_classes == 0 and cfg.img_size == (28, 28)
     x = _images(size=28)
     with torch.no_grad():
-        out = ref(x)
-        torch.testing.assert_close(model.forward_features(x), out.last_hidden_state, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(model(x), out.pooler_output, atol=1e-4, rtol=1e-4)
+        out = ref(x, output_hidden_states=True)
+        _close(model.forward_features(x), out.last_hidden_state)
+        _close(model(x), out.pooler_output)
+        blocks = model.forward_intermediates(x, indices=[0], norm=False, output_fmt="NLC", intermediates_only=True)
+    prefix = 1 + registers
+    _close(blocks[0], out.hidden_states[1][:, prefix:])
 
 
 @pytest.mark.parametrize("teacher", [True, False])
-def test_hf_deit_maps_onto_timm_distilled_names(tmp_path, teacher):
-    from timm.models.deit import VisionTransformerDistilled
-
-    cfg = transformers.DeiTConfig(**TOWER, num_labels=5)
+def test_hf_deit_folder_gives_transformers_logits(tmp_path, teacher):
     cls = transformers.DeiTForImageClassificationWithTeacher if teacher else transformers.DeiTForImageClassification
-    ref, sd = _saved(cls(cfg), tmp_path)
-    assert detect_family_layout(sd) == "hf_deit"
-    mapped, _ = to_timm_names(sd, "hf_deit", "x")
-    model = VisionTransformerDistilled(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
-                                       num_classes=5, norm_layer=partial(torch.nn.LayerNorm, eps=1e-12)).eval()
-    _timm_target(model, mapped)
+    ref, _ = _saved(cls(transformers.DeiTConfig(**TOWER, num_labels=5)), tmp_path)
+    model = vitlab.load(tmp_path)
+    assert model.cfg.distilled and model.cfg.num_classes == 5 and model.cfg.norm_eps == 1e-12
     x = _images()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)
+        _close(model(x), ref(x).logits)
+        _close(model.forward_features(x), ref.deit(x).last_hidden_state)
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_hf_siglip_tower_maps_onto_timm_map_head(tmp_path, full):
-    if full:
-        ref, sd = _saved(transformers.SiglipModel(transformers.SiglipConfig(vision_config=TOWER, text_config=TEXT)),
-                         tmp_path)
-    else:
-        ref, sd = _saved(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TOWER)), tmp_path)
+def test_hf_siglip_folder_gives_transformers_pooled_output(tmp_path, full):
+    ref, sd = _siglip(tmp_path, full)
     assert detect_family_layout(sd) == "hf_siglip"
-    mapped, notes = to_timm_names(sd, "hf_siglip", "x")
-    assert bool(notes) == full
-    model = _timm_target(_timm_vit(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
-                                   class_token=False, global_pool="map", num_classes=0, act_layer="gelu_tanh"),
-                         mapped)
+    ckpt = read_checkpoint(tmp_path)
+    assert any("text tower" in n for n in ckpt.notes) == full
+    model = vitlab.load(tmp_path)
+    assert (model.cfg.pool, model.cfg.gelu, model.cfg.class_token) == ("map", "tanh", False)
     x = _images()
     with torch.no_grad():
-        pooled = ref.get_image_features(pixel_values=x) if full else ref(x).pooler_output
-        pooled = getattr(pooled, "pooler_output", pooled)
-        torch.testing.assert_close(model(x), pooled, atol=1e-4, rtol=1e-4)
+        tower = ref.vision_model(x) if full else ref(x)
+        _close(model.forward_features(x), tower.last_hidden_state)
+        _close(model(x), _image_features(ref, x) if full else tower.pooler_output)
 
 
 @pytest.mark.parametrize("kind", ["vision", "projection", "full"])
-def test_hf_clip_tower_maps_onto_timm_pre_norm(tmp_path, kind):
-    if kind == "full":
-        ref, sd = _saved(transformers.CLIPModel(transformers.CLIPConfig(vision_config=TOWER, text_config=TEXT,
-                                                                        projection_dim=24)), tmp_path)
-    elif kind == "projection":
-        ref, sd = _saved(transformers.CLIPVisionModelWithProjection(
-            transformers.CLIPVisionConfig(**TOWER, projection_dim=24)), tmp_path)
-    else:
-        ref, sd = _saved(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TOWER)), tmp_path)
+def test_hf_clip_folder_gives_transformers_image_embeddings(tmp_path, kind):
+    ref, sd = _clip(tmp_path, kind)
     assert detect_family_layout(sd) == "hf_clip"
-    mapped, _ = to_timm_names(sd, "hf_clip", "x")
-    model = _timm_target(_timm_vit(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
-                                   pre_norm=True, num_classes=0 if kind == "vision" else 24, act_layer="quick_gelu",
-                                   norm_layer=partial(torch.nn.LayerNorm, eps=1e-5)), mapped)
+    model = vitlab.load(tmp_path)
+    cfg = model.cfg
+    assert (cfg.pre_norm, cfg.patch_bias, cfg.gelu, cfg.norm_eps) == (True, False, "quick", 1e-5)
+    assert cfg.num_classes == (0 if kind == "vision" else 24)
     x = _images()
     with torch.no_grad():
         if kind == "full":
-            expected = ref.get_image_features(pixel_values=x)
-            expected = getattr(expected, "pooler_output", expected)
+            expected = _image_features(ref, x)
         elif kind == "projection":
             expected = ref(x).image_embeds
         else:
             expected = ref(x).pooler_output
-        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+        _close(model(x), expected)
+        tower = (ref.vision_model if kind == "full" else ref)(pixel_values=x, output_hidden_states=True)
+        blocks = model.forward_intermediates(x, indices=[1], norm=False, output_fmt="NLC", intermediates_only=True)
+    _close(blocks[0], tower.hidden_states[2][:, 1:])
+
+
+# ------------------------------------------------------------------------------------------------- original releases
+_GEN = torch.Generator().manual_seed(0)
+
+
+def _rand(*shape):
+    return torch.randn(*shape, generator=_GEN) / max(shape[-1], 1) ** 0.5
+
+
+def _norm(sd, key, dim):
+    sd[f"{key}.weight"], sd[f"{key}.bias"] = 1 + 0.1 * _rand(dim) * dim**0.5, 0.1 * _rand(dim) * dim**0.5
+
+
+def _linear(sd, key, out, inp, bias=True):
+    sd[f"{key}.weight"] = _rand(out, inp)
+    if bias:
+        sd[f"{key}.bias"] = 0.1 * _rand(out) * out**0.5
+
+
+def dinov2_release(dim=128, depth=2, grid=2, patch=14, registers=0, swiglu_hidden=0):
+    """A DINOv2 torch.hub state dict (dinov2/models/vision_transformer.py names) with random weights."""
+    sd = {"cls_token": _rand(1, 1, dim), "pos_embed": _rand(1, 1 + grid * grid, dim), "mask_token": _rand(1, dim),
+          "patch_embed.proj.weight": _rand(dim, 3, patch, patch), "patch_embed.proj.bias": _rand(dim)}
+    if registers:
+        sd["register_tokens"] = _rand(1, registers, dim)
+    for i in range(depth):
+        b = f"blocks.{i}"
+        _norm(sd, f"{b}.norm1", dim)
+        _linear(sd, f"{b}.attn.qkv", 3 * dim, dim)
+        _linear(sd, f"{b}.attn.proj", dim, dim)
+        sd[f"{b}.ls1.gamma"], sd[f"{b}.ls2.gamma"] = 0.5 + _rand(dim), 0.5 + _rand(dim)
+        _norm(sd, f"{b}.norm2", dim)
+        if swiglu_hidden:
+            _linear(sd, f"{b}.mlp.w12", 2 * swiglu_hidden, dim)
+            _linear(sd, f"{b}.mlp.w3", dim, swiglu_hidden)
+        else:
+            _linear(sd, f"{b}.mlp.fc1", 4 * dim, dim)
+            _linear(sd, f"{b}.mlp.fc2", dim, 4 * dim)
+    _norm(sd, "norm", dim)
+    return sd
+
+
+def clip_release(dim=128, depth=2, grid=2, patch=16, proj=24, text=True):
+    """An OpenAI CLIP / OpenCLIP state dict (``visual.`` image tower + a text tower) with random weights."""
+    sd = {"visual.conv1.weight": _rand(dim, 3, patch, patch), "visual.class_embedding": _rand(dim),
+          "visual.positional_embedding": _rand(1 + grid * grid, dim), "visual.proj": _rand(dim, proj)}
+    _norm(sd, "visual.ln_pre", dim)
+    for i in range(depth):
+        b = f"visual.transformer.resblocks.{i}"
+        _norm(sd, f"{b}.ln_1", dim)
+        sd[f"{b}.attn.in_proj_weight"], sd[f"{b}.attn.in_proj_bias"] = _rand(3 * dim, dim), 0.1 * _rand(3 * dim)
+        _linear(sd, f"{b}.attn.out_proj", dim, dim)
+        _norm(sd, f"{b}.ln_2", dim)
+        _linear(sd, f"{b}.mlp.c_fc", 4 * dim, dim)
+        _linear(sd, f"{b}.mlp.c_proj", dim, 4 * dim)
+    _norm(sd, "visual.ln_post", dim)
+    if text:
+        sd.update({"token_embedding.weight": _rand(10, dim), "positional_embedding": _rand(7, dim),
+                   "text_projection": _rand(dim, proj), "logit_scale": torch.tensor(4.6)})
+        _norm(sd, "ln_final", dim)
+    return sd
+
+
+def _timm_oracle(model, sd):
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    model.load_state_dict(checkpoint_filter_fn({k: v.clone() for k, v in sd.items()}, model), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("registers,swiglu", [(0, 0), (4, 0), (0, 24)])
+def test_dinov2_release_pth_loads_strictly_and_matches_timms_converter(tmp_path, registers, swiglu):
+    sd = dinov2_release(registers=registers, swiglu_hidden=swiglu)
+    torch.save(sd, tmp_path / "dinov2_vits14.pth")
+    model = vitlab.load(tmp_path / "dinov2_vits14.pth", num_classes=0)
+    ckpt = read_checkpoint(tmp_path / "dinov2_vits14.pth")
+    assert ckpt.format == "dinov2" and any("mask_token" in n for n in ckpt.notes)
+    assert (model.cfg.reg_tokens, model.cfg.no_embed_class) == (registers, bool(registers))
+    extra = dict(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2 * swiglu / 128) if swiglu \
+        else {}
+    oracle = _timm_oracle(_timm_vit(img_size=28, patch_size=14, embed_dim=128, depth=2, num_heads=2,
+                                    init_values=1e-5, num_classes=0, reg_tokens=registers,
+                                    no_embed_class=bool(registers), **extra), sd)
+    x = _images(size=28)
+    with torch.no_grad():
+        _close(model.forward_features(x), oracle.forward_features(x), 1e-5)
+    assert model.preprocessing.mean == (0.485, 0.456, 0.406) and model.preprocessing.interpolation == "bicubic"
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_openai_clip_state_dict_loads_the_image_tower_like_timms_converter(tmp_path, text):
+    sd = clip_release(text=text)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "clip.pt")  # OpenCLIP training
+    model = vitlab.load(tmp_path / "clip.pt")
+    assert (model.cfg.gelu, model.cfg.pre_norm, model.cfg.num_classes) == ("quick", True, 24)
+    oracle = _timm_oracle(_timm_vit(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2, pre_norm=True,
+                                    num_classes=24, act_layer="quick_gelu",
+                                    norm_layer=partial(torch.nn.LayerNorm, eps=1e-5)), sd)
+    x = _images()
+    with torch.no_grad():
+        _close(model(x), oracle(x), 1e-5)
+    # OpenCLIP's LAION towers use exact GELU: the caller says so
+    exact = vitlab.load(tmp_path / "clip.pt", gelu="exact")
+    assert exact.cfg.gelu == "exact"
+
+
+@pytest.mark.parametrize("distilled", [True, False])
+def test_deit_release_pth_with_model_key_matches_timm(tmp_path, distilled):
+    from timm.models.deit import VisionTransformerDistilled
+
+    cls = VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
+    # 128 wide: 2 heads, what vitlab assumes for a fused-qkv file of that width (width / 64)
+    reference = randomize_weights_(cls(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2,
+                                       num_classes=5)).eval()
+    torch.save({"model": reference.state_dict(), "optimizer": {}, "epoch": 299}, tmp_path / "deit.pth")
+    model = vitlab.load(tmp_path / "deit.pth")
+    assert model.cfg.distilled == distilled
+    x = _images()
+    with torch.no_grad():
+        _close(model(x), reference(x), 1e-5)
+
+
+def test_deit3_release_gamma_names_load_as_layer_scale(tmp_path):
+    from timm.models.deit import checkpoint_filter_fn
+
+    reference = randomize_weights_(_timm_vit(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2,
+                                             num_classes=5, init_values=1e-6, no_embed_class=True))
+    release = {re.sub(r"ls([12])\.gamma", r"gamma_\1", k): v for k, v in reference.state_dict().items()}
+    assert "blocks.0.gamma_1" in release
+    torch.save({"model": release}, tmp_path / "deit_3_small_224_1k.pth")
+    model = vitlab.load(tmp_path / "deit_3_small_224_1k.pth")
+    assert model.cfg.no_embed_class and model.cfg.layer_scale
+    oracle = _timm_vit(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2, num_classes=5,
+                       init_values=1e-6, no_embed_class=True)
+    oracle.load_state_dict(checkpoint_filter_fn(release, oracle, adapt_layer_scale=True), strict=True)
+    x = _images()
+    with torch.no_grad():
+        _close(model(x), oracle(x), 1e-5)
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda sd: sd.pop("blocks.1.ls2.gamma"), "blocks.1.ls2.gamma"),
+    (lambda sd: sd.__setitem__("blocks.0.ls1.gama", sd.pop("blocks.0.ls1.gamma")), "blocks.0.ls1.gama"),
+    (lambda sd: sd.__setitem__("register_tokens", torch.zeros(1, 4, 7)), "reg_token"),
+])
+def test_a_wrong_or_missing_release_key_is_named_in_one_line(tmp_path, change, named):
+    sd = dinov2_release(registers=4)
+    change(sd)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(VitlabError) as err:
+        vitlab.load(tmp_path / "bad.pth")
+    message = str(err.value)
+    assert named in message and "\n" not in message
+
+
+def siglip_big_vision_npz(path, dim=64, heads=2, depth=2, mlp=96, grid=2, patch=16, scanned=True):
+    """A SigLIP image tower as big_vision saves it: ``params/img/`` (Linen names, top-level ``pos_embedding``, no
+    class token, ``MAPHead_0``), optionally the scanned encoder, next to a text tower and the loss's ``t`` / ``b``."""
+    import numpy as np
+
+    gen = np.random.default_rng(0)
+
+    def r(*shape):
+        return (gen.standard_normal(shape) / max(shape[0], 1) ** 0.5).astype(np.float32)
+
+    def ln(prefix, out):
+        out[f"{prefix}/scale"] = (1 + 0.1 * gen.standard_normal(dim)).astype(np.float32)
+        out[f"{prefix}/bias"] = (0.1 * gen.standard_normal(dim)).astype(np.float32)
+
+    def mha(prefix, out):
+        for name in ("query", "key", "value"):
+            out[f"{prefix}/{name}/kernel"], out[f"{prefix}/{name}/bias"] = r(dim, heads, dim // heads), \
+                0.1 * r(heads, dim // heads)
+        out[f"{prefix}/out/kernel"], out[f"{prefix}/out/bias"] = r(heads, dim // heads, dim), 0.1 * r(dim)
+
+    def mlp_block(prefix, out):
+        out[f"{prefix}/Dense_0/kernel"], out[f"{prefix}/Dense_0/bias"] = r(dim, mlp), 0.1 * r(mlp)
+        out[f"{prefix}/Dense_1/kernel"], out[f"{prefix}/Dense_1/bias"] = r(mlp, dim), 0.1 * r(dim)
+
+    img = {"embedding/kernel": r(patch, patch, 3, dim), "embedding/bias": 0.1 * r(dim),
+           "pos_embedding": r(1, grid * grid, dim)}
+    blocks = []
+    for _ in range(depth):
+        b = {}
+        ln("LayerNorm_0", b)
+        mha("MultiHeadDotProductAttention_0", b)
+        ln("LayerNorm_1", b)
+        mlp_block("MlpBlock_0", b)
+        blocks.append(b)
+    if scanned:
+        img.update({f"Transformer/encoderblock/{k}": np.stack([b[k] for b in blocks]) for k in blocks[0]})
+    else:
+        img.update({f"Transformer/encoderblock_{i}/{k}": v for i, b in enumerate(blocks) for k, v in b.items()})
+    ln("Transformer/encoder_norm", img)
+    img["MAPHead_0/probe"] = r(1, 1, dim)
+    mha("MAPHead_0/MultiHeadDotProductAttention_0", img)
+    ln("MAPHead_0/LayerNorm_0", img)
+    mlp_block("MAPHead_0/MlpBlock_0", img)
+    arrays = {f"params/img/{k}": v for k, v in img.items()}
+    arrays.update({"params/txt/Embed_0/embedding": r(10, dim), "params/t": np.ones(1, np.float32),
+                   "params/b": np.zeros(1, np.float32)})
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_siglip_big_vision_npz_with_map_head_matches_timms_npz_loader(tmp_path, scanned):
+    from timm.models.vision_transformer import _load_weights
+
+    siglip_big_vision_npz(tmp_path / "webli_en_b16_224.npz", scanned=scanned)
+    model = vitlab.load(tmp_path / "webli_en_b16_224.npz")
+    assert (model.cfg.pool, model.cfg.class_token, model.cfg.gelu, model.cfg.num_classes) == ("map", False, "tanh", 0)
+    oracle = _timm_vit(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=1.5,
+                       class_token=False, global_pool="map", num_classes=0, act_layer="gelu_tanh")
+    _load_weights(oracle, str(tmp_path / "webli_en_b16_224.npz"))
+    x = _images()
+    with torch.no_grad():
+        _close(model(x), oracle.eval()(x), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- vitlab convert
+def _transformers_out(folder, x):
+    import json
+
+    name = json.loads((folder / "config.json").read_text())["architectures"][0]
+    ref = getattr(transformers, name).from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = ref(pixel_values=x)
+    if name == "CLIPVisionModelWithProjection":
+        return out.image_embeds
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_reg", "dinov2_swiglu", "deit", "siglip", "clip", "clip_proj"])
+def test_convert_writes_transformers_folders_that_transformers_loads_with_equal_outputs(tmp_path, family):
+    src = tmp_path / "src"
+    size = 28 if family.startswith("dinov2") else 32
+    if family.startswith("dinov2"):
+        _dinov2(src, registers=4 if family == "dinov2_reg" else 0, swiglu=family == "dinov2_swiglu")
+    elif family == "deit":
+        _saved(transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**TOWER, num_labels=5)),
+               src)
+    elif family == "siglip":
+        _siglip(src, full=True)
+    else:
+        _clip(src, "full" if family == "clip_proj" else "vision")
+    x = _images(size=size)
+    model = vitlab.load(src)
+    with torch.no_grad():
+        expected = model(x)
+    summary = convert(src, tmp_path / "hf", to="hf")
+    assert any("written as transformers" in n for n in summary["notes"])
+    _close(_transformers_out(tmp_path / "hf", x), expected)
+    _close(vitlab.load(tmp_path / "hf")(x), expected)
+    convert(src, tmp_path / "timm.safetensors", to="timm")  # timm's names are vitlab's own
+    written = load_file(tmp_path / "timm.safetensors")
+    assert written.keys() == model.state_dict().keys()
+    assert all(torch.equal(written[k], v) for k, v in model.state_dict().items())
+
+
+def test_dinov2_release_converts_to_a_transformers_folder_with_registers(tmp_path):
+    sd = dinov2_release(registers=4)
+    torch.save(sd, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    oracle = _timm_oracle(_timm_vit(img_size=28, patch_size=14, embed_dim=128, depth=2, num_heads=2,
+                                    init_values=1e-5, num_classes=0, reg_tokens=4, no_embed_class=True), sd)
+    convert(tmp_path / "dinov2_vits14_reg4_pretrain.pth", tmp_path / "hf", to="hf")
+    x = _images(size=28)
+    with torch.no_grad():
+        _close(_transformers_out(tmp_path / "hf", x), oracle(x), 1e-5)
+
+
+def test_convert_refuses_what_no_transformers_class_computes(tmp_path):
+    reference = randomize_weights_(_timm_vit(img_size=32, patch_size=16, embed_dim=128, depth=2, num_heads=2,
+                                             num_classes=5, init_values=1e-6, no_embed_class=True))
+    torch.save(reference.state_dict(), tmp_path / "deit3.pth")
+    with pytest.raises(InvalidValueError, match="transformers has no DeiT III"):
+        convert(tmp_path / "deit3.pth", tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()
