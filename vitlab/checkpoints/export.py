@@ -42,6 +42,9 @@ def _common_problems(cfg, target: str) -> list[str]:
     problems = []
     if cfg.pos_embed != "learned":
         problems.append(f"pos_embed={cfg.pos_embed!r} ({target} has learned 1D position embeddings only)")
+    options = cfg.family_options() if target != "timm" else {}
+    if options:
+        problems.append(f"options the {target} ViT lacks: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
     return problems
 
 

@@ -48,8 +48,6 @@ SOURCE_NUMERICS = {
     "hf": {"gelu": "exact", "norm_eps": 1e-12},  # transformers' ViTConfig default
     "torchvision": {"gelu": "exact", "norm_eps": 1e-6},
 }
-# the fields a named model supplies to a family layout's weights (they cannot show them)
-NAMED_NUMERICS = ("gelu", "norm_eps", "layer_scale", "drop_remainder")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # the original releases' evaluation: (mean, std, crop_pct), bicubic. DINOv2 and DeiT (III): ImageNet statistics, the
@@ -301,8 +299,10 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
         defaults.update(hf_config)
     elif named is not None:
         defaults["num_heads"] = named.num_heads
-        if family is not None:  # what the weights cannot show, as the named model computes it
-            defaults.update({k: getattr(named, k) for k in NAMED_NUMERICS})
+        # what the named model's family fixes and the weights cannot show (SigLIP's tanh GELU, CLIP's eps 1e-5 and
+        # QuickGELU, the So400m/14 grid at 384 px)
+        defaults.update({f: getattr(named, f) for f in ("gelu", "norm_eps", "layer_scale", "drop_remainder")
+                         if hasattr(named, f)})
     if embedded is not None:
         config = embedded
         notes.append("architecture taken from the config stored in the checkpoint")
@@ -566,7 +566,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     if hasattr(src, "grid_size") and tuple(target.grid_size) != tuple(src.grid_size):  # CNNs: nothing to resample
         if src.pos_embed == "learned" and "pos_embed" in sd:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], target.grid_size, src.grid_size,
-                                                 num_prefix_tokens=src.num_prefix_tokens, method=method)
+                                                 num_prefix_tokens=src.num_pos_prefix, method=method)
         elif src.pos_embed == "learned_2d":
             sd["pos_embed_y"] = resample_1d(sd["pos_embed_y"], target.grid_size[0], method)
             sd["pos_embed_x"] = resample_1d(sd["pos_embed_x"], target.grid_size[1], method)
@@ -574,7 +574,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     if kernel is not None and tuple(kernel.shape[-2:]) != tuple(target.patch_size):  # FlexiViT's kernel resize
         sd["patch_embed.proj.weight"] = resample_patch_embed(kernel, target.patch_size)
     if new_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
         if not getattr(target, "representation_size", None):
             sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
     return adapt_state_dict_channels(sd, src.in_chans, target.in_chans)  # timm's adapt_input_conv rule
@@ -617,7 +617,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
                                      patch_size=patch_size)
     state_dict = adapt_state_dict(ckpt, target, new_head, resample)
     model = construct_uninitialised(ckpt.architecture.model_class, target)
-    fresh = ("head.", "pre_logits.") if new_head else ()
+    fresh = ("head.", "head_dist.", "pre_logits.") if new_head else ()
     load_strict(model, state_dict, ckpt.path, fresh)
     if ckpt.facts.get("zeroed_head") and not new_head and ckpt.format in ("vit_jax", "big_vision"):
         warnings.warn(f"{ckpt.path}: the classification head is all zeros (an ImageNet-21k pre-training release); "

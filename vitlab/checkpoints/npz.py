@@ -387,6 +387,9 @@ def to_npz_arrays(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig,
         problems.append("gap pooling with a class token or with the norm after pooling (vit_jax 'gap' has neither)")
     if not cfg.qkv_bias:
         problems.append("qkv_bias=False")
+    options = cfg.family_options()
+    if options:
+        problems.append("options the vit_jax ViT lacks: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
     if problems:
         raise InvalidValueError("cannot write the vit_jax .npz layout for this model: " + "; ".join(problems))
     arrays = {}

@@ -271,23 +271,26 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         gaps = sorted(set(range(depth)) - set(block_ids))
         raise VitlabError(f"{source}: transformer blocks {gaps} are missing (found {len(block_ids)} of {depth})")
     mlp_dim = need("blocks.0.mlp.fc1.weight").shape[0]
-    if "blocks.0.mlp.fc2.weight" in sd and sd["blocks.0.mlp.fc2.weight"].shape[1] * 2 == mlp_dim:
-        mlp_dim //= 2  # SwiGLU: fc1 packs the gate and the value (2M rows), fc2 reads M
+    fc2 = sd.get("blocks.0.mlp.fc2.weight")
+    mlp_type = "mlp"
+    if fc2 is not None and fc2.ndim == 2 and 2 * fc2.shape[1] == mlp_dim:  # SwiGLU: fc1 packs gate and value
+        mlp_type, mlp_dim = "swiglu", fc2.shape[1]
     heads = defaults.pop("num_heads", None)
     if heads is None:
         heads = STANDARD_HEADS.get(dim, max(dim // 64, 1))
         notes.append(f"head count not stored in this layout: assumed {heads} for width {dim} (pass model_name to be "
                      "explicit)")
     class_token = "cls_token" in sd
-    options = family_options(sd, defaults)
-    prefix = int(class_token) + int(options.get("distilled", False)) + options.get("reg_tokens", 0)
+    distilled = "dist_token" in sd
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd and sd["reg_token"].ndim == 3 else 0
+    prefix = int(class_token) + int(distilled) + reg_tokens
+    no_embed_class = False
     if "pos_embed" in sd:
         pos_embed = "learned"
         rows = sd["pos_embed"].shape[-2]
-        patch_only = _patch_only_rows(rows, prefix, grid_hint, defaults.pop("no_embed_class", None))
-        if patch_only:
-            options["no_embed_class"] = True
-        grid = _grid_from_rows(rows - (0 if patch_only else prefix), grid_hint, source)
+        # prefix tokens have rows of their own unless the embedding covers the patches only (no_embed_class)
+        no_embed_class = prefix > 0 and not _fits_grid(rows - prefix, grid_hint) and _fits_grid(rows, grid_hint)
+        grid = _grid_from_rows(rows if no_embed_class else rows - prefix, grid_hint, source)
     elif "pos_embed_x" in sd and "pos_embed_y" in sd:
         pos_embed = "learned_2d"
         grid = (sd["pos_embed_y"].shape[0], sd["pos_embed_x"].shape[0])
@@ -301,15 +304,23 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
     defaults.pop("pos_embed", None)
     fc_norm = "fc_norm.weight" in sd
     pool = "map" if "attn_pool.latent" in sd else "gap" if (fc_norm or not class_token) else "token"
+    layer_scale = defaults.pop("layer_scale", None)
+    # LayerScale in any block: a file missing one gamma is then reported as missing that key
+    has_layer_scale = any(re.match(r"blocks\.\d+\.ls[12]\.gamma$", k) for k in sd)
+    if has_layer_scale and not layer_scale:
+        layer_scale = 1e-5  # only the initial value, which trained weights replace
+    elif not has_layer_scale:
+        layer_scale = None
     representation = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     kwargs = dict(
         img_size=(grid[0] * ph, grid[1] * pw), patch_size=(ph, pw), in_chans=in_chans, num_classes=num_classes,
         embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim, pool=pool, class_token=class_token,
         pos_embed=pos_embed, norm_after_pool=fc_norm, representation_size=representation,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, layer_scale=layer_scale, reg_tokens=reg_tokens, distilled=distilled,
+        no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in sd, patch_bias="patch_embed.proj.bias" in sd,
+        mlp_type=mlp_type,
     )
-    kwargs.update(options)
     kwargs.update(defaults)
     try:
         return ViTConfig(**kwargs), notes
@@ -317,39 +328,11 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         raise VitlabError(f"{source}: the weights describe no valid ViT ({exc})") from None
 
 
-def family_options(state_dict: Mapping[str, torch.Tensor], defaults: dict) -> dict:
-    """The :class:`ViTConfig` options of the post-2021 families that a vitlab-named state dict shows by its keys
-    and shapes: LayerScale (``blocks.{i}.ls1.gamma``; its init value only matters for training from scratch: taken
-    from ``defaults['layer_scale']``, else 1e-5), registers (``reg_token``), DeiT's distillation token, CLIP's
-    ``norm_pre``, a patch embedding without bias, SwiGLU (``fc1`` twice as wide as ``fc2`` reads)."""
-    sd = state_dict
-    out: dict = {}
-    if any(re.match(r"blocks\.\d+\.ls[12]\.gamma$", k) for k in sd):  # any block: one missing key is named as such
-        out["layer_scale"] = defaults.pop("layer_scale", None) or 1e-5
-    if "reg_token" in sd:
-        out["reg_tokens"] = int(sd["reg_token"].shape[1])
-    if "dist_token" in sd:
-        out["distilled"] = True
-    if "norm_pre.weight" in sd:
-        out["pre_norm"] = True
-    if "patch_embed.proj.weight" in sd and "patch_embed.proj.bias" not in sd:
-        out["patch_bias"] = False
-    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
-    if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
-        out["mlp_type"] = "swiglu"
-    return out
-
-
-def _patch_only_rows(rows: int, prefix: int, hint: tuple[int, int] | None, default: bool | None) -> bool:
-    """Whether a learned position embedding of ``rows`` rows covers the patches only (DeiT III, DINOv2 with
-    registers, SigLIP) rather than the ``prefix`` tokens too: the grid (or a square) decides; without prefix tokens
-    both read the same and ``default`` (a named model's choice) or False is kept."""
-    if prefix == 0:
-        return bool(default)
-    if hint is not None and hint[0] * hint[1] in (rows, rows - prefix):
-        return hint[0] * hint[1] == rows
-    square = rows > prefix and int(round((rows - prefix) ** 0.5)) ** 2 == rows - prefix
-    return not square and int(round(rows**0.5)) ** 2 == rows
+def _fits_grid(n: int, hint: tuple[int, int] | None) -> bool:
+    """Whether ``n`` position-embedding rows can be the patch grid (the hinted one, else a square)."""
+    if hint is not None:
+        return hint[0] * hint[1] == n
+    return n > 0 and int(round(n**0.5)) ** 2 == n
 
 
 def _grid_from_rows(n: int, hint: tuple[int, int] | None, source: str) -> tuple[int, int]:
