@@ -432,3 +432,64 @@ def test_convert_refuses_what_no_transformers_class_computes(tmp_path):
     with pytest.raises(InvalidValueError, match="transformers has no DeiT III"):
         convert(tmp_path / "deit3.pth", tmp_path / "hf", to="hf")
     assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------------------------------------------------------- hf-hub: names
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
+    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+    return cache
+
+
+def _repo_files(folder, processor):
+    processor.save_pretrained(folder)
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("family", ["dinov2_reg", "siglip", "clip"])
+def test_hf_hub_repos_of_the_families_load_with_their_processors_preprocessing(hub, tmp_path, family):
+    from tests.hub_fixtures import lay_out_hub_cache
+
+    folder = tmp_path / "repo"
+    if family == "dinov2_reg":  # facebook/dinov2-with-registers-*: BitImageProcessor, 256 -> 224 crop
+        ref, _ = _dinov2(folder, registers=4)
+        processor = transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                                                   do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                                                   image_std=[0.229, 0.224, 0.225], resample=3)
+        expected = (("crop", 28 / 32, "bicubic"), (0.485, 0.456, 0.406))
+    elif family == "siglip":  # google/siglip-*: the full SiglipModel, squash, bicubic, [-1, 1]
+        ref, _ = _siglip(folder, full=True)
+        processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+        expected = (("squash", 1.0, "bicubic"), (0.5, 0.5, 0.5))
+    else:  # openai/clip-vit-*: the full CLIPModel, shortest edge + centre crop, CLIP's statistics
+        ref, _ = _clip(folder, "full")
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        expected = (("crop", 1.0, "bicubic"), (0.48145466, 0.4578275, 0.40821073))
+    lay_out_hub_cache(hub, f"org/{family}-test", _repo_files(folder, processor))
+    model = vitlab.load(f"hf-hub:org/{family}-test")
+    pre = model.preprocessing
+    assert ((pre.resize, pre.crop_pct, pre.interpolation), tuple(pre.mean)) == expected
+    x = _images(size=28 if family == "dinov2_reg" else 32)
+    with torch.no_grad():
+        _close(model(x), ref(x).pooler_output if family == "dinov2_reg" else _image_features(ref, x))
+
+
+def test_hf_hub_siglip_repo_downloads_from_a_loopback_hub(hub, tmp_path, monkeypatch):
+    from tests.hub_fixtures import LoopbackHub
+
+    ref, _ = _siglip(tmp_path / "repo")
+    files = _repo_files(tmp_path / "repo", transformers.SiglipImageProcessor(size={"height": 32, "width": 32}))
+    server = LoopbackHub({"google/siglip-test": files})
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        model = vitlab.load("hf-hub:google/siglip-test")
+    finally:
+        server.stop()
+    x = _images()
+    with torch.no_grad():
+        _close(model(x), ref(x).pooler_output)
