@@ -493,3 +493,41 @@ def test_hf_hub_siglip_repo_downloads_from_a_loopback_hub(hub, tmp_path, monkeyp
     x = _images()
     with torch.no_grad():
         _close(model(x), ref(x).pooler_output)
+
+
+# ------------------------------------------------------------------------------------------------- full size
+FULL_SIZE = {  # transformers config.json values of the published repos (one per family), the registry name
+    "dinov2_s14": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, image_size=518, patch_size=14,
+        layerscale_value=1.0)), 518),  # facebook/dinov2-small
+    "dinov2_s14_reg4": (lambda: transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, image_size=518, patch_size=14,
+        num_register_tokens=4)), 518),  # facebook/dinov2-with-registers-small
+    "deit_ti16_distilled": (lambda: transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=224,
+        patch_size=16, num_labels=1000)), 224),  # facebook/deit-tiny-distilled-patch16-224
+    "siglip_b16": (lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
+        patch_size=16)), 224),  # the vision tower of google/siglip-base-patch16-224
+    "clip_b32_quickgelu": (lambda: transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
+        patch_size=32, projection_dim=512)), 224),  # the vision tower of openai/clip-vit-base-patch32
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_full_size_transformers_configs_load_as_the_registry_models(tmp_path, name):
+    build, size = FULL_SIZE[name]
+    ref, _ = _saved(build(), tmp_path)
+    model = vitlab.load(tmp_path, model_name=name)  # the architecture fields are checked against the name
+    reference = vitlab.create_model(name, img_size=size)
+    assert model.num_params() == reference.num_params()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in
+                                                                   reference.state_dict().items()}
+    x = _images(n=1, size=size)
+    with torch.no_grad():
+        out = ref(pixel_values=x)
+        expected = out.image_embeds if hasattr(out, "image_embeds") else (
+            out.logits if hasattr(out, "logits") else out.pooler_output)
+        _close(model(x), expected)
