@@ -313,3 +313,89 @@ def test_timm_hub_repo_of_a_dinov2_reg_model_loads_by_its_timm_architecture(tmp_
         dyn = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=56, dynamic_img_size=True).eval()
         dyn.load_state_dict(theirs.state_dict())
         _assert_close(ours(big), dyn(big))
+
+
+# ----------------------------------------------------------------------------------------------- other tools
+def test_vitlab_format_round_trip_and_flexivit_patch_resample_of_a_register_model(tmp_path):
+    _, model = _family_pair("dinov2_reg4")
+    vitlab.save(model, tmp_path / "reg.safetensors")
+    back = vitlab.load(tmp_path / "reg.safetensors")
+    assert back.cfg == model.cfg
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+    flexi = vitlab.load(tmp_path / "reg.safetensors", patch_size=14, img_size=56)  # FlexiViT kernel resize
+    assert flexi.cfg.grid_size == (4, 4) and flexi.cfg.reg_tokens == 4
+    with torch.no_grad():
+        assert flexi(torch.randn(1, 3, 56, 56)).shape == (1, 5)
+
+
+def test_feature_extractor_and_training_controls_know_the_prefix_tokens():
+    from vitlab.models import FeatureExtractor
+    from vitlab.train.transfer import layer_id, linear_probe
+
+    _, model = _family_pair("dinov2_reg4")
+    maps = FeatureExtractor(model, indices=[0, 1])(torch.randn(2, 3, 28, 28))
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 4, 4)] * 2
+    assert layer_id("reg_token", 2) == 0 and layer_id("norm_pre.weight", 2) == 0 and layer_id("dist_token", 2) == 0
+    _, distilled = _family_pair("deit_distilled")
+    frozen = linear_probe(distilled)
+    trained = {n for n, p in distilled.named_parameters() if p.requires_grad}
+    assert trained == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"} and "dist_token" in frozen
+
+
+def test_forward_macs_count_the_swiglu_and_map_head_products():
+    from vitlab.compute.counting import count_config_macs
+    from vitlab.compute.flops import forward_macs
+
+    for name in ("dinov2_g14", "siglip_b16", "dinov2_s14_reg4"):
+        cfg = get_config(name, img_size=56 if name.startswith("dinov2") else 64, depth=2)
+        assert forward_macs(cfg) == count_config_macs(cfg, include_head=True), name
+
+
+@pytest.mark.slow
+def test_onnx_export_of_register_and_map_models_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.compute.deploy import OnnxModel, check_parity, export_onnx
+
+    for case in ("dinov2_reg4", "siglip", "deit_distilled"):
+        _, model = _family_pair(case)
+        path = export_onnx(model, tmp_path / f"{case}.onnx")
+        parity = check_parity(model, OnnxModel(path), batch_sizes=(1, 3), tolerance=1e-4)
+        assert parity.ok, (case, parity)
+
+
+def test_timm_hub_repo_of_a_drop_remainder_model_keeps_the_published_size(tmp_path, monkeypatch):
+    """SigLIP So400m/14 at 384 px: its weights show a 27x27 grid (378 px), its repo says 384 px; the loaded model
+    takes 384 px images like timm's. A small stand-in family entry keeps the file small."""
+    from safetensors.torch import save_file
+
+    from vitlab.models import ModelEntry, register
+    from vitlab.models.registry import _ALIASES
+
+    from .hub_fixtures import lay_out_hub_cache
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
+    theirs, ours = _family_pair("siglip_so400m_remainder", num_classes=0)
+    register(ModelEntry("test_tiny_so400m14", ours.cfg.replace(img_size=28), "test stand-in",
+                        ("vit_test_tiny_siglip_31",)))
+    try:
+        weights = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(weights))
+        config = {"architecture": "vit_test_tiny_siglip_31", "num_classes": 0,
+                  "pretrained_cfg": {"input_size": [3, 31, 31], "interpolation": "bicubic", "crop_pct": 1.0,
+                                     "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 0}}
+        lay_out_hub_cache(tmp_path / "hf-hub", "timm/vit_test_tiny_siglip_31.webli",
+                          {"config.json": config, "model.safetensors": weights.read_bytes()})
+        loaded = vitlab.load("hf-hub:timm/vit_test_tiny_siglip_31.webli")
+    finally:
+        _ENTRIES.pop("test_tiny_so400m14")
+        _ALIASES.pop("vit_test_tiny_siglip_31")
+    assert loaded.cfg.img_size == (31, 31) and loaded.cfg.grid_size == (4, 4) and loaded.cfg.gelu == "tanh"
+    assert loaded.preprocessing.img_size == (31, 31)
+    x = torch.randn(2, 3, 31, 31)
+    with torch.no_grad():
+        _assert_close(loaded(x), theirs(x))

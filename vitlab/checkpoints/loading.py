@@ -143,6 +143,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _from_state_dict(source, "torch", state_dict, notes, grid_hint, named, container_obj=obj)
     if named is not None:
         _check_named(ckpt, named, model_name)
+    _source_size_with_remainder(ckpt, resolved)
     check_plausible_size(ckpt.config, ckpt.state_dict, source)
     with torch.device("meta"):  # the architecture's expected shapes, without allocating it
         expected = construct_uninitialised(ckpt.architecture.model_class, ckpt.config).state_dict()
@@ -468,6 +469,16 @@ def _hf_preprocessing(pre_file: Path, cfg: ViTConfig) -> Preprocessing:
                              interpolation=interpolation, mean=mean, std=std, channels=cfg.in_chans)
     return Preprocessing(img, resize="squash", interpolation=interpolation, mean=mean, std=std,
                          channels=cfg.in_chans)
+
+
+def _source_size_with_remainder(ckpt: Checkpoint, resolved) -> None:
+    """A ``drop_remainder`` model (SigLIP So400m/14 at 384 px: a 27x27 grid) is published at a size the weights
+    cannot show (the grid times the patch is 378): take the source's input size when it gives the same grid."""
+    cfg, pre = ckpt.config, getattr(resolved, "preprocessing", None)
+    if pre is None or not getattr(cfg, "drop_remainder", False) or tuple(pre.img_size) == tuple(cfg.img_size):
+        return
+    if tuple(s // p for s, p in zip(pre.img_size, cfg.patch_size)) == tuple(cfg.grid_size):
+        ckpt.config = cfg.replace(img_size=tuple(pre.img_size))
 
 
 def _check_named(ckpt: Checkpoint, named: ViTConfig, model_name: str) -> None:
