@@ -244,6 +244,18 @@ def test_dinov2_release_pth_loads_strictly_and_matches_timms_converter(tmp_path,
     assert model.preprocessing.mean == (0.485, 0.456, 0.406) and model.preprocessing.interpolation == "bicubic"
 
 
+def test_dinov2_training_checkpoint_with_chunked_blocks_loads_like_the_hub_file(tmp_path):
+    sd = dinov2_release()
+    torch.save(sd, tmp_path / "hub.pth")
+    # dinov2's block_chunks: blocks.{chunk}.{i}. with i counted over the whole model (2 chunks of one block here)
+    chunked = {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{m.group(1)}.{m.group(1)}.", k): v for k, v in sd.items()}
+    assert "blocks.1.1.norm1.weight" in chunked
+    torch.save(chunked, tmp_path / "chunked.pth")
+    x = _images(size=28)
+    with torch.no_grad():
+        _close(vitlab.load(tmp_path / "chunked.pth")(x), vitlab.load(tmp_path / "hub.pth")(x), 1e-6)
+
+
 @pytest.mark.parametrize("text", [True, False])
 def test_openai_clip_state_dict_loads_the_image_tower_like_timms_converter(tmp_path, text):
     sd = clip_release(text=text)
