@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate.runs import eval_checkpoint
+    from ..tasks.runs import eval_checkpoint
     from ..train import distributed as D
 
     for option, value in (("--batch-size", args.batch_size), ("--bins", args.bins),

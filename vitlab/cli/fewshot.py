@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.report import fewshot_summary
-    from ..evaluate.runs import fewshot_checkpoint
+    from ..tasks.runs import fewshot_checkpoint
 
     for option, value in (("--batch-size", args.batch_size), ("--holdout-per-class", args.holdout_per_class),
                           ("--max-test", args.max_test or 1), ("--workers", args.workers + 1)):

@@ -19,6 +19,7 @@ from ..compute.onednn import set_onednn_linear
 from ..data import ArrayDataset, ImageFolderDataset, ShardDataset, build_dataset
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
 from ..errors import InvalidValueError, VitlabError
+from ..factory import load
 from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
@@ -136,8 +137,6 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
     if config.img_size is not None:
         overrides["img_size"] = config.img_size
     if config.init_from:
-        from ..checkpoints import load
-
         img_size = overrides.pop("img_size", None)
         want_chans = in_chans if in_chans is not None else overrides.pop("in_chans", None)
         overrides.pop("in_chans", None)
