@@ -426,6 +426,26 @@ def test_convert_writes_transformers_folders_that_transformers_loads_with_equal_
     assert all(torch.equal(written[k], v) for k, v in model.state_dict().items())
 
 
+def test_bare_transformers_weights_without_config_take_the_config_classes_defaults(tmp_path):
+    # 128 wide with 2 heads: what vitlab assumes for fused layouts of that width (a bare file records no heads)
+    ref, _ = _clip(tmp_path / "folder", "projection", hidden_size=128, intermediate_size=256)
+    model = vitlab.load(tmp_path / "folder" / "model.safetensors")
+    assert (model.cfg.gelu, model.cfg.norm_eps, model.cfg.num_heads) == ("quick", 1e-5, 2)
+    x = _images()
+    with torch.no_grad():
+        _close(model(x), ref(pixel_values=x).image_embeds)
+
+
+def test_vitlab_convert_command_writes_a_transformers_folder(tmp_path, capsys):
+    from vitlab.cli import main
+
+    ref, _ = _dinov2(tmp_path / "src", registers=4)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "hf"]) == 0
+    x = _images(size=28)
+    with torch.no_grad():
+        _close(_transformers_out(tmp_path / "out", x), ref(x).pooler_output)
+
+
 def test_dinov2_release_converts_to_a_transformers_folder_with_registers(tmp_path):
     sd = dinov2_release(registers=4)
     torch.save(sd, tmp_path / "dinov2_vits14_reg4_pretrain.pth")

@@ -57,6 +57,11 @@ FAMILY_NUMERICS = {
     "dinov2": {"gelu": "exact", "norm_eps": 1e-6},  # dinov2/models/vision_transformer.py: nn.GELU, eps 1e-6
     "deit3": {"gelu": "exact", "norm_eps": 1e-6},  # DeiT III is built on timm's layers
     "open_clip": {"gelu": "quick", "norm_eps": 1e-5},  # OpenAI's release; OpenCLIP's LAION towers use exact GELU
+    # bare transformers weights without their config.json: the config classes' defaults
+    "hf_dinov2": {"gelu": "exact", "norm_eps": 1e-6},
+    "hf_deit": {"gelu": "exact", "norm_eps": 1e-12},
+    "hf_siglip": {"gelu": "tanh", "norm_eps": 1e-6},
+    "hf_clip": {"gelu": "quick", "norm_eps": 1e-5},
 }
 
 
