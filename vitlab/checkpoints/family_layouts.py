@@ -134,7 +134,7 @@ def _split_off(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]
     """Drop the keys under ``prefixes`` (another tower, training-only tensors) and say so in a note."""
     kept = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
     dropped = len(state_dict) - len(kept)
-    return kept, ([f"{dropped} tensors of the {what} ignored"] if dropped else [])
+    return kept, ([f"{dropped} tensor{'s' if dropped > 1 else ''} of the {what} ignored"] if dropped else [])
 
 
 def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
