@@ -16,7 +16,7 @@ from torch import nn
 
 from ..compute.flops import forward_macs
 from ..compute.onednn import set_onednn_linear
-from ..data import ArrayDataset, ImageFolderDataset, ShardDataset, build_dataset
+from ..data import ArrayDataset, HFImageDataset, HFStreamDataset, ImageFolderDataset, ShardDataset, build_dataset
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
 from ..errors import InvalidValueError, VitlabError
 from ..factory import load
@@ -216,7 +216,8 @@ def _datasets(config: TrainConfig):
             eval_set, why_not = held_out, None
     if isinstance(eval_set, ShardDataset) and eval_set.class_names and eval_set.class_names != class_names:
         raise VitlabError("the evaluation shards name different classes than the training data")
-    if isinstance(eval_set, (ArrayDataset, ImageFolderDataset)) and eval_set.class_names != class_names:
+    if (isinstance(eval_set, (ArrayDataset, ImageFolderDataset, HFImageDataset, HFStreamDataset))
+            and eval_set.class_names != class_names):
         raise VitlabError(f"evaluation classes {eval_set.class_names[:5]}... differ from the training classes "
                           f"{class_names[:5]}...")
     return train_set, eval_set, why_not, class_names, in_chans
