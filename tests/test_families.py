@@ -399,3 +399,16 @@ def test_timm_hub_repo_of_a_drop_remainder_model_keeps_the_published_size(tmp_pa
     x = torch.randn(2, 3, 31, 31)
     with torch.no_grad():
         _assert_close(loaded(x), theirs(x))
+
+
+def test_serve_explains_a_map_model_from_its_pooling_probe():
+    from vitlab.inspect import attention_statistics
+    from vitlab.serve.engine import Engine
+
+    _, model = _family_pair("siglip")
+    engine = Engine(model, name="siglip-tiny")
+    assert engine.can_explain and engine.rollout_source == "probe"
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(7))
+    probs, maps = engine.explain(images)
+    assert probs.shape == (2, 5)
+    torch.testing.assert_close(maps, attention_statistics(model, images, rollout_images=2).rollout)
