@@ -305,9 +305,11 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
     fc_norm = "fc_norm.weight" in sd
     pool = "map" if "attn_pool.latent" in sd else "gap" if (fc_norm or not class_token) else "token"
     layer_scale = defaults.pop("layer_scale", None)
-    if "blocks.0.ls1.gamma" in sd and not layer_scale:
+    # LayerScale in any block: a file missing one gamma is then reported as missing that key
+    has_layer_scale = any(re.match(r"blocks\.\d+\.ls[12]\.gamma$", k) for k in sd)
+    if has_layer_scale and not layer_scale:
         layer_scale = 1e-5  # only the initial value, which trained weights replace
-    elif "blocks.0.ls1.gamma" not in sd:
+    elif not has_layer_scale:
         layer_scale = None
     representation = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
