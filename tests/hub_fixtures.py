@@ -112,12 +112,14 @@ def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dic
 class LoopbackHub(_LoopbackServer):
     """The part of the Hugging Face Hub's HTTP interface ``hf_hub_download`` uses, on 127.0.0.1:
     ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` answering with ``X-Repo-Commit`` and ``ETag``; an unknown
-    repo gets ``X-Error-Code: RepoNotFound``, a missing file ``EntryNotFound``. ``repos``: repo -> {file: bytes}."""
+    repo gets ``X-Error-Code: RepoNotFound``, a missing file ``EntryNotFound``. ``repos``: repo -> {file: bytes}.
+    ``headers``: header -> value sent on every answer instead of the usual one (a hostile endpoint's ``ETag``)."""
 
     def __init__(self, repos: dict[str, dict[str, bytes]], commit: str = "c" * 40):
         import hashlib
 
         self.repos, self.commit, self.requests = repos, commit, []
+        self.headers: dict[str, str] = {}
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -138,13 +140,16 @@ class LoopbackHub(_LoopbackServer):
                 if data is None:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "RepoNotFound" if files is None else "EntryNotFound")
+                    if files is not None:
+                        self.send_header("X-Repo-Commit", owner.headers.get("X-Repo-Commit", owner.commit))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 self.send_response(200)
-                self.send_header("X-Repo-Commit", owner.commit)
-                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-                self.send_header("Content-Length", str(len(data)))
+                headers = {"X-Repo-Commit": owner.commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                           "Content-Length": str(len(data)), **owner.headers}
+                for key, value in headers.items():
+                    self.send_header(key, value)
                 self.end_headers()
                 if body:
                     self.wfile.write(data)

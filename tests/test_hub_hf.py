@@ -5,6 +5,7 @@ source's preprocessing and class names."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,60 @@ def test_download_through_huggingface_hub_from_a_loopback_endpoint_then_offline(
         server.stop()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub cache now holds it: no network needed
     assert vitlab.load("hf-hub:timm/vit_served").class_names == LABELS
+
+
+def _files_outside(root: Path, cache: Path) -> list[str]:
+    """Every file under ``root`` that is not under ``cache`` (the Hub cache) nor vitlab's own home."""
+    return sorted(str(p) for p in root.rglob("*") if not p.is_dir()
+                  and cache not in p.parents and "vitlab-home" not in p.parts)
+
+
+@pytest.fixture
+def hostile_hub(hub, timm_repo, monkeypatch):
+    from tests.hub_fixtures import LoopbackHub
+
+    _, folder, config = timm_repo
+    server = LoopbackHub({"timm/vit_served": {"config.json": json.dumps(config).encode(),
+                                              "model.safetensors": (folder / "model.safetensors").read_bytes()}})
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("revision", ["../../escaped", "main/../../../escaped", "ABSOLUTE", "v1..v2", "a b",
+                                      "main/", "", ".hidden", "x.lock", "a@{1}", "new\nline"])
+def test_revision_that_is_a_path_is_refused_before_any_request(hostile_hub, hub, tmp_path, revision):
+    if revision == "ABSOLUTE":
+        revision = str(tmp_path / "escaped")
+    with pytest.raises(VitlabError, match="is not a revision") as info:
+        vitlab.load(f"hf-hub:timm/vit_served@{revision}")
+    assert "\n" not in str(info.value)
+    assert hostile_hub.requests == []
+    assert _files_outside(tmp_path, hub) == []
+
+
+@pytest.mark.parametrize("repo", ["timm/..", "timm/a--b", "../timm", "timm/x.git", "timm/-x", "timm/" + "x" * 96,
+                                  "timm/vit served", "timm/vït"])
+def test_repo_id_outside_the_hubs_rules_is_refused_before_any_request(hostile_hub, repo):
+    with pytest.raises(VitlabError, match="is not a Hub repo id"):
+        vitlab.load(f"hf-hub:{repo}")
+    assert hostile_hub.requests == []
+
+
+def test_valid_revisions_still_reach_the_hub(hostile_hub):
+    for revision in ("main", "v1.0", "refs/pr/1", "c" * 40, "release/2024-01"):
+        assert vitlab.load(f"hf-hub:timm/vit_served@{revision}").class_names == LABELS
+
+
+@pytest.mark.parametrize("header, value", [("ETag", '"../../../escaped"'), ("ETag", '"/tmp/escaped"'),
+                                           ("X-Linked-Etag", '"../../../../escaped"'),
+                                           ("X-Repo-Commit", "../../../escaped")])
+def test_endpoint_naming_a_blob_or_commit_outside_the_cache_is_refused(hostile_hub, hub, tmp_path, header, value):
+    if value.startswith('"/tmp'):
+        value = f'"{tmp_path / "escaped"}"'
+    hostile_hub.headers[header] = value
+    with pytest.raises(VitlabError, match="HF_ENDPOINT must be a trusted Hub") as info:
+        vitlab.load("hf-hub:timm/vit_served")
+    assert "\n" not in str(info.value)
+    assert _files_outside(tmp_path, hub) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,12 @@ from ..preprocessing import Preprocessing
 from .cache import hf_cache_dir, offline_mode
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# the Hub's rules for repo ids (``huggingface_hub.utils.validate_repo_id``: letters, digits, ``-_.``, no ``--`` or
+# ``..``, at most 96 characters) and git's for ref names (``git check-ref-format``); a revision becomes a path under
+# the cache's ``refs/`` folder, so these rules are what keeps it there
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?", re.ASCII)
+_REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|\.lock(?:/|$)")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass
@@ -41,10 +48,70 @@ class HubFiles:
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """``org/name[@revision]`` -> (repo id, revision)."""
-    repo, _, revision = spec.partition("@")
+    repo, at, revision = spec.partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
-        raise VitlabError(f"hf-hub:{spec}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+        raise VitlabError(f"hf-hub:{_shown(spec)}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    if len(repo) > 96 or "--" in repo or ".." in repo or repo.endswith(".git") \
+            or not all(_REPO_PART.fullmatch(part) for part in repo.split("/")):
+        raise VitlabError(f"hf-hub:{_shown(spec)}: {_shown(repo)!r} is not a Hub repo id (ORG/NAME: letters, digits, "
+                          "'-', '_', '.', no '--' or '..', at most 96 characters)")
+    if at and not _valid_revision(revision):
+        raise VitlabError(f"hf-hub:{_shown(spec)}: {_shown(revision)!r} is not a revision (a branch or tag name, or a "
+                          "40-hex commit; no '..', no leading or trailing '/', no spaces or control characters)")
     return repo, revision or None
+
+
+def _valid_revision(revision: str) -> bool:
+    """Whether ``revision`` is a git ref name (``git check-ref-format`` rules) or a commit, and so a relative path
+    that stays under ``refs/`` and ``snapshots/``."""
+    if not revision or len(revision) > 255 or revision == "@" or revision.startswith(("/", ".", "-")) \
+            or revision.endswith(("/", ".")) or _REF_BAD.search(revision):
+        return False
+    return all(len(part.encode()) <= 255 for part in revision.split("/"))
+
+
+def _shown(text: str) -> str:
+    """``text`` cut to 120 characters with control characters escaped, for a one-line message."""
+    return text[:120].encode("unicode_escape").decode("ascii")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks followed, is ``root`` or under it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _check_hub_answer(response) -> None:
+    """An httpx response hook on ``huggingface_hub``'s session: the Hub names cache files after a response's
+    ``ETag`` / ``X-Linked-Etag`` (``blobs/<etag>``) and ``X-Repo-Commit`` (``snapshots/<commit>``, ``.no_exist/``)
+    without checking them, so a hostile or broken endpoint could make it write outside the cache. Refused here,
+    before ``huggingface_hub`` reads them: an ETag must be one path component, a commit 40 hex digits."""
+    headers = response.headers
+    if "x-repo-commit" not in headers and "/resolve/" not in response.request.url.path:
+        return  # not a file answer of the Hub's interface
+    commit = headers.get("x-repo-commit")
+    if commit is not None and not _COMMIT.fullmatch(commit):
+        raise VitlabError(f"{response.request.url.host}: the Hub endpoint answered X-Repo-Commit "
+                          f"{_shown(commit)!r}, not a 40-hex commit; refused (HF_ENDPOINT must be a trusted Hub)")
+    for name in ("x-linked-etag", "etag"):
+        etag = headers.get(name)
+        if etag is None:
+            continue
+        tag = etag.strip()
+        tag = (tag[2:] if tag.startswith("W/") else tag).strip('"')
+        if not tag or tag in (".", "..") or len(tag) > 255 or re.search(r"[/\\\x00-\x1f\x7f]", tag):
+            raise VitlabError(f"{response.request.url.host}: the Hub endpoint answered {name} {_shown(etag)!r}, "
+                              "which is not a file name; refused (HF_ENDPOINT must be a trusted Hub)")
+
+
+def _guard_hub_session() -> None:
+    """Put :func:`_check_hub_answer` on ``huggingface_hub``'s shared HTTP session (once per session object: the
+    Hub library makes a new one after ``close_session`` or a fork)."""
+    from huggingface_hub.utils import get_session
+
+    hooks = get_session().event_hooks
+    if _check_hub_answer not in hooks.get("response", []):
+        hooks["response"] = [*hooks.get("response", []), _check_hub_answer]
 
 
 def _download(repo: str, filename: str, revision: str | None, *, optional: bool = False) -> Path | None:
@@ -63,8 +130,10 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
     cache = hf_cache_dir()
     offline = offline_mode()
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=offline,
-                                    endpoint=os.environ.get("HF_ENDPOINT") or None))
+        if not offline:
+            _guard_hub_session()
+        found = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=offline,
+                                     endpoint=os.environ.get("HF_ENDPOINT") or None))
     except LocalEntryNotFoundError:  # not cached, and offline or the Hub unreachable
         if optional:
             return None
@@ -90,6 +159,10 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
         raise VitlabError(f"{where}: the Hub answered {str(exc).splitlines()[0]}") from None
     except (OSError, ValueError) as exc:
         raise VitlabError(f"{where}: cannot fetch {filename} ({exc})") from None
+    if not _inside(found, cache):  # a blob or snapshot entry that leads out of the cache is never read
+        raise VitlabError(f"{where}: {filename} resolves to {os.path.realpath(found)}, outside the Hub cache {cache}; "
+                          "refused (HF_ENDPOINT must be a trusted Hub; delete that entry from the cache)")
+    return found
 
 
 def _weights(repo: str, revision: str | None) -> Path:
