@@ -5,6 +5,7 @@ source's preprocessing and class names."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,24 @@ def test_endpoint_naming_a_blob_or_commit_outside_the_cache_is_refused(hostile_h
         vitlab.load("hf-hub:timm/vit_served")
     assert "\n" not in str(info.value)
     assert _files_outside(tmp_path, hub) == []
+
+
+def test_hub_file_cut_by_a_lying_endpoint_is_fetched_again_and_a_cut_cached_one_named_offline(hostile_hub, hub,
+                                                                                                timm_repo, monkeypatch):
+    _, folder, _ = timm_repo
+    whole = (folder / "model.safetensors").read_bytes()
+    files = hostile_hub.repos["timm/vit_served"]
+    files["model.safetensors"] = whole[: len(whole) // 2]  # the endpoint declares and sends half the file
+    with pytest.raises(VitlabError, match="incomplete or corrupt model.safetensors"):
+        vitlab.load("hf-hub:timm/vit_served")
+    files["model.safetensors"] = whole
+    assert vitlab.load("hf-hub:timm/vit_served").class_names == LABELS  # nothing bad was left in the cache
+    blob = Path(os.path.realpath(hub / "models--timm--vit_served" / "snapshots" / hostile_hub.commit
+                                 / "model.safetensors"))
+    blob.write_bytes(whole[:-10])  # the cached copy gets cut (a full disk, say)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VitlabError, match=f"incomplete or corrupt .*delete {blob}"):
+        vitlab.load("hf-hub:timm/vit_served")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert vitlab.load("hf-hub:timm/vit_served").class_names == LABELS  # fetched again
+    assert blob.read_bytes() == whole

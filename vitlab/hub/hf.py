@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
 from .cache import hf_cache_dir, offline_mode
+from .download import structure_problem
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # the Hub's rules for repo ids (``huggingface_hub.utils.validate_repo_id``: letters, digits, ``-_.``, no ``--`` or
@@ -114,7 +115,8 @@ def _guard_hub_session() -> None:
         hooks["response"] = [*hooks.get("response", []), _check_hub_answer]
 
 
-def _download(repo: str, filename: str, revision: str | None, *, optional: bool = False) -> Path | None:
+def _download(repo: str, filename: str, revision: str | None, *, optional: bool = False,
+              force: bool = False) -> Path | None:
     """One file of the repo through ``hf_hub_download`` (cache first; network only when allowed)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -133,7 +135,7 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
         if not offline:
             _guard_hub_session()
         found = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=offline,
-                                     endpoint=os.environ.get("HF_ENDPOINT") or None))
+                                     endpoint=os.environ.get("HF_ENDPOINT") or None, force_download=force))
     except LocalEntryNotFoundError:  # not cached, and offline or the Hub unreachable
         if optional:
             return None
@@ -165,11 +167,35 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
     return found
 
 
+def _whole(repo: str, filename: str, revision: str | None, found: Path) -> Path:
+    """``found`` when its structure shows it whole (:func:`~vitlab.hub.download.structure_problem`); otherwise the
+    bad blob is deleted and fetched again once (``huggingface_hub`` checks sizes only against what the endpoint
+    declares), or, offline, an error naming the file to delete."""
+    problem = structure_problem(found)
+    if problem is None:
+        return found
+    where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
+    blob = Path(os.path.realpath(found))
+    if offline_mode():
+        raise VitlabError(f"{where}: {filename} in the Hub cache is incomplete or corrupt ({problem}); delete {blob} "
+                          f"and {found}, then download it again (network use is off)")
+    for path in (blob, found):
+        path.unlink(missing_ok=True)
+    again = _download(repo, filename, revision, force=True)
+    problem = structure_problem(again)
+    if problem is not None:
+        for path in (Path(os.path.realpath(again)), again):
+            path.unlink(missing_ok=True)
+        raise VitlabError(f"{where}: the Hub sent an incomplete or corrupt {filename} ({problem}); it was deleted "
+                          "from the cache")
+    return again
+
+
 def _weights(repo: str, revision: str | None) -> Path:
     for name in WEIGHT_FILES:
         found = _download(repo, name, revision, optional=True)
         if found is not None:
-            return found
+            return _whole(repo, name, revision, found)
     index = _download(repo, "model.safetensors.index.json", revision, optional=True)
     if index is not None:
         try:
@@ -177,7 +203,7 @@ def _weights(repo: str, revision: str | None) -> Path:
         except json.JSONDecodeError as exc:
             raise VitlabError(f"{index}: not valid JSON ({exc})") from None
         for shard in shards:
-            _download(repo, shard, revision)
+            _whole(repo, shard, revision, _download(repo, shard, revision))
         return index
     where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
     hint = " in the Hub cache (network use is off)" if offline_mode() else ""
