@@ -261,3 +261,26 @@ def test_structure_check_accepts_every_whole_file(tmp_path, formats):
         assert download.structure_problem(tmp_path / name) is not None, name
         (tmp_path / name).write_bytes(data + b"\0")
         assert download.structure_problem(tmp_path / name) is not None, name
+
+
+@pytest.mark.parametrize("entry", ["vit.npz.part", "vit.npz", "vit.npz.lock", "host-folder", "url-folder"])
+def test_symlink_in_the_cache_is_refused_and_nothing_is_written_through_it(home, server, tmp_path, entry):
+    url = f"{server.url}/models/vit.npz"
+    dest = cache_path(url)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file").write_bytes(b"precious")
+    if entry == "host-folder":  # $VITLAB_HOME/url/127.0.0.1_PORT -> a folder outside the cache
+        dest.parent.parent.mkdir(parents=True)
+        dest.parent.symlink_to(victim, target_is_directory=True)
+    elif entry == "url-folder":
+        home.mkdir()
+        (home / "url").symlink_to(victim, target_is_directory=True)
+    else:
+        dest.parent.mkdir(parents=True)
+        dest.with_name(entry).symlink_to(victim / "file")
+    with pytest.raises(VitlabError, match="a symlink inside the download cache") as info:
+        fetch(url)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in victim.rglob("*")) == ["file"] and (victim / "file").read_bytes() == b"precious"
+    assert server.requests == []

@@ -30,11 +30,12 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import VitlabError
-from .cache import cache_path, http_url, offline_mode
+from .cache import cache_path, http_url, offline_mode, vitlab_home
 
 CHUNK = 1 << 20
 RETRIES = 5
 TIMEOUT = 60.0
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body")
 
 
@@ -53,6 +54,7 @@ def fetch(url: str, *, size: int | None = None, sha256: str | None = None, progr
     naming the file to delete). Raises :class:`VitlabError` with one line naming the URL, the cache path and how to
     place the file by hand."""
     dest = cache_path(url)
+    _refuse_links(dest)
     offline = offline_mode() if offline is None else offline
     if dest.is_file() and _check_cached(dest, size, url, offline):
         return dest
@@ -61,6 +63,7 @@ def fetch(url: str, *, size: int | None = None, sha256: str | None = None, progr
                           f"--offline); {placement_hint(url, dest)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(dest.with_name(dest.name + ".lock")):
+        _refuse_links(dest)  # again, now that no other vitlab process is writing here
         if dest.is_file() and _check_cached(dest, size, url, offline):  # another process finished it meanwhile
             return dest
         part = dest.with_name(dest.name + ".part")
@@ -71,6 +74,22 @@ def fetch(url: str, *, size: int | None = None, sha256: str | None = None, progr
         _publish(part, dest)
         _meta_path(part).unlink(missing_ok=True)
     return dest
+
+
+def _refuse_links(dest: Path) -> None:
+    """Refuse a cache entry reached through a symlink: the file, its ``.part`` / ``.lock`` / ``.part.json`` companions
+    and every folder between ``$VITLAB_HOME`` and it must be real, so that nothing is written (or read) outside the
+    cache. ``$VITLAB_HOME`` itself may be a link."""
+    home = vitlab_home()
+    names = [dest.with_name(dest.name + suffix) for suffix in ("", ".part", ".lock", ".part.json")]
+    for path in [*names, *dest.parents]:
+        if path == home or home not in path.parents:
+            break
+        if path.is_symlink():
+            raise VitlabError(f"{path}: a symlink inside the download cache {home}; refused (it could lead writes "
+                              "outside the cache); remove it")
+        if path in names and path.exists() and not path.is_file():
+            raise VitlabError(f"{path}: not a regular file; refused; remove it")
 
 
 def _check_cached(dest: Path, size: int | None, url: str, offline: bool) -> bool:
@@ -99,7 +118,7 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no cross-process lock (documented)
         yield
         return
-    with open(lock_path, "a+b") as handle:
+    with os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666), "r+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -231,7 +250,13 @@ def _transfer(address: str, url: str, part: Path, have: int, meta: dict | None, 
             write_text_atomic(_meta_path(part), json.dumps({"address": address, "validator": validator,
                                                             "total": total}))
         make_bar(total, start)
-        with open(part, "ab" if start else "wb") as out:
+        # O_NOFOLLOW: a symlink put in place of ``part`` since the check is refused, not written through
+        flags = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | (os.O_APPEND if start else os.O_TRUNC)
+        try:
+            fd = os.open(part, flags, 0o666)
+        except OSError as exc:
+            raise VitlabError(f"cannot write {part}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "wb") as out:
             while True:
                 chunk = response.read(CHUNK)
                 if not chunk:
