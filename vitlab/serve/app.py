@@ -65,6 +65,7 @@ class ServeSettings:
     max_pixels: int = 25_000_000
     default_top_k: int = 5
     api_key: str | None = None
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least 1, got {getattr(self, name)}"
@@ -72,6 +73,8 @@ class ServeSettings:
                                  "default_top_k") if getattr(self, name) < 1]
         if self.max_wait_ms < 0:
             problems.append(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
+        if not self.body_timeout_s > 0:
+            problems.append(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         if self.max_images > self.max_queue:
             problems.append(f"max_images ({self.max_images}) cannot exceed max_queue ({self.max_queue})")
         if self.api_key is not None and not self.api_key.strip():
@@ -128,9 +131,20 @@ class _Guard:
                 return
             limit = service.settings.max_body_bytes
             received = [0]
+            timeout = service.settings.body_timeout_s
+            deadline = [start + timeout]  # the whole body within body_timeout_s of the headers
 
             async def receive_limited():
-                message = await receive()
+                if deadline[0] is None:  # the body is complete: waiting for a disconnect has no deadline
+                    return await receive()
+                try:
+                    with anyio.fail_after(max(deadline[0] - time.perf_counter(), 0.0)):
+                        message = await receive()
+                except TimeoutError:
+                    raise ApiError(408, f"the request body did not arrive within {timeout:g} s",
+                                   {"Connection": "close"}) from None
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    deadline[0] = None
                 if message["type"] == "http.request":
                     received[0] += len(message.get("body", b""))
                     if received[0] > limit:
@@ -323,8 +337,8 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
 
     ``backend``: ``torch`` or ``onnx-int8`` (see :func:`load_engine`). Limits and batching come from ``settings`` or
     as keywords (the fields of :class:`ServeSettings`: ``max_batch``, ``max_wait_ms``, ``max_queue``,
-    ``max_body_bytes``, ``max_images``, ``max_pixels``, ``default_top_k``, ``api_key``). Mount it in another ASGI
-    app, or run it with uvicorn (``vitlab serve`` does)."""
+    ``max_body_bytes``, ``max_images``, ``max_pixels``, ``default_top_k``, ``api_key``, ``body_timeout_s``). Mount
+    it in another ASGI app, or run it with uvicorn (``vitlab serve`` does)."""
     from fastapi import FastAPI
 
     if settings is None:

@@ -1,0 +1,117 @@
+"""``vitlab serve`` under hostile clients, over real loopback sockets: clients that trickle their headers or body are
+cut off at a deadline and never lock others out, the request limit answers 503 with ``Retry-After``, and every such
+answer is counted in ``/metrics``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("multipart")
+pytest.importorskip("prometheus_client")
+
+from vitlab.serve import BackgroundServer, Engine, create_app  # noqa: E402
+
+from .serve_helpers import png_bytes, post_files, scrape, tiny_model  # noqa: E402
+from .test_serve import SlowModel, concurrent_posts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(tiny_model(), name="tiny")
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _trickle(sock: socket.socket, data: bytes, every: float, stop: threading.Event) -> None:
+    """Send ``data`` one byte every ``every`` seconds until it is sent, ``stop`` is set or the server hangs up."""
+    for byte in data:
+        if stop.wait(every):
+            return
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_clients_trickling_headers_do_not_lock_others_out_and_are_cut_off(engine):
+    app = create_app(engine)
+    with BackgroundServer(app, max_connections=3, header_timeout=1.0) as running:
+        stop = threading.Event()
+        socks = [_connect(running.url) for _ in range(8)]  # more than max_connections
+        head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n" + b"X-Pad: y\r\n" * 50
+        threads = [threading.Thread(target=_trickle, args=(s, head, 0.1, stop), daemon=True) for s in socks]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            for _ in range(3):  # good clients are answered while the slow ones are still sending (uvicorn's own
+                # limit_concurrency answered them 503 until the slow connections went away)
+                status, _, body = post_files(running.url + "/v1/classify", [("a.png", png_bytes())])
+                assert status == 200 and len(body["results"]) == 1
+            answers = [_answer(s) for s in socks]  # the deadline closes every slow connection
+        finally:
+            stop.set()
+            for s in socks:
+                s.close()
+        assert all(a.startswith(b"HTTP/1.1 408 ") and b"no complete request within 1 s" in a for a in answers), \
+            answers
+        metrics = scrape(running.url)
+        assert metrics[("vitlab_request_errors_total", (("endpoint", "other"), ("status", "408")))] == 8
+
+
+def test_client_trickling_its_body_gets_408_and_the_connection_is_closed(engine):
+    app = create_app(engine, body_timeout_s=1.0)
+    with BackgroundServer(app) as running:
+        data = png_bytes()
+        sock = _connect(running.url)
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(data))
+        stop = threading.Event()
+        thread = threading.Thread(target=_trickle, args=(sock, data, 0.1, stop), daemon=True)
+        thread.start()
+        try:
+            answer = _answer(sock)
+        finally:
+            stop.set()
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in answer
+        assert post_files(running.url + "/v1/classify", [("a.png", data)])[0] == 200
+        metrics = scrape(running.url)
+        assert metrics[("vitlab_request_errors_total", (("endpoint", "/v1/classify"), ("status", "408")))] == 1
+
+
+def test_request_limit_answers_503_with_retry_after_counted_in_metrics():
+    app = create_app(Engine(SlowModel(0.5), name="slow"), max_batch=1, max_wait_ms=0)
+    with BackgroundServer(app, max_connections=1) as running:
+        results = concurrent_posts(running.url + "/v1/classify", 4, png_bytes())
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses[0] == 200 and 503 in statuses, statuses
+        for status, headers, body in results:
+            if status == 503:
+                assert int(headers["retry-after"]) >= 1 and "--max-connections" in body["error"]
+        metrics = scrape(running.url)
+        assert metrics[("vitlab_request_errors_total", (("endpoint", "/v1/classify"), ("status", "503")))] == \
+            statuses.count(503)
