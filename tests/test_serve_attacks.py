@@ -4,6 +4,8 @@ answer is counted in ``/metrics``."""
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ pytest.importorskip("prometheus_client")
 
 from vitlab.serve import BackgroundServer, Engine, create_app  # noqa: E402
 
-from .serve_helpers import png_bytes, post_files, scrape, tiny_model  # noqa: E402
+from .serve_helpers import png_bytes, post_files, request, scrape, tiny_model  # noqa: E402
 from .test_serve import SlowModel, concurrent_posts  # noqa: E402
 
 
@@ -115,3 +117,43 @@ def test_request_limit_answers_503_with_retry_after_counted_in_metrics():
         metrics = scrape(running.url)
         assert metrics[("vitlab_request_errors_total", (("endpoint", "/v1/classify"), ("status", "503")))] == \
             statuses.count(503)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with BackgroundServer(create_app(engine)) as running:
+        yield running.url
+
+
+def _png_b64() -> str:
+    return base64.b64encode(png_bytes()).decode()
+
+
+JSON_BOMBS = {
+    "100000 nested [": b"[" * 100_000,
+    "objects 3000 deep": b'{"a":' * 3000 + b"1" + b"}" * 3000,
+    "top_k Infinity": b'{"images": ["%s"], "top_k": Infinity}',
+    "top_k NaN": b'{"images": ["%s"], "top_k": NaN}',
+    "top_k of 5000 digits": b'{"images": ["%s"], "top_k": 1' + b"0" * 4999 + b"}",
+    "top_k of 4000 digits": b'{"images": ["%s"], "top_k": 1' + b"0" * 3999 + b"}",
+    "top_k 1e999": b'{"images": ["%s"], "top_k": 1e999}',
+    "discard_ratio -Infinity": b'{"images": ["%s"], "discard_ratio": -Infinity}',
+    "head_fusion nested 900 deep": b'{"images": ["%s"], "head_fusion": ' + b"[" * 900 + b"]" * 900 + b"}",
+    "image name nested 900 deep": b'{"images": [{"data": "%s", "name": ' + b"[" * 900 + b"]" * 900 + b"}]}",
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_BOMBS))
+def test_json_bombs_get_a_400_with_one_line_and_no_traceback(server, case, caplog):
+    body = JSON_BOMBS[case].replace(b"%s", _png_b64().encode())
+    endpoint = "/v1/explain" if "fusion" in case or "discard" in case else "/v1/classify"
+    with caplog.at_level("WARNING"):
+        status, _, raw = request(server + endpoint, body, {"Content-Type": "application/json"})
+    answer = json.loads(raw)
+    if case == "image name nested 900 deep":  # a name that is not a string is dropped, the image answered
+        assert status == 200 and answer["results"][0]["name"] is None, answer
+    else:
+        message = answer["error"]
+        assert status == 400 and "\n" not in message and len(message) < 400, (status, message)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+    assert post_files(server + "/v1/classify", [("a.png", png_bytes())])[0] == 200

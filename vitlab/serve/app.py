@@ -272,10 +272,7 @@ async def _read_request(request: Request, settings: ServeSettings) -> tuple[list
         finally:
             await form.close()
     elif media == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"body is not valid JSON ({exc})") from exc
+        body = _parse_json(await request.body())
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object with 'images' (a list) or 'image'")
         items = body.pop("images", None)
@@ -288,7 +285,9 @@ async def _read_request(request: Request, settings: ServeSettings) -> tuple[list
         for i, item in enumerate(items):
             label = f"image {i}"
             if isinstance(item, dict):
-                images.append((_display_name(str(item.get("name") or "")), _decode_base64(item.get("data"), label)))
+                name = item.get("name")
+                images.append((_display_name(name if isinstance(name, str) else None),
+                                _decode_base64(item.get("data"), label)))
             else:
                 images.append((None, _decode_base64(item, label)))
         options.update(body)
@@ -304,26 +303,54 @@ async def _read_request(request: Request, settings: ServeSettings) -> tuple[list
     return images, options
 
 
+def _parse_json(raw: bytes):
+    """A request's JSON body, or a 400 with a one-line reason: also for what Python's parser accepts or fails on
+    beyond the JSON standard (``NaN`` / ``Infinity``, integers of more than 20 digits, nesting deeper than the
+    interpreter's recursion limit)."""
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > 20:
+            raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits")
+        return int(digits)
+
+    try:
+        return json.loads(raw, parse_constant=constant, parse_int=integer)
+    except RecursionError:
+        raise ApiError(400, "body is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"body is not valid JSON ({str(exc)[:200]})") from None
+
+
+def _shown(value) -> str:
+    """A client's option value in a message: a string or number (cut to 40 characters), else its JSON type (a
+    nested list's repr could be huge or recurse past the interpreter's limit)."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return repr(str(value)[:40]) if isinstance(value, str) else repr(value)[:40]
+    return f"a JSON {type(value).__name__}"
+
+
 def _int_option(options: dict, name: str, default: int, low: int) -> int:
     value = options.get(name, default)
     try:
         number = int(value)
         if isinstance(value, float) and number != value:
             raise ValueError
-    except (TypeError, ValueError):
-        raise ApiError(400, f"{name} must be an integer, got {str(value)[:40]!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(400, f"{name} must be an integer, got {_shown(value)}") from None
     if number < low:
         raise ApiError(400, f"{name} must be at least {low}, got {number}")
     return number
 
 
 def _explain_options(options: dict) -> tuple[str, float]:
-    fusion = str(options.get("head_fusion", "mean"))
+    fusion = options.get("head_fusion", "mean")
     if fusion not in HEAD_FUSIONS:
-        raise ApiError(400, f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {fusion[:40]!r}")
+        raise ApiError(400, f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {_shown(fusion)}")
     try:
         discard = float(options.get("discard_ratio", 0.0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ApiError(400, "discard_ratio must be a number in [0, 1)") from None
     if not 0.0 <= discard < 1.0:
         raise ApiError(400, f"discard_ratio must be in [0, 1), got {discard}")
