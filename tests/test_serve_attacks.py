@@ -19,7 +19,7 @@ pytest.importorskip("prometheus_client")
 
 from vitlab.serve import BackgroundServer, Engine, create_app  # noqa: E402
 
-from .serve_helpers import png_bytes, post_files, request, scrape, tiny_model  # noqa: E402
+from .serve_helpers import png_bytes, png_of_size, post_files, request, scrape, tiny_model  # noqa: E402
 from .test_serve import SlowModel, concurrent_posts  # noqa: E402
 
 
@@ -157,3 +157,36 @@ def test_json_bombs_get_a_400_with_one_line_and_no_traceback(server, case, caplo
         assert status == 400 and "\n" not in message and len(message) < 400, (status, message)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
     assert post_files(server + "/v1/classify", [("a.png", png_bytes())])[0] == 200
+
+
+def test_small_uploads_promising_many_pixels_are_refused_before_decoding(server):
+    bomb = png_of_size(5000, 5000, bits=16)  # 16-bit zeros: about 50 KB that decode to 25 megapixels
+    assert len(bomb) < 100_000
+    status, _, body = post_files(server + "/v1/classify", [(f"{i}.png", bomb) for i in range(4)])
+    assert status == 400 and "declare 100,000,000 pixels in all" in body["error"] and "50,000,000" in body["error"]
+    assert post_files(server + "/v1/classify", [("a.png", png_bytes())])[0] == 200
+
+
+def test_16_bit_images_decode_without_float64_copies():
+    """Reading a 16-bit image's pixels out of Pillow takes 4 bytes a pixel for a moment (its bytes, then the array), the
+    8-bit result 1 more, the rescaling blocks of 64 K pixels: well under 8 bytes a pixel. The float64 copies this
+    replaced took over 16."""
+    import io
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.data.images import load_image
+
+    values = np.random.default_rng(0).integers(0, 65536, (1500, 2000)).astype(np.uint16)
+    out = io.BytesIO()
+    Image.fromarray(values).save(out, format="PNG")
+    tracemalloc.start()
+    try:
+        image = load_image(io.BytesIO(out.getvalue()), channels=1, name="u16")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(np.asarray(image), np.rint(values / 257.0).astype(np.uint8))
+    assert peak < 8 * values.size, peak  # numpy's allocations (tracemalloc sees them; Pillow's own it does not)

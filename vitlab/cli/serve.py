@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=16, help="most images per request (default 16)")
     p.add_argument("--max-pixels", type=int, default=25_000_000,
                    help="largest image accepted, in pixels, checked before decoding (default 25,000,000)")
+    p.add_argument("--max-request-pixels", type=int, default=50_000_000,
+                   help="most pixels the images of one request may declare in all, checked before decoding "
+                        "(default 50,000,000)")
     p.add_argument("--max-connections", type=int,
                    help="requests handled at once; beyond it 503 with Retry-After (default: no limit)")
     p.add_argument("--header-timeout", type=float, default=10.0,
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             raise VitlabError(f"--device {args.device}: CUDA is not available on this machine")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                             max_pixels=args.max_pixels, api_key=_api_key(args), body_timeout_s=args.body_timeout)
+                             max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
+                             api_key=_api_key(args), body_timeout_s=args.body_timeout)
     app = create_app(args.checkpoint, backend=args.backend, device=args.device, name=args.name,
                      threads=args.threads, settings=settings)
     sock = bind_socket(args.host, args.port)

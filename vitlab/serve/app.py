@@ -63,6 +63,7 @@ class ServeSettings:
     max_body_bytes: int = 16 * 2**20
     max_images: int = 16
     max_pixels: int = 25_000_000
+    max_request_pixels: int = 50_000_000
     default_top_k: int = 5
     api_key: str | None = None
     body_timeout_s: float = 30.0
@@ -70,7 +71,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least 1, got {getattr(self, name)}"
                     for name in ("max_batch", "max_queue", "max_body_bytes", "max_images", "max_pixels",
-                                 "default_top_k") if getattr(self, name) < 1]
+                                 "max_request_pixels", "default_top_k") if getattr(self, name) < 1]
         if self.max_wait_ms < 0:
             problems.append(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
         if not self.body_timeout_s > 0:
@@ -364,8 +365,8 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
 
     ``backend``: ``torch`` or ``onnx-int8`` (see :func:`load_engine`). Limits and batching come from ``settings`` or
     as keywords (the fields of :class:`ServeSettings`: ``max_batch``, ``max_wait_ms``, ``max_queue``,
-    ``max_body_bytes``, ``max_images``, ``max_pixels``, ``default_top_k``, ``api_key``, ``body_timeout_s``). Mount
-    it in another ASGI app, or run it with uvicorn (``vitlab serve`` does)."""
+    ``max_body_bytes``, ``max_images``, ``max_pixels``, ``max_request_pixels``, ``default_top_k``, ``api_key``,
+    ``body_timeout_s``). Mount it in another ASGI app, or run it with uvicorn (``vitlab serve`` does)."""
     from fastapi import FastAPI
 
     if settings is None:
@@ -427,14 +428,23 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
         except BatcherClosed as exc:
             raise ApiError(503, str(exc)) from None
 
-        def decode():
-            return torch.stack([engine.prepare(data, f"image {i}", settings.max_pixels)
-                                for i, (_, data) in enumerate(uploads)])
-
+        # the pixels the headers declare, summed before anything is decoded: a few small compressed uploads can
+        # promise gigabytes of pixels; then each image takes a decode slot of its own, so that one request never
+        # holds more than one slot while it decodes
+        limiter = service.decode_limiter()
+        declared = await anyio.to_thread.run_sync(lambda: sum(engine.pixels(data) for _, data in uploads),
+                                                  limiter=limiter)
+        if declared > settings.max_request_pixels:
+            raise ApiError(400, f"the images of this request declare {declared:,} pixels in all; the limit per "
+                                f"request is {settings.max_request_pixels:,}")
+        decoded = []
         try:
-            images = await anyio.to_thread.run_sync(decode, limiter=service.decode_limiter())
+            for i, (_, data) in enumerate(uploads):
+                decoded.append(await anyio.to_thread.run_sync(engine.prepare, data, f"image {i}",
+                                                              settings.max_pixels, limiter=limiter))
         except VitlabError as exc:
             raise ApiError(400, str(exc)) from None
+        images = torch.stack(decoded)
         try:
             outputs = await service.batcher.submit(key, images)
         except QueueFull as exc:
