@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,45 @@ def test_symlink_in_the_cache_is_refused_and_nothing_is_written_through_it(home,
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in victim.rglob("*")) == ["file"] and (victim / "file").read_bytes() == b"precious"
     assert server.requests == []
+
+
+@pytest.mark.parametrize("path", ["/models/vit%00.npz", "/models/a%0Ab.npz", "/models/a%5Cb.npz"])
+def test_url_with_nul_or_control_characters_is_one_line(home, server, path):
+    with pytest.raises(VitlabError, match="control character, NUL or backslash") as info:
+        fetch(f"{server.url}{path}")
+    assert "\n" not in str(info.value) and server.requests == []
+
+
+def test_file_name_over_255_bytes_is_cached_under_a_shortened_name(home, server, npz_bytes):
+    name = "é" * 200 + ".npz"  # 404 bytes in UTF-8
+    server.files["/models/" + urllib.parse.quote(name)] = npz_bytes
+    url = f"{server.url}/models/{urllib.parse.quote(name)}"
+    path = fetch(url)
+    assert path.read_bytes() == npz_bytes and path.suffix == ".npz" and len(path.name.encode()) <= 200
+    other = cache_path(f"{server.url}/models/{urllib.parse.quote('é' * 199 + 'x.npz')}")
+    assert other != path and other.parent == path.parent  # names that share their start stay apart
+
+
+def test_unwritable_cache_is_one_line_naming_it(home, server, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("VITLAB_HOME", str(blocker / "cache"))  # what a read-only or missing mount also gives
+    with pytest.raises(VitlabError, match="cannot write to the download cache .*VITLAB_HOME") as info:
+        fetch(f"{server.url}/models/vit.npz")
+    assert "\n" not in str(info.value)
+
+
+def test_disk_filling_up_mid_download_is_one_line_and_the_next_run_resumes(home, server, npz_bytes):
+    """A file-size limit (RLIMIT_FSIZE) makes writes fail part-way, as a full disk does."""
+    url = f"{server.url}/models/vit.npz"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))\n"
+            "from vitlab.cli import main\n"
+            "sys.exit(main(['info', sys.argv[1]]))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VITLAB_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, url], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "cannot write to the download cache" in done.stderr and "Traceback" not in done.stderr
+    assert fetch(url).read_bytes() == npz_bytes
+    assert server.gets("/models/vit.npz")[-1] == "bytes=300000-"

@@ -222,3 +222,26 @@ def test_hub_file_cut_by_a_lying_endpoint_is_fetched_again_and_a_cut_cached_one_
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert vitlab.load("hf-hub:timm/vit_served").class_names == LABELS  # fetched again
     assert blob.read_bytes() == whole
+
+
+BROKEN_REPOS = {
+    "weight_map a list": {"config.json": {"model_type": "vit"},
+                          "model.safetensors.index.json": {"weight_map": ["x"]}},
+    "shard outside the repo": {"config.json": {"model_type": "vit"},
+                               "model.safetensors.index.json": {"weight_map": {"w": "../../../x.safetensors"}}},
+    "config nested 100000 deep": {"config.json": "[" * 100_000 + "]" * 100_000},
+    "config with a 5000-digit number": {"config.json": '{"architecture": "vit_tiny_patch16_224", "num_classes": 1'
+                                                      + "0" * 4999 + "}"},
+    "config with NaN": {"config.json": '{"architecture": "vit_tiny_patch16_224", "num_classes": NaN}'},
+    "pretrained_cfg a list": {"config.json": {"architecture": ["x"] * 3, "pretrained_cfg": [1, 2]}},
+    "architectures of numbers": {"config.json": {"model_type": 5, "architectures": [1, [2]]}},
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_REPOS))
+def test_broken_repo_files_are_one_line_not_a_traceback(hub, case):
+    lay_out_hub_cache(hub, "someone/broken", BROKEN_REPOS[case])
+    with pytest.raises(VitlabError) as info:
+        vitlab.load("hf-hub:someone/broken")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 600
+    assert type(info.value).__name__ in ("VitlabError", "InvalidValueError", "UnknownNameError")

@@ -65,4 +65,24 @@ def cache_path(url: str) -> Path:
     parts = [p for p in parts if p]
     if any(p in (".", "..") for p in parts) or len(parts) < 3:
         raise VitlabError(f"{url}: no file name in the URL (or '.' / '..' in its path)")
-    return vitlab_home().joinpath(*parts)
+    if any(ord(c) < 32 or ord(c) == 127 or c == "\\" for p in parts for c in p):
+        raise VitlabError(f"{_shown(url)}: a control character, NUL or backslash in the URL's path; refused")
+    return vitlab_home().joinpath(*[_short_name(p) for p in parts])
+
+
+def _short_name(part: str, most: int = 200) -> str:
+    """``part`` as a file or folder name: unchanged when it has at most ``most`` bytes (file systems allow 255, and
+    the download adds ``.part.json``), else its first bytes plus a hash of the whole, so that names stay distinct."""
+    encoded = part.encode("utf-8", "surrogateescape")
+    if len(encoded) <= most:
+        return part
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    stem, dot, suffix = part.rpartition(".")
+    suffix = f".{suffix}" if dot and 0 < len(suffix.encode()) <= 16 else ""
+    keep = encoded[: most - 17 - len(suffix.encode())].decode("utf-8", "ignore")
+    return f"{keep}-{digest}{suffix}"
+
+
+def _shown(text: str) -> str:
+    """``text`` cut to 200 characters with control characters escaped, for a one-line message."""
+    return text[:200].encode("unicode_escape").decode("ascii")

@@ -61,18 +61,24 @@ def fetch(url: str, *, size: int | None = None, sha256: str | None = None, progr
     if offline:
         raise VitlabError(f"{url}: not in the cache and network use is off (VITLAB_OFFLINE / HF_HUB_OFFLINE / "
                           f"--offline); {placement_hint(url, dest)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(dest.with_name(dest.name + ".lock")):
-        _refuse_links(dest)  # again, now that no other vitlab process is writing here
-        if dest.is_file() and _check_cached(dest, size, url, offline):  # another process finished it meanwhile
-            return dest
-        part = dest.with_name(dest.name + ".part")
-        # an interrupted download keeps ``part`` (and what it was fetched from, in ``<name>.part.json``) so that the
-        # next call resumes it; a failed check deletes both
-        _download(url, part, size, sys.stderr.isatty() if progress is None else progress)
-        _verify(part, url, size, sha256)
-        _publish(part, dest)
-        _meta_path(part).unlink(missing_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(dest.with_name(dest.name + ".lock")):
+            _refuse_links(dest)  # again, now that no other vitlab process is writing here
+            if dest.is_file() and _check_cached(dest, size, url, offline):  # another process finished it meanwhile
+                return dest
+            part = dest.with_name(dest.name + ".part")
+            # an interrupted download keeps ``part`` (and what it was fetched from, in ``<name>.part.json``) so
+            # that the next call resumes it; a failed check deletes both
+            _download(url, part, size, sys.stderr.isatty() if progress is None else progress)
+            _verify(part, url, size, sha256)
+            _publish(part, dest)
+            _meta_path(part).unlink(missing_ok=True)
+    except OSError as exc:  # a read-only or full disk, a file where a folder should be: the cache, not the server
+        where = exc.filename or dest.parent
+        raise VitlabError(f"{http_url(url)}: cannot write to the download cache ({where}: {exc.strerror or exc}); "
+                          "free some space or set VITLAB_HOME to a writable folder (a partial download is kept "
+                          "and resumed)") from None
     return dest
 
 

@@ -76,6 +76,38 @@ def _shown(text: str) -> str:
     return text[:120].encode("unicode_escape").decode("ascii")
 
 
+def _valid_file_name(name: str) -> bool:
+    """Whether ``name`` is a file of a repo as the Hub names them: a relative path, no ``..`` / empty / hidden-dot
+    parts, no backslash or control characters, each part at most 255 bytes."""
+    parts = name.split("/")
+    return bool(name) and len(name) <= 1000 and not re.search(r"[\\\x00-\x1f\x7f]", name) \
+        and all(part not in ("", ".", "..") and len(part.encode()) <= 255 for part in parts)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A repo's JSON file as an object, or one line saying why not (also for what Python's parser fails on beyond
+    the standard: nesting past the recursion limit, integers of more than 20 digits, NaN / Infinity)."""
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > 20:
+            raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits")
+        return int(digits)
+
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        data = json.loads(path.read_bytes(), parse_int=integer, parse_constant=constant)
+    except RecursionError:
+        raise VitlabError(f"{what} is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise VitlabError(f"{what} is not valid JSON ({_shown(str(exc))})") from None
+    except OSError as exc:
+        raise VitlabError(f"{what}: cannot read {path} ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise VitlabError(f"{what} is not a JSON object")
+    return data
+
+
 def _inside(path: Path, root: Path) -> bool:
     """Whether ``path``, symlinks followed, is ``root`` or under it."""
     real, top = os.path.realpath(path), os.path.realpath(root)
@@ -198,11 +230,12 @@ def _weights(repo: str, revision: str | None) -> Path:
             return _whole(repo, name, revision, found)
     index = _download(repo, "model.safetensors.index.json", revision, optional=True)
     if index is not None:
-        try:
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        except json.JSONDecodeError as exc:
-            raise VitlabError(f"{index}: not valid JSON ({exc})") from None
-        for shard in shards:
+        weight_map = _read_json(index, f"hf-hub:{repo}: model.safetensors.index.json").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map \
+                or not all(isinstance(v, str) and _valid_file_name(v) for v in weight_map.values()):
+            raise VitlabError(f"hf-hub:{repo}: model.safetensors.index.json has no valid 'weight_map' (an object "
+                              "from tensor names to shard files in the repo)")
+        for shard in sorted(set(weight_map.values())):
             _whole(repo, shard, revision, _download(repo, shard, revision))
         return index
     where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
@@ -212,18 +245,20 @@ def _weights(repo: str, revision: str | None) -> Path:
 
 def timm_preprocessing(cfg: dict, in_chans: int = 3) -> Preprocessing | None:
     """A timm ``pretrained_cfg`` as a :class:`Preprocessing` (None when it lacks the fields)."""
+    if not isinstance(cfg, dict):
+        return None
     size = cfg.get("test_input_size") or cfg.get("input_size")
-    if not size or len(size) != 3:
+    if not isinstance(size, list) or len(size) != 3 or not all(type(n) is int and 0 < n <= 65536 for n in size):
         return None
     channels, height, width = size
-    mean = tuple(cfg.get("mean", (0.5,) * channels))
-    std = tuple(cfg.get("std", (0.5,) * channels))
     squash = cfg.get("crop_mode") == "squash"
-    try:
+    try:  # any field of the wrong type means "no usable preprocessing", as a missing one does
+        mean = tuple(cfg.get("mean", (0.5,) * channels))
+        std = tuple(cfg.get("std", (0.5,) * channels))
         return Preprocessing((height, width), resize="squash" if squash else "crop",
                              crop_pct=1.0 if squash else float(cfg.get("test_crop_pct") or cfg.get("crop_pct", 1.0)),
                              interpolation=cfg.get("interpolation", "bicubic"), mean=mean, std=std, channels=channels)
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -232,27 +267,29 @@ def resolve_hub(spec: str) -> HubFiles:
     repo, revision = parse_spec(spec)
     where = f"hf-hub:{spec}"
     config_file = _download(repo, "config.json", revision)
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VitlabError(f"{where}: config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise VitlabError(f"{where}: config.json is not a JSON object")
+    config = _read_json(config_file, f"{where}: config.json")
     if "architecture" in config or "pretrained_cfg" in config:  # timm
-        arch = str(config.get("architecture", ""))
+        arch = config.get("architecture")
+        arch = arch if isinstance(arch, str) else ""
         weights = _weights(repo, revision)
         if weights.name.endswith(".index.json"):
             raise VitlabError(f"{where}: sharded timm checkpoints are not supported")
-        pretrained_cfg = config.get("pretrained_cfg") or {}
+        pretrained_cfg = config.get("pretrained_cfg")
+        pretrained_cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else {}
         labels = config.get("label_names")
         num_classes = config.get("num_classes", pretrained_cfg.get("num_classes"))
-        names = [str(n) for n in labels] if isinstance(labels, list) and len(labels) == num_classes else None
+        names = [str(n) for n in labels] if isinstance(labels, list) and len(labels) == num_classes \
+            and all(isinstance(n, (str, int)) for n in labels) else None
         return HubFiles(weights, "timm", repo, revision, timm_preprocessing(pretrained_cfg), names, arch or None,
                         num_classes if isinstance(num_classes, int) else None)
     model_type = config.get("model_type")
     if model_type is not None or "architectures" in config:  # transformers
         if model_type != "vit":
-            kind = model_type or ", ".join(config.get("architectures") or []) or "unknown"
+            kinds = config.get("architectures")
+            kind = model_type if isinstance(model_type, str) else ""
+            if not kind and isinstance(kinds, list):
+                kind = ", ".join(k for k in kinds if isinstance(k, str))[:100]
+            kind = kind or "unknown"
             raise VitlabError(f"{where}: the repo holds a {kind!r} model, not a ViT (model_type 'vit'); vitlab reads "
                               "ViT repos in the timm or transformers layout")
         _download(repo, "preprocessor_config.json", revision, optional=True)
