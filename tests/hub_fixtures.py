@@ -36,7 +36,8 @@ class FileServer(_LoopbackServer):
     chunks. ``requests`` records (path, Range header) of every request. Every file has an ``ETag`` (its sha256) and
     ``If-Range`` is honoured, as real servers do. Broken servers: ``lie_length`` sends a ``Content-Length`` of half
     the body and only that half; ``no_length`` sends no ``Content-Length`` and closes after ``cut_after`` bytes
-    (every time); ``whole_206`` answers a range request with ``206`` and the whole file; ``no_etag`` omits the ETag."""
+    (every time); ``whole_206`` answers a range request with ``206`` and the whole file; ``no_etag`` omits the ETag;
+    ``redirects`` maps paths to the ``Location`` of a 302."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files = dict(files)
@@ -46,6 +47,7 @@ class FileServer(_LoopbackServer):
         self.delay = 0.0
         self.requests: list[tuple[str, str | None]] = []
         self.lie_length = self.no_length = self.whole_206 = self.no_etag = False
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302
         self._cut_done: set[str] = set()
         owner = self
 
@@ -55,6 +57,12 @@ class FileServer(_LoopbackServer):
 
             def do_GET(self):
                 owner.requests.append((self.path, self.headers.get("Range")))
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if owner.html:
                     page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
                     self.send_response(200)

@@ -327,3 +327,24 @@ def test_disk_filling_up_mid_download_is_one_line_and_the_next_run_resumes(home,
     assert "cannot write to the download cache" in done.stderr and "Traceback" not in done.stderr
     assert fetch(url).read_bytes() == npz_bytes
     assert server.gets("/models/vit.npz")[-1] == "bytes=300000-"
+
+
+def test_redirect_loop_is_refused_in_one_line(home, server):
+    server.redirects = {"/a.npz": "/b.npz", "/b.npz": "/a.npz"}
+    with pytest.raises(VitlabError, match="redirect") as info:
+        fetch(f"{server.url}/a.npz")
+    assert "\n" not in str(info.value)
+    assert _leftovers(home) == []
+
+
+def test_credentials_in_a_url_are_refused_and_never_shown_or_stored(home, server, capsys):
+    from vitlab.cli import main
+
+    url = f"http://alice:s3cr3t-token@{server.url[len('http://'):]}/models/vit.npz"
+    with pytest.raises(VitlabError, match="user name or password in the URL is refused") as info:
+        fetch(url)
+    assert "s3cr3t" not in str(info.value) and "alice" not in str(info.value)
+    assert main(["info", url]) == 2
+    assert "s3cr3t" not in capsys.readouterr().err
+    assert not home.exists() or not [p for p in home.rglob("*") if "s3cr3t" in str(p)]
+    assert server.requests == []

@@ -224,9 +224,10 @@ def _transfer(address: str, url: str, part: Path, have: int, meta: dict | None, 
         if exc.code == 416 and have:  # nothing left to fetch, or a stale partial file: start again
             _discard(part)
             raise ConnectionError("range not satisfiable") from None
-        raise VitlabError(f"{address}: the server answered {exc.code} {exc.reason}; cache path {dest}") from None
+        reason = " ".join(str(exc.reason).split())  # urllib's redirect-loop reason spans three lines
+        raise VitlabError(f"{address}: the server answered {exc.code} {reason}; cache path {dest}") from None
     except urllib.error.URLError as exc:
-        reason = getattr(exc, "reason", exc)
+        reason = " ".join(str(getattr(exc, "reason", exc)).split())
         raise VitlabError(f"{address}: cannot download ({reason}); {placement_hint(url, dest)}, or set "
                           "VITLAB_OFFLINE=1 to work from the cache only") from None
     except (TimeoutError, ConnectionError, OSError) as exc:
