@@ -190,3 +190,43 @@ def test_16_bit_images_decode_without_float64_copies():
         tracemalloc.stop()
     np.testing.assert_array_equal(np.asarray(image), np.rint(values / 257.0).astype(np.uint8))
     assert peak < 8 * values.size, peak  # numpy's allocations (tracemalloc sees them; Pillow's own it does not)
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    """A real 16 x 16 JPEG whose frame header is rewritten to declare ``width`` x ``height``: libjpeg decodes the
+    short scan and fills the rest with grey, with only a warning."""
+    import io
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(out, "JPEG")
+    data = bytearray(out.getvalue())
+    frame = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, frame + 5, height, width)
+    return bytes(data)
+
+
+def test_jpeg_far_shorter_than_its_declared_size_is_a_400_not_a_partly_decoded_200(server):
+    status, _, body = post_files(server + "/v1/classify", [("cut.jpg", _jpeg_declaring(4999, 5000))])
+    assert status == 400 and "truncated" in body["error"] and "4999x5000" in body["error"], body
+
+
+def test_non_ascii_upload_names_come_back_as_sent(server):
+    names = ["chat-é-猫.png", "🐱 cat.png", "naïve résumé (2).png", "a/b\\c<x>\u200b.png"]
+    status, _, body = post_files(server + "/v1/classify", [(name, png_bytes()) for name in names])
+    assert status == 200, body
+    assert [r["name"] for r in body["results"]] == names[:3] + ["a_b_c_x__.png"]
+
+
+def test_malformed_requests_answered_by_the_server_itself_are_counted(server):
+    before = scrape(server).get(("vitlab_request_errors_total", (("endpoint", "other"), ("status", "400"))), 0)
+    for garbage in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):
+        sock = _connect(server)
+        sock.sendall(garbage)
+        assert _answer(sock).startswith(b"HTTP/1.1 400 ")
+        sock.close()
+    after = scrape(server)[("vitlab_request_errors_total", (("endpoint", "other"), ("status", "400")))]
+    assert after - before == 2

@@ -64,6 +64,25 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(out, mode="L")
 
 
+def _check_jpeg_length(img: Image.Image, label) -> None:
+    """Refuse a JPEG too short for the size its header declares: libjpeg fills a scan that ends early with grey and
+    only warns, so Pillow decodes such a file "successfully". Every 8 x 8 block of the full-resolution component
+    costs at least one bit in any Huffman-coded JPEG (its DC code; progressive files included), so the file must
+    hold at least blocks / 8 bytes."""
+    width, height = img.size
+    blocks = -(-width // 8) * -(-height // 8)
+    fp = img.fp
+    try:
+        position = fp.tell()
+        length = fp.seek(0, 2)
+        fp.seek(position)
+    except (AttributeError, OSError, ValueError):
+        return
+    if 8 * length < blocks:
+        raise ImageLoadError(f"{label}: cannot decode image (truncated: its header declares {width}x{height} pixels, "
+                             f"which take at least {blocks // 8:,} bytes as JPEG; the file has {length:,})")
+
+
 def _flatten_alpha(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Composite an image with transparency over ``background`` (returns RGB)."""
     rgba = img.convert("RGBA")
@@ -88,6 +107,8 @@ def load_image(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: in
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageLoadError(f"{label}: image too large ({width}x{height} pixels, limit {max_pixels:,})")
+            if img.format == "JPEG":
+                _check_jpeg_length(img, label)
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB" if channels == 3 else "L", draft_size)
             img.load()  # decode now: truncation and corrupt data surface here, not later

@@ -23,7 +23,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -235,7 +234,9 @@ def _display_name(raw: str | None) -> str | None:
     """A client's file name as shown back to it: printable, at most 100 characters; never used as a path."""
     if not raw:
         return None
-    return re.sub(r"[^\w .,()+=@-]", "_", raw)[:100] or None
+    # any printable character is kept (accents, CJK, emoji: names are Unicode); control and format characters,
+    # path separators, quotes and angle brackets become "_"
+    return "".join(c if c.isprintable() and c not in "/\\<>\"'`" else "_" for c in raw[:100]) or None
 
 
 def _decode_base64(text: str, label: str) -> bytes:
