@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import InvalidValueError
+from .train import add_hf_data_arguments, hf_data
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
                                           "process takes a disjoint share; no sample is counted twice).")
     p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx file from `vitlab export-onnx`")
-    p.add_argument("--data", required=True, help="named set, image folder or tar shards")
+    p.add_argument("--data", required=True, help="named set, image folder, tar shards or a Hugging Face source "
+                                                 "(hf:org/name, save_to_disk folder, parquet / arrow files)")
+    add_hf_data_arguments(p)
     p.add_argument("--split", default="test", help="split of a named set or folder tree (default test)")
     p.add_argument("--data-dir", help="folder holding a named set's files")
     p.add_argument("--out", type=Path, help="report folder: results.json, report.md, confusion.png, reliability.png")
@@ -43,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate.runs import eval_checkpoint
+    from ..tasks.runs import eval_checkpoint
     from ..train import distributed as D
 
     for option, value in (("--batch-size", args.batch_size), ("--bins", args.bins),
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     info = D.setup(args.device)
     skipped: list[str] = []
     try:
-        results = eval_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out, labels_file=args.labels,
+        results = eval_checkpoint(args.checkpoint, hf_data(args.data, args), args.split, out_dir=args.out,
+                                  labels_file=args.labels,
                                   data_dir=args.data_dir, img_size=args.img_size, model_name=args.model,
                                   batch_size=args.batch_size, num_workers=args.workers, device=str(info.device),
                                   precision=args.precision, on_bad_image=args.on_bad_image,

@@ -9,12 +9,15 @@ Entry points (the evaluation and inspection code reuse these):
     batches, read with a restricted unpickler), ``digits`` (scikit-learn's 8x8 digits). Images are a uint8 tensor
     (N, C, H, W), labels int64 (N,), plus ``class_names``.
 
-``build_dataset(name_or_path, split="train", *, data_dir=None, download=False, channels=None, on_error="skip")``
+``build_dataset(name_or_path, split="train", *, data_dir=None, download=False, channels=None, on_error="skip",
+image_column=None, label_column=None, stream=None)``
     Any source: a named set (as above), a folder of images laid out ``root/<class>/<image>`` (with ``root/train``,
     ``root/val`` or ``root/test`` sub-trees used for the matching split when present), or WebDataset-style tar
-    shards (``shards/train-{000000..000009}.tar``, a glob, or a folder of ``.tar`` files). Returns an
-    :class:`ArrayDataset`, :class:`ImageFolderDataset` or :class:`ShardDataset`; all three have ``class_names``
-    (None for shards without ``classes.txt``) and ``len()``. Folder and shard samples that cannot be decoded are
+    shards (``shards/train-{000000..000009}.tar``, a glob, or a folder of ``.tar`` files), or a Hugging Face
+    ``datasets`` source (``hf:org/name[:config][@revision]``, a ``save_to_disk`` folder, parquet / arrow files; see
+    :mod:`vitlab.data.hf`). Returns an :class:`ArrayDataset`, :class:`ImageFolderDataset`, :class:`ShardDataset`,
+    :class:`HFImageDataset` or :class:`HFStreamDataset`; all have ``class_names`` (None for shards without
+    ``classes.txt``) and ``len()``. Folder and shard samples that cannot be decoded are
     skipped and reported (``on_error="skip"``) or stop the run (``"fail"``).
 
 ``load_image(path, channels=3)``
@@ -32,6 +35,8 @@ from pathlib import Path
 from ..errors import VitlabError
 from .arrays import ARRAY_DATASETS, ArrayDataset, canonical_name, load_arrays
 from .folder import BadSample, ImageFolderDataset, collate_skipping
+from .hf import looks_like_hf
+from .hf_dataset import HFImageDataset, HFStreamDataset, build_hf_dataset
 from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 from .loaders import Augment, Batch, FolderTrainLoader, InMemoryTrainLoader, folder_eval_batches, in_memory_eval_batches
 from .shards import ShardDataset, looks_like_shards
@@ -61,25 +66,34 @@ def _split_folder(root: Path, split: str) -> Path:
 
 def build_dataset(name_or_path: str | Path, split: str = "train", *, data_dir: str | Path | None = None,
                   download: bool = False, channels: int | None = None, on_error: str = "skip",
-                  max_pixels: int | None = None) -> ArrayDataset | ImageFolderDataset | ShardDataset:
-    """The data set behind a name, an image folder or tar shards (see the module doc).
+                  max_pixels: int | None = None, image_column: str | None = None, label_column: str | None = None,
+                  stream: str | None = None
+                  ) -> ArrayDataset | ImageFolderDataset | ShardDataset | HFImageDataset | HFStreamDataset:
+    """The data set behind a name, an image folder, tar shards or a Hugging Face source (see the module doc).
 
-    ``channels`` (1 or 3) fixes how folder and shard images are decoded (default 3); named sets keep their own.
-    For shards, ``split`` is not used: give the train and evaluation shards separately."""
+    ``channels`` (1 or 3) fixes how folder, shard and Hugging Face images are decoded (default 3); named sets keep
+    their own. For shards, ``split`` is not used: give the train and evaluation shards separately.
+    ``image_column`` / ``label_column`` / ``stream`` (``auto``, ``on``, ``off``) apply to Hugging Face sources."""
     spec = str(name_or_path)
     if canonical_name(spec) is not None and not Path(spec).exists():
         return load_arrays(spec, split, data_dir=data_dir, download=download)
+    if looks_like_hf(spec):
+        return build_hf_dataset(spec, SPLIT_FOLDERS.get(split, (split,)), channels=channels or 3, on_error=on_error,
+                                max_pixels=max_pixels, image_column=image_column, label_column=label_column,
+                                stream=stream)
     if looks_like_shards(spec) or any(c in spec for c in "*{"):
         return ShardDataset(spec, channels=channels or 3, on_error=on_error, max_pixels=max_pixels)
     path = Path(spec).expanduser()
     if path.is_dir():
         return ImageFolderDataset(_split_folder(path, split), channels=channels or 3, on_error=on_error,
                                   max_pixels=max_pixels)
-    raise VitlabError(f"{spec}: not a named data set ({', '.join(ARRAY_DATASETS)}), an image folder or tar shards")
+    raise VitlabError(f"{spec}: not a named data set ({', '.join(ARRAY_DATASETS)}), an image folder, tar shards or "
+                      "a Hugging Face source (hf:org/name, a save_to_disk folder, parquet / arrow files)")
 
 
 __all__ = [
-    "ArrayDataset", "Augment", "BadSample", "Batch", "FolderTrainLoader", "IMAGE_EXTENSIONS", "ImageFolderDataset",
+    "ArrayDataset", "Augment", "BadSample", "Batch", "FolderTrainLoader", "HFImageDataset", "HFStreamDataset",
+    "IMAGE_EXTENSIONS", "ImageFolderDataset",
     "ImageLoadError", "InMemoryTrainLoader", "ShardDataset", "build_dataset", "collate_skipping",
     "folder_eval_batches", "in_memory_eval_batches", "list_datasets", "load_arrays", "load_image",
 ]

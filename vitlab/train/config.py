@@ -36,7 +36,8 @@ class TrainConfig:
     sizes are global (all processes and accumulation steps together)."""
 
     # ----- data
-    data: str = "fashion-mnist"             # a named set, an image folder or tar shards (see vitlab.data)
+    data: str = "fashion-mnist"             # a named set, an image folder, tar shards or a Hugging Face source
+                                            # (hf:org/name, save_to_disk folder, parquet; see vitlab.data)
     data_dir: str | None = None             # where named sets' files are (default: system and cache locations)
     val_data: str | None = None             # evaluation source (default: the same data, split eval_split)
     train_split: str = "train"

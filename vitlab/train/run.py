@@ -16,9 +16,10 @@ from torch import nn
 
 from ..compute.flops import forward_macs
 from ..compute.onednn import set_onednn_linear
-from ..data import ArrayDataset, ImageFolderDataset, ShardDataset, build_dataset
+from ..data import ArrayDataset, HFImageDataset, HFStreamDataset, ImageFolderDataset, ShardDataset, build_dataset
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
 from ..errors import InvalidValueError, VitlabError
+from ..factory import load
 from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
@@ -136,8 +137,6 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
     if config.img_size is not None:
         overrides["img_size"] = config.img_size
     if config.init_from:
-        from ..checkpoints import load
-
         img_size = overrides.pop("img_size", None)
         want_chans = in_chans if in_chans is not None else overrides.pop("in_chans", None)
         overrides.pop("in_chans", None)
@@ -217,7 +216,8 @@ def _datasets(config: TrainConfig):
             eval_set, why_not = held_out, None
     if isinstance(eval_set, ShardDataset) and eval_set.class_names and eval_set.class_names != class_names:
         raise VitlabError("the evaluation shards name different classes than the training data")
-    if isinstance(eval_set, (ArrayDataset, ImageFolderDataset)) and eval_set.class_names != class_names:
+    if (isinstance(eval_set, (ArrayDataset, ImageFolderDataset, HFImageDataset, HFStreamDataset))
+            and eval_set.class_names != class_names):
         raise VitlabError(f"evaluation classes {eval_set.class_names[:5]}... differ from the training classes "
                           f"{class_names[:5]}...")
     return train_set, eval_set, why_not, class_names, in_chans

@@ -10,15 +10,19 @@ from collections.abc import Sequence
 
 import torch
 
+from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
 from ..devices import resolve_device
 from ..errors import VitlabError
+from ..evaluate.classification import evaluate_classifier, load_label_sets
+from ..evaluate.classmap import SelectLogits, check_classes, match_classes_by_name, restrict_to_matched
+from ..evaluate.data import class_names_of, eval_dataset, limit_dataset
+from ..evaluate.distributed import world
+from ..evaluate.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
+from ..evaluate.report import write_classification_report, write_fewshot_report
+from ..factory import load
 from ..preprocessing import Preprocessing
-from .classification import evaluate_classifier, load_label_sets
-from .classmap import SelectLogits, check_classes, match_classes_by_name, restrict_to_matched
-from .data import class_names_of, eval_dataset, limit_dataset
-from .distributed import world
-from .fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
-from .report import write_classification_report, write_fewshot_report
+from .suite import run_suite
+from .suite_config import load_suite_config
 
 
 def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
@@ -26,9 +30,6 @@ def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
     """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
     ``img_size`` when given: the position embeddings are resampled and the preprocessing follows). An ``.onnx``
     file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime with the preprocessing stored in it."""
-    from ..checkpoints import load
-    from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
-
     if is_onnx_file(checkpoint):
         if img_size is not None:
             raise VitlabError(f"{checkpoint}: an ONNX file runs at its exported resolution; drop --img-size")
@@ -171,9 +172,6 @@ def suite_checkpoint(
 ) -> dict:
     """``vitlab suite``: run (or resume) the suite in ``config_path`` on a checkpoint (the config's ``checkpoint``
     unless one is given) and write results.json, report.md and suite.png into ``out_dir``."""
-    from .suite import run_suite
-    from .suite_config import load_suite_config
-
     config = load_suite_config(config_path)
     checkpoint = checkpoint if checkpoint is not None else config.checkpoint
     if checkpoint is None:
