@@ -264,7 +264,7 @@ def test_structure_check_accepts_every_whole_file(tmp_path, formats):
         assert download.structure_problem(tmp_path / name) is not None, name
 
 
-@pytest.mark.parametrize("entry", ["vit.npz.part", "vit.npz", "vit.npz.lock", "host-folder", "url-folder"])
+@pytest.mark.parametrize("entry", ["vit.npz.part", "vit.npz.part.json", "vit.npz.lock", "host-folder", "url-folder"])
 def test_symlink_in_the_cache_is_refused_and_nothing_is_written_through_it(home, server, tmp_path, entry):
     url = f"{server.url}/models/vit.npz"
     dest = cache_path(url)
@@ -348,3 +348,14 @@ def test_credentials_in_a_url_are_refused_and_never_shown_or_stored(home, server
     assert "s3cr3t" not in capsys.readouterr().err
     assert not home.exists() or not [p for p in home.rglob("*") if "s3cr3t" in str(p)]
     assert server.requests == []
+
+
+def test_final_name_linked_to_a_missing_file_is_replaced_not_written_through(home, server, npz_bytes, tmp_path):
+    url = f"{server.url}/models/vit.npz"
+    dest = cache_path(url)
+    dest.parent.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest.symlink_to(outside / "created-through-the-link")
+    assert fetch(url).read_bytes() == npz_bytes
+    assert not dest.is_symlink() and list(outside.iterdir()) == []

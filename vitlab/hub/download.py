@@ -83,11 +83,12 @@ def fetch(url: str, *, size: int | None = None, sha256: str | None = None, progr
 
 
 def _refuse_links(dest: Path) -> None:
-    """Refuse a cache entry reached through a symlink: the file, its ``.part`` / ``.lock`` / ``.part.json`` companions
-    and every folder between ``$VITLAB_HOME`` and it must be real, so that nothing is written (or read) outside the
-    cache. ``$VITLAB_HOME`` itself may be a link."""
+    """Refuse a cache entry reached through a symlink: its ``.part`` / ``.lock`` / ``.part.json`` companions and every
+    folder between ``$VITLAB_HOME`` and it must be real, so that nothing is written outside the cache.
+    ``$VITLAB_HOME`` itself may be a link, and so may the final name (a file placed by hand is used where it is; a
+    download never writes through it, the rename replaces the link)."""
     home = vitlab_home()
-    names = [dest.with_name(dest.name + suffix) for suffix in ("", ".part", ".lock", ".part.json")]
+    names = [dest.with_name(dest.name + suffix) for suffix in (".part", ".lock", ".part.json")]
     for path in [*names, *dest.parents]:
         if path == home or home not in path.parents:
             break
