@@ -184,6 +184,19 @@ def test_cli_info_and_convert_on_good_files(tmp_path, capsys):
     assert vitlab.load(tmp_path / "b.pth").cfg.img_size == (48, 48)
 
 
+@pytest.mark.parametrize("case", ["vitlab_lying_depth", "vitlab_lying_mlp_dim", "vitlab_lying_width",
+                                  "vitlab_lying_classes"])
+def test_lying_size_field_is_named_by_vitlab_info_in_one_line(tmp_path, case, capsys):
+    from .crafted_checkpoints import CORPUS
+
+    builder, field = CORPUS[case]
+    path = builder(tmp_path)
+    assert main(["info", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and str(path) in lines[0] and "corrupt" in lines[0], lines
+
+
+@pytest.mark.slow
 def test_checkpoint_lying_about_its_sizes_is_refused_before_anything_is_built(tmp_path):
     """Metadata claiming 10,000,000 blocks (or a width, MLP width or head of billions) next to the weights of one:
     `vitlab info`, `predict` and `convert` answer in one line naming the field, instead of building for minutes.

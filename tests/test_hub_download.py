@@ -313,6 +313,7 @@ def test_unwritable_cache_is_one_line_naming_it(home, server, tmp_path, monkeypa
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_disk_filling_up_mid_download_is_one_line_and_the_next_run_resumes(home, server, npz_bytes):
     """A file-size limit (RLIMIT_FSIZE) makes writes fail part-way, as a full disk does."""
     url = f"{server.url}/models/vit.npz"
