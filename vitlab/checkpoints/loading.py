@@ -170,6 +170,7 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
     """Refuse a config whose input no real model takes (every image would be resized to it), or whose token grid
     holds far more values than the file has weights: building the model would compute a fixed (sin-cos) embedding
     of that size, and every image's activations would be that large. Runs before anything is built."""
+    _check_size_fields(config, state_dict, source)
     img = getattr(config, "img_size", None)
     if img is None:
         return
@@ -185,6 +186,45 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
                           f"for {tokens:,} tokens of width {width} ({tokens * width:,} values per image, "
                           f"{4 * tokens * width / 1e9:.1f} GB) from weights of {held:,} values; the file is corrupt "
                           "or not what it claims")
+
+
+_COUNT_FIELDS = ("depth", "layers")  # how many blocks: each holds several tensors of its own
+
+
+def _check_size_fields(config, state_dict: dict, source: str) -> None:
+    """Every size field of a stored config (the backbone's too) checked against the tensors the file holds, before
+    anything is built or iterated: a block count cannot exceed the number of tensors, a width or count cannot exceed
+    the values held, and the matrices the widths imply (D x D attention, D x M MLP, classes x D head) must fit in
+    them. A file whose metadata says 10,000,000 blocks next to the weights of 4 is refused here, not after minutes
+    of building."""
+    held = sum(t.numel() for t in state_dict.values())
+    bound = max(4 * held, TOKEN_VALUES_FLOOR)
+
+    def fields_of(cfg, prefix: str = ""):
+        for name, value in vars(cfg).items():
+            if hasattr(value, "__dataclass_fields__"):
+                yield from fields_of(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", name, value
+
+    for label, name, value in fields_of(config):
+        numbers = [value] if type(value) is int else \
+            [v for v in value if type(v) is int] if isinstance(value, (tuple, list)) else []
+        if name == "img_size" or not numbers:
+            continue  # the image size has its own check below (a fixed embedding can make it cost no tensors)
+        if name in _COUNT_FIELDS and sum(numbers) > max(len(state_dict), 1):
+            raise VitlabError(f"{source}: config field {label} {value} asks for more blocks than the file's "
+                              f"{len(state_dict):,} tensors can hold; the file is corrupt or not what it claims")
+        if max(numbers) > bound or min(numbers) < 0:
+            raise VitlabError(f"{source}: config field {label} {value} does not fit the file's {held:,} weight "
+                              "values; the file is corrupt or not what it claims")
+    width, mlp = getattr(config, "embed_dim", None), getattr(config, "mlp_dim", None)
+    classes = getattr(config, "num_classes", None)
+    for what, size in (("embed_dim x embed_dim", (width or 0) ** 2), ("embed_dim x mlp_dim", (width or 0) * (mlp or 0)),
+                       ("num_classes x embed_dim", (classes or 0) * (width or 0))):
+        if type(size) is int and size > bound:
+            raise VitlabError(f"{source}: config fields {what} ask for weight matrices of {size:,} values from a file "
+                              f"of {held:,}; the file is corrupt or not what it claims")
 
 
 def _imagenet_names(ckpt: Checkpoint) -> None:
