@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import warnings
@@ -80,8 +81,6 @@ def sniff(path: str | os.PathLike) -> str:
 
 def _starts_with_torch_magic(head: bytes) -> bool:
     """Whether a pickle's first value is the magic number legacy ``torch.save`` writes first."""
-    import pickletools
-
     try:
         for opcode, arg, _ in pickletools.genops(io.BytesIO(head)):
             if opcode.name in ("PROTO", "FRAME"):

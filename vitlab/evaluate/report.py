@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic import write_bytes_atomic, write_text_atomic
 
 
@@ -69,19 +71,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ classification
-def classification_summary(results: dict) -> str:
-    """A few lines for the terminal: sample count, top-k, ReaL, mean class accuracy, ECE."""
-    parts = [f"{results['samples']} images, {results['num_classes']} classes"]
-    parts += [f"{key} {_pct(value)}%" for key, value in results.items() if key.startswith("top")]
-    if "loss" in results:
-        parts.append(f"loss {results['loss']:.4f}")
-    if "real" in results:
-        parts.append(f"ReaL {_pct(results['real']['accuracy'])}% ({results['real']['counted']} images)")
-    parts.append(f"mean class acc {_pct(results['mean_class_accuracy'])}%")
-    parts.append(f"ECE {_pct(results['calibration']['ece'])}%")
-    return ", ".join(parts)
-
-
 def classification_markdown(results: dict, title: str = "Classification accuracy") -> str:
     """Markdown: the headline numbers, then per-class accuracy with each class's count and most frequent error."""
     names = results.get("class_names") or [str(i) for i in range(results["num_classes"])]
@@ -110,7 +99,6 @@ def classification_markdown(results: dict, title: str = "Classification accuracy
 def plot_confusion(results: dict, path: str | os.PathLike, normalize: bool = True) -> Path:
     """PNG of the confusion matrix (rows = true class, normalised per row by default)."""
     plt = _pyplot()
-    import numpy as np
 
     matrix = np.asarray(results["confusion_matrix"], dtype=float)
     names = results.get("class_names") or [str(i) for i in range(len(matrix))]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VitlabError
 from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
@@ -50,8 +51,6 @@ class Objective:
     saves_class_names = False
 
     def check(self, config: TrainConfig) -> None:
-        from ..errors import VitlabError
-
         if config.fsdp or config.patch_dropout > 0:
             raise VitlabError("a custom training objective (e.g. masked patch prediction) supports neither fsdp "
                               "nor patch_dropout")
