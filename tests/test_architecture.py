@@ -88,8 +88,6 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
 
 # imports inside functions with no reason yet (mostly left from dodging cycles); fixing one means deleting it here
 KNOWN_IN_FUNCTION: set[tuple[str, str]] = {
-    ("vitlab.checkpoints.files", "safetensors"),
-    ("vitlab.checkpoints.files", "safetensors.torch"),
     ("vitlab.compute.bench", "pathlib"),
     ("vitlab.compute.bench", "platform"),
     ("vitlab.compute.bench", "tempfile"),
@@ -97,10 +95,6 @@ KNOWN_IN_FUNCTION: set[tuple[str, str]] = {
     ("vitlab.compute.deploy", "vitlab.preprocessing"),
     ("vitlab.compute.onnx_classifier", "vitlab.models"),
     ("vitlab.data.arrays", "gzip"),
-    ("vitlab.experiments", "vitlab.experiments"),
-    ("vitlab.experiments.common", "math"),
-    ("vitlab.experiments.common", "sys"),
-    ("vitlab.experiments.common", "vitlab.train"),
     ("vitlab.serve.engine", "vitlab"),
     ("vitlab.serve.engine", "vitlab.compute"),
     ("vitlab.serve.engine", "vitlab.inspect"),
