@@ -552,4 +552,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
     model.preprocessing = adapt_preprocessing_channels(ckpt.preprocessing.replace(img_size=target.img_size),
                                                       target.in_chans)
     model.class_names = None if new_head else ckpt.class_names
+    # the loss the head was trained with (vitlab training records it): sigmoid heads give per-label probabilities
+    loss = ckpt.metadata.get("loss") if isinstance(ckpt.metadata, dict) else None
+    model.loss = loss if loss in ("softmax", "sigmoid") and not new_head else None
     return model.eval()
