@@ -7,6 +7,7 @@ the run folder as ``config.json`` and stored in every checkpoint, so a run can b
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -216,8 +217,6 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
             data["model_args"] = {**data["model_args"], sub: parse_value(sub, text)}
             continue
         if key not in data:
-            import difflib
-
             close = difflib.get_close_matches(key, list(data), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise ConfigError(f"--set {key}: unknown training config key{hint}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import save
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
 from ..errors import VitlabError
@@ -115,7 +117,6 @@ def _save_final(run: Run, metrics: dict | None) -> tuple[Path | None, nn.Module]
     module = run.objective.export(trained)
     if not run.info.is_main:
         return None, module
-    from ..checkpoints import save
 
     meta = {"train_config": run.config.to_dict(), "metrics": metrics or {}, "steps": run.total_steps}
     if hasattr(run.objective, "loss_name"):  # what predict / serve turn the logits into (softmax or sigmoid)
@@ -248,8 +249,6 @@ def _abandon(start: _Start) -> None:
         start.lock.release()
         start.lock = None
     if start.created and not start.stepped and start.run_dir is not None:
-        import shutil
-
         shutil.rmtree(start.run_dir, ignore_errors=True)
         start.created = False
 

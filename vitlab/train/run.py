@@ -33,6 +33,7 @@ from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
+from .objectives import Classification
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog
@@ -253,8 +254,6 @@ def _datasets(config: TrainConfig):
 
 def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: RunLog, objective=None) -> Run:
     """Build every part of a run from its config (``objective``: default :class:`Classification`)."""
-    from .objectives import Classification
-
     cfg = config
     precision = resolve_precision(cfg.precision, info.device)
     train_set, eval_set, why_not, class_names, in_chans = _datasets(cfg)
