@@ -10,6 +10,7 @@ Public API:
 """
 
 from . import hybrid_npz  # noqa: F401  (plugs the hybrid ResNet into the npz reader)
+from .adapter import save_adapter
 from .export import EXPORT_FORMATS, convert, export, export_hf, export_npz, export_timm, export_torchvision
 from .files import sniff
 from .inspection import inspect_checkpoint
@@ -18,6 +19,7 @@ from .loading import (
     Checkpoint,
     CheckpointWarning,
     load,
+    load_lora,
     model_from_checkpoint,
     read_checkpoint,
     source_preprocessing,
@@ -45,11 +47,13 @@ __all__ = [
     "from_torchvision",
     "inspect_checkpoint",
     "load",
+    "load_lora",
     "model_from_checkpoint",
     "read_checkpoint",
     "register_npz_backbone",
     "resample_pos_embed",
     "save",
+    "save_adapter",
     "sniff",
     "source_preprocessing",
     "to_hf",

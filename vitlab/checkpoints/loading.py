@@ -20,9 +20,11 @@ from torch import nn
 from ..compute.onednn import set_onednn_linear
 from ..errors import VitlabError
 from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
+from ..models.lora import add_lora, merge_lora
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
-from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
+from .adapter import ADAPTER_KEY, base_candidates, check_base_hash, load_adapter_tensors, read_adapter_document
+from .channels import adapt_model_channels, adapt_preprocessing_channels, adapt_state_dict_channels
 from .files import read_npz, read_safetensors, read_torch, sniff
 from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
@@ -113,8 +115,11 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _read_hf_folder(path, grid_hint, named)
     elif kind == "safetensors":
         tensors, metadata = read_safetensors(path)
-        document = read_document(metadata, source)
-        if document is not None:
+        adapter = read_adapter_document(metadata, source)
+        document = read_document(metadata, source) if adapter is None else None
+        if adapter is not None:  # a LoRA adapter: its base with the adapter merged
+            ckpt = _from_adapter(source, tensors, adapter)
+        elif document is not None:
             ckpt = _from_vitlab_document(source, tensors, document)
         else:
             ckpt = _from_state_dict(source, "safetensors", tensors, [], grid_hint, named)
@@ -188,6 +193,13 @@ def _resolve_name(spec: str | os.PathLike):
     return resolve(spec)
 
 
+def checkpoint_location(spec: str | os.PathLike) -> Path:
+    """The local file or folder a checkpoint spec (a path, a catalog name, an ``hf-hub:`` name, a URL) stands for;
+    names are resolved as :func:`read_checkpoint` resolves them (fetched when not cached)."""
+    resolved = _resolve_name(spec)
+    return Path(resolved.path) if resolved is not None else Path(spec)
+
+
 def _apply_source(ckpt: Checkpoint, resolved) -> None:
     """Give a checkpoint fetched by name what its source says (preprocessing, class names) and check a catalog
     entry's resolution and classes against the file."""
@@ -221,6 +233,80 @@ def _from_vitlab_document(source: str, tensors: dict, document: dict) -> Checkpo
     arch, config, preprocessing, class_names, metadata = parse_document(document, source)
     return Checkpoint(source, "vitlab", "safetensors", tensors, config, arch, preprocessing, class_names, metadata,
                       facts={"format_version": document.get("format_version")})
+
+
+def _find_base(document: dict, source: str, base=None) -> tuple[str, Path]:
+    """(spec, local path) of an adapter's base checkpoint: the first of :func:`~vitlab.checkpoints.adapter.
+    base_candidates` that exists (catalog and hub names resolved, so fetched when not cached)."""
+    tried = []
+    for spec in base_candidates(document, source, base):
+        try:
+            path = checkpoint_location(spec)
+        except VitlabError as exc:
+            tried.append(f"{spec} ({exc})")
+            continue
+        if path.exists():
+            return spec, path
+        tried.append(spec)
+    raise VitlabError(f"{source}: cannot find the adapter's base checkpoint {document['base']['name']} (tried "
+                      f"{', '.join(tried)}); pass its location (base=... / --base)")
+
+
+def adapted_model(source: str, tensors: dict, document: dict, base=None) -> nn.Module:
+    """The model an adapter file describes, adapters not merged: its base found (``base``: where it is, instead of
+    the recorded name), its hash checked, loaded as the run loaded it (resolution, head, channels), the adapters
+    added and filled from the file."""
+    spec, base_path = _find_base(document, source, base)
+    check_base_hash(document, source, base_path)
+    arch, config, preprocessing, class_names, _ = parse_document(document, source)
+    base_ckpt = read_checkpoint(spec)
+    drop = bool(getattr(base_ckpt.config, "representation_size", None)) and not getattr(config,
+                                                                                       "representation_size", None)
+    model = model_from_checkpoint(base_ckpt, img_size=config.img_size, num_classes=config.num_classes,
+                                  drop_pre_logits=drop)
+    if model.cfg.in_chans != config.in_chans:  # as the run adapted it (vitlab.train.transfer.adapt_init_channels)
+        model = adapt_model_channels(model, config.in_chans)
+    if model.cfg != config:  # options without weights (dropout, ...) the run changed
+        state = model.state_dict()
+        model = construct_uninitialised(arch.model_class, config)
+        load_strict(model, state, source)
+    with torch.random.fork_rng(devices=[]):  # the adapters' random start is overwritten: leave the caller's RNG be
+        add_lora(model, document["lora"])
+    load_adapter_tensors(model, tensors, source)
+    model.preprocessing, model.class_names = preprocessing, class_names
+    return model.eval()
+
+
+def _from_adapter(source: str, tensors: dict, document: dict) -> Checkpoint:
+    settings = document["lora"]
+    model = merge_lora(adapted_model(source, tensors, document))
+    arch, config, preprocessing, class_names, metadata = parse_document(document, source)
+    base = document["base"]
+    note = (f"{document['method'].upper()} adapter (rank {settings.rank}, alpha {settings.scale * settings.rank:g}, "
+            f"on {','.join(settings.targets)}) merged into its base {base['name']} (sha256 {base['sha256'][:12]}... "
+            "checked)")
+    ckpt = Checkpoint(source, "vitlab", "lora-adapter", model.state_dict(), config, arch, preprocessing, class_names,
+                      metadata, notes=[note], facts={"adapter": {"method": document["method"], **settings.to_dict(),
+                                                                 "base": dict(base),
+                                                                 "adapter_tensors": len(tensors)}})
+    return ckpt
+
+
+def load_lora(path: str | os.PathLike, *, base: str | os.PathLike | None = None, merge: bool = False) -> nn.Module:
+    """An adapter file's model in eval mode: with ``merge=False`` the adapters stay separate ``peft`` layers (to
+    inspect them, or train on); with ``merge=True`` they are folded into the weights (what :func:`load` returns).
+    ``base``: where the base checkpoint is, when it is no longer where the adapter file says (its sha256 must still
+    match)."""
+    source = str(path)
+    if sniff(path) != "safetensors":
+        raise VitlabError(f"{source}: not an adapter file (adapters are .safetensors files)")
+    tensors, metadata = read_safetensors(path)
+    document = read_adapter_document(metadata, source)
+    if document is None:
+        raise VitlabError(f"{source}: not an adapter file (no '{ADAPTER_KEY}' metadata); load it with vitlab.load")
+    model = adapted_model(source, tensors, document, base)
+    model = merge_lora(model) if merge else model
+    return set_onednn_linear(model)
 
 
 def _embedded_config(obj: object) -> tuple[ViTConfig | None, list[str] | None]:

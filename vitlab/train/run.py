@@ -23,6 +23,7 @@ from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
+from .lora import apply_lora, check_lora_config
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog
@@ -234,10 +235,14 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         log.warning(f"no evaluation data ({why_not}); set val_data to evaluate")
     objective = objective if objective is not None else Classification(cfg, len(class_names))
     objective.check(cfg)
+    check_lora_config(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
     vit = build_model_for(cfg, len(class_names), in_chans, log)
-    apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
-                   layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
+    if cfg.lora_rank:  # adapters on the frozen model (vitlab.train.lora): before DDP and the optimiser
+        apply_lora(vit, cfg, log.info)
+    else:
+        apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
+                       layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
     set_onednn_linear(vit)  # this machine's CPU fast-path default for its Linear layers
     preprocessing, origin = run_preprocessing(cfg, vit)
     log.info(f"preprocessing: {origin}: {describe_preprocessing(preprocessing)}; training: augmentation "
