@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import vitlab
@@ -15,9 +16,11 @@ from tests.conftest import CLASS_TOKEN_VIT, randomize_
 from vitlab.checkpoints import load_lora, read_checkpoint
 from vitlab.checkpoints.adapter import checkpoint_sha256
 from vitlab.cli import main as cli_main
+from vitlab.data import load_arrays
 from vitlab.errors import VitlabError
 from vitlab.models import FeatureExtractor
 from vitlab.models.lora import LoraSettings, adapter_names, add_lora, has_lora, merge_lora, target_pattern
+from vitlab.serve.engine import load_engine
 from vitlab.train import TrainConfig, train
 
 pytest.importorskip("peft")
@@ -189,3 +192,54 @@ def test_commands_take_adapter_files(lora_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["top1"] == from_adapter["top1"]
     assert cli_main(["info", str(adapter)]) == 0
     assert "adapter" in capsys.readouterr().out.lower()
+    # predict: the same top-k lines from the adapter and from the merged model
+    test = load_arrays("digits", "test")
+    image = tmp_path / "digit.png"
+    Image.fromarray(test.images[0, 0].numpy()).save(image)
+    assert cli_main(["predict", str(adapter), str(image), "--json"]) == 0
+    from_adapter = capsys.readouterr().out
+    assert cli_main(["predict", str(result.model_path), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top"][0]["class"] == json.loads(from_adapter)["top"][0]["class"]
+    # serve's engine and the ONNX export load adapters like any checkpoint
+    engine = load_engine(adapter)
+    assert engine.class_names == [str(i) for i in range(10)]
+    assert cli_main(["export-onnx", str(adapter), str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_cli_flags_reach_the_config_and_clashes_are_refused(tmp_path, capsys):
+    assert cli_main(["finetune", "--from", "x.safetensors", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout",
+                     "0.1", "--lora-targets", "attn,mlp", "--lora-train", "head,norm", "--dora", "--merge-lora",
+                     "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["dora"], cfg["merge_lora"]) == \
+        (8, 16.0, 0.1, True, True)
+    assert cfg["lora_targets"] == ["attn", "mlp"] and cfg["lora_train"] == ["head", "norm"]
+    assert TrainConfig.from_dict(cfg).lora_train == ["head", "norm"]
+    assert cli_main(["finetune", "--from", "x", "--lora-rank", "4", "--lora-targets", "query", "--dry-run"]) != 0
+    assert "--lora-targets query: takes layer names among qkv, proj, fc1, fc2, attn, mlp" in capsys.readouterr().err
+    source = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
+    for changes, message in (({"fsdp": True}, "lora_rank with fsdp is not supported"),
+                             ({"freeze_blocks": 1}, "lora_rank with freeze_blocks"),
+                             ({"init_from": None}, "give init_from")):
+        with pytest.raises(VitlabError, match=message):
+            train(_lora_config(tmp_path, source, **changes))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_lora_train_chooses_what_else_trains(tmp_path):
+    source = tiny_vit()
+    path = vitlab.save(source, tmp_path / "base.safetensors")
+    # the head is kept (same classes, not zero): by default only the adapters train; norm adds every LayerNorm
+    result = train(_lora_config(tmp_path, path, reset_head="never", lora_train=["norm", "pos_embed"], steps=2,
+                                lora_targets=["mlp"], run_name="norms"))
+    trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    norms = {n for n in trained if "norm" in n}
+    assert norms == {f"blocks.{i}.norm{j}.{w}" for i in (0, 1) for j in (1, 2) for w in ("weight", "bias")} | \
+        {"norm.weight", "norm.bias"}
+    assert trained - norms - {"pos_embed"} == {n for n in trained if "lora_" in n}
+    assert all(".mlp." in n for n in trained if "lora_" in n)
+    adapter = read_checkpoint(result.run_dir / "adapter.safetensors")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():  # norms and position embedding travel in the adapter file
+        torch.testing.assert_close(vitlab.load(adapter.path)(x), result.model.eval()(x), atol=1e-5, rtol=1e-5)
