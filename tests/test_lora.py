@@ -4,12 +4,19 @@ resumes bit for bit."""
 
 import copy
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import vitlab
 from tests.conftest import CLASS_TOKEN_VIT, randomize_
@@ -25,6 +32,7 @@ from vitlab.train import TrainConfig, train
 
 pytest.importorskip("peft")
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(CLASS_TOKEN_VIT, img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 
 
@@ -200,10 +208,15 @@ def test_commands_take_adapter_files(lora_run, tmp_path, capsys):
     from_adapter = capsys.readouterr().out
     assert cli_main(["predict", str(result.model_path), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top"][0]["class"] == json.loads(from_adapter)["top"][0]["class"]
-    # serve's engine and the ONNX export load adapters like any checkpoint
+
+
+@pytest.mark.slow
+def test_serve_and_onnx_export_take_adapter_files(lora_run, tmp_path):
+    _, _, result = lora_run
+    adapter = result.run_dir / "adapter.safetensors"
     engine = load_engine(adapter)
     assert engine.class_names == [str(i) for i in range(10)]
-    assert cli_main(["export-onnx", str(adapter), str(tmp_path / "m.onnx")]) == 0
+    assert cli_main(["export-onnx", str(adapter), str(tmp_path / "m.onnx")]) == 0  # with its parity check
     assert (tmp_path / "m.onnx").is_file()
 
 
@@ -243,3 +256,84 @@ def test_lora_train_chooses_what_else_trains(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():  # norms and position embedding travel in the adapter file
         torch.testing.assert_close(vitlab.load(adapter.path)(x), result.model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def _env(threads: int = 1) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _same_tensors(a: Path, b: Path) -> list[str]:
+    sa, sb = load_file(a), load_file(b)
+    assert sa.keys() == sb.keys()
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_of_a_lora_run_is_bit_exact(tmp_path):
+    """DoRA with adapter dropout, gradient accumulation, EMA and the head: killed mid-run with SIGKILL, resumed, it
+    ends with the adapter of an uninterrupted run, bit for bit."""
+    source = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
+    cfg = _lora_config(tmp_path, source, steps=60, batch_size=32, accum_steps=2, ema_decay=0.9, dora=True,
+                       lora_dropout=0.1, deterministic=True, save_every_steps=7, lora_targets=["attn", "mlp"],
+                       merge_lora=True)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.replace(run_name="killed").to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
+    killed_at, deadline = None, time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
+            except Exception:  # caught between writes: try again
+                step = 0
+            if 14 <= step <= 45:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed"
+    resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
+    reference = train(cfg.replace(run_name="reference"))
+    assert resumed.steps == reference.steps == 60
+    for name in ("adapter.safetensors", "model.safetensors"):
+        assert _same_tensors(resumed.run_dir / name, reference.run_dir / name) == []
+    a = torch.load(resumed.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(reference.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["model_ema"][k], b["model_ema"][k]) for k in a["model_ema"])
+    assert resumed.metrics == reference.metrics
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_lora_equal_one(tmp_path):
+    source = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
+    # SGD: without Adam's normalisation, summation-order differences stay at rounding level
+    cfg = _lora_config(tmp_path, source, steps=8, optimizer="sgd", lr=0.05, accum_steps=2, run_name="dist",
+                       lora_train=["head", "norm"])
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab",
+           "train", "--config", str(config_file)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train(cfg.replace(run_name="single"))
+    a, b = load_file(one.model_path), load_file(tmp_path / "runs" / "dist" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_lora_run_trains_like_the_eager_one(tmp_path):
+    source = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
+    cfg = _lora_config(tmp_path, source, steps=3, optimizer="sgd", lr=0.05, lora_train=["head"])
+    eager = train(cfg.replace(run_name="eager"))
+    compiled = train(cfg.replace(run_name="compiled", compile=True))
+    a, b = load_file(eager.model_path), load_file(compiled.model_path)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
