@@ -28,7 +28,7 @@ from ..errors import VitlabError
 from ..models.lora import LoraSettings, add_lora, count_parameters, merge_lora
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
-from .transfer import _clean, matching_parameters
+from .transfer import matching_parameters
 
 ADAPTER_FILE = "adapter.safetensors"
 HEAD_PARTS = ("head.", "pre_logits.")
@@ -57,10 +57,11 @@ def check_lora_config(config: TrainConfig) -> None:
 
 
 def _extra_names(model: nn.Module, words: list[str]) -> list[str]:
-    """Parameter names ``lora_train`` selects (``head``, ``norm``, ``none`` or patterns), in model order."""
-    names = [_clean(n) for n, _ in model.named_parameters()]
+    """Parameter names ``lora_train`` selects (``head``, ``norm``, ``none`` or patterns), in model order (``model``:
+    the plain model, before DDP or compilation)."""
+    names = [n for n, _ in model.named_parameters()]
     chosen: set[str] = set()
-    norms = {_clean(f"{m}.{p}") for m, module in model.named_modules() if isinstance(module, nn.LayerNorm)
+    norms = {f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, nn.LayerNorm)
              for p, _ in module.named_parameters(recurse=False)}
     for word in words:
         if word == "none":
@@ -86,7 +87,7 @@ def apply_lora(model: nn.Module, config: TrainConfig, log: Callable[[str], None]
     add_lora(model, settings)
     wanted = set(extras)
     for name, param in model.named_parameters():
-        if _clean(name) in wanted:
+        if name in wanted:
             param.requires_grad_(True)
     model.lora_trained = extras
     if log is not None:
@@ -103,7 +104,7 @@ def save_lora(model: nn.Module, run_dir: Path, config: TrainConfig, preprocessin
     """Write the run's ``adapter.safetensors`` (and with ``merge_lora`` the merged ``model.safetensors``); returns
     the merged model's path when it was written, else the adapter's."""
     base = base_record(config.init_from, checkpoint_location(config.init_from))
-    own = [_clean(n) for n, _ in model.named_parameters()]
+    own = [n for n, _ in model.named_parameters()]
     # the head always goes into the file (a few thousand values): the base's own head, kept or replaced, is
     # then never needed to rebuild the model
     trained = list(dict.fromkeys(getattr(model, "lora_trained", []) + [n for n in own if n.startswith(HEAD_PARTS)]))
