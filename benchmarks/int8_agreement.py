@@ -1,11 +1,13 @@
 """int8 against float32 on Fashion-MNIST: how many test predictions stay the same, and how fast each runs.
 
     PYTHONPATH=. nice -n 10 python benchmarks/int8_agreement.py CHECKPOINT [--model NAME] [--limit N] [--out FILE]
+        [--int8-weights auto|signed|unsigned ...]
 
 CHECKPOINT is any file ``vitlab.load`` reads (or a state dict with --model NAME). The model is exported to ONNX,
 its Linear layers quantised to int8 by ONNX Runtime (vitlab.compute.deploy), and the 10,000 test images of
 Fashion-MNIST are classified by PyTorch float32 and by the int8 model. Prints the share of equal predictions (target:
-at least 99%), both accuracies and both throughputs.
+at least 99%), both accuracies and both throughputs, for each int8 weight type asked for (``--int8-weights signed
+unsigned`` compares them on this CPU; default: auto, the type ``vitlab export-onnx --int8`` picks here).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from vitlab.atomic import write_text_atomic
 from vitlab.cli.export_onnx import load_model
-from vitlab.compute.deploy import OnnxModel, export_onnx, prediction_agreement, quantize_int8
+from vitlab.compute.deploy import WEIGHT_TYPES, OnnxModel, export_onnx, prediction_agreement, quantize_int8
 from vitlab.preprocessing import Preprocessing
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -76,30 +78,38 @@ def main() -> None:
                         "'{\"embed_dim\": 64, \"num_heads\": 2, \"mlp_dim\": 128}'")
     parser.add_argument("--limit", type=int, help="only the first N test images")
     parser.add_argument("--out", help="also write the numbers as JSON")
+    parser.add_argument("--int8-weights", nargs="+", choices=WEIGHT_TYPES, default=["auto"],
+                        help="int8 weight type(s) to measure (default auto)")
     args = parser.parse_args()
     model = load_model(args.checkpoint, args.model, model_args=json.loads(args.model_args)).eval()
     x, labels = test_images(model, args.limit)
+    reports = []
     with tempfile.TemporaryDirectory() as folder:
         path = export_onnx(model, Path(folder) / "model.onnx")
-        int8 = OnnxModel(quantize_int8(path, Path(folder) / "model_int8.onnx"))
-        with torch.inference_mode():
-            result = prediction_agreement(model, int8, x)
-        report = {
-            "checkpoint": args.checkpoint,
-            "images": len(x),
-            "agreement": result["agreement"],
-            "max_abs_logit_diff": result["max_abs_logit_diff"],
-            "accuracy_fp32": float((result["reference_predictions"] == labels).float().mean()),
-            "accuracy_int8": float((result["candidate_predictions"] == labels).float().mean()),
-            "img_per_s_fp32_pytorch": throughput(torch.inference_mode()(model), x),
-            "img_per_s_int8": throughput(int8, x),
-        }
-    print(json.dumps(report, indent=2))
-    verdict = "meets" if report["agreement"] >= 0.99 else "MISSES"
-    print(f"int8 predictions equal to float32 on {100 * report['agreement']:.2f}% of {len(x)} test images "
-          f"({verdict} the 99% target)")
+        fp32_speed = throughput(torch.inference_mode()(model), x)
+        for weights in args.int8_weights:
+            int8 = OnnxModel(quantize_int8(path, Path(folder) / f"model_int8_{weights}.onnx", weights=weights))
+            with torch.inference_mode():
+                result = prediction_agreement(model, int8, x)
+            reports.append({
+                "checkpoint": args.checkpoint,
+                "int8_weights": int8.int8["weights"],
+                "int8_chosen_for": int8.int8["chosen_for"],
+                "images": len(x),
+                "agreement": result["agreement"],
+                "max_abs_logit_diff": result["max_abs_logit_diff"],
+                "accuracy_fp32": float((result["reference_predictions"] == labels).float().mean()),
+                "accuracy_int8": float((result["candidate_predictions"] == labels).float().mean()),
+                "img_per_s_fp32_pytorch": fp32_speed,
+                "img_per_s_int8": throughput(int8, x),
+            })
+    print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    for report in reports:
+        verdict = "meets" if report["agreement"] >= 0.99 else "MISSES"
+        print(f"int8 ({report['int8_weights']} weights) predictions equal to float32 on "
+              f"{100 * report['agreement']:.2f}% of {len(x)} test images ({verdict} the 99% target)")
     if args.out:
-        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")
 
 
 if __name__ == "__main__":

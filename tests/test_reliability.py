@@ -737,7 +737,7 @@ def test_the_default_recipe_killed_after_its_first_epoch_resumes_to_the_uninterr
 
     proc = subprocess.Popen(command("killed"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
-    killed_at, deadline = None, time.time() + 300
+    killed_at, deadline = None, time.time() + 900  # waits for a state (last.pt); the bound is only for a hang
     while time.time() < deadline and proc.poll() is None:
         if last.is_file():
             try:
@@ -848,6 +848,33 @@ def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
     assert not failures, "\n".join(failures)
 
 
+def test_two_runs_in_one_process_each_log_only_their_own_lines_once(tmp_path):
+    """Issue 21: a run's logger and handlers belong to that run. They were named after ``id(...)`` and a temporary
+    run log left its handler attached, so a later run given a reused id wrote its lines twice, or into an earlier
+    (maybe deleted) run folder's log.txt."""
+    import gc
+    import logging
+
+    from vitlab.train import train
+
+    from .test_train import tiny_config
+
+    dirs = []
+    for name in ("first", "second"):
+        dirs.append(train(tiny_config(tmp_path, epochs=None, steps=2, eval_every_epochs=0, run_name=name)).run_dir)
+        gc.collect()  # frees the run's objects now, so that ids are reused as in a long-lived process
+    for run_dir, other in zip(dirs, reversed(dirs)):
+        lines = (run_dir / "log.txt").read_text().splitlines()
+        messages = [line.split(" ", 1)[1] for line in lines]  # without the time stamp
+        assert len(messages) == len(set(messages)), f"{run_dir.name}: lines written twice:\n" + "\n".join(lines)
+        assert f"run folder: {run_dir}" in messages and any(m.startswith("training: 2 steps") for m in messages)
+        assert str(other) not in "\n".join(lines)  # (each run folder is named in its own log only)
+    # nothing of either run stays attached in logging's tables
+    leaked = [name for name, lg in logging.Logger.manager.loggerDict.items()
+              if name.startswith("vitlab.train") and isinstance(lg, logging.Logger) and lg.handlers]
+    assert not leaked, leaked
+
+
 def test_fine_tuning_logs_the_checkpoint_and_its_architecture_as_the_model(finished_run, tmp_path):
     from vitlab.train import train
 
@@ -861,24 +888,43 @@ def test_fine_tuning_logs_the_checkpoint_and_its_architecture_as_the_model(finis
     assert "vit_b16" not in log.split("model: ")[1].splitlines()[0]
 
 
+def _wait_for_a_training_step(proc: subprocess.Popen, runs: Path, timeout: float = 600) -> None:
+    """Wait until the run in ``runs`` has logged a training step (a "step" row in its metrics.jsonl): every process
+    is then inside the training loop (rank 0 cannot finish a step before the others join its collectives). A state
+    the run reaches, not a time: a busy machine only makes the wait longer. Fails (killing the run) if the run ends
+    first or ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for metrics in runs.glob("*/metrics.jsonl"):
+            if any(json.loads(line).get("kind") == "step"
+                   for line in metrics.read_text().splitlines() if line.endswith("}")):
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+            pytest.fail(f"the run {'ended' if proc.returncode is not None else 'took no step in time'} before the "
+                        f"interrupt (exit {proc.wait()}): {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_ctrl_c_with_nproc_2_is_one_line_and_exit_130(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a two-process run: torchrun's
     SignalException and the other process's failed collective stay out of sight; one line, exit 130."""
     import signal
-    import time
 
     runs = tmp_path / "runs"
+    # a step row every 2 steps: the marker that training has started, soon after the start-up lines
     proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--recipe", "fashion-mnist", "--nproc", "2",
-                             "--set", "train_subset=2000", "--out-dir", str(runs), "--no-progress", "--device", "cpu"],
+                             "--set", "train_subset=2000", "--set", "log_every_steps=2", "--out-dir", str(runs),
+                             "--no-progress", "--device", "cpu"],
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(runs.glob("*/metrics.jsonl")):
-        time.sleep(0.5)
-    time.sleep(3)  # a few steps into training, every process inside its collectives
+    _wait_for_a_training_step(proc, runs)
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1] == "vitlab train: interrupted", err

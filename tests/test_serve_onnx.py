@@ -14,7 +14,14 @@ pytest.importorskip("onnxscript")
 
 import vitlab  # noqa: E402
 from vitlab.cli import main as cli_main  # noqa: E402
-from vitlab.compute.deploy import export_onnx, quantize_int8, read_metadata  # noqa: E402
+from vitlab.compute import deploy  # noqa: E402
+from vitlab.compute.deploy import (  # noqa: E402
+    Int8AccuracyWarning,
+    choose_weight_type,
+    export_onnx,
+    quantize_int8,
+    read_metadata,
+)
 from vitlab.compute.onnx_classifier import OnnxClassifier  # noqa: E402
 from vitlab.errors import VitlabError  # noqa: E402
 
@@ -49,6 +56,7 @@ def test_exported_file_carries_config_preprocessing_and_class_names(tmp_path):
     loaded = OnnxClassifier(int8)
     assert loaded.cfg == model.cfg and loaded.preprocessing == model.preprocessing and loaded.class_names == CLASSES
     assert loaded.quantization.startswith("int8") and OnnxClassifier(path).quantization is None
+    assert loaded.int8["weights"] == choose_weight_type("auto") and OnnxClassifier(path).int8 is None
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(OnnxClassifier(path)(x), model(x), atol=1e-4, rtol=0)
@@ -84,6 +92,26 @@ def test_predict_accepts_onnx_files(exported, images, capsys):
     agree = np.mean([q["top"][0]["index"] == r["top"][0]["index"] for q, r in zip(quantised, reference)])
     assert agree >= 0.8, agree  # int8 keeps (nearly) every top-1 of this small model
     assert all(q["top"][0]["class"] in CLASSES for q in quantised)
+
+
+def test_signed_int8_on_a_cpu_without_vnni_warns_once_in_predict(exported, images, capsys, monkeypatch, tmp_path):
+    """Issue 21: signed int8 weights saturate in ONNX Runtime's kernels on x86 without VNNI; a file quantised that
+    way, used on such a CPU, says so (once) and how to re-export; unsigned weights run silently."""
+    import warnings
+
+    fp32 = exported[2]
+    signed = quantize_int8(fp32, tmp_path / "signed.onnx", weights="signed")
+    unsigned = quantize_int8(fp32, tmp_path / "unsigned.onnx", weights="unsigned")
+    monkeypatch.setattr(deploy, "cpu_features", lambda: ("x86_64", frozenset({"avx2", "fma"})))  # an AMD Zen 3
+    monkeypatch.setattr(deploy, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict_json(signed, images[:2], capsys)
+        predict_json(signed, images[:2], capsys)
+        predict_json(unsigned, images[:2], capsys)
+    messages = [str(w.message) for w in caught if issubclass(w.category, Int8AccuracyWarning)]
+    assert len(messages) == 1 and messages[0].startswith(f"{signed}: int8 with signed weights on a CPU without VNNI")
+    assert "accuracy may drop" in messages[0] and "--int8-weights unsigned" in messages[0]
 
 
 @pytest.mark.slow

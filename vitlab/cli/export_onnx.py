@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..compute.deploy import OnnxModel, check_parity, export_onnx, quantize_int8
+from ..compute.deploy import WEIGHT_TYPES, OnnxModel, check_parity, export_onnx, quantize_int8
 from ..errors import InvalidValueError, VitlabError
 from ..models import create_model, list_models
 
@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name for a checkpoint that does not store its architecture")
     p.add_argument("--weights", help="a state dict (.safetensors or torch.save) for the registered model in SOURCE")
     p.add_argument("--int8", metavar="FILE", help="also write the int8 model here")
+    p.add_argument("--int8-weights", choices=WEIGHT_TYPES, default="auto",
+                   help="int8 weight type: signed (fastest with VNNI / AMX), unsigned (exact on x86 CPUs without "
+                        "VNNI, where signed weights saturate and lose accuracy), or auto (default: signed where "
+                        "this CPU has VNNI or is not x86, else unsigned); quantise on the CPU kind that will run it")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference allowed (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check")
     p.add_argument("--dynamic-size", action="store_true",
@@ -82,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidValueError(f"--tolerance must be positive, got {args.tolerance}")
     if not args.output.endswith(".onnx") or (args.int8 and not args.int8.endswith(".onnx")):
         raise InvalidValueError("output files must end in .onnx")
+    if args.int8_weights != "auto" and not args.int8:
+        raise InvalidValueError("--int8-weights needs --int8 FILE")
     model = load_model(args.source, args.model, args.weights).eval()
     dynamic = args.dynamic_size or bool(getattr(model.cfg, "dynamic_img_size", False))
     path = export_onnx(model, args.output, dynamic_size=dynamic)
@@ -103,9 +109,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: ONNX output differs from PyTorch by {worst:.2e} > {args.tolerance:g}")
             status = 1
     if args.int8:
-        int8_path = quantize_int8(path, args.int8)
-        parity = check_parity(model, OnnxModel(int8_path), tolerance=float("inf"))
-        print(f"wrote {int8_path} (int8 Linear layers); max |logit difference| to float32: "
+        int8_path = quantize_int8(path, args.int8, weights=args.int8_weights)
+        int8 = OnnxModel(int8_path)
+        parity = check_parity(model, int8, tolerance=float("inf"))
+        chosen = int8.int8["weights"]
+        reason = (f", chosen for this CPU ({'VNNI' if int8.int8['chosen_for']['vnni'] else 'no VNNI'})"
+                  if args.int8_weights == "auto" else "")
+        print(f"wrote {int8_path} (int8 Linear layers, {chosen} weights{reason}); max |logit difference| to float32: "
               f"{max(parity.max_abs_diff.values()):.3g} on random inputs (see benchmarks/int8_agreement.py for "
               "agreement on real data)")
     return status

@@ -2,11 +2,18 @@
 parity check against PyTorch, and CPU int8 inference.
 
 int8 uses ONNX Runtime's dynamic quantization: the weights of every matrix product (the Linear layers: qkv, attention
-output, MLP, head) are stored as int8 per output channel, activations are quantised per tensor on the fly and the
-products run on int8 kernels (VNNI where the CPU has it). PyTorch's own ``torch.ao.quantization.quantize_dynamic`` is
-deprecated (it warns that it will be removed; its successor is the separate ``torchao`` package), so vitlab does not
-build on it. The patch-embedding convolution stays float32 (a small share of the compute, and the one layer that sees
-raw pixels).
+output, MLP, head) are stored as 8-bit integers per output channel, activations are quantised per tensor (unsigned) on
+the fly and the products run on integer kernels. The weights are signed (s8) or unsigned (u8), chosen for the CPU the
+model is quantised on (:func:`choose_weight_type`): on x86 without VNNI (AVX2-only CPUs such as AMD Zen 3, or
+AVX-512 without VNNI) ONNX Runtime multiplies u8 activations by s8 weights with ``vpmaddubsw``, whose 16-bit
+intermediate sums saturate and cost accuracy (on a Zen 3, ViT-Ti/16: 73% of top-1 predictions kept, against 100%
+with u8 weights); u8 x u8 products are widened to 16 bits first and do not saturate. With VNNI (``vpdpbusd``, and
+AMX) u8 x s8 sums are exact and fastest. The choice is recorded in the file (:data:`INT8_KEY`) and a signed file
+loaded on a CPU without VNNI warns once (:class:`OnnxModel`).
+
+PyTorch's own ``torch.ao.quantization.quantize_dynamic`` is deprecated (it warns that it will be removed; its
+successor is the separate ``torchao`` package), so vitlab does not build on it. The patch-embedding convolution stays
+float32 (a small share of the compute, and the one layer that sees raw pixels).
 
 Needs the ``onnx`` extra: ``onnx``, ``onnxscript``, ``onnxruntime``.
 """
@@ -15,7 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +34,25 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..errors import VitlabError
+from ..errors import InvalidValueError, VitlabError
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 # the ONNX metadata entry (metadata_props) holding what the model needs at inference: its config, preprocessing and
 # class names, as JSON; see model_metadata / read_metadata
 METADATA_KEY = "vitlab"
+# the metadata entry of an int8 file saying how it was quantised (JSON): the weight type ("signed" / "unsigned"), what
+# was asked ("auto" / ...), and the CPU it was chosen for (architecture, VNNI, the int8 feature flags seen)
+INT8_KEY = "vitlab_int8"
+WEIGHT_TYPES = ("auto", "signed", "unsigned")
+# the x86 features that give exact (non-saturating) u8 x s8 dot products: AVX512-VNNI, AVX-VNNI (256-bit, e.g. Alder
+# Lake, Zen 5 also has it), AMX int8; /proc/cpuinfo spellings
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+class Int8AccuracyWarning(UserWarning):
+    """An int8 file with signed weights runs on an x86 CPU without VNNI, where its accuracy may drop."""
 
 
 def _require(module: str):
@@ -80,13 +103,15 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
     return data
 
 
-def _write_metadata(path: Path, metadata: dict) -> None:
+def _write_metadata(path: Path, entries: dict[str, dict]) -> None:
+    """Set metadata entries (key -> JSON-able object) of the ONNX file at ``path``, replacing those keys."""
     onnx = _require("onnx")
     proto = onnx.load(str(path))
-    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    kept = [p for p in proto.metadata_props if p.key not in entries]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(proto, str(path))
 
 
@@ -139,22 +164,123 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dyna
                                         output_names=[OUTPUT_NAME], dynamic_shapes=(axes,), opset_version=opset,
                                         external_data=False, verbose=False)
         program.save(str(tmp))
-        _write_metadata(tmp, metadata)
+        _write_metadata(tmp, {METADATA_KEY: metadata})
     return path
 
 
-def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, per_channel: bool = True) -> Path:
-    """Dynamic int8 quantisation of an exported model's matrix products (MatMul / Gemm) with ONNX Runtime: int8
-    weights (per output channel by default), per-tensor activations quantised at run time. Written atomically."""
+@lru_cache(maxsize=1)
+def cpu_features() -> tuple[str, frozenset[str] | None]:
+    """This machine's architecture (``platform.machine()``, lower case) and its CPU feature flags as Linux lists them
+    in ``/proc/cpuinfo`` (None where they cannot be read: another OS, a restricted container)."""
+    machine = platform.machine().lower()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86 / ARM spelling; the first processor's line
+                    return machine, frozenset(value.split())
+    except OSError:
+        pass
+    return machine, None
+
+
+def has_vnni(flags: Iterable[str] | None) -> bool:
+    """Whether a CPU with these feature flags has exact u8 x s8 int8 dot products (:data:`VNNI_FLAGS`)."""
+    return bool(flags) and any(flag in VNNI_FLAGS for flag in flags)
+
+
+def choose_weight_type(weights: str = "auto", machine: str | None = None,
+                       flags: Iterable[str] | None = None) -> str:
+    """``"signed"`` or ``"unsigned"``: the int8 weight type for ``weights`` (``auto``, ``signed`` or ``unsigned``).
+
+    ``auto`` picks signed weights where the products are exact and fastest -- x86 with VNNI or AMX int8, and non-x86
+    CPUs (ARM's int8 kernels accumulate in 32 bits) -- and unsigned weights on x86 without VNNI, or where the flags
+    are unknown (None), where ONNX Runtime's u8 x s8 kernels saturate 16-bit sums. ``machine`` and ``flags``
+    describe the CPU (default: this one, :func:`cpu_features`)."""
+    if weights not in WEIGHT_TYPES:
+        raise InvalidValueError(f"int8 weights must be one of {', '.join(WEIGHT_TYPES)}; got {weights!r}")
+    if weights != "auto":
+        return weights
+    if machine is None:
+        machine, flags = cpu_features()
+    if machine.lower() not in _X86:
+        return "signed"
+    return "signed" if has_vnni(flags) else "unsigned"
+
+
+def _cpu_record(machine: str, flags: frozenset[str] | None) -> dict:
+    """What an int8 file records about the CPU its weight type was chosen for."""
+    int8_flags = sorted(f for f in flags or () if f in VNNI_FLAGS or f.startswith(("avx2", "avx512f", "avx512bw")))
+    return {"machine": machine, "vnni": has_vnni(flags), "flags": int8_flags if flags is not None else None}
+
+
+def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, per_channel: bool = True,
+                  weights: str = "auto") -> Path:
+    """Dynamic int8 quantisation of an exported model's matrix products (MatMul / Gemm) with ONNX Runtime: 8-bit
+    weights (per output channel by default), per-tensor activations quantised at run time. Written atomically.
+
+    ``weights``: ``auto`` (default; :func:`choose_weight_type` for this CPU), ``signed`` or ``unsigned``. The choice
+    and this CPU's int8 features are recorded in the file's :data:`INT8_KEY` metadata entry."""
     quantization = _require("onnxruntime.quantization")
+    machine, flags = cpu_features()
+    chosen = choose_weight_type(weights, machine, flags)
+    record = {"weights": chosen, "requested": weights, "chosen_for": _cpu_record(machine, flags)}
+    qtype = quantization.QuantType.QInt8 if chosen == "signed" else quantization.QuantType.QUInt8
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        quantization.quantize_dynamic(str(onnx_path), str(tmp), weight_type=quantization.QuantType.QInt8,
+        quantization.quantize_dynamic(str(onnx_path), str(tmp), weight_type=qtype,
                                       per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"])
         metadata = read_metadata(onnx_path)
+        entries = {INT8_KEY: record}
         if metadata is not None:  # the quantised file carries the same metadata, marked int8
-            _write_metadata(tmp, {**metadata, "quantization": "int8 dynamic (ONNX Runtime), MatMul / Gemm weights"})
+            entries[METADATA_KEY] = {**metadata, "quantization": "int8 dynamic (ONNX Runtime), MatMul / Gemm "
+                                                                 f"weights {chosen}"}
+        _write_metadata(tmp, entries)
     return out_path
+
+
+def read_int8_record(custom_metadata: dict[str, str]) -> dict | None:
+    """How an int8 file was quantised (:data:`INT8_KEY`), from its metadata map (key -> JSON text): None for a
+    float32 file. A file quantised before the weight type was recorded had signed weights."""
+    entry = custom_metadata.get(INT8_KEY)
+    if entry is not None:
+        try:
+            record = json.loads(entry)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and record.get("weights") in ("signed", "unsigned"):
+            return record
+    vitlab = custom_metadata.get(METADATA_KEY)
+    try:
+        quantised = vitlab is not None and str(json.loads(vitlab).get("quantization", "")).startswith("int8")
+    except (json.JSONDecodeError, AttributeError):
+        quantised = False
+    return {"weights": "signed", "requested": None, "chosen_for": None} if quantised else None
+
+
+_warned: set[str] = set()
+
+
+def warn_if_saturating(path: str | os.PathLike, record: dict | None, machine: str | None = None,
+                       flags: Iterable[str] | None = None) -> bool:
+    """Warn (:class:`Int8AccuracyWarning`, once per file and process) when an int8 file with signed weights runs on
+    an x86 CPU without VNNI (default: this one); returns whether it warned."""
+    if record is None or record.get("weights") != "signed":
+        return False
+    if machine is None:
+        machine, flags = cpu_features()
+    if choose_weight_type("auto", machine, flags) == "signed":
+        return False
+    key = str(Path(path).resolve())
+    if key in _warned:
+        return False
+    _warned.add(key)
+    seen = f"none of {' / '.join(VNNI_FLAGS)}" if flags is not None else "its CPU flags could not be read"
+    warnings.warn(f"{path}: int8 with signed weights on a CPU without VNNI ({machine}, {seen}): ONNX Runtime's int8 "
+                  "products saturate here and accuracy may drop; re-export on this machine (vitlab export-onnx "
+                  "MODEL out.onnx --int8 out_int8.onnx) or with --int8-weights unsigned", Int8AccuracyWarning,
+                  stacklevel=3)
+    return True
 
 
 class OnnxModel:
@@ -167,6 +293,9 @@ class OnnxModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # how the file was quantised (None: float32); signed weights on a CPU without VNNI lose accuracy: say so
+        self.int8 = read_int8_record(self.session.get_modelmeta().custom_metadata_map)
+        warn_if_saturating(self.path, self.int8)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)

@@ -4,8 +4,10 @@
 :func:`vitlab.compute.deploy.export_onnx` writes the model's config, preprocessing and class names into the file's
 ``vitlab`` metadata entry; :class:`OnnxClassifier` reads them back and offers what the evaluators use of a model:
 ``forward`` on (B, C, H, W) tensors returning logits, ``.cfg`` (``img_size``, ``in_chans``, ``num_classes``, ...),
-``.preprocessing`` and ``.class_names``. It runs on ONNX Runtime's CPU provider whatever device the inputs are on
-(the logits come back on the inputs' device). It has no attention maps: attention rollout needs the PyTorch model.
+``.preprocessing`` and ``.class_names``. An int8 file with signed weights warns once where this CPU would saturate
+them (:func:`vitlab.compute.deploy.warn_if_saturating`). It runs on ONNX Runtime's CPU provider whatever device the
+inputs are on (the logits come back on the inputs' device). It has no attention maps: attention rollout needs the
+PyTorch model.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class OnnxClassifier(nn.Module):
         names = meta.get("class_names")
         self.class_names = [str(n) for n in names] if names else None
         self.quantization = meta.get("quantization")
+        self.int8 = self.runtime.int8  # how an int8 file was quantised (weight type, the CPU chosen for); None: fp32
         self.path = path
         self.num_prefix_tokens = getattr(self.cfg, "num_prefix_tokens", 0)
 

@@ -231,7 +231,8 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
                 start.created = True
             start.lock = RunLock(start.run_dir).acquire()
             if start.created:  # what identifies the folder as a run folder; written before anything else
-                RunLog(start.run_dir, enabled=True, console=False).write_json("config.json", config.to_dict())
+                with RunLog(start.run_dir, enabled=True, console=False) as first:
+                    first.write_json("config.json", config.to_dict())
             outcome = ("ok", start.run_dir)
         except VitlabError as exc:
             _abandon(start)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import itertools
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from ..atomic import WriteError, write_text_atomic
 from ..errors import VitlabError
 
 LOGGER_NAME = "vitlab.train"
+_RUN_NUMBERS = itertools.count(1)  # names each RunLog's logger uniquely within the process
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
@@ -160,12 +162,17 @@ class _ConsoleHandler(logging.StreamHandler):
 
 
 class RunLog:
-    """Writes the run folder's log and metrics (a no-op object on ranks other than 0: pass ``enabled=False``)."""
+    """Writes the run folder's log and metrics (a no-op object on ranks other than 0: pass ``enabled=False``).
+
+    Each RunLog owns its logger and handlers: the logger is its own object, not registered in ``logging``'s global
+    table (where a name made from ``id(self)`` would hand a later run, given the same id, an earlier run's handlers
+    writing to the earlier folder's ``log.txt``). :meth:`close` (or leaving a ``with RunLog(...)`` block, also on an
+    exception) detaches and closes them."""
 
     def __init__(self, run_dir: Path | None, enabled: bool = True, console: bool = True):
         self.run_dir = run_dir
         self.enabled = enabled and run_dir is not None
-        self.logger = logging.getLogger(f"{LOGGER_NAME}.{id(self)}")
+        self.logger = logging.Logger(f"{LOGGER_NAME}.run{next(_RUN_NUMBERS)}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         self._handlers: list[logging.Handler] = []
@@ -247,11 +254,19 @@ class RunLog:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
                 self._tb.add_scalar(f"{prefix}/{key}", value, row.get("step", 0))
 
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Detach and close the handlers and the TensorBoard writer; further log calls do nothing."""
         for h in self._handlers:
             self.logger.removeHandler(h)
             h.close()
         self._handlers = []
         if self._tb:
             self._tb.close()
+        self._tb = False  # closed: no new writer either
 
