@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import vitlab
 from tests.conftest import CLASS_TOKEN_VIT, randomize_
+from tests.hub_fixtures import lay_out_hub_cache
 from vitlab.checkpoints import load_lora, read_checkpoint
 from vitlab.checkpoints.adapter import checkpoint_sha256
 from vitlab.cli import main as cli_main
@@ -337,3 +338,22 @@ def test_compiled_lora_run_trains_like_the_eager_one(tmp_path):
     a, b = load_file(eager.model_path), load_file(compiled.model_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+
+
+def test_an_adapter_on_a_hub_base_records_the_hub_name_and_finds_it_again(tmp_path, monkeypatch):
+    cache = tmp_path / "hf-hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
+    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+    local = vitlab.save(tiny_vit(), tmp_path / "local.safetensors")
+    config = {"architecture": "", "num_classes": 10, "pretrained_cfg": {"num_classes": 10}}  # timm's layout
+    snapshot = lay_out_hub_cache(cache, "org/tiny-vit", {"config.json": config, "model.safetensors": local.read_bytes()})
+    result = train(_lora_config(tmp_path, "hf-hub:org/tiny-vit", steps=2, run_name="hub"))
+    adapter = result.run_dir / "adapter.safetensors"
+    base = read_checkpoint(adapter).facts["adapter"]["base"]
+    assert base["name"] == "hf-hub:org/tiny-vit" and base["sha256"] == checkpoint_sha256(local)
+    assert Path(base["path"]).parent == snapshot.resolve()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(vitlab.load(adapter)(x), result.model.eval()(x), atol=1e-5, rtol=1e-5)
