@@ -191,7 +191,7 @@ def test_commands_take_adapter_files(lora_run, tmp_path, capsys):
     adapter = result.run_dir / "adapter.safetensors"
     out = tmp_path / "merged.safetensors"
     assert cli_main(["convert", "--merge-lora", str(adapter), str(out)]) == 0
-    assert "LORA adapter" in capsys.readouterr().out
+    assert "LoRA adapter (rank 4, alpha 4, on qkv,proj) merged into its base" in capsys.readouterr().out
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(vitlab.load(out)(x), vitlab.load(result.model_path)(x))
@@ -348,7 +348,8 @@ def test_an_adapter_on_a_hub_base_records_the_hub_name_and_finds_it_again(tmp_pa
     monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
     local = vitlab.save(tiny_vit(), tmp_path / "local.safetensors")
     config = {"architecture": "", "num_classes": 10, "pretrained_cfg": {"num_classes": 10}}  # timm's layout
-    snapshot = lay_out_hub_cache(cache, "org/tiny-vit", {"config.json": config, "model.safetensors": local.read_bytes()})
+    snapshot = lay_out_hub_cache(cache, "org/tiny-vit",
+                                 {"config.json": config, "model.safetensors": local.read_bytes()})
     result = train(_lora_config(tmp_path, "hf-hub:org/tiny-vit", steps=2, run_name="hub"))
     adapter = result.run_dir / "adapter.safetensors"
     base = read_checkpoint(adapter).facts["adapter"]["base"]

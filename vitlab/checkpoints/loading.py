@@ -282,7 +282,8 @@ def _from_adapter(source: str, tensors: dict, document: dict) -> Checkpoint:
     model = merge_lora(adapted_model(source, tensors, document))
     arch, config, preprocessing, class_names, metadata = parse_document(document, source)
     base = document["base"]
-    note = (f"{document['method'].upper()} adapter (rank {settings.rank}, alpha {settings.scale * settings.rank:g}, "
+    method = "DoRA" if settings.dora else "LoRA"
+    note = (f"{method} adapter (rank {settings.rank}, alpha {settings.scale * settings.rank:g}, "
             f"on {','.join(settings.targets)}) merged into its base {base['name']} (sha256 {base['sha256'][:12]}... "
             "checked)")
     ckpt = Checkpoint(source, "vitlab", "lora-adapter", model.state_dict(), config, arch, preprocessing, class_names,
