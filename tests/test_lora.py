@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 import vitlab
 from tests.conftest import CLASS_TOKEN_VIT, randomize_
 from tests.hub_fixtures import lay_out_hub_cache
-from vitlab.checkpoints import load_lora, read_checkpoint
 from vitlab.checkpoints.adapter import checkpoint_sha256
 from vitlab.cli import main as cli_main
 from vitlab.data import load_arrays
 from vitlab.errors import VitlabError
+from vitlab.factory import load_lora, read_checkpoint
 from vitlab.models import FeatureExtractor
 from vitlab.models.lora import LoraSettings, adapter_names, add_lora, has_lora, merge_lora, target_pattern
 from vitlab.serve.engine import load_engine
@@ -142,6 +142,9 @@ def test_a_lora_run_changes_only_adapters_and_head_and_saves_a_small_adapter(lor
     assert adapter.stat().st_size < base_path.stat().st_size / 3
     ckpt = read_checkpoint(adapter)
     assert ckpt.container == "lora-adapter" and ckpt.facts["adapter"]["base"]["sha256"]
+    # the file reader below the hub finds a base that is a local file by itself
+    local = vitlab.checkpoints.read_checkpoint(adapter)
+    assert all(torch.equal(local.state_dict[k], v) for k, v in ckpt.state_dict.items())
     from_adapter, merged = vitlab.load(adapter), vitlab.load(result.model_path)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():

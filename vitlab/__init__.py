@@ -16,9 +16,13 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "load": ".checkpoints",
+    "load": ".factory",
+    "load_lora": ".factory",
     "save": ".checkpoints",
-    "create_model": ".hub",
+    "create_model": ".factory",
+    "read_checkpoint": ".factory",
+    "inspect_checkpoint": ".factory",
+    "convert": ".factory",
     "get_pretrained": ".hub",
     "list_pretrained": ".hub",
     "VisionTransformer": ".models",
@@ -28,12 +32,14 @@ _EXPORTS = {
     "Preprocessing": ".preprocessing",
 }
 
-__all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "create_model", "get_config", "get_pretrained",
-           "list_models", "list_pretrained", "load", "save", "__version__"]
+__all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "convert", "create_model", "get_config", "get_pretrained",
+           "inspect_checkpoint", "list_models", "list_pretrained", "load", "load_lora", "read_checkpoint", "save",
+           "__version__"]
 
 if TYPE_CHECKING:
-    from .checkpoints import load, save
-    from .hub import create_model, get_pretrained, list_pretrained
+    from .checkpoints import save
+    from .factory import convert, create_model, inspect_checkpoint, load, load_lora, read_checkpoint
+    from .hub import get_pretrained, list_pretrained
     from .models import VisionTransformer, ViTConfig, get_config, list_models
     from .preprocessing import Preprocessing
 

@@ -130,15 +130,21 @@ def read_adapter_document(metadata: dict[str, str], source: str) -> dict | None:
     return document
 
 
-def is_adapter_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a vitlab adapter file (a safetensors file with the adapter metadata entry)."""
+def adapter_document(path: str | os.PathLike) -> dict | None:
+    """The adapter document of ``path`` (its header alone is read), or None when it is not an adapter file."""
     try:
         if sniff(path) != "safetensors":
-            return False
+            return None
         with safe_open(str(path), framework="pt") as f:
-            return ADAPTER_KEY in (f.metadata() or {})
+            metadata = dict(f.metadata() or {})
     except (VitlabError, OSError):
-        return False
+        return None
+    return read_adapter_document(metadata, str(path))
+
+
+def is_adapter_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a vitlab adapter file (a safetensors file with the adapter metadata entry)."""
+    return adapter_document(path) is not None
 
 
 def base_candidates(document: dict, source: str, base: str | os.PathLike | None = None) -> list[str]:

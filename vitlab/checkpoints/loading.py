@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..compute.onednn import set_onednn_linear
 from ..errors import VitlabError
+from ..labels import class_names as label_names
 from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
 from ..models.lora import add_lora, merge_lora
+from ..models.pretrained import LABEL_SETS
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .adapter import ADAPTER_KEY, base_candidates, check_base_hash, load_adapter_tensors, read_adapter_document
@@ -92,13 +93,18 @@ def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> 
 
 # ------------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
-                    grid_hint: tuple[int, int] | None = None, check_finite: bool = True) -> Checkpoint:
-    """Read any supported checkpoint (format sniffed from its bytes) into a :class:`Checkpoint`.
+                    grid_hint: tuple[int, int] | None = None, check_finite: bool = True,
+                    source=None, base: tuple[Path, Checkpoint] | None = None) -> Checkpoint:
+    """Read any supported checkpoint file (format sniffed from its bytes) into a :class:`Checkpoint`.
 
     ``model_name`` supplies what a layout does not store (the head count of fused-qkv layouts, a non-square grid) and
     is checked against the weights. ``prefer_ema`` picks EMA weights from a training checkpoint that has both.
+    ``source`` is what :func:`vitlab.hub.resolve` made of a name (a :class:`vitlab.hub.Resolved`; then ``path`` is
+    ignored): its file is read and what the source says is applied. :func:`vitlab.read_checkpoint` takes names too.
+    A LoRA adapter file is read as its base with the adapter merged; ``base`` is its base as (path, record) when
+    the caller found it (by name), else it is looked for among local files (:mod:`vitlab.checkpoints.adapter`).
     Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
-    resolved = _resolve_name(path)
+    resolved = source
     if resolved is not None:  # a catalog name, hf-hub: repo or URL, now a local file
         path, model_name = resolved.path, model_name or resolved.model_name
         grid_hint = grid_hint or resolved.grid_hint
@@ -118,7 +124,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         adapter = read_adapter_document(metadata, source)
         document = read_document(metadata, source) if adapter is None else None
         if adapter is not None:  # a LoRA adapter: its base with the adapter merged
-            ckpt = _from_adapter(source, tensors, adapter)
+            ckpt = _from_adapter(source, tensors, adapter, base)
         elif document is not None:
             ckpt = _from_vitlab_document(source, tensors, document)
         else:
@@ -173,8 +179,6 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
 def _imagenet_names(ckpt: Checkpoint) -> None:
     """A published layout (npz, timm, HF, torchvision) with a 1,000- or 21,843-class head and no names of its own is
     an ImageNet-1k / ImageNet-21k classifier (the only such releases): give it those names, and say so."""
-    from ..labels import class_names as label_names
-
     if ckpt.class_names is not None or ckpt.format == "vitlab":
         return
     label_set = {1000: "imagenet-1k", 21843: "imagenet-21k"}.get(getattr(ckpt.config, "num_classes", 0))
@@ -183,29 +187,9 @@ def _imagenet_names(ckpt: Checkpoint) -> None:
         ckpt.notes.append(f"class names: {label_set} (assumed from the {ckpt.config.num_classes}-class head)")
 
 
-def _resolve_name(spec: str | os.PathLike):
-    """What :func:`vitlab.hub.resolve` makes of a spec that is not an existing path (None: treat it as a path)."""
-    spec = os.fspath(spec)
-    if Path(spec).exists():
-        return None
-    from ..hub import resolve
-
-    return resolve(spec)
-
-
-def checkpoint_location(spec: str | os.PathLike) -> Path:
-    """The local file or folder a checkpoint spec (a path, a catalog name, an ``hf-hub:`` name, a URL) stands for;
-    names are resolved as :func:`read_checkpoint` resolves them (fetched when not cached)."""
-    resolved = _resolve_name(spec)
-    return Path(resolved.path) if resolved is not None else Path(spec)
-
-
 def _apply_source(ckpt: Checkpoint, resolved) -> None:
     """Give a checkpoint fetched by name what its source says (preprocessing, class names) and check a catalog
     entry's resolution and classes against the file."""
-    from ..labels import class_names as label_names
-    from ..models.pretrained import LABEL_SETS
-
     cfg, entry = ckpt.config, resolved.entry
     if entry is not None:
         source = next((s for s in entry.sources if s.spec == resolved.source), None)
@@ -235,31 +219,26 @@ def _from_vitlab_document(source: str, tensors: dict, document: dict) -> Checkpo
                       facts={"format_version": document.get("format_version")})
 
 
-def _find_base(document: dict, source: str, base=None) -> tuple[str, Path]:
-    """(spec, local path) of an adapter's base checkpoint: the first of :func:`~vitlab.checkpoints.adapter.
-    base_candidates` that exists (catalog and hub names resolved, so fetched when not cached)."""
-    tried = []
-    for spec in base_candidates(document, source, base):
-        try:
-            path = checkpoint_location(spec)
-        except VitlabError as exc:
-            tried.append(f"{spec} ({exc})")
-            continue
-        if path.exists():
-            return spec, path
-        tried.append(spec)
+def _local_base(document: dict, source: str) -> tuple[Path, Checkpoint]:
+    """(path, record) of an adapter's base among local files: the recorded name when it is a path, the recorded
+    absolute path, a file of that name beside the adapter. Names (catalog, ``hf-hub:``) are resolved one layer up,
+    by :func:`vitlab.read_checkpoint` / :func:`vitlab.load`, which pass the base they found."""
+    for spec in base_candidates(document, source):
+        if Path(spec).exists():
+            check_base_hash(document, source, spec)  # before reading what may be the wrong file
+            return Path(spec), read_checkpoint(spec)
     raise VitlabError(f"{source}: cannot find the adapter's base checkpoint {document['base']['name']} (tried "
-                      f"{', '.join(tried)}); pass its location (base=... / --base)")
+                      f"{', '.join(base_candidates(document, source))}); read it with vitlab.load, which resolves "
+                      "catalog and hf-hub: names, or pass where the base is (base=... / --base)")
 
 
-def adapted_model(source: str, tensors: dict, document: dict, base=None) -> nn.Module:
-    """The model an adapter file describes, adapters not merged: its base found (``base``: where it is, instead of
-    the recorded name), its hash checked, loaded as the run loaded it (resolution, head, channels), the adapters
-    added and filled from the file."""
-    spec, base_path = _find_base(document, source, base)
+def adapted_model(source: str, tensors: dict, document: dict, base_path: str | os.PathLike,
+                  base_ckpt: Checkpoint) -> nn.Module:
+    """The model an adapter file describes, adapters not merged, from its base (``base_path``, read as
+    ``base_ckpt``): the base's hash checked, the base loaded as the run loaded it (resolution, head, channels), the
+    adapters added and filled from the file."""
     check_base_hash(document, source, base_path)
     arch, config, preprocessing, class_names, _ = parse_document(document, source)
-    base_ckpt = read_checkpoint(spec)
     drop = bool(getattr(base_ckpt.config, "representation_size", None)) and not getattr(config,
                                                                                        "representation_size", None)
     model = model_from_checkpoint(base_ckpt, img_size=config.img_size, num_classes=config.num_classes,
@@ -277,27 +256,24 @@ def adapted_model(source: str, tensors: dict, document: dict, base=None) -> nn.M
     return model.eval()
 
 
-def _from_adapter(source: str, tensors: dict, document: dict) -> Checkpoint:
+def _from_adapter(source: str, tensors: dict, document: dict, base: tuple[Path, Checkpoint] | None) -> Checkpoint:
     settings = document["lora"]
-    model = merge_lora(adapted_model(source, tensors, document))
+    base_path, base_ckpt = base if base is not None else _local_base(document, source)
+    model = merge_lora(adapted_model(source, tensors, document, base_path, base_ckpt))
     arch, config, preprocessing, class_names, metadata = parse_document(document, source)
-    base = document["base"]
+    record = document["base"]
     method = "DoRA" if settings.dora else "LoRA"
     note = (f"{method} adapter (rank {settings.rank}, alpha {settings.scale * settings.rank:g}, "
-            f"on {','.join(settings.targets)}) merged into its base {base['name']} (sha256 {base['sha256'][:12]}... "
-            "checked)")
-    ckpt = Checkpoint(source, "vitlab", "lora-adapter", model.state_dict(), config, arch, preprocessing, class_names,
+            f"on {','.join(settings.targets)}) merged into its base {record['name']} (sha256 "
+            f"{record['sha256'][:12]}... checked)")
+    return Checkpoint(source, "vitlab", "lora-adapter", model.state_dict(), config, arch, preprocessing, class_names,
                       metadata, notes=[note], facts={"adapter": {"method": document["method"], **settings.to_dict(),
-                                                                 "base": dict(base),
+                                                                 "base": dict(record),
                                                                  "adapter_tensors": len(tensors)}})
-    return ckpt
 
 
-def load_lora(path: str | os.PathLike, *, base: str | os.PathLike | None = None, merge: bool = False) -> nn.Module:
-    """An adapter file's model in eval mode: with ``merge=False`` the adapters stay separate ``peft`` layers (to
-    inspect them, or train on); with ``merge=True`` they are folded into the weights (what :func:`load` returns).
-    ``base``: where the base checkpoint is, when it is no longer where the adapter file says (its sha256 must still
-    match)."""
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, document) of an adapter file; anything else is refused in one line."""
     source = str(path)
     if sniff(path) != "safetensors":
         raise VitlabError(f"{source}: not an adapter file (adapters are .safetensors files)")
@@ -305,9 +281,7 @@ def load_lora(path: str | os.PathLike, *, base: str | os.PathLike | None = None,
     document = read_adapter_document(metadata, source)
     if document is None:
         raise VitlabError(f"{source}: not an adapter file (no '{ADAPTER_KEY}' metadata); load it with vitlab.load")
-    model = adapted_model(source, tensors, document, base)
-    model = merge_lora(model) if merge else model
-    return set_onednn_linear(model)
+    return tensors, document
 
 
 def _embedded_config(obj: object) -> tuple[ViTConfig | None, list[str] | None]:
@@ -650,38 +624,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
     model.preprocessing = adapt_preprocessing_channels(ckpt.preprocessing.replace(img_size=target.img_size),
                                                       target.in_chans)
     model.class_names = None if new_head else ckpt.class_names
+    # the loss the head was trained with (vitlab training records it): sigmoid heads give per-label probabilities
+    loss = ckpt.metadata.get("loss") if isinstance(ckpt.metadata, dict) else None
+    model.loss = loss if loss in ("softmax", "sigmoid") and not new_head else None
     return model.eval()
-
-
-def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-         resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-         prefer_ema: bool = False, in_chans: int | None = None, patch_size=None) -> nn.Module:
-    """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
-    torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder) and return
-    the model in eval mode, with ``model.preprocessing`` and ``model.class_names`` set.
-
-    - ``model_name``: a registered name; supplies what a layout does not store and is checked against the weights.
-      A resolution alias (``vit_base_patch16_384``) also sets the target image size.
-    - ``img_size``: build the model at this resolution (int or (height, width)); the position embedding is resampled
-      with ``resample`` (``bilinear_aligned``, default for npz; ``bicubic``, default otherwise; ``bilinear``;
-      ``nearest``).
-    - ``num_classes``: a new zero-initialised head when it differs from the checkpoint's; ``drop_pre_logits`` removes
-      the pre-logits layer too (the paper's fine-tuning set-up).
-    - ``gelu``: ``"exact"`` or ``"tanh"``; default: what the source used (tanh for npz, the saved config for vitlab
-      files, exact for timm / HF / torchvision).
-    - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
-    - ``in_chans``: take images with this many channels; the input convolution is adapted as timm's
-      ``adapt_input_conv`` does (summed for 1 channel, repeated and rescaled for more; see
-      :mod:`vitlab.checkpoints.channels`) and the preprocessing's mean / std follow.
-    - ``patch_size``: build the model with this patch size (int or (height, width)), the patch-embedding kernel
-      resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
-      position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
-
-    The model's Linear layers take this machine's CPU fast-path default (:func:`vitlab.compute.set_onednn_linear`).
-    """
-    ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
-    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
-                                  patch_size=patch_size)
-    return set_onednn_linear(model)  # this machine's CPU fast-path default, as vitlab.create_model
-

@@ -6,9 +6,10 @@ import argparse
 import json
 import warnings
 
-from ..checkpoints import EXPORT_FORMATS, RESAMPLE_METHODS, convert
+from ..checkpoints import EXPORT_FORMATS, RESAMPLE_METHODS
 from ..checkpoints.adapter import is_adapter_file
 from ..errors import InvalidValueError
+from ..factory import convert
 
 
 def _size(text: str) -> int | tuple[int, int]:

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..checkpoints import save, save_adapter
 from ..checkpoints.adapter import base_record
-from ..checkpoints.loading import checkpoint_location
 from ..errors import VitlabError
+from ..factory import checkpoint_location
 from ..models.lora import LoraSettings, add_lora, count_parameters, merge_lora
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
