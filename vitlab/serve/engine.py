@@ -74,8 +74,9 @@ class Engine:
         self.transform = self.preprocessing.transform()
         self.can_explain = (backend == "torch" and hasattr(model, "forward_with_attention")
                             and hasattr(cfg, "grid_size") and hasattr(cfg, "num_prefix_tokens"))
-        self.rollout_source = "class" if getattr(cfg, "pool", "token") == "token" and \
-            getattr(cfg, "num_prefix_tokens", 0) > 0 else "mean"
+        pool = getattr(cfg, "pool", "token")
+        self.rollout_source = ("class" if pool == "token" and getattr(cfg, "class_token", False)
+                               else "probe" if pool == "map" else "mean")
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def prepare(self, data: bytes, label: str, max_pixels: int | None) -> torch.Tensor:
@@ -100,9 +101,13 @@ class Engine:
 
         if not self.can_explain:
             raise VitlabError("attention rollout needs the PyTorch model of a ViT (serve with --backend torch)")
-        logits, attn = self.model.forward_with_attention(images.to(self.device))
+        probe = None
+        if self.rollout_source == "probe":  # pool='map': the pooling probe's attention starts the rollout
+            logits, attn, probe = self.model.forward_with_attention(images.to(self.device), return_pool_attention=True)
+        else:
+            logits, attn = self.model.forward_with_attention(images.to(self.device))
         maps = attention_rollout(attn, self.cfg.num_prefix_tokens, self.cfg.grid_size, head_fusion=head_fusion,
-                                 discard_ratio=discard_ratio, source=self.rollout_source)
+                                 discard_ratio=discard_ratio, source=self.rollout_source, probe=probe)
         return probabilities(logits, self.loss).cpu(), maps.cpu()
 
     def run_batch(self, key: tuple, images: torch.Tensor) -> list:
