@@ -54,6 +54,8 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.compute.deploy", "importlib"): OPTIONAL + " (onnx / onnxruntime, named in the error)",
     ("vitlab.data.arrays", "mlxtend"): OPTIONAL,
     ("vitlab.data.images", "tifffile"): OPTIONAL,
+    ("vitlab.models.lora", "peft"): OPTIONAL + " (the lora extra, named in the error; slow to import)",
+    ("vitlab.models.lora", "peft.tuners"): OPTIONAL + " (the lora extra)",
     ("vitlab.data.arrays", "sklearn.datasets"): OPTIONAL,
     ("vitlab.data.arrays", "torchvision.datasets"): HEAVY,
     ("vitlab.data.loaders", "torchvision.transforms"): HEAVY,

@@ -25,9 +25,11 @@ from ..checkpoints import save
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
 from ..errors import VitlabError
+from ..models.lora import has_lora
 from . import distributed as D
 from .checkpoint import checkpoint_path, full_model, load_train_state, restore_run_state, save_run_state
 from .config import TrainConfig
+from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
 from .runfolder import RUNTIME_FIELDS, RunLock, run_folder_of
@@ -122,9 +124,13 @@ def _save_final(run: Run, metrics: dict | None) -> tuple[Path | None, nn.Module]
     if hasattr(run.objective, "loss_name"):  # what predict / serve turn the logits into (softmax or sigmoid)
         meta.update(loss=run.objective.loss_name, multi_label=run.objective.multi_label)
     on_device = run.device.type != "cpu"
-    path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
-                preprocessing=run.preprocessing, metadata=meta,
-                class_names=run.class_names if run.objective.saves_class_names else None)
+    class_names = run.class_names if run.objective.saves_class_names else None
+    if has_lora(module):  # the adapter alone (and the merged model with merge_lora)
+        path = save_lora(module.cpu() if on_device else module, run.run_dir, run.config, run.preprocessing,
+                         class_names, meta)
+    else:
+        path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
+                    preprocessing=run.preprocessing, metadata=meta, class_names=class_names)
     if on_device:
         module.to(run.device)
     return Path(path), module
