@@ -236,8 +236,7 @@ def test_cli_flags_reach_the_config_and_clashes_are_refused(tmp_path, capsys):
     assert cli_main(["finetune", "--from", "x", "--lora-rank", "4", "--lora-targets", "query", "--dry-run"]) != 0
     assert "--lora-targets query: takes layer names among qkv, proj, fc1, fc2, attn, mlp" in capsys.readouterr().err
     source = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
-    for changes, message in (({"fsdp": True}, "lora_rank with fsdp is not supported"),
-                             ({"freeze_blocks": 1}, "lora_rank with freeze_blocks"),
+    for changes, message in (({"freeze_blocks": 1}, "lora_rank with freeze_blocks"),
                              ({"init_from": None}, "give init_from")):
         with pytest.raises(VitlabError, match=message):
             train(_lora_config(tmp_path, source, **changes))
@@ -313,23 +312,42 @@ def test_sigkill_then_resume_of_a_lora_run_is_bit_exact(tmp_path):
     assert resumed.metrics == reference.metrics
 
 
+def _torchrun(config_file: Path, nproc: int = 2, **kw) -> subprocess.CompletedProcess | subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab",
+           "train", "--config", str(config_file)]
+    if kw.pop("background", False):
+        return subprocess.Popen(cmd, env=_env(), start_new_session=True, **kw)
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _assert_close_files(a: Path, b: Path) -> None:
+    sa, sb = load_file(a), load_file(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_with_lora_equal_one(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_with_lora_equal_one(tmp_path, fsdp):
+    """Two processes (DDP, or FSDP2 with frozen base weights and trainable adapters, norms and head sharded in the
+    same units) write the adapter and the merged model of one process."""
     source = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
     # SGD: without Adam's normalisation, summation-order differences stay at rounding level
     cfg = _lora_config(tmp_path, source, steps=8, optimizer="sgd", lr=0.05, accum_steps=2, run_name="dist",
-                       lora_train=["head", "norm"])
+                       lora_train=["head", "norm"], fsdp=fsdp, dora=fsdp, merge_lora=True, eval_every_epochs=1)
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.to_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab",
-           "train", "--config", str(config_file)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = _torchrun(config_file)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = train(cfg.replace(run_name="single"))
-    a, b = load_file(one.model_path), load_file(tmp_path / "runs" / "dist" / "adapter.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    one = train(cfg.replace(run_name="single", fsdp=False))
+    dist = tmp_path / "runs" / "dist"
+    for name in ("adapter.safetensors", "model.safetensors"):
+        _assert_close_files(one.run_dir / name, dist / name)
+    adapter = read_checkpoint(dist / "adapter.safetensors")
+    assert adapter.facts["adapter"]["base"]["sha256"] == checkpoint_sha256(source)
+    result = json.loads((dist / "result.json").read_text())
+    assert result["metrics"]["top1"] == pytest.approx(one.metrics["top1"], abs=1e-12)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from torch import nn
 from ..atomic import atomic_path, remove_stale_temporaries
 from ..checkpoints.files import read_torch, sniff
 from ..errors import VitlabError
+from ..models.lora import add_lora, has_lora
 from . import distributed as D
 
 STATE_FORMAT = "vitlab-train-state"
@@ -93,8 +94,17 @@ def full_model(run, device: torch.device | str) -> nn.Module:
 
     # no cpu_offload: with it only rank 0 would receive the full state dict, and every rank evaluates its copy
     full = get_model_state_dict(run.trainable, options=StateDictOptions(full_state_dict=True))
-    module = type(run.model)(run.model.cfg).to(device)
+    # the copy's initial weights are overwritten at once: drawing them must not move the run's random stream (a
+    # one-process run draws nothing here, and the two must stay equal)
+    with torch.random.fork_rng(devices=[]):
+        module = type(run.model)(run.model.cfg)
+        if has_lora(run.model):  # the same adapters, so that the adapted state dict fits and save_lora sees them
+            add_lora(module, run.model.lora_settings)
+            module.lora_trained = list(getattr(run.model, "lora_trained", []))
+    module = module.to(device)
     module.load_state_dict(full, strict=True)
+    for name, param in module.named_parameters():  # what trains, as in the run's model (the adapter file needs it)
+        param.requires_grad_(run.model.get_parameter(name).requires_grad)
     return module
 
 

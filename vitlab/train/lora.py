@@ -51,9 +51,6 @@ def check_lora_config(config: TrainConfig) -> None:
     if clashes:
         raise VitlabError(f"lora_rank with {', '.join(clashes)}: LoRA freezes the backbone itself; choose what else "
                           "trains with lora_train (--lora-train head,norm)")
-    if config.fsdp:
-        raise VitlabError("lora_rank with fsdp is not supported (vitlab gathers FSDP shards into a plain model, not "
-                          "an adapted one); use DDP (drop fsdp)")
 
 
 def _extra_names(model: nn.Module, words: list[str]) -> list[str]:
