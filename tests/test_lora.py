@@ -312,11 +312,14 @@ def test_sigkill_then_resume_of_a_lora_run_is_bit_exact(tmp_path):
     assert resumed.metrics == reference.metrics
 
 
-def _torchrun(config_file: Path, nproc: int = 2, **kw) -> subprocess.CompletedProcess | subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab",
-           "train", "--config", str(config_file)]
-    if kw.pop("background", False):
-        return subprocess.Popen(cmd, env=_env(), start_new_session=True, **kw)
+def _torchrun(*args: str, background: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``vitlab train ARGS`` in two processes under torchrun (``background``: started in its own process group, not
+    waited for)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab",
+           "train", *args]
+    if background:
+        return subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -338,7 +341,7 @@ def test_torchrun_two_processes_with_lora_equal_one(tmp_path, fsdp):
                        lora_train=["head", "norm"], fsdp=fsdp, dora=fsdp, merge_lora=True, eval_every_epochs=1)
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.to_json())
-    done = _torchrun(config_file)
+    done = _torchrun("--config", str(config_file))
     assert done.returncode == 0, done.stderr[-3000:]
     one = train(cfg.replace(run_name="single", fsdp=False))
     dist = tmp_path / "runs" / "dist"
@@ -348,6 +351,64 @@ def test_torchrun_two_processes_with_lora_equal_one(tmp_path, fsdp):
     assert adapter.facts["adapter"]["base"]["sha256"] == checkpoint_sha256(source)
     result = json.loads((dist / "result.json").read_text())
     assert result["metrics"]["top1"] == pytest.approx(one.metrics["top1"], abs=1e-12)
+
+
+def _sigkill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (torchrun starts each worker in a session of its own, so killing
+    torchrun's process group leaves the workers running)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the task ended meanwhile
+            pass
+    for child in children:
+        _sigkill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_of_a_two_process_fsdp_lora_run_is_bit_exact(tmp_path):
+    """An FSDP2 DoRA run in two processes, killed with SIGKILL (torchrun and both workers), resumed under torchrun,
+    ends with the adapter and merged model of an uninterrupted two-process run, bit for bit."""
+    source = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
+    cfg = _lora_config(tmp_path, source, steps=40, batch_size=32, accum_steps=2, dora=True, lora_dropout=0.1,
+                       deterministic=True, save_every_steps=5, fsdp=True, merge_lora=True, lora_train=["head", "norm"])
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.replace(run_name="killed").to_json())
+    proc = _torchrun("--config", str(config_file), background=True)
+    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
+    killed_at, deadline = None, time.time() + 300  # waits for a state (a checkpoint mid-run); the bound is for a hang
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            try:
+                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
+            except Exception:  # caught between writes: try again
+                step = 0
+            if 10 <= step <= 30:
+                _sigkill_tree(proc.pid)
+                killed_at = step
+                break
+        time.sleep(0.02)
+    if proc.poll() is None and killed_at is None:
+        _sigkill_tree(proc.pid)
+    proc.wait()
+    assert killed_at is not None, "the run ended (or hung) before it could be killed"
+    assert not (tmp_path / "runs" / "killed" / "result.json").exists()
+    resumed = _torchrun("--resume", str(tmp_path / "runs" / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    config_file.write_text(cfg.replace(run_name="reference").to_json())
+    reference = _torchrun("--config", str(config_file))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    for name in ("adapter.safetensors", "model.safetensors"):
+        assert _same_tensors(tmp_path / "runs" / "killed" / name, tmp_path / "runs" / "reference" / name) == []
+    a = torch.load(last, weights_only=True)
+    b = torch.load(tmp_path / "runs" / "reference" / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 40 and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
 @pytest.mark.slow
