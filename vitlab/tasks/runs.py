@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+from ..compute.pt2 import is_exported_file, load_exported
 from ..devices import resolve_device
 from ..errors import VitlabError
 from ..evaluate.classification import evaluate_classifier, load_label_sets
@@ -29,11 +29,12 @@ def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
                   device: torch.device | str = "cpu", img_size: int | None = None):
     """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
     ``img_size`` when given: the position embeddings are resampled and the preprocessing follows). An ``.onnx``
-    file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime with the preprocessing stored in it."""
-    if is_onnx_file(checkpoint):
+    file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime, a ``.pt2`` package (``vitlab export``) on
+    AOTInductor, each with the preprocessing stored in it."""
+    if is_exported_file(checkpoint):
         if img_size is not None:
-            raise VitlabError(f"{checkpoint}: an ONNX file runs at its exported resolution; drop --img-size")
-        return OnnxClassifier(checkpoint)
+            raise VitlabError(f"{checkpoint}: an exported file runs at its exported resolution; drop --img-size")
+        return load_exported(checkpoint)
     model = load(checkpoint, model_name=model_name, img_size=img_size).to(device).eval()
     if getattr(model, "preprocessing", None) is None:
         model.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
