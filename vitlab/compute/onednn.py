@@ -245,11 +245,12 @@ def machine_key() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """The distinct (in_features, out_features) of ``model``'s Linear layers wide enough for oneDNN to matter
-    (both at least :data:`ONEDNN_MIN_FEATURES`), sorted."""
+def linear_shapes(model: nn.Module, min_features: int | None = None) -> list[tuple[int, int]]:
+    """The distinct (in_features, out_features) of ``model``'s Linear layers with both at least ``min_features``
+    (default :data:`ONEDNN_MIN_FEATURES`: wide enough for oneDNN to matter), sorted."""
+    least = ONEDNN_MIN_FEATURES if min_features is None else min_features
     return sorted({(m.in_features, m.out_features) for m in model.modules()
-                   if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= ONEDNN_MIN_FEATURES})
+                   if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= least})
 
 
 def calibration_rows(fan_in: int, fan_out: int) -> int:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..compute.onednn import linear_shapes
+from ..compute.precision import choose_cpu_precision
 from ..compute.pt2 import is_exported_file, load_exported
 from ..devices import resolve_device
 from ..errors import VitlabError
@@ -118,6 +120,8 @@ def eval_checkpoint(
     :func:`classification.evaluate_classifier` plus ``checkpoint``, ``data``, ``split`` and ``files``."""
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev, img_size=img_size)
+    if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
+        precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     pre = preprocessing or model.preprocessing
     dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image)
     model, dataset, mapping = match_model_to_data(model, dataset, str(checkpoint), data, map_classes_by_name,
