@@ -24,13 +24,21 @@ from ..models.pretrained import LABEL_SETS
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
+from .family_layouts import (
+    FAMILY_NUMERICS,
+    HF_FAMILY_TYPES,
+    detect_family_layout,
+    hf_hints,
+    hf_vision_config,
+    to_timm_names,
+)
 from .files import read_npz, read_safetensors, read_torch, sniff
 from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
 from .vitlab_format import parse_document, read_document
 
-FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision")
+FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision", "dinov2", "deit3", "open_clip")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the ViTConfig fields that the weights cannot show, as each source's code sets them
@@ -41,6 +49,12 @@ SOURCE_NUMERICS = {
     "hf": {"gelu": "exact", "norm_eps": 1e-12},  # transformers' ViTConfig default
     "torchvision": {"gelu": "exact", "norm_eps": 1e-6},
 }
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the original releases' evaluation: (mean, std, crop_pct), bicubic. DINOv2 and DeiT (III): ImageNet statistics, the
+# shorter side to 256 / 224 of the size, centre crop; OpenAI CLIP: its own statistics, shorter side to the size.
+PUBLISHER_EVAL = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD, 0.875), "deit3": (IMAGENET_MEAN, IMAGENET_STD, 0.875),
+                  "open_clip": (CLIP_MEAN, CLIP_STD, 1.0)}
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
 
 
@@ -79,6 +93,9 @@ def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> 
     up), centre crop, bicubic, mean = std = 0.5. Hugging Face: squash, bilinear, mean = std = 0.5. torchvision:
     shorter side to size * 256/224, centre crop, bilinear, ImageNet mean and std."""
     half = (0.5,) * in_chans
+    if fmt in PUBLISHER_EVAL and in_chans == 3:
+        mean, std, crop = PUBLISHER_EVAL[fmt]
+        return Preprocessing(img_size, resize="crop", crop_pct=crop, interpolation="bicubic", mean=mean, std=std)
     if fmt == "timm":
         crop = 1.0 if min(img_size) >= 384 else 0.9
         return Preprocessing(img_size, resize="crop", crop_pct=crop, interpolation="bicubic", mean=half, std=half,
@@ -130,6 +147,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _from_state_dict(source, "torch", state_dict, notes, grid_hint, named, container_obj=obj)
     if named is not None:
         _check_named(ckpt, named, model_name)
+    _source_size_with_remainder(ckpt, resolved)
     check_plausible_size(ckpt.config, ckpt.state_dict, source)
     with torch.device("meta"):  # the architecture's expected shapes, without allocating it
         expected = construct_uninitialised(ckpt.architecture.model_class, ckpt.config).state_dict()
@@ -249,6 +267,10 @@ def _embedded_preprocessing(obj: object, source: str, config) -> Preprocessing |
 def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[str],
                      grid_hint: tuple[int, int] | None, named: ViTConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
+    family = detect_family_layout(state_dict)
+    if family is not None:  # DINOv2, DeiT, SigLIP, CLIP layouts: to timm names first
+        state_dict, family_notes = to_timm_names(state_dict, family, source)
+        notes = notes + family_notes
     layout = detect_layout(state_dict)
     bit = resnetv2_config_from_state_dict(state_dict) if layout is None else None
     if bit is not None:  # timm's ResNetV2 (BiT) names are vitlab's
@@ -262,11 +284,15 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
     sd, more_notes = to_vitlab_names(state_dict, layout)
     notes = notes + more_notes
     embedded, class_names = _embedded_config(container_obj)
-    defaults = dict(SOURCE_NUMERICS[layout])
+    defaults = dict(FAMILY_NUMERICS.get(family) or SOURCE_NUMERICS[layout])
     if hf_config:
         defaults.update(hf_config)
     elif named is not None:
         defaults["num_heads"] = named.num_heads
+        # what the named model's family fixes and the weights cannot show (SigLIP's tanh GELU, CLIP's eps 1e-5 and
+        # QuickGELU, the So400m/14 grid at 384 px)
+        defaults.update({f: getattr(named, f) for f in ("gelu", "norm_eps", "layer_scale", "drop_remainder")
+                         if hasattr(named, f)})
     if embedded is not None:
         config = embedded
         notes.append("architecture taken from the config stored in the checkpoint")
@@ -274,12 +300,15 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
         config, inferred_notes = infer_config(sd, source, defaults=defaults, grid_hint=grid_hint)
         if named is None and not hf_config:
             notes += inferred_notes
+    fmt = layout if family is None or family.startswith("hf_") else family
     preprocessing = _embedded_preprocessing(container_obj, source, config) or source_preprocessing(
-        layout, config.img_size, config.in_chans)
+        fmt, config.img_size, config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
-    return Checkpoint(source, layout, container, sd, config, FAMILIES["vit"], preprocessing, class_names,
-                      notes=notes)
+    ckpt = Checkpoint(source, fmt, container, sd, config, FAMILIES["vit"], preprocessing, class_names, notes=notes)
+    if family is not None:
+        ckpt.facts["family_layout"] = family
+    return ckpt
 
 
 def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
@@ -331,6 +360,8 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTCon
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise VitlabError(f"{config_file}: not valid JSON ({exc})") from None
+    if hf.get("model_type") in HF_FAMILY_TYPES:
+        return _read_hf_family_folder(path, hf, config_file, grid_hint, named)
     if hf.get("model_type") not in ("vit", None):
         raise VitlabError(f"{config_file}: model_type {hf.get('model_type')!r} is not a ViT")
     state_dict = _read_hf_weights(path)
@@ -347,6 +378,12 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTCon
              "gelu": gelu}
     hint = grid_hint or (size[0] // patch[0], size[1] // patch[1])
     ckpt = _from_state_dict(source, "hf-folder", state_dict, [], hint, named, hf_config=hints)
+    _hf_names_and_preprocessing(ckpt, hf, path)
+    return ckpt
+
+
+def _hf_names_and_preprocessing(ckpt: Checkpoint, hf: dict, path: Path) -> None:
+    """Class names from ``id2label`` (not transformers' placeholders) and ``preprocessor_config.json``."""
     id2label = hf.get("id2label")
     if isinstance(id2label, dict) and len(id2label) == ckpt.config.num_classes:
         names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(ckpt.config.num_classes)]
@@ -355,6 +392,26 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTCon
     pre_file = path / "preprocessor_config.json"
     if pre_file.is_file():
         ckpt.preprocessing = _hf_preprocessing(pre_file, ckpt.config)
+
+
+def _read_hf_family_folder(path: Path, hf: dict, config_file: Path, grid_hint: tuple[int, int] | None,
+                           named: ViTConfig | None) -> Checkpoint:
+    """A transformers DINOv2 / DeiT / SigLIP / CLIP folder: the architecture from its (vision) config, the weights
+    through :mod:`.family_layouts`."""
+    layout, vision = hf_vision_config(hf, str(config_file))
+    hints = hf_hints(vision, str(config_file))
+    img, patch = hints.pop("img_size"), hints.pop("patch_size")
+    if vision.get("layerscale_value") is not None:
+        hints["layer_scale"] = float(vision["layerscale_value"])
+    remainder = bool(img[0] % patch[0] or img[1] % patch[1])  # SigLIP So400m/14 at 384: the last pixels unused
+    if remainder:
+        hints["drop_remainder"] = True
+    hint = grid_hint or (img[0] // patch[0], img[1] // patch[1])
+    ckpt = _from_state_dict(str(path), "hf-folder", _read_hf_weights(path), [], hint, named, hf_config=hints)
+    if remainder:
+        ckpt.config = ckpt.config.replace(img_size=img)
+    ckpt.notes.append(f"transformers {', '.join(hf.get('architectures') or [hf.get('model_type')])} ({layout})")
+    _hf_names_and_preprocessing(ckpt, hf, path)
     return ckpt
 
 
@@ -392,8 +449,25 @@ def _hf_preprocessing(pre_file: Path, cfg: ViTConfig) -> Preprocessing:
         else cfg.img_size
     mean = pre.get("image_mean", [0.5] * cfg.in_chans) if pre.get("do_normalize", True) else [0.0] * cfg.in_chans
     std = pre.get("image_std", [0.5] * cfg.in_chans) if pre.get("do_normalize", True) else [1.0] * cfg.in_chans
-    return Preprocessing(img, resize="squash", interpolation=_PIL_RESAMPLE.get(pre.get("resample", 2), "bilinear"),
-                         mean=mean, std=std, channels=cfg.in_chans)
+    interpolation = _PIL_RESAMPLE.get(pre.get("resample", 2), "bilinear")
+    crop = pre.get("crop_size")
+    if isinstance(size, dict) and "shortest_edge" in size and pre.get("do_center_crop") and isinstance(crop, dict):
+        # CLIP / DINOv2 processors: the shorter side to shortest_edge, then a centre crop of crop_size
+        img = (crop.get("height", cfg.img_size[0]), crop.get("width", cfg.img_size[1]))
+        return Preprocessing(img, resize="crop", crop_pct=min(img) / size["shortest_edge"],
+                             interpolation=interpolation, mean=mean, std=std, channels=cfg.in_chans)
+    return Preprocessing(img, resize="squash", interpolation=interpolation, mean=mean, std=std,
+                         channels=cfg.in_chans)
+
+
+def _source_size_with_remainder(ckpt: Checkpoint, resolved) -> None:
+    """A ``drop_remainder`` model (SigLIP So400m/14 at 384 px: a 27x27 grid) is published at a size the weights
+    cannot show (the grid times the patch is 378): take the source's input size when it gives the same grid."""
+    cfg, pre = ckpt.config, getattr(resolved, "preprocessing", None)
+    if pre is None or not getattr(cfg, "drop_remainder", False) or tuple(pre.img_size) == tuple(cfg.img_size):
+        return
+    if tuple(s // p for s, p in zip(pre.img_size, cfg.patch_size)) == tuple(cfg.grid_size):
+        ckpt.config = cfg.replace(img_size=tuple(pre.img_size))
 
 
 def _check_named(ckpt: Checkpoint, named: ViTConfig, model_name: str) -> None:
@@ -492,7 +566,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     if hasattr(src, "grid_size") and tuple(target.grid_size) != tuple(src.grid_size):  # CNNs: nothing to resample
         if src.pos_embed == "learned" and "pos_embed" in sd:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], target.grid_size, src.grid_size,
-                                                 num_prefix_tokens=src.num_prefix_tokens, method=method)
+                                                 num_prefix_tokens=src.num_pos_prefix, method=method)
         elif src.pos_embed == "learned_2d":
             sd["pos_embed_y"] = resample_1d(sd["pos_embed_y"], target.grid_size[0], method)
             sd["pos_embed_x"] = resample_1d(sd["pos_embed_x"], target.grid_size[1], method)
@@ -500,7 +574,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     if kernel is not None and tuple(kernel.shape[-2:]) != tuple(target.patch_size):  # FlexiViT's kernel resize
         sd["patch_embed.proj.weight"] = resample_patch_embed(kernel, target.patch_size)
     if new_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
         if not getattr(target, "representation_size", None):
             sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
     return adapt_state_dict_channels(sd, src.in_chans, target.in_chans)  # timm's adapt_input_conv rule
@@ -543,7 +617,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
                                      patch_size=patch_size)
     state_dict = adapt_state_dict(ckpt, target, new_head, resample)
     model = construct_uninitialised(ckpt.architecture.model_class, target)
-    fresh = ("head.", "pre_logits.") if new_head else ()
+    fresh = ("head.", "head_dist.", "pre_logits.") if new_head else ()
     load_strict(model, state_dict, ckpt.path, fresh)
     if ckpt.facts.get("zeroed_head") and not new_head and ckpt.format in ("vit_jax", "big_vision"):
         warnings.warn(f"{ckpt.path}: the classification head is all zeros (an ImageNet-21k pre-training release); "
@@ -552,4 +626,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
     model.preprocessing = adapt_preprocessing_channels(ckpt.preprocessing.replace(img_size=target.img_size),
                                                       target.in_chans)
     model.class_names = None if new_head else ckpt.class_names
+    # the loss the head was trained with (vitlab training records it): sigmoid heads give per-label probabilities
+    loss = ckpt.metadata.get("loss") if isinstance(ckpt.metadata, dict) else None
+    model.loss = loss if loss in ("softmax", "sigmoid") and not new_head else None
     return model.eval()

@@ -16,6 +16,7 @@ FLAG_FIELDS = {
     "device": str, "precision": str, "threads": int, "num_workers": int, "out_dir": str, "run_name": str,
     "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
     "freeze_blocks": int, "freeze": list, "layer_decay": float,
+    "loss": str, "classes": str,
 }
 
 
@@ -25,7 +26,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="JSON", help="start from a saved config (a run's config.json)")
     g = p.add_argument_group("common settings (any config field can be changed with --set)")
     g.add_argument("--data", help="named set (fashion-mnist, mnist, cifar10, cifar100, digits), image folder, "
-                                  "tar shards or a Hugging Face source (hf:org/name, save_to_disk folder, parquet)")
+                                  ".csv / .jsonl manifest, tar shards or a Hugging Face source (hf:org/name, "
+                                  "save_to_disk folder, parquet)")
     g.add_argument("--data-dir", help="folder holding a named set's files")
     g.add_argument("--val-data", help="evaluation data (default: the test split of --data)")
     add_hf_data_arguments(g)
@@ -39,6 +41,15 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--loss", choices=["auto", "softmax", "sigmoid"],
+                   help="softmax cross-entropy, or sigmoid cross-entropy (multi-label; head bias -10); auto: sigmoid "
+                        "for multi-label data")
+    g.add_argument("--classes", metavar="FILE", help="class list of a manifest (one name a line)")
+    g.add_argument("--channels", type=int, metavar="N",
+                   help="image channels (model_args.in_chans): 1, 3, or more for .npy / multi-band TIFF images; an "
+                        "RGB checkpoint's input layer is adapted")
+    g.add_argument("--normalize-from-data", action="store_true", default=None,
+                   help="per-channel mean / std measured on the training images (saved with the model)")
     g.add_argument("--augment", help="inception, crop, shift, flip, resize or none")
     g.add_argument("--ema-decay", type=float, help="Polyak / EMA averaging factor (0 = off)")
     g.add_argument("--seed", type=int)
@@ -148,11 +159,13 @@ def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
-    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe"):
+    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe", "normalize_from_data"):
         if getattr(args, k, None) is not None:
             flags[k] = getattr(args, k)
     if flags.get("steps") is not None:
         flags.setdefault("epochs", None)
+    if getattr(args, "channels", None) is not None:
+        flags["model_args"] = {**config.model_args, "in_chans": args.channels}
     config = config.replace(**flags) if flags else config
     config = apply_overrides(config, args.assignments)
     if any(getattr(args, k, None) for k in ("image_column", "label_column", "stream")):

@@ -22,6 +22,10 @@ from ..preprocessing import Preprocessing
 from .cache import hf_cache_dir, offline_mode
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# transformers model types vitlab reads: the paper's ViT, DeiT, DINOv2 (with registers), SigLIP and CLIP (full
+# models or their vision towers)
+TRANSFORMERS_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "siglip", "siglip_vision_model", "clip",
+                            "clip_vision_model")
 
 
 @dataclass
@@ -152,10 +156,11 @@ def resolve_hub(spec: str) -> HubFiles:
                         num_classes if isinstance(num_classes, int) else None)
     model_type = config.get("model_type")
     if model_type is not None or "architectures" in config:  # transformers
-        if model_type != "vit":
+        if model_type not in TRANSFORMERS_MODEL_TYPES:
             kind = model_type or ", ".join(config.get("architectures") or []) or "unknown"
-            raise VitlabError(f"{where}: the repo holds a {kind!r} model, not a ViT (model_type 'vit'); vitlab reads "
-                              "ViT repos in the timm or transformers layout")
+            raise VitlabError(f"{where}: the repo holds a {kind!r} model, not a ViT (model_type one of "
+                              f"{', '.join(TRANSFORMERS_MODEL_TYPES)}); vitlab reads ViT repos in the timm or "
+                              "transformers layout")
         _download(repo, "preprocessor_config.json", revision, optional=True)
         weights = _weights(repo, revision)
         return HubFiles(weights.parent, "transformers", repo, revision)

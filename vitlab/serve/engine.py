@@ -23,6 +23,7 @@ from torch import nn
 from ..data.images import load_image
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
+from ..train.predict import probabilities
 
 BACKENDS = ("torch", "onnx-int8", "pt2")
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -69,13 +70,15 @@ class Engine:
         names = getattr(model, "class_names", None)
         self.class_names = [str(n) for n in names] if names else [str(i) for i in range(cfg.num_classes)]
         self.named_classes = bool(names)
+        self.loss = getattr(model, "loss", None)  # "sigmoid": per-label probabilities (multi-label models)
         self.name = name or (Path(source).stem if source else type(model).__name__)
         self.source = source
         self.transform = self.preprocessing.transform()
         self.can_explain = (backend == "torch" and hasattr(model, "forward_with_attention")
                             and hasattr(cfg, "grid_size") and hasattr(cfg, "num_prefix_tokens"))
-        self.rollout_source = "class" if getattr(cfg, "pool", "token") == "token" and \
-            getattr(cfg, "num_prefix_tokens", 0) > 0 else "mean"
+        pool = getattr(cfg, "pool", "token")
+        self.rollout_source = ("class" if pool == "token" and getattr(cfg, "class_token", False)
+                               else "probe" if pool == "map" else "mean")
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def prepare(self, data: bytes, label: str, max_pixels: int | None) -> torch.Tensor:
@@ -91,7 +94,7 @@ class Engine:
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(images.to(self.device))
-        return logits.float().softmax(dim=1).cpu()
+        return probabilities(logits, self.loss).cpu()
 
     @torch.inference_mode()
     def explain(self, images: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
@@ -100,10 +103,14 @@ class Engine:
 
         if not self.can_explain:
             raise VitlabError("attention rollout needs the PyTorch model of a ViT (serve with --backend torch)")
-        logits, attn = self.model.forward_with_attention(images.to(self.device))
+        probe = None
+        if self.rollout_source == "probe":  # pool='map': the pooling probe's attention starts the rollout
+            logits, attn, probe = self.model.forward_with_attention(images.to(self.device), return_pool_attention=True)
+        else:
+            logits, attn = self.model.forward_with_attention(images.to(self.device))
         maps = attention_rollout(attn, self.cfg.num_prefix_tokens, self.cfg.grid_size, head_fusion=head_fusion,
-                                 discard_ratio=discard_ratio, source=self.rollout_source)
-        return logits.float().softmax(dim=1).cpu(), maps.cpu()
+                                 discard_ratio=discard_ratio, source=self.rollout_source, probe=probe)
+        return probabilities(logits, self.loss).cpu(), maps.cpu()
 
     def run_batch(self, key: tuple, images: torch.Tensor) -> list:
         """The batcher's entry point: ``key`` is ``("classify",)`` or ``("explain", head_fusion, discard_ratio)``;
@@ -167,6 +174,7 @@ class Engine:
             "config": config,
             "preprocessing": self.preprocessing.to_dict(),
             "class_names": self.class_names if self.named_classes else None,
+            "probabilities": "sigmoid" if self.loss == "sigmoid" else "softmax",
             "explain": self.can_explain,
             "rollout_source": self.rollout_source if self.can_explain else None,
         }

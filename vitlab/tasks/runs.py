@@ -13,6 +13,7 @@ import torch
 from ..compute.onednn import linear_shapes
 from ..compute.precision import choose_cpu_precision
 from ..compute.pt2 import is_exported_file, load_exported
+from ..data.manifest import looks_like_manifest
 from ..devices import resolve_device
 from ..errors import VitlabError
 from ..evaluate.classification import evaluate_classifier, load_label_sets
@@ -71,6 +72,8 @@ def fewshot_checkpoint(
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev)
     train = eval_dataset(data, train_split, model.preprocessing, data_dir=data_dir, on_error="fail")
+    if getattr(train, "multi_label", False):
+        raise VitlabError(f"{data}: few-shot evaluation needs single-label data (a 'label' column), not multi-label")
     test = limit_dataset(eval_dataset(data, test_split, model.preprocessing, data_dir=data_dir, on_error="fail"),
                          max_test)
     names = class_names_of(train)
@@ -104,9 +107,13 @@ def eval_checkpoint(
     progress: bool = False,
     on_skipped=None,
     map_classes_by_name: bool = False,
+    threshold: float = 0.5,
 ) -> dict:
     """``vitlab eval``: top-1 / top-5, loss, per-class accuracy, confusion matrix and calibration (ECE) of a
-    checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``.
+    checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``. Multi-label data (a
+    manifest with a ``labels`` column) get mean average precision (macro, micro), F1 at ``threshold`` and ReaL-style
+    top-1 instead (:func:`vitlab.evaluate.metrics.multilabel_metrics`); a manifest's rows are read with the
+    checkpoint's class list when it has one.
 
     Data whose classes are not the checkpoint's (another count, or other names than those the checkpoint carries)
     are refused; ``map_classes_by_name`` instead evaluates on the classes both name, with the logits of those
@@ -123,7 +130,12 @@ def eval_checkpoint(
     if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
         precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     pre = preprocessing or model.preprocessing
-    dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image)
+    own_classes = None if map_classes_by_name else getattr(model, "class_names", None)
+    dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,
+                           classes=own_classes if looks_like_manifest(data) else None)
+    if getattr(dataset, "multi_label", False) and (map_classes_by_name or labels_file is not None):
+        raise VitlabError(f"{data}: multi-label data are scored on their own labels; drop --map-classes-by-name "
+                          "and --labels")
     model, dataset, mapping = match_model_to_data(model, dataset, str(checkpoint), data, map_classes_by_name,
                                                   labels_file is not None)
     dataset = limit_dataset(dataset, max_samples)
@@ -138,7 +150,7 @@ def eval_checkpoint(
         class_names = None
     results = evaluate_classifier(model, dataset, batch_size=batch_size, label_sets=label_sets, num_bins=num_bins,
                                   class_names=class_names, device=dev, num_workers=num_workers, progress=progress,
-                                  precision=precision, on_skipped=on_skipped)
+                                  precision=precision, on_skipped=on_skipped, threshold=threshold)
     results = {"checkpoint": str(checkpoint), "data": data, "split": split, "preprocessing": pre.to_dict(),
                **results}
     if mapping:
