@@ -31,7 +31,7 @@ REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 PRECISION_MARGIN = 0.9  # auto takes bf16 where it needs at most this share of float32's time
 MIN_FEATURES = 128  # narrower layers are not measured (casts dominate them); a model with none keeps float32
-ROWS = 256
+ROWS = 512  # token rows per timed product: a few images' worth (autocast's weight casts amortise over rows)
 ROUNDS = 5
 CACHE_VERSION = 1
 
