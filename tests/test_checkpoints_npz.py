@@ -1,4 +1,4 @@
-"""Official Google .npz checkpoints (vit_jax and big_vision layouts), built in code from REFERENCE.md's key tables.
+"""Official Google .npz checkpoints (vit_jax and big_vision layouts), built in code from their published key names.
 
 Oracles: timm's own npz loader (``model.load_pretrained(path)``, exact GELU) and a plain numpy forward written in the
 JAX layout with tanh GELU (tests/checkpoint_fixtures.py).

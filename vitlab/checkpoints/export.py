@@ -20,6 +20,7 @@ from ..errors import InvalidValueError, VitlabError
 from ..preprocessing import Preprocessing
 from .family_layouts import to_transformers, transformers_class
 from .files import write_json, write_safetensors
+from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
 from .loading import Checkpoint, model_from_checkpoint, read_checkpoint, zeroed_head_note
 from .npz import to_npz_arrays
 from .statedicts import to_hf, to_torchvision
@@ -79,8 +80,6 @@ def export_npz(model: nn.Module, path: str | os.PathLike) -> list[str]:
     extra = []
     notes = []
     if backbone is not None:
-        from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
-
         if backbone.stem_kernel != 7 or not backbone.stem_pool or backbone.gn_groups != 32:
             raise InvalidValueError("cannot write the vit_jax .npz layout for this hybrid: vit_jax's ResNet has a "
                                     "7x7 stem with max-pool and GroupNorm(32)")

@@ -20,10 +20,12 @@ from torch import nn
 from ..errors import VitlabError
 from ..labels import class_names as label_names
 from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
+from ..models.lora import add_lora, merge_lora
 from ..models.pretrained import LABEL_SETS
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
-from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
+from .adapter import ADAPTER_KEY, base_candidates, check_base_hash, load_adapter_tensors, read_adapter_document
+from .channels import adapt_model_channels, adapt_preprocessing_channels, adapt_state_dict_channels
 from .family_layouts import (
     FAMILY_NUMERICS,
     HF_FAMILY_TYPES,
@@ -109,13 +111,15 @@ def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> 
 # ------------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
                     grid_hint: tuple[int, int] | None = None, check_finite: bool = True,
-                    source=None) -> Checkpoint:
+                    source=None, base: tuple[Path, Checkpoint] | None = None) -> Checkpoint:
     """Read any supported checkpoint file (format sniffed from its bytes) into a :class:`Checkpoint`.
 
     ``model_name`` supplies what a layout does not store (the head count of fused-qkv layouts, a non-square grid) and
     is checked against the weights. ``prefer_ema`` picks EMA weights from a training checkpoint that has both.
     ``source`` is what :func:`vitlab.hub.resolve` made of a name (a :class:`vitlab.hub.Resolved`; then ``path`` is
     ignored): its file is read and what the source says is applied. :func:`vitlab.read_checkpoint` takes names too.
+    A LoRA adapter file is read as its base with the adapter merged; ``base`` is its base as (path, record) when
+    the caller found it (by name), else it is looked for among local files (:mod:`vitlab.checkpoints.adapter`).
     Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
     resolved = source
     if resolved is not None:  # a catalog name, hf-hub: repo or URL, now a local file
@@ -134,8 +138,11 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _read_hf_folder(path, grid_hint, named)
     elif kind == "safetensors":
         tensors, metadata = read_safetensors(path)
-        document = read_document(metadata, source)
-        if document is not None:
+        adapter = read_adapter_document(metadata, source)
+        document = read_document(metadata, source) if adapter is None else None
+        if adapter is not None:  # a LoRA adapter: its base with the adapter merged
+            ckpt = _from_adapter(source, tensors, adapter, base)
+        elif document is not None:
             ckpt = _from_vitlab_document(source, tensors, document)
         else:
             ckpt = _from_state_dict(source, "safetensors", tensors, [], grid_hint, named)
@@ -170,6 +177,7 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
     """Refuse a config whose input no real model takes (every image would be resized to it), or whose token grid
     holds far more values than the file has weights: building the model would compute a fixed (sin-cos) embedding
     of that size, and every image's activations would be that large. Runs before anything is built."""
+    _check_size_fields(config, state_dict, source)
     img = getattr(config, "img_size", None)
     if img is None:
         return
@@ -185,6 +193,45 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
                           f"for {tokens:,} tokens of width {width} ({tokens * width:,} values per image, "
                           f"{4 * tokens * width / 1e9:.1f} GB) from weights of {held:,} values; the file is corrupt "
                           "or not what it claims")
+
+
+_COUNT_FIELDS = ("depth", "layers")  # how many blocks: each holds several tensors of its own
+
+
+def _check_size_fields(config, state_dict: dict, source: str) -> None:
+    """Every size field of a stored config (the backbone's too) checked against the tensors the file holds, before
+    anything is built or iterated: a block count cannot exceed the number of tensors, a width or count cannot exceed
+    the values held, and the matrices the widths imply (D x D attention, D x M MLP, classes x D head) must fit in
+    them. A file whose metadata says 10,000,000 blocks next to the weights of 4 is refused here, not after minutes
+    of building."""
+    held = sum(t.numel() for t in state_dict.values())
+    bound = max(4 * held, TOKEN_VALUES_FLOOR)
+
+    def fields_of(cfg, prefix: str = ""):
+        for name, value in vars(cfg).items():
+            if hasattr(value, "__dataclass_fields__"):
+                yield from fields_of(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", name, value
+
+    for label, name, value in fields_of(config):
+        numbers = [value] if type(value) is int else \
+            [v for v in value if type(v) is int] if isinstance(value, (tuple, list)) else []
+        if name == "img_size" or not numbers:
+            continue  # the image size has its own check below (a fixed embedding can make it cost no tensors)
+        if name in _COUNT_FIELDS and sum(numbers) > max(len(state_dict), 1):
+            raise VitlabError(f"{source}: config field {label} {value} asks for more blocks than the file's "
+                              f"{len(state_dict):,} tensors can hold; the file is corrupt or not what it claims")
+        if max(numbers) > bound or min(numbers) < 0:
+            raise VitlabError(f"{source}: config field {label} {value} does not fit the file's {held:,} weight "
+                              "values; the file is corrupt or not what it claims")
+    width, mlp = getattr(config, "embed_dim", None), getattr(config, "mlp_dim", None)
+    classes = getattr(config, "num_classes", None)
+    for what, size in (("embed_dim x embed_dim", (width or 0) ** 2), ("embed_dim x mlp_dim", (width or 0) * (mlp or 0)),
+                       ("num_classes x embed_dim", (classes or 0) * (width or 0))):
+        if type(size) is int and size > bound:
+            raise VitlabError(f"{source}: config fields {what} ask for weight matrices of {size:,} values from a file "
+                              f"of {held:,}; the file is corrupt or not what it claims")
 
 
 def _imagenet_names(ckpt: Checkpoint) -> None:
@@ -228,6 +275,71 @@ def _from_vitlab_document(source: str, tensors: dict, document: dict) -> Checkpo
     arch, config, preprocessing, class_names, metadata = parse_document(document, source)
     return Checkpoint(source, "vitlab", "safetensors", tensors, config, arch, preprocessing, class_names, metadata,
                       facts={"format_version": document.get("format_version")})
+
+
+def _local_base(document: dict, source: str) -> tuple[Path, Checkpoint]:
+    """(path, record) of an adapter's base among local files: the recorded name when it is a path, the recorded
+    absolute path, a file of that name beside the adapter. Names (catalog, ``hf-hub:``) are resolved one layer up,
+    by :func:`vitlab.read_checkpoint` / :func:`vitlab.load`, which pass the base they found."""
+    for spec in base_candidates(document, source):
+        if Path(spec).exists():
+            check_base_hash(document, source, spec)  # before reading what may be the wrong file
+            return Path(spec), read_checkpoint(spec)
+    raise VitlabError(f"{source}: cannot find the adapter's base checkpoint {document['base']['name']} (tried "
+                      f"{', '.join(base_candidates(document, source))}); read it with vitlab.load, which resolves "
+                      "catalog and hf-hub: names, or pass where the base is (base=... / --base)")
+
+
+def adapted_model(source: str, tensors: dict, document: dict, base_path: str | os.PathLike,
+                  base_ckpt: Checkpoint) -> nn.Module:
+    """The model an adapter file describes, adapters not merged, from its base (``base_path``, read as
+    ``base_ckpt``): the base's hash checked, the base loaded as the run loaded it (resolution, head, channels), the
+    adapters added and filled from the file."""
+    check_base_hash(document, source, base_path)
+    arch, config, preprocessing, class_names, _ = parse_document(document, source)
+    drop = bool(getattr(base_ckpt.config, "representation_size", None)) and not getattr(config,
+                                                                                       "representation_size", None)
+    model = model_from_checkpoint(base_ckpt, img_size=config.img_size, num_classes=config.num_classes,
+                                  drop_pre_logits=drop)
+    if model.cfg.in_chans != config.in_chans:  # as the run adapted it (vitlab.train.transfer.adapt_init_channels)
+        model = adapt_model_channels(model, config.in_chans)
+    if model.cfg != config:  # options without weights (dropout, ...) the run changed
+        state = model.state_dict()
+        model = construct_uninitialised(arch.model_class, config)
+        load_strict(model, state, source)
+    with torch.random.fork_rng(devices=[]):  # the adapters' random start is overwritten: leave the caller's RNG be
+        add_lora(model, document["lora"])
+    load_adapter_tensors(model, tensors, source)
+    model.preprocessing, model.class_names = preprocessing, class_names
+    return model.eval()
+
+
+def _from_adapter(source: str, tensors: dict, document: dict, base: tuple[Path, Checkpoint] | None) -> Checkpoint:
+    settings = document["lora"]
+    base_path, base_ckpt = base if base is not None else _local_base(document, source)
+    model = merge_lora(adapted_model(source, tensors, document, base_path, base_ckpt))
+    arch, config, preprocessing, class_names, metadata = parse_document(document, source)
+    record = document["base"]
+    method = "DoRA" if settings.dora else "LoRA"
+    note = (f"{method} adapter (rank {settings.rank}, alpha {settings.scale * settings.rank:g}, "
+            f"on {','.join(settings.targets)}) merged into its base {record['name']} (sha256 "
+            f"{record['sha256'][:12]}... checked)")
+    return Checkpoint(source, "vitlab", "lora-adapter", model.state_dict(), config, arch, preprocessing, class_names,
+                      metadata, notes=[note], facts={"adapter": {"method": document["method"], **settings.to_dict(),
+                                                                 "base": dict(record),
+                                                                 "adapter_tensors": len(tensors)}})
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, document) of an adapter file; anything else is refused in one line."""
+    source = str(path)
+    if sniff(path) != "safetensors":
+        raise VitlabError(f"{source}: not an adapter file (adapters are .safetensors files)")
+    tensors, metadata = read_safetensors(path)
+    document = read_adapter_document(metadata, source)
+    if document is None:
+        raise VitlabError(f"{source}: not an adapter file (no '{ADAPTER_KEY}' metadata); load it with vitlab.load")
+    return tensors, document
 
 
 def _embedded_config(obj: object) -> tuple[ViTConfig | None, list[str] | None]:

@@ -4,7 +4,8 @@ Each layout is a pair of pure functions between its names and vitlab's, plus the
 script adds (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``state_dict`` / ``model`` / ``model_ema``
 wrappers), and the inference of a :class:`ViTConfig` from the shapes of a vitlab-named state dict.
 
-Key tables (REFERENCE.md section 6):
+Key tables (the parameter names of timm's ``vision_transformer.py``, transformers' ``modeling_vit.py`` and
+torchvision's ``models/vision_transformer.py``):
 
 ======================  ===========================================  ==============================================
 vitlab / timm           Hugging Face (on disk)                       torchvision

@@ -22,6 +22,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from ..errors import UnknownNameError
+from .registry import resolve
 
 IMAGENET_1K = "imagenet-1k"
 IMAGENET_21K = "imagenet-21k"
@@ -470,8 +471,6 @@ def get_pretrained(name: str, tag: str | None = None) -> PretrainedEntry:
     """The entry for ``model.tag``, or for ``model`` with ``tag`` (``None``: the model's default tag). Model names
     may be any registered name or alias (``vit_base_patch16_384.augreg_in21k_ft_in1k`` finds
     ``vit_b16.augreg_in21k_ft_in1k_384``). Raises ``KeyError`` naming the closest entries."""
-    from .registry import resolve
-
     model, _, given_tag = name.partition(".")
     tag = given_tag or tag
     try:

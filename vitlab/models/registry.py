@@ -14,6 +14,8 @@ at creation.
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
@@ -232,8 +234,6 @@ for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_va
 def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:
     """Registered model names, optionally filtered by a substring or ``fnmatch`` pattern (matched against names and
     their timm-style aliases); with ``aliases`` the aliases are listed too."""
-    import fnmatch
-
     glob = None
     if pattern:
         glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
@@ -254,7 +254,6 @@ def resolve(name: str) -> tuple[ModelEntry, dict]:
     if name in _ALIASES:
         base, overrides = _ALIASES[name]
         return _ENTRIES[base], dict(overrides)
-    import difflib
 
     close = difflib.get_close_matches(name, list(_ENTRIES) + list(_ALIASES), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitlab models`"

@@ -87,6 +87,17 @@ class Engine:
         image = load_image(_Upload(data), channels=self.preprocessing.channels, max_pixels=max_pixels, name=label)
         return self.transform(image)
 
+    @staticmethod
+    def pixels(data: bytes) -> int:
+        """Width x height an upload declares in its header (nothing decoded); 0 when it is not an image Pillow
+        recognises (decoding it then fails with the reason)."""
+        try:
+            with Image.open(_Upload(data)) as img:
+                width, height = img.size
+                return width * height
+        except Exception:  # any unreadable header: prepare() reports it as a bad image
+            return 0
+
     def input_shape(self) -> tuple[int, int, int]:
         return (self.cfg.in_chans, *self.cfg.img_size)
 
