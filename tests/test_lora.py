@@ -137,6 +137,8 @@ def test_a_lora_run_changes_only_adapters_and_head_and_saves_a_small_adapter(lor
     state = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert set(state["optimizer"]["state"]) == trained
+    # the training state holds what trains; the frozen base is re-read from init_from, its sha256 checked
+    assert set(state["model"]) == trained and state["lora_base"]["sha256"] == checkpoint_sha256(base_path)
     adapter = result.run_dir / "adapter.safetensors"
     assert result.model_path == result.run_dir / "model.safetensors"  # merged on request
     assert adapter.stat().st_size < base_path.stat().st_size / 3
@@ -241,6 +243,16 @@ def test_cli_flags_reach_the_config_and_clashes_are_refused(tmp_path, capsys):
         with pytest.raises(VitlabError, match=message):
             train(_lora_config(tmp_path, source, **changes))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_resuming_a_lora_run_whose_base_changed_is_refused_naming_both(tmp_path):
+    path = vitlab.save(tiny_vit(), tmp_path / "base.safetensors")
+    train(_lora_config(tmp_path, path, steps=1, run_name="short"))
+    want = checkpoint_sha256(path)
+    vitlab.save(randomize_(tiny_vit(), std=0.06), path)  # another base under the same name
+    with pytest.raises(VitlabError, match=f"last.pt: the LoRA run was trained on {re.escape(str(path))} "
+                                          f"\\(sha256 {want}\\), but .* now has sha256"):
+        train(TrainConfig(threads=1), resume=tmp_path / "runs" / "short", steps=2)
 
 
 def test_lora_train_chooses_what_else_trains(tmp_path):

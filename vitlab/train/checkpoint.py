@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, remove_stale_temporaries
+from ..checkpoints.adapter import base_record, checkpoint_sha256
 from ..checkpoints.files import read_torch, sniff
 from ..errors import VitlabError
+from ..factory import checkpoint_location
 from ..models.lora import add_lora, has_lora
 from . import distributed as D
 
@@ -108,12 +110,31 @@ def full_model(run, device: torch.device | str) -> nn.Module:
     return module
 
 
+def _trained_part(model: nn.Module, state_dict: dict) -> dict:
+    """The entries of ``state_dict`` that are trainable parameters of ``model`` or buffers (not frozen weights)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in state_dict.items() if k not in frozen}
+
+
+def _own_full_state(run) -> dict:
+    """The run's model state as one unsharded state dict on every rank (FSDP: a collective)."""
+    if not run.config.fsdp:
+        return dict(run.model.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(run.trainable, options=StateDictOptions(full_state_dict=True))
+
+
 def save_run_state(run, name: str, step: int, best: dict | None, times: dict | None = None) -> None:
     """Write ``checkpoints/<name>`` of the run folder: everything a resumed run needs (every rank calls this; rank 0
     writes). ``times``: the run's time so far (``train_seconds``, ``total_seconds``), summed over resumed segments."""
     model_sd, optim_sd = D.full_state_dicts(state_module(run), run.optimizer)
     if not run.info.is_main:
         return
+    lora_base = None
+    if has_lora(run.model):  # only what trains: the frozen base is re-read from init_from (its hash checked)
+        lora_base = base_record(run.config.init_from, checkpoint_location(run.config.init_from))
+        model_sd = _trained_part(run.model, model_sd)
     state = {
         "format": STATE_FORMAT, "version": STATE_VERSION,
         "step": step, "epoch": step / run.steps_per_epoch,
@@ -132,6 +153,10 @@ def save_run_state(run, name: str, step: int, best: dict | None, times: dict | N
     }
     if run.ema is not None:
         state["model_ema"] = {k: v.detach().cpu() for k, v in run.ema.state_dict().items()}
+        if lora_base is not None:  # the EMA of a frozen weight is that weight, bit for bit (lerp of equal values)
+            state["model_ema"] = _trained_part(run.model, state["model_ema"])
+    if lora_base is not None:
+        state["lora_base"] = lora_base
     atomic_torch_save(state, run.run_dir / "checkpoints" / name)
 
 
@@ -140,10 +165,20 @@ def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
     if state.get("world_size", 1) != run.info.world_size:
         run.log.warning(f"resuming a {state.get('world_size')}-process run with {run.info.world_size} processes: "
                         "the data order differs from an uninterrupted run")
-    D.load_full_state_dicts(state_module(run), run.optimizer, state["model"], state["optimizer"])
+    model_sd, ema_sd = state["model"], state.get("model_ema")
+    if "lora_base" in state:  # a LoRA run's state holds what trains; the rest is the base the run has just read
+        base, base_path = state["lora_base"], checkpoint_location(run.config.init_from)
+        if checkpoint_sha256(base_path) != base["sha256"]:
+            raise VitlabError(f"{path}: the LoRA run was trained on {base['name']} (sha256 {base['sha256']}), but "
+                              f"{base_path} now has sha256 {checkpoint_sha256(base_path)}; put that base back to "
+                              "resume")
+        model_sd = {**_own_full_state(run), **model_sd}
+        if run.ema is not None:
+            ema_sd = {**run.ema.state_dict(), **ema_sd}
+    D.load_full_state_dicts(state_module(run), run.optimizer, model_sd, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.ema is not None:
-        run.ema.load_state_dict(state["model_ema"])
+        run.ema.load_state_dict(ema_sd)
     set_rng_state(state["rng"])
     step = int(state["step"])
     run.log.truncate_metrics(step)
