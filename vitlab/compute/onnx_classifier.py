@@ -1,13 +1,14 @@
 """An exported ONNX file used like a loaded vitlab model, so that ``vitlab predict``, ``vitlab eval`` and
 ``vitlab serve`` take ``.onnx`` files (for example the int8 model) with the same code as PyTorch checkpoints.
 
-:func:`vitlab.compute.deploy.export_onnx` writes the model's config, preprocessing and class names into the file's
-``vitlab`` metadata entry; :class:`OnnxClassifier` reads them back and offers what the evaluators use of a model:
-``forward`` on (B, C, H, W) tensors returning logits, ``.cfg`` (``img_size``, ``in_chans``, ``num_classes``, ...),
-``.preprocessing`` and ``.class_names``. An int8 file with signed weights warns once where this CPU would saturate
-them (:func:`vitlab.compute.deploy.warn_if_saturating`). It runs on ONNX Runtime's CPU provider whatever device the
-inputs are on (the logits come back on the inputs' device). It has no attention maps: attention rollout needs the
-PyTorch model.
+:func:`vitlab.compute.deploy.export_onnx` writes the model's config, preprocessing, class names and loss into the
+file's ``vitlab`` metadata entry; :class:`OnnxClassifier` reads them back and offers what the evaluators use of a
+model: ``forward`` on (B, C, H, W) tensors returning logits, ``.cfg`` (``img_size``, ``in_chans``, ``num_classes``,
+...), ``.preprocessing``, ``.class_names`` and ``.loss`` (``"sigmoid"`` for a multi-label model: ``predict`` and
+``serve`` then answer per-label sigmoid probabilities, as for its checkpoint). An int8 file with signed weights
+warns once where this CPU would saturate them (:func:`vitlab.compute.deploy.warn_if_saturating`). It runs on ONNX
+Runtime's CPU provider whatever device the inputs are on (the logits come back on the inputs' device). It has no
+attention maps: attention rollout needs the PyTorch model.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class OnnxClassifier(nn.Module):
         names = meta.get("class_names")
         self.class_names = [str(n) for n in names] if names else None
         self.quantization = meta.get("quantization")
+        loss = meta.get("loss")  # absent in files exported before it was recorded: softmax, as for checkpoints
+        if loss not in (None, "softmax", "sigmoid"):
+            raise VitlabError(f"{path}: the ONNX file's vitlab metadata names an unknown loss {loss!r} (expected "
+                              "'softmax' or 'sigmoid')")
+        self.loss = loss
         self.int8 = self.runtime.int8  # how an int8 file was quantised (weight type, the CPU chosen for); None: fp32
         self.path = path
         self.num_prefix_tokens = getattr(self.cfg, "num_prefix_tokens", 0)
