@@ -225,3 +225,20 @@ def test_onnx_exports_of_a_multi_label_model_answer_sigmoid_probabilities(tmp_pa
 
     engine = load_engine(str(int8), backend="onnx-int8")
     assert engine.card()["probabilities"] == "sigmoid" and engine.loss == "sigmoid"
+
+
+def test_fewshot_command_on_multi_label_data_reports_map(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data = quadrant_set(tmp_path, n_train=40, n_test=16)
+    model = vitlab.create_model("vit_fmnist", num_classes=4, img_size=8, **TINY_MODEL)
+    ckpt = vitlab.save(model, tmp_path / "tiny.safetensors", class_names=LABELS)
+    args = ["fewshot", str(ckpt), "--data", str(data), "--shots", "1", "2", "--seeds", "0", "--methods", "lsr",
+            "knn", "--holdout-per-class", "2", "--device", "cpu", "--out", str(tmp_path / "fs")]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "lsr: 1-shot " in printed and "mAP, % over 1 seeds" in printed
+    saved = json.loads((tmp_path / "fs" / "results.json").read_text())
+    assert saved["multi_label"] and saved["num_classes"] == 4 and saved["num_test"] == 16
+    two = saved["methods"]["lsr"]["results"]["2"]
+    assert 0 < two["map_macro"][0] <= 1 and 0 < two["map_micro"][0] <= 1 and two["mean"] == two["map_macro"][0]
+    assert "Test mAP (macro) (%)" in (tmp_path / "fs" / "report.md").read_text()
