@@ -276,7 +276,8 @@ def _mosaic(similarity: np.ndarray) -> np.ndarray:
 def plot(rows: list[dict], arrays: list[dict[str, np.ndarray]], out: str) -> Path:
     """families.png: a column per model; top, mean attention distance per head against depth (Fig. 7 right), with
     uniform attention dashed; bottom, the position-embedding similarity mosaic (Fig. 7 centre)."""
-    fig, axes = new_figure(3.2 * len(rows) + 0.6, 6.6, ncols=len(rows), nrows=2)
+    fig, axes = new_figure(3.2 * len(rows) + 0.8, 6.4, ncols=len(rows), nrows=2)
+    fig.set_layout_engine("constrained")  # keeps the shared colour bar and the titles apart
     axes = np.asarray(axes).reshape(2, len(rows))
     top = max(max(max(layer) for layer in r["distance_table"]) for r in rows)
     top = max(top, max(r["uniform_attention"] for r in rows)) * 1.05
@@ -291,6 +292,7 @@ def plot(rows: list[dict], arrays: list[dict[str, np.ndarray]], out: str) -> Pat
         ax.set_title(f"{row['label']}\n{'x'.join(map(str, row['img_size']))} px, grid "
                      f"{'x'.join(map(str, row['grid_size']))}", fontsize=8)
         ax.set_xlabel("layer", fontsize=8)
+        ax.locator_params(axis="x", integer=True)
         if column == 0:
             ax.set_ylabel("mean attention distance (px)", fontsize=8)
         ax = axes[1, column]
@@ -305,7 +307,7 @@ def plot(rows: list[dict], arrays: list[dict[str, np.ndarray]], out: str) -> Pat
             ax.set_title("no position embedding", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=list(axes[1]), shrink=0.8, label="cosine similarity")
-    return save_figure(fig, out, "families.png", tight=image is None)
+    return save_figure(fig, out, "families.png", tight=False)
 
 
 def rows_ok(rows: list[dict]) -> bool:
