@@ -191,4 +191,8 @@ def test_families_default_images_and_bad_options(tmp_path, capsys):
                      str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--labels: need 2 distinct labels" in err
+    cnn = vitlab.save(vitlab.create_model("bit_fmnist", layers=[1, 1, 1]), tmp_path / "bit.safetensors")
+    assert cli_main(["experiment", "families", "--models", str(cnn), "--images", "digits", "--num-images", "1",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "has no attention layers to measure" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -183,6 +183,8 @@ def measure(args: argparse.Namespace) -> None:
     if not args.models:
         raise VitlabError("--models: give at least one checkpoint (a path, a catalog name or a model name)")
     labels = args.labels or [Path(m).name if Path(m).exists() else m for m in args.models]
+    if not args.labels and len(set(labels)) != len(labels):  # e.g. runs/a/model.safetensors, runs/b/model.safetensors
+        labels = list(args.models)
     if len(labels) != len(args.models) or len(set(labels)) != len(labels):
         raise InvalidValueError(f"--labels: need {len(args.models)} distinct labels, one per --models entry, got "
                                 f"{len(labels)} ({', '.join(labels)})")
@@ -198,6 +200,8 @@ def measure(args: argparse.Namespace) -> None:
     for index, (label, spec) in enumerate(zip(labels, args.models)):
         print(f"[{index + 1}/{len(labels)}] {label}: loading {checkpoint_spec(spec)} ...", flush=True)
         model = load(checkpoint_spec(spec))
+        if not hasattr(model, "forward_with_attention"):
+            raise VitlabError(f"--models {spec}: a {type(model).__name__} has no attention layers to measure")
         inputs, preprocessing = model_inputs(model, images, args.img_size)
         row, found = measure_model(model, inputs, dynamic_img_size=True if args.img_size else None,
                                    batch_size=args.batch_size, device=device)
