@@ -127,10 +127,11 @@ _warned: set[str] = set()
 def choose_cpu_precision(precision: str, shapes: Iterable[tuple[int, int]], flags: Iterable[str] | None = None,
                          measure: Callable[[list[tuple[int, int]], str], float] | None = None) -> str:
     """The precision a model with Linear ``shapes`` (in, out) runs in on this CPU for ``precision`` (``auto``,
-    ``fp32``, ``bf16`` or ``fp16``). ``auto``: ``$VITLAB_AUTO_PRECISION`` when set; else bf16 where the CPU has native bf16 (``flags``, default this CPU's)
-    and bf16 autocast measured at most :data:`PRECISION_MARGIN` of float32's time at the model's shapes at least
-    :data:`MIN_FEATURES` wide; float32 otherwise. A reduced precision asked for on a CPU without it natively is kept
-    and warns once (:class:`EmulatedPrecisionWarning`) with the measured slowdown."""
+    ``fp32``, ``bf16`` or ``fp16``). ``auto``: ``$VITLAB_AUTO_PRECISION`` when set; else bf16 where the CPU has
+    native bf16 (``flags``, default this CPU's) and bf16 autocast measured at most :data:`PRECISION_MARGIN` of
+    float32's time at the model's shapes at least :data:`MIN_FEATURES` wide; float32 otherwise. A reduced precision
+    asked for on a CPU without it natively is kept and warns once (:class:`EmulatedPrecisionWarning`) with the
+    measured slowdown."""
     if precision not in ("auto", "fp32", *REDUCED):
         raise InvalidValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     shapes = sorted(set(shapes))
