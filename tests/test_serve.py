@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,11 +27,14 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 pytest.importorskip("prometheus_client")
 
+import uvicorn  # noqa: E402
+
 import vitlab  # noqa: E402
 from vitlab.cli import main as cli_main  # noqa: E402
 from vitlab.data.images import load_image  # noqa: E402
 from vitlab.inspect import attention_rollout  # noqa: E402
 from vitlab.serve import BackgroundServer, Batcher, Engine, QueueFull, ServeSettings, create_app  # noqa: E402
+from vitlab.serve.server import bind_socket, run_server  # noqa: E402
 
 from .serve_helpers import (  # noqa: E402
     CLASSES,
@@ -370,9 +374,7 @@ def test_vitlab_serve_command_answers_accepted_requests_when_stopped(ckpt, image
         url = line.split(" at ")[1].split("/ ")[0]
         key = {"X-API-Key": "k3y"}
         deadline = time.time() + 120
-        while not _up(url):
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
+        assert _up(url)  # the line comes once the server accepts: no waiting after it
         answer = {}
         sender = threading.Thread(target=lambda: answer.update(
             result=post_files(url + "/v1/classify", files_of(images[:1]), headers=key)))
@@ -390,6 +392,52 @@ def test_vitlab_serve_command_answers_accepted_requests_when_stopped(ckpt, image
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def _hello_app(scope, receive, send):
+    """A minimal ASGI app whose startup takes a moment, as loading a model does."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await asyncio.sleep(0.02)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+@pytest.mark.slow  # 50 starts and stops of uvicorn: about 12 s here
+def test_run_server_announces_only_once_connections_are_accepted(monkeypatch):
+    # what `vitlab serve` does: bind, then print the address from on_ready; a script reading the line connects at
+    # once. Before the fix the line came before uvicorn listened: "connection refused".
+    servers = []
+    init = uvicorn.Server.__init__
+
+    def recording_init(self, config):  # to stop each server from here (run_server blocks until a signal)
+        servers.append(self)
+        init(self, config)
+
+    monkeypatch.setattr(uvicorn.Server, "__init__", recording_init)
+    for attempt in range(50):
+        sock = bind_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        ready = threading.Event()
+        thread = threading.Thread(target=run_server, args=(_hello_app, sock),
+                                  kwargs=dict(log_level="warning", on_ready=ready.set), daemon=True)
+        thread.start()
+        assert ready.wait(30), "never announced"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = conn.makefile("rb").read()
+        finally:
+            servers[-1].should_exit = True
+            thread.join(30)
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), (attempt, answer[:80])
 
 
 def _up(url: str) -> bool:

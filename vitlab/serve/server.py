@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import socket
 import threading
+from collections.abc import Callable
 
 from ..errors import VitlabError
 
@@ -40,12 +41,25 @@ def _config(app, sock: socket.socket, access_log: bool, graceful_timeout: float 
 
 
 def run_server(app, sock: socket.socket, *, access_log: bool = False, graceful_timeout: float | None = 30.0,
-               log_level: str = "info", max_connections: int | None = None) -> None:
+               log_level: str = "info", max_connections: int | None = None,
+               on_ready: Callable[[], None] | None = None) -> None:
     """Serve ``app`` on the bound socket until SIGINT / SIGTERM. ``max_connections``: connections and requests
-    handled at once; beyond it uvicorn answers 503 (default: no limit)."""
+    handled at once; beyond it uvicorn answers 503 (default: no limit). ``on_ready`` is called once the socket
+    accepts connections and the app has started (where ``vitlab serve`` prints its address)."""
     import uvicorn
 
     server = uvicorn.Server(_config(app, sock, access_log, graceful_timeout, log_level, max_connections))
+    if on_ready is not None:
+        # uvicorn listens on the socket and runs the app's startup in ``startup``; announcing before it returns sent
+        # scripts that wait for the address to a refused connection (uvicorn has no ready hook, so wrap it)
+        startup = server.startup
+
+        async def startup_then_announce(sockets=None):
+            await startup(sockets=sockets)
+            if server.started and not server.should_exit:
+                on_ready()
+
+        server.startup = startup_then_announce
     # uvicorn handles SIGINT / SIGTERM itself (graceful shutdown), then raises the signal again against the handlers
     # it found; handlers that only note the signal make that a normal return, so the caller ends with status 0
     noted: list[int] = []
