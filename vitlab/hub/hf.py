@@ -47,6 +47,18 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+def download_hint(repo: str, revision: str | None = None, files: tuple[str, ...] = ("config.json",
+                                                                                   "model.safetensors")) -> str:
+    """The ``hf download`` command that puts what vitlab reads of ``repo`` (its config and weights by default) in
+    this machine's Hub cache, and where the files go (the last part of the offline / no-network messages)."""
+    cache = hf_cache_dir()
+    revision_option = f" --revision {revision}" if revision else ""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    return (f"on a connected machine run `hf download {repo} {' '.join(files)}{revision_option} --cache-dir "
+            f"'{cache}'` (the files go to {folder}; if that machine is another one, copy the folder to the same "
+            f"place here or point HF_HUB_CACHE at a copy)")
+
+
 def _download(repo: str, filename: str, revision: str | None, *, optional: bool = False) -> Path | None:
     """One file of the repo through ``hf_hub_download`` (cache first; network only when allowed)."""
     from huggingface_hub import hf_hub_download
@@ -71,9 +83,9 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
         why = "network use is off (HF_HUB_OFFLINE / VITLAB_OFFLINE / --offline)" if offline else \
             "the Hub cannot be reached"
         folder = cache / f"models--{repo.replace('/', '--')}"
-        raise VitlabError(f"{where}: {filename} is not in the Hub cache ({folder}) and {why}; on a connected "
-                          f"machine run `hf download {repo} {filename}` (or copy its {folder.name} cache folder) "
-                          f"and point HF_HUB_CACHE there") from None
+        files = ("config.json", "model.safetensors") if filename == "config.json" else (filename,)
+        raise VitlabError(f"{where}: {filename} is not in the Hub cache ({folder}) and {why}; "
+                          f"{download_hint(repo, revision, files)}") from None
     except GatedRepoError:
         raise VitlabError(f"{where}: a gated repo; accept its terms on the Hub and log in (`hf auth login` or "
                           "HF_TOKEN)") from None
@@ -107,8 +119,10 @@ def _weights(repo: str, revision: str | None) -> Path:
             _download(repo, shard, revision)
         return index
     where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
-    hint = " in the Hub cache (network use is off)" if offline_mode() else ""
-    raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin{hint}")
+    if offline_mode():  # the config is cached, the weights are not
+        raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin in the Hub cache "
+                          f"and network use is off; {download_hint(repo, revision, ('model.safetensors',))}")
+    raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin")
 
 
 def timm_preprocessing(cfg: dict, in_chans: int = 3) -> Preprocessing | None:
