@@ -19,9 +19,10 @@ from pathlib import Path
 
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
-from .cache import hf_cache_dir, offline_mode
+from .cache import hf_cache_dir, offline_mode, reachable
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_ENDPOINT = "https://huggingface.co"
 
 
 @dataclass
@@ -45,6 +46,11 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise VitlabError(f"hf-hub:{spec}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
     return repo, revision or None
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub endpoint (``$HF_ENDPOINT``, default huggingface.co) accepts connections; probed once."""
+    return reachable(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
 
 
 def download_hint(repo: str, revision: str | None = None, files: tuple[str, ...] = ("config.json",
@@ -75,7 +81,9 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
     cache = hf_cache_dir()
     offline = offline_mode()
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=offline,
+        # an unreachable Hub: the cache only, without huggingface_hub's retries
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache,
+                                    local_files_only=offline or not hub_reachable(),
                                     endpoint=os.environ.get("HF_ENDPOINT") or None))
     except LocalEntryNotFoundError:  # not cached, and offline or the Hub unreachable
         if optional:
@@ -119,9 +127,10 @@ def _weights(repo: str, revision: str | None) -> Path:
             _download(repo, shard, revision)
         return index
     where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
-    if offline_mode():  # the config is cached, the weights are not
+    if offline_mode() or not hub_reachable():  # the config is cached, the weights are not
+        why = "network use is off" if offline_mode() else "the Hub cannot be reached"
         raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin in the Hub cache "
-                          f"and network use is off; {download_hint(repo, revision, ('model.safetensors',))}")
+                          f"and {why}; {download_hint(repo, revision, ('model.safetensors',))}")
     raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin")
 
 
