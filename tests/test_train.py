@@ -179,3 +179,46 @@ def test_bad_settings_are_clear_errors(tmp_path):
         train(tiny_config(tmp_path, data="no-such-set"))
     with pytest.raises(KeyError, match="unknown model"):
         train(tiny_config(tmp_path, model="vit_q99"))
+
+
+def _choice_flags() -> list[tuple[str, str, str, str]]:
+    """(sub-command, flag, config field, choice) for every train / finetune flag with a choice list: argparse's
+    choices, or the one-of rule of the field the flag sets."""
+    import argparse
+
+    from vitlab.cli import build_parser
+    from vitlab.cli.train import FLAG_FIELDS
+    from vitlab.train.config import RULES
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    found = []
+    for command in ("train", "finetune"):
+        for action in commands[command]._actions:
+            field = action.dest
+            if not action.option_strings or (field not in FLAG_FIELDS and field not in RULES):
+                continue
+            choices = action.choices or (RULES[field].choices if field in RULES else ())
+            found += [(command, action.option_strings[0], field, choice) for choice in choices]
+    return found
+
+
+CHOICE_FLAGS = _choice_flags()
+
+
+def test_every_choice_flag_is_found():
+    flags = {flag for _, flag, _, _ in CHOICE_FLAGS}
+    assert {"--augment", "--on-bad-image", "--precision", "--reset-head"} <= flags
+    assert ("train", "--augment", "augment", "none") in CHOICE_FLAGS
+
+
+@pytest.mark.parametrize("command, flag, field, choice", CHOICE_FLAGS)
+def test_set_takes_every_value_its_flag_takes(command, flag, field, choice, capsys):
+    # `--set augment=none` used to read "none" as null and refuse it, while `--augment none` worked
+    base = [command, "--dry-run"] + (["--from", "model.safetensors"] if command == "finetune" else [])
+    configs = []
+    for option in ([flag, choice], ["--set", f"{field}={choice}"]):
+        assert cli_main(base + option) == 0, capsys.readouterr().err
+        configs.append(json.loads(capsys.readouterr().out))
+    by_flag, by_set = configs
+    assert by_flag[field] == by_set[field] == choice
+    assert by_flag == by_set
