@@ -166,6 +166,12 @@ def test_offline_hint_names_every_source_and_its_commands_work_on_a_fresh_machin
     assert len(bucket.gets("/" + gcs.location[len("gs://"):])) == 1
 
 
+def test_a_catalog_name_to_fine_tune_from_is_its_registered_model(placed):
+    from vitlab.train.transfer import source_model_name
+
+    assert source_model_name(NAME) == "vit_ti16"
+
+
 def test_info_and_convert_take_catalog_names(placed, tmp_path, capsys):
     assert main(["info", NAME, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -193,6 +199,7 @@ def test_finetune_from_catalog_name_runs_on_fashion_mnist(placed, tmp_path, caps
     out = capsys.readouterr()
     assert code == 0, out.err
     assert f"fine-tuning from {NAME}: new zero-initialised head for 10 classes" in out.out + out.err
+    assert json.loads((tmp_path / "runs" / "ft" / "config.json").read_text())["model"] == "vit_ti16"
     tuned = vitlab.load(tmp_path / "runs" / "ft" / "model.safetensors")
     assert (tuned.cfg.num_classes, tuned.cfg.img_size, tuned.cfg.embed_dim, tuned.cfg.depth) == (10, (32, 32), 192, 12)
 

@@ -31,6 +31,7 @@ from .run import Run, build_run
 from .runfolder import RUNTIME_FIELDS, RunLock, run_folder_of
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
+from .transfer import source_model_name
 
 
 @dataclass
@@ -207,6 +208,8 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
         config, changed = _resume_length(config, state, run_dir, epochs, steps)
     elif epochs is not None or steps is not None:
         raise VitlabError("epochs= and steps= of train() make a resumed run longer; set them in the config")
+    if resume is None and config.init_from:  # the run folder and config.json name the model actually trained
+        config = config.replace(model=source_model_name(config.init_from) or config.model)
     info = D.setup(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)

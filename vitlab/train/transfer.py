@@ -212,6 +212,20 @@ def init_channels(init_from: str | None) -> int | None:
     return read_checkpoint(init_from, check_finite=False).config.in_chans
 
 
+def source_model_name(init_from: str) -> str | None:
+    """The registered model a fine-tuning run's ``init_from`` checkpoint is, recorded as the run's ``model`` (the
+    config's own ``model`` does not build it): a catalog entry's model, else the registered name of the same size and
+    patch; None when no registered model matches."""
+    from ..checkpoints import read_checkpoint
+    from ..checkpoints.inspection import matching_model
+    from ..hub import resolve
+
+    resolved = resolve(str(init_from))
+    if resolved is not None and resolved.model_name:
+        return resolved.model_name
+    return matching_model(read_checkpoint(init_from, check_finite=False).config)
+
+
 def adapt_init_channels(model: nn.Module, in_chans: int | None, source: str,
                         log: Callable[[str], None] | None = None) -> nn.Module:
     """``model`` (loaded from ``source``) taking ``in_chans``-channel images: its input convolution adapted as
