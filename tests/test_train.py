@@ -222,3 +222,34 @@ def test_set_takes_every_value_its_flag_takes(command, flag, field, choice, caps
     by_flag, by_set = configs
     assert by_flag[field] == by_set[field] == choice
     assert by_flag == by_set
+
+
+def test_cpu_cost_warns_before_the_papers_fine_tune_and_not_before_the_cpu_preset():
+    from vitlab.compute.flops import forward_macs
+    from vitlab.models import get_config
+    from vitlab.train.loop import CPU_TRAIN_UTILISATION, cpu_cost
+
+    rate = 200e9  # FLOP/s, the oneDNN matrix-product rate measured on the 2-core Xeon
+    paper, cpu = get_recipe("finetune").config(), get_recipe("finetune-cpu").config()
+
+    def flops(config, model="vit_ti16", eval_images=10_000):
+        macs = forward_macs(get_config(model, img_size=config.img_size, num_classes=10))
+        return 6.0 * macs * config.steps * config.batch_size, 2.0 * macs * eval_images
+
+    train_flops, eval_flops = flops(paper)
+    warn, line = cpu_cost(train_flops, eval_flops, rate, init_from="vit_ti16.augreg_in21k_ft_in1k")
+    hours = (train_flops + eval_flops) / (CPU_TRAIN_UTILISATION * rate) / 3600
+    assert warn and f"about {hours:.1f} h" in line and "--recipe finetune-cpu" in line, line
+    assert f"{train_flops / 1e12:.1f} TFLOPs training" in line
+    warn, line = cpu_cost(*flops(cpu), rate, init_from="vit_ti16.augreg_in21k_ft_in1k")
+    assert not warn and "min" in line, line
+    assert cpu.img_size == 160 and cpu.steps * cpu.batch_size == 2400 and cpu.reset_head == "always"
+
+
+def test_a_cpu_run_logs_its_cost_before_training(tmp_path):
+    config = TrainConfig().replace(data="digits", model="vit_fmnist", img_size=8, epochs=None, steps=1,
+                                   batch_size=16, augment="none", model_args={"patch_size": 4, "depth": 1},
+                                   out_dir=str(tmp_path), threads=1, progress=False, device="cpu")
+    result = train(config)
+    log = (result.run_dir / "log.txt").read_text()
+    assert "cost on this CPU:" in log and "TFLOPs evaluation" in log and "GFLOP/s matrix-product rate" in log

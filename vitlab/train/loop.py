@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compute.bench import measure_gemm_rate
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
 from ..errors import VitlabError
@@ -128,6 +129,37 @@ def _save_final(run: Run, metrics: dict | None) -> tuple[Path | None, nn.Module]
     return Path(path), module
 
 
+# the share of the measured matrix-product rate a CPU training step reaches (docs/performance.md: 13-59% for
+# Ti/16 to B/16 inference on the 2-core Xeon; backward passes are less efficient): the estimate's assumption
+CPU_TRAIN_UTILISATION = 0.3
+LONG_CPU_RUN_SECONDS = 15 * 60
+
+
+def cpu_cost(train_flops: float, eval_flops: float, rate: float, init_from: str | None = None) -> tuple[bool, str]:
+    """(whether to warn, the line) for a run on the CPU: its FLOPs and the time they take at
+    :data:`CPU_TRAIN_UTILISATION` of ``rate`` (the measured matrix-product FLOP/s); a warning above 15 minutes, with
+    the way to a CPU-sized run."""
+    seconds = (train_flops + eval_flops) / (CPU_TRAIN_UTILISATION * rate)
+    shown = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
+    line = (f"cost on this CPU: {train_flops / 1e12:.1f} TFLOPs training + {eval_flops / 1e12:.1f} TFLOPs evaluation, "
+            f"about {shown} (at {CPU_TRAIN_UTILISATION:.0%} of the measured {rate / 1e9:.0f} GFLOP/s matrix-product "
+            "rate)")
+    if seconds <= LONG_CPU_RUN_SECONDS:
+        return False, line
+    smaller = ("--recipe finetune-cpu (150 steps of 16 images at 160 px)" if init_from else
+               "fewer --steps or --epochs")
+    return True, f"{line}; for a CPU-sized run use {smaller}, or a smaller --img-size / --batch-size"
+
+
+def _evaluations(run: Run) -> int:
+    """How many times the run evaluates its evaluation set (each eval_every_epochs, and at the end)."""
+    if run.eval_set is None or not hasattr(run.eval_set, "__len__"):  # streamed shards: count unknown
+        return 0
+    epochs = run.total_steps / run.steps_per_epoch
+    every = run.config.eval_every_epochs
+    return 1 + (math.floor(epochs / every) if every > 0 else 0)
+
+
 def _describe(run: Run, train_flops: float) -> None:
     cfg, log, mc = run.config, run.log, run.model_cfg
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -147,6 +179,12 @@ def _describe(run: Run, train_flops: float) -> None:
              f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} warmup {run.warmup_steps}"
              f", {train_flops / 1e12:.1f} TFLOPs in total (6 x MACs x images); {run.info.world_size} process(es) on "
              f"{run.device}, {run.precision}, {torch.get_num_threads()} threads")
+    if run.device.type == "cpu" and run.info.is_main:
+        evaluations = _evaluations(run)
+        eval_flops = 2.0 * run.macs * len(run.eval_set) * evaluations if evaluations else 0.0
+        rate = measure_gemm_rate(run.device, size=1024, repeats=3)["peak"] * run.info.world_size
+        warn, line = cpu_cost(train_flops, eval_flops, rate, cfg.init_from)
+        (log.warning if warn else log.info)(line)
 
 
 class RunFinished(VitlabError):
