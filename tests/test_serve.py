@@ -94,6 +94,9 @@ def test_classify_answers_equal_vitlab_predict_on_the_same_files(server, ckpt, i
     assert status == 200, answer
     assert answer["model"] == "tiny" and answer["time_ms"] > 0
     assert [r["name"] for r in answer["results"]] == [p.name for p in images]
+    # one key for the file in both: predict --json's "name" is the path given, the server's the file name sent
+    assert [Path(want["name"]).name for want in expected] == [r["name"] for r in answer["results"]]
+    assert answer["top_k"] == 5 and "note" not in answer
     for got, want in zip(answer["results"], expected):
         assert_same_top(got["top"], want)
     # JSON with base64 (plain strings, objects, a data URL), and one image as the raw body
@@ -109,6 +112,14 @@ def test_classify_answers_equal_vitlab_predict_on_the_same_files(server, ckpt, i
     status, _, raw = request(server + "/v1/classify?top_k=2", images[3].read_bytes(), {"Content-Type": "image/png"})
     assert status == 200
     assert_same_top(json.loads(raw)["results"][0]["top"], expected_predictions(ckpt, images[3:4], capsys, 2)[0])
+
+
+def test_top_k_above_the_class_count_says_so_in_the_answer(server, ckpt, images, capsys):
+    status, _, answer = post_files(server + "/v1/classify", files_of(images[:1]), {"top_k": "5000"})
+    assert status == 200 and len(answer["results"][0]["top"]) == len(CLASSES) == answer["top_k"]
+    assert answer["note"] == f"top_k 5000 is more than the model's {len(CLASSES)} classes: all 7 are listed"
+    assert cli_main(["predict", str(ckpt), str(images[0]), "--topk", "5000"]) == 0
+    assert f"--topk 5000 is more than the model's {len(CLASSES)} classes" in capsys.readouterr().err
 
 
 def test_explain_rollout_equals_attention_rollout(server, ckpt, images):
@@ -199,12 +210,16 @@ def test_model_card_health_and_page(server, ckpt):
 
 
 BAD_INPUTS = {
-    "not an image": (400, "cannot decode image", lambda: multipart([("notes.png", b"just some text, not pixels")])),
+    "not an image": (400, "notes.png: cannot decode image",
+                     lambda: multipart([("notes.png", b"just some text, not pixels")])),
+    # the bad one of two files is named by its name, not by its place ("image 1")
+    "bad second file": (400, "notes.png: cannot decode image",
+                        lambda: multipart([("good.png", png_bytes()), ("notes.png", b"just text")])),
     "truncated PNG": (400, "cannot decode image", lambda: multipart([("cut.png", noise_png()[:6000])])),
     # a few kilobytes whose header promises 100,000 x 100,000 pixels: refused before anything is decoded
     "decompression bomb": (400, "image too large", lambda: multipart([("bomb.png", png_of_size(100_000, 100_000,
                                                                                                rows=64))])),
-    "20,000 x 20,000 image": (400, "image 0: image too large",
+    "20,000 x 20,000 image": (400, "huge.png: image too large",
                               lambda: multipart([("huge.png", png_of_size(20_000, 20_000))])),
     "wrong content type": (415, "unsupported content type 'text/plain'", lambda: (b"hello", "text/plain")),
     "form-encoded body": (415, "unsupported content type 'application/x-www-form-urlencoded'",

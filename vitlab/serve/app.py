@@ -387,8 +387,9 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
             raise ApiError(503, str(exc)) from None
 
         def decode():
-            return torch.stack([engine.prepare(data, f"image {i}", settings.max_pixels)
-                                for i, (_, data) in enumerate(uploads)])
+            # a bad file is named as the client named it (the page sends one file per request: all are "image 0")
+            return torch.stack([engine.prepare(data, name or f"image {i}", settings.max_pixels)
+                                for i, (name, data) in enumerate(uploads)])
 
         try:
             images = await anyio.to_thread.run_sync(decode, limiter=service.decode_limiter())
@@ -415,8 +416,12 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
             for entry, png in zip(results, pngs):
                 entry["rollout"]["overlay_png"] = base64.b64encode(png).decode("ascii")
         service.metrics.images.labels("/v1/explain" if explain else "/v1/classify").inc(len(results))
-        return JSONResponse({"model": engine.name, "results": results,
-                             "time_ms": round(1000 * (time.perf_counter() - start), 3)})
+        answer = {"model": engine.name, "results": results, "time_ms": round(1000 * (time.perf_counter() - start), 3)}
+        listed = len(results[0]["top"]) if results else top_k
+        answer["top_k"] = listed
+        if listed < top_k:
+            answer["note"] = f"top_k {top_k} is more than the model's {listed} classes: all {listed} are listed"
+        return JSONResponse(answer)
 
     @app.post("/v1/classify", summary="top-k classes of one or several images")
     async def classify(request: Request):
