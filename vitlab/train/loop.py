@@ -140,7 +140,10 @@ def cpu_cost(train_flops: float, eval_flops: float, rate: float, init_from: str 
     :data:`CPU_TRAIN_UTILISATION` of ``rate`` (the measured matrix-product FLOP/s); a warning above 15 minutes, with
     the way to a CPU-sized run."""
     seconds = (train_flops + eval_flops) / (CPU_TRAIN_UTILISATION * rate)
-    shown = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
+    if seconds >= 2 * 86400:
+        shown = f"{seconds / 86400:.0f} days"
+    else:
+        shown = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
     line = (f"cost on this CPU: {train_flops / 1e12:.1f} TFLOPs training + {eval_flops / 1e12:.1f} TFLOPs evaluation, "
             f"about {shown} (at {CPU_TRAIN_UTILISATION:.0%} of the measured {rate / 1e9:.0f} GFLOP/s matrix-product "
             "rate)")
