@@ -135,10 +135,10 @@ CPU_TRAIN_UTILISATION = 0.3
 LONG_CPU_RUN_SECONDS = 15 * 60
 
 
-def cpu_cost(train_flops: float, eval_flops: float, rate: float, init_from: str | None = None) -> tuple[bool, str]:
+def cpu_cost(train_flops: float, eval_flops: float, rate: float, suggest_preset: bool = False) -> tuple[bool, str]:
     """(whether to warn, the line) for a run on the CPU: its FLOPs and the time they take at
     :data:`CPU_TRAIN_UTILISATION` of ``rate`` (the measured matrix-product FLOP/s); a warning above 15 minutes, with
-    the way to a CPU-sized run."""
+    the ways to a CPU-sized run (``suggest_preset``: the ``finetune-cpu`` recipe, for a fine-tune larger than it)."""
     seconds = (train_flops + eval_flops) / (CPU_TRAIN_UTILISATION * rate)
     if seconds >= 2 * 86400:
         shown = f"{seconds / 86400:.0f} days"
@@ -149,9 +149,15 @@ def cpu_cost(train_flops: float, eval_flops: float, rate: float, init_from: str 
             "rate)")
     if seconds <= LONG_CPU_RUN_SECONDS:
         return False, line
-    smaller = ("--recipe finetune-cpu (150 steps of 16 images at 160 px)" if init_from else
-               "fewer --steps or --epochs")
-    return True, f"{line}; for a CPU-sized run use {smaller}, or a smaller --img-size / --batch-size"
+    ways = []
+    if suggest_preset:
+        ways.append("--recipe finetune-cpu (150 steps of 16 images at 160 px)")
+    if train_flops >= eval_flops:
+        ways.append("fewer --steps, a smaller --img-size or --batch-size")
+    else:  # the evaluation set costs more than the training
+        ways.append("a smaller evaluation set (--val-data, or --set holdout=N to evaluate on N held-out training "
+                    "images)")
+    return True, f"{line}; for a CPU-sized run use " + ", or ".join(ways)
 
 
 def _evaluations(run: Run) -> int:
@@ -186,7 +192,8 @@ def _describe(run: Run, train_flops: float) -> None:
         evaluations = _evaluations(run)
         eval_flops = 2.0 * run.macs * len(run.eval_set) * evaluations if evaluations else 0.0
         rate = measure_gemm_rate(run.device, size=1024, repeats=3)["peak"] * run.info.world_size
-        warn, line = cpu_cost(train_flops, eval_flops, rate, cfg.init_from)
+        larger_than_preset = cfg.steps is None or cfg.steps * cfg.batch_size > 2400 or max(mc.img_size) > 160
+        warn, line = cpu_cost(train_flops, eval_flops, rate, bool(cfg.init_from) and larger_than_preset)
         (log.warning if warn else log.info)(line)
 
 
