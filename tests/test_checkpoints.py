@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vitlab
-from vitlab.checkpoints import load, read_checkpoint, resample_pos_embed, save
+from vitlab import load
+from vitlab.checkpoints import read_checkpoint, resample_pos_embed, save
 from vitlab.errors import VitlabError
 from vitlab.preprocessing import Preprocessing
 

@@ -85,6 +85,40 @@ def test_importing_vitlab_does_not_load_torch():
     assert out.stdout.split() == ["False", "True"], out.stderr
 
 
+def test_help_version_and_a_mistyped_command_do_not_load_torch():
+    """``vitlab --help``, ``--version`` and an unknown command answer from the command table, importing no
+    command module (they import torch: seconds on a busy machine)."""
+    code = ("import sys\n"
+            "from vitlab.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['nosuch'], []):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('vitlab.cli.')))\n")
+    res = _python(code)
+    assert res.stdout.splitlines()[-1] == "False []", res.stdout + res.stderr
+    assert "pretrain-mpp" in res.stdout and "vitlab 0.1.0" in res.stdout
+
+
+def test_the_command_table_lists_every_command_with_its_help():
+    """COMMAND_HELP (what ``vitlab --help`` shows without importing the commands) matches the commands' own
+    parsers, and building the parser for one command registers that command in full."""
+    import argparse
+    import importlib
+
+    from vitlab.cli import COMMAND_HELP, build_parser, command_modules
+
+    helps = {}
+    for name in command_modules():
+        subparsers = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"vitlab.cli.{name}").register(subparsers)
+        helps.update({a.dest: a.help for a in subparsers._choices_actions})
+    assert helps == COMMAND_HELP
+    parser = build_parser(["--offline", "models", "--aliases"])
+    assert parser.parse_args(["models", "--aliases"]).func is not None
+
+
 def test_ctrl_c_while_torch_loads_is_one_line():
     """A KeyboardInterrupt raised inside ``import torch`` (where a Ctrl-C at start-up lands: seconds on a loaded
     machine) ends the command with one line and exit 130."""

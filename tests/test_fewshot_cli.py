@@ -28,7 +28,7 @@ ARGS = ["--data", "digits", "--shots", "1", "5", "--seeds", "0", "1", "--methods
 
 @pytest.mark.slow
 def test_fewshot_command_writes_the_report_and_matches_the_python_api(checkpoint, tmp_path, capsys):
-    from vitlab.evaluate.runs import fewshot_checkpoint
+    from vitlab.tasks.runs import fewshot_checkpoint
 
     assert main(["fewshot", checkpoint, "--out", str(tmp_path / "a"), *ARGS]) == 0
     printed = capsys.readouterr().out

@@ -13,8 +13,8 @@ from tests.conftest import randomize_
 from vitlab.checkpoints.loading import IMAGENET_MEAN, IMAGENET_STD
 from vitlab.data import batch_transforms as BT
 from vitlab.data.loaders import mix_seed
-from vitlab.evaluate.runs import eval_checkpoint
 from vitlab.preprocessing import Preprocessing
+from vitlab.tasks.runs import eval_checkpoint
 from vitlab.train import TrainConfig, train
 from vitlab.train import distributed as D
 from vitlab.train.run import build_run

@@ -135,7 +135,7 @@ def test_eval_measures_the_int8_accuracy_with_the_same_command(tmp_path, capsys)
     assert results["fp32"]["loss"] == pytest.approx(results["torch"]["loss"], abs=1e-4)
     assert abs(results["int8"]["top1"] - results["torch"]["top1"]) <= 0.03
     with pytest.raises(VitlabError, match="runs at its exported resolution"):
-        from vitlab.evaluate.runs import load_for_eval
+        from vitlab.tasks.runs import load_for_eval
 
         load_for_eval(int8, img_size=16)
 

@@ -8,9 +8,9 @@ from torch.utils.data import Dataset
 
 from tests.conftest import randomize_
 from vitlab.errors import VitlabError
-from vitlab.evaluate.suite import run_suite, sample_test_indices, vtab_split
-from vitlab.evaluate.suite_config import parse_suite_config
 from vitlab.models import VisionTransformer, ViTConfig
+from vitlab.tasks.suite import run_suite, sample_test_indices, vtab_split
+from vitlab.tasks.suite_config import parse_suite_config
 
 
 class PatternDataset(Dataset):

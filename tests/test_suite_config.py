@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vitlab.errors import VitlabError
-from vitlab.evaluate.suite_config import load_suite_config, parse_suite_config
+from vitlab.tasks.suite_config import load_suite_config, parse_suite_config
 
 TOML = """
 name = "mini"

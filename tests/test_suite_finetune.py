@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 
 from tests.conftest import randomize_
 from tests.test_suite import Builder, PatternDataset
-from vitlab.evaluate.finetune import export_image_folder, score_with_class_map
 from vitlab.models import VisionTransformer, ViTConfig
+from vitlab.tasks.finetune import export_image_folder, score_with_class_map
 
 
 def test_export_writes_pngs_by_class_index_and_skips_unreadable(tmp_path):
@@ -71,8 +71,8 @@ def test_scores_map_head_outputs_to_task_classes():
 @pytest.mark.slow
 def test_finetune_task_end_to_end_with_lr_tuning_and_resume(tmp_path):
     pytest.importorskip("vitlab.train")
-    from vitlab.evaluate.suite import run_suite
-    from vitlab.evaluate.suite_config import parse_suite_config
+    from vitlab.tasks.suite import run_suite
+    from vitlab.tasks.suite_config import parse_suite_config
 
     cfg = ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=3, embed_dim=32, depth=1, num_heads=2,
                     mlp_dim=64)

@@ -16,9 +16,12 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "load": ".checkpoints",
+    "load": ".factory",
     "save": ".checkpoints",
-    "create_model": ".hub",
+    "create_model": ".factory",
+    "read_checkpoint": ".factory",
+    "inspect_checkpoint": ".factory",
+    "convert": ".factory",
     "get_pretrained": ".hub",
     "list_pretrained": ".hub",
     "VisionTransformer": ".models",
@@ -28,12 +31,13 @@ _EXPORTS = {
     "Preprocessing": ".preprocessing",
 }
 
-__all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "create_model", "get_config", "get_pretrained",
-           "list_models", "list_pretrained", "load", "save", "__version__"]
+__all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "convert", "create_model", "get_config", "get_pretrained",
+           "inspect_checkpoint", "list_models", "list_pretrained", "load", "read_checkpoint", "save", "__version__"]
 
 if TYPE_CHECKING:
-    from .checkpoints import load, save
-    from .hub import create_model, get_pretrained, list_pretrained
+    from .checkpoints import save
+    from .factory import convert, create_model, inspect_checkpoint, load, read_checkpoint
+    from .hub import get_pretrained, list_pretrained
     from .models import VisionTransformer, ViTConfig, get_config, list_models
     from .preprocessing import Preprocessing
 

@@ -21,8 +21,9 @@ class Preprocessing:
 
     ``resize='squash'`` resizes straight to ``img_size`` (aspect ratio not kept; vit_jax, HF); ``resize='crop'``
     resizes the shorter side to ``img_size / crop_pct`` and takes the centre crop (timm). ``channels`` is 1 for
-    grey-scale models (images are converted to ``L``) or 3 (``RGB``). Pixels in [0, 1] are normalised as
-    ``(x - mean) / std`` per channel.
+    grey-scale models (images are converted to ``L``), 3 (``RGB``), or any other count for multi-band images (read
+    as float tensors from ``.npy`` / TIFF files, :func:`vitlab.data.load_sample`). Pixels in [0, 1] are normalised
+    as ``(x - mean) / std`` per channel.
     """
 
     img_size: tuple[int, int] = (224, 224)
@@ -45,8 +46,8 @@ class Preprocessing:
             problems.append(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in INTERPOLATIONS:
             problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.channels not in (1, 3):
-            problems.append(f"channels must be 1 or 3, got {self.channels}")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            problems.append(f"channels must be a positive integer, got {self.channels!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             problems.append(f"mean and std need {self.channels} values each, got {len(self.mean)} and {len(self.std)}")
         if any(s <= 0 for s in self.std):
@@ -79,12 +80,14 @@ class Preprocessing:
         return cls(**data)
 
     def transform(self):
-        """A torchvision transform: PIL image -> float tensor (channels, height, width), normalised."""
+        """A torchvision transform: PIL image (or a float tensor (channels, H, W) of an array image) -> float tensor
+        (channels, height, width), normalised."""
         import torch
         from torchvision.transforms import v2 as T
 
         interp = getattr(T.InterpolationMode, self.interpolation.upper())
-        steps = [T.Grayscale(1) if self.channels == 1 else T.RGB()]
+        # multi-band images arrive as tensors of the right channel count; only 1 and 3 have a colour conversion
+        steps = [T.Grayscale(1) if self.channels == 1 else T.RGB()] if self.channels in (1, 3) else []
         if self.resize == "squash":
             steps.append(T.Resize(self.img_size, interpolation=interp, antialias=True))
         else:

@@ -3,21 +3,34 @@
 
 Public API:
 
-- :func:`save` / :func:`load`: vitlab format out, any format in (``vitlab.save`` / ``vitlab.load``).
+- :func:`save`: vitlab format out (``vitlab.save``); :func:`read_checkpoint` and :func:`model_from_checkpoint`: any
+  format in (:func:`vitlab.load` composes them with the hub's names and this machine's CPU kernels).
 - :func:`inspect_checkpoint`: what a file is, as plain data (``vitlab info``).
 - :func:`convert`: any format in, any layout out, optionally at a new resolution / class count (``vitlab convert``).
+
+This package reads files; it never resolves names (:mod:`vitlab.hub`) nor picks kernels (:mod:`vitlab.compute`):
+:mod:`vitlab.factory` composes the three.
 - :func:`resample_pos_embed`: position-embedding resampling to a new patch grid.
 """
 
 from . import hybrid_npz  # noqa: F401  (plugs the hybrid ResNet into the npz reader)
-from .export import EXPORT_FORMATS, convert, export, export_hf, export_npz, export_timm, export_torchvision
+from .export import (
+    EXPORT_FORMATS,
+    check_conversion,
+    convert,
+    convert_checkpoint,
+    export,
+    export_hf,
+    export_npz,
+    export_timm,
+    export_torchvision,
+)
 from .files import sniff
-from .inspection import inspect_checkpoint
+from .inspection import describe_checkpoint, inspect_checkpoint
 from .loading import (
     FORMATS,
     Checkpoint,
     CheckpointWarning,
-    load,
     model_from_checkpoint,
     read_checkpoint,
     source_preprocessing,
@@ -35,7 +48,10 @@ __all__ = [
     "CheckpointWarning",
     "NpzBackbone",
     "NpzRule",
+    "check_conversion",
     "convert",
+    "convert_checkpoint",
+    "describe_checkpoint",
     "export",
     "export_hf",
     "export_npz",
@@ -44,7 +60,6 @@ __all__ = [
     "from_hf",
     "from_torchvision",
     "inspect_checkpoint",
-    "load",
     "model_from_checkpoint",
     "read_checkpoint",
     "register_npz_backbone",

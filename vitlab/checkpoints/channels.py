@@ -72,9 +72,9 @@ def adapt_state_dict_channels(state_dict: dict[str, torch.Tensor], source_chans:
 
 
 def adapt_preprocessing_channels(pre: Preprocessing | None, in_chans: int) -> Preprocessing | None:
-    """``pre`` for ``in_chans`` channels: mean and std averaged over the channels (to 1) or repeated (1 to 3). None
-    when there is none or the count is not one a preprocessing record can describe (1 or 3)."""
-    if pre is None or in_chans not in (1, 3):
+    """``pre`` for ``in_chans`` channels: mean and std averaged over the channels (to 1) or repeated cyclically (to
+    more, e.g. RGB's three values then R's again for a fourth band). None when there is none."""
+    if pre is None or in_chans < 1:
         return None
     if pre.channels == in_chans:
         return pre

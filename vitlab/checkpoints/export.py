@@ -19,7 +19,7 @@ from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
 from ..preprocessing import Preprocessing
 from .files import write_json, write_safetensors
-from .loading import model_from_checkpoint, read_checkpoint, zeroed_head_note
+from .loading import Checkpoint, model_from_checkpoint, read_checkpoint, zeroed_head_note
 from .npz import to_npz_arrays
 from .statedicts import to_hf, to_torchvision
 from .vitlab_format import save
@@ -218,13 +218,27 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
     """Read ``src`` (any supported format), optionally change resolution / class count, write ``dst`` in layout ``to``.
 
     Returns a summary dict (source format, target, config, parameter count, notes). Nothing is written unless the
-    whole conversion succeeds."""
+    whole conversion succeeds. :func:`vitlab.convert` takes checkpoint names too."""
+    check_conversion(src, dst, to)
+    ckpt = read_checkpoint(src, model_name=model_name, prefer_ema=prefer_ema)
+    return convert_checkpoint(ckpt, src, dst, to=to, img_size=img_size, num_classes=num_classes,
+                              model_name=model_name, resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu,
+                              patch_size=patch_size)
+
+
+def check_conversion(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> None:
+    """Refuse an unknown target format or a destination that is the source, before anything is read."""
     if to not in EXPORT_FORMATS:
         raise InvalidValueError(f"unknown target format {to!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
+    if Path(src).resolve() == Path(dst).resolve():
         raise VitlabError(f"{dst}: the destination is the source file")
-    ckpt = read_checkpoint(src, model_name=model_name, prefer_ema=prefer_ema)
+
+
+def convert_checkpoint(ckpt: Checkpoint, src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size=None,
+                       num_classes: int | None = None, model_name: str | None = None, resample: str | None = None,
+                       drop_pre_logits: bool = False, gelu: str | None = None, patch_size=None) -> dict:
+    """:func:`convert` of a checkpoint already read from ``src`` (after :func:`check_conversion`)."""
+    src, dst = Path(src), Path(dst)
     model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
                                   resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu,
                                   patch_size=patch_size)

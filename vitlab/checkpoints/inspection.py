@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..models import get_config, list_models
-from .loading import read_checkpoint, zeroed_head_note
+from .loading import Checkpoint, read_checkpoint, zeroed_head_note
 
 _SIZE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
 FORMAT_TITLES = {
@@ -46,8 +46,12 @@ def inspect_checkpoint(path: str | os.PathLike, *, model_name: str | None = None
     (the ViTConfig fields), grid, tokens, params, tensors, dtypes, num_classes, class_names (None or the list),
     preprocessing (dict) and preprocessing_source, facts (zeroed_head, pre_logits, pooling, npz details), metadata,
     notes. Raises :class:`~vitlab.errors.VitlabError` for files that cannot be loaded (the same checks as
-    :func:`vitlab.load`)."""
-    ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)  # a name or URL: the cached file
+    :func:`vitlab.load`). :func:`vitlab.inspect_checkpoint` takes checkpoint names too."""
+    return describe_checkpoint(read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema))
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict:
+    """A checkpoint already read, as :func:`inspect_checkpoint` describes it."""
     path = Path(ckpt.path)
     cfg = ckpt.config
     if path.is_dir():

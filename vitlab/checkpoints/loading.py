@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..compute.onednn import set_onednn_linear
 from ..errors import VitlabError
+from ..labels import class_names as label_names
 from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
+from ..models.pretrained import LABEL_SETS
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
@@ -90,13 +91,16 @@ def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> 
 
 # ------------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
-                    grid_hint: tuple[int, int] | None = None, check_finite: bool = True) -> Checkpoint:
-    """Read any supported checkpoint (format sniffed from its bytes) into a :class:`Checkpoint`.
+                    grid_hint: tuple[int, int] | None = None, check_finite: bool = True,
+                    source=None) -> Checkpoint:
+    """Read any supported checkpoint file (format sniffed from its bytes) into a :class:`Checkpoint`.
 
     ``model_name`` supplies what a layout does not store (the head count of fused-qkv layouts, a non-square grid) and
     is checked against the weights. ``prefer_ema`` picks EMA weights from a training checkpoint that has both.
+    ``source`` is what :func:`vitlab.hub.resolve` made of a name (a :class:`vitlab.hub.Resolved`; then ``path`` is
+    ignored): its file is read and what the source says is applied. :func:`vitlab.read_checkpoint` takes names too.
     Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
-    resolved = _resolve_name(path)
+    resolved = source
     if resolved is not None:  # a catalog name, hf-hub: repo or URL, now a local file
         path, model_name = resolved.path, model_name or resolved.model_name
         grid_hint = grid_hint or resolved.grid_hint
@@ -168,8 +172,6 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
 def _imagenet_names(ckpt: Checkpoint) -> None:
     """A published layout (npz, timm, HF, torchvision) with a 1,000- or 21,843-class head and no names of its own is
     an ImageNet-1k / ImageNet-21k classifier (the only such releases): give it those names, and say so."""
-    from ..labels import class_names as label_names
-
     if ckpt.class_names is not None or ckpt.format == "vitlab":
         return
     label_set = {1000: "imagenet-1k", 21843: "imagenet-21k"}.get(getattr(ckpt.config, "num_classes", 0))
@@ -178,22 +180,9 @@ def _imagenet_names(ckpt: Checkpoint) -> None:
         ckpt.notes.append(f"class names: {label_set} (assumed from the {ckpt.config.num_classes}-class head)")
 
 
-def _resolve_name(spec: str | os.PathLike):
-    """What :func:`vitlab.hub.resolve` makes of a spec that is not an existing path (None: treat it as a path)."""
-    spec = os.fspath(spec)
-    if Path(spec).exists():
-        return None
-    from ..hub import resolve
-
-    return resolve(spec)
-
-
 def _apply_source(ckpt: Checkpoint, resolved) -> None:
     """Give a checkpoint fetched by name what its source says (preprocessing, class names) and check a catalog
     entry's resolution and classes against the file."""
-    from ..labels import class_names as label_names
-    from ..models.pretrained import LABEL_SETS
-
     cfg, entry = ckpt.config, resolved.entry
     if entry is not None:
         source = next((s for s in entry.sources if s.spec == resolved.source), None)
@@ -563,38 +552,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
     model.preprocessing = adapt_preprocessing_channels(ckpt.preprocessing.replace(img_size=target.img_size),
                                                       target.in_chans)
     model.class_names = None if new_head else ckpt.class_names
+    # the loss the head was trained with (vitlab training records it): sigmoid heads give per-label probabilities
+    loss = ckpt.metadata.get("loss") if isinstance(ckpt.metadata, dict) else None
+    model.loss = loss if loss in ("softmax", "sigmoid") and not new_head else None
     return model.eval()
-
-
-def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
-         resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
-         prefer_ema: bool = False, in_chans: int | None = None, patch_size=None) -> nn.Module:
-    """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
-    torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder) and return
-    the model in eval mode, with ``model.preprocessing`` and ``model.class_names`` set.
-
-    - ``model_name``: a registered name; supplies what a layout does not store and is checked against the weights.
-      A resolution alias (``vit_base_patch16_384``) also sets the target image size.
-    - ``img_size``: build the model at this resolution (int or (height, width)); the position embedding is resampled
-      with ``resample`` (``bilinear_aligned``, default for npz; ``bicubic``, default otherwise; ``bilinear``;
-      ``nearest``).
-    - ``num_classes``: a new zero-initialised head when it differs from the checkpoint's; ``drop_pre_logits`` removes
-      the pre-logits layer too (the paper's fine-tuning set-up).
-    - ``gelu``: ``"exact"`` or ``"tanh"``; default: what the source used (tanh for npz, the saved config for vitlab
-      files, exact for timm / HF / torchvision).
-    - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
-    - ``in_chans``: take images with this many channels; the input convolution is adapted as timm's
-      ``adapt_input_conv`` does (summed for 1 channel, repeated and rescaled for more; see
-      :mod:`vitlab.checkpoints.channels`) and the preprocessing's mean / std follow.
-    - ``patch_size``: build the model with this patch size (int or (height, width)), the patch-embedding kernel
-      resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
-      position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
-
-    The model's Linear layers take this machine's CPU fast-path default (:func:`vitlab.compute.set_onednn_linear`).
-    """
-    ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
-    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
-                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
-                                  patch_size=patch_size)
-    return set_onednn_linear(model)  # this machine's CPU fast-path default, as vitlab.create_model
-

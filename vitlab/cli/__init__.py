@@ -1,7 +1,9 @@
 """The ``vitlab`` command: a thin layer that parses arguments, calls the library and prints.
 
 Each sub-command lives in its own module here with ``register(subparsers)``, which adds its parser and sets
-``func(args) -> int``. Modules are found by scanning this package, so adding a command is adding its module.
+``func(args) -> int``. Modules are found by scanning this package, so adding a command is adding its module (and its
+line in :data:`COMMAND_HELP`). Only the module of the command being run is imported: ``vitlab --help``, ``vitlab
+--version`` and a mistyped command answer without loading torch.
 """
 
 from __future__ import annotations
@@ -9,21 +11,51 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pkgutil
 import sys
 
 from ..errors import VitlabError
 
+# each command's line in `vitlab --help`, so that the listing needs none of the command modules (which import torch);
+# the module (vitlab.cli.<command with - as _>) gives the same line to its parser, checked by tests/test_cli.py
+COMMAND_HELP = {
+    "bench": "benchmark models against timm in the same run",
+    "convert": "convert a checkpoint to another layout (optionally new size/classes)",
+    "eval": "accuracy, per-class accuracy, confusion matrix and calibration of a checkpoint on a data set",
+    "experiment": "run one of the paper's experiments in small (table + plot)",
+    "export-onnx": "export a model to ONNX (and int8) with a parity check",
+    "fewshot": "few-shot linear evaluation of frozen representations (paper section 3 / 4)",
+    "finetune": "fine-tune a checkpoint on new data (paper recipe by default)",
+    "info": "describe a checkpoint file (any supported format)",
+    "inspect": "filters, position-embedding similarity, attention distance and rollout figures",
+    "models": "list the model variants with their size and compute",
+    "predict": "top-k classes for image files",
+    "pretrain-mpp": "masked patch prediction pre-training (self-supervised)",
+    "serve": "serve a model over HTTP (API + web page) with dynamic batching",
+    "suite": "VTAB-1k-style evaluation over a list of tasks (few-shot or fine-tuning), resumable",
+    "train": "train a ViT (recipes, checkpoints, resume, torchrun)",
+}
+
+
+def _module_names() -> list[str]:
+    """The modules of this package that may define a sub-command, sorted (found without importing them)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
 
 def command_modules() -> list[str]:
     """Names of the modules in this package that define a sub-command (a ``register`` function), sorted."""
-    import pkgutil
-
-    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-    return sorted(n for n in names if hasattr(importlib.import_module(f"{__name__}.{n}"), "register"))
+    return [n for n in _module_names() if hasattr(importlib.import_module(f"{__name__}.{n}"), "register")]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser with every sub-command registered."""
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names: its first argument that is not an option (the top-level options take no
+    value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser for ``argv``: the command it names registered in full (its module imported), every
+    other listed by its help line alone. ``argv=None`` registers every command in full."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers: build, train, load, evaluate.")
@@ -32,8 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="never use the network: pre-trained checkpoints (catalog names, hf-hub:, URLs) must be "
                              "in the cache (same as VITLAB_OFFLINE=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in command_modules():
-        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    wanted = None if argv is None else _command_of(argv)
+    for name in _module_names():
+        command = name.replace("_", "-")
+        if argv is None or command == wanted or command not in COMMAND_HELP:
+            module = importlib.import_module(f"{__name__}.{name}")
+            if hasattr(module, "register"):
+                module.register(subparsers)
+        else:  # listed, not loaded: its module is imported only when it is the command being run
+            subparsers.add_parser(command, help=COMMAND_HELP[command], add_help=False)
     return parser
 
 
@@ -64,13 +103,14 @@ def _interrupted(command: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status. User errors (:class:`~vitlab.errors.VitlabError`) print one line on
     stderr and return 2; anything else is a bug and propagates with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()  # imports every command's module: seconds, where a Ctrl-C must still be one line
+        parser = build_parser(argv)  # imports the command's module: seconds, where a Ctrl-C must still be one line
     except KeyboardInterrupt:
         print("vitlab: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
+    args._argv = argv  # for commands that re-launch themselves (torchrun)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

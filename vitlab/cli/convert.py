@@ -6,7 +6,8 @@ import argparse
 import json
 import warnings
 
-from ..checkpoints import EXPORT_FORMATS, RESAMPLE_METHODS, convert
+from ..checkpoints import EXPORT_FORMATS, RESAMPLE_METHODS
+from ..factory import convert
 
 
 def _size(text: str) -> int | tuple[int, int]:

@@ -1,5 +1,6 @@
 """``vitlab eval CKPT --data ...``: accuracy of a saved model on a data set: top-1 / top-5, loss, per-class accuracy,
-confusion matrix, calibration (ECE) and ReaL-style multi-label accuracy, with a JSON / Markdown / PNG report."""
+confusion matrix, calibration (ECE) and ReaL-style multi-label accuracy, with a JSON / Markdown / PNG report; for
+multi-label data, mean average precision, F1 at a threshold and top-1 (any correct label)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import InvalidValueError
+from .train import add_hf_data_arguments, hf_data
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
                                           "process takes a disjoint share; no sample is counted twice).")
     p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx file from `vitlab export-onnx`")
-    p.add_argument("--data", required=True, help="named set, image folder or tar shards")
+    p.add_argument("--data", required=True, help="named set, image folder, .csv / .jsonl manifest, tar shards or a "
+                                                 "Hugging Face source (hf:org/name, save_to_disk folder, parquet / "
+                                                 "arrow files)")
+    add_hf_data_arguments(p)
     p.add_argument("--split", default="test", help="split of a named set or folder tree (default test)")
     p.add_argument("--data-dir", help="folder holding a named set's files")
     p.add_argument("--out", type=Path, help="report folder: results.json, report.md, confusion.png, reliability.png")
@@ -38,12 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--map-classes-by-name", action="store_true",
                    help="evaluate on the classes the checkpoint and the data both name (logits taken in the data's "
                         "order); without it, data whose classes differ from the checkpoint's are refused")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="multi-label data: a label counts as predicted at this sigmoid probability (F1; default 0.5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate.runs import eval_checkpoint
+    from ..tasks.runs import eval_checkpoint
     from ..train import distributed as D
 
     for option, value in (("--batch-size", args.batch_size), ("--bins", args.bins),
@@ -53,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
     info = D.setup(args.device)
     skipped: list[str] = []
     try:
-        results = eval_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out, labels_file=args.labels,
+        results = eval_checkpoint(args.checkpoint, hf_data(args.data, args), args.split, out_dir=args.out,
+                                  labels_file=args.labels,
                                   data_dir=args.data_dir, img_size=args.img_size, model_name=args.model,
                                   batch_size=args.batch_size, num_workers=args.workers, device=str(info.device),
                                   precision=args.precision, on_bad_image=args.on_bad_image,
                                   max_samples=args.max_samples, num_bins=args.bins, progress=info.is_main,
-                                  on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name)
+                                  on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name,
+                                  threshold=args.threshold)
     finally:
         D.teardown()
     if not info.is_main:
@@ -73,6 +82,15 @@ def run(args: argparse.Namespace) -> int:
               f"{m['model_classes']}){left}" + (f"; unmatched: {', '.join(m['unmatched'][:5])}"
                                                  + (", ..." if len(m["unmatched"]) > 5 else "")
                                                  if m["unmatched"] else ""))
+    if results.get("multi_label"):
+        from ..evaluate.report import multilabel_summary
+
+        print(f"{args.data} {args.split}: {multilabel_summary(results)}"
+              + (f" ({results['skipped']} unreadable skipped, e.g. {skipped[0] if skipped else '?'})"
+                 if results.get("skipped") else ""))
+        if "files" in results:
+            print(f"wrote {', '.join(Path(p).name for p in results['files'].values())} to {args.out}")
+        return 0
     line = f"{args.data} {args.split}: top-1 {100 * results['top1']:.2f}%"
     if "top5" in results:
         line += f", top-5 {100 * results['top5']:.2f}%"

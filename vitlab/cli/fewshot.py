@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import InvalidValueError
 from ..evaluate.features import REPRESENTATIONS
 from ..evaluate.probes import PROBES
+from .train import add_hf_data_arguments, hf_data
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "features.")
     p.add_argument("checkpoint", metavar="CKPT", help="any checkpoint vitlab.load reads")
     p.add_argument("--data", required=True, help="a named data set (fashion-mnist, mnist, digits, cifar10, ...), an "
-                                                 "image folder or tar shards")
+                                                 "image folder, tar shards or a Hugging Face source")
+    add_hf_data_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="report folder (created if missing)")
     p.add_argument("--train-split", default="train", help="split the shots and held-out images come from")
     p.add_argument("--test-split", default="test", help="split that is scored")
@@ -45,14 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.report import fewshot_summary
-    from ..evaluate.runs import fewshot_checkpoint
+    from ..tasks.runs import fewshot_checkpoint
 
     for option, value in (("--batch-size", args.batch_size), ("--holdout-per-class", args.holdout_per_class),
                           ("--max-test", args.max_test or 1), ("--workers", args.workers + 1)):
         if value < 1:
             raise InvalidValueError(f"{option} must be positive")
     results = fewshot_checkpoint(
-        args.checkpoint, args.data, args.out, train_split=args.train_split, test_split=args.test_split,
+        args.checkpoint, hf_data(args.data, args), args.out, train_split=args.train_split, test_split=args.test_split,
         data_dir=args.data_dir, representation=args.representation, methods=args.methods, shots=args.shots,
         seeds=args.seeds, holdout_per_class=args.holdout_per_class, max_test=args.max_test,
         grids={"lsr": args.l2_grid} if args.l2_grid else None, model_name=args.model, batch_size=args.batch_size,

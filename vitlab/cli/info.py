@@ -6,7 +6,7 @@ import argparse
 import json
 import warnings
 
-from ..checkpoints import inspect_checkpoint
+from ..factory import inspect_checkpoint
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

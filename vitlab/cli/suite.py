@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.report import suite_summary
-    from ..evaluate.runs import suite_checkpoint
+    from ..tasks.runs import suite_checkpoint
 
     results = suite_checkpoint(args.config, args.out, checkpoint=args.checkpoint, model_name=args.model,
                                device=args.device, progress=True)

@@ -16,6 +16,7 @@ FLAG_FIELDS = {
     "device": str, "precision": str, "threads": int, "num_workers": int, "out_dir": str, "run_name": str,
     "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
     "freeze_blocks": int, "freeze": list, "layer_decay": float,
+    "loss": str, "classes": str,
 }
 
 
@@ -24,10 +25,12 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="start from a named recipe (see --list-recipes)")
     p.add_argument("--config", metavar="JSON", help="start from a saved config (a run's config.json)")
     g = p.add_argument_group("common settings (any config field can be changed with --set)")
-    g.add_argument("--data", help="named set (fashion-mnist, mnist, cifar10, cifar100, digits), image folder or "
-                                  "tar shards")
+    g.add_argument("--data", help="named set (fashion-mnist, mnist, cifar10, cifar100, digits), image folder, "
+                                  ".csv / .jsonl manifest, tar shards or a Hugging Face source (hf:org/name, "
+                                  "save_to_disk folder, parquet)")
     g.add_argument("--data-dir", help="folder holding a named set's files")
     g.add_argument("--val-data", help="evaluation data (default: the test split of --data)")
+    add_hf_data_arguments(g)
     g.add_argument("--model", help="registered model name (vitlab models)")
     g.add_argument("--img-size", type=int, help="input resolution")
     g.add_argument("--epochs", type=float)
@@ -38,6 +41,15 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--loss", choices=["auto", "softmax", "sigmoid"],
+                   help="softmax cross-entropy, or sigmoid cross-entropy (multi-label; head bias -10); auto: sigmoid "
+                        "for multi-label data")
+    g.add_argument("--classes", metavar="FILE", help="class list of a manifest (one name a line)")
+    g.add_argument("--channels", type=int, metavar="N",
+                   help="image channels (model_args.in_chans): 1, 3, or more for .npy / multi-band TIFF images; an "
+                        "RGB checkpoint's input layer is adapted")
+    g.add_argument("--normalize-from-data", action="store_true", default=None,
+                   help="per-channel mean / std measured on the training images (saved with the model)")
     g.add_argument("--augment", help="inception, crop, shift, flip, resize or none")
     g.add_argument("--ema-decay", type=float, help="Polyak / EMA averaging factor (0 = off)")
     g.add_argument("--seed", type=int)
@@ -67,6 +79,30 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", metavar="N", type=nproc_value,
                    help="run N data-parallel processes on this machine (via torchrun; 'auto': one per GPU, or one per "
                         "CPU core with one thread each)")
+
+
+def add_hf_data_arguments(p) -> None:
+    """``--image-column`` / ``--label-column`` / ``--stream``: choices for Hugging Face sources (docs/data.md)."""
+    p.add_argument("--image-column", help="Hugging Face sources: the image column (default: the Image feature)")
+    p.add_argument("--label-column", help="Hugging Face sources: the label column (default: the ClassLabel, or "
+                                          "label / labels)")
+    p.add_argument("--stream", choices=["auto", "on", "off"],
+                   help="Hugging Face sources: read piece by piece (on), with random access (off), or stream above "
+                        "1 GiB of files (auto, the default)")
+
+
+def hf_data(spec: str | None, args: argparse.Namespace, option: str = "--data") -> str | None:
+    """``spec`` with ``--image-column`` / ``--label-column`` / ``--stream`` written into it (a Hugging Face source's
+    ``?`` options, kept in the run's config); refused for other sources."""
+    from ..data.hf import looks_like_hf, with_options
+
+    chosen = {k: getattr(args, k, None) for k in ("image_column", "label_column", "stream")}
+    if spec is None or not any(chosen.values()):
+        return spec
+    if not looks_like_hf(spec):
+        used = ", ".join("--" + k.replace("_", "-") for k, v in chosen.items() if v)
+        raise InvalidValueError(f"{used}: only for Hugging Face sources, and {option} {spec} is not one")
+    return with_options(spec, **chosen)
 
 
 def nproc_value(text: str) -> int | str:
@@ -123,13 +159,22 @@ def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
-    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe"):
+    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe", "normalize_from_data"):
         if getattr(args, k, None) is not None:
             flags[k] = getattr(args, k)
     if flags.get("steps") is not None:
         flags.setdefault("epochs", None)
+    if getattr(args, "channels", None) is not None:
+        flags["model_args"] = {**config.model_args, "in_chans": args.channels}
     config = config.replace(**flags) if flags else config
-    return apply_overrides(config, args.assignments)
+    config = apply_overrides(config, args.assignments)
+    if any(getattr(args, k, None) for k in ("image_column", "label_column", "stream")):
+        from ..data.hf import looks_like_hf
+
+        val = config.val_data  # the choices also apply to a Hugging Face evaluation source
+        config = config.replace(data=hf_data(config.data, args),
+                                val_data=hf_data(val, args, "--val-data") if val and looks_like_hf(val) else val)
+    return config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

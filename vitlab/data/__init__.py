@@ -9,16 +9,23 @@ Entry points (the evaluation and inspection code reuse these):
     batches, read with a restricted unpickler), ``digits`` (scikit-learn's 8x8 digits). Images are a uint8 tensor
     (N, C, H, W), labels int64 (N,), plus ``class_names``.
 
-``build_dataset(name_or_path, split="train", *, data_dir=None, download=False, channels=None, on_error="skip")``
+``build_dataset(name_or_path, split="train", *, data_dir=None, download=False, channels=None, on_error="skip",
+image_column=None, label_column=None, stream=None)``
     Any source: a named set (as above), a folder of images laid out ``root/<class>/<image>`` (with ``root/train``,
-    ``root/val`` or ``root/test`` sub-trees used for the matching split when present), or WebDataset-style tar
-    shards (``shards/train-{000000..000009}.tar``, a glob, or a folder of ``.tar`` files). Returns an
-    :class:`ArrayDataset`, :class:`ImageFolderDataset` or :class:`ShardDataset`; all three have ``class_names``
-    (None for shards without ``classes.txt``) and ``len()``. Folder and shard samples that cannot be decoded are
-    skipped and reported (``on_error="skip"``) or stop the run (``"fail"``).
+    ``root/val`` or ``root/test`` sub-trees used for the matching split when present), a CSV / JSONL manifest of
+    paths and labels (:mod:`vitlab.data.manifest`; ``classes=`` gives its class list), WebDataset-style tar
+    shards (``shards/train-{000000..000009}.tar``, a glob, or a folder of ``.tar`` files), or a Hugging Face
+    ``datasets`` source (``hf:org/name[:config][@revision]``, a ``save_to_disk`` folder, parquet / arrow files; see
+    :mod:`vitlab.data.hf`). Returns an :class:`ArrayDataset`, :class:`ImageFolderDataset` (:class:`ManifestDataset`),
+    :class:`ShardDataset`, :class:`HFImageDataset` or :class:`HFStreamDataset`; all have ``class_names`` (None for
+    shards without ``classes.txt``), ``multi_label`` (True for multi-label sources: targets are float32 multi-hot
+    tensors) and ``len()``. Samples that cannot be decoded are skipped and reported (``on_error="skip"``) or stop the
+    run (``"fail"``).
 
 ``load_image(path, channels=3)``
     Decode one image file safely (truncation, decompression bombs, 16-bit, alpha, CMYK, EXIF orientation).
+    ``load_sample(path, channels)`` also reads ``.npy`` arrays and multi-band TIFFs (any channel count) as float
+    tensors (C, H, W) (:mod:`vitlab.data.images` states the layout rule).
 
 Loaders for training and exact (distributed) evaluation are in :mod:`vitlab.data.loaders`; batched augmentation of
 in-memory tensors in :mod:`vitlab.data.batch_transforms`; per-image torchvision transforms in
@@ -32,8 +39,11 @@ from pathlib import Path
 from ..errors import VitlabError
 from .arrays import ARRAY_DATASETS, ArrayDataset, canonical_name, load_arrays
 from .folder import BadSample, ImageFolderDataset, collate_skipping
-from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from .hf import looks_like_hf
+from .hf_dataset import HFImageDataset, HFStreamDataset, build_hf_dataset
+from .images import IMAGE_EXTENSIONS, ImageLoadError, load_image, load_sample
 from .loaders import Augment, Batch, FolderTrainLoader, InMemoryTrainLoader, folder_eval_batches, in_memory_eval_batches
+from .manifest import ManifestDataset, looks_like_manifest
 from .shards import ShardDataset, looks_like_shards
 
 SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "val", "validation", "valid"),
@@ -61,25 +71,41 @@ def _split_folder(root: Path, split: str) -> Path:
 
 def build_dataset(name_or_path: str | Path, split: str = "train", *, data_dir: str | Path | None = None,
                   download: bool = False, channels: int | None = None, on_error: str = "skip",
-                  max_pixels: int | None = None) -> ArrayDataset | ImageFolderDataset | ShardDataset:
-    """The data set behind a name, an image folder or tar shards (see the module doc).
+                  max_pixels: int | None = None, image_column: str | None = None, label_column: str | None = None,
+                  stream: str | None = None, classes=None
+                  ) -> ArrayDataset | ImageFolderDataset | ShardDataset | HFImageDataset | HFStreamDataset:
+    """The data set behind a name, an image folder, a manifest, tar shards or a Hugging Face source (see the module
+    doc).
 
-    ``channels`` (1 or 3) fixes how folder and shard images are decoded (default 3); named sets keep their own.
-    For shards, ``split`` is not used: give the train and evaluation shards separately."""
+    ``channels`` fixes how folder, manifest, shard and Hugging Face images are decoded (default 3; other counts than
+    1 and 3 read ``.npy`` arrays and multi-band TIFFs); named sets keep their own. ``classes`` (names, or a text file
+    with one per line) is a manifest's class list. For shards, ``split`` is not used: give the train and evaluation
+    shards separately. ``image_column`` / ``label_column`` / ``stream`` (``auto``, ``on``, ``off``) apply to Hugging
+    Face sources."""
     spec = str(name_or_path)
     if canonical_name(spec) is not None and not Path(spec).exists():
         return load_arrays(spec, split, data_dir=data_dir, download=download)
+    if looks_like_hf(spec):
+        return build_hf_dataset(spec, SPLIT_FOLDERS.get(split, (split,)), channels=channels or 3, on_error=on_error,
+                                max_pixels=max_pixels, image_column=image_column, label_column=label_column,
+                                stream=stream)
+    if looks_like_manifest(spec):
+        return ManifestDataset(spec, SPLIT_FOLDERS.get(split, (split,)), classes=classes, channels=channels or 3,
+                               on_error=on_error, max_pixels=max_pixels)
     if looks_like_shards(spec) or any(c in spec for c in "*{"):
         return ShardDataset(spec, channels=channels or 3, on_error=on_error, max_pixels=max_pixels)
     path = Path(spec).expanduser()
     if path.is_dir():
         return ImageFolderDataset(_split_folder(path, split), channels=channels or 3, on_error=on_error,
                                   max_pixels=max_pixels)
-    raise VitlabError(f"{spec}: not a named data set ({', '.join(ARRAY_DATASETS)}), an image folder or tar shards")
+    raise VitlabError(f"{spec}: not a named data set ({', '.join(ARRAY_DATASETS)}), an image folder, a .csv / .jsonl "
+                      "manifest, tar shards or a Hugging Face source (hf:org/name, a save_to_disk folder, parquet / "
+                      "arrow files)")
 
 
 __all__ = [
-    "ArrayDataset", "Augment", "BadSample", "Batch", "FolderTrainLoader", "IMAGE_EXTENSIONS", "ImageFolderDataset",
-    "ImageLoadError", "InMemoryTrainLoader", "ShardDataset", "build_dataset", "collate_skipping",
-    "folder_eval_batches", "in_memory_eval_batches", "list_datasets", "load_arrays", "load_image",
+    "ArrayDataset", "Augment", "BadSample", "Batch", "FolderTrainLoader", "HFImageDataset", "HFStreamDataset",
+    "IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageLoadError", "InMemoryTrainLoader", "ManifestDataset",
+    "ShardDataset", "build_dataset", "collate_skipping", "folder_eval_batches", "in_memory_eval_batches",
+    "list_datasets", "load_arrays", "load_image", "load_sample",
 ]

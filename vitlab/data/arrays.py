@@ -44,6 +44,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     class_names: list[str]
     name: str = ""
     transform: Callable | None = field(default=None, repr=False)
+    multi_label = False  # targets are class indices (not a dataclass field)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:

@@ -12,6 +12,16 @@
 
 Any failure to decode becomes an :class:`ImageLoadError` naming the file and the reason, so that a data loader can
 skip and report it instead of crashing a worker.
+
+Images with another number of channels than 1 or 3 (satellite bands, microscopy) are arrays, not PIL images:
+:func:`load_array_image` reads ``.npy`` files (``np.load(allow_pickle=False)``) and multi-band TIFFs (``tifffile``,
+an optional dependency: ``pip install vitlab[bands]``) into a float32 tensor (C, H, W); :func:`load_sample` picks the
+reader from the file name and the channel count.
+
+Array layout rule: a 2-D array (H, W) is one channel; a 3-D array is (H, W, C) when its last axis has ``channels``
+entries, else (C, H, W) when its first axis has; anything else is refused naming the shape. Values: unsigned integers
+are scaled by their type's maximum (uint8 by 255, uint16 by 65535), booleans become 0 / 1, signed integers and floats
+are taken as they are (normalise them with per-channel statistics, ``normalize_from_data``).
 """
 
 from __future__ import annotations
@@ -20,11 +30,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from ..errors import InvalidValueError, VitlabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+ARRAY_EXTENSIONS = (".npy",)
+TIFF_EXTENSIONS = (".tif", ".tiff")
+SAMPLE_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS  # what image folders and manifests read
 # Pillow's own decompression-bomb limit (about 89.5 megapixels); above it we refuse to decode
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -101,3 +115,88 @@ def load_image(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: in
 def is_image_file(path: str | Path) -> bool:
     """Whether ``path`` has one of the image extensions vitlab reads (case-insensitive)."""
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _array_to_chw(array: np.ndarray, channels: int, label) -> torch.Tensor:
+    """A numeric array laid out by the module's rule -> float32 tensor (C, H, W)."""
+    if array.dtype.kind not in "buif":  # object, string, complex, structured: not pixels
+        raise ImageLoadError(f"{label}: not a numeric array (dtype {array.dtype})")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise ImageLoadError(f"{label}: an array of shape {array.shape}, expected (H, W, C) or (C, H, W)")
+    if array.shape[2] == channels:
+        array = array.transpose(2, 0, 1)
+    elif array.shape[0] != channels:
+        raise ImageLoadError(f"{label}: {_bands(array.shape)}, expected {channels} channel(s) (shape "
+                             f"{array.shape}: neither the first nor the last axis has {channels} entries)")
+    if array.dtype.kind == "u":
+        scaled = array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    else:
+        scaled = array.astype(np.float32)
+    if not np.isfinite(scaled).all():
+        raise ImageLoadError(f"{label}: the array holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(scaled))
+
+
+def _bands(shape: tuple) -> str:
+    first, last = shape[0], shape[-1]
+    return f"{last} band(s)" if last <= first else f"{first} band(s)"
+
+
+def load_array_image(path: str | Path, channels: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     name: str | None = None) -> torch.Tensor:
+    """A ``.npy`` array or a (multi-band) TIFF as a float32 tensor (channels, H, W), laid out and scaled by the
+    module's rule. Raises :class:`ImageLoadError` naming the file (or ``name``) for a missing, unreadable,
+    non-numeric or wrongly shaped file, or one over ``max_pixels``."""
+    label = path if name is None else name
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in ARRAY_EXTENSIONS:
+            # memory-mapped first: the shape is checked before the pixels are read; never unpickles objects
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif suffix in TIFF_EXTENSIONS:
+            try:
+                import tifffile  # optional dependency (vitlab[bands]); imported where a multi-band TIFF is read
+            except ImportError as exc:
+                raise ImageLoadError(f"{label}: reading {channels}-band TIFFs needs tifffile (pip install "
+                                     "vitlab[bands])") from exc
+            array = tifffile.imread(path)
+        else:
+            raise ImageLoadError(f"{label}: a {suffix or 'extension-less'} file cannot hold {channels} channels; use "
+                                 ".npy arrays or multi-band TIFFs")
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(f"{label}: no such file") from None
+    except Exception as exc:  # numpy and tifffile raise ValueError, OSError, TiffFileError, ...: all mean "bad file"
+        reason = str(exc) or type(exc).__name__
+        raise ImageLoadError(f"{label}: cannot read array ({reason})") from exc
+    if not isinstance(array, np.ndarray):
+        raise ImageLoadError(f"{label}: not a single array")
+    if array.size == 0:  # tifffile answers a damaged file with an empty array and a logged warning
+        raise ImageLoadError(f"{label}: no pixels (an empty or damaged file)")
+    if array.ndim in (2, 3) and max_pixels is not None:
+        height, width = (array.shape if array.ndim == 2 else
+                         (array.shape[:2] if array.shape[-1] == channels else array.shape[1:]))
+        if height * width > max_pixels:
+            raise ImageLoadError(f"{label}: image too large ({width}x{height} pixels, limit {max_pixels:,})")
+    return _array_to_chw(np.asarray(array), channels, label)
+
+
+def is_array_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``.npy`` array (read by :func:`load_array_image` whatever the channel count)."""
+    return str(path).lower().endswith(ARRAY_EXTENSIONS)
+
+
+def load_sample(path: str | Path, channels: int = 3, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                name: str | None = None) -> Image.Image | torch.Tensor:
+    """One image file for a data set: a PIL image (``RGB`` / ``L``, :func:`load_image`) for 1 or 3 channels, a
+    float32 tensor (C, H, W) (:func:`load_array_image`) for ``.npy`` files and for any other channel count."""
+    if channels < 1:
+        raise InvalidValueError(f"channels must be positive, got {channels}")
+    if channels in (1, 3) and not is_array_file(path):
+        if not Path(path).exists():
+            raise ImageLoadError(f"{path if name is None else name}: no such file")
+        return load_image(path, channels, max_pixels=max_pixels, name=name)
+    return load_array_image(path, channels, max_pixels=max_pixels, name=name)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from ..errors import InvalidValueError
 from ..preprocessing import Preprocessing
@@ -297,9 +297,11 @@ class FolderTrainLoader:
         common = dict(batch_size=self.micro_batch, num_workers=self.num_workers, collate_fn=collate_skipping,
                       worker_init_fn=_WorkerInit(self.seed, epoch, self.rank),
                       pin_memory=self.device.type == "cuda")
-        if isinstance(self.dataset, ShardDataset):
+        if isinstance(self.dataset, IterableDataset):  # tar shards, a streamed Hugging Face source
             self.dataset.set_epoch(epoch)
             self.dataset.seed = self.seed
+            if hasattr(self.dataset, "sample_seed"):  # a stream that seeds each row's augmentation by its row number
+                self.dataset.sample_seed = _SampleSeed(self.seed, epoch)
             return DataLoader(self.dataset, **common)
         self.dataset.sample_seed = _SampleSeed(self.seed, epoch)
         return DataLoader(self.dataset, sampler=_StepSampler(len(self.dataset), self, epoch, start), **common)
@@ -309,7 +311,7 @@ class FolderTrainLoader:
         epoch and the first ``start`` batches are dropped; a rank whose shards run out early starts them again, so
         that every rank yields the same number of batches (as DDP needs)."""
         produced = start
-        if isinstance(self.dataset, ShardDataset):
+        if isinstance(self.dataset, IterableDataset):
             skip = start
             while produced < self.batches_per_epoch:
                 before = produced
@@ -323,7 +325,7 @@ class FolderTrainLoader:
                     if produced >= self.batches_per_epoch:
                         return
                 if produced == before and skip == 0:
-                    raise InvalidValueError("the tar shards yielded no batches for this process")
+                    raise InvalidValueError("the tar shards / data stream yielded no batches for this process")
             return
         for images, labels, skipped in _workers_started(self._dataloader(epoch, start)):
             yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped)
@@ -335,7 +337,7 @@ def folder_eval_batches(dataset: ImageFolderDataset | ShardDataset, preprocessin
     """This rank's share of an image folder (samples rank, rank + W, ...) or of the shards (split as in training),
     with the evaluation transform of ``preprocessing``; skipped files are reported in ``Batch.skipped``."""
     dataset.transform = preprocessing.transform()
-    if isinstance(dataset, ShardDataset):
+    if isinstance(dataset, IterableDataset):  # tar shards, a streamed Hugging Face source: split by the data set
         dataset.shuffle_buffer = 0
         source = dataset
         sampler = None

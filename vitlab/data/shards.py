@@ -128,7 +128,9 @@ class ShardDataset(IterableDataset):
 
     ``rank``/``world_size`` select this process's part (default: from ``torch.distributed`` when initialised);
     DataLoader workers split it further. ``shuffle_buffer`` > 0 shuffles within a buffer of that many samples and
-    shuffles the shard order; call :meth:`set_epoch` each epoch for a new order."""
+    shuffles the shard order; call :meth:`set_epoch` each epoch for a new order. Labels are class indices."""
+
+    multi_label = False
 
     def __init__(self, spec: str | Path, transform: Callable | None = None, channels: int = 3,
                  on_error: str = "skip", shuffle_buffer: int = 0, seed: int = 0,

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, IterableDataset
 from ..errors import VitlabError
 from .distributed import sum_over_processes
 from .features import model_outputs
-from .metrics import classification_metrics
+from .metrics import classification_metrics, multilabel_metrics
 
 
 def load_label_sets(path: str | Path, file_names: Sequence[str] | None = None) -> list[list[int]]:
@@ -55,7 +55,8 @@ def load_label_sets(path: str | Path, file_names: Sequence[str] | None = None) -
         raise VitlabError(f"labels file {path}: labels must be integers ({exc})") from exc
 
 
-SUMMARY_KEYS = ("samples", "skipped", "loss", "top1", "top5")  # what training logs of each evaluation
+SUMMARY_KEYS = ("samples", "skipped", "loss", "top1", "top5",  # what training logs of each evaluation
+                "map_macro", "map_micro", "f1_micro")      # (the last three: multi-label data)
 
 
 def evaluate_classifier(
@@ -66,6 +67,7 @@ def evaluate_classifier(
     label_sets: Sequence[Sequence[int]] | None = None,
     num_bins: int = 15,
     class_names: Sequence[str] | None = None,
+    threshold: float = 0.5,
     **kwargs,
 ) -> dict:
     """Top-k, per-class accuracy, confusion matrix, calibration (and ReaL accuracy with ``label_sets``) of a model.
@@ -76,7 +78,10 @@ def evaluate_classifier(
     evaluates so). Exact when run on several processes (every sample counted once). Other keyword arguments go to
     :func:`features.model_outputs` (device, num_workers, progress, on_skipped, precision). Returns the dict of
     :func:`metrics.classification_metrics` plus ``class_names`` and ``skipped`` (samples whose image could not be
-    read, left out of every score); ``{k: out[k] for k in SUMMARY_KEYS if k in out}`` is what training logs."""
+    read, left out of every score); ``{k: out[k] for k in SUMMARY_KEYS if k in out}`` is what training logs.
+
+    Multi-label data (targets are float multi-hot rows (K,)) get :func:`metrics.multilabel_metrics` instead: mean
+    average precision (macro and micro), F1 at ``threshold`` and ReaL-style top-1."""
     skipped = []
     if not isinstance(dataset, Dataset):  # batches: count the skipped files as they pass
         report = kwargs.pop("on_skipped", None)
@@ -88,6 +93,13 @@ def evaluate_classifier(
 
         kwargs["on_skipped"] = on_skipped
     logits, labels, indices = model_outputs(model, dataset, "logits", batch_size, **kwargs)
+    if labels.ndim == 2:  # multi-hot targets
+        if label_sets is not None:
+            raise VitlabError("a ReaL-style labels file is for single-label data; these data are multi-label already")
+        if labels.shape[1] != logits.shape[1]:
+            raise VitlabError(f"the data have {labels.shape[1]} labels but the model predicts {logits.shape[1]}")
+        out = multilabel_metrics(logits, labels, threshold)
+        return _named(out, class_names, logits.shape[1], dataset, skipped)
     if label_sets is not None:
         if not isinstance(dataset, Dataset) or isinstance(dataset, IterableDataset):
             raise VitlabError("a multi-label file needs an indexable data set (an image folder or a named set), "
@@ -99,7 +111,11 @@ def evaluate_classifier(
     if labels.numel() and labels.max() >= logits.shape[1]:
         raise VitlabError(f"the dataset has label {int(labels.max())} but the model predicts {logits.shape[1]} classes")
     out = classification_metrics(logits, labels, ks=ks, num_bins=num_bins, label_sets=label_sets)
-    num_classes = logits.shape[1]
+    return _named(out, class_names, logits.shape[1], dataset, skipped)
+
+
+def _named(out: dict, class_names: Sequence[str] | None, num_classes: int, dataset, skipped: list) -> dict:
+    """``out`` with ``class_names`` and ``skipped`` added."""
     if class_names is not None and len(class_names) != num_classes:
         raise VitlabError(f"{len(class_names)} class names for a model with {num_classes} classes")
     out["class_names"] = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]

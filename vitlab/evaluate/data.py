@@ -20,15 +20,16 @@ from ..preprocessing import Preprocessing
 
 
 def eval_dataset(spec: str, split: str, preprocessing: Preprocessing, data_dir: str | None = None,
-                 download: bool = False, on_error: str = "skip") -> Dataset:
+                 download: bool = False, on_error: str = "skip", classes=None) -> Dataset:
     """The ``split`` of ``spec`` (a named set, an image folder, tar shards) yielding ``(tensor, label)`` prepared
     with ``preprocessing``. Image files are decoded with the preprocessing's channel count; files that cannot be
     decoded come out as ``vitlab.data.BadSample`` (skipped and counted by the evaluators) or, with
-    ``on_error='fail'``, stop the run."""
+    ``on_error='fail'``, stop the run. ``classes`` is a manifest's class list (:func:`vitlab.data.build_dataset`)."""
     from ..data import build_dataset
 
+    extra = {} if classes is None else {"classes": classes}
     dataset = build_dataset(spec, split, data_dir=data_dir, download=download, channels=preprocessing.channels,
-                            on_error=on_error)
+                            on_error=on_error, **extra)
     return with_transform(dataset, preprocessing)
 
 

@@ -46,7 +46,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 class ModelOutputs(NamedTuple):
-    """Outputs (N, ...) float32, labels (N,) int64 and dataset indices (N,) int64, sorted by index."""
+    """Outputs (N, ...) float32, labels (N,) int64 (or (N, K) float32 multi-hot targets) and dataset indices (N,)
+    int64, sorted by index."""
 
     outputs: torch.Tensor
     labels: torch.Tensor
@@ -71,7 +72,11 @@ def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tens
     good = [item for item in batch if isinstance(item[0], torch.Tensor)]
     bad = [str(getattr(item[0], "reason", item[0])) for item in batch if not isinstance(item[0], torch.Tensor)]
     images = torch.stack([x for x, _, _ in good]) if good else None
-    labels = torch.tensor([int(y) for _, y, _ in good], dtype=torch.long)
+    if batch and isinstance(batch[0][1], torch.Tensor) and batch[0][1].ndim == 1:  # multi-hot targets (K,)
+        labels = (torch.stack([y for _, y, _ in good]) if good
+                  else torch.zeros(0, batch[0][1].shape[0]))
+    else:
+        labels = torch.tensor([int(y) for _, y, _ in good], dtype=torch.long)
     indices = torch.tensor([int(i) for _, _, i in good], dtype=torch.long)
     return images, labels, indices, bad
 
@@ -128,6 +133,7 @@ def model_outputs(
     was_training = model.training
     model.eval()
     outs, labels, indices = [], [], []
+    empty_labels = torch.zeros(0, dtype=torch.long)
     try:
         batches = loader
         if progress:
@@ -138,6 +144,7 @@ def model_outputs(
             for x, y, idx, bad in batches:
                 if bad and on_skipped is not None:
                     on_skipped(bad)
+                empty_labels = y[:0]  # an all-bad share still gathers labels of the right row shape
                 if x is None:
                     continue
                 with mixed_precision:
@@ -151,7 +158,7 @@ def model_outputs(
         model.train(was_training)
     # concatenated outside inference mode: the results are ordinary tensors that probes may train on
     local = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long), torch.cat(outs),
-             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+             torch.cat(labels) if labels else empty_labels)
     index, outputs, labels_all = gather_by_index(*local)
     if outputs.shape[0] == 0:
         raise VitlabError("no sample of the evaluation data could be read")

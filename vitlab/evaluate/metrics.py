@@ -120,3 +120,70 @@ def classification_metrics(
     if label_sets is not None:
         out["real"] = multilabel_accuracy(predictions, label_sets)
     return out
+
+
+# ----- multi-label (multi-hot targets, sigmoid scores)
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """Average precision of one label: ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds from the
+    highest down (tied scores form one threshold), the step-wise area under the precision-recall curve that
+    scikit-learn's ``average_precision_score`` computes. None when the label has no positive sample."""
+    positives = targets.double().sum()
+    if positives == 0:
+        return None
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    s, t = scores.double()[order], targets.double()[order]
+    tp, fp = t.cumsum(0), (1 - t).cumsum(0)
+    last = torch.ones_like(s, dtype=torch.bool)  # the last sample of each run of tied scores is a threshold
+    last[:-1] = s[1:] != s[:-1]
+    tp, fp = tp[last], fp[last]
+    precision, recall = tp / (tp + fp), tp / positives
+    steps = torch.diff(recall, prepend=recall.new_zeros(1))
+    return float((steps * precision).sum())
+
+
+def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> dict:
+    """The metrics of a multi-label evaluation from logits (N, K) and multi-hot targets (N, K), JSON-ready.
+
+    Keys: ``samples``, ``num_classes``, ``multi_label`` (True), ``loss`` (sigmoid cross-entropy summed over the
+    labels, mean over the images, nats: the training loss), ``map_macro`` (mean over labels with at least one
+    positive of each label's average precision, see :func:`average_precision`; ``map_labels`` says how many),
+    ``map_micro`` (the average precision of all (sample, label) pairs pooled), ``f1_micro`` / ``f1_macro`` /
+    ``precision_micro`` / ``recall_micro`` with a label predicted where its sigmoid probability is at least
+    ``threshold``, ``top1`` (ReaL-style: the highest-scoring label is one of the image's labels, over the
+    ``top1_counted`` images that have a label), ``per_class_ap`` (list, None for labels without positives) and
+    ``positives`` per label."""
+    if logits.ndim != 2 or targets.shape != logits.shape:
+        raise ValueError(f"logits and targets must both be (N, K), got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("cannot compute metrics of an empty evaluation set")
+    if not 0 < threshold < 1:
+        raise InvalidValueError(f"threshold must be in (0, 1), got {threshold}")
+    logits, targets = logits.double(), targets.double()
+    per_class = [average_precision(logits[:, k], targets[:, k]) for k in range(logits.shape[1])]
+    present = [ap for ap in per_class if ap is not None]
+    if not present:
+        raise InvalidValueError("no label has a positive sample: mean average precision is undefined")
+    predicted = (logits.sigmoid() >= threshold).double()
+    tp = (predicted * targets).sum(0)
+    fp = (predicted * (1 - targets)).sum(0)
+    fn = ((1 - predicted) * targets).sum(0)
+    f1_per = 2 * tp / (2 * tp + fp + fn).clamp_min(1)  # 0 for a label never present nor predicted (scikit-learn)
+    has_label = targets.sum(1) > 0
+    out = {"samples": int(logits.shape[0]), "num_classes": int(logits.shape[1]), "multi_label": True,
+           "loss": torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+           .sum(1).mean().item(),
+           "map_macro": sum(present) / len(present), "map_labels": len(present),
+           "map_micro": average_precision(logits.flatten(), targets.flatten()),
+           "threshold": threshold,
+           "f1_micro": (2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp_min(1)).item(),
+           "f1_macro": f1_per.mean().item(),
+           "precision_micro": (tp.sum() / (tp.sum() + fp.sum()).clamp_min(1)).item(),
+           "recall_micro": (tp.sum() / (tp.sum() + fn.sum()).clamp_min(1)).item()}
+    if has_label.any():
+        best = logits[has_label].argmax(dim=1)
+        out["top1"] = targets[has_label].gather(1, best[:, None]).mean().item()
+    out["top1_counted"] = int(has_label.sum())
+    out["per_class_ap"] = per_class
+    out["positives"] = [int(p) for p in targets.sum(0).tolist()]
+    return out

@@ -69,8 +69,44 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ classification
+def multilabel_summary(results: dict) -> str:
+    """One line for the terminal of a multi-label evaluation: mAP (macro, micro), F1 at the threshold, top-1."""
+    parts = [f"{results['samples']} images, {results['num_classes']} labels",
+             f"mAP {_pct(results['map_macro'])}% (macro, {results['map_labels']} labels) / "
+             f"{_pct(results['map_micro'])}% (micro)",
+             f"F1@{results['threshold']:g} {_pct(results['f1_micro'])}% (micro) / {_pct(results['f1_macro'])}% "
+             "(macro)"]
+    if "top1" in results:
+        parts.append(f"top-1 (any label) {_pct(results['top1'])}% of {results['top1_counted']} labelled images")
+    parts.append(f"loss {results['loss']:.4f}")
+    return ", ".join(parts)
+
+
+def multilabel_markdown(results: dict, title: str = "Multi-label evaluation") -> str:
+    """Markdown: the headline numbers, then each label's positives and average precision."""
+    names = results.get("class_names") or [str(i) for i in range(results["num_classes"])]
+    rows = [[key, results[key]] for key in ("checkpoint", "data", "split") if key in results]
+    rows += [["images", results["samples"]],
+             [f"mAP, macro (%), over {results['map_labels']} labels with positives", _pct(results["map_macro"])],
+             ["mAP, micro (%)", _pct(results["map_micro"])],
+             [f"F1 at {results['threshold']:g}, micro (%)", _pct(results["f1_micro"])],
+             [f"F1 at {results['threshold']:g}, macro (%)", _pct(results["f1_macro"])],
+             ["precision / recall, micro (%)",
+              f"{_pct(results['precision_micro'])} / {_pct(results['recall_micro'])}"]]
+    if "top1" in results:
+        rows.append([f"top-1 (%), any correct label, {results['top1_counted']} labelled images",
+                     _pct(results["top1"])])
+    rows.append(["loss (sigmoid cross-entropy, summed over the labels)", f"{results['loss']:.4f}"])
+    text = f"# {title}\n\n" + markdown_table(["metric", "value"], rows)
+    per_label = [[names[k], results["positives"][k], _pct(ap)] for k, ap in enumerate(results["per_class_ap"])]
+    return text + "\n## Per label\n\n" + markdown_table(["label", "positives", "average precision (%)"], per_label)
+
+
 def classification_summary(results: dict) -> str:
-    """A few lines for the terminal: sample count, top-k, ReaL, mean class accuracy, ECE."""
+    """A few lines for the terminal: sample count, top-k, ReaL, mean class accuracy, ECE (multi-label results:
+    :func:`multilabel_summary`)."""
+    if results.get("multi_label"):
+        return multilabel_summary(results)
     parts = [f"{results['samples']} images, {results['num_classes']} classes"]
     parts += [f"{key} {_pct(value)}%" for key, value in results.items() if key.startswith("top")]
     if "loss" in results:
@@ -155,7 +191,10 @@ def plot_reliability(results: dict, path: str | os.PathLike) -> Path:
 
 
 def write_classification_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """results.json, report.md, confusion.png and reliability.png in ``out_dir``; returns {kind: path}."""
+    """results.json, report.md, confusion.png and reliability.png in ``out_dir`` (multi-label results: results.json
+    and report.md); returns {kind: path}."""
+    if results.get("multi_label"):
+        return write_report(results, out_dir, multilabel_markdown(results), {})
     return write_report(results, out_dir, classification_markdown(results),
                         {"confusion": ("confusion.png", plot_confusion),
                          "reliability": ("reliability.png", plot_reliability)})

@@ -1,15 +1,16 @@
 """Pre-trained checkpoints by name: catalog names, ``hf-hub:`` repos and URLs resolved into local files.
 
 :func:`resolve` is the one place that turns what a user typed where a checkpoint path goes into a local file plus
-what its source says about it (preprocessing, class names, the registered model it is). The checkpoint reader calls
-it for anything that is not an existing path, so every command that takes a checkpoint takes these too:
+what its source says about it (preprocessing, class names, the registered model it is). The factory
+(:mod:`vitlab.factory`) calls it for anything that is not an existing path, so every command that takes a checkpoint
+takes these too:
 
 - a catalog name, ``vit_b16.augreg_in21k_ft_in1k`` (see :mod:`vitlab.models.pretrained`; ``vitlab models
   --pretrained``): its sources are tried in order, a cached one first;
 - ``hf-hub:org/name[@revision]``: a Hub repo in timm's or transformers' layout (:mod:`vitlab.hub.hf`);
 - ``gs://bucket/path``, ``https://...``, ``http://...``: downloaded into ``$VITLAB_HOME`` (:mod:`vitlab.hub.download`).
 
-:func:`create_model` is :func:`vitlab.models.create_model` with ``pretrained=``.
+:func:`vitlab.create_model` (in :mod:`vitlab.factory`) builds a model with the weights of a catalog entry.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidValueError, VitlabError
+from ..errors import VitlabError
 from ..models import get_config
 from ..models import resolve as resolve_model
 from ..models.pretrained import (
@@ -37,7 +38,7 @@ from .hf import download_hint, resolve_hub
 URL_PREFIXES = ("gs://", "https://", "http://")
 HUB_PREFIX = "hf-hub:"
 
-__all__ = ["CATALOG", "DEFAULT_TAGS", "PretrainedEntry", "Resolved", "Source", "cache_path", "create_model",
+__all__ = ["CATALOG", "DEFAULT_TAGS", "PretrainedEntry", "Resolved", "Source", "cache_path",
            "fetch", "get_pretrained", "hf_cache_dir", "is_checkpoint_name", "is_remote", "list_pretrained",
            "offline_mode", "resolve", "vitlab_home"]
 
@@ -186,36 +187,3 @@ def _resolve_source(entry: PretrainedEntry, source: Source, spec: str) -> Resolv
     resolved.label_set = resolved.label_set or entry.labels
     resolved.facts.update(catalog_name=entry.name, source=source.spec)
     return resolved
-
-
-def create_model(name: str, pretrained: bool | str = False, **overrides):
-    """A registered model, freshly initialised (``pretrained=False``) or with pre-trained weights from the catalog:
-    ``pretrained=True`` loads the model's default tag (:data:`DEFAULT_TAGS`), a string loads that tag, and a name
-    with a tag (``vit_b16.augreg_in21k``) loads that entry. With weights, ``img_size`` resamples the position
-    embedding and ``num_classes`` puts a new zero-initialised head on (dropping the pre-logits layer, as the paper
-    fine-tunes); other overrides are the loader's keywords (``resample``, ``gelu``). The Linear layers take this
-    machine's CPU fast-path default (:func:`vitlab.compute.onednn_linear_default`: oneDNN on AMD CPUs;
-    ``set_onednn_linear`` switches it).
-
-    >>> model = create_model("vit_b16", pretrained=True)                      # doctest: +SKIP
-    >>> model = create_model("vit_b16", pretrained="augreg_in21k", num_classes=10, img_size=384)  # doctest: +SKIP
-    """
-    from ..compute.onednn import set_onednn_linear
-    from ..models import create_model as create_fresh
-
-    model, _, tag = name.partition(".")
-    if not pretrained:  # a tagged name without pretrained=True builds the architecture alone (as timm does)
-        # with the CPU fast path for its Linear layers, as vitlab.load gives it
-        return set_onednn_linear(create_fresh(model if tag else name, **overrides))
-    from ..checkpoints import load
-
-    entry = get_pretrained(name if tag else model, None if pretrained is True else str(pretrained))
-    allowed = {"img_size", "num_classes", "resample", "gelu", "drop_pre_logits"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise InvalidValueError(f"create_model({name!r}, pretrained=...): {', '.join(unknown)} cannot change with "
-                          f"pre-trained weights; allowed: {', '.join(sorted(allowed))}")
-    num_classes = overrides.pop("num_classes", None)
-    if num_classes is not None and num_classes != entry.num_classes:
-        overrides.setdefault("drop_pre_logits", True)
-    return load(entry.name, num_classes=num_classes, **overrides)

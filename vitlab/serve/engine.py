@@ -22,6 +22,7 @@ from torch import nn
 from ..data.images import load_image
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
+from ..train.predict import probabilities
 
 BACKENDS = ("torch", "onnx-int8")
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -67,6 +68,7 @@ class Engine:
         names = getattr(model, "class_names", None)
         self.class_names = [str(n) for n in names] if names else [str(i) for i in range(cfg.num_classes)]
         self.named_classes = bool(names)
+        self.loss = getattr(model, "loss", None)  # "sigmoid": per-label probabilities (multi-label models)
         self.name = name or (Path(source).stem if source else type(model).__name__)
         self.source = source
         self.transform = self.preprocessing.transform()
@@ -89,7 +91,7 @@ class Engine:
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(images.to(self.device))
-        return logits.float().softmax(dim=1).cpu()
+        return probabilities(logits, self.loss).cpu()
 
     @torch.inference_mode()
     def explain(self, images: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
@@ -101,7 +103,7 @@ class Engine:
         logits, attn = self.model.forward_with_attention(images.to(self.device))
         maps = attention_rollout(attn, self.cfg.num_prefix_tokens, self.cfg.grid_size, head_fusion=head_fusion,
                                  discard_ratio=discard_ratio, source=self.rollout_source)
-        return logits.float().softmax(dim=1).cpu(), maps.cpu()
+        return probabilities(logits, self.loss).cpu(), maps.cpu()
 
     def run_batch(self, key: tuple, images: torch.Tensor) -> list:
         """The batcher's entry point: ``key`` is ``("classify",)`` or ``("explain", head_fusion, discard_ratio)``;
@@ -164,6 +166,7 @@ class Engine:
             "config": config,
             "preprocessing": self.preprocessing.to_dict(),
             "class_names": self.class_names if self.named_classes else None,
+            "probabilities": "sigmoid" if self.loss == "sigmoid" else "softmax",
             "explain": self.can_explain,
             "rollout_source": self.rollout_source if self.can_explain else None,
         }

@@ -1,7 +1,7 @@
 """Training and fine-tuning: recipes, the loop, checkpoints, distributed runs, evaluation and prediction.
 
 Python API (the CLI commands ``vitlab train / finetune / predict`` call these; ``vitlab eval`` is
-:func:`vitlab.evaluate.runs.eval_checkpoint`, on the same evaluator as :func:`evaluate`):
+:func:`vitlab.tasks.eval_checkpoint`, on the same evaluator as :func:`evaluate`):
 
 - ``train(config, resume=None) -> TrainResult``: run a :class:`TrainConfig` (``config.init_from`` fine-tunes).
 - ``finetune(checkpoint, config) -> TrainResult``: the same with ``init_from`` set.
@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data import ArrayDataset, build_dataset
+from ..data.loaders import folder_eval_batches, in_memory_eval_batches
+from ..errors import VitlabError
+from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
+from ..evaluate.classmap import check_classes
+from ..evaluate.data import class_names_of
+from ..preprocessing import Preprocessing
+from . import distributed as D
 from .config import TrainConfig, apply_overrides
 from .loop import TrainResult, train
 from .predict import Prediction, predict
@@ -34,14 +42,6 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
     names than those the model carries) are refused, as in ``vitlab eval``. Returns ``{"top1", "top5", "loss",
     "samples", "skipped"}``, measured by :func:`vitlab.evaluate.evaluate_classifier` (the evaluator of
     ``vitlab eval``) on the training loaders' batches."""
-    from ..data import ArrayDataset, build_dataset
-    from ..data.loaders import folder_eval_batches, in_memory_eval_batches
-    from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
-    from ..evaluate.classmap import check_classes
-    from ..evaluate.data import class_names_of
-    from ..preprocessing import Preprocessing
-    from . import distributed as D
-
     info = D.setup(device)
     cfg = model.cfg
     pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
@@ -49,8 +49,6 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
     check_classes(cfg.num_classes, getattr(model, "class_names", None), class_names_of(dataset), "the model", data)
     if isinstance(dataset, ArrayDataset):
         if dataset.channels != cfg.in_chans:
-            from ..errors import VitlabError
-
             raise VitlabError(f"{data}: {dataset.channels}-channel images, the model takes {cfg.in_chans}")
         batches = in_memory_eval_batches(dataset, pre, batch_size, info.rank, info.world_size, info.device)
     else:

@@ -36,7 +36,8 @@ class TrainConfig:
     sizes are global (all processes and accumulation steps together)."""
 
     # ----- data
-    data: str = "fashion-mnist"             # a named set, an image folder or tar shards (see vitlab.data)
+    data: str = "fashion-mnist"             # a named set, an image folder, tar shards or a Hugging Face source
+                                            # (hf:org/name, save_to_disk folder, parquet; see vitlab.data)
     data_dir: str | None = None             # where named sets' files are (default: system and cache locations)
     val_data: str | None = None             # evaluation source (default: the same data, split eval_split)
     train_split: str = "train"
@@ -53,6 +54,13 @@ class TrainConfig:
     mixup: float = 0.0                      # Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0                     # Beta(alpha, alpha) of cutmix; 0 = off (both on: one or the other)
     label_smoothing: float = 0.0
+    loss: str = "auto"                      # softmax (cross-entropy), sigmoid (per-label sigmoid cross-entropy,
+                                            # head bias -10) or auto (sigmoid for multi-label data)
+    head_bias: float | None = None          # initial bias of a new head; default -10 with the sigmoid loss (the
+                                            # paper's ImageNet-21k), 0 with softmax
+    classes: str | None = None              # class list of a CSV / JSONL manifest (a text file, one name a line)
+    normalize_from_data: bool = False       # per-channel mean / std measured on the training images (saved with
+                                            # the model's preprocessing) instead of the paper's 0.5 / 0.5
     train_subset: int | None = None         # train on this many images: a class-balanced random choice fixed
                                             # by the seed, nested as the size grows (in-memory sets only)
     holdout: int = 0                        # hold out this many training images (class-balanced, disjoint
@@ -293,6 +301,8 @@ RULES: dict[str, Rule] = {
     "mixup": at_least(0),
     "cutmix": at_least(0),
     "label_smoothing": fraction(),
+    "loss": one_of("auto", "softmax", "sigmoid"),
+    "head_bias": Rule(lambda v: _is_number(v), "a number"),
     "train_subset": at_least(1, integer=True),
     "holdout": at_least(0, integer=True),
     "patch_dropout": fraction(),

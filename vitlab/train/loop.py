@@ -98,7 +98,7 @@ def _evaluate_and_save(run: Run, step: int, best: dict | None, times: dict, on_s
         run.log.metric({"kind": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4),
                         "train_seconds": round(train_seconds, 2), **metrics})
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-                          if k.endswith(("top1", "top5", "loss")))
+                          if k.endswith(("top1", "top5", "loss", "map_macro", "map_micro")))
         run.log.info(f"epoch {step / run.steps_per_epoch:.2f} step {step}/{run.total_steps}: {shown} "
                      f"({train_seconds:.0f} s training)")
     improved = bool(metrics) and (best is None or final_view.get("top1", -1) > best.get("top1", -1))
@@ -120,6 +120,8 @@ def _save_final(run: Run, metrics: dict | None) -> tuple[Path | None, nn.Module]
     from ..checkpoints import save
 
     meta = {"train_config": run.config.to_dict(), "metrics": metrics or {}, "steps": run.total_steps}
+    if hasattr(run.objective, "loss_name"):  # what predict / serve turn the logits into (softmax or sigmoid)
+        meta.update(loss=run.objective.loss_name, multi_label=run.objective.multi_label)
     on_device = run.device.type != "cpu"
     path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
                 preprocessing=run.preprocessing, metadata=meta,

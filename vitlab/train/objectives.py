@@ -17,21 +17,26 @@ another.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VitlabError
 from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
 
 
-def batch_mixer(config: TrainConfig, num_classes: int):
-    """torchvision's batch MixUp / CutMix (one of them per batch when both are on), or None."""
+def batch_mixer(config: TrainConfig, num_classes: int, multi_label: bool = False):
+    """torchvision's batch MixUp / CutMix (one of them per batch when both are on), or None. Multi-hot targets
+    (``multi_label``) are mixed by :class:`MultiHotMixer` instead (torchvision's take class indices)."""
     if config.mixup <= 0 and config.cutmix <= 0:
         return None
+    if multi_label:
+        return MultiHotMixer(config.mixup, config.cutmix)
     from torchvision.transforms import v2 as T
 
     options = []
@@ -42,6 +47,51 @@ def batch_mixer(config: TrainConfig, num_classes: int):
     return options[0] if len(options) == 1 else T.RandomChoice(options)
 
 
+class MultiHotMixer:
+    """MixUp / CutMix for multi-hot targets (B, K): as torchvision's, each image is paired with the batch rolled by
+    one, ``lam ~ Beta(alpha, alpha)`` from torch's global generator (seeded per step by the loop), one of the two
+    per batch when both are on; the targets are mixed with the same weight (for CutMix the pasted box's share of
+    the area), so a label of both images keeps weight 1."""
+
+    def __init__(self, mixup: float = 0.0, cutmix: float = 0.0):
+        self.mixup, self.cutmix = mixup, cutmix
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or bool(torch.rand(()) < 0.5))
+        alpha = self.cutmix if use_cutmix else self.mixup
+        lam = float(torch.distributions.Beta(alpha, alpha).sample(()))
+        rolled_x, rolled_y = images.roll(1, 0), targets.roll(1, 0)
+        if not use_cutmix:
+            return images * lam + rolled_x * (1.0 - lam), targets * lam + rolled_y * (1.0 - lam)
+        H, W = images.shape[-2:]
+        cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
+        half_h, half_w = int(0.5 * H * math.sqrt(1.0 - lam)), int(0.5 * W * math.sqrt(1.0 - lam))
+        top, bottom = max(cy - half_h, 0), min(cy + half_h, H)
+        left, right = max(cx - half_w, 0), min(cx + half_w, W)
+        mixed = images.clone()
+        mixed[..., top:bottom, left:right] = rolled_x[..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (H * W)
+        return mixed, targets * lam + rolled_y * (1.0 - lam)
+
+
+def sigmoid_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sigmoid cross-entropy: every label an independent binary decision, summed over the labels and averaged over
+    the images (big_vision's ``sigmoid_xent``, the loss of the paper's ImageNet-21k pre-training). ``targets``:
+    multi-hot / mixed rows (B, K), or class indices (B,) (one-hot)."""
+    logits = logits.float()
+    if targets.ndim == 1:
+        targets = F.one_hot(targets.long(), logits.shape[1])
+    per_label = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return per_label.sum(dim=1).mean()
+
+
+def resolve_loss(config: TrainConfig, multi_label: bool) -> str:
+    """``softmax`` or ``sigmoid``: the config's ``loss``, ``auto`` meaning sigmoid for multi-label data."""
+    if config.loss == "auto":
+        return "sigmoid" if multi_label else "softmax"
+    return config.loss
+
+
 class Objective:
     """The defaults of an objective other than classification: it supports neither FSDP nor patch dropout, leaves
     batches as they are, and its exported model has no class head for the data (subclasses fill in ``wrap``,
@@ -50,8 +100,6 @@ class Objective:
     saves_class_names = False
 
     def check(self, config: TrainConfig) -> None:
-        from ..errors import VitlabError
-
         if config.fsdp or config.patch_dropout > 0:
             raise VitlabError("a custom training objective (e.g. masked patch prediction) supports neither fsdp "
                               "nor patch_dropout")
@@ -64,18 +112,35 @@ class Objective:
 
 
 class Classification(Objective):
-    """Supervised classification: cross-entropy with label smoothing on the model's logits, mixup / cutmix on the
-    batches when the config asks, top-1 / top-5 by :func:`vitlab.evaluate.evaluate_classifier`; the model itself is
-    exported with the data's class names."""
+    """Supervised classification: cross-entropy with label smoothing on the model's logits (``loss='softmax'``) or
+    sigmoid cross-entropy (``loss='sigmoid'``, the default for multi-label data: :func:`sigmoid_loss`, with the
+    head's bias initialised to -10 as the paper's authors did for ImageNet-21k), mixup / cutmix on the batches when
+    the config asks, top-1 / top-5 (mean average precision for multi-label data) by
+    :func:`vitlab.evaluate.evaluate_classifier`; the model itself is exported with the data's class names."""
 
     saves_class_names = True
+    SIGMOID_HEAD_BIAS = -10.0  # sigmoid(-10) ~ 4.5e-5: every label starts as absent, as most are
 
-    def __init__(self, config: TrainConfig, num_classes: int):
+    def __init__(self, config: TrainConfig, num_classes: int, multi_label: bool = False):
         self.label_smoothing = config.label_smoothing
-        self.mixer = batch_mixer(config, num_classes)
+        self.multi_label = multi_label
+        self.loss_name = resolve_loss(config, multi_label)
+        self.mixer = batch_mixer(config, num_classes, multi_label)
+        self.head_bias_init = config.head_bias
+
+    @property
+    def head_bias(self) -> float | None:
+        """The initial bias of a new head: the config's ``head_bias``, else -10 with the sigmoid loss (None: the
+        model's own zero init)."""
+        if self.head_bias_init is not None:
+            return self.head_bias_init
+        return self.SIGMOID_HEAD_BIAS if self.loss_name == "sigmoid" else None
 
     def check(self, config: TrainConfig) -> None:
-        pass
+        if self.multi_label and self.loss_name != "sigmoid":
+            raise VitlabError("multi-label data need loss=sigmoid (--loss sigmoid, or auto)")
+        if self.loss_name == "sigmoid" and config.label_smoothing > 0:
+            raise VitlabError("label_smoothing is for the softmax loss; set it to 0 with loss=sigmoid")
 
     def wrap(self, model: nn.Module, preprocessing: Preprocessing) -> nn.Module:
         return model
@@ -84,6 +149,8 @@ class Classification(Objective):
         return self.mixer(images, targets) if self.mixer is not None else (images, targets)
 
     def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.loss_name == "sigmoid":
+            return sigmoid_loss(output, targets)
         return F.cross_entropy(output.float(), targets, label_smoothing=self.label_smoothing)
 
     def evaluate(self, module: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32",

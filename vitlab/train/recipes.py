@@ -65,9 +65,9 @@ register_recipe(Recipe(
 register_recipe(Recipe(
     "pretrain-i21k",
     "paper pre-training on ImageNet-21k (ViT-B/16: Adam, lr 1e-3 linear to 1e-5, wd 0.03, dropout 0.1, 90 epochs, "
-    "batch 4096, 10k warmup, pre-logits head)",
+    "batch 4096, 10k warmup, pre-logits head, sigmoid cross-entropy with the head bias at -10)",
     dict(PAPER_LARGE_BATCH, model_args={"representation_size": 768, "dropout": 0.1}, lr=1e-3, weight_decay=0.03,
-         schedule="linear", end_lr_factor=0.01, epochs=90),
+         schedule="linear", end_lr_factor=0.01, epochs=90, loss="sigmoid"),
 ))
 register_recipe(Recipe(
     "imagenet",

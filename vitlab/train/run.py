@@ -16,9 +16,19 @@ from torch import nn
 
 from ..compute.flops import forward_macs
 from ..compute.onednn import set_onednn_linear
-from ..data import ArrayDataset, ImageFolderDataset, ShardDataset, build_dataset
+from ..data import (
+    ArrayDataset,
+    HFImageDataset,
+    HFStreamDataset,
+    ImageFolderDataset,
+    ManifestDataset,
+    ShardDataset,
+    build_dataset,
+)
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
+from ..data.stats import channel_statistics
 from ..errors import InvalidValueError, VitlabError
+from ..factory import load
 from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
@@ -92,12 +102,15 @@ def _class_names(dataset, config: TrainConfig) -> list[str]:
     return [str(i) for i in range(config.num_classes)]
 
 
-def _eval_split_dataset(config: TrainConfig, channels: int):
-    """The evaluation data set, or None (with the reason) when there is none."""
+def _eval_split_dataset(config: TrainConfig, channels: int, train_set=None, class_names=None):
+    """The evaluation data set, or None (with the reason) when there is none. A manifest's evaluation rows take the
+    training class list."""
     source = config.val_data or config.data
+    if config.val_data is None and isinstance(train_set, ManifestDataset) and not train_set.has_split_column:
+        return None, f"{config.data} has no split column"
     try:
         return build_dataset(source, config.eval_split, data_dir=config.data_dir, download=config.download,
-                             channels=channels, on_error=config.on_bad_image), None
+                             channels=channels, on_error=config.on_bad_image, classes=class_names), None
     except VitlabError as exc:
         if config.val_data is not None:
             raise
@@ -136,8 +149,6 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
     if config.img_size is not None:
         overrides["img_size"] = config.img_size
     if config.init_from:
-        from ..checkpoints import load
-
         img_size = overrides.pop("img_size", None)
         want_chans = in_chans if in_chans is not None else overrides.pop("in_chans", None)
         overrides.pop("in_chans", None)
@@ -171,6 +182,20 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
         overrides.setdefault("in_chans", in_chans)
     get_config(config.model, num_classes=num_classes, **overrides)  # validates names and values first
     return create_model(config.model, num_classes=num_classes, **overrides)
+
+
+def _init_head_bias(model: nn.Module, bias: float | None, log: RunLog) -> None:
+    """Set a new head's bias to ``bias`` (the sigmoid loss's -10, or the config's ``head_bias``). Only a fresh
+    head, all zeros (built from scratch, reset for fine-tuning, or an ImageNet-21k release's zeroed one), is
+    touched; a trained head is kept."""
+    head = getattr(model, "head", None)
+    if bias is None or not isinstance(head, nn.Linear) or head.bias is None:
+        return
+    with torch.no_grad():
+        if torch.count_nonzero(head.weight) or torch.count_nonzero(head.bias):
+            return
+        head.bias.fill_(bias)
+    log.info(f"new head: bias initialised to {bias:g}")
 
 
 def run_preprocessing(config: TrainConfig, model: nn.Module) -> tuple[Preprocessing, str]:
@@ -207,17 +232,20 @@ def _datasets(config: TrainConfig):
     model_cfg = get_config(config.model, **{k: v for k, v in config.model_args.items() if k != "num_classes"})
     want_channels = config.model_args.get("in_chans", init_channels(config.init_from) or model_cfg.in_chans)
     train_set = build_dataset(config.data, config.train_split, data_dir=config.data_dir, download=config.download,
-                              channels=want_channels, on_error=config.on_bad_image)
+                              channels=want_channels, on_error=config.on_bad_image, classes=config.classes)
     in_chans = train_set.channels if isinstance(train_set, ArrayDataset) else None
     class_names = _class_names(train_set, config)
-    eval_set, why_not = _eval_split_dataset(config, in_chans or want_channels)
+    eval_set, why_not = _eval_split_dataset(config, in_chans or want_channels, train_set, class_names)
+    if eval_set is not None and getattr(eval_set, "multi_label", False) != getattr(train_set, "multi_label", False):
+        raise VitlabError("the training and evaluation data differ in being multi-label (a 'labels' column) or not")
     if config.train_subset is not None or config.holdout:
         train_set, held_out = split_training_set(train_set, config.train_subset, config.holdout, config.seed)
         if held_out is not None:
             eval_set, why_not = held_out, None
     if isinstance(eval_set, ShardDataset) and eval_set.class_names and eval_set.class_names != class_names:
         raise VitlabError("the evaluation shards name different classes than the training data")
-    if isinstance(eval_set, (ArrayDataset, ImageFolderDataset)) and eval_set.class_names != class_names:
+    if (isinstance(eval_set, (ArrayDataset, ImageFolderDataset, HFImageDataset, HFStreamDataset))
+            and eval_set.class_names != class_names):
         raise VitlabError(f"evaluation classes {eval_set.class_names[:5]}... differ from the training classes "
                           f"{class_names[:5]}...")
     return train_set, eval_set, why_not, class_names, in_chans
@@ -232,14 +260,22 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     train_set, eval_set, why_not, class_names, in_chans = _datasets(cfg)
     if eval_set is None:
         log.warning(f"no evaluation data ({why_not}); set val_data to evaluate")
-    objective = objective if objective is not None else Classification(cfg, len(class_names))
+    multi_label = bool(getattr(train_set, "multi_label", False))
+    objective = objective if objective is not None else Classification(cfg, len(class_names), multi_label)
     objective.check(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
     vit = build_model_for(cfg, len(class_names), in_chans, log)
+    _init_head_bias(vit, getattr(objective, "head_bias", None), log)
+    if cfg.randaugment and vit.cfg.in_chans not in (1, 3):  # its colour operations need grey or RGB images
+        raise VitlabError(f"randaugment works on 1- and 3-channel images, not {vit.cfg.in_chans}; drop it")
     apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
                    layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
     set_onednn_linear(vit)  # this machine's CPU fast-path default for its Linear layers
     preprocessing, origin = run_preprocessing(cfg, vit)
+    if cfg.normalize_from_data:
+        mean, std, measured = channel_statistics(train_set)
+        preprocessing = preprocessing.replace(mean=mean, std=std)
+        origin += f", mean / std measured on {measured:,} training images"
     log.info(f"preprocessing: {origin}: {describe_preprocessing(preprocessing)}; training: augmentation "
              f"{cfg.augment} at {preprocessing.img_size[0]}x{preprocessing.img_size[1]} with the same mean / std "
              f"and interpolation; saved with the model")

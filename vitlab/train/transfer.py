@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from ..checkpoints.channels import adapt_model_channels
 from ..errors import VitlabError
+from ..factory import read_checkpoint
 
 _RANGE = re.compile(r"(?<![\w])(\d+)-(\d+)(?![\w])")
 _BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")  # the encoder's blocks (not a ResNet's stages.<i>.blocks.<j>)
@@ -207,8 +209,6 @@ def init_channels(init_from: str | None) -> int | None:
     to it, so an RGB checkpoint sees colour images unless ``model_args.in_chans`` says otherwise."""
     if not init_from:
         return None
-    from ..checkpoints import read_checkpoint
-
     return read_checkpoint(init_from, check_finite=False).config.in_chans
 
 
@@ -233,8 +233,6 @@ def adapt_init_channels(model: nn.Module, in_chans: int | None, source: str,
     ``in_chans=None`` or the model's own count returns ``model``."""
     if in_chans is None or model.cfg.in_chans == in_chans:
         return model
-    from ..checkpoints.channels import adapt_model_channels
-
     before = model.cfg.in_chans
     rule = "summed over the colour channels" if in_chans == 1 else f"repeated and scaled by {before}/{in_chans}"
     model = adapt_model_channels(model, in_chans)

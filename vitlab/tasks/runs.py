@@ -10,15 +10,20 @@ from collections.abc import Sequence
 
 import torch
 
+from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+from ..data.manifest import looks_like_manifest
 from ..devices import resolve_device
 from ..errors import VitlabError
+from ..evaluate.classification import evaluate_classifier, load_label_sets
+from ..evaluate.classmap import SelectLogits, check_classes, match_classes_by_name, restrict_to_matched
+from ..evaluate.data import class_names_of, eval_dataset, limit_dataset
+from ..evaluate.distributed import world
+from ..evaluate.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
+from ..evaluate.report import write_classification_report, write_fewshot_report
+from ..factory import load
 from ..preprocessing import Preprocessing
-from .classification import evaluate_classifier, load_label_sets
-from .classmap import SelectLogits, check_classes, match_classes_by_name, restrict_to_matched
-from .data import class_names_of, eval_dataset, limit_dataset
-from .distributed import world
-from .fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
-from .report import write_classification_report, write_fewshot_report
+from .suite import run_suite
+from .suite_config import load_suite_config
 
 
 def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
@@ -26,9 +31,6 @@ def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
     """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
     ``img_size`` when given: the position embeddings are resampled and the preprocessing follows). An ``.onnx``
     file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime with the preprocessing stored in it."""
-    from ..checkpoints import load
-    from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
-
     if is_onnx_file(checkpoint):
         if img_size is not None:
             raise VitlabError(f"{checkpoint}: an ONNX file runs at its exported resolution; drop --img-size")
@@ -67,6 +69,8 @@ def fewshot_checkpoint(
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev)
     train = eval_dataset(data, train_split, model.preprocessing, data_dir=data_dir, on_error="fail")
+    if getattr(train, "multi_label", False):
+        raise VitlabError(f"{data}: few-shot evaluation needs single-label data (a 'label' column), not multi-label")
     test = limit_dataset(eval_dataset(data, test_split, model.preprocessing, data_dir=data_dir, on_error="fail"),
                          max_test)
     names = class_names_of(train)
@@ -100,9 +104,13 @@ def eval_checkpoint(
     progress: bool = False,
     on_skipped=None,
     map_classes_by_name: bool = False,
+    threshold: float = 0.5,
 ) -> dict:
     """``vitlab eval``: top-1 / top-5, loss, per-class accuracy, confusion matrix and calibration (ECE) of a
-    checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``.
+    checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``. Multi-label data (a
+    manifest with a ``labels`` column) get mean average precision (macro, micro), F1 at ``threshold`` and ReaL-style
+    top-1 instead (:func:`vitlab.evaluate.metrics.multilabel_metrics`); a manifest's rows are read with the
+    checkpoint's class list when it has one.
 
     Data whose classes are not the checkpoint's (another count, or other names than those the checkpoint carries)
     are refused; ``map_classes_by_name`` instead evaluates on the classes both name, with the logits of those
@@ -117,7 +125,12 @@ def eval_checkpoint(
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev, img_size=img_size)
     pre = preprocessing or model.preprocessing
-    dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image)
+    own_classes = None if map_classes_by_name else getattr(model, "class_names", None)
+    dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,
+                           classes=own_classes if looks_like_manifest(data) else None)
+    if getattr(dataset, "multi_label", False) and (map_classes_by_name or labels_file is not None):
+        raise VitlabError(f"{data}: multi-label data are scored on their own labels; drop --map-classes-by-name "
+                          "and --labels")
     model, dataset, mapping = match_model_to_data(model, dataset, str(checkpoint), data, map_classes_by_name,
                                                   labels_file is not None)
     dataset = limit_dataset(dataset, max_samples)
@@ -132,7 +145,7 @@ def eval_checkpoint(
         class_names = None
     results = evaluate_classifier(model, dataset, batch_size=batch_size, label_sets=label_sets, num_bins=num_bins,
                                   class_names=class_names, device=dev, num_workers=num_workers, progress=progress,
-                                  precision=precision, on_skipped=on_skipped)
+                                  precision=precision, on_skipped=on_skipped, threshold=threshold)
     results = {"checkpoint": str(checkpoint), "data": data, "split": split, "preprocessing": pre.to_dict(),
                **results}
     if mapping:
@@ -171,9 +184,6 @@ def suite_checkpoint(
 ) -> dict:
     """``vitlab suite``: run (or resume) the suite in ``config_path`` on a checkpoint (the config's ``checkpoint``
     unless one is given) and write results.json, report.md and suite.png into ``out_dir``."""
-    from .suite import run_suite
-    from .suite_config import load_suite_config
-
     config = load_suite_config(config_path)
     checkpoint = checkpoint if checkpoint is not None else config.checkpoint
     if checkpoint is None:

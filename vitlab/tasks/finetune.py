@@ -20,9 +20,12 @@ from torch.utils.data import Dataset, Subset
 
 from ..atomic import atomic_directory
 from ..errors import VitlabError
-from .data import with_transform
-from .features import model_outputs
-from .metrics import classification_metrics
+from ..evaluate.data import with_transform
+from ..evaluate.features import model_outputs
+from ..evaluate.fewshot import labels_of
+from ..evaluate.metrics import classification_metrics
+from ..factory import load
+from ..train import get_recipe, train
 from .suite_config import TaskConfig
 
 
@@ -91,8 +94,6 @@ def score_with_class_map(model, dataset: Dataset, num_classes: int, batch_size: 
 
 def _train_run(config, run_dir: Path, log) -> Path:
     """Run (or resume, or reuse) one fine-tuning run in ``run_dir``; returns the saved model's path."""
-    from ..train import train
-
     result_file = run_dir / "result.json"
     if result_file.is_file():
         path = json.loads(result_file.read_text()).get("model_path")
@@ -132,10 +133,6 @@ def finetune_task(
     on ``val_idx`` (800 / 200), then the best is trained on both (1000); with one, that run happens directly.
     Returns ``accuracy`` (test top-1), ``chosen`` (lr), ``param_name``, ``val_accuracy`` (per lr), ``steps``,
     ``resolution`` and ``train_accuracy`` (the final run's accuracy on its own training images)."""
-    from ..checkpoints import load
-    from ..train import get_recipe
-    from .fewshot import labels_of
-
     options = task.finetune
     work_dir = Path(work_dir)
     labels = labels_of(raw_train)

@@ -28,12 +28,15 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..atomic import write_text_atomic
+from ..checkpoints import save
+from ..data import build_dataset
 from ..errors import VitlabError
-from .data import class_names_of, with_transform
-from .features import extract_features
-from .fewshot import labels_of, tuned_probe
+from ..evaluate.data import class_names_of, with_transform
+from ..evaluate.features import extract_features
+from ..evaluate.fewshot import labels_of, tuned_probe
+from ..evaluate.report import write_json, write_suite_report
+from ..preprocessing import Preprocessing
 from .finetune import finetune_task
-from .report import write_json, write_suite_report
 from .suite_config import SuiteConfig, TaskConfig
 
 DatasetBuilder = Callable[[str, str, int], Dataset]
@@ -204,8 +207,6 @@ def _claim_task_dir(task_dir: Path, fingerprint: str) -> None:
 
 
 def _save_pretrained(model: nn.Module, out_dir: Path) -> Path:
-    from ..checkpoints import save
-
     path = out_dir / "pretrained.safetensors"
     if not path.is_file():
         save(model, path)
@@ -213,8 +214,6 @@ def _save_pretrained(model: nn.Module, out_dir: Path) -> Path:
 
 
 def _preprocessing_of(model: nn.Module):
-    from ..preprocessing import Preprocessing
-
     pre = getattr(model, "preprocessing", None)
     if pre is not None:
         return pre
@@ -223,6 +222,4 @@ def _preprocessing_of(model: nn.Module):
 
 
 def _default_builder(data: str, split: str, channels: int) -> Dataset:
-    from ..data import build_dataset
-
     return build_dataset(data, split, channels=channels)

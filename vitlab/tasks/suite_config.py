@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import VitlabError
-from .features import REPRESENTATIONS
-from .probes import PROBES
+from ..evaluate.features import REPRESENTATIONS
+from ..evaluate.probes import PROBES
+from ..hub import is_checkpoint_name
 
 MODES = ("fewshot", "finetune")
 VTAB_GROUPS = ("natural", "specialized", "structured")
@@ -49,7 +50,6 @@ _TASK_KEYS = {"name", "data", "group", "mode", "train_split", "test_split", "tra
 @dataclass(frozen=True)
 class TaskConfig:
     """One task of a suite: where its data comes from and how it is scored."""
-
     name: str
     data: str
     mode: str
@@ -69,7 +69,6 @@ class TaskConfig:
 @dataclass(frozen=True)
 class SuiteConfig:
     """A whole suite: its tasks, the checkpoint (optional, the CLI may give it) and the shared settings."""
-
     name: str
     tasks: tuple[TaskConfig, ...]
     checkpoint: str | None = None
@@ -176,7 +175,6 @@ def parse_suite_config(data: dict, source: str = "suite config", base_dir: str |
             raise VitlabError(f"{source}: groups = true but tasks {', '.join(missing)} have no group")
     checkpoint = data.get("checkpoint")
     if checkpoint is not None:
-        from ..hub import is_checkpoint_name
 
         if not (Path(checkpoint).is_absolute() or is_checkpoint_name(str(checkpoint))):  # names stay names
             checkpoint = str(base_dir / checkpoint)

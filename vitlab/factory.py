@@ -1,0 +1,109 @@
+"""The factory: models by name, with or without pre-trained weights, and checkpoints by path or by name.
+
+It composes the layers below it, each of which knows nothing of the others: :mod:`vitlab.hub` turns a name (catalog
+entry, ``hf-hub:`` repo, URL) into a local file and what its source says; :mod:`vitlab.checkpoints` reads a file and
+builds the model; :mod:`vitlab.compute` gives the model's Linear layers this machine's CPU fast path
+(:func:`vitlab.compute.set_onednn_linear`). ``vitlab.create_model``, ``vitlab.load``, ``vitlab.read_checkpoint``,
+``vitlab.inspect_checkpoint`` and ``vitlab.convert`` are the functions here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .checkpoints import Checkpoint, check_conversion, convert_checkpoint, describe_checkpoint, model_from_checkpoint
+from .checkpoints import read_checkpoint as read_file
+from .compute.onednn import set_onednn_linear
+from .errors import InvalidValueError
+from .hub import get_pretrained, resolve
+from .models import create_model as create_fresh
+
+__all__ = ["convert", "create_model", "inspect_checkpoint", "load", "read_checkpoint"]
+
+
+def read_checkpoint(spec: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
+                    grid_hint: tuple[int, int] | None = None, check_finite: bool = True) -> Checkpoint:
+    """:func:`vitlab.checkpoints.read_checkpoint` of a path or of a name: a catalog name, ``hf-hub:`` repo or URL is
+    resolved to its (cached) file first, and what its source says (preprocessing, class names) is applied."""
+    return read_file(spec, model_name=model_name, prefer_ema=prefer_ema, grid_hint=grid_hint,
+                     check_finite=check_finite, source=resolve(os.fspath(spec)))
+
+
+def inspect_checkpoint(spec: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False) -> dict:
+    """:func:`vitlab.checkpoints.inspect_checkpoint` of a path or of a name (the cached file is described)."""
+    return describe_checkpoint(read_checkpoint(spec, model_name=model_name, prefer_ema=prefer_ema))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size=None, num_classes: int | None = None,
+            model_name: str | None = None, resample: str | None = None, drop_pre_logits: bool = False,
+            gelu: str | None = None, prefer_ema: bool = False, patch_size=None) -> dict:
+    """:func:`vitlab.checkpoints.convert` from a path or from a name (a catalog name, ``hf-hub:`` repo or URL)."""
+    check_conversion(src, dst, to)
+    ckpt = read_checkpoint(src, model_name=model_name, prefer_ema=prefer_ema)
+    return convert_checkpoint(ckpt, src, dst, to=to, img_size=img_size, num_classes=num_classes,
+                              model_name=model_name, resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu,
+                              patch_size=patch_size)
+
+
+def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
+         resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
+         prefer_ema: bool = False, in_chans: int | None = None, patch_size=None) -> nn.Module:
+    """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
+    torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder), by path or
+    by name (a catalog name, ``hf-hub:`` repo or URL: see :mod:`vitlab.hub`), and return the model in eval mode,
+    with ``model.preprocessing`` and ``model.class_names`` set.
+
+    - ``model_name``: a registered name; supplies what a layout does not store and is checked against the weights.
+      A resolution alias (``vit_base_patch16_384``) also sets the target image size.
+    - ``img_size``: build the model at this resolution (int or (height, width)); the position embedding is resampled
+      with ``resample`` (``bilinear_aligned``, default for npz; ``bicubic``, default otherwise; ``bilinear``;
+      ``nearest``).
+    - ``num_classes``: a new zero-initialised head when it differs from the checkpoint's; ``drop_pre_logits`` removes
+      the pre-logits layer too (the paper's fine-tuning set-up).
+    - ``gelu``: ``"exact"`` or ``"tanh"``; default: what the source used (tanh for npz, the saved config for vitlab
+      files, exact for timm / HF / torchvision).
+    - ``prefer_ema``: take the EMA weights of a training checkpoint that holds both.
+    - ``in_chans``: take images with this many channels; the input convolution is adapted as timm's
+      ``adapt_input_conv`` does (summed for 1 channel, repeated and rescaled for more; see
+      :mod:`vitlab.checkpoints.channels`) and the preprocessing's mean / std follow.
+    - ``patch_size``: build the model with this patch size (int or (height, width)), the patch-embedding kernel
+      resampled as FlexiViT does (pseudo-inverse of the patch resize, timm's ``resample_patch_embed``) and the
+      position embedding resampled to the new grid (a /16 checkpoint as a /8 model at the same resolution).
+
+    The model's Linear layers take this machine's CPU fast-path default (:func:`vitlab.compute.set_onednn_linear`).
+    """
+    ckpt = read_checkpoint(path, model_name=model_name, prefer_ema=prefer_ema)
+    model = model_from_checkpoint(ckpt, model_name=model_name, img_size=img_size, num_classes=num_classes,
+                                  resample=resample, drop_pre_logits=drop_pre_logits, gelu=gelu, in_chans=in_chans,
+                                  patch_size=patch_size)
+    return set_onednn_linear(model)  # this machine's CPU fast-path default, as vitlab.create_model
+
+
+def create_model(name: str, pretrained: bool | str = False, **overrides):
+    """A registered model, freshly initialised (``pretrained=False``) or with pre-trained weights from the catalog:
+    ``pretrained=True`` loads the model's default tag (:data:`vitlab.hub.DEFAULT_TAGS`), a string loads that tag, and
+    a name with a tag (``vit_b16.augreg_in21k``) loads that entry. With weights, ``img_size`` resamples the position
+    embedding and ``num_classes`` puts a new zero-initialised head on (dropping the pre-logits layer, as the paper
+    fine-tunes); other overrides are the loader's keywords (``resample``, ``gelu``). The Linear layers take this
+    machine's CPU fast-path default (:func:`vitlab.compute.onednn_linear_default`: oneDNN on AMD CPUs;
+    ``set_onednn_linear`` switches it).
+
+    >>> model = create_model("vit_b16", pretrained=True)                      # doctest: +SKIP
+    >>> model = create_model("vit_b16", pretrained="augreg_in21k", num_classes=10, img_size=384)  # doctest: +SKIP
+    """
+    model, _, tag = name.partition(".")
+    if not pretrained:  # a tagged name without pretrained=True builds the architecture alone (as timm does)
+        # with the CPU fast path for its Linear layers, as vitlab.load gives it
+        return set_onednn_linear(create_fresh(model if tag else name, **overrides))
+    entry = get_pretrained(name if tag else model, None if pretrained is True else str(pretrained))
+    allowed = {"img_size", "num_classes", "resample", "gelu", "drop_pre_logits"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise InvalidValueError(f"create_model({name!r}, pretrained=...): {', '.join(unknown)} cannot change with "
+                          f"pre-trained weights; allowed: {', '.join(sorted(allowed))}")
+    num_classes = overrides.pop("num_classes", None)
+    if num_classes is not None and num_classes != entry.num_classes:
+        overrides.setdefault("drop_pre_logits", True)
+    return load(entry.name, num_classes=num_classes, **overrides)
