@@ -26,8 +26,10 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from ..checkpoints.channels import adapt_model_channels
+from ..checkpoints.inspection import matching_model
 from ..errors import VitlabError
 from ..factory import read_checkpoint
+from ..hub import resolve
 
 _RANGE = re.compile(r"(?<![\w])(\d+)-(\d+)(?![\w])")
 _BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")  # the encoder's blocks (not a ResNet's stages.<i>.blocks.<j>)
@@ -216,10 +218,6 @@ def source_model_name(init_from: str) -> str | None:
     """The registered model a fine-tuning run's ``init_from`` checkpoint is, recorded as the run's ``model`` (the
     config's own ``model`` does not build it): a catalog entry's model, else the registered name of the same size and
     patch; None when no registered model matches."""
-    from ..checkpoints import read_checkpoint
-    from ..checkpoints.inspection import matching_model
-    from ..hub import resolve
-
     resolved = resolve(str(init_from))
     if resolved is not None and resolved.model_name:
         return resolved.model_name
