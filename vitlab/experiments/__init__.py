@@ -16,6 +16,7 @@ import importlib
 from types import ModuleType
 
 from ..errors import VitlabError
+from .common import execute
 
 NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls")
 
@@ -39,8 +40,6 @@ def run(name: str, **changes) -> list[dict]:
     with underscores: ``out``, ``steps``, ``data``, ``threads``, ``seed``, ``plot_only`` and the experiment's own,
     e.g. ``sizes=[1000, 6000]``). Trains what ``out/results.json`` lacks, writes the table and plot, and returns
     every row (one per training run, with ``top1`` the test accuracy in [0, 1])."""
-    from .common import execute
-
     args = options(name)
     unknown = sorted(set(changes) - set(vars(args)))
     if unknown:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from ..atomic import write_atomic, write_text_atomic
 from ..errors import VitlabError
+from ..train import TrainConfig, evaluate, train
 
 # Fashion-MNIST recipe of the training package, for the ViT of the experiments below
 BASE = dict(data="fashion-mnist", augment="flip", flip=True, optimizer="adamw", lr=2e-3, weight_decay=0.05,
@@ -49,8 +52,6 @@ def base_config(args: argparse.Namespace, **changes):
     """The experiments' training config: the Fashion-MNIST recipe's optimiser (AdamW lr 2e-3, wd 0.05, cosine,
     label smoothing 0.1, flips, batch 128) for a fixed number of steps, with the command line's data, threads and
     seed, and ``changes`` on top."""
-    from ..train import TrainConfig
-
     values = dict(BASE, data=args.data, steps=args.steps, epochs=None, threads=args.threads, seed=args.seed,
                   out_dir=str(Path(args.out) / "runs"))
     values.update(changes)
@@ -93,8 +94,6 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
 def script_main(experiment, argv: list[str] | None = None) -> int:
     """``python -m vitlab.experiments.<name>``: parse, :func:`execute`, print ``results.md``. Exit status 0 when
     every run has a finite test accuracy, 1 when one has not, 2 (one line on stderr) on bad options or files."""
-    import sys
-
     name = experiment.__name__.rsplit(".", 1)[-1]
     parser = argparse.ArgumentParser(prog=f"python -m vitlab.experiments.{name}", description=experiment.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,8 +110,6 @@ def script_main(experiment, argv: list[str] | None = None) -> int:
 
 def all_finite(rows: Sequence[dict]) -> bool:
     """Whether every row has a finite test accuracy (a diverged run has NaN)."""
-    import math
-
     return all(isinstance(r.get("top1"), float) and math.isfinite(r["top1"]) for r in rows)
 
 
@@ -137,8 +134,6 @@ def _say(message: str) -> None:
 
 def run_series(runs: Sequence[Run], out: str | Path, log: Callable[[str], None] = _say) -> list[dict]:
     """Train every run not yet in ``out/results.json`` with the normal training loop and return all rows."""
-    from ..train import train
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(out)
@@ -163,8 +158,6 @@ def run_series(runs: Sequence[Run], out: str | Path, log: Callable[[str], None] 
 
 def test_accuracy(model, config) -> float:
     """Top-1 of a trained model on the test split of the run's data (for runs evaluated on a holdout)."""
-    from ..train import evaluate
-
     return evaluate(model, config.data, "test", data_dir=config.data_dir, batch_size=config.eval_batch_size,
                     device=config.device, precision=config.precision)["top1"]
 

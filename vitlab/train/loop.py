@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import save
 from ..compute.bench import measure_gemm_rate
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
 from ..errors import VitlabError
+from ..models.lora import has_lora
 from . import distributed as D
 from .checkpoint import checkpoint_path, full_model, load_train_state, restore_run_state, save_run_state
 from .config import TrainConfig
+from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
 from .runfolder import RUNTIME_FIELDS, RunLock, run_folder_of
@@ -117,15 +121,18 @@ def _save_final(run: Run, metrics: dict | None) -> tuple[Path | None, nn.Module]
     module = run.objective.export(trained)
     if not run.info.is_main:
         return None, module
-    from ..checkpoints import save
 
     meta = {"train_config": run.config.to_dict(), "metrics": metrics or {}, "steps": run.total_steps}
     if hasattr(run.objective, "loss_name"):  # what predict / serve turn the logits into (softmax or sigmoid)
         meta.update(loss=run.objective.loss_name, multi_label=run.objective.multi_label)
     on_device = run.device.type != "cpu"
-    path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
-                preprocessing=run.preprocessing, metadata=meta,
-                class_names=run.class_names if run.objective.saves_class_names else None)
+    class_names = run.class_names if run.objective.saves_class_names else None
+    if has_lora(module):  # the adapter alone (and the merged model with merge_lora)
+        path = save_lora(module.cpu() if on_device else module, run.run_dir, run.config, run.preprocessing,
+                         class_names, meta)
+    else:
+        path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
+                    preprocessing=run.preprocessing, metadata=meta, class_names=class_names)
     if on_device:
         module.to(run.device)
     return Path(path), module
@@ -299,8 +306,6 @@ def _abandon(start: _Start) -> None:
         start.lock.release()
         start.lock = None
     if start.created and not start.stepped and start.run_dir is not None:
-        import shutil
-
         shutil.rmtree(start.run_dir, ignore_errors=True)
         start.created = False
 

@@ -7,6 +7,7 @@ the resolved config.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from ..errors import UnknownNameError
@@ -36,8 +37,6 @@ def register_recipe(recipe: Recipe) -> None:
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        import difflib
-
         close = difflib.get_close_matches(name, list(RECIPES), n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise UnknownNameError(f"unknown recipe {name!r}{hint} (see vitlab train --list-recipes)")

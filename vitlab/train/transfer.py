@@ -33,9 +33,10 @@ from ..hub import resolve
 
 _RANGE = re.compile(r"(?<![\w])(\d+)-(\d+)(?![\w])")
 _BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")  # the encoder's blocks (not a ResNet's stages.<i>.blocks.<j>)
-_EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "pos_embed_x", "pos_embed_y", "mask_token")
-# what a linear probe trains
-HEAD_PREFIXES = ("head",)
+_EMBEDDING = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_embed_x", "pos_embed_y",
+              "norm_pre", "mask_token")
+# what a linear probe trains (a distilled DeiT has two classifiers)
+HEAD_PREFIXES = ("head", "head_dist")
 
 
 def _clean(name: str) -> str:
@@ -114,8 +115,9 @@ def _block_index(name: str) -> int | None:
 
 def layer_id(name: str, depth: int) -> int:
     """The layer of a parameter for layer-wise learning-rate decay: 0 for the embedding (patch embedding with a
-    hybrid's ResNet, class token, position embeddings, the mask token of masked patch prediction), i + 1 for
-    ``blocks.<i>``, ``depth + 1`` for everything above the encoder (final norm, fc_norm, pre-logits, head)."""
+    hybrid's ResNet, class, distillation and register tokens, position embeddings, ``norm_pre``, the mask token of
+    masked patch prediction), i + 1 for ``blocks.<i>``, ``depth + 1`` for everything above the encoder (final norm,
+    fc_norm, attention pooling, pre-logits, heads)."""
     name = _clean(name)
     if name.split(".")[0] in _EMBEDDING:
         return 0
