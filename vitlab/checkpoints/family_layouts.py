@@ -43,7 +43,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import InvalidValueError, VitlabError
-from .statedicts import HF_QKV, HF_VIT_LAYER, QKV_TARGET, fuse_qkv, rename_keys, split_qkv
+from .statedicts import HF_QKV, HF_TO, HF_VIT_LAYER, QKV_TARGET, fuse_qkv, rename_keys, split_qkv
 
 # transformers' model types read here, and the vision-config fields they nest (full SigLIP / CLIP models)
 HF_FAMILY_TYPES = {"dinov2": "hf_dinov2", "dinov2_with_registers": "hf_dinov2", "deit": "hf_deit",
@@ -404,16 +404,10 @@ def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: li
         return tensors, config
     if name.startswith("DeiT"):
         sd = split_qkv(sd, "deit.encoder.layer.{block}.attention.attention.{which}.{kind}", ("query", "key", "value"))
-        rules = [(r"cls_token", "deit.embeddings.cls_token"), (r"dist_token", "deit.embeddings.distillation_token"),
-                 (r"pos_embed", "deit.embeddings.position_embeddings"),
-                 (r"patch_embed\.proj\.(weight|bias)", r"deit.embeddings.patch_embeddings.projection.\1"),
-                 (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"deit.encoder.layer.\1.layernorm_before.\2"),
-                 (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"deit.encoder.layer.\1.attention.output.dense.\2"),
-                 (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"deit.encoder.layer.\1.layernorm_after.\2"),
-                 (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"deit.encoder.layer.\1.intermediate.dense.\2"),
-                 (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"deit.encoder.layer.\1.output.dense.\2"),
-                 (r"norm\.(weight|bias)", r"deit.layernorm.\1"), (r"head\.(weight|bias)", r"cls_classifier.\1"),
-                 (r"head_dist\.(weight|bias)", r"distillation_classifier.\1")]
+        # ViT's names under ``deit.``, plus the distillation token and DeiT's two classifiers
+        rules = [(p, r.replace("vit.", "deit.", 1)) for p, r in HF_TO if not p.startswith("head")] + [
+            (r"dist_token", "deit.embeddings.distillation_token"), (r"head\.(weight|bias)", r"cls_classifier.\1"),
+            (r"head_dist\.(weight|bias)", r"distillation_classifier.\1")]
         names = class_names or [f"LABEL_{i}" for i in range(cfg.num_classes)]
         config = {**common, "architectures": [name], "model_type": "deit", "intermediate_size": cfg.mlp_dim,
                   "qkv_bias": cfg.qkv_bias, "encoder_stride": cfg.patch_size[0], "hidden_dropout_prob": 0.0,

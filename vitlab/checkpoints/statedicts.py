@@ -199,7 +199,7 @@ _HF_FROM = [
     (r"pooler\.dense\.(weight|bias)", r"pre_logits.fc.\1"),
     (r"classifier\.(weight|bias)", r"head.\1"),
 ]
-_HF_TO = [
+HF_TO = [  # vitlab -> transformers ViTForImageClassification (DeiT: the same under deit.)
     (r"patch_embed\.proj\.(weight|bias)", r"vit.embeddings.patch_embeddings.projection.\1"),
     (r"cls_token", "vit.embeddings.cls_token"),
     (r"pos_embed", "vit.embeddings.position_embeddings"),
@@ -243,7 +243,7 @@ def from_hf(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 def to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """vitlab names -> Hugging Face ``ViTForImageClassification`` on-disk names (``qkv`` split into q, k, v)."""
     return rename_keys(split_qkv(state_dict, "vit.encoder.layer.{block}.attention.attention.{which}.{kind}",
-                                 ("query", "key", "value")), _HF_TO)
+                                 ("query", "key", "value")), HF_TO)
 
 
 def to_vitlab_names(state_dict: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
