@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..atomic import write_atomic
@@ -125,7 +125,7 @@ def adapter_document(path: str | os.PathLike) -> dict | None:
             return None
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-    except (VitlabError, OSError):
+    except (VitlabError, OSError, SafetensorError):  # not readable as safetensors: the file readers say why
         return None
     return read_adapter_document(metadata, str(path))
 
