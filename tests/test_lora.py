@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 import vitlab
 from tests.conftest import CLASS_TOKEN_VIT, randomize_
-from tests.hub_fixtures import lay_out_hub_cache
+from tests.hub_fixtures import lay_out_hub_cache, offline_hub_cache
+from tests.train_runs import child_env, same_tensors, train_and_kill
 from vitlab.checkpoints.adapter import checkpoint_sha256
 from vitlab.cli import main as cli_main
 from vitlab.data import load_arrays
@@ -273,18 +274,6 @@ def test_lora_train_chooses_what_else_trains(tmp_path):
         torch.testing.assert_close(vitlab.load(adapter.path)(x), result.model.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-def _env(threads: int = 1) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _same_tensors(a: Path, b: Path) -> list[str]:
-    sa, sb = load_file(a), load_file(b)
-    assert sa.keys() == sb.keys()
-    return [k for k in sa if not torch.equal(sa[k], sb[k])]
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_of_a_lora_run_is_bit_exact(tmp_path):
     """DoRA with adapter dropout, gradient accumulation, EMA and the head: killed mid-run with SIGKILL, resumed, it
@@ -295,28 +284,14 @@ def test_sigkill_then_resume_of_a_lora_run_is_bit_exact(tmp_path):
                        merge_lora=True)
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.replace(run_name="killed").to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
-    killed_at, deadline = None, time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if last.is_file():
-            try:
-                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
-            except Exception:  # caught between writes: try again
-                step = 0
-            if 14 <= step <= 45:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.02)
-    proc.wait()
+    killed_at = train_and_kill(config_file, tmp_path / "runs" / "killed", lambda step: 14 <= step <= 45,
+                               timeout=180, poll=0.02)
     assert killed_at is not None, "the run ended before it could be killed"
     resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
     reference = train(cfg.replace(run_name="reference"))
     assert resumed.steps == reference.steps == 60
     for name in ("adapter.safetensors", "model.safetensors"):
-        assert _same_tensors(resumed.run_dir / name, reference.run_dir / name) == []
+        assert same_tensors(resumed.run_dir / name, reference.run_dir / name) == []
     a = torch.load(resumed.run_dir / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(reference.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -330,9 +305,9 @@ def _torchrun(*args: str, background: bool = False) -> subprocess.CompletedProce
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab",
            "train", *args]
     if background:
-        return subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+        return subprocess.Popen(cmd, env=child_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 def _assert_close_files(a: Path, b: Path) -> None:
@@ -417,7 +392,7 @@ def test_sigkill_then_resume_of_a_two_process_fsdp_lora_run_is_bit_exact(tmp_pat
     reference = _torchrun("--config", str(config_file))
     assert reference.returncode == 0, reference.stderr[-3000:]
     for name in ("adapter.safetensors", "model.safetensors"):
-        assert _same_tensors(tmp_path / "runs" / "killed" / name, tmp_path / "runs" / "reference" / name) == []
+        assert same_tensors(tmp_path / "runs" / "killed" / name, tmp_path / "runs" / "reference" / name) == []
     a = torch.load(last, weights_only=True)
     b = torch.load(tmp_path / "runs" / "reference" / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 40 and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
@@ -435,11 +410,7 @@ def test_compiled_lora_run_trains_like_the_eager_one(tmp_path):
 
 
 def test_an_adapter_on_a_hub_base_records_the_hub_name_and_finds_it_again(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
-    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+    cache = offline_hub_cache(tmp_path, monkeypatch)
     local = vitlab.save(tiny_vit(), tmp_path / "local.safetensors")
     config = {"architecture": "", "num_classes": 10, "pretrained_cfg": {"num_classes": 10}}  # timm's layout
     snapshot = lay_out_hub_cache(cache, "org/tiny-vit",
