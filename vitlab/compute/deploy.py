@@ -35,6 +35,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import InvalidValueError, VitlabError
+from ..models.metadata import metadata_of
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -75,11 +76,8 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 def model_metadata(model: nn.Module) -> dict:
     """What an exported file carries about ``model`` so that it can be used on its own: the architecture class and
     config, the preprocessing (``model.preprocessing``, else the paper's for its input) and the class names."""
-    from ..preprocessing import Preprocessing
-
-    cfg = model.cfg
-    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
-    names = getattr(model, "class_names", None)
+    cfg, meta = model.cfg, metadata_of(model)
+    pre, names = meta.preprocessing, meta.class_names
     return {"architecture": type(model).__name__, "config": cfg.to_dict(), "preprocessing": pre.to_dict(),
             "class_names": [str(n) for n in names] if names else None}
 

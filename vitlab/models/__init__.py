@@ -1,8 +1,10 @@
-"""Model definitions and the registry. Imports nothing from the rest of vitlab but its error types."""
+"""Model definitions and the registry. Imports nothing from the rest of vitlab but its error types and the
+preprocessing record (the metadata a model carries)."""
 
 from .families import FAMILIES, ModelFamily, config_from_dict, family_of, model_from_config, register_family
 from .features import FeatureExtractor, FeatureInfo
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
+from .metadata import ModelMeta, ModelMetadata, metadata_of
 from .registry import (
     ModelEntry,
     create_model,
@@ -31,6 +33,8 @@ __all__ = [
     "HybridConfig",
     "HybridEmbed",
     "HybridVisionTransformer",
+    "ModelMeta",
+    "ModelMetadata",
     "Mlp",
     "ModelEntry",
     "ModelInputError",
@@ -46,6 +50,7 @@ __all__ = [
     "family_of",
     "get_config",
     "list_models",
+    "metadata_of",
     "model_from_config",
     "register",
     "register_family",

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.images import load_image
 from ..errors import VitlabError
+from ..models import metadata_of
 from ..preprocessing import Preprocessing
 from ..train.predict import probabilities
 
@@ -63,12 +64,12 @@ class Engine:
         self.model = model.to(self.device).eval() if backend == "torch" else model.eval()
         cfg = model.cfg
         self.cfg = cfg
-        self.preprocessing: Preprocessing = (getattr(model, "preprocessing", None)
-                                             or Preprocessing.for_model(cfg.img_size, cfg.in_chans))
-        names = getattr(model, "class_names", None)
+        meta = metadata_of(model)
+        self.preprocessing: Preprocessing = meta.preprocessing
+        names = meta.class_names
         self.class_names = [str(n) for n in names] if names else [str(i) for i in range(cfg.num_classes)]
         self.named_classes = bool(names)
-        self.loss = getattr(model, "loss", None)  # "sigmoid": per-label probabilities (multi-label models)
+        self.loss = meta.loss  # "sigmoid": per-label probabilities (multi-label models)
         self.name = name or (Path(source).stem if source else type(model).__name__)
         self.source = source
         self.transform = self.preprocessing.transform()

@@ -29,7 +29,7 @@ from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_
 from ..data.stats import channel_statistics
 from ..errors import InvalidValueError, VitlabError
 from ..factory import load
-from ..models import create_model, get_config
+from ..models import create_model, get_config, metadata_of
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
@@ -177,8 +177,8 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
             state, loaded = model.state_dict(), model
             model = type(model)(model.cfg.replace(**extra))
             model.load_state_dict(state, strict=True)
-            model.preprocessing = getattr(loaded, "preprocessing", None)  # the source's, for run_preprocessing
-            model.class_names = getattr(loaded, "class_names", None)
+            model.preprocessing = loaded.preprocessing  # the source's, for run_preprocessing
+            model.class_names = loaded.class_names
         return adapt_init_channels(model, want_chans, config.init_from, log.info)  # RGB checkpoint, grey data
     if in_chans is not None:
         overrides.setdefault("in_chans", in_chans)
@@ -209,8 +209,9 @@ def run_preprocessing(config: TrainConfig, model: nn.Module) -> tuple[Preprocess
     paper = Preprocessing.for_model(cfg.img_size, cfg.in_chans)
     if not config.init_from:
         return paper, "the paper's (training from scratch)"
-    source = getattr(model, "preprocessing", None)
-    if source is None or source.channels != cfg.in_chans:
+    meta = metadata_of(model)
+    source = meta.preprocessing
+    if not meta.preprocessing_known or source.channels != cfg.in_chans:
         return paper, f"the paper's ({config.init_from} records none for {cfg.in_chans}-channel images)"
     return source.replace(img_size=cfg.img_size), f"the source checkpoint's ({config.init_from})"
 
