@@ -17,7 +17,7 @@ from torch import nn
 
 from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
-from ..models import metadata_of
+from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
 from .family_layouts import to_transformers, transformers_class
 from .files import write_json, write_safetensors
@@ -279,8 +279,8 @@ def convert_checkpoint(ckpt: Checkpoint, src: str | os.PathLike, dst: str | os.P
         "to": to,
         "config": model.cfg.to_dict(),
         "params": model.num_params(),
-        "resampled": tuple(getattr(model.cfg, "grid_size", model.cfg.img_size))
-        != tuple(getattr(ckpt.config, "grid_size", ckpt.config.img_size)),
+        "resampled": tuple(model.cfg.grid_size if has_tokens(model.cfg) else model.cfg.img_size)
+        != tuple(ckpt.config.grid_size if has_tokens(ckpt.config) else ckpt.config.img_size),
         "new_head": new_head,
         "notes": ckpt.notes + notes + ([head_note] if head_note else []),
     }

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import InvalidValueError, VitlabError
-from ..models.metadata import metadata_of
+from ..models import has_tokens, metadata_of
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -127,7 +127,7 @@ class _AtAnySize(nn.Module):
 def _size_axes(model: nn.Module) -> dict:
     """Dynamic height / width axes: multiples of the patch (any size >= one patch with ``dynamic_img_pad``)."""
     cfg = model.cfg
-    if not hasattr(cfg, "dynamic_img_size"):
+    if not has_tokens(cfg):
         raise VitlabError(f"dynamic_size export needs a ViT; {type(model).__name__} has no dynamic_img_size")
     rh, rw = cfg.reduction
     if cfg.dynamic_img_pad:

@@ -1,7 +1,15 @@
 """Model definitions and the registry. Imports nothing from the rest of vitlab but its error types and the
 preprocessing record (the metadata a model carries)."""
 
-from .families import FAMILIES, ModelFamily, config_from_dict, family_of, model_from_config, register_family
+from .families import (
+    FAMILIES,
+    ModelFamily,
+    config_from_dict,
+    family_of,
+    has_tokens,
+    model_from_config,
+    register_family,
+)
 from .features import FeatureExtractor, FeatureInfo
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
 from .metadata import ModelMeta, ModelMetadata, metadata_of
@@ -49,6 +57,7 @@ __all__ = [
     "create_model",
     "family_of",
     "get_config",
+    "has_tokens",
     "list_models",
     "metadata_of",
     "model_from_config",

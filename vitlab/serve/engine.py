@@ -21,7 +21,7 @@ from torch import nn
 
 from ..data.images import load_image
 from ..errors import VitlabError
-from ..models import metadata_of
+from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
 from ..train.predict import probabilities
 
@@ -73,8 +73,7 @@ class Engine:
         self.name = name or (Path(source).stem if source else type(model).__name__)
         self.source = source
         self.transform = self.preprocessing.transform()
-        self.can_explain = (backend == "torch" and hasattr(model, "forward_with_attention")
-                            and hasattr(cfg, "grid_size") and hasattr(cfg, "num_prefix_tokens"))
+        self.can_explain = backend == "torch" and hasattr(model, "forward_with_attention") and has_tokens(cfg)
         pool = getattr(cfg, "pool", "token")
         self.rollout_source = ("class" if pool == "token" and getattr(cfg, "class_token", False)
                                else "probe" if pool == "map" else "mean")
