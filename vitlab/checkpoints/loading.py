@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import VitlabError
 from ..labels import class_names as label_names
-from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, has_tokens, resolve
+from ..models import FAMILIES, ModelConfig, ModelFamily, ViTConfig, get_config, has_tokens, resolve
 from ..models.lora import add_lora, merge_lora
 from ..models.pretrained import LABEL_SETS
 from ..preprocessing import Preprocessing
@@ -73,7 +73,7 @@ class Checkpoint:
     format: str
     container: str
     state_dict: dict[str, torch.Tensor]
-    config: ViTConfig
+    config: ModelConfig  # a ViTConfig (HybridConfig) or a ResNetV2Config, as ``architecture`` says
     architecture: ModelFamily
     preprocessing: Preprocessing
     class_names: list[str] | None = None
@@ -377,7 +377,7 @@ def _embedded_preprocessing(obj: object, source: str, config) -> Preprocessing |
 
 
 def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[str],
-                     grid_hint: tuple[int, int] | None, named: ViTConfig | None,
+                     grid_hint: tuple[int, int] | None, named: ModelConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
     family = detect_family_layout(state_dict)
     if family is not None:  # DINOv2, DeiT, SigLIP, CLIP layouts: to timm names first
@@ -463,7 +463,7 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
     return ckpt
 
 
-def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTConfig | None) -> Checkpoint:
+def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ModelConfig | None) -> Checkpoint:
     source = str(path)
     config_file = path / "config.json"
     if not config_file.is_file():

@@ -14,6 +14,7 @@ from .features import FeatureExtractor, FeatureInfo
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
 from .metadata import ModelMeta, ModelMetadata, metadata_of
 from .registry import (
+    ModelConfig,
     ModelEntry,
     create_model,
     get_config,
@@ -44,6 +45,7 @@ __all__ = [
     "ModelMeta",
     "ModelMetadata",
     "Mlp",
+    "ModelConfig",
     "ModelEntry",
     "ModelInputError",
     "PatchEmbed",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..compute.flops import forward_macs
 from ..compute.onednn import set_onednn_linear
@@ -29,12 +30,12 @@ from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_
 from ..data.stats import channel_statistics
 from ..errors import InvalidValueError, VitlabError
 from ..factory import load
-from ..models import create_model, get_config, metadata_of
+from ..models import ModelConfig, create_model, get_config, metadata_of
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
 from .lora import apply_lora, check_lora_config
-from .objectives import Classification
+from .objectives import Classification, Objective
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog
@@ -52,11 +53,11 @@ class Run:
     precision: str                   # fp32 or bf16 (``auto`` resolved)
     run_dir: Path | None
     log: RunLog
-    objective: object                # see vitlab.train.objectives
+    objective: Objective             # see vitlab.train.objectives
     class_names: list[str]
     preprocessing: Preprocessing
-    train_set: object
-    eval_set: object | None
+    train_set: Dataset
+    eval_set: Dataset | None
     loader: InMemoryTrainLoader | FolderTrainLoader
     model: nn.Module
     trainable: nn.Module
@@ -77,7 +78,7 @@ class Run:
         return self.info.device
 
     @property
-    def model_cfg(self):
+    def model_cfg(self) -> ModelConfig:
         return self.model.cfg
 
 
