@@ -151,7 +151,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dyna
     example = torch.randn(2, *shape)
     axes = {0: torch.export.Dim("batch", min=1, max=4096)}
     if dynamic_size is None:
-        dynamic_size = bool(getattr(model.cfg, "dynamic_img_size", False))
+        dynamic_size = has_tokens(model.cfg) and model.cfg.dynamic_img_size
     if dynamic_size:
         axes.update(_size_axes(model))
         metadata["config"]["dynamic_img_size"] = True  # the graph takes any size, whatever the model's default

@@ -176,7 +176,7 @@ class Engine:
             "quantization": getattr(self.model, "quantization", None),
             "parameters": params,
             "img_size": list(cfg.img_size),
-            "patch_size": list(cfg.patch_size) if hasattr(cfg, "patch_size") else None,
+            "patch_size": list(cfg.patch_size) if has_tokens(cfg) else None,
             "in_chans": cfg.in_chans,
             "num_classes": cfg.num_classes,
             "config": config,
