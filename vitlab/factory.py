@@ -133,8 +133,8 @@ def create_model(name: str, pretrained: bool | str = False, **overrides):
     a name with a tag (``vit_b16.augreg_in21k``) loads that entry. With weights, ``img_size`` resamples the position
     embedding and ``num_classes`` puts a new zero-initialised head on (dropping the pre-logits layer, as the paper
     fine-tunes); other overrides are the loader's keywords (``resample``, ``gelu``). The Linear layers take this
-    machine's CPU fast-path default (:func:`vitlab.compute.onednn_linear_default`: oneDNN on AMD CPUs;
-    ``set_onednn_linear`` switches it).
+    machine's CPU fast-path default (:func:`vitlab.compute.set_onednn_linear`: oneDNN where it measured faster;
+    ``VITLAB_ONEDNN_LINEAR`` or ``set_onednn_linear(model, True / False)`` decides instead).
 
     >>> model = create_model("vit_b16", pretrained=True)                      # doctest: +SKIP
     >>> model = create_model("vit_b16", pretrained="augreg_in21k", num_classes=10, img_size=384)  # doctest: +SKIP

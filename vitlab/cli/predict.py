@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Predict the top-k classes of image files with a checkpoint's own "
                                           "preprocessing and class names. Unreadable files get an error line; the "
                                           "others are still predicted (exit status 1 if any failed).")
-    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx file from `vitlab export-onnx`")
+    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -24,12 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load
-    from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+    from ..compute.pt2 import is_exported_file, load_exported
     from ..train import predict
 
     if args.topk < 1:
         raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
-    model = OnnxClassifier(args.checkpoint) if is_onnx_file(args.checkpoint) else load(args.checkpoint)
+    model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
     results = predict(model, args.images, topk=args.topk, device=args.device)
     failed = 0
     for r in results:

@@ -22,12 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "batch of up to --max-batch images; when --max-queue images wait, new requests get 503 with "
                     "Retry-After. SIGINT / SIGTERM stop it after answering the requests already accepted. "
                     f"An API key is read from ${API_KEY_ENV} or --api-key-file.")
-    p.add_argument("checkpoint", help="checkpoint file or name, or an .onnx file (with --backend onnx-int8)")
+    p.add_argument("checkpoint", help="checkpoint file or name, an .onnx file (with --backend onnx-int8) or a .pt2 "
+                                      "package (with --backend pt2)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torch backend)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx-int8"],
-                   help="torch, or ONNX Runtime's int8 model (CPU; a checkpoint is exported and quantised at start)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torch backend; pt2 compiling a checkpoint)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx-int8", "pt2"],
+                   help="torch, ONNX Runtime's int8 model (CPU; a checkpoint is exported and quantised at start), or "
+                        "a .pt2 package on AOTInductor (a checkpoint is compiled at start: tens of seconds)")
     p.add_argument("--max-batch", type=int, default=16, help="most images per model call (default 16; 1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the first image of a batch waits for others (default 5 ms)")

@@ -1,5 +1,6 @@
-"""The model side of the server: a loaded model (PyTorch, or ONNX Runtime int8), its preprocessing and class names,
-and the two batch operations the endpoints need: class probabilities, and probabilities with attention rollout.
+"""The model side of the server: a loaded model (PyTorch, ONNX Runtime int8, or a .pt2 package), its preprocessing
+and class names, and the two batch operations the endpoints need: class probabilities, and probabilities with
+attention rollout.
 
 Uploaded bytes are decoded by :func:`vitlab.data.images.load_image` (the guards training data gets: truncated files,
 decompression bombs, 16-bit, CMYK, transparency, EXIF orientation) from memory, never from a path, and transformed
@@ -25,7 +26,7 @@ from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
 from ..train.predict import probabilities
 
-BACKENDS = ("torch", "onnx-int8")
+BACKENDS = ("torch", "onnx-int8", "pt2")
 HEAD_FUSIONS = ("mean", "max", "min")
 OVERLAY_MIN_SIDE = 224  # overlays of small models (28 px) are scaled up to at least this for display
 
@@ -52,15 +53,16 @@ class Engine:
     """A model ready to serve: ``classify`` and ``explain`` take preprocessed images (B, C, H, W) and return
     probabilities (B, classes) as float32 on the CPU (``explain`` also rollout maps (B, gh, gw)).
 
-    ``model`` is a vitlab model (``vitlab.load``'s result) or an
-    :class:`~vitlab.compute.onnx_classifier.OnnxClassifier`; ``name`` and ``source`` describe it on the model card."""
+    ``model`` is a vitlab model (``vitlab.load``'s result), an
+    :class:`~vitlab.compute.onnx_classifier.OnnxClassifier` or a :class:`~vitlab.compute.pt2.Pt2Classifier`;
+    ``name`` and ``source`` describe it on the model card."""
 
     def __init__(self, model: nn.Module, *, backend: str = "torch", device: str | torch.device = "cpu",
                  name: str | None = None, source: str | None = None):
         if backend not in BACKENDS:
             raise VitlabError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
-        self.device = torch.device(device)
+        self.device = torch.device(device) if backend != "pt2" else model.device  # a package runs where it was built
         self.model = model.to(self.device).eval() if backend == "torch" else model.eval()
         cfg = model.cfg
         self.cfg = cfg
@@ -172,7 +174,8 @@ class Engine:
             "architecture": getattr(self.model, "architecture", type(self.model).__name__),
             "source": Path(self.source).name if self.source else None,
             "backend": self.backend,
-            "device": str(self.device) if self.backend == "torch" else "cpu (ONNX Runtime)",
+            "device": {"torch": str(self.device), "pt2": f"{self.device} (AOTInductor)"}.get(self.backend,
+                                                                                         "cpu (ONNX Runtime)"),
             "quantization": getattr(self.model, "quantization", None),
             "parameters": params,
             "img_size": list(cfg.img_size),
@@ -196,13 +199,30 @@ def load_engine(source: str | os.PathLike | nn.Module, *, backend: str = "torch"
 
     ``backend='onnx-int8'`` runs ONNX Runtime's int8 model on the CPU: an int8 ``.onnx`` file as it is; a float32
     ``.onnx`` file, a checkpoint or a model is exported and quantised first, into ``workdir`` (default: a temporary
-    folder kept for the life of the process)."""
+    folder kept for the life of the process). ``backend='pt2'`` runs a ``.pt2`` package (``vitlab export --format
+    pt2``) as it is, or compiles a checkpoint or model into one for ``device`` first, into ``workdir``."""
     from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+    from ..compute.pt2 import Pt2Classifier, export_pt2, is_pt2_file
 
     if backend not in BACKENDS:
         raise VitlabError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     label = None if isinstance(source, nn.Module) else str(source)
     onnx_file = label is not None and is_onnx_file(label)
+    if label is not None and is_pt2_file(label) and backend != "pt2":
+        raise VitlabError(f"{label}: a .pt2 package needs --backend pt2")
+    if backend == "pt2":
+        if onnx_file:
+            raise VitlabError(f"{label}: an ONNX file needs --backend onnx-int8")
+        if threads:
+            torch.set_num_threads(threads)
+        if label is not None and is_pt2_file(label):
+            return Engine(Pt2Classifier(label), backend=backend, name=name, source=label)
+        from .. import load
+
+        torch_model = source if isinstance(source, nn.Module) else load(source)
+        folder = Path(workdir) if workdir is not None else Path(_scratch_dir())
+        package = export_pt2(torch_model.eval(), folder / "model.pt2", device=device)
+        return Engine(Pt2Classifier(package), backend=backend, name=name or _stem(label), source=label)
     if backend == "torch":
         if onnx_file:
             raise VitlabError(f"{label}: an ONNX file needs --backend onnx-int8")

@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..compute.flops import forward_macs
-from ..compute.onednn import set_onednn_linear
+from ..compute.onednn import linear_shapes, set_onednn_linear
+from ..compute.precision import choose_cpu_precision
 from ..data import (
     ArrayDataset,
     HFImageDataset,
@@ -82,14 +83,18 @@ class Run:
         return self.model.cfg
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on GPUs that support it, fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None) -> str:
+    """``auto`` -> bf16 on GPUs that support it; on the CPU, given the ``model``, bf16 where this CPU has native bf16
+    and it measured faster at the model's Linear shapes (:func:`vitlab.compute.precision.choose_cpu_precision`,
+    which also warns once when bf16 is asked for on a CPU that emulates it); fp32 elsewhere."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if device.type == "cpu" and model is not None:
+        return choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
     return precision
 
 
@@ -277,6 +282,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
                        layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
     set_onednn_linear(vit)  # this machine's CPU fast-path default for its Linear layers
+    if info.device.type == "cpu":  # auto: bf16 only where this CPU has it natively and it measures faster
+        precision = resolve_precision(cfg.precision, info.device, vit)
+        log.info(f"precision on the CPU: {precision} (asked: {cfg.precision})")
     preprocessing, origin = run_preprocessing(cfg, vit)
     if cfg.normalize_from_data:
         mean, std, measured = channel_statistics(train_set)
