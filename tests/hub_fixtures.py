@@ -138,9 +138,11 @@ def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dic
 
 class LoopbackHub(_LoopbackServer):
     """The part of the Hugging Face Hub's HTTP interface ``hf_hub_download`` uses, on 127.0.0.1:
-    ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` answering with ``X-Repo-Commit`` and ``ETag``; an unknown
-    repo gets ``X-Error-Code: RepoNotFound``, a missing file ``EntryNotFound``. ``repos``: repo -> {file: bytes}.
-    ``headers``: header -> value sent on every answer instead of the usual one (a hostile endpoint's ``ETag``)."""
+    ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` answering with ``X-Repo-Commit`` and ``ETag``, and the
+    repo's info and file list at ``/api/models/{org}/{name}[/revision/{revision}]`` and ``.../tree/{revision}``
+    (what ``hf download`` with several files asks); an unknown repo gets ``X-Error-Code: RepoNotFound``, a missing
+    file ``EntryNotFound``. ``repos``: repo -> {file: bytes}. ``headers``: header -> value sent on every answer
+    instead of the usual one (a hostile endpoint's ``ETag``)."""
 
     def __init__(self, repos: dict[str, dict[str, bytes]], commit: str = "c" * 40):
         self.repos, self.commit, self.requests = repos, commit, []
@@ -154,6 +156,27 @@ class LoopbackHub(_LoopbackServer):
             def _answer(self, body: bool) -> None:
                 owner.requests.append((self.command, self.path))
                 parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) >= 4:  # the repo's file list (`hf download`)
+                    repo = "/".join(parts[2:4])
+                    files = owner.repos.get(repo)
+                    if files is None:
+                        info = None
+                    elif len(parts) > 4 and parts[4] == "tree":
+                        info = json.dumps([{"type": "file", "path": f, "size": len(data),
+                                            "oid": hashlib.sha1(data).hexdigest()} for f, data in files.items()])
+                    else:
+                        info = json.dumps({"id": repo, "sha": owner.commit,
+                                           "siblings": [{"rfilename": f} for f in files]})
+                    info = info.encode() if info else None
+                    self.send_response(404 if info is None else 200)
+                    if info is None:
+                        self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(info or b"")))
+                    self.end_headers()
+                    if body and info:
+                        self.wfile.write(info)
+                    return
                 if len(parts) < 5 or parts[2] != "resolve":
                     self.send_response(404)
                     self.send_header("Content-Length", "0")

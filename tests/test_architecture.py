@@ -57,6 +57,7 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.models.lora", "peft"): OPTIONAL + " (the lora extra, named in the error; slow to import)",
     ("vitlab.models.lora", "peft.tuners"): OPTIONAL + " (the lora extra)",
     ("vitlab.data.arrays", "sklearn.datasets"): OPTIONAL,
+    ("vitlab.experiments.families", "sklearn.datasets"): OPTIONAL + " (only the default sample-photos images need it)",
     ("vitlab.data.arrays", "torchvision.datasets"): HEAVY,
     ("vitlab.data.loaders", "torchvision.transforms"): HEAVY,
     ("vitlab.data.hf", "datasets"): OPTIONAL + " (the hf extra, named in the error)",

@@ -24,6 +24,7 @@ WIDE = [(384, 384), (384, 1152), (384, 1536), (1536, 384)]
 def measured(monkeypatch, tmp_path):
     """A temporary $VITLAB_HOME, an empty memo, and an injected slowdown that counts its calls."""
     monkeypatch.setenv("VITLAB_HOME", str(tmp_path))
+    monkeypatch.delenv(P.AUTO_PRECISION_ENV, raising=False)
     monkeypatch.setattr(P, "_MEMO", {})
     monkeypatch.setattr(P, "_warned", set())
     state = {"slowdown": 0.5, "calls": []}
@@ -89,3 +90,14 @@ def test_training_resolves_auto_at_the_models_shapes_on_the_cpu(measured, monkey
 def test_bf16_autocast_on_the_cpu_is_slower_than_fp32_where_emulated():
     """The real measurement runs and returns a positive time ratio (its value depends on the CPU)."""
     assert P.measure_slowdown([(128, 128)], "bf16", rounds=1) > 0
+
+
+def test_the_environment_decides_auto_without_measuring(measured, monkeypatch):
+    monkeypatch.setenv(P.AUTO_PRECISION_ENV, "bf16")
+    assert P.choose_cpu_precision("auto", WIDE, flags=ZEN3) == "bf16"
+    monkeypatch.setenv(P.AUTO_PRECISION_ENV, "fp32")
+    assert P.choose_cpu_precision("auto", WIDE, flags=SAPPHIRE_RAPIDS) == "fp32"
+    assert measured["calls"] == []
+    monkeypatch.setenv(P.AUTO_PRECISION_ENV, "half")
+    with pytest.raises(InvalidValueError, match="VITLAB_AUTO_PRECISION='half': use fp32 or bf16"):
+        P.choose_cpu_precision("auto", WIDE)

@@ -125,6 +125,28 @@ def test_unreachable_endpoint_falls_back_to_the_hub_cache(hub, timm_repo, monkey
     assert vitlab.load("hf-hub:timm/vit_test").class_names == LABELS
 
 
+def test_no_network_without_offline_fails_fast_with_every_hint(hub, monkeypatch):
+    """No --offline, nothing listening where the bucket and the Hub should be: the error comes at once (the Hub client
+    alone used to retry for about 30 s) and names both ways to place the file."""
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused, as with no network
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setenv("VITLAB_GCS_ENDPOINT", dead)
+    start = time.perf_counter()
+    with pytest.raises(VitlabError) as info:
+        vitlab.create_model("vit_ti16", pretrained=True)
+    took = time.perf_counter() - start
+    message = str(info.value)
+    assert took < 5, f"{took:.1f} s to find that there is no network"
+    assert "the Hub cannot be reached" in message and "curl -L --fail --create-dirs" in message
+    assert "hf download timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k config.json model.safetensors" in message
+
+
 def test_download_through_huggingface_hub_from_a_loopback_endpoint_then_offline(hub, timm_repo, monkeypatch):
     from tests.hub_fixtures import LoopbackHub
 

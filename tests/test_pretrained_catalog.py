@@ -3,6 +3,8 @@ grid, resolution, classes) and, where timm is installed, against timm's own tabl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -158,6 +160,14 @@ def test_models_cli_lists_the_catalog(capsys):
     assert main(["models", "--pretrained", "vit_ti16"]) == 0
     out = capsys.readouterr().out
     assert "vit_ti16.augreg_in21k_ft_in1k " in out and "75.45" in out and "gs://vit_models/augreg/Ti_16" in out
+    # each accuracy says whose it is: timm's measurement, or the paper's table where timm has none
+    row = next(line for line in out.splitlines() if line.startswith("vit_ti16.augreg_in21k_ft_in1k "))
+    assert row.split()[5:7] == ["75.45", "timm"], row
+    assert main(["models", "--pretrained", "vit_l16.orig_in21k_ft_in1k_384", "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert (entry["top1"], entry["top1_source"]) == (entry["top1_paper"], "paper") and entry["top1_timm"] is None
+    assert main(["models", "--pretrained", "vit_l16.orig_in21k_ft_in1k_384"]) == 0
+    assert f"{entry['top1']:.2f} paper" in capsys.readouterr().out
     assert main(["models", "--pretrained", "nothing-like-this"]) == 2
 
 

@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
     model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
     results = predict(model, args.images, topk=args.topk, device=args.device)
+    listed = max((len(r.top) for r in results if not r.error), default=args.topk)
+    if listed < args.topk:
+        print(f"vitlab predict: --topk {args.topk} is more than the model's {listed} classes: all {listed} are listed",
+              file=sys.stderr)
     failed = 0
     for r in results:
         if r.error:
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"vitlab predict: error: {r.error}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"image": r.source, "error": r.error,
+            print(json.dumps({"name": r.source, "error": r.error,  # "name", as the server's answers call it
                               "top": [{"index": i, "class": name, "probability": p} for i, name, p in r.top]}))
         elif not r.error:
             ranked = ", ".join(f"{name} {100 * p:.1f}%" for _, name, p in r.top)

@@ -106,13 +106,16 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     engine = app.state.vitlab.engine
     shown = f"[{host}]" if ":" in host else host
-    print(f"vitlab serve: {engine.name} ({engine.backend} on {engine.device}) at http://{shown}:{port}/ "
-          f"({'API key required' if settings.api_key else 'no API key'}; batches of {settings.max_batch} within "
-          f"{settings.max_wait_ms:g} ms)", flush=True)
     if not _is_loopback(host) and settings.api_key is None:
         print(f"vitlab serve: warning: listening on {host}, reachable from other machines, without an API key "
               f"(set ${API_KEY_ENV} or --api-key-file)", file=sys.stderr, flush=True)
+
+    def announce() -> None:  # once the socket accepts: a script may connect as soon as it reads this line
+        print(f"vitlab serve: {engine.name} ({engine.backend} on {engine.device}) at http://{shown}:{port}/ "
+              f"({'API key required' if settings.api_key else 'no API key'}; batches of {settings.max_batch} "
+              f"within {settings.max_wait_ms:g} ms)", flush=True)
+
     run_server(app, sock, access_log=args.access_log, graceful_timeout=args.graceful_timeout,
-               max_connections=args.max_connections, header_timeout=args.header_timeout)
+               max_connections=args.max_connections, header_timeout=args.header_timeout, on_ready=announce)
     print("vitlab serve: stopped", flush=True)
     return 0

@@ -13,6 +13,7 @@ feature flags, PyTorch version and threads (:func:`vitlab.compute.onednn.machine
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 import warnings
@@ -34,6 +35,8 @@ MIN_FEATURES = 128  # narrower layers are not measured (casts dominate them); a 
 ROWS = 512  # token rows per timed product: a few images' worth (autocast's weight casts amortise over rows)
 ROUNDS = 5
 CACHE_VERSION = 1
+# when set (fp32 or bf16), what ``auto`` means on the CPU, without measuring
+AUTO_PRECISION_ENV = "VITLAB_AUTO_PRECISION"
 
 
 class EmulatedPrecisionWarning(UserWarning):
@@ -124,10 +127,11 @@ _warned: set[str] = set()
 def choose_cpu_precision(precision: str, shapes: Iterable[tuple[int, int]], flags: Iterable[str] | None = None,
                          measure: Callable[[list[tuple[int, int]], str], float] | None = None) -> str:
     """The precision a model with Linear ``shapes`` (in, out) runs in on this CPU for ``precision`` (``auto``,
-    ``fp32``, ``bf16`` or ``fp16``). ``auto``: bf16 where the CPU has native bf16 (``flags``, default this CPU's)
-    and bf16 autocast measured at most :data:`PRECISION_MARGIN` of float32's time at the model's shapes at least
-    :data:`MIN_FEATURES` wide; float32 otherwise. A reduced precision asked for on a CPU without it natively is kept
-    and warns once (:class:`EmulatedPrecisionWarning`) with the measured slowdown."""
+    ``fp32``, ``bf16`` or ``fp16``). ``auto``: ``$VITLAB_AUTO_PRECISION`` when set; else bf16 where the CPU has
+    native bf16 (``flags``, default this CPU's) and bf16 autocast measured at most :data:`PRECISION_MARGIN` of
+    float32's time at the model's shapes at least :data:`MIN_FEATURES` wide; float32 otherwise. A reduced precision
+    asked for on a CPU without it natively is kept and warns once (:class:`EmulatedPrecisionWarning`) with the
+    measured slowdown."""
     if precision not in ("auto", "fp32", *REDUCED):
         raise InvalidValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     shapes = sorted(set(shapes))
@@ -135,6 +139,11 @@ def choose_cpu_precision(precision: str, shapes: Iterable[tuple[int, int]], flag
     if precision == "fp32":
         return "fp32"
     if precision == "auto":
+        setting = os.environ.get(AUTO_PRECISION_ENV)
+        if setting:  # the user (or a test run that needs the same arithmetic whatever the load) decides
+            if setting not in ("fp32", "bf16"):
+                raise InvalidValueError(f"{AUTO_PRECISION_ENV}={setting!r}: use fp32 or bf16")
+            return setting
         if not wide or not has_native("bf16", flags):
             return "fp32"
         return "bf16" if cached_slowdown(wide, "bf16", measure) <= PRECISION_MARGIN else "fp32"

@@ -2,7 +2,8 @@
 
 Each experiment is a module here (``data_requirements``, ``posemb``, ``pooling``, ``compute``, ``mpp``,
 ``finetune_controls``) that trains a series of runs with the normal training loop and writes ``results.json``,
-``results.md`` and a PNG plot to its output folder. Three ways to run one, all the same code:
+``results.md`` and a PNG plot to its output folder; ``families`` trains nothing: it measures the paper's Fig. 7
+panels on given checkpoints side by side. Three ways to run one, all the same code:
 
     vitlab experiment posemb --out results/posemb --steps 300
     python -m vitlab.experiments.posemb --out results/posemb --steps 300
@@ -18,7 +19,9 @@ from types import ModuleType
 from ..errors import VitlabError
 from .common import execute
 
-NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls")
+NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls", "families")
+# the experiments that train runs (families measures given checkpoints: no --steps, --data)
+TRAINING = NAMES[:-1]
 
 
 def load(name: str) -> ModuleType:

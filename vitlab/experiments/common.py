@@ -75,12 +75,15 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
     ``--plot-only``), then write ``results.md`` and the plot from every row. Returns the rows.
 
     ``experiment`` is an experiment module: ``build_runs(args)`` lists its runs (or ``train_runs(args)`` trains
-    them, for experiments whose later runs depend on earlier ones), ``report(rows, out)`` writes.
+    them, for experiments whose later runs depend on earlier ones, or ``measure(args)`` writes rows without training),
+    ``report(rows, out)`` writes.
     """
-    if args.steps < 1:
+    if getattr(args, "steps", 1) < 1:  # experiments that train nothing (families) have no --steps
         raise VitlabError(f"--steps must be at least 1, got {args.steps}")
     if not args.plot_only:
-        if hasattr(experiment, "train_runs"):
+        if hasattr(experiment, "measure"):  # measures given checkpoints instead of training runs
+            experiment.measure(args)
+        elif hasattr(experiment, "train_runs"):
             experiment.train_runs(args)
         else:
             run_series(experiment.build_runs(args), args.out)
@@ -105,7 +108,13 @@ def script_main(experiment, argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print((Path(args.out) / "results.md").read_text())
-    return 0 if all_finite(rows) else 1
+    return 0 if rows_ok(experiment, rows) else 1
+
+
+def rows_ok(experiment, rows: Sequence[dict]) -> bool:
+    """The exit-status check of an experiment's rows: its own ``rows_ok`` when it has one, else
+    :func:`all_finite`."""
+    return experiment.rows_ok(rows) if hasattr(experiment, "rows_ok") else all_finite(rows)
 
 
 def all_finite(rows: Sequence[dict]) -> bool:
@@ -204,14 +213,15 @@ def write_report(out: str | Path, title: str, table: str, notes: Sequence[str] =
     return path
 
 
-def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
-    """A matplotlib figure and its axes (one, or ``ncols`` side by side) on the non-interactive Agg backend."""
+def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1, nrows: int = 1):
+    """A matplotlib figure and its axes (one, or a grid of ``nrows`` x ``ncols``) on the non-interactive Agg
+    backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=(width, height))
+    return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=nrows == 1)
 
 
 def line_plot(out: str | Path, name: str, series: dict[str, list[tuple]], *, xlabel: str, ylabel: str, title: str,
@@ -237,10 +247,12 @@ def line_plot(out: str | Path, name: str, series: dict[str, list[tuple]], *, xla
     return save_figure(fig, out, name)
 
 
-def save_figure(fig, out: str | Path, name: str) -> Path:
-    """Write ``fig`` to ``out/name`` as a PNG (atomically) and close it."""
+def save_figure(fig, out: str | Path, name: str, tight: bool = True) -> Path:
+    """Write ``fig`` to ``out/name`` as a PNG (atomically) and close it; ``tight``: lay it out tightly first (not
+    for figures with a colour bar placed across axes)."""
     path = Path(out) / name
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     import matplotlib.pyplot as plt
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -37,6 +40,34 @@ def hf_cache_dir() -> Path:
 def offline_mode() -> bool:
     """Whether network use is forbidden: ``VITLAB_OFFLINE`` or ``HF_HUB_OFFLINE`` set to 1 / true / yes / on."""
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("VITLAB_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+# host:port -> (whether a TCP connection opened, when): a machine without network answers every download at once
+# instead of after the Hub client's retries (about 30 s per file); probed again after a minute for long-lived
+# processes (a server, a notebook) whose network comes back
+_REACHABLE: dict[tuple[str, int], tuple[bool, float]] = {}
+_PROBE_AGAIN_AFTER = 60.0
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host (or the proxy the environment sets for it) opens within
+    ``timeout`` seconds; probed at most once a minute per host. Any failure to connect (no DNS, refused,
+    unreachable, timed out) counts as no network."""
+    split = urlsplit(url)
+    host, port = split.hostname or "", split.port or (443 if split.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(split.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_split = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_split.hostname or "", proxy_split.port or 80
+    known = _REACHABLE.get((host, port))
+    if known is None or time.monotonic() - known[1] > _PROBE_AGAIN_AFTER:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            known = (True, time.monotonic())
+        except OSError:
+            known = (False, time.monotonic())
+        _REACHABLE[(host, port)] = known
+    return known[0]
 
 
 def http_url(url: str) -> str:

@@ -40,8 +40,10 @@ _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body")
 
 
 def placement_hint(url: str, dest: Path) -> str:
-    """How to put the file in place by hand (the last part of the offline / no-network messages)."""
-    return f"download {http_url(url)} and save it as {dest} (e.g. `curl -L -o '{dest}' '{http_url(url)}'`)"
+    """How to put the file in place by hand (the last part of the offline / no-network messages): a command that
+    works on a fresh machine (it creates the cache folders and saves no error page)."""
+    return (f"download {http_url(url)} and save it as {dest} "
+            f"(e.g. `curl -L --fail --create-dirs -o '{dest}' '{http_url(url)}'`)")
 
 
 def fetch(url: str, *, size: int | None = None, sha256: str | None = None, progress: bool | None = None,

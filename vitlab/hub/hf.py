@@ -20,10 +20,11 @@ from pathlib import Path
 
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
-from .cache import hf_cache_dir, offline_mode
+from .cache import hf_cache_dir, offline_mode, reachable
 from .download import structure_problem
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_ENDPOINT = "https://huggingface.co"
 # transformers model types vitlab reads: the paper's ViT, DeiT, DINOv2 (with registers), SigLIP and CLIP (full
 # models or their vision towers)
 TRANSFORMERS_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "siglip", "siglip_vision_model", "clip",
@@ -64,6 +65,23 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         raise VitlabError(f"hf-hub:{_shown(spec)}: {_shown(revision)!r} is not a revision (a branch or tag name, or a "
                           "40-hex commit; no '..', no leading or trailing '/', no spaces or control characters)")
     return repo, revision or None
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub endpoint (``$HF_ENDPOINT``, default huggingface.co) accepts connections; probed once."""
+    return reachable(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
+
+
+def download_hint(repo: str, revision: str | None = None, files: tuple[str, ...] = ("config.json",
+                                                                                   "model.safetensors")) -> str:
+    """The ``hf download`` command that puts what vitlab reads of ``repo`` (its config and weights by default) in
+    this machine's Hub cache, and where the files go (the last part of the offline / no-network messages)."""
+    cache = hf_cache_dir()
+    revision_option = f" --revision {revision}" if revision else ""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    return (f"on a connected machine run `hf download {repo} {' '.join(files)}{revision_option} --cache-dir "
+            f"'{cache}'` (the files go to {folder}; if that machine is another one, copy the folder to the same "
+            f"place here or point HF_HUB_CACHE at a copy)")
 
 
 def _valid_revision(revision: str) -> bool:
@@ -168,9 +186,10 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
     cache = hf_cache_dir()
     offline = offline_mode()
     try:
-        if not offline:
+        local_only = offline or not hub_reachable()  # an unreachable Hub: the cache only, without its retries
+        if not local_only:
             _guard_hub_session()
-        found = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=offline,
+        found = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache, local_files_only=local_only,
                                      endpoint=os.environ.get("HF_ENDPOINT") or None, force_download=force))
     except LocalEntryNotFoundError:  # not cached, and offline or the Hub unreachable
         if optional:
@@ -178,9 +197,9 @@ def _download(repo: str, filename: str, revision: str | None, *, optional: bool 
         why = "network use is off (HF_HUB_OFFLINE / VITLAB_OFFLINE / --offline)" if offline else \
             "the Hub cannot be reached"
         folder = cache / f"models--{repo.replace('/', '--')}"
-        raise VitlabError(f"{where}: {filename} is not in the Hub cache ({folder}) and {why}; on a connected "
-                          f"machine run `hf download {repo} {filename}` (or copy its {folder.name} cache folder) "
-                          f"and point HF_HUB_CACHE there") from None
+        files = ("config.json", "model.safetensors") if filename == "config.json" else (filename,)
+        raise VitlabError(f"{where}: {filename} is not in the Hub cache ({folder}) and {why}; "
+                          f"{download_hint(repo, revision, files)}") from None
     except GatedRepoError:
         raise VitlabError(f"{where}: a gated repo; accept its terms on the Hub and log in (`hf auth login` or "
                           "HF_TOKEN)") from None
@@ -243,8 +262,11 @@ def _weights(repo: str, revision: str | None) -> Path:
             _whole(repo, shard, revision, _download(repo, shard, revision))
         return index
     where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
-    hint = " in the Hub cache (network use is off)" if offline_mode() else ""
-    raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin{hint}")
+    if offline_mode() or not hub_reachable():  # the config is cached, the weights are not
+        why = "network use is off" if offline_mode() else "the Hub cannot be reached"
+        raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin in the Hub cache "
+                          f"and {why}; {download_hint(repo, revision, ('model.safetensors',))}")
+    raise VitlabError(f"{where}: no model.safetensors, sharded safetensors or pytorch_model.bin")
 
 
 def timm_preprocessing(cfg: dict, in_chans: int = 3) -> Preprocessing | None:

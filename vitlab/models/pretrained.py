@@ -93,6 +93,13 @@ class PretrainedEntry:
         """The accuracy to expect from ``vitlab eval`` on ImageNet val: timm's measurement, else the paper's."""
         return self.top1_timm if self.top1_timm is not None else self.top1_paper
 
+    @property
+    def top1_source(self) -> str | None:
+        """Who reported :attr:`top1`: ``"timm"`` (its measurement), ``"paper"``, or None without a number."""
+        if self.top1_timm is not None:
+            return "timm"
+        return "paper" if self.top1_paper is not None else None
+
 
 def _gcs(path: str, note: str = "") -> Source:
     return Source("gcs", f"gs://{path}", note=note)

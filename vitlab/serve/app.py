@@ -5,7 +5,8 @@ Endpoints (all answers JSON but ``/``, ``/metrics`` and the page's assets; every
 
 - ``POST /v1/classify``: images as ``multipart/form-data`` file parts (any field name), as JSON
   ``{"images": ["<base64>", ...]}`` (or ``{"image": ...}``; items may be ``{"data": ..., "name": ...}`` or data URLs),
-  or one image as the raw body (``Content-Type: image/...``). Option ``top_k`` (form field, JSON key or query).
+  or one image as the raw body (``Content-Type: image/...``). ``.npy`` arrays and multi-band TIFFs (models of other
+  than 1 or 3 input channels) are sent the same ways. Option ``top_k`` (form field, JSON key or query).
 - ``POST /v1/explain``: the same, plus each image's attention rollout (``head_fusion``, ``discard_ratio``) as
   numbers and as a PNG overlay (base64).
 - ``GET /v1/model``: the model card; ``GET /healthz``; ``GET /metrics`` (Prometheus text format); ``GET /``: the page.
@@ -440,8 +441,9 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
                                 f"request is {settings.max_request_pixels:,}")
         decoded = []
         try:
-            for i, (_, data) in enumerate(uploads):
-                decoded.append(await anyio.to_thread.run_sync(engine.prepare, data, f"image {i}",
+            # a bad file is named as the client named it (the page sends one file per request: all were "image 0")
+            for i, (name, data) in enumerate(uploads):
+                decoded.append(await anyio.to_thread.run_sync(engine.prepare, data, name or f"image {i}",
                                                               settings.max_pixels, limiter=limiter))
         except VitlabError as exc:
             raise ApiError(400, str(exc)) from None
@@ -467,8 +469,12 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
             for entry, png in zip(results, pngs):
                 entry["rollout"]["overlay_png"] = base64.b64encode(png).decode("ascii")
         service.metrics.images.labels("/v1/explain" if explain else "/v1/classify").inc(len(results))
-        return JSONResponse({"model": engine.name, "results": results,
-                             "time_ms": round(1000 * (time.perf_counter() - start), 3)})
+        answer = {"model": engine.name, "results": results, "time_ms": round(1000 * (time.perf_counter() - start), 3)}
+        listed = len(results[0]["top"]) if results else top_k
+        answer["top_k"] = listed
+        if listed < top_k:
+            answer["note"] = f"top_k {top_k} is more than the model's {listed} classes: all {listed} are listed"
+        return JSONResponse(answer)
 
     @app.post("/v1/classify", summary="top-k classes of one or several images")
     async def classify(request: Request):

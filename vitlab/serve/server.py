@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import threading
+from collections.abc import Callable
 
 from ..errors import VitlabError
 from .metrics import endpoint_label
@@ -125,14 +126,26 @@ def _protocol(app, max_connections: int | None, header_timeout: float):
 
 def run_server(app, sock: socket.socket, *, access_log: bool = False, graceful_timeout: float | None = 30.0,
                log_level: str = "info", max_connections: int | None = None,
-               header_timeout: float = HEADER_TIMEOUT) -> None:
+               header_timeout: float = HEADER_TIMEOUT, on_ready: Callable[[], None] | None = None) -> None:
     """Serve ``app`` on the bound socket until SIGINT / SIGTERM. ``max_connections``: requests handled at once;
     beyond it 503 with ``Retry-After`` (default: no limit). ``header_timeout``: seconds a connection has to send a
-    request's line and headers (then 408 and closed); idle keep-alive connections close after 5 s."""
+    request's line and headers (then 408 and closed); idle keep-alive connections close after 5 s. ``on_ready`` is
+    called once the socket accepts connections and the app has started (where ``vitlab serve`` prints its address)."""
     import uvicorn
 
     server = uvicorn.Server(_config(app, sock, access_log, graceful_timeout, log_level, max_connections,
                                     header_timeout))
+    if on_ready is not None:
+        # uvicorn listens on the socket and runs the app's startup in ``startup``; announcing before it returns sent
+        # scripts that wait for the address to a refused connection (uvicorn has no ready hook, so wrap it)
+        startup = server.startup
+
+        async def startup_then_announce(sockets=None):
+            await startup(sockets=sockets)
+            if server.started and not server.should_exit:
+                on_ready()
+
+        server.startup = startup_then_announce
     # uvicorn handles SIGINT / SIGTERM itself (graceful shutdown), then raises the signal again against the handlers
     # it found; handlers that only note the signal make that a normal return, so the caller ends with status 0
     noted: list[int] = []

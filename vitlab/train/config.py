@@ -199,7 +199,11 @@ def _coerce(key: str, value, hint):
 
 def parse_value(key: str, text: str):
     """Parse the text of ``--set key=value`` for field ``key``: JSON when it parses (numbers, true/false, null,
-    lists, dicts), else the raw string. ``model_args.depth=4`` sets one entry of the ``model_args`` dict."""
+    lists, dicts), else the raw string. ``model_args.depth=4`` sets one entry of the ``model_args`` dict. A word
+    the field takes as a choice stays that word (``augment=none`` is the choice "none", not null), as with its flag."""
+    rule = RULES.get(key)
+    if rule is not None and text.strip() in rule.choices:
+        return text.strip()
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -254,6 +258,7 @@ class Rule:
 
     check: Callable[[object], bool]
     takes: str
+    choices: tuple[str, ...] = ()  # the words a one-of field takes, read as text by ``--set``
 
 
 def _is_number(v, integer: bool = False) -> bool:
@@ -278,7 +283,7 @@ def fraction(closed: bool = False) -> Rule:
 
 
 def one_of(*choices: str) -> Rule:
-    return Rule(lambda v: v in choices, "one of " + ", ".join(choices))
+    return Rule(lambda v: v in choices, "one of " + ", ".join(choices), choices)
 
 
 def pair_of(rule: Rule) -> Rule:

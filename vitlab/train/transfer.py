@@ -26,8 +26,10 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from ..checkpoints.channels import adapt_model_channels
+from ..checkpoints.inspection import matching_model
 from ..errors import VitlabError
 from ..factory import read_checkpoint
+from ..hub import resolve
 
 _RANGE = re.compile(r"(?<![\w])(\d+)-(\d+)(?![\w])")
 _BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")  # the encoder's blocks (not a ResNet's stages.<i>.blocks.<j>)
@@ -212,6 +214,16 @@ def init_channels(init_from: str | None) -> int | None:
     if not init_from:
         return None
     return read_checkpoint(init_from, check_finite=False).config.in_chans
+
+
+def source_model_name(init_from: str) -> str | None:
+    """The registered model a fine-tuning run's ``init_from`` checkpoint is, recorded as the run's ``model`` (the
+    config's own ``model`` does not build it): a catalog entry's model, else the registered name of the same size and
+    patch; None when no registered model matches."""
+    resolved = resolve(str(init_from))
+    if resolved is not None and resolved.model_name:
+        return resolved.model_name
+    return matching_model(read_checkpoint(init_from, check_finite=False).config)
 
 
 def adapt_init_channels(model: nn.Module, in_chans: int | None, source: str,
