@@ -101,7 +101,6 @@ KNOWN_IN_FUNCTION: set[tuple[str, str]] = {
     ("vitlab.compute.bench", "platform"),
     ("vitlab.compute.bench", "tempfile"),
     ("vitlab.compute.bench", "vitlab.compute"),
-    ("vitlab.compute.deploy", "vitlab.preprocessing"),
     ("vitlab.compute.onnx_classifier", "vitlab.models"),
     ("vitlab.data.arrays", "gzip"),
     ("vitlab.serve.engine", "vitlab"),

@@ -10,6 +10,7 @@ import vitlab
 from vitlab import load
 from vitlab.checkpoints import read_checkpoint, resample_pos_embed, save
 from vitlab.errors import VitlabError
+from vitlab.models import FAMILIES, get_config, has_tokens
 from vitlab.preprocessing import Preprocessing
 
 from .checkpoint_fixtures import random_timm_vit
@@ -61,6 +62,29 @@ def test_save_uses_model_attributes_and_paper_default_preprocessing(tmp_path):
     loaded.preprocessing = loaded.preprocessing.replace(interpolation="bicubic")
     again = load(save(loaded, tmp_path / "b.safetensors"))
     assert again.class_names == loaded.class_names and again.preprocessing.interpolation == "bicubic"
+
+
+def test_model_metadata_is_declared_and_resolved_in_one_place(tmp_path):
+    model = _small(in_chans=1)
+    # declared on the class: a fresh model has none, and metadata_of supplies the paper's preprocessing
+    assert model.preprocessing is None and model.class_names is None and model.loss is None
+    meta = vitlab.metadata_of(model)
+    assert meta.preprocessing == Preprocessing.for_model((32, 32), 1) and not meta.preprocessing_known
+    assert meta.class_names is None and meta.loss is None
+    pre = Preprocessing.for_model((32, 32), 1, interpolation="bicubic")
+    loaded = load(save(model, tmp_path / "m.safetensors", preprocessing=pre, class_names=list("abcde")))
+    meta = vitlab.metadata_of(loaded)
+    assert meta.preprocessing == pre and meta.preprocessing_known and meta.class_names == list("abcde")
+    # a wrapper that declares nothing (a plain module with a cfg) falls back the same way
+    wrapper = torch.nn.Module()
+    wrapper.cfg = model.cfg
+    assert vitlab.metadata_of(wrapper).preprocessing == Preprocessing.for_model((32, 32), 1)
+
+
+def test_families_say_which_models_have_tokens():
+    assert FAMILIES["vit"].tokens and FAMILIES["hybrid"].tokens and not FAMILIES["resnetv2"].tokens
+    assert has_tokens(get_config("vit_ti16")) and has_tokens(_small())
+    assert has_tokens(get_config("r50_vit_b16")) and not has_tokens(get_config("bit_r50x1"))
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):

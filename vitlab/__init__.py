@@ -29,18 +29,19 @@ _EXPORTS = {
     "ViTConfig": ".models",
     "get_config": ".models",
     "list_models": ".models",
+    "metadata_of": ".models",
     "Preprocessing": ".preprocessing",
 }
 
 __all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "convert", "create_model", "get_config", "get_pretrained",
-           "inspect_checkpoint", "list_models", "list_pretrained", "load", "load_lora", "read_checkpoint", "save",
-           "__version__"]
+           "inspect_checkpoint", "list_models", "list_pretrained", "load", "load_lora", "metadata_of",
+           "read_checkpoint", "save", "__version__"]
 
 if TYPE_CHECKING:
     from .checkpoints import save
     from .factory import convert, create_model, inspect_checkpoint, load, load_lora, read_checkpoint
     from .hub import get_pretrained, list_pretrained
-    from .models import VisionTransformer, ViTConfig, get_config, list_models
+    from .models import VisionTransformer, ViTConfig, get_config, list_models, metadata_of
     from .preprocessing import Preprocessing
 
 

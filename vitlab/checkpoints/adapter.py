@@ -28,6 +28,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..errors import InvalidValueError, VitlabError
+from ..models import metadata_of
 from ..models.lora import LoraSettings, adapter_names
 from ..preprocessing import Preprocessing
 from .files import sniff, write_safetensors
@@ -90,9 +91,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base: dict, train
         raise InvalidValueError(f"{path}: no parameter {', '.join(missing[:5])} in the model")
     cfg = model.cfg
     if preprocessing is None:
-        preprocessing = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+        preprocessing = metadata_of(model).preprocessing
     if class_names is None:
-        class_names = getattr(model, "class_names", None)
+        class_names = metadata_of(model).class_names
     document = {
         "format": ADAPTER_FORMAT, "format_version": ADAPTER_VERSION, "method": "dora" if settings.dora else "lora",
         "lora": settings.to_dict(), "base": dict(base), "architecture": arch.name, "config": cfg.to_dict(),

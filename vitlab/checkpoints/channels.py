@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidValueError
+from ..models import metadata_of
 from ..preprocessing import Preprocessing
 
 # the state-dict key of the kernel that reads the image, per architecture (hybrid stems first: their patch_embed.proj
@@ -98,8 +99,8 @@ def adapt_model_channels(model: torch.nn.Module, in_chans: int) -> torch.nn.Modu
     adapted = type(model)(cfg.replace(in_chans=in_chans)).to(param.device, param.dtype)
     adapted.load_state_dict(state, strict=True)
     adapted.train(model.training)
-    if hasattr(model, "preprocessing"):
-        adapted.preprocessing = adapt_preprocessing_channels(model.preprocessing, in_chans)
-    if hasattr(model, "class_names"):
-        adapted.class_names = model.class_names
+    meta = metadata_of(model)
+    adapted.preprocessing = adapt_preprocessing_channels(model.preprocessing, in_chans) if meta.preprocessing_known \
+        else None
+    adapted.class_names = meta.class_names
     return adapted

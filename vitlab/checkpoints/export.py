@@ -17,6 +17,7 @@ from torch import nn
 
 from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
+from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
 from .family_layouts import to_transformers, transformers_class
 from .files import write_json, write_safetensors
@@ -192,8 +193,8 @@ def export_hf(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     if cfg.num_classes == 0:
         problems.append("no head (ViTForImageClassification needs a classifier)")
     _require(problems, "Hugging Face")
-    class_names = getattr(model, "class_names", None)
-    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    meta = metadata_of(model)
+    class_names, pre = meta.class_names, meta.preprocessing
     tensors = to_hf(_state_dict(model))
     notes = []
     if pre.resize == "crop":
@@ -210,8 +211,9 @@ def _export_hf_family(model: nn.Module, folder: Path) -> list[str]:
     """A DINOv2 / DeiT / SigLIP / CLIP model as the transformers class that computes it (see
     :func:`.family_layouts.transformers_class`)."""
     cfg = model.cfg
-    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
-    tensors, config = to_transformers(_state_dict(model), cfg, getattr(model, "class_names", None))
+    meta = metadata_of(model)
+    pre = meta.preprocessing
+    tensors, config = to_transformers(_state_dict(model), cfg, meta.class_names)
     notes = [f"written as transformers {config['architectures'][0]}"]
     if pre.resize == "crop":
         notes.append(f"preprocessor_config.json squashes to the model size; the model's crop policy (crop_pct "
@@ -277,8 +279,8 @@ def convert_checkpoint(ckpt: Checkpoint, src: str | os.PathLike, dst: str | os.P
         "to": to,
         "config": model.cfg.to_dict(),
         "params": model.num_params(),
-        "resampled": tuple(getattr(model.cfg, "grid_size", model.cfg.img_size))
-        != tuple(getattr(ckpt.config, "grid_size", ckpt.config.img_size)),
+        "resampled": tuple(model.cfg.grid_size if has_tokens(model.cfg) else model.cfg.img_size)
+        != tuple(ckpt.config.grid_size if has_tokens(ckpt.config) else ckpt.config.img_size),
         "new_head": new_head,
         "notes": ckpt.notes + notes + ([head_note] if head_note else []),
     }

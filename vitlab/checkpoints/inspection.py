@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..models import get_config, list_models
+from ..models import get_config, has_tokens, list_models
 from .loading import Checkpoint, read_checkpoint, zeroed_head_note
 
 _SIZE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
@@ -22,9 +22,10 @@ FORMAT_TITLES = {
 def _size_key(cfg) -> tuple:
     """What fixes a model's size: family, the ViT's size and patch, a hybrid's or ResNet's stages and width."""
     key: tuple = (type(cfg).__name__,)
-    if hasattr(cfg, "patch_size"):
+    tokens = has_tokens(cfg)
+    if tokens:
         key += tuple(getattr(cfg, f) for f in _SIZE_FIELDS)
-    backbone = getattr(cfg, "backbone", cfg if not hasattr(cfg, "patch_size") else None)
+    backbone = getattr(cfg, "backbone", None if tokens else cfg)
     if backbone is not None:
         key += (backbone.layers, backbone.width_factor, backbone.channels[:len(backbone.layers)])
     return key
@@ -72,8 +73,8 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict:
         "file_bytes": size,
         "model": matching_model(cfg),
         "architecture": cfg.to_dict(),
-        "grid": list(cfg.grid_size) if hasattr(cfg, "grid_size") else None,
-        "tokens": cfg.num_patches + cfg.num_prefix_tokens if hasattr(cfg, "grid_size") else None,
+        "grid": list(cfg.grid_size) if has_tokens(cfg) else None,
+        "tokens": cfg.num_patches + cfg.num_prefix_tokens if has_tokens(cfg) else None,
         "params": facts.pop("params"),
         "tensors": facts.pop("tensors"),
         "dtypes": facts.pop("dtypes"),

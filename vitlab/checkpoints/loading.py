@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import VitlabError
 from ..labels import class_names as label_names
-from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
+from ..models import FAMILIES, ModelConfig, ModelFamily, ViTConfig, get_config, has_tokens, resolve
 from ..models.lora import add_lora, merge_lora
 from ..models.pretrained import LABEL_SETS
 from ..preprocessing import Preprocessing
@@ -73,7 +73,7 @@ class Checkpoint:
     format: str
     container: str
     state_dict: dict[str, torch.Tensor]
-    config: ViTConfig
+    config: ModelConfig  # a ViTConfig (HybridConfig) or a ResNetV2Config, as ``architecture`` says
     architecture: ModelFamily
     preprocessing: Preprocessing
     class_names: list[str] | None = None
@@ -131,7 +131,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     named = None
     if model_name is not None:
         named = get_config(model_name)
-        grid_hint = grid_hint or getattr(named, "grid_size", None)  # CNN baselines have no token grid
+        grid_hint = grid_hint or (named.grid_size if has_tokens(named) else None)  # CNN baselines have no token grid
     if kind == "npz":
         ckpt = _read_npz(path, grid_hint)
     elif kind == "directory":
@@ -252,7 +252,7 @@ def _apply_source(ckpt: Checkpoint, resolved) -> None:
     if entry is not None:
         source = next((s for s in entry.sources if s.spec == resolved.source), None)
         problems = []
-        if not hasattr(cfg, "grid_size"):  # a CNN takes any size: the entry's resolution is its nominal one
+        if not has_tokens(cfg):  # a CNN takes any size: the entry's resolution is its nominal one
             ckpt.config = cfg = cfg.replace(img_size=entry.img_size)
         elif tuple(cfg.img_size) != (entry.img_size, entry.img_size):
             problems.append(f"resolution {tuple(cfg.img_size)} (catalog: {entry.img_size})")
@@ -377,7 +377,7 @@ def _embedded_preprocessing(obj: object, source: str, config) -> Preprocessing |
 
 
 def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[str],
-                     grid_hint: tuple[int, int] | None, named: ViTConfig | None,
+                     grid_hint: tuple[int, int] | None, named: ModelConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
     family = detect_family_layout(state_dict)
     if family is not None:  # DINOv2, DeiT, SigLIP, CLIP layouts: to timm names first
@@ -463,7 +463,7 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
     return ckpt
 
 
-def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTConfig | None) -> Checkpoint:
+def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ModelConfig | None) -> Checkpoint:
     source = str(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -645,7 +645,7 @@ def target_config(ckpt: Checkpoint, *, model_name: str | None = None, img_size=N
             raise VitlabError(f"{ckpt.path}: in_chans must be a positive integer, got {in_chans!r}")
         changes["in_chans"] = in_chans
     if patch_size is not None:
-        if not hasattr(cfg, "patch_size"):
+        if not has_tokens(cfg):
             raise VitlabError(f"{ckpt.path}: patch_size: a {type(cfg).__name__} has no patch embedding")
         changes["patch_size"] = patch_size
     if img_size is None and model_name is not None:
@@ -675,7 +675,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     method = check_method(resample or ckpt.default_resample)
     sd = dict(ckpt.state_dict)
     src = ckpt.config
-    if hasattr(src, "grid_size") and tuple(target.grid_size) != tuple(src.grid_size):  # CNNs: nothing to resample
+    if has_tokens(src) and tuple(target.grid_size) != tuple(src.grid_size):  # CNNs: nothing to resample
         if src.pos_embed == "learned" and "pos_embed" in sd:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], target.grid_size, src.grid_size,
                                                  num_prefix_tokens=src.num_pos_prefix, method=method)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..errors import InvalidValueError, VitlabError
-from ..models import FAMILIES, ModelFamily, family_of
+from ..models import FAMILIES, ModelFamily, family_of, metadata_of
 from ..preprocessing import Preprocessing
 from .files import write_safetensors
 
@@ -62,11 +62,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
     arch = family_of_model(model)
     cfg = model.cfg
     if preprocessing is None:
-        preprocessing = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+        preprocessing = metadata_of(model).preprocessing
     if not isinstance(preprocessing, Preprocessing):
         raise TypeError(f"preprocessing must be a vitlab.Preprocessing, got {type(preprocessing).__name__}")
     if class_names is None:
-        class_names = getattr(model, "class_names", None)
+        class_names = metadata_of(model).class_names
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != cfg.num_classes:

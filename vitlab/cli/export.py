@@ -9,6 +9,7 @@ import argparse
 from ..compute.pt2 import Pt2Classifier, export_pt2
 from ..devices import resolve_device
 from ..errors import InvalidValueError
+from ..models import has_tokens
 from . import export_onnx
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidValueError(f"--tolerance must be positive, got {args.tolerance}")
     device = resolve_device(args.device)
     model = export_onnx.load_model(args.source, args.model, args.weights).eval()
-    dynamic = args.dynamic_size or bool(getattr(model.cfg, "dynamic_img_size", False))
+    dynamic = args.dynamic_size or (has_tokens(model.cfg) and model.cfg.dynamic_img_size)
     print(f"compiling {args.output} for {device} with AOTInductor (a C++ compiler builds the kernels: tens of "
           "seconds)", flush=True)
     path = export_pt2(model, args.output, dynamic_size=dynamic, device=device)

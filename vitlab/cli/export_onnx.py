@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..compute.deploy import WEIGHT_TYPES, OnnxModel, check_parity, export_onnx, quantize_int8
 from ..errors import InvalidValueError, VitlabError
-from ..models import create_model, list_models
+from ..models import create_model, has_tokens, list_models
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.int8_weights != "auto" and not args.int8:
         raise InvalidValueError("--int8-weights needs --int8 FILE")
     model = load_model(args.source, args.model, args.weights).eval()
-    dynamic = args.dynamic_size or bool(getattr(model.cfg, "dynamic_img_size", False))
+    dynamic = args.dynamic_size or (has_tokens(model.cfg) and model.cfg.dynamic_img_size)
     path = export_onnx(model, args.output, dynamic_size=dynamic)
     shape = ("H", "W") if dynamic else model.cfg.img_size
     print(f"wrote {path} (input pixel_values (B, {', '.join(map(str, (model.cfg.in_chans, *shape)))}), "

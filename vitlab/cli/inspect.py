@@ -11,6 +11,7 @@ import torch
 from ..errors import InvalidValueError, VitlabError
 from ..inspect import ANALYSES, find_images, inspect_model, load_images
 from ..inspect.report import NEEDS_IMAGES
+from ..models import metadata_of
 from .convert import _size
 
 
@@ -54,20 +55,13 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VitlabError(f"--device {args.device}: CUDA is not available")
     model = load(args.checkpoint, model_name=args.model)
-    preprocessing = getattr(model, "preprocessing", None)
+    preprocessing = metadata_of(model).preprocessing
     if args.img_size is not None:
-        from ..preprocessing import Preprocessing
-
-        preprocessing = (preprocessing or Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)).replace(
-            img_size=args.img_size)
+        preprocessing = preprocessing.replace(img_size=args.img_size)
     images = names = None
     wants_images = what is None or any(w.strip() in NEEDS_IMAGES for w in what)
     if args.images is not None and wants_images:
         paths = find_images(args.images, limit=args.num_images)
-        if preprocessing is None:
-            from ..preprocessing import Preprocessing
-
-            preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
         images = load_images(paths, preprocessing)
         names = [str(p) for p in paths]
     model.to(device)

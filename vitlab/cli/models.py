@@ -16,7 +16,7 @@ from ..compute.flops import (
     table6_reproduction,
 )
 from ..errors import InvalidValueError
-from ..models import create_model, get_config, list_models
+from ..models import create_model, get_config, has_tokens, list_models
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +68,7 @@ def model_rows(names: list[str], **overrides) -> list[dict]:
         with torch.device("meta"):  # count parameters without allocating them
             params = create_model(name, **overrides).num_params()
         macs = forward_macs(cfg)
-        tokenised = hasattr(cfg, "patch_size")  # ViTs and hybrids; CNN baselines have no patches or tokens
+        tokenised = has_tokens(cfg)  # ViTs and hybrids; CNN baselines have no patches or tokens
         rows.append({
             "name": name,
             "img_size": list(cfg.img_size),

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import InvalidValueError, VitlabError
+from ..models import has_tokens, metadata_of
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -77,13 +78,10 @@ def model_metadata(model: nn.Module) -> dict:
     config, the preprocessing (``model.preprocessing``, else the paper's for its input), the class names and the loss
     the head was trained with (``model.loss``: ``"sigmoid"`` for multi-label models, whose probabilities are
     per-label sigmoids; None when unknown, read as softmax)."""
-    from ..preprocessing import Preprocessing
-
-    cfg = model.cfg
-    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
-    names = getattr(model, "class_names", None)
+    cfg, meta = model.cfg, metadata_of(model)
+    pre, names = meta.preprocessing, meta.class_names
     return {"architecture": type(model).__name__, "config": cfg.to_dict(), "preprocessing": pre.to_dict(),
-            "class_names": [str(n) for n in names] if names else None, "loss": getattr(model, "loss", None)}
+            "class_names": [str(n) for n in names] if names else None, "loss": meta.loss}
 
 
 def read_metadata(path: str | os.PathLike) -> dict | None:
@@ -131,7 +129,7 @@ class _AtAnySize(nn.Module):
 def _size_axes(model: nn.Module) -> dict:
     """Dynamic height / width axes: multiples of the patch (any size >= one patch with ``dynamic_img_pad``)."""
     cfg = model.cfg
-    if not hasattr(cfg, "dynamic_img_size"):
+    if not has_tokens(cfg):
         raise VitlabError(f"dynamic_size export needs a ViT; {type(model).__name__} has no dynamic_img_size")
     rh, rw = cfg.reduction
     if cfg.dynamic_img_pad:
@@ -149,7 +147,7 @@ def export_inputs(model: nn.Module, dynamic_size: bool | None = None
     example = torch.randn(2, *_input_shape(model))
     axes = {0: torch.export.Dim("batch", min=1, max=4096)}
     if dynamic_size is None:
-        dynamic_size = bool(getattr(model.cfg, "dynamic_img_size", False))
+        dynamic_size = has_tokens(model.cfg) and model.cfg.dynamic_img_size
     if dynamic_size:
         axes.update(_size_axes(model))
         metadata["config"]["dynamic_img_size"] = True  # the graph takes any size, whatever the model's default

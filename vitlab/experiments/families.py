@@ -43,6 +43,7 @@ from ..inspect import (
     position_embedding_similarity,
     position_embedding_structure,
 )
+from ..models import metadata_of
 from ..models import resolve as resolve_model
 from ..preprocessing import Preprocessing
 from .common import markdown_table, new_figure, save_figure, script_main, write_report
@@ -128,8 +129,7 @@ def gather_images(source: str, count: int, seed: int = 0) -> list[Image.Image]:
 def model_inputs(model, images: list[Image.Image], img_size) -> tuple[torch.Tensor, Preprocessing]:
     """``images`` preprocessed as ``model`` expects (its own preprocessing, or the paper's), at ``img_size`` when
     given."""
-    cfg = model.cfg
-    preprocessing = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    preprocessing = metadata_of(model).preprocessing
     if img_size is not None:
         preprocessing = preprocessing.replace(img_size=img_size)
     transform = preprocessing.transform()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VitlabError
-from ..models import get_config
+from ..models import get_config, has_tokens
 from ..models import resolve as resolve_model
 from ..models.pretrained import (
     CATALOG,
@@ -128,8 +128,7 @@ def _grid(model_name: str, img_size) -> tuple[int, int] | None:
         cfg = get_config(model_name, img_size=img_size)
     except (KeyError, ValueError):
         return None
-    grid = getattr(cfg, "grid_size", None)
-    return tuple(grid) if grid is not None else None
+    return tuple(cfg.grid_size) if has_tokens(cfg) else None
 
 
 def _cached(source: Source) -> bool:
@@ -181,7 +180,7 @@ def _resolve_source(entry: PretrainedEntry, source: Source, spec: str) -> Resolv
         resolved = Resolved(spec, path, source.location, entry=entry, preprocessing=preprocessing)
     resolved.source = source.spec
     resolved.entry = entry
-    if hasattr(get_config(entry.model), "patch_size"):  # ViTs and hybrids; CNNs need no model name or grid
+    if has_tokens(get_config(entry.model)):  # ViTs and hybrids; CNNs need no model name or grid
         resolved.model_name = entry.model
         resolved.grid_hint = _grid(entry.model, entry.img_size)
     resolved.label_set = resolved.label_set or entry.labels

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..atomic import write_bytes_atomic
 from ..errors import InvalidValueError
+from ..models import metadata_of
 from ..preprocessing import Preprocessing
 from .attention import attention_statistics
 from .distance import patch_centre_distances
@@ -150,8 +151,7 @@ def inspect_model(
         raise InvalidValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if images is not None and image_names is not None and len(image_names) != len(images):
         raise InvalidValueError(f"{len(image_names)} image names for {len(images)} images")
-    preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing.for_model(
-        cfg.img_size, cfg.in_chans)
+    preprocessing = preprocessing or metadata_of(model).preprocessing
     summary: dict = {"title": title, "model": cfg.to_dict(), "analyses": names}
     arrays: dict[str, np.ndarray] = {}
     figures: dict[str, tuple[bytes, str]] = {}  # name -> (png, caption)
@@ -228,7 +228,7 @@ def _predicted_labels(model: nn.Module, logits: torch.Tensor) -> list[str]:
         return [""] * logits.shape[0]
     probs = logits.softmax(dim=-1)
     conf, index = probs.max(dim=-1)
-    names = getattr(model, "class_names", None)
+    names = metadata_of(model).class_names
     labels = []
     for c, i in zip(conf.tolist(), index.tolist()):
         label = names[i] if names and i < len(names) else f"class {i}"

@@ -1,9 +1,20 @@
-"""Model definitions and the registry. Imports nothing from the rest of vitlab but its error types."""
+"""Model definitions and the registry. Imports nothing from the rest of vitlab but its error types and the
+preprocessing record (the metadata a model carries)."""
 
-from .families import FAMILIES, ModelFamily, config_from_dict, family_of, model_from_config, register_family
+from .families import (
+    FAMILIES,
+    ModelFamily,
+    config_from_dict,
+    family_of,
+    has_tokens,
+    model_from_config,
+    register_family,
+)
 from .features import FeatureExtractor, FeatureInfo
 from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
+from .metadata import ModelMeta, ModelMetadata, metadata_of
 from .registry import (
+    ModelConfig,
     ModelEntry,
     create_model,
     get_config,
@@ -31,7 +42,10 @@ __all__ = [
     "HybridConfig",
     "HybridEmbed",
     "HybridVisionTransformer",
+    "ModelMeta",
+    "ModelMetadata",
     "Mlp",
+    "ModelConfig",
     "ModelEntry",
     "ModelInputError",
     "PatchEmbed",
@@ -45,7 +59,9 @@ __all__ = [
     "create_model",
     "family_of",
     "get_config",
+    "has_tokens",
     "list_models",
+    "metadata_of",
     "model_from_config",
     "register",
     "register_family",

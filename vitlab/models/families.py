@@ -19,18 +19,21 @@ from .vit import VisionTransformer, ViTConfig
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """One model family: ``name`` (stored in checkpoints), the config class (with ``from_dict`` / ``to_dict``) and
-    the model class (built as ``model_class(config)``)."""
+    """One model family: ``name`` (stored in checkpoints), the config class (with ``from_dict`` / ``to_dict``), the
+    model class (built as ``model_class(config)``) and ``tokens``: whether its models cut images into patch tokens
+    (ViTs and hybrids: a token grid ``cfg.grid_size``, prefix tokens, position embeddings, attention maps, inputs a
+    multiple of the patch) or are convolutional networks that take any input size (BiT ResNet-v2: False)."""
 
     name: str
     config_class: type
     model_class: type
+    tokens: bool = True
 
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     ModelFamily("vit", ViTConfig, VisionTransformer),
     ModelFamily("hybrid", HybridConfig, HybridVisionTransformer),  # a ViTConfig subclass: matched by exact type
-    ModelFamily("resnetv2", ResNetV2Config, ResNetV2),
+    ModelFamily("resnetv2", ResNetV2Config, ResNetV2, tokens=False),
 )}
 
 
@@ -50,6 +53,15 @@ def family_of(obj) -> ModelFamily | None:
         if type(obj) is family.config_class or type(obj) is family.model_class:
             return family
     return None
+
+
+def has_tokens(cfg) -> bool:
+    """Whether a model config (or model) of a registered family is a token model (ViT, hybrid: patch grid, prefix
+    tokens, attention) rather than a CNN, as its family's ``tokens`` says."""
+    family = family_of(cfg)
+    if family is None:  # an unregistered class: judged by whether it has a token grid
+        return hasattr(getattr(cfg, "cfg", cfg), "grid_size")
+    return family.tokens
 
 
 def model_from_config(cfg) -> nn.Module:

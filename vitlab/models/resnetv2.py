@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidValueError
+from .metadata import ModelMetadata
 from .vit import ModelInputError, _pair, drop_path, take_indices
 
 PaddingType = Literal["bit", "same"]
@@ -327,9 +328,10 @@ class ClassifierHead(nn.Module):
         return self.fc(self.drop(x)).flatten(1)
 
 
-class ResNetV2(nn.Module):
+class ResNetV2(nn.Module, ModelMetadata):
     """ResNet-v2 built from a :class:`ResNetV2Config`. ``forward`` returns logits (B, num_classes); with
-    ``num_classes=0`` it returns the pooled features (B, num_features)."""
+    ``num_classes=0`` it returns the pooled features (B, num_features). ``preprocessing``, ``class_names`` and
+    ``loss`` are the weights' metadata (:class:`~vitlab.models.metadata.ModelMetadata`)."""
 
     def __init__(self, cfg: ResNetV2Config):
         super().__init__()

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidValueError
+from .metadata import ModelMetadata
 from .resample import RESAMPLE_METHODS, resample_grid
 
 PoolType = Literal["token", "gap", "map"]
@@ -495,8 +496,9 @@ class GridCache:
         self.entries.clear()
 
 
-class VisionTransformer(nn.Module):
-    """ViT built from a :class:`ViTConfig`. ``forward`` returns logits (B, num_classes)."""
+class VisionTransformer(nn.Module, ModelMetadata):
+    """ViT built from a :class:`ViTConfig`. ``forward`` returns logits (B, num_classes). ``preprocessing``,
+    ``class_names`` and ``loss`` are the weights' metadata (:class:`~vitlab.models.metadata.ModelMetadata`)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()

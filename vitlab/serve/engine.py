@@ -23,6 +23,7 @@ from torch import nn
 
 from ..data.images import declared_pixels, load_sample
 from ..errors import VitlabError
+from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
 from ..train.predict import probabilities
 
@@ -66,17 +67,16 @@ class Engine:
         self.model = model.to(self.device).eval() if backend == "torch" else model.eval()
         cfg = model.cfg
         self.cfg = cfg
-        self.preprocessing: Preprocessing = (getattr(model, "preprocessing", None)
-                                             or Preprocessing.for_model(cfg.img_size, cfg.in_chans))
-        names = getattr(model, "class_names", None)
+        meta = metadata_of(model)
+        self.preprocessing: Preprocessing = meta.preprocessing
+        names = meta.class_names
         self.class_names = [str(n) for n in names] if names else [str(i) for i in range(cfg.num_classes)]
         self.named_classes = bool(names)
-        self.loss = getattr(model, "loss", None)  # "sigmoid": per-label probabilities (multi-label models)
+        self.loss = meta.loss  # "sigmoid": per-label probabilities (multi-label models)
         self.name = name or (Path(source).stem if source else type(model).__name__)
         self.source = source
         self.transform = self.preprocessing.transform()
-        self.can_explain = (backend == "torch" and hasattr(model, "forward_with_attention")
-                            and hasattr(cfg, "grid_size") and hasattr(cfg, "num_prefix_tokens"))
+        self.can_explain = backend == "torch" and hasattr(model, "forward_with_attention") and has_tokens(cfg)
         pool = getattr(cfg, "pool", "token")
         self.rollout_source = ("class" if pool == "token" and getattr(cfg, "class_token", False)
                                else "probe" if pool == "map" else "mean")
@@ -174,7 +174,7 @@ class Engine:
             "quantization": getattr(self.model, "quantization", None),
             "parameters": params,
             "img_size": list(cfg.img_size),
-            "patch_size": list(cfg.patch_size) if hasattr(cfg, "patch_size") else None,
+            "patch_size": list(cfg.patch_size) if has_tokens(cfg) else None,
             "in_chans": cfg.in_chans,
             "num_classes": cfg.num_classes,
             "config": config,

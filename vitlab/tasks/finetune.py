@@ -25,6 +25,7 @@ from ..evaluate.features import model_outputs
 from ..evaluate.fewshot import labels_of
 from ..evaluate.metrics import classification_metrics
 from ..factory import load
+from ..models import metadata_of
 from ..train import get_recipe, train
 from .suite_config import TaskConfig
 
@@ -79,7 +80,7 @@ def export_image_folder(dataset: Dataset, indices: list[int], root: Path, labels
 def score_with_class_map(model, dataset: Dataset, num_classes: int, batch_size: int = 256, **kwargs) -> dict:
     """Classification metrics of a fine-tuned model whose class names are task class indices (a subset of
     ``range(num_classes)``): its logits are placed in the task's class columns, missing classes at -inf."""
-    names = getattr(model, "class_names", None)
+    names = metadata_of(model).class_names
     try:
         columns = [int(n) for n in names]
     except (TypeError, ValueError):

@@ -23,6 +23,7 @@ from ..evaluate.distributed import world
 from ..evaluate.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
 from ..evaluate.report import write_classification_report, write_fewshot_report
 from ..factory import load
+from ..models import metadata_of
 from ..preprocessing import Preprocessing
 from .suite import run_suite
 from .suite_config import load_suite_config
@@ -39,8 +40,7 @@ def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
             raise VitlabError(f"{checkpoint}: an exported file runs at its exported resolution; drop --img-size")
         return load_exported(checkpoint)
     model = load(checkpoint, model_name=model_name, img_size=img_size).to(device).eval()
-    if getattr(model, "preprocessing", None) is None:
-        model.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
+    model.preprocessing = metadata_of(model).preprocessing
     return model
 
 
@@ -128,7 +128,7 @@ def eval_checkpoint(
     if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
         precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     pre = preprocessing or model.preprocessing
-    own_classes = None if map_classes_by_name else getattr(model, "class_names", None)
+    own_classes = None if map_classes_by_name else metadata_of(model).class_names
     dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,
                            classes=own_classes if looks_like_manifest(data) else None)
     if getattr(dataset, "multi_label", False) and (map_classes_by_name or labels_file is not None):
@@ -143,7 +143,7 @@ def eval_checkpoint(
             raise VitlabError("a labels file covers the whole split; drop the sample limit")
         samples = getattr(dataset, "samples", None)
         label_sets = load_label_sets(labels_file, [s[0] for s in samples] if samples is not None else None)
-    class_names = mapping.names if mapping else getattr(model, "class_names", None) or class_names_of(dataset)
+    class_names = mapping.names if mapping else metadata_of(model).class_names or class_names_of(dataset)
     if class_names is not None and not mapping and len(class_names) != model.cfg.num_classes:
         class_names = None
     results = evaluate_classifier(model, dataset, batch_size=batch_size, label_sets=label_sets, num_bins=num_bins,
@@ -162,7 +162,7 @@ def match_model_to_data(model, dataset, checkpoint: str, data: str, by_name: boo
                         multi_label: bool = False):
     """(model, dataset, match): unchanged after :func:`classmap.check_classes` passes, or with ``by_name`` the model's
     logits and the data restricted to the classes both name (``match`` a :class:`classmap.ClassMatch`, else None)."""
-    model_names = getattr(model, "class_names", None)
+    model_names = metadata_of(model).class_names
     data_names = class_names_of(dataset)
     if not by_name:
         check_classes(model.cfg.num_classes, model_names, data_names, checkpoint, data)

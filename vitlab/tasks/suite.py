@@ -35,7 +35,7 @@ from ..evaluate.data import class_names_of, with_transform
 from ..evaluate.features import extract_features
 from ..evaluate.fewshot import labels_of, tuned_probe
 from ..evaluate.report import write_json, write_suite_report
-from ..preprocessing import Preprocessing
+from ..models import metadata_of
 from .finetune import finetune_task
 from .suite_config import SuiteConfig, TaskConfig
 
@@ -214,11 +214,7 @@ def _save_pretrained(model: nn.Module, out_dir: Path) -> Path:
 
 
 def _preprocessing_of(model: nn.Module):
-    pre = getattr(model, "preprocessing", None)
-    if pre is not None:
-        return pre
-    cfg = model.cfg
-    return Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    return metadata_of(model).preprocessing
 
 
 def _default_builder(data: str, split: str, channels: int) -> Dataset:

@@ -20,7 +20,7 @@ from ..errors import VitlabError
 from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
 from ..evaluate.classmap import check_classes
 from ..evaluate.data import class_names_of
-from ..preprocessing import Preprocessing
+from ..models import metadata_of
 from . import distributed as D
 from .config import TrainConfig, apply_overrides
 from .loop import TrainResult, train
@@ -44,9 +44,10 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
     ``vitlab eval``) on the training loaders' batches."""
     info = D.setup(device)
     cfg = model.cfg
-    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    meta = metadata_of(model)
+    pre = meta.preprocessing
     dataset = build_dataset(data, split, data_dir=data_dir, channels=pre.channels, on_error=on_bad_image)
-    check_classes(cfg.num_classes, getattr(model, "class_names", None), class_names_of(dataset), "the model", data)
+    check_classes(cfg.num_classes, meta.class_names, class_names_of(dataset), "the model", data)
     if isinstance(dataset, ArrayDataset):
         if dataset.channels != cfg.in_chans:
             raise VitlabError(f"{data}: {dataset.channels}-channel images, the model takes {cfg.in_chans}")

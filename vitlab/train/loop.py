@@ -26,6 +26,7 @@ from ..compute.bench import measure_gemm_rate
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
 from ..errors import VitlabError
+from ..models import has_tokens
 from ..models.lora import has_lora
 from . import distributed as D
 from .checkpoint import checkpoint_path, full_model, load_train_state, restore_run_state, save_run_state
@@ -184,7 +185,7 @@ def _describe(run: Run, train_flops: float) -> None:
     log.info(f"run folder: {run.run_dir}")
     log.info(f"data: {cfg.data} ({len(run.train_set):,} train images, {len(run.class_names)} classes"
              + (f", {len(run.eval_set):,} evaluation images" if run.eval_set is not None else "") + ")")
-    if hasattr(mc, "patch_size"):
+    if has_tokens(mc):
         shape = (f"patch {mc.patch_size[0]}, {mc.num_patches + mc.num_prefix_tokens} tokens, width "
                  f"{mc.embed_dim}, depth {mc.depth}")
     else:  # a convolutional baseline (BiT ResNet-v2)

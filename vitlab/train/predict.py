@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data.images import ImageLoadError, load_sample
+from ..models import metadata_of
 from ..preprocessing import Preprocessing
 
 
@@ -44,8 +45,9 @@ def predict(model: nn.Module, images: list[str | Path], *, topk: int = 5, prepro
     ``preprocessing`` and ``class_names`` default to the model's ``preprocessing`` / ``class_names`` attributes
     (set by ``vitlab.load``), then to the paper's preprocessing for the model's input and the class indices."""
     cfg = model.cfg
-    pre = preprocessing or getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
-    names = class_names or getattr(model, "class_names", None) or [str(i) for i in range(cfg.num_classes)]
+    meta = metadata_of(model)
+    pre = preprocessing or meta.preprocessing
+    names = class_names or meta.class_names or [str(i) for i in range(cfg.num_classes)]
     transform = pre.transform()
     device = torch.device(device)
     model = model.to(device).eval()
@@ -59,7 +61,7 @@ def predict(model: nn.Module, images: list[str | Path], *, topk: int = 5, prepro
     k = min(topk, cfg.num_classes)
     for lo in range(0, len(ready), batch_size):
         chunk = ready[lo: lo + batch_size]
-        probs = probabilities(model(torch.stack([x for _, x in chunk]).to(device)), getattr(model, "loss", None))
+        probs = probabilities(model(torch.stack([x for _, x in chunk]).to(device)), meta.loss)
         values, indices = probs.topk(k, dim=1)
         for (i, _), vals, idxs in zip(chunk, values.tolist(), indices.tolist()):
             results[i].top = [(j, names[j] if j < len(names) else str(j), v) for j, v in zip(idxs, vals)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..compute.flops import forward_macs
 from ..compute.onednn import linear_shapes, set_onednn_linear
@@ -30,12 +31,12 @@ from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_
 from ..data.stats import channel_statistics
 from ..errors import InvalidValueError, VitlabError
 from ..factory import load
-from ..models import create_model, get_config
+from ..models import ModelConfig, create_model, get_config, metadata_of
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
 from .lora import apply_lora, check_lora_config
-from .objectives import Classification
+from .objectives import Classification, Objective
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog
@@ -53,11 +54,11 @@ class Run:
     precision: str                   # fp32 or bf16 (``auto`` resolved)
     run_dir: Path | None
     log: RunLog
-    objective: object                # see vitlab.train.objectives
+    objective: Objective             # see vitlab.train.objectives
     class_names: list[str]
     preprocessing: Preprocessing
-    train_set: object
-    eval_set: object | None
+    train_set: Dataset
+    eval_set: Dataset | None
     loader: InMemoryTrainLoader | FolderTrainLoader
     model: nn.Module
     trainable: nn.Module
@@ -78,7 +79,7 @@ class Run:
         return self.info.device
 
     @property
-    def model_cfg(self):
+    def model_cfg(self) -> ModelConfig:
         return self.model.cfg
 
 
@@ -182,8 +183,8 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
             state, loaded = model.state_dict(), model
             model = type(model)(model.cfg.replace(**extra))
             model.load_state_dict(state, strict=True)
-            model.preprocessing = getattr(loaded, "preprocessing", None)  # the source's, for run_preprocessing
-            model.class_names = getattr(loaded, "class_names", None)
+            model.preprocessing = loaded.preprocessing  # the source's, for run_preprocessing
+            model.class_names = loaded.class_names
         return adapt_init_channels(model, want_chans, config.init_from, log.info)  # RGB checkpoint, grey data
     if in_chans is not None:
         overrides.setdefault("in_chans", in_chans)
@@ -214,8 +215,9 @@ def run_preprocessing(config: TrainConfig, model: nn.Module) -> tuple[Preprocess
     paper = Preprocessing.for_model(cfg.img_size, cfg.in_chans)
     if not config.init_from:
         return paper, "the paper's (training from scratch)"
-    source = getattr(model, "preprocessing", None)
-    if source is None or source.channels != cfg.in_chans:
+    meta = metadata_of(model)
+    source = meta.preprocessing
+    if not meta.preprocessing_known or source.channels != cfg.in_chans:
         return paper, f"the paper's ({config.init_from} records none for {cfg.in_chans}-channel images)"
     return source.replace(img_size=cfg.img_size), f"the source checkpoint's ({config.init_from})"
 
