@@ -185,7 +185,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "prints the test accuracy. Data-parallel: --nproc N, or torchrun --nproc_per_node=N -m vitlab "
                     "train ...")
     add_config_arguments(p)
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its folder or a checkpoint file)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue an interrupted run (its folder or a checkpoint file); 'auto': continue the run "
+                        "these settings name (--run-name) when it has a checkpoint, else start it (default: "
+                        "$VITLAB_RESUME)")
     p.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
     p.add_argument("--show-recipe", metavar="NAME", help="print a recipe's full config (with your overrides) and exit")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -300,6 +303,19 @@ def resume_length(args: argparse.Namespace) -> dict:
     return length
 
 
+def resume_choice(given: str | None) -> str | None:
+    """``--resume``, or ``$VITLAB_RESUME`` (set once in a job script) when it is not given: ``auto`` continues the
+    run when it has a checkpoint and starts it otherwise (docs/training.md, clusters)."""
+    if given is not None:
+        return given
+    env = os.environ.get("VITLAB_RESUME", "").strip()
+    if env in ("", "0", "off", "never"):
+        return None
+    if env != "auto":
+        raise InvalidValueError(f"VITLAB_RESUME={env}: takes auto (or off); give a run folder with --resume")
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print_recipes()
@@ -317,9 +333,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.loop import RunFinished
 
-    length = resume_length(args) if args.resume else {}
+    resume = resume_choice(args.resume)
+    length = resume_length(args) if resume and resume != "auto" else {}
     try:
-        result = train(config, resume=args.resume, **length)
+        result = train(config, resume=resume, **length)
     except RunFinished as exc:  # not an error: there is nothing left to do
         print(f"vitlab train: {exc}", file=sys.stderr)
         return 0
