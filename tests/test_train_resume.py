@@ -253,3 +253,66 @@ def test_torchrun_restart_after_a_killed_worker_joins_the_run_and_ends_bit_ident
     reference = _torchrun(reference_file, 2)
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert _same_weights(runs[0] / "model.safetensors", tmp_path / "ref" / "reference" / "model.safetensors") == []
+
+
+def test_sigterm_stops_at_the_step_boundary_and_the_same_call_continues_bit_identical(tmp_path, monkeypatch):
+    """SIGTERM mid-step (as a scheduler sends it before preemption): the step finishes, last.pt is written, one line
+    says so and RunStopped carries exit status 75; the same call again ends with the uninterrupted weights."""
+    from vitlab.train import loop
+    from vitlab.train.stop import EXIT_STOPPED, RunStopped
+
+    cfg = tiny_config(tmp_path, epochs=None, steps=30, eval_every_epochs=0, run_name="job", ema_decay=0.9,
+                      model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1})
+    real_step = loop.train_step
+
+    def signalled_step(run, batches, step):
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the step, which still completes
+        return real_step(run, batches, step)
+
+    monkeypatch.setattr(loop, "train_step", signalled_step)
+    with pytest.raises(RunStopped) as stopped:
+        train(cfg, resume="auto")
+    assert stopped.value.exit_status == EXIT_STOPPED == 75 and stopped.value.step == 13
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the run's only
+    run_dir = tmp_path / "runs" / "job"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 13
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("stopped by SIGTERM at step 13/30") == 1 and not (run_dir / "result.json").exists()
+    monkeypatch.setattr(loop, "train_step", real_step)
+    resumed = train(cfg, resume="auto")
+    reference = train(cfg.replace(run_name="reference"))
+    assert resumed.steps == 30 and _same_weights(resumed.model_path, reference.model_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["one-worker", "launcher"])
+def test_sigterm_to_a_two_process_run_stops_every_rank_and_the_same_command_continues(tmp_path, target):
+    """SIGTERM to one of two processes (all agree to stop at the same step), or to the --nproc launcher (torchrun
+    forwards it): exit 75 with one line, last.pt written; the same command again ends bit-identical to a two-process
+    run that was never interrupted."""
+    cfg = tiny_config(tmp_path, epochs=8, eval_every_epochs=0, run_name="job", optimizer="sgd", lr=0.05,
+                      model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1}, log_every_steps=2)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "vitlab", "train", "--config", str(config_file), "--resume", "auto", "--nproc", "2",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = _worker(proc, 1)
+    metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    (rank1 if target == "one-worker" else proc).send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert err.count("stopped by SIGTERM at step") == 1 and "Traceback" not in err, err[-3000:]
+    last = torch.load(tmp_path / "runs" / "job" / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < last["step"] < 8 * 22
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reference_file = tmp_path / "reference.json"
+    reference_file.write_text(cfg.replace(run_name="reference").to_json())
+    assert _torchrun(reference_file, 2).returncode == 0
+    runs = tmp_path / "runs"
+    assert _same_weights(runs / "job" / "model.safetensors", runs / "reference" / "model.safetensors") == []

@@ -238,14 +238,26 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
     # torchrun's agent logs each signal it forwards as a warning; the processes say what happened themselves
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
-    except ChildFailedError as exc:  # the processes have printed their own error lines
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        return next((code for code in codes if code > 0), 1)
-    except SignalException as exc:  # Ctrl-C / SIGTERM: torchrun has already stopped the processes
-        return 128 + int(exc.sigval)
+    import tempfile
+
+    from ..train.stop import EXIT_STOPPED
+
+    with tempfile.TemporaryDirectory(prefix="vitlab-") as tmp:
+        # rank 0 leaves this file when a stop signal (forwarded by torchrun) ended the run with last.pt written
+        stopped = os.environ[STOPPED_MARKER] = os.path.join(tmp, "stopped")
+        try:
+            torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
+        except ChildFailedError as exc:  # the processes have printed their own error lines
+            codes = [failure.exitcode for failure in exc.failures.values()]
+            return next((code for code in codes if code > 0), 1)
+        except SignalException as exc:  # Ctrl-C / SIGTERM: torchrun has already stopped the processes
+            return EXIT_STOPPED if os.path.exists(stopped) else 128 + int(exc.sigval)
+        finally:
+            os.environ.pop(STOPPED_MARKER, None)
     return 0
+
+
+STOPPED_MARKER = "VITLAB_STOPPED_MARKER"
 
 
 def report(result) -> None:
@@ -332,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
         return relaunch_with_torchrun(args)
     from ..train import train
     from ..train.loop import RunFinished
+    from ..train.stop import RunStopped
 
     resume = resume_choice(args.resume)
     length = resume_length(args) if resume and resume != "auto" else {}
@@ -340,6 +353,10 @@ def run(args: argparse.Namespace) -> int:
     except RunFinished as exc:  # not an error: there is nothing left to do
         print(f"vitlab train: {exc}", file=sys.stderr)
         return 0
+    except RunStopped:  # a stop signal: last.pt is written and the line logged; tell a --nproc parent
+        if os.environ.get(STOPPED_MARKER) and int(os.environ.get("RANK", "0")) == 0:
+            open(os.environ[STOPPED_MARKER], "w").close()
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         report(result)
         sys.stdout.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from .run import Run, build_run
 from .runfolder import LAUNCH_NAME, RUNTIME_FIELDS, RunLock, auto_run_dir, launch_ids, run_folder_of
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
+from .stop import RunStopped, StopSignals
 
 
 @dataclass
@@ -171,6 +173,7 @@ class _Start:
     length_changed: bool = False     # a resumed run told to train longer (config.json is rewritten)
     reuse: Path | None = None        # resume="auto" with no checkpoint yet: the folder to start fresh in
     stepped: bool = False            # set by the loop after the first step
+    stop: StopSignals | None = None  # a scheduler's stop signals, recorded while the run trains
 
 
 def _resume_length(config: TrainConfig, state: dict, run_dir: Path, epochs, steps) -> tuple[TrainConfig, bool]:
@@ -338,6 +341,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             step_log.update(step, out)
             if step == run.total_steps:
                 break  # the end: checkpoint and model first, then the final evaluation (below)
+            if start.stop is not None and (signum := start.stop.agreed(run.device)):
+                _stop(run, signum, step, best, times())
             if step % run.eval_interval == 0:
                 _, best = _evaluate_and_save(run, step, best, times(), skipped)
                 last_save = time.monotonic()
@@ -365,6 +370,16 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     if skipped.total:
         log.warning(f"{skipped.total} image file(s) skipped in total (named above and in log.txt)")
     return result
+
+
+def _stop(run: Run, signum: int, step: int, best: dict | None, times: dict) -> None:
+    """A stop signal reached the run: write ``last.pt``, log one line and raise :class:`RunStopped`."""
+    save_run_state(run, "last.pt", step, best, times)
+    name = signal.Signals(signum).name
+    message = (f"stopped by {name} at step {step}/{run.total_steps} (epoch {step / run.steps_per_epoch:.2f}): "
+               f"{run.run_dir / 'checkpoints' / 'last.pt'} written; the same command with --resume auto continues")
+    run.log.warning(message)
+    raise RunStopped(message, step, name)
 
 
 def _save_due(run: Run, step: int, save_interval: int, last_save: float) -> bool:
@@ -411,9 +426,11 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
         resume = AUTO  # torchrun restarted the processes: every one joins the run (folder and step) it was in
     log = start = None
     try:
-        start = _start(config, resume, epochs, steps)
-        log = RunLog(start.run_dir, enabled=start.info.is_main)
-        return _train(start, log, objective, t_start)
+        with StopSignals() as stop:
+            start = _start(config, resume, epochs, steps)
+            start.stop = stop
+            log = RunLog(start.run_dir, enabled=start.info.is_main)
+            return _train(start, log, objective, t_start)
     finally:
         if log is not None:
             log.close()
