@@ -316,3 +316,25 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_and_the_same_command_cont
     assert _torchrun(reference_file, 2).returncode == 0
     runs = tmp_path / "runs"
     assert _same_weights(runs / "job" / "model.safetensors", runs / "reference" / "model.safetensors") == []
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_in_one_line_without_a_traceback(tmp_path):
+    """SIGKILL of rank 1 in a two-process run: rank 0's failed collective (gloo: "Connection closed by peer") is
+    not shown; one line names the rank that ended, and the run exits 1."""
+    cfg = tiny_config(tmp_path, epochs=8, eval_every_epochs=0, run_name="job", log_every_steps=2)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file), "--nproc", "2",
+                             "--device", "cpu"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = _worker(proc, 1)
+    metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    rank1.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert err.count("rank 1 of 2 ended (killed, out of memory or its own error") == 1, err[-3000:]
+    assert "Traceback" not in err and "Connection closed" not in err, err[-3000:]
+    assert "rank 1 of 2 ended" in (tmp_path / "runs" / "job" / "log.txt").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +69,43 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
-def teardown() -> None:
+def teardown(wait_for_peers: bool = True) -> None:
     """Leave the process group; every rank first waits for the others so that none exits while a peer still has
-    gloo traffic in flight (a rank aborting at exit was seen once with FSDP on the CPU)."""
+    gloo traffic in flight (a rank aborting at exit was seen once with FSDP on the CPU). ``wait_for_peers=False``
+    when a peer is gone (a barrier would fail again, or hang)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+# what a collective raises when a peer process has gone (gloo over TCP; NCCL's communicator errors)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport",
+              "NCCL communicator", "ncclRemoteError")
+
+
+def lost_ranks(exc: BaseException, wait: float = 3.0) -> list[int] | None:
+    """The ranks that have gone when ``exc`` is a collective's failure caused by a peer's end; None when it is not
+    (or that cannot be told). Every surviving rank says it is alive in the rendezvous store (torchrun's agent holds
+    it, so it outlives the processes) and waits up to ``wait`` seconds for the others; those that never answer are
+    the lost ones."""
+    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()):
+        return None
+    if not any(text in str(exc) for text in _PEER_GONE):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        keys = [f"vitlab/alive/{attempt}/{r}" for r in range(dist.get_world_size())]
+        store.set(keys[dist.get_rank()], "1")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            if not missing or time.monotonic() > deadline:
+                return missing or None
+            time.sleep(0.1)
+    except Exception:  # the store went with the lost process (a launch without torchrun's agent): cannot tell
+        return None
 
 
 def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
-from ..errors import VitlabError
+from ..errors import Stopped, VitlabError
 from . import distributed as D
 from .checkpoint import checkpoint_path, full_model, load_train_state, restore_run_state, save_run_state
 from .config import TrainConfig
@@ -382,6 +382,19 @@ def _stop(run: Run, signum: int, step: int, best: dict | None, times: dict) -> N
     raise RunStopped(message, step, name)
 
 
+def _peer_lost(start: _Start, log: RunLog | None, lost: list[int]) -> None:
+    """Another process ended (killed, out of memory, its own error): one line from the lowest surviving rank in place
+    of the failed collective's traceback on every survivor; raises :class:`~vitlab.errors.Stopped`."""
+    me, world = start.info.rank, start.info.world_size
+    message = (f"rank {', '.join(map(str, lost))} of {world} ended (killed, out of memory or its own error: its "
+               f"output says which); rank {me} stops too")
+    says_it = me == min(set(range(world)) - set(lost))
+    logged = says_it and log is not None and log.enabled
+    if logged:  # rank 0: on stderr and in log.txt
+        log.warning(message)
+    raise Stopped(message, shown=logged or not says_it) from None
+
+
 def _save_due(run: Run, step: int, save_interval: int, last_save: float) -> bool:
     """Whether ``last.pt`` is due between evaluations: every ``save_every_steps`` steps, every
     ``save_every_epochs`` epochs, and when ``save_every_minutes`` have passed since the last save (decided by rank
@@ -425,16 +438,24 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
         resume = AUTO  # torchrun restarted the processes: every one joins the run (folder and step) it was in
     log = start = None
+    peers_gone = False
     try:
-        with StopSignals() as stop:
-            start = _start(config, resume, epochs, steps)
-            start.stop = stop
-            log = RunLog(start.run_dir, enabled=start.info.is_main)
-            return _train(start, log, objective, t_start)
+        with StopSignals() as stop:  # also while a lost peer is looked for: torchrun's SIGTERM follows at once
+            try:
+                start = _start(config, resume, epochs, steps)
+                start.stop = stop
+                log = RunLog(start.run_dir, enabled=start.info.is_main)
+                return _train(start, log, objective, t_start)
+            except RuntimeError as exc:
+                lost = D.lost_ranks(exc) if start is not None and start.info.distributed else None
+                if not lost:
+                    raise
+                peers_gone = True
+                _peer_lost(start, log, lost)
     finally:
         if log is not None:
             log.close()
         if start is not None:
             _abandon(start)  # a run folder made by this call and never stepped in goes again
-        D.teardown()
+        D.teardown(wait_for_peers=not peers_gone)
         torch.set_num_threads(threads)  # the thread count is process-wide; leave it as the caller had it
