@@ -317,6 +317,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     save_interval = max(1, int(round(cfg.save_every_epochs * run.steps_per_epoch))) if cfg.save_every_epochs else 0
     last_save = time.monotonic()
     step_log = StepLog(run, step)
+    if start.stop is not None:  # only while steps run: a process stuck elsewhere still ends on SIGTERM
+        start.stop.install()
     while step < run.total_steps:
         epoch, in_epoch = divmod(step, run.steps_per_epoch)
         micro_batches = run.loader.epoch(epoch, in_epoch * cfg.accum_steps)
@@ -350,6 +352,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             elif _save_due(run, step, save_interval, last_save):
                 save_run_state(run, "last.pt", step, best, times())
                 last_save = time.monotonic()
+    if start.stop is not None:
+        start.stop.restore()
     step_log.close()
     # an error or a kill in the final evaluation loses nothing: the final state and model are on disk first
     save_run_state(run, "last.pt", step, best, times())
@@ -440,19 +444,23 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
     log = start = None
     peers_gone = False
     try:
-        with StopSignals() as stop:  # also while a lost peer is looked for: torchrun's SIGTERM follows at once
-            try:
-                start = _start(config, resume, epochs, steps)
-                start.stop = stop
-                log = RunLog(start.run_dir, enabled=start.info.is_main)
-                return _train(start, log, objective, t_start)
-            except RuntimeError as exc:
-                lost = D.lost_ranks(exc) if start is not None and start.info.distributed else None
-                if not lost:
-                    raise
-                peers_gone = True
-                _peer_lost(start, log, lost)
+        stop = StopSignals()
+        start = _start(config, resume, epochs, steps)
+        start.stop = stop
+        log = RunLog(start.run_dir, enabled=start.info.is_main)
+        return _train(start, log, objective, t_start)
+    except RuntimeError as exc:
+        if start is None or not start.info.distributed:
+            raise
+        with StopSignals():  # torchrun stops the survivors (SIGTERM) as soon as a process ends: say who first
+            lost = D.lost_ranks(exc)
+        if not lost:
+            raise
+        peers_gone = True
+        _peer_lost(start, log, lost)
     finally:
+        if start is not None and start.stop is not None:
+            start.stop.restore()
         if log is not None:
             log.close()
         if start is not None:

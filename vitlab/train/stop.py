@@ -50,8 +50,10 @@ def stop_signals() -> list[signal.Signals]:
 
 
 class StopSignals:
-    """While entered (in the main thread; elsewhere it does nothing), the stop signals are recorded instead of
-    ending the process; the previous handlers come back on exit."""
+    """Between :meth:`install` and :meth:`restore` (or while entered; in the main thread, elsewhere it does
+    nothing) the stop signals are recorded instead of ending the process. The loop installs it only while steps
+    run: Python runs a handler only between bytecodes, so a process blocked elsewhere (a rendezvous, a collective
+    whose peer is gone) must keep the default action to end when torchrun or the scheduler asks."""
 
     def __init__(self):
         self.signals = stop_signals()
@@ -65,16 +67,23 @@ class StopSignals:
             return
         self.received = signum
 
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._record)
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
+        """The handlers from before :meth:`install` (a no-op when not installed)."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def __enter__(self) -> StopSignals:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def agreed(self, device: torch.device) -> int:
         """The stop signal (its number) if any process of the run has received one, else 0: a collective under
