@@ -64,8 +64,17 @@ def setup(device: str = "auto") -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=30)
+        store = None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart not in ("", "0"):
+            # after torchrun restarts the processes, the rendezvous store still holds the addresses the processes
+            # of the last attempt published; a fresh key prefix keeps the new ones from connecting to dead ports
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            store = dist.PrefixStore(f"vitlab/restart_{restart}", store)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+                                store=store, rank=rank if store is not None else -1,
+                                world_size=world if store is not None else -1)
     return DistInfo(rank, world, local_rank, dev)
 
 
