@@ -1,6 +1,6 @@
 """Small checkpoints built in code, in the exact layouts of the originals, and independent reference forwards.
 
-Nothing here uses vitlab's checkpoint code: the npz writers follow the key tables of REFERENCE.md section 6 directly
+Nothing here uses vitlab's checkpoint code: the npz writers follow the parameter names of vit_jax / big_vision directly
 (from a timm model's weights), and :func:`jax_reference_logits` is a plain numpy forward written in the JAX layout
 with tanh GELU, so that tests compare vitlab against things it did not produce.
 """
@@ -52,7 +52,7 @@ def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 # ------------------------------------------------------------------------------------------------- npz layouts
 def vit_jax_arrays(model: torch.nn.Module, representation: tuple[np.ndarray, np.ndarray] | None = None,
                    zero_head: bool = False) -> dict[str, np.ndarray]:
-    """The vit_jax (pre-Linen) arrays of a timm ViT, written from REFERENCE.md's table.
+    """The vit_jax (pre-Linen) arrays of a timm ViT, written from vit_jax's parameter names.
 
     ``representation`` = (pre_logits kernel (D, R), bias (R,)) adds a pre-logits layer; the head kernel must then
     have R rows, so the head is replaced by a random (R, K) one."""

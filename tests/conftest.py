@@ -1,7 +1,16 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# The CPU kernel and the meaning of precision "auto" are chosen per machine by timing products
+# (vitlab.compute.onednn, vitlab.compute.precision). Timed on a busy machine, two runs of one test could choose
+# differently and differ in the last bits, so the suite pins both (here and in the subprocesses it starts); the
+# tests of the choices themselves set or clear these variables with monkeypatch.
+os.environ.setdefault("VITLAB_ONEDNN_LINEAR", "0")
+os.environ.setdefault("VITLAB_AUTO_PRECISION", "fp32")
 
 
 @pytest.fixture(autouse=True)

@@ -176,6 +176,18 @@ def vitlab_absurd_no_posembed(folder: Path) -> Path:
     return out
 
 
+def vitlab_lying_sizes(folder: Path, **changes) -> Path:
+    """A valid vitlab file of a 1-block ViT whose stored config lies about one size (``depth=10_000_000``, say):
+    building or iterating what it claims would run for minutes before any shape check."""
+    import vitlab
+
+    base = folder / "lying_base.safetensors"
+    vitlab.save(tiny_vit(), base)
+    out = _rewrite_vitlab_config(base, folder / f"lying_{'_'.join(changes)}.safetensors", **changes)
+    base.unlink()
+    return out
+
+
 def pickle_named_safetensors(folder: Path, payload: bool, suffix: str = ".safetensors") -> Path:
     """A pickle (a harmless dict, or a payload that runs a command) under a ``.safetensors`` (or other) name."""
     path = folder / (("payload" if payload else "pickled_dict") + suffix)
@@ -286,6 +298,10 @@ CORPUS = {
     "vitlab_absurd_sincos": (vitlab_absurd_sincos, "img_size"),
     "vitlab_sincos_grid_too_big": (vitlab_sincos_grid_too_big, "img_size"),
     "vitlab_absurd_no_posembed": (vitlab_absurd_no_posembed, "img_size"),
+    "vitlab_lying_depth": (lambda d: vitlab_lying_sizes(d, depth=10_000_000), "depth"),
+    "vitlab_lying_mlp_dim": (lambda d: vitlab_lying_sizes(d, mlp_dim=2_000_000_000), "mlp_dim"),
+    "vitlab_lying_width": (lambda d: vitlab_lying_sizes(d, embed_dim=2**30, num_heads=2), "embed_dim"),
+    "vitlab_lying_classes": (lambda d: vitlab_lying_sizes(d, num_classes=500_000_000), "num_classes"),
     "pickle_named_safetensors": (lambda d: pickle_named_safetensors(d, payload=False), "pickle"),
     "payload_named_safetensors": (lambda d: pickle_named_safetensors(d, payload=True), "pickle"),
     "payload_named_pt": (lambda d: pickle_named_safetensors(d, payload=True, suffix=".pt"), "pickle"),

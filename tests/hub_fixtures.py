@@ -3,6 +3,7 @@ cut after N bytes, HTML pages, slow chunks), and a Hugging Face Hub cache laid o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -32,7 +33,11 @@ class _LoopbackServer:
 class FileServer(_LoopbackServer):
     """``files``: URL path -> bytes. ``cut_after``: the first response for a path stops after that many bytes and
     closes the connection. ``html``: answer every request with an HTML page. ``delay``: seconds between 64 KiB
-    chunks. ``requests`` records (path, Range header) of every request."""
+    chunks. ``requests`` records (path, Range header) of every request. Every file has an ``ETag`` (its sha256) and
+    ``If-Range`` is honoured, as real servers do. Broken servers: ``lie_length`` sends a ``Content-Length`` of half
+    the body and only that half; ``no_length`` sends no ``Content-Length`` and closes after ``cut_after`` bytes
+    (every time); ``whole_206`` answers a range request with ``206`` and the whole file; ``no_etag`` omits the ETag;
+    ``redirects`` maps paths to the ``Location`` of a 302."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files = dict(files)
@@ -41,6 +46,8 @@ class FileServer(_LoopbackServer):
         self.html_as_binary = False
         self.delay = 0.0
         self.requests: list[tuple[str, str | None]] = []
+        self.lie_length = self.no_length = self.whole_206 = self.no_etag = False
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302
         self._cut_done: set[str] = set()
         owner = self
 
@@ -50,6 +57,12 @@ class FileServer(_LoopbackServer):
 
             def do_GET(self):
                 owner.requests.append((self.path, self.headers.get("Range")))
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if owner.html:
                     page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
                     self.send_response(200)
@@ -63,13 +76,27 @@ class FileServer(_LoopbackServer):
                 if data is None:
                     self.send_error(404, "Not Found")
                     return
+                etag = f'"{hashlib.sha256(data).hexdigest()}"'
                 rng = self.headers.get("Range")
+                if self.headers.get("If-Range") not in (None, etag):
+                    rng = None  # the file changed since the partial copy: send it whole
                 start = int(rng.split("=", 1)[1].split("-", 1)[0]) if rng else 0
                 body = data[start:]
+                if owner.whole_206 and start:
+                    body = data
+                if owner.lie_length:
+                    body = body[: len(body) // 2]
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Type", "application/octet-stream")
+                if not owner.no_etag:
+                    self.send_header("ETag", etag)
+                if owner.no_length:
+                    self.close_connection = True
+                    self.end_headers()
+                    self.wfile.write(body[: owner.cut_after])
+                    return
                 self.send_header("Content-Length", str(len(body)))
-                if start:
+                if start:  # whole_206: a Content-Range that claims the rest while the body is the whole file
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
                 if owner.cut_after is not None and self.path not in owner._cut_done:
@@ -111,13 +138,15 @@ def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dic
 
 class LoopbackHub(_LoopbackServer):
     """The part of the Hugging Face Hub's HTTP interface ``hf_hub_download`` uses, on 127.0.0.1:
-    ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` answering with ``X-Repo-Commit`` and ``ETag``; an unknown
-    repo gets ``X-Error-Code: RepoNotFound``, a missing file ``EntryNotFound``. ``repos``: repo -> {file: bytes}."""
+    ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` answering with ``X-Repo-Commit`` and ``ETag``, and the
+    repo's info and file list at ``/api/models/{org}/{name}[/revision/{revision}]`` and ``.../tree/{revision}``
+    (what ``hf download`` with several files asks); an unknown repo gets ``X-Error-Code: RepoNotFound``, a missing
+    file ``EntryNotFound``. ``repos``: repo -> {file: bytes}. ``headers``: header -> value sent on every answer
+    instead of the usual one (a hostile endpoint's ``ETag``)."""
 
     def __init__(self, repos: dict[str, dict[str, bytes]], commit: str = "c" * 40):
-        import hashlib
-
         self.repos, self.commit, self.requests = repos, commit, []
+        self.headers: dict[str, str] = {}
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,6 +156,27 @@ class LoopbackHub(_LoopbackServer):
             def _answer(self, body: bool) -> None:
                 owner.requests.append((self.command, self.path))
                 parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) >= 4:  # the repo's file list (`hf download`)
+                    repo = "/".join(parts[2:4])
+                    files = owner.repos.get(repo)
+                    if files is None:
+                        info = None
+                    elif len(parts) > 4 and parts[4] == "tree":
+                        info = json.dumps([{"type": "file", "path": f, "size": len(data),
+                                            "oid": hashlib.sha1(data).hexdigest()} for f, data in files.items()])
+                    else:
+                        info = json.dumps({"id": repo, "sha": owner.commit,
+                                           "siblings": [{"rfilename": f} for f in files]})
+                    info = info.encode() if info else None
+                    self.send_response(404 if info is None else 200)
+                    if info is None:
+                        self.send_header("X-Error-Code", "RepoNotFound")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(info or b"")))
+                    self.end_headers()
+                    if body and info:
+                        self.wfile.write(info)
+                    return
                 if len(parts) < 5 or parts[2] != "resolve":
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -138,13 +188,16 @@ class LoopbackHub(_LoopbackServer):
                 if data is None:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "RepoNotFound" if files is None else "EntryNotFound")
+                    if files is not None:
+                        self.send_header("X-Repo-Commit", owner.headers.get("X-Repo-Commit", owner.commit))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 self.send_response(200)
-                self.send_header("X-Repo-Commit", owner.commit)
-                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-                self.send_header("Content-Length", str(len(data)))
+                headers = {"X-Repo-Commit": owner.commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                           "Content-Length": str(len(data)), **owner.headers}
+                for key, value in headers.items():
+                    self.send_header(key, value)
                 self.end_headers()
                 if body:
                     self.wfile.write(data)

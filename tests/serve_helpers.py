@@ -90,12 +90,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def png_of_size(width: int, height: int, *, rows: int | None = None) -> bytes:
-    """A 1-bit grey PNG of ``width`` x ``height`` zero pixels, written chunk by chunk (no image in memory). With
-    ``rows`` only that many rows of pixel data are stored: a small file whose header promises a huge image (the
-    shape of a decompression bomb)."""
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    row = bytes(1 + (width + 7) // 8)  # filter byte + packed bits
+def png_of_size(width: int, height: int, *, rows: int | None = None, bits: int = 1) -> bytes:
+    """A grey PNG of ``width`` x ``height`` zero pixels (``bits`` per pixel: 1, 8 or 16), written chunk by chunk (no
+    image in memory). With ``rows`` only that many rows of pixel data are stored: a small file whose header promises
+    a huge image (the shape of a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)
+    row = bytes(1 + (width * bits + 7) // 8)  # filter byte + packed samples
     compressor = zlib.compressobj(6)
     stored = height if rows is None else rows
     block = row * max(1, min(stored, (1 << 22) // len(row)))

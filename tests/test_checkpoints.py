@@ -64,7 +64,7 @@ def test_save_uses_model_attributes_and_paper_default_preprocessing(tmp_path):
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
-    import safetensors.torch
+    import vitlab.checkpoints.files
 
     model = _small()
     path = save(model, tmp_path / "m.safetensors")
@@ -75,7 +75,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(vitlab.checkpoints.files, "save_file", broken)
     with pytest.raises(VitlabError, match="disk full; the previous file, if any, is unchanged"):
         save(_small(num_classes=3), path)
     assert path.read_bytes() == before

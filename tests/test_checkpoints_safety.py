@@ -182,3 +182,62 @@ def test_cli_info_and_convert_on_good_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote" in out and "new zero-initialised head" in out and "GELU" in out  # tanh -> torchvision's exact
     assert vitlab.load(tmp_path / "b.pth").cfg.img_size == (48, 48)
+
+
+@pytest.mark.parametrize("case", ["vitlab_lying_depth", "vitlab_lying_mlp_dim", "vitlab_lying_width",
+                                  "vitlab_lying_classes"])
+def test_lying_size_field_is_named_by_vitlab_info_in_one_line(tmp_path, case, capsys):
+    from .crafted_checkpoints import CORPUS
+
+    builder, field = CORPUS[case]
+    path = builder(tmp_path)
+    assert main(["info", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and str(path) in lines[0] and "corrupt" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_checkpoint_lying_about_its_sizes_is_refused_before_anything_is_built(tmp_path):
+    """Metadata claiming 10,000,000 blocks (or a width, MLP width or head of billions) next to the weights of one:
+    `vitlab info`, `predict` and `convert` answer in one line naming the field, instead of building for minutes.
+    One child interpreter with a deadline, so that a regression fails instead of hanging the suite."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .crafted_checkpoints import CORPUS
+    from .serve_helpers import png_bytes
+
+    image = tmp_path / "x.png"
+    image.write_bytes(png_bytes())
+    cases = {}
+    for name in ("vitlab_lying_depth", "vitlab_lying_mlp_dim", "vitlab_lying_width", "vitlab_lying_classes"):
+        folder = tmp_path / name
+        folder.mkdir()
+        cases[name] = (str(CORPUS[name][0](folder)), CORPUS[name][1])
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from vitlab.cli import main\n"
+        "out = {}\n"
+        "for name, (path, _) in json.loads(sys.argv[1]).items():\n"
+        "    for args in (['info', path], ['predict', path, sys.argv[2]],\n"
+        "                 ['convert', path, sys.argv[3], '--to', 'vitlab']):\n"
+        "        err = io.StringIO()\n"
+        "        with contextlib.redirect_stderr(err):\n"
+        "            rc = main(args)\n"
+        "        out[name + ' ' + args[0]] = [rc, err.getvalue()]\n"
+        "print(json.dumps(out))\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out.safetensors"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(cases), str(image), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for key, (rc, err) in results.items():
+        name = key.split()[0]
+        path, field = cases[name]
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and field in lines[0] and path in lines[0], (key, rc, err[-500:])
+    assert not out.exists()

@@ -4,11 +4,12 @@ clear errors for bad options."""
 import json
 
 import pytest
+import torch
 
 import vitlab
 from vitlab.cli import main as cli_main
 from vitlab.errors import VitlabError
-from vitlab.experiments import NAMES, compute, options, posemb, run
+from vitlab.experiments import TRAINING, compute, options, posemb, run
 
 
 def _table_rows(markdown: str) -> list[list[str]]:
@@ -64,7 +65,7 @@ def test_python_run_rejects_unknown_experiments_and_options(tmp_path):
 
 
 def test_every_experiment_has_bounded_cpu_defaults():
-    for name in NAMES:
+    for name in TRAINING:
         args = options(name)
         assert args.data == "fashion-mnist" and 0 < args.steps <= 300, name
     assert options("mpp").pretrain_steps == 600 and options("data_requirements").sizes == [1000, 6000, 60000]
@@ -78,7 +79,7 @@ def test_cli_plot_only_without_results_is_a_one_line_error(tmp_path, capsys):
         cli_main(["experiment", "fig99"])
 
 
-@pytest.mark.parametrize("name,folder", [(n, n) for n in NAMES] + [("data_requirements", "data_requirements_1200")])
+@pytest.mark.parametrize("name,folder", [(n, n) for n in TRAINING] + [("data_requirements", "data_requirements_1200")])
 def test_docs_tables_are_the_tables_of_the_recorded_results(tmp_path, name, folder):
     """docs/experiments.md shows, for each recorded experiment run, the table its results.json renders to."""
     from pathlib import Path
@@ -91,3 +92,107 @@ def test_docs_tables_are_the_tables_of_the_recorded_results(tmp_path, name, fold
     table = "\n".join(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("|"))
     assert len(table.splitlines()) == len([r for r in rows if r["label"] != "MPP pre-training"]) + 2
     assert table in (docs / "experiments.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ families (Fig. 7)
+def _family_checkpoints(tmp_path):
+    """Three small random-weight checkpoints of different families: a distilled DeiT in vitlab's format (class and
+    distillation tokens, both with position-embedding rows), timm state dicts of a DINOv2 with 4 registers
+    (position embedding over the patches only) and of a SigLIP (no class token, attention pooling)."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from .checkpoint_fixtures import randomize_weights_
+
+    deit = randomize_weights_(vitlab.create_model("deit_s16_distilled", img_size=32, patch_size=8, embed_dim=32,
+                                                  depth=2, num_heads=2, mlp_dim=64, num_classes=3), seed=1)
+    paths = {"deit": vitlab.save(deit, tmp_path / "deit.safetensors")}
+    small = dict(img_size=28, patch_size=7, embed_dim=128, depth=2, num_heads=2, mlp_ratio=2.0)  # 128/64: 2 heads
+    for name, fn, extra in [("dinov2", "vit_small_patch14_reg4_dinov2", {}),
+                            ("siglip", "vit_base_patch16_siglip_224", {"act_layer": "gelu_tanh"})]:
+        theirs = randomize_weights_(timm.create_model(fn, pretrained=False, num_classes=0, **small, **extra), seed=2)
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(paths[name]))
+    return paths
+
+
+def test_families_numbers_are_the_inspection_functions_on_each_model(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.inspect import find_images, load_images, mean_attention_distance, position_embedding_similarity
+    from vitlab.preprocessing import Preprocessing
+
+    paths = _family_checkpoints(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # another size than any model's: each model's preprocessing resizes
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert cli_main(["experiment", "families", "--models", *map(str, paths.values()), "--labels", *paths,
+                     "--images", str(folder), "--out", str(out), "--batch-size", "2"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == list(paths)
+    with np.load(out / "families.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    for i, (row, path) in enumerate(zip(rows, paths.values())):
+        model = vitlab.load(path)
+        cfg = model.cfg
+        pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+        images = load_images(find_images(folder), pre)
+        with torch.no_grad():
+            _, maps = model.forward_with_attention(images)
+        expected = mean_attention_distance(maps, cfg.grid_size, cfg.patch_size, cfg.num_prefix_tokens)
+        torch.testing.assert_close(torch.from_numpy(arrays[f"{i}/attention_distance"]), expected, rtol=1e-5,
+                                   atol=1e-5)
+        assert np.allclose(row["distance_table"], expected.numpy(), atol=1e-4)
+        assert row["num_prefix_tokens"] == cfg.num_prefix_tokens and row["num_images"] == 3
+        # the similarity grid holds the patches only: prefix rows of the embedding (if any) are left out
+        gh, gw = cfg.grid_size
+        pos = model.pos_embed[0].detach().double()
+        assert pos.shape[0] == cfg.num_pos_prefix + gh * gw
+        unit = torch.nn.functional.normalize(pos[cfg.num_pos_prefix:], dim=-1)
+        by_hand = (unit @ unit.T).reshape(gh, gw, gh, gw).float()
+        torch.testing.assert_close(torch.from_numpy(arrays[f"{i}/posemb_similarity"]), by_hand)
+        torch.testing.assert_close(position_embedding_similarity(model), by_hand)
+        assert row["posemb_grid"] == [gh, gw]
+    assert [(r["prefix_tokens"], r["num_pos_prefix"], r["pool"]) for r in rows] == [
+        (["class", "dist"], 2, "token"), (["class", "reg0", "reg1", "reg2", "reg3"], 0, "token"), ([], 0, "map")]
+    table = _table_rows((out / "results.md").read_text())
+    assert [t[0] for t in table[:3]] == list(paths)
+    assert table[0][5] == f"{sum(rows[0]['distance_table'][0]) / 2:.3g}"  # layer 1 mean of the 2 heads
+    png = (out / "families.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # --plot-only redraws from results.json and families.npz without loading a checkpoint
+    (out / "families.png").unlink()
+    for path in paths.values():
+        path.unlink()
+    assert run("families", out=str(out), plot_only=True) == rows
+    assert (out / "families.png").stat().st_size > 1000
+    assert "| model |" in capsys.readouterr().out
+
+
+def test_families_default_images_and_bad_options(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from vitlab.experiments import families
+
+    crops = families.gather_images("sample-photos", 3)
+    assert len(crops) == 3 and all(c.size[0] == c.size[1] >= 256 for c in crops)
+    assert [c.tobytes() for c in families.gather_images("sample-photos", 3)] == [c.tobytes() for c in crops]
+    digits = families.gather_images("digits", 2)
+    assert [d.size for d in digits] == [(8, 8), (8, 8)]
+    assert families.checkpoint_spec("dinov2_l14") == "dinov2_l14.lvd142m"
+    assert families.checkpoint_spec("vit_large_patch16_224") == "vit_l16.augreg_in21k_ft_in1k"
+    assert families.checkpoint_spec("vit_l16.augreg_in21k") == "vit_l16.augreg_in21k"
+    assert cli_main(["experiment", "families", "--out", str(tmp_path / "o")]) == 2
+    assert "--models: give at least one checkpoint" in capsys.readouterr().err
+    assert cli_main(["experiment", "families", "--models", "a", "b", "--labels", "x", "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--labels: need 2 distinct labels" in err
+    cnn = vitlab.save(vitlab.create_model("bit_fmnist", layers=[1, 1, 1]), tmp_path / "bit.safetensors")
+    assert cli_main(["experiment", "families", "--models", str(cnn), "--images", "digits", "--num-images", "1",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "has no attention layers to measure" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ from .test_resnetv2 import count_conv_macs
 
 timm = pytest.importorskip("timm")
 
-# (ours, timm name, count from REFERENCE.md with 1000 classes)
+# (ours, timm name, timm's parameter count with 1000 classes)
 PARAM_COUNTS = [
     ("vit_base_r50_s16_384", "vit_base_r50_s16_384", 98_950_952),
     ("r26_vit_s32", "vit_small_r26_s32_224", 36_431_912),

@@ -22,7 +22,7 @@ def _kernel(t: torch.Tensor) -> np.ndarray:
 
 
 def hybrid_arrays(model: torch.nn.Module, old_gn_root: bool = False) -> dict[str, np.ndarray]:
-    """The vit_jax arrays of a timm hybrid, written from REFERENCE.md section 6 (not with vitlab's code)."""
+    """The vit_jax arrays of a timm hybrid, written from vit_jax's parameter names (not with vitlab's code)."""
     out = vit_jax_arrays(model)
     backbone = model.patch_embed.backbone
     stem = backbone.stem if hasattr(backbone, "stem") else backbone

@@ -6,6 +6,10 @@ that takes a checkpoint accept the name."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +27,16 @@ NAME = "vit_ti16.augreg_in21k_ft_in1k"  # the smallest real entry: ViT-Ti/16, 22
 
 
 @pytest.fixture(scope="module")
-def ti16_npz(tmp_path_factory):
+def ti16_timm():
+    """ViT-Ti/16 in timm with random weights."""
+    return randomize_weights_(timm.create_model("vit_tiny_patch16_224", num_classes=1000), seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def ti16_npz(ti16_timm, tmp_path_factory):
     """ViT-Ti/16 with random weights in the layout of the AugReg release (vit_jax array names), as a file."""
-    model = randomize_weights_(timm.create_model("vit_tiny_patch16_224", num_classes=1000), seed=3).eval()
     path = tmp_path_factory.mktemp("ti16") / "ti16.npz"
-    save_npz(path, vit_jax_arrays(model))
+    save_npz(path, vit_jax_arrays(ti16_timm))
     return path
 
 
@@ -97,6 +106,72 @@ def test_offline_without_the_file_says_where_to_place_it(tmp_path, monkeypatch, 
     assert "storage.googleapis.com/vit_models/augreg/Ti_16" in err
 
 
+def _printed_commands(message: str) -> list[str]:
+    """The shell commands an error message quotes in backticks."""
+    return message.split("`")[1::2]
+
+
+def test_offline_hint_names_every_source_and_its_commands_work_on_a_fresh_machine(ti16_timm, ti16_npz, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """The two commands the offline error prints, run as printed against loopback stand-ins for the storage bucket
+    and the Hub: each one alone fills an empty cache (no folders made beforehand) so that the name loads offline."""
+    from safetensors.torch import save_file
+
+    from tests.hub_fixtures import FileServer, LoopbackHub
+
+    entry = get_pretrained(NAME)
+    gcs, hub = entry.sources
+    assert (gcs.kind, hub.kind) == ("gcs", "timm")
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ti16_timm.state_dict().items()}, str(weights))
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 1000, "global_pool": "token",
+              "pretrained_cfg": {"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.9,
+                                 "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "num_classes": 1000}}
+    bucket = FileServer({"/" + gcs.location[len("gs://"):]: ti16_npz.read_bytes()})
+    hub_server = LoopbackHub({hub.location: {"config.json": json.dumps(config).encode(),
+                                             "model.safetensors": weights.read_bytes()}})
+    monkeypatch.setenv("VITLAB_GCS_ENDPOINT", bucket.url)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+    # the commands run where the network is on (another shell): no offline switch there
+    shell_env = {k: v for k, v in os.environ.items() if k not in ("VITLAB_OFFLINE", "HF_HUB_OFFLINE")}
+    shell_env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                     HF_HUB_DISABLE_TELEMETRY="1")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = ti16_timm(x)
+    try:
+        for which in (0, 1):
+            monkeypatch.setenv("VITLAB_HOME", str(tmp_path / f"home{which}"))
+            monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / f"hf{which}"))
+            assert main(["info", NAME]) == 2
+            message = capsys.readouterr().err.strip()
+            assert "\n" not in message and "any one of its sources" in message
+            commands = _printed_commands(message)
+            assert len(commands) == 2 and commands[0].startswith("curl ") and commands[1].startswith("hf download ")
+            assert f"{bucket.url}/vit_models/augreg/Ti_16" in commands[0] and hub.location in commands[1]
+            assert str(tmp_path / f"hf{which}" / f"models--{hub.location.replace('/', '--')}") in message
+            done = subprocess.run(["bash", "-c", commands[which]], env={**shell_env, "VITLAB_HOME": str(
+                tmp_path / f"home{which}"), "HF_HUB_CACHE": str(tmp_path / f"hf{which}")}, capture_output=True,
+                text=True, timeout=120)
+            assert done.returncode == 0, (commands[which], done.stderr[-2000:])
+            model = vitlab.load(NAME)  # offline, from what the command put in place
+            local = vitlab.load(ti16_npz) if which == 0 else vitlab.load(weights, model_name="vit_ti16")
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), local(x), rtol=0, atol=0)
+                torch.testing.assert_close(model(x), expected, rtol=0, atol=2e-3)  # timm's, within float error
+    finally:
+        bucket.stop()
+        hub_server.stop()
+    assert len(bucket.gets("/" + gcs.location[len("gs://"):])) == 1
+
+
+def test_a_catalog_name_to_fine_tune_from_is_its_registered_model(placed):
+    from vitlab.train.transfer import source_model_name
+
+    assert source_model_name(NAME) == "vit_ti16"
+
+
 def test_info_and_convert_take_catalog_names(placed, tmp_path, capsys):
     assert main(["info", NAME, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -124,6 +199,7 @@ def test_finetune_from_catalog_name_runs_on_fashion_mnist(placed, tmp_path, caps
     out = capsys.readouterr()
     assert code == 0, out.err
     assert f"fine-tuning from {NAME}: new zero-initialised head for 10 classes" in out.out + out.err
+    assert json.loads((tmp_path / "runs" / "ft" / "config.json").read_text())["model"] == "vit_ti16"
     tuned = vitlab.load(tmp_path / "runs" / "ft" / "model.safetensors")
     assert (tuned.cfg.num_classes, tuned.cfg.img_size, tuned.cfg.embed_dim, tuned.cfg.depth) == (10, (32, 32), 192, 12)
 

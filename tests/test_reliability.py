@@ -1,4 +1,4 @@
-"""Issue 17: runs that lose nothing, hostile files refused, bad values refused. One test (or more) per case.
+"""Reliability: runs that lose nothing, hostile files refused, bad values refused. One test (or more) per case.
 
 The crafted-checkpoint corpus (:mod:`tests.crafted_checkpoints`) goes through every command that reads a checkpoint
 in a child interpreter (:mod:`tests.corpus_driver`), which measures each run's peak memory above the warmed-up

@@ -45,7 +45,7 @@ def count_conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("ours,theirs,expected", [
-    ("bit_r50x1", "resnetv2_50x1_bit", 25_549_352),  # REFERENCE.md
+    ("bit_r50x1", "resnetv2_50x1_bit", 25_549_352),  # timm's count for BiT-M R50x1
     ("bit_r101x1", "resnetv2_101x1_bit", None),
     ("resnetv2_152x2_bit", "resnetv2_152x2_bit", None),
 ])

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,11 +27,14 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 pytest.importorskip("prometheus_client")
 
+import uvicorn  # noqa: E402
+
 import vitlab  # noqa: E402
 from vitlab.cli import main as cli_main  # noqa: E402
 from vitlab.data.images import load_image  # noqa: E402
 from vitlab.inspect import attention_rollout  # noqa: E402
 from vitlab.serve import BackgroundServer, Batcher, Engine, QueueFull, ServeSettings, create_app  # noqa: E402
+from vitlab.serve.server import bind_socket, run_server  # noqa: E402
 
 from .serve_helpers import (  # noqa: E402
     CLASSES,
@@ -90,6 +94,9 @@ def test_classify_answers_equal_vitlab_predict_on_the_same_files(server, ckpt, i
     assert status == 200, answer
     assert answer["model"] == "tiny" and answer["time_ms"] > 0
     assert [r["name"] for r in answer["results"]] == [p.name for p in images]
+    # one key for the file in both: predict --json's "name" is the path given, the server's the file name sent
+    assert [Path(want["name"]).name for want in expected] == [r["name"] for r in answer["results"]]
+    assert answer["top_k"] == 5 and "note" not in answer
     for got, want in zip(answer["results"], expected):
         assert_same_top(got["top"], want)
     # JSON with base64 (plain strings, objects, a data URL), and one image as the raw body
@@ -105,6 +112,14 @@ def test_classify_answers_equal_vitlab_predict_on_the_same_files(server, ckpt, i
     status, _, raw = request(server + "/v1/classify?top_k=2", images[3].read_bytes(), {"Content-Type": "image/png"})
     assert status == 200
     assert_same_top(json.loads(raw)["results"][0]["top"], expected_predictions(ckpt, images[3:4], capsys, 2)[0])
+
+
+def test_top_k_above_the_class_count_says_so_in_the_answer(server, ckpt, images, capsys):
+    status, _, answer = post_files(server + "/v1/classify", files_of(images[:1]), {"top_k": "5000"})
+    assert status == 200 and len(answer["results"][0]["top"]) == len(CLASSES) == answer["top_k"]
+    assert answer["note"] == f"top_k 5000 is more than the model's {len(CLASSES)} classes: all 7 are listed"
+    assert cli_main(["predict", str(ckpt), str(images[0]), "--topk", "5000"]) == 0
+    assert f"--topk 5000 is more than the model's {len(CLASSES)} classes" in capsys.readouterr().err
 
 
 def test_explain_rollout_equals_attention_rollout(server, ckpt, images):
@@ -195,12 +210,16 @@ def test_model_card_health_and_page(server, ckpt):
 
 
 BAD_INPUTS = {
-    "not an image": (400, "cannot decode image", lambda: multipart([("notes.png", b"just some text, not pixels")])),
+    "not an image": (400, "notes.png: cannot decode image",
+                     lambda: multipart([("notes.png", b"just some text, not pixels")])),
+    # the bad one of two files is named by its name, not by its place ("image 1")
+    "bad second file": (400, "notes.png: cannot decode image",
+                        lambda: multipart([("good.png", png_bytes()), ("notes.png", b"just text")])),
     "truncated PNG": (400, "cannot decode image", lambda: multipart([("cut.png", noise_png()[:6000])])),
     # a few kilobytes whose header promises 100,000 x 100,000 pixels: refused before anything is decoded
     "decompression bomb": (400, "image too large", lambda: multipart([("bomb.png", png_of_size(100_000, 100_000,
                                                                                                rows=64))])),
-    "20,000 x 20,000 image": (400, "image 0: image too large",
+    "20,000 x 20,000 image": (400, "huge.png: image too large",
                               lambda: multipart([("huge.png", png_of_size(20_000, 20_000))])),
     "wrong content type": (415, "unsupported content type 'text/plain'", lambda: (b"hello", "text/plain")),
     "form-encoded body": (415, "unsupported content type 'application/x-www-form-urlencoded'",
@@ -370,9 +389,7 @@ def test_vitlab_serve_command_answers_accepted_requests_when_stopped(ckpt, image
         url = line.split(" at ")[1].split("/ ")[0]
         key = {"X-API-Key": "k3y"}
         deadline = time.time() + 120
-        while not _up(url):
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
+        assert _up(url)  # the line comes once the server accepts: no waiting after it
         answer = {}
         sender = threading.Thread(target=lambda: answer.update(
             result=post_files(url + "/v1/classify", files_of(images[:1]), headers=key)))
@@ -390,6 +407,52 @@ def test_vitlab_serve_command_answers_accepted_requests_when_stopped(ckpt, image
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def _hello_app(scope, receive, send):
+    """A minimal ASGI app whose startup takes a moment, as loading a model does."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await asyncio.sleep(0.02)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+@pytest.mark.slow  # 50 starts and stops of uvicorn: about 12 s here
+def test_run_server_announces_only_once_connections_are_accepted(monkeypatch):
+    # what `vitlab serve` does: bind, then print the address from on_ready; a script reading the line connects at
+    # once. Before the fix the line came before uvicorn listened: "connection refused".
+    servers = []
+    init = uvicorn.Server.__init__
+
+    def recording_init(self, config):  # to stop each server from here (run_server blocks until a signal)
+        servers.append(self)
+        init(self, config)
+
+    monkeypatch.setattr(uvicorn.Server, "__init__", recording_init)
+    for attempt in range(50):
+        sock = bind_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        ready = threading.Event()
+        thread = threading.Thread(target=run_server, args=(_hello_app, sock),
+                                  kwargs=dict(log_level="warning", on_ready=ready.set), daemon=True)
+        thread.start()
+        assert ready.wait(30), "never announced"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = conn.makefile("rb").read()
+        finally:
+            servers[-1].should_exit = True
+            thread.join(30)
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello"), (attempt, answer[:80])
 
 
 def _up(url: str) -> bool:

@@ -179,3 +179,80 @@ def test_bad_settings_are_clear_errors(tmp_path):
         train(tiny_config(tmp_path, data="no-such-set"))
     with pytest.raises(KeyError, match="unknown model"):
         train(tiny_config(tmp_path, model="vit_q99"))
+
+
+def _choice_flags() -> list[tuple[str, str, str, str]]:
+    """(sub-command, flag, config field, choice) for every train / finetune flag with a choice list: argparse's
+    choices, or the one-of rule of the field the flag sets."""
+    import argparse
+
+    from vitlab.cli import build_parser
+    from vitlab.cli.train import FLAG_FIELDS
+    from vitlab.train.config import RULES
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    found = []
+    for command in ("train", "finetune"):
+        for action in commands[command]._actions:
+            field = action.dest
+            if not action.option_strings or (field not in FLAG_FIELDS and field not in RULES):
+                continue
+            choices = action.choices or (RULES[field].choices if field in RULES else ())
+            found += [(command, action.option_strings[0], field, choice) for choice in choices]
+    return found
+
+
+CHOICE_FLAGS = _choice_flags()
+
+
+def test_every_choice_flag_is_found():
+    flags = {flag for _, flag, _, _ in CHOICE_FLAGS}
+    assert {"--augment", "--on-bad-image", "--precision", "--reset-head"} <= flags
+    assert ("train", "--augment", "augment", "none") in CHOICE_FLAGS
+
+
+@pytest.mark.parametrize("command, flag, field, choice", CHOICE_FLAGS)
+def test_set_takes_every_value_its_flag_takes(command, flag, field, choice, capsys):
+    # `--set augment=none` used to read "none" as null and refuse it, while `--augment none` worked
+    base = [command, "--dry-run"] + (["--from", "model.safetensors"] if command == "finetune" else [])
+    configs = []
+    for option in ([flag, choice], ["--set", f"{field}={choice}"]):
+        assert cli_main(base + option) == 0, capsys.readouterr().err
+        configs.append(json.loads(capsys.readouterr().out))
+    by_flag, by_set = configs
+    assert by_flag[field] == by_set[field] == choice
+    assert by_flag == by_set
+
+
+def test_cpu_cost_warns_before_the_papers_fine_tune_and_not_before_the_cpu_preset():
+    from vitlab.compute.flops import forward_macs
+    from vitlab.models import get_config
+    from vitlab.train.loop import CPU_TRAIN_UTILISATION, cpu_cost
+
+    rate = 200e9  # FLOP/s, the oneDNN matrix-product rate measured on the 2-core Xeon
+    paper, cpu = get_recipe("finetune").config(), get_recipe("finetune-cpu").config()
+
+    def flops(config, model="vit_ti16", eval_images=10_000):
+        macs = forward_macs(get_config(model, img_size=config.img_size, num_classes=10))
+        return 6.0 * macs * config.steps * config.batch_size, 2.0 * macs * eval_images
+
+    train_flops, eval_flops = flops(paper)
+    warn, line = cpu_cost(train_flops, eval_flops, rate, suggest_preset=True)
+    days = (train_flops + eval_flops) / (CPU_TRAIN_UTILISATION * rate) / 86400
+    assert warn and f"about {days:.0f} days" in line and "--recipe finetune-cpu" in line, line
+    assert f"{train_flops / 1e12:.1f} TFLOPs training" in line
+    warn, line = cpu_cost(*flops(cpu), rate)
+    assert not warn and "min" in line, line
+    # on a slower (busier) CPU the preset's evaluation of 10,000 images dominates: the warning says what to shrink
+    warn, line = cpu_cost(*flops(cpu), rate / 8)
+    assert warn and "finetune-cpu" not in line and "--set holdout=N" in line, line
+    assert cpu.img_size == 160 and cpu.steps * cpu.batch_size == 2400 and cpu.reset_head == "always"
+
+
+def test_a_cpu_run_logs_its_cost_before_training(tmp_path):
+    config = TrainConfig().replace(data="digits", model="vit_fmnist", img_size=8, epochs=None, steps=1,
+                                   batch_size=16, augment="none", model_args={"patch_size": 4, "depth": 1},
+                                   out_dir=str(tmp_path), threads=1, progress=False, device="cpu")
+    result = train(config)
+    log = (result.run_dir / "log.txt").read_text()
+    assert "cost on this CPU:" in log and "TFLOPs evaluation" in log and "GFLOP/s matrix-product rate" in log

@@ -69,6 +69,21 @@ def test_linear_probe_trains_the_head_only_with_fixed_features():
         T.apply_controls(model, patterns="*")
 
 
+def test_finetune_records_the_model_it_starts_from_not_the_configs_default(tmp_path):
+    """The config's ``model`` (default vit_fmnist) does not build a fine-tuned model; the run folder's name and its
+    config.json name the registered model the checkpoint is."""
+    source = randomize_(vitlab.create_model("r_vit_fmnist", img_size=8))
+    path = vitlab.save(source, tmp_path / "src.safetensors")
+    assert T.source_model_name(str(path)) == "r_vit_fmnist"
+    config = TrainConfig().replace(
+        data="digits", init_from=str(path), img_size=8, epochs=None, steps=1, batch_size=16, augment="none",
+        out_dir=str(tmp_path / "runs"), threads=1, progress=False, eval_every_epochs=0)
+    assert config.model == "vit_fmnist"
+    result = train(config)
+    assert result.run_dir.name.startswith("digits-r_vit_fmnist-")
+    assert json.loads((result.run_dir / "config.json").read_text())["model"] == "r_vit_fmnist"
+
+
 def test_frozen_parameters_get_no_optimizer_state_and_stay_bit_identical(tmp_path):
     """A fine-tuning run with AdamW and weight decay: the frozen tensors come out bit for bit as loaded, have no
     optimiser state in the checkpoint, and the rest trains."""

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "load": ".factory",
+    "load_lora": ".factory",
     "save": ".checkpoints",
     "create_model": ".factory",
     "read_checkpoint": ".factory",
@@ -32,11 +33,12 @@ _EXPORTS = {
 }
 
 __all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "convert", "create_model", "get_config", "get_pretrained",
-           "inspect_checkpoint", "list_models", "list_pretrained", "load", "read_checkpoint", "save", "__version__"]
+           "inspect_checkpoint", "list_models", "list_pretrained", "load", "load_lora", "read_checkpoint", "save",
+           "__version__"]
 
 if TYPE_CHECKING:
     from .checkpoints import save
-    from .factory import convert, create_model, inspect_checkpoint, load, read_checkpoint
+    from .factory import convert, create_model, inspect_checkpoint, load, load_lora, read_checkpoint
     from .hub import get_pretrained, list_pretrained
     from .models import VisionTransformer, ViTConfig, get_config, list_models
     from .preprocessing import Preprocessing

@@ -10,25 +10,71 @@ builds the model; :mod:`vitlab.compute` gives the model's Linear layers this mac
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from torch import nn
 
 from .checkpoints import Checkpoint, check_conversion, convert_checkpoint, describe_checkpoint, model_from_checkpoint
 from .checkpoints import read_checkpoint as read_file
+from .checkpoints.adapter import adapter_document, base_candidates, check_base_hash
+from .checkpoints.loading import adapted_model, read_adapter
 from .compute.onednn import set_onednn_linear
-from .errors import InvalidValueError
+from .errors import InvalidValueError, VitlabError
 from .hub import get_pretrained, resolve
 from .models import create_model as create_fresh
+from .models.lora import merge_lora
 
-__all__ = ["convert", "create_model", "inspect_checkpoint", "load", "read_checkpoint"]
+__all__ = ["checkpoint_location", "convert", "create_model", "inspect_checkpoint", "load", "load_lora",
+           "read_checkpoint"]
 
 
 def read_checkpoint(spec: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
                     grid_hint: tuple[int, int] | None = None, check_finite: bool = True) -> Checkpoint:
     """:func:`vitlab.checkpoints.read_checkpoint` of a path or of a name: a catalog name, ``hf-hub:`` repo or URL is
     resolved to its (cached) file first, and what its source says (preprocessing, class names) is applied."""
+    resolved = resolve(os.fspath(spec))
+    document = adapter_document(resolved.path if resolved is not None else spec)
+    base = find_adapter_base(spec, document) if document is not None else None  # a LoRA adapter: its base
     return read_file(spec, model_name=model_name, prefer_ema=prefer_ema, grid_hint=grid_hint,
-                     check_finite=check_finite, source=resolve(os.fspath(spec)))
+                     check_finite=check_finite, source=resolved, base=base)
+
+
+def checkpoint_location(spec: str | os.PathLike) -> Path:
+    """The local file or folder a checkpoint spec (a path, a catalog name, an ``hf-hub:`` name, a URL) stands for,
+    names resolved as :func:`read_checkpoint` resolves them (fetched when not cached)."""
+    resolved = resolve(os.fspath(spec))
+    return Path(resolved.path) if resolved is not None else Path(spec)
+
+
+def find_adapter_base(adapter: str | os.PathLike, document: dict,
+                      base: str | os.PathLike | None = None) -> tuple[Path, Checkpoint]:
+    """(local path, record) of an adapter file's base: ``base`` when given, else the first of the recorded name (a
+    path, catalog or ``hf-hub:`` name), the recorded path and a file of that name beside the adapter that exists.
+    Its sha256 is checked before it is read (a different one is refused in one line naming both)."""
+    source, tried = str(adapter), []
+    for spec in base_candidates(document, source, base):
+        try:
+            path = checkpoint_location(spec)
+        except VitlabError as exc:  # an unknown name, or not in the cache while offline
+            tried.append(f"{spec} ({exc})")
+            continue
+        if path.exists():
+            check_base_hash(document, source, path)
+            return path, read_checkpoint(spec)
+        tried.append(spec)
+    raise VitlabError(f"{source}: cannot find the adapter's base checkpoint {document['base']['name']} (tried "
+                      f"{', '.join(tried)}); pass where it is (base=...)")
+
+
+def load_lora(path: str | os.PathLike, *, base: str | os.PathLike | None = None, merge: bool = False) -> nn.Module:
+    """An adapter file's model in eval mode: with ``merge=False`` the adapters stay separate ``peft`` layers (to
+    inspect them, or train on); with ``merge=True`` they are folded into the weights (what :func:`load` returns).
+    ``base``: where the base checkpoint is, when it is no longer where the adapter file says (its sha256 must still
+    match)."""
+    tensors, document = read_adapter(path)
+    base_path, base_ckpt = find_adapter_base(path, document, base)
+    model = adapted_model(str(path), tensors, document, base_path, base_ckpt)
+    return set_onednn_linear(merge_lora(model) if merge else model)  # this machine's CPU fast path, as load
 
 
 def inspect_checkpoint(spec: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False) -> dict:
@@ -87,8 +133,8 @@ def create_model(name: str, pretrained: bool | str = False, **overrides):
     a name with a tag (``vit_b16.augreg_in21k``) loads that entry. With weights, ``img_size`` resamples the position
     embedding and ``num_classes`` puts a new zero-initialised head on (dropping the pre-logits layer, as the paper
     fine-tunes); other overrides are the loader's keywords (``resample``, ``gelu``). The Linear layers take this
-    machine's CPU fast-path default (:func:`vitlab.compute.onednn_linear_default`: oneDNN on AMD CPUs;
-    ``set_onednn_linear`` switches it).
+    machine's CPU fast-path default (:func:`vitlab.compute.set_onednn_linear`: oneDNN where it measured faster;
+    ``VITLAB_ONEDNN_LINEAR`` or ``set_onednn_linear(model, True / False)`` decides instead).
 
     >>> model = create_model("vit_b16", pretrained=True)                      # doctest: +SKIP
     >>> model = create_model("vit_b16", pretrained="augreg_in21k", num_classes=10, img_size=384)  # doctest: +SKIP

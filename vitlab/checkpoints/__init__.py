@@ -14,6 +14,7 @@ This package reads files; it never resolves names (:mod:`vitlab.hub`) nor picks 
 """
 
 from . import hybrid_npz  # noqa: F401  (plugs the hybrid ResNet into the npz reader)
+from .adapter import save_adapter
 from .export import (
     EXPORT_FORMATS,
     check_conversion,
@@ -65,6 +66,7 @@ __all__ = [
     "register_npz_backbone",
     "resample_pos_embed",
     "save",
+    "save_adapter",
     "sniff",
     "source_preprocessing",
     "to_hf",

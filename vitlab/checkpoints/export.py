@@ -18,7 +18,9 @@ from torch import nn
 from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
 from ..preprocessing import Preprocessing
+from .family_layouts import to_transformers, transformers_class
 from .files import write_json, write_safetensors
+from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
 from .loading import Checkpoint, model_from_checkpoint, read_checkpoint, zeroed_head_note
 from .npz import to_npz_arrays
 from .statedicts import to_hf, to_torchvision
@@ -41,6 +43,9 @@ def _common_problems(cfg, target: str) -> list[str]:
     problems = []
     if cfg.pos_embed != "learned":
         problems.append(f"pos_embed={cfg.pos_embed!r} ({target} has learned 1D position embeddings only)")
+    options = cfg.family_options() if target != "timm" else {}
+    if options:
+        problems.append(f"options the {target} ViT lacks: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
     return problems
 
 
@@ -75,8 +80,6 @@ def export_npz(model: nn.Module, path: str | os.PathLike) -> list[str]:
     extra = []
     notes = []
     if backbone is not None:
-        from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
-
         if backbone.stem_kernel != 7 or not backbone.stem_pool or backbone.gn_groups != 32:
             raise InvalidValueError("cannot write the vit_jax .npz layout for this hybrid: vit_jax's ResNet has a "
                                     "7x7 stem with max-pool and GroupNorm(32)")
@@ -178,6 +181,8 @@ def export_hf(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     ``ViTForImageClassification.from_pretrained`` reads. Returns notes."""
 
     cfg = model.cfg
+    if transformers_class(cfg) is not None:  # DINOv2, DeiT (distilled), SigLIP, CLIP: their own classes
+        return _export_hf_family(model, Path(folder))
     problems = _common_problems(cfg, "Hugging Face")
     if cfg.pool != "token" or not cfg.class_token:
         problems.append("global-average pooling (HF's ViT classifies the class token)")
@@ -197,6 +202,23 @@ def export_hf(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     with atomic_directory(folder) as tmp:
         write_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"})
         write_json(tmp / "config.json", hf_config(model, class_names))
+        write_json(tmp / "preprocessor_config.json", hf_preprocessor_config(pre))
+    return notes
+
+
+def _export_hf_family(model: nn.Module, folder: Path) -> list[str]:
+    """A DINOv2 / DeiT / SigLIP / CLIP model as the transformers class that computes it (see
+    :func:`.family_layouts.transformers_class`)."""
+    cfg = model.cfg
+    pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
+    tensors, config = to_transformers(_state_dict(model), cfg, getattr(model, "class_names", None))
+    notes = [f"written as transformers {config['architectures'][0]}"]
+    if pre.resize == "crop":
+        notes.append(f"preprocessor_config.json squashes to the model size; the model's crop policy (crop_pct "
+                     f"{pre.crop_pct:g}) is not expressible there")
+    with atomic_directory(folder) as tmp:
+        write_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"})
+        write_json(tmp / "config.json", config)
         write_json(tmp / "preprocessor_config.json", hf_preprocessor_config(pre))
     return notes
 

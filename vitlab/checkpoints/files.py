@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import warnings
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..errors import VitlabError
 
@@ -80,8 +83,6 @@ def sniff(path: str | os.PathLike) -> str:
 
 def _starts_with_torch_magic(head: bytes) -> bool:
     """Whether a pickle's first value is the magic number legacy ``torch.save`` writes first."""
-    import pickletools
-
     try:
         for opcode, arg, _ in pickletools.genops(io.BytesIO(head)):
             if opcode.name in ("PROTO", "FRAME"):
@@ -139,8 +140,6 @@ def check_zip_sizes(path: Path, archive: zipfile.ZipFile) -> None:
 # ----------------------------------------------------------------------------------------------------------- readers
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a ``.safetensors`` file (on CPU) and its ``__metadata__`` (empty dict if none)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -270,9 +269,6 @@ def _check_npy_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInf
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as the OSError they are, so that
     the atomic writer around it reports them like any other write error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:

@@ -28,7 +28,7 @@ import torch
 from ..errors import VitlabError
 from ..models import HybridConfig, ResNetV2Config
 from ..models.hybrid import HYBRID_BACKBONE
-from .npz import NpzBackbone, NpzRule, register_npz_backbone
+from .npz import NpzBackbone, NpzRule, apply_rules, register_npz_backbone
 
 # how vit_jax's hybrid backbone computes (models_resnet.py: StdConv eps 1e-5 added to the std; Flax GroupNorm 1e-6)
 VIT_JAX_BACKBONE_NUMERICS = {"ws_eps": 1e-5, "ws_eps_mode": "std", "gn_eps": 1e-6}
@@ -159,8 +159,6 @@ def bit_npz_rules(layers: tuple[int, ...], prefix: str) -> list[NpzRule]:
 
 def read_bit_npz(arrays: Mapping[str, np.ndarray], source: str) -> tuple[ResNetV2Config, dict[str, torch.Tensor]]:
     """A BiT release (``BiT-M-R50x1.npz``, ...) as a ResNetV2 config and state dict; every array must be used."""
-    from .npz import apply_rules
-
     prefix = bit_prefix(arrays)
     root = arrays[f"{prefix}{BIT_ROOT}"]
     if root.ndim != 4 or root.shape[-1] % 64:

@@ -20,17 +20,27 @@ from torch import nn
 from ..errors import VitlabError
 from ..labels import class_names as label_names
 from ..models import FAMILIES, ModelFamily, ViTConfig, get_config, resolve
+from ..models.lora import add_lora, merge_lora
 from ..models.pretrained import LABEL_SETS
 from ..preprocessing import Preprocessing
 from . import npz as npz_layout
-from .channels import adapt_preprocessing_channels, adapt_state_dict_channels
+from .adapter import ADAPTER_KEY, base_candidates, check_base_hash, load_adapter_tensors, read_adapter_document
+from .channels import adapt_model_channels, adapt_preprocessing_channels, adapt_state_dict_channels
+from .family_layouts import (
+    FAMILY_NUMERICS,
+    HF_FAMILY_TYPES,
+    detect_family_layout,
+    hf_hints,
+    hf_vision_config,
+    to_timm_names,
+)
 from .files import read_npz, read_safetensors, read_torch, sniff
 from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
 from .vitlab_format import parse_document, read_document
 
-FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision")
+FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision", "dinov2", "deit3", "open_clip")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the ViTConfig fields that the weights cannot show, as each source's code sets them
@@ -41,6 +51,12 @@ SOURCE_NUMERICS = {
     "hf": {"gelu": "exact", "norm_eps": 1e-12},  # transformers' ViTConfig default
     "torchvision": {"gelu": "exact", "norm_eps": 1e-6},
 }
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the original releases' evaluation: (mean, std, crop_pct), bicubic. DINOv2 and DeiT (III): ImageNet statistics, the
+# shorter side to 256 / 224 of the size, centre crop; OpenAI CLIP: its own statistics, shorter side to the size.
+PUBLISHER_EVAL = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD, 0.875), "deit3": (IMAGENET_MEAN, IMAGENET_STD, 0.875),
+                  "open_clip": (CLIP_MEAN, CLIP_STD, 1.0)}
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
 
 
@@ -79,6 +95,9 @@ def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> 
     up), centre crop, bicubic, mean = std = 0.5. Hugging Face: squash, bilinear, mean = std = 0.5. torchvision:
     shorter side to size * 256/224, centre crop, bilinear, ImageNet mean and std."""
     half = (0.5,) * in_chans
+    if fmt in PUBLISHER_EVAL and in_chans == 3:
+        mean, std, crop = PUBLISHER_EVAL[fmt]
+        return Preprocessing(img_size, resize="crop", crop_pct=crop, interpolation="bicubic", mean=mean, std=std)
     if fmt == "timm":
         crop = 1.0 if min(img_size) >= 384 else 0.9
         return Preprocessing(img_size, resize="crop", crop_pct=crop, interpolation="bicubic", mean=half, std=half,
@@ -92,13 +111,15 @@ def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> 
 # ------------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
                     grid_hint: tuple[int, int] | None = None, check_finite: bool = True,
-                    source=None) -> Checkpoint:
+                    source=None, base: tuple[Path, Checkpoint] | None = None) -> Checkpoint:
     """Read any supported checkpoint file (format sniffed from its bytes) into a :class:`Checkpoint`.
 
     ``model_name`` supplies what a layout does not store (the head count of fused-qkv layouts, a non-square grid) and
     is checked against the weights. ``prefer_ema`` picks EMA weights from a training checkpoint that has both.
     ``source`` is what :func:`vitlab.hub.resolve` made of a name (a :class:`vitlab.hub.Resolved`; then ``path`` is
     ignored): its file is read and what the source says is applied. :func:`vitlab.read_checkpoint` takes names too.
+    A LoRA adapter file is read as its base with the adapter merged; ``base`` is its base as (path, record) when
+    the caller found it (by name), else it is looked for among local files (:mod:`vitlab.checkpoints.adapter`).
     Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
     resolved = source
     if resolved is not None:  # a catalog name, hf-hub: repo or URL, now a local file
@@ -117,8 +138,11 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _read_hf_folder(path, grid_hint, named)
     elif kind == "safetensors":
         tensors, metadata = read_safetensors(path)
-        document = read_document(metadata, source)
-        if document is not None:
+        adapter = read_adapter_document(metadata, source)
+        document = read_document(metadata, source) if adapter is None else None
+        if adapter is not None:  # a LoRA adapter: its base with the adapter merged
+            ckpt = _from_adapter(source, tensors, adapter, base)
+        elif document is not None:
             ckpt = _from_vitlab_document(source, tensors, document)
         else:
             ckpt = _from_state_dict(source, "safetensors", tensors, [], grid_hint, named)
@@ -130,6 +154,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         ckpt = _from_state_dict(source, "torch", state_dict, notes, grid_hint, named, container_obj=obj)
     if named is not None:
         _check_named(ckpt, named, model_name)
+    _source_size_with_remainder(ckpt, resolved)
     check_plausible_size(ckpt.config, ckpt.state_dict, source)
     with torch.device("meta"):  # the architecture's expected shapes, without allocating it
         expected = construct_uninitialised(ckpt.architecture.model_class, ckpt.config).state_dict()
@@ -152,6 +177,7 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
     """Refuse a config whose input no real model takes (every image would be resized to it), or whose token grid
     holds far more values than the file has weights: building the model would compute a fixed (sin-cos) embedding
     of that size, and every image's activations would be that large. Runs before anything is built."""
+    _check_size_fields(config, state_dict, source)
     img = getattr(config, "img_size", None)
     if img is None:
         return
@@ -167,6 +193,45 @@ def check_plausible_size(config, state_dict: dict, source: str) -> None:
                           f"for {tokens:,} tokens of width {width} ({tokens * width:,} values per image, "
                           f"{4 * tokens * width / 1e9:.1f} GB) from weights of {held:,} values; the file is corrupt "
                           "or not what it claims")
+
+
+_COUNT_FIELDS = ("depth", "layers")  # how many blocks: each holds several tensors of its own
+
+
+def _check_size_fields(config, state_dict: dict, source: str) -> None:
+    """Every size field of a stored config (the backbone's too) checked against the tensors the file holds, before
+    anything is built or iterated: a block count cannot exceed the number of tensors, a width or count cannot exceed
+    the values held, and the matrices the widths imply (D x D attention, D x M MLP, classes x D head) must fit in
+    them. A file whose metadata says 10,000,000 blocks next to the weights of 4 is refused here, not after minutes
+    of building."""
+    held = sum(t.numel() for t in state_dict.values())
+    bound = max(4 * held, TOKEN_VALUES_FLOOR)
+
+    def fields_of(cfg, prefix: str = ""):
+        for name, value in vars(cfg).items():
+            if hasattr(value, "__dataclass_fields__"):
+                yield from fields_of(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", name, value
+
+    for label, name, value in fields_of(config):
+        numbers = [value] if type(value) is int else \
+            [v for v in value if type(v) is int] if isinstance(value, (tuple, list)) else []
+        if name == "img_size" or not numbers:
+            continue  # the image size has its own check below (a fixed embedding can make it cost no tensors)
+        if name in _COUNT_FIELDS and sum(numbers) > max(len(state_dict), 1):
+            raise VitlabError(f"{source}: config field {label} {value} asks for more blocks than the file's "
+                              f"{len(state_dict):,} tensors can hold; the file is corrupt or not what it claims")
+        if max(numbers) > bound or min(numbers) < 0:
+            raise VitlabError(f"{source}: config field {label} {value} does not fit the file's {held:,} weight "
+                              "values; the file is corrupt or not what it claims")
+    width, mlp = getattr(config, "embed_dim", None), getattr(config, "mlp_dim", None)
+    classes = getattr(config, "num_classes", None)
+    for what, size in (("embed_dim x embed_dim", (width or 0) ** 2), ("embed_dim x mlp_dim", (width or 0) * (mlp or 0)),
+                       ("num_classes x embed_dim", (classes or 0) * (width or 0))):
+        if type(size) is int and size > bound:
+            raise VitlabError(f"{source}: config fields {what} ask for weight matrices of {size:,} values from a file "
+                              f"of {held:,}; the file is corrupt or not what it claims")
 
 
 def _imagenet_names(ckpt: Checkpoint) -> None:
@@ -212,6 +277,71 @@ def _from_vitlab_document(source: str, tensors: dict, document: dict) -> Checkpo
                       facts={"format_version": document.get("format_version")})
 
 
+def _local_base(document: dict, source: str) -> tuple[Path, Checkpoint]:
+    """(path, record) of an adapter's base among local files: the recorded name when it is a path, the recorded
+    absolute path, a file of that name beside the adapter. Names (catalog, ``hf-hub:``) are resolved one layer up,
+    by :func:`vitlab.read_checkpoint` / :func:`vitlab.load`, which pass the base they found."""
+    for spec in base_candidates(document, source):
+        if Path(spec).exists():
+            check_base_hash(document, source, spec)  # before reading what may be the wrong file
+            return Path(spec), read_checkpoint(spec)
+    raise VitlabError(f"{source}: cannot find the adapter's base checkpoint {document['base']['name']} (tried "
+                      f"{', '.join(base_candidates(document, source))}); read it with vitlab.load, which resolves "
+                      "catalog and hf-hub: names, or pass where the base is (base=... / --base)")
+
+
+def adapted_model(source: str, tensors: dict, document: dict, base_path: str | os.PathLike,
+                  base_ckpt: Checkpoint) -> nn.Module:
+    """The model an adapter file describes, adapters not merged, from its base (``base_path``, read as
+    ``base_ckpt``): the base's hash checked, the base loaded as the run loaded it (resolution, head, channels), the
+    adapters added and filled from the file."""
+    check_base_hash(document, source, base_path)
+    arch, config, preprocessing, class_names, _ = parse_document(document, source)
+    drop = bool(getattr(base_ckpt.config, "representation_size", None)) and not getattr(config,
+                                                                                       "representation_size", None)
+    model = model_from_checkpoint(base_ckpt, img_size=config.img_size, num_classes=config.num_classes,
+                                  drop_pre_logits=drop)
+    if model.cfg.in_chans != config.in_chans:  # as the run adapted it (vitlab.train.transfer.adapt_init_channels)
+        model = adapt_model_channels(model, config.in_chans)
+    if model.cfg != config:  # options without weights (dropout, ...) the run changed
+        state = model.state_dict()
+        model = construct_uninitialised(arch.model_class, config)
+        load_strict(model, state, source)
+    with torch.random.fork_rng(devices=[]):  # the adapters' random start is overwritten: leave the caller's RNG be
+        add_lora(model, document["lora"])
+    load_adapter_tensors(model, tensors, source)
+    model.preprocessing, model.class_names = preprocessing, class_names
+    return model.eval()
+
+
+def _from_adapter(source: str, tensors: dict, document: dict, base: tuple[Path, Checkpoint] | None) -> Checkpoint:
+    settings = document["lora"]
+    base_path, base_ckpt = base if base is not None else _local_base(document, source)
+    model = merge_lora(adapted_model(source, tensors, document, base_path, base_ckpt))
+    arch, config, preprocessing, class_names, metadata = parse_document(document, source)
+    record = document["base"]
+    method = "DoRA" if settings.dora else "LoRA"
+    note = (f"{method} adapter (rank {settings.rank}, alpha {settings.scale * settings.rank:g}, "
+            f"on {','.join(settings.targets)}) merged into its base {record['name']} (sha256 "
+            f"{record['sha256'][:12]}... checked)")
+    return Checkpoint(source, "vitlab", "lora-adapter", model.state_dict(), config, arch, preprocessing, class_names,
+                      metadata, notes=[note], facts={"adapter": {"method": document["method"], **settings.to_dict(),
+                                                                 "base": dict(record),
+                                                                 "adapter_tensors": len(tensors)}})
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, document) of an adapter file; anything else is refused in one line."""
+    source = str(path)
+    if sniff(path) != "safetensors":
+        raise VitlabError(f"{source}: not an adapter file (adapters are .safetensors files)")
+    tensors, metadata = read_safetensors(path)
+    document = read_adapter_document(metadata, source)
+    if document is None:
+        raise VitlabError(f"{source}: not an adapter file (no '{ADAPTER_KEY}' metadata); load it with vitlab.load")
+    return tensors, document
+
+
 def _embedded_config(obj: object) -> tuple[ViTConfig | None, list[str] | None]:
     """A training checkpoint may carry ``config`` (ViTConfig fields) and ``class_names`` next to the weights."""
     if not isinstance(obj, dict):
@@ -249,6 +379,10 @@ def _embedded_preprocessing(obj: object, source: str, config) -> Preprocessing |
 def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[str],
                      grid_hint: tuple[int, int] | None, named: ViTConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
+    family = detect_family_layout(state_dict)
+    if family is not None:  # DINOv2, DeiT, SigLIP, CLIP layouts: to timm names first
+        state_dict, family_notes = to_timm_names(state_dict, family, source)
+        notes = notes + family_notes
     layout = detect_layout(state_dict)
     bit = resnetv2_config_from_state_dict(state_dict) if layout is None else None
     if bit is not None:  # timm's ResNetV2 (BiT) names are vitlab's
@@ -262,11 +396,15 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
     sd, more_notes = to_vitlab_names(state_dict, layout)
     notes = notes + more_notes
     embedded, class_names = _embedded_config(container_obj)
-    defaults = dict(SOURCE_NUMERICS[layout])
+    defaults = dict(FAMILY_NUMERICS.get(family) or SOURCE_NUMERICS[layout])
     if hf_config:
         defaults.update(hf_config)
     elif named is not None:
         defaults["num_heads"] = named.num_heads
+        # what the named model's family fixes and the weights cannot show (SigLIP's tanh GELU, CLIP's eps 1e-5 and
+        # QuickGELU, the So400m/14 grid at 384 px)
+        defaults.update({f: getattr(named, f) for f in ("gelu", "norm_eps", "layer_scale", "drop_remainder")
+                         if hasattr(named, f)})
     if embedded is not None:
         config = embedded
         notes.append("architecture taken from the config stored in the checkpoint")
@@ -274,12 +412,15 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
         config, inferred_notes = infer_config(sd, source, defaults=defaults, grid_hint=grid_hint)
         if named is None and not hf_config:
             notes += inferred_notes
+    fmt = layout if family is None or family.startswith("hf_") else family
     preprocessing = _embedded_preprocessing(container_obj, source, config) or source_preprocessing(
-        layout, config.img_size, config.in_chans)
+        fmt, config.img_size, config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
-    return Checkpoint(source, layout, container, sd, config, FAMILIES["vit"], preprocessing, class_names,
-                      notes=notes)
+    ckpt = Checkpoint(source, fmt, container, sd, config, FAMILIES["vit"], preprocessing, class_names, notes=notes)
+    if family is not None:
+        ckpt.facts["family_layout"] = family
+    return ckpt
 
 
 def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
@@ -331,6 +472,8 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTCon
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise VitlabError(f"{config_file}: not valid JSON ({exc})") from None
+    if hf.get("model_type") in HF_FAMILY_TYPES:
+        return _read_hf_family_folder(path, hf, config_file, grid_hint, named)
     if hf.get("model_type") not in ("vit", None):
         raise VitlabError(f"{config_file}: model_type {hf.get('model_type')!r} is not a ViT")
     state_dict = _read_hf_weights(path)
@@ -347,6 +490,12 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTCon
              "gelu": gelu}
     hint = grid_hint or (size[0] // patch[0], size[1] // patch[1])
     ckpt = _from_state_dict(source, "hf-folder", state_dict, [], hint, named, hf_config=hints)
+    _hf_names_and_preprocessing(ckpt, hf, path)
+    return ckpt
+
+
+def _hf_names_and_preprocessing(ckpt: Checkpoint, hf: dict, path: Path) -> None:
+    """Class names from ``id2label`` (not transformers' placeholders) and ``preprocessor_config.json``."""
     id2label = hf.get("id2label")
     if isinstance(id2label, dict) and len(id2label) == ckpt.config.num_classes:
         names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(ckpt.config.num_classes)]
@@ -355,6 +504,26 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ViTCon
     pre_file = path / "preprocessor_config.json"
     if pre_file.is_file():
         ckpt.preprocessing = _hf_preprocessing(pre_file, ckpt.config)
+
+
+def _read_hf_family_folder(path: Path, hf: dict, config_file: Path, grid_hint: tuple[int, int] | None,
+                           named: ViTConfig | None) -> Checkpoint:
+    """A transformers DINOv2 / DeiT / SigLIP / CLIP folder: the architecture from its (vision) config, the weights
+    through :mod:`.family_layouts`."""
+    layout, vision = hf_vision_config(hf, str(config_file))
+    hints = hf_hints(vision, str(config_file))
+    img, patch = hints.pop("img_size"), hints.pop("patch_size")
+    if vision.get("layerscale_value") is not None:
+        hints["layer_scale"] = float(vision["layerscale_value"])
+    remainder = bool(img[0] % patch[0] or img[1] % patch[1])  # SigLIP So400m/14 at 384: the last pixels unused
+    if remainder:
+        hints["drop_remainder"] = True
+    hint = grid_hint or (img[0] // patch[0], img[1] // patch[1])
+    ckpt = _from_state_dict(str(path), "hf-folder", _read_hf_weights(path), [], hint, named, hf_config=hints)
+    if remainder:
+        ckpt.config = ckpt.config.replace(img_size=img)
+    ckpt.notes.append(f"transformers {', '.join(hf.get('architectures') or [hf.get('model_type')])} ({layout})")
+    _hf_names_and_preprocessing(ckpt, hf, path)
     return ckpt
 
 
@@ -392,8 +561,25 @@ def _hf_preprocessing(pre_file: Path, cfg: ViTConfig) -> Preprocessing:
         else cfg.img_size
     mean = pre.get("image_mean", [0.5] * cfg.in_chans) if pre.get("do_normalize", True) else [0.0] * cfg.in_chans
     std = pre.get("image_std", [0.5] * cfg.in_chans) if pre.get("do_normalize", True) else [1.0] * cfg.in_chans
-    return Preprocessing(img, resize="squash", interpolation=_PIL_RESAMPLE.get(pre.get("resample", 2), "bilinear"),
-                         mean=mean, std=std, channels=cfg.in_chans)
+    interpolation = _PIL_RESAMPLE.get(pre.get("resample", 2), "bilinear")
+    crop = pre.get("crop_size")
+    if isinstance(size, dict) and "shortest_edge" in size and pre.get("do_center_crop") and isinstance(crop, dict):
+        # CLIP / DINOv2 processors: the shorter side to shortest_edge, then a centre crop of crop_size
+        img = (crop.get("height", cfg.img_size[0]), crop.get("width", cfg.img_size[1]))
+        return Preprocessing(img, resize="crop", crop_pct=min(img) / size["shortest_edge"],
+                             interpolation=interpolation, mean=mean, std=std, channels=cfg.in_chans)
+    return Preprocessing(img, resize="squash", interpolation=interpolation, mean=mean, std=std,
+                         channels=cfg.in_chans)
+
+
+def _source_size_with_remainder(ckpt: Checkpoint, resolved) -> None:
+    """A ``drop_remainder`` model (SigLIP So400m/14 at 384 px: a 27x27 grid) is published at a size the weights
+    cannot show (the grid times the patch is 378): take the source's input size when it gives the same grid."""
+    cfg, pre = ckpt.config, getattr(resolved, "preprocessing", None)
+    if pre is None or not getattr(cfg, "drop_remainder", False) or tuple(pre.img_size) == tuple(cfg.img_size):
+        return
+    if tuple(s // p for s, p in zip(pre.img_size, cfg.patch_size)) == tuple(cfg.grid_size):
+        ckpt.config = cfg.replace(img_size=tuple(pre.img_size))
 
 
 def _check_named(ckpt: Checkpoint, named: ViTConfig, model_name: str) -> None:
@@ -492,7 +678,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     if hasattr(src, "grid_size") and tuple(target.grid_size) != tuple(src.grid_size):  # CNNs: nothing to resample
         if src.pos_embed == "learned" and "pos_embed" in sd:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], target.grid_size, src.grid_size,
-                                                 num_prefix_tokens=src.num_prefix_tokens, method=method)
+                                                 num_prefix_tokens=src.num_pos_prefix, method=method)
         elif src.pos_embed == "learned_2d":
             sd["pos_embed_y"] = resample_1d(sd["pos_embed_y"], target.grid_size[0], method)
             sd["pos_embed_x"] = resample_1d(sd["pos_embed_x"], target.grid_size[1], method)
@@ -500,7 +686,7 @@ def adapt_state_dict(ckpt: Checkpoint, target, new_head: bool, resample: str | N
     if kernel is not None and tuple(kernel.shape[-2:]) != tuple(target.patch_size):  # FlexiViT's kernel resize
         sd["patch_embed.proj.weight"] = resample_patch_embed(kernel, target.patch_size)
     if new_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
         if not getattr(target, "representation_size", None):
             sd = {k: v for k, v in sd.items() if not k.startswith("pre_logits.")}
     return adapt_state_dict_channels(sd, src.in_chans, target.in_chans)  # timm's adapt_input_conv rule
@@ -543,7 +729,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, model_name: str | None = None, im
                                      patch_size=patch_size)
     state_dict = adapt_state_dict(ckpt, target, new_head, resample)
     model = construct_uninitialised(ckpt.architecture.model_class, target)
-    fresh = ("head.", "pre_logits.") if new_head else ()
+    fresh = ("head.", "head_dist.", "pre_logits.") if new_head else ()
     load_strict(model, state_dict, ckpt.path, fresh)
     if ckpt.facts.get("zeroed_head") and not new_head and ckpt.format in ("vit_jax", "big_vision"):
         warnings.warn(f"{ckpt.path}: the classification head is all zeros (an ImageNet-21k pre-training release); "

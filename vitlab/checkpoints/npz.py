@@ -33,6 +33,7 @@ NPZ_PREFIXES = ("opt/target/", "params/img/", "params/")
 _LINEN_TO_PRE_LINEN = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
                        "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
 POS_KEY = "Transformer/posembed_input/pos_embedding"
+MAP_PREFIX = "MAPHead_0/"  # big_vision's attention-pooling head (pool_type 'map'; SigLIP's image towers)
 
 
 # ------------------------------------------------------------------------------------------------- rules
@@ -105,6 +106,41 @@ def _attention(torch_prefix: str, npz_prefix: str, heads: int) -> list[NpzRule]:
     ]
 
 
+def _map_head(heads: int) -> list[NpzRule]:
+    """big_vision's ``MAPHead_0`` <-> ``attn_pool``: the probe is ``latent``; the probe's query projection is ``q``,
+    the tokens' key and value projections are fused into ``kv`` (key rows first); then ``proj``, ``norm`` and
+    ``mlp`` (timm's ``AttentionPoolLatent`` names, as its npz loader maps them)."""
+    mha = f"{MAP_PREFIX}MultiHeadDotProductAttention_0"
+
+    def kernels(*ks):
+        return _t(np.concatenate([k.reshape(k.shape[0], -1).T for k in ks], axis=0))
+
+    def kernels_back(t, parts):
+        dim = t.shape[1]
+        return tuple(c.T.reshape(dim, heads, dim // heads) for c in np.split(_n(t), parts, axis=0))
+
+    def biases(*bs):
+        return _t(np.concatenate([b.reshape(-1) for b in bs]))
+
+    def biases_back(t, parts):
+        return tuple(c.reshape(heads, -1) for c in np.split(_n(t), parts))
+
+    return [
+        _same("attn_pool.latent", f"{MAP_PREFIX}probe"),
+        NpzRule("attn_pool.q.weight", (f"{mha}/query/kernel",), kernels, lambda t: kernels_back(t, 1)),
+        NpzRule("attn_pool.q.bias", (f"{mha}/query/bias",), biases, lambda t: biases_back(t, 1)),
+        NpzRule("attn_pool.kv.weight", (f"{mha}/key/kernel", f"{mha}/value/kernel"), kernels,
+                lambda t: kernels_back(t, 2)),
+        NpzRule("attn_pool.kv.bias", (f"{mha}/key/bias", f"{mha}/value/bias"), biases, lambda t: biases_back(t, 2)),
+        NpzRule("attn_pool.proj.weight", (f"{mha}/out/kernel",), lambda a: _t(a.reshape(-1, a.shape[-1]).T),
+                lambda t: (_n(t).T.reshape(heads, t.shape[0] // heads, t.shape[0]),)),
+        _same("attn_pool.proj.bias", f"{mha}/out/bias"),
+        *_layernorm("attn_pool.norm", f"{MAP_PREFIX}LayerNorm_0"),
+        *_dense("attn_pool.mlp.fc1", f"{MAP_PREFIX}MlpBlock_0/Dense_0"),
+        *_dense("attn_pool.mlp.fc2", f"{MAP_PREFIX}MlpBlock_0/Dense_1"),
+    ]
+
+
 def vit_rules(cfg: ViTConfig) -> list[NpzRule]:
     """The vit_jax layout of a plain ViT as rules (canonical npz names <-> vitlab names)."""
     rules = [_conv_kernel("patch_embed.proj.weight", "embedding/kernel"),
@@ -121,6 +157,8 @@ def vit_rules(cfg: ViTConfig) -> list[NpzRule]:
         rules += _dense(f"blocks.{i}.mlp.fc1", f"{blk}/MlpBlock_3/Dense_0")
         rules += _dense(f"blocks.{i}.mlp.fc2", f"{blk}/MlpBlock_3/Dense_1")
     rules += _layernorm("norm", "Transformer/encoder_norm")
+    if cfg.pool == "map":
+        rules += _map_head(cfg.num_heads)
     if cfg.representation_size:
         rules += _dense("pre_logits.fc", "pre_logits")
     if cfg.num_classes:
@@ -208,9 +246,6 @@ def normalise(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[str, 
         layout.notes.append(f"ignored {len(dropped)} arrays outside {layout.prefix!r} (e.g. {dropped[0]!r})")
     if layout.bfloat16:
         layout.notes.append(f"{len(layout.bfloat16)} arrays stored as bfloat16 (|V2), converted exactly to float32")
-    if any(k.startswith("MAPHead_0/") for k in out):
-        raise VitlabError(f"{source}: attention-pooling head ('map' pooling, MAPHead) is not supported by vitlab's ViT "
-                          "(supported: class token 'tok' and global average 'gap')")
 
     scanned = {k: v for k, v in out.items() if k.startswith("Transformer/encoderblock/")}
     if scanned:
@@ -242,7 +277,7 @@ def normalise(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[str, 
     if layout.scanned:
         layout.flavour = "big_vision"
     if "cls" not in out:
-        layout.pooling = "gap"
+        layout.pooling = "map" if any(k.startswith(MAP_PREFIX) for k in out) else "gap"
         layout.pos_has_class_slot = False
     return out, layout
 
@@ -287,7 +322,8 @@ def infer_vit_fields(arrays: Mapping[str, np.ndarray], layout: NpzLayout, source
                      "which computes the same")
     fields = dict(
         img_size=(grid[0] * ph, grid[1] * pw), patch_size=(ph, pw), in_chans=in_chans, num_classes=num_classes,
-        embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim, pool="token" if class_token else "gap",
+        embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim,
+        pool="token" if class_token else layout.pooling,
         class_token=class_token, pos_embed="learned", norm_after_pool=False, representation_size=representation,
         gelu="tanh", norm_eps=1e-6, qkv_bias="Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/bias"
         in arrays,
@@ -351,6 +387,9 @@ def to_npz_arrays(state_dict: Mapping[str, torch.Tensor], cfg: ViTConfig,
         problems.append("gap pooling with a class token or with the norm after pooling (vit_jax 'gap' has neither)")
     if not cfg.qkv_bias:
         problems.append("qkv_bias=False")
+    options = cfg.family_options()
+    if options:
+        problems.append("options the vit_jax ViT lacks: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
     if problems:
         raise InvalidValueError("cannot write the vit_jax .npz layout for this model: " + "; ".join(problems))
     arrays = {}

@@ -4,7 +4,8 @@ Each layout is a pair of pure functions between its names and vitlab's, plus the
 script adds (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``state_dict`` / ``model`` / ``model_ema``
 wrappers), and the inference of a :class:`ViTConfig` from the shapes of a vitlab-named state dict.
 
-Key tables (REFERENCE.md section 6):
+Key tables (the parameter names of timm's ``vision_transformer.py``, transformers' ``modeling_vit.py`` and
+torchvision's ``models/vision_transformer.py``):
 
 ======================  ===========================================  ==============================================
 vitlab / timm           Hugging Face (on disk)                       torchvision
@@ -271,17 +272,26 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         gaps = sorted(set(range(depth)) - set(block_ids))
         raise VitlabError(f"{source}: transformer blocks {gaps} are missing (found {len(block_ids)} of {depth})")
     mlp_dim = need("blocks.0.mlp.fc1.weight").shape[0]
+    fc2 = sd.get("blocks.0.mlp.fc2.weight")
+    mlp_type = "mlp"
+    if fc2 is not None and fc2.ndim == 2 and 2 * fc2.shape[1] == mlp_dim:  # SwiGLU: fc1 packs gate and value
+        mlp_type, mlp_dim = "swiglu", fc2.shape[1]
     heads = defaults.pop("num_heads", None)
     if heads is None:
         heads = STANDARD_HEADS.get(dim, max(dim // 64, 1))
         notes.append(f"head count not stored in this layout: assumed {heads} for width {dim} (pass model_name to be "
                      "explicit)")
     class_token = "cls_token" in sd
-    prefix = 1 if class_token else 0
+    distilled = "dist_token" in sd
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd and sd["reg_token"].ndim == 3 else 0
+    prefix = int(class_token) + int(distilled) + reg_tokens
+    no_embed_class = False
     if "pos_embed" in sd:
         pos_embed = "learned"
         rows = sd["pos_embed"].shape[-2]
-        grid = _grid_from_rows(rows - prefix, grid_hint, source)
+        # prefix tokens have rows of their own unless the embedding covers the patches only (no_embed_class)
+        no_embed_class = prefix > 0 and not _fits_grid(rows - prefix, grid_hint) and _fits_grid(rows, grid_hint)
+        grid = _grid_from_rows(rows if no_embed_class else rows - prefix, grid_hint, source)
     elif "pos_embed_x" in sd and "pos_embed_y" in sd:
         pos_embed = "learned_2d"
         grid = (sd["pos_embed_y"].shape[0], sd["pos_embed_x"].shape[0])
@@ -294,20 +304,36 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         notes.append(f"no learned position embedding: assumed pos_embed={pos_embed!r}")
     defaults.pop("pos_embed", None)
     fc_norm = "fc_norm.weight" in sd
-    pool = "gap" if (fc_norm or not class_token) else "token"
+    pool = "map" if "attn_pool.latent" in sd else "gap" if (fc_norm or not class_token) else "token"
+    layer_scale = defaults.pop("layer_scale", None)
+    # LayerScale in any block: a file missing one gamma is then reported as missing that key
+    has_layer_scale = any(re.match(r"blocks\.\d+\.ls[12]\.gamma$", k) for k in sd)
+    if has_layer_scale and not layer_scale:
+        layer_scale = 1e-5  # only the initial value, which trained weights replace
+    elif not has_layer_scale:
+        layer_scale = None
     representation = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     kwargs = dict(
         img_size=(grid[0] * ph, grid[1] * pw), patch_size=(ph, pw), in_chans=in_chans, num_classes=num_classes,
         embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp_dim, pool=pool, class_token=class_token,
         pos_embed=pos_embed, norm_after_pool=fc_norm, representation_size=representation,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, layer_scale=layer_scale, reg_tokens=reg_tokens, distilled=distilled,
+        no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in sd, patch_bias="patch_embed.proj.bias" in sd,
+        mlp_type=mlp_type,
     )
     kwargs.update(defaults)
     try:
         return ViTConfig(**kwargs), notes
     except ValueError as exc:
         raise VitlabError(f"{source}: the weights describe no valid ViT ({exc})") from None
+
+
+def _fits_grid(n: int, hint: tuple[int, int] | None) -> bool:
+    """Whether ``n`` position-embedding rows can be the patch grid (the hinted one, else a square)."""
+    if hint is not None:
+        return hint[0] * hint[1] == n
+    return n > 0 and int(round(n**0.5)) ** 2 == n
 
 
 def _grid_from_rows(n: int, hint: tuple[int, int] | None, source: str) -> tuple[int, int]:

@@ -17,14 +17,13 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..atomic import write_atomic
 from ..errors import InvalidValueError, VitlabError
 from ..models import FAMILIES, ModelFamily, family_of
 from ..preprocessing import Preprocessing
-from .files import read_safetensors, write_safetensors
+from .files import write_safetensors
 
 FORMAT_NAME = "vitlab"
 FORMAT_VERSION = 1
@@ -126,9 +125,3 @@ def parse_document(document: dict, source: str) -> tuple[ModelFamily, object, Pr
         raise VitlabError(f"{source}: {len(class_names) if isinstance(class_names, list) else '?'} class names for "
                           f"{config.num_classes} classes")
     return arch, config, preprocessing, class_names, dict(document.get("metadata") or {})
-
-
-def read_vitlab(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors and the vitlab document (None for a safetensors file without one) of a ``.safetensors`` file."""
-    tensors, metadata = read_safetensors(path)
-    return tensors, read_document(metadata, str(path))

@@ -23,6 +23,7 @@ COMMAND_HELP = {
     "convert": "convert a checkpoint to another layout (optionally new size/classes)",
     "eval": "accuracy, per-class accuracy, confusion matrix and calibration of a checkpoint on a data set",
     "experiment": "run one of the paper's experiments in small (table + plot)",
+    "export": "export a model to ONNX or a PyTorch .pt2 package with a parity check",
     "export-onnx": "export a model to ONNX (and int8) with a parity check",
     "fewshot": "few-shot linear evaluation of frozen representations (paper section 3 / 4)",
     "finetune": "fine-tune a checkpoint on new data (paper recipe by default)",

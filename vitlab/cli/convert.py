@@ -7,6 +7,8 @@ import json
 import warnings
 
 from ..checkpoints import EXPORT_FORMATS, RESAMPLE_METHODS
+from ..checkpoints.adapter import is_adapter_file
+from ..errors import InvalidValueError
 from ..factory import convert
 
 
@@ -30,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "a Hugging Face folder. Nothing is written unless the conversion succeeds.")
     p.add_argument("src", help="source checkpoint (file or Hugging Face folder)")
     p.add_argument("dst", help="destination file (or folder for --to hf)")
-    p.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="target layout")
+    p.add_argument("--to", choices=EXPORT_FORMATS, help="target layout (default with --merge-lora: vitlab)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="SRC is a LoRA / DoRA adapter file: merge it into its base (found by the name and sha256 it "
+                        "records) and write the merged model")
     p.add_argument("--img-size", type=_size, help="new resolution, N or HxW (position embedding resampled)")
     p.add_argument("--patch-size", type=_size, help="new patch size, N or HxW: the patch-embedding kernel resampled "
                                                     "as FlexiViT does, the position embedding to the new grid")
@@ -47,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge_lora and not is_adapter_file(args.src):
+        raise InvalidValueError(f"--merge-lora {args.src}: not a LoRA adapter file (a run's adapter.safetensors)")
+    if args.to is None and not args.merge_lora:
+        raise InvalidValueError("convert: give the target layout with --to (" + ", ".join(EXPORT_FORMATS) + ")")
+    args.to = args.to or "vitlab"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anything worth saying is in the notes
         summary = convert(args.src, args.dst, to=args.to, img_size=args.img_size, num_classes=args.num_classes,

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "top-5, loss, per-class accuracy, confusion matrix, expected calibration "
                                           "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
                                           "process takes a disjoint share; no sample is counted twice).")
-    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx file from `vitlab export-onnx`")
+    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
     p.add_argument("--data", required=True, help="named set, image folder, .csv / .jsonl manifest, tar shards or a "
                                                  "Hugging Face source (hf:org/name, save_to_disk folder, parquet / "
                                                  "arrow files)")

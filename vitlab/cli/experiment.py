@@ -26,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..experiments import load
-    from ..experiments.common import all_finite, execute
+    from ..experiments.common import execute, rows_ok
 
-    rows = execute(load(args.experiment), args)
+    experiment = load(args.experiment)
+    rows = execute(experiment, args)
     print((Path(args.out) / "results.md").read_text())
-    return 0 if all_finite(rows) else 1
+    return 0 if rows_ok(experiment, rows) else 1

@@ -17,8 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export a registered model (fresh weights, or --weights) or a checkpoint file to ONNX with a "
                     "dynamic batch axis, then run random inputs through PyTorch and ONNX Runtime and compare the "
                     "logits. --int8 also writes ONNX Runtime's dynamic int8 quantisation of the Linear layers.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``export-onnx``, which ``vitlab export`` shares (source, output, weights, int8, check)."""
     p.add_argument("source", help="registered model name, or a checkpoint file")
-    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("output", help="the file to write (.onnx)")
     p.add_argument("--model", help="model name for a checkpoint that does not store its architecture")
     p.add_argument("--weights", help="a state dict (.safetensors or torch.save) for the registered model in SOURCE")
     p.add_argument("--int8", metavar="FILE", help="also write the int8 model here")
@@ -31,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic-size", action="store_true",
                    help="dynamic height and width too (a ViT; position embedding resampled in the graph); the check "
                         "then also runs two other sizes (default: on for models built with dynamic_img_size)")
-    p.set_defaults(func=run)
 
 
 def load_model(source: str, model_name: str | None = None, weights: str | None = None,
@@ -81,6 +86,24 @@ def other_sizes(model) -> tuple[tuple[int, int], tuple[int, int]]:
     return (H + 2 * rh, W + rw), (H - rh if H > rh else H + rh, W + 2 * rw)
 
 
+def check_and_report(model, exported, dynamic: bool, tolerance: float, kind: str) -> int:
+    """Compare an exported model with ``model`` on random inputs (batch sizes, and other sizes when ``dynamic``),
+    print the differences, and return the exit status: 1 when they exceed ``tolerance``."""
+    sizes = other_sizes(model) if dynamic else ()
+    parity = check_parity(model, exported, tolerance=tolerance, sizes=sizes)
+    worst = max(parity.max_abs_diff.values())
+    sizes = ", ".join(f"{'batch ' if isinstance(b, int) else ''}{b}: {d:.2e}"
+                      for b, d in parity.max_abs_diff.items())
+    print(f"parity with PyTorch: max |logit difference| {sizes} -> {'OK' if parity.ok else 'FAILED'} "
+          f"(tolerance {tolerance:g}; largest |logit| {parity.max_abs_logit:.3g})")
+    if parity.max_abs_logit == 0:
+        print("note: every logit is 0 (a fresh model's head is zero-initialised), so the check compared zeros")
+    if not parity.ok:
+        print(f"error: {kind} output differs from PyTorch by {worst:.2e} > {tolerance:g}")
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.tolerance <= 0:
         raise InvalidValueError(f"--tolerance must be positive, got {args.tolerance}")
@@ -94,20 +117,7 @@ def run(args: argparse.Namespace) -> int:
     shape = ("H", "W") if dynamic else model.cfg.img_size
     print(f"wrote {path} (input pixel_values (B, {', '.join(map(str, (model.cfg.in_chans, *shape)))}), "
           f"dynamic batch{', height and width' if dynamic else ''})")
-    status = 0
-    if not args.no_check:
-        sizes = other_sizes(model) if dynamic else ()
-        parity = check_parity(model, OnnxModel(path), tolerance=args.tolerance, sizes=sizes)
-        worst = max(parity.max_abs_diff.values())
-        sizes = ", ".join(f"{'batch ' if isinstance(b, int) else ''}{b}: {d:.2e}"
-                          for b, d in parity.max_abs_diff.items())
-        print(f"parity with PyTorch: max |logit difference| {sizes} -> {'OK' if parity.ok else 'FAILED'} "
-              f"(tolerance {args.tolerance:g}; largest |logit| {parity.max_abs_logit:.3g})")
-        if parity.max_abs_logit == 0:
-            print("note: every logit is 0 (a fresh model's head is zero-initialised), so the check compared zeros")
-        if not parity.ok:
-            print(f"error: ONNX output differs from PyTorch by {worst:.2e} > {args.tolerance:g}")
-            status = 1
+    status = 0 if args.no_check else check_and_report(model, OnnxModel(path), dynamic, args.tolerance, "ONNX")
     if args.int8:
         int8_path = quantize_int8(path, args.int8, weights=args.int8_weights)
         int8 = OnnxModel(int8_path)

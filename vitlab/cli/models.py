@@ -103,7 +103,8 @@ def pretrained_rows(pattern: str | None) -> list[dict]:
     rows = []
     for e in list_pretrained(pattern):
         rows.append({"name": e.name, "model": e.model, "img_size": e.img_size, "num_classes": e.num_classes,
-                     "labels": e.labels, "params": e.params, "top1": e.top1, "top1_paper": e.top1_paper,
+                     "labels": e.labels, "params": e.params, "top1": e.top1, "top1_source": e.top1_source,
+                     "top1_paper": e.top1_paper,
                      "top1_timm": e.top1_timm, "default": DEFAULT_TAGS.get(e.model) == e.tag, "license": e.license,
                      "sources": [{"kind": s.kind, "spec": s.spec, "size": s.size, "sha256": s.sha256, "note": s.note}
                                  for s in e.sources]})
@@ -117,14 +118,14 @@ def print_pretrained(pattern: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'checkpoint':<38} {'res':>4} {'classes':>7} {'params':>8} {'top-1':>6}  source (more: --json)")
+    print(f"{'checkpoint':<38} {'res':>4} {'classes':>7} {'params':>8} {'top-1':>6} {'by':<5}  source (more: --json)")
     for r in rows:
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
         mark = "*" if r["default"] else " "
-        print(f"{r['name']:<37}{mark} {r['img_size']:>4} {r['num_classes']:>7} {r['params'] / 1e6:>7.1f}M {top1:>6}  "
-              f"{r['sources'][0]['spec']}")
-    print("* = the default tag of its model (create_model(model, pretrained=True)); top-1: ImageNet val as timm "
-          "measured it (else the paper's)")
+        print(f"{r['name']:<37}{mark} {r['img_size']:>4} {r['num_classes']:>7} {r['params'] / 1e6:>7.1f}M {top1:>6} "
+              f"{r['top1_source'] or '':<5}  {r['sources'][0]['spec']}")
+    print("* = the default tag of its model (create_model(model, pretrained=True)); top-1: ImageNet val; by: who "
+          "reported it (timm: measured by timm on these weights; paper: the ViT paper's table)")
     return 0
 
 

@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Predict the top-k classes of image files with a checkpoint's own "
                                           "preprocessing and class names. Unreadable files get an error line; the "
                                           "others are still predicted (exit status 1 if any failed).")
-    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx file from `vitlab export-onnx`")
+    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="cpu")
@@ -24,13 +24,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import load
-    from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+    from ..compute.pt2 import is_exported_file, load_exported
     from ..train import predict
 
     if args.topk < 1:
         raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
-    model = OnnxClassifier(args.checkpoint) if is_onnx_file(args.checkpoint) else load(args.checkpoint)
+    model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
     results = predict(model, args.images, topk=args.topk, device=args.device)
+    listed = max((len(r.top) for r in results if not r.error), default=args.topk)
+    if listed < args.topk:
+        print(f"vitlab predict: --topk {args.topk} is more than the model's {listed} classes: all {listed} are listed",
+              file=sys.stderr)
     failed = 0
     for r in results:
         if r.error:
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"vitlab predict: error: {r.error}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"image": r.source, "error": r.error,
+            print(json.dumps({"name": r.source, "error": r.error,  # "name", as the server's answers call it
                               "top": [{"index": i, "class": name, "probability": p} for i, name, p in r.top]}))
         elif not r.error:
             ranked = ", ".join(f"{name} {100 * p:.1f}%" for _, name, p in r.top)

@@ -22,12 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "batch of up to --max-batch images; when --max-queue images wait, new requests get 503 with "
                     "Retry-After. SIGINT / SIGTERM stop it after answering the requests already accepted. "
                     f"An API key is read from ${API_KEY_ENV} or --api-key-file.")
-    p.add_argument("checkpoint", help="checkpoint file or name, or an .onnx file (with --backend onnx-int8)")
+    p.add_argument("checkpoint", help="checkpoint file or name, an .onnx file (with --backend onnx-int8) or a .pt2 "
+                                      "package (with --backend pt2)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torch backend)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx-int8"],
-                   help="torch, or ONNX Runtime's int8 model (CPU; a checkpoint is exported and quantised at start)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (torch backend; pt2 compiling a checkpoint)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx-int8", "pt2"],
+                   help="torch, ONNX Runtime's int8 model (CPU; a checkpoint is exported and quantised at start), or "
+                        "a .pt2 package on AOTInductor (a checkpoint is compiled at start: tens of seconds)")
     p.add_argument("--max-batch", type=int, default=16, help="most images per model call (default 16; 1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the first image of a batch waits for others (default 5 ms)")
@@ -36,8 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=16, help="most images per request (default 16)")
     p.add_argument("--max-pixels", type=int, default=25_000_000,
                    help="largest image accepted, in pixels, checked before decoding (default 25,000,000)")
+    p.add_argument("--max-request-pixels", type=int, default=50_000_000,
+                   help="most pixels the images of one request may declare in all, checked before decoding "
+                        "(default 50,000,000)")
     p.add_argument("--max-connections", type=int,
-                   help="connections handled at once; beyond it 503 (default: no limit; each may hold a body)")
+                   help="requests handled at once; beyond it 503 with Retry-After (default: no limit)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers; then 408 (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request has to send its body after its headers; then 408 (default 30)")
     p.add_argument("--api-key-file", type=Path, help=f"file holding the API key (else ${API_KEY_ENV}, else none)")
     p.add_argument("--threads", type=int, help="intra-op threads of torch / ONNX Runtime (default: torch's)")
     p.add_argument("--name", help="model name shown in answers and on the model card (default: the file's stem)")
@@ -78,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--port must be in 0..65535, got {args.port}")
     if args.max_connections is not None and args.max_connections < 1:
         raise VitlabError(f"--max-connections must be at least 1, got {args.max_connections}")
+    if not args.header_timeout > 0:
+        raise VitlabError(f"--header-timeout must be positive, got {args.header_timeout}")
     if args.max_body_mb <= 0:
         raise VitlabError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.device.startswith("cuda"):
@@ -87,20 +98,24 @@ def run(args: argparse.Namespace) -> int:
             raise VitlabError(f"--device {args.device}: CUDA is not available on this machine")
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                             max_pixels=args.max_pixels, api_key=_api_key(args))
+                             max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
+                             api_key=_api_key(args), body_timeout_s=args.body_timeout)
     app = create_app(args.checkpoint, backend=args.backend, device=args.device, name=args.name,
                      threads=args.threads, settings=settings)
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     engine = app.state.vitlab.engine
     shown = f"[{host}]" if ":" in host else host
-    print(f"vitlab serve: {engine.name} ({engine.backend} on {engine.device}) at http://{shown}:{port}/ "
-          f"({'API key required' if settings.api_key else 'no API key'}; batches of {settings.max_batch} within "
-          f"{settings.max_wait_ms:g} ms)", flush=True)
     if not _is_loopback(host) and settings.api_key is None:
         print(f"vitlab serve: warning: listening on {host}, reachable from other machines, without an API key "
               f"(set ${API_KEY_ENV} or --api-key-file)", file=sys.stderr, flush=True)
+
+    def announce() -> None:  # once the socket accepts: a script may connect as soon as it reads this line
+        print(f"vitlab serve: {engine.name} ({engine.backend} on {engine.device}) at http://{shown}:{port}/ "
+              f"({'API key required' if settings.api_key else 'no API key'}; batches of {settings.max_batch} "
+              f"within {settings.max_wait_ms:g} ms)", flush=True)
+
     run_server(app, sock, access_log=args.access_log, graceful_timeout=args.graceful_timeout,
-               max_connections=args.max_connections)
+               max_connections=args.max_connections, header_timeout=args.header_timeout, on_ready=announce)
     print("vitlab serve: stopped", flush=True)
     return 0

@@ -16,8 +16,12 @@ FLAG_FIELDS = {
     "device": str, "precision": str, "threads": int, "num_workers": int, "out_dir": str, "run_name": str,
     "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
     "freeze_blocks": int, "freeze": list, "layer_decay": float,
+    "lora_rank": int, "lora_alpha": float, "lora_dropout": float, "lora_targets": list, "lora_train": list,
     "loss": str, "classes": str,
 }
+# on/off flags (store_true; --no-progress stores False)
+SWITCHES = ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe", "normalize_from_data", "dora",
+            "merge_lora")
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +80,19 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. patch_embed,pos_embed,blocks.0-5)")
     t.add_argument("--layer-decay", type=float, metavar="D",
                    help="layer-wise lr decay (BEiT / MAE): layer l trains at lr x D^(L+1-l), e.g. 0.75")
+    lo = p.add_argument_group("LoRA / DoRA adapters, through peft (docs/training.md)")
+    lo.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R LoRA adapters on a frozen model")
+    lo.add_argument("--lora-alpha", type=float, metavar="A", help="scale the adapters' update by A/R (default A = R)")
+    lo.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input (default 0)")
+    lo.add_argument("--lora-targets", action="append", metavar="LAYERS",
+                    help="layers of every block to adapt: qkv, proj, fc1, fc2, attn (qkv,proj), mlp (fc1,fc2); "
+                         "default qkv,proj")
+    lo.add_argument("--lora-train", action="append", metavar="WHAT",
+                    help="what else trains: head, norm (every LayerNorm), freeze-style patterns, or none; default: "
+                         "the head when it is new")
+    lo.add_argument("--dora", action="store_true", default=None, help="DoRA: LoRA with a learned magnitude per row")
+    lo.add_argument("--merge-lora", action="store_true", default=None,
+                    help="also save the merged model (model.safetensors) beside adapter.safetensors")
     p.add_argument("--nproc", metavar="N", type=nproc_value,
                    help="run N data-parallel processes on this machine (via torchrun; 'auto': one per GPU, or one per "
                         "CPU core with one thread each)")
@@ -123,6 +140,8 @@ def _flag(field_name: str) -> str:
 
 
 def _shown(value) -> str:
+    if isinstance(value, list):  # repeatable flags (--freeze, --lora-targets): as typed, comma-separated
+        return ",".join(map(str, value))
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
@@ -159,7 +178,7 @@ def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
-    for k in ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe", "normalize_from_data"):
+    for k in SWITCHES:
         if getattr(args, k, None) is not None:
             flags[k] = getattr(args, k)
     if flags.get("steps") is not None:
@@ -290,7 +309,7 @@ def resume_length(args: argparse.Namespace) -> dict:
         given.append(("recipe", f"--recipe {args.recipe}"))
     if args.config:
         given.append(("config", f"--config {args.config}"))
-    for name in list(FLAG_FIELDS) + ["compile", "download", "deterministic", "fsdp", "progress", "linear_probe"]:
+    for name in list(FLAG_FIELDS) + [k for k in SWITCHES if k != "normalize_from_data"]:
         value = getattr(args, name, None)
         if value is not None:
             shown = _flag(name) if isinstance(value, bool) else f"{_flag(name)} {_shown(value)}"

@@ -24,7 +24,7 @@ import json
 import os
 import platform
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -137,6 +137,24 @@ def _size_axes(model: nn.Module) -> dict:
     return {2: rh * torch.export.Dim("grid_h", min=1, max=1024), 3: rw * torch.export.Dim("grid_w", min=1, max=1024)}
 
 
+def export_inputs(model: nn.Module, dynamic_size: bool | None = None
+                  ) -> tuple[nn.Module, torch.Tensor, dict, dict]:
+    """What every export format traces: the module (``model`` in eval mode, or wrapped to run at any size), an
+    example input (2, C, H, W), the dynamic axes of that input (batch; height and width with ``dynamic_size``,
+    default: the model's ``dynamic_img_size``) and the metadata the file carries (:func:`model_metadata`)."""
+    model = model.eval()
+    metadata = model_metadata(model)  # before any wrapping below
+    example = torch.randn(2, *_input_shape(model))
+    axes = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if dynamic_size is None:
+        dynamic_size = bool(getattr(model.cfg, "dynamic_img_size", False))
+    if dynamic_size:
+        axes.update(_size_axes(model))
+        metadata["config"]["dynamic_img_size"] = True  # the graph takes any size, whatever the model's default
+        model = _AtAnySize(model).eval()
+    return model, example, axes, metadata
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dynamic_size: bool | None = None) -> Path:
     """Write ``model`` (eval mode, float32) as ONNX with a dynamic batch dimension: input ``pixel_values``
     (B, C, H, W), output ``logits`` (B, classes), and the model's config, preprocessing and class names in the
@@ -147,17 +165,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 18, dyna
     _require("onnx")
     _require("onnxscript")
     path = Path(path)
-    model = model.eval()
-    metadata = model_metadata(model)  # before any wrapping below
-    shape = _input_shape(model)
-    example = torch.randn(2, *shape)
-    axes = {0: torch.export.Dim("batch", min=1, max=4096)}
-    if dynamic_size is None:
-        dynamic_size = bool(getattr(model.cfg, "dynamic_img_size", False))
-    if dynamic_size:
-        axes.update(_size_axes(model))
-        metadata["config"]["dynamic_img_size"] = True  # the graph takes any size, whatever the model's default
-        model = _AtAnySize(model).eval()
+    model, example, axes, metadata = export_inputs(model, dynamic_size)
     with atomic_path(path) as tmp:
         with torch.no_grad():
             program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
@@ -304,7 +312,8 @@ class OnnxModel:
 
 @dataclass(frozen=True)
 class Parity:
-    """Largest absolute difference of the logits between PyTorch and ONNX Runtime, per batch size tried."""
+    """Largest absolute difference of the logits between PyTorch and an exported model (ONNX Runtime, AOTInductor),
+    per batch size tried."""
 
     max_abs_diff: dict[int | str, float]
     tolerance: float
@@ -315,9 +324,11 @@ class Parity:
         return max(self.max_abs_diff.values()) <= self.tolerance
 
 
-def check_parity(model: nn.Module, onnx_model: OnnxModel, batch_sizes: tuple[int, ...] = (1, 3),
-                 tolerance: float = 1e-4, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ()) -> Parity:
+def check_parity(model: nn.Module, onnx_model: Callable[[torch.Tensor], torch.Tensor],
+                 batch_sizes: tuple[int, ...] = (1, 3), tolerance: float = 1e-4, seed: int = 0,
+                 sizes: tuple[tuple[int, int], ...] = ()) -> Parity:
     """Run random N(0, 1) inputs at several batch sizes (the batch axis is dynamic) through both and compare.
+    ``onnx_model``: the exported model, called like a PyTorch one (:class:`OnnxModel`, a ``.pt2`` package).
     ``sizes`` adds one batch at each (height, width) (a model exported with dynamic size); ``max_abs_diff`` is keyed
     by batch size, and by "HxW" for those."""
     model = model.eval()
@@ -333,7 +344,8 @@ def check_parity(model: nn.Module, onnx_model: OnnxModel, batch_sizes: tuple[int
             expected = model(x, dynamic_img_size=True) if tuple(input_shape[1:]) != shape else model(x)
         got = onnx_model(x)
         if got.shape != expected.shape:
-            raise VitlabError(f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)}")
+            raise VitlabError(f"the exported model's output shape {tuple(got.shape)} differs from PyTorch's "
+                              f"{tuple(expected.shape)}")
         diffs[key] = float((got - expected).abs().max())
         scale = max(scale, float(expected.abs().max()))
     return Parity(diffs, tolerance, scale)

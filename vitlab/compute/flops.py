@@ -53,11 +53,12 @@ def vit_macs_breakdown(cfg: ViTConfig, include_head: bool = True) -> dict[str, i
 def forward_macs(cfg, include_head: bool = True) -> int:
     """Multiply-accumulates of one image's forward pass for ``cfg``.
 
-    A plain :class:`ViTConfig` uses the closed form; any other config (a subclass such as a hybrid, or another model
-    family) is counted by building its model on the meta device
-    (:func:`~vitlab.compute.counting.count_config_macs`).
+    A plain :class:`ViTConfig` uses the closed form; any other config (a subclass such as a hybrid, a ViT with the
+    options of a later family such as SwiGLU or a MAP head, or another model family) is counted by building its
+    model on the meta device (:func:`~vitlab.compute.counting.count_config_macs`).
     """
-    if type(cfg) is ViTConfig:
+    # the closed form counts the paper's matrix products (LayerScale, registers and ln_pre add none of them)
+    if type(cfg) is ViTConfig and not {"mlp_type", "pool", "distilled"} & set(cfg.family_options()):
         return sum(vit_macs_breakdown(cfg, include_head).values())
     return count_config_macs(cfg, include_head=include_head)
 

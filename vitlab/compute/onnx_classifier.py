@@ -43,6 +43,23 @@ def _config(architecture: str, data: dict):
     return SimpleNamespace(**fields)
 
 
+def read_exported_metadata(path: str | os.PathLike, text: str) -> SimpleNamespace:
+    """The fields an exported file's ``vitlab`` metadata entry (JSON text, :func:`vitlab.compute.deploy.model_metadata`)
+    gives its classifier: ``architecture``, ``cfg``, ``preprocessing``, ``class_names`` and ``quantization`` (None:
+    float32). Raises :class:`VitlabError` naming ``path`` when the entry is unreadable."""
+    try:
+        meta = json.loads(text)
+        architecture = str(meta.get("architecture", "VisionTransformer"))
+        cfg = _config(architecture, dict(meta["config"]))
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise VitlabError(f"{path}: the file's vitlab metadata is unreadable ({exc})") from exc
+    names = meta.get("class_names")
+    return SimpleNamespace(architecture=architecture, cfg=cfg, preprocessing=preprocessing,
+                           class_names=[str(n) for n in names] if names else None,
+                           quantization=meta.get("quantization"))
+
+
 class OnnxClassifier(nn.Module):
     """An exported vitlab ONNX file (float32 or int8) on ONNX Runtime, with the model's config, preprocessing and
     class names from the file's metadata. ``threads``: ONNX Runtime intra-op threads (default: torch's)."""
@@ -62,16 +79,9 @@ class OnnxClassifier(nn.Module):
         if meta is None:
             raise VitlabError(f"{path}: no vitlab metadata (config, preprocessing, class names) in this ONNX file; "
                               "export it with `vitlab export-onnx`")
-        try:
-            meta = json.loads(meta)
-            self.architecture = str(meta.get("architecture", "VisionTransformer"))
-            self.cfg = _config(self.architecture, dict(meta["config"]))
-            self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise VitlabError(f"{path}: the ONNX file's vitlab metadata is unreadable ({exc})") from exc
-        names = meta.get("class_names")
-        self.class_names = [str(n) for n in names] if names else None
-        self.quantization = meta.get("quantization")
+        fields = read_exported_metadata(path, meta)
+        self.architecture, self.cfg, self.preprocessing = fields.architecture, fields.cfg, fields.preprocessing
+        self.class_names, self.quantization = fields.class_names, fields.quantization
         self.int8 = self.runtime.int8  # how an int8 file was quantised (weight type, the CPU chosen for); None: fp32
         self.path = path
         self.num_prefix_tokens = getattr(self.cfg, "num_prefix_tokens", 0)

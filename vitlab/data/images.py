@@ -48,21 +48,53 @@ class ImageLoadError(VitlabError):
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """Rescale high-bit-depth single-channel images to 8-bit ``L`` without clipping."""
-    if img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
-    elif img.mode == "I":
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit PNGs decode to mode I on some Pillow versions; only values above 255 tell the range apart
-        if arr.max(initial=0) > 255:
-            arr = arr / 257.0
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-    else:
+    """Rescale high-bit-depth single-channel images to 8-bit ``L`` without clipping: ``I;16`` divided by 257 (65535
+    -> 255), ``I`` the same when a value is above 255, ``F`` times 255 when its values are in [0, 1]. Integer
+    arithmetic on blocks of rows: a 25-megapixel 16-bit upload costs its 8-bit result plus a few MB, not float64
+    copies of the whole image."""
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
         return img
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        arr = arr.astype(np.uint16, copy=False)  # big-endian I;16B as native integers
+    scale = 1.0
+    if img.mode == "F":
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+    wide = img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255)
+    out = np.empty(arr.shape, dtype=np.uint8)
+    rows = max(1, (1 << 16) // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    for start in range(0, arr.shape[0], rows):
+        block = arr[start: start + rows]
+        if img.mode == "F":
+            block = block.astype(np.float32)
+            block *= scale
+            np.rint(block, out=block)
+        elif wide:  # rint(x / 257) in integers: floor((2x + 257) / 514), in place
+            block = block.astype(np.int64)
+            block *= 2
+            block += 257
+            block //= 514
+        np.clip(block, 0, 255, out=out[start: start + rows], casting="unsafe")
+    return Image.fromarray(out, mode="L")
+
+
+def _check_jpeg_length(img: Image.Image, label) -> None:
+    """Refuse a JPEG too short for the size its header declares: libjpeg fills a scan that ends early with grey and
+    only warns, so Pillow decodes such a file "successfully". Every 8 x 8 block of the full-resolution component
+    costs at least one bit in any Huffman-coded JPEG (its DC code; progressive files included), so the file must
+    hold at least blocks / 8 bytes."""
+    width, height = img.size
+    blocks = -(-width // 8) * -(-height // 8)
+    fp = img.fp
+    try:
+        position = fp.tell()
+        length = fp.seek(0, 2)
+        fp.seek(position)
+    except (AttributeError, OSError, ValueError):
+        return
+    if 8 * length < blocks:
+        raise ImageLoadError(f"{label}: cannot decode image (truncated: its header declares {width}x{height} pixels, "
+                             f"which take at least {blocks // 8:,} bytes as JPEG; the file has {length:,})")
 
 
 def _flatten_alpha(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -89,6 +121,8 @@ def load_image(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: in
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageLoadError(f"{label}: image too large ({width}x{height} pixels, limit {max_pixels:,})")
+            if img.format == "JPEG":
+                _check_jpeg_length(img, label)
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB" if channels == 3 else "L", draft_size)
             img.load()  # decode now: truncation and corrupt data surface here, not later

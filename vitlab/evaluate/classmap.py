@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from ..errors import VitlabError
+from ..labels import LABEL_SETS, class_names, wordnet_ids
 
 
 def _norm(name: str) -> str:
@@ -39,7 +40,6 @@ def wordnet_ids_of(model_names: Sequence[str] | None) -> list[str] | None:
     ImageNet folder laid out by WordNet id, ``n01440764/...``, is recognised as the same classes), else None."""
     if not model_names:
         return None
-    from ..labels import LABEL_SETS, class_names, wordnet_ids
 
     sizes = {"imagenet-1k": 1000, "imagenet-21k": 21843}
     for label_set in LABEL_SETS:

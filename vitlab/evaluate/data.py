@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from ..data import build_dataset
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
 
@@ -25,8 +26,6 @@ def eval_dataset(spec: str, split: str, preprocessing: Preprocessing, data_dir: 
     with ``preprocessing``. Image files are decoded with the preprocessing's channel count; files that cannot be
     decoded come out as ``vitlab.data.BadSample`` (skipped and counted by the evaluators) or, with
     ``on_error='fail'``, stop the run. ``classes`` is a manifest's class list (:func:`vitlab.data.build_dataset`)."""
-    from ..data import build_dataset
-
     extra = {} if classes is None else {"classes": classes}
     dataset = build_dataset(spec, split, data_dir=data_dir, download=download, channels=preprocessing.channels,
                             on_error=on_error, **extra)

@@ -32,7 +32,8 @@ def output_function(model: nn.Module, kind: str) -> Callable[[torch.Tensor], tor
     if kind == "pre_logits":
         return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
     if kind == "cls_token":
-        if getattr(model, "num_prefix_tokens", 0) < 1:
+        # the class token, not just any first prefix token (a model may have registers and no class token)
+        if not getattr(getattr(model, "cfg", None), "class_token", getattr(model, "num_prefix_tokens", 0) >= 1):
             raise VitlabError("representation 'cls_token' needs a model with a class token; use pre_logits or gap")
         return lambda x: model.forward_features(x)[:, 0]
     if kind == "gap":

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from ..errors import VitlabError
+from .features import extract_features, model_outputs
 from .probes import make_probe, select
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -137,8 +139,6 @@ def tuned_probe(
 def labels_of(dataset) -> torch.Tensor:
     """All labels of a map-style data set (N,) int64, read without decoding images where the data set keeps them
     (``labels`` / ``targets`` attributes, folder ``samples``), looking through ``Subset``."""
-    from torch.utils.data import Subset
-
     if isinstance(dataset, Subset):
         return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
     for attr in ("labels", "targets"):
@@ -169,10 +169,6 @@ def fewshot_model(
     split costs little. ``kwargs`` go to :func:`fewshot_evaluate` (methods, grids) and to
     :func:`features.model_outputs` (device, num_workers, progress). Adds ``representation`` and ``num_images_embedded``
     to the result."""
-    from torch.utils.data import Subset
-
-    from .features import extract_features, model_outputs
-
     eval_keys = {"methods", "grids"}
     probe_kwargs = {k: v for k, v in kwargs.items() if k in eval_keys}
     feature_kwargs = {k: v for k, v in kwargs.items() if k not in eval_keys}

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic import write_bytes_atomic, write_text_atomic
 
 
@@ -146,7 +148,6 @@ def classification_markdown(results: dict, title: str = "Classification accuracy
 def plot_confusion(results: dict, path: str | os.PathLike, normalize: bool = True) -> Path:
     """PNG of the confusion matrix (rows = true class, normalised per row by default)."""
     plt = _pyplot()
-    import numpy as np
 
     matrix = np.asarray(results["confusion_matrix"], dtype=float)
     names = results.get("class_names") or [str(i) for i in range(len(matrix))]

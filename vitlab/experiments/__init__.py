@@ -2,7 +2,8 @@
 
 Each experiment is a module here (``data_requirements``, ``posemb``, ``pooling``, ``compute``, ``mpp``,
 ``finetune_controls``) that trains a series of runs with the normal training loop and writes ``results.json``,
-``results.md`` and a PNG plot to its output folder. Three ways to run one, all the same code:
+``results.md`` and a PNG plot to its output folder; ``families`` trains nothing: it measures the paper's Fig. 7
+panels on given checkpoints side by side. Three ways to run one, all the same code:
 
     vitlab experiment posemb --out results/posemb --steps 300
     python -m vitlab.experiments.posemb --out results/posemb --steps 300
@@ -16,8 +17,11 @@ import importlib
 from types import ModuleType
 
 from ..errors import VitlabError
+from .common import execute
 
-NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls")
+NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls", "families")
+# the experiments that train runs (families measures given checkpoints: no --steps, --data)
+TRAINING = NAMES[:-1]
 
 
 def load(name: str) -> ModuleType:
@@ -39,8 +43,6 @@ def run(name: str, **changes) -> list[dict]:
     with underscores: ``out``, ``steps``, ``data``, ``threads``, ``seed``, ``plot_only`` and the experiment's own,
     e.g. ``sizes=[1000, 6000]``). Trains what ``out/results.json`` lacks, writes the table and plot, and returns
     every row (one per training run, with ``top1`` the test accuracy in [0, 1])."""
-    from .common import execute
-
     args = options(name)
     unknown = sorted(set(changes) - set(vars(args)))
     if unknown:

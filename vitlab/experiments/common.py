@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from ..atomic import write_atomic, write_text_atomic
 from ..errors import VitlabError
+from ..train import TrainConfig, evaluate, train
 
 # Fashion-MNIST recipe of the training package, for the ViT of the experiments below
 BASE = dict(data="fashion-mnist", augment="flip", flip=True, optimizer="adamw", lr=2e-3, weight_decay=0.05,
@@ -49,8 +52,6 @@ def base_config(args: argparse.Namespace, **changes):
     """The experiments' training config: the Fashion-MNIST recipe's optimiser (AdamW lr 2e-3, wd 0.05, cosine,
     label smoothing 0.1, flips, batch 128) for a fixed number of steps, with the command line's data, threads and
     seed, and ``changes`` on top."""
-    from ..train import TrainConfig
-
     values = dict(BASE, data=args.data, steps=args.steps, epochs=None, threads=args.threads, seed=args.seed,
                   out_dir=str(Path(args.out) / "runs"))
     values.update(changes)
@@ -74,12 +75,15 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
     ``--plot-only``), then write ``results.md`` and the plot from every row. Returns the rows.
 
     ``experiment`` is an experiment module: ``build_runs(args)`` lists its runs (or ``train_runs(args)`` trains
-    them, for experiments whose later runs depend on earlier ones), ``report(rows, out)`` writes.
+    them, for experiments whose later runs depend on earlier ones, or ``measure(args)`` writes rows without training),
+    ``report(rows, out)`` writes.
     """
-    if args.steps < 1:
+    if getattr(args, "steps", 1) < 1:  # experiments that train nothing (families) have no --steps
         raise VitlabError(f"--steps must be at least 1, got {args.steps}")
     if not args.plot_only:
-        if hasattr(experiment, "train_runs"):
+        if hasattr(experiment, "measure"):  # measures given checkpoints instead of training runs
+            experiment.measure(args)
+        elif hasattr(experiment, "train_runs"):
             experiment.train_runs(args)
         else:
             run_series(experiment.build_runs(args), args.out)
@@ -93,8 +97,6 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
 def script_main(experiment, argv: list[str] | None = None) -> int:
     """``python -m vitlab.experiments.<name>``: parse, :func:`execute`, print ``results.md``. Exit status 0 when
     every run has a finite test accuracy, 1 when one has not, 2 (one line on stderr) on bad options or files."""
-    import sys
-
     name = experiment.__name__.rsplit(".", 1)[-1]
     parser = argparse.ArgumentParser(prog=f"python -m vitlab.experiments.{name}", description=experiment.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,13 +108,17 @@ def script_main(experiment, argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print((Path(args.out) / "results.md").read_text())
-    return 0 if all_finite(rows) else 1
+    return 0 if rows_ok(experiment, rows) else 1
+
+
+def rows_ok(experiment, rows: Sequence[dict]) -> bool:
+    """The exit-status check of an experiment's rows: its own ``rows_ok`` when it has one, else
+    :func:`all_finite`."""
+    return experiment.rows_ok(rows) if hasattr(experiment, "rows_ok") else all_finite(rows)
 
 
 def all_finite(rows: Sequence[dict]) -> bool:
     """Whether every row has a finite test accuracy (a diverged run has NaN)."""
-    import math
-
     return all(isinstance(r.get("top1"), float) and math.isfinite(r["top1"]) for r in rows)
 
 
@@ -137,8 +143,6 @@ def _say(message: str) -> None:
 
 def run_series(runs: Sequence[Run], out: str | Path, log: Callable[[str], None] = _say) -> list[dict]:
     """Train every run not yet in ``out/results.json`` with the normal training loop and return all rows."""
-    from ..train import train
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(out)
@@ -163,8 +167,6 @@ def run_series(runs: Sequence[Run], out: str | Path, log: Callable[[str], None] 
 
 def test_accuracy(model, config) -> float:
     """Top-1 of a trained model on the test split of the run's data (for runs evaluated on a holdout)."""
-    from ..train import evaluate
-
     return evaluate(model, config.data, "test", data_dir=config.data_dir, batch_size=config.eval_batch_size,
                     device=config.device, precision=config.precision)["top1"]
 
@@ -211,14 +213,15 @@ def write_report(out: str | Path, title: str, table: str, notes: Sequence[str] =
     return path
 
 
-def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
-    """A matplotlib figure and its axes (one, or ``ncols`` side by side) on the non-interactive Agg backend."""
+def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1, nrows: int = 1):
+    """A matplotlib figure and its axes (one, or a grid of ``nrows`` x ``ncols``) on the non-interactive Agg
+    backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=(width, height))
+    return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=nrows == 1)
 
 
 def line_plot(out: str | Path, name: str, series: dict[str, list[tuple]], *, xlabel: str, ylabel: str, title: str,
@@ -244,10 +247,12 @@ def line_plot(out: str | Path, name: str, series: dict[str, list[tuple]], *, xla
     return save_figure(fig, out, name)
 
 
-def save_figure(fig, out: str | Path, name: str) -> Path:
-    """Write ``fig`` to ``out/name`` as a PNG (atomically) and close it."""
+def save_figure(fig, out: str | Path, name: str, tight: bool = True) -> Path:
+    """Write ``fig`` to ``out/name`` as a PNG (atomically) and close it; ``tight``: lay it out tightly first (not
+    for figures with a colour bar placed across axes)."""
     path = Path(out) / name
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     import matplotlib.pyplot as plt
 

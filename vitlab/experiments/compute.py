@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..models import family_of, get_config
 from .common import (
     MODEL_KIND_OF_FAMILY,
     MODEL_KINDS,
@@ -44,8 +45,6 @@ MODELS = [
 
 def registered_models(names: list[str]) -> list[tuple[str, str, str, dict]]:
     """``MODELS``-style entries for registered model names (each its own label; the family from its config)."""
-    from ..models import family_of, get_config
-
     return [(MODEL_KIND_OF_FAMILY[family_of(get_config(name)).name], name, name, {}) for name in names]
 
 

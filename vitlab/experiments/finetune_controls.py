@@ -1,10 +1,12 @@
-"""Fine-tuning controls compared: linear probe, full fine-tuning, layer-wise learning-rate decay and frozen blocks.
+"""Fine-tuning controls compared: linear probe, full fine-tuning, layer-wise learning-rate decay, frozen blocks and
+LoRA.
 
 BEiT and MAE fine-tune self-supervised ViTs with layer-wise learning-rate decay and report linear probes next to
-full fine-tuning. In small: the experiments' ViT (width 64, depth 6) pre-trained by masked patch prediction on all
-Fashion-MNIST training images (labels unused; the same pre-training run as the ``mpp`` experiment), then trained on
-1,000 labelled images for the same number of steps with the experiments' recipe in each way (``vitlab finetune``'s
-``--linear-probe``, ``--layer-decay``, ``--freeze-blocks``), against the same ViT trained from scratch.
+full fine-tuning; LoRA (Hu et al. 2021) trains low-rank adapters on a frozen model. In small: the experiments' ViT
+(width 64, depth 6) pre-trained by masked patch prediction on all Fashion-MNIST training images (labels unused; the
+same pre-training run as the ``mpp`` experiment), then trained on 1,000 labelled images for the same number of steps
+with the experiments' recipe in each way (``vitlab finetune``'s ``--linear-probe``, ``--layer-decay``,
+``--freeze-blocks``, ``--lora-rank`` with the new head trained too), against the same ViT trained from scratch.
 
     python -m vitlab.experiments.finetune_controls --out results/finetune_controls
 """
@@ -38,6 +40,9 @@ METHODS = {
     "first 3 blocks frozen": ({"freeze_blocks": 3}, 1.0),
     "linear probe": ({"linear_probe": True}, 1.0),
     "linear probe, lr x5": ({"linear_probe": True}, 5.0),
+    "LoRA r4": ({"lora_rank": 4}, 1.0),
+    "LoRA r16": ({"lora_rank": 16}, 1.0),
+    "LoRA r16, lr x5": ({"lora_rank": 16}, 5.0),
 }
 
 
@@ -70,9 +75,9 @@ def report(rows: list[dict], out: str) -> None:
                 notes.append(f"{r['method']}: {100 * r['top1']:.2f}% ({100 * (r['top1'] - full):+.2f} points against "
                              "full fine-tuning).")
     notes.append(f"Total wall time: {sum(r['wall_seconds'] for r in rows) / 60:.1f} min (pre-training included).")
-    write_report(out, "Fine-tuning controls: linear probe, full fine-tuning, layer decay, frozen blocks",
+    write_report(out, "Fine-tuning controls: linear probe, full fine-tuning, layer decay, frozen blocks, LoRA",
                  markdown_table(tuned, columns), notes)
-    fig, ax = new_figure(7, 3.6)
+    fig, ax = new_figure(7, 4.4)
     ax.barh(range(len(tuned)), [100 * r["top1"] for r in tuned])
     ax.set_yticks(range(len(tuned)), [r["method"] for r in tuned])
     ax.invert_yaxis()

@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from ..models import get_config
+from ..selfsup.pretrain import MaskedPatchObjective
 from .common import (
     SMALL_VIT,
     Run,
@@ -34,9 +36,6 @@ PRETRAIN = "MPP pre-training"
 
 
 def pretrain_run(args: argparse.Namespace) -> Run:
-    from ..models import get_config
-    from ..selfsup.pretrain import MaskedPatchObjective
-
     model_args = SMALL_VIT if args.model == "vit_fmnist" else {}
     config = base_config(args, model=args.model, model_args=model_args, steps=args.pretrain_steps,
                          lr=args.pretrain_lr, label_smoothing=0.0, log_every_steps=10, run_name="mpp-pretrain")

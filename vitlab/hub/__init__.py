@@ -33,7 +33,7 @@ from ..models.pretrained import (
 from ..preprocessing import Preprocessing
 from .cache import cache_path, hf_cache_dir, offline_mode, vitlab_home
 from .download import fetch, placement_hint
-from .hf import resolve_hub
+from .hf import download_hint, resolve_hub
 
 URL_PREFIXES = ("gs://", "https://", "http://")
 HUB_PREFIX = "hf-hub:"
@@ -145,11 +145,8 @@ def resolve_entry(entry: PretrainedEntry, spec: str | None = None) -> Resolved:
     spec = spec or entry.name
     ordered = sorted(entry.sources, key=lambda s: not _cached(s))
     if offline_mode() and not _cached(ordered[0]):
-        first = entry.sources[0]
-        if first.kind in ("gcs", "url"):
-            how = placement_hint(first.location, cache_path(first.location))
-        else:
-            how = f"run `hf download {first.location}` on a connected machine and copy the Hub cache"
+        ways = [_placement(source) for source in entry.sources]
+        how = ways[0] if len(ways) == 1 else "any one of its sources will do: " + "; or ".join(ways)
         raise VitlabError(f"{spec}: not in the cache and network use is off (VITLAB_OFFLINE / HF_HUB_OFFLINE / "
                           f"--offline); {how}")
     errors = []
@@ -161,6 +158,16 @@ def resolve_entry(entry: PretrainedEntry, spec: str | None = None) -> Resolved:
             if offline_mode():
                 break
     raise VitlabError(errors[0] if len(errors) == 1 else f"{spec}: no source worked: " + " | ".join(errors))
+
+
+def _placement(source: Source) -> str:
+    """How to put one source's files in the cache by hand."""
+    if source.kind in ("gcs", "url"):
+        return placement_hint(source.location, cache_path(source.location))
+    files = ("config.json", "model.safetensors")
+    if source.kind == "transformers":
+        files = ("config.json", "preprocessor_config.json", "model.safetensors")
+    return download_hint(source.location, files=files)
 
 
 def _resolve_source(entry: PretrainedEntry, source: Source, spec: str) -> Resolved:

@@ -36,8 +36,10 @@ def attention_statistics(
 ) -> AttentionStatistics:
     """Mean attention distance over all of ``images`` (N, C, H, W; preprocessed) and the rollout of the first
     ``rollout_images``, in batches of ``batch_size`` through ``model.forward_with_attention`` (the model's normal
-    forward is untouched). The rollout starts from the class token for ``pool='token'`` models and from the mean of the
-    patch tokens for ``pool='gap'`` ones. The model is put in eval mode for the call and restored afterwards.
+    forward is untouched). The rollout starts from the class token for ``pool='token'`` models, from the pooling
+    probe's attention for ``pool='map'`` ones and from the mean of the patch tokens for ``pool='gap'`` ones. Register
+    and distillation tokens are prefix tokens: no position, left out of the distances and the maps. The model is
+    put in eval mode for the call and restored afterwards.
     Everything follows the images' token grid: ``dynamic_img_size=True`` (or a model built with it) takes images of
     another size than the build size. Distances are in input pixels (a hybrid's token covers stride x patch)."""
     if images.ndim != 4 or images.shape[0] == 0:
@@ -47,7 +49,8 @@ def attention_statistics(
     cfg = model.cfg
     grid = model.input_grid(images[:1], dynamic_img_size)
     pixels_per_token = getattr(cfg, "reduction", cfg.patch_size)
-    source = "class" if cfg.pool == "token" else "mean"
+    # where the classifier reads from: the class token, the pooling probe (pool='map'), or all patch tokens
+    source = {"token": "class", "map": "probe"}.get(cfg.pool, "mean")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -56,7 +59,11 @@ def attention_statistics(
         maps, logits = [], []
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device)
-            out, attn = model.forward_with_attention(batch, dynamic_img_size=dynamic_img_size)
+            if source == "probe":
+                out, attn, probe = model.forward_with_attention(batch, dynamic_img_size=dynamic_img_size,
+                                                                return_pool_attention=True)
+            else:
+                (out, attn), probe = model.forward_with_attention(batch, dynamic_img_size=dynamic_img_size), None
             per_image = mean_attention_distance(attn, grid, pixels_per_token, cfg.num_prefix_tokens,
                                                 per_image=True)  # (b, L, H)
             total = per_image.double().sum(dim=0)
@@ -65,7 +72,7 @@ def attention_statistics(
             if wanted:
                 first = [layer[:wanted] for layer in attn]
                 maps.append(attention_rollout(first, cfg.num_prefix_tokens, grid, head_fusion, discard_ratio,
-                                              source).cpu())
+                                              source, None if probe is None else probe[:wanted]).cpu())
                 logits.append(out[:wanted].float().cpu())
     finally:
         model.train(was_training)

@@ -17,7 +17,7 @@ from ..errors import InvalidValueError
 from .distance import attention_layers
 
 HeadFusion = Literal["mean", "max", "min"]
-RolloutSource = Literal["class", "mean"]
+RolloutSource = Literal["class", "mean", "probe"]
 
 
 def rollout_matrix(
@@ -71,22 +71,32 @@ def attention_rollout(
     head_fusion: HeadFusion = "mean",
     discard_ratio: float = 0.0,
     source: RolloutSource = "class",
+    probe: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rollout as a map over the patch grid: (B, gh, gw), non-negative, float32.
 
     ``source='class'`` takes the class token's row (the first prefix token; what a ``pool='token'`` model classifies
     from); ``source='mean'`` averages the rows of the patch tokens (what a ``pool='gap'`` model classifies from).
     Entries are the shares of the source's information that come from each patch; they sum to at most 1 (the rest
-    comes from prefix tokens). See :func:`rollout_matrix` for ``head_fusion`` and ``discard_ratio``.
+    comes from prefix tokens). ``source='probe'`` starts from the attention-pooling probe of a ``pool='map'`` model:
+    ``probe`` (B, heads, 1, gh*gw) is its attention over the last layer's patch tokens (fused over heads like the
+    layers), which plays the class token's row. See :func:`rollout_matrix` for ``head_fusion`` and ``discard_ratio``.
     """
     gh, gw = grid_size
-    if source not in ("class", "mean"):
-        raise InvalidValueError(f"source must be 'class' or 'mean', got {source!r}")
+    if source not in ("class", "mean", "probe"):
+        raise InvalidValueError(f"source must be 'class', 'mean' or 'probe', got {source!r}")
     if source == "class" and num_prefix_tokens < 1:
         raise InvalidValueError("source='class' needs a class token (num_prefix_tokens >= 1); use source='mean'")
+    if source == "probe" and (probe is None or probe.ndim != 4 or probe.shape[-1] != gh * gw):
+        raise InvalidValueError(f"source='probe' needs the probe's attention (B, heads, 1, {gh * gw})")
     layers = attention_layers(attn_maps, num_prefix_tokens + gh * gw)
     full = rollout_matrix(layers, num_prefix_tokens, head_fusion, discard_ratio)
-    rows = full[:, 0] if source == "class" else full[:, num_prefix_tokens:].mean(dim=1)  # (B, T)
+    if source == "probe":
+        fused = {"mean": probe.mean, "max": probe.amax, "min": probe.amin}[head_fusion](dim=1)[:, 0].double()
+        fused = fused / fused.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)  # (B, N)
+        rows = (fused.unsqueeze(1) @ full[:, num_prefix_tokens:])[:, 0]  # (B, T): the probe reads patch outputs
+    else:
+        rows = full[:, 0] if source == "class" else full[:, num_prefix_tokens:].mean(dim=1)  # (B, T)
     return rows[:, num_prefix_tokens:].reshape(-1, gh, gw).float()
 
 

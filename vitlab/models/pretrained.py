@@ -22,6 +22,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from ..errors import UnknownNameError
+from .registry import resolve
 
 IMAGENET_1K = "imagenet-1k"
 IMAGENET_21K = "imagenet-21k"
@@ -92,6 +93,13 @@ class PretrainedEntry:
         """The accuracy to expect from ``vitlab eval`` on ImageNet val: timm's measurement, else the paper's."""
         return self.top1_timm if self.top1_timm is not None else self.top1_paper
 
+    @property
+    def top1_source(self) -> str | None:
+        """Who reported :attr:`top1`: ``"timm"`` (its measurement), ``"paper"``, or None without a number."""
+        if self.top1_timm is not None:
+            return "timm"
+        return "paper" if self.top1_paper is not None else None
+
 
 def _gcs(path: str, note: str = "") -> Source:
     return Source("gcs", f"gs://{path}", note=note)
@@ -105,6 +113,15 @@ def _hf(repo: str, note: str = "") -> Source:
     return Source("transformers", f"google/{repo}", note=note)
 
 
+def _tf(repo: str, note: str = "") -> Source:
+    """A transformers-layout Hub repo under any organisation (``facebook/dinov2-base``)."""
+    return Source("transformers", repo, note=note)
+
+
+def _url(url: str) -> Source:
+    return Source("url", url)
+
+
 _NO_HEAD_TIMM = "timm's copy drops the pre-logits layer and the zeroed head (num_classes 0)"
 _NO_HEAD_HF = "transformers' copy keeps the pre-logits layer as its pooler and drops the zeroed head"
 _AUGREG = "vit_models/augreg/"
@@ -114,6 +131,21 @@ def _timm_crop(img_size: int) -> PublisherPreprocessing:
     """timm's evaluation for the AugReg-2 weights that only it publishes: bicubic, crop 0.9 (1.0 from 384 up)."""
     return PublisherPreprocessing("crop", 0.9 if img_size < 384 else 1.0, "bicubic")
 
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# DeiT / DeiT III (facebookresearch/deit datasets.py: shorter side to size / 0.875, centre crop; from 384 the crop
+# is the whole image) and DINOv2 (its classification eval transform: 256 -> 224 crop), bicubic, ImageNet statistics
+_FB_EVAL = PublisherPreprocessing("crop", 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+_FB_EVAL_384 = PublisherPreprocessing("crop", 1.0, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+# SigLIP (transformers' SiglipImageProcessor, big_vision's eval): squash to the size, bicubic, [-1, 1]
+_SIGLIP_EVAL = PublisherPreprocessing("squash", 1.0, "bicubic")
+# OpenAI CLIP: shorter side to the size, centre crop, bicubic, CLIP's statistics
+_CLIP_EVAL = PublisherPreprocessing("crop", 1.0, "bicubic", CLIP_MEAN, CLIP_STD)
+_FB = "https://dl.fbaipublicfiles.com/"
+_TOWER = "the full model: vitlab reads its vision tower"
 
 E = PretrainedEntry
 # ---------------------------------------------------------------------------------------------------------- the table
@@ -283,6 +315,103 @@ CATALOG: tuple[PretrainedEntry, ...] = (
     E("bit_r50x1.goog_in21k_ft_in1k_448", "bit_r50x1", 448, 1000, IMAGENET_1K, 25_549_352,
       (_gcs("bit_models/BiT-M-R50x1-ILSVRC2012.npz"), _timm("resnetv2_50x1_bit.goog_in21k_ft_in1k")),
       top1_timm=80.340, description="BiT-M ResNet-50x1, ImageNet-21k -> 1k at 448 (baseline)"),
+    # --- DeiT (Touvron et al. 2021): ImageNet-1k only; top-1 as the DeiT paper reports it. transformers holds the
+    #     plain ones as ViTForImageClassification, the distilled ones as DeiTForImageClassificationWithTeacher
+    E("deit_ti16.fb_in1k", "deit_ti16", 224, 1000, IMAGENET_1K, 5_717_416,
+      (_url(_FB + "deit/deit_tiny_patch16_224-a1311bcf.pth"), _timm("deit_tiny_patch16_224.fb_in1k"),
+       _tf("facebook/deit-tiny-patch16-224")), _FB_EVAL, top1_paper=72.2, description="DeiT-Ti/16, ImageNet-1k"),
+    E("deit_s16.fb_in1k", "deit_s16", 224, 1000, IMAGENET_1K, 22_050_664,
+      (_url(_FB + "deit/deit_small_patch16_224-cd65a155.pth"), _timm("deit_small_patch16_224.fb_in1k"),
+       _tf("facebook/deit-small-patch16-224")), _FB_EVAL, top1_paper=79.8, description="DeiT-S/16, ImageNet-1k"),
+    E("deit_b16.fb_in1k", "deit_b16", 224, 1000, IMAGENET_1K, 86_567_656,
+      (_url(_FB + "deit/deit_base_patch16_224-b5f2ef4d.pth"), _timm("deit_base_patch16_224.fb_in1k"),
+       _tf("facebook/deit-base-patch16-224")), _FB_EVAL, top1_paper=81.8, description="DeiT-B/16, ImageNet-1k"),
+    E("deit_b16.fb_in1k_384", "deit_b16", 384, 1000, IMAGENET_1K, 86_859_496,
+      (_url(_FB + "deit/deit_base_patch16_384-8de9b5d1.pth"), _timm("deit_base_patch16_384.fb_in1k"),
+       _tf("facebook/deit-base-patch16-384")), _FB_EVAL_384, top1_paper=83.1,
+      description="DeiT-B/16, ImageNet-1k, fine-tuned at 384"),
+    E("deit_ti16_distilled.fb_in1k", "deit_ti16_distilled", 224, 1000, IMAGENET_1K, 5_910_800,
+      (_url(_FB + "deit/deit_tiny_distilled_patch16_224-b40b3cf7.pth"),
+       _timm("deit_tiny_distilled_patch16_224.fb_in1k"), _tf("facebook/deit-tiny-distilled-patch16-224")),
+      _FB_EVAL, top1_paper=74.5, description="DeiT-Ti/16 distilled from a RegNetY teacher, ImageNet-1k"),
+    E("deit_s16_distilled.fb_in1k", "deit_s16_distilled", 224, 1000, IMAGENET_1K, 22_436_432,
+      (_url(_FB + "deit/deit_small_distilled_patch16_224-649709d9.pth"),
+       _timm("deit_small_distilled_patch16_224.fb_in1k"), _tf("facebook/deit-small-distilled-patch16-224")),
+      _FB_EVAL, top1_paper=81.2, description="DeiT-S/16 distilled, ImageNet-1k"),
+    E("deit_b16_distilled.fb_in1k", "deit_b16_distilled", 224, 1000, IMAGENET_1K, 87_338_192,
+      (_url(_FB + "deit/deit_base_distilled_patch16_224-df68dfff.pth"),
+       _timm("deit_base_distilled_patch16_224.fb_in1k"), _tf("facebook/deit-base-distilled-patch16-224")),
+      _FB_EVAL, top1_paper=83.4, description="DeiT-B/16 distilled, ImageNet-1k"),
+    E("deit_b16_distilled.fb_in1k_384", "deit_b16_distilled", 384, 1000, IMAGENET_1K, 87_630_032,
+      (_url(_FB + "deit/deit_base_distilled_patch16_384-d0272ac0.pth"),
+       _timm("deit_base_distilled_patch16_384.fb_in1k"), _tf("facebook/deit-base-distilled-patch16-384")),
+      _FB_EVAL_384, top1_paper=85.2, description="DeiT-B/16 distilled, ImageNet-1k, fine-tuned at 384"),
+    # --- DeiT III (Touvron et al. 2022): LayerScale, patch-only position embedding; top-1 from its README
+    E("deit3_s16.fb_in1k", "deit3_s16", 224, 1000, IMAGENET_1K, 22_059_496,
+      (_url(_FB + "deit/deit_3_small_224_1k.pth"), _timm("deit3_small_patch16_224.fb_in1k")), _FB_EVAL,
+      top1_paper=81.4, description="DeiT III ViT-S/16, ImageNet-1k"),
+    E("deit3_b16.fb_in1k", "deit3_b16", 224, 1000, IMAGENET_1K, 86_585_320,
+      (_url(_FB + "deit/deit_3_base_224_1k.pth"), _timm("deit3_base_patch16_224.fb_in1k")), _FB_EVAL,
+      top1_paper=83.8, description="DeiT III ViT-B/16, ImageNet-1k"),
+    E("deit3_l16.fb_in1k", "deit3_l16", 224, 1000, IMAGENET_1K, 304_374_760,
+      (_url(_FB + "deit/deit_3_large_224_1k.pth"), _timm("deit3_large_patch16_224.fb_in1k")), _FB_EVAL,
+      top1_paper=84.9, description="DeiT III ViT-L/16, ImageNet-1k"),
+    E("deit3_s16.fb_in22k_ft_in1k", "deit3_s16", 224, 1000, IMAGENET_1K, 22_059_496,
+      (_url(_FB + "deit/deit_3_small_224_21k.pth"), _timm("deit3_small_patch16_224.fb_in22k_ft_in1k")),
+      _FB_EVAL_384, top1_paper=83.1, description="DeiT III ViT-S/16, ImageNet-21k -> 1k"),
+    E("deit3_b16.fb_in22k_ft_in1k", "deit3_b16", 224, 1000, IMAGENET_1K, 86_585_320,
+      (_url(_FB + "deit/deit_3_base_224_21k.pth"), _timm("deit3_base_patch16_224.fb_in22k_ft_in1k")),
+      _FB_EVAL_384, top1_paper=85.7, description="DeiT III ViT-B/16, ImageNet-21k -> 1k"),
+    E("deit3_l16.fb_in22k_ft_in1k", "deit3_l16", 224, 1000, IMAGENET_1K, 304_374_760,
+      (_url(_FB + "deit/deit_3_large_224_21k.pth"), _timm("deit3_large_patch16_224.fb_in22k_ft_in1k")),
+      _FB_EVAL_384, top1_paper=87.0, description="DeiT III ViT-L/16, ImageNet-21k -> 1k"),
+    # --- DINOv2 (Oquab et al. 2023; registers: Darcet et al. 2024): self-supervised on LVD-142M, features only,
+    #     518 px; top1_paper is the ImageNet linear-probe top-1 of the DINOv2 README
+    *(E(f"dinov2_{s}14{reg}.lvd142m", f"dinov2_{s}14{reg}", 518, 0, "", params,
+        (_url(f"{_FB}dinov2/dinov2_vit{s}14/dinov2_vit{s}14{reg}_pretrain.pth"),
+         _timm(f"vit_{long}_patch14{reg and '_reg4'}_dinov2.lvd142m"),
+         _tf(f"facebook/dinov2-{'with-registers-' if reg else ''}{long}")), _FB_EVAL, top1_paper=top1,
+        description=f"DINOv2 ViT-{s.upper() if s != 'g' else 'g'}/14{' with 4 registers' if reg else ''}, LVD-142M "
+                    "(features; top-1: linear probe)")
+      for s, long, reg, params, top1 in (
+          ("s", "small", "", 22_056_192, 81.1), ("b", "base", "", 86_579_712, 84.5),
+          ("l", "large", "", 304_367_616, 86.3), ("g", "giant", "", 1_136_479_232, 86.5),
+          ("s", "small", "_reg4", 22_057_344, 80.9), ("b", "base", "_reg4", 86_582_016, 84.6),
+          ("l", "large", "_reg4", 304_370_688, 86.7), ("g", "giant", "_reg4", 1_136_483_840, 87.1))),
+    # --- SigLIP (Zhai et al. 2023) image towers, WebLI: MAP head, features only
+    *(E(f"{model}.webli{'' if size == 224 or (model == 'siglip_l16' and size == 256) else f'_{size}'}", model, size,
+        0, "", params, (_timm(f"{stem}_{size}.webli"), _tf(f"google/{repo}-{size}", _TOWER)), _SIGLIP_EVAL,
+        description=f"SigLIP {title} image tower, WebLI, {size} px (features)")
+      for model, stem, repo, title, size, params in (
+          ("siglip_b16", "vit_base_patch16_siglip", "siglip-base-patch16", "B/16", 224, 92_884_224),
+          ("siglip_b16", "vit_base_patch16_siglip", "siglip-base-patch16", "B/16", 256, 92_930_304),
+          ("siglip_b16", "vit_base_patch16_siglip", "siglip-base-patch16", "B/16", 384, 93_176_064),
+          ("siglip_b16", "vit_base_patch16_siglip", "siglip-base-patch16", "B/16", 512, 93_520_128),
+          ("siglip_l16", "vit_large_patch16_siglip", "siglip-large-patch16", "L/16", 256, 315_956_224),
+          ("siglip_l16", "vit_large_patch16_siglip", "siglip-large-patch16", "L/16", 384, 316_283_904),
+          ("siglip_so400m14", "vit_so400m_patch14_siglip", "siglip-so400m-patch14", "So400m/14", 224,
+           427_680_704),
+          ("siglip_so400m14", "vit_so400m_patch14_siglip", "siglip-so400m-patch14", "So400m/14", 384,
+           428_225_600))),
+    # --- CLIP (Radford et al. 2021) image towers: OpenAI's (QuickGELU) and LAION-2B's (OpenCLIP, exact GELU); the
+    #     head is the image-to-text projection
+    E("clip_b32_quickgelu.openai", "clip_b32_quickgelu", 224, 512, "", 87_849_728,
+      (_timm("vit_base_patch32_clip_224.openai"), _tf("openai/clip-vit-base-patch32", _TOWER)), _CLIP_EVAL,
+      license="mit", description="CLIP ViT-B/32 image tower, OpenAI (projection to 512)"),
+    E("clip_b16_quickgelu.openai", "clip_b16_quickgelu", 224, 512, "", 86_193_152,
+      (_timm("vit_base_patch16_clip_224.openai"), _tf("openai/clip-vit-base-patch16", _TOWER)), _CLIP_EVAL,
+      license="mit", description="CLIP ViT-B/16 image tower, OpenAI (projection to 512)"),
+    E("clip_l14_quickgelu.openai", "clip_l14_quickgelu", 224, 768, "", 303_966_976,
+      (_timm("vit_large_patch14_clip_224.openai"), _tf("openai/clip-vit-large-patch14", _TOWER)), _CLIP_EVAL,
+      license="mit", description="CLIP ViT-L/14 image tower, OpenAI (projection to 768)"),
+    E("clip_b32.laion2b", "clip_b32", 224, 512, "", 87_849_728, (_timm("vit_base_patch32_clip_224.laion2b"),),
+      PublisherPreprocessing("crop", 0.9, "bicubic", CLIP_MEAN, CLIP_STD), license="mit",
+      description="CLIP ViT-B/32 image tower, OpenCLIP on LAION-2B"),
+    E("clip_b16.laion2b", "clip_b16", 224, 512, "", 86_193_152, (_timm("vit_base_patch16_clip_224.laion2b"),),
+      _CLIP_EVAL, license="mit", description="CLIP ViT-B/16 image tower, OpenCLIP on LAION-2B"),
+    E("clip_l14.laion2b", "clip_l14", 224, 768, "", 303_966_976, (_timm("vit_large_patch14_clip_224.laion2b"),),
+      PublisherPreprocessing("crop", 1.0, "bicubic"), license="mit",
+      description="CLIP ViT-L/14 image tower, OpenCLIP on LAION-2B"),
 )
 del E
 
@@ -303,6 +432,25 @@ DEFAULT_TAGS: dict[str, str] = {
     "r50_vit_l32": "augreg_in21k_ft_in1k",
     "r_vit_ti16": "augreg_in21k_ft_in1k",
     "bit_r50x1": "goog_in21k_ft_in1k_448",
+    "deit_ti16": "fb_in1k",
+    "deit_s16": "fb_in1k",
+    "deit_b16": "fb_in1k",
+    "deit_ti16_distilled": "fb_in1k",
+    "deit_s16_distilled": "fb_in1k",
+    "deit_b16_distilled": "fb_in1k",
+    "deit3_s16": "fb_in22k_ft_in1k",
+    "deit3_b16": "fb_in22k_ft_in1k",
+    "deit3_l16": "fb_in22k_ft_in1k",
+    **{f"dinov2_{s}14{reg}": "lvd142m" for s in "sblg" for reg in ("", "_reg4")},
+    "siglip_b16": "webli",
+    "siglip_l16": "webli",
+    "siglip_so400m14": "webli",
+    "clip_b32_quickgelu": "openai",
+    "clip_b16_quickgelu": "openai",
+    "clip_l14_quickgelu": "openai",
+    "clip_b32": "laion2b",
+    "clip_b16": "laion2b",
+    "clip_l14": "laion2b",
 }
 
 _BY_NAME: dict[str, PretrainedEntry] = {e.name: e for e in CATALOG}
@@ -330,8 +478,6 @@ def get_pretrained(name: str, tag: str | None = None) -> PretrainedEntry:
     """The entry for ``model.tag``, or for ``model`` with ``tag`` (``None``: the model's default tag). Model names
     may be any registered name or alias (``vit_base_patch16_384.augreg_in21k_ft_in1k`` finds
     ``vit_b16.augreg_in21k_ft_in1k_384``). Raises ``KeyError`` naming the closest entries."""
-    from .registry import resolve
-
     model, _, given_tag = name.partition(".")
     tag = given_tag or tag
     try:

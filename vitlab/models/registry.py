@@ -4,11 +4,18 @@ ViTs: the paper's Table 1 sizes plus the Ti and S sizes of the later AugReg rele
 Each size and patch has a short name (``vit_b16``) and timm-style aliases (``vit_base_patch16_224``,
 ``vit_base_patch16_384``) that fix the resolution. The paper's baselines and hybrids are in the same table: BiT
 ResNet-v2 (``bit_r50x1`` = ``resnetv2_50x1_bit``, ...) and ResNet + ViT hybrids (``r50_vit_b16`` =
-``vit_base_r50_s16_224`` / ``_384``, ...). Any config field can be overridden at creation.
+``vit_base_r50_s16_224`` / ``_384``, ...). The ViTs people start from today are rows of the same table, each the
+paper's ViT with a few options of :class:`ViTConfig` (docs/families.md): DeiT (``deit_b16``, distilled
+``deit_b16_distilled``), DeiT III (``deit3_b16``), DINOv2 (``dinov2_b14``, with registers ``dinov2_b14_reg4``),
+SigLIP / SigLIP 2 image towers (``siglip_b16``, ``siglip_so400m14``, ...) and CLIP image towers (``clip_b16``,
+OpenAI's QuickGELU ``clip_b16_quickgelu``), with timm's model names as aliases. Any config field can be overridden
+at creation.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
@@ -55,6 +62,78 @@ def _paper_variants() -> list[ModelEntry]:
             entries.append(
                 ModelEntry(f"vit_{letter}{patch}", cfg, f"ViT-{letter.capitalize()}/{patch}", aliases)
             )
+    return entries
+
+
+def _family_variants() -> list[ModelEntry]:
+    """The post-2021 families (docs/families.md), as timm builds them: parameter counts equal timm's models of the
+    alias names (tests/test_families.py). Headless families (DINOv2, SigLIP) have ``num_classes=0``; CLIP's
+    ``head`` is its image-to-text projection (no bias in the release; timm keeps a zero bias, and so does vitlab
+    so that a timm state dict loads as it is)."""
+    entries = []
+    deit = {"ti": "tiny", "s": "small", "b": "base"}
+    for letter, long in deit.items():
+        _, dim, depth, mlp, heads = SIZES[letter]
+        vit = dict(img_size=224, patch_size=16, embed_dim=dim, depth=depth, mlp_dim=mlp, num_heads=heads)
+        res = (224, 384) if letter == "b" else (224,)
+        entries.append(ModelEntry(f"deit_{letter}16", ViTConfig(**vit), f"DeiT-{letter.capitalize()}/16",
+                                  tuple(f"deit_{long}_patch16_{r}" for r in res)))
+        entries.append(ModelEntry(f"deit_{letter}16_distilled", ViTConfig(**vit, distilled=True),
+                                  f"DeiT-{letter.capitalize()}/16 distilled (distillation token and head)",
+                                  tuple(f"deit_{long}_distilled_patch16_{r}" for r in res)))
+    for letter in ("s", "b", "l"):
+        long, dim, depth, mlp, heads = SIZES[letter]
+        cfg = ViTConfig(img_size=224, patch_size=16, embed_dim=dim, depth=depth, mlp_dim=mlp, num_heads=heads,
+                        layer_scale=1e-6, no_embed_class=True)
+        entries.append(ModelEntry(f"deit3_{letter}16", cfg, f"DeiT III-{letter.capitalize()}/16 (LayerScale 1e-6, "
+                                  "patch-only position embedding)",
+                                  tuple(f"deit3_{long}_patch16_{r}" for r in (224, 384))))
+    dinov2 = {"s": ("small", 384, 12, 1536, 6), "b": ("base", 768, 12, 3072, 12),
+              "l": ("large", 1024, 24, 4096, 16), "g": ("giant", 1536, 40, 4096, 24)}
+    for letter, (long, dim, depth, mlp, heads) in dinov2.items():
+        # ViT-g's MLP is SwiGLU with gated width 4096 (DINOv2's round(2/3 * 4D) to a multiple of 8)
+        mlp_type = "swiglu" if letter == "g" else "mlp"
+        cfg = ViTConfig(img_size=518, patch_size=14, num_classes=0, embed_dim=dim, depth=depth, mlp_dim=mlp,
+                        num_heads=heads, layer_scale=1e-5, mlp_type=mlp_type)
+        name = f"DINOv2 ViT-{letter.capitalize()}/14"
+        entries.append(ModelEntry(f"dinov2_{letter}14", cfg, f"{name} (LayerScale 1e-5, 518 px, features)",
+                                  (f"vit_{long}_patch14_dinov2",)))
+        entries.append(ModelEntry(f"dinov2_{letter}14_reg4", cfg.replace(reg_tokens=4, no_embed_class=True),
+                                  f"{name} with 4 registers (patch-only position embedding)",
+                                  (f"vit_{long}_patch14_reg4_dinov2",)))
+    siglip = [  # name, timm stem, patch, width, depth, MLP, heads, default size, alias sizes, description
+        ("siglip_b16", "vit_base_patch16_siglip", 16, 768, 12, 3072, 12, 224, (224, 256, 384, 512),
+         "SigLIP / SigLIP 2 B/16 image tower"),
+        ("siglip_b32", "vit_base_patch32_siglip", 32, 768, 12, 3072, 12, 256, (256,), "SigLIP 2 B/32 image tower"),
+        ("siglip_l16", "vit_large_patch16_siglip", 16, 1024, 24, 4096, 16, 256, (256, 384, 512),
+         "SigLIP / SigLIP 2 L/16 image tower"),
+        ("siglip_so400m14", "vit_so400m_patch14_siglip", 14, 1152, 27, 4304, 16, 224, (224, 378, 384),
+         "SigLIP / SigLIP 2 So400m/14 image tower (384 px: 27x27 grid, the last 6 pixel rows / columns unused)"),
+        ("siglip_so400m16", "vit_so400m_patch16_siglip", 16, 1152, 27, 4304, 16, 256, (256, 384, 512),
+         "SigLIP 2 (and SigLIP i18n) So400m/16 image tower"),
+        ("siglip_g16", "vit_giantopt_patch16_siglip", 16, 1536, 40, 6144, 16, 256, (256, 384),
+         "SigLIP 2 g-opt/16 image tower"),
+    ]
+    for name, stem, patch, dim, depth, mlp, heads, size, sizes, description in siglip:
+        cfg = ViTConfig(img_size=size, patch_size=patch, num_classes=0, embed_dim=dim, depth=depth, mlp_dim=mlp,
+                        num_heads=heads, class_token=False, pool="map", gelu="tanh",
+                        drop_remainder=patch == 14)
+        entries.append(ModelEntry(name, cfg, f"{description} (MAP head, tanh GELU)",
+                                  tuple(f"{stem}_{r}" for r in sizes)))
+    clip = [  # name, size letter, patch, projection width, alias sizes
+        ("clip_b32", "b", 32, 512, (224,)),
+        ("clip_b16", "b", 16, 512, (224, 384)),
+        ("clip_l14", "l", 14, 768, (224, 336)),
+    ]
+    for name, letter, patch, proj, sizes in clip:
+        long, dim, depth, mlp, heads = SIZES[letter]
+        cfg = ViTConfig(img_size=224, patch_size=patch, num_classes=proj, embed_dim=dim, depth=depth, mlp_dim=mlp,
+                        num_heads=heads, pre_norm=True, patch_bias=False, norm_eps=1e-5)
+        title = f"CLIP ViT-{letter.capitalize()}/{patch} image tower (ln_pre, projection to {proj})"
+        entries.append(ModelEntry(name, cfg, title, tuple(f"vit_{long}_patch{patch}_clip_{r}" for r in sizes)))
+        quick = tuple(f"vit_{long}_patch{patch}_clip_quickgelu_{r}" for r in sizes if r != 384)
+        entries.append(ModelEntry(f"{name}_quickgelu", cfg.replace(gelu="quick"), f"{title}, QuickGELU (OpenAI)",
+                                  quick))
     return entries
 
 
@@ -146,7 +225,8 @@ def register(entry: ModelEntry) -> None:
         _ALIASES[alias] = (entry.name, overrides)
 
 
-for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_variants, _small_data_baselines):
+for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_variants, _small_data_baselines,
+                _family_variants):
     for _entry in _family():
         register(_entry)
 
@@ -154,8 +234,6 @@ for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_va
 def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:
     """Registered model names, optionally filtered by a substring or ``fnmatch`` pattern (matched against names and
     their timm-style aliases); with ``aliases`` the aliases are listed too."""
-    import fnmatch
-
     glob = None
     if pattern:
         glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
@@ -176,7 +254,6 @@ def resolve(name: str) -> tuple[ModelEntry, dict]:
     if name in _ALIASES:
         base, overrides = _ALIASES[name]
         return _ENTRIES[base], dict(overrides)
-    import difflib
 
     close = difflib.get_close_matches(name, list(_ENTRIES) + list(_ALIASES), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `vitlab models`"

@@ -29,7 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InvalidValueError
 from .resample import RESAMPLE_METHODS, resample_grid
 
-PoolType = Literal["token", "gap"]
+PoolType = Literal["token", "gap", "map"]
+GeluType = Literal["exact", "tanh", "quick"]
+MlpType = Literal["mlp", "swiglu"]
 PosEmbedType = Literal["learned", "learned_2d", "sincos", "none"]
 
 
@@ -54,6 +56,32 @@ class ViTConfig:
     ``pool='gap'`` averages the patch tokens; ``norm_after_pool`` chooses where the final LayerNorm goes for it:
     False applies it to every token and then averages (vit_jax, big_vision), True averages and then normalises
     (timm's ``fc_norm``).
+
+    Options of the ViTs that came after the paper (all off by default; docs/families.md says which family uses
+    which; module names are timm's):
+
+    - ``layer_scale``: LayerScale init value (None: off). Each residual branch is multiplied by a learned per-channel
+      ``ls1.gamma`` / ``ls2.gamma`` started at this value (DeiT III 1e-6, DINOv2 1e-5).
+    - ``reg_tokens``: register tokens (``reg_token``, (1, n, D)) after the class token; they take part in attention
+      and are dropped at the output (DINOv2 with registers: 4).
+    - ``distilled``: DeiT's distillation token (``dist_token``, right after the class token) and its own classifier
+      ``head_dist``; inference averages the two heads' logits, training with :meth:`VisionTransformer.
+      set_distilled_training` returns both.
+    - ``no_embed_class``: the learned position embedding covers the patches only (gh*gw rows); prefix tokens get
+      none (DeiT III, DINOv2 with registers, SigLIP). The other ``pos_embed`` kinds always cover the patches only.
+    - ``pre_norm``: a LayerNorm (``norm_pre``) on all tokens before the encoder (CLIP's ``ln_pre``).
+    - ``patch_bias``: the patch embedding's bias (CLIP's ``conv1`` has none).
+    - ``pool='map'``: multi-head attention pooling (``attn_pool``): a learned probe attends over the patch tokens,
+      then LayerNorm + MLP with a residual (big_vision's MAP head; SigLIP).
+    - ``gelu``: ``exact`` (erf), ``tanh`` (the approximation of big_vision / SigLIP) or ``quick``
+      (x * sigmoid(1.702 x), OpenAI CLIP).
+    - ``mlp_type='swiglu'``: the MLP is SiLU(x W_g) * (x W_v) -> W_o with ``fc1`` (D -> 2M; gate rows first, then
+      value rows, timm's SwiGLUPacked) and ``fc2`` (M -> D); ``mlp_dim`` is the gated width M (DINOv2 ViT-g: 4096).
+    - ``drop_remainder``: accept image sizes that are not a multiple of the patch; the strided patch convolution
+      ignores the last ``size % patch`` pixel rows / columns (SigLIP So400m/14 at 384 px: a 27x27 grid).
+
+    Prefix tokens are one concept: ``[class] [distillation] [registers...]`` in that order, then the patches;
+    :attr:`num_prefix_tokens` counts them and :attr:`prefix_token_names` names them.
     """
 
     img_size: tuple[int, int] = (224, 224)
@@ -69,9 +97,17 @@ class ViTConfig:
     pos_embed: PosEmbedType = "learned"
     norm_after_pool: bool = False
     representation_size: int | None = None
-    gelu: Literal["exact", "tanh"] = "exact"
+    gelu: GeluType = "exact"
     qkv_bias: bool = True
     norm_eps: float = 1e-6
+    layer_scale: float | None = None
+    reg_tokens: int = 0
+    distilled: bool = False
+    no_embed_class: bool = False
+    pre_norm: bool = False
+    patch_bias: bool = True
+    mlp_type: MlpType = "mlp"
+    drop_remainder: bool = False
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path_rate: float = 0.0
@@ -84,12 +120,12 @@ class ViTConfig:
         object.__setattr__(self, "patch_size", _pair(self.patch_size))
         errors = []
         for (size, patch, axis) in zip(self.img_size, self.patch_size, ("height", "width")):
-            if patch <= 0 or size <= 0 or size % patch:
+            if patch <= 0 or size <= 0 or (size % patch and not self.drop_remainder) or size < patch:
                 errors.append(f"image {axis} {size} is not a positive multiple of patch {axis} {patch}")
         if self.embed_dim % self.num_heads:
             errors.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.pool not in ("token", "gap"):
-            errors.append(f"pool must be 'token' or 'gap', got {self.pool!r}")
+        if self.pool not in ("token", "gap", "map"):
+            errors.append(f"pool must be 'token', 'gap' or 'map', got {self.pool!r}")
         if self.pool == "token" and not self.class_token:
             errors.append("pool='token' needs class_token=True")
         if self.pos_embed not in ("learned", "learned_2d", "sincos", "none"):
@@ -98,8 +134,26 @@ class ViTConfig:
             errors.append("pos_embed='learned_2d' needs an even embed_dim")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             errors.append("pos_embed='sincos' needs embed_dim divisible by 4")
-        if self.gelu not in ("exact", "tanh"):
-            errors.append(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        if self.gelu not in ("exact", "tanh", "quick"):
+            errors.append(f"gelu must be 'exact', 'tanh' or 'quick', got {self.gelu!r}")
+        if self.layer_scale is not None and not self.layer_scale > 0:
+            errors.append(f"layer_scale must be a positive init value or None, got {self.layer_scale!r}")
+        if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            errors.append(f"reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
+        if self.distilled:
+            if not self.class_token or self.pool != "token":
+                errors.append("distilled=True needs class_token=True and pool='token' (the two heads read the class "
+                              "and distillation tokens)")
+            if self.reg_tokens:
+                errors.append("distilled=True does not combine with reg_tokens")
+            if self.representation_size or self.norm_after_pool:
+                errors.append("distilled=True does not combine with representation_size or norm_after_pool")
+        if self.mlp_type not in ("mlp", "swiglu"):
+            errors.append(f"mlp_type must be 'mlp' or 'swiglu', got {self.mlp_type!r}")
+        if self.mlp_type == "swiglu" and self.pool == "map":
+            errors.append("pool='map' does not combine with mlp_type='swiglu' (the pooling head's MLP uses GELU)")
+        if self.pool == "map" and self.norm_after_pool:
+            errors.append("pool='map' does not combine with norm_after_pool (the pooling head has its own norm)")
         if self.num_classes < 0:
             errors.append(f"num_classes must be >= 0, got {self.num_classes}")
         if self.dynamic_resample not in RESAMPLE_METHODS:
@@ -124,7 +178,32 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.class_token else 0
+        """Tokens before the patches: class, distillation and register tokens."""
+        return int(self.class_token) + int(self.distilled) + self.reg_tokens
+
+    @property
+    def prefix_token_names(self) -> tuple[str, ...]:
+        """Each prefix token's role in sequence order: ``class``, ``dist``, ``reg0``, ``reg1``, ..."""
+        names = ("class",) * self.class_token + ("dist",) * self.distilled
+        return names + tuple(f"reg{i}" for i in range(self.reg_tokens))
+
+    @property
+    def num_pos_prefix(self) -> int:
+        """Rows of the learned position embedding that belong to prefix tokens (before the grid rows): all prefix
+        tokens, or none with ``no_embed_class`` or a kind of embedding that covers the patches only."""
+        return self.num_prefix_tokens if self.pos_embed == "learned" and not self.no_embed_class else 0
+
+    def family_options(self) -> dict:
+        """The options beyond the paper's ViT that are set (field -> value), e.g. ``{'layer_scale': 1e-05,
+        'reg_tokens': 4, 'no_embed_class': True}`` for DINOv2 with registers; empty for the paper's models. Layouts
+        that cannot hold them (vit_jax, torchvision) name them in their error."""
+        changed = {name: getattr(self, name) for name, default in _FAMILY_DEFAULTS.items()
+                   if getattr(self, name) != default}
+        if self.pool == "map":
+            changed["pool"] = "map"
+        if self.gelu == "quick":
+            changed["gelu"] = "quick"
+        return changed
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (tuples become lists)."""
@@ -150,12 +229,16 @@ class ViTConfig:
         return replace(self, **changes)
 
 
+_FAMILY_DEFAULTS = {"layer_scale": None, "reg_tokens": 0, "distilled": False, "no_embed_class": False,
+                    "pre_norm": False, "patch_bias": True, "mlp_type": "mlp", "drop_remainder": False}
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into P x P patches and project each linearly: a P x P convolution with stride P."""
 
-    def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: tuple[int, int], in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, D, gh, gw)
@@ -209,19 +292,60 @@ class Attention(nn.Module):
         return (out, probs) if return_attention else out
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_module(kind: str) -> nn.Module:
+    """The activation of a ``gelu`` config value: ``exact``, ``tanh`` or ``quick``."""
+    return QuickGELU() if kind == "quick" else nn.GELU(approximate="tanh" if kind == "tanh" else "none")
+
+
 class Mlp(nn.Module):
     """Dense(D->M), GELU, Dense(M->D), with dropout after each dense layer as in the paper."""
 
     def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.act = gelu_module(gelu)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class SwiGLU(nn.Module):
+    """SiLU(x W_g) * (x W_v), then Dense(M->D). ``fc1`` holds W_g and W_v packed (D -> 2M, gate rows first), so
+    the names and shapes are timm's ``SwiGLUPacked`` (DINOv2 ViT-g)."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.act = nn.SiLU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)  # (B, N, M) each
+        return self.drop2(self.fc2(self.drop1(self.act(gate) * value)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch, learned from ``init_value`` (Touvron et al. 2021, CaiT)."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -234,14 +358,21 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x)); with ``layer_scale`` each branch is scaled by
+    its learned ``ls1`` / ``ls2`` before the sum."""
 
     def __init__(self, cfg: ViTConfig, drop_path_rate: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim, cfg.gelu, cfg.dropout)
+        D = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout)
+        self.ls1 = LayerScale(D, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
+        if cfg.mlp_type == "swiglu":
+            self.mlp = SwiGLU(D, cfg.mlp_dim, cfg.dropout)
+        else:
+            self.mlp = Mlp(D, cfg.mlp_dim, cfg.gelu, cfg.dropout)
+        self.ls2 = LayerScale(D, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
@@ -249,9 +380,39 @@ class Block(nn.Module):
             y, probs = self.attn(self.norm1(x), return_attention=True)
         else:
             y, probs = self.attn(self.norm1(x)), None
-        x = x + drop_path(y, self.drop_path_rate, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        x = x + drop_path(self.ls1(y), self.drop_path_rate, self.training)
+        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
         return (x, probs) if return_attention else x
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (big_vision's MAP head): a learned probe (``latent``, (1, 1, D)) attends over the
+    tokens with its own ``q`` and fused ``kv`` projections, ``proj`` maps the result, and an MLP on its LayerNorm is
+    added: (B, N, D) -> (B, D). Names and shapes are timm's ``AttentionPoolLatent``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, gelu: str = "exact", norm_eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_dim, gelu)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        B, N, D = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if return_attention:
+            probs = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, N)
+            out = probs @ v
+        else:
+            probs, out = None, F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, 1, D))
+        out = (out + self.mlp(self.norm(out)))[:, 0]  # (B, D)
+        return (out, probs) if return_attention else out
 
 
 class PreLogits(nn.Module):
@@ -345,10 +506,13 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = self.build_patch_embed(cfg)
+        # prefix tokens, in sequence order: class, distillation, registers
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, D)) if cfg.reg_tokens else None
         gh, gw = cfg.grid_size
-        if cfg.pos_embed == "learned":  # one row per token, class slot first (vit_jax layout)
-            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + self.num_prefix_tokens, D))
+        if cfg.pos_embed == "learned":  # one row per token, prefix slots first (vit_jax layout) unless no_embed_class
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_prefix + cfg.num_patches, D))
         elif cfg.pos_embed == "learned_2d":  # paper's 2D ablation: X and Y halves concatenated
             self.pos_embed_y = nn.Parameter(torch.zeros(gh, D // 2))
             self.pos_embed_x = nn.Parameter(torch.zeros(gw, D // 2))
@@ -356,21 +520,26 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed_fixed", sincos_2d_position_embedding(cfg.grid_size, D), persistent=False)
         self.pos_drop = nn.Dropout(cfg.dropout)
         self.pos_cache = GridCache()  # position embeddings for other grids (dynamic_img_size)
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
 
         # stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, rate) for rate in rates])
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if not cfg.norm_after_pool else nn.Identity()
+        self.attn_pool = (AttentionPool(D, cfg.num_heads, cfg.mlp_dim, cfg.gelu, cfg.norm_eps)
+                          if cfg.pool == "map" else None)
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.norm_after_pool else nn.Identity()
         self.pre_logits = PreLogits(D, cfg.representation_size) if cfg.representation_size else nn.Identity()
         self.head = self._new_head(cfg.representation_size or D, cfg.num_classes)
+        self.head_dist = self._new_head(D, cfg.num_classes) if cfg.distilled else None
+        self.distilled_training = False  # timm's switch: training then returns both heads' logits
         self.init_weights()
 
     # ----- construction helpers
     def build_patch_embed(self, cfg: ViTConfig) -> nn.Module:
         """The module that turns images (B, C, H, W) into patch tokens (B, N, D) and has the linear map E as
         ``.proj``; hybrid models override this to put a ResNet in front of it."""
-        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, bias=cfg.patch_bias)
 
     @staticmethod
     def _new_head(in_features: int, num_classes: int) -> nn.Module:
@@ -384,9 +553,11 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """vit_jax initialisation: dense xavier-uniform (q, k, v each on its own), MLP biases normal(1e-6), other
-        biases zero, patch embedding LeCun normal, position embeddings normal(0.02), class token and head zero."""
+        biases zero, patch embedding LeCun normal, position embeddings normal(0.02), class token and head zero.
+        Tokens the paper does not have start as timm starts them: registers normal(1e-6), the distillation token
+        normal(0.02), the pooling probe normal(D^-0.5); LayerScale at ``cfg.layer_scale``."""
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and module is not self.head:
+            if isinstance(module, nn.Linear) and module is not self.head and module is not self.head_dist:
                 if name.endswith("attn.qkv"):
                     for chunk in module.weight.chunk(3, dim=0):
                         nn.init.xavier_uniform_(chunk)
@@ -403,10 +574,17 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         fan_in = w.shape[1] * w.shape[2] * w.shape[3]
         nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         for name in ("pos_embed", "pos_embed_x", "pos_embed_y"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name), std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.normal_(self.dist_token, std=0.02)
+        if self.attn_pool is not None:
+            nn.init.normal_(self.attn_pool.latent, std=self.cfg.embed_dim**-0.5)
 
     def reset_head(self, num_classes: int, drop_pre_logits: bool = True) -> None:
         """Replace the head for ``num_classes`` classes, zero-initialised as in the paper's fine-tuning.
@@ -418,6 +596,8 @@ class VisionTransformer(nn.Module):
         device = self.patch_embed.proj.weight.device
         dtype = self.patch_embed.proj.weight.dtype
         self.head = self._new_head(self.cfg.representation_size or self.cfg.embed_dim, num_classes).to(device, dtype)
+        if self.cfg.distilled:
+            self.head_dist = self._new_head(self.cfg.embed_dim, num_classes).to(device, dtype)
         self.cfg = self.cfg.replace(num_classes=num_classes)
 
     reset_classifier = reset_head  # timm's name
@@ -425,6 +605,14 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass to save memory."""
         self.grad_checkpointing = enable
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Distilled models (timm's switch): in training mode ``forward`` then returns the (class-head,
+        distillation-head) logits for a distillation loss against a teacher; otherwise, and always at inference,
+        their average. vitlab's own training loop has no teacher and trains on the average."""
+        if not self.cfg.distilled:
+            raise ModelInputError("set_distilled_training needs a model built with distilled=True")
+        self.distilled_training = enable
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -485,7 +673,7 @@ class VisionTransformer(nn.Module):
             return cfg.grid_size
         if cfg.dynamic_img_pad:
             return (-(-H // rh), -(-W // rw))
-        if H % rh or W % rw:
+        if (H % rh or W % rw) and not cfg.drop_remainder:
             raise ModelInputError(f"input {H}x{W} is not a multiple of the {rh}x{rw} {unit}; build the model with "
                                   "dynamic_img_pad=True to pad it")
         return (H // rh, W // rw)
@@ -499,10 +687,11 @@ class VisionTransformer(nn.Module):
 
     # ----- forward
     def position_embedding(self, grid_size: tuple[int, int] | None = None) -> torch.Tensor | None:
-        """The position embedding for the patch tokens, (1, N, D), or for all tokens (1, N+1, D) for ``learned``
-        with a class token; None when there is none. ``grid_size`` other than the build grid: the learned grid
-        resampled with ``cfg.dynamic_resample`` (class slot unchanged), a sin-cos embedding computed for it; cached
-        per grid (see :class:`GridCache`)."""
+        """The position embedding for the patch tokens, (1, N, D), or for all tokens (1, prefix + N, D) for
+        ``learned`` with prefix tokens and without ``no_embed_class`` (``cfg.num_pos_prefix`` rows first); None when
+        there is none. ``grid_size`` other than the build grid: the learned grid resampled with
+        ``cfg.dynamic_resample`` (prefix rows unchanged), a sin-cos embedding computed for it; cached per grid (see
+        :class:`GridCache`)."""
         kind, build = self.cfg.pos_embed, self.cfg.grid_size
         grid = build if grid_size is None else tuple(grid_size)
         if kind == "none":
@@ -519,7 +708,8 @@ class VisionTransformer(nn.Module):
         if cfg.pos_embed == "learned":
             if same:
                 return self.pos_embed
-            prefix, rows = self.pos_embed[:, : self.num_prefix_tokens], self.pos_embed[0, self.num_prefix_tokens :]
+            p = cfg.num_pos_prefix
+            prefix, rows = self.pos_embed[:, :p], self.pos_embed[0, p:]
             resampled = resample_grid(rows.reshape(*cfg.grid_size, -1), grid, cfg.dynamic_resample)
             return torch.cat([prefix, resampled.reshape(1, gh * gw, -1)], dim=1)
         if cfg.pos_embed == "learned_2d":
@@ -541,18 +731,24 @@ class VisionTransformer(nn.Module):
         return self.embed_tokens(self.patch_embed(self.pad_input(x)), grid)
 
     def embed_tokens(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Class token and position embedding added to patch embeddings: (B, N, D) -> (B, N + prefix, D), N the
-        tokens of ``grid_size`` (default: the build grid). (Masked patch prediction corrupts the patch embeddings
-        between the two halves of :meth:`embed`.)"""
+        """Prefix tokens and position embedding added to patch embeddings: (B, N, D) -> (B, prefix + N, D), N the
+        tokens of ``grid_size`` (default: the build grid), then ``norm_pre``. (Masked patch prediction corrupts the
+        patch embeddings between the two halves of :meth:`embed`.)"""
         pos = self.position_embedding(grid_size)
-        full_pos = pos is not None and pos.shape[1] == x.shape[1] + self.num_prefix_tokens
-        if pos is not None and not full_pos:
-            x = x + pos  # patch-only embedding; the class token needs none (it is learned itself)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if full_pos:
+        with_prefix = pos is not None and self.cfg.num_pos_prefix > 0
+        if pos is not None and not with_prefix:
+            x = x + pos  # patch-only embedding: prefix tokens get none (they are learned themselves)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_tokens()]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
+        if with_prefix:
             x = x + pos
-        return self.pos_drop(x)
+        return self.norm_pre(self.pos_drop(x))
+
+    def prefix_tokens(self) -> list[torch.Tensor]:
+        """The learned prefix tokens in sequence order (class (1, 1, D), distillation (1, 1, D), registers
+        (1, n, D)); those the model has."""
+        return [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
 
     def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One encoder block, recomputed in the backward pass when gradient checkpointing is on."""
@@ -615,14 +811,24 @@ class VisionTransformer(nn.Module):
         return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N + prefix, D) -> (B, D): the class token, or the mean of the patch tokens."""
+        """(B, prefix + N, D) -> (B, D): the class token (distilled: the mean of the class and distillation tokens,
+        timm's pre-logits), the mean of the patch tokens, or the attention-pooling head over the patch tokens."""
+        p = self.num_prefix_tokens
         if self.cfg.pool == "token":
-            return x[:, 0]
-        return x[:, self.num_prefix_tokens :].mean(dim=1)
+            return (x[:, 0] + x[:, 1]) / 2 if self.cfg.distilled else x[:, 0]
+        if self.cfg.pool == "map":
+            return self.attn_pool(x[:, p:])
+        return x[:, p:].mean(dim=1)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         """Pool the tokens, then fc_norm / pre-logits / head. ``pre_logits=True`` returns the representation the head
-        sees (B, R or D) instead of logits."""
+        sees (B, R or D) instead of logits. Distilled models: the mean of the two heads' logits (a pair of logits
+        in training mode after :meth:`set_distilled_training`)."""
+        if self.cfg.distilled and not pre_logits:
+            logits, logits_dist = self.head(x[:, 0]), self.head_dist(x[:, 1])
+            if self.distilled_training and self.training:
+                return logits, logits_dist
+            return (logits + logits_dist) / 2
         x = self.fc_norm(self.pool(x))
         x = self.pre_logits(x)
         return x if pre_logits else self.head(x)
@@ -632,17 +838,25 @@ class VisionTransformer(nn.Module):
         was built without it."""
         return self.forward_head(self.forward_features(x, dynamic_img_size))
 
-    def forward_with_attention(self, x: torch.Tensor, dynamic_img_size: bool | None = None
-                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_with_attention(self, x: torch.Tensor, dynamic_img_size: bool | None = None,
+                               return_pool_attention: bool = False):
         """Logits and every layer's attention probabilities, a list of ``depth`` tensors (B, heads, T, T) where
         T = tokens of the input's grid + prefix tokens. Uses the explicit softmax; the normal forward is not
-        affected."""
+        affected. ``return_pool_attention`` (``pool='map'`` models) adds a third element: the pooling probe's
+        attention over the patch tokens, (B, heads, 1, N)."""
         x = self.embed(x, dynamic_img_size)
         maps = []
         for block in self.blocks:
             x, probs = block(x, return_attention=True)
             maps.append(probs)
-        return self.forward_head(self.norm(x)), maps
+        x = self.norm(x)
+        if not return_pool_attention:
+            return self.forward_head(x), maps
+        if self.attn_pool is None:
+            raise ModelInputError("return_pool_attention needs a model with pool='map'")
+        pooled, probe = self.attn_pool(x[:, self.num_prefix_tokens :], return_attention=True)
+        logits = self.head(self.pre_logits(self.fc_norm(pooled)))
+        return logits, maps, probe
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Number of parameters (buffers such as a fixed sin-cos embedding excluded)."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..evaluate.distributed import sum_over_processes
 from ..preprocessing import Preprocessing
+from ..train import train
 from ..train.objectives import Objective
 from .mpp import MaskedPatchPrediction
 
@@ -64,6 +65,4 @@ def pretrain_mpp(config, *, objective: MaskedPatchObjective | None = None, resum
     """Pre-train ``config.model`` by masked patch prediction on ``config.data`` (labels unused) with the training
     loop; returns its :class:`~vitlab.train.TrainResult` (``metrics``: held-out MPP ``loss`` and colour ``top1``;
     ``model_path``: the ViT to fine-tune)."""
-    from ..train import train
-
     return train(config, resume=resume, objective=objective or MaskedPatchObjective())

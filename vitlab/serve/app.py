@@ -23,7 +23,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -63,15 +62,19 @@ class ServeSettings:
     max_body_bytes: int = 16 * 2**20
     max_images: int = 16
     max_pixels: int = 25_000_000
+    max_request_pixels: int = 50_000_000
     default_top_k: int = 5
     api_key: str | None = None
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least 1, got {getattr(self, name)}"
                     for name in ("max_batch", "max_queue", "max_body_bytes", "max_images", "max_pixels",
-                                 "default_top_k") if getattr(self, name) < 1]
+                                 "max_request_pixels", "default_top_k") if getattr(self, name) < 1]
         if self.max_wait_ms < 0:
             problems.append(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
+        if not self.body_timeout_s > 0:
+            problems.append(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         if self.max_images > self.max_queue:
             problems.append(f"max_images ({self.max_images}) cannot exceed max_queue ({self.max_queue})")
         if self.api_key is not None and not self.api_key.strip():
@@ -128,9 +131,20 @@ class _Guard:
                 return
             limit = service.settings.max_body_bytes
             received = [0]
+            timeout = service.settings.body_timeout_s
+            deadline = [start + timeout]  # the whole body within body_timeout_s of the headers
 
             async def receive_limited():
-                message = await receive()
+                if deadline[0] is None:  # the body is complete: waiting for a disconnect has no deadline
+                    return await receive()
+                try:
+                    with anyio.fail_after(max(deadline[0] - time.perf_counter(), 0.0)):
+                        message = await receive()
+                except TimeoutError:
+                    raise ApiError(408, f"the request body did not arrive within {timeout:g} s",
+                                   {"Connection": "close"}) from None
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    deadline[0] = None
                 if message["type"] == "http.request":
                     received[0] += len(message.get("body", b""))
                     if received[0] > limit:
@@ -220,7 +234,9 @@ def _display_name(raw: str | None) -> str | None:
     """A client's file name as shown back to it: printable, at most 100 characters; never used as a path."""
     if not raw:
         return None
-    return re.sub(r"[^\w .,()+=@-]", "_", raw)[:100] or None
+    # any printable character is kept (accents, CJK, emoji: names are Unicode); control and format characters,
+    # path separators, quotes and angle brackets become "_"
+    return "".join(c if c.isprintable() and c not in "/\\<>\"'`" else "_" for c in raw[:100]) or None
 
 
 def _decode_base64(text: str, label: str) -> bytes:
@@ -258,10 +274,7 @@ async def _read_request(request: Request, settings: ServeSettings) -> tuple[list
         finally:
             await form.close()
     elif media == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"body is not valid JSON ({exc})") from exc
+        body = _parse_json(await request.body())
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object with 'images' (a list) or 'image'")
         items = body.pop("images", None)
@@ -274,7 +287,9 @@ async def _read_request(request: Request, settings: ServeSettings) -> tuple[list
         for i, item in enumerate(items):
             label = f"image {i}"
             if isinstance(item, dict):
-                images.append((_display_name(str(item.get("name") or "")), _decode_base64(item.get("data"), label)))
+                name = item.get("name")
+                images.append((_display_name(name if isinstance(name, str) else None),
+                                _decode_base64(item.get("data"), label)))
             else:
                 images.append((None, _decode_base64(item, label)))
         options.update(body)
@@ -290,26 +305,54 @@ async def _read_request(request: Request, settings: ServeSettings) -> tuple[list
     return images, options
 
 
+def _parse_json(raw: bytes):
+    """A request's JSON body, or a 400 with a one-line reason: also for what Python's parser accepts or fails on
+    beyond the JSON standard (``NaN`` / ``Infinity``, integers of more than 20 digits, nesting deeper than the
+    interpreter's recursion limit)."""
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > 20:
+            raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits")
+        return int(digits)
+
+    try:
+        return json.loads(raw, parse_constant=constant, parse_int=integer)
+    except RecursionError:
+        raise ApiError(400, "body is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"body is not valid JSON ({str(exc)[:200]})") from None
+
+
+def _shown(value) -> str:
+    """A client's option value in a message: a string or number (cut to 40 characters), else its JSON type (a
+    nested list's repr could be huge or recurse past the interpreter's limit)."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return repr(str(value)[:40]) if isinstance(value, str) else repr(value)[:40]
+    return f"a JSON {type(value).__name__}"
+
+
 def _int_option(options: dict, name: str, default: int, low: int) -> int:
     value = options.get(name, default)
     try:
         number = int(value)
         if isinstance(value, float) and number != value:
             raise ValueError
-    except (TypeError, ValueError):
-        raise ApiError(400, f"{name} must be an integer, got {str(value)[:40]!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(400, f"{name} must be an integer, got {_shown(value)}") from None
     if number < low:
         raise ApiError(400, f"{name} must be at least {low}, got {number}")
     return number
 
 
 def _explain_options(options: dict) -> tuple[str, float]:
-    fusion = str(options.get("head_fusion", "mean"))
+    fusion = options.get("head_fusion", "mean")
     if fusion not in HEAD_FUSIONS:
-        raise ApiError(400, f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {fusion[:40]!r}")
+        raise ApiError(400, f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {_shown(fusion)}")
     try:
         discard = float(options.get("discard_ratio", 0.0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ApiError(400, "discard_ratio must be a number in [0, 1)") from None
     if not 0.0 <= discard < 1.0:
         raise ApiError(400, f"discard_ratio must be in [0, 1), got {discard}")
@@ -323,8 +366,8 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
 
     ``backend``: ``torch`` or ``onnx-int8`` (see :func:`load_engine`). Limits and batching come from ``settings`` or
     as keywords (the fields of :class:`ServeSettings`: ``max_batch``, ``max_wait_ms``, ``max_queue``,
-    ``max_body_bytes``, ``max_images``, ``max_pixels``, ``default_top_k``, ``api_key``). Mount it in another ASGI
-    app, or run it with uvicorn (``vitlab serve`` does)."""
+    ``max_body_bytes``, ``max_images``, ``max_pixels``, ``max_request_pixels``, ``default_top_k``, ``api_key``,
+    ``body_timeout_s``). Mount it in another ASGI app, or run it with uvicorn (``vitlab serve`` does)."""
     from fastapi import FastAPI
 
     if settings is None:
@@ -386,14 +429,24 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
         except BatcherClosed as exc:
             raise ApiError(503, str(exc)) from None
 
-        def decode():
-            return torch.stack([engine.prepare(data, f"image {i}", settings.max_pixels)
-                                for i, (_, data) in enumerate(uploads)])
-
+        # the pixels the headers declare, summed before anything is decoded: a few small compressed uploads can
+        # promise gigabytes of pixels; then each image takes a decode slot of its own, so that one request never
+        # holds more than one slot while it decodes
+        limiter = service.decode_limiter()
+        declared = await anyio.to_thread.run_sync(lambda: sum(engine.pixels(data) for _, data in uploads),
+                                                  limiter=limiter)
+        if declared > settings.max_request_pixels:
+            raise ApiError(400, f"the images of this request declare {declared:,} pixels in all; the limit per "
+                                f"request is {settings.max_request_pixels:,}")
+        decoded = []
         try:
-            images = await anyio.to_thread.run_sync(decode, limiter=service.decode_limiter())
+            # a bad file is named as the client named it (the page sends one file per request: all were "image 0")
+            for i, (name, data) in enumerate(uploads):
+                decoded.append(await anyio.to_thread.run_sync(engine.prepare, data, name or f"image {i}",
+                                                              settings.max_pixels, limiter=limiter))
         except VitlabError as exc:
             raise ApiError(400, str(exc)) from None
+        images = torch.stack(decoded)
         try:
             outputs = await service.batcher.submit(key, images)
         except QueueFull as exc:
@@ -415,8 +468,12 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
             for entry, png in zip(results, pngs):
                 entry["rollout"]["overlay_png"] = base64.b64encode(png).decode("ascii")
         service.metrics.images.labels("/v1/explain" if explain else "/v1/classify").inc(len(results))
-        return JSONResponse({"model": engine.name, "results": results,
-                             "time_ms": round(1000 * (time.perf_counter() - start), 3)})
+        answer = {"model": engine.name, "results": results, "time_ms": round(1000 * (time.perf_counter() - start), 3)}
+        listed = len(results[0]["top"]) if results else top_k
+        answer["top_k"] = listed
+        if listed < top_k:
+            answer["note"] = f"top_k {top_k} is more than the model's {listed} classes: all {listed} are listed"
+        return JSONResponse(answer)
 
     @app.post("/v1/classify", summary="top-k classes of one or several images")
     async def classify(request: Request):

@@ -1,5 +1,6 @@
-"""The model side of the server: a loaded model (PyTorch, or ONNX Runtime int8), its preprocessing and class names,
-and the two batch operations the endpoints need: class probabilities, and probabilities with attention rollout.
+"""The model side of the server: a loaded model (PyTorch, ONNX Runtime int8, or a .pt2 package), its preprocessing
+and class names, and the two batch operations the endpoints need: class probabilities, and probabilities with
+attention rollout.
 
 Uploaded bytes are decoded by :func:`vitlab.data.images.load_image` (the guards training data gets: truncated files,
 decompression bombs, 16-bit, CMYK, transparency, EXIF orientation) from memory, never from a path, and transformed
@@ -24,7 +25,7 @@ from ..errors import VitlabError
 from ..preprocessing import Preprocessing
 from ..train.predict import probabilities
 
-BACKENDS = ("torch", "onnx-int8")
+BACKENDS = ("torch", "onnx-int8", "pt2")
 HEAD_FUSIONS = ("mean", "max", "min")
 OVERLAY_MIN_SIDE = 224  # overlays of small models (28 px) are scaled up to at least this for display
 
@@ -51,15 +52,16 @@ class Engine:
     """A model ready to serve: ``classify`` and ``explain`` take preprocessed images (B, C, H, W) and return
     probabilities (B, classes) as float32 on the CPU (``explain`` also rollout maps (B, gh, gw)).
 
-    ``model`` is a vitlab model (``vitlab.load``'s result) or an
-    :class:`~vitlab.compute.onnx_classifier.OnnxClassifier`; ``name`` and ``source`` describe it on the model card."""
+    ``model`` is a vitlab model (``vitlab.load``'s result), an
+    :class:`~vitlab.compute.onnx_classifier.OnnxClassifier` or a :class:`~vitlab.compute.pt2.Pt2Classifier`;
+    ``name`` and ``source`` describe it on the model card."""
 
     def __init__(self, model: nn.Module, *, backend: str = "torch", device: str | torch.device = "cpu",
                  name: str | None = None, source: str | None = None):
         if backend not in BACKENDS:
             raise VitlabError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
-        self.device = torch.device(device)
+        self.device = torch.device(device) if backend != "pt2" else model.device  # a package runs where it was built
         self.model = model.to(self.device).eval() if backend == "torch" else model.eval()
         cfg = model.cfg
         self.cfg = cfg
@@ -74,8 +76,9 @@ class Engine:
         self.transform = self.preprocessing.transform()
         self.can_explain = (backend == "torch" and hasattr(model, "forward_with_attention")
                             and hasattr(cfg, "grid_size") and hasattr(cfg, "num_prefix_tokens"))
-        self.rollout_source = "class" if getattr(cfg, "pool", "token") == "token" and \
-            getattr(cfg, "num_prefix_tokens", 0) > 0 else "mean"
+        pool = getattr(cfg, "pool", "token")
+        self.rollout_source = ("class" if pool == "token" and getattr(cfg, "class_token", False)
+                               else "probe" if pool == "map" else "mean")
 
     # -- inputs --------------------------------------------------------------------------------------------------
     def prepare(self, data: bytes, label: str, max_pixels: int | None) -> torch.Tensor:
@@ -83,6 +86,17 @@ class Engine:
         :class:`~vitlab.data.images.ImageLoadError` (a ``VitlabError``) naming ``label`` for a bad image."""
         image = load_image(_Upload(data), channels=self.preprocessing.channels, max_pixels=max_pixels, name=label)
         return self.transform(image)
+
+    @staticmethod
+    def pixels(data: bytes) -> int:
+        """Width x height an upload declares in its header (nothing decoded); 0 when it is not an image Pillow
+        recognises (decoding it then fails with the reason)."""
+        try:
+            with Image.open(_Upload(data)) as img:
+                width, height = img.size
+                return width * height
+        except Exception:  # any unreadable header: prepare() reports it as a bad image
+            return 0
 
     def input_shape(self) -> tuple[int, int, int]:
         return (self.cfg.in_chans, *self.cfg.img_size)
@@ -100,9 +114,13 @@ class Engine:
 
         if not self.can_explain:
             raise VitlabError("attention rollout needs the PyTorch model of a ViT (serve with --backend torch)")
-        logits, attn = self.model.forward_with_attention(images.to(self.device))
+        probe = None
+        if self.rollout_source == "probe":  # pool='map': the pooling probe's attention starts the rollout
+            logits, attn, probe = self.model.forward_with_attention(images.to(self.device), return_pool_attention=True)
+        else:
+            logits, attn = self.model.forward_with_attention(images.to(self.device))
         maps = attention_rollout(attn, self.cfg.num_prefix_tokens, self.cfg.grid_size, head_fusion=head_fusion,
-                                 discard_ratio=discard_ratio, source=self.rollout_source)
+                                 discard_ratio=discard_ratio, source=self.rollout_source, probe=probe)
         return probabilities(logits, self.loss).cpu(), maps.cpu()
 
     def run_batch(self, key: tuple, images: torch.Tensor) -> list:
@@ -156,7 +174,8 @@ class Engine:
             "architecture": getattr(self.model, "architecture", type(self.model).__name__),
             "source": Path(self.source).name if self.source else None,
             "backend": self.backend,
-            "device": str(self.device) if self.backend == "torch" else "cpu (ONNX Runtime)",
+            "device": {"torch": str(self.device), "pt2": f"{self.device} (AOTInductor)"}.get(self.backend,
+                                                                                         "cpu (ONNX Runtime)"),
             "quantization": getattr(self.model, "quantization", None),
             "parameters": params,
             "img_size": list(cfg.img_size),
@@ -180,13 +199,30 @@ def load_engine(source: str | os.PathLike | nn.Module, *, backend: str = "torch"
 
     ``backend='onnx-int8'`` runs ONNX Runtime's int8 model on the CPU: an int8 ``.onnx`` file as it is; a float32
     ``.onnx`` file, a checkpoint or a model is exported and quantised first, into ``workdir`` (default: a temporary
-    folder kept for the life of the process)."""
+    folder kept for the life of the process). ``backend='pt2'`` runs a ``.pt2`` package (``vitlab export --format
+    pt2``) as it is, or compiles a checkpoint or model into one for ``device`` first, into ``workdir``."""
     from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+    from ..compute.pt2 import Pt2Classifier, export_pt2, is_pt2_file
 
     if backend not in BACKENDS:
         raise VitlabError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     label = None if isinstance(source, nn.Module) else str(source)
     onnx_file = label is not None and is_onnx_file(label)
+    if label is not None and is_pt2_file(label) and backend != "pt2":
+        raise VitlabError(f"{label}: a .pt2 package needs --backend pt2")
+    if backend == "pt2":
+        if onnx_file:
+            raise VitlabError(f"{label}: an ONNX file needs --backend onnx-int8")
+        if threads:
+            torch.set_num_threads(threads)
+        if label is not None and is_pt2_file(label):
+            return Engine(Pt2Classifier(label), backend=backend, name=name, source=label)
+        from .. import load
+
+        torch_model = source if isinstance(source, nn.Module) else load(source)
+        folder = Path(workdir) if workdir is not None else Path(_scratch_dir())
+        package = export_pt2(torch_model.eval(), folder / "model.pt2", device=device)
+        return Engine(Pt2Classifier(package), backend=backend, name=name or _stem(label), source=label)
     if backend == "torch":
         if onnx_file:
             raise VitlabError(f"{label}: an ONNX file needs --backend onnx-int8")

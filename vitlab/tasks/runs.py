@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+from ..compute.onednn import linear_shapes
+from ..compute.precision import choose_cpu_precision
+from ..compute.pt2 import is_exported_file, load_exported
 from ..data.manifest import looks_like_manifest
 from ..devices import resolve_device
 from ..errors import VitlabError
@@ -30,11 +32,12 @@ def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
                   device: torch.device | str = "cpu", img_size: int | None = None):
     """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
     ``img_size`` when given: the position embeddings are resampled and the preprocessing follows). An ``.onnx``
-    file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime with the preprocessing stored in it."""
-    if is_onnx_file(checkpoint):
+    file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime, a ``.pt2`` package (``vitlab export``) on
+    AOTInductor, each with the preprocessing stored in it."""
+    if is_exported_file(checkpoint):
         if img_size is not None:
-            raise VitlabError(f"{checkpoint}: an ONNX file runs at its exported resolution; drop --img-size")
-        return OnnxClassifier(checkpoint)
+            raise VitlabError(f"{checkpoint}: an exported file runs at its exported resolution; drop --img-size")
+        return load_exported(checkpoint)
     model = load(checkpoint, model_name=model_name, img_size=img_size).to(device).eval()
     if getattr(model, "preprocessing", None) is None:
         model.preprocessing = Preprocessing.for_model(model.cfg.img_size, model.cfg.in_chans)
@@ -124,6 +127,8 @@ def eval_checkpoint(
     :func:`classification.evaluate_classifier` plus ``checkpoint``, ``data``, ``split`` and ``files``."""
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev, img_size=img_size)
+    if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
+        precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     pre = preprocessing or model.preprocessing
     own_classes = None if map_classes_by_name else getattr(model, "class_names", None)
     dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, remove_stale_temporaries
 from ..checkpoints.files import read_torch, sniff
 from ..errors import VitlabError
 from . import distributed as D
@@ -127,8 +127,6 @@ def save_run_state(run, name: str, step: int, best: dict | None, times: dict | N
 
 def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
     """Load a training state into the run's model, optimiser, schedule, EMA and RNGs; returns (step, best)."""
-    from ..atomic import remove_stale_temporaries
-
     if state.get("world_size", 1) != run.info.world_size:
         run.log.warning(f"resuming a {state.get('world_size')}-process run with {run.info.world_size} processes: "
                         "the data order differs from an uninterrupted run")

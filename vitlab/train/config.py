@@ -7,6 +7,7 @@ the run folder as ``config.json`` and stored in every checkpoint, so a run can b
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import InvalidValueError
+from ..models.lora import TARGET_WORDS
 
 
 class ConfigError(InvalidValueError):
@@ -81,6 +83,17 @@ class TrainConfig:
                                             # index ranges (patch_embed, pos_embed, blocks.0-5, blocks.*.attn)
     layer_decay: float | None = None        # layer-wise lr decay (BEiT / MAE): layer l at lr x decay^(L+1-l)
 
+    # ----- low-rank adapters (vitlab.train.lora, through peft; fine-tuning only)
+    lora_rank: int = 0                      # LoRA rank r (0 = off): adapters on lora_targets, the rest frozen
+    lora_alpha: float | None = None         # the adapters' update is scaled by alpha / r (default: alpha = r)
+    lora_dropout: float = 0.0               # dropout on the adapters' input
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # qkv, proj, fc1, fc2 of every
+                                            # block; attn = qkv,proj, mlp = fc1,fc2
+    lora_train: list[str] | None = None     # what else trains: head, norm (every LayerNorm) or freeze-style
+                                            # patterns; none = adapters only; default: the head when it is new
+    dora: bool = False                      # DoRA: LoRA with a learned magnitude per output row
+    merge_lora: bool = False                # also save the merged model (model.safetensors) beside the adapter
+
     # ----- optimisation
     optimizer: str = "adamw"                # adamw (Adam with decoupled weight decay) or sgd (momentum)
     lr: float = 1e-3
@@ -120,6 +133,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.freeze = _pattern_list("freeze", self.freeze)
+        self.lora_targets = _pattern_list("lora_targets", self.lora_targets)
+        if self.lora_train is not None:
+            self.lora_train = _pattern_list("lora_train", self.lora_train)
         validate(self)
 
     def to_dict(self) -> dict:
@@ -183,7 +199,11 @@ def _coerce(key: str, value, hint):
 
 def parse_value(key: str, text: str):
     """Parse the text of ``--set key=value`` for field ``key``: JSON when it parses (numbers, true/false, null,
-    lists, dicts), else the raw string. ``model_args.depth=4`` sets one entry of the ``model_args`` dict."""
+    lists, dicts), else the raw string. ``model_args.depth=4`` sets one entry of the ``model_args`` dict. A word
+    the field takes as a choice stays that word (``augment=none`` is the choice "none", not null), as with its flag."""
+    rule = RULES.get(key)
+    if rule is not None and text.strip() in rule.choices:
+        return text.strip()
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -216,8 +236,6 @@ def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
             data["model_args"] = {**data["model_args"], sub: parse_value(sub, text)}
             continue
         if key not in data:
-            import difflib
-
             close = difflib.get_close_matches(key, list(data), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise ConfigError(f"--set {key}: unknown training config key{hint}")
@@ -240,6 +258,7 @@ class Rule:
 
     check: Callable[[object], bool]
     takes: str
+    choices: tuple[str, ...] = ()  # the words a one-of field takes, read as text by ``--set``
 
 
 def _is_number(v, integer: bool = False) -> bool:
@@ -264,7 +283,7 @@ def fraction(closed: bool = False) -> Rule:
 
 
 def one_of(*choices: str) -> Rule:
-    return Rule(lambda v: v in choices, "one of " + ", ".join(choices))
+    return Rule(lambda v: v in choices, "one of " + ", ".join(choices), choices)
 
 
 def pair_of(rule: Rule) -> Rule:
@@ -331,6 +350,11 @@ RULES: dict[str, Rule] = {
     "max_bad_steps": at_least(1, integer=True),
     "freeze_blocks": at_least(0, integer=True),
     "layer_decay": Rule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (e.g. 0.65 or 0.75)"),
+    "lora_rank": at_least(0, integer=True),
+    "lora_alpha": above(0),
+    "lora_dropout": fraction(),
+    "lora_targets": Rule(lambda v: bool(v) and all(t in TARGET_WORDS for t in v),
+                         "layer names among " + ", ".join(TARGET_WORDS)),
 }
 
 # model_args entries (architecture overrides) that are checked here; the model's own config checks the rest

@@ -135,17 +135,6 @@ def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and ``torch.compile`` wrappers (FSDP2 modules are their own)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
     """Unsharded model and optimiser state dicts on the CPU, the same for DDP, FSDP and single-process models
     (``torch.distributed.checkpoint.state_dict``); every rank must call this, rank 0 writes the result."""

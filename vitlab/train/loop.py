@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,18 +22,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import save
+from ..compute.bench import measure_gemm_rate
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
 from ..errors import Stopped, VitlabError
+from ..models.lora import has_lora
 from . import distributed as D
 from .checkpoint import checkpoint_path, full_model, load_train_state, restore_run_state, save_run_state
 from .config import TrainConfig
+from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
 from .runfolder import LAUNCH_NAME, RUNTIME_FIELDS, RunLock, auto_run_dir, launch_ids, run_folder_of
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
 from .stop import RunStopped, StopSignals
+from .transfer import source_model_name
 
 
 @dataclass
@@ -117,18 +123,61 @@ def _save_final(run: Run, metrics: dict | None) -> tuple[Path | None, nn.Module]
     module = run.objective.export(trained)
     if not run.info.is_main:
         return None, module
-    from ..checkpoints import save
 
     meta = {"train_config": run.config.to_dict(), "metrics": metrics or {}, "steps": run.total_steps}
     if hasattr(run.objective, "loss_name"):  # what predict / serve turn the logits into (softmax or sigmoid)
         meta.update(loss=run.objective.loss_name, multi_label=run.objective.multi_label)
     on_device = run.device.type != "cpu"
-    path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
-                preprocessing=run.preprocessing, metadata=meta,
-                class_names=run.class_names if run.objective.saves_class_names else None)
+    class_names = run.class_names if run.objective.saves_class_names else None
+    if has_lora(module):  # the adapter alone (and the merged model with merge_lora)
+        path = save_lora(module.cpu() if on_device else module, run.run_dir, run.config, run.preprocessing,
+                         class_names, meta)
+    else:
+        path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
+                    preprocessing=run.preprocessing, metadata=meta, class_names=class_names)
     if on_device:
         module.to(run.device)
     return Path(path), module
+
+
+# the share of the measured matrix-product rate a CPU training step reaches (docs/performance.md: 13-59% for
+# Ti/16 to B/16 inference on the 2-core Xeon; backward passes are less efficient): the estimate's assumption
+CPU_TRAIN_UTILISATION = 0.3
+LONG_CPU_RUN_SECONDS = 15 * 60
+
+
+def cpu_cost(train_flops: float, eval_flops: float, rate: float, suggest_preset: bool = False) -> tuple[bool, str]:
+    """(whether to warn, the line) for a run on the CPU: its FLOPs and the time they take at
+    :data:`CPU_TRAIN_UTILISATION` of ``rate`` (the measured matrix-product FLOP/s); a warning above 15 minutes, with
+    the ways to a CPU-sized run (``suggest_preset``: the ``finetune-cpu`` recipe, for a fine-tune larger than it)."""
+    seconds = (train_flops + eval_flops) / (CPU_TRAIN_UTILISATION * rate)
+    if seconds >= 2 * 86400:
+        shown = f"{seconds / 86400:.0f} days"
+    else:
+        shown = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
+    line = (f"cost on this CPU: {train_flops / 1e12:.1f} TFLOPs training + {eval_flops / 1e12:.1f} TFLOPs evaluation, "
+            f"about {shown} (at {CPU_TRAIN_UTILISATION:.0%} of the measured {rate / 1e9:.0f} GFLOP/s matrix-product "
+            "rate)")
+    if seconds <= LONG_CPU_RUN_SECONDS:
+        return False, line
+    ways = []
+    if suggest_preset:
+        ways.append("--recipe finetune-cpu (150 steps of 16 images at 160 px)")
+    if train_flops >= eval_flops:
+        ways.append("fewer --steps, a smaller --img-size or --batch-size")
+    else:  # the evaluation set costs more than the training
+        ways.append("a smaller evaluation set (--val-data, or --set holdout=N to evaluate on N held-out training "
+                    "images)")
+    return True, f"{line}; for a CPU-sized run use " + ", or ".join(ways)
+
+
+def _evaluations(run: Run) -> int:
+    """How many times the run evaluates its evaluation set (each eval_every_epochs, and at the end)."""
+    if run.eval_set is None or not hasattr(run.eval_set, "__len__"):  # streamed shards: count unknown
+        return 0
+    epochs = run.total_steps / run.steps_per_epoch
+    every = run.config.eval_every_epochs
+    return 1 + (math.floor(epochs / every) if every > 0 else 0)
 
 
 def _describe(run: Run, train_flops: float) -> None:
@@ -150,6 +199,13 @@ def _describe(run: Run, train_flops: float) -> None:
              f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} warmup {run.warmup_steps}"
              f", {train_flops / 1e12:.1f} TFLOPs in total (6 x MACs x images); {run.info.world_size} process(es) on "
              f"{run.device}, {run.precision}, {torch.get_num_threads()} threads")
+    if run.device.type == "cpu" and run.info.is_main:
+        evaluations = _evaluations(run)
+        eval_flops = 2.0 * run.macs * len(run.eval_set) * evaluations if evaluations else 0.0
+        rate = measure_gemm_rate(run.device, size=1024, repeats=3)["peak"] * run.info.world_size
+        larger_than_preset = cfg.steps is None or cfg.steps * cfg.batch_size > 2400 or max(mc.img_size) > 160
+        warn, line = cpu_cost(train_flops, eval_flops, rate, bool(cfg.init_from) and larger_than_preset)
+        (log.warning if warn else log.info)(line)
 
 
 class RunFinished(VitlabError):
@@ -218,6 +274,8 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
         config, changed = _resume_length(config, state, run_dir, epochs, steps)
     elif epochs is not None or steps is not None:
         raise VitlabError("epochs= and steps= of train() make a resumed run longer; set them in the config")
+    if resume is None and config.init_from:  # the run folder and config.json name the model actually trained
+        config = config.replace(model=source_model_name(config.init_from) or config.model)
     info = D.setup(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -282,8 +340,6 @@ def _abandon(start: _Start) -> None:
         start.lock.release()
         start.lock = None
     if start.created and not start.stepped and start.run_dir is not None:
-        import shutil
-
         shutil.rmtree(start.run_dir, ignore_errors=True)
         start.created = False
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..compute.flops import forward_macs
-from ..compute.onednn import set_onednn_linear
+from ..compute.onednn import linear_shapes, set_onednn_linear
+from ..compute.precision import choose_cpu_precision
 from ..data import (
     ArrayDataset,
     HFImageDataset,
@@ -33,6 +34,8 @@ from ..models import create_model, get_config
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
+from .lora import apply_lora, check_lora_config
+from .objectives import Classification
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
 from .runlog import RunLog
@@ -79,14 +82,18 @@ class Run:
         return self.model.cfg
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on GPUs that support it, fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None) -> str:
+    """``auto`` -> bf16 on GPUs that support it; on the CPU, given the ``model``, bf16 where this CPU has native bf16
+    and it measured faster at the model's Linear shapes (:func:`vitlab.compute.precision.choose_cpu_precision`,
+    which also warns once when bf16 is asked for on a CPU that emulates it); fp32 elsewhere."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if device.type == "cpu" and model is not None:
+        return choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
     return precision
 
 
@@ -253,8 +260,6 @@ def _datasets(config: TrainConfig):
 
 def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: RunLog, objective=None) -> Run:
     """Build every part of a run from its config (``objective``: default :class:`Classification`)."""
-    from .objectives import Classification
-
     cfg = config
     precision = resolve_precision(cfg.precision, info.device)
     train_set, eval_set, why_not, class_names, in_chans = _datasets(cfg)
@@ -263,14 +268,21 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     multi_label = bool(getattr(train_set, "multi_label", False))
     objective = objective if objective is not None else Classification(cfg, len(class_names), multi_label)
     objective.check(cfg)
+    check_lora_config(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
     vit = build_model_for(cfg, len(class_names), in_chans, log)
     _init_head_bias(vit, getattr(objective, "head_bias", None), log)
     if cfg.randaugment and vit.cfg.in_chans not in (1, 3):  # its colour operations need grey or RGB images
         raise VitlabError(f"randaugment works on 1- and 3-channel images, not {vit.cfg.in_chans}; drop it")
-    apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
-                   layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
+    if cfg.lora_rank:  # adapters on the frozen model (vitlab.train.lora): before DDP and the optimiser
+        apply_lora(vit, cfg, log.info)
+    else:
+        apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
+                       layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
     set_onednn_linear(vit)  # this machine's CPU fast-path default for its Linear layers
+    if info.device.type == "cpu":  # auto: bf16 only where this CPU has it natively and it measures faster
+        precision = resolve_precision(cfg.precision, info.device, vit)
+        log.info(f"precision on the CPU: {precision} (asked: {cfg.precision})")
     preprocessing, origin = run_preprocessing(cfg, vit)
     if cfg.normalize_from_data:
         mean, std, measured = channel_statistics(train_set)

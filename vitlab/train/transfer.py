@@ -26,14 +26,17 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from ..checkpoints.channels import adapt_model_channels
+from ..checkpoints.inspection import matching_model
 from ..errors import VitlabError
 from ..factory import read_checkpoint
+from ..hub import resolve
 
 _RANGE = re.compile(r"(?<![\w])(\d+)-(\d+)(?![\w])")
 _BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")  # the encoder's blocks (not a ResNet's stages.<i>.blocks.<j>)
-_EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "pos_embed_x", "pos_embed_y", "mask_token")
-# what a linear probe trains
-HEAD_PREFIXES = ("head",)
+_EMBEDDING = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "pos_embed_x", "pos_embed_y",
+              "norm_pre", "mask_token")
+# what a linear probe trains (a distilled DeiT has two classifiers)
+HEAD_PREFIXES = ("head", "head_dist")
 
 
 def _clean(name: str) -> str:
@@ -112,8 +115,9 @@ def _block_index(name: str) -> int | None:
 
 def layer_id(name: str, depth: int) -> int:
     """The layer of a parameter for layer-wise learning-rate decay: 0 for the embedding (patch embedding with a
-    hybrid's ResNet, class token, position embeddings, the mask token of masked patch prediction), i + 1 for
-    ``blocks.<i>``, ``depth + 1`` for everything above the encoder (final norm, fc_norm, pre-logits, head)."""
+    hybrid's ResNet, class, distillation and register tokens, position embeddings, ``norm_pre``, the mask token of
+    masked patch prediction), i + 1 for ``blocks.<i>``, ``depth + 1`` for everything above the encoder (final norm,
+    fc_norm, attention pooling, pre-logits, heads)."""
     name = _clean(name)
     if name.split(".")[0] in _EMBEDDING:
         return 0
@@ -210,6 +214,16 @@ def init_channels(init_from: str | None) -> int | None:
     if not init_from:
         return None
     return read_checkpoint(init_from, check_finite=False).config.in_chans
+
+
+def source_model_name(init_from: str) -> str | None:
+    """The registered model a fine-tuning run's ``init_from`` checkpoint is, recorded as the run's ``model`` (the
+    config's own ``model`` does not build it): a catalog entry's model, else the registered name of the same size and
+    patch; None when no registered model matches."""
+    resolved = resolve(str(init_from))
+    if resolved is not None and resolved.model_name:
+        return resolved.model_name
+    return matching_model(read_checkpoint(init_from, check_finite=False).config)
 
 
 def adapt_init_channels(model: nn.Module, in_chans: int | None, source: str,

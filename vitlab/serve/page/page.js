@@ -41,10 +41,6 @@ function renderCard(card) {
                " MiB per request; batches of " + card.limits.max_batch + " within " + card.limits.max_wait_ms +
                " ms"],
   ];
-  if (card.class_names) {
-    const shown = card.class_names.slice(0, 30).join(", ");
-    rows.push(["class names", shown + (card.class_names.length > 30 ? ", …" : "")]);
-  }
   const table = el("table");
   for (const [name, value] of rows) {
     const tr = el("tr");
@@ -52,6 +48,17 @@ function renderCard(card) {
     table.append(tr);
   }
   $("card-body").replaceChildren(table);
+  if (card.class_names) $("card-body").append(classList(card.class_names));
+}
+
+// all the class names, folded away until asked for (a thousand names would otherwise fill the card)
+function classList(names) {
+  const details = el("details");
+  const summary = el("summary", "", "class names (" + names.length.toLocaleString("en") + ")");
+  const list = el("div", "", names.join(", "));
+  list.id = "class-names";
+  details.append(summary, list);
+  return details;
 }
 
 function describePreprocessing(p) {
