@@ -117,6 +117,17 @@ class FileServer(_LoopbackServer):
         return [r for p, r in self.requests if p == path]
 
 
+def offline_hub_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty Hub cache under ``tmp_path`` that ``huggingface_hub`` reads offline, and a fresh ``VITLAB_HOME``
+    (``monkeypatch`` undoes both after the test). Returns the cache folder, for :func:`lay_out_hub_cache`."""
+    cache = tmp_path / "hf-hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
+    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+    return cache
+
+
 def lay_out_hub_cache(cache: Path, repo: str, files: dict[str, bytes | str | dict],
                       commit: str = "0123456789abcdef0123456789abcdef01234567", ref: str = "main") -> Path:
     """A repo in the Hub cache as ``huggingface_hub`` stores it: ``models--org--name/snapshots/<commit>/<file>`` and

@@ -4,8 +4,6 @@ and trained weights), a stream covers each row once per epoch over (rank, worker
 input is one line naming the source, row or file."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from vitlab.errors import VitlabError
 from vitlab.train import TrainConfig, train
 
 from .test_train import tiny_config
+from .train_runs import child_env, train_and_kill
 
 datasets = pytest.importorskip("datasets")
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,17 +340,11 @@ def test_two_processes_train_the_same_weights_on_the_folder_a_saved_dataset_and_
         config_file = tmp_path / f"{key}.json"
         config_file.write_text(cfg.to_json())
         done = subprocess.run([sys.executable, "-m", "vitlab", "train", "--config", str(config_file), "--nproc", "2"],
-                              env=_env(), capture_output=True, text=True, timeout=300)
+                              env=child_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[key] = _weights(tmp_path / "runs" / key / "model.safetensors")
     for key in ("saved", "parquet"):
         assert all(torch.equal(runs["folder"][k], runs[key][k]) for k in runs["folder"]), key
-
-
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 @pytest.mark.slow
@@ -365,22 +358,8 @@ def test_sigkill_and_resume_on_a_streamed_dataset_ends_with_the_uninterrupted_we
     steps_per_epoch = len(build_dataset(data)) // 8
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
-    killed_at, deadline = None, time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if last.is_file():
-            try:
-                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
-            except Exception:  # caught between writes: try again
-                step = 0
-            if step >= steps_per_epoch + 2 and step % steps_per_epoch:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.05)
-    proc.wait()
+    killed_at = train_and_kill(config_file, tmp_path / "runs" / "killed",
+                               lambda step: step >= steps_per_epoch + 2 and step % steps_per_epoch, timeout=240)
     assert killed_at is not None, "the run ended before it could be killed"
     reference = train(cfg.replace(run_name="reference"))
     # the killed run's DataLoader workers notice their parent is gone within seconds and release the run's lock

@@ -16,6 +16,7 @@ from vitlab.checkpoints.family_layouts import detect_family_layout
 from vitlab.errors import InvalidValueError, VitlabError
 
 from .checkpoint_fixtures import randomize_weights_
+from .hub_fixtures import offline_hub_cache
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -469,12 +470,7 @@ def test_convert_refuses_what_no_transformers_class_computes(tmp_path):
 # ------------------------------------------------------------------------------------------------- hf-hub: names
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
-    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
-    return cache
+    return offline_hub_cache(tmp_path, monkeypatch)
 
 
 def _repo_files(folder, processor):

@@ -13,6 +13,7 @@ from vitlab.evaluate.probes import (
     KNNClassifier,
     LeastSquaresClassifier,
     LogisticProbe,
+    map_scores,
     ridge_solution,
     select,
     signed_one_hot,
@@ -181,3 +182,57 @@ def test_fewshot_model_embeds_only_the_drawn_images_and_matches_full_features():
     ref = fewshot_evaluate(x, y[:90], xt, y[90:], shots=(1, 5), seeds=(0, 1), holdout_per_class=4, methods=("lsr",))
     assert out["methods"] == ref["methods"]
     assert out["representation"] == "cls_token" and out["num_images_embedded"] < 90
+
+
+def _multilabel_problem(n, d=12, k=4, seed=0):
+    """Features whose first k dimensions carry the labels (+2 where present) plus noise; multi-hot targets (n, k)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(n, k, generator=gen) < 0.4).float()
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x[:, :k] += 2.0 * targets.double()
+    return x, targets
+
+
+def test_multi_hot_targets_regress_onto_signed_labels_and_are_scored_by_map():
+    from sklearn.metrics import average_precision_score
+
+    x, y = _multilabel_problem(60)
+    clf = LeastSquaresClassifier().fit(x, y, 4)
+    design = clf._design(x)
+    sk = Ridge(alpha=3.0, fit_intercept=False, solver="svd").fit(design.numpy(), (2 * y - 1).double().numpy())
+    np.testing.assert_allclose(clf.weights(3.0).numpy(), sk.coef_.T, rtol=1e-7, atol=1e-9)
+    xt, yt = _multilabel_problem(40, seed=1)
+    scores = clf.scores(xt, 3.0)
+    macro, micro = map_scores(scores, yt)
+    assert macro == pytest.approx(average_precision_score(yt.numpy(), scores.numpy(), average="macro"), abs=1e-12)
+    assert micro == pytest.approx(average_precision_score(yt.numpy(), scores.numpy(), average="micro"), abs=1e-12)
+    # the other probes take multi-hot targets too
+    for probe in (KNNClassifier(), LogisticProbe(grid=(1e-2,), max_iter=50)):
+        fitted = probe.fit(x, y, 4)
+        assert map_scores(fitted.scores(xt, fitted.grid[-1]), yt)[0] > 0.7
+
+
+def test_multi_label_fewshot_draws_shots_per_label_and_reports_map():
+    from sklearn.metrics import average_precision_score
+
+    x, y = _multilabel_problem(200)
+    xt, yt = _multilabel_problem(80, seed=1)
+    shot_sets, holdout = fewshot_splits(y, 4, (1, 3, 5), 4, seed=2)
+    assert set(shot_sets[1].tolist()) <= set(shot_sets[3].tolist()) <= set(shot_sets[5].tolist())
+    assert not set(holdout.tolist()) & set(shot_sets[5].tolist())
+    assert (y[holdout].sum(0) >= 4).all()
+    for n, idx in shot_sets.items():
+        assert (y[idx].sum(0) >= n).all() and (y[idx].sum(1) > 0).all()
+    out = fewshot_evaluate(x, y, xt, yt, shots=(1, 5), seeds=(0, 1), methods=("lsr", "knn"), holdout_per_class=4)
+    assert out["multi_label"] and out["num_classes"] == 4
+    five = out["methods"]["lsr"]["results"]["5"]
+    assert "accuracy" not in five and five["mean"] == pytest.approx(np.mean(five["map_macro"]))
+    # the chosen probe of seed 0, refitted on its shots, scored by scikit-learn
+    shot_sets, _ = fewshot_splits(y, 4, (1, 5), 4, seed=0)
+    probe = LeastSquaresClassifier().fit(x[shot_sets[5]], y[shot_sets[5]], 4)
+    scores = probe.scores(xt, five["chosen"][0]).numpy()
+    assert five["map_macro"][0] == pytest.approx(average_precision_score(yt.numpy(), scores, average="macro"))
+    assert five["map_micro"][0] == pytest.approx(average_precision_score(yt.numpy(), scores, average="micro"))
+    assert five["mean"] > float(yt.mean()) + 0.2  # a constant score's mAP is the positive rate (~0.4)
+    with pytest.raises(VitlabError, match=r"too few with label 3 \(0\)"):
+        fewshot_splits(torch.cat([y[:, :3], torch.zeros(200, 1)], 1), 4, (1,), 2, seed=0)

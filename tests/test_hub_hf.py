@@ -13,7 +13,7 @@ import torch
 
 import vitlab
 from tests.checkpoint_fixtures import randomize_weights_
-from tests.hub_fixtures import lay_out_hub_cache
+from tests.hub_fixtures import lay_out_hub_cache, offline_hub_cache
 from vitlab.errors import VitlabError
 
 timm = pytest.importorskip("timm")
@@ -22,12 +22,7 @@ LABELS = [f"class {i}" for i in range(10)]
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
-    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
-    return cache
+    return offline_hub_cache(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")

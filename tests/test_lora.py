@@ -4,12 +4,9 @@ resumes bit for bit."""
 
 import copy
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,8 @@ from safetensors.torch import load_file
 
 import vitlab
 from tests.conftest import CLASS_TOKEN_VIT, randomize_
-from tests.hub_fixtures import lay_out_hub_cache
+from tests.hub_fixtures import lay_out_hub_cache, offline_hub_cache
+from tests.train_runs import child_env, same_tensors, train_and_kill
 from vitlab.checkpoints.adapter import checkpoint_sha256
 from vitlab.cli import main as cli_main
 from vitlab.data import load_arrays
@@ -262,18 +260,6 @@ def test_lora_train_chooses_what_else_trains(tmp_path):
         torch.testing.assert_close(vitlab.load(adapter.path)(x), result.model.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-def _env(threads: int = 1) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _same_tensors(a: Path, b: Path) -> list[str]:
-    sa, sb = load_file(a), load_file(b)
-    assert sa.keys() == sb.keys()
-    return [k for k in sa if not torch.equal(sa[k], sb[k])]
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_of_a_lora_run_is_bit_exact(tmp_path):
     """DoRA with adapter dropout, gradient accumulation, EMA and the head: killed mid-run with SIGKILL, resumed, it
@@ -284,28 +270,14 @@ def test_sigkill_then_resume_of_a_lora_run_is_bit_exact(tmp_path):
                        merge_lora=True)
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.replace(run_name="killed").to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
-    killed_at, deadline = None, time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if last.is_file():
-            try:
-                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
-            except Exception:  # caught between writes: try again
-                step = 0
-            if 14 <= step <= 45:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.02)
-    proc.wait()
+    killed_at = train_and_kill(config_file, tmp_path / "runs" / "killed", lambda step: 14 <= step <= 45,
+                               timeout=180, poll=0.02)
     assert killed_at is not None, "the run ended before it could be killed"
     resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
     reference = train(cfg.replace(run_name="reference"))
     assert resumed.steps == reference.steps == 60
     for name in ("adapter.safetensors", "model.safetensors"):
-        assert _same_tensors(resumed.run_dir / name, reference.run_dir / name) == []
+        assert same_tensors(resumed.run_dir / name, reference.run_dir / name) == []
     a = torch.load(resumed.run_dir / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(reference.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -323,7 +295,7 @@ def test_torchrun_two_processes_with_lora_equal_one(tmp_path):
     config_file.write_text(cfg.to_json())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab",
            "train", "--config", str(config_file)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one = train(cfg.replace(run_name="single"))
     a, b = load_file(one.model_path), load_file(tmp_path / "runs" / "dist" / "adapter.safetensors")
@@ -344,11 +316,7 @@ def test_compiled_lora_run_trains_like_the_eager_one(tmp_path):
 
 
 def test_an_adapter_on_a_hub_base_records_the_hub_name_and_finds_it_again(tmp_path, monkeypatch):
-    cache = tmp_path / "hf-hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "vitlab-home"))
-    monkeypatch.delenv("VITLAB_OFFLINE", raising=False)
+    cache = offline_hub_cache(tmp_path, monkeypatch)
     local = vitlab.save(tiny_vit(), tmp_path / "local.safetensors")
     config = {"architecture": "", "num_classes": 10, "pretrained_cfg": {"num_classes": 10}}  # timm's layout
     snapshot = lay_out_hub_cache(cache, "org/tiny-vit",

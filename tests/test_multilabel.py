@@ -180,3 +180,65 @@ def test_a_multi_label_model_learns_the_structure(tmp_path):
               f"F1 micro {m['f1_micro']:.3f}, top-1 {m['top1']:.3f}")
         assert m["map_macro"] > constant["map_macro"] + margin
         assert m["map_micro"] > constant["map_micro"] + margin
+
+
+@pytest.mark.slow  # two exports, an int8 quantisation and two evaluations (about 35 s on 2 cores)
+def test_onnx_exports_of_a_multi_label_model_answer_sigmoid_probabilities(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from vitlab.compute.deploy import read_metadata
+    from vitlab.compute.onnx_classifier import OnnxClassifier
+
+    data = quadrant_set(tmp_path, n_train=16, n_test=8)
+    result = train(run_config(tmp_path, data, steps=2))
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model_int8.onnx"
+    assert cli_main(["export-onnx", str(result.model_path), str(fp32), "--int8", str(int8)]) == 0
+    assert read_metadata(fp32)["loss"] == "sigmoid" and read_metadata(int8)["loss"] == "sigmoid"
+    files = [str(tmp_path / "img" / f"{i}.png") for i in (16, 17, 18)]
+    model = vitlab.load(result.model_path)
+    want = predict(model, files, topk=4)
+    got = predict(OnnxClassifier(fp32), files, topk=4)
+    for g, w in zip(got, want):
+        assert [i for i, _, _ in g.top] == [i for i, _, _ in w.top]
+        assert [p for *_, p in g.top] == pytest.approx([p for *_, p in w.top], abs=1e-5)
+        assert sum(p for *_, p in g.top) < 0.5  # per-label sigmoids near sigmoid(-10), not a softmax summing to 1
+    capsys.readouterr()
+    assert cli_main(["predict", str(int8), *files, "--json", "--topk", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    x = torch.stack([model.preprocessing.transform()(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        expected = OnnxClassifier(int8)(x).sigmoid()  # the int8 model's own logits, as per-label sigmoids
+    for line, row in zip(lines, expected):
+        probs = torch.zeros(4, dtype=torch.float64)
+        probs[[t["index"] for t in line["top"]]] = torch.tensor([t["probability"] for t in line["top"]],
+                                                                 dtype=torch.float64)
+        torch.testing.assert_close(probs, row.double(), atol=1e-7, rtol=1e-5)
+    # eval on the .onnx file scores as on the checkpoint (mAP of the same logits)
+    scores = {}
+    for source in (result.model_path, fp32):
+        assert cli_main(["eval", str(source), "--data", str(data), "--json"]) == 0
+        scores[source] = json.loads(capsys.readouterr().out)
+    assert scores[fp32]["map_macro"] == pytest.approx(scores[result.model_path]["map_macro"], abs=1e-6)
+    assert scores[fp32]["loss"] == pytest.approx(scores[result.model_path]["loss"], abs=1e-4)
+    pytest.importorskip("fastapi")
+    from vitlab.serve import load_engine
+
+    engine = load_engine(str(int8), backend="onnx-int8")
+    assert engine.card()["probabilities"] == "sigmoid" and engine.loss == "sigmoid"
+
+
+def test_fewshot_command_on_multi_label_data_reports_map(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data = quadrant_set(tmp_path, n_train=40, n_test=16)
+    model = vitlab.create_model("vit_fmnist", num_classes=4, img_size=8, **TINY_MODEL)
+    ckpt = vitlab.save(model, tmp_path / "tiny.safetensors", class_names=LABELS)
+    args = ["fewshot", str(ckpt), "--data", str(data), "--shots", "1", "2", "--seeds", "0", "--methods", "lsr",
+            "knn", "--holdout-per-class", "2", "--device", "cpu", "--out", str(tmp_path / "fs")]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "lsr: 1-shot " in printed and "mAP, % over 1 seeds" in printed
+    saved = json.loads((tmp_path / "fs" / "results.json").read_text())
+    assert saved["multi_label"] and saved["num_classes"] == 4 and saved["num_test"] == 16
+    two = saved["methods"]["lsr"]["results"]["2"]
+    assert 0 < two["map_macro"][0] <= 1 and 0 < two["map_micro"][0] <= 1 and two["mean"] == two["map_macro"][0]
+    assert "Test mAP (macro) (%)" in (tmp_path / "fs" / "report.md").read_text()

@@ -3,11 +3,9 @@ checkpoint write keeps the previous checkpoint, and a two-process torchrun run t
 one run folder."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,20 +18,9 @@ from vitlab.train import TrainConfig, evaluate, train
 from vitlab.train.checkpoint import atomic_torch_save
 
 from .test_train import tiny_config
+from .train_runs import child_env, same_tensors, train_and_kill
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(threads: int = 1) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _same_weights(a: Path, b: Path) -> list[str]:
-    sa, sb = load_file(a), load_file(b)
-    assert sa.keys() == sb.keys()
-    return [k for k in sa if not torch.equal(sa[k], sb[k])]
 
 
 @pytest.mark.slow
@@ -46,33 +33,18 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     total_steps = 12 * 22
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.replace(run_name="killed").to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
-    killed_at = None
-    deadline = time.time() + 600  # waits for a state (a mid-epoch checkpoint); the bound is only for a hang
-    while time.time() < deadline and proc.poll() is None:
-        if last.is_file():
-            try:
-                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
-            except Exception:  # caught between writes: try again
-                step = 0
-            # kill while both this checkpoint and the next (9 steps on) are inside an epoch of 22 steps
-            if step >= 90 and 3 <= step % 22 <= 12:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.05)
-    if proc.poll() is None and killed_at is None:
-        proc.kill()
-    proc.wait()
+    # waits for a state (a mid-epoch checkpoint); the bound is only for a hang
+    # kill while both this checkpoint and the next (9 steps on) are inside an epoch of 22 steps
+    killed_at = train_and_kill(config_file, tmp_path / "runs" / "killed",
+                               lambda step: step >= 90 and 3 <= step % 22 <= 12, timeout=600)
     assert killed_at is not None, "the run ended (or hung) before it could be killed"
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert 90 <= state["step"] < total_steps and state["step"] % 22 != 0  # mid-epoch
     resumed = train(TrainConfig(threads=1), resume=tmp_path / "runs" / "killed")
     assert resumed.steps == total_steps
     reference = train(cfg.replace(run_name="reference"))
-    assert _same_weights(resumed.model_path, reference.model_path) == []
+    assert same_tensors(resumed.model_path, reference.model_path) == []
     assert resumed.metrics == reference.metrics
     a = torch.load(tmp_path / "runs" / "killed" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "reference" / "checkpoints" / "last.pt", weights_only=True)
@@ -100,7 +72,7 @@ def hanging_save(obj, f):
 checkpoint.torch.save = hanging_save
 checkpoint.atomic_torch_save({{"step": 2, "weights": torch.zeros(3)}}, {str(path)!r})
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=child_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -123,7 +95,7 @@ def test_resume_refuses_what_is_not_a_training_checkpoint(tmp_path):
 def _torchrun(config_file: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab",
            "train", "--config", str(config_file), *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..atomic import write_atomic
@@ -32,7 +31,7 @@ from ..errors import InvalidValueError, VitlabError
 from ..models.lora import LoraSettings, adapter_names
 from ..preprocessing import Preprocessing
 from .files import sniff, write_safetensors
-from .vitlab_format import family_of_model, unwrap_module
+from .vitlab_format import dump_document, family_of_model, load_document, unwrap_module
 
 ADAPTER_KEY = "vitlab_adapter"
 ADAPTER_FORMAT = "vitlab-adapter"
@@ -101,28 +100,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, base: dict, train
         "class_names": [str(c) for c in class_names] if class_names is not None else None,
         "metadata": metadata or {},
     }
-    try:
-        text = json.dumps(document)
-    except TypeError as exc:
-        raise InvalidValueError(f"metadata must be JSON-serialisable: {exc}") from None
+    text = dump_document(document)
     tensors = {k: state[k].detach().to("cpu").contiguous().clone() for k in names}
     return write_atomic(path, lambda tmp: write_safetensors(tensors, tmp, {ADAPTER_KEY: text}))
 
 
 def read_adapter_document(metadata: dict[str, str], source: str) -> dict | None:
     """The adapter document of a safetensors ``__metadata__``, or None when the file is not an adapter file."""
-    if ADAPTER_KEY not in metadata:
+    document = load_document(metadata, ADAPTER_KEY, ADAPTER_FORMAT, ADAPTER_VERSION, "adapter", "vitlab adapter",
+                             source)
+    if document is None:
         return None
-    try:
-        document = json.loads(metadata[ADAPTER_KEY])
-    except json.JSONDecodeError as exc:
-        raise VitlabError(f"{source}: the adapter metadata is not valid JSON ({exc})") from None
-    if not isinstance(document, dict) or document.get("format") != ADAPTER_FORMAT:
-        raise VitlabError(f"{source}: the '{ADAPTER_KEY}' metadata entry is not a vitlab adapter description")
-    version = document.get("format_version")
-    if not isinstance(version, int) or version > ADAPTER_VERSION:
-        raise VitlabError(f"{source}: vitlab adapter format version {version!r}; this vitlab reads up to "
-                          f"{ADAPTER_VERSION} (upgrade vitlab)")
     base = document.get("base")
     if not isinstance(base, dict) or not base.get("name") or not base.get("sha256"):
         raise VitlabError(f"{source}: the adapter names no base checkpoint (base.name and base.sha256)")
@@ -137,7 +125,7 @@ def adapter_document(path: str | os.PathLike) -> dict | None:
             return None
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-    except (VitlabError, OSError):
+    except (VitlabError, OSError, SafetensorError):  # not readable as safetensors: the file readers say why
         return None
     return read_adapter_document(metadata, str(path))
 

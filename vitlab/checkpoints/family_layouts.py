@@ -43,6 +43,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import InvalidValueError, VitlabError
+from .statedicts import HF_QKV, HF_TO, HF_VIT_LAYER, QKV_TARGET, fuse_qkv, rename_keys, split_qkv
 
 # transformers' model types read here, and the vision-config fields they nest (full SigLIP / CLIP models)
 HF_FAMILY_TYPES = {"dinov2": "hf_dinov2", "dinov2_with_registers": "hf_dinov2", "deit": "hf_deit",
@@ -95,40 +96,6 @@ def detect_family_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _rename(state_dict: Mapping[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """First matching (regex, replacement) per key; unmatched keys pass through so that strict loading names them."""
-    compiled = [(re.compile(f"^{p}$"), r) for p, r in rules]
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in compiled:
-            if pattern.match(key):
-                key = pattern.sub(repl, key)
-                break
-        out[key] = value
-    return out
-
-
-def _fuse_qkv(state_dict: Mapping[str, torch.Tensor], pattern: str, names: tuple[str, str, str],
-              target: str, source: str) -> dict[str, torch.Tensor]:
-    """Fuse separate q, k, v projections into ``target`` (``blocks.{i}.attn.qkv.{kind}``), query rows first.
-    ``pattern`` captures (block, which, kind) with ``which`` one of ``names``."""
-    regex = re.compile(f"^{pattern}$")
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    out = {}
-    for key, value in state_dict.items():
-        m = regex.match(key)
-        if m:
-            parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-        else:
-            out[key] = value
-    for (block, kind), found in parts.items():
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise VitlabError(f"{source}: layer {block}: attention {kind} lacks {', '.join(missing)}")
-        out[target.format(block=block, kind=kind)] = torch.cat([found[n] for n in names], dim=0)
-    return out
-
-
 def _split_off(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...],
                what: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Drop the keys under ``prefixes`` (another tower, training-only tensors) and say so in a note."""
@@ -150,13 +117,6 @@ def _fold_class_slot(sd: dict[str, torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- transformers
-_HF_VIT_LAYER = [  # DeiT's encoder layers use ViT's names
-    (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-]
 _HF_EMBED = [
     (r"embeddings\.cls_token", "cls_token"),
     (r"embeddings\.register_tokens", "reg_token"),
@@ -172,8 +132,6 @@ _HF_DINOV2_LAYER = [
     (r"encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
     (r"encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
 ]
-_HF_QKV = r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"
-_QKV_TARGET = "blocks.{block}.attn.qkv.{kind}"
 _HF_TOWER = [  # SigLIP and CLIP vision towers (CLIP-style encoder names)
     (r"embeddings\.patch_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
     (r"pre_layrnorm\.(weight|bias)", r"norm_pre.\1"),
@@ -196,8 +154,8 @@ def from_hf_dinov2(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple
     if "classifier.weight" in sd:
         raise VitlabError(f"{source}: a Dinov2ForImageClassification head (it reads the class token next to the mean "
                           "patch token) has no vitlab equivalent; load the backbone alone (Dinov2Model)")
-    sd = _rename(_fuse_qkv(sd, _HF_QKV, ("query", "key", "value"), _QKV_TARGET, source),
-                 _HF_DINOV2_LAYER + _HF_EMBED)
+    sd = rename_keys(fuse_qkv(sd, HF_QKV, ("query", "key", "value"), QKV_TARGET, source),
+                     _HF_DINOV2_LAYER + _HF_EMBED)
     if "reg_token" in sd:
         _fold_class_slot(sd)
     return sd, notes
@@ -217,9 +175,9 @@ def from_hf_deit(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[d
                    "head_dist.bias": torch.zeros_like(bias)})
         notes.append("DeiTForImageClassification classifies the class token alone: loaded as a distilled model "
                      "whose head is the classifier x2 and whose distillation head is zero (same logits)")
-    sd = _rename(sd, [(r"cls_classifier\.(weight|bias)", r"head.\1"),
+    sd = rename_keys(sd, [(r"cls_classifier\.(weight|bias)", r"head.\1"),
                       (r"distillation_classifier\.(weight|bias)", r"head_dist.\1")])
-    sd = _rename(_fuse_qkv(sd, _HF_QKV, ("query", "key", "value"), _QKV_TARGET, source), _HF_VIT_LAYER + _HF_EMBED)
+    sd = rename_keys(fuse_qkv(sd, HF_QKV, ("query", "key", "value"), QKV_TARGET, source), HF_VIT_LAYER + _HF_EMBED)
     return sd, notes
 
 
@@ -245,7 +203,7 @@ def from_hf_tower(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[
         if fused is not None:  # nn.MultiheadAttention's in_proj: the query of the probe, key and value of the tokens
             dim = fused.shape[0] // 3
             sd[f"attn_pool.q.{kind}"], sd[f"attn_pool.kv.{kind}"] = fused[:dim], fused[dim:]
-    sd = _rename(_fuse_qkv(sd, _TOWER_QKV, ("q", "k", "v"), _QKV_TARGET, source), _HF_TOWER)
+    sd = rename_keys(fuse_qkv(sd, _TOWER_QKV, ("q", "k", "v"), QKV_TARGET, source), _HF_TOWER)
     return sd, notes
 
 
@@ -276,7 +234,7 @@ def from_open_clip(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple
     if "visual.proj" in sd:
         proj = sd.pop("visual.proj")
         sd["head.weight"], sd["head.bias"] = proj.t().contiguous(), proj.new_zeros(proj.shape[1])
-    return _rename(sd, _OPEN_CLIP), notes
+    return rename_keys(sd, _OPEN_CLIP), notes
 
 
 def from_dinov2(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -284,9 +242,9 @@ def from_dinov2(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[di
     ``mask_token``, ``blocks.{i}.ls1.gamma``, SwiGLU ``mlp.w12`` / ``mlp.w3``; training checkpoints chunk the blocks
     as ``blocks.{chunk}.{i}.``) -> timm names."""
     sd, notes = _split_off(state_dict, ("mask_token",), "masked-image training (mask_token)")
-    sd = _rename(sd, [(r"blocks\.\d+\.(\d+)\.(.*)", r"blocks.\1.\2")] if any(
+    sd = rename_keys(sd, [(r"blocks\.\d+\.(\d+)\.(.*)", r"blocks.\1.\2")] if any(
         re.match(r"blocks\.\d+\.\d+\.", k) for k in sd) else [])
-    sd = _rename(sd, [(r"register_tokens", "reg_token"),
+    sd = rename_keys(sd, [(r"register_tokens", "reg_token"),
                       (r"blocks\.(\d+)\.mlp\.w12\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
                       (r"blocks\.(\d+)\.mlp\.w3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2")])
     if "reg_token" in sd:
@@ -296,7 +254,7 @@ def from_dinov2(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[di
 
 def from_deit3(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A DeiT III release (``blocks.{i}.gamma_1`` / ``gamma_2``, otherwise timm names) -> timm names."""
-    return _rename(state_dict, [(r"blocks\.(\d+)\.gamma_([12])", r"blocks.\1.ls\2.gamma")]), []
+    return rename_keys(state_dict, [(r"blocks\.(\d+)\.gamma_([12])", r"blocks.\1.ls\2.gamma")]), []
 
 
 _READERS = {"hf_dinov2": from_hf_dinov2, "hf_deit": from_hf_deit, "hf_siglip": from_hf_tower,
@@ -391,19 +349,6 @@ def transformers_class(cfg) -> str | None:
     return name
 
 
-def _unfuse(state_dict: Mapping[str, torch.Tensor], target: str, names: tuple[str, str, str]) -> dict:
-    """``blocks.{i}.attn.qkv.{kind}`` -> three tensors named by ``target.format(block=, which=, kind=)``."""
-    out = {}
-    for key, value in state_dict.items():
-        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
-        if m:
-            for which, chunk in zip(names, value.chunk(3, dim=0)):
-                out[target.format(block=m.group(1), which=which, kind=m.group(2))] = chunk.contiguous()
-        else:
-            out[key] = value
-    return out
-
-
 def _class_slot(sd: dict[str, torch.Tensor]) -> None:
     """A patch-only position embedding gets a zero row for the class token (which already holds its position)."""
     pos = sd["pos_embed"]
@@ -428,7 +373,7 @@ def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: li
     if name.startswith("Dinov2"):
         if getattr(cfg, "no_embed_class", False):
             _class_slot(sd)
-        sd = _unfuse(sd, "encoder.layer.{block}.attention.attention.{which}.{kind}", ("query", "key", "value"))
+        sd = split_qkv(sd, "encoder.layer.{block}.attention.attention.{which}.{kind}", ("query", "key", "value"))
         rules = [(r"cls_token", "embeddings.cls_token"), (r"reg_token", "embeddings.register_tokens"),
                  (r"pos_embed", "embeddings.position_embeddings"),
                  (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
@@ -440,7 +385,7 @@ def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: li
         mlp = ("weights_in", "weights_out") if swiglu else ("fc1", "fc2")
         rules += [(rf"blocks\.(\d+)\.mlp\.fc{i + 1}\.(weight|bias)", rf"encoder.layer.\1.mlp.{n}.\2")
                   for i, n in enumerate(mlp)]
-        tensors = _rename(sd, rules)
+        tensors = rename_keys(sd, rules)
         tensors["embeddings.mask_token"] = torch.zeros(1, cfg.embed_dim)  # only used for masked-image training
         ratio = cfg.mlp_dim / cfg.embed_dim
         ratio = int(ratio) if ratio == int(ratio) else ratio  # transformers' Dinov2Config types it as an int
@@ -458,25 +403,19 @@ def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: li
             config["num_register_tokens"] = cfg.reg_tokens
         return tensors, config
     if name.startswith("DeiT"):
-        sd = _unfuse(sd, "deit.encoder.layer.{block}.attention.attention.{which}.{kind}", ("query", "key", "value"))
-        rules = [(r"cls_token", "deit.embeddings.cls_token"), (r"dist_token", "deit.embeddings.distillation_token"),
-                 (r"pos_embed", "deit.embeddings.position_embeddings"),
-                 (r"patch_embed\.proj\.(weight|bias)", r"deit.embeddings.patch_embeddings.projection.\1"),
-                 (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"deit.encoder.layer.\1.layernorm_before.\2"),
-                 (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"deit.encoder.layer.\1.attention.output.dense.\2"),
-                 (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"deit.encoder.layer.\1.layernorm_after.\2"),
-                 (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"deit.encoder.layer.\1.intermediate.dense.\2"),
-                 (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"deit.encoder.layer.\1.output.dense.\2"),
-                 (r"norm\.(weight|bias)", r"deit.layernorm.\1"), (r"head\.(weight|bias)", r"cls_classifier.\1"),
-                 (r"head_dist\.(weight|bias)", r"distillation_classifier.\1")]
+        sd = split_qkv(sd, "deit.encoder.layer.{block}.attention.attention.{which}.{kind}", ("query", "key", "value"))
+        # ViT's names under ``deit.``, plus the distillation token and DeiT's two classifiers
+        rules = [(p, r.replace("vit.", "deit.", 1)) for p, r in HF_TO if not p.startswith("head")] + [
+            (r"dist_token", "deit.embeddings.distillation_token"), (r"head\.(weight|bias)", r"cls_classifier.\1"),
+            (r"head_dist\.(weight|bias)", r"distillation_classifier.\1")]
         names = class_names or [f"LABEL_{i}" for i in range(cfg.num_classes)]
         config = {**common, "architectures": [name], "model_type": "deit", "intermediate_size": cfg.mlp_dim,
                   "qkv_bias": cfg.qkv_bias, "encoder_stride": cfg.patch_size[0], "hidden_dropout_prob": 0.0,
                   "attention_probs_dropout_prob": 0.0, "id2label": {str(i): n for i, n in enumerate(names)},
                   "label2id": {n: i for i, n in enumerate(names)}}
-        return _rename(sd, rules), config
+        return rename_keys(sd, rules), config
     # SigLIP and CLIP towers: vision_model.* (+ CLIP's visual_projection)
-    sd = _unfuse(sd, "vision_model.encoder.layers.{block}.self_attn.{which}_proj.{kind}", ("q", "k", "v"))
+    sd = split_qkv(sd, "vision_model.encoder.layers.{block}.self_attn.{which}_proj.{kind}", ("q", "k", "v"))
     tensors = {}
     if "cls_token" in sd:
         tensors["vision_model.embeddings.class_embedding"] = sd.pop("cls_token").reshape(-1)
@@ -501,7 +440,7 @@ def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: li
              (r"attn_pool\.proj\.(weight|bias)", r"vision_model.head.attention.out_proj.\1"),
              (r"attn_pool\.norm\.(weight|bias)", r"vision_model.head.layernorm.\1"),
              (r"attn_pool\.mlp\.fc([12])\.(weight|bias)", r"vision_model.head.mlp.fc\1.\2")]
-    tensors.update(_rename(sd, rules))
+    tensors.update(rename_keys(sd, rules))
     config = {**common, "architectures": [name], "intermediate_size": cfg.mlp_dim, "attention_dropout": 0.0}
     if name.startswith("Siglip"):
         config.update(model_type="siglip_vision_model", vision_use_head=True)

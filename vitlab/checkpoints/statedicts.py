@@ -107,8 +107,7 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- renaming
-def _rename(state_dict: Mapping[str, torch.Tensor], rules: list[tuple[str, str]],
-            passthrough: bool = True) -> dict[str, torch.Tensor]:
+def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Apply the first matching (regex, replacement) rule to each key; unmatched keys pass through unchanged so that
     strict loading reports them as unexpected."""
     compiled = [(re.compile(f"^{pattern}$"), repl) for pattern, repl in rules]
@@ -119,6 +118,40 @@ def _rename(state_dict: Mapping[str, torch.Tensor], rules: list[tuple[str, str]]
                 key = pattern.sub(repl, key)
                 break
         out[key] = value
+    return out
+
+
+def fuse_qkv(state_dict: Mapping[str, torch.Tensor], pattern: str, names: tuple[str, str, str],
+             target: str, source: str) -> dict[str, torch.Tensor]:
+    """Fuse separate q, k, v projections into ``target`` (``blocks.{block}.attn.qkv.{kind}``), query rows first.
+    ``pattern`` captures (block, which, kind) with ``which`` one of ``names``."""
+    regex = re.compile(f"^{pattern}$")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    out = {}
+    for key, value in state_dict.items():
+        m = regex.match(key)
+        if m:
+            parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        else:
+            out[key] = value
+    for (block, kind), found in parts.items():
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise VitlabError(f"{source}: layer {block}: attention {kind} lacks {', '.join(missing)}")
+        out[target.format(block=block, kind=kind)] = torch.cat([found[n] for n in names], dim=0)
+    return out
+
+
+def split_qkv(state_dict: Mapping[str, torch.Tensor], target: str, names: tuple[str, str, str]) -> dict:
+    """``blocks.{i}.attn.qkv.{kind}`` -> three tensors named by ``target.format(block=, which=, kind=)``."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if m:
+            for which, chunk in zip(names, value.chunk(3, dim=0)):
+                out[target.format(block=m.group(1), which=which, kind=m.group(2))] = chunk.contiguous()
+        else:
+            out[key] = value
     return out
 
 
@@ -150,20 +183,23 @@ _TV_TO = [
     (r"pre_logits\.fc\.(weight|bias)", r"heads.pre_logits.\1"),
     (r"head\.(weight|bias)", r"heads.head.\1"),
 ]
-_HF_FROM = [
-    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
+HF_VIT_LAYER = [  # transformers ViT encoder layers (DeiT uses the same names)
     (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
     (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
     (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
     (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
     (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+]
+_HF_FROM = [
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    *HF_VIT_LAYER,
     (r"layernorm\.(weight|bias)", r"norm.\1"),
     (r"pooler\.dense\.(weight|bias)", r"pre_logits.fc.\1"),
     (r"classifier\.(weight|bias)", r"head.\1"),
 ]
-_HF_TO = [
+HF_TO = [  # vitlab -> transformers ViTForImageClassification (DeiT: the same under deit.)
     (r"patch_embed\.proj\.(weight|bias)", r"vit.embeddings.patch_embeddings.projection.\1"),
     (r"cls_token", "vit.embeddings.cls_token"),
     (r"pos_embed", "vit.embeddings.position_embeddings"),
@@ -175,17 +211,18 @@ _HF_TO = [
     (r"norm\.(weight|bias)", r"vit.layernorm.\1"),
     (r"head\.(weight|bias)", r"classifier.\1"),
 ]
-_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+HF_QKV = r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"
+QKV_TARGET = "blocks.{block}.attn.qkv.{kind}"
 
 
 def from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchvision ``VisionTransformer`` names -> vitlab names (in_proj is already the fused q, k, v)."""
-    return _rename(state_dict, _TV_FROM)
+    return rename_keys(state_dict, _TV_FROM)
 
 
 def to_torchvision(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """vitlab names -> torchvision ``VisionTransformer`` names."""
-    return _rename(state_dict, _TV_TO)
+    return rename_keys(state_dict, _TV_TO)
 
 
 def from_hf(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -199,36 +236,14 @@ def from_hf(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     if "classifier.weight" in stripped and any(k.startswith("pooler.") for k in stripped):
         stripped = {k: v for k, v in stripped.items() if not k.startswith("pooler.")}
         notes.append("pooler weights dropped: ViTForImageClassification does not use them")
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    rest = {}
-    for key, value in stripped.items():
-        m = _HF_QKV.match(key)
-        if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-        else:
-            rest[key] = value
-    out = _rename(rest, _HF_FROM)
-    for (block, kind), parts in qkv.items():
-        missing = [p for p in ("query", "key", "value") if p not in parts]
-        if missing:
-            raise VitlabError(f"Hugging Face layer {block}: attention {kind} lacks {', '.join(missing)}")
-        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    out = rename_keys(fuse_qkv(stripped, HF_QKV, ("query", "key", "value"), QKV_TARGET, "Hugging Face"), _HF_FROM)
     return out, notes
 
 
 def to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """vitlab names -> Hugging Face ``ViTForImageClassification`` on-disk names (``qkv`` split into q, k, v)."""
-    rest = {}
-    out = {}
-    for key, value in state_dict.items():
-        m = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
-        if m:
-            for part, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
-                out[f"vit.encoder.layer.{m.group(1)}.attention.attention.{part}.{m.group(2)}"] = chunk.contiguous()
-        else:
-            rest[key] = value
-    out.update(_rename(rest, _HF_TO))
-    return out
+    return rename_keys(split_qkv(state_dict, "vit.encoder.layer.{block}.attention.attention.{which}.{kind}",
+                                 ("query", "key", "value")), HF_TO)
 
 
 def to_vitlab_names(state_dict: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:

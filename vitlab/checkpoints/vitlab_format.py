@@ -80,10 +80,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
         "class_names": class_names,
         "metadata": metadata or {},
     }
-    try:
-        text = json.dumps(document)
-    except TypeError as exc:
-        raise InvalidValueError(f"metadata must be JSON-serialisable: {exc}") from None
+    text = dump_document(document)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -93,18 +90,34 @@ def save(model: nn.Module, path: str | os.PathLike, *, preprocessing: Preprocess
 
 def read_document(metadata: dict[str, str], source: str) -> dict | None:
     """The vitlab JSON document from a safetensors ``__metadata__``, or None if it is not a vitlab file."""
-    if METADATA_KEY not in metadata:
+    return load_document(metadata, METADATA_KEY, FORMAT_NAME, FORMAT_VERSION, "vitlab", "vitlab checkpoint",
+                         source)
+
+
+def dump_document(document: dict) -> str:
+    """A vitlab file's JSON document as the text of its safetensors ``__metadata__`` entry."""
+    try:
+        return json.dumps(document)
+    except TypeError as exc:
+        raise InvalidValueError(f"metadata must be JSON-serialisable: {exc}") from None
+
+
+def load_document(metadata: dict[str, str], key: str, fmt: str, version: int, name: str, what: str,
+                  source: str) -> dict | None:
+    """The JSON document under ``key`` of a safetensors ``__metadata__`` whose ``format`` is ``fmt`` and whose
+    ``format_version`` is at most ``version`` (``name`` / ``what`` name it in errors); None without ``key``."""
+    if key not in metadata:
         return None
     try:
-        document = json.loads(metadata[METADATA_KEY])
+        document = json.loads(metadata[key])
     except json.JSONDecodeError as exc:
-        raise VitlabError(f"{source}: the vitlab metadata is not valid JSON ({exc})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise VitlabError(f"{source}: the 'vitlab' metadata entry is not a vitlab checkpoint description")
-    version = document.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise VitlabError(f"{source}: vitlab checkpoint format version {version!r}; this vitlab reads up to "
-                          f"{FORMAT_VERSION} (upgrade vitlab)")
+        raise VitlabError(f"{source}: the {name} metadata is not valid JSON ({exc})") from None
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise VitlabError(f"{source}: the '{key}' metadata entry is not a {what} description")
+    found = document.get("format_version")
+    if not isinstance(found, int) or found > version:
+        raise VitlabError(f"{source}: {what} format version {found!r}; this vitlab reads up to {version} "
+                          "(upgrade vitlab)")
     return document
 
 

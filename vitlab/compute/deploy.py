@@ -38,8 +38,8 @@ from ..errors import InvalidValueError, VitlabError
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-# the ONNX metadata entry (metadata_props) holding what the model needs at inference: its config, preprocessing and
-# class names, as JSON; see model_metadata / read_metadata
+# the ONNX metadata entry (metadata_props) holding what the model needs at inference: its config, preprocessing,
+# class names and the loss it was trained with (sigmoid: per-label probabilities), as JSON; see model_metadata
 METADATA_KEY = "vitlab"
 # the metadata entry of an int8 file saying how it was quantised (JSON): the weight type ("signed" / "unsigned"), what
 # was asked ("auto" / ...), and the CPU it was chosen for (architecture, VNNI, the int8 feature flags seen)
@@ -74,14 +74,16 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 
 def model_metadata(model: nn.Module) -> dict:
     """What an exported file carries about ``model`` so that it can be used on its own: the architecture class and
-    config, the preprocessing (``model.preprocessing``, else the paper's for its input) and the class names."""
+    config, the preprocessing (``model.preprocessing``, else the paper's for its input), the class names and the loss
+    the head was trained with (``model.loss``: ``"sigmoid"`` for multi-label models, whose probabilities are
+    per-label sigmoids; None when unknown, read as softmax)."""
     from ..preprocessing import Preprocessing
 
     cfg = model.cfg
     pre = getattr(model, "preprocessing", None) or Preprocessing.for_model(cfg.img_size, cfg.in_chans)
     names = getattr(model, "class_names", None)
     return {"architecture": type(model).__name__, "config": cfg.to_dict(), "preprocessing": pre.to_dict(),
-            "class_names": [str(n) for n in names] if names else None}
+            "class_names": [str(n) for n in names] if names else None, "loss": getattr(model, "loss", None)}
 
 
 def read_metadata(path: str | os.PathLike) -> dict | None:

@@ -1,13 +1,14 @@
 """An exported ONNX file used like a loaded vitlab model, so that ``vitlab predict``, ``vitlab eval`` and
 ``vitlab serve`` take ``.onnx`` files (for example the int8 model) with the same code as PyTorch checkpoints.
 
-:func:`vitlab.compute.deploy.export_onnx` writes the model's config, preprocessing and class names into the file's
-``vitlab`` metadata entry; :class:`OnnxClassifier` reads them back and offers what the evaluators use of a model:
-``forward`` on (B, C, H, W) tensors returning logits, ``.cfg`` (``img_size``, ``in_chans``, ``num_classes``, ...),
-``.preprocessing`` and ``.class_names``. An int8 file with signed weights warns once where this CPU would saturate
-them (:func:`vitlab.compute.deploy.warn_if_saturating`). It runs on ONNX Runtime's CPU provider whatever device the
-inputs are on (the logits come back on the inputs' device). It has no attention maps: attention rollout needs the
-PyTorch model.
+:func:`vitlab.compute.deploy.export_onnx` writes the model's config, preprocessing, class names and loss into the
+file's ``vitlab`` metadata entry; :class:`OnnxClassifier` reads them back and offers what the evaluators use of a
+model: ``forward`` on (B, C, H, W) tensors returning logits, ``.cfg`` (``img_size``, ``in_chans``, ``num_classes``,
+...), ``.preprocessing``, ``.class_names`` and ``.loss`` (``"sigmoid"`` for a multi-label model: ``predict`` and
+``serve`` then answer per-label sigmoid probabilities, as for its checkpoint). An int8 file with signed weights
+warns once where this CPU would saturate them (:func:`vitlab.compute.deploy.warn_if_saturating`). It runs on ONNX
+Runtime's CPU provider whatever device the inputs are on (the logits come back on the inputs' device). It has no
+attention maps: attention rollout needs the PyTorch model.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def _config(architecture: str, data: dict):
 
 def read_exported_metadata(path: str | os.PathLike, text: str) -> SimpleNamespace:
     """The fields an exported file's ``vitlab`` metadata entry (JSON text, :func:`vitlab.compute.deploy.model_metadata`)
-    gives its classifier: ``architecture``, ``cfg``, ``preprocessing``, ``class_names`` and ``quantization`` (None:
-    float32). Raises :class:`VitlabError` naming ``path`` when the entry is unreadable."""
+    gives its classifier: ``architecture``, ``cfg``, ``preprocessing``, ``class_names``, ``quantization`` (None:
+    float32) and ``loss`` (``"sigmoid"``: per-label probabilities; None in files exported before it was recorded,
+    read as softmax). Raises :class:`VitlabError` naming ``path`` when the entry is unreadable."""
     try:
         meta = json.loads(text)
         architecture = str(meta.get("architecture", "VisionTransformer"))
@@ -55,9 +57,13 @@ def read_exported_metadata(path: str | os.PathLike, text: str) -> SimpleNamespac
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VitlabError(f"{path}: the file's vitlab metadata is unreadable ({exc})") from exc
     names = meta.get("class_names")
+    loss = meta.get("loss")
+    if loss not in (None, "softmax", "sigmoid"):
+        raise VitlabError(f"{path}: the file's vitlab metadata names an unknown loss {loss!r} (expected 'softmax' or "
+                          "'sigmoid')")
     return SimpleNamespace(architecture=architecture, cfg=cfg, preprocessing=preprocessing,
                            class_names=[str(n) for n in names] if names else None,
-                           quantization=meta.get("quantization"))
+                           quantization=meta.get("quantization"), loss=loss)
 
 
 class OnnxClassifier(nn.Module):
@@ -81,7 +87,7 @@ class OnnxClassifier(nn.Module):
                               "export it with `vitlab export-onnx`")
         fields = read_exported_metadata(path, meta)
         self.architecture, self.cfg, self.preprocessing = fields.architecture, fields.cfg, fields.preprocessing
-        self.class_names, self.quantization = fields.class_names, fields.quantization
+        self.class_names, self.quantization, self.loss = fields.class_names, fields.quantization, fields.loss
         self.int8 = self.runtime.int8  # how an int8 file was quantised (weight type, the CPU chosen for); None: fp32
         self.path = path
         self.num_prefix_tokens = getattr(self.cfg, "num_prefix_tokens", 0)

@@ -110,7 +110,7 @@ class Pt2Classifier(nn.Module):
                               "package; export it with `vitlab export --format pt2`")
         fields = read_exported_metadata(path, meta)
         self.architecture, self.cfg, self.preprocessing = fields.architecture, fields.cfg, fields.preprocessing
-        self.class_names, self.quantization = fields.class_names, fields.quantization
+        self.class_names, self.quantization, self.loss = fields.class_names, fields.quantization, fields.loss
         self.format = json.loads(meta).get("format") or {}
         self.device = torch.device(entries.get("AOTI_DEVICE_KEY") or "cpu")
         if self.device.type == "cuda" and self.device.index is None:

@@ -16,7 +16,8 @@ skip and report it instead of crashing a worker.
 Images with another number of channels than 1 or 3 (satellite bands, microscopy) are arrays, not PIL images:
 :func:`load_array_image` reads ``.npy`` files (``np.load(allow_pickle=False)``) and multi-band TIFFs (``tifffile``,
 an optional dependency: ``pip install vitlab[bands]``) into a float32 tensor (C, H, W); :func:`load_sample` picks the
-reader from the file name and the channel count.
+reader from the file name (or, for uploaded bytes, their first bytes) and the channel count. Both refuse an array
+over ``max_pixels`` from its header, before its pixels are read; :func:`declared_pixels` reads only that header.
 
 Array layout rule: a 2-D array (H, W) is one channel; a 3-D array is (H, W, C) when its last axis has ``channels``
 entries, else (C, H, W) when its first axis has; anything else is refused naming the shape. Values: unsigned integers
@@ -178,27 +179,99 @@ def _bands(shape: tuple) -> str:
     return f"{last} band(s)" if last <= first else f"{first} band(s)"
 
 
-def load_array_image(path: str | Path, channels: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                     name: str | None = None) -> torch.Tensor:
-    """A ``.npy`` array or a (multi-band) TIFF as a float32 tensor (channels, H, W), laid out and scaled by the
-    module's rule. Raises :class:`ImageLoadError` naming the file (or ``name``) for a missing, unreadable,
-    non-numeric or wrongly shaped file, or one over ``max_pixels``."""
-    label = path if name is None else name
+NPY_MAGIC = b"\x93NUMPY"
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def _sniff(source: BinaryIO) -> str | None:
+    """``"npy"`` or ``"tiff"`` from a file object's first bytes (uploads have no file name), else None."""
+    position = source.tell()
+    head = source.read(6)
+    source.seek(position)
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head[:4] in TIFF_MAGICS:
+        return "tiff"
+    return None
+
+
+def _array_kind(path: str | Path | BinaryIO) -> str | None:
+    if not isinstance(path, (str, Path)):
+        return _sniff(path)
     suffix = Path(path).suffix.lower()
+    return "npy" if suffix in ARRAY_EXTENSIONS else "tiff" if suffix in TIFF_EXTENSIONS else None
+
+
+def _height_width(shape: tuple, channels: int) -> tuple[int, int] | None:
+    """(H, W) of an array shape by the module's layout rule; None when it has neither 2 nor 3 axes."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) == 3:
+        return tuple(shape[:2]) if shape[-1] == channels else tuple(shape[1:])
+    return None
+
+
+def _npy_header(source: BinaryIO) -> tuple[tuple, np.dtype]:
+    """Shape and dtype from a ``.npy`` header (nothing else read; the position is restored)."""
+    position = source.tell()
     try:
-        if suffix in ARRAY_EXTENSIONS:
+        version = np.lib.format.read_magic(source)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(source)
+    finally:
+        source.seek(position)
+    return tuple(shape), dtype
+
+
+def _open_array(path: str | Path | BinaryIO, kind: str, channels: int, max_pixels: int | None, label):
+    """Read the array of a ``.npy`` / TIFF file or file object, refusing one over ``max_pixels`` (or with the wrong
+    number of axes) from its header, before its pixels are read."""
+    def check(shape: tuple, dtype: np.dtype) -> None:
+        if dtype.kind not in "buif":  # object, string, complex, structured: not pixels
+            raise ImageLoadError(f"{label}: not a numeric array (dtype {dtype})")
+        hw = _height_width(shape, channels)
+        if hw is None:
+            raise ImageLoadError(f"{label}: an array of shape {tuple(shape)}, expected (H, W, C) or (C, H, W)")
+        if max_pixels is not None and hw[0] * hw[1] > max_pixels:
+            raise ImageLoadError(f"{label}: image too large ({hw[1]}x{hw[0]} pixels, limit {max_pixels:,})")
+
+    if kind == "npy":
+        if isinstance(path, (str, Path)):
             # memory-mapped first: the shape is checked before the pixels are read; never unpickles objects
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        elif suffix in TIFF_EXTENSIONS:
-            try:
-                import tifffile  # optional dependency (vitlab[bands]); imported where a multi-band TIFF is read
-            except ImportError as exc:
-                raise ImageLoadError(f"{label}: reading {channels}-band TIFFs needs tifffile (pip install "
-                                     "vitlab[bands])") from exc
-            array = tifffile.imread(path)
-        else:
-            raise ImageLoadError(f"{label}: a {suffix or 'extension-less'} file cannot hold {channels} channels; use "
-                                 ".npy arrays or multi-band TIFFs")
+            check(array.shape, array.dtype)
+            return array
+        check(*_npy_header(path))  # object arrays refused before np.load (which would refuse them too)
+        return np.load(path, allow_pickle=False)
+    try:
+        import tifffile  # optional dependency (vitlab[bands]); imported where a multi-band TIFF is read
+    except ImportError as exc:
+        raise ImageLoadError(f"{label}: reading {channels}-band TIFFs needs tifffile (pip install "
+                             "vitlab[bands])") from exc
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise ImageLoadError(f"{label}: no pixels (an empty or damaged file)")
+        # from the tags: a small file declaring a huge image is refused undecoded
+        check(tif.series[0].shape, tif.series[0].dtype)
+        return tif.asarray()
+
+
+def load_array_image(path: str | Path | BinaryIO, channels: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     name: str | None = None) -> torch.Tensor:
+    """A ``.npy`` array or a (multi-band) TIFF as a float32 tensor (channels, H, W), laid out and scaled by the
+    module's rule. ``path`` is a file name (the format from its extension) or a binary file object such as
+    ``io.BytesIO`` of uploaded bytes (the format from its first bytes). Raises :class:`ImageLoadError` naming the
+    file (or ``name``) for a missing, unreadable, non-numeric or wrongly shaped file, or one over ``max_pixels``
+    (checked from the header, before the pixels are read)."""
+    label = path if name is None else name
+    kind = _array_kind(path)
+    try:
+        if kind is None:
+            what = (f"a {Path(path).suffix or 'extension-less'} file" if isinstance(path, (str, Path))
+                    else "data that is neither a .npy array nor a TIFF")
+            raise ImageLoadError(f"{label}: {what} cannot hold {channels} channels; use .npy arrays or multi-band "
+                                 "TIFFs")
+        array = _open_array(path, kind, channels, max_pixels, label)
     except ImageLoadError:
         raise
     except FileNotFoundError:
@@ -210,12 +283,32 @@ def load_array_image(path: str | Path, channels: int, *, max_pixels: int | None 
         raise ImageLoadError(f"{label}: not a single array")
     if array.size == 0:  # tifffile answers a damaged file with an empty array and a logged warning
         raise ImageLoadError(f"{label}: no pixels (an empty or damaged file)")
-    if array.ndim in (2, 3) and max_pixels is not None:
-        height, width = (array.shape if array.ndim == 2 else
-                         (array.shape[:2] if array.shape[-1] == channels else array.shape[1:]))
-        if height * width > max_pixels:
-            raise ImageLoadError(f"{label}: image too large ({width}x{height} pixels, limit {max_pixels:,})")
     return _array_to_chw(np.asarray(array), channels, label)
+
+
+def declared_pixels(source: BinaryIO, channels: int = 3) -> int:
+    """Width x height that a file object's header declares, as :func:`load_sample` would read it, with nothing
+    decoded: a ``.npy`` header, the first series of a TIFF read as bands, else Pillow's header. 0 when the header is
+    unreadable (decoding then fails with the reason)."""
+    try:
+        kind = _sniff(source)
+        if kind == "npy":
+            hw = _height_width(_npy_header(source)[0], channels)
+        elif kind == "tiff" and channels not in (1, 3):
+            import tifffile  # optional dependency (vitlab[bands]), as in _open_array
+
+            position = source.tell()
+            try:
+                with tifffile.TiffFile(source) as tif:
+                    hw = _height_width(tif.series[0].shape, channels) if tif.series else None
+            finally:
+                source.seek(position)
+        else:
+            with Image.open(source) as img:
+                hw = img.size
+        return 0 if hw is None else int(hw[0]) * int(hw[1])
+    except Exception:  # any unreadable header: decoding reports it as a bad image
+        return 0
 
 
 def is_array_file(path: str | Path) -> bool:
@@ -223,14 +316,20 @@ def is_array_file(path: str | Path) -> bool:
     return str(path).lower().endswith(ARRAY_EXTENSIONS)
 
 
-def load_sample(path: str | Path, channels: int = 3, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def load_sample(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 name: str | None = None) -> Image.Image | torch.Tensor:
     """One image file for a data set: a PIL image (``RGB`` / ``L``, :func:`load_image`) for 1 or 3 channels, a
-    float32 tensor (C, H, W) (:func:`load_array_image`) for ``.npy`` files and for any other channel count."""
+    float32 tensor (C, H, W) (:func:`load_array_image`) for ``.npy`` files and for any other channel count.
+    ``path`` may be a binary file object (uploaded bytes): then its first bytes tell a ``.npy`` array from an
+    image."""
     if channels < 1:
         raise InvalidValueError(f"channels must be positive, got {channels}")
-    if channels in (1, 3) and not is_array_file(path):
-        if not Path(path).exists():
+    if isinstance(path, (str, Path)):
+        array = is_array_file(path)
+    else:
+        array = _sniff(path) == "npy"
+    if channels in (1, 3) and not array:
+        if isinstance(path, (str, Path)) and not Path(path).exists():
             raise ImageLoadError(f"{path if name is None else name}: no such file")
         return load_image(path, channels, max_pixels=max_pixels, name=name)
     return load_array_image(path, channels, max_pixels=max_pixels, name=name)

@@ -5,6 +5,13 @@ hyper-parameter (l2 strength, k, weight decay), takes the first ``holdout_per_cl
 n-shot training set the n that follow (so the 5-shot set contains the 1-shot set, as in big_vision, and never overlaps
 the held-out set). Neither depends on which other shot counts are asked for: a seed and a shot count give the same
 result in every run. The chosen probe, fitted on the shots only, is scored on the test set.
+
+Multi-label data (multi-hot targets (N, K)): "n shots" means n images for each label. For each seed the samples are
+shuffled once and taken greedily in that order: an image joins the held-out set while one of its labels has fewer
+than ``holdout_per_class`` held-out images, then the n-shot set while one of its labels has fewer than n (so the sets
+stay nested and disjoint; an image with several labels counts for each). The probes fit the multi-hot targets (least
+squares regresses onto their {-1, 1}^K form, as for one-hot ones), the hyper-parameter is picked by macro mAP on the
+held-out set and the test set is scored by mean average precision, macro and micro, instead of accuracy.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from torch.utils.data import Subset
 
 from ..errors import VitlabError
 from .features import extract_features, model_outputs
-from .probes import make_probe, select
+from .probes import accuracy, make_probe, map_scores, select
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -39,7 +46,10 @@ def fewshot_splits(labels: torch.Tensor, num_classes: int, shots: Sequence[int],
                    seed: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Indices into ``labels`` for each shot count (nested) and for the held-out set, for one seed.
 
-    Returns ``({shots: indices}, holdout_indices)``. Every class needs ``max(shots) + holdout_per_class`` samples."""
+    Returns ``({shots: indices}, holdout_indices)``. Every class needs ``max(shots) + holdout_per_class`` samples.
+    Multi-hot ``labels`` (N, K) are drawn greedily per label (module docstring)."""
+    if labels.ndim == 2:
+        return _multilabel_splits(labels, shots, holdout_per_class, seed)
     labels_np = labels.cpu().numpy()
     need = max(shots) + holdout_per_class
     counts = np.bincount(labels_np, minlength=num_classes)
@@ -54,6 +64,41 @@ def fewshot_splits(labels: torch.Tensor, num_classes: int, shots: Sequence[int],
     holdout = torch.from_numpy(np.concatenate([p[:h] for p in per_class]))
     shot_sets = {n: torch.from_numpy(np.concatenate([p[h : h + n] for p in per_class])) for n in shots}
     return shot_sets, holdout
+
+
+def _greedy(order: np.ndarray, hot: np.ndarray, per_label: int, taken: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Walk ``order``; take each image not yet ``taken`` that has a label with fewer than ``per_label`` taken."""
+    counts = np.zeros(hot.shape[1], dtype=np.int64)
+    chosen = []
+    for i in order:
+        if taken[i]:
+            continue
+        labels = hot[i]
+        if (labels & (counts < per_label)).any():
+            chosen.append(int(i))
+            counts += labels
+    return chosen, counts
+
+
+def _multilabel_splits(targets: torch.Tensor, shots: Sequence[int], holdout_per_class: int,
+                       seed: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    hot = targets.cpu().numpy() > 0.5
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(hot))
+    taken = np.zeros(len(hot), dtype=bool)
+    holdout, held = _greedy(order, hot, holdout_per_class, taken)
+    taken[holdout] = True
+    shot_sets = {}
+    for n in sorted(shots):
+        chosen, counts = _greedy(order, hot, n, taken)
+        short = np.flatnonzero((counts < n) | (held < holdout_per_class))
+        if len(short):
+            listed = ", ".join(f"{c} ({int(hot[:, c].sum())})" for c in short[:5])
+            raise VitlabError(f"{n} shots + {holdout_per_class} held out per label need {n + holdout_per_class} "
+                              f"training images with each label; too few with label {listed}"
+                              f"{' ...' if len(short) > 5 else ''}")
+        shot_sets[n] = torch.tensor(chosen, dtype=torch.long)
+    return shot_sets, torch.tensor(holdout, dtype=torch.long)
 
 
 def fewshot_evaluate(
@@ -77,7 +122,9 @@ def fewshot_evaluate(
          "num_test": M, "methods": {name: {"param_name": "l2", "results": {"5": {
              "accuracy": [per seed], "chosen": [per seed], "mean", "std", "min", "max"}}}}}
 
-    Accuracies are fractions; ``std`` is the sample standard deviation over seeds."""
+    Accuracies are fractions; ``std`` is the sample standard deviation over seeds. Multi-hot labels (N, K)
+    (multi-label data) give ``"multi_label": True`` and, per shot count, ``map_macro`` and ``map_micro`` (per seed)
+    instead of ``accuracy``; ``mean`` / ``std`` / ``min`` / ``max`` then summarise ``map_macro``."""
     shots = sorted({int(s) for s in shots})
     seeds = [int(s) for s in seeds]
     if not shots or shots[0] < 1:
@@ -88,14 +135,22 @@ def fewshot_evaluate(
         raise VitlabError(f"holdout_per_class must be >= 1, got {holdout_per_class}")
     if train_features.shape[1] != test_features.shape[1]:
         raise VitlabError(f"train features have {train_features.shape[1]} dimensions, test {test_features.shape[1]}")
+    multi_label = train_labels.ndim == 2
+    if multi_label and test_labels.shape[1:] != train_labels.shape[1:]:
+        raise VitlabError(f"train targets have {train_labels.shape[1]} labels, test {tuple(test_labels.shape)[1:]}")
     if num_classes is None:
-        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        num_classes = (train_labels.shape[1] if multi_label
+                       else int(max(train_labels.max(), test_labels.max())) + 1)
     grids = grids or {}
+    metric = "map_macro" if multi_label else "accuracy"
     results: dict = {
         "shots": shots, "seeds": seeds, "holdout_per_class": holdout_per_class, "num_classes": num_classes,
         "feature_dim": int(train_features.shape[1]), "num_test": int(test_features.shape[0]), "methods": {},
     }
-    per_method = {m: {n: {"accuracy": [], "chosen": []} for n in shots} for m in methods}
+    if multi_label:
+        results["multi_label"] = True
+    keys = ("map_macro", "map_micro") if multi_label else ("accuracy",)
+    per_method = {m: {n: {**{k: [] for k in keys}, "chosen": []} for n in shots} for m in methods}
     probes = {m: make_probe(m, grids.get(m)) for m in methods}  # validates the names before any work
     for seed in seeds:
         shot_sets, holdout = fewshot_splits(train_labels, num_classes, shots, holdout_per_class, seed)
@@ -104,13 +159,18 @@ def fewshot_evaluate(
             for name, probe in probes.items():
                 probe.fit(train_features[idx], train_labels[idx], num_classes)
                 chosen, _ = select(probe, x_val, y_val)
-                test_acc = (probe.scores(test_features, chosen).argmax(1) == test_labels).double().mean().item()
-                per_method[name][n]["accuracy"].append(test_acc)
+                test_scores = probe.scores(test_features, chosen)
+                if multi_label:
+                    macro, micro = map_scores(test_scores, test_labels)
+                    per_method[name][n]["map_macro"].append(macro)
+                    per_method[name][n]["map_micro"].append(micro)
+                else:
+                    per_method[name][n]["accuracy"].append(accuracy(test_scores, test_labels))
                 per_method[name][n]["chosen"].append(chosen)
     for name, by_shots in per_method.items():
         results["methods"][name] = {
             "param_name": probes[name].param_name,
-            "results": {str(n): {**r, **summarize(r["accuracy"])} for n, r in by_shots.items()},
+            "results": {str(n): {**r, **summarize(r[metric])} for n, r in by_shots.items()},
         }
     return results
 
@@ -138,9 +198,18 @@ def tuned_probe(
 
 def labels_of(dataset) -> torch.Tensor:
     """All labels of a map-style data set (N,) int64, read without decoding images where the data set keeps them
-    (``labels`` / ``targets`` attributes, folder ``samples``), looking through ``Subset``."""
+    (``labels`` / ``targets`` attributes, folder ``samples``), looking through ``Subset``. A multi-label data set
+    (``multi_label``; a manifest's ``targets`` are tuples of label indices) gives multi-hot rows (N, K) float32."""
     if isinstance(dataset, Subset):
         return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if getattr(dataset, "multi_label", False):
+        targets, classes = getattr(dataset, "targets", None), getattr(dataset, "classes", None)
+        if targets is not None and classes is not None:
+            hot = torch.zeros(len(targets), len(classes))
+            for i, ids in enumerate(targets):
+                hot[i, list(ids)] = 1.0
+            return hot
+        return torch.stack([torch.as_tensor(dataset[i][1]).float() for i in range(len(dataset))])
     for attr in ("labels", "targets"):
         values = getattr(dataset, attr, None)
         if values is not None:
@@ -174,7 +243,7 @@ def fewshot_model(
     feature_kwargs = {k: v for k, v in kwargs.items() if k not in eval_keys}
     train_labels = labels_of(train_dataset)
     if num_classes is None:
-        num_classes = int(train_labels.max()) + 1
+        num_classes = train_labels.shape[1] if train_labels.ndim == 2 else int(train_labels.max()) + 1
     needed: set[int] = set()
     for seed in seeds:
         shot_sets, holdout = fewshot_splits(train_labels, num_classes, shots, holdout_per_class, seed)

@@ -3,6 +3,9 @@
 All three share one small interface so that the few-shot protocol and the suite treat them alike: ``fit`` on
 training features once, then ``scores`` for any value of the classifier's hyper-parameter (the l2 strength, the
 number of neighbours, the weight decay). :func:`select` picks the value that scores best on held-out features.
+Labels are class indices (N,), or multi-hot rows (N, K) for multi-label data: least squares regresses onto their
+{-1, 1}^K form, kNN scores each label by its neighbours' votes, the logistic probe uses sigmoid cross-entropy, and
+the selection uses macro mAP.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, VitlabError
+from .metrics import average_precision
 
 # big_vision's choice: a large constant bias feature is barely shrunk by the l2 penalty, so the bias is close to free
 DEFAULT_BIAS_CONSTANT = 100.0
@@ -22,15 +26,26 @@ DEFAULT_WD_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def _check_fit_inputs(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
-    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"need features (N, D) and labels (N,) with N > 0, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if y.min() < 0 or y.max() >= num_classes:
+    """Features (N, D) and labels: class indices (N,), or multi-hot rows (N, K) of 0 / 1 (multi-label)."""
+    if x.ndim != 2 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need features (N, D) and labels (N,) or multi-hot targets (N, K) with N > 0, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if y.ndim == 2:
+        if y.shape[1] != num_classes or not ((y == 0) | (y == 1)).all():
+            raise ValueError(f"multi-hot targets must be (N, {num_classes}) of 0 / 1")
+    elif y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
 
 
 def signed_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Targets in {-1, 1}^K: +1 for the sample's class, -1 elsewhere. (N,) -> (N, K) float64."""
     return 2.0 * F.one_hot(labels.long(), num_classes).double() - 1.0
+
+
+def signed_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """{-1, 1}^K regression targets (N, K) float64: :func:`signed_one_hot` of class indices (N,), or multi-hot rows
+    (N, K) mapped to -1 / +1 (multi-label: every present label +1)."""
+    return 2.0 * labels.double() - 1.0 if labels.ndim == 2 else signed_one_hot(labels, num_classes)
 
 
 def ridge_solution(x: torch.Tensor, targets: torch.Tensor, l2: float) -> torch.Tensor:
@@ -73,7 +88,7 @@ class LeastSquaresClassifier:
         self.mean = x.mean(dim=0, keepdim=True)
         self.std = x.std(dim=0, unbiased=False, keepdim=True) + 1e-5
         design = self._design(x)  # (N, D+1)
-        targets = signed_one_hot(y, num_classes)
+        targets = signed_targets(y, num_classes)
         n, d = design.shape
         # W(l2) = lhs diag(1 / (eigs + l2)) rhs for both the primal (N >= D) and the dual (N < D) form
         if n >= d:
@@ -115,7 +130,7 @@ class KNNClassifier:
         self.train = F.normalize(x.float() - self.mean, dim=1)
         # every k >= N gives the same classifier: keep the distinct effective values so that the chosen k is real
         self.grid = tuple(sorted({min(k, x.shape[0]) for k in self.requested_grid}))
-        self.labels = y.long()
+        self.labels = y.float() if y.ndim == 2 else y.long()  # multi-hot rows or class indices
         self.num_classes = num_classes
         return self
 
@@ -124,9 +139,14 @@ class KNNClassifier:
         out = []
         for part in F.normalize(x.float() - self.mean, dim=1).split(self.chunk):
             sims, idx = (part @ self.train.T).topk(k, dim=1)  # (m, k)
+            weight = 1.0 + sims / (2.0 * k + 1.0)
+            if self.labels.ndim == 2:  # multi-label: each label scored by its neighbours' (weighted) votes
+                votes = torch.einsum("mk,mkc->mc", weight, self.labels[idx])
+                out.append(votes)
+                continue
             votes = torch.zeros(part.shape[0], self.num_classes)
             # a vote counts 1; similarity (|s| <= 1, at most k of them) only breaks ties between equal counts
-            votes.scatter_add_(1, self.labels[idx], 1.0 + sims / (2.0 * k + 1.0))
+            votes.scatter_add_(1, self.labels[idx], weight)
             out.append(votes)
         return torch.cat(out)
 
@@ -150,7 +170,7 @@ class LogisticProbe:
         self.mean = x.mean(dim=0, keepdim=True)
         self.std = x.std(dim=0, unbiased=False, keepdim=True) + 1e-5
         self.x = (x - self.mean) / self.std
-        self.y = y.long()
+        self.y = y.double() if y.ndim == 2 else y.long()  # multi-hot rows: sigmoid cross-entropy per label
         self.num_classes = num_classes
         self._trained: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         return self
@@ -165,7 +185,10 @@ class LogisticProbe:
 
         def closure():
             optimizer.zero_grad()
-            loss = F.cross_entropy(self.x @ weight + bias, self.y) + 0.5 * wd * weight.pow(2).sum()
+            logits = self.x @ weight + bias
+            data = (F.binary_cross_entropy_with_logits(logits, self.y, reduction="sum") / len(self.y)
+                    if self.y.ndim == 2 else F.cross_entropy(logits, self.y))
+            loss = data + 0.5 * wd * weight.pow(2).sum()
             loss.backward()
             return loss
 
@@ -198,10 +221,26 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return (scores.argmax(dim=1) == labels.long()).double().mean().item()
 
 
+def map_scores(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Mean average precision (macro over the labels with a positive, micro over all pairs pooled) of scores (N, K)
+    against multi-hot targets (N, K), as :func:`vitlab.evaluate.metrics.multilabel_metrics` computes them."""
+    per_label = [average_precision(scores[:, k], targets[:, k]) for k in range(scores.shape[1])]
+    present = [ap for ap in per_label if ap is not None]
+    if not present:
+        raise VitlabError("no label has a positive sample: mean average precision is undefined")
+    return sum(present) / len(present), average_precision(scores.flatten(), targets.flatten())
+
+
+def score(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy for class indices (N,); macro mAP for multi-hot targets (N, K)."""
+    return map_scores(scores, labels)[0] if labels.ndim == 2 else accuracy(scores, labels)
+
+
 def select(probe, x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[float, dict[float, float]]:
-    """The hyper-parameter of a fitted probe that scores best on held-out features, and every value's accuracy.
+    """The hyper-parameter of a fitted probe that scores best on held-out features (accuracy; macro mAP for
+    multi-hot targets), and every value's score.
 
     Ties go to the strongest regularisation: the largest l2 or weight decay, the largest k."""
-    results = {value: accuracy(probe.scores(x_val, value), y_val) for value in probe.grid}
+    results = {value: score(probe.scores(x_val, value), y_val) for value in probe.grid}
     best = max(results.values())
     return max(v for v, acc in results.items() if acc == best), results

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -205,12 +206,20 @@ def write_classification_report(results: dict, out_dir: str | os.PathLike) -> di
 METHOD_NAMES = {"lsr": "linear least squares (closed form)", "knn": "kNN (cosine)", "linear": "logistic probe"}
 
 
+def _fewshot_metric(results: dict) -> str:
+    """What few-shot results measure: accuracy, or (multi-label data) macro mean average precision."""
+    return "mAP (macro)" if results.get("multi_label") else "accuracy"
+
+
 def fewshot_summary(results: dict) -> str:
-    """One line per method: accuracy by shots, mean +- std over seeds."""
+    """One line per method: accuracy (multi-label: macro mAP, and micro) by shots, mean +- std over seeds."""
     lines = []
     for method, data in results["methods"].items():
-        cells = [f"{n}-shot {_pct(r['mean'])}±{_pct(r['std'])}" for n, r in data["results"].items()]
-        lines.append(f"{method}: " + ", ".join(cells) + f" (% over {len(results['seeds'])} seeds)")
+        cells = [f"{n}-shot {_pct(r['mean'])}±{_pct(r['std'])}"
+                 + (f" (micro {_pct(statistics.fmean(r['map_micro']))})" if "map_micro" in r else "")
+                 for n, r in data["results"].items()]
+        what = "mAP, % over" if results.get("multi_label") else "% over"
+        lines.append(f"{method}: " + ", ".join(cells) + f" ({what} {len(results['seeds'])} seeds)")
     return "\n".join(lines)
 
 
@@ -223,7 +232,10 @@ def fewshot_markdown(results: dict, title: str = "Few-shot linear evaluation") -
                f"{results['holdout_per_class']} held-out images per class pick the hyper-parameter",
                f"{results['num_test']} test images"]
     details = [f"{key}: {results[key]}" for key in ("checkpoint", "data", "representation") if key in results] + details
-    text += "; ".join(details) + ".\n\nTest accuracy (%), mean ± standard deviation over seeds:\n\n"
+    metric = _fewshot_metric(results)
+    if results.get("multi_label"):
+        details[0] = f"{results['num_classes']} labels (multi-label; shots and held-out images per label)"
+    text += "; ".join(details) + f".\n\nTest {metric} (%), mean ± standard deviation over seeds:\n\n"
     rows = []
     for method, data in results["methods"].items():
         rows.append([METHOD_NAMES.get(method, method)]
@@ -236,7 +248,12 @@ def fewshot_markdown(results: dict, title: str = "Few-shot linear evaluation") -
             r = data["results"][n]
             chosen = ", ".join(f"{c:g}" for c in r["chosen"])
             rows.append([method, n, f"{_pct(r['min'])} - {_pct(r['max'])}", f"{data['param_name']} = {chosen}"])
-    text += markdown_table(["method", "shots", "accuracy range (%)", "chosen"], rows)
+    text += markdown_table(["method", "shots", f"{metric} range (%)", "chosen"], rows)
+    if results.get("multi_label"):
+        rows = [[method, n, f"{_pct(statistics.fmean(data['results'][n]['map_micro']))}"]
+                for method, data in results["methods"].items() for n in shots]
+        text += "\nMicro mAP (all image-label pairs pooled; %), mean over seeds:\n\n"
+        text += markdown_table(["method", "shots", "mAP (micro)"], rows)
     return text
 
 
@@ -254,10 +271,10 @@ def plot_fewshot(results: dict, path: str | os.PathLike) -> Path:
     ax.set_xticks(shots, [str(s) for s in shots])
     ax.minorticks_off()
     ax.set_xlabel("training images per class (shots)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {_fewshot_metric(results)} (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"Few-shot accuracy, {len(results['seeds'])} seeds")
+    ax.set_title(f"Few-shot {_fewshot_metric(results)}, {len(results['seeds'])} seeds")
     return save_figure(fig, path)
 
 
@@ -310,7 +327,7 @@ def plot_suite(results: dict, path: str | os.PathLike) -> Path:
     ax.bar(range(len(tasks)), [100 * t["accuracy"] for t in tasks],
            color=[colours[t.get("group") or ""] for t in tasks])
     ax.set_xticks(range(len(tasks)), [t["name"] for t in tasks], rotation=45, ha="right")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {_fewshot_metric(results)} (%)")
     ax.set_ylim(0, 100)
     if len(groups) > 1 or groups != [""]:
         from matplotlib.patches import Patch

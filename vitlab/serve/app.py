@@ -5,7 +5,8 @@ Endpoints (all answers JSON but ``/``, ``/metrics`` and the page's assets; every
 
 - ``POST /v1/classify``: images as ``multipart/form-data`` file parts (any field name), as JSON
   ``{"images": ["<base64>", ...]}`` (or ``{"image": ...}``; items may be ``{"data": ..., "name": ...}`` or data URLs),
-  or one image as the raw body (``Content-Type: image/...``). Option ``top_k`` (form field, JSON key or query).
+  or one image as the raw body (``Content-Type: image/...``). ``.npy`` arrays and multi-band TIFFs (models of other
+  than 1 or 3 input channels) are sent the same ways. Option ``top_k`` (form field, JSON key or query).
 - ``POST /v1/explain``: the same, plus each image's attention rollout (``head_fusion``, ``discard_ratio``) as
   numbers and as a PNG overlay (base64).
 - ``GET /v1/model``: the model card; ``GET /healthz``; ``GET /metrics`` (Prometheus text format); ``GET /``: the page.

@@ -2,9 +2,10 @@
 and class names, and the two batch operations the endpoints need: class probabilities, and probabilities with
 attention rollout.
 
-Uploaded bytes are decoded by :func:`vitlab.data.images.load_image` (the guards training data gets: truncated files,
-decompression bombs, 16-bit, CMYK, transparency, EXIF orientation) from memory, never from a path, and transformed
-with the model's own preprocessing, as ``vitlab predict`` does with files.
+Uploaded bytes are decoded by :func:`vitlab.data.images.load_sample` (the guards training data gets: truncated files,
+decompression bombs, 16-bit, CMYK, transparency, EXIF orientation; ``.npy`` arrays without pickles and multi-band
+TIFFs, told apart by their first bytes, with their size checked from the header) from memory, never from a path,
+and transformed with the model's own preprocessing, as ``vitlab predict`` does with files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data.images import load_image
+from ..data.images import declared_pixels, load_sample
 from ..errors import VitlabError
 from ..preprocessing import Preprocessing
 from ..train.predict import probabilities
@@ -84,19 +85,13 @@ class Engine:
     def prepare(self, data: bytes, label: str, max_pixels: int | None) -> torch.Tensor:
         """Decode uploaded bytes and apply the model's preprocessing: (C, H, W) float32. Raises
         :class:`~vitlab.data.images.ImageLoadError` (a ``VitlabError``) naming ``label`` for a bad image."""
-        image = load_image(_Upload(data), channels=self.preprocessing.channels, max_pixels=max_pixels, name=label)
+        image = load_sample(_Upload(data), channels=self.preprocessing.channels, max_pixels=max_pixels, name=label)
         return self.transform(image)
 
-    @staticmethod
-    def pixels(data: bytes) -> int:
-        """Width x height an upload declares in its header (nothing decoded); 0 when it is not an image Pillow
-        recognises (decoding it then fails with the reason)."""
-        try:
-            with Image.open(_Upload(data)) as img:
-                width, height = img.size
-                return width * height
-        except Exception:  # any unreadable header: prepare() reports it as a bad image
-            return 0
+    def pixels(self, data: bytes) -> int:
+        """Width x height an upload declares in its header (nothing decoded: an image's, a ``.npy`` array's or a
+        multi-band TIFF's); 0 when the header is unreadable (decoding it then fails with the reason)."""
+        return declared_pixels(_Upload(data), self.preprocessing.channels)
 
     def input_shape(self) -> tuple[int, int, int]:
         return (self.cfg.in_chans, *self.cfg.img_size)
@@ -155,8 +150,8 @@ class Engine:
         size = (height * scale, width * scale)
         picture = torch.nn.functional.interpolate(picture[None], size=size, mode="bilinear", align_corners=False)[0]
         picture = picture.permute(1, 2, 0).clamp(0, 1).numpy()
-        if picture.shape[2] == 1:
-            picture = np.repeat(picture, 3, axis=2)
+        if picture.shape[2] != 3:  # grey, or bands with no colours of their own: their mean as grey
+            picture = np.repeat(picture.mean(axis=2, keepdims=True), 3, axis=2)
         heat = upsample_map(values[None].float(), size)[0].numpy()
         blended = 0.5 * picture + 0.5 * matplotlib.colormaps["jet"](heat)[..., :3]
         out = io.BytesIO()

@@ -72,8 +72,6 @@ def fewshot_checkpoint(
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev)
     train = eval_dataset(data, train_split, model.preprocessing, data_dir=data_dir, on_error="fail")
-    if getattr(train, "multi_label", False):
-        raise VitlabError(f"{data}: few-shot evaluation needs single-label data (a 'label' column), not multi-label")
     test = limit_dataset(eval_dataset(data, test_split, model.preprocessing, data_dir=data_dir, on_error="fail"),
                          max_test)
     names = class_names_of(train)
