@@ -3,9 +3,11 @@ checkpoint write keeps the previous checkpoint, and a two-process torchrun run t
 one run folder."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,7 +206,7 @@ def test_torchrun_restart_after_a_killed_worker_joins_the_run_and_ends_bit_ident
     config_file.write_text(cfg.to_json())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            "--monitor-interval=0.2", "-m", "vitlab", "train", "--config", str(config_file)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = _worker(proc, 1)
     deadline, killed_at = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None:
@@ -224,7 +226,7 @@ def test_torchrun_restart_after_a_killed_worker_joins_the_run_and_ends_bit_ident
     reference_file.write_text(cfg.replace(run_name="reference", out_dir=str(tmp_path / "ref")).to_json())
     reference = _torchrun(reference_file, 2)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    assert _same_weights(runs[0] / "model.safetensors", tmp_path / "ref" / "reference" / "model.safetensors") == []
+    assert same_tensors(runs[0] / "model.safetensors", tmp_path / "ref" / "reference" / "model.safetensors") == []
 
 
 def test_sigterm_stops_at_the_step_boundary_and_the_same_call_continues_bit_identical(tmp_path, monkeypatch):
@@ -254,7 +256,7 @@ def test_sigterm_stops_at_the_step_boundary_and_the_same_call_continues_bit_iden
     monkeypatch.setattr(loop, "train_step", real_step)
     resumed = train(cfg, resume="auto")
     reference = train(cfg.replace(run_name="reference"))
-    assert resumed.steps == 30 and _same_weights(resumed.model_path, reference.model_path) == []
+    assert resumed.steps == 30 and same_tensors(resumed.model_path, reference.model_path) == []
 
 
 @pytest.mark.slow
@@ -269,7 +271,7 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_and_the_same_command_cont
     config_file.write_text(cfg.to_json())
     cmd = [sys.executable, "-m", "vitlab", "train", "--config", str(config_file), "--resume", "auto", "--nproc", "2",
            "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rank1 = _worker(proc, 1)
     metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -281,13 +283,13 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_and_the_same_command_cont
     assert err.count("stopped by SIGTERM at step") == 1 and "Traceback" not in err, err[-3000:]
     last = torch.load(tmp_path / "runs" / "job" / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < last["step"] < 8 * 22
-    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     reference_file = tmp_path / "reference.json"
     reference_file.write_text(cfg.replace(run_name="reference").to_json())
     assert _torchrun(reference_file, 2).returncode == 0
     runs = tmp_path / "runs"
-    assert _same_weights(runs / "job" / "model.safetensors", runs / "reference" / "model.safetensors") == []
+    assert same_tensors(runs / "job" / "model.safetensors", runs / "reference" / "model.safetensors") == []
 
 
 @pytest.mark.slow
@@ -298,7 +300,8 @@ def test_a_killed_rank_is_named_in_one_line_without_a_traceback(tmp_path):
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.to_json())
     proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file), "--nproc", "2",
-                             "--device", "cpu"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     rank1 = _worker(proc, 1)
     metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
     deadline = time.time() + 300
