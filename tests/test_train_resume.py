@@ -3,9 +3,11 @@ checkpoint write keeps the previous checkpoint, and a two-process torchrun run t
 one run folder."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,185 @@ def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_pat
     a, b = load_file(one.model_path), load_file(runs[0] / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_auto_starts_a_named_run_then_continues_it(tmp_path, capsys):
+    """The same call twice: the first starts the named run, the second finds it finished; a longer one continues
+    it; other settings or a folder of other files are refused in one line."""
+    from vitlab.train.loop import RunFinished
+
+    cfg = tiny_config(tmp_path, epochs=None, steps=6, eval_every_epochs=0, run_name="job")
+    first = train(cfg, resume="auto")
+    assert first.steps == 6 and first.run_dir == tmp_path / "runs" / "job"
+    with pytest.raises(RunFinished, match="has finished"):
+        train(cfg, resume="auto")
+    longer = train(cfg.replace(steps=9), resume="auto")
+    assert longer.steps == 9 and longer.run_dir == first.run_dir
+    assert "resumed from" in (first.run_dir / "log.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["job"]
+    with pytest.raises(vitlab.errors.VitlabError, match="holds another run .*differs in lr"):
+        train(cfg.replace(lr=0.1), resume="auto")
+    (tmp_path / "runs" / "other").mkdir()
+    (tmp_path / "runs" / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(vitlab.errors.VitlabError, match="is not a vitlab run folder"):
+        train(cfg.replace(run_name="other"), resume="auto")
+
+
+def test_resume_auto_from_the_environment_on_the_command_line(tmp_path, capsys, monkeypatch):
+    from vitlab.cli import main as cli_main
+
+    cfg = tiny_config(tmp_path, epochs=None, steps=4, eval_every_epochs=0, run_name="job")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    monkeypatch.setenv("VITLAB_RESUME", "auto")
+    assert cli_main(["train", "--config", str(config_file)]) == 0
+    assert cli_main(["train", "--config", str(config_file), "--steps", "6"]) == 0
+    assert json.loads((tmp_path / "runs" / "job" / "result.json").read_text())["steps"] == 6
+    assert cli_main(["train", "--config", str(config_file), "--steps", "6"]) == 0
+    assert "has finished" in capsys.readouterr().err
+    monkeypatch.setenv("VITLAB_RESUME", "yes")
+    assert cli_main(["train", "--config", str(config_file)]) == 2
+    assert "VITLAB_RESUME=yes: takes auto" in capsys.readouterr().err
+
+
+def _worker(launcher: subprocess.Popen, rank: int, timeout: float = 120):
+    """The training process of ``rank`` started by the torchrun ``launcher`` (found by its RANK variable)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank) and "vitlab" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} process under torchrun")
+
+
+def _checkpoint_step(last: Path) -> int:
+    try:
+        return int(torch.load(last, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # not there yet, or caught between writes
+        return -1
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_killed_worker_joins_the_run_and_ends_bit_identical(tmp_path):
+    """torchrun --max-restarts 1, SIGKILL of rank 1 after a checkpoint: the restarted processes find the folder this
+    launch made (no fixed name: by the rendezvous id) and its step, and the run ends with the weights of a run that
+    was never interrupted."""
+    cfg = tiny_config(tmp_path, epochs=8, save_every_steps=10, eval_every_epochs=0, optimizer="sgd", lr=0.05,
+                      model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1})
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "--monitor-interval=0.2", "-m", "vitlab", "train", "--config", str(config_file)]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = _worker(proc, 1)
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((tmp_path / "runs").glob("*/checkpoints/last.pt"))
+        if runs and (step := _checkpoint_step(runs[0])) >= 20:
+            victim.kill()
+            killed_at = step
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert killed_at is not None and proc.returncode == 0, err[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs  # the restart joined the run folder instead of starting a new one
+    log = (runs[0] / "log.txt").read_text()
+    assert "resumed from" in log and json.loads((runs[0] / "result.json").read_text())["steps"] == 8 * 22
+    reference_file = tmp_path / "reference.json"
+    reference_file.write_text(cfg.replace(run_name="reference", out_dir=str(tmp_path / "ref")).to_json())
+    reference = _torchrun(reference_file, 2)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert same_tensors(runs[0] / "model.safetensors", tmp_path / "ref" / "reference" / "model.safetensors") == []
+
+
+def test_sigterm_stops_at_the_step_boundary_and_the_same_call_continues_bit_identical(tmp_path, monkeypatch):
+    """SIGTERM mid-step (as a scheduler sends it before preemption): the step finishes, last.pt is written, one line
+    says so and RunStopped carries exit status 75; the same call again ends with the uninterrupted weights."""
+    from vitlab.train import loop
+    from vitlab.train.stop import EXIT_STOPPED, RunStopped
+
+    cfg = tiny_config(tmp_path, epochs=None, steps=30, eval_every_epochs=0, run_name="job", ema_decay=0.9,
+                      model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1})
+    real_step = loop.train_step
+
+    def signalled_step(run, batches, step):
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the step, which still completes
+        return real_step(run, batches, step)
+
+    monkeypatch.setattr(loop, "train_step", signalled_step)
+    with pytest.raises(RunStopped) as stopped:
+        train(cfg, resume="auto")
+    assert stopped.value.exit_status == EXIT_STOPPED == 75 and stopped.value.step == 13
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the run's only
+    run_dir = tmp_path / "runs" / "job"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 13
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("stopped by SIGTERM at step 13/30") == 1 and not (run_dir / "result.json").exists()
+    monkeypatch.setattr(loop, "train_step", real_step)
+    resumed = train(cfg, resume="auto")
+    reference = train(cfg.replace(run_name="reference"))
+    assert resumed.steps == 30 and same_tensors(resumed.model_path, reference.model_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["one-worker", "launcher"])
+def test_sigterm_to_a_two_process_run_stops_every_rank_and_the_same_command_continues(tmp_path, target):
+    """SIGTERM to one of two processes (all agree to stop at the same step), or to the --nproc launcher (torchrun
+    forwards it): exit 75 with one line, last.pt written; the same command again ends bit-identical to a two-process
+    run that was never interrupted."""
+    cfg = tiny_config(tmp_path, epochs=8, eval_every_epochs=0, run_name="job", optimizer="sgd", lr=0.05,
+                      model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1}, log_every_steps=2)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "vitlab", "train", "--config", str(config_file), "--resume", "auto", "--nproc", "2",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = _worker(proc, 1)
+    metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    (rank1 if target == "one-worker" else proc).send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert err.count("stopped by SIGTERM at step") == 1 and "Traceback" not in err, err[-3000:]
+    last = torch.load(tmp_path / "runs" / "job" / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < last["step"] < 8 * 22
+    again = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reference_file = tmp_path / "reference.json"
+    reference_file.write_text(cfg.replace(run_name="reference").to_json())
+    assert _torchrun(reference_file, 2).returncode == 0
+    runs = tmp_path / "runs"
+    assert same_tensors(runs / "job" / "model.safetensors", runs / "reference" / "model.safetensors") == []
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_named_in_one_line_without_a_traceback(tmp_path):
+    """SIGKILL of rank 1 in a two-process run: rank 0's failed collective (gloo: "Connection closed by peer") is
+    not shown; one line names the rank that ended, and the run exits 1."""
+    cfg = tiny_config(tmp_path, epochs=8, eval_every_epochs=0, run_name="job", log_every_steps=2)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file), "--nproc", "2",
+                             "--device", "cpu"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    rank1 = _worker(proc, 1)
+    metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    rank1.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert err.count("rank 1 of 2 ended (killed, out of memory or its own error") == 1, err[-3000:]
+    assert "Traceback" not in err and "Connection closed" not in err, err[-3000:]
+    assert "rank 1 of 2 ended" in (tmp_path / "runs" / "job" / "log.txt").read_text()

@@ -33,6 +33,20 @@ class UnknownNameError(VitlabError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class Stopped(Exception):
+    """A command that ended early for a reason outside it and that is neither bad input nor a bug (a scheduler's stop
+    signal, another process of the run gone). The CLI prints the message on one line, unless ``shown`` (it was
+    already printed, or another process prints it), and exits with ``exit_status``."""
+
+    exit_status = 1
+
+    def __init__(self, message: str, exit_status: int | None = None, shown: bool = False):
+        super().__init__(message)
+        if exit_status is not None:
+            self.exit_status = exit_status
+        self.shown = shown
+
+
 def _original_message(text: str, cls: type) -> str:
     """The message of the exception whose formatted traceback ends ``text`` (its last line, less the type name)."""
     last = [line for line in text.splitlines() if line.strip()][-1]

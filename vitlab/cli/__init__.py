@@ -14,7 +14,7 @@ import os
 import pkgutil
 import sys
 
-from ..errors import VitlabError
+from ..errors import Stopped, VitlabError
 
 # each command's line in `vitlab --help`, so that the listing needs none of the command modules (which import torch);
 # the module (vitlab.cli.<command with - as _>) gives the same line to its parser, checked by tests/test_cli.py
@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return _interrupted(args.command)
+    except Stopped as exc:  # ended early on purpose (a scheduler's stop signal, a peer gone): its status
+        if interrupts:
+            return _interrupted(args.command)
+        if not exc.shown:
+            print(f"vitlab {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except BrokenPipeError:  # the reader went away (``vitlab ... | head``): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

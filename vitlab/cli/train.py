@@ -204,7 +204,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "prints the test accuracy. Data-parallel: --nproc N, or torchrun --nproc_per_node=N -m vitlab "
                     "train ...")
     add_config_arguments(p)
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its folder or a checkpoint file)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue an interrupted run (its folder or a checkpoint file); 'auto': continue the run "
+                        "these settings name (--run-name) when it has a checkpoint, else start it (default: "
+                        "$VITLAB_RESUME)")
     p.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
     p.add_argument("--show-recipe", metavar="NAME", help="print a recipe's full config (with your overrides) and exit")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -254,14 +257,26 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
     # torchrun's agent logs each signal it forwards as a warning; the processes say what happened themselves
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
-    except ChildFailedError as exc:  # the processes have printed their own error lines
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        return next((code for code in codes if code > 0), 1)
-    except SignalException as exc:  # Ctrl-C / SIGTERM: torchrun has already stopped the processes
-        return 128 + int(exc.sigval)
+    import tempfile
+
+    from ..train.stop import EXIT_STOPPED
+
+    with tempfile.TemporaryDirectory(prefix="vitlab-") as tmp:
+        # rank 0 leaves this file when a stop signal (forwarded by torchrun) ended the run with last.pt written
+        stopped = os.environ[STOPPED_MARKER] = os.path.join(tmp, "stopped")
+        try:
+            torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", "vitlab", *cleaned])
+        except ChildFailedError as exc:  # the processes have printed their own error lines
+            codes = [failure.exitcode for failure in exc.failures.values()]
+            return next((code for code in codes if code > 0), 1)
+        except SignalException as exc:  # Ctrl-C / SIGTERM: torchrun has already stopped the processes
+            return EXIT_STOPPED if os.path.exists(stopped) else 128 + int(exc.sigval)
+        finally:
+            os.environ.pop(STOPPED_MARKER, None)
     return 0
+
+
+STOPPED_MARKER = "VITLAB_STOPPED_MARKER"
 
 
 def report(result) -> None:
@@ -319,6 +334,19 @@ def resume_length(args: argparse.Namespace) -> dict:
     return length
 
 
+def resume_choice(given: str | None) -> str | None:
+    """``--resume``, or ``$VITLAB_RESUME`` (set once in a job script) when it is not given: ``auto`` continues the
+    run when it has a checkpoint and starts it otherwise (docs/training.md, clusters)."""
+    if given is not None:
+        return given
+    env = os.environ.get("VITLAB_RESUME", "").strip()
+    if env in ("", "0", "off", "never"):
+        return None
+    if env != "auto":
+        raise InvalidValueError(f"VITLAB_RESUME={env}: takes auto (or off); give a run folder with --resume")
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print_recipes()
@@ -335,13 +363,19 @@ def run(args: argparse.Namespace) -> int:
         return relaunch_with_torchrun(args)
     from ..train import train
     from ..train.loop import RunFinished
+    from ..train.stop import RunStopped
 
-    length = resume_length(args) if args.resume else {}
+    resume = resume_choice(args.resume)
+    length = resume_length(args) if resume and resume != "auto" else {}
     try:
-        result = train(config, resume=args.resume, **length)
+        result = train(config, resume=resume, **length)
     except RunFinished as exc:  # not an error: there is nothing left to do
         print(f"vitlab train: {exc}", file=sys.stderr)
         return 0
+    except RunStopped:  # a stop signal: last.pt is written and the line logged; tell a --nproc parent
+        if os.environ.get(STOPPED_MARKER) and int(os.environ.get("RANK", "0")) == 0:
+            open(os.environ[STOPPED_MARKER], "w").close()
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         report(result)
         sys.stdout.flush()

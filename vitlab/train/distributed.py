@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +64,57 @@ def setup(device: str = "auto") -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=dev if dev.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=30)
+        store = None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart not in ("", "0"):
+            # after torchrun restarts the processes, the rendezvous store still holds the addresses the processes
+            # of the last attempt published; a fresh key prefix keeps the new ones from connecting to dead ports
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            store = dist.PrefixStore(f"vitlab/restart_{restart}", store)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None,
+                                store=store, rank=rank if store is not None else -1,
+                                world_size=world if store is not None else -1)
     return DistInfo(rank, world, local_rank, dev)
 
 
-def teardown() -> None:
+def teardown(wait_for_peers: bool = True) -> None:
     """Leave the process group; every rank first waits for the others so that none exits while a peer still has
-    gloo traffic in flight (a rank aborting at exit was seen once with FSDP on the CPU)."""
+    gloo traffic in flight (a rank aborting at exit was seen once with FSDP on the CPU). ``wait_for_peers=False``
+    when a peer is gone (a barrier would fail again, or hang)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+# what a collective raises when a peer process has gone (gloo over TCP; NCCL's communicator errors)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport",
+              "NCCL communicator", "ncclRemoteError")
+
+
+def lost_ranks(exc: BaseException, wait: float = 3.0) -> list[int] | None:
+    """The ranks that have gone when ``exc`` is a collective's failure caused by a peer's end; None when it is not
+    (or that cannot be told). Every surviving rank says it is alive in the rendezvous store (torchrun's agent holds
+    it, so it outlives the processes) and waits up to ``wait`` seconds for the others; those that never answer are
+    the lost ones."""
+    if not (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()):
+        return None
+    if not any(text in str(exc) for text in _PEER_GONE):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        keys = [f"vitlab/alive/{attempt}/{r}" for r in range(dist.get_world_size())]
+        store.set(keys[dist.get_rank()], "1")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            if not missing or time.monotonic() > deadline:
+                return missing or None
+            time.sleep(0.1)
+    except Exception:  # the store went with the lost process (a launch without torchrun's agent): cannot tell
+        return None
 
 
 def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..checkpoints import save
 from ..compute.bench import measure_gemm_rate
 from ..data import ArrayDataset
 from ..data.loaders import folder_eval_batches, in_memory_eval_batches
-from ..errors import VitlabError
+from ..errors import Stopped, VitlabError
 from ..models import has_tokens
 from ..models.lora import has_lora
 from . import distributed as D
@@ -34,9 +35,10 @@ from .config import TrainConfig
 from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
-from .runfolder import RUNTIME_FIELDS, RunLock, run_folder_of
+from .runfolder import LAUNCH_NAME, RUNTIME_FIELDS, RunLock, auto_run_dir, launch_ids, run_folder_of
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
+from .stop import RunStopped, StopSignals
 from .transfer import source_model_name
 
 
@@ -211,6 +213,9 @@ class RunFinished(VitlabError):
     """``--resume`` of a run that has finished and is not asked to go on: nothing was written."""
 
 
+AUTO = "auto"  # resume="auto": continue the run's folder when it has a checkpoint, start fresh otherwise
+
+
 @dataclass
 class _Start:
     """What :func:`_start` settles before the run is built."""
@@ -223,7 +228,9 @@ class _Start:
     created: bool = False            # this call made the run folder (removed again if the run never takes a step)
     lock: RunLock | None = None
     length_changed: bool = False     # a resumed run told to train longer (config.json is rewritten)
+    reuse: Path | None = None        # resume="auto" with no checkpoint yet: the folder to start fresh in
     stepped: bool = False            # set by the loop after the first step
+    stop: StopSignals | None = None  # a scheduler's stop signals, recorded while the run trains
 
 
 def _resume_length(config: TrainConfig, state: dict, run_dir: Path, epochs, steps) -> tuple[TrainConfig, bool]:
@@ -254,8 +261,10 @@ def _resume_length(config: TrainConfig, state: dict, run_dir: Path, epochs, step
 def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=None) -> _Start:
     """The distributed setup and the run folder (made, or identified and checked for a resume) and its lock; a
     resumed run takes its stored config, with the runtime-only settings of this call and its new length."""
-    state = path = None
+    state = path = reuse = None
     changed = False
+    if isinstance(resume, str) and resume == AUTO:
+        resume, reuse, epochs, steps = _auto_resume(config, epochs, steps)
     if resume is not None:
         path = checkpoint_path(resume)
         state = load_train_state(path)
@@ -274,20 +283,30 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    start = _Start(config, info, None, state, path, length_changed=changed)
+    start = _Start(config, info, None, state, path, length_changed=changed, reuse=reuse)
     outcome = None
     if info.is_main:
         try:
             if path is not None:
                 start.run_dir = path.resolve().parent.parent
+            elif reuse is not None:  # the fixed name (or this launch's folder) with no checkpoint yet
+                start.created = not reuse.exists()
+                start.run_dir = reuse
+                try:
+                    reuse.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise VitlabError(f"--out-dir {config.out_dir}: cannot create the run folder {reuse} "
+                                      f"({exc.strerror or exc})") from None
             else:
                 start.run_dir = new_run_dir(config.out_dir,
                                             config.run_name or default_run_name(config.data, config.model))
                 start.created = True
             start.lock = RunLock(start.run_dir).acquire()
-            if start.created:  # what identifies the folder as a run folder; written before anything else
+            if path is None:  # what identifies the folder as a run folder; written before anything else
                 with RunLog(start.run_dir, enabled=True, console=False) as first:
                     first.write_json("config.json", config.to_dict())
+                    if launch_ids():  # how a restarted or requeued launch finds this folder again
+                        first.write_json(LAUNCH_NAME, launch_ids())
             outcome = ("ok", start.run_dir)
         except VitlabError as exc:
             _abandon(start)
@@ -299,6 +318,21 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
         raise VitlabError(outcome[1])
     start.run_dir = outcome[1]
     return start
+
+
+def _auto_resume(config: TrainConfig, epochs, steps):
+    """``resume="auto"``: (the checkpoint to resume from or None, the folder to start fresh in or None, epochs,
+    steps). The run's length comes from ``config`` (a longer one makes a resumed run longer)."""
+    if epochs is not None or steps is not None:
+        raise VitlabError("resume='auto' takes the run's length from the config; epochs= and steps= are for a named "
+                          "resume")
+    run_dir = auto_run_dir(config.out_dir, config.run_name, config.to_dict())
+    last = run_dir / "checkpoints" / "last.pt" if run_dir is not None else None
+    if last is None or not last.is_file():
+        return None, run_dir, None, None
+    if config.steps:
+        return last, None, None, config.steps
+    return last, None, config.epochs, None
 
 
 def _abandon(start: _Start) -> None:
@@ -317,6 +351,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     cfg = run.config
     skipped = _Skipped(log)
     step, best = restore_run_state(run, state, start.state_path) if state is not None else (0, None)
+    if state is None and start.reuse is not None and not start.created:
+        log.truncate_metrics(0)  # rows of an earlier start that ended before its first checkpoint
     before = dict((state or {}).get("times") or {})
     earlier_train, earlier_total = float(before.get("train_seconds", 0.0)), float(before.get("total_seconds", 0.0))
     if start.length_changed:
@@ -338,6 +374,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     save_interval = max(1, int(round(cfg.save_every_epochs * run.steps_per_epoch))) if cfg.save_every_epochs else 0
     last_save = time.monotonic()
     step_log = StepLog(run, step)
+    if start.stop is not None:  # only while steps run: a process stuck elsewhere still ends on SIGTERM
+        start.stop.install()
     while step < run.total_steps:
         epoch, in_epoch = divmod(step, run.steps_per_epoch)
         micro_batches = run.loader.epoch(epoch, in_epoch * cfg.accum_steps)
@@ -362,6 +400,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             step_log.update(step, out)
             if step == run.total_steps:
                 break  # the end: checkpoint and model first, then the final evaluation (below)
+            if start.stop is not None and (signum := start.stop.agreed(run.device)):
+                _stop(run, signum, step, best, times())
             if step % run.eval_interval == 0:
                 _, best = _evaluate_and_save(run, step, best, times(), skipped)
                 last_save = time.monotonic()
@@ -369,6 +409,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             elif _save_due(run, step, save_interval, last_save):
                 save_run_state(run, "last.pt", step, best, times())
                 last_save = time.monotonic()
+    if start.stop is not None:
+        start.stop.restore()
     step_log.close()
     # an error or a kill in the final evaluation loses nothing: the final state and model are on disk first
     save_run_state(run, "last.pt", step, best, times())
@@ -389,6 +431,29 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     if skipped.total:
         log.warning(f"{skipped.total} image file(s) skipped in total (named above and in log.txt)")
     return result
+
+
+def _stop(run: Run, signum: int, step: int, best: dict | None, times: dict) -> None:
+    """A stop signal reached the run: write ``last.pt``, log one line and raise :class:`RunStopped`."""
+    save_run_state(run, "last.pt", step, best, times)
+    name = signal.Signals(signum).name
+    message = (f"stopped by {name} at step {step}/{run.total_steps} (epoch {step / run.steps_per_epoch:.2f}): "
+               f"{run.run_dir / 'checkpoints' / 'last.pt'} written; the same command with --resume auto continues")
+    run.log.warning(message)
+    raise RunStopped(message, step, name)
+
+
+def _peer_lost(start: _Start, log: RunLog | None, lost: list[int]) -> None:
+    """Another process ended (killed, out of memory, its own error): one line from the lowest surviving rank in place
+    of the failed collective's traceback on every survivor; raises :class:`~vitlab.errors.Stopped`."""
+    me, world = start.info.rank, start.info.world_size
+    message = (f"rank {', '.join(map(str, lost))} of {world} ended (killed, out of memory or its own error: its "
+               f"output says which); rank {me} stops too")
+    says_it = me == min(set(range(world)) - set(lost))
+    logged = says_it and log is not None and log.enabled
+    if logged:  # rank 0: on stderr and in log.txt
+        log.warning(message)
+    raise Stopped(message, shown=logged or not says_it) from None
 
 
 def _save_due(run: Run, step: int, save_interval: int, last_save: float) -> bool:
@@ -418,6 +483,11 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
     run raises :class:`RunFinished` and changes nothing, unless ``epochs`` or ``steps`` make it longer (the
     learning-rate schedule is then stretched to the new length).
 
+    ``resume="auto"``: continue from the last checkpoint when there is one, start fresh otherwise, with the same
+    ``config`` both times (what a job script that may be restarted or requeued runs). The folder is
+    ``out_dir/run_name``, or without a fixed name the one this launch made (same torchrun rendezvous id or SLURM job
+    id). Under torchrun's elastic restarts (``TORCHELASTIC_RESTART_COUNT`` > 0) every process resumes this way.
+
     ``objective`` replaces classification (:class:`~vitlab.train.objectives.Classification`) by another training
     objective, a :class:`~vitlab.train.objectives.Objective` such as self-supervised pre-training
     (:class:`vitlab.selfsup.MaskedPatchObjective`): ``wrap(model, preprocessing)`` gives the module to train,
@@ -426,15 +496,31 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
     resumed run needs the same objective."""
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        resume = AUTO  # torchrun restarted the processes: every one joins the run (folder and step) it was in
     log = start = None
+    peers_gone = False
     try:
+        stop = StopSignals()
         start = _start(config, resume, epochs, steps)
+        start.stop = stop
         log = RunLog(start.run_dir, enabled=start.info.is_main)
         return _train(start, log, objective, t_start)
+    except RuntimeError as exc:
+        if start is None or not start.info.distributed:
+            raise
+        with StopSignals():  # torchrun stops the survivors (SIGTERM) as soon as a process ends: say who first
+            lost = D.lost_ranks(exc)
+        if not lost:
+            raise
+        peers_gone = True
+        _peer_lost(start, log, lost)
     finally:
+        if start is not None and start.stop is not None:
+            start.stop.restore()
         if log is not None:
             log.close()
         if start is not None:
             _abandon(start)  # a run folder made by this call and never stepped in goes again
-        D.teardown()
+        D.teardown(wait_for_peers=not peers_gone)
         torch.set_num_threads(threads)  # the thread count is process-wide; leave it as the caller had it

@@ -93,3 +93,55 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+# ----- automatic resume (``--resume auto``, torchrun's elastic restarts, a requeued scheduler job)
+LAUNCH_NAME = "launch.json"
+
+
+def launch_ids() -> dict:
+    """What identifies this launch across restarts: torchrun's rendezvous id (the same for every restart of one
+    ``torchrun``; ``none`` when it was not given) and the scheduler's job id (the same when SLURM requeues a job)."""
+    ids = {"torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    return {k: v for k, v in ids.items() if v and v != "none"}
+
+
+def _stored_config(run_dir: Path) -> dict | None:
+    try:
+        stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return stored if isinstance(stored, dict) and "model" in stored and "data" in stored else None
+
+
+def auto_run_dir(out_dir: str | Path, run_name: str | None, train_config: dict) -> Path | None:
+    """The run folder an automatic resume continues or starts in: ``out_dir/run_name`` for a fixed name; without
+    one, the folder under ``out_dir`` made by this launch (same torchrun rendezvous id or SLURM job id, see
+    :func:`launch_ids`) for the same config; None when there is none (a fresh run with a new folder). A named folder
+    that holds something other than this run is refused in one line (nothing is written)."""
+    out = Path(out_dir)
+    if run_name:
+        run_dir = out / run_name
+        if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+            return run_dir
+        stored = _stored_config(run_dir) if run_dir.is_dir() else None
+        if stored is None:
+            raise VitlabError(f"--resume auto: {run_dir} exists and is not a vitlab run folder; give another "
+                              "--run-name (nothing was written)")
+        if changed := _differences(stored, train_config):
+            raise VitlabError(f"--resume auto: {run_dir} holds another run (it differs in {', '.join(changed[:4])}); "
+                              "give the same settings to continue it, or another --run-name (nothing was written)")
+        return run_dir
+    ids = launch_ids()
+    if not ids or not out.is_dir():
+        return None
+    for run_dir in sorted(out.iterdir()):
+        try:
+            recorded = json.loads((run_dir / LAUNCH_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        same_launch = isinstance(recorded, dict) and any(recorded.get(k) == v for k, v in ids.items())
+        stored = _stored_config(run_dir) if same_launch else None
+        if stored is not None and not _differences(stored, train_config):
+            return run_dir
+    return None

@@ -10,6 +10,7 @@
       result.json          final metrics, timings and compute
       tensorboard/         event files, when the tensorboard package is installed
       run.lock             held by the process training the run (vitlab.train.runfolder)
+      launch.json          torchrun rendezvous id / SLURM job id, for --resume auto after a restart or requeue
 """
 
 from __future__ import annotations
