@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 import vitlab
 from tests.conftest import CLASS_TOKEN_VIT, randomize_
 from tests.hub_fixtures import lay_out_hub_cache, offline_hub_cache
-from tests.train_runs import child_env, same_tensors, train_and_kill
+from tests.train_runs import child_env, kill_at_checkpoint, same_tensors, train_and_kill
 from vitlab.checkpoints.adapter import checkpoint_sha256
 from vitlab.cli import main as cli_main
 from vitlab.data import load_arrays
@@ -367,22 +366,10 @@ def test_sigkill_then_resume_of_a_two_process_fsdp_lora_run_is_bit_exact(tmp_pat
     config_file = tmp_path / "config.json"
     config_file.write_text(cfg.replace(run_name="killed").to_json())
     proc = _torchrun("--config", str(config_file), background=True)
-    last = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt"
-    killed_at, deadline = None, time.time() + 300  # waits for a state (a checkpoint mid-run); the bound is for a hang
-    while time.time() < deadline and proc.poll() is None:
-        if last.is_file():
-            try:
-                step = torch.load(last, map_location="cpu", weights_only=True)["step"]
-            except Exception:  # caught between writes: try again
-                step = 0
-            if 10 <= step <= 30:
-                _sigkill_tree(proc.pid)
-                killed_at = step
-                break
-        time.sleep(0.02)
-    if proc.poll() is None and killed_at is None:
-        _sigkill_tree(proc.pid)
-    proc.wait()
+    # waits for a state (a checkpoint mid-run); the bound is for a hang. torchrun starts each worker in a session of
+    # its own: the whole process tree is killed
+    killed_at = kill_at_checkpoint(proc, tmp_path / "runs" / "killed", lambda step: 10 <= step <= 30, timeout=300,
+                                   poll=0.02, kill=lambda p: _sigkill_tree(p.pid))
     assert killed_at is not None, "the run ended (or hung) before it could be killed"
     assert not (tmp_path / "runs" / "killed" / "result.json").exists()
     resumed = _torchrun("--resume", str(tmp_path / "runs" / "killed"))
@@ -393,7 +380,7 @@ def test_sigkill_then_resume_of_a_two_process_fsdp_lora_run_is_bit_exact(tmp_pat
     assert reference.returncode == 0, reference.stderr[-3000:]
     for name in ("adapter.safetensors", "model.safetensors"):
         assert same_tensors(tmp_path / "runs" / "killed" / name, tmp_path / "runs" / "reference" / name) == []
-    a = torch.load(last, weights_only=True)
+    a = torch.load(tmp_path / "runs" / "killed" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs" / "reference" / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 40 and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 

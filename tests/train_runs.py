@@ -39,6 +39,15 @@ def train_and_kill(config_file: Path, run_dir: Path, kill_at: Callable[[int], bo
     seconds, and was then killed) first."""
     proc = subprocess.Popen([sys.executable, "-m", "vitlab", "train", "--config", str(config_file)], env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return kill_at_checkpoint(proc, run_dir, kill_at, timeout, poll)
+
+
+def kill_at_checkpoint(proc: subprocess.Popen, run_dir: Path, kill_at: Callable[[int], bool], timeout: float,
+                       poll: float = 0.05, kill: Callable[[subprocess.Popen], None] | None = None) -> int | None:
+    """Kill the started training process ``proc`` (``kill``, default SIGKILL to it) as soon as
+    ``run_dir/checkpoints/last.pt`` holds a step for which ``kill_at`` is true, and wait for it. Returns that step, or
+    None when the run ended (or hung past ``timeout`` seconds, and was then killed) first."""
+    kill = kill or (lambda p: p.send_signal(signal.SIGKILL))
     last = run_dir / "checkpoints" / "last.pt"
     killed_at, deadline = None, time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -48,11 +57,11 @@ def train_and_kill(config_file: Path, run_dir: Path, kill_at: Callable[[int], bo
             except Exception:  # caught between writes: try again
                 step = 0
             if kill_at(step):
-                proc.send_signal(signal.SIGKILL)
+                kill(proc)
                 killed_at = step
                 break
         time.sleep(poll)
     if proc.poll() is None and killed_at is None:
-        proc.kill()
+        kill(proc)
     proc.wait()
     return killed_at
