@@ -585,7 +585,7 @@ def test_a_finished_run_is_left_alone_unless_made_longer(run_copy, capsys):
     before = _snapshot(run_copy)
     first = json.loads((run_copy / "result.json").read_text())
     rc, lines = _resume(run_copy, capsys)
-    assert rc == 0 and len(lines) == 1 and "the run has finished (44 steps, 2.00 epochs); nothing changed" in lines[0]
+    assert rc == 0 and len(lines) == 1 and "the run has finished at step 44 (epoch 2.00); nothing changed" in lines[0]
     for extra, flag in [(["--lr", "0.1"], "--lr 0.1"), (["--batch-size", "3"], "--batch-size 3"),
                         (["--set", "model_args.dropout=0.1"], "--set model_args.dropout=0.1"),
                         (["--set", "mixup=0.2"], "--set mixup=0.2"), (["--recipe", "small-data"], "--recipe")]:
