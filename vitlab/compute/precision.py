@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_path
 from ..errors import InvalidValueError
-from .onednn import _cpuinfo_field, machine_key, vitlab_home
+from ..home import vitlab_home
+from .onednn import _cpuinfo_field, machine_key
 
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags of native reduced-precision products
