@@ -849,9 +849,8 @@ def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
 
 
 def test_two_runs_in_one_process_each_log_only_their_own_lines_once(tmp_path):
-    """Issue 21: a run's logger and handlers belong to that run. They were named after ``id(...)`` and a temporary
-    run log left its handler attached, so a later run given a reused id wrote its lines twice, or into an earlier
-    (maybe deleted) run folder's log.txt."""
+    """A run's logger and handlers belong to that run: a later run in the same process (which may get a reused
+    ``id(...)``) writes its lines once, into its own log.txt, never twice or into an earlier run folder's log."""
     import gc
     import logging
 
