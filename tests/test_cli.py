@@ -159,6 +159,11 @@ def test_train_flags_come_from_the_config_fields():
     assert train["freeze"].nargs is None and isinstance(train["freeze"], argparse._AppendAction)
 
 
+def test_a_choice_out_of_the_list_is_refused_by_the_config_naming_the_flag(capsys):
+    assert main(["train", "--loss", "hinge", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "vitlab train: error: --loss hinge: takes one of auto, softmax, sigmoid\n"
+
+
 def test_library_errors_name_fields_and_the_cli_spells_them_as_flags(tmp_path, capsys):
     from vitlab.cli.train import flag_message
     from vitlab.train import TrainConfig, train
