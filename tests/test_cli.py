@@ -144,6 +144,7 @@ def test_train_flags_come_from_the_config_fields():
     from vitlab.cli.train import FLAG_FIELDS
     from vitlab.train.config import TrainConfig, describe
 
+    assert not [f.name for f in fields(TrainConfig) if not f.metadata.get("doc")]  # declared with setting(default, doc)
     flagged = {f.name for f in fields(TrainConfig) if f.metadata["flag"]}
     assert set(FLAG_FIELDS) == flagged and FLAG_FIELDS["num_workers"] == "--workers"
     assert FLAG_FIELDS["progress"] == "--no-progress" and FLAG_FIELDS["lora_rank"] == "--lora-rank"
