@@ -58,7 +58,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema-decay", type=float, help="Polyak / EMA averaging factor (0 = off)")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--precision", help="fp32, bf16 or auto")
+    g.add_argument("--precision", help="fp32, bf16, fp16 (with loss scaling, for GPUs without bf16) or auto")
     g.add_argument("--threads", type=int, help="torch threads per process")
     g.add_argument("--workers", dest="num_workers", type=int, help="DataLoader workers (image folders, shards)")
     g.add_argument("--out-dir", help="where run folders go (default runs/)")

@@ -116,7 +116,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False             # torch.use_deterministic_algorithms (bitwise-repeatable on CPU)
     device: str = "auto"                    # auto, cpu, cuda, cuda:1, ...
-    precision: str = "auto"                 # fp32, bf16 (autocast) or auto (bf16 on GPUs that have it)
+    precision: str = "auto"                 # fp32, bf16 or fp16 (autocast; fp16 with loss scaling) or auto (bf16
+                                            # on GPUs that have it, fp16 on older GPUs)
     compile: bool = False                   # torch.compile the model
     threads: int | None = None              # torch intra-op threads (default: torch's choice)
     fsdp: bool = False                      # shard parameters with FSDP2 instead of DDP (multi-process runs)
@@ -339,7 +340,7 @@ RULES: dict[str, Rule] = {
     "ema_decay": fraction(),
     "seed": Rule(lambda v: _is_number(v, True) and 0 <= v < 2**32, "an integer in [0, 2^32)"),
     "device": DEVICE,
-    "precision": one_of("auto", "fp32", "bf16"),
+    "precision": one_of("auto", "fp32", "bf16", "fp16"),
     "threads": at_least(1, integer=True),
     "eval_batch_size": at_least(1, integer=True),
     "eval_every_epochs": at_least(0),
