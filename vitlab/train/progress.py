@@ -85,13 +85,14 @@ class StepLog:
             return 0
         losses = torch.stack(self.losses).tolist()
         first = step - len(stepped)  # the window's first step, counted from 0 as the messages count
+        overflowed = []
         for index, (ok, loss) in enumerate(zip(stepped, losses), start=first):
             if ok:
                 self.bad_streak = 0
                 continue
             self.bad_streak += 1
             if run.scaler is not None and math.isfinite(loss):  # the gradients overflowed fp16, not the loss
-                run.log.info(f"step {index}: fp16 gradients overflowed the loss scale; step skipped, scale lowered")
+                overflowed.append(index)
             else:
                 run.log.warning(f"step {index}: non-finite loss or gradients ({loss:.4g}); step skipped")
             if self.bad_streak >= run.config.max_bad_steps:
@@ -99,6 +100,10 @@ class StepLog:
                     f"training diverged: {self.bad_streak} non-finite steps in a row at step {index} (lr {lr:.3g}); "
                     "lower lr, raise warmup, set grad_clip=1 or use precision=fp32, then --resume from the last "
                     "checkpoint")
+        if overflowed:  # the scale finding its level (at the start) or a rare large gradient: expected, not a fault
+            shown = ", ".join(map(str, overflowed))
+            run.log.info(f"step{'s' if len(overflowed) > 1 else ''} {shown}: fp16 gradients overflowed the loss "
+                         f"scale; skipped, scale now {run.scaler.get_scale():g}")
         return len(stepped) - sum(stepped)
 
     def close(self) -> None:

@@ -84,6 +84,9 @@ class Run:
         return self.model.cfg
 
 
+# fp16's first loss scale (torch's default): lowered at once where the gradients overflow, raised again after
+# 2000 steps without overflow
+LOSS_SCALE_INIT = 2.0 ** 16
 # compute capability from which a GPU multiplies fp16 on tensor cores (Volta); bf16 natively from Ampere (8.0)
 FP16_CAPABILITY = (7, 0)
 
@@ -359,4 +362,5 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         ema=EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None, steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=warmup_steps,
         eval_interval=max(1, int(round(ev * spe))) if ev and ev > 0 else total_steps, macs=macs,
-        train_macs=train_macs, scaler=torch.amp.GradScaler(info.device.type) if precision == "fp16" else None)
+        train_macs=train_macs,
+        scaler=torch.amp.GradScaler(info.device.type, init_scale=LOSS_SCALE_INIT) if precision == "fp16" else None)
