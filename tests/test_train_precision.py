@@ -22,7 +22,7 @@ from vitlab.train.run import build_run, resolve_precision
 from vitlab.train.runlog import RunLog
 from vitlab.train.step import train_step
 
-from .test_train import tiny_config
+from .test_train import TINY_MODEL, tiny_config
 from .train_runs import same_tensors
 
 VITLAB = str(Path(run_module.__file__).resolve().parents[1])
@@ -235,3 +235,17 @@ def test_fp16_run_stopped_and_resumed_ends_bit_identical(tmp_path, monkeypatch):
     resumed = train(cfg, resume="auto")
     reference = train(cfg.replace(run_name="reference"))
     assert resumed.steps == 24 and same_tensors(resumed.model_path, reference.model_path) == []
+
+
+def test_fp16_inference_gives_the_fp32_logits_to_fp16_precision():
+    import vitlab
+    from vitlab.evaluate.features import model_outputs
+
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_fmnist", img_size=8, num_classes=10, **TINY_MODEL).eval()
+    torch.nn.init.normal_(model.head.weight)  # a new head is zero
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8), torch.zeros(16, dtype=torch.long))
+    fp32 = model_outputs(model, data, device="cpu").outputs
+    fp16 = model_outputs(model, data, device="cpu", precision="fp16").outputs
+    assert fp16.dtype == torch.float32 and not torch.equal(fp16, fp32)  # really computed in fp16
+    torch.testing.assert_close(fp16, fp32, rtol=0, atol=5e-3 * fp32.abs().max().item())
