@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from vitlab.errors import VitlabError
 from vitlab.train import distributed as D
 from vitlab.train import run as run_module
 from vitlab.train import train
@@ -157,6 +158,12 @@ def test_auto_picks_bf16_fp16_or_fp32_by_what_the_gpu_has(monkeypatch):
         tiny_config(Path("."), precision="fp8")
 
 
+def test_fp16_with_fsdp_is_refused_in_one_line(tmp_path):
+    cfg = tiny_config(tmp_path, precision="fp16", fsdp=True)
+    with pytest.raises(VitlabError, match="precision fp16 with fsdp is not supported; use bf16 or fp32"):
+        build_run(cfg, D.setup("cpu"), tmp_path, RunLog(tmp_path, console=False))
+
+
 def _run(tmp_path, name, **changes):
     cfg = tiny_config(tmp_path, run_name=name, precision="fp16", **changes)
     run_dir = tmp_path / name
@@ -181,9 +188,10 @@ def test_an_overflowing_fp16_step_is_skipped_on_the_device_and_the_scale_halved(
     save_run_state(run, "last.pt", 2, None)
     state = torch.load(run.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["scaler"]["scale"] == 2.0 ** 10 and state["scaler"]["_growth_tracker"] == 1
-    other = _run(tmp_path, "other")
-    restore_run_state(other, state, run.run_dir / "checkpoints" / "last.pt")
-    assert other.scaler.state_dict() == run.scaler.state_dict()
+    saved = run.scaler.state_dict()
+    run.scaler.update(5.0)
+    restore_run_state(run, state, run.run_dir / "checkpoints" / "last.pt")
+    assert run.scaler.state_dict() == saved and run.scaler.get_scale() == 2.0 ** 10
 
 
 def _step_rows(result) -> list[dict]:
