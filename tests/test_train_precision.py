@@ -126,19 +126,19 @@ def test_a_cuda_training_step_that_does_not_log_never_synchronises(tmp_path, mon
 
     real_step = loop.train_step
 
-    def strict_step(run, batches, step):
+    def strict_step(run, batches, step):  # from step 1 to step 5: the loop's code between the steps included
         torch.cuda.set_sync_debug_mode("error" if 1 <= step < 5 else "default")
-        try:
-            return real_step(run, batches, step)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        return real_step(run, batches, step)
 
     monkeypatch.setattr(loop, "train_step", strict_step)
-    for precision in ("fp16", "bf16"):
-        cfg = tiny_config(tmp_path, epochs=None, steps=6, log_every_steps=100, eval_every_epochs=0, device="cuda",
-                          save_every_epochs=0, save_every_minutes=0, augment="inception", grad_clip=1.0,
-                          precision=precision, run_name=precision)
-        assert train(cfg).steps == 6
+    try:
+        for precision in ("fp16", "bf16", "fp32"):
+            cfg = tiny_config(tmp_path, epochs=None, steps=6, log_every_steps=100, eval_every_epochs=0,
+                              device="cuda", save_every_epochs=0, save_every_minutes=0, augment="inception",
+                              grad_clip=1.0, ema_decay=0.9, precision=precision, run_name=precision)
+            assert train(cfg).steps == 6
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_auto_picks_bf16_fp16_or_fp32_by_what_the_gpu_has(monkeypatch):
