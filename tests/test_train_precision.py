@@ -160,7 +160,7 @@ def test_auto_picks_bf16_fp16_or_fp32_by_what_the_gpu_has(monkeypatch):
 
 def test_fp16_with_fsdp_is_refused_in_one_line(tmp_path):
     cfg = tiny_config(tmp_path, precision="fp16", fsdp=True)
-    with pytest.raises(VitlabError, match="precision fp16 with fsdp is not supported; use bf16 or fp32"):
+    with pytest.raises(VitlabError, match="precision=fp16 with fsdp is not supported; use precision=bf16"):
         build_run(cfg, D.setup("cpu"), tmp_path, RunLog(tmp_path, console=False))
 
 

@@ -97,9 +97,10 @@ class StepLog:
                 run.log.warning(f"step {index}: non-finite loss or gradients ({loss:.4g}); step skipped")
             if self.bad_streak >= run.config.max_bad_steps:
                 raise VitlabError(
-                    f"training diverged: {self.bad_streak} non-finite steps in a row at step {index} (lr {lr:.3g}); "
-                    "lower lr, raise warmup, set grad_clip=1 or use precision=fp32, then --resume from the last "
-                    "checkpoint")
+                    f"training diverged: {self.bad_streak} non-finite steps in a row at step {index} (learning rate "
+                    f"{lr:.3g}); lower lr, raise warmup_epochs, clip gradients (grad_clip=1) or use precision=fp32, "
+                    "then resume from the last checkpoint",
+                    options=("lr", "warmup_epochs", "grad_clip", "precision", "resume"))
         if overflowed:  # the scale finding its level (at the start) or a rare large gradient: expected, not a fault
             shown = ", ".join(map(str, overflowed))
             run.log.info(f"step{'s' if len(overflowed) > 1 else ''} {shown}: fp16 gradients overflowed the loss "

@@ -286,8 +286,8 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     precision = resolve_precision(cfg.precision, info.device)
     if cfg.fsdp and precision == "fp16":  # the loss scale's overflow check would have to see every shard
         if cfg.precision != "auto":
-            raise VitlabError("precision fp16 with fsdp is not supported; use bf16 or fp32 with fsdp, or fp16 "
-                              "without it (DDP)")
+            raise VitlabError("precision=fp16 with fsdp is not supported; use precision=bf16 or precision=fp32 "
+                              "with fsdp, or fp16 without fsdp (DDP)", options=("precision", "fsdp"))
         precision = "fp32"
     train_set, eval_set, why_not, class_names, in_chans = _datasets(cfg)
     if eval_set is None:
