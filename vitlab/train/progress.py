@@ -29,6 +29,9 @@ class StepLog:
         self.bar = None
         self.bad_streak = 0  # skipped steps in a row up to the last logging step
         cfg = run.config
+        # per step of a window (at most log_every_steps): whether it stepped and its loss, kept on the device
+        self.window_stepped = torch.ones(cfg.log_every_steps, dtype=torch.bool, device=run.device)
+        self.window_losses = torch.zeros(cfg.log_every_steps, dtype=torch.float64, device=run.device)
         if cfg.progress and run.info.is_main and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -41,8 +44,7 @@ class StepLog:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # finite step losses of the window
         self.loss_count = torch.zeros((), dtype=torch.float64, device=device)
         self.images = 0
-        self.stepped: list[torch.Tensor] = []  # per step of the window: whether it stepped, its loss (on the device)
-        self.losses: list[torch.Tensor] = []
+        self.steps = 0
         self.t0 = time.perf_counter()
 
     def restart_clock(self) -> None:
@@ -54,8 +56,9 @@ class StepLog:
         finite = torch.isfinite(out.loss)
         self.loss_sum += torch.where(finite, out.loss, 0.0)
         self.loss_count += finite
-        self.stepped.append(torch.as_tensor(out.stepped))
-        self.losses.append(out.loss)
+        self.window_stepped[self.steps] = out.stepped
+        self.window_losses[self.steps] = out.loss
+        self.steps += 1
         self.images += out.images
         if self.bar is not None:
             self.bar.update(1)
@@ -79,11 +82,11 @@ class StepLog:
         """Log the window's skipped steps (it ends at ``step``, counted from 1) and return how many there were;
         raise when ``max_bad_steps`` came in a row."""
         run = self.run
-        stepped = torch.stack(self.stepped).tolist()
+        stepped = self.window_stepped[:self.steps].tolist()
         if all(stepped):
             self.bad_streak = 0
             return 0
-        losses = torch.stack(self.losses).tolist()
+        losses = self.window_losses[:self.steps].tolist()
         first = step - len(stepped)  # the window's first step, counted from 0 as the messages count
         overflowed = []
         for index, (ok, loss) in enumerate(zip(stepped, losses), start=first):
