@@ -138,8 +138,8 @@ class TrainConfig:
     deterministic: bool = setting(False, "deterministic algorithms (torch.use_deterministic_algorithms; "
                                   "bitwise-repeatable on the CPU)", flag=True)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", flag=True)
-    precision: str = setting("auto", "fp32, bf16 (autocast) or auto (bf16 where it is native and faster)",
-                             flag=True)
+    precision: str = setting("auto", "fp32, bf16 or fp16 (autocast; fp16 with loss scaling, for GPUs without bf16) "
+                             "or auto (bf16 where it is native and faster, fp16 on GPUs without bf16)", flag=True)
     compile: bool = setting(False, "torch.compile the model", flag=True)
     threads: int | None = setting(None, "torch threads per process (default: torch's choice)", flag=True)
     fsdp: bool = setting(False, "shard parameters with FSDP2 instead of DDP (with torchrun / --nproc)", flag=True)
@@ -381,7 +381,7 @@ RULES: dict[str, Rule] = {
     "ema_decay": fraction(),
     "seed": Rule(lambda v: _is_number(v, True) and 0 <= v < 2**32, "an integer in [0, 2^32)"),
     "device": DEVICE,
-    "precision": one_of("auto", "fp32", "bf16"),
+    "precision": one_of("auto", "fp32", "bf16", "fp16"),
     "threads": at_least(1, integer=True),
     "eval_batch_size": at_least(1, integer=True),
     "eval_every_epochs": at_least(0),

@@ -365,7 +365,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                  "the learning-rate schedule is stretched to the new length")
     train_flops = 6.0 * run.train_macs * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
-    bad_streak, train_seconds = 0, 0.0
+    train_seconds = 0.0
 
     def times() -> dict:
         return {"train_seconds": earlier_train + train_seconds,
@@ -386,19 +386,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             start.stepped = True
             if out.skipped:
                 skipped(out.skipped)
-            if out.stepped:
-                bad_streak = 0
-            else:
-                bad_streak += 1
-                log.warning(f"step {step}: non-finite loss or gradients ({out.loss.item():.4g}); step skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    raise VitlabError(
-                        f"training diverged: {bad_streak} non-finite steps in a row at step {step} (learning rate "
-                        f"{out.lr:.3g}); lower lr, raise warmup_epochs, clip gradients (grad_clip=1) or use "
-                        "precision=fp32, then resume from the last checkpoint",
-                        options=("lr", "warmup_epochs", "grad_clip", "precision", "resume"))
             step += 1
-            step_log.update(step, out)
+            step_log.update(step, out)  # logs skipped steps and stops a diverged run (read back when it logs)
             if step == run.total_steps:
                 break  # the end: checkpoint and model first, then the final evaluation (below)
             if start.stop is not None and (signum := start.stop.agreed(run.device)):
