@@ -17,7 +17,7 @@ FLAG_FIELDS = {
     "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
     "freeze_blocks": int, "freeze": list, "layer_decay": float,
     "lora_rank": int, "lora_alpha": float, "lora_dropout": float, "lora_targets": list, "lora_train": list,
-    "loss": str, "classes": str,
+    "loss": str, "classes": str, "trackers": list,
 }
 # on/off flags (store_true; --no-progress stores False)
 SWITCHES = ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe", "normalize_from_data", "dora",
@@ -69,6 +69,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
     g.add_argument("--fsdp", action="store_true", default=None, help="FSDP2 sharding (with torchrun / --nproc)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--tracker", dest="trackers", action="append", metavar="NAMES",
+                   help="experiment trackers: tensorboard, wandb, mlflow (comma-separated or repeated) or none; "
+                        "default: tensorboard when installed (docs/training.md, trackers)")
     g.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="change any config field, e.g. --set mixup=0.8 --set model_args.depth=4 (repeatable)")
     t = p.add_argument_group("fine-tuning controls (docs/training.md)")
@@ -136,7 +139,7 @@ def nproc_value(text: str) -> int | str:
 
 
 def _flag(field_name: str) -> str:
-    return "--workers" if field_name == "num_workers" else "--" + field_name.replace("_", "-")
+    return {"num_workers": "--workers", "trackers": "--tracker"}.get(field_name) or "--" + field_name.replace("_", "-")
 
 
 def _shown(value) -> str:
@@ -298,7 +301,7 @@ def report(result) -> None:
 
 
 # on --resume: the length (made longer) and the runtime settings apply; everything else comes from the checkpoint
-RESUME_RUNTIME = {"device", "threads", "num_workers", "progress"}
+RESUME_RUNTIME = {"device", "threads", "num_workers", "progress", "trackers"}
 
 
 def resume_length(args: argparse.Namespace) -> dict:
@@ -329,8 +332,8 @@ def resume_length(args: argparse.Namespace) -> dict:
             length[name] = value
             continue
         raise InvalidValueError(f"{shown}: cannot be changed on --resume (the run continues with the config stored "
-                                "in its checkpoint; only a longer --epochs or --steps, --device, --threads, --workers "
-                                "and --no-progress apply); start a new run to change it")
+                                "in its checkpoint; only a longer --epochs or --steps, --device, --threads, --workers, "
+                                "--tracker and --no-progress apply); start a new run to change it")
     return length
 
 
