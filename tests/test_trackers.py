@@ -196,3 +196,30 @@ def test_tracker_flag_and_set_choose_trackers(capsys):
     assert json.loads(capsys.readouterr().out)["trackers"] == []
     assert cli_main(["train", "--dry-run", "--tracker", "comet"]) != 0
     assert "--tracker comet: takes tracker names among tensorboard, wandb, mlflow" in capsys.readouterr().err
+
+
+def test_a_tracker_failing_mid_run_is_reported_once_and_the_run_goes_on(tmp_path, monkeypatch):
+    calls = []
+
+    class Flaky:
+        def __init__(self, run_dir, config, system, ids):
+            pass
+
+        def log(self, step, values):
+            calls.append(step)
+            raise ConnectionError("tracking server gone")
+
+        def finish(self, result):
+            calls.append("finish")
+
+        def close(self, ok):
+            calls.append("close")
+
+    monkeypatch.setitem(T._KINDS, "tensorboard", Flaky)
+    result = train(tiny_config(tmp_path, epochs=None, steps=8, log_every_steps=4, eval_every_epochs=0,
+                               trackers="tensorboard"))
+    assert calls == [4] and result.steps == 8 and result.model_path.is_file()
+    lines = [line for line in (result.run_dir / "log.txt").read_text().splitlines() if "tracker tensorboard" in line]
+    assert len(lines) == 1 and lines[0].endswith("warning: tracker tensorboard failed (ConnectionError: tracking "
+                                                 "server gone); it logs nothing more in this run (metrics.jsonl "
+                                                 "has every row)")

@@ -203,7 +203,7 @@ class RunLog:
         if self.enabled and names:
             system = system_info(info.device if info else "cpu", info.world_size if info else 1)
             try:
-                self._trackers = Trackers(run_dir, names, config.to_dict(), system)
+                self._trackers = Trackers(run_dir, names, config.to_dict(), system, warn=self.warning)
             except BaseException:
                 self.close()
                 raise

@@ -189,12 +189,17 @@ _KINDS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
 class Trackers:
     """The chosen trackers of one run (open them on the main process only): :meth:`log` each metrics row,
     :meth:`finish` with the result, :meth:`close` at the end (a run closed without a result, stopped or failed, is
-    marked so in W&B and MLflow)."""
+    marked so in W&B and MLflow).
 
-    def __init__(self, run_dir: Path, names: list[str], config: dict, system: dict):
+    A tracker that cannot start raises (:class:`~vitlab.errors.VitlabError`, before the run's first step); one that
+    fails later (a tracking server gone) is reported once through ``warn`` and dropped, and the run goes on: its
+    metrics are in ``metrics.jsonl`` either way."""
+
+    def __init__(self, run_dir: Path, names: list[str], config: dict, system: dict, warn=None):
         self.run_dir = Path(run_dir)
         self._open: list = []
         self._done = False
+        self._warn = warn or (lambda message: None)
         ids_path = self.run_dir / IDS_NAME
         try:
             ids = json.loads(ids_path.read_text(encoding="utf-8")) if ids_path.is_file() else {}
@@ -203,7 +208,7 @@ class Trackers:
         ids = ids if isinstance(ids, dict) else {}
         try:
             for name in names:
-                self._open.append(_KINDS[name](self.run_dir, config, system, ids))
+                self._open.append((name, _KINDS[name](self.run_dir, config, system, ids)))
         except BaseException:
             self.close()
             raise
@@ -213,8 +218,7 @@ class Trackers:
     def log(self, row: dict) -> None:
         step, values = scalars(row)
         if values:
-            for tracker in self._open:
-                tracker.log(step, values)
+            self._each("log", step, values)
 
     def finish(self, result: dict) -> None:
         """The end of the run: ``result`` (final metrics, paths) plus the last checkpoint's path."""
@@ -223,14 +227,21 @@ class Trackers:
         summary.update({k: v for k, v in result.items() if k not in ("metrics", "best") and v is not None})
         if last.is_file():
             summary["checkpoint"] = str(last)
-        for tracker in self._open:
-            tracker.finish(summary)
+        self._each("finish", summary)
         self._done = True
 
     def close(self) -> None:
-        opened, self._open = self._open, []
-        for tracker in opened:
-            tracker.close(self._done)
+        self._each("close", self._done)
+        self._open = []
+
+    def _each(self, method: str, *args) -> None:
+        for name, tracker in list(self._open):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # the training goes on without this tracker
+                self._open.remove((name, tracker))
+                self._warn(f"tracker {name} failed ({type(exc).__name__}: {exc}); it logs nothing more in this run "
+                           "(metrics.jsonl has every row)")
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
