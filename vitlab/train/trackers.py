@@ -52,11 +52,12 @@ def chosen_trackers(names: list[str] | None) -> list[str]:
     out = []
     for name in names:
         if name not in PACKAGES:
-            raise VitlabError(f"--tracker {name}: unknown tracker (takes {', '.join(TRACKER_NAMES)} or none)")
+            raise VitlabError(f"trackers={name}: unknown tracker (takes {', '.join(TRACKER_NAMES)} or none)",
+                              options=("trackers",))
         module, extra = PACKAGES[name]
         if not _installed(module):
-            raise VitlabError(f"--tracker {name}: the {module} package is not installed; install vitlab's '{extra}' "
-                              f"extra (pip install 'vitlab[{extra}]')")
+            raise VitlabError(f"trackers={name}: the {module} package is not installed; install vitlab's '{extra}' "
+                              f"extra (pip install 'vitlab[{extra}]')", options=("trackers",))
         if name not in out:
             out.append(name)
     return out
@@ -120,9 +121,10 @@ class _WandB:
                 id=known.get("id"), resume="allow" if known.get("id") else None,
                 config={**config, "system": system})
         except Exception as exc:  # wandb raises its own errors (no API key, no connection): one line, the way out
-            raise VitlabError(f"--tracker wandb: cannot start the W&B run ({type(exc).__name__}: "
+            raise VitlabError(f"trackers=wandb: cannot start the W&B run ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); log in with "
-                              "`wandb login`, or set WANDB_MODE=offline to write the run locally") from exc
+                              "`wandb login`, or set WANDB_MODE=offline to write the run locally",
+                              options=("trackers",)) from exc
         ids["wandb"] = {"id": self.run.id}
 
     def log(self, step: int, values: dict) -> None:
