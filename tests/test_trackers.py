@@ -225,3 +225,18 @@ def test_a_tracker_failing_mid_run_is_reported_once_and_the_run_goes_on(tmp_path
     assert len(lines) == 1 and lines[0].endswith("warning: tracker tensorboard failed (ConnectionError: tracking "
                                                  "server gone); it logs nothing more in this run (metrics.jsonl "
                                                  "has every row)")
+
+
+def test_only_the_main_process_opens_trackers_but_every_process_checks_them(tmp_path, monkeypatch):
+    from vitlab.train import TrainConfig
+    from vitlab.train.distributed import DistInfo
+    from vitlab.train.runlog import RunLog
+
+    config = TrainConfig(trackers="tensorboard,mlflow")
+    with RunLog(tmp_path, enabled=False, console=False, config=config, info=DistInfo(rank=1, world_size=2)) as log:
+        log.metric({"kind": "step", "step": 1, "loss": 1.0})
+        log.result({"metrics": {}, "model_path": None})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(T, "_installed", lambda module: module != "mlflow")
+    with pytest.raises(VitlabError, match=r"^trackers=mlflow: the mlflow package is not installed"):
+        RunLog(tmp_path, enabled=False, console=False, config=config, info=DistInfo(rank=1, world_size=2))
