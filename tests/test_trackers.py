@@ -240,3 +240,16 @@ def test_only_the_main_process_opens_trackers_but_every_process_checks_them(tmp_
     monkeypatch.setattr(T, "_installed", lambda module: module != "mlflow")
     with pytest.raises(VitlabError, match=r"^trackers=mlflow: the mlflow package is not installed"):
         RunLog(tmp_path, enabled=False, console=False, config=config, info=DistInfo(rank=1, world_size=2))
+
+
+def test_an_mlflow_store_that_refuses_is_one_line(offline, monkeypatch):
+    # MLflow >= 3.7 refuses a file store the user names without MLFLOW_ALLOW_FILE_STORE (vitlab allows only its own)
+    import mlflow
+
+    if tuple(int(p) for p in mlflow.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip("this MLflow takes file stores without asking")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (offline / "elsewhere").as_uri())
+    with pytest.raises(VitlabError, match=r"^trackers=mlflow: cannot start the MLflow run at file://.*elsewhere "
+                                          r"\(MlflowException: .*MLFLOW_ALLOW_FILE_STORE.*check MLFLOW_TRACKING_URI"):
+        T.Trackers(offline / "run", ["mlflow"], {"lr": 0.1}, {"nproc": 1})
+    assert not (offline / "elsewhere").exists()

@@ -140,14 +140,24 @@ class _WandB:
 
 class _MLflow:
     def __init__(self, run_dir: Path, config: dict, system: dict, ids: dict):
-        from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # offline by default: a file store in the run folder (MLflow >= 3.7 asks to allow it)
             uri = (run_dir / "mlruns").resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = client = MlflowClient(tracking_uri=uri)
+        try:
+            self._start(MlflowClient(tracking_uri=uri), uri, run_dir, config, system, ids)
+        except Exception as exc:  # MLflow's own errors (a refused store, a missing driver): one line, the way out
+            text = str(exc).strip()
+            raise VitlabError(f"trackers=mlflow: cannot start the MLflow run at {uri} ({type(exc).__name__}: "
+                              f"{text.splitlines()[0] if text else exc!r}); check MLFLOW_TRACKING_URI, or unset it "
+                              "to log to the run folder's file store", options=("trackers",)) from exc
+
+    def _start(self, client, uri: str, run_dir: Path, config: dict, system: dict, ids: dict) -> None:
+        from mlflow.entities import Param, RunTag
+
+        self.client = client
         known = ids.get("mlflow") or {}
         self.run_id = None
         if known.get("run_id") and known.get("tracking_uri") == uri:
