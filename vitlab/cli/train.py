@@ -300,7 +300,7 @@ def report(result) -> None:
 
 
 # on --resume: the length (made longer) and the runtime settings apply; everything else comes from the checkpoint
-RESUME_RUNTIME = {"device", "threads", "num_workers", "progress"}
+RESUME_RUNTIME = {"device", "threads", "num_workers", "progress", "trackers"}
 
 
 def resume_length(args: argparse.Namespace) -> dict:
@@ -328,8 +328,8 @@ def resume_length(args: argparse.Namespace) -> dict:
             length[name] = value
             continue
         raise InvalidValueError(f"{shown}: cannot be changed on --resume (the run continues with the config stored "
-                                "in its checkpoint; only a longer --epochs or --steps, --device, --threads, --workers "
-                                "and --no-progress apply); start a new run to change it")
+                                "in its checkpoint; only a longer --epochs or --steps, --device, --threads, --workers, "
+                                "--tracker and --no-progress apply); start a new run to change it")
     return length
 
 
