@@ -1,7 +1,6 @@
 """The training loop and its parts: recipes and overrides, schedules against torch's own schedulers, weight decay
 groups, EMA, the run folder, the non-finite guard, and a tiny run that must learn."""
 
-import dataclasses
 import json
 import math
 
@@ -11,7 +10,6 @@ import torch
 import vitlab
 from vitlab.cli import main as cli_main
 from vitlab.errors import VitlabError
-from vitlab.models.hybrid import HybridConfig
 from vitlab.train import TrainConfig, apply_overrides, get_recipe, list_recipes, train
 from vitlab.train.optim import EMA, build_scheduler, decay_parameter_names, lr_factor, parameter_groups
 
@@ -44,20 +42,6 @@ def test_recipes_are_listed_shown_and_overridden(capsys):
     pre = get_recipe("pretrain").config()
     assert pre.betas == (0.9, 0.999) and pre.schedule == "linear" and pre.warmup_steps == 10_000
     assert pre.batch_size == 4096 and pre.accum_steps > 1
-
-
-def test_the_main_job_is_the_hybrid_and_the_plain_vit_recipe_is_kept():
-    main, plain = get_recipe("fashion-mnist").config(), get_recipe("fashion-mnist-vit").config()
-    assert (main.model, main.epochs, plain.model, plain.epochs) == ("r_vit_fmnist_small", 6, "vit_fmnist", 20)
-    assert dataclasses.replace(main, model=plain.model, epochs=plain.epochs) == plain  # nothing else differs
-    assert (main.batch_size, main.lr, main.patch_dropout, main.augment, main.eval_every_epochs) == (128, 2e-3, 0.5,
-                                                                                                   "flip", 0)
-    cfg = vitlab.get_config(main.model)
-    assert isinstance(cfg, HybridConfig) and cfg.grid_size == (7, 7) and cfg.reduction == (4, 4)
-    assert (cfg.embed_dim, cfg.depth, cfg.pool, cfg.pos_embed) == (96, 4, "gap", "sincos")
-    plain_vit = vitlab.get_config("vit_fmnist")
-    same = ("embed_dim", "depth", "num_heads", "mlp_dim", "pool", "class_token", "pos_embed")
-    assert all(getattr(cfg, k) == getattr(plain_vit, k) for k in same)  # the transformer is vit_fmnist's
 
 
 def test_set_parses_types_and_rejects_unknown_keys():

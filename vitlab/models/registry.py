@@ -192,9 +192,7 @@ def _small_data_baselines() -> list[ModelEntry]:
     """A BiT ResNet and a hybrid for 28x28 grey images (not in the paper), the baselines of the experiments
     (docs/experiments.md). Small images get a 3x3/1 stem without max-pool, and GroupNorm(8) because the narrowest
     layers have 16 channels. The hybrid's transformer is width 128, depth 6, 4 heads, MLP 256, class token and
-    learned position embedding, on a 7x7 grid of 2x2 patches of the 14x14 feature map. ``r_vit_fmnist_small`` is the
-    main job's model: a 3x3/2 stem, the same two stages (so a 7x7 map of 128 channels), 1x1 patches and
-    ``vit_fmnist``'s transformer (width 96, depth 4, 3 heads, MLP 192, no class token, GAP, fixed sin-cos)."""
+    learned position embedding, on a 7x7 grid of 2x2 patches of the 14x14 feature map."""
     small = dict(stem_width=32, stem_kernel=3, stem_stride=1, stem_pool=False, gn_groups=8)
     return [
         ModelEntry(
@@ -208,17 +206,6 @@ def _small_data_baselines() -> list[ModelEntry]:
             HybridConfig(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4,
                          mlp_dim=256, backbone=HYBRID_BACKBONE.replace(layers=(1, 1), channels=(64, 128), **small)),
             "small-data hybrid: 2-stage ResNet (128 channels at 14x14), 2x2 patches, ViT width 128, depth 6",
-        ),
-        # the fashion-mnist recipe's model (the main job; docs/training.md gives the measurements): the CNN's prior
-        # buys accuracy per second of CPU that the plain vit_fmnist's extra epochs cannot
-        ModelEntry(
-            "r_vit_fmnist_small",
-            HybridConfig(img_size=28, patch_size=1, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=3,
-                         mlp_dim=192, pool="gap", class_token=False, pos_embed="sincos",
-                         backbone=HYBRID_BACKBONE.replace(layers=(1, 1), channels=(64, 128),
-                                                          **{**small, "stem_stride": 2})),
-            "the main job's hybrid: 3x3/2 stem and 2 ResNet stages (128 channels at 7x7), 1x1 patches, ViT width 96, "
-            "depth 4, sin-cos, gap",
         ),
     ]
 
