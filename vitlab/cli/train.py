@@ -20,7 +20,7 @@ from ..train.config import RULES, ConfigValueError, TrainConfig, parse_value, se
 # every field can also be set with --set
 FLAG_FIELDS = {f.name: f.metadata["flag"] if isinstance(f.metadata["flag"], str) else
                ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
-               for f in fields(TrainConfig) if f.metadata["flag"]}
+               for f in fields(TrainConfig) if f.metadata.get("flag")}
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def _add_flag(group, f, hint) -> None:
     """The flag of field ``f``, from its type: a switch for a bool (``--no-x`` when it is on by default), a repeatable
     flag for a list, else one value of the field's type; a field with choices shows them (checked by the config, so
     that a wrong one is refused like any other value, naming the flag)."""
-    flag, doc, metavar = FLAG_FIELDS[f.name], f.metadata["doc"], f.metadata["metavar"]
+    flag, doc, metavar = FLAG_FIELDS[f.name], f.metadata["doc"], f.metadata.get("metavar")
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     kind = typing.get_origin(hint) or hint

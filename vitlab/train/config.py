@@ -187,7 +187,7 @@ class TrainConfig:
 
 def describe(name: str) -> str:
     """The documentation of :class:`TrainConfig` field ``name`` (its ``setting(doc=...)``)."""
-    return _FIELDS[name].metadata["doc"]
+    return _FIELDS[name].metadata.get("doc", "")
 
 
 def sections() -> list[tuple[str, list]]:
@@ -195,8 +195,8 @@ def sections() -> list[tuple[str, list]]:
     ``[(title, [dataclasses.Field, ...]), ...]``."""
     groups: list[tuple[str, list]] = []
     for f in fields(TrainConfig):
-        if f.metadata["section"] or not groups:
-            groups.append((f.metadata["section"] or "", []))
+        if f.metadata.get("section") or not groups:
+            groups.append((f.metadata.get("section") or "", []))
         groups[-1][1].append(f)
     return groups
 
