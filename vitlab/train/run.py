@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..compute.flops import forward_macs
+from ..compute.flops import forward_macs, resnetv2_forward_macs
 from ..compute.onednn import linear_shapes, set_onednn_linear
 from ..compute.precision import choose_cpu_precision
 from ..data import (
@@ -352,8 +352,12 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     train_macs = macs
     if cfg.patch_dropout > 0:
         kept = max(1, int(round(vit.cfg.num_patches * (1.0 - cfg.patch_dropout))))
-        ph, pw = vit.cfg.patch_size
-        train_macs = forward_macs(vit.cfg.replace(img_size=(ph, pw * kept)))  # a 1 x kept patch grid
+        ph, pw = getattr(vit.cfg, "reduction", vit.cfg.patch_size)  # pixels per token (a hybrid: stride x patch)
+        strip = vit.cfg.replace(img_size=(ph, pw * kept))  # a 1 x kept patch grid (an estimate: the embedding of
+        # the dropped tokens, which the model also computes, is left out)
+        train_macs = forward_macs(strip)
+        if hasattr(vit.cfg, "backbone"):  # a hybrid's CNN still sees the whole image; only its tokens are dropped
+            train_macs += resnetv2_forward_macs(vit.cfg.backbone, False) - resnetv2_forward_macs(strip.backbone, False)
     return Run(
         config=cfg, info=info, precision=precision, run_dir=run_dir, log=log, objective=objective,
         class_names=class_names, preprocessing=preprocessing, train_set=train_set, eval_set=eval_set, loader=loader,
