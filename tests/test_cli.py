@@ -100,6 +100,31 @@ def test_help_version_and_a_mistyped_command_do_not_load_torch():
     assert res.stdout.splitlines()[-1] == "False []", res.stdout + res.stderr
     assert "pretrain-mpp" in res.stdout and "vitlab 0.1.0" in res.stdout
 
+def test_training_commands_build_their_flags_without_torch():
+    """``vitlab train / finetune / pretrain-mpp --help`` and their argument errors answer from the config's fields
+    (vitlab.train.config, vitlab.train.recipes: torch-free modules of lazily importing packages), without torch.
+    ``from vitlab.train import X`` still gives each public name, ``predict`` the function even after the module."""
+    code = ("import sys\n"
+            "from vitlab.cli import main\n"
+            "for argv in (['train', '--help'], ['finetune', '--help'], ['pretrain-mpp', '--help'],\n"
+            "             ['train', '--steps', 'x'], ['finetune']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch' in sys.modules)\n"
+            "import vitlab.train.predict, vitlab.train, vitlab.models\n"
+            "from vitlab.train import predict\n"
+            "print(callable(predict) and predict.__module__, vitlab.train.predict is predict)\n"
+            "print(all(getattr(p, n) is not None for p in (vitlab.train, vitlab.models) for n in p.__all__))\n"
+            "print(vitlab.models.pretrained.__name__, vitlab.train.runfolder.__name__)\n")  # submodules as attributes
+    res = _python(code)
+    lines = res.stdout.splitlines()
+    expected = ["False", "vitlab.train.predict True", "True", "vitlab.models.pretrained vitlab.train.runfolder"]
+    assert lines[-4:] == expected, res.stdout + res.stderr
+    assert res.stdout.count("--lora-rank R") >= 2 and "--mask-ratio" in res.stdout  # the helps were printed
+    assert "argument --steps: invalid int value: 'x'" in res.stderr and "required: --from" in res.stderr
+
 
 def test_the_command_table_lists_every_command_with_its_help():
     """COMMAND_HELP (what ``vitlab --help`` shows without importing the commands) matches the commands' own
