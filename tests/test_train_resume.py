@@ -136,7 +136,7 @@ def test_torchrun_two_processes_train_evaluate_exactly_and_write_one_run(tmp_pat
 def test_resume_auto_starts_a_named_run_then_continues_it(tmp_path, capsys):
     """The same call twice: the first starts the named run, the second finds it finished; a longer one continues
     it; other settings or a folder of other files are refused in one line."""
-    from vitlab.train.loop import RunFinished
+    from vitlab.train.runfolder import RunFinished
 
     cfg = tiny_config(tmp_path, epochs=None, steps=6, eval_every_epochs=0, run_name="job")
     first = train(cfg, resume="auto")
@@ -313,3 +313,19 @@ def test_a_killed_rank_is_named_in_one_line_without_a_traceback(tmp_path):
     assert err.count("rank 1 of 2 ended (killed, out of memory or its own error") == 1, err[-3000:]
     assert "Traceback" not in err and "Connection closed" not in err, err[-3000:]
     assert "rank 1 of 2 ended" in (tmp_path / "runs" / "job" / "log.txt").read_text()
+
+
+def test_run_folder_names_the_files_a_run_writes_and_one_rule_gives_its_length(tmp_path):
+    from vitlab.train.runfolder import RunFolder, total_steps_for
+
+    run = train(tiny_config(tmp_path, epochs=None, steps=3, eval_every_epochs=0, run_name="job"))
+    folder = RunFolder(run.run_dir)
+    for path in (folder.config, folder.log, folder.metrics, folder.last, folder.model, folder.result):
+        assert path.is_file(), path
+    assert run.model_path == folder.model
+    assert json.loads(folder.result.read_text())["steps"] == 3
+    assert folder.stored_config()["steps"] == 3 and folder.read_result()["steps"] == 3
+    assert RunFolder.of_checkpoint(folder.last).path == run.run_dir
+    assert RunFolder.resume_checkpoint(run.run_dir) == folder.last
+    # steps win; else epochs (one when unset) of the epoch's steps, rounded up
+    assert [total_steps_for(5, 2.0, 22), total_steps_for(None, 2.5, 22), total_steps_for(None, None, 22)] == [5, 55, 22]

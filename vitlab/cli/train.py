@@ -297,13 +297,12 @@ def report(result) -> None:
         print(f"model: {result.model_path}")
 
 
-# on --resume: the length (made longer) and the runtime settings apply; everything else comes from the checkpoint
-RESUME_RUNTIME = {"device", "threads", "num_workers", "progress"}
-
-
 def resume_length(args: argparse.Namespace) -> dict:
     """``{"epochs": ...}`` or ``{"steps": ...}`` given with ``--resume`` (may be empty); any other setting is
-    refused naming its flag, since a resumed run continues with its stored config."""
+    refused naming its flag, since a resumed run continues with its stored config (what a resume may change:
+    :class:`~vitlab.train.runfolder.RunFolder`)."""
+    from ..train.runfolder import RunFolder
+
     given = []
     if args.recipe:
         given.append(("recipe", f"--recipe {args.recipe}"))
@@ -318,9 +317,9 @@ def resume_length(args: argparse.Namespace) -> dict:
         given.append((item.partition("=")[0].strip().replace("-", "_"), f"--set {item}"))
     length = {}
     for name, shown in given:
-        if name in RESUME_RUNTIME:
+        if name in RunFolder.RUNTIME_FIELDS:
             continue
-        if name in ("epochs", "steps") and not length:
+        if name in RunFolder.LENGTH_FIELDS and not length:
             value = getattr(args, name, None)
             if value is None:  # from --set
                 from ..train.config import parse_value
@@ -362,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return relaunch_with_torchrun(args)
     from ..train import train
-    from ..train.loop import RunFinished
+    from ..train.runfolder import RunFinished
     from ..train.stop import RunStopped
 
     resume = resume_choice(args.resume)

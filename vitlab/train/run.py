@@ -7,7 +7,6 @@ dropout, DDP / FSDP, ``torch.compile``), the optimiser, the schedule, EMA and th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from .lora import apply_lora, check_lora_config
 from .objectives import Classification, Objective
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
+from .runfolder import total_steps_for
 from .runlog import RunLog
 from .transfer import adapt_init_channels, apply_controls, init_channels
 
@@ -305,7 +305,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     else:
         loader = FolderTrainLoader(train_set, num_workers=cfg.num_workers, **common)
     spe = loader.steps_per_epoch
-    total_steps = cfg.steps if cfg.steps else int(math.ceil((cfg.epochs or 1) * spe))
+    total_steps = total_steps_for(cfg.steps, cfg.epochs, spe)
     if total_steps <= 0:
         raise InvalidValueError("the run has no steps: set epochs or steps to a positive value")
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * spe))

@@ -1,8 +1,22 @@
-"""What may write into a run folder: positive identification for ``--resume`` and one process at a time.
+"""The run folder: the names of what a run writes into it, and the rules for writing into it again (``--resume``).
 
-A run folder is identified by what vitlab writes when it creates one: ``config.json`` (the resolved config, written
-right after the folder is made) next to ``checkpoints/``. ``--resume`` writes into a folder only when the checkpoint
-is ``RUN/checkpoints/<file>.pt`` and ``RUN/config.json`` is a training config describing the same run as the
+    runs/<name>/
+      config.json          the resolved TrainConfig (what `--resume` and `vitlab train --config` read back)
+      log.txt              the text log (also on stderr), including every skipped image file
+      metrics.jsonl        one JSON object per logged step ("kind": "step") and per evaluation ("kind": "eval")
+      metrics.csv          the evaluations as a table (epoch, step, loss, top1, top5, ...)
+      checkpoints/         last.pt and best.pt (training state, torch.load(weights_only=True))
+      model.safetensors    the final model with its preprocessing and class names (vitlab.save)
+      adapter.safetensors  a LoRA / DoRA run's adapters (vitlab.train.lora)
+      result.json          final metrics, timings and compute
+      tensorboard/         event files, when the tensorboard package is installed
+      run.lock             held by the process training the run
+      launch.json          torchrun rendezvous id / SLURM job id, for --resume auto after a restart or requeue
+
+:class:`RunFolder` names these files (every other module asks it) and owns the resume rules. A run folder is
+identified by what vitlab writes when it creates one: ``config.json`` (the resolved config, written right after the
+folder is made) next to ``checkpoints/``. ``--resume`` writes into a folder only when the checkpoint is
+``RUN/checkpoints/<file>.pt`` and ``RUN/config.json`` is a training config describing the same run as the
 checkpoint (every field but the runtime ones and the length). Folders written by earlier versions have the same two
 things and are accepted as they are; anything else (a checkpoint copied into a backup folder, a folder of other
 files) is refused before anything is written.
@@ -15,6 +29,7 @@ with the process (also when it is killed), so a stale lock file never blocks a r
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -22,50 +37,228 @@ from pathlib import Path
 
 from ..errors import VitlabError
 
-LOCK_NAME = "run.lock"
-# settings a resumed run takes from the command line (the rest comes from the checkpoint)
-RUNTIME_FIELDS = ("device", "threads", "progress", "num_workers")
-LENGTH_FIELDS = ("epochs", "steps")
+
+class RunFinished(VitlabError):
+    """``--resume`` of a run that has finished and is not asked to go on: nothing was written."""
 
 
-def run_folder_of(checkpoint: Path, train_config: dict | None = None) -> Path:
-    """The run folder holding ``checkpoint``; refuses (one line, nothing written) a checkpoint that is not in a
-    vitlab run folder, or one whose ``config.json`` describes another run than ``train_config`` (the checkpoint's)."""
-    checkpoint = Path(checkpoint)
-    where = checkpoint.resolve().parent
-    run_dir = where.parent
-    config_file = run_dir / "config.json"
-    why = None
-    if where.name != "checkpoints":
-        why = f"it is not in a run folder's checkpoints/ folder ({where} is not)"
-    elif not config_file.is_file():
-        why = f"{config_file} is missing (vitlab writes it when it creates a run folder)"
-    else:
+def total_steps_for(steps: int | None, epochs: float | None, steps_per_epoch: int) -> int:
+    """A run's length in optimiser steps: ``steps`` when set, else ``epochs`` (one when unset) of
+    ``steps_per_epoch``, rounded up. The one place this rule is written (the run, a resumed run's new length)."""
+    return int(steps) if steps else int(math.ceil((epochs or 1) * steps_per_epoch))
+
+
+class RunFolder:
+    """One run folder: the paths of its files (``folder.config``, ``folder.last``, ``folder.model``, ...) and what
+    may be done with it on a resume (:meth:`of_checkpoint`, :meth:`auto`, :meth:`resumed_config`)."""
+
+    CONFIG = "config.json"
+    LOG = "log.txt"
+    METRICS = "metrics.jsonl"
+    METRICS_CSV = "metrics.csv"
+    CHECKPOINTS = "checkpoints"
+    LAST = "last.pt"
+    BEST = "best.pt"
+    MODEL = "model.safetensors"
+    ADAPTER = "adapter.safetensors"
+    RESULT = "result.json"
+    TENSORBOARD = "tensorboard"
+    LOCK = "run.lock"
+    LAUNCH = "launch.json"
+    # the settings a resumed run takes from the command line (the rest comes from the checkpoint), and its length
+    # (which a resume may make longer)
+    RUNTIME_FIELDS = ("device", "threads", "progress", "num_workers")
+    LENGTH_FIELDS = ("epochs", "steps")
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    def checkpoint(self, name: str) -> Path:
+        """``checkpoints/<name>`` (``last.pt``, ``best.pt``)."""
+        return self.checkpoints / name
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint(self.LAST)
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint(self.BEST)
+
+    @property
+    def model(self) -> Path:
+        return self.path / self.MODEL
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / self.ADAPTER
+
+    @property
+    def result(self) -> Path:
+        return self.path / self.RESULT
+
+    @property
+    def log(self) -> Path:
+        return self.path / self.LOG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def lock(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
+    def launch(self) -> Path:
+        return self.path / self.LAUNCH
+
+    def read_result(self) -> dict | None:
+        """``result.json`` (written when the run finished), or None when there is none or it cannot be read."""
         try:
-            stored = json.loads(config_file.read_text(encoding="utf-8"))
+            result = json.loads(self.result.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            stored = None
-        if not isinstance(stored, dict) or "model" not in stored or "data" not in stored:
-            why = f"{config_file} is not a vitlab training config"
-        elif train_config is not None and (changed := _differences(stored, train_config)):
-            why = (f"{config_file} describes another run than the checkpoint (they differ in "
+            return None
+        return result if isinstance(result, dict) else None
+
+    def stored_config(self) -> dict | None:
+        """``config.json`` when it is a training config, else None."""
+        try:
+            stored = json.loads(self.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return stored if isinstance(stored, dict) and "model" in stored and "data" in stored else None
+
+    # ----- the resume rules
+    @staticmethod
+    def differences(a: dict, b: dict) -> list[str]:
+        """The fields of two configs (as dicts) that differ, other than the runtime and length fields (fields one
+        version did not have yet are skipped)."""
+        ignored = RunFolder.RUNTIME_FIELDS + RunFolder.LENGTH_FIELDS
+        return sorted(k for k in set(a) & set(b) if k not in ignored and a[k] != b[k])
+
+    @classmethod
+    def resume_checkpoint(cls, resume: str | os.PathLike) -> Path:
+        """``--resume`` takes a run folder (its ``checkpoints/last.pt``) or a checkpoint file."""
+        path = Path(resume)
+        if path.is_dir():
+            path = cls(path).last
+        if not path.is_file():
+            raise VitlabError(f"{resume}: no checkpoint to resume from (expected a run folder with "
+                              f"{cls.CHECKPOINTS}/{cls.LAST} or a .pt file)")
+        return path
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | os.PathLike, train_config: dict | None = None) -> RunFolder:
+        """The run folder holding ``checkpoint``; refuses (one line, nothing written) a checkpoint that is not in a
+        vitlab run folder, or one whose ``config.json`` describes another run than ``train_config`` (the
+        checkpoint's)."""
+        checkpoint = Path(checkpoint)
+        where = checkpoint.resolve().parent
+        folder = cls(where.parent)
+        why = None
+        if where.name != cls.CHECKPOINTS:
+            why = f"it is not in a run folder's {cls.CHECKPOINTS}/ folder ({where} is not)"
+        elif not folder.config.is_file():
+            why = f"{folder.config} is missing (vitlab writes it when it creates a run folder)"
+        elif (stored := folder.stored_config()) is None:
+            why = f"{folder.config} is not a vitlab training config"
+        elif train_config is not None and (changed := cls.differences(stored, train_config)):
+            why = (f"{folder.config} describes another run than the checkpoint (they differ in "
                    f"{', '.join(changed[:4])})")
-    if why:
-        raise VitlabError(f"{checkpoint}: resume writes only into a vitlab run folder, and {why}; nothing was "
-                          "written (copy the whole run folder to resume a copy)")
-    return run_dir
+        if why:
+            raise VitlabError(f"{checkpoint}: resume writes only into a vitlab run folder, and {why}; nothing was "
+                              "written (copy the whole run folder to resume a copy)")
+        return folder
 
+    @classmethod
+    def resumed_config(cls, stored, given):
+        """The config a resumed run trains with: the checkpoint's (``stored``), with the runtime-only settings of
+        this call (``given``); everything that shapes the result comes from the checkpoint."""
+        return stored.replace(**{k: getattr(given, k) for k in cls.RUNTIME_FIELDS})
 
-def _differences(a: dict, b: dict) -> list[str]:
-    """The fields (other than runtime and length; fields one version did not have yet are skipped) that differ."""
-    return sorted(k for k in set(a) & set(b) if k not in RUNTIME_FIELDS + LENGTH_FIELDS and a[k] != b[k])
+    def resume_length(self, config, state: dict, epochs: float | None = None, steps: int | None = None):
+        """(the resumed run's config with its new length, whether the length changed): ``epochs`` or ``steps``, when
+        given, replace the stored length. Refuses a length shorter than what is done, and raises
+        :class:`RunFinished` for a finished run that is not made longer."""
+        done = int(state["step"])
+        spe = state.get("steps_per_epoch")
+        if not spe and state.get("epoch"):  # a checkpoint of an earlier version
+            spe = max(1, round(done / state["epoch"]))
+        changed = False
+        if steps is not None or epochs is not None:
+            new = config.replace(steps=steps, epochs=None) if steps is not None else config.replace(epochs=epochs,
+                                                                                                     steps=None)
+            changed = (new.steps, new.epochs) != (config.steps, config.epochs)
+            config = new
+        total = total_steps_for(config.steps, config.epochs, spe) if spe else config.steps
+        flag = f"--steps {steps}" if steps is not None else f"--epochs {epochs:g}" if epochs is not None else None
+        if total is not None and total < done:
+            raise VitlabError(f"{flag or self.path}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
+                              "give a longer run to continue it")
+        if self.result.is_file() and total is not None and done >= total:
+            raise RunFinished(f"{self.path}: the run has finished ({done} steps, {state['epoch']:.2f} epochs); "
+                              "nothing changed (give --epochs or --steps beyond that to train on)")
+        return config, changed
+
+    @classmethod
+    def auto(cls, out_dir: str | os.PathLike, run_name: str | None, train_config: dict) -> RunFolder | None:
+        """The run folder an automatic resume continues or starts in: ``out_dir/run_name`` for a fixed name; without
+        one, the folder under ``out_dir`` made by this launch (same torchrun rendezvous id or SLURM job id, see
+        :func:`launch_ids`) for the same config; None when there is none (a fresh run with a new folder). A named
+        folder that holds something other than this run is refused in one line (nothing is written)."""
+        out = Path(out_dir)
+        if run_name:
+            folder = cls(out / run_name)
+            if not folder.path.exists() or (folder.path.is_dir() and not any(folder.path.iterdir())):
+                return folder
+            stored = folder.stored_config() if folder.path.is_dir() else None
+            if stored is None:
+                raise VitlabError(f"--resume auto: {folder.path} exists and is not a vitlab run folder; give another "
+                                  "--run-name (nothing was written)")
+            if changed := cls.differences(stored, train_config):
+                raise VitlabError(f"--resume auto: {folder.path} holds another run (it differs in "
+                                  f"{', '.join(changed[:4])}); give the same settings to continue it, or another "
+                                  "--run-name (nothing was written)")
+            return folder
+        ids = launch_ids()
+        if not ids or not out.is_dir():
+            return None
+        for path in sorted(out.iterdir()):
+            folder = cls(path)
+            try:
+                recorded = json.loads(folder.launch.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            same_launch = isinstance(recorded, dict) and any(recorded.get(k) == v for k, v in ids.items())
+            stored = folder.stored_config() if same_launch else None
+            if stored is not None and not cls.differences(stored, train_config):
+                return folder
+        return None
 
 
 class RunLock:
     """An exclusive lock on a run folder, held from :meth:`acquire` to :meth:`release` (or the process's end)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = RunFolder(run_dir).lock
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -96,52 +289,8 @@ class RunLock:
 
 
 # ----- automatic resume (``--resume auto``, torchrun's elastic restarts, a requeued scheduler job)
-LAUNCH_NAME = "launch.json"
-
-
 def launch_ids() -> dict:
     """What identifies this launch across restarts: torchrun's rendezvous id (the same for every restart of one
     ``torchrun``; ``none`` when it was not given) and the scheduler's job id (the same when SLURM requeues a job)."""
     ids = {"torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     return {k: v for k, v in ids.items() if v and v != "none"}
-
-
-def _stored_config(run_dir: Path) -> dict | None:
-    try:
-        stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return stored if isinstance(stored, dict) and "model" in stored and "data" in stored else None
-
-
-def auto_run_dir(out_dir: str | Path, run_name: str | None, train_config: dict) -> Path | None:
-    """The run folder an automatic resume continues or starts in: ``out_dir/run_name`` for a fixed name; without
-    one, the folder under ``out_dir`` made by this launch (same torchrun rendezvous id or SLURM job id, see
-    :func:`launch_ids`) for the same config; None when there is none (a fresh run with a new folder). A named folder
-    that holds something other than this run is refused in one line (nothing is written)."""
-    out = Path(out_dir)
-    if run_name:
-        run_dir = out / run_name
-        if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
-            return run_dir
-        stored = _stored_config(run_dir) if run_dir.is_dir() else None
-        if stored is None:
-            raise VitlabError(f"--resume auto: {run_dir} exists and is not a vitlab run folder; give another "
-                              "--run-name (nothing was written)")
-        if changed := _differences(stored, train_config):
-            raise VitlabError(f"--resume auto: {run_dir} holds another run (it differs in {', '.join(changed[:4])}); "
-                              "give the same settings to continue it, or another --run-name (nothing was written)")
-        return run_dir
-    ids = launch_ids()
-    if not ids or not out.is_dir():
-        return None
-    for run_dir in sorted(out.iterdir()):
-        try:
-            recorded = json.loads((run_dir / LAUNCH_NAME).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        same_launch = isinstance(recorded, dict) and any(recorded.get(k) == v for k, v in ids.items())
-        stored = _stored_config(run_dir) if same_launch else None
-        if stored is not None and not _differences(stored, train_config):
-            return run_dir
-    return None

@@ -1,16 +1,5 @@
-"""The run folder: resolved config, metrics, log and checkpoints, written by the main process only.
-
-    runs/<name>/
-      config.json          the resolved TrainConfig (what `--resume` and `vitlab train --config` read back)
-      log.txt              the text log (also on stderr), including every skipped image file
-      metrics.jsonl        one JSON object per logged step ("kind": "step") and per evaluation ("kind": "eval")
-      metrics.csv          the evaluations as a table (epoch, step, loss, top1, top5, ...)
-      checkpoints/         last.pt and best.pt (training state, torch.load(weights_only=True))
-      model.safetensors    the final model with its preprocessing and class names (vitlab.save)
-      result.json          final metrics, timings and compute
-      tensorboard/         event files, when the tensorboard package is installed
-      run.lock             held by the process training the run (vitlab.train.runfolder)
-      launch.json          torchrun rendezvous id / SLURM job id, for --resume auto after a restart or requeue
+"""The run folder's log and metrics (``log.txt``, ``metrics.jsonl``, ``metrics.csv``, TensorBoard) and its JSON
+files, written by the main process only. What each file holds: :mod:`vitlab.train.runfolder`.
 """
 
 from __future__ import annotations
@@ -28,6 +17,7 @@ from pathlib import Path
 
 from ..atomic import WriteError, write_text_atomic
 from ..errors import VitlabError
+from .runfolder import RunFolder
 
 LOGGER_NAME = "vitlab.train"
 _RUN_NUMBERS = itertools.count(1)  # names each RunLog's logger uniquely within the process
@@ -186,7 +176,7 @@ class RunLog:
             h.setFormatter(logging.Formatter("%(message)s"))
             self._handlers.append(h)
         if self.enabled:
-            fh = _WholeLineHandler(run_dir / "log.txt")
+            fh = _WholeLineHandler(RunFolder(run_dir).log)
             fh.setFormatter(fmt)
             self._handlers.append(fh)
         for h in self._handlers:
@@ -208,7 +198,7 @@ class RunLog:
         """Drop metric rows past ``after_step`` (left by a run killed after its last checkpoint) before resuming."""
         if not self.enabled:
             return
-        path = self.run_dir / "metrics.jsonl"
+        path = RunFolder(self.run_dir).metrics
         if path.is_file():
             keep = [row for row in read_metrics(path) if row.get("step", 0) <= after_step]
             write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
@@ -219,7 +209,7 @@ class RunLog:
         if not self.enabled:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        path = self.run_dir / "metrics.jsonl"
+        path = RunFolder(self.run_dir).metrics
         try:
             append_whole(path, (json.dumps(row) + "\n").encode("utf-8"))
         except OSError as exc:
@@ -229,7 +219,7 @@ class RunLog:
         self._tensorboard(row)
 
     def _rewrite_csv(self) -> None:
-        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        rows = read_metrics(RunFolder(self.run_dir).metrics)
         evals = [r for r in rows if r.get("kind") == "eval"]
         if not evals:
             return
@@ -238,7 +228,7 @@ class RunLog:
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in columns} for r in evals)
-        write_text_atomic(self.run_dir / "metrics.csv", buf.getvalue())
+        write_text_atomic(RunFolder(self.run_dir).file(RunFolder.METRICS_CSV), buf.getvalue())
 
     def _tensorboard(self, row: dict) -> None:
         if self._tb is None:
@@ -247,7 +237,7 @@ class RunLog:
             except ImportError:  # tensorboard is optional
                 self._tb = False
                 return
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(RunFolder(self.run_dir).file(RunFolder.TENSORBOARD)))
         if self._tb is False:
             return
         prefix = "train" if row.get("kind") == "step" else row.get("kind", "eval")
