@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
-from .runfolder import RunFolder, RunLock, launch_ids
+from .runfolder import RunFolder, RunLock, disagreement, launch_ids, shared_wait, unseen_folder
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
 from .stop import RunStopped, StopSignals
@@ -229,8 +229,8 @@ class _Start:
     stop: StopSignals | None = None  # a scheduler's stop signals, recorded while the run trains
 
 
-def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=None) -> _Start:
-    """The distributed setup and the run folder (made, or identified and checked for a resume) and its lock; a
+def _resolve(config: TrainConfig, resume: str | Path | None, epochs, steps):
+    """(config, state, checkpoint path, its RunFolder, the folder to start fresh in, whether the length changed): a
     resumed run takes its stored config, with the runtime-only settings of this call and its new length."""
     state = path = reuse = folder = None
     changed = False
@@ -246,7 +246,36 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
         raise VitlabError("epochs= and steps= of train() make a resumed run longer; set them in the config")
     if resume is None and config.init_from:  # the run folder and config.json name the model actually trained
         config = config.replace(model=source_model_name(config.init_from) or config.model)
-    info = D.setup(config.device)
+    return config, state, path, folder, reuse, changed
+
+
+def _agreed(info: D.DistInfo, config: TrainConfig, resume, epochs, steps):
+    """:func:`_resolve` on every process; several processes compare what they found (each node reads the run folder
+    itself) and all raise the same line naming the nodes that differ, instead of one failing and the rest hanging."""
+    try:
+        resolved, failure = _resolve(config, resume, epochs, steps), None
+    except Exception as exc:
+        resolved, failure = None, exc
+    if info.distributed:
+        if failure is not None:
+            found = f"stops ({failure})" if isinstance(failure, VitlabError) else f"fails ({type(failure).__name__})"
+        else:
+            path, state, reuse = resolved[2], resolved[1], resolved[4]
+            found = (f"resumes {path} at step {state['step']}" if path is not None else
+                     f"starts the run in {reuse}" if reuse is not None else "starts a new run")
+        message = disagreement(D.gather_object((found, D.node_name())))
+        if message and (failure is None or isinstance(failure, VitlabError)):
+            raise VitlabError(message) from None
+    if failure is not None:
+        raise failure
+    return resolved
+
+
+def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=None) -> _Start:
+    """The distributed setup and the run folder (made, or identified and checked for a resume) and its lock,
+    checked to be the same folder on every node."""
+    info = D.setup(config.device)  # first: the processes compare what they find before anything is written
+    config, state, path, folder, reuse, changed = _agreed(info, config, resume, epochs, steps)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.deterministic:
@@ -276,7 +305,7 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
                     first.write_json(RunFolder.CONFIG, config.to_dict())
                     if launch_ids():  # how a restarted or requeued launch finds this folder again
                         first.write_json(RunFolder.LAUNCH, launch_ids())
-            outcome = ("ok", start.run_dir)
+            outcome = ("ok", start.run_dir, RunFolder(start.run_dir).write_token() if info.distributed else None)
         except VitlabError as exc:
             _abandon(start)
             if info.world_size == 1:
@@ -286,7 +315,21 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
     if outcome[0] == "error":
         raise VitlabError(outcome[1])
     start.run_dir = outcome[1]
+    if info.distributed:
+        _check_shared(start, outcome[2])
     return start
+
+
+def _check_shared(start: _Start, token: str) -> None:
+    """Every process reads back the token rank 0 wrote into the run folder; when a node cannot see the folder, every
+    process raises the same line naming it (rank 0 writes all checkpoints there, so it must be shared)."""
+    folder = RunFolder(start.run_dir)
+    views = D.gather_object((folder.sees_token(token, shared_wait()), D.node_name()))
+    if start.info.is_main:
+        folder.remove_token()
+    if message := unseen_folder(folder.path, views):
+        _abandon(start)
+        raise VitlabError(message)
 
 
 def _auto_resume(config: TrainConfig, epochs, steps):

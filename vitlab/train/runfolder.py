@@ -12,6 +12,7 @@
       tensorboard/         event files, when the tensorboard package is installed
       run.lock             held by the process training the run
       launch.json          torchrun rendezvous id / SLURM job id, for --resume auto after a restart or requeue
+      .shared-check        for a moment at the start of a multi-process run: the token every process reads back
 
 :class:`RunFolder` names these files (every other module asks it) and owns the resume rules. A run folder is
 identified by what vitlab writes when it creates one: ``config.json`` (the resolved config, written right after the
@@ -31,10 +32,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from ..errors import VitlabError
 
 
@@ -65,6 +68,7 @@ class RunFolder:
     TENSORBOARD = "tensorboard"
     LOCK = "run.lock"
     LAUNCH = "launch.json"
+    SHARED_CHECK = ".shared-check"  # a token rank 0 writes and every process reads back (then removed)
     # the settings a resumed run takes from the command line (the rest comes from the checkpoint), and its length
     # (which a resume may make longer)
     RUNTIME_FIELDS = ("device", "threads", "progress", "num_workers")
@@ -145,6 +149,30 @@ class RunFolder:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
         return stored if isinstance(stored, dict) and "model" in stored and "data" in stored else None
+
+    # ----- every process sees this folder (a multi-node run writes through rank 0 into one shared folder)
+    def write_token(self) -> str:
+        """Write a fresh random token into the folder (rank 0) and return it."""
+        token = secrets.token_hex(16)
+        write_text_atomic(self.file(self.SHARED_CHECK), token)
+        return token
+
+    def sees_token(self, token: str, wait: float) -> bool:
+        """Whether this process reads ``token`` back from the folder, looking for up to ``wait`` seconds (a shared
+        filesystem may show another machine's new file a little late)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if self.file(self.SHARED_CHECK).read_text(encoding="utf-8") == token:
+                    return True
+            except (OSError, UnicodeDecodeError):
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+    def remove_token(self) -> None:
+        self.file(self.SHARED_CHECK).unlink(missing_ok=True)
 
     # ----- the resume rules
     @staticmethod
@@ -294,3 +322,52 @@ def launch_ids() -> dict:
     ``torchrun``; ``none`` when it was not given) and the scheduler's job id (the same when SLURM requeues a job)."""
     ids = {"torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     return {k: v for k, v in ids.items() if v and v != "none"}
+
+
+# ----- what the processes of a multi-node run see (docs/training.md, clusters)
+SHARED_WAIT_ENV = "VITLAB_SHARED_WAIT"
+SHARED_HINT = ("every node needs the run folder on one shared filesystem (the same --out-dir path on every node, "
+               "e.g. an NFS or Lustre mount)")
+
+
+def shared_wait() -> float:
+    """How long a process looks for the token rank 0 wrote before it reports the run folder unseen, in seconds:
+    ``$VITLAB_SHARED_WAIT``, 10 by default."""
+    text = os.environ.get(SHARED_WAIT_ENV, "").strip()
+    try:
+        return max(0.0, float(text)) if text else 10.0
+    except ValueError:
+        raise VitlabError(f"{SHARED_WAIT_ENV}={text}: takes a number of seconds") from None
+
+
+def _by_node(ranks: list[tuple[int, str]]) -> str:
+    """``node 1 (host-b) ranks 2, 3`` for (rank, node name) pairs, one group per node."""
+    nodes: dict[str, list[int]] = {}
+    for rank, node in ranks:
+        nodes.setdefault(node, []).append(rank)
+    return "; ".join(f"{node} rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for node, r in nodes.items())
+
+
+def unseen_folder(path: str | os.PathLike, views: list[tuple[bool, str]]) -> str | None:
+    """The one-line error when some process does not see the run folder rank 0 made (``views``: per rank, whether it
+    read the token back and its node's name); None when every process sees it."""
+    missing = [(rank, node) for rank, (seen, node) in enumerate(views) if not seen]
+    if not missing:
+        return None
+    return (f"{path}: the run folder that rank 0 made on {views[0][1]} is not visible on {_by_node(missing)}; "
+            f"{SHARED_HINT}; nothing was trained")
+
+
+def disagreement(views: list[tuple[str, str]]) -> str | None:
+    """The one-line error when the processes found different things at the start (``views``: per rank, what it
+    found, e.g. ``resumes runs/a/checkpoints/last.pt at step 20``, and its node's name); None when all agree."""
+    first = views[0][0]
+    others: dict[str, list[tuple[int, str]]] = {}
+    for rank, (found, node) in enumerate(views):
+        if found != first:
+            others.setdefault(found, []).append((rank, node))
+    if not others:
+        return None
+    told = "; while ".join(f"{_by_node(ranks)} {found}" for found, ranks in others.items())
+    return (f"the processes do not see the same run: rank 0 on {views[0][1]} {first}, while {told}; {SHARED_HINT}; "
+            "nothing was written")
