@@ -265,7 +265,7 @@ def _agreed(info: D.DistInfo, config: TrainConfig, resume, epochs, steps):
                      f"starts the run in {reuse}" if reuse is not None else "starts a new run")
         message = disagreement(D.gather_object((found, D.node_name())))
         if message and (failure is None or isinstance(failure, VitlabError)):
-            raise VitlabError(message) from None
+            raise VitlabError(message, options=("out_dir",)) from None
     if failure is not None:
         raise failure
     return resolved
@@ -293,8 +293,8 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
                 try:
                     reuse.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
-                    raise VitlabError(f"--out-dir {config.out_dir}: cannot create the run folder {reuse} "
-                                      f"({exc.strerror or exc})") from None
+                    raise VitlabError(f"out_dir={config.out_dir}: cannot create the run folder {reuse} "
+                                      f"({exc.strerror or exc})", options=("out_dir",)) from None
             else:
                 start.run_dir = new_run_dir(config.out_dir,
                                             config.run_name or default_run_name(config.data, config.model))
@@ -329,7 +329,7 @@ def _check_shared(start: _Start, token: str) -> None:
         folder.remove_token()
     if message := unseen_folder(folder.path, views):
         _abandon(start)
-        raise VitlabError(message)
+        raise VitlabError(message, options=("out_dir",))
 
 
 def _auto_resume(config: TrainConfig, epochs, steps):
@@ -405,9 +405,10 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                 log.warning(f"step {step}: non-finite loss or gradients ({out.loss.item():.4g}); step skipped")
                 if bad_streak >= cfg.max_bad_steps:
                     raise VitlabError(
-                        f"training diverged: {bad_streak} non-finite steps in a row at step {step} (lr "
-                        f"{out.lr:.3g}); lower lr, raise warmup, set grad_clip=1 or use precision=fp32, then "
-                        "--resume from the last checkpoint")
+                        f"training diverged: {bad_streak} non-finite steps in a row at step {step} (learning rate "
+                        f"{out.lr:.3g}); lower lr, raise warmup_epochs, clip gradients (grad_clip=1) or use "
+                        "precision=fp32, then resume from the last checkpoint",
+                        options=("lr", "warmup_epochs", "grad_clip", "precision", "resume"))
             step += 1
             step_log.update(step, out)
             if step == run.total_steps:

@@ -237,13 +237,14 @@ class RunFolder:
             changed = (new.steps, new.epochs) != (config.steps, config.epochs)
             config = new
         total = total_steps_for(config.steps, config.epochs, spe) if spe else config.steps
-        flag = f"--steps {steps}" if steps is not None else f"--epochs {epochs:g}" if epochs is not None else None
+        given = f"steps={steps}" if steps is not None else f"epochs={epochs:g}" if epochs is not None else None
         if total is not None and total < done:
-            raise VitlabError(f"{flag or self.path}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
-                              "give a longer run to continue it")
+            raise VitlabError(f"{given or self.path}: the run is already at step {done} (epoch "
+                              f"{state['epoch']:.2f}); give a longer run to continue it", options=("steps", "epochs"))
         if self.result.is_file() and total is not None and done >= total:
-            raise RunFinished(f"{self.path}: the run has finished ({done} steps, {state['epoch']:.2f} epochs); "
-                              "nothing changed (give --epochs or --steps beyond that to train on)")
+            raise RunFinished(f"{self.path}: the run has finished at step {done} (epoch {state['epoch']:.2f}); "
+                              "nothing changed (give epochs or steps beyond that to train on)",
+                              options=("epochs", "steps"))
         return config, changed
 
     @classmethod
@@ -259,12 +260,12 @@ class RunFolder:
                 return folder
             stored = folder.stored_config() if folder.path.is_dir() else None
             if stored is None:
-                raise VitlabError(f"--resume auto: {folder.path} exists and is not a vitlab run folder; give another "
-                                  "--run-name (nothing was written)")
+                raise VitlabError(f"resume=auto: {folder.path} exists and is not a vitlab run folder; give another "
+                                  "run_name (nothing was written)", options=("resume", "run_name"))
             if changed := cls.differences(stored, train_config):
-                raise VitlabError(f"--resume auto: {folder.path} holds another run (it differs in "
+                raise VitlabError(f"resume=auto: {folder.path} holds another run (it differs in "
                                   f"{', '.join(changed[:4])}); give the same settings to continue it, or another "
-                                  "--run-name (nothing was written)")
+                                  "run_name (nothing was written)", options=("resume", "run_name"))
             return folder
         ids = launch_ids()
         if not ids or not out.is_dir():
@@ -326,7 +327,7 @@ def launch_ids() -> dict:
 
 # ----- what the processes of a multi-node run see (docs/training.md, clusters)
 SHARED_WAIT_ENV = "VITLAB_SHARED_WAIT"
-SHARED_HINT = ("every node needs the run folder on one shared filesystem (the same --out-dir path on every node, "
+SHARED_HINT = ("every node needs the run folder on one shared filesystem (the same out_dir path on every node, "
                "e.g. an NFS or Lustre mount)")
 
 
