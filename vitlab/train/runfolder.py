@@ -80,10 +80,8 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
     def file(self, name: str) -> Path:
+        """The file ``name`` in the folder (one of the names above)."""
         return self.path / name
 
     @property
@@ -133,14 +131,6 @@ class RunFolder:
     @property
     def launch(self) -> Path:
         return self.path / self.LAUNCH
-
-    def read_result(self) -> dict | None:
-        """``result.json`` (written when the run finished), or None when there is none or it cannot be read."""
-        try:
-            result = json.loads(self.result.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        return result if isinstance(result, dict) else None
 
     def stored_config(self) -> dict | None:
         """``config.json`` when it is a training config, else None."""
