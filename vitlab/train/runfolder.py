@@ -9,7 +9,9 @@
       model.safetensors    the final model with its preprocessing and class names (vitlab.save)
       adapter.safetensors  a LoRA / DoRA run's adapters (vitlab.train.lora)
       result.json          final metrics, timings and compute
-      tensorboard/         event files, when the tensorboard package is installed
+      tensorboard/         event files, when the tensorboard tracker is on (vitlab.train.trackers)
+      wandb/, mlruns/      the W&B offline run and the MLflow file store, when those trackers are chosen
+      trackers.json        the W&B / MLflow run ids, so that a resumed run continues them
       run.lock             held by the process training the run
       launch.json          torchrun rendezvous id / SLURM job id, for --resume auto after a restart or requeue
       .shared-check        for a moment at the start of a multi-process run: the token every process reads back
@@ -66,12 +68,14 @@ class RunFolder:
     ADAPTER = "adapter.safetensors"
     RESULT = "result.json"
     TENSORBOARD = "tensorboard"
+    MLFLOW = "mlruns"
+    TRACKER_IDS = "trackers.json"
     LOCK = "run.lock"
     LAUNCH = "launch.json"
     SHARED_CHECK = ".shared-check"  # a token rank 0 writes and every process reads back (then removed)
     # the settings a resumed run takes from the command line (the rest comes from the checkpoint), and its length
     # (which a resume may make longer)
-    RUNTIME_FIELDS = ("device", "threads", "progress", "num_workers")
+    RUNTIME_FIELDS = ("device", "threads", "progress", "num_workers", "trackers")
     LENGTH_FIELDS = ("epochs", "steps")
 
     def __init__(self, path: str | os.PathLike):
@@ -209,8 +213,10 @@ class RunFolder:
     @classmethod
     def resumed_config(cls, stored, given):
         """The config a resumed run trains with: the checkpoint's (``stored``), with the runtime-only settings of
-        this call (``given``); everything that shapes the result comes from the checkpoint."""
-        return stored.replace(**{k: getattr(given, k) for k in cls.RUNTIME_FIELDS})
+        this call (``given``; trackers not chosen again, None, stay the run's own); everything that shapes the result
+        comes from the checkpoint."""
+        return stored.replace(**{k: getattr(given, k) for k in cls.RUNTIME_FIELDS
+                                 if k != "trackers" or given.trackers is not None})
 
     def resume_length(self, config, state: dict, epochs: float | None = None, steps: int | None = None):
         """(the resumed run's config with its new length, whether the length changed): ``epochs`` or ``steps``, when
