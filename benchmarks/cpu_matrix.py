@@ -128,18 +128,38 @@ def main() -> None:
     print(f"CPU: {info['cpu']} ({info['vendor']}), ISA: {' '.join(info['isa'])}; torch {info['torch']}, "
           f"{info['threads']} threads; load average {load_average()}", flush=True)
     report = {"machine": info, "load_before": load_average(), "parts": parts}
+
+    def save() -> None:  # after every model, so that a run cut short on a busy machine keeps what it measured
+        report["load_after"] = load_average()
+        if args.json:
+            write_text_atomic(args.json, json.dumps(report, indent=1))
+        if args.markdown:
+            write_text_atomic(args.markdown, markdown(report))
+
+    def measure(key: str, models: list[str], tasks: tuple[str, ...], settings: BenchSettings) -> None:
+        for name in models:
+            part = run_benchmarks([name], tasks, settings, print)
+            if key in report:
+                report[key]["results"] += part["results"]
+            else:
+                report[key] = part
+            save()
+
     settings = BenchSettings(device="cpu", batch_size=args.batch_size, rounds=args.rounds, memory=False)
     tasks = tuple(t for t, part in (("inference", "fp32"), ("int8", "int8")) if part in parts)
-    report["fp32"] = run_benchmarks(args.models if tasks else [], tasks, settings, print)
+    measure("fp32", args.models if tasks else [], tasks, settings)
     if "train" in parts:
-        report["fp32"]["results"] += run_benchmarks([args.train_model], ("train",), settings, print)["results"]
+        measure("fp32", [args.train_model], ("train",), settings)
     if "bf16" in parts:
         bf16 = BenchSettings(device="cpu", dtype="bf16", batch_size=args.batch_size, rounds=args.rounds,
                              memory=False)
-        report["bf16"] = run_benchmarks(args.models, ("inference",), bf16, print)
+        measure("bf16", args.models, ("inference",), bf16)
     if "pt2" in parts:
+        report["pt2"] = []
         with tempfile.TemporaryDirectory(prefix="vitlab-pt2-") as folder:
-            report["pt2"] = [pt2_row(name, settings, Path(folder)) for name in args.models]
+            for name in args.models:
+                report["pt2"].append(pt2_row(name, settings, Path(folder)))
+                save()
     report["load_after"] = load_average()
     # what vitlab decided on this machine for these models (measured on first use, cached under $VITLAB_HOME)
     choices = {}
@@ -149,8 +169,9 @@ def main() -> None:
         choices[name] = {"onednn_linear": {f"{i}x{o}": c for (i, o), c in onednn.linear_choices(shapes).items()},
                          "auto_precision": precision.choose_cpu_precision("auto", onednn.linear_shapes(model, 0))}
     report["choices"] = choices
-    print("\nfp32 (vitlab default kernels) and int8 (ONNX Runtime) against timm:")
-    print(format_table(report["fp32"]))
+    if "fp32" in report:
+        print("\nfp32 (vitlab default kernels) and int8 (ONNX Runtime) against timm:")
+        print(format_table(report["fp32"]))
     if "bf16" in report:
         print("\nbf16 autocast, both sides:")
         print(format_table(report["bf16"]))
@@ -161,10 +182,7 @@ def main() -> None:
                   f"ratio {row['ratio']:.2f}, max |logit diff| {row['max_abs_diff']:.1e}")
     print("\nvitlab's measured choices here:", json.dumps(choices, indent=1))
     print("\n" + markdown(report))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=1))
-    if args.markdown:
-        write_text_atomic(args.markdown, markdown(report))
+    save()
 
 
 if __name__ == "__main__":
