@@ -221,7 +221,7 @@ def test_every_choice_flag_is_found():
 
 @pytest.mark.parametrize("command, flag, field, choice", CHOICE_FLAGS)
 def test_set_takes_every_value_its_flag_takes(command, flag, field, choice, capsys):
-    # `--set augment=none` used to read "none" as null and refuse it, while `--augment none` worked
+    # a choice that is also a JSON word (`--set augment=none`) is that choice, as with `--augment none`, not null
     base = [command, "--dry-run"] + (["--from", "model.safetensors"] if command == "finetune" else [])
     configs = []
     for option in ([flag, choice], ["--set", f"{field}={choice}"]):
