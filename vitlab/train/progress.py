@@ -1,7 +1,9 @@
 """Step logging and the progress bar, in one place: ``StepLog``.
 
 Losses are summed on the device and read back (one synchronisation) only every ``log_every_steps`` steps, when a
-``step`` row goes to ``metrics.jsonl`` and the progress bar's figures are refreshed.
+``step`` row goes to ``metrics.jsonl`` and the progress bar's figures are refreshed. A row's ``data_wait`` is the
+share of the window's wall time this process spent waiting for its batches (a loader slower than the steps shows
+there).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class StepLog:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # finite step losses of the window
         self.loss_count = torch.zeros((), dtype=torch.float64, device=device)
         self.images = 0
+        self.data_seconds = 0.0
         self.t0 = time.perf_counter()
 
     def restart_clock(self) -> None:
@@ -47,6 +50,7 @@ class StepLog:
         self.loss_sum += torch.where(finite, out.loss, 0.0)
         self.loss_count += finite
         self.images += out.images
+        self.data_seconds += out.data_seconds
         if self.bar is not None:
             self.bar.update(1)
         if step % run.config.log_every_steps and step != run.total_steps:
@@ -56,7 +60,8 @@ class StepLog:
         loss = loss_sum / max(count, 1)
         throughput = self.images * run.info.world_size / max(elapsed, 1e-9)
         run.log.metric({"kind": "step", "step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": loss,
-                        "lr": out.lr, "grad_norm": float(out.grad_norm), "images_per_s": throughput})
+                        "lr": out.lr, "grad_norm": float(out.grad_norm), "images_per_s": throughput,
+                        "data_wait": round(min(1.0, self.data_seconds / max(elapsed, 1e-9)), 4)})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{throughput:.0f}", lr=f"{out.lr:.2e}")
         self.restart()
