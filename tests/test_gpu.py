@@ -50,7 +50,9 @@ TOL = {
     "compile_logits": {"fp32": 1e-4, "bf16": 2e-2},          # compiled against eager, same device and precision
     "compile_step": {"fp32": 1e-4, "bf16": 6e-2},
     "fsdp_step": 1e-5,                                       # FSDP over one rank against the plain model, fp32
-    "checkpointing_saving": (0.7, 1.3),                      # measured / expected memory saved
+    # measured / expected memory saved: the saved activations of vitlab.compute.memory (and in bf16 autocast's
+    # weight copies, which the blocks' saved tensors hold without checkpointing)
+    "checkpointing_saving": (0.7, 1.3),
 }
 # the GPU precision of the compile, memory and resume checks (the CPU dry run checks float32)
 GPU_PRECISION = "fp32" if ON_CPU else "bf16"
@@ -62,14 +64,14 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def classifier():
+def classifier(depth: int | None = None):
     """A randomised ViT (every weight non-zero, so every weight is checked) and its input: ViT-S/16 at 224 on a
-    GPU, a two-block width-64 one at 32 px on the CPU."""
+    GPU (``depth`` blocks: fewer keep Inductor's compilation short), a two-block width-64 one at 32 px on the CPU."""
     if ON_CPU:
         model = create_model("vit_ti16", img_size=32, depth=2, embed_dim=64, num_heads=2, mlp_dim=128,
                              num_classes=10)
     else:
-        model = create_model("vit_s16", num_classes=100)
+        model = create_model("vit_s16", num_classes=100, **({"depth": depth} if depth else {}))
     randomize_(model, std=0.05)
     size = model.cfg.img_size
     return model.eval(), torch.randn(8, 3, *size, generator=torch.Generator().manual_seed(3))
@@ -92,9 +94,9 @@ def test_autocast_logits_match_the_cpu_float32_logits(precision, record_property
     model, x = classifier()
     with torch.inference_mode():
         expected = model(x)
-        model.to(DEVICE)
-        with autocast(precision):
-            got = model(x.to(DEVICE))
+    model.to(DEVICE)
+    with torch.inference_mode(), autocast(precision):
+        got = model(x.to(DEVICE))
     err = rel_error(got.float(), expected)
     record_property("rel_error", round(err, 6))
     record_property("tolerance", TOL["logits"][precision])
@@ -173,7 +175,7 @@ def test_attention_runs_on_the_flash_or_memory_efficient_kernel(record_property)
 
 
 def test_compiled_inference_matches_eager(record_property):
-    model, x = classifier()
+    model, x = classifier(depth=4)
     model, x = model.to(DEVICE), x.to(DEVICE)
     compiled = torch.compile(model)
     with torch.inference_mode(), autocast(GPU_PRECISION):
@@ -211,7 +213,7 @@ def test_fsdp_over_one_gpu_trains_the_weights_of_the_plain_model(tmp_path, recor
     from torch.distributed.tensor import DTensor
 
     cfg = tiny_config(tmp_path, device=DEVICE.type, precision="fp32", epochs=None, steps=6, eval_every_epochs=0,
-                      optimizer="adamw", grad_clip=1.0)
+                      optimizer="adamw", grad_clip=1.0, deterministic=True)
     _one_process_group()
     try:  # vitlab's wrap shards every block and the root over the group's one rank
         info = D.DistInfo(0, 1, 0, DEVICE)
@@ -225,11 +227,12 @@ def test_fsdp_over_one_gpu_trains_the_weights_of_the_plain_model(tmp_path, recor
     assert not dist.is_initialized()
     assert fsdp.steps == plain.steps == 6
     different = same_tensors(fsdp.model_path, plain.model_path)
-    worst = max((rel_error(a, b) for a, b in zip(fsdp.model.state_dict().values(),
-                                                 plain.model.state_dict().values())), default=0.0)
-    record_property("max_rel_error", worst)
+    a, b = fsdp.model.state_dict(), plain.model.state_dict()
+    assert list(a) == list(b)
+    err = rel_error(torch.cat([a[k].flatten().float() for k in a]), torch.cat([b[k].flatten().float() for k in b]))
+    record_property("rel_error", err)
     record_property("bitwise_equal", not different)
-    assert worst <= TOL["fsdp_step"]
+    assert err <= TOL["fsdp_step"]
     assert fsdp.metrics["top1"] == pytest.approx(plain.metrics["top1"], abs=0.01)
 
 
@@ -259,6 +262,9 @@ def test_gradient_checkpointing_saves_the_expected_activation_memory(record_prop
     bf16 = GPU_PRECISION == "bf16"
     expected = x.shape[0] * (activation_bytes_per_image(model.cfg, bf16, checkpointing=False)
                              - activation_bytes_per_image(model.cfg, bf16, checkpointing=True))
+    if bf16:  # autocast's bf16 copies of the blocks' Linear weights, saved for the backward pass unless recomputed
+        expected += 2 * sum(p.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)
+                            for p in m.parameters())
     ratio = (peaks[False] - peaks[True]) / expected
     record_property("peak_mb", {str(k): round(v / 2**20, 1) for k, v in peaks.items()})
     record_property("saved_mb", round((peaks[False] - peaks[True]) / 2**20, 1))
