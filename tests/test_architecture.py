@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vitlab"
 # lowest first; a module may import its own layer and the layers below it
 LAYERS: list[tuple[str, ...]] = [
     # leaf utilities: exceptions, atomic writes, devices, preprocessing records, label sets (stdlib / torch only)
-    ("vitlab.errors", "vitlab.atomic", "vitlab.devices", "vitlab.preprocessing", "vitlab.labels"),
+    ("vitlab.errors", "vitlab.atomic", "vitlab.devices", "vitlab.home", "vitlab.preprocessing", "vitlab.labels"),
     ("vitlab.models",),
     # measurements and CPU kernels of a built model (FLOPs, memory, benchmarks, the oneDNN swap, ONNX / int8)
     ("vitlab.compute",),
@@ -92,7 +92,10 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.train.objectives", "torchvision.transforms"): HEAVY,
     ("vitlab.train.progress", "tqdm"): OPTIONAL,
     ("vitlab.train.runfolder", "fcntl"): POSIX,
-    ("vitlab.train.runlog", "torch.utils"): OPTIONAL + " (tensorboard)",
+    ("vitlab.train.trackers", "mlflow.entities"): OPTIONAL + " (the mlflow extra, named in the error)",
+    ("vitlab.train.trackers", "mlflow.tracking"): OPTIONAL + " (the mlflow extra, named in the error)",
+    ("vitlab.train.trackers", "torch.utils"): OPTIONAL + " (torch.utils.tensorboard needs the tensorboard extra)",
+    ("vitlab.train.trackers", "wandb"): OPTIONAL + " (the wandb extra, named in the error)",
 }
 
 # imports inside functions with no reason yet (mostly left from dodging cycles); fixing one means deleting it here

@@ -248,14 +248,14 @@ def _resume_length(config: TrainConfig, state: dict, run_dir: Path, epochs, step
         changed = (new.steps, new.epochs) != (config.steps, config.epochs)
         config = new
     total = config.steps or (math.ceil(config.epochs * spe) if spe else None)
-    flag = f"--steps {steps}" if steps is not None else f"--epochs {epochs:g}" if epochs is not None else None
+    given = f"steps={steps}" if steps is not None else f"epochs={epochs:g}" if epochs is not None else None
     if total is not None and total < done:
-        raise VitlabError(f"{flag or run_dir}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
-                          "give a longer run to continue it")
+        raise VitlabError(f"{given or run_dir}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
+                          "give a longer run to continue it", options=("steps", "epochs"))
     result_file = run_dir / "result.json"
     if result_file.is_file() and total is not None and done >= total:
-        raise RunFinished(f"{run_dir}: the run has finished ({done} steps, {state['epoch']:.2f} epochs); nothing "
-                          "changed (give --epochs or --steps beyond that to train on)")
+        raise RunFinished(f"{run_dir}: the run has finished at step {done} (epoch {state['epoch']:.2f}); nothing "
+                          "changed (give epochs or steps beyond that to train on)", options=("epochs", "steps"))
     return config, changed
 
 
@@ -271,8 +271,10 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
         state = load_train_state(path)
         run_dir = run_folder_of(path, state["train_config"])  # refuses a folder it cannot identify
         stored = TrainConfig.from_dict(state["train_config"])
-        # runtime-only settings may differ on the resumed run; everything that shapes the result may not
-        config = stored.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS})
+        # runtime-only settings may differ on the resumed run; everything that shapes the result may not (trackers
+        # not chosen again, None, stay the run's own)
+        config = stored.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS
+                                   if k != "trackers" or config.trackers is not None})
         config, changed = _resume_length(config, state, run_dir, epochs, steps)
     elif epochs is not None or steps is not None:
         raise VitlabError("epochs= and steps= of train() make a resumed run longer; set them in the config")
@@ -296,8 +298,8 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
                 try:
                     reuse.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
-                    raise VitlabError(f"--out-dir {config.out_dir}: cannot create the run folder {reuse} "
-                                      f"({exc.strerror or exc})") from None
+                    raise VitlabError(f"out_dir={config.out_dir}: cannot create the run folder {reuse} "
+                                      f"({exc.strerror or exc})", options=("out_dir",)) from None
             else:
                 start.run_dir = new_run_dir(config.out_dir,
                                             config.run_name or default_run_name(config.data, config.model))
@@ -367,7 +369,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                  "the learning-rate schedule is stretched to the new length")
     train_flops = 6.0 * run.train_macs * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
-    bad_streak, train_seconds, data_seconds = 0, 0.0, 0.0
+    train_seconds, data_seconds = 0.0, 0.0
 
     def times() -> dict:
         return {"train_seconds": earlier_train + train_seconds,
@@ -390,18 +392,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             start.stepped = True
             if out.skipped:
                 skipped(out.skipped)
-            if out.stepped:
-                bad_streak = 0
-            else:
-                bad_streak += 1
-                log.warning(f"step {step}: non-finite loss or gradients ({out.loss.item():.4g}); step skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    raise VitlabError(
-                        f"training diverged: {bad_streak} non-finite steps in a row at step {step} (lr "
-                        f"{out.lr:.3g}); lower lr, raise warmup, set grad_clip=1 or use precision=fp32, then "
-                        "--resume from the last checkpoint")
             step += 1
-            step_log.update(step, out)
+            step_log.update(step, out)  # logs skipped steps and stops a diverged run (read back when it logs)
             if step == run.total_steps:
                 break  # the end: checkpoint and model first, then the final evaluation (below)
             if start.stop is not None and (signum := start.stop.agreed(run.device)):
@@ -426,7 +418,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
         run_dir=run.run_dir, metrics=last_eval or {}, best=best, steps=step, epochs=step / run.steps_per_epoch,
         train_seconds=elapsed["train_seconds"], total_seconds=elapsed["total_seconds"], train_flops=train_flops,
         model_path=model_path, model=module, skipped_files=skipped.total, data_seconds=elapsed["data_seconds"])
-    log.write_json("result.json", {
+    log.result({
         "metrics": result.metrics, "best": result.best, "steps": result.steps, "epochs": result.epochs,
         "train_seconds": result.train_seconds, "total_seconds": result.total_seconds,
         "data_seconds": result.data_seconds,
@@ -509,7 +501,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
         stop = StopSignals()
         start = _start(config, resume, epochs, steps)
         start.stop = stop
-        log = RunLog(start.run_dir, enabled=start.info.is_main)
+        log = RunLog(start.run_dir, enabled=start.info.is_main, config=start.config, info=start.info)
         return _train(start, log, objective, t_start)
     except RuntimeError as exc:
         if start is None or not start.info.distributed:
