@@ -129,7 +129,8 @@ def _own_full_state(run) -> dict:
 
 def save_run_state(run, name: str, step: int, best: dict | None, times: dict | None = None) -> None:
     """Write ``checkpoints/<name>`` of the run folder: everything a resumed run needs (every rank calls this; rank 0
-    writes). ``times``: the run's time so far (``train_seconds``, ``total_seconds``), summed over resumed segments."""
+    writes). ``times``: the run's time so far (``train_seconds``, ``total_seconds``, ``data_seconds``), summed over
+    resumed segments."""
     model_sd, optim_sd = D.full_state_dicts(state_module(run), run.optimizer)
     if not run.info.is_main:
         return

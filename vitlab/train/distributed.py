@@ -119,11 +119,12 @@ def lost_ranks(exc: BaseException, wait: float = 3.0) -> list[int] | None:
 
 
 def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:
-    """DDP (default) or FSDP2 for a multi-process run; the model itself for one process.
+    """DDP (default) or FSDP2 for a multi-process run; the model itself for one process, except FSDP2 in a process
+    group of one that the caller started (one GPU: the same sharded code path, over one rank).
 
     With FSDP2 every encoder block is its own shard unit and the rest (embeddings, final norm, head) belongs to the
     root unit; parameters become DTensors sharded over the ranks."""
-    if not info.distributed:
+    if not info.distributed and not (fsdp and dist.is_available() and dist.is_initialized()):
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard

@@ -57,6 +57,7 @@ class TrainResult:
     model_path: Path | None          # the final model (vitlab format) in the run folder
     model: nn.Module = field(repr=False, default=None)
     skipped_files: int = 0
+    data_seconds: float = 0.0        # of train_seconds, the time spent waiting for batches (rank 0)
 
 
 class _Skipped:
@@ -367,6 +368,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
         log.truncate_metrics(0)  # rows of an earlier start that ended before its first checkpoint
     before = dict((state or {}).get("times") or {})
     earlier_train, earlier_total = float(before.get("train_seconds", 0.0)), float(before.get("total_seconds", 0.0))
+    earlier_data = float(before.get("data_seconds", 0.0))
     if start.length_changed:
         for factor in run.scheduler.lr_lambdas:  # the schedule runs over the new length from here on
             factor.total = run.total_steps
@@ -377,11 +379,12 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                  "the learning-rate schedule is stretched to the new length")
     train_flops = 6.0 * run.train_macs * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
-    train_seconds = 0.0
+    train_seconds, data_seconds = 0.0, 0.0
 
     def times() -> dict:
         return {"train_seconds": earlier_train + train_seconds,
-                "total_seconds": earlier_total + time.perf_counter() - t_start}
+                "total_seconds": earlier_total + time.perf_counter() - t_start,
+                "data_seconds": earlier_data + data_seconds}
 
     save_interval = max(1, int(round(cfg.save_every_epochs * run.steps_per_epoch))) if cfg.save_every_epochs else 0
     last_save = time.monotonic()
@@ -395,6 +398,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             t0 = time.perf_counter()
             out = train_step(run, micro_batches, step)
             train_seconds += time.perf_counter() - t0
+            data_seconds += out.data_seconds
             start.stepped = True
             if out.skipped:
                 skipped(out.skipped)
@@ -423,10 +427,11 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     result = TrainResult(
         run_dir=run.run_dir, metrics=last_eval or {}, best=best, steps=step, epochs=step / run.steps_per_epoch,
         train_seconds=elapsed["train_seconds"], total_seconds=elapsed["total_seconds"], train_flops=train_flops,
-        model_path=model_path, model=module, skipped_files=skipped.total)
+        model_path=model_path, model=module, skipped_files=skipped.total, data_seconds=elapsed["data_seconds"])
     log.result({
         "metrics": result.metrics, "best": result.best, "steps": result.steps, "epochs": result.epochs,
         "train_seconds": result.train_seconds, "total_seconds": result.total_seconds,
+        "data_seconds": result.data_seconds,
         "train_flops": train_flops, "forward_macs_per_image": run.macs, "skipped_files": skipped.total,
         "world_size": info.world_size, "device": str(run.device), "precision": run.precision,
         "threads": torch.get_num_threads(), "model_path": str(model_path) if model_path else None})
