@@ -234,7 +234,7 @@ class Trackers:
 
     def finish(self, result: dict) -> None:
         """The end of the run: ``result`` (final metrics, paths) plus the last checkpoint's path."""
-        last = self.run_dir / "checkpoints" / "last.pt"
+        last = RunFolder(self.run_dir).last
         summary = dict(_flat({"final": result.get("metrics") or {}}))
         summary.update({k: v for k, v in result.items() if k not in ("metrics", "best") and v is not None})
         if last.is_file():
