@@ -11,6 +11,10 @@ from pathlib import Path
 from ..errors import InvalidValueError
 from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
 
+# eval_checkpoint's arguments that library errors name -> this command's flags
+FLAGS = {**EVAL_DATA_FLAGS, "img_size": "--img-size", "map_classes_by_name": "--map-classes-by-name",
+         "labels_file": "--labels"}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="accuracy, per-class accuracy, confusion matrix and calibration of a "
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     info = D.setup(args.device)
     skipped: list[str] = []
     try:
-        with flags_in_errors(EVAL_DATA_FLAGS, config_flags=False):
+        with flags_in_errors(FLAGS, config_flags=False):
             results = eval_checkpoint(
                 args.checkpoint, hf_data(args.data, args), args.split, out_dir=args.out, labels_file=args.labels,
                 data_dir=args.data_dir, img_size=args.img_size, model_name=args.model, batch_size=args.batch_size,
