@@ -5,8 +5,9 @@ accumulation step or place in a micro-batch it lands in, the key is the same, an
 (flip, crop, shift, RandAugment, patch dropout). Draws are a counter-based hash of (key, stream, counter): no
 generator state to carry or split, vectorised over the batch, the same on every device.
 
-The hash is Wellons' ``lowbias32`` (a bijection of 32-bit words with good avalanche), computed on int64 tensors with
-products split into 16-bit halves so that nothing overflows.
+The hash is a 32-bit ``lowbias32`` of Wellons' hash prospector (xor-shift 16, multiply by 0x21F0AAAD, xor-shift 15,
+multiply by 0x735A2D97, xor-shift 15: a bijection of 32-bit words with low bias), computed on int64 tensors; both
+multipliers are below 2**31, so no product of a 32-bit word overflows.
 """
 
 from __future__ import annotations
@@ -14,22 +15,28 @@ from __future__ import annotations
 import torch
 
 MASK32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spaces successive counters apart before they are hashed
 
 # one stream per kind of draw, so that two kinds never share a number
 FLIP, SHIFT, CROP, MIRROR, RANDAUGMENT, PATCH_DROPOUT = 1, 2, 3, 4, 5, 6
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for words ``x`` in [0, 2**32) (each partial product stays below 2**48)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The hash of 32-bit words ``x`` (int64 in [0, 2**32)); works in place on a fresh tensor."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x.mul_(0x21F0AAAD).bitwise_and_(MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x735A2D97).bitwise_and_(MASK32)
+    return x.bitwise_xor_(x >> 15)
+
+
+def _mix32_int(x: int) -> int:
+    """:func:`_mix32` of one Python integer."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & MASK32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & MASK32
+    return x ^ (x >> 15)
 
 
 def sample_keys(base: int, positions: torch.Tensor) -> torch.Tensor:
@@ -38,17 +45,16 @@ def sample_keys(base: int, positions: torch.Tensor) -> torch.Tensor:
     p = positions.long()
     lo, hi = base & MASK32, (base >> 32) & MASK32
     a = _mix32(_mix32((p & MASK32) ^ lo) ^ hi ^ ((p >> 32) & MASK32))
-    b = _mix32(a ^ lo ^ 0x9E3779B9)
+    b = _mix32(a ^ lo ^ GOLDEN)
     return (a << 31) | (b >> 1)
 
 
 def keyed_words(keys: torch.Tensor, count: int, stream: int) -> torch.Tensor:
-    """``count`` uniform 32-bit words per key (int64, shape (B, count)) for one ``stream``."""
-    lo = (keys & MASK32).unsqueeze(1)
-    hi = ((keys >> 32) & MASK32).unsqueeze(1)
-    s = _mix32(lo ^ (stream * 0x9E3779B9 & MASK32))
-    counter = torch.arange(count, dtype=torch.int64, device=keys.device).unsqueeze(0)
-    return _mix32(_mix32(counter ^ s) ^ hi)
+    """``count`` uniform 32-bit words per key (int64, shape (B, count)) for one ``stream``: the hash of
+    ``start + i * GOLDEN`` for counters ``i``, ``start`` a hash of (key, stream)."""
+    start = _mix32(_mix32((keys & MASK32) ^ _mix32_int(stream)) ^ ((keys >> 32) & MASK32))
+    counter = torch.arange(count, dtype=torch.int64, device=keys.device).mul_(GOLDEN)
+    return _mix32((start.unsqueeze(1) + counter).bitwise_and_(MASK32))
 
 
 def keyed_uniform(keys: torch.Tensor, count: int, stream: int) -> torch.Tensor:
