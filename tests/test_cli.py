@@ -132,3 +132,52 @@ def test_ctrl_c_while_torch_loads_is_one_line():
             "sys.exit(main(['models']))\n")
     res = _python(code)
     assert (res.returncode, res.stderr) == (130, "vitlab: interrupted\n")
+
+
+def test_train_flags_come_from_the_config_fields():
+    """Each TrainConfig field marked ``flag=`` has one flag on train / finetune / pretrain-mpp, with the field's doc as
+    its help and the field's choices (from its one-of rule) shown; bool fields are switches."""
+    import argparse
+    from dataclasses import fields
+
+    from vitlab.cli import build_parser
+    from vitlab.cli.train import FLAG_FIELDS
+    from vitlab.train.config import TrainConfig, describe
+
+    flagged = {f.name for f in fields(TrainConfig) if f.metadata["flag"]}
+    assert set(FLAG_FIELDS) == flagged and FLAG_FIELDS["num_workers"] == "--workers"
+    assert FLAG_FIELDS["progress"] == "--no-progress" and FLAG_FIELDS["lora_rank"] == "--lora-rank"
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("train", "finetune", "pretrain-mpp"):
+        actions = {a.dest: a for a in commands[command]._actions if a.dest in flagged}
+        assert set(actions) == flagged, command
+        for name, action in actions.items():
+            assert action.option_strings == [FLAG_FIELDS[name]]
+            assert action.help in (describe(name), f"no {describe(name)}") and action.default is None
+    train = {a.dest: a for a in commands["train"]._actions}
+    assert train["loss"].metavar == "{auto,softmax,sigmoid}" and train["epochs"].type is float
+    assert train["freeze"].nargs is None and isinstance(train["freeze"], argparse._AppendAction)
+
+
+def test_library_errors_name_fields_and_the_cli_spells_them_as_flags(tmp_path, capsys):
+    from vitlab.cli.train import flag_message
+    from vitlab.train import TrainConfig, train
+
+    assert flag_message("steps=5: the run is already at step 10", ("steps", "epochs")) == \
+        "--steps 5: the run is already at step 10"
+    assert flag_message("lower lr, raise warmup_epochs, clip gradients (grad_clip=1) or use precision=fp32, then "
+                        "resume from it", ("lr", "warmup_epochs", "grad_clip", "precision", "resume")) == \
+        ("lower --lr, raise --warmup-epochs, clip gradients (--set grad_clip=1) or use --precision fp32, then "
+         "--resume from it")
+    # names inside paths, words and file names stay as they are
+    assert flag_message("out_dir=/x/out_dir/run_name.json: no; another run_name", ("out_dir", "run_name")) == \
+        "--out-dir /x/out_dir/run_name.json: no; another --run-name"
+    assert flag_message("give init_from", ("init_from",), {"init_from": "--from"}) == "give --from"
+    # from Python the error names the field; the command names the flag
+    with pytest.raises(VitlabError, match=r"^lora_rank: LoRA adapts a trained model; give init_from") as info:
+        train(TrainConfig(lora_rank=4, out_dir=str(tmp_path / "runs"), data="digits", progress=False))
+    assert info.value.options == ("lora_rank", "init_from")
+    assert main(["train", "--lora-rank", "4", "--data", "digits", "--out-dir", str(tmp_path / "runs"),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("vitlab train: error: --lora-rank: LoRA adapts a trained model; give "
+                                              "--set init_from=...")

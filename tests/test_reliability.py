@@ -585,7 +585,7 @@ def test_a_finished_run_is_left_alone_unless_made_longer(run_copy, capsys):
     before = _snapshot(run_copy)
     first = json.loads((run_copy / "result.json").read_text())
     rc, lines = _resume(run_copy, capsys)
-    assert rc == 0 and len(lines) == 1 and "the run has finished (44 steps, 2.00 epochs); nothing changed" in lines[0]
+    assert rc == 0 and len(lines) == 1 and "the run has finished at step 44 (epoch 2.00); nothing changed" in lines[0]
     for extra, flag in [(["--lr", "0.1"], "--lr 0.1"), (["--batch-size", "3"], "--batch-size 3"),
                         (["--set", "model_args.dropout=0.1"], "--set model_args.dropout=0.1"),
                         (["--set", "mixup=0.2"], "--set mixup=0.2"), (["--recipe", "small-data"], "--recipe")]:
@@ -849,9 +849,8 @@ def test_ctrl_c_during_start_up_with_workers_ends_the_run_in_one_line(tmp_path):
 
 
 def test_two_runs_in_one_process_each_log_only_their_own_lines_once(tmp_path):
-    """Issue 21: a run's logger and handlers belong to that run. They were named after ``id(...)`` and a temporary
-    run log left its handler attached, so a later run given a reused id wrote its lines twice, or into an earlier
-    (maybe deleted) run folder's log.txt."""
+    """A run's logger and handlers belong to that run: a later run in the same process (which may get a reused
+    ``id(...)``) writes its lines once, into its own log.txt, never twice or into an earlier run folder's log."""
     import gc
     import logging
 

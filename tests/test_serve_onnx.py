@@ -95,7 +95,7 @@ def test_predict_accepts_onnx_files(exported, images, capsys):
 
 
 def test_signed_int8_on_a_cpu_without_vnni_warns_once_in_predict(exported, images, capsys, monkeypatch, tmp_path):
-    """Issue 21: signed int8 weights saturate in ONNX Runtime's kernels on x86 without VNNI; a file quantised that
+    """Signed int8 weights saturate in ONNX Runtime's kernels on x86 without VNNI; a file quantised that
     way, used on such a CPU, says so (once) and how to re-export; unsigned weights run silently."""
     import warnings
 

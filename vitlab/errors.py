@@ -13,9 +13,17 @@ class VitlabError(Exception):
 
     Raised in a DataLoader worker, the error reaches the main process as ``type(error)(text)`` where the text is
     "Caught ... in DataLoader worker process N" plus the worker's whole traceback; the original one-line message is
-    taken back out of it, so that a bad image named in a worker is still one line at the command line."""
+    taken back out of it, so that a bad image named in a worker is still one line at the command line.
 
-    def __init__(self, *args):
+    ``options`` lists the settings (config fields, keyword arguments) the message names, written ``name=value`` or
+    ``name`` as a Python caller spells them; a command rewrites them as the flags that set them
+    (``vitlab.cli.train.flag_message``)."""
+
+    options: tuple[str, ...] = ()
+
+    def __init__(self, *args, options: tuple[str, ...] | list[str] = ()):
+        if options:
+            self.options = tuple(options)
         if len(args) == 1 and isinstance(args[0], str) and args[0].startswith(_WORKER_PREFIX) \
                 and _WORKER_TRACEBACK in args[0]:
             args = (_original_message(args[0], type(self)),)

@@ -13,7 +13,6 @@ This package reads files; it never resolves names (:mod:`vitlab.hub`) nor picks 
 - :func:`resample_pos_embed`: position-embedding resampling to a new patch grid.
 """
 
-from . import hybrid_npz  # noqa: F401  (plugs the hybrid ResNet into the npz reader)
 from .adapter import save_adapter
 from .export import (
     EXPORT_FORMATS,
@@ -27,6 +26,7 @@ from .export import (
     export_torchvision,
 )
 from .files import sniff
+from .hybrid_npz import VIT_JAX_HYBRID
 from .inspection import describe_checkpoint, inspect_checkpoint
 from .loading import (
     FORMATS,
@@ -40,6 +40,10 @@ from .npz import NpzBackbone, NpzRule, register_npz_backbone
 from .resample import RESAMPLE_METHODS, resample_pos_embed
 from .statedicts import from_hf, from_torchvision, to_hf, to_torchvision
 from .vitlab_format import save
+
+# vitlab's own npz backbones, in the order the npz reader tries them (ViT's own arrays need none); code outside
+# vitlab adds its own with register_npz_backbone, as families are added with vitlab.models.register_family
+register_npz_backbone(VIT_JAX_HYBRID)
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -28,7 +28,7 @@ import torch
 from ..errors import VitlabError
 from ..models import HybridConfig, ResNetV2Config
 from ..models.hybrid import HYBRID_BACKBONE
-from .npz import NpzBackbone, NpzRule, apply_rules, register_npz_backbone
+from .npz import NpzBackbone, NpzRule, apply_rules
 
 # how vit_jax's hybrid backbone computes (models_resnet.py: StdConv eps 1e-5 added to the std; Flax GroupNorm 1e-6)
 VIT_JAX_BACKBONE_NUMERICS = {"ws_eps": 1e-5, "ws_eps_mode": "std", "gn_eps": 1e-6}
@@ -116,9 +116,7 @@ VIT_JAX_HYBRID = NpzBackbone(
     detect=lambda arrays: "conv_root/kernel" in arrays,
     rules=lambda arrays: backbone_rules(stage_units(arrays)),
     make_config=hybrid_config_from_arrays,
-)
-
-register_npz_backbone(VIT_JAX_HYBRID)
+)  # vitlab.checkpoints puts it in the npz reader (register_npz_backbone)
 
 # ------------------------------------------------------------------------------------- BiT classifiers (the baseline)
 BIT_ROOT = "root_block/standardized_conv2d/kernel"

@@ -19,6 +19,7 @@ config of its architecture from the ViT part inferred here.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 
 from ..errors import InvalidValueError, VitlabError
 from ..models import ViTConfig
+from .statedicts import need_key
 
 NPZ_PREFIXES = ("opt/target/", "params/img/", "params/")
 _LINEN_TO_PRE_LINEN = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
@@ -288,11 +290,7 @@ def infer_vit_fields(arrays: Mapping[str, np.ndarray], layout: NpzLayout, source
     """The ViT architecture from canonical arrays: patch size, width, depth, heads, MLP size, grid, pooling,
     pre-logits, classes. Returns (ViTConfig fields, notes)."""
     notes = []
-
-    def need(key):
-        if key not in arrays:
-            raise VitlabError(f"{source}: missing array {key!r}; cannot infer the architecture")
-        return arrays[key]
+    need = functools.partial(need_key, arrays, source=source)
 
     kernel = need("embedding/kernel")
     if kernel.ndim != 4:

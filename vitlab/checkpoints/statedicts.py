@@ -26,6 +26,7 @@ head                    classifier                                   heads.head
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -155,62 +156,69 @@ def split_qkv(state_dict: Mapping[str, torch.Tensor], target: str, names: tuple[
     return out
 
 
-_TV_FROM = [
-    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"class_token", "cls_token"),
-    (r"encoder\.pos_embedding", "pos_embed"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
-    (r"heads\.pre_logits\.(weight|bias)", r"pre_logits.fc.\1"),
-    (r"heads\.head\.(weight|bias)", r"head.\1"),
+def name_rules(pairs: list[tuple[str, str]], reverse: bool = False) -> list[tuple[str, str]]:
+    """(regex, replacement) rules for :func:`rename_keys` from a table of (other layout's name, vitlab's name)
+    templates, written once for both directions: ``{i}`` is a block index, ``{p}`` weight or bias, ``{a|b}`` a part
+    spelled either way when read (older files) and written the first way. ``reverse``: vitlab -> the other layout."""
+    def pattern(template: str) -> str:
+        parts = re.split(r"(\{[^}]*\})", template)
+        out = []
+        for part in parts:
+            if part == "{i}":
+                out.append(r"(?P<i>\d+)")
+            elif part == "{p}":
+                out.append(r"(?P<p>weight|bias)")
+            elif part.startswith("{"):
+                out.append("(?:" + "|".join(map(re.escape, part[1:-1].split("|"))) + ")")
+            else:
+                out.append(re.escape(part))
+        return "".join(out)
+
+    def replacement(template: str) -> str:
+        template = re.sub(r"\{([^}|]*)\|[^}]*\}", r"\1", template)  # {a|b} is written a
+        return template.replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")
+
+    return [(pattern(ours), replacement(theirs)) if reverse else (pattern(theirs), replacement(ours))
+            for theirs, ours in pairs]
+
+
+TORCHVISION_NAMES = [  # torchvision VisionTransformer (in_proj is already the fused q, k, v)
+    ("conv_proj.{p}", "patch_embed.proj.{p}"),
+    ("class_token", "cls_token"),
+    ("encoder.pos_embedding", "pos_embed"),
+    ("encoder.layers.encoder_layer_{i}.ln_1.{p}", "blocks.{i}.norm1.{p}"),
+    ("encoder.layers.encoder_layer_{i}.self_attention.in_proj_{p}", "blocks.{i}.attn.qkv.{p}"),
+    ("encoder.layers.encoder_layer_{i}.self_attention.out_proj.{p}", "blocks.{i}.attn.proj.{p}"),
+    ("encoder.layers.encoder_layer_{i}.ln_2.{p}", "blocks.{i}.norm2.{p}"),
+    ("encoder.layers.encoder_layer_{i}.mlp.{0|linear_1}.{p}", "blocks.{i}.mlp.fc1.{p}"),
+    ("encoder.layers.encoder_layer_{i}.mlp.{3|linear_2}.{p}", "blocks.{i}.mlp.fc2.{p}"),
+    ("encoder.ln.{p}", "norm.{p}"),
+    ("heads.pre_logits.{p}", "pre_logits.fc.{p}"),
+    ("heads.head.{p}", "head.{p}"),
 ]
-_TV_TO = [
-    (r"patch_embed\.proj\.(weight|bias)", r"conv_proj.\1"),
-    (r"cls_token", "class_token"),
-    (r"pos_embed", "encoder.pos_embedding"),
-    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"encoder.layers.encoder_layer_\1.ln_1.\2"),
-    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"encoder.layers.encoder_layer_\1.self_attention.in_proj_\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layers.encoder_layer_\1.self_attention.out_proj.\2"),
-    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"encoder.layers.encoder_layer_\1.ln_2.\2"),
-    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"encoder.layers.encoder_layer_\1.mlp.0.\2"),
-    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"encoder.layers.encoder_layer_\1.mlp.3.\2"),
-    (r"norm\.(weight|bias)", r"encoder.ln.\1"),
-    (r"pre_logits\.fc\.(weight|bias)", r"heads.pre_logits.\1"),
-    (r"head\.(weight|bias)", r"heads.head.\1"),
+HF_LAYER_NAMES = [  # transformers ViT encoder layers (DeiT uses the same names); q, k, v: HF_QKV
+    ("encoder.layer.{i}.layernorm_before.{p}", "blocks.{i}.norm1.{p}"),
+    ("encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.attn.proj.{p}"),
+    ("encoder.layer.{i}.layernorm_after.{p}", "blocks.{i}.norm2.{p}"),
+    ("encoder.layer.{i}.intermediate.dense.{p}", "blocks.{i}.mlp.fc1.{p}"),
+    ("encoder.layer.{i}.output.dense.{p}", "blocks.{i}.mlp.fc2.{p}"),
 ]
-HF_VIT_LAYER = [  # transformers ViT encoder layers (DeiT uses the same names)
-    (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+HF_NAMES = [  # transformers ViTModel / ViTForImageClassification, less the "vit." of the latter
+    ("embeddings.patch_embeddings.projection.{p}", "patch_embed.proj.{p}"),
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    *HF_LAYER_NAMES,
+    ("layernorm.{p}", "norm.{p}"),
+    ("pooler.dense.{p}", "pre_logits.fc.{p}"),
+    ("classifier.{p}", "head.{p}"),
 ]
-_HF_FROM = [
-    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    *HF_VIT_LAYER,
-    (r"layernorm\.(weight|bias)", r"norm.\1"),
-    (r"pooler\.dense\.(weight|bias)", r"pre_logits.fc.\1"),
-    (r"classifier\.(weight|bias)", r"head.\1"),
-]
-HF_TO = [  # vitlab -> transformers ViTForImageClassification (DeiT: the same under deit.)
-    (r"patch_embed\.proj\.(weight|bias)", r"vit.embeddings.patch_embeddings.projection.\1"),
-    (r"cls_token", "vit.embeddings.cls_token"),
-    (r"pos_embed", "vit.embeddings.position_embeddings"),
-    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"vit.encoder.layer.\1.layernorm_before.\2"),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"vit.encoder.layer.\1.attention.output.dense.\2"),
-    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"vit.encoder.layer.\1.layernorm_after.\2"),
-    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"vit.encoder.layer.\1.intermediate.dense.\2"),
-    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"vit.encoder.layer.\1.output.dense.\2"),
-    (r"norm\.(weight|bias)", r"vit.layernorm.\1"),
-    (r"head\.(weight|bias)", r"classifier.\1"),
-]
+_TV_FROM, _TV_TO = name_rules(TORCHVISION_NAMES), name_rules(TORCHVISION_NAMES, reverse=True)
+HF_VIT_LAYER = name_rules(HF_LAYER_NAMES)
+_HF_FROM = name_rules(HF_NAMES)
+# vitlab -> ViTForImageClassification (DeiT: the same under deit.), which has no pooler: its classifier reads the
+# normalised class token
+HF_TO = name_rules([(theirs if theirs.startswith("classifier") else "vit." + theirs, ours)
+                    for theirs, ours in HF_NAMES if not theirs.startswith("pooler")], reverse=True)
 HF_QKV = r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"
 QKV_TARGET = "blocks.{block}.attn.qkv.{kind}"
 
@@ -258,6 +266,14 @@ def to_vitlab_names(state_dict: Mapping[str, torch.Tensor], layout: str) -> tupl
 
 
 # ------------------------------------------------------------------------------------------------- config inference
+def need_key(arrays: Mapping, key: str, source: str):
+    """``arrays[key]``, an entry the architecture is inferred from (any layout's names), or a one-line error naming
+    ``source`` and the missing key."""
+    if key not in arrays:
+        raise VitlabError(f"{source}: missing {key!r}; cannot infer the architecture (is this a ViT checkpoint?)")
+    return arrays[key]
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, defaults: dict | None = None,
                  grid_hint: tuple[int, int] | None = None) -> tuple[ViTConfig, list[str]]:
     """The :class:`ViTConfig` that a vitlab-named state dict fits, from its shapes. Returns (config, notes).
@@ -269,12 +285,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
     defaults = dict(defaults or {})
     notes: list[str] = []
     sd = state_dict
-
-    def need(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise VitlabError(f"{source}: missing {key!r}; cannot infer the architecture (is this a ViT checkpoint?)")
-        return sd[key]
-
+    need = functools.partial(need_key, sd, source=source)
     proj = need("patch_embed.proj.weight")
     if proj.ndim != 4:
         raise VitlabError(f"{source}: patch embedding weight has shape {tuple(proj.shape)}, expected (D, C, P, P)")

@@ -8,7 +8,10 @@ import argparse
 import os
 import sys
 
-from .train import add_config_arguments, build_config, relaunch_with_torchrun, report
+from ..train.config import RULES, describe
+from .train import add_config_arguments, build_config, flags_in_errors, relaunch_with_torchrun, report
+
+FLAGS = {"init_from": "--from", "reset_head": "--reset-head"}  # this command's own flags for config fields
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "a run's .pt) with the 'finetune' recipe unless --recipe or --config says otherwise. "
                     "--img-size sets the new resolution (position embeddings are resampled).")
     p.add_argument("--from", dest="source", required=True, metavar="CKPT", help="the checkpoint to start from")
-    p.add_argument("--reset-head", choices=["auto", "always", "never"],
-                   help="new zero-initialised head: auto (when the classes differ), always (the paper), never")
+    p.add_argument("--reset-head", choices=RULES["reset_head"].choices, help=describe("reset_head"))
     add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         return relaunch_with_torchrun(args)
     from ..train import train
 
-    result = train(config)
+    with flags_in_errors(FLAGS):
+        result = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         report(result)
         sys.stdout.flush()

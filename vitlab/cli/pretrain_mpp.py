@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidValueError
-from .train import add_config_arguments, build_config
+from .train import add_config_arguments, build_config, flags_in_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if not any(a.strip().startswith("patch_dropout") for a in args.assignments):
         config = config.replace(patch_dropout=0.0)  # the recipe's patch dropout: MPP predicts from every patch
     objective = MaskedPatchObjective(args.bits, args.mask_ratio, tuple(args.mask_probs))
-    result = pretrain_mpp(config, objective=objective, resume=args.resume)
+    with flags_in_errors():
+        result = pretrain_mpp(config, objective=objective, resume=args.resume)
     m = result.metrics or {}
     if m:
         print(f"masked patch prediction: held-out loss {m['loss']:.4f}, colour accuracy {m['top1']:.4f} on "

@@ -3,99 +3,72 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+import types
+import typing
+from dataclasses import fields
 
 from ..errors import InvalidValueError, VitlabError
+from ..train import apply_overrides, get_recipe
+from ..train.config import RULES, ConfigValueError, TrainConfig, parse_value, sections
 
-# flag -> TrainConfig field; every field can also be set with --set
-FLAG_FIELDS = {
-    "data": str, "data_dir": str, "val_data": str, "model": str, "img_size": int, "epochs": float, "steps": int,
-    "batch_size": int, "lr": float, "weight_decay": float, "warmup_epochs": float, "accum_steps": int, "seed": int,
-    "device": str, "precision": str, "threads": int, "num_workers": int, "out_dir": str, "run_name": str,
-    "augment": str, "label_smoothing": float, "ema_decay": float, "on_bad_image": str,
-    "freeze_blocks": int, "freeze": list, "layer_decay": float,
-    "lora_rank": int, "lora_alpha": float, "lora_dropout": float, "lora_targets": list, "lora_train": list,
-    "loss": str, "classes": str,
-}
-# on/off flags (store_true; --no-progress stores False)
-SWITCHES = ("compile", "download", "deterministic", "fsdp", "progress", "linear_probe", "normalize_from_data", "dora",
-            "merge_lora")
+# TrainConfig field -> its flag, for the fields that have one (``setting(..., flag=...)`` in vitlab/train/config.py);
+# every field can also be set with --set
+FLAG_FIELDS = {f.name: f.metadata["flag"] if isinstance(f.metadata["flag"], str) else
+               ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
+               for f in fields(TrainConfig) if f.metadata["flag"]}
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``finetune``."""
+    """Options shared by ``train``, ``finetune`` and ``pretrain-mpp``: a flag for each TrainConfig field that has one,
+    with the field's documentation as its help, grouped as the config's sections are."""
     p.add_argument("--recipe", help="start from a named recipe (see --list-recipes)")
     p.add_argument("--config", metavar="JSON", help="start from a saved config (a run's config.json)")
-    g = p.add_argument_group("common settings (any config field can be changed with --set)")
-    g.add_argument("--data", help="named set (fashion-mnist, mnist, cifar10, cifar100, digits), image folder, "
-                                  ".csv / .jsonl manifest, tar shards or a Hugging Face source (hf:org/name, "
-                                  "save_to_disk folder, parquet)")
-    g.add_argument("--data-dir", help="folder holding a named set's files")
-    g.add_argument("--val-data", help="evaluation data (default: the test split of --data)")
-    add_hf_data_arguments(g)
-    g.add_argument("--model", help="registered model name (vitlab models)")
-    g.add_argument("--img-size", type=int, help="input resolution")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--steps", type=int, help="optimiser steps (instead of epochs)")
-    g.add_argument("--batch-size", type=int, help="global batch per optimiser step")
-    g.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup-epochs", type=float)
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--loss", choices=["auto", "softmax", "sigmoid"],
-                   help="softmax cross-entropy, or sigmoid cross-entropy (multi-label; head bias -10); auto: sigmoid "
-                        "for multi-label data")
-    g.add_argument("--classes", metavar="FILE", help="class list of a manifest (one name a line)")
-    g.add_argument("--channels", type=int, metavar="N",
-                   help="image channels (model_args.in_chans): 1, 3, or more for .npy / multi-band TIFF images; an "
-                        "RGB checkpoint's input layer is adapted")
-    g.add_argument("--normalize-from-data", action="store_true", default=None,
-                   help="per-channel mean / std measured on the training images (saved with the model)")
-    g.add_argument("--augment", help="inception, crop, shift, flip, resize or none")
-    g.add_argument("--ema-decay", type=float, help="Polyak / EMA averaging factor (0 = off)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--precision", help="fp32, bf16 or auto")
-    g.add_argument("--threads", type=int, help="torch threads per process")
-    g.add_argument("--workers", dest="num_workers", type=int, help="DataLoader workers (image folders, shards)")
-    g.add_argument("--out-dir", help="where run folders go (default runs/)")
-    g.add_argument("--run-name", help="run folder name (default: data-model-time)")
-    g.add_argument("--on-bad-image", choices=["skip", "fail"])
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--download", action="store_true", default=None, help="download a missing named set")
-    g.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
-    g.add_argument("--fsdp", action="store_true", default=None, help="FSDP2 sharding (with torchrun / --nproc)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    g.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="change any config field, e.g. --set mixup=0.8 --set model_args.depth=4 (repeatable)")
-    t = p.add_argument_group("fine-tuning controls (docs/training.md)")
-    t.add_argument("--linear-probe", action="store_true", default=None,
-                   help="train the head only (final norm frozen, dropout and drop-path off)")
-    t.add_argument("--freeze-blocks", type=int, metavar="N", help="freeze the embedding and the first N blocks")
-    t.add_argument("--freeze", action="append", metavar="PATTERNS",
-                   help="freeze parameters by name: globs, module prefixes, ranges, comma-separated or repeated "
-                        "(e.g. patch_embed,pos_embed,blocks.0-5)")
-    t.add_argument("--layer-decay", type=float, metavar="D",
-                   help="layer-wise lr decay (BEiT / MAE): layer l trains at lr x D^(L+1-l), e.g. 0.75")
-    lo = p.add_argument_group("LoRA / DoRA adapters, through peft (docs/training.md)")
-    lo.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R LoRA adapters on a frozen model")
-    lo.add_argument("--lora-alpha", type=float, metavar="A", help="scale the adapters' update by A/R (default A = R)")
-    lo.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input (default 0)")
-    lo.add_argument("--lora-targets", action="append", metavar="LAYERS",
-                    help="layers of every block to adapt: qkv, proj, fc1, fc2, attn (qkv,proj), mlp (fc1,fc2); "
-                         "default qkv,proj")
-    lo.add_argument("--lora-train", action="append", metavar="WHAT",
-                    help="what else trains: head, norm (every LayerNorm), freeze-style patterns, or none; default: "
-                         "the head when it is new")
-    lo.add_argument("--dora", action="store_true", default=None, help="DoRA: LoRA with a learned magnitude per row")
-    lo.add_argument("--merge-lora", action="store_true", default=None,
-                    help="also save the merged model (model.safetensors) beside adapter.safetensors")
+    hints = typing.get_type_hints(TrainConfig)
+    for title, section in sections():
+        flagged = [f for f in section if f.name in FLAG_FIELDS]
+        if not flagged:
+            continue
+        g = p.add_argument_group(title)
+        for f in flagged:
+            _add_flag(g, f, hints[f.name])
+        if title == "data":
+            add_hf_data_arguments(g)
+        if title == "model":
+            g.add_argument("--channels", type=int, metavar="N",
+                           help="image channels (model_args.in_chans): 1, 3, or more for .npy / multi-band TIFF "
+                                "images; an RGB checkpoint's input layer is adapted")
     p.add_argument("--nproc", metavar="N", type=nproc_value,
                    help="run N data-parallel processes on this machine (via torchrun; 'auto': one per GPU, or one per "
                         "CPU core with one thread each)")
+
+
+def _add_flag(group, f, hint) -> None:
+    """The flag of field ``f``, from its type: a switch for a bool (``--no-x`` when it is on by default), a repeatable
+    flag for a list, else one value of the field's type; a field with choices shows them (checked by the config, so
+    that a wrong one is refused like any other value, naming the flag)."""
+    flag, doc, metavar = FLAG_FIELDS[f.name], f.metadata["doc"], f.metadata["metavar"]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kind = typing.get_origin(hint) or hint
+    if kind is bool:
+        on = f.default is not True
+        group.add_argument(flag, dest=f.name, action="store_true" if on else "store_false", default=None,
+                           help=doc if on else f"no {doc}")
+        return
+    rule = RULES.get(f.name)
+    if metavar is None and rule is not None and rule.choices:
+        metavar = "{" + ",".join(rule.choices) + "}"
+    if kind is list:
+        group.add_argument(flag, dest=f.name, action="append", metavar=metavar, help=doc)
+    else:
+        group.add_argument(flag, dest=f.name, type=kind, metavar=metavar, help=doc)
 
 
 def add_hf_data_arguments(p) -> None:
@@ -135,8 +108,37 @@ def nproc_value(text: str) -> int | str:
     return n
 
 
-def _flag(field_name: str) -> str:
-    return "--workers" if field_name == "num_workers" else "--" + field_name.replace("_", "-")
+# keyword arguments of vitlab.train.train that are flags too (its epochs / steps are the config fields' flags)
+TRAIN_ARGUMENTS = {"resume": "--resume"}
+
+
+def flag_message(message: str, options, aliases: dict | None = None) -> str:
+    """``message`` of a library error with the settings it names (``VitlabError.options``: config fields written
+    ``name=value`` or ``name``) spelled as the flags that set them: ``steps=5`` becomes ``--steps 5``, ``out_dir``
+    ``--out-dir``, a field without a flag ``--set name=value``. ``aliases`` adds a command's own flags
+    (``finetune``'s ``--from`` for ``init_from``)."""
+    for name in options:
+        flag = (aliases or {}).get(name) or FLAG_FIELDS.get(name) or TRAIN_ARGUMENTS.get(name)
+        if flag is None and name not in RULES and not hasattr(TrainConfig, name):
+            continue
+        with_value, bare = (f"--set {name}=", f"--set {name}=...") if flag is None else (flag + " ", flag)
+        # a name on its own, not part of a word, a path or a file name
+        before, after = r"(?<![\w./\\=-])", r"(?![\w/=-]|\.\w)"
+        message = re.sub(rf"{before}{re.escape(name)}=", with_value, message)
+        message = re.sub(rf"{before}{re.escape(name)}{after}", bare, message)
+    return message
+
+
+@contextlib.contextmanager
+def flags_in_errors(aliases: dict | None = None):
+    """Rewrite a library error raised inside to name the flags of the settings it names (:func:`flag_message`); the
+    error keeps its type and traceback."""
+    try:
+        yield
+    except VitlabError as exc:
+        if exc.options:
+            exc.args = (flag_message(str(exc), exc.options, aliases),)
+        raise
 
 
 def _shown(value) -> str:
@@ -148,8 +150,6 @@ def _shown(value) -> str:
 def build_config(args: argparse.Namespace, base_recipe: str | None = None):
     """The resolved TrainConfig: recipe or saved config, then flags, then --set. A value out of range is refused
     naming the flag (or ``--set key=value``, or the saved config) it came from and what it takes."""
-    from ..train.config import ConfigValueError
-
     try:
         return _build_config(args, base_recipe)
     except ConfigValueError as exc:
@@ -158,14 +158,13 @@ def build_config(args: argparse.Namespace, base_recipe: str | None = None):
         if field_name in set_keys:
             raise VitlabError(f"--set {set_keys[field_name]}: takes {exc.takes}") from None
         if field_name in FLAG_FIELDS and getattr(args, field_name, None) is not None:
-            raise VitlabError(f"{_flag(field_name)} {_shown(getattr(args, field_name))}: takes {exc.takes}") from None
+            shown = _shown(getattr(args, field_name))
+            raise VitlabError(f"{FLAG_FIELDS[field_name]} {shown}: takes {exc.takes}") from None
         source = args.config or f"recipe {args.recipe or base_recipe}"
         raise VitlabError(f"{source}: {exc}") from None
 
 
 def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
-    from ..train import TrainConfig, apply_overrides, get_recipe
-
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as f:
@@ -178,9 +177,6 @@ def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
         name = args.recipe or base_recipe
         config = get_recipe(name).config() if name else TrainConfig()
     flags = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
-    for k in SWITCHES:
-        if getattr(args, k, None) is not None:
-            flags[k] = getattr(args, k)
     if flags.get("steps") is not None:
         flags.setdefault("epochs", None)
     if getattr(args, "channels", None) is not None:
@@ -309,11 +305,10 @@ def resume_length(args: argparse.Namespace) -> dict:
         given.append(("recipe", f"--recipe {args.recipe}"))
     if args.config:
         given.append(("config", f"--config {args.config}"))
-    for name in list(FLAG_FIELDS) + [k for k in SWITCHES if k != "normalize_from_data"]:
+    for name, flag in FLAG_FIELDS.items():
         value = getattr(args, name, None)
         if value is not None:
-            shown = _flag(name) if isinstance(value, bool) else f"{_flag(name)} {_shown(value)}"
-            given.append((name, "--no-progress" if name == "progress" else shown))
+            given.append((name, flag if isinstance(value, bool) else f"{flag} {_shown(value)}"))
     for item in args.assignments:
         given.append((item.partition("=")[0].strip().replace("-", "_"), f"--set {item}"))
     length = {}
@@ -323,8 +318,6 @@ def resume_length(args: argparse.Namespace) -> dict:
         if name in ("epochs", "steps") and not length:
             value = getattr(args, name, None)
             if value is None:  # from --set
-                from ..train.config import parse_value
-
                 value = parse_value(name, shown.partition("=")[2])
             length[name] = value
             continue
@@ -368,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
     resume = resume_choice(args.resume)
     length = resume_length(args) if resume and resume != "auto" else {}
     try:
-        result = train(config, resume=resume, **length)
+        with flags_in_errors():
+            result = train(config, resume=resume, **length)
     except RunFinished as exc:  # not an error: there is nothing left to do
         print(f"vitlab train: {exc}", file=sys.stderr)
         return 0

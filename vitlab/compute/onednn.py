@@ -42,6 +42,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import InvalidValueError
+from ..home import vitlab_home
 
 # Where oneDNN pays, measured by benchmarks/onednn_linear_thresholds.py (forward + backward of one layer against
 # F.linear, docs/performance.md): below about 2^23 multiply-accumulates per product its fixed cost (tens of
@@ -223,12 +224,6 @@ CALIBRATION_VERSION = 2
 CALIBRATION_MIN_GFLOPS = 5.0
 CHOICES = ("off", "inference", "on")  # F.linear; oneDNN when no gradient is recorded; oneDNN forward and backward
 _CHOICES: dict[str, dict[str, dict]] = {}  # machine key -> shape -> measured entry, for this process
-
-
-def vitlab_home() -> Path:
-    """``$VITLAB_HOME``, default ``~/.cache/vitlab`` (the rule of :func:`vitlab.hub.cache.vitlab_home`; compute sits
-    below the hub, so it reads the variable itself)."""
-    return Path(os.environ.get("VITLAB_HOME") or Path.home() / ".cache" / "vitlab").expanduser()
 
 
 def calibration_path() -> Path:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import VitlabError
+from ..models import ModelMetadata
 from ..preprocessing import Preprocessing
 from .deploy import METADATA_KEY, OnnxModel
 
@@ -66,7 +67,15 @@ def read_exported_metadata(path: str | os.PathLike, text: str) -> SimpleNamespac
                            quantization=meta.get("quantization"), loss=loss)
 
 
-class OnnxClassifier(nn.Module):
+def set_exported_metadata(classifier: nn.Module, fields: SimpleNamespace) -> None:
+    """Give an exported file's classifier the fields of :func:`read_exported_metadata` as attributes: its
+    ``ModelMetadata`` (preprocessing, class names, loss, read through :func:`vitlab.models.metadata_of`), and
+    ``architecture``, ``cfg``, ``quantization``."""
+    for name, value in vars(fields).items():
+        setattr(classifier, name, value)
+
+
+class OnnxClassifier(ModelMetadata, nn.Module):
     """An exported vitlab ONNX file (float32 or int8) on ONNX Runtime, with the model's config, preprocessing and
     class names from the file's metadata. ``threads``: ONNX Runtime intra-op threads (default: torch's)."""
 
@@ -85,9 +94,7 @@ class OnnxClassifier(nn.Module):
         if meta is None:
             raise VitlabError(f"{path}: no vitlab metadata (config, preprocessing, class names) in this ONNX file; "
                               "export it with `vitlab export-onnx`")
-        fields = read_exported_metadata(path, meta)
-        self.architecture, self.cfg, self.preprocessing = fields.architecture, fields.cfg, fields.preprocessing
-        self.class_names, self.quantization, self.loss = fields.class_names, fields.quantization, fields.loss
+        set_exported_metadata(self, read_exported_metadata(path, meta))
         self.int8 = self.runtime.int8  # how an int8 file was quantised (weight type, the CPU chosen for); None: fp32
         self.path = path
         self.num_prefix_tokens = getattr(self.cfg, "num_prefix_tokens", 0)

@@ -2,9 +2,9 @@
 
 CPUs with native bf16 products (``avx512_bf16``, ``amx_bf16``: Intel Cooper Lake / Sapphire Rapids and later, AMD
 Zen 4 and later) run bf16 matrix products faster than float32; on the others PyTorch emulates them by converting
-to float32, and bf16 autocast is several times slower than plain float32 (9.4x in training on an AMD EPYC Zen 3,
-issue 27). So ``auto`` precision on the CPU (:func:`choose_cpu_precision`) picks bf16 only where the CPU has native
-bf16 *and* bf16 autocast measures clearly faster at the model's own Linear shapes; asking for bf16 or fp16 on a CPU
+to float32, and bf16 autocast is several times slower than plain float32 (9.4x in training on an AMD EPYC Zen 3).
+So ``auto`` precision on the CPU (:func:`choose_cpu_precision`) picks bf16 only where the CPU has native bf16 *and*
+bf16 autocast measures clearly faster at the model's own Linear shapes; asking for bf16 or fp16 on a CPU
 that emulates it runs as asked but warns once with the measured slowdown. Measurements are cached per CPU model,
 feature flags, PyTorch version and threads (:func:`vitlab.compute.onednn.machine_key`) in
 ``$VITLAB_HOME/kernels/precision.json``.
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_path
 from ..errors import InvalidValueError
-from .onednn import _cpuinfo_field, machine_key, vitlab_home
+from ..home import vitlab_home
+from .onednn import _cpuinfo_field, machine_key
 
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags of native reduced-precision products

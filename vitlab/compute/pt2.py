@@ -33,8 +33,9 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import VitlabError
+from ..models import ModelMetadata
 from .deploy import METADATA_KEY, export_inputs
-from .onnx_classifier import OnnxClassifier, is_onnx_file, read_exported_metadata
+from .onnx_classifier import OnnxClassifier, is_onnx_file, read_exported_metadata, set_exported_metadata
 
 FORMAT = "pt2"
 
@@ -85,7 +86,7 @@ def _check_archive(path: Path) -> None:
                               "`vitlab export MODEL model.pt2`")
 
 
-class Pt2Classifier(nn.Module):
+class Pt2Classifier(ModelMetadata, nn.Module):
     """A ``.pt2`` package from :func:`export_pt2` on AOTInductor's runtime, with the model's config, preprocessing
     and class names from its metadata. Takes inputs on any device (they are moved to the package's device) and
     returns the logits on the inputs' device."""
@@ -108,9 +109,7 @@ class Pt2Classifier(nn.Module):
         if meta is None:
             raise VitlabError(f"{path}: no vitlab metadata (config, preprocessing, class names) in this .pt2 "
                               "package; export it with `vitlab export --format pt2`")
-        fields = read_exported_metadata(path, meta)
-        self.architecture, self.cfg, self.preprocessing = fields.architecture, fields.cfg, fields.preprocessing
-        self.class_names, self.quantization, self.loss = fields.class_names, fields.quantization, fields.loss
+        set_exported_metadata(self, read_exported_metadata(path, meta))
         self.format = json.loads(meta).get("format") or {}
         self.device = torch.device(entries.get("AOTI_DEVICE_KEY") or "cpu")
         if self.device.type == "cuda" and self.device.index is None:

@@ -147,11 +147,6 @@ def load_image(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: in
     return out
 
 
-def is_image_file(path: str | Path) -> bool:
-    """Whether ``path`` has one of the image extensions vitlab reads (case-insensitive)."""
-    return str(path).lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _array_to_chw(array: np.ndarray, channels: int, label) -> torch.Tensor:
     """A numeric array laid out by the module's rule -> float32 tensor (C, H, W)."""
     if array.dtype.kind not in "buif":  # object, string, complex, structured: not pixels

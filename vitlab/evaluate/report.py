@@ -105,22 +105,6 @@ def multilabel_markdown(results: dict, title: str = "Multi-label evaluation") ->
     return text + "\n## Per label\n\n" + markdown_table(["label", "positives", "average precision (%)"], per_label)
 
 
-def classification_summary(results: dict) -> str:
-    """A few lines for the terminal: sample count, top-k, ReaL, mean class accuracy, ECE (multi-label results:
-    :func:`multilabel_summary`)."""
-    if results.get("multi_label"):
-        return multilabel_summary(results)
-    parts = [f"{results['samples']} images, {results['num_classes']} classes"]
-    parts += [f"{key} {_pct(value)}%" for key, value in results.items() if key.startswith("top")]
-    if "loss" in results:
-        parts.append(f"loss {results['loss']:.4f}")
-    if "real" in results:
-        parts.append(f"ReaL {_pct(results['real']['accuracy'])}% ({results['real']['counted']} images)")
-    parts.append(f"mean class acc {_pct(results['mean_class_accuracy'])}%")
-    parts.append(f"ECE {_pct(results['calibration']['ece'])}%")
-    return ", ".join(parts)
-
-
 def classification_markdown(results: dict, title: str = "Classification accuracy") -> str:
     """Markdown: the headline numbers, then per-class accuracy with each class's count and most frequent error."""
     names = results.get("class_names") or [str(i) for i in range(results["num_classes"])]

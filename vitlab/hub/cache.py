@@ -19,14 +19,10 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import VitlabError
+from ..home import vitlab_home
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 _TRUE = {"1", "true", "yes", "on"}
-
-
-def vitlab_home() -> Path:
-    """``$VITLAB_HOME``, default ``~/.cache/vitlab`` (read at each call, so tests and users can change it)."""
-    return Path(os.environ.get("VITLAB_HOME") or Path.home() / ".cache" / "vitlab").expanduser()
 
 
 def hf_cache_dir() -> Path:

@@ -1,8 +1,10 @@
 """The table of model families: for each, the name a checkpoint stores, its config class and its model class.
 
 The registry builds models from it and the vitlab checkpoint format saves and rebuilds them with it, so a family is
-listed once, here. Families from outside vitlab are added with :func:`register_family` (an explicit call; nothing
-registers itself when a module is imported).
+listed once, here. Families from outside vitlab are added with :func:`register_family`, an explicit call. vitlab's
+other tables follow the same rule: each is filled where it is defined (the recipes in :mod:`vitlab.train.recipes`,
+the npz reader's backbones by :mod:`vitlab.checkpoints`'s own ``__init__``), and no module adds itself to another
+module's table as a side effect of being imported.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import math
 import re
 import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from ..errors import InvalidValueError
 from ..models.lora import TARGET_WORDS
@@ -32,104 +32,127 @@ class ConfigValueError(ConfigError):
         super().__init__(f"{field_name} = {value!r}: takes {takes}")
 
 
+def setting(default=MISSING, doc: str = "", *, factory=MISSING, flag: bool | str = False, metavar: str | None = None,
+            section: str | None = None):
+    """A :class:`TrainConfig` field and its documentation, the one place a setting is described: ``doc`` is its help
+    (``vitlab train --help``, :func:`describe`); ``flag`` gives it a flag on ``vitlab train`` / ``finetune`` /
+    ``pretrain-mpp`` (True: ``--name-with-dashes``, or the flag's own spelling); ``section`` starts a group of fields
+    (and of the command's flags). Its range or choices are its :data:`RULES` entry; every field is also a ``--set``
+    key."""
+    meta = {"doc": doc, "flag": flag, "metavar": metavar, "section": section}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Units: learning rates per optimiser step, steps are optimiser steps, batch
-    sizes are global (all processes and accumulation steps together)."""
+    sizes are global (all processes and accumulation steps together). Each field's ``setting(...)`` documents it."""
 
-    # ----- data
-    data: str = "fashion-mnist"             # a named set, an image folder, tar shards or a Hugging Face source
-                                            # (hf:org/name, save_to_disk folder, parquet; see vitlab.data)
-    data_dir: str | None = None             # where named sets' files are (default: system and cache locations)
-    val_data: str | None = None             # evaluation source (default: the same data, split eval_split)
-    train_split: str = "train"
-    eval_split: str = "test"
-    download: bool = False                  # let torchvision download named sets when missing
-    num_classes: int | None = None          # needed only for tar shards without classes.txt
-    on_bad_image: str = "skip"              # skip (count and name in the log) or fail
-    num_workers: int = 2                    # DataLoader workers for folders and shards (in-memory sets use none)
-    augment: str = "inception"              # inception (paper), crop, shift, flip, resize, none
-    crop_scale: tuple[float, float] = (0.05, 1.0)  # area range of the random crop (paper: 5%..100%)
-    flip: bool = True
-    max_shift: int = 2                      # pixels, for augment=shift
-    randaugment: tuple[int, int] | None = None  # (num_ops, magnitude), e.g. (2, 9)
-    mixup: float = 0.0                      # Beta(alpha, alpha) of mixup; 0 = off
-    cutmix: float = 0.0                     # Beta(alpha, alpha) of cutmix; 0 = off (both on: one or the other)
-    label_smoothing: float = 0.0
-    loss: str = "auto"                      # softmax (cross-entropy), sigmoid (per-label sigmoid cross-entropy,
-                                            # head bias -10) or auto (sigmoid for multi-label data)
-    head_bias: float | None = None          # initial bias of a new head; default -10 with the sigmoid loss (the
-                                            # paper's ImageNet-21k), 0 with softmax
-    classes: str | None = None              # class list of a CSV / JSONL manifest (a text file, one name a line)
-    normalize_from_data: bool = False       # per-channel mean / std measured on the training images (saved with
-                                            # the model's preprocessing) instead of the paper's 0.5 / 0.5
-    train_subset: int | None = None         # train on this many images: a class-balanced random choice fixed
-                                            # by the seed, nested as the size grows (in-memory sets only)
-    holdout: int = 0                        # hold out this many training images (class-balanced, disjoint
-                                            # from train_subset) and evaluate on them instead (tuning)
-    patch_dropout: float = 0.0              # fraction of patch tokens dropped per training image (PatchDropout)
+    data: str = setting("fashion-mnist", "a named set (fashion-mnist, mnist, cifar10, cifar100, digits), an image "
+                        "folder, a .csv / .jsonl manifest, tar shards or a Hugging Face source (hf:org/name, "
+                        "save_to_disk folder, parquet)", flag=True, section="data")
+    data_dir: str | None = setting(None, "folder holding a named set's files (default: system and cache locations)",
+                                   flag=True)
+    val_data: str | None = setting(None, "evaluation data (default: the same data, split eval_split)", flag=True)
+    train_split: str = setting("train", "the split of data to train on")
+    eval_split: str = setting("test", "the split of data to evaluate on")
+    download: bool = setting(False, "download a missing named set (torchvision)", flag=True)
+    num_classes: int | None = setting(None, "number of classes; needed only for tar shards without classes.txt")
+    on_bad_image: str = setting("skip", "an unreadable image: skip (counted and named in the log) or fail", flag=True)
+    num_workers: int = setting(2, "DataLoader workers for image folders and shards (in-memory sets use none)",
+                               flag="--workers")
+    augment: str = setting("inception", "training augmentation: inception (the paper's random-sized crop), crop, "
+                           "shift, flip, resize or none", flag=True)
+    crop_scale: tuple[float, float] = setting((0.05, 1.0), "area range of the random crop (paper: 5%..100%)")
+    flip: bool = setting(True, "random horizontal flips")
+    max_shift: int = setting(2, "pixels, for augment=shift")
+    randaugment: tuple[int, int] | None = setting(None, "RandAugment (num_ops, magnitude), e.g. (2, 9)")
+    mixup: float = setting(0.0, "Beta(alpha, alpha) of mixup; 0 = off")
+    cutmix: float = setting(0.0, "Beta(alpha, alpha) of cutmix; 0 = off (both on: one or the other per batch)")
+    label_smoothing: float = setting(0.0, "label smoothing of the softmax loss", flag=True)
+    loss: str = setting("auto", "softmax (cross-entropy), sigmoid (per-label sigmoid cross-entropy, head bias -10; "
+                        "multi-label) or auto (sigmoid for multi-label data)", flag=True)
+    head_bias: float | None = setting(None, "initial bias of a new head; default -10 with the sigmoid loss (the "
+                                      "paper's ImageNet-21k), 0 with softmax")
+    classes: str | None = setting(None, "class list of a .csv / .jsonl manifest (a text file, one name a line)",
+                                  flag=True, metavar="FILE")
+    normalize_from_data: bool = setting(False, "per-channel mean / std measured on the training images (saved with "
+                                        "the model's preprocessing) instead of the paper's 0.5 / 0.5", flag=True)
+    train_subset: int | None = setting(None, "train on this many images: a class-balanced random choice fixed by "
+                                       "the seed, nested as the size grows (in-memory sets only)")
+    holdout: int = setting(0, "hold out this many training images (class-balanced, disjoint from train_subset) and "
+                           "evaluate on them instead (tuning)")
+    patch_dropout: float = setting(0.0, "fraction of patch tokens dropped per training image (PatchDropout)")
 
-    # ----- model
-    model: str = "vit_fmnist"               # a registered name (vitlab models)
-    model_args: dict = field(default_factory=dict)  # ViTConfig overrides, e.g. {"depth": 4, "dropout": 0.1}
-    img_size: int | None = None             # input resolution (default: the model's own)
-    init_from: str | None = None            # checkpoint to start from (fine-tuning); any format vitlab.load reads
-    reset_head: str = "auto"                # auto (new zero head when the classes differ), always, never
+    model: str = setting("vit_fmnist", "a registered model name (vitlab models)", flag=True, section="model")
+    model_args: dict = setting(doc='model config overrides, e.g. {"depth": 4, "dropout": 0.1}', factory=dict)
+    img_size: int | None = setting(None, "input resolution (default: the model's own)", flag=True)
+    init_from: str | None = setting(None, "checkpoint to start from (fine-tuning); any format vitlab.load reads")
+    reset_head: str = setting("auto", "a new zero-initialised head: auto (when the classes differ), always (the "
+                              "paper), never")
 
-    # ----- fine-tuning controls (vitlab.train.transfer)
-    linear_probe: bool = False              # train the head only (final norm frozen; dropout, drop-path off)
-    freeze_blocks: int = 0                  # freeze the embedding and the first N encoder blocks
-    freeze: list[str] = field(default_factory=list)  # parameter-name patterns to freeze: globs, module prefixes,
-                                            # index ranges (patch_embed, pos_embed, blocks.0-5, blocks.*.attn)
-    layer_decay: float | None = None        # layer-wise lr decay (BEiT / MAE): layer l at lr x decay^(L+1-l)
+    linear_probe: bool = setting(False, "train the head only (final norm frozen; dropout and drop-path off)",
+                                 flag=True, section="fine-tuning controls (vitlab.train.transfer, docs/training.md)")
+    freeze_blocks: int = setting(0, "freeze the embedding and the first N encoder blocks", flag=True, metavar="N")
+    freeze: list[str] = setting(doc="freeze parameters by name: globs, module prefixes, index ranges, "
+                                "comma-separated or repeated (e.g. patch_embed,pos_embed,blocks.0-5)",
+                                factory=list, flag=True, metavar="PATTERNS")
+    layer_decay: float | None = setting(None, "layer-wise lr decay (BEiT / MAE): layer l trains at lr x "
+                                        "D^(L+1-l), e.g. 0.75", flag=True, metavar="D")
 
-    # ----- low-rank adapters (vitlab.train.lora, through peft; fine-tuning only)
-    lora_rank: int = 0                      # LoRA rank r (0 = off): adapters on lora_targets, the rest frozen
-    lora_alpha: float | None = None         # the adapters' update is scaled by alpha / r (default: alpha = r)
-    lora_dropout: float = 0.0               # dropout on the adapters' input
-    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # qkv, proj, fc1, fc2 of every
-                                            # block; attn = qkv,proj, mlp = fc1,fc2
-    lora_train: list[str] | None = None     # what else trains: head, norm (every LayerNorm) or freeze-style
-                                            # patterns; none = adapters only; default: the head when it is new
-    dora: bool = False                      # DoRA: LoRA with a learned magnitude per output row
-    merge_lora: bool = False                # also save the merged model (model.safetensors) beside the adapter
+    lora_rank: int = setting(0, "train rank-R LoRA adapters on lora_targets of a frozen model (0 = off; "
+                             "fine-tuning only)", flag=True, metavar="R",
+                             section="LoRA / DoRA adapters, through peft (vitlab.train.lora, docs/training.md)")
+    lora_alpha: float | None = setting(None, "scale the adapters' update by A/R (default A = R)", flag=True,
+                                       metavar="A")
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input", flag=True, metavar="P")
+    lora_targets: list[str] = setting(doc="layers of every block to adapt: qkv, proj, fc1, fc2, attn (qkv,proj), "
+                                      "mlp (fc1,fc2)", factory=lambda: ["qkv", "proj"], flag=True, metavar="LAYERS")
+    lora_train: list[str] | None = setting(None, "what else trains: head, norm (every LayerNorm), freeze-style "
+                                           "patterns, or none; default: the head when it is new", flag=True,
+                                           metavar="WHAT")
+    dora: bool = setting(False, "DoRA: LoRA with a learned magnitude per output row", flag=True)
+    merge_lora: bool = setting(False, "also save the merged model (model.safetensors) beside the adapter", flag=True)
 
-    # ----- optimisation
-    optimizer: str = "adamw"                # adamw (Adam with decoupled weight decay) or sgd (momentum)
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9                   # sgd only
-    weight_decay: float = 0.0               # decoupled, on weight matrices only (not biases, norms, embeddings)
-    schedule: str = "cosine"                # cosine, linear or constant after the warmup
-    warmup_steps: int | None = None         # linear warmup from 0; default: warmup_epochs
-    warmup_epochs: float = 0.0
-    end_lr_factor: float = 0.0              # final learning rate = lr x end_lr_factor
-    epochs: float | None = 10               # training length in epochs ...
-    steps: int | None = None                # ... or in optimiser steps (takes precedence)
-    batch_size: int = 256                   # global batch per optimiser step
-    accum_steps: int = 1                    # gradient accumulation: micro-batch = batch / (processes x accum)
-    grad_clip: float = 0.0                  # global gradient-norm clip; 0 = off
-    ema_decay: float = 0.0                  # Polyak / EMA averaging of the weights; 0 = off
-    ema_warmup: bool = True                 # decay min(ema_decay, (1 + step) / (10 + step)) early on
+    optimizer: str = setting("adamw", "adamw (Adam with decoupled weight decay) or sgd (momentum)",
+                             section="optimisation")
+    lr: float = setting(1e-3, "peak learning rate", flag=True)
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam's betas")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(0.0, "decoupled weight decay, on weight matrices only (not biases, norms, "
+                                  "embeddings)", flag=True)
+    schedule: str = setting("cosine", "the learning rate after the warmup: cosine, linear or constant")
+    warmup_steps: int | None = setting(None, "linear warmup from 0, in steps (default: warmup_epochs)")
+    warmup_epochs: float = setting(0.0, "linear warmup from 0, in epochs", flag=True)
+    end_lr_factor: float = setting(0.0, "final learning rate = lr x end_lr_factor")
+    epochs: float | None = setting(10, "training length in epochs", flag=True)
+    steps: int | None = setting(None, "training length in optimiser steps (instead of epochs)", flag=True)
+    batch_size: int = setting(256, "global batch per optimiser step", flag=True)
+    accum_steps: int = setting(1, "gradient accumulation steps: micro-batch = batch / (processes x accum_steps)",
+                               flag=True)
+    grad_clip: float = setting(0.0, "global gradient-norm clip; 0 = off")
+    ema_decay: float = setting(0.0, "Polyak / EMA averaging factor of the weights; 0 = off", flag=True)
+    ema_warmup: bool = setting(True, "EMA decay min(ema_decay, (1 + step) / (10 + step)) early on")
 
-    # ----- runtime
-    seed: int = 0
-    deterministic: bool = False             # torch.use_deterministic_algorithms (bitwise-repeatable on CPU)
-    device: str = "auto"                    # auto, cpu, cuda, cuda:1, ...
-    precision: str = "auto"                 # fp32, bf16 (autocast) or auto (bf16 on GPUs that have it)
-    compile: bool = False                   # torch.compile the model
-    threads: int | None = None              # torch intra-op threads (default: torch's choice)
-    fsdp: bool = False                      # shard parameters with FSDP2 instead of DDP (multi-process runs)
-    eval_batch_size: int = 500
-    eval_every_epochs: float = 1.0          # 0 = evaluate only at the end
-    save_every_steps: int = 0               # also write last.pt every N steps (0 = off)
-    save_every_epochs: float = 1.0          # also write last.pt every N epochs (0 = off)
-    save_every_minutes: float = 10.0        # ... and at least every N minutes of the run (0 = off)
-    log_every_steps: int = 50
-    max_bad_steps: int = 20                 # stop after this many consecutive non-finite steps
-    out_dir: str = "runs"
-    run_name: str | None = None             # default: <data>-<model>-<timestamp>
-    progress: bool = True                   # tqdm progress bar (on a terminal)
+    seed: int = setting(0, "seed of every random choice", flag=True, section="runtime")
+    deterministic: bool = setting(False, "deterministic algorithms (torch.use_deterministic_algorithms; "
+                                  "bitwise-repeatable on the CPU)", flag=True)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", flag=True)
+    precision: str = setting("auto", "fp32, bf16 (autocast) or auto (bf16 where it is native and faster)",
+                             flag=True)
+    compile: bool = setting(False, "torch.compile the model", flag=True)
+    threads: int | None = setting(None, "torch threads per process (default: torch's choice)", flag=True)
+    fsdp: bool = setting(False, "shard parameters with FSDP2 instead of DDP (with torchrun / --nproc)", flag=True)
+    eval_batch_size: int = setting(500, "batch size of the evaluations")
+    eval_every_epochs: float = setting(1.0, "evaluate every N epochs; 0 = only at the end")
+    save_every_steps: int = setting(0, "also write last.pt every N steps; 0 = off")
+    save_every_epochs: float = setting(1.0, "also write last.pt every N epochs; 0 = off")
+    save_every_minutes: float = setting(10.0, "... and at least every N minutes of the run; 0 = off")
+    log_every_steps: int = setting(50, "log the training loss every N steps")
+    max_bad_steps: int = setting(20, "stop after this many consecutive non-finite steps")
+    out_dir: str = setting("runs", "where run folders go", flag=True)
+    run_name: str | None = setting(None, "run folder name (default: data-model-time)", flag=True)
+    progress: bool = setting(True, "progress bar (tqdm, on a terminal)", flag=True)
 
     def __post_init__(self) -> None:
         self.freeze = _pattern_list("freeze", self.freeze)
@@ -160,6 +183,25 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def describe(name: str) -> str:
+    """The documentation of :class:`TrainConfig` field ``name`` (its ``setting(doc=...)``)."""
+    return _FIELDS[name].metadata["doc"]
+
+
+def sections() -> list[tuple[str, list]]:
+    """The fields of :class:`TrainConfig` in order, grouped by the ``section`` their first field starts:
+    ``[(title, [dataclasses.Field, ...]), ...]``."""
+    groups: list[tuple[str, list]] = []
+    for f in fields(TrainConfig):
+        if f.metadata["section"] or not groups:
+            groups.append((f.metadata["section"] or "", []))
+        groups[-1][1].append(f)
+    return groups
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def _pattern_list(key: str, value) -> list[str]:

@@ -247,14 +247,14 @@ def _resume_length(config: TrainConfig, state: dict, run_dir: Path, epochs, step
         changed = (new.steps, new.epochs) != (config.steps, config.epochs)
         config = new
     total = config.steps or (math.ceil(config.epochs * spe) if spe else None)
-    flag = f"--steps {steps}" if steps is not None else f"--epochs {epochs:g}" if epochs is not None else None
+    given = f"steps={steps}" if steps is not None else f"epochs={epochs:g}" if epochs is not None else None
     if total is not None and total < done:
-        raise VitlabError(f"{flag or run_dir}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
-                          "give a longer run to continue it")
+        raise VitlabError(f"{given or run_dir}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
+                          "give a longer run to continue it", options=("steps", "epochs"))
     result_file = run_dir / "result.json"
     if result_file.is_file() and total is not None and done >= total:
-        raise RunFinished(f"{run_dir}: the run has finished ({done} steps, {state['epoch']:.2f} epochs); nothing "
-                          "changed (give --epochs or --steps beyond that to train on)")
+        raise RunFinished(f"{run_dir}: the run has finished at step {done} (epoch {state['epoch']:.2f}); nothing "
+                          "changed (give epochs or steps beyond that to train on)", options=("epochs", "steps"))
     return config, changed
 
 
@@ -295,8 +295,8 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
                 try:
                     reuse.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
-                    raise VitlabError(f"--out-dir {config.out_dir}: cannot create the run folder {reuse} "
-                                      f"({exc.strerror or exc})") from None
+                    raise VitlabError(f"out_dir={config.out_dir}: cannot create the run folder {reuse} "
+                                      f"({exc.strerror or exc})", options=("out_dir",)) from None
             else:
                 start.run_dir = new_run_dir(config.out_dir,
                                             config.run_name or default_run_name(config.data, config.model))
@@ -393,9 +393,10 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                 log.warning(f"step {step}: non-finite loss or gradients ({out.loss.item():.4g}); step skipped")
                 if bad_streak >= cfg.max_bad_steps:
                     raise VitlabError(
-                        f"training diverged: {bad_streak} non-finite steps in a row at step {step} (lr "
-                        f"{out.lr:.3g}); lower lr, raise warmup, set grad_clip=1 or use precision=fp32, then "
-                        "--resume from the last checkpoint")
+                        f"training diverged: {bad_streak} non-finite steps in a row at step {step} (learning rate "
+                        f"{out.lr:.3g}); lower lr, raise warmup_epochs, clip gradients (grad_clip=1) or use "
+                        "precision=fp32, then resume from the last checkpoint",
+                        options=("lr", "warmup_epochs", "grad_clip", "precision", "resume"))
             step += 1
             step_log.update(step, out)
             if step == run.total_steps:

@@ -45,12 +45,13 @@ def check_lora_config(config: TrainConfig) -> None:
     if not config.lora_rank:
         return
     if not config.init_from:
-        raise VitlabError("lora_rank: LoRA adapts a trained model; give init_from (vitlab finetune --from CKPT)")
+        raise VitlabError("lora_rank: LoRA adapts a trained model; give init_from (the checkpoint to adapt; vitlab "
+                          "finetune --from)", options=("lora_rank", "init_from"))
     clashes = [name for name, on in (("linear_probe", config.linear_probe), ("freeze_blocks", config.freeze_blocks),
                                      ("freeze", config.freeze)) if on]
     if clashes:
         raise VitlabError(f"lora_rank with {', '.join(clashes)}: LoRA freezes the backbone itself; choose what else "
-                          "trains with lora_train (--lora-train head,norm)")
+                          "trains with lora_train=head,norm", options=("lora_rank", *clashes, "lora_train"))
 
 
 def _extra_names(model: nn.Module, words: list[str]) -> list[str]:

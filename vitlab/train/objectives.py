@@ -138,9 +138,10 @@ class Classification(Objective):
 
     def check(self, config: TrainConfig) -> None:
         if self.multi_label and self.loss_name != "sigmoid":
-            raise VitlabError("multi-label data need loss=sigmoid (--loss sigmoid, or auto)")
+            raise VitlabError("multi-label data need loss=sigmoid (or auto)", options=("loss",))
         if self.loss_name == "sigmoid" and config.label_smoothing > 0:
-            raise VitlabError("label_smoothing is for the softmax loss; set it to 0 with loss=sigmoid")
+            raise VitlabError("label_smoothing is for the softmax loss; set it to 0 with loss=sigmoid",
+                              options=("label_smoothing", "loss"))
 
     def wrap(self, model: nn.Module, preprocessing: Preprocessing) -> nn.Module:
         return model

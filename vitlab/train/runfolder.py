@@ -126,11 +126,12 @@ def auto_run_dir(out_dir: str | Path, run_name: str | None, train_config: dict) 
             return run_dir
         stored = _stored_config(run_dir) if run_dir.is_dir() else None
         if stored is None:
-            raise VitlabError(f"--resume auto: {run_dir} exists and is not a vitlab run folder; give another "
-                              "--run-name (nothing was written)")
+            raise VitlabError(f"resume=auto: {run_dir} exists and is not a vitlab run folder; give another "
+                              "run_name (nothing was written)", options=("resume", "run_name"))
         if changed := _differences(stored, train_config):
-            raise VitlabError(f"--resume auto: {run_dir} holds another run (it differs in {', '.join(changed[:4])}); "
-                              "give the same settings to continue it, or another --run-name (nothing was written)")
+            raise VitlabError(f"resume=auto: {run_dir} holds another run (it differs in {', '.join(changed[:4])}); "
+                              "give the same settings to continue it, or another run_name (nothing was written)",
+                              options=("resume", "run_name"))
         return run_dir
     ids = launch_ids()
     if not ids or not out.is_dir():

@@ -35,12 +35,12 @@ _RUN_NUMBERS = itertools.count(1)  # names each RunLog's logger uniquely within 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     """A fresh folder ``out_dir/name`` (``-2``, ``-3``, ... appended when the name is taken). An ``out_dir`` that is
-    a file, or one that cannot be written, is refused naming ``--out-dir``."""
+    a file, or one that cannot be written, is refused naming ``out_dir``."""
     out = Path(out_dir)
     for parent in [out, *out.parents]:
         if parent.exists():
             if not parent.is_dir():
-                raise VitlabError(f"--out-dir {out_dir}: {parent} is a file, not a folder")
+                raise VitlabError(f"out_dir={out_dir}: {parent} is a file, not a folder", options=("out_dir",))
             break
     base = out / name
     path, n = base, 1
@@ -52,8 +52,8 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
         except OSError as exc:
-            raise VitlabError(f"--out-dir {out_dir}: cannot create the run folder {path} "
-                              f"({exc.strerror or exc})") from None
+            raise VitlabError(f"out_dir={out_dir}: cannot create the run folder {path} "
+                              f"({exc.strerror or exc})", options=("out_dir",)) from None
 
 
 def default_run_name(data: str, model: str) -> str:
