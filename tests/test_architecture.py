@@ -92,7 +92,10 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.train.objectives", "torchvision.transforms"): HEAVY,
     ("vitlab.train.progress", "tqdm"): OPTIONAL,
     ("vitlab.train.runfolder", "fcntl"): POSIX,
-    ("vitlab.train.runlog", "torch.utils"): OPTIONAL + " (tensorboard)",
+    ("vitlab.train.trackers", "mlflow.entities"): OPTIONAL + " (the mlflow extra, named in the error)",
+    ("vitlab.train.trackers", "mlflow.tracking"): OPTIONAL + " (the mlflow extra, named in the error)",
+    ("vitlab.train.trackers", "torch.utils"): OPTIONAL + " (torch.utils.tensorboard needs the tensorboard extra)",
+    ("vitlab.train.trackers", "wandb"): OPTIONAL + " (the wandb extra, named in the error)",
 }
 
 # imports inside functions with no reason yet (mostly left from dodging cycles); fixing one means deleting it here

@@ -144,6 +144,7 @@ def test_train_flags_come_from_the_config_fields():
     from vitlab.cli.train import FLAG_FIELDS
     from vitlab.train.config import TrainConfig, describe
 
+    assert not [f.name for f in fields(TrainConfig) if not f.metadata.get("doc")]  # declared with setting(default, doc)
     flagged = {f.name for f in fields(TrainConfig) if f.metadata["flag"]}
     assert set(FLAG_FIELDS) == flagged and FLAG_FIELDS["num_workers"] == "--workers"
     assert FLAG_FIELDS["progress"] == "--no-progress" and FLAG_FIELDS["lora_rank"] == "--lora-rank"
@@ -157,6 +158,11 @@ def test_train_flags_come_from_the_config_fields():
     train = {a.dest: a for a in commands["train"]._actions}
     assert train["loss"].metavar == "{auto,softmax,sigmoid}" and train["epochs"].type is float
     assert train["freeze"].nargs is None and isinstance(train["freeze"], argparse._AppendAction)
+
+
+def test_a_choice_out_of_the_list_is_refused_by_the_config_naming_the_flag(capsys):
+    assert main(["train", "--loss", "hinge", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "vitlab train: error: --loss hinge: takes one of auto, softmax, sigmoid\n"
 
 
 def test_library_errors_name_fields_and_the_cli_spells_them_as_flags(tmp_path, capsys):

@@ -122,7 +122,7 @@ def test_unreachable_endpoint_falls_back_to_the_hub_cache(hub, timm_repo, monkey
 
 def test_no_network_without_offline_fails_fast_with_every_hint(hub, monkeypatch):
     """No --offline, nothing listening where the bucket and the Hub should be: the error comes at once (the Hub client
-    alone used to retry for about 30 s) and names both ways to place the file."""
+    alone retries for about 30 s) and names both ways to place the file."""
     import socket
     import time
 

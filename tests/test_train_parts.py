@@ -116,3 +116,26 @@ def test_saved_run_state_restores_model_optimiser_schedule_and_ema(tmp_path):
     out_a, out_b = train_step(run, run.loader.epoch(0, 3), 3), train_step(fresh, fresh.loader.epoch(0, 3), 3)
     assert torch.equal(out_a.loss, out_b.loss)
     assert all(torch.equal(a, b) for a, b in zip(run.model.parameters(), fresh.model.parameters()))
+
+
+def test_patch_dropout_on_a_hybrid_counts_its_cnn_on_the_whole_image(tmp_path):
+    """A hybrid's tokens come from a CNN that sees every pixel; only the tokens after it are dropped. Its training
+    cost per image (a cost estimate: the embedding of the dropped tokens is left out) is close to a count of the
+    products the training forward runs (torch's FLOP counter, plus the attention products it leaves out here)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitlab.compute.flops import resnetv2_forward_macs
+
+    backbone = {"layers": [1], "channels": [32], "stem_width": 16, "stem_kernel": 3, "stem_stride": 2,
+                "stem_pool": False, "gn_groups": 8, "preact": False, "padding": "same"}
+    args = {"patch_size": 1, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64, "class_token": False,
+            "pool": "gap", "pos_embed": "sincos", "backbone": backbone}
+    run = _run(tmp_path, model="r_vit_fmnist", model_args=args, patch_dropout=0.5)
+    cfg = run.model.cfg
+    assert cfg.grid_size == (4, 4)  # 8x8 digits, stride 2, 1x1 patches on the map: 16 tokens, 8 kept
+    with FlopCounterMode(display=False) as counter:
+        run.trainable.train()(torch.randn(4, 1, 8, 8))
+    attention = 2 * 8 * 8 * cfg.embed_dim  # q k^T and attention x v for 8 tokens
+    counted = counter.get_total_flops() / 2 / 4 + attention
+    assert resnetv2_forward_macs(cfg.backbone, False) < run.train_macs < run.macs
+    assert abs(run.train_macs - counted) < 0.1 * counted, (run.train_macs, counted)

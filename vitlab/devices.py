@@ -32,7 +32,11 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
     return device
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
-    """The forward's mixed-precision context: bf16 autocast on ``device`` for ``precision='bf16'``, a disabled one
-    (plain float32) otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The forward's mixed-precision context: bf16 or fp16 autocast on ``device`` for ``precision='bf16'`` /
+    ``'fp16'``, a disabled one (plain float32) otherwise."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

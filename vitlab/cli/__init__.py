@@ -93,10 +93,14 @@ def _count_interrupts() -> list[int]:
     return received
 
 
+# set by ``--nproc`` for the processes it starts under torchrun: the launcher then says what ended the run
+LAUNCHED_BY_VITLAB = "VITLAB_STOPPED_MARKER"
+
+
 def _interrupted(command: str) -> int:
     """Exit status 130, and the one line that says so (under torchrun every process gets the signal: rank 0 says
-    it for all)."""
-    if os.environ.get("RANK", "0") == "0":
+    it for all, or the ``--nproc`` launcher, which outlives the processes, says it once they have stopped)."""
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get(LAUNCHED_BY_VITLAB):
         print(f"vitlab {command}: interrupted", file=sys.stderr)
     return 130
 

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for folders and shards")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32, or bf16 / fp16 autocast (fp16: for GPUs without bf16)")
     p.add_argument("--img-size", type=int, help="evaluate at this resolution (position embeddings resampled)")
     p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"])
     p.add_argument("--map-classes-by-name", action="store_true",

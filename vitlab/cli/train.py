@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -15,12 +16,13 @@ from dataclasses import fields
 from ..errors import InvalidValueError, VitlabError
 from ..train import apply_overrides, get_recipe
 from ..train.config import RULES, ConfigValueError, TrainConfig, parse_value, sections
+from . import LAUNCHED_BY_VITLAB
 
 # TrainConfig field -> its flag, for the fields that have one (``setting(..., flag=...)`` in vitlab/train/config.py);
 # every field can also be set with --set
 FLAG_FIELDS = {f.name: f.metadata["flag"] if isinstance(f.metadata["flag"], str) else
                ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
-               for f in fields(TrainConfig) if f.metadata["flag"]}
+               for f in fields(TrainConfig) if f.metadata.get("flag")}
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +55,7 @@ def _add_flag(group, f, hint) -> None:
     """The flag of field ``f``, from its type: a switch for a bool (``--no-x`` when it is on by default), a repeatable
     flag for a list, else one value of the field's type; a field with choices shows them (checked by the config, so
     that a wrong one is refused like any other value, naming the flag)."""
-    flag, doc, metavar = FLAG_FIELDS[f.name], f.metadata["doc"], f.metadata["metavar"]
+    flag, doc, metavar = FLAG_FIELDS[f.name], f.metadata["doc"], f.metadata.get("metavar")
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     kind = typing.get_origin(hint) or hint
@@ -266,13 +268,17 @@ def relaunch_with_torchrun(args: argparse.Namespace) -> int:
             codes = [failure.exitcode for failure in exc.failures.values()]
             return next((code for code in codes if code > 0), 1)
         except SignalException as exc:  # Ctrl-C / SIGTERM: torchrun has already stopped the processes
-            return EXIT_STOPPED if os.path.exists(stopped) else 128 + int(exc.sigval)
+            if os.path.exists(stopped):
+                return EXIT_STOPPED
+            if exc.sigval == signal.SIGINT:  # the processes left the line to this launcher, which ends last
+                print("vitlab train: interrupted", file=sys.stderr)
+            return 128 + int(exc.sigval)
         finally:
             os.environ.pop(STOPPED_MARKER, None)
     return 0
 
 
-STOPPED_MARKER = "VITLAB_STOPPED_MARKER"
+STOPPED_MARKER = LAUNCHED_BY_VITLAB
 
 
 def report(result) -> None:
@@ -294,7 +300,7 @@ def report(result) -> None:
 
 
 # on --resume: the length (made longer) and the runtime settings apply; everything else comes from the checkpoint
-RESUME_RUNTIME = {"device", "threads", "num_workers", "progress"}
+RESUME_RUNTIME = {"device", "threads", "num_workers", "progress", "trackers"}
 
 
 def resume_length(args: argparse.Namespace) -> dict:
@@ -322,8 +328,8 @@ def resume_length(args: argparse.Namespace) -> dict:
             length[name] = value
             continue
         raise InvalidValueError(f"{shown}: cannot be changed on --resume (the run continues with the config stored "
-                                "in its checkpoint; only a longer --epochs or --steps, --device, --threads, --workers "
-                                "and --no-progress apply); start a new run to change it")
+                                "in its checkpoint; only a longer --epochs or --steps, --device, --threads, --workers, "
+                                "--tracker and --no-progress apply); start a new run to change it")
     return length
 
 

@@ -36,8 +36,9 @@ def to_float(images: torch.Tensor, mean: Sequence[float] = (0.5,), std: Sequence
     """uint8 (B, C, H, W) in [0, 255] -> float32 ``(x / 255 - mean) / std`` per channel; mean = std = 0.5 gives
     the paper's [-1, 1]."""
     c = images.shape[1]
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).expand(c).view(1, c, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).expand(c).view(1, c, 1, 1)
+    # built on the host and copied without waiting (a tensor made from numbers right on a GPU waits for it)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).to(images.device, non_blocking=True).expand(c).view(1, c, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).to(images.device, non_blocking=True).expand(c).view(1, c, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t
 
 
@@ -45,7 +46,7 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: fl
                 keys: torch.Tensor | None = None) -> torch.Tensor:
     """Flip each image left-right with probability ``p``."""
     flip = _uniform(x.shape[0], 1, generator, keys, SR.FLIP)[:, 0] < p
-    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
@@ -57,7 +58,8 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | N
     B, C, H, W = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=fill)
     span = 2 * max_shift + 1
-    offsets = (_uniform(B, 2, generator, keys, SR.SHIFT).t() * span).long().clamp_(max=span - 1).to(x.device)
+    offsets = (_uniform(B, 2, generator, keys, SR.SHIFT).t() * span).long().clamp_(max=span - 1)
+    offsets = offsets.to(x.device, non_blocking=True)
     rows = (offsets[0, :, None] + torch.arange(H, device=x.device)).view(B, 1, H, 1)
     cols = (offsets[1, :, None] + torch.arange(W, device=x.device)).view(B, 1, 1, W)
     batch = torch.arange(B, device=x.device).view(B, 1, 1, 1)
@@ -97,7 +99,7 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], fli
     theta[:, 0, 2] = (2 * left + w) / W - 1
     theta[:, 1, 1] = h / H
     theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta.to(x.device, x.dtype), [B, x.shape[1], *size], align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype, non_blocking=True), [B, x.shape[1], *size], align_corners=False)
     return F.grid_sample(x, grid, mode=_mode(interpolation), padding_mode="border", align_corners=False)
 
 

@@ -111,11 +111,28 @@ def augment_batch(images: torch.Tensor, size: tuple[int, int], aug: Augment, key
     return x
 
 
+# share of a GPU's free memory an in-memory training set may take to be kept there (its uint8 images)
+DEVICE_DATA_SHARE = 0.25
+
+
+def on_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``tensors`` moved to a CUDA ``device`` once when together they take at most :data:`DEVICE_DATA_SHARE` of its
+    free memory (batches are then gathered there, with no copy per step), else left where they are."""
+    if device.type != "cuda":
+        return tensors
+    free, _ = torch.cuda.mem_get_info(device)
+    if sum(t.numel() * t.element_size() for t in tensors) > DEVICE_DATA_SHARE * free:
+        return tensors
+    return tuple(t.to(device) for t in tensors)
+
+
 class InMemoryTrainLoader:
     """Training micro-batches of an :class:`ArrayDataset`, augmented per batch.
 
     ``global_batch`` samples per optimiser step over all ranks and accumulation steps; the last partial step of an
-    epoch is dropped. Iterate with :meth:`epoch` (optionally from a micro-batch index, for resuming)."""
+    epoch is dropped. Iterate with :meth:`epoch` (optionally from a micro-batch index, for resuming). On a GPU the
+    images and labels are kept on it (:func:`on_device`) and every copy is non-blocking, so that fetching a batch
+    never waits for the device."""
 
     def __init__(self, dataset: ArrayDataset, global_batch: int, img_size: tuple[int, int], augment: Augment,
                  seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
@@ -128,6 +145,7 @@ class InMemoryTrainLoader:
         self.steps_per_epoch = len(dataset) // global_batch
         if self.steps_per_epoch == 0:
             raise InvalidValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
+        self.images, self.labels = on_device((dataset.images, dataset.labels), self.device)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -137,16 +155,16 @@ class InMemoryTrainLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Micro-batches of ``epoch`` from micro-batch ``start`` on."""
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
-        images, labels = self.dataset.images, self.dataset.labels
+        images, labels = self.images, self.labels
         for m in range(start, self.batches_per_epoch):
             step, acc = divmod(m, self.accum_steps)
             chunk = acc * self.world_size + self.rank
             lo = step * self.global_batch + chunk * self.micro_batch
-            idx = order[lo: lo + self.micro_batch]
+            idx = order[lo: lo + self.micro_batch].to(images.device, non_blocking=True)
             keys = step_keys(self.seed, epoch, step, chunk * self.micro_batch, len(idx))
             x = images[idx].to(self.device, non_blocking=True)
             x = augment_batch(x, self.img_size, self.augment, keys, self.mean, self.std, self.interpolation)
-            yield Batch(x, labels[idx].to(self.device, non_blocking=True), keys=keys.to(self.device))
+            yield Batch(x, labels[idx].to(self.device, non_blocking=True), keys=keys.to(self.device, non_blocking=True))
 
 
 def check_batch_split(global_batch: int, world_size: int, accum_steps: int) -> int:
@@ -348,7 +366,7 @@ class FolderTrainLoader:
         step, acc = divmod(m, self.accum_steps)
         keys = step_keys(self.seed, epoch, step, (acc * self.world_size + self.rank) * self.micro_batch, len(images))
         return Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped,
-                     keys.to(self.device))
+                     keys.to(self.device, non_blocking=True))
 
 
 def folder_eval_batches(dataset: ImageFolderDataset | ShardDataset, preprocessing: Preprocessing,

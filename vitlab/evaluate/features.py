@@ -113,12 +113,13 @@ def model_outputs(
     complete, deduplicated result, identical to a single-process run. Samples whose image is not a tensor
     (unreadable files) are left out and their reasons passed to ``on_skipped``; ``indices`` tells which samples are
     present. An iterable dataset (tar shards) is read as it splits itself over processes; its indices are stream
-    positions. ``precision='bf16'`` runs the model under bf16 autocast (outputs are returned as float32).
+    positions. ``precision='bf16'`` / ``'fp16'`` runs the model under bf16 / fp16 autocast (outputs are returned as
+    float32).
     The model is put in eval mode and restored."""
     fn = output_function(model, kind)
     device = torch.device(device) if device is not None else _device_of(model)
-    if precision not in ("fp32", "bf16"):
-        raise VitlabError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise VitlabError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     mixed_precision = autocast(device, precision)
     rank, world_size = world()
     if not isinstance(dataset, Dataset):

@@ -1,10 +1,11 @@
 """Training-state checkpoints written atomically and read back with ``torch.load(weights_only=True)``.
 
 ``last.pt`` and ``best.pt`` in the run's ``checkpoints/`` folder hold everything a resumed run needs: model, EMA,
-optimiser and scheduler state, the step, the data position, the RNG states and the config. They are written to a
-temporary file in the same folder, flushed to disk (fsync) and moved over the old file with ``os.replace``, so a run
-killed during the write keeps its previous checkpoint intact. :func:`save_run_state` / :func:`restore_run_state` write
-and read a run's state; :func:`full_model` is the one place the FSDP shards are gathered into a plain model.
+optimiser and scheduler state, fp16's loss scale, the step, the data position, the RNG states and the config. They
+are written to a temporary file in the same folder, flushed to disk (fsync) and moved over the old file with
+``os.replace``, so a run killed during the write keeps its previous checkpoint intact. :func:`save_run_state` /
+:func:`restore_run_state` write and read a run's state; :func:`full_model` is the one place the FSDP shards are
+gathered into a plain model.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def save_run_state(run, name: str, step: int, best: dict | None, times: dict | N
         "world_size": run.info.world_size,
         "times": dict(times or {}),
     }
+    if run.scaler is not None:  # plain numbers: the scale, its growth factors and the good steps since it changed
+        state["scaler"] = run.scaler.state_dict()
     if run.ema is not None:
         state["model_ema"] = {k: v.detach().cpu() for k, v in run.ema.state_dict().items()}
         if lora_base is not None:  # the EMA of a frozen weight is that weight, bit for bit (lerp of equal values)
@@ -177,6 +180,8 @@ def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
             ema_sd = {**run.ema.state_dict(), **ema_sd}
     D.load_full_state_dicts(state_module(run), run.optimizer, model_sd, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:
         run.ema.load_state_dict(ema_sd)
     set_rng_state(state["rng"])

@@ -18,6 +18,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from ..errors import InvalidValueError
 from ..models.lora import TARGET_WORDS
 
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")  # vitlab.train.trackers
+
 
 class ConfigError(InvalidValueError):
     """A bad training config: an unknown key, a malformed ``--set`` (a ValueError too, as it always was)."""
@@ -138,8 +140,8 @@ class TrainConfig:
     deterministic: bool = setting(False, "deterministic algorithms (torch.use_deterministic_algorithms; "
                                   "bitwise-repeatable on the CPU)", flag=True)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps", flag=True)
-    precision: str = setting("auto", "fp32, bf16 (autocast) or auto (bf16 where it is native and faster)",
-                             flag=True)
+    precision: str = setting("auto", "fp32, bf16 or fp16 (autocast; fp16 with loss scaling, for GPUs without bf16) "
+                             "or auto (bf16 where it is native and faster, fp16 on GPUs without bf16)", flag=True)
     compile: bool = setting(False, "torch.compile the model", flag=True)
     threads: int | None = setting(None, "torch threads per process (default: torch's choice)", flag=True)
     fsdp: bool = setting(False, "shard parameters with FSDP2 instead of DDP (with torchrun / --nproc)", flag=True)
@@ -153,10 +155,17 @@ class TrainConfig:
     out_dir: str = setting("runs", "where run folders go", flag=True)
     run_name: str | None = setting(None, "run folder name (default: data-model-time)", flag=True)
     progress: bool = setting(True, "progress bar (tqdm, on a terminal)", flag=True)
+    trackers: list[str] | None = setting(None, "experiment trackers: tensorboard, wandb, mlflow (comma-separated or "
+                                         "repeated) or none; default (null, auto): tensorboard when it is installed "
+                                         "(vitlab.train.trackers, docs/training.md)", flag="--tracker",
+                                         metavar="NAMES")
 
     def __post_init__(self) -> None:
         self.freeze = _pattern_list("freeze", self.freeze)
         self.lora_targets = _pattern_list("lora_targets", self.lora_targets)
+        if self.trackers is not None:  # "none" (or an empty list) turns every tracker off, "auto" is the default
+            names = _pattern_list("trackers", self.trackers)
+            self.trackers = None if names == ["auto"] else [n for n in names if n != "none"]
         if self.lora_train is not None:
             self.lora_train = _pattern_list("lora_train", self.lora_train)
         validate(self)
@@ -187,7 +196,7 @@ class TrainConfig:
 
 def describe(name: str) -> str:
     """The documentation of :class:`TrainConfig` field ``name`` (its ``setting(doc=...)``)."""
-    return _FIELDS[name].metadata["doc"]
+    return _FIELDS[name].metadata.get("doc", "")
 
 
 def sections() -> list[tuple[str, list]]:
@@ -195,8 +204,8 @@ def sections() -> list[tuple[str, list]]:
     ``[(title, [dataclasses.Field, ...]), ...]``."""
     groups: list[tuple[str, list]] = []
     for f in fields(TrainConfig):
-        if f.metadata["section"] or not groups:
-            groups.append((f.metadata["section"] or "", []))
+        if f.metadata.get("section") or not groups:
+            groups.append((f.metadata.get("section") or "", []))
         groups[-1][1].append(f)
     return groups
 
@@ -381,7 +390,7 @@ RULES: dict[str, Rule] = {
     "ema_decay": fraction(),
     "seed": Rule(lambda v: _is_number(v, True) and 0 <= v < 2**32, "an integer in [0, 2^32)"),
     "device": DEVICE,
-    "precision": one_of("auto", "fp32", "bf16"),
+    "precision": one_of("auto", "fp32", "bf16", "fp16"),
     "threads": at_least(1, integer=True),
     "eval_batch_size": at_least(1, integer=True),
     "eval_every_epochs": at_least(0),
@@ -389,6 +398,8 @@ RULES: dict[str, Rule] = {
     "save_every_epochs": at_least(0),
     "save_every_minutes": at_least(0),
     "log_every_steps": at_least(1, integer=True),
+    "trackers": Rule(lambda v: all(t in TRACKER_NAMES for t in v),
+                     f"tracker names among {', '.join(TRACKER_NAMES)}, or none / auto", ("none", "auto")),
     "max_bad_steps": at_least(1, integer=True),
     "freeze_blocks": at_least(0, integer=True),
     "layer_decay": Rule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (e.g. 0.65 or 0.75)"),

@@ -270,8 +270,10 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
         state = load_train_state(path)
         run_dir = run_folder_of(path, state["train_config"])  # refuses a folder it cannot identify
         stored = TrainConfig.from_dict(state["train_config"])
-        # runtime-only settings may differ on the resumed run; everything that shapes the result may not
-        config = stored.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS})
+        # runtime-only settings may differ on the resumed run; everything that shapes the result may not (trackers
+        # not chosen again, None, stay the run's own)
+        config = stored.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS
+                                   if k != "trackers" or config.trackers is not None})
         config, changed = _resume_length(config, state, run_dir, epochs, steps)
     elif epochs is not None or steps is not None:
         raise VitlabError("epochs= and steps= of train() make a resumed run longer; set them in the config")
@@ -365,7 +367,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                  "the learning-rate schedule is stretched to the new length")
     train_flops = 6.0 * run.train_macs * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
-    bad_streak, train_seconds = 0, 0.0
+    train_seconds = 0.0
 
     def times() -> dict:
         return {"train_seconds": earlier_train + train_seconds,
@@ -386,19 +388,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             start.stepped = True
             if out.skipped:
                 skipped(out.skipped)
-            if out.stepped:
-                bad_streak = 0
-            else:
-                bad_streak += 1
-                log.warning(f"step {step}: non-finite loss or gradients ({out.loss.item():.4g}); step skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    raise VitlabError(
-                        f"training diverged: {bad_streak} non-finite steps in a row at step {step} (learning rate "
-                        f"{out.lr:.3g}); lower lr, raise warmup_epochs, clip gradients (grad_clip=1) or use "
-                        "precision=fp32, then resume from the last checkpoint",
-                        options=("lr", "warmup_epochs", "grad_clip", "precision", "resume"))
             step += 1
-            step_log.update(step, out)
+            step_log.update(step, out)  # logs skipped steps and stops a diverged run (read back when it logs)
             if step == run.total_steps:
                 break  # the end: checkpoint and model first, then the final evaluation (below)
             if start.stop is not None and (signum := start.stop.agreed(run.device)):
@@ -423,7 +414,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
         run_dir=run.run_dir, metrics=last_eval or {}, best=best, steps=step, epochs=step / run.steps_per_epoch,
         train_seconds=elapsed["train_seconds"], total_seconds=elapsed["total_seconds"], train_flops=train_flops,
         model_path=model_path, model=module, skipped_files=skipped.total)
-    log.write_json("result.json", {
+    log.result({
         "metrics": result.metrics, "best": result.best, "steps": result.steps, "epochs": result.epochs,
         "train_seconds": result.train_seconds, "total_seconds": result.total_seconds,
         "train_flops": train_flops, "forward_macs_per_image": run.macs, "skipped_files": skipped.total,
@@ -505,7 +496,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, objective=No
         stop = StopSignals()
         start = _start(config, resume, epochs, steps)
         start.stop = stop
-        log = RunLog(start.run_dir, enabled=start.info.is_main)
+        log = RunLog(start.run_dir, enabled=start.info.is_main, config=start.config, info=start.info)
         return _train(start, log, objective, t_start)
     except RuntimeError as exc:
         if start is None or not start.info.distributed:

@@ -43,11 +43,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
                     betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
-                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+                    layer_decay: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
     """``adamw``: Adam with decoupled weight decay on weight matrices; ``sgd``: SGD with momentum (the paper's
     fine-tuning, weight decay usually 0). Frozen parameters (``requires_grad=False``) are left out: no state, no
     decay. ``layer_decay`` (BEiT / MAE layer-wise learning-rate decay) gives layer l the learning rate
-    ``lr x layer_decay^(L + 1 - l)`` (:func:`vitlab.train.transfer.layer_decay_groups`)."""
+    ``lr x layer_decay^(L + 1 - l)`` (:func:`vitlab.train.transfer.layer_decay_groups`). ``fused``: torch's fused
+    implementation, which also takes a gradient scaler's ``found_inf`` tensor and skips the update on the device
+    (its rounding differs from the unfused one's in the last bit)."""
     if layer_decay is not None and layer_decay != 1.0:
         from .transfer import layer_decay_groups
 
@@ -55,9 +57,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     else:
         groups = parameter_groups(model, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
     raise InvalidValueError(f"optimizer must be adamw or sgd, got {name!r}")
 
 

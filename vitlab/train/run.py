@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..compute.flops import forward_macs
+from ..compute.flops import forward_macs, resnetv2_forward_macs
 from ..compute.onednn import linear_shapes, set_onednn_linear
 from ..compute.precision import choose_cpu_precision
 from ..data import (
@@ -51,7 +51,7 @@ class Run:
 
     config: TrainConfig
     info: D.DistInfo
-    precision: str                   # fp32 or bf16 (``auto`` resolved)
+    precision: str                   # fp32, bf16 or fp16 (``auto`` resolved)
     run_dir: Path | None
     log: RunLog
     objective: Objective             # see vitlab.train.objectives
@@ -73,6 +73,7 @@ class Run:
     eval_interval: int               # optimiser steps between evaluations
     macs: int                        # forward multiply-accumulates per image
     train_macs: int                  # ... per training image (fewer tokens with patch dropout)
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (None in fp32 and bf16)
 
     @property
     def device(self) -> torch.device:
@@ -83,19 +84,38 @@ class Run:
         return self.model.cfg
 
 
+# fp16's first loss scale (torch's default): lowered at once where the gradients overflow, raised again after
+# 2000 steps without overflow
+LOSS_SCALE_INIT = 2.0 ** 16
+# compute capability from which a GPU multiplies fp16 on tensor cores (Volta); bf16 natively from Ampere (8.0)
+FP16_CAPABILITY = (7, 0)
+
+
 def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None) -> str:
-    """``auto`` -> bf16 on GPUs that support it; on the CPU, given the ``model``, bf16 where this CPU has native bf16
-    and it measured faster at the model's Linear shapes (:func:`vitlab.compute.precision.choose_cpu_precision`,
-    which also warns once when bf16 is asked for on a CPU that emulates it); fp32 elsewhere."""
-    if precision not in ("fp32", "bf16", "auto"):
-        raise InvalidValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    """``auto`` -> bf16 on GPUs with native bf16 (Ampere and later), fp16 (with loss scaling) on GPUs with fp16
+    tensor cores but no bf16 (V100, T4); on the CPU, given the ``model``, bf16 where this CPU has native bf16 and
+    it measured faster at the model's Linear shapes (:func:`vitlab.compute.precision.choose_cpu_precision`, which
+    also warns once when bf16 or fp16 is asked for on a CPU that emulates it); fp32 elsewhere."""
+    if precision not in ("fp32", "bf16", "fp16", "auto"):
+        raise InvalidValueError(f"precision must be fp32, bf16, fp16 or auto, got {precision!r}")
     if device.type == "cpu" and model is not None:
         return choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type != "cuda":
+            return "fp32"
+        # not torch's default: it also says yes where bf16 is only emulated (several times slower than fp16)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16"
-        return "fp32"
+        return "fp16" if torch.cuda.get_device_capability(device) >= FP16_CAPABILITY else "fp32"
     return precision
+
+
+def device_side_step(config: TrainConfig, device: torch.device, precision: str) -> bool:
+    """Whether the optimiser is the fused kind that takes the skip decision as a device tensor (``found_inf``, as a
+    gradient scaler passes it), so that a step never waits for the device: on CUDA (single process and DDP) and for
+    fp16 anywhere. The CPU's float32 and bf16 runs keep the unfused optimiser, whose arithmetic earlier runs had
+    (there reading the decision back costs nothing); FSDP's sharded parameters keep it too."""
+    return (device.type == "cuda" and not config.fsdp) or precision == "fp16"
 
 
 def _class_names(dataset, config: TrainConfig) -> list[str]:
@@ -264,6 +284,11 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     """Build every part of a run from its config (``objective``: default :class:`Classification`)."""
     cfg = config
     precision = resolve_precision(cfg.precision, info.device)
+    if cfg.fsdp and precision == "fp16":  # the loss scale's overflow check would have to see every shard
+        if cfg.precision != "auto":
+            raise VitlabError("precision=fp16 with fsdp is not supported; use precision=bf16 or precision=fp32 "
+                              "with fsdp, or fp16 without fsdp (DDP)", options=("precision", "fsdp"))
+        precision = "fp32"
     train_set, eval_set, why_not, class_names, in_chans = _datasets(cfg)
     if eval_set is None:
         log.warning(f"no evaluation data ({why_not}); set val_data to evaluate")
@@ -320,15 +345,19 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         trainable = PatchDropoutForward(model, 1.0 - cfg.patch_dropout)
     trainable = D.wrap(trainable, info, fsdp=cfg.fsdp)
     optimizer = build_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.momentum,
-                                layer_decay=cfg.layer_decay)
+                                layer_decay=cfg.layer_decay, fused=device_side_step(cfg, info.device, precision))
     warmup_steps = min(warmup, total_steps)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.schedule, cfg.end_lr_factor)
     macs = forward_macs(vit.cfg)
     train_macs = macs
     if cfg.patch_dropout > 0:
         kept = max(1, int(round(vit.cfg.num_patches * (1.0 - cfg.patch_dropout))))
-        ph, pw = vit.cfg.patch_size
-        train_macs = forward_macs(vit.cfg.replace(img_size=(ph, pw * kept)))  # a 1 x kept patch grid
+        ph, pw = getattr(vit.cfg, "reduction", vit.cfg.patch_size)  # pixels per token (a hybrid: stride x patch)
+        strip = vit.cfg.replace(img_size=(ph, pw * kept))  # a 1 x kept patch grid (an estimate: the embedding of
+        # the dropped tokens, which the model also computes, is left out)
+        train_macs = forward_macs(strip)
+        if hasattr(vit.cfg, "backbone"):  # a hybrid's CNN still sees the whole image; only its tokens are dropped
+            train_macs += resnetv2_forward_macs(vit.cfg.backbone, False) - resnetv2_forward_macs(strip.backbone, False)
     return Run(
         config=cfg, info=info, precision=precision, run_dir=run_dir, log=log, objective=objective,
         class_names=class_names, preprocessing=preprocessing, train_set=train_set, eval_set=eval_set, loader=loader,
@@ -337,4 +366,5 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         ema=EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None, steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=warmup_steps,
         eval_interval=max(1, int(round(ev * spe))) if ev and ev > 0 else total_steps, macs=macs,
-        train_macs=train_macs)
+        train_macs=train_macs,
+        scaler=torch.amp.GradScaler(info.device.type, init_scale=LOSS_SCALE_INIT) if precision == "fp16" else None)

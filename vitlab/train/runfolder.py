@@ -24,7 +24,7 @@ from ..errors import VitlabError
 
 LOCK_NAME = "run.lock"
 # settings a resumed run takes from the command line (the rest comes from the checkpoint)
-RUNTIME_FIELDS = ("device", "threads", "progress", "num_workers")
+RUNTIME_FIELDS = ("device", "threads", "progress", "num_workers", "trackers")
 LENGTH_FIELDS = ("epochs", "steps")
 
 

@@ -8,7 +8,9 @@
       checkpoints/         last.pt and best.pt (training state, torch.load(weights_only=True))
       model.safetensors    the final model with its preprocessing and class names (vitlab.save)
       result.json          final metrics, timings and compute
-      tensorboard/         event files, when the tensorboard package is installed
+      tensorboard/         event files, when the tensorboard tracker is on (vitlab.train.trackers)
+      wandb/, mlruns/      the W&B offline run and the MLflow file store, when those trackers are chosen
+      trackers.json        the W&B / MLflow run ids, so that a resumed run continues them
       run.lock             held by the process training the run (vitlab.train.runfolder)
       launch.json          torchrun rendezvous id / SLURM job id, for --resume auto after a restart or requeue
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from ..atomic import WriteError, write_text_atomic
 from ..errors import VitlabError
+from .trackers import Trackers, chosen_trackers, system_info
 
 LOGGER_NAME = "vitlab.train"
 _RUN_NUMBERS = itertools.count(1)  # names each RunLog's logger uniquely within the process
@@ -168,16 +171,22 @@ class RunLog:
     Each RunLog owns its logger and handlers: the logger is its own object, not registered in ``logging``'s global
     table (where a name made from ``id(self)`` would hand a later run, given the same id, an earlier run's handlers
     writing to the earlier folder's ``log.txt``). :meth:`close` (or leaving a ``with RunLog(...)`` block, also on an
-    exception) detaches and closes them."""
+    exception) detaches and closes them.
 
-    def __init__(self, run_dir: Path | None, enabled: bool = True, console: bool = True):
+    ``config`` (a TrainConfig) opens the trackers it chooses (``config.trackers``, :mod:`vitlab.train.trackers`) on
+    the main process; every process checks the choice, so a missing package is refused alike on all of them.
+    ``info`` (the run's DistInfo) gives the device and the number of processes for the system info."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool = True, console: bool = True, *, config=None,
+                 info=None):
+        names = chosen_trackers(config.trackers) if config is not None else []
         self.run_dir = run_dir
         self.enabled = enabled and run_dir is not None
         self.logger = logging.Logger(f"{LOGGER_NAME}.run{next(_RUN_NUMBERS)}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         self._handlers: list[logging.Handler] = []
-        self._tb = None
+        self._trackers: Trackers | None = None
         if not enabled:
             return
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
@@ -191,6 +200,13 @@ class RunLog:
             self._handlers.append(fh)
         for h in self._handlers:
             self.logger.addHandler(h)
+        if self.enabled and names:
+            system = system_info(info.device if info else "cpu", info.world_size if info else 1)
+            try:
+                self._trackers = Trackers(run_dir, names, config.to_dict(), system, warn=self.warning)
+            except BaseException:
+                self.close()
+                raise
 
     def info(self, message: str) -> None:
         if self._handlers:
@@ -204,6 +220,13 @@ class RunLog:
         if self.enabled:
             write_text_atomic(self.run_dir / name, json.dumps(data, indent=2, default=_clean) + "\n")
 
+    def result(self, data: dict) -> None:
+        """Write ``result.json`` and hand the result (with the model's and the last checkpoint's paths) to the
+        trackers."""
+        self.write_json("result.json", data)
+        if self._trackers is not None:
+            self._trackers.finish(data)
+
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric rows past ``after_step`` (left by a run killed after its last checkpoint) before resuming."""
         if not self.enabled:
@@ -215,7 +238,7 @@ class RunLog:
             self._rewrite_csv()
 
     def metric(self, row: dict) -> None:
-        """Append one metrics row (JSONL; evaluations also to the CSV table and TensorBoard)."""
+        """Append one metrics row (JSONL; evaluations also to the CSV table; every row to the trackers)."""
         if not self.enabled:
             return
         row = {k: _clean(v) for k, v in row.items()}
@@ -226,7 +249,8 @@ class RunLog:
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         if row.get("kind") == "eval":
             self._rewrite_csv()
-        self._tensorboard(row)
+        if self._trackers is not None:
+            self._trackers.log(row)
 
     def _rewrite_csv(self) -> None:
         rows = read_metrics(self.run_dir / "metrics.jsonl")
@@ -240,21 +264,6 @@ class RunLog:
         writer.writerows({k: r.get(k) for k in columns} for r in evals)
         write_text_atomic(self.run_dir / "metrics.csv", buf.getvalue())
 
-    def _tensorboard(self, row: dict) -> None:
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                self._tb = False
-                return
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        if self._tb is False:
-            return
-        prefix = "train" if row.get("kind") == "step" else row.get("kind", "eval")
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
-                self._tb.add_scalar(f"{prefix}/{key}", value, row.get("step", 0))
-
     def __enter__(self) -> RunLog:
         return self
 
@@ -262,12 +271,12 @@ class RunLog:
         self.close()
 
     def close(self) -> None:
-        """Detach and close the handlers and the TensorBoard writer; further log calls do nothing."""
+        """Detach and close the handlers and the trackers; further log calls do nothing."""
         for h in self._handlers:
             self.logger.removeHandler(h)
             h.close()
         self._handlers = []
-        if self._tb:
-            self._tb.close()
-        self._tb = False  # closed: no new writer either
+        trackers, self._trackers = self._trackers, None
+        if trackers is not None:
+            trackers.close()
 

@@ -2,7 +2,11 @@
 
 Forward, loss and backward over ``accum_steps`` micro-batches (DDP synchronises the gradients on the last one only),
 then the global gradient norm (clipped), the optimiser step (skipped when the norm is not finite), the schedule and
-EMA. The loss stays on the device: the loop reads it back only when it logs.
+EMA. In fp16 the loss is multiplied by the gradient scaler's scale before the backward pass and the gradients are
+divided by it again before the norm; the scaler lowers the scale after a step whose gradients overflowed and raises it
+after a run of good ones. Nothing here waits for the device: the loss and the skip decision stay on it (a fused
+optimiser takes the decision as a tensor, see :func:`vitlab.train.run.device_side_step`) and the loop reads them
+back only when it logs.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from .run import Run
 @dataclass
 class StepOutput:
     """What one step did: the mean loss over its micro-batches (a float64 tensor on the device), the gradient norm
-    (a tensor), whether the optimiser stepped, the learning rate it used, the images it saw on this process and the
-    files skipped while loading them."""
+    (a tensor), whether the optimiser stepped (a bool tensor on the device: false for a non-finite step), the
+    learning rate it used, the images it saw on this process and the files skipped while loading them."""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
-    stepped: bool
+    stepped: torch.Tensor
     lr: float
     images: int
     skipped: list[str] = field(default_factory=list)
@@ -50,7 +54,7 @@ def grad_norm(parameters: list[torch.Tensor], clip: float) -> torch.Tensor:
 
 def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutput:
     """Optimiser step ``step`` (counted from 0) on the next ``accum_steps`` micro-batches of ``micro_batches``."""
-    cfg, objective = run.config, run.objective
+    cfg, objective, scaler = run.config, run.objective, run.scaler
     accum = cfg.accum_steps
     ddp = isinstance(run.trainable, nn.parallel.DistributedDataParallel)
     loss = torch.zeros((), dtype=torch.float64, device=run.device)
@@ -74,15 +78,15 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
             with autocast(run.device, run.precision):
                 output = run.forward(x, **keyed)
             micro_loss = objective.loss(output, targets)
-            (micro_loss / accum).backward()
+            part = micro_loss / accum
+            (scaler.scale(part) if scaler is not None else part).backward()
         loss += micro_loss.detach().double() / accum
         images += batch.images.shape[0]
+    if scaler is not None and images:
+        scaler.unscale_(run.optimizer)  # the gradients at their true size for the norm and the clip
     norm = grad_norm(run.params, cfg.grad_clip)
-    stepped = bool(torch.isfinite(norm))
-    if stepped:
-        run.optimizer.step()
-    else:
-        run.optimizer.zero_grad(set_to_none=True)
+    stepped = torch.isfinite(norm)
+    _optimizer_step(run, stepped, bool(images))
     lr = run.scheduler.get_last_lr()[0]
     with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -90,3 +94,24 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
     if run.ema is not None:
         run.ema.update(run.model, step)
     return StepOutput(loss, norm, stepped, lr, images, skipped)
+
+
+def _optimizer_step(run: Run, finite: torch.Tensor, has_grads: bool) -> None:
+    """The optimiser step, skipped where ``finite`` (a bool tensor) is false. fp16: the scaler steps (skipping where
+    the unscaled gradients overflowed) and updates its scale. A fused optimiser gets the decision as its
+    ``found_inf`` tensor and skips on the device; an unfused one (the CPU's float32 and bf16) is asked on the host."""
+    optimizer = run.optimizer
+    if run.scaler is not None:
+        if has_grads:  # every micro-batch empty (all its files unreadable): nothing to step, the scale stays
+            run.scaler.step(optimizer)
+            run.scaler.update()
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()  # the attribute a fused optimiser's step reads
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
