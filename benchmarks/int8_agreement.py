@@ -8,6 +8,13 @@ its Linear layers quantised to int8 by ONNX Runtime (vitlab.compute.deploy), and
 Fashion-MNIST are classified by PyTorch float32 and by the int8 model. Prints the share of equal predictions (target:
 at least 99%), both accuracies and both throughputs, for each int8 weight type asked for (``--int8-weights signed
 unsigned`` compares them on this CPU; default: auto, the type ``vitlab export-onnx --int8`` picks here).
+
+Any image size works: the test images are resized to the model's. docs/performance.md measures the main job's model
+and a ViT-S/16 trained briefly on Fashion-MNIST at 64 px (no pre-trained ViT-S/16 weights offline) this way:
+
+    vitlab train --recipe fashion-mnist --model vit_s16 --img-size 64 --steps 120 --batch-size 32 --lr 5e-4 \
+        --set patch_dropout=0 --run-name s16
+    python benchmarks/int8_agreement.py runs/s16/model.safetensors --limit 1000
 """
 
 from __future__ import annotations

@@ -9,11 +9,14 @@ from vitlab.cli import main
 from vitlab.compute.bench import (
     BenchSettings,
     bench_model,
+    datasheet_peak_flops,
     interleaved_times,
+    largest_fitting,
     measure_gemm_rate,
     paired_ratio,
     peak_memory_bytes,
 )
+from vitlab.errors import VitlabError
 
 timm = pytest.importorskip("timm")
 
@@ -42,6 +45,46 @@ def test_cpu_peak_memory_follows_allocations_and_frees():
 
     peak = peak_memory_bytes(work, torch.device("cpu")) / 2**20
     assert 11.9 < peak < 12.5
+
+
+@pytest.mark.parametrize("start", [1, 20, 37, 38, 500, 4096])
+def test_largest_fitting_brackets_the_answer_from_any_start(start):
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= 37
+
+    search = largest_fitting(fits, start, limit=4096, deadline=float("inf"), tolerance=0)
+    assert search["largest"] == 37 and search["failed"] == 38 and not search["timed_out"]
+    assert [n for n, _ in search["tries"]] == tried and len(tried) == len(set(tried)) <= 40
+
+
+def test_largest_fitting_stops_at_the_limit_the_deadline_or_when_nothing_fits():
+    assert largest_fitting(lambda n: True, 10, limit=64, deadline=float("inf"))["largest"] == 64
+    nothing = largest_fitting(lambda n: False, 10, limit=64, deadline=float("inf"))
+    assert nothing["largest"] == 0 and nothing["failed"] == 1
+    late = largest_fitting(lambda n: True, 10, limit=64, deadline=0.0)
+    assert late["timed_out"] and late["tries"] == [] and late["largest"] == 0
+    coarse = largest_fitting(lambda n: n <= 1000, 700, limit=4096, deadline=float("inf"), tolerance=1 / 32)
+    assert 1000 - 1000 // 32 <= coarse["largest"] <= 1000 < coarse["failed"] <= coarse["largest"] + 1000 // 32
+
+
+def test_datasheet_peaks_are_dense_bf16_and_the_most_specific_name_wins():
+    assert datasheet_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert datasheet_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert datasheet_peak_flops("NVIDIA H200", "bf16") == 989e12
+    assert datasheet_peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert datasheet_peak_flops("Some Other GPU", "bf16") is None
+
+
+def test_max_batch_on_the_cpu_needs_a_memory_limit():
+    # the search itself (CPU: measured peaks under --memory-limit-mb) runs in the GPU suite's dry run
+    from vitlab.compute.bench import measure_max_batch
+    from vitlab.models import create_model
+
+    with pytest.raises(VitlabError, match="--memory-limit-mb"):
+        measure_max_batch("vit_fmnist", create_model("vit_fmnist", depth=1), BenchSettings(), torch.device("cpu"))
 
 
 def test_gemm_rate_is_positive_and_peak_is_the_best():
@@ -77,6 +120,7 @@ def test_cli_writes_json_report(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["bench", "vit_ti16", "--tasks", "fly"], "unknown task"),
     (["bench", "vit_ti16", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["bench", "vit_ti16", "--max-batch-seconds", "0"], "--max-batch-seconds must be > 0"),
     (["bench", "vit_nope", "--tasks", "inference", "--no-timm"], "unknown model"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):

@@ -195,6 +195,23 @@ def test_measured_choices_are_cached_per_machine_and_reused(measured, tmp_path, 
     assert asked == [(192, 1000)]
 
 
+def test_a_models_kernels_are_recorded_per_shape_with_what_decided_them(measured, monkeypatch):
+    timings, _ = measured
+    timings[(192, 576)] = _rounds(0.5, 1.0)
+    timings[(192, 768)] = _rounds(0.5, 3.0)
+    record = linear.linear_kernels(vitlab.create_model("vit_ti16", img_size=32, depth=1, num_classes=5))
+    assert record["shapes"] == {"192x192": "F.linear", "192x576": "oneDNN", "192x5": "F.linear",
+                                "192x768": "oneDNN (inference only)", "768x192": "F.linear"}
+    assert record["decided_by"].startswith("measured on this CPU (" + linear.machine_key())
+    assert str(linear.calibration_path()) in record["decided_by"]
+    line = linear.describe_linear_kernels(record)
+    assert line.startswith("Linear kernels (float32 CPU): F.linear for 192x192, 192x5, 768x192; oneDNN for 192x576; "
+                           "oneDNN (inference only) for 192x768 (measured on this CPU")
+    monkeypatch.setenv("VITLAB_ONEDNN_LINEAR", "0")
+    record = linear.linear_kernels(vitlab.create_model("vit_ti16", img_size=32, depth=1, num_classes=5))
+    assert set(record["shapes"].values()) == {"F.linear"} and record["decided_by"] == "VITLAB_ONEDNN_LINEAR=0"
+
+
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(measured):
     _, asked = measured
     path = linear.calibration_path()

@@ -138,6 +138,14 @@ def test_tiny_run_learns_and_writes_a_complete_run_folder(tmp_path):
         assert state["format"] == "vitlab-train-state" and {"model", "optimizer", "scheduler", "rng"} <= set(state)
     assert json.loads((run / "result.json").read_text())["metrics"]["top1"] == result.metrics["top1"]
     assert "M MACs per image forward" in (run / "log.txt").read_text()
+    # what it computed with: precision and Linear kernels, and what decided them (tests set both by environment)
+    kernels = json.loads((run / "kernels.json").read_text())
+    assert kernels["precision"] == "fp32" and kernels["precision_asked"] == "auto"
+    assert kernels["precision_reason"] == "auto decided by VITLAB_AUTO_PRECISION=fp32"
+    assert kernels["linear"] == {"decided_by": "VITLAB_ONEDNN_LINEAR=0",
+                                 "shapes": {"32x10": "F.linear", "32x32": "F.linear", "32x64": "F.linear",
+                                            "32x96": "F.linear", "64x32": "F.linear"}}
+    assert "Linear kernels (float32 CPU): F.linear for 32x10, 32x32, 32x64" in (run / "log.txt").read_text()
     expected_flops = 6 * vitlab.compute.forward_macs(result.model.cfg) * result.steps * 64
     assert result.train_flops == pytest.approx(expected_flops)
     # the final model reads back with its preprocessing and class names and gives the same accuracy

@@ -97,6 +97,27 @@ def test_step_log_reads_the_loss_back_only_at_logging_steps(tmp_path):
     assert all(math.isfinite(r["images_per_s"]) for r in rows)
 
 
+def test_the_time_waiting_for_batches_is_measured_and_logged_as_a_share(tmp_path):
+    import time
+
+    run = _run(tmp_path, steps=2, epochs=None, log_every_steps=2)
+
+    def slow(batches):
+        for batch in batches:
+            time.sleep(0.05)  # a loader slower than the step
+            yield batch
+
+    batches = slow(run.loader.epoch(0))
+    log = StepLog(run, 0)
+    outs = [train_step(run, batches, step) for step in range(2)]
+    assert all(0.05 <= out.data_seconds < 5 for out in outs)
+    for step, out in enumerate(outs, start=1):
+        log.update(step, out)
+    run.log.close()
+    [row] = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < row["data_wait"] <= 1
+
+
 def test_saved_run_state_restores_model_optimiser_schedule_and_ema(tmp_path):
     run = _run(tmp_path, "saved", ema_decay=0.9)
     batches = run.loader.epoch(0)

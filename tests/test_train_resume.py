@@ -167,7 +167,7 @@ def test_the_main_recipe_on_one_and_two_processes_trains_the_same_weights(tmp_pa
 def test_resume_auto_starts_a_named_run_then_continues_it(tmp_path, capsys):
     """The same call twice: the first starts the named run, the second finds it finished; a longer one continues
     it; other settings or a folder of other files are refused in one line."""
-    from vitlab.train.loop import RunFinished
+    from vitlab.train.runfolder import RunFinished
 
     cfg = tiny_config(tmp_path, epochs=None, steps=6, eval_every_epochs=0, run_name="job")
     first = train(cfg, resume="auto")
@@ -344,3 +344,96 @@ def test_a_killed_rank_is_named_in_one_line_without_a_traceback(tmp_path):
     assert err.count("rank 1 of 2 ended (killed, out of memory or its own error") == 1, err[-3000:]
     assert "Traceback" not in err and "Connection closed" not in err, err[-3000:]
     assert "rank 1 of 2 ended" in (tmp_path / "runs" / "job" / "log.txt").read_text()
+
+
+def test_run_folder_names_the_files_a_run_writes_and_one_rule_gives_its_length(tmp_path):
+    from vitlab.train.runfolder import RunFolder, total_steps_for
+
+    run = train(tiny_config(tmp_path, epochs=None, steps=3, eval_every_epochs=0, run_name="job"))
+    folder = RunFolder(run.run_dir)
+    for path in (folder.config, folder.log, folder.metrics, folder.last, folder.model, folder.result):
+        assert path.is_file(), path
+    assert run.model_path == folder.model and not folder.file(RunFolder.SHARED_CHECK).exists()
+    assert json.loads(folder.result.read_text())["steps"] == 3
+    assert folder.stored_config()["steps"] == 3
+    assert RunFolder.of_checkpoint(folder.last).path == run.run_dir
+    assert RunFolder.resume_checkpoint(run.run_dir) == folder.last
+    # steps win; else epochs (one when unset) of the epoch's steps, rounded up
+    assert [total_steps_for(5, 2.0, 22), total_steps_for(None, 2.5, 22), total_steps_for(None, None, 22)] == [5, 55, 22]
+
+
+def test_the_lines_that_name_the_nodes_that_see_another_run_folder():
+    from vitlab.train.runfolder import disagreement, unseen_folder
+
+    a, b = "node 0 (host-a)", "node 1 (host-b)"
+    assert unseen_folder("runs/job", [(True, a), (True, a), (True, b)]) is None
+    line = unseen_folder("runs/job", [(True, a), (True, a), (False, b), (False, b)])
+    assert line.startswith("runs/job: the run folder that rank 0 made on node 0 (host-a) is not visible on node 1 "
+                           "(host-b) ranks 2, 3; every node needs the run folder on one shared filesystem")
+    assert "\n" not in line
+    resumes = "resumes runs/job/checkpoints/last.pt at step 20"
+    assert disagreement([(resumes, a), (resumes, b)]) is None
+    line = disagreement([(resumes, a), ("stops (runs/job: no checkpoint to resume from)", b)])
+    assert line.startswith(f"the processes do not see the same run: rank 0 on {a} {resumes}, while {b} rank 1 stops "
+                           "(runs/job: no checkpoint to resume from); every node needs the run folder")
+
+
+def _two_nodes(cwds: list[Path], *args: str, env: dict | None = None) -> list[tuple[int, str, float]]:
+    """``vitlab train ARGS`` on a two-node torchrun world on loopback (static rendezvous, one process per node),
+    each launcher in its own working directory: (exit status, stderr, seconds) per launcher."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "vitlab", "train", *args],
+        cwd=cwd, env={**child_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank, cwd in enumerate(cwds)]
+    done = []
+    for launcher in launchers:
+        _, err = launcher.communicate(timeout=180)
+        done.append((launcher.returncode, err, time.monotonic() - t0))
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["shared", "new", "resume", "auto"])
+def test_a_node_without_the_run_folder_stops_every_node_in_one_line(tmp_path, monkeypatch, case):
+    """Two nodes on loopback, each launcher in its own working directory with a relative --out-dir, so node 1 does
+    not see the folder node 0 writes (no shared filesystem): both launchers exit non-zero with one line naming node
+    1, for a new run and for --resume / --resume auto of a run node 0 alone holds. With one working directory
+    (shared) the run trains."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    cfg = tiny_config(tmp_path, epochs=None, steps=2, eval_every_epochs=0, run_name="job", out_dir="runs")
+    for where in (a, b):
+        (where / "config.json").write_text(cfg.to_json())
+    if case in ("resume", "auto"):  # node 0's run folder with a checkpoint; node 1 has none
+        monkeypatch.chdir(a)
+        train(cfg)
+    args = {"resume": ["--resume", "runs/job", "--steps", "4"],  # --config may not be given with a named resume
+            "auto": ["--config", "config.json", "--resume", "auto", "--steps", "4"]}
+    args = args.get(case, ["--config", "config.json"])
+    done = _two_nodes([a, a] if case == "shared" else [a, b], *args, env={"VITLAB_SHARED_WAIT": "1"})
+    print("seconds to the end of each launcher:", [round(seconds, 1) for _, _, seconds in done])
+    if case == "shared":
+        assert [code for code, _, _ in done] == [0, 0], done[0][1][-3000:]
+        assert json.loads((a / "runs" / "job" / "result.json").read_text())["world_size"] == 2
+        assert not (a / "runs" / "job" / ".shared-check").exists()
+        return
+    expected = ("is not visible on node 1" if case == "new" else
+                "the processes do not see the same run: rank 0 on node 0")
+    for code, err, seconds in done:
+        assert code != 0 and seconds < 120, err[-3000:]  # no hang: the start-up (imports) is most of it
+        lines = [line for line in err.splitlines() if "vitlab train: error:" in line]
+        assert len(lines) == 1 and expected in lines[0] and "node 1" in lines[0], err[-3000:]
+        assert "vitlab/train/" not in err, err[-3000:]  # no traceback from the processes (torchrun's own follows)
+        print(lines[0])
+    if case == "new":
+        assert not (a / "runs" / "job").exists() and not (b / "runs").exists()  # nothing left behind
+    else:
+        assert "at step 2" in lines[0] and json.loads((a / "runs" / "job" / "result.json").read_text())["steps"] == 2

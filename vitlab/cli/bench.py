@@ -1,4 +1,5 @@
-"""``vitlab bench``: vitlab next to timm in one run (throughput, latency, training steps, memory, MFU)."""
+"""``vitlab bench``: vitlab next to timm in one run (throughput, latency, training steps, memory, MFU, the largest
+training batch)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="benchmark models against timm in the same run",
         description="Inference throughput, batch-1 latency, training-step throughput, peak memory and MFU (against "
-                    "a GEMM rate measured at the start) of vitlab models, with timm's same architecture measured in "
-                    "the same run (rounds alternate between the two) and the ratio printed.")
+                    "a GEMM rate measured at the start, and for bf16 on a known GPU against its datasheet peak) of "
+                    "vitlab models, with timm's same architecture measured in the same run (rounds alternate between "
+                    "the two) and the ratio printed; the max-batch task finds the largest training batch that fits.")
     p.add_argument("models", nargs="+", help="registered model names, e.g. vit_ti16 vit_b16")
     p.add_argument("--tasks", default="inference,latency,train",
                    help=f"comma-separated, from {', '.join(TASKS)} (default: inference,latency,train)")
@@ -33,7 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's)")
     p.add_argument("--no-timm", action="store_true", help="measure vitlab only")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON ('-' for stdout only)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak TFLOP/s for a second MFU column (default for bf16 on a known GPU: its datasheet's)")
+    p.add_argument("--max-batch-limit", type=int, default=4096, help="max-batch: the largest batch tried (4096)")
+    p.add_argument("--max-batch-seconds", type=float, default=60.0,
+                   help="max-batch: seconds one model's search may take; then the best found so far (default 60)")
+    p.add_argument("--memory-limit-mb", type=float,
+                   help="max-batch: the memory to fit in (CUDA: default the whole GPU; required on the CPU)")
+    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON ('-' for stdout only); the "
+                                                 "file is rewritten after every measurement, so a run stopped half-way "
+                                                 "keeps what it measured (\"complete\": false)")
     p.set_defaults(func=run)
 
 
@@ -43,20 +54,33 @@ def run(args: argparse.Namespace) -> int:
     if bad or not tasks:
         raise InvalidValueError(f"--tasks: unknown task(s) {', '.join(bad) or '(none given)'}; "
                                 f"choose from {', '.join(TASKS)}")
-    for option in ("batch_size", "train_batch_size", "rounds", "iters", "threads"):
+    for option in ("batch_size", "train_batch_size", "rounds", "iters", "threads", "max_batch_limit"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise InvalidValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup < 0:
         raise InvalidValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for option in ("peak_tflops", "max_batch_seconds", "memory_limit_mb"):
+        value = getattr(args, option)
+        if value is not None and not value > 0:
+            raise InvalidValueError(f"--{option.replace('_', '-')} must be > 0, got {value}")
     settings = BenchSettings(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                              train_batch_size=args.train_batch_size, img_size=args.img_size, compile=args.compile,
                              grad_checkpointing=args.grad_checkpointing, rounds=args.rounds, iters=args.iters,
                              warmup=args.warmup, threads=args.threads, timm=not args.no_timm,
-                             memory=not args.no_memory)
+                             memory=not args.no_memory,
+                             peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+                             max_batch_limit=args.max_batch_limit, max_batch_seconds=args.max_batch_seconds,
+                             memory_limit_mb=args.memory_limit_mb)
     to_stdout = args.json == "-"
+
+    def keep(partial: dict) -> None:
+        if args.json and not to_stdout:
+            write_text_atomic(args.json, json.dumps(partial, indent=2) + "\n")
+
     report = run_benchmarks(args.models, tasks, settings,
-                            log=lambda s: print(s, file=sys.stderr if to_stdout else sys.stdout, flush=True))
+                            log=lambda s: print(s, file=sys.stderr if to_stdout else sys.stdout, flush=True),
+                            on_report=keep)
     if to_stdout:
         print(json.dumps(report, indent=2))
         return 0

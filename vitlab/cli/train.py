@@ -16,6 +16,7 @@ from dataclasses import fields
 from ..errors import InvalidValueError, VitlabError
 from ..train import apply_overrides, get_recipe
 from ..train.config import RULES, ConfigValueError, TrainConfig, parse_value, sections
+from ..train.runfolder import RunFinished, RunFolder
 from . import LAUNCHED_BY_VITLAB
 
 # TrainConfig field -> its flag, for the fields that have one (``setting(..., flag=...)`` in vitlab/train/config.py);
@@ -299,13 +300,10 @@ def report(result) -> None:
         print(f"model: {result.model_path}")
 
 
-# on --resume: the length (made longer) and the runtime settings apply; everything else comes from the checkpoint
-RESUME_RUNTIME = {"device", "threads", "num_workers", "progress", "trackers"}
-
-
 def resume_length(args: argparse.Namespace) -> dict:
     """``{"epochs": ...}`` or ``{"steps": ...}`` given with ``--resume`` (may be empty); any other setting is
-    refused naming its flag, since a resumed run continues with its stored config."""
+    refused naming its flag, since a resumed run continues with its stored config (what a resume may change:
+    :class:`~vitlab.train.runfolder.RunFolder`)."""
     given = []
     if args.recipe:
         given.append(("recipe", f"--recipe {args.recipe}"))
@@ -319,9 +317,9 @@ def resume_length(args: argparse.Namespace) -> dict:
         given.append((item.partition("=")[0].strip().replace("-", "_"), f"--set {item}"))
     length = {}
     for name, shown in given:
-        if name in RESUME_RUNTIME:
+        if name in RunFolder.RUNTIME_FIELDS:
             continue
-        if name in ("epochs", "steps") and not length:
+        if name in RunFolder.LENGTH_FIELDS and not length:
             value = getattr(args, name, None)
             if value is None:  # from --set
                 value = parse_value(name, shown.partition("=")[2])
@@ -361,7 +359,6 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc and "WORLD_SIZE" not in os.environ:
         return relaunch_with_torchrun(args)
     from ..train import train
-    from ..train.loop import RunFinished
     from ..train.stop import RunStopped
 
     resume = resume_choice(args.resume)

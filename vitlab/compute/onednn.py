@@ -410,3 +410,34 @@ def set_onednn_linear(model: nn.Module, enabled: bool | None = None) -> nn.Modul
             else:
                 module.__dict__.pop("onednn_training", None)
     return model
+
+
+def linear_kernels(model: nn.Module) -> dict:
+    """Which product each Linear shape of ``model`` runs on in float32 on the CPU, and why, for a run's record:
+    ``{"decided_by": ..., "shapes": {"INxOUT": "oneDNN" | "oneDNN (inference only)" | "F.linear"}}``. ``decided_by``
+    is ``VITLAB_ONEDNN_LINEAR=0`` / ``=1``, ``measured on this CPU`` (with the cache file) or ``no oneDNN inner
+    product in this PyTorch``. Layers narrower than :data:`ONEDNN_MIN_FEATURES` always take F.linear."""
+    shapes: dict[str, str] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            onednn = (isinstance(module, OneDnnLinear) and bool(_AVAILABLE)
+                      and min(module.in_features, module.out_features) >= ONEDNN_MIN_FEATURES)
+            kind = ("oneDNN" if module.onednn_training else "oneDNN (inference only)") if onednn else "F.linear"
+            shapes[f"{module.in_features}x{module.out_features}"] = kind
+    setting = os.environ.get("VITLAB_ONEDNN_LINEAR")
+    if setting in ("0", "1"):
+        how = f"VITLAB_ONEDNN_LINEAR={setting}"
+    elif not onednn_linear_available():
+        how = "no oneDNN inner product in this PyTorch"
+    else:
+        how = f"measured on this CPU ({machine_key()}; cached in {calibration_path()})"
+    return {"decided_by": how, "shapes": dict(sorted(shapes.items()))}
+
+
+def describe_linear_kernels(kernels: dict) -> str:
+    """One line for a log: the shapes per kernel of a :func:`linear_kernels` record and what decided them."""
+    by_kind: dict[str, list[str]] = {}
+    for shape, kind in kernels["shapes"].items():
+        by_kind.setdefault(kind, []).append(shape)
+    parts = [f"{kind} for {', '.join(shapes)}" for kind, shapes in sorted(by_kind.items())]
+    return f"Linear kernels (float32 CPU): {'; '.join(parts) or 'no Linear layers'} ({kernels['decided_by']})"

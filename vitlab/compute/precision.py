@@ -125,6 +125,24 @@ def cached_slowdown(shapes: list[tuple[int, int]], precision: str,
 _warned: set[str] = set()
 
 
+def cpu_precision_reason(asked: str, shapes: Iterable[tuple[int, int]], flags: Iterable[str] | None = None) -> str:
+    """Why :func:`choose_cpu_precision` gives what it gives for ``asked`` at these Linear ``shapes``, in words, for
+    a run's record (reads the cached measurement; measures only where ``auto`` would have to anyway)."""
+    if asked != "auto":
+        return f"asked for {asked}"
+    setting = os.environ.get(AUTO_PRECISION_ENV)
+    if setting:
+        return f"auto decided by {AUTO_PRECISION_ENV}={setting}"
+    wide = [(i, o) for i, o in sorted(set(shapes)) if min(i, o) >= MIN_FEATURES]
+    if not wide:
+        return f"auto: no Linear layer {MIN_FEATURES} features wide, fp32 without measuring"
+    if not has_native("bf16", flags):
+        return "auto: this CPU has no native bf16 (" + " / ".join(NATIVE_FLAGS["bf16"]) + "), fp32"
+    slowdown = cached_slowdown(wide, "bf16")
+    return (f"auto: bf16 autocast measured {slowdown:.2f}x float32's time at this model's Linear shapes (bf16 at "
+            f"{PRECISION_MARGIN} or less; cached in {_cache_path()})")
+
+
 def choose_cpu_precision(precision: str, shapes: Iterable[tuple[int, int]], flags: Iterable[str] | None = None,
                          measure: Callable[[list[tuple[int, int]], str], float] | None = None) -> str:
     """The precision a model with Linear ``shapes`` (in, out) runs in on this CPU for ``precision`` (``auto``,

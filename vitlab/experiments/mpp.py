@@ -12,13 +12,13 @@ baseline (equal fine-tuning budget). The pre-training loss curve is plotted from
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
 
 from ..models import get_config
 from ..selfsup.pretrain import MaskedPatchObjective
+from ..train.runfolder import RunFolder
+from ..train.runlog import read_metrics
 from .common import (
     SMALL_VIT,
     Run,
@@ -59,14 +59,8 @@ def finetune_runs(args: argparse.Namespace, checkpoint: str) -> list[Run]:
 
 def pretrain_curve(run_dir: str) -> list[tuple[int, float]]:
     """(step, training loss) of a run's logged steps."""
-    points = []
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("kind") == "step":
-                points.append((row["step"], row["loss"]))
-    return points
+    return [(row["step"], row["loss"]) for row in read_metrics(RunFolder(run_dir).metrics)
+            if row.get("kind") == "step"]
 
 
 def report(rows: list[dict], out: str) -> None:
@@ -128,7 +122,7 @@ def pretrain_then_finetune(args: argparse.Namespace, finetune_runs) -> None:
     ``args.out/results.json`` (shared by the experiments that fine-tune from this pre-training)."""
     rows = run_series([pretrain_run(args)], args.out)
     pre = next(r for r in rows if r["label"] == PRETRAIN)
-    run_series(finetune_runs(args, str(Path(pre["run_dir"]) / "model.safetensors")), args.out)
+    run_series(finetune_runs(args, str(RunFolder(pre["run_dir"]).model)), args.out)
 
 
 def train_runs(args: argparse.Namespace) -> None:

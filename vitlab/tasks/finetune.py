@@ -27,6 +27,7 @@ from ..evaluate.metrics import classification_metrics
 from ..factory import load
 from ..models import metadata_of
 from ..train import get_recipe, train
+from ..train.runfolder import RunFolder
 from .suite_config import TaskConfig
 
 
@@ -95,13 +96,13 @@ def score_with_class_map(model, dataset: Dataset, num_classes: int, batch_size: 
 
 def _train_run(config, run_dir: Path, log) -> Path:
     """Run (or resume, or reuse) one fine-tuning run in ``run_dir``; returns the saved model's path."""
-    result_file = run_dir / "result.json"
-    if result_file.is_file():
-        path = json.loads(result_file.read_text()).get("model_path")
+    folder = RunFolder(run_dir)
+    if folder.result.is_file():
+        path = json.loads(folder.result.read_text()).get("model_path")
         if path and Path(path).is_file():
             log(f"  {run_dir.name}: finished before, reused")
             return Path(path)
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if folder.last.is_file():
         log(f"  {run_dir.name}: resuming the interrupted run")
         result = train(config, resume=run_dir)
     else:
@@ -183,13 +184,13 @@ def finetune_task(
     test = with_transform(raw_test, model.preprocessing)
     scores = score_with_class_map(model, Subset(test, test_idx) if test_idx is not None else test, num_classes,
                                   **kwargs)
-    train_metrics = json.loads((work_dir / "runs" / "final" / "result.json").read_text()).get("metrics", {})
+    train_metrics = json.loads(RunFolder(work_dir / "runs" / "final").result.read_text()).get("metrics", {})
     shutil.rmtree(work_dir / "data", ignore_errors=True)  # the exported images; the runs keep their models
     for run in (work_dir / "runs").iterdir():
         # optimiser states only serve to resume an unfinished run, tuning models only to pick the lr
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+        shutil.rmtree(RunFolder(run).checkpoints, ignore_errors=True)
         if run.name != "final":
-            (run / "model.safetensors").unlink(missing_ok=True)
+            RunFolder(run).model.unlink(missing_ok=True)
     return {"accuracy": scores["top1"], "chosen": best, "param_name": "lr", "val_accuracy": val_accuracy,
             "steps": options["steps"], "resolution": list(resolution), "train_accuracy": train_metrics.get("top1"),
             "model_path": str(model_path)}

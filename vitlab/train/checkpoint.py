@@ -24,6 +24,7 @@ from ..errors import VitlabError
 from ..factory import checkpoint_location
 from ..models.lora import add_lora, has_lora
 from . import distributed as D
+from .runfolder import RunFolder
 
 STATE_FORMAT = "vitlab-train-state"
 STATE_VERSION = 1
@@ -128,7 +129,8 @@ def _own_full_state(run) -> dict:
 
 def save_run_state(run, name: str, step: int, best: dict | None, times: dict | None = None) -> None:
     """Write ``checkpoints/<name>`` of the run folder: everything a resumed run needs (every rank calls this; rank 0
-    writes). ``times``: the run's time so far (``train_seconds``, ``total_seconds``), summed over resumed segments."""
+    writes). ``times``: the run's time so far (``train_seconds``, ``total_seconds``, ``data_seconds``), summed over
+    resumed segments."""
     model_sd, optim_sd = D.full_state_dicts(state_module(run), run.optimizer)
     if not run.info.is_main:
         return
@@ -160,7 +162,7 @@ def save_run_state(run, name: str, step: int, best: dict | None, times: dict | N
             state["model_ema"] = _trained_part(run.model, state["model_ema"])
     if lora_base is not None:
         state["lora_base"] = lora_base
-    atomic_torch_save(state, run.run_dir / "checkpoints" / name)
+    atomic_torch_save(state, RunFolder(run.run_dir).checkpoint(name))
 
 
 def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
@@ -188,18 +190,7 @@ def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
     step = int(state["step"])
     run.log.truncate_metrics(step)
     if run.info.is_main:  # what a kill mid-write left: a checkpoint's or the final model's temporary
-        remove_stale_temporaries(run.run_dir / "checkpoints")
+        remove_stale_temporaries(RunFolder(run.run_dir).checkpoints)
         remove_stale_temporaries(run.run_dir)
     run.log.info(f"resumed from {path} at step {step} (epoch {step / run.steps_per_epoch:.2f})")
     return step, state.get("best")
-
-
-def checkpoint_path(resume: str | Path) -> Path:
-    """``--resume`` takes a run folder (its ``checkpoints/last.pt``) or a checkpoint file."""
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise VitlabError(f"{resume}: no checkpoint to resume from (expected a run folder with checkpoints/last.pt "
-                          "or a .pt file)")
-    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -118,11 +119,12 @@ def lost_ranks(exc: BaseException, wait: float = 3.0) -> list[int] | None:
 
 
 def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:
-    """DDP (default) or FSDP2 for a multi-process run; the model itself for one process.
+    """DDP (default) or FSDP2 for a multi-process run; the model itself for one process, except FSDP2 in a process
+    group of one that the caller started (one GPU: the same sharded code path, over one rank).
 
     With FSDP2 every encoder block is its own shard unit and the rest (embeddings, final norm, head) belongs to the
     root unit; parameters become DTensors sharded over the ranks."""
-    if not info.distributed:
+    if not info.distributed and not (fsdp and dist.is_available() and dist.is_initialized()):
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -160,6 +162,21 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | N
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` for one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def node_name() -> str:
+    """This process's machine as a one-line error names it: torchrun's node rank (``GROUP_RANK``) and the host."""
+    node = os.environ.get("GROUP_RANK")
+    return f"node {node} ({socket.gethostname()})" if node is not None else socket.gethostname()
 
 
 def broadcast_object(obj, src: int = 0):

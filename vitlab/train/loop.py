@@ -30,12 +30,12 @@ from ..errors import Stopped, VitlabError
 from ..models import has_tokens
 from ..models.lora import has_lora
 from . import distributed as D
-from .checkpoint import checkpoint_path, full_model, load_train_state, restore_run_state, save_run_state
+from .checkpoint import full_model, load_train_state, restore_run_state, save_run_state
 from .config import TrainConfig
 from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
-from .runfolder import LAUNCH_NAME, RUNTIME_FIELDS, RunLock, auto_run_dir, launch_ids, run_folder_of
+from .runfolder import RunFolder, RunLock, disagreement, launch_ids, shared_wait, unseen_folder
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
 from .stop import RunStopped, StopSignals
@@ -57,6 +57,7 @@ class TrainResult:
     model_path: Path | None          # the final model (vitlab format) in the run folder
     model: nn.Module = field(repr=False, default=None)
     skipped_files: int = 0
+    data_seconds: float = 0.0        # of train_seconds, the time spent waiting for batches (rank 0)
 
 
 class _Skipped:
@@ -111,8 +112,8 @@ def _evaluate_and_save(run: Run, step: int, best: dict | None, times: dict, on_s
     improved = bool(metrics) and (best is None or final_view.get("top1", -1) > best.get("top1", -1))
     if improved:
         best = {**final_view, "step": step}
-        save_run_state(run, "best.pt", step, best, times)
-    save_run_state(run, "last.pt", step, best, times)
+        save_run_state(run, RunFolder.BEST, step, best, times)
+    save_run_state(run, RunFolder.LAST, step, best, times)
     D.barrier()
     return final_view, best
 
@@ -134,7 +135,7 @@ def _save_final(run: Run, metrics: dict | None) -> tuple[Path | None, nn.Module]
         path = save_lora(module.cpu() if on_device else module, run.run_dir, run.config, run.preprocessing,
                          class_names, meta)
     else:
-        path = save(module.cpu() if on_device else module, run.run_dir / "model.safetensors",
+        path = save(module.cpu() if on_device else module, RunFolder(run.run_dir).model,
                     preprocessing=run.preprocessing, metadata=meta, class_names=class_names)
     if on_device:
         module.to(run.device)
@@ -209,10 +210,6 @@ def _describe(run: Run, train_flops: float) -> None:
         (log.warning if warn else log.info)(line)
 
 
-class RunFinished(VitlabError):
-    """``--resume`` of a run that has finished and is not asked to go on: nothing was written."""
-
-
 AUTO = "auto"  # resume="auto": continue the run's folder when it has a checkpoint, start fresh otherwise
 
 
@@ -233,53 +230,53 @@ class _Start:
     stop: StopSignals | None = None  # a scheduler's stop signals, recorded while the run trains
 
 
-def _resume_length(config: TrainConfig, state: dict, run_dir: Path, epochs, steps) -> tuple[TrainConfig, bool]:
-    """The resumed run's config with its new length (``epochs`` or ``steps``, when given); refuses a length shorter
-    than what is done, and raises :class:`RunFinished` for a finished run that is not made longer."""
-    done = int(state["step"])
-    spe = state.get("steps_per_epoch")
-    if not spe and state.get("epoch"):  # a checkpoint of an earlier version
-        spe = max(1, round(done / state["epoch"]))
-    changed = False
-    if steps is not None or epochs is not None:
-        new = config.replace(steps=steps, epochs=None) if steps is not None else config.replace(epochs=epochs,
-                                                                                                 steps=None)
-        changed = (new.steps, new.epochs) != (config.steps, config.epochs)
-        config = new
-    total = config.steps or (math.ceil(config.epochs * spe) if spe else None)
-    given = f"steps={steps}" if steps is not None else f"epochs={epochs:g}" if epochs is not None else None
-    if total is not None and total < done:
-        raise VitlabError(f"{given or run_dir}: the run is already at step {done} (epoch {state['epoch']:.2f}); "
-                          "give a longer run to continue it", options=("steps", "epochs"))
-    result_file = run_dir / "result.json"
-    if result_file.is_file() and total is not None and done >= total:
-        raise RunFinished(f"{run_dir}: the run has finished at step {done} (epoch {state['epoch']:.2f}); nothing "
-                          "changed (give epochs or steps beyond that to train on)", options=("epochs", "steps"))
-    return config, changed
-
-
-def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=None) -> _Start:
-    """The distributed setup and the run folder (made, or identified and checked for a resume) and its lock; a
+def _resolve(config: TrainConfig, resume: str | Path | None, epochs, steps):
+    """(config, state, checkpoint path, its RunFolder, the folder to start fresh in, whether the length changed): a
     resumed run takes its stored config, with the runtime-only settings of this call and its new length."""
-    state = path = reuse = None
+    state = path = reuse = folder = None
     changed = False
     if isinstance(resume, str) and resume == AUTO:
         resume, reuse, epochs, steps = _auto_resume(config, epochs, steps)
     if resume is not None:
-        path = checkpoint_path(resume)
+        path = RunFolder.resume_checkpoint(resume)
         state = load_train_state(path)
-        run_dir = run_folder_of(path, state["train_config"])  # refuses a folder it cannot identify
-        stored = TrainConfig.from_dict(state["train_config"])
-        # runtime-only settings may differ on the resumed run; everything that shapes the result may not (trackers
-        # not chosen again, None, stay the run's own)
-        config = stored.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS
-                                   if k != "trackers" or config.trackers is not None})
-        config, changed = _resume_length(config, state, run_dir, epochs, steps)
+        folder = RunFolder.of_checkpoint(path, state["train_config"])  # refuses a folder it cannot identify
+        config = RunFolder.resumed_config(TrainConfig.from_dict(state["train_config"]), config)
+        config, changed = folder.resume_length(config, state, epochs, steps)
     elif epochs is not None or steps is not None:
         raise VitlabError("epochs= and steps= of train() make a resumed run longer; set them in the config")
     if resume is None and config.init_from:  # the run folder and config.json name the model actually trained
         config = config.replace(model=source_model_name(config.init_from) or config.model)
-    info = D.setup(config.device)
+    return config, state, path, folder, reuse, changed
+
+
+def _agreed(info: D.DistInfo, config: TrainConfig, resume, epochs, steps):
+    """:func:`_resolve` on every process; several processes compare what they found (each node reads the run folder
+    itself) and all raise the same line naming the nodes that differ, instead of one failing and the rest hanging."""
+    try:
+        resolved, failure = _resolve(config, resume, epochs, steps), None
+    except Exception as exc:
+        resolved, failure = None, exc
+    if info.distributed:
+        if failure is not None:
+            found = f"stops ({failure})" if isinstance(failure, VitlabError) else f"fails ({type(failure).__name__})"
+        else:
+            path, state, reuse = resolved[2], resolved[1], resolved[4]
+            found = (f"resumes {path} at step {state['step']}" if path is not None else
+                     f"starts the run in {reuse}" if reuse is not None else "starts a new run")
+        message = disagreement(D.gather_object((found, D.node_name())))
+        if message and (failure is None or isinstance(failure, VitlabError)):
+            raise VitlabError(message, options=("out_dir",)) from None
+    if failure is not None:
+        raise failure
+    return resolved
+
+
+def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=None) -> _Start:
+    """The distributed setup and the run folder (made, or identified and checked for a resume) and its lock,
+    checked to be the same folder on every node."""
+    info = D.setup(config.device)  # first: the processes compare what they find before anything is written
+    config, state, path, folder, reuse, changed = _agreed(info, config, resume, epochs, steps)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.deterministic:
@@ -290,7 +287,7 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
     if info.is_main:
         try:
             if path is not None:
-                start.run_dir = path.resolve().parent.parent
+                start.run_dir = folder.path
             elif reuse is not None:  # the fixed name (or this launch's folder) with no checkpoint yet
                 start.created = not reuse.exists()
                 start.run_dir = reuse
@@ -306,10 +303,10 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
             start.lock = RunLock(start.run_dir).acquire()
             if path is None:  # what identifies the folder as a run folder; written before anything else
                 with RunLog(start.run_dir, enabled=True, console=False) as first:
-                    first.write_json("config.json", config.to_dict())
+                    first.write_json(RunFolder.CONFIG, config.to_dict())
                     if launch_ids():  # how a restarted or requeued launch finds this folder again
-                        first.write_json(LAUNCH_NAME, launch_ids())
-            outcome = ("ok", start.run_dir)
+                        first.write_json(RunFolder.LAUNCH, launch_ids())
+            outcome = ("ok", start.run_dir, RunFolder(start.run_dir).write_token() if info.distributed else None)
         except VitlabError as exc:
             _abandon(start)
             if info.world_size == 1:
@@ -319,7 +316,21 @@ def _start(config: TrainConfig, resume: str | Path | None, epochs=None, steps=No
     if outcome[0] == "error":
         raise VitlabError(outcome[1])
     start.run_dir = outcome[1]
+    if info.distributed:
+        _check_shared(start, outcome[2])
     return start
+
+
+def _check_shared(start: _Start, token: str) -> None:
+    """Every process reads back the token rank 0 wrote into the run folder; when a node cannot see the folder, every
+    process raises the same line naming it (rank 0 writes all checkpoints there, so it must be shared)."""
+    folder = RunFolder(start.run_dir)
+    views = D.gather_object((folder.sees_token(token, shared_wait()), D.node_name()))
+    if start.info.is_main:
+        folder.remove_token()
+    if message := unseen_folder(folder.path, views):
+        _abandon(start)
+        raise VitlabError(message, options=("out_dir",))
 
 
 def _auto_resume(config: TrainConfig, epochs, steps):
@@ -328,10 +339,10 @@ def _auto_resume(config: TrainConfig, epochs, steps):
     if epochs is not None or steps is not None:
         raise VitlabError("resume='auto' takes the run's length from the config; epochs= and steps= are for a named "
                           "resume")
-    run_dir = auto_run_dir(config.out_dir, config.run_name, config.to_dict())
-    last = run_dir / "checkpoints" / "last.pt" if run_dir is not None else None
+    folder = RunFolder.auto(config.out_dir, config.run_name, config.to_dict())
+    last = folder.last if folder is not None else None
     if last is None or not last.is_file():
-        return None, run_dir, None, None
+        return None, folder.path if folder is not None else None, None, None
     if config.steps:
         return last, None, None, config.steps
     return last, None, config.epochs, None
@@ -357,21 +368,23 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
         log.truncate_metrics(0)  # rows of an earlier start that ended before its first checkpoint
     before = dict((state or {}).get("times") or {})
     earlier_train, earlier_total = float(before.get("train_seconds", 0.0)), float(before.get("total_seconds", 0.0))
+    earlier_data = float(before.get("data_seconds", 0.0))
     if start.length_changed:
         for factor in run.scheduler.lr_lambdas:  # the schedule runs over the new length from here on
             factor.total = run.total_steps
         for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
             group["lr"] = base * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
-        log.write_json("config.json", cfg.to_dict())
+        log.write_json(RunFolder.CONFIG, cfg.to_dict())
         log.info(f"the run goes on to step {run.total_steps} ({run.total_steps / run.steps_per_epoch:.2f} epochs); "
                  "the learning-rate schedule is stretched to the new length")
     train_flops = 6.0 * run.train_macs * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
-    train_seconds = 0.0
+    train_seconds, data_seconds = 0.0, 0.0
 
     def times() -> dict:
         return {"train_seconds": earlier_train + train_seconds,
-                "total_seconds": earlier_total + time.perf_counter() - t_start}
+                "total_seconds": earlier_total + time.perf_counter() - t_start,
+                "data_seconds": earlier_data + data_seconds}
 
     save_interval = max(1, int(round(cfg.save_every_epochs * run.steps_per_epoch))) if cfg.save_every_epochs else 0
     last_save = time.monotonic()
@@ -385,6 +398,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             t0 = time.perf_counter()
             out = train_step(run, micro_batches, step)
             train_seconds += time.perf_counter() - t0
+            data_seconds += out.data_seconds
             start.stepped = True
             if out.skipped:
                 skipped(out.skipped)
@@ -399,13 +413,13 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                 last_save = time.monotonic()
                 step_log.restart_clock()
             elif _save_due(run, step, save_interval, last_save):
-                save_run_state(run, "last.pt", step, best, times())
+                save_run_state(run, RunFolder.LAST, step, best, times())
                 last_save = time.monotonic()
     if start.stop is not None:
         start.stop.restore()
     step_log.close()
     # an error or a kill in the final evaluation loses nothing: the final state and model are on disk first
-    save_run_state(run, "last.pt", step, best, times())
+    save_run_state(run, RunFolder.LAST, step, best, times())
     _save_final(run, None)
     last_eval, best = _evaluate_and_save(run, step, best, times(), skipped)
     model_path, module = _save_final(run, last_eval)
@@ -413,10 +427,11 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     result = TrainResult(
         run_dir=run.run_dir, metrics=last_eval or {}, best=best, steps=step, epochs=step / run.steps_per_epoch,
         train_seconds=elapsed["train_seconds"], total_seconds=elapsed["total_seconds"], train_flops=train_flops,
-        model_path=model_path, model=module, skipped_files=skipped.total)
+        model_path=model_path, model=module, skipped_files=skipped.total, data_seconds=elapsed["data_seconds"])
     log.result({
         "metrics": result.metrics, "best": result.best, "steps": result.steps, "epochs": result.epochs,
         "train_seconds": result.train_seconds, "total_seconds": result.total_seconds,
+        "data_seconds": result.data_seconds,
         "train_flops": train_flops, "forward_macs_per_image": run.macs, "skipped_files": skipped.total,
         "world_size": info.world_size, "device": str(run.device), "precision": run.precision,
         "threads": torch.get_num_threads(), "model_path": str(model_path) if model_path else None})
@@ -427,10 +442,10 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
 
 def _stop(run: Run, signum: int, step: int, best: dict | None, times: dict) -> None:
     """A stop signal reached the run: write ``last.pt``, log one line and raise :class:`RunStopped`."""
-    save_run_state(run, "last.pt", step, best, times)
+    save_run_state(run, RunFolder.LAST, step, best, times)
     name = signal.Signals(signum).name
     message = (f"stopped by {name} at step {step}/{run.total_steps} (epoch {step / run.steps_per_epoch:.2f}): "
-               f"{run.run_dir / 'checkpoints' / 'last.pt'} written; the same command with --resume auto continues")
+               f"{RunFolder(run.run_dir).last} written; the same command with --resume auto continues")
     run.log.warning(message)
     raise RunStopped(message, step, name)
 

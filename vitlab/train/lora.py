@@ -28,9 +28,9 @@ from ..factory import checkpoint_location
 from ..models.lora import LoraSettings, add_lora, count_parameters, merge_lora
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
+from .runfolder import RunFolder
 from .transfer import matching_parameters
 
-ADAPTER_FILE = "adapter.safetensors"
 HEAD_PARTS = ("head.", "pre_logits.")
 
 
@@ -106,10 +106,10 @@ def save_lora(model: nn.Module, run_dir: Path, config: TrainConfig, preprocessin
     # the head always goes into the file (a few thousand values): the base's own head, kept or replaced, is
     # then never needed to rebuild the model
     trained = list(dict.fromkeys(getattr(model, "lora_trained", []) + [n for n in own if n.startswith(HEAD_PARTS)]))
-    path = save_adapter(model, run_dir / ADAPTER_FILE, base=base, trained=trained, preprocessing=preprocessing,
+    path = save_adapter(model, RunFolder(run_dir).adapter, base=base, trained=trained, preprocessing=preprocessing,
                         class_names=class_names, metadata=metadata)
     if not config.merge_lora:
         return Path(path)
     merged = merge_lora(copy.deepcopy(model))
-    return Path(save(merged, run_dir / "model.safetensors", preprocessing=preprocessing, class_names=class_names,
+    return Path(save(merged, RunFolder(run_dir).model, preprocessing=preprocessing, class_names=class_names,
                      metadata={**metadata, "lora_base": base}))

@@ -4,7 +4,8 @@ Losses are summed on the device and read back (one synchronisation) only every `
 ``step`` row goes to ``metrics.jsonl`` and the progress bar's figures are refreshed. Which steps were skipped
 (non-finite loss or gradients, or fp16 gradients that overflowed the loss scale) is read back at the same time: each
 is logged then, counted in the row's ``skipped_steps``, and ``max_bad_steps`` skipped in a row stop the run (raised
-at that logging step, on every process alike).
+at that logging step, on every process alike). A row's ``data_wait`` is the share of the window's wall time this
+process spent waiting for its batches (a loader slower than the steps shows there).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class StepLog:
         self.loss_count = torch.zeros((), dtype=torch.float64, device=device)
         self.images = 0
         self.steps = 0
+        self.data_seconds = 0.0
         self.t0 = time.perf_counter()
 
     def restart_clock(self) -> None:
@@ -60,6 +62,7 @@ class StepLog:
         self.window_losses[self.steps] = out.loss
         self.steps += 1
         self.images += out.images
+        self.data_seconds += out.data_seconds
         if self.bar is not None:
             self.bar.update(1)
         if step % run.config.log_every_steps and step != run.total_steps:
@@ -70,7 +73,8 @@ class StepLog:
         loss = loss_sum / max(count, 1)
         throughput = self.images * run.info.world_size / max(elapsed, 1e-9)
         row = {"kind": "step", "step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": loss,
-               "lr": out.lr, "grad_norm": float(out.grad_norm), "images_per_s": throughput, "skipped_steps": skipped}
+               "lr": out.lr, "grad_norm": float(out.grad_norm), "images_per_s": throughput, "skipped_steps": skipped,
+               "data_wait": round(min(1.0, self.data_seconds / max(elapsed, 1e-9)), 4)}
         if run.scaler is not None:
             row["loss_scale"] = run.scaler.get_scale()
         run.log.metric(row)

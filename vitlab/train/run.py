@@ -7,7 +7,6 @@ dropout, DDP / FSDP, ``torch.compile``), the optimiser, the schedule, EMA and th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..compute.flops import forward_macs, resnetv2_forward_macs
-from ..compute.onednn import linear_shapes, set_onednn_linear
-from ..compute.precision import choose_cpu_precision
+from ..compute.onednn import describe_linear_kernels, linear_kernels, linear_shapes, set_onednn_linear
+from ..compute.precision import choose_cpu_precision, cpu_precision_reason
 from ..data import (
     ArrayDataset,
     HFImageDataset,
@@ -39,6 +38,7 @@ from .lora import apply_lora, check_lora_config
 from .objectives import Classification, Objective
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
+from .runfolder import total_steps_for
 from .runlog import RunLog
 from .transfer import adapt_init_channels, apply_controls, init_channels
 
@@ -280,6 +280,23 @@ def _datasets(config: TrainConfig):
     return train_set, eval_set, why_not, class_names, in_chans
 
 
+def _record_kernels(vit: nn.Module, asked: str, precision: str, device: torch.device, log: RunLog) -> None:
+    """Write what the run computes with to ``kernels.json`` in the run folder (and one log line): the precision
+    and why (on the CPU measured per machine, :mod:`vitlab.compute.precision`), and per Linear shape the product
+    it runs on (oneDNN or F.linear, measured per machine, :func:`vitlab.compute.onednn.linear_kernels`)."""
+    record = {"device": str(device), "precision": precision, "precision_asked": asked}
+    if device.type == "cpu":
+        record["precision_reason"] = cpu_precision_reason(asked, linear_shapes(vit, min_features=0))
+        record["linear"] = linear_kernels(vit)
+        if precision != "fp32":  # autocast products never take the float32 oneDNN path
+            record["linear"]["note"] = f"under {precision} autocast every Linear layer runs F.linear"
+        log.info(describe_linear_kernels(record["linear"]))
+    else:
+        record["precision_reason"] = f"asked for {asked}" if asked != "auto" else f"auto on {device.type}"
+        record["linear"] = {"decided_by": "the oneDNN fast path is CPU only", "shapes": {}}
+    log.write_json("kernels.json", record)
+
+
 def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: RunLog, objective=None) -> Run:
     """Build every part of a run from its config (``objective``: default :class:`Classification`)."""
     cfg = config
@@ -310,6 +327,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     if info.device.type == "cpu":  # auto: bf16 only where this CPU has it natively and it measures faster
         precision = resolve_precision(cfg.precision, info.device, vit)
         log.info(f"precision on the CPU: {precision} (asked: {cfg.precision})")
+    _record_kernels(vit, cfg.precision, precision, info.device, log)
     preprocessing, origin = run_preprocessing(cfg, vit)
     if cfg.normalize_from_data:
         mean, std, measured = channel_statistics(train_set)
@@ -330,7 +348,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     else:
         loader = FolderTrainLoader(train_set, num_workers=cfg.num_workers, **common)
     spe = loader.steps_per_epoch
-    total_steps = cfg.steps if cfg.steps else int(math.ceil((cfg.epochs or 1) * spe))
+    total_steps = total_steps_for(cfg.steps, cfg.epochs, spe)
     if total_steps <= 0:
         raise InvalidValueError("the run has no steps: set epochs or steps to a positive value")
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * spe))

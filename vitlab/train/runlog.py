@@ -1,18 +1,5 @@
-"""The run folder: resolved config, metrics, log and checkpoints, written by the main process only.
-
-    runs/<name>/
-      config.json          the resolved TrainConfig (what `--resume` and `vitlab train --config` read back)
-      log.txt              the text log (also on stderr), including every skipped image file
-      metrics.jsonl        one JSON object per logged step ("kind": "step") and per evaluation ("kind": "eval")
-      metrics.csv          the evaluations as a table (epoch, step, loss, top1, top5, ...)
-      checkpoints/         last.pt and best.pt (training state, torch.load(weights_only=True))
-      model.safetensors    the final model with its preprocessing and class names (vitlab.save)
-      result.json          final metrics, timings and compute
-      tensorboard/         event files, when the tensorboard tracker is on (vitlab.train.trackers)
-      wandb/, mlruns/      the W&B offline run and the MLflow file store, when those trackers are chosen
-      trackers.json        the W&B / MLflow run ids, so that a resumed run continues them
-      run.lock             held by the process training the run (vitlab.train.runfolder)
-      launch.json          torchrun rendezvous id / SLURM job id, for --resume auto after a restart or requeue
+"""The run folder's log and metrics (``log.txt``, ``metrics.jsonl``, ``metrics.csv``, TensorBoard) and its JSON
+files, written by the main process only. What each file holds: :mod:`vitlab.train.runfolder`.
 """
 
 from __future__ import annotations
@@ -30,6 +17,7 @@ from pathlib import Path
 
 from ..atomic import WriteError, write_text_atomic
 from ..errors import VitlabError
+from .runfolder import RunFolder
 from .trackers import Trackers, chosen_trackers, system_info
 
 LOGGER_NAME = "vitlab.train"
@@ -195,7 +183,7 @@ class RunLog:
             h.setFormatter(logging.Formatter("%(message)s"))
             self._handlers.append(h)
         if self.enabled:
-            fh = _WholeLineHandler(run_dir / "log.txt")
+            fh = _WholeLineHandler(RunFolder(run_dir).log)
             fh.setFormatter(fmt)
             self._handlers.append(fh)
         for h in self._handlers:
@@ -223,7 +211,7 @@ class RunLog:
     def result(self, data: dict) -> None:
         """Write ``result.json`` and hand the result (with the model's and the last checkpoint's paths) to the
         trackers."""
-        self.write_json("result.json", data)
+        self.write_json(RunFolder.RESULT, data)
         if self._trackers is not None:
             self._trackers.finish(data)
 
@@ -231,7 +219,7 @@ class RunLog:
         """Drop metric rows past ``after_step`` (left by a run killed after its last checkpoint) before resuming."""
         if not self.enabled:
             return
-        path = self.run_dir / "metrics.jsonl"
+        path = RunFolder(self.run_dir).metrics
         if path.is_file():
             keep = [row for row in read_metrics(path) if row.get("step", 0) <= after_step]
             write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
@@ -242,7 +230,7 @@ class RunLog:
         if not self.enabled:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        path = self.run_dir / "metrics.jsonl"
+        path = RunFolder(self.run_dir).metrics
         try:
             append_whole(path, (json.dumps(row) + "\n").encode("utf-8"))
         except OSError as exc:
@@ -253,7 +241,7 @@ class RunLog:
             self._trackers.log(row)
 
     def _rewrite_csv(self) -> None:
-        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        rows = read_metrics(RunFolder(self.run_dir).metrics)
         evals = [r for r in rows if r.get("kind") == "eval"]
         if not evals:
             return
@@ -262,7 +250,7 @@ class RunLog:
         writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in columns} for r in evals)
-        write_text_atomic(self.run_dir / "metrics.csv", buf.getvalue())
+        write_text_atomic(RunFolder(self.run_dir).file(RunFolder.METRICS_CSV), buf.getvalue())
 
     def __enter__(self) -> RunLog:
         return self

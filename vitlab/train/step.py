@@ -12,6 +12,7 @@ back only when it logs.
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -29,7 +30,8 @@ from .run import Run
 class StepOutput:
     """What one step did: the mean loss over its micro-batches (a float64 tensor on the device), the gradient norm
     (a tensor), whether the optimiser stepped (a bool tensor on the device: false for a non-finite step), the
-    learning rate it used, the images it saw on this process and the files skipped while loading them."""
+    learning rate it used, the images it saw on this process, the files skipped while loading them and the seconds
+    it waited for its batches (the loader's ``next``)."""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
@@ -37,6 +39,7 @@ class StepOutput:
     lr: float
     images: int
     skipped: list[str] = field(default_factory=list)
+    data_seconds: float = 0.0
 
 
 def grad_norm(parameters: list[torch.Tensor], clip: float) -> torch.Tensor:
@@ -58,9 +61,11 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
     accum = cfg.accum_steps
     ddp = isinstance(run.trainable, nn.parallel.DistributedDataParallel)
     loss = torch.zeros((), dtype=torch.float64, device=run.device)
-    images, skipped = 0, []
+    images, skipped, data_seconds = 0, [], 0.0
     for micro_step in range(accum):
+        t0 = time.perf_counter()
         batch = next(micro_batches)
+        data_seconds += time.perf_counter() - t0
         # dropout, drop-path and mixup draw from the global generator: seeded from (seed, step, the micro-batch's
         # place in the global batch), not the rank, after the batch is fetched (a DataLoader draws its base seed
         # from it when an epoch starts); the same micro-batch size on any number of processes draws the same
@@ -93,7 +98,7 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
         run.scheduler.step()
     if run.ema is not None:
         run.ema.update(run.model, step)
-    return StepOutput(loss, norm, stepped, lr, images, skipped)
+    return StepOutput(loss, norm, stepped, lr, images, skipped, data_seconds)
 
 
 def _optimizer_step(run: Run, finite: torch.Tensor, has_grads: bool) -> None:

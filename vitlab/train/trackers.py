@@ -30,10 +30,10 @@ import torch
 from ..atomic import write_text_atomic
 from ..errors import VitlabError
 from .config import TRACKER_NAMES
+from .runfolder import RunFolder
 
 # tracker -> (the module it needs, the vitlab extra that installs it)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
-IDS_NAME = "trackers.json"
 PROJECT = "vitlab"  # the W&B project and MLflow experiment when the environment names none
 
 
@@ -93,7 +93,7 @@ class _TensorBoard:
     def __init__(self, run_dir: Path, config: dict, system: dict, ids: dict):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(RunFolder(run_dir).file(RunFolder.TENSORBOARD)))
         # text panels: markdown code blocks keep the JSON's layout
         self.writer.add_text("config", _code(config))
         self.writer.add_text("system", _code(system))
@@ -144,7 +144,7 @@ class _MLflow:
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # offline by default: a file store in the run folder (MLflow >= 3.7 asks to allow it)
-            uri = (run_dir / "mlruns").resolve().as_uri()
+            uri = RunFolder(run_dir).file(RunFolder.MLFLOW).resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
             self._start(MlflowClient(tracking_uri=uri), uri, run_dir, config, system, ids)
@@ -212,7 +212,7 @@ class Trackers:
         self._open: list = []
         self._done = False
         self._warn = warn or (lambda message: None)
-        ids_path = self.run_dir / IDS_NAME
+        ids_path = RunFolder(self.run_dir).file(RunFolder.TRACKER_IDS)
         try:
             ids = json.loads(ids_path.read_text(encoding="utf-8")) if ids_path.is_file() else {}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -234,7 +234,7 @@ class Trackers:
 
     def finish(self, result: dict) -> None:
         """The end of the run: ``result`` (final metrics, paths) plus the last checkpoint's path."""
-        last = self.run_dir / "checkpoints" / "last.pt"
+        last = RunFolder(self.run_dir).last
         summary = dict(_flat({"final": result.get("metrics") or {}}))
         summary.update({k: v for k, v in result.items() if k not in ("metrics", "best") and v is not None})
         if last.is_file():
