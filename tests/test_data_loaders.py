@@ -16,6 +16,7 @@ from vitlab.data import (
     in_memory_eval_batches,
 )
 from vitlab.data import batch_transforms as BT
+from vitlab.data import sample_random as SR
 from vitlab.data.loaders import folder_eval_batches
 from vitlab.preprocessing import Preprocessing
 
@@ -32,9 +33,9 @@ def test_to_float_is_the_papers_minus_one_one_scaling():
 
 def test_random_shift_and_flip_match_a_per_image_reference():
     x = torch.randn(5, 2, 7, 7)
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    shifted = BT.random_shift(x, 2, g1, fill=0.0)
-    offsets = torch.randint(0, 5, (2, 5), generator=g2)
+    keys = SR.sample_keys(3, torch.arange(5))
+    shifted = BT.random_shift(x, 2, fill=0.0, keys=keys)
+    offsets = (SR.keyed_uniform(keys, 2, SR.SHIFT) * 5).long().t()  # each sample's own two draws
     for i in range(5):
         padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
         oy, ox = offsets[0, i], offsets[1, i]
@@ -73,17 +74,42 @@ def test_crop_boxes_follow_the_inception_distribution():
 
 
 @pytest.mark.parametrize("world_size,accum", [(1, 1), (2, 1), (2, 2), (1, 4)])
-def test_a_global_batch_is_the_same_samples_however_it_is_split(world_size, accum):
+@pytest.mark.parametrize("augment", [Augment(policy="none", flip=False), Augment(policy="inception"),
+                                     Augment(policy="shift", max_shift=2, randaugment=(2, 9))],
+                         ids=["none", "inception", "shift-randaugment"])
+def test_a_global_batch_is_the_same_augmented_samples_however_it_is_split(world_size, accum, augment):
+    """Same samples, and every sample augmented with the same draws, on any number of processes and accumulation
+    steps (the draws are keyed by the sample's place in the global batch, not by the rank)."""
     ds = toy_arrays()
-    none = Augment(policy="none", flip=False)
-    single = InMemoryTrainLoader(ds, 8, (6, 6), none, seed=7)
-    reference = [b.images[:, 0, 0, 0] for b in single.epoch(0)]  # step by step
-    parts = [list(InMemoryTrainLoader(ds, 8, (6, 6), none, seed=7, rank=r, world_size=world_size,
+    ds.images[:] = torch.randint(0, 256, ds.images.shape, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.uint8)
+    single = InMemoryTrainLoader(ds, 8, (6, 6), augment, seed=7)
+    reference = list(single.epoch(0))  # step by step
+    parts = [list(InMemoryTrainLoader(ds, 8, (6, 6), augment, seed=7, rank=r, world_size=world_size,
                                       accum_steps=accum).epoch(0)) for r in range(world_size)]
     for step, expected in enumerate(reference):
-        chunks = [parts[r][step * accum + a].images[:, 0, 0, 0] for a in range(accum) for r in range(world_size)]
-        torch.testing.assert_close(torch.cat(chunks), expected)
+        chunks = [parts[r][step * accum + a] for a in range(accum) for r in range(world_size)]
+        assert torch.equal(torch.cat([c.labels for c in chunks]), expected.labels)
+        assert torch.equal(torch.cat([c.keys for c in chunks]), expected.keys)
+        torch.testing.assert_close(torch.cat([c.images for c in chunks]), expected.images, rtol=0, atol=1e-6)
     assert single.steps_per_epoch == 5 and len(parts[0]) == 5 * accum
+    if augment.policy != "none":  # the draws do differ between samples and steps
+        assert not torch.equal(reference[0].images, list(InMemoryTrainLoader(ds, 8, (6, 6), Augment(
+            policy="none", flip=False), seed=7).epoch(0))[0].images)
+        assert len(set(torch.cat([b.keys for b in reference]).tolist())) == 40
+
+
+def test_keyed_draws_are_uniform_and_independent_across_streams_and_counters():
+    keys = SR.sample_keys(123, torch.arange(20_000))
+    u = SR.keyed_uniform(keys, 3, SR.CROP)
+    v = SR.keyed_uniform(keys, 1, SR.FLIP)[:, 0]
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.002
+    for a, b in [(u[:, 0], u[:, 1]), (u[:, 1], u[:, 2]), (u[:, 0], v)]:
+        assert abs(np.corrcoef(a.numpy(), b.numpy())[0, 1]) < 0.03
+    counts = torch.histc(u[:, 0], bins=10, min=0, max=1)
+    assert counts.min() > 1800 and counts.max() < 2200
+    assert torch.equal(SR.keyed_uniform(keys[5:9], 3, SR.CROP), u[5:9])  # a sample's draws are its own
+    assert not torch.equal(SR.sample_keys(124, torch.arange(4)), keys[:4])
 
 
 def test_in_memory_batches_restart_exactly_from_a_position():

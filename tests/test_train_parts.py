@@ -51,6 +51,28 @@ def test_two_accumulated_micro_batches_make_the_step_of_one_full_batch(tmp_path)
     assert whole.scheduler.last_epoch == 1
 
 
+def test_augmentation_and_patch_dropout_follow_the_sample_not_the_micro_batch(tmp_path):
+    """Flips, crops and patch dropout are drawn per sample from its place in the global batch: one batch of 64 and
+    two accumulated micro-batches of 32 (as two processes split it) train the same weights (SGD: rounding only)."""
+    changes = dict(augment="inception", crop_scale=(0.3, 1.0), patch_dropout=0.5, optimizer="sgd", lr=0.05)
+    whole = _run(tmp_path, "whole", accum_steps=1, **changes)
+    halves = _run(tmp_path, "halves", accum_steps=2, **changes)
+    batches_whole, batches_halves = whole.loader.epoch(0), halves.loader.epoch(0)
+    norms = []
+    for step in range(3):
+        out_whole = train_step(whole, batches_whole, step)
+        out_halves = train_step(halves, batches_halves, step)
+        torch.testing.assert_close(out_halves.grad_norm, out_whole.grad_norm, rtol=1e-5, atol=1e-6)
+        norms.append(out_whole.grad_norm)
+    for a, b in zip(whole.model.parameters(), halves.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the keys are what makes them agree: patch dropout from torch's generator gives another gradient
+    unkeyed = _run(tmp_path, "unkeyed", accum_steps=1, **changes)
+    batch = next(unkeyed.loader.epoch(0))
+    batch.keys = None
+    assert not torch.allclose(train_step(unkeyed, iter([batch]), 0).grad_norm, norms[0])
+
+
 def test_classification_objective_is_label_smoothed_cross_entropy(tmp_path):
     cfg = tiny_config(tmp_path, label_smoothing=0.1)
     objective = Classification(cfg, 10)

@@ -3,7 +3,9 @@
 torchvision's transforms draw one set of parameters per call, so a batch tensor passed through them gets the same
 crop for every image. For data held in memory as one uint8 tensor (Fashion-MNIST, CIFAR, digits) it is much faster to
 augment the batch at once than to build PIL images one by one; these functions do that with per-sample parameters
-drawn from an explicit ``torch.Generator`` (so a resumed run can redraw exactly the same augmentations).
+drawn from an explicit ``torch.Generator``, or with ``keys`` from each sample's own key
+(:mod:`vitlab.data.sample_random`: the same draws for a sample whichever process or micro-batch holds it), so that a
+resumed run redraws exactly the same augmentations.
 
 All functions take and return float tensors (B, C, H, W); :func:`to_float` maps uint8 pixels to [-1, 1] (the paper's
 ``(x - 127.5) / 127.5``) or to any mean / std.
@@ -18,6 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidValueError
+from . import sample_random as SR
+
+
+def _uniform(batch: int, count: int, generator: torch.Generator | None, keys: torch.Tensor | None,
+             stream: int) -> torch.Tensor:
+    """(batch, count) uniform draws in [0, 1) on the CPU: from each sample's key when ``keys`` are given, else
+    from ``generator``."""
+    if keys is not None:
+        return SR.keyed_uniform(keys.cpu(), count, stream)
+    return torch.rand(batch, count, generator=generator)
 
 
 def to_float(images: torch.Tensor, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> torch.Tensor:
@@ -30,21 +42,24 @@ def to_float(images: torch.Tensor, mean: Sequence[float] = (0.5,), std: Sequence
     return (images.float() / 255.0 - mean_t) / std_t
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
     """Flip each image left-right with probability ``p``."""
-    flip = torch.rand(x.shape[0], generator=generator) < p
+    flip = _uniform(x.shape[0], 1, generator, keys, SR.FLIP)[:, 0] < p
     return torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
-                 fill: float = -1.0) -> torch.Tensor:
+                 fill: float = -1.0, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Translate each image by a random whole number of pixels in [-max_shift, max_shift] per axis (the "pad and
     random crop" of small-image recipes); uncovered pixels get ``fill`` (-1 is black after [-1, 1] scaling)."""
     if max_shift <= 0:
         return x
     B, C, H, W = x.shape
     padded = F.pad(x, (max_shift,) * 4, value=fill)
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator).to(x.device, non_blocking=True)
+    span = 2 * max_shift + 1
+    offsets = (_uniform(B, 2, generator, keys, SR.SHIFT).t() * span).long().clamp_(max=span - 1)
+    offsets = offsets.to(x.device, non_blocking=True)
     rows = (offsets[0, :, None] + torch.arange(H, device=x.device)).view(B, 1, H, 1)
     cols = (offsets[1, :, None] + torch.arange(W, device=x.device)).view(B, 1, 1, W)
     batch = torch.arange(B, device=x.device).view(B, 1, 1, 1)
@@ -53,19 +68,20 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | N
 
 
 def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float] = (0.05, 1.0),
-                      ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None
-                      ) -> torch.Tensor:
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
+                      keys: torch.Tensor | None = None) -> torch.Tensor:
     """Random boxes (batch, 4) as (left, top, box width, box height) in pixels, fractional: area uniform in
     ``scale`` x image area, aspect ratio log-uniform in ``ratio``, clamped to the image, placed uniformly inside it
     (the Inception crop's distribution; torchvision's ``RandomResizedCrop`` draws the same area and ratio but retries
     instead of clamping)."""
-    area = torch.empty(batch).uniform_(*scale, generator=generator) * height * width
-    log_ratio = torch.empty(batch).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    aspect = log_ratio.exp()
+    u = _uniform(batch, 4, generator, keys, SR.CROP)
+    area = (scale[0] + (scale[1] - scale[0]) * u[:, 0]) * height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = (log_lo + (log_hi - log_lo) * u[:, 1]).exp()
     w = (area * aspect).sqrt().clamp(1, width)
     h = (area / aspect).sqrt().clamp(1, height)
-    left = torch.rand(batch, generator=generator) * (width - w)
-    top = torch.rand(batch, generator=generator) * (height - h)
+    left = u[:, 2] * (width - w)
+    top = u[:, 3] * (height - h)
     return torch.stack([left, top, w, h], dim=1)
 
 
@@ -89,12 +105,13 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], fli
 
 def random_resized_crop(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float] = (0.05, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False,
-                        generator: torch.Generator | None = None, interpolation: str = "bilinear") -> torch.Tensor:
+                        generator: torch.Generator | None = None, interpolation: str = "bilinear",
+                        keys: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's Inception crop per sample (:func:`sample_crop_boxes`, default area 5%..100%), resized to
     ``size`` with ``interpolation``, optionally mirrored left-right with probability 1/2."""
     B, _, H, W = x.shape
-    boxes = sample_crop_boxes(B, H, W, scale, ratio, generator)
-    mirror = torch.rand(B, generator=generator) < 0.5 if flip else None
+    boxes = sample_crop_boxes(B, H, W, scale, ratio, generator, keys)
+    mirror = _uniform(B, 1, generator, keys, SR.MIRROR)[:, 0] < 0.5 if flip else None
     return crop_resize(x, boxes, size, mirror, interpolation)
 
 

@@ -1,9 +1,11 @@
 """Batches for training and evaluation, identical on every run with the same seed (so that a run can resume).
 
 Every random choice is derived from the run seed and a position, never from a generator that has to be carried
-along: the sample order of epoch ``e`` from (seed, e), the augmentation of micro-batch ``m`` of step ``s`` from
-(seed, e, s, m, rank), a folder image's augmentation from (seed, e, index). Resuming at step ``s`` therefore only
-needs the step number.
+along: the sample order of epoch ``e`` from (seed, e), the augmentation of the sample at position ``j`` of step
+``s``'s global batch from its key (seed, e, s, j) (:mod:`vitlab.data.sample_random`; each batch carries its samples'
+keys for the draws made later, such as patch dropout), a folder image's augmentation from (seed, e, index). Resuming
+at step ``s`` therefore only needs the step number, and no draw depends on the rank: the same global batch gives the
+same augmented images on any number of processes.
 
 Global batch ``B`` per optimiser step is split into ``world_size x accum_steps`` micro-batches: step ``s`` of an
 epoch uses the samples ``perm[s*B:(s+1)*B]`` whatever the number of processes, and rank ``r``'s micro-batch ``a`` is
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from ..errors import InvalidValueError
 from ..preprocessing import Preprocessing
 from . import batch_transforms as BT
+from . import sample_random as SR
 from .arrays import ArrayDataset
 from .folder import ImageFolderDataset, collate_skipping
 from .shards import ShardDataset
@@ -65,35 +68,46 @@ class Augment:
 
 
 class Batch:
-    """A micro-batch: float images (b, C, H, W), int64 labels (b,), and the reasons for samples skipped from it."""
+    """A micro-batch: float images (b, C, H, W), int64 labels (b,), the reasons for samples skipped from it, and for
+    training batches the samples' keys (b,) (:func:`step_keys`) for the draws made after loading (patch dropout)."""
 
-    __slots__ = ("images", "labels", "skipped")
+    __slots__ = ("images", "labels", "skipped", "keys")
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, skipped: list[str] | None = None):
-        self.images, self.labels, self.skipped = images, labels, skipped or []
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, skipped: list[str] | None = None,
+                 keys: torch.Tensor | None = None):
+        self.images, self.labels, self.skipped, self.keys = images, labels, skipped or [], keys
+
+
+def step_keys(seed: int, epoch: int, step: int, start: int, count: int) -> torch.Tensor:
+    """The keys of the samples at positions ``start .. start + count - 1`` of step ``step``'s global batch in
+    ``epoch``: what every per-sample draw of training is made from, whichever process holds the sample."""
+    return SR.sample_keys(mix_seed(seed, epoch, step, 6), torch.arange(start, start + count))
 
 
 # ----- in-memory data
-def augment_batch(images: torch.Tensor, size: tuple[int, int], aug: Augment, generator: torch.Generator,
+def augment_batch(images: torch.Tensor, size: tuple[int, int], aug: Augment, keys: torch.Tensor,
                   mean=(0.5,), std=(0.5,), interpolation: str = "bilinear") -> torch.Tensor:
-    """uint8 (b, C, H, W) -> augmented, normalised float (b, C, *size), one random draw per sample; crops and
-    resizes sample with ``interpolation``."""
+    """uint8 (b, C, H, W) -> augmented, normalised float (b, C, *size), every draw from the sample's own key
+    (``keys``: (b,), :func:`step_keys`); crops and resizes sample with ``interpolation``."""
     if aug.randaugment is not None:
         from torchvision.transforms import v2 as T
 
         ra = T.RandAugment(num_ops=aug.randaugment[0], magnitude=aug.randaugment[1])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            images = torch.stack([ra(img) for img in images])
+        augmented = []
+        with torch.random.fork_rng(devices=[]):  # RandAugment draws from the global generator: seeded per image
+            for img, seed in zip(images, SR.keyed_seeds(keys, SR.RANDAUGMENT)):
+                torch.manual_seed(seed)
+                augmented.append(ra(img))
+        images = torch.stack(augmented)
     x = BT.to_float(images, mean, std)
     if aug.policy in ("inception", "crop"):
-        return BT.random_resized_crop(x, size, scale=aug.crop_scale, flip=aug.flip, generator=generator,
-                                      interpolation=interpolation)
+        return BT.random_resized_crop(x, size, scale=aug.crop_scale, flip=aug.flip, interpolation=interpolation,
+                                      keys=keys)
     x = BT.resize(x, size, interpolation)
     if aug.flip and aug.policy in ("shift", "flip"):
-        x = BT.random_flip(x, generator)
+        x = BT.random_flip(x, keys=keys)
     if aug.policy == "shift":
-        x = BT.random_shift(x, aug.max_shift, generator, fill=float((0.0 - mean[0]) / std[0]))
+        x = BT.random_shift(x, aug.max_shift, fill=float((0.0 - mean[0]) / std[0]), keys=keys)
     return x
 
 
@@ -147,10 +161,10 @@ class InMemoryTrainLoader:
             chunk = acc * self.world_size + self.rank
             lo = step * self.global_batch + chunk * self.micro_batch
             idx = order[lo: lo + self.micro_batch].to(images.device, non_blocking=True)
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, step, acc, self.rank, 1))
+            keys = step_keys(self.seed, epoch, step, chunk * self.micro_batch, len(idx))
             x = images[idx].to(self.device, non_blocking=True)
-            x = augment_batch(x, self.img_size, self.augment, gen, self.mean, self.std, self.interpolation)
-            yield Batch(x, labels[idx].to(self.device, non_blocking=True))
+            x = augment_batch(x, self.img_size, self.augment, keys, self.mean, self.std, self.interpolation)
+            yield Batch(x, labels[idx].to(self.device, non_blocking=True), keys=keys.to(self.device, non_blocking=True))
 
 
 def check_batch_split(global_batch: int, world_size: int, accum_steps: int) -> int:
@@ -337,16 +351,22 @@ class FolderTrainLoader:
                     if skip:
                         skip -= 1
                         continue
-                    yield Batch(images.to(self.device, non_blocking=True),
-                                labels.to(self.device, non_blocking=True), skipped)
+                    yield self._batch(epoch, produced, images, labels, skipped)
                     produced += 1
                     if produced >= self.batches_per_epoch:
                         return
                 if produced == before and skip == 0:
                     raise InvalidValueError("the tar shards / data stream yielded no batches for this process")
             return
-        for images, labels, skipped in _workers_started(self._dataloader(epoch, start)):
-            yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped)
+        for m, (images, labels, skipped) in enumerate(_workers_started(self._dataloader(epoch, start)), start):
+            yield self._batch(epoch, m, images, labels, skipped)
+
+    def _batch(self, epoch: int, m: int, images: torch.Tensor, labels: torch.Tensor, skipped: list[str]) -> Batch:
+        """Micro-batch ``m`` of ``epoch`` on the device, with its samples' keys."""
+        step, acc = divmod(m, self.accum_steps)
+        keys = step_keys(self.seed, epoch, step, (acc * self.world_size + self.rank) * self.micro_batch, len(images))
+        return Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), skipped,
+                     keys.to(self.device, non_blocking=True))
 
 
 def folder_eval_batches(dataset: ImageFolderDataset | ShardDataset, preprocessing: Preprocessing,

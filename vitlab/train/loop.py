@@ -5,8 +5,8 @@ the model, the optimiser and the rest once; then each step is :func:`~vitlab.tra
 backward over the micro-batches, clip, step, schedule, EMA), :class:`~vitlab.train.progress.StepLog` logs, and at
 each evaluation point the objective measures the model and the ``last`` and ``best`` checkpoints are written
 (:mod:`vitlab.train.checkpoint`). Every random draw comes from (seed, position) (see :mod:`vitlab.data.loaders`; the
-global torch generator is re-seeded from (seed, step, rank) before each step, which fixes dropout and mixup), so a
-run resumed from a checkpoint continues exactly where the interrupted one was.
+global torch generator is re-seeded from (seed, step, micro-batch) before each micro-batch, which fixes dropout and
+mixup), so a run resumed from a checkpoint continues exactly where the interrupted one was.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The encoder's cost grows with the number of tokens, so keeping a fraction ``keep`` of the patch tokens per training
 image makes a step roughly ``1 / keep`` times cheaper; the model itself is unchanged and is evaluated on all tokens.
 Tokens are dropped after the position embedding is added (each kept token still knows where it came from); the
-class token, when there is one, is always kept.
+class token, when there is one, is always kept. Which tokens an image keeps is drawn from the sample's key
+(:mod:`vitlab.data.sample_random`) when the training step passes ``sample_keys``, so that it does not depend on the
+process or micro-batch that holds the image.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data import sample_random as SR
 from ..errors import InvalidValueError
 
 
@@ -27,7 +30,8 @@ class PatchDropoutForward(nn.Module):
         self.vit = vit
         self.keep = keep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sample_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``sample_keys`` (B,): each image's key for its draw (else torch's global generator)."""
         vit = self.vit
         if not self.training or self.keep >= 1.0:
             return vit(x)
@@ -37,7 +41,9 @@ class PatchDropoutForward(nn.Module):
         n = total - prefix
         kept = max(1, int(round(n * self.keep)))
         # a random subset per image: the indices of the `kept` smallest of N uniform draws
-        order = torch.rand(B, n, device=x.device).argsort(dim=1)[:, :kept] + prefix
+        draws = (SR.keyed_uniform(sample_keys.to(x.device), n, SR.PATCH_DROPOUT) if sample_keys is not None
+                 else torch.rand(B, n, device=x.device))
+        order = draws.argsort(dim=1)[:, :kept] + prefix
         if prefix:
             order = torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), order], dim=1)
         tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, D))

@@ -66,19 +66,22 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
         t0 = time.perf_counter()
         batch = next(micro_batches)
         data_seconds += time.perf_counter() - t0
+        # dropout, drop-path and mixup draw from the global generator: seeded from (seed, step, the micro-batch's
+        # place in the global batch), not the rank, after the batch is fetched (a DataLoader draws its base seed
+        # from it when an epoch starts); the same micro-batch size on any number of processes draws the same
+        torch.manual_seed(mix_seed(cfg.seed, step, micro_step * run.info.world_size + run.info.rank, 4))
         if micro_step == 0:
-            # dropout, drop-path and mixup draw from the global generator: seeded from (seed, step, rank) after the
-            # step's first batch is fetched (a DataLoader draws its base seed from it when an epoch starts)
-            torch.manual_seed(mix_seed(cfg.seed, step, run.info.rank, 4))
             run.optimizer.zero_grad(set_to_none=True)
         skipped += batch.skipped
         if batch.images.shape[0] == 0:
             continue
         x, targets = objective.transform(batch.images, batch.labels)
+        # patch dropout draws each image's tokens from its key (whichever process holds it)
+        keyed = {"sample_keys": batch.keys} if cfg.patch_dropout > 0 and batch.keys is not None else {}
         last = micro_step == accum - 1
         with run.trainable.no_sync() if ddp and not last else nullcontext():  # all-reduce on the last one only
             with autocast(run.device, run.precision):
-                output = run.forward(x)
+                output = run.forward(x, **keyed)
             micro_loss = objective.loss(output, targets)
             part = micro_loss / accum
             (scaler.scale(part) if scaler is not None else part).backward()
