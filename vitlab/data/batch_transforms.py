@@ -28,7 +28,8 @@ def _uniform(batch: int, count: int, generator: torch.Generator | None, keys: to
     """(batch, count) uniform draws in [0, 1) on the CPU: from each sample's key when ``keys`` are given, else
     from ``generator``."""
     if keys is not None:
-        return SR.keyed_uniform(keys.cpu(), count, stream)
+        # keys are made on the host (step_keys); a device copy would make .cpu() wait for the device
+        return SR.keyed_uniform(keys if keys.device.type == "cpu" else keys.cpu(), count, stream)
     return torch.rand(batch, count, generator=generator)
 
 
