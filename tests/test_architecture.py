@@ -2,7 +2,9 @@
 and an import inside a function (outside the command line) has a stated reason.
 
 The graph is read from the source with :mod:`ast` (no import runs): module-level and function-level imports,
-relative imports resolved, ``if TYPE_CHECKING:`` blocks left out (they never run). docs/architecture.md describes
+relative imports resolved, ``if TYPE_CHECKING:`` blocks left out (they never run). A package that imports its names
+on first use (PEP 562) lists them in a module-level ``_EXPORTS = {name: ".module"}``: each module named there counts
+as a module-level import of the package. docs/architecture.md describes
 the layers; a new module gets its layer from the longest matching prefix in :data:`LAYERS`.
 """
 
@@ -138,6 +140,21 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _is_lazy_exports(node: ast.AST) -> bool:
+    """``_EXPORTS = {...}`` (the lazily imported names of a package: name -> module)."""
+    return (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+            and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets))
+
+
+def _resolve(package: list[str], module: str) -> str:
+    """The dotted name of ``module`` (``..models.vit``, or absolute) imported from inside ``package``."""
+    level = len(module) - len(module.lstrip("."))
+    if not level:
+        return module
+    base = package[:len(package) - (level - 1)]
+    return ".".join(base + ([module[level:]] if module[level:] else []))
+
+
 def import_graph() -> list[Import]:
     """Every import statement in vitlab that runs (module level or in a function), one entry per imported module."""
     mods = _modules()
@@ -149,16 +166,15 @@ def import_graph() -> list[Import]:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.If) and _is_type_checking(child):
                     continue
+                if not in_function and _is_lazy_exports(child):
+                    modules = {v.value for v in child.value.values if isinstance(v, ast.Constant)}
+                    found.extend(Import(name, _resolve(package, m), path, child.lineno, False) for m in sorted(modules))
                 inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
                 if isinstance(child, ast.Import):
                     for alias in child.names:
                         found.append(Import(name, alias.name, path, child.lineno, in_function))
                 elif isinstance(child, ast.ImportFrom):
-                    if child.level:
-                        base = package[:len(package) - (child.level - 1)]
-                        module = ".".join(base + ([child.module] if child.module else []))
-                    else:
-                        module = child.module or ""
+                    module = _resolve(package, "." * child.level + (child.module or ""))
                     if module in mods:  # `from pkg import sub` imports the module pkg.sub
                         targets = {f"{module}.{a.name}" if f"{module}.{a.name}" in mods else module
                                    for a in child.names}
@@ -301,8 +317,10 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     (fake / "__init__.py").write_text("")
     (fake / "models" / "vit.py").write_text("def f():\n    from ..train import loop\n")
     (fake / "train" / "loop.py").write_text("from ..models import vit\n")
+    (fake / "models" / "__init__.py").write_text('_EXPORTS = {"vit": ".vit", "train": "..train.loop"}\n')
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     graph = import_graph()
-    assert set(upward_imports(graph)) == {"vitlab.models.vit -> vitlab.train.loop"}
+    assert set(upward_imports(graph)) == {"vitlab.models.vit -> vitlab.train.loop",
+                                          "vitlab.models -> vitlab.train.loop"}  # a lazy export counts
     assert package_cycles(graph) == {("vitlab.models", "vitlab.train")}
     assert set(unexplained_in_function_imports(graph)) == {("vitlab.models.vit", "vitlab.train")}

@@ -59,6 +59,9 @@ def test_bad_input_is_one_line_with_exit_status_2(capsys, tmp_path):
     assert err.startswith("vitlab train: error: --config ") and "missing.json" in err and err.count("\n") == 1
     assert main(["train", "--recipe", "fashion-mnist", "--set", "lr=fast", "--dry-run"]) == 2
     assert capsys.readouterr().err == "vitlab train: error: --set lr=fast: takes a number\n"
+    assert main(["train", "--set", "weight_decy=0.1", "--set", "lr", "--dry-run"]) == 2  # apply_overrides' key
+    assert capsys.readouterr().err == ("vitlab train: error: --set weight_decy: unknown training config key (did you "
+                                       "mean weight_decay or ema_decay?)\n")
 
 
 def test_user_error_types_are_also_the_builtin_types_python_callers_catch():
@@ -99,6 +102,31 @@ def test_help_version_and_a_mistyped_command_do_not_load_torch():
     res = _python(code)
     assert res.stdout.splitlines()[-1] == "False []", res.stdout + res.stderr
     assert "pretrain-mpp" in res.stdout and "vitlab 0.1.0" in res.stdout
+
+def test_training_commands_build_their_flags_without_torch():
+    """``vitlab train / finetune / pretrain-mpp --help`` and their argument errors answer from the config's fields
+    (vitlab.train.config, vitlab.train.recipes: torch-free modules of lazily importing packages), without torch.
+    ``from vitlab.train import X`` still gives each public name, ``predict`` the function even after the module."""
+    code = ("import sys\n"
+            "from vitlab.cli import main\n"
+            "for argv in (['train', '--help'], ['finetune', '--help'], ['pretrain-mpp', '--help'],\n"
+            "             ['train', '--steps', 'x'], ['finetune']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch' in sys.modules)\n"
+            "import vitlab.train.predict, vitlab.train, vitlab.models\n"
+            "from vitlab.train import predict\n"
+            "print(callable(predict) and predict.__module__, vitlab.train.predict is predict)\n"
+            "print(all(getattr(p, n) is not None for p in (vitlab.train, vitlab.models) for n in p.__all__))\n"
+            "print(vitlab.models.pretrained.__name__, vitlab.train.runfolder.__name__)\n")  # submodules as attributes
+    res = _python(code)
+    lines = res.stdout.splitlines()
+    expected = ["False", "vitlab.train.predict True", "True", "vitlab.models.pretrained vitlab.train.runfolder"]
+    assert lines[-4:] == expected, res.stdout + res.stderr
+    assert res.stdout.count("--lora-rank R") >= 2 and "--mask-ratio" in res.stdout  # the helps were printed
+    assert "argument --steps: invalid int value: 'x'" in res.stderr and "required: --from" in res.stderr
 
 
 def test_the_command_table_lists_every_command_with_its_help():
@@ -179,6 +207,14 @@ def test_library_errors_name_fields_and_the_cli_spells_them_as_flags(tmp_path, c
     assert flag_message("out_dir=/x/out_dir/run_name.json: no; another run_name", ("out_dir", "run_name")) == \
         "--out-dir /x/out_dir/run_name.json: no; another --run-name"
     assert flag_message("give init_from", ("init_from",), {"init_from": "--from"}) == "give --from"
+    # a switch is its flag alone; a command without the training flags spells only its own (eval's --data-dir)
+    assert flag_message("pass data_dir=DIR, or download=True", ("data_dir", "download")) == \
+        "pass --data-dir DIR, or --download"
+    assert flag_message("pass data_dir=DIR, or download=True; image_column", ("data_dir", "download", "image_column"),
+                        {"data_dir": "--data-dir", "image_column": "--image-column"}, config_flags=False) == \
+        "pass --data-dir DIR, or download=True; --image-column"
+    assert flag_message("choose one with label_column (not val_data)", ("label_column", "val_data")) == \
+        "choose one with --label-column (not --val-data)"
     # from Python the error names the field; the command names the flag
     with pytest.raises(VitlabError, match=r"^lora_rank: LoRA adapts a trained model; give init_from") as info:
         train(TrainConfig(lora_rank=4, out_dir=str(tmp_path / "runs"), data="digits", progress=False))
@@ -187,3 +223,10 @@ def test_library_errors_name_fields_and_the_cli_spells_them_as_flags(tmp_path, c
                  "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith("vitlab train: error: --lora-rank: LoRA adapts a trained model; give "
                                               "--set init_from=...")
+    # a data-layer error raised inside the run: the arguments of vitlab.data, as the command's flags
+    assert main(["train", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "nothing"), "--out-dir",
+                 str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitlab train: error: fashion-mnist train files not found") and \
+        err.endswith("pass --data-dir DIR holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], or --download "
+                     "(needs internet)\n"), err

@@ -316,6 +316,12 @@ def test_eval_and_fewshot_on_a_saved_dataset(tmp_path, sources, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["samples"] == len(build_dataset(sources["saved"])) - 1 and metrics["skipped"] == 1
     assert metrics["top1"] == result.metrics["top1"]
+    # the data layer names its argument (image_column), eval its flag
+    raw = datasets.load_from_disk(str(sources["saved"])).cast_column("image", datasets.Image(decode=False))
+    two = raw.add_column("photo", raw["image"]).cast_column("photo", datasets.Image())
+    two.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "two"))
+    assert cli_main(["eval", str(result.model_path), "--data", str(tmp_path / "two")]) == 2
+    assert capsys.readouterr().err.endswith("several image columns (image, photo); choose one with --image-column\n")
     assert cli_main(["eval", str(result.model_path), "--data", str(sources["parquet"]), "--stream", "on",
                      "--workers", "2", "--json"]) == 0
     streamed = json.loads(capsys.readouterr().out)

@@ -161,7 +161,9 @@ def test_train_eval_and_predict_a_multi_label_model(tmp_path, capsys):
     assert saved["map_macro"] == pytest.approx(metrics["map_macro"])
     assert "## Per label" in (out / "report.md").read_text()
     assert cli_main(["eval", str(result.model_path), "--data", str(data), "--map-classes-by-name"]) != 0
-    assert "multi-label data are scored on their own labels" in capsys.readouterr().err
+    # eval_checkpoint names its arguments, the command its flags
+    assert "multi-label data are scored on their own labels; drop --map-classes-by-name and --labels" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.slow

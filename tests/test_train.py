@@ -49,8 +49,10 @@ def test_set_parses_types_and_rejects_unknown_keys():
                                           "compile=true", "model_args.depth=4", "lr=1e-4"])
     assert cfg.crop_scale == (0.08, 1.0) and cfg.randaugment == (2, 9) and cfg.epochs is None and cfg.steps == 100
     assert cfg.compile is True and cfg.model_args == {"depth": 4} and cfg.lr == 1e-4
-    with pytest.raises(ValueError, match="did you mean weight_decay"):
-        apply_overrides(TrainConfig(), ["weight_decy=0.1"])
+    with pytest.raises(ValueError, match="^weight_decy: unknown training config key .did you mean weight_decay"):
+        apply_overrides(TrainConfig(), ["weight_decy=0.1"])  # the key, as given (the CLI adds its --set)
+    with pytest.raises(ValueError, match="^expects key=value, got 'lr'"):
+        apply_overrides(TrainConfig(), ["lr"])
     with pytest.raises(ValueError, match="lr = .fast.: takes a number"):
         apply_overrides(TrainConfig(), ["lr=fast"])
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import vitlab
 from vitlab.atomic import remove_stale_temporaries
 from vitlab.train import TrainConfig, evaluate, train
 from vitlab.train.checkpoint import atomic_torch_save
+from vitlab.train.stop import StopSignals
 
+from .test_evaluate_distributed import _free_port
 from .test_train import tiny_config
 from .train_runs import child_env, same_tensors, train_and_kill
 
@@ -288,6 +292,37 @@ def test_sigterm_stops_at_the_step_boundary_and_the_same_call_continues_bit_iden
     resumed = train(cfg, resume="auto")
     reference = train(cfg.replace(run_name="reference"))
     assert resumed.steps == 30 and same_tensors(resumed.model_path, reference.model_path) == []
+
+
+def _agree(rank: int, port: int, results) -> None:
+    """Rank 1 receives SIGTERM before step boundary 2; each process records what agreed() says at each boundary."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        stop, seen = StopSignals(), []
+        for boundary in range(6):
+            if rank == 1 and boundary == 2:
+                stop.received = signal.SIGTERM  # as its handler records it
+            seen.append(stop.agreed())
+            if seen[-1]:
+                break
+        results.put((rank, seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_agree_on_a_stop_signal_at_the_same_boundary_one_step_later():
+    """The agreement started at one step boundary is read at the next (no step waits for it): the signal one
+    process got before boundary 2 stops both at boundary 3."""
+    ctx = mp.get_context("fork")
+    results, port = ctx.SimpleQueue(), _free_port()
+    procs = [ctx.Process(target=_agree, args=(rank, port, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    seen = dict(results.get() for _ in procs)
+    assert seen == {0: [0, 0, 0, signal.SIGTERM], 1: [0, 0, 0, signal.SIGTERM]}
 
 
 @pytest.mark.slow

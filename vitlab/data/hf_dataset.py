@@ -60,14 +60,15 @@ def find_image_column(features, chosen: str | None, name: str) -> str:
         return chosen
     images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
     if len(images) > 1:
-        raise VitlabError(f"{name}: several image columns ({', '.join(images)}); choose one with --image-column")
+        raise VitlabError(f"{name}: several image columns ({', '.join(images)}); choose one with image_column",
+                          options=("image_column",))
     if images:
         return images[0]
     named = [k for k in features if k.lower() in _IMAGE_NAMES and _is_image(features[k])]
     if named:
         return named[0]
     raise VitlabError(f"{name}: no image column (an Image feature) among {_describe(features)}; "
-                      "choose one with --image-column")
+                      "choose one with image_column", options=("image_column",))
 
 
 def _class_label(feature):
@@ -101,9 +102,10 @@ def find_label_column(features, chosen: str | None, image: str, name: str) -> st
         if candidate in features and candidate != image:
             return candidate
     if labelled:
-        raise VitlabError(f"{name}: several label columns ({', '.join(labelled)}); choose one with --label-column")
+        raise VitlabError(f"{name}: several label columns ({', '.join(labelled)}); choose one with label_column",
+                          options=("label_column",))
     raise VitlabError(f"{name}: no label column (a ClassLabel, or a column named label / labels) among "
-                      f"{_describe(features)}; choose one with --label-column")
+                      f"{_describe(features)}; choose one with label_column", options=("label_column",))
 
 
 class LabelCodec:

@@ -53,18 +53,20 @@ def check_classes(model_classes: int, model_names: Sequence[str] | None, data_na
     """Raise :class:`VitlabError` (one line) when the data's classes cannot be the checkpoint's: a different number
     of classes, or class names that differ from those the checkpoint carries. Unnamed data pass (their labels are
     checked against the number of outputs when evaluated)."""
-    hint = "; --map-classes-by-name evaluates on the classes both name" if model_names and data_names else ""
+    # vitlab.tasks.eval_checkpoint's argument (vitlab eval spells it as its flag)
+    hint = "; map_classes_by_name=True evaluates on the classes both name" if model_names and data_names else ""
     if data_names is None:
         return
     if len(data_names) != model_classes:
         raise VitlabError(f"{checkpoint} predicts {model_classes} classes but {data} has {len(data_names)} "
-                          f"({_shown(data_names)}): the accuracy would be meaningless{hint}")
+                          f"({_shown(data_names)}): the accuracy would be meaningless{hint}",
+                          options=("map_classes_by_name",))
     if model_names and list(model_names) != list(data_names) and wordnet_ids_of(model_names) != list(data_names):
         differ = [i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b]
         i = differ[0]
         raise VitlabError(f"{checkpoint} and {data} name their classes differently ({len(differ)} of "
                           f"{model_classes} differ; class {i} is {model_names[i]!r} in the checkpoint, "
-                          f"{data_names[i]!r} in the data){hint}")
+                          f"{data_names[i]!r} in the data){hint}", options=("map_classes_by_name",))
 
 
 @dataclass

@@ -1,38 +1,51 @@
 """Model definitions and the registry. Imports nothing from the rest of vitlab but its error types and the
-preprocessing record (the metadata a model carries)."""
+preprocessing record (the metadata a model carries).
 
-from .families import (
-    FAMILIES,
-    ModelFamily,
-    config_from_dict,
-    family_of,
-    has_tokens,
-    model_from_config,
-    register_family,
-)
-from .features import FeatureExtractor, FeatureInfo
-from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
-from .metadata import ModelMeta, ModelMetadata, metadata_of
-from .registry import (
-    ModelConfig,
-    ModelEntry,
-    create_model,
-    get_config,
-    list_models,
-    register,
-    resolve,
-)
-from .resnetv2 import ResNetV2, ResNetV2Config
-from .vit import (
-    Attention,
-    Block,
-    Mlp,
-    ModelInputError,
-    PatchEmbed,
-    VisionTransformer,
-    ViTConfig,
-    sincos_2d_position_embedding,
-)
+The names are imported on first use (PEP 562): a torch-free module of this package (``vitlab.models.lora``'s target
+words, ``vitlab.models.metadata``) loads without torch, which the command line's argument parsers rely on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
+# public name -> the module of this package that defines it
+_EXPORTS = {
+    "Attention": ".vit",
+    "Block": ".vit",
+    "FeatureExtractor": ".features",
+    "FeatureInfo": ".features",
+    "HybridConfig": ".hybrid",
+    "HybridEmbed": ".hybrid",
+    "HybridVisionTransformer": ".hybrid",
+    "ModelMeta": ".metadata",
+    "ModelMetadata": ".metadata",
+    "Mlp": ".vit",
+    "ModelConfig": ".registry",
+    "ModelEntry": ".registry",
+    "ModelInputError": ".vit",
+    "PatchEmbed": ".vit",
+    "ResNetV2": ".resnetv2",
+    "ResNetV2Config": ".resnetv2",
+    "ViTConfig": ".vit",
+    "VisionTransformer": ".vit",
+    "FAMILIES": ".families",
+    "ModelFamily": ".families",
+    "config_from_dict": ".families",
+    "create_model": ".registry",
+    "family_of": ".families",
+    "get_config": ".registry",
+    "has_tokens": ".families",
+    "list_models": ".registry",
+    "metadata_of": ".metadata",
+    "model_from_config": ".families",
+    "register": ".registry",
+    "register_family": ".families",
+    "resolve": ".registry",
+    "sincos_2d_position_embedding": ".vit",
+}
 
 __all__ = [
     "Attention",
@@ -68,3 +81,44 @@ __all__ = [
     "resolve",
     "sincos_2d_position_embedding",
 ]
+
+if TYPE_CHECKING:
+    from .families import (
+        FAMILIES,
+        ModelFamily,
+        config_from_dict,
+        family_of,
+        has_tokens,
+        model_from_config,
+        register_family,
+    )
+    from .features import FeatureExtractor, FeatureInfo
+    from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
+    from .metadata import ModelMeta, ModelMetadata, metadata_of
+    from .registry import ModelConfig, ModelEntry, create_model, get_config, list_models, register, resolve
+    from .resnetv2 import ResNetV2, ResNetV2Config
+    from .vit import (
+        Attention,
+        Block,
+        Mlp,
+        ModelInputError,
+        PatchEmbed,
+        VisionTransformer,
+        ViTConfig,
+        sincos_2d_position_embedding,
+    )
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule, as an attribute (as eager imports did)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

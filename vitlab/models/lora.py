@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidValueError, VitlabError
+
+if TYPE_CHECKING:  # annotations only: the settings and target words load without torch (the CLI's parsers use them)
+    from torch import nn
 
 ADAPTER_NAME = "default"  # peft's name for a model's only adapter
 TARGET_WORDS = {"qkv": ("qkv",), "proj": ("proj",), "fc1": ("fc1",), "fc2": ("fc2",), "attn": ("qkv", "proj"),

@@ -37,7 +37,8 @@ def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
     AOTInductor, each with the preprocessing stored in it."""
     if is_exported_file(checkpoint):
         if img_size is not None:
-            raise VitlabError(f"{checkpoint}: an exported file runs at its exported resolution; drop --img-size")
+            raise VitlabError(f"{checkpoint}: an exported file runs at its exported resolution; drop img_size",
+                              options=("img_size",))
         return load_exported(checkpoint)
     model = load(checkpoint, model_name=model_name, img_size=img_size).to(device).eval()
     model.preprocessing = metadata_of(model).preprocessing
@@ -132,8 +133,8 @@ def eval_checkpoint(
     dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,
                            classes=own_classes if looks_like_manifest(data) else None)
     if getattr(dataset, "multi_label", False) and (map_classes_by_name or labels_file is not None):
-        raise VitlabError(f"{data}: multi-label data are scored on their own labels; drop --map-classes-by-name "
-                          "and --labels")
+        raise VitlabError(f"{data}: multi-label data are scored on their own labels; drop map_classes_by_name "
+                          "and labels_file", options=("map_classes_by_name", "labels_file"))
     model, dataset, mapping = match_model_to_data(model, dataset, str(checkpoint), data, map_classes_by_name,
                                                   labels_file is not None)
     dataset = limit_dataset(dataset, max_samples)

@@ -8,56 +8,69 @@ Python API (the CLI commands ``vitlab train / finetune / predict`` call these; `
 - ``evaluate(model, data, split="test", ...) -> dict``: top-1 / top-5 of a model on a data set.
 - ``predict(model, images, topk=5) -> list[Prediction]``: top-k classes for image files.
 - ``get_recipe(name).config(**overrides)``, ``list_recipes()``: the named recipes.
+
+The names are imported on first use (PEP 562): ``vitlab.train.config`` and ``vitlab.train.recipes``, from which the
+command line builds ``vitlab train``'s flags, load without torch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+import importlib.util
+import sys
+import types
+from typing import TYPE_CHECKING
 
-from ..data import ArrayDataset, build_dataset
-from ..data.loaders import folder_eval_batches, in_memory_eval_batches
-from ..errors import VitlabError
-from ..evaluate.classification import SUMMARY_KEYS, evaluate_classifier
-from ..evaluate.classmap import check_classes
-from ..evaluate.data import class_names_of
-from ..models import metadata_of
-from . import distributed as D
-from .config import TrainConfig, apply_overrides
-from .loop import TrainResult, train
-from .predict import Prediction, predict
-from .recipes import Recipe, get_recipe, list_recipes, register_recipe
-
-
-def finetune(checkpoint: str | Path, config: TrainConfig) -> TrainResult:
-    """Fine-tune the model in ``checkpoint`` (any format ``vitlab.load`` reads) as ``config`` says."""
-    return train(config.replace(init_from=str(checkpoint)))
-
-
-def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = None, batch_size: int = 256,
-             num_workers: int = 0, device: str = "auto", precision: str = "fp32", topk: tuple[int, ...] = (1, 5),
-             on_bad_image: str = "skip") -> dict:
-    """Top-k accuracy of ``model`` on a named set, image folder or tar shards, with the model's preprocessing
-    (``model.preprocessing``, else the paper's for its input size). Exact under ``torchrun`` (each process
-    evaluates a disjoint share). Data whose classes cannot be the model's (another number of classes, or other
-    names than those the model carries) are refused, as in ``vitlab eval``. Returns ``{"top1", "top5", "loss",
-    "samples", "skipped"}``, measured by :func:`vitlab.evaluate.evaluate_classifier` (the evaluator of
-    ``vitlab eval``) on the training loaders' batches."""
-    info = D.setup(device)
-    cfg = model.cfg
-    meta = metadata_of(model)
-    pre = meta.preprocessing
-    dataset = build_dataset(data, split, data_dir=data_dir, channels=pre.channels, on_error=on_bad_image)
-    check_classes(cfg.num_classes, meta.class_names, class_names_of(dataset), "the model", data)
-    if isinstance(dataset, ArrayDataset):
-        if dataset.channels != cfg.in_chans:
-            raise VitlabError(f"{data}: {dataset.channels}-channel images, the model takes {cfg.in_chans}")
-        batches = in_memory_eval_batches(dataset, pre, batch_size, info.rank, info.world_size, info.device)
-    else:
-        batches = folder_eval_batches(dataset, pre, batch_size, info.rank, info.world_size, num_workers, info.device)
-    model = model.to(info.device)
-    results = evaluate_classifier(model, batches, ks=topk, device=info.device, precision=precision)
-    return {k: results[k] for k in (*SUMMARY_KEYS, *(f"top{k}" for k in topk)) if k in results}
-
+# public name -> the module of this package that defines it
+_EXPORTS = {
+    "Prediction": ".predict",
+    "Recipe": ".recipes",
+    "TrainConfig": ".config",
+    "TrainResult": ".loop",
+    "apply_overrides": ".config",
+    "evaluate": ".api",
+    "finetune": ".api",
+    "get_recipe": ".recipes",
+    "list_recipes": ".recipes",
+    "predict": ".predict",
+    "register_recipe": ".recipes",
+    "train": ".loop",
+}
 
 __all__ = ["Prediction", "Recipe", "TrainConfig", "TrainResult", "apply_overrides", "evaluate", "finetune",
            "get_recipe", "list_recipes", "predict", "register_recipe", "train"]
+
+if TYPE_CHECKING:
+    from .api import evaluate, finetune
+    from .config import TrainConfig, apply_overrides
+    from .loop import TrainResult, train
+    from .predict import Prediction, predict
+    from .recipes import Recipe, get_recipe, list_recipes, register_recipe
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule, as an attribute (as eager imports did)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: when the submodule ``predict`` is imported, Python binds it as the package's
+    attribute ``predict``, where the function of that name belongs (``from vitlab.train import predict``)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == "." + name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

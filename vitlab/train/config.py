@@ -25,6 +25,11 @@ class ConfigError(InvalidValueError):
     """A bad training config: an unknown key, a malformed ``--set`` (a ValueError too, as it always was)."""
 
 
+class OverrideError(ConfigError):
+    """A malformed ``key=value`` override (:func:`apply_overrides`): an unknown key, or no ``=``. The message starts
+    with what was given; the command line puts ``--set`` before it."""
+
+
 class ConfigValueError(ConfigError):
     """A training config value out of its range (or of the wrong type). ``field`` and ``value`` say which, ``takes``
     what the field takes; the CLI rewrites the message with the flag the value came from."""
@@ -273,23 +278,24 @@ _TUPLE_KEYS = {f.name for f in fields(TrainConfig) if "tuple" in str(f.type)}
 
 def apply_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
     """Apply ``key=value`` strings (``--set``) to ``config``; unknown keys and bad values raise
-    :class:`ConfigError` (:class:`ConfigValueError` for a value out of range)."""
+    :class:`ConfigError` (:class:`OverrideError` for an unknown key or a string that is not ``key=value``,
+    :class:`ConfigValueError` for a value out of range)."""
     data = config.to_dict()
     for item in assignments:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise OverrideError(f"expects key=value, got {item!r}")
         if "." in key:
             top, sub = key.split(".", 1)
             if top != "model_args":
-                raise ConfigError(f"--set {key}: only model_args has sub-keys")
+                raise OverrideError(f"{key}: only model_args has sub-keys")
             data["model_args"] = {**data["model_args"], sub: parse_value(sub, text)}
             continue
         if key not in data:
             close = difflib.get_close_matches(key, list(data), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ConfigError(f"--set {key}: unknown training config key{hint}")
+            raise OverrideError(f"{key}: unknown training config key{hint}")
         data[key] = parse_value(key, text)
     return TrainConfig.from_dict(data)
 

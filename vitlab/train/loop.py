@@ -406,7 +406,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             step_log.update(step, out)  # logs skipped steps and stops a diverged run (read back when it logs)
             if step == run.total_steps:
                 break  # the end: checkpoint and model first, then the final evaluation (below)
-            if start.stop is not None and (signum := start.stop.agreed(run.device)):
+            if start.stop is not None and (signum := start.stop.agreed()):
                 _stop(run, signum, step, best, times())
             if step % run.eval_interval == 0:
                 _, best = _evaluate_and_save(run, step, best, times(), skipped)

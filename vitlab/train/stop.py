@@ -2,7 +2,7 @@
 
 SLURM, Kubernetes and spot-instance services send SIGTERM some seconds before they kill a job (SLURM's
 ``--signal=USR1@120`` sends SIGUSR1 earlier). While a run trains, :class:`StopSignals` turns these signals into a
-request instead of the end of the process; at the next step boundary every process of the run agrees on it (a
+request instead of the end of the process; every process of the run agrees on it at a step boundary (a
 max-reduction, so a signal that reached one process stops them all at the same step), ``checkpoints/last.pt`` is
 written, one line is logged and :class:`RunStopped` ends the run: exit status :data:`EXIT_STOPPED` (75, ``EX_TEMPFAIL``
 of sysexits.h: "try again"), which a job script can tell from a failure (1, 2) and from a kill (137, 143). The same
@@ -60,6 +60,7 @@ class StopSignals:
         self.received: int = 0
         self._pid = os.getpid()
         self._previous: dict = {}
+        self._pending: tuple | None = None  # (work, flag): the agreement started at the last step boundary
 
     def _record(self, signum, frame) -> None:
         if os.getpid() != self._pid:
@@ -77,6 +78,7 @@ class StopSignals:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        self._pending = None  # every process started it: it completes without being read
 
     def __enter__(self) -> StopSignals:
         self.install()
@@ -85,11 +87,36 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         self.restore()
 
-    def agreed(self, device: torch.device) -> int:
-        """The stop signal (its number) if any process of the run has received one, else 0: a collective under
-        torchrun, so every process must call it at the same step."""
+    def agreed(self) -> int:
+        """The stop signal (its number) if a process of the run has received one, else 0. Alone, this process's
+        own. Under torchrun it is a collective, so every process must call it at the same step boundaries: each
+        call starts a max-reduction of the signals received so far and returns the one started at the boundary
+        before, which has had a whole step to complete. Every process reads the same value at the same boundary (a
+        signal stops them all at the same step, one step after the one that saw it) and no step waits for it: the
+        flag is a CPU tensor reduced over a gloo group, so a CUDA run never waits for its device here."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        signum = 0
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            signum = int(flag.item())
+        self._pending = None
+        if not signum:  # the same on every process: all start the next agreement, or none
+            flag = torch.tensor([self.received], dtype=torch.int64)
+            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group(), async_op=True), flag)
+        return signum
+
+
+_HOST_GROUP: tuple = (None, None)  # (the default process group, a gloo group of the same processes)
+
+
+def _host_group():
+    """A gloo group of all the run's processes, for reductions of CPU tensors whatever the default backend (NCCL
+    takes only CUDA tensors), apart from the training's collectives; made once per default group, by every process
+    at the same point (a collective). A gloo run gets one too, so that CPU runs test the path CUDA runs take."""
+    global _HOST_GROUP
+    world = dist.group.WORLD
+    if _HOST_GROUP[0] is not world:
+        _HOST_GROUP = (world, dist.new_group(backend="gloo"))
+    return _HOST_GROUP[1]
