@@ -21,7 +21,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vitlab"
 # lowest first; a module may import its own layer and the layers below it
 LAYERS: list[tuple[str, ...]] = [
     # leaf utilities: exceptions, atomic writes, devices, preprocessing records, label sets (stdlib / torch only)
-    ("vitlab.errors", "vitlab.atomic", "vitlab.devices", "vitlab.home", "vitlab.preprocessing", "vitlab.labels"),
+    ("vitlab.errors", "vitlab.atomic", "vitlab.devices", "vitlab.home", "vitlab.lazy", "vitlab.preprocessing",
+     "vitlab.labels"),
     ("vitlab.models",),
     # measurements and CPU kernels of a built model (FLOPs, memory, benchmarks, the oneDNN swap, ONNX / int8)
     ("vitlab.compute",),
