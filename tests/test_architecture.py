@@ -101,21 +101,6 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.train.trackers", "wandb"): OPTIONAL + " (the wandb extra, named in the error)",
 }
 
-# imports inside functions with no reason yet (mostly left from dodging cycles); fixing one means deleting it here
-KNOWN_IN_FUNCTION: set[tuple[str, str]] = {
-    ("vitlab.compute.bench", "pathlib"),
-    ("vitlab.compute.bench", "platform"),
-    ("vitlab.compute.bench", "tempfile"),
-    ("vitlab.compute.bench", "vitlab.compute"),
-    ("vitlab.compute.onnx_classifier", "vitlab.models"),
-    ("vitlab.data.arrays", "gzip"),
-    ("vitlab.serve.engine", "vitlab"),
-    ("vitlab.serve.engine", "vitlab.compute"),
-    ("vitlab.serve.engine", "vitlab.inspect"),
-    ("vitlab.train.optim", "vitlab.train"),
-}
-
-
 @dataclass(frozen=True)
 class Import:
     importer: str  # dotted module name
@@ -299,12 +284,9 @@ def test_no_cycles_between_packages():
 def test_imports_inside_functions_have_a_reason():
     graph = import_graph()
     found = unexplained_in_function_imports(graph)
-    new = {k: v for k, v in found.items() if k not in KNOWN_IN_FUNCTION}
-    assert not new, ("imports inside functions with no reason (move them to module level, or add the optional "
+    assert not found, ("imports inside functions with no reason (move them to module level, or add the optional "
                      "dependency / start-up reason to IN_FUNCTION_REASONS): "
-                     + "; ".join(f"{_where(imp)} imports {imp.imported}" for imp in new.values()))
-    fixed = KNOWN_IN_FUNCTION - set(found)
-    assert not fixed, f"fixed in-function imports still listed in KNOWN_IN_FUNCTION: {sorted(fixed)}"
+                     + "; ".join(f"{_where(imp)} imports {imp.imported}" for imp in found.values()))
     stale = set(IN_FUNCTION_REASONS) - {_key(i) for i in graph if i.in_function}
     assert not stale, f"IN_FUNCTION_REASONS entries with no such import: {sorted(stale)}"
 

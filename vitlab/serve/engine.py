@@ -21,8 +21,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..compute.deploy import export_onnx, quantize_int8
+from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
+from ..compute.pt2 import Pt2Classifier, export_pt2, is_pt2_file
 from ..data.images import declared_pixels, load_sample
 from ..errors import VitlabError
+from ..factory import load
+from ..inspect import attention_rollout, upsample_map
 from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
 from ..train.predict import probabilities
@@ -105,7 +110,6 @@ class Engine:
     @torch.inference_mode()
     def explain(self, images: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..inspect import attention_rollout
 
         if not self.can_explain:
             raise VitlabError("attention rollout needs the PyTorch model of a ViT (serve with --backend torch)")
@@ -139,7 +143,6 @@ class Engine:
         maximum, blended over it in the jet colour map (as ``vitlab inspect`` draws it): PNG bytes."""
         import matplotlib
 
-        from ..inspect import upsample_map
 
         pre = self.preprocessing
         mean = torch.tensor(pre.mean).view(-1, 1, 1)
@@ -196,8 +199,6 @@ def load_engine(source: str | os.PathLike | nn.Module, *, backend: str = "torch"
     ``.onnx`` file, a checkpoint or a model is exported and quantised first, into ``workdir`` (default: a temporary
     folder kept for the life of the process). ``backend='pt2'`` runs a ``.pt2`` package (``vitlab export --format
     pt2``) as it is, or compiles a checkpoint or model into one for ``device`` first, into ``workdir``."""
-    from ..compute.onnx_classifier import OnnxClassifier, is_onnx_file
-    from ..compute.pt2 import Pt2Classifier, export_pt2, is_pt2_file
 
     if backend not in BACKENDS:
         raise VitlabError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -212,7 +213,6 @@ def load_engine(source: str | os.PathLike | nn.Module, *, backend: str = "torch"
             torch.set_num_threads(threads)
         if label is not None and is_pt2_file(label):
             return Engine(Pt2Classifier(label), backend=backend, name=name, source=label)
-        from .. import load
 
         torch_model = source if isinstance(source, nn.Module) else load(source)
         folder = Path(workdir) if workdir is not None else Path(_scratch_dir())
@@ -224,7 +224,6 @@ def load_engine(source: str | os.PathLike | nn.Module, *, backend: str = "torch"
         if isinstance(source, nn.Module):
             model = source
         else:
-            from .. import load
 
             model = load(source)
         if threads:
@@ -239,11 +238,9 @@ def load_engine(source: str | os.PathLike | nn.Module, *, backend: str = "torch"
         fp32_path = Path(label)
     else:
         fp32_path = None
-    from ..compute.deploy import export_onnx, quantize_int8
 
     folder = Path(workdir) if workdir is not None else Path(_scratch_dir())
     if fp32_path is None:
-        from .. import load
 
         torch_model = source if isinstance(source, nn.Module) else load(source)
         fp32_path = export_onnx(torch_model.cpu().eval(), folder / "model.onnx")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidValueError
+from .transfer import layer_decay_groups
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
@@ -51,7 +52,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     implementation, which also takes a gradient scaler's ``found_inf`` tensor and skips the update on the device
     (its rounding differs from the unfused one's in the last bit)."""
     if layer_decay is not None and layer_decay != 1.0:
-        from .transfer import layer_decay_groups
 
         groups = layer_decay_groups(model, weight_decay, layer_decay, lr, decay_parameter_names(model))
     else:
