@@ -160,3 +160,46 @@ def test_patch_dropout_on_a_hybrid_counts_its_cnn_on_the_whole_image(tmp_path):
     counted = counter.get_total_flops() / 2 / 4 + attention
     assert resnetv2_forward_macs(cfg.backbone, False) < run.train_macs < run.macs
     assert abs(run.train_macs - counted) < 0.1 * counted, (run.train_macs, counted)
+
+
+def test_the_attention_key_biases_do_not_move_while_the_query_and_value_biases_do(tmp_path):
+    """The key bias adds the same amount to every score of a query: softmax ignores it, so its true gradient is zero.
+    The step zeroes the rounding noise autograd leaves there (Adam would scale it up to the learning rate); the
+    query and value parts of the same fused bias train as usual."""
+    run = _run(tmp_path, lr=0.01)
+    qkv = run.model.blocks[0].attn.qkv.bias
+    dim = qkv.shape[0] // 3
+    with torch.no_grad():
+        qkv.normal_()  # a checkpoint's key bias is not zero: it must stay what it is, whatever its value
+        run.model.head.weight.normal_()  # (zero at initialisation: nothing would reach the blocks at first)
+    before = qkv.detach().clone()
+    # the gradient autograd computes for it is rounding noise: tiny next to the query part's
+    images = torch.randn(8, 1, 8, 8)
+    F.cross_entropy(run.model(images), torch.arange(8) % 10).backward()
+    assert qkv.grad[dim:2 * dim].abs().max() < 1e-4 * qkv.grad[:dim].abs().max()
+    run.model.zero_grad()
+    assert len(run.key_biases) == len(run.model.blocks)
+    batches = run.loader.epoch(0)
+    for step in range(3):
+        train_step(run, batches, step)
+    assert torch.equal(qkv[dim:2 * dim], before[dim:2 * dim])
+    assert not torch.allclose(qkv[:dim], before[:dim]) and not torch.allclose(qkv[2 * dim:], before[2 * dim:])
+
+
+def test_full_token_epochs_end_a_patch_dropout_run_on_all_tokens(tmp_path):
+    """With full_token_epochs the last steps run the model on every token: the same step as a run without patch
+    dropout, and the training cost per image is the average of the two phases."""
+    plain = _run(tmp_path, "plain", epochs=2, optimizer="sgd", lr=0.05)
+    tail = _run(tmp_path, "tail", epochs=2, optimizer="sgd", lr=0.05, patch_dropout=0.5, full_token_epochs=1)
+    dropped = _run(tmp_path, "dropped", epochs=2, optimizer="sgd", lr=0.05, patch_dropout=0.5)
+    spe = tail.steps_per_epoch
+    assert tail.patch_dropout_steps == spe and dropped.patch_dropout_steps == dropped.total_steps
+    assert tail.train_macs == (dropped.train_macs + plain.train_macs) // 2
+    batch = next(plain.loader.epoch(1))
+    out_plain = train_step(plain, iter([batch]), spe)
+    out_tail = train_step(tail, iter([batch]), spe)
+    out_dropped = train_step(dropped, iter([batch]), spe)
+    torch.testing.assert_close(out_tail.grad_norm, out_plain.grad_norm, rtol=1e-6, atol=1e-7)
+    for a, b in zip(tail.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(out_dropped.grad_norm, out_plain.grad_norm, rtol=1e-3)

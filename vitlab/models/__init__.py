@@ -38,6 +38,7 @@ _EXPORTS = {
     "family_of": ".families",
     "get_config": ".registry",
     "has_tokens": ".families",
+    "key_bias_slices": ".vit",
     "list_models": ".registry",
     "metadata_of": ".metadata",
     "model_from_config": ".families",
@@ -73,6 +74,7 @@ __all__ = [
     "family_of",
     "get_config",
     "has_tokens",
+    "key_bias_slices",
     "list_models",
     "metadata_of",
     "model_from_config",
@@ -105,6 +107,7 @@ if TYPE_CHECKING:
         PatchEmbed,
         VisionTransformer,
         ViTConfig,
+        key_bias_slices,
         sincos_2d_position_embedding,
     )
 

@@ -427,6 +427,26 @@ class PreLogits(nn.Module):
         return torch.tanh(self.fc(x))
 
 
+def key_bias_slices(model: nn.Module) -> list[tuple[torch.Tensor, slice]]:
+    """The key-projection biases inside ``model``'s attention layers, as (bias parameter, the key part of it), for
+    those that train. A key bias adds the same ``q . b_k`` to every score of a query, a shift softmax ignores, so its
+    gradient is zero in exact arithmetic; what autograd returns is rounding noise, which Adam would scale up to the
+    learning rate (moving weights that change nothing, and differently on different numbers of processes)."""
+    found = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            linear, part = module.qkv, 1  # fused (q, k, v)
+        elif isinstance(module, AttentionPool):
+            linear, part = module.kv, 0  # fused (k, v)
+        else:
+            continue
+        bias = getattr(getattr(linear, "base_layer", linear), "bias", None)  # a LoRA wrapper keeps the layer inside
+        if bias is not None and bias.requires_grad:
+            dim = module.num_heads * module.head_dim
+            found.append((bias, slice(part * dim, (part + 1) * dim)))
+    return found
+
+
 def _tracing() -> bool:
     """True inside torch.compile / torch.export / ONNX export / TorchScript tracing: no Python-side caching or
     size-dependent shortcuts there (a shortcut would fix the graph to the example's size)."""

@@ -90,6 +90,8 @@ class TrainConfig:
     holdout: int = setting(0, "hold out this many training images (class-balanced, disjoint from train_subset) and "
                            "evaluate on them instead (tuning)")
     patch_dropout: float = setting(0.0, "fraction of patch tokens dropped per training image (PatchDropout)")
+    full_token_epochs: float = setting(0.0, "with patch_dropout: the last N epochs train on all patch tokens, so "
+                                       "training ends on the tokens evaluation sees")
 
     model: str = setting("vit_fmnist", "a registered model name (vitlab models)", flag=True, section="model")
     model_args: dict = setting(doc='model config overrides, e.g. {"depth": 4, "dropout": 0.1}', factory=dict)
@@ -377,6 +379,7 @@ RULES: dict[str, Rule] = {
     "train_subset": at_least(1, integer=True),
     "holdout": at_least(0, integer=True),
     "patch_dropout": fraction(),
+    "full_token_epochs": at_least(0),
     "img_size": size(),
     "reset_head": one_of("auto", "always", "never"),
     "optimizer": one_of("adamw", "sgd"),

@@ -30,10 +30,12 @@ class PatchDropoutForward(nn.Module):
         self.vit = vit
         self.keep = keep
 
-    def forward(self, x: torch.Tensor, sample_keys: torch.Tensor | None = None) -> torch.Tensor:
-        """``sample_keys`` (B,): each image's key for its draw (else torch's global generator)."""
+    def forward(self, x: torch.Tensor, sample_keys: torch.Tensor | None = None,
+                all_tokens: bool = False) -> torch.Tensor:
+        """``sample_keys`` (B,): each image's key for its draw (else torch's global generator); ``all_tokens``: keep
+        every token this time (the end of a run with ``full_token_epochs``)."""
         vit = self.vit
-        if not self.training or self.keep >= 1.0:
+        if not self.training or self.keep >= 1.0 or all_tokens:
             return vit(x)
         tokens = vit.embed(x)  # (B, prefix + N, D), position embedding added
         prefix = vit.num_prefix_tokens

@@ -7,7 +7,7 @@ dropout, DDP / FSDP, ``torch.compile``), the optimiser, the schedule, EMA and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_
 from ..data.stats import channel_statistics
 from ..errors import InvalidValueError, VitlabError
 from ..factory import load
-from ..models import ModelConfig, create_model, get_config, metadata_of
+from ..models import ModelConfig, create_model, get_config, key_bias_slices, metadata_of
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
@@ -72,7 +72,9 @@ class Run:
     warmup_steps: int
     eval_interval: int               # optimiser steps between evaluations
     macs: int                        # forward multiply-accumulates per image
-    train_macs: int                  # ... per training image (fewer tokens with patch dropout)
+    train_macs: int                  # ... per training image, averaged over the run (fewer tokens with patch dropout)
+    patch_dropout_steps: int = 0     # patch dropout in steps [0, patch_dropout_steps); all tokens after
+    key_biases: list = field(default_factory=list)  # (bias, key slice): gradients zeroed (models.key_bias_slices)
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (None in fp32 and bf16)
 
     @property
@@ -368,7 +370,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.schedule, cfg.end_lr_factor)
     macs = forward_macs(vit.cfg)
     train_macs = macs
+    patch_dropout_steps = 0
     if cfg.patch_dropout > 0:
+        patch_dropout_steps = max(0, total_steps - int(round(cfg.full_token_epochs * spe)))
         kept = max(1, int(round(vit.cfg.num_patches * (1.0 - cfg.patch_dropout))))
         ph, pw = getattr(vit.cfg, "reduction", vit.cfg.patch_size)  # pixels per token (a hybrid: stride x patch)
         strip = vit.cfg.replace(img_size=(ph, pw * kept))  # a 1 x kept patch grid (an estimate: the embedding of
@@ -376,6 +380,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         train_macs = forward_macs(strip)
         if hasattr(vit.cfg, "backbone"):  # a hybrid's CNN still sees the whole image; only its tokens are dropped
             train_macs += resnetv2_forward_macs(vit.cfg.backbone, False) - resnetv2_forward_macs(strip.backbone, False)
+        train_macs = (train_macs * patch_dropout_steps + macs * (total_steps - patch_dropout_steps)) // total_steps
     return Run(
         config=cfg, info=info, precision=precision, run_dir=run_dir, log=log, objective=objective,
         class_names=class_names, preprocessing=preprocessing, train_set=train_set, eval_set=eval_set, loader=loader,
@@ -384,5 +389,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         ema=EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None, steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=warmup_steps,
         eval_interval=max(1, int(round(ev * spe))) if ev and ev > 0 else total_steps, macs=macs,
-        train_macs=train_macs,
+        train_macs=train_macs, patch_dropout_steps=patch_dropout_steps,
+        # FSDP shards the gradients: the key-bias slices are not whole on any process there
+        key_biases=[] if cfg.fsdp else key_bias_slices(model),
         scaler=torch.amp.GradScaler(info.device.type, init_scale=LOSS_SCALE_INIT) if precision == "fp16" else None)

@@ -76,8 +76,14 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
         if batch.images.shape[0] == 0:
             continue
         x, targets = objective.transform(batch.images, batch.labels)
-        # patch dropout draws each image's tokens from its key (whichever process holds it)
-        keyed = {"sample_keys": batch.keys} if cfg.patch_dropout > 0 and batch.keys is not None else {}
+        # patch dropout draws each image's tokens from its key (whichever process holds it); after
+        # patch_dropout_steps the wrapper passes all tokens
+        keyed = {}
+        if cfg.patch_dropout > 0:
+            if step >= run.patch_dropout_steps:
+                keyed = {"all_tokens": True}
+            elif batch.keys is not None:
+                keyed = {"sample_keys": batch.keys}
         last = micro_step == accum - 1
         with run.trainable.no_sync() if ddp and not last else nullcontext():  # all-reduce on the last one only
             with autocast(run.device, run.precision):
@@ -89,6 +95,9 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
         images += batch.images.shape[0]
     if scaler is not None and images:
         scaler.unscale_(run.optimizer)  # the gradients at their true size for the norm and the clip
+    for bias, keys in run.key_biases:  # exactly zero (softmax ignores a shift shared by all keys): drop the noise
+        if bias.grad is not None:
+            bias.grad[keys] = 0.0
     norm = grad_norm(run.params, cfg.grad_clip)
     stepped = torch.isfinite(norm)
     _optimizer_step(run, stepped, bool(images))
