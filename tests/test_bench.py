@@ -21,11 +21,11 @@ from vitlab.errors import VitlabError
 timm = pytest.importorskip("timm")
 
 
-def test_rounds_alternate_between_sides_after_warmup():
+def test_rounds_alternate_between_sides_and_which_goes_first_after_warmup():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
     times = interleaved_times(fns, rounds=3, iters=2, device=torch.device("cpu"), warmup=1)
-    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
     assert [len(t) for t in times.values()] == [3, 3]
 
 

@@ -191,14 +191,16 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, iters: int, device: torch.device,
                       warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each function, one entry per round; the functions take turns within every round."""
+    """Seconds per call of each function, one entry per round; the functions take turns within every round, in
+    reversed order every other round (going first or second in a round must not favour one side)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
         _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for index in range(rounds):
+        for name, fn in order if index % 2 == 0 else order[::-1]:
             _sync(device)
             start = time.perf_counter()
             for _ in range(iters):

@@ -379,9 +379,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         if return_attention:
             y, probs = self.attn(self.norm1(x), return_attention=True)
-        else:
-            y, probs = self.attn(self.norm1(x)), None
-        x = x + drop_path(self.ls1(y), self.drop_path_rate, self.training)
+            x = x + drop_path(self.ls1(y), self.drop_path_rate, self.training)
+        else:  # one expression: the attention output is freed before the MLP allocates (the allocator reuses it)
+            probs = None
+            x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
         return (x, probs) if return_attention else x
 
