@@ -306,3 +306,27 @@ def test_registry_names_aliases_and_overrides():
     with pytest.raises(ValueError, match="unknown ViT config keys"):
         vitlab.get_config("vit_b16", num_class=3)
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_key_biases_are_found_and_change_nothing_the_model_computes():
+    """key_bias_slices finds the key part of every fused attention bias (the blocks' qkv, a MAP head's kv); any
+    value there leaves the outputs as they are (softmax ignores a shift shared by all keys), which is why training
+    may hold them still. Changing a query bias instead changes the outputs."""
+    from vitlab.models import key_bias_slices
+
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64,
+                                        num_classes=5, class_token=False, pool="map")).eval()
+    randomize_(model, std=0.3)  # attention far from uniform, so a query bias matters
+    found = key_bias_slices(model)
+    assert [(tuple(b.shape), s) for b, s in found] == [((96,), slice(32, 64))] * 2 + [((64,), slice(0, 32))]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        for bias, keys in found:
+            bias[keys] += torch.randn(bias[keys].shape) * 3
+        torch.testing.assert_close(model(x), before, atol=2e-5, rtol=1e-5)
+        model.blocks[0].attn.qkv.bias[:32] += 1.0
+        assert (model(x) - before).abs().max() > 1e-2
+    model.blocks[1].attn.qkv.bias.requires_grad_(False)  # frozen biases are left out
+    assert len(key_bias_slices(model)) == 2
