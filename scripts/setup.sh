@@ -25,15 +25,16 @@ fi
 # the main job needs only vitlab's own dependencies (about half the install time of the development tools)
 extras=""
 stamp=.venv/.vitlab-installed
+imports="vitlab, torch"
 if [ "${1:-}" = "--dev" ]; then
   extras="[dev]"
   stamp=.venv/.vitlab-installed-dev
+  imports="$imports, timm"
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "setup: installing vitlab${extras} into .venv (first run takes a minute or more)" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".${extras}" 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-  # fail here, not later, if the install did not work
-  if [ -n "$extras" ]; then .venv/bin/python -c "import vitlab, torch, timm"; else .venv/bin/python -c "import vitlab, torch"; fi
+  .venv/bin/python -c "import $imports" # fail here, not later, if the install did not work
   touch "$stamp"
 fi
