@@ -123,11 +123,13 @@ class TrainConfig:
     dora: bool = setting(False, "DoRA: LoRA with a learned magnitude per output row", flag=True)
     merge_lora: bool = setting(False, "also save the merged model (model.safetensors) beside the adapter", flag=True)
 
-    optimizer: str = setting("adamw", "adamw (Adam with decoupled weight decay) or sgd (momentum)",
+    optimizer: str = setting("adamw", "adamw (Adam with decoupled weight decay), sgd (momentum) or muon (Muon for "
+                             "the encoder's weight matrices, AdamW for the rest, one lr)", flag=True,
                              section="optimisation")
     lr: float = setting(1e-3, "peak learning rate", flag=True)
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam's betas")
     momentum: float = setting(0.9, "SGD momentum")
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum (optimizer=muon)")
     weight_decay: float = setting(0.0, "decoupled weight decay, on weight matrices only (not biases, norms, "
                                   "embeddings)", flag=True)
     schedule: str = setting("cosine", "the learning rate after the warmup: cosine, linear or constant")
@@ -382,10 +384,11 @@ RULES: dict[str, Rule] = {
     "full_token_epochs": at_least(0),
     "img_size": size(),
     "reset_head": one_of("auto", "always", "never"),
-    "optimizer": one_of("adamw", "sgd"),
+    "optimizer": one_of("adamw", "sgd", "muon"),
     "lr": above(0),
     "betas": pair_of(fraction()),
     "momentum": fraction(),
+    "muon_momentum": fraction(),
     "weight_decay": at_least(0),
     "schedule": one_of("cosine", "linear", "constant"),
     "warmup_steps": at_least(0, integer=True),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidValueError
+from .muon import MuonAdamW, muon_parameter_ids, split_groups
 from .transfer import layer_decay_groups
 
 
@@ -44,13 +45,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
                     betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
-                    layer_decay: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
+                    layer_decay: float | None = None, fused: bool = False,
+                    muon_momentum: float = 0.95) -> torch.optim.Optimizer:
     """``adamw``: Adam with decoupled weight decay on weight matrices; ``sgd``: SGD with momentum (the paper's
-    fine-tuning, weight decay usually 0). Frozen parameters (``requires_grad=False``) are left out: no state, no
-    decay. ``layer_decay`` (BEiT / MAE layer-wise learning-rate decay) gives layer l the learning rate
-    ``lr x layer_decay^(L + 1 - l)`` (:func:`vitlab.train.transfer.layer_decay_groups`). ``fused``: torch's fused
-    implementation, which also takes a gradient scaler's ``found_inf`` tensor and skips the update on the device
-    (its rounding differs from the unfused one's in the last bit)."""
+    fine-tuning, weight decay usually 0); ``muon``: Muon (momentum ``muon_momentum``) for the hidden weight matrices
+    and AdamW for the rest, at one learning rate (:mod:`vitlab.train.muon`; never fused). Frozen parameters
+    (``requires_grad=False``) are left out: no state, no decay. ``layer_decay`` (BEiT / MAE layer-wise learning-rate
+    decay) gives layer l the learning rate ``lr x layer_decay^(L + 1 - l)``
+    (:func:`vitlab.train.transfer.layer_decay_groups`). ``fused``: torch's fused implementation, which also takes a
+    gradient scaler's ``found_inf`` tensor and skips the update on the device (its rounding differs from the unfused
+    one's in the last bit)."""
     if layer_decay is not None and layer_decay != 1.0:
 
         groups = layer_decay_groups(model, weight_decay, layer_decay, lr, decay_parameter_names(model))
@@ -60,7 +64,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
-    raise InvalidValueError(f"optimizer must be adamw or sgd, got {name!r}")
+    if name == "muon":
+        return MuonAdamW(split_groups(groups, muon_parameter_ids(model)), lr=lr, betas=tuple(betas),
+                         weight_decay=weight_decay, momentum=muon_momentum)
+    raise InvalidValueError(f"optimizer must be adamw, sgd or muon, got {name!r}")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, end_factor: float = 0.0) -> float:

@@ -117,6 +117,8 @@ def device_side_step(config: TrainConfig, device: torch.device, precision: str) 
     gradient scaler passes it), so that a step never waits for the device: on CUDA (single process and DDP) and for
     fp16 anywhere. The CPU's float32 and bf16 runs keep the unfused optimiser, whose arithmetic earlier runs had
     (there reading the decision back costs nothing); FSDP's sharded parameters keep it too."""
+    if config.optimizer == "muon":  # no fused kind
+        return False
     return (device.type == "cuda" and not config.fsdp) or precision == "fp16"
 
 
@@ -358,6 +360,8 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
 
     if cfg.fsdp and cfg.ema_decay > 0:
         raise VitlabError("EMA with FSDP is not supported; use DDP (drop fsdp) or set ema_decay=0")
+    if cfg.fsdp and cfg.optimizer == "muon":  # it orthogonalises whole matrices; FSDP holds a shard of each
+        raise VitlabError("optimizer=muon with FSDP is not supported; use DDP (drop fsdp) or optimizer=adamw")
     trainable: nn.Module = model
     if cfg.patch_dropout > 0:
         if cfg.fsdp:
@@ -365,7 +369,8 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         trainable = PatchDropoutForward(model, 1.0 - cfg.patch_dropout)
     trainable = D.wrap(trainable, info, fsdp=cfg.fsdp)
     optimizer = build_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.momentum,
-                                layer_decay=cfg.layer_decay, fused=device_side_step(cfg, info.device, precision))
+                                layer_decay=cfg.layer_decay, fused=device_side_step(cfg, info.device, precision),
+                                muon_momentum=cfg.muon_momentum)
     warmup_steps = min(warmup, total_steps)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.schedule, cfg.end_lr_factor)
     macs = forward_macs(vit.cfg)
