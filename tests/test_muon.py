@@ -156,3 +156,35 @@ def test_a_run_trains_with_muon_and_refuses_fsdp(tmp_path):
     with pytest.raises(VitlabError, match="optimizer=muon with FSDP is not supported"):
         train(tiny_config(tmp_path, run_name="fsdp", optimizer="muon", fsdp=True,
                           model_args={**TINY_MODEL}))
+
+
+def test_the_device_side_skip_steps_as_the_host_one_and_a_skipped_step_changes_nothing():
+    host_model, device_model = _fmnist_model(), _fmnist_model()
+    host = build_optimizer(host_model, "muon", 3e-3, weight_decay=0.1)
+    device = build_optimizer(device_model, "muon", 3e-3, weight_decay=0.1, fused=True)
+    assert device.defaults["fused"] and not host.defaults["fused"]
+    for step in range(3):
+        _set_grads(host_model, step)
+        _set_grads(device_model, step)
+        host.step()
+        device.found_inf = torch.zeros(())
+        device.step()
+        del device.found_inf
+    for (name, a), b in zip(host_model.named_parameters(), device_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # a step whose gradients overflowed: found_inf = 1 leaves every weight and every state tensor as it was
+    before = {n: p.detach().clone() for n, p in device_model.named_parameters()}
+    state_before = [(k, v.clone()) for s in device.state.values() for k, v in s.items()]
+    for p in device_model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    device_model.blocks[0].mlp.fc1.weight.grad[0, 0] = float("nan")
+    device.found_inf = torch.ones(())
+    device.step()
+    del device.found_inf
+    for name, p in device_model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    state_after = [(k, v) for s in device.state.values() for k, v in s.items()]
+    assert len(state_after) == len(state_before)
+    assert all(k == k0 and torch.equal(v, v0) for (k, v), (k0, v0) in zip(state_after, state_before))
+    steps = [s["step"] for s in device.state.values() if "step" in s]
+    assert steps and all(float(s) == 3.0 for s in steps)

@@ -99,11 +99,13 @@ def test_the_sync_counter_sees_what_would_synchronise(tmp_path):
     assert [c.split(" ")[0] for c in counter.calls] == ["item", "__bool__", "__getitem__"]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_a_training_step_that_does_not_log_never_waits_for_the_device(tmp_path, monkeypatch, precision):
-    # fp32 with the fused optimiser that CUDA runs use (the CPU's fp32 keeps the unfused one, read on the host)
+def test_a_training_step_that_does_not_log_never_waits_for_the_device(tmp_path, monkeypatch, precision, optimizer):
+    # fp32 with the fused optimiser that CUDA runs use (the CPU's fp32 keeps the unfused one, read on the host);
+    # Muon takes the same found_inf tensor
     monkeypatch.setattr(run_module, "device_side_step", lambda *args: True)
-    calls, result = _counted_run(tmp_path, monkeypatch, precision=precision)
+    calls, result = _counted_run(tmp_path, monkeypatch, precision=precision, optimizer=optimizer)
     assert calls == []
     assert result.steps == 6 and torch.isfinite(torch.tensor(result.metrics["loss"]))
 
@@ -132,10 +134,11 @@ def test_a_cuda_training_step_that_does_not_log_never_synchronises(tmp_path, mon
 
     monkeypatch.setattr(loop, "train_step", strict_step)
     try:
-        for precision in ("fp16", "bf16", "fp32"):
+        for precision, optimizer in [(p, o) for p in ("fp16", "bf16", "fp32") for o in ("adamw", "muon")]:
             cfg = tiny_config(tmp_path, epochs=None, steps=6, log_every_steps=100, eval_every_epochs=0,
                               device="cuda", save_every_epochs=0, save_every_minutes=0, augment="inception",
-                              grad_clip=1.0, ema_decay=0.9, precision=precision, run_name=precision)
+                              grad_clip=1.0, ema_decay=0.9, precision=precision, optimizer=optimizer,
+                              run_name=f"{precision}-{optimizer}")
             assert train(cfg).steps == 6
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -171,16 +174,18 @@ def _run(tmp_path, name, **changes):
     return build_run(cfg, D.setup("cpu"), run_dir, RunLog(run_dir, console=False))
 
 
-def test_an_overflowing_fp16_step_is_skipped_on_the_device_and_the_scale_halved(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_an_overflowing_fp16_step_is_skipped_on_the_device_and_the_scale_halved(tmp_path, monkeypatch, optimizer):
     monkeypatch.setattr(run_module, "LOSS_SCALE_INIT", 2.0 ** 60)  # fp16 gradients overflow at this scale
-    run = _run(tmp_path, "overflow")
+    run = _run(tmp_path, "overflow", optimizer=optimizer)
     assert run.scaler is not None and run.optimizer.defaults["fused"]
     before = [p.detach().clone() for p in run.model.parameters()]
     batches = run.loader.epoch(0)
     out = train_step(run, batches, 0)
     assert not out.stepped and torch.isfinite(out.loss) and run.scaler.get_scale() == 2.0 ** 59
     assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
-    assert all(int(s["step"]) == 0 for s in run.optimizer.state.values())  # Adam's step count not advanced
+    assert all(int(s.get("step", 0)) == 0 for s in run.optimizer.state.values())  # Adam's step count not advanced
+    assert all(not s["momentum_buffer"].any() for s in run.optimizer.state.values() if "momentum_buffer" in s)
     run.scaler.update(2.0 ** 10)  # a scale that fits: the next step trains
     out = train_step(run, batches, 1)
     assert out.stepped and not all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
@@ -218,7 +223,8 @@ def test_fp16_training_logs_its_skipped_steps_and_follows_the_fp32_losses(tmp_pa
     assert "non-finite loss" not in log and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_fp16_run_stopped_and_resumed_ends_bit_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fp16_run_stopped_and_resumed_ends_bit_identical(tmp_path, monkeypatch, optimizer):
     """The scale (lowered by overflows before the stop) comes back from last.pt: a resumed run skips no step the
     uninterrupted one did not."""
     from vitlab.train import loop
@@ -226,7 +232,8 @@ def test_fp16_run_stopped_and_resumed_ends_bit_identical(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_module, "LOSS_SCALE_INIT", 2.0 ** 24)
     cfg = tiny_config(tmp_path, epochs=None, steps=24, eval_every_epochs=0, run_name="job", precision="fp16",
-                      log_every_steps=4, model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1})
+                      log_every_steps=4, model_args={**tiny_config(tmp_path).model_args, "dropout": 0.1},
+                      optimizer=optimizer)
     real_step = loop.train_step
 
     def signalled_step(run, batches, step):

@@ -72,51 +72,77 @@ class MuonAdamW(torch.optim.Optimizer):
     """One optimiser over groups marked ``muon`` (Muon with Nesterov momentum ``momentum``) and the rest (AdamW with
     ``betas`` and ``eps``, the same arithmetic as ``torch.optim.AdamW(foreach=True)``). A learning-rate scheduler
     and checkpoints see one optimiser; its state holds ``momentum_buffer`` for a Muon matrix and ``step``,
-    ``exp_avg``, ``exp_avg_sq`` for an AdamW parameter."""
+    ``exp_avg``, ``exp_avg_sq`` for an AdamW parameter.
+
+    ``device_side_skip``: the step takes the decision to skip as the ``found_inf`` tensor (1 = skip) that torch's
+    fused optimisers take, set as an attribute by vitlab's training step or a ``GradScaler``, and applies it on the
+    device (a skipped step leaves weights and state exactly as they were; AdamW step counts are then device
+    tensors), so that a step never waits for the device. It announces this as ``defaults["fused"]``, the flag
+    those callers look for; without ``found_inf`` the step is the plain one."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+                 weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5,
+                 device_side_skip: bool = False):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        ns_steps=ns_steps, muon=False)
+                        ns_steps=ns_steps, muon=False, fused=device_side_skip)
         super().__init__(params, defaults)
+        self._step_supports_amp_scaling = device_side_skip  # a GradScaler then passes found_inf / grad_scale
         for group in self.param_groups:
             if group["muon"] and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups must hold weight matrices (2-D parameters) only")
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter that has a gradient."""
+        """One update of every parameter that has a gradient (none of them where ``self.found_inf`` is 1)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
+            if not params:
+                continue
+            if found_inf is None:
                 (self._muon_step if group["muon"] else self._adamw_step)(group, params)
+            else:
+                keep = 1.0 - found_inf.float()  # on the parameters' device (as torch's fused step expects)
+                # the gradients of a skipped step may be inf / NaN: zeroed, then weighted by keep = 0
+                grads = [torch.nan_to_num(p.grad if grad_scale is None else p.grad / grad_scale, 0.0, 0.0, 0.0)
+                         for p in params]
+                (self._muon_step if group["muon"] else self._adamw_step_on_device)(group, params, grads, keep)
         return loss
 
-    def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _muon_step(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None,
+                   keep: torch.Tensor | None = None) -> None:
+        """Muon on ``params``; with ``keep`` (a device scalar, 0 = skip) every change is weighted by it."""
         lr, mu = group["lr"], group["momentum"]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params] if grads is None else grads
         buffers = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buffers.append(state["momentum_buffer"])
-        torch._foreach_lerp_(buffers, grads, 1.0 - mu)
+        if keep is None:
+            torch._foreach_lerp_(buffers, grads, 1.0 - mu)
+        else:
+            for buffer, grad in zip(buffers, grads):
+                buffer.lerp_(grad, keep * (1.0 - mu))
         nesterov = torch._foreach_lerp(grads, buffers, mu)  # g + mu (m - g): the momentum looked one step ahead
         if group["weight_decay"]:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            decay = 1.0 - lr * group["weight_decay"]
+            torch._foreach_mul_(params, decay if keep is None else 1.0 - keep * (lr * group["weight_decay"]))
         by_shape: dict[tuple, list[int]] = defaultdict(list)
         for index, p in enumerate(params):
             by_shape[tuple(p.shape)].append(index)
         for shape, indices in by_shape.items():
             ortho = orthogonalize(torch.stack([nesterov[i] for i in indices]), group["ns_steps"])
             scale = 0.2 * math.sqrt(max(shape))  # the RMS of an AdamW update (Liu et al., 2025)
+            if keep is not None:
+                ortho = ortho * keep
             torch._foreach_add_([params[i] for i in indices], list(ortho.to(params[indices[0]].dtype).unbind(0)),
                                 alpha=-lr * scale)
 
@@ -144,3 +170,25 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_div_(denominators, [(1.0 - beta2 ** s) ** 0.5 for s in steps])
         torch._foreach_add_(denominators, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
+
+    def _adamw_step_on_device(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+                              keep: torch.Tensor) -> None:
+        """AdamW with every change weighted by ``keep`` (0 = skip) and the step counts on the device."""
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if state["step"].device != p.device:  # a count the host-side step kept
+                state["step"] = state["step"].to(p.device)
+            step = state["step"].add_(keep)
+            counted = step.clamp(min=1.0)  # no correction by zero before the first kept step
+            bias1, bias2_sqrt = 1.0 - beta1 ** counted, (1.0 - beta2 ** counted).sqrt()
+            if decay:
+                p.mul_(1.0 - keep * (lr * decay))
+            state["exp_avg"].lerp_(grad, keep * (1.0 - beta1))
+            state["exp_avg_sq"].lerp_(grad * grad, keep * (1.0 - beta2))
+            denominator = state["exp_avg_sq"].sqrt() / bias2_sqrt + eps
+            p.add_(state["exp_avg"] / denominator * (keep * -lr / bias1))

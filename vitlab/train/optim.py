@@ -49,9 +49,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
                     muon_momentum: float = 0.95) -> torch.optim.Optimizer:
     """``adamw``: Adam with decoupled weight decay on weight matrices; ``sgd``: SGD with momentum (the paper's
     fine-tuning, weight decay usually 0); ``muon``: Muon (momentum ``muon_momentum``) for the hidden weight matrices
-    and AdamW for the rest, at one learning rate (:mod:`vitlab.train.muon`; never fused). Frozen parameters
-    (``requires_grad=False``) are left out: no state, no decay. ``layer_decay`` (BEiT / MAE layer-wise learning-rate
-    decay) gives layer l the learning rate ``lr x layer_decay^(L + 1 - l)``
+    and AdamW for the rest, at one learning rate (:mod:`vitlab.train.muon`; ``fused`` gives it the device-side
+    skip). Frozen parameters (``requires_grad=False``) are left out: no state, no decay. ``layer_decay`` (BEiT / MAE
+    layer-wise learning-rate decay) gives layer l the learning rate ``lr x layer_decay^(L + 1 - l)``
     (:func:`vitlab.train.transfer.layer_decay_groups`). ``fused``: torch's fused implementation, which also takes a
     gradient scaler's ``found_inf`` tensor and skips the update on the device (its rounding differs from the unfused
     one's in the last bit)."""
@@ -66,7 +66,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
     if name == "muon":
         return MuonAdamW(split_groups(groups, muon_parameter_ids(model)), lr=lr, betas=tuple(betas),
-                         weight_decay=weight_decay, momentum=muon_momentum)
+                         weight_decay=weight_decay, momentum=muon_momentum, device_side_skip=fused)
     raise InvalidValueError(f"optimizer must be adamw, sgd or muon, got {name!r}")
 
 

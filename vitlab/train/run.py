@@ -117,8 +117,6 @@ def device_side_step(config: TrainConfig, device: torch.device, precision: str) 
     gradient scaler passes it), so that a step never waits for the device: on CUDA (single process and DDP) and for
     fp16 anywhere. The CPU's float32 and bf16 runs keep the unfused optimiser, whose arithmetic earlier runs had
     (there reading the decision back costs nothing); FSDP's sharded parameters keep it too."""
-    if config.optimizer == "muon":  # no fused kind
-        return False
     return (device.type == "cuda" and not config.fsdp) or precision == "fp16"
 
 
