@@ -123,8 +123,8 @@ register_recipe(Recipe(
     "fashion-mnist",
     "the main job: a 0.3M-parameter ViT (width 96, depth 4, 4x4 patches, sin-cos position embedding, global average "
     "pooling) on Fashion-MNIST in about 8-10 minutes of training on two CPU cores: Muon + AdamW lr 5.6e-3, "
-    "wd 0.1, 20 epochs, batch 256, warmup 0.5 epoch, cosine, label smoothing 0.1, flips, half the patch tokens dropped per training "
-    "image",
+    "wd 0.1, 20 epochs, batch 256, warmup 0.5 epoch, cosine, label smoothing 0.1, flips, half the patch tokens "
+    "dropped per training image",
     dict(data="fashion-mnist", model="vit_fmnist", optimizer="muon", lr=5.6e-3, betas=(0.9, 0.999),
          weight_decay=0.1, schedule="cosine", warmup_epochs=0.5, epochs=20, batch_size=256, grad_clip=1.0,
          augment="flip", flip=True, label_smoothing=0.1, patch_dropout=0.5, eval_every_epochs=0, precision="fp32"),
