@@ -14,7 +14,8 @@ for LLM Training"), so one ``lr`` and one schedule drive both kinds of parameter
 
 The Newton-Schulz iteration runs in float32 (reduced-precision products are emulated, hence slow, on many CPUs), on
 all matrices of one shape at once (batched products). Its cost is a few small products per matrix and step,
-independent of the batch size: about 15% of a step of the main job's 64-image micro-batch on one CPU thread.
+independent of the batch size: on one CPU thread (Intel Xeon) it made a step of the main job's model 1.14 times as
+costly per image on 64-image micro-batches and 1.035 times on 128-image ones (``benchmarks/step_cost.py``).
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def split_groups(groups: list[dict], muon_ids: set[int]) -> list[dict]:
 
 class MuonAdamW(torch.optim.Optimizer):
     """One optimiser over groups marked ``muon`` (Muon with Nesterov momentum ``momentum``) and the rest (AdamW with
-    ``betas`` and ``eps``, the same arithmetic as ``torch.optim.AdamW(foreach=True)``). A learning-rate scheduler
-    and checkpoints see one optimiser; its state holds ``momentum_buffer`` for a Muon matrix and ``step``,
-    ``exp_avg``, ``exp_avg_sq`` for an AdamW parameter.
+    ``betas`` and ``eps``: ``torch.optim.AdamW(foreach=True)``'s arithmetic bit for bit, without ``found_inf``). A
+    learning-rate scheduler and checkpoints see one optimiser; its state holds ``momentum_buffer`` for a Muon matrix
+    and ``step``, ``exp_avg``, ``exp_avg_sq`` for an AdamW parameter.
 
     ``device_side_skip``: the step takes the decision to skip as the ``found_inf`` tensor (1 = skip) that torch's
     fused optimisers take, set as an attribute by vitlab's training step or a ``GradScaler``, and applies it on the
