@@ -749,7 +749,10 @@ def test_the_default_recipe_killed_after_its_first_epoch_resumes_to_the_uninterr
                 break
         time.sleep(0.02)
     proc.wait()
-    assert killed_at == 30, killed_at  # 3,840 images / batch 128: the checkpoint of the first epoch's end
+    from vitlab.train.recipes import get_recipe
+
+    per_epoch = 3840 // get_recipe("fashion-mnist").config().batch_size
+    assert killed_at == per_epoch, killed_at  # 3,840 images / the recipe's batch: the first epoch's end
     assert not (tmp_path / "runs" / "killed" / "result.json").exists()
     resumed = subprocess.run([sys.executable, "-m", "vitlab", "train", "--resume", str(tmp_path / "runs" / "killed"),
                               "--threads", "1", "--no-progress", "--device", "cpu"], env=_env(), capture_output=True,
@@ -761,7 +764,7 @@ def test_the_default_recipe_killed_after_its_first_epoch_resumes_to_the_uninterr
     b = load_file(tmp_path / "runs" / "reference" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / "runs" / n / "result.json").read_text()) for n in ("killed", "reference"))
-    assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 60
+    assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 2 * per_epoch
 
 
 # ------------------------------------------------------------------------------------- 11: Ctrl-C at start-up
