@@ -25,6 +25,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 # the quintic iteration's coefficients: chosen to push small singular values up fast (Jordan et al., 2024)
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
@@ -71,15 +72,15 @@ def split_groups(groups: list[dict], muon_ids: set[int]) -> list[dict]:
 
 class MuonAdamW(torch.optim.Optimizer):
     """One optimiser over groups marked ``muon`` (Muon with Nesterov momentum ``momentum``) and the rest (AdamW with
-    ``betas`` and ``eps``: ``torch.optim.AdamW(foreach=True)``'s arithmetic bit for bit, without ``found_inf``). A
-    learning-rate scheduler and checkpoints see one optimiser; its state holds ``momentum_buffer`` for a Muon matrix
-    and ``step``, ``exp_avg``, ``exp_avg_sq`` for an AdamW parameter.
+    ``betas`` and ``eps``, by torch's own Adam kernels: ``torch.optim.AdamW(foreach=True)`` bit for bit, or its
+    ``fused=True`` with ``device_side_skip``). A learning-rate scheduler and checkpoints see one optimiser; its state
+    holds ``momentum_buffer`` for a Muon matrix and ``step``, ``exp_avg``, ``exp_avg_sq`` for an AdamW parameter.
 
     ``device_side_skip``: the step takes the decision to skip as the ``found_inf`` tensor (1 = skip) that torch's
     fused optimisers take, set as an attribute by vitlab's training step or a ``GradScaler``, and applies it on the
-    device (a skipped step leaves weights and state exactly as they were; AdamW step counts are then device
-    tensors), so that a step never waits for the device. It announces this as ``defaults["fused"]``, the flag
-    those callers look for; without ``found_inf`` the step is the plain one."""
+    device (a skipped step leaves weights and state exactly as they were; the AdamW half is then torch's fused
+    kernel, its step counts device tensors), so that a step never waits for the device. It announces this as
+    ``defaults["fused"]``, the flag those callers look for."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5,
@@ -106,14 +107,16 @@ class MuonAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if found_inf is None:
-                (self._muon_step if group["muon"] else self._adamw_step)(group, params)
+            if not group["muon"]:
+                self._adamw_step(group, params, found_inf, grad_scale)
+            elif found_inf is None:
+                self._muon_step(group, params)
             else:
                 keep = 1.0 - found_inf.float()  # on the parameters' device (as torch's fused step expects)
                 # the gradients of a skipped step may be inf / NaN: zeroed, then weighted by keep = 0
                 grads = [torch.nan_to_num(p.grad if grad_scale is None else p.grad / grad_scale, 0.0, 0.0, 0.0)
                          for p in params]
-                (self._muon_step if group["muon"] else self._adamw_step_on_device)(group, params, grads, keep)
+                self._muon_step(group, params, grads, keep)
         return loss
 
     def _muon_step(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor] | None = None,
@@ -147,49 +150,24 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_add_([params[i] for i in indices], list(ortho.to(params[indices[0]].dtype).unbind(0)),
                                 alpha=-lr * scale)
 
-    def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        grads = [p.grad for p in params]
+    def _adamw_step(self, group: dict, params: list[torch.Tensor], found_inf: torch.Tensor | None,
+                    grad_scale: torch.Tensor | None) -> None:
+        """AdamW on ``params`` by torch's own functional Adam with decoupled weight decay: its foreach kernels, or
+        with ``device_side_skip`` its fused one, which skips where ``found_inf`` is 1 and divides by
+        ``grad_scale`` on the device (the step counts then live there too, as in ``torch.optim.AdamW(fused=True)``)."""
+        fused = bool(group["fused"])
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else None)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"].item())
-        if group["weight_decay"]:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        step_sizes = [-lr / (1.0 - beta1 ** s) for s in steps]
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, [(1.0 - beta2 ** s) ** 0.5 for s in steps])
-        torch._foreach_add_(denominators, eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denominators, step_sizes)
-
-    def _adamw_step_on_device(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
-                              keep: torch.Tensor) -> None:
-        """AdamW with every change weighted by ``keep`` (0 = skip) and the step counts on the device."""
-        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        for p, grad in zip(params, grads):
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if state["step"].device != p.device:  # a count the host-side step kept
-                state["step"] = state["step"].to(p.device)
-            step = state["step"].add_(keep)
-            counted = step.clamp(min=1.0)  # no correction by zero before the first kept step
-            bias1, bias2_sqrt = 1.0 - beta1 ** counted, (1.0 - beta2 ** counted).sqrt()
-            if decay:
-                p.mul_(1.0 - keep * (lr * decay))
-            state["exp_avg"].lerp_(grad, keep * (1.0 - beta1))
-            state["exp_avg_sq"].lerp_(grad * grad, keep * (1.0 - beta2))
-            denominator = state["exp_avg_sq"].sqrt() / bias2_sqrt + eps
-            p.add_(state["exp_avg"] / denominator * (keep * -lr / bias1))
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adam(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, [], steps, foreach=not fused,
+             fused=fused or None, grad_scale=grad_scale, found_inf=found_inf, decoupled_weight_decay=True,
+             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+             eps=group["eps"], maximize=False)
