@@ -276,6 +276,20 @@ def test_out_dir_that_is_a_file_or_read_only_is_refused_in_one_line(tmp_path, re
     assert "cannot create the run folder" in lines[0]
 
 
+def test_inspect_and_experiment_out_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    """``--out`` naming a file (or a folder under one) was a FileExistsError traceback from ``mkdir``."""
+    good = good_vitlab_file(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"precious\n")
+    for out in (a_file, a_file / "sub"):
+        rc, lines = _cli(["inspect", str(good), "--out", str(out), "--what", "filters"], capsys)
+        assert rc == 2 and lines == [f"vitlab inspect: error: cannot write {out}: {a_file} is a file, not a folder"]
+        rc, lines = _cli(["experiment", "posemb", "--out", str(out), "--steps", "1"], capsys)
+        assert rc == 2 and lines == [f"vitlab experiment: error: cannot write {out}: {a_file} is a file, "
+                                     "not a folder"]
+    assert a_file.read_bytes() == b"precious\n"
+
+
 def test_convert_into_a_read_only_folder_or_under_a_file_is_refused_in_one_line(tmp_path, read_only_dir, capsys):
     good = good_vitlab_file(tmp_path)
     a_file = tmp_path / "a_file"

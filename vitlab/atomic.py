@@ -52,6 +52,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) if missing; a file in the way raises :class:`WriteError` naming
+    it (``mkdir`` would only say "File exists", as a traceback)."""
+    path = Path(path)
+    try:
+        _make_parent(path / "_")
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def _make_parent(path: Path) -> None:
     """Create ``path``'s folder; a file in the way is named (``mkdir`` would only say "File exists")."""
     for parent in [path.parent, *path.parent.parents]:

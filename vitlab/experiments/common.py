@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import write_atomic, write_text_atomic
+from ..atomic import make_folder, write_atomic, write_text_atomic
 from ..errors import VitlabError
 from ..train import TrainConfig, evaluate, train
 
@@ -81,6 +81,7 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
     if getattr(args, "steps", 1) < 1:  # experiments that train nothing (families) have no --steps
         raise VitlabError(f"--steps must be at least 1, got {args.steps}")
     if not args.plot_only:
+        make_folder(args.out)  # a file in the way: one line now, not a traceback after the first run
         if hasattr(experiment, "measure"):  # measures given checkpoints instead of training runs
             experiment.measure(args)
         elif hasattr(experiment, "train_runs"):
@@ -143,8 +144,7 @@ def _say(message: str) -> None:
 
 def run_series(runs: Sequence[Run], out: str | Path, log: Callable[[str], None] = _say) -> list[dict]:
     """Train every run not yet in ``out/results.json`` with the normal training loop and return all rows."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out)
     rows = load_rows(out)
     done = {r["label"] for r in rows}
     for i, run in enumerate(runs, start=1):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..atomic import write_bytes_atomic
+from ..atomic import make_folder, write_bytes_atomic
 from ..data import load_arrays
 from ..data.arrays import canonical_name
 from ..errors import InvalidValueError, VitlabError
@@ -212,8 +212,7 @@ def measure(args: argparse.Namespace) -> None:
               + " ".join(f"{v:.0f}" for v in row["distance_per_layer"]) + f" px (uniform "
               f"{row['uniform_attention']:.0f})", flush=True)
         del model
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(args.out)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     write_bytes_atomic(out / NPZ, buffer.getvalue())

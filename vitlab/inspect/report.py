@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import write_bytes_atomic
+from ..atomic import make_folder, write_bytes_atomic
 from ..errors import InvalidValueError
 from ..models import metadata_of
 from ..preprocessing import Preprocessing
@@ -207,8 +207,7 @@ def inspect_model(
                                   f"Rollout from the {source}, heads fused by {head_fusion}"
                                   + (f", lowest {100 * discard_ratio:.0f}% discarded" if discard_ratio else "") + ".")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     files = {}
     for name, (png, _) in figures.items():
         files[name] = out / f"{name}.png"
