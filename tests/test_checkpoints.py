@@ -171,6 +171,23 @@ def test_timm_prefers_ema_only_when_asked(tmp_path):
     assert any("EMA" in n for n in notes)
 
 
+def test_asking_for_ema_weights_of_a_file_without_them_is_an_error(tmp_path, capsys):
+    """``--ema`` used to give the plain weights without a word when the file held no EMA copy."""
+    from vitlab.cli import main
+
+    a = random_timm_vit(seed=1)
+    torch.save({"model": a.state_dict(), "epoch": 3}, tmp_path / "plain.pth")
+    torch.save(a.state_dict(), tmp_path / "bare.pth")
+    vitlab.save(vitlab.create_model("vit_ti16", depth=1, img_size=32, num_classes=10), tmp_path / "m.safetensors")
+    for name in ("plain.pth", "bare.pth", "m.safetensors"):
+        with pytest.raises(VitlabError, match="holds none"):
+            load(tmp_path / name, prefer_ema=True)
+        assert main(["info", str(tmp_path / name), "--ema"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name}: --ema / prefer_ema asks for EMA weights" in err
+    load(tmp_path / "plain.pth")  # without the flag the plain weights load as before
+
+
 def test_timm_safetensors_and_gap_fc_norm(tmp_path):
     from safetensors.torch import save_file
 

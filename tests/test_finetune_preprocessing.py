@@ -149,6 +149,10 @@ def test_a_runs_training_checkpoint_carries_its_stored_preprocessing(tmp_path):
     state = {"model": model.state_dict(), "vit_config": model.cfg.to_dict(), "preprocessing": IMAGENET.to_dict()}
     torch.save(state, tmp_path / "last.pt")
     assert read_checkpoint(tmp_path / "last.pt").preprocessing == IMAGENET
+    from vitlab.checkpoints import inspect_checkpoint  # `vitlab info` names where it came from: the file
+
+    info = inspect_checkpoint(tmp_path / "last.pt")
+    assert info["preprocessing_source"] == "stored in the file" and "stored_preprocessing" not in info["facts"]
     assert vitlab.load(tmp_path / "last.pt", img_size=16).preprocessing == IMAGENET.replace(img_size=16)
     torch.save({**state, "preprocessing": IMAGENET.replace(channels=1, mean=(0.5,), std=(0.5,)).to_dict()},
                tmp_path / "bad.pt")

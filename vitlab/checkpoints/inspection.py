@@ -63,8 +63,8 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict:
     facts["pooling"] = getattr(cfg, "pool", "avg")  # CNN baselines (BiT) average their last feature map
     facts["class_token"] = getattr(cfg, "class_token", False)
     facts["pre_logits"] = getattr(cfg, "representation_size", None)
-    stored_pre = ckpt.format == "vitlab" or (ckpt.container == "hf-folder" and (path /
-                                                                                "preprocessor_config.json").is_file())
+    stored_pre = facts.pop("stored_preprocessing", False) or ckpt.format == "vitlab" or (
+        ckpt.container == "hf-folder" and (path / "preprocessor_config.json").is_file())
     return {
         "path": str(path),
         "format": ckpt.format,

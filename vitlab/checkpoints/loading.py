@@ -37,7 +37,7 @@ from .family_layouts import (
 from .files import read_npz, read_safetensors, read_torch, sniff
 from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
-from .statedicts import detect_layout, infer_config, to_vitlab_names, unwrap_state_dict
+from .statedicts import detect_layout, infer_config, no_ema_message, to_vitlab_names, unwrap_state_dict
 from .vitlab_format import parse_document, read_document
 
 FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision", "dinov2", "deit3", "open_clip")
@@ -128,6 +128,8 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     path = Path(path)
     source = str(path)
     kind = sniff(path)
+    if prefer_ema and kind not in ("torch-zip", "torch-legacy"):  # only torch.save files hold a training state
+        raise VitlabError(no_ema_message(source))
     named = None
     if model_name is not None:
         named = get_config(model_name)
@@ -413,11 +415,13 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
         if named is None and not hf_config:
             notes += inferred_notes
     fmt = layout if family is None or family.startswith("hf_") else family
-    preprocessing = _embedded_preprocessing(container_obj, source, config) or source_preprocessing(
-        fmt, config.img_size, config.in_chans)
+    stored = _embedded_preprocessing(container_obj, source, config)
+    preprocessing = stored or source_preprocessing(fmt, config.img_size, config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
     ckpt = Checkpoint(source, fmt, container, sd, config, FAMILIES["vit"], preprocessing, class_names, notes=notes)
+    if stored is not None:  # a vitlab run's .pt: `vitlab info` says the preprocessing is the file's own
+        ckpt.facts["stored_preprocessing"] = True
     if family is not None:
         ckpt.facts["family_layout"] = family
     return ckpt

@@ -53,6 +53,8 @@ def unwrap_state_dict(obj: object, source: str, prefer_ema: bool = False) -> tup
     if prefer_ema:
         order = ("model_ema", "state_dict_ema") + tuple(k for k in WRAPPER_KEYS if "ema" not in k)
     depth = 0
+    if prefer_ema and not (isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in order[:2])):
+        raise VitlabError(no_ema_message(source))  # asked for EMA: never the plain weights without a word
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj) and depth < 3:
         found = next((k for k in order if isinstance(obj.get(k), Mapping)), None)
         if found is None:
@@ -75,6 +77,12 @@ def unwrap_state_dict(obj: object, source: str, prefer_ema: bool = False) -> tup
     if skipped:
         notes.append(f"non-tensor entries ignored: {', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}")
     return strip_prefixes(tensors), notes
+
+
+def no_ema_message(source: str) -> str:
+    """The error for ``prefer_ema`` / ``--ema`` on a file without EMA weights."""
+    return (f"{source}: --ema / prefer_ema asks for EMA weights, but this file holds none (only a training "
+            "checkpoint of a run with ema_decay has model_ema)")
 
 
 def _is_tensor_dict(obj: Mapping) -> bool:
