@@ -1,6 +1,7 @@
 """ONNX export (dynamic batch) against PyTorch, int8 quantisation of the Linear layers, the export-onnx command."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +148,18 @@ def test_export_onnx_command_with_weights_and_int8(tmp_path, capsys):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_export_onnx_weights_of_another_size_are_one_line(capsys, tmp_path, monkeypatch):
+    """--weights for the registered model at another size (here fewer classes) was load_state_dict's traceback."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    save_file(vitlab.create_model("vit_fmnist", num_classes=3).state_dict(), "w.safetensors")
+    assert main(["export-onnx", "vit_fmnist", "x.onnx", "--weights", "w.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "w.safetensors: the weights do not fit the model; wrong shapes (2)" in err
+    assert "head.weight (3, 96) vs model (10, 96)" in err and not Path("x.onnx").exists()
 
 
 @pytest.mark.parametrize("argv,message", [

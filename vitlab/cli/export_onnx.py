@@ -62,6 +62,7 @@ def load_model(source: str, model_name: str | None = None, weights: str | None =
 
 def _with_state_dict(model, path: str):
     from ..checkpoints.files import read_safetensors, read_torch, sniff
+    from ..checkpoints.loading import load_strict
 
     if not Path(path).is_file():
         raise VitlabError(f"--weights: no such file {path}")
@@ -72,10 +73,7 @@ def _with_state_dict(model, path: str):
     state = read_safetensors(path)[0] if kind == "safetensors" else read_torch(path)
     if not isinstance(state, dict):
         raise VitlabError(f"{path}: expected a state dict, got {type(state).__name__}")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise VitlabError(f"{path}: does not fit the model: missing {', '.join(result.missing_keys) or 'none'}; "
-                          f"unexpected {', '.join(result.unexpected_keys) or 'none'}")
+    load_strict(model, state, path)  # every missing, unexpected or mis-shaped tensor in one line
     return model
 
 
