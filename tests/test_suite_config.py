@@ -82,3 +82,11 @@ def test_invalid_toml_names_the_file(tmp_path):
     path.write_text("name = [")
     with pytest.raises(VitlabError, match="bad.toml: not valid TOML"):
         load_suite_config(path)
+
+
+def test_a_binary_file_as_config_names_the_file(tmp_path):
+    """An image (or a checkpoint) given as the config was a UnicodeDecodeError traceback."""
+    path = tmp_path / "model.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(VitlabError, match="model.png: not a text file"):
+        load_suite_config(path)

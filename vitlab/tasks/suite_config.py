@@ -189,9 +189,11 @@ def load_suite_config(path: str | Path) -> SuiteConfig:
     """Read a suite config from a ``.toml`` or ``.json`` file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise VitlabError(f"suite config {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:  # an image or a checkpoint given in its place
+        raise VitlabError(f"suite config {path}: not a text file (a TOML or JSON config is UTF-8 text)") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
