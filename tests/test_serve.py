@@ -472,6 +472,7 @@ def _up(url: str) -> bool:
     (["{ckpt}", "--max-batch", "0"], "max_batch must be at least 1"),
     (["{ckpt}", "--backend", "onnx-int8", "--device", "cuda"], "--device cuda"),
     (["{ckpt}", "--api-key-file", "no-such-key-file"], "--api-key-file no-such-key-file"),
+    (["{ckpt}", "--api-key-file", "{ckpt}"], "not a text file"),  # was a UnicodeDecodeError traceback
 ])
 def test_serve_command_reports_bad_options_in_one_line(ckpt, args, message, capsys):
     code = cli_main(["serve", *(a.format(ckpt=ckpt) for a in args)])

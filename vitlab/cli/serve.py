@@ -59,9 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _api_key(args: argparse.Namespace) -> str | None:
     if args.api_key_file is not None:
         try:
-            key = args.api_key_file.read_text().strip()
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise VitlabError(f"--api-key-file {args.api_key_file}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError:  # another file given in its place (a key is text sent in a header)
+            raise VitlabError(f"--api-key-file {args.api_key_file}: not a text file") from None
         if not key:
             raise VitlabError(f"--api-key-file {args.api_key_file} is empty")
         return key
