@@ -241,3 +241,21 @@ def test_checkpoint_lying_about_its_sizes_is_refused_before_anything_is_built(tm
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and field in lines[0] and path in lines[0], (key, rc, err[-500:])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", b"\x89PNG\r\n\x1a\n\xff\xfe", "config.json: not valid JSON"),
+    ("config.json", b"[1, 2]", "config.json: a JSON list, expected an object"),
+    ("preprocessor_config.json", b"\xff\xfe\x00", "preprocessor_config.json: not valid JSON"),
+])
+def test_hf_folder_with_a_corrupt_json_file_is_one_line(tmp_path, capsys, name, content, message):
+    """A Hugging Face folder whose JSON is not UTF-8 or not an object was a UnicodeDecodeError / AttributeError
+    traceback."""
+    folder = tmp_path / "hf"
+    from vitlab.checkpoints.export import export_hf
+
+    export_hf(vitlab.create_model("vit_ti16", depth=1, img_size=32, num_classes=3), folder)
+    (folder / name).write_bytes(content)
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
