@@ -90,3 +90,15 @@ def test_finetuning_a_28px_checkpoint_at_a_higher_resolution_keeps_its_accuracy(
     assert saved.preprocessing.img_size == (40, 40) and saved.class_names == [str(i) for i in range(10)]
     assert "keeping its 10-class head" in (tuned.run_dir / "log.txt").read_text()
     assert np.isfinite(tuned.metrics["loss"])
+
+
+def test_predict_default_topk_lists_a_small_model_s_classes_without_a_warning(tmp_path, capsys):
+    """The default --topk (5) on a 3-class model listed all 3 and warned about a --topk the user never gave."""
+    path = tmp_path / "three.safetensors"
+    vitlab.save(vitlab.create_model("vit_fmnist", depth=1, num_classes=3), path, class_names=["a", "b", "c"])
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "x.png")
+    assert cli_main(["predict", str(path), str(tmp_path / "x.png")]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and len(out.split(": ", 1)[1].split(", ")) == 3
+    assert cli_main(["predict", str(path), str(tmp_path / "x.png"), "--topk", "5"]) == 0
+    assert "--topk 5 is more than the model's 3 classes: all 3 are listed" in capsys.readouterr().err

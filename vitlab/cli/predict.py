@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "others are still predicted (exit status 1 if any failed).")
     p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, help="classes listed per image (default 5, or all of a model with fewer)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.set_defaults(func=run)
@@ -27,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     from ..compute.pt2 import is_exported_file, load_exported
     from ..train import predict
 
-    if args.topk < 1:
+    if args.topk is not None and args.topk < 1:
         raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
     model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
-    results = predict(model, args.images, topk=args.topk, device=args.device)
+    results = predict(model, args.images, topk=args.topk or 5, device=args.device)
     listed = max((len(r.top) for r in results if not r.error), default=args.topk)
-    if listed < args.topk:
+    if args.topk is not None and listed < args.topk:  # asked for, not the default: say why fewer are listed
         print(f"vitlab predict: --topk {args.topk} is more than the model's {listed} classes: all {listed} are listed",
               file=sys.stderr)
     failed = 0
