@@ -50,6 +50,25 @@ def test_a_vitlab_error_inside_a_command_is_one_line():
     assert res.stderr == "vitlab models: error: the file x.bin is not a checkpoint\n"
 
 
+def test_vitlab_s_own_warnings_are_one_line_and_other_libraries_keep_python_s_form():
+    """A vitlab warning (here the one a zeroed ImageNet-21k head gives) was Python's two lines: the file and line of
+    vitlab's source, the category, and the source line that called it."""
+    code = ("import sys, warnings, vitlab.cli.models\n"
+            "def warn_then_list(*args, **kwargs):\n"
+            "    from vitlab.checkpoints import CheckpointWarning, loading\n"
+            "    warnings.warn_explicit('x.npz: the classification head is all zeros', CheckpointWarning,\n"
+            "                           loading.__file__, 744)  # where load() warns from\n"
+            "    warnings.warn_explicit('from elsewhere', UserWarning, '/elsewhere/lib.py', 7)\n"
+            "    return ['vit_ti16']\n"
+            "vitlab.cli.models.list_models = warn_then_list\n"
+            "from vitlab.cli import main\n"
+            "sys.exit(main(['models', '--json']))\n")
+    res = _python(code)
+    lines = res.stderr.splitlines()
+    assert lines[0] == "vitlab models: warning: x.npz: the classification head is all zeros", res.stderr
+    assert lines[1] == "/elsewhere/lib.py:7: UserWarning: from elsewhere" and len(lines) == 2
+
+
 def test_bad_input_is_one_line_with_exit_status_2(capsys, tmp_path):
     assert main(["train", "--recipe", "no-such-recipe", "--dry-run"]) == 2
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 from ..errors import Stopped, VitlabError
 
@@ -105,6 +106,23 @@ def _interrupted(command: str) -> int:
     return 130
 
 
+_PYTHON_FORMATWARNING = warnings.formatwarning
+
+
+def _one_line_warnings(command: str) -> None:
+    """vitlab's own warnings (a zeroed head, emulated bf16, int8 on a CPU without VNNI) as one line, like its errors,
+    instead of Python's ``path:line: Category: message`` plus the source line; other libraries' keep their form."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    default = _PYTHON_FORMATWARNING
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep):
+            return f"vitlab {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status. User errors (:class:`~vitlab.errors.VitlabError`) print one line on
     stderr and return 2; anything else is a bug and propagates with its traceback."""
@@ -119,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _one_line_warnings(args.command)
     if args.offline:  # read by vitlab.hub at each download; also reaches child processes (torchrun)
         os.environ["VITLAB_OFFLINE"] = "1"
     interrupts = _count_interrupts()
