@@ -50,6 +50,18 @@ def test_onnx_matches_pytorch_at_several_batch_sizes(exported):
     assert not list(path.parent.glob(".*.tmp"))  # atomic write left nothing behind
 
 
+def test_int8_quantisation_prints_no_onnx_runtime_preprocessing_advice(exported, tmp_path, caplog):
+    """ONNX Runtime logs "Please consider to run pre-processing before quantization" on the root logger at every
+    call: a ``WARNING:root:`` line under `vitlab export-onnx --int8` and `vitlab serve --backend onnx-int8`."""
+    import logging
+
+    filters = list(logging.getLogger().filters)
+    with caplog.at_level(logging.INFO):
+        quantize_int8(exported[1], tmp_path / "int8.onnx")
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert logging.getLogger().filters == filters  # the filter is gone again
+
+
 def _weight_dtypes(proto) -> set[int]:
     """The element types of the weights the MatMulInteger nodes read (their second input, an initializer)."""
     initializers = {t.name: t.data_type for t in proto.graph.initializer}

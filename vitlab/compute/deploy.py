@@ -21,6 +21,7 @@ Needs the ``onnx`` extra: ``onnx``, ``onnxscript``, ``onnxruntime``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import warnings
@@ -235,16 +236,28 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, per
     record = {"weights": chosen, "requested": weights, "chosen_for": _cpu_record(machine, flags)}
     qtype = quantization.QuantType.QInt8 if chosen == "signed" else quantization.QuantType.QUInt8
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        quantization.quantize_dynamic(str(onnx_path), str(tmp), weight_type=qtype,
-                                      per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"])
-        metadata = read_metadata(onnx_path)
-        entries = {INT8_KEY: record}
-        if metadata is not None:  # the quantised file carries the same metadata, marked int8
-            entries[METADATA_KEY] = {**metadata, "quantization": "int8 dynamic (ONNX Runtime), MatMul / Gemm "
-                                                                 f"weights {chosen}"}
-        _write_metadata(tmp, entries)
+    root = logging.getLogger()
+    root.addFilter(_no_preprocessing_advice)
+    try:
+        with atomic_path(out_path) as tmp:
+            quantization.quantize_dynamic(str(onnx_path), str(tmp), weight_type=qtype,
+                                          per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"])
+            metadata = read_metadata(onnx_path)
+            entries = {INT8_KEY: record}
+            if metadata is not None:  # the quantised file carries the same metadata, marked int8
+                entries[METADATA_KEY] = {**metadata, "quantization": "int8 dynamic (ONNX Runtime), MatMul / Gemm "
+                                                                     f"weights {chosen}"}
+            _write_metadata(tmp, entries)
+    finally:
+        root.removeFilter(_no_preprocessing_advice)
     return out_path
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """Drop ONNX Runtime's "Please consider to run pre-processing before quantization" line, logged on the root
+    logger at every call (a ``WARNING:root:`` line on a user's terminal): general advice, while this export
+    quantises only the MatMul / Gemm weights and measures the result against float32."""
+    return not record.getMessage().startswith("Please consider to run pre-processing before quantization")
 
 
 def read_int8_record(custom_metadata: dict[str, str]) -> dict | None:
