@@ -97,3 +97,13 @@ def test_inspect_command_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsy
     bogus.write_bytes(b"<html>not a checkpoint</html>")
     assert main(["inspect", str(bogus), "--out", str(tmp_path / "out")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_inspect_command_on_a_convolutional_model_is_one_line(tmp_path, capsys):
+    """A BiT ResNet-v2 checkpoint was an AttributeError traceback (its config has no patch size)."""
+    path = tmp_path / "bit.safetensors"
+    vitlab.save(vitlab.create_model("bit_fmnist"), path)
+    assert main(["inspect", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ResNetV2 is a convolutional model" in err
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..atomic import make_folder, write_bytes_atomic
 from ..errors import InvalidValueError
-from ..models import metadata_of
+from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
 from .attention import attention_statistics
 from .distance import patch_centre_distances
@@ -95,6 +95,9 @@ def applicable_analyses(model: nn.Module, have_images: bool) -> list[str]:
 
 def resolve_analyses(model: nn.Module, what: Sequence[str] | None, have_images: bool) -> list[str]:
     """Check a requested list of analyses (None: every applicable one) and return it in the standard order."""
+    if not has_tokens(model.cfg):  # a BiT ResNet-v2 baseline: nothing here applies
+        raise InvalidValueError(f"{type(model).__name__} is a convolutional model: it has no patch embedding, "
+                                "position embedding or attention to inspect (ViTs and hybrids only)")
     possible = applicable_analyses(model, have_images)
     if what is None:
         return possible
