@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.compute.flops import forward_macs, resnetv2_forward_macs
+from vitlab.errors import VitlabError
 from vitlab.models import ResNetV2, ResNetV2Config, config_from_dict, family_of
 from vitlab.models.resnetv2 import pad_same, same_padding, standardize_weight
 
@@ -156,3 +157,25 @@ def test_drop_path_only_in_training_and_checkpointing_keeps_gradients():
         model.train()
         assert (model(x) - model(x)).abs().max() > 1e-4
     assert_checkpointing_keeps_gradients(randomize_(vitlab.create_model("bit_fmnist"), std=0.2).train(), x, rtol=1e-4)
+
+
+def test_bit_convert_and_features_give_one_line_errors(tmp_path, capsys):
+    """A BiT checkpoint through `vitlab convert` (ViT-only layouts, a new resolution) and the `gap` representation
+    were AttributeError / RuntimeError tracebacks."""
+    from vitlab.cli import main
+    from vitlab.evaluate.features import output_function
+
+    src = tmp_path / "bit.safetensors"
+    vitlab.save(vitlab.create_model("bit_fmnist"), src)
+    for to, dst in [("npz", "b.npz"), ("hf", "b_hf"), ("timm", "b.pth"), ("torchvision", "tv.pth")]:
+        assert main(["convert", str(src), str(tmp_path / dst), "--to", to]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot write the {to} layout for a ResNetV2" in err
+        assert not (tmp_path / dst).exists()
+    assert main(["convert", str(src), str(tmp_path / "b32.safetensors"), "--to", "vitlab", "--img-size", "32",
+                 "--num-classes", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "32x32 px, 5 classes" in out and "new resolution, new zero-initialised head" in out
+    assert vitlab.load(tmp_path / "b32.safetensors").cfg.img_size == (32, 32)
+    with pytest.raises(VitlabError, match="representation 'gap'.*needs a model with tokens"):
+        output_function(vitlab.load(src), "gap")

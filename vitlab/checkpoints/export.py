@@ -233,6 +233,9 @@ def export(model: nn.Module, dst: str | os.PathLike, to: str, *, metadata: dict 
     writers = {"npz": export_npz, "timm": export_timm, "hf": export_hf, "torchvision": export_torchvision}
     if to not in writers:
         raise InvalidValueError(f"unknown target format {to!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if not has_tokens(model.cfg):  # the writers are ViT key maps; a BiT's names already are timm's resnetv2 ones
+        raise InvalidValueError(f"cannot write the {to} layout for a {type(model).__name__} (a convolutional "
+                                "model): convert it --to vitlab, whose tensors carry timm's resnetv2 names")
     return writers[to](model, dst)
 
 
@@ -269,8 +272,9 @@ def convert_checkpoint(ckpt: Checkpoint, src: str | os.PathLike, dst: str | os.P
     metadata = dict(ckpt.metadata)
     metadata.setdefault("converted_from", {"path": src.name, "format": ckpt.format})
     notes = export(model, dst, to, metadata=metadata)
-    new_head = (model.cfg.num_classes != ckpt.config.num_classes
-                or model.cfg.representation_size != ckpt.config.representation_size)
+    new_head = (model.cfg.num_classes != ckpt.config.num_classes  # (a BiT config has no pre-logits field)
+                or getattr(model.cfg, "representation_size", None) != getattr(ckpt.config, "representation_size",
+                                                                              None))
     head_note = None if new_head else zeroed_head_note(ckpt)
     return {
         "src": str(src),

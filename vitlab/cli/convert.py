@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {summary['dst']} ({summary['to']}) from {summary['src']} ({summary['from']}): "
           f"{size} px, {cfg['num_classes']} classes, {summary['params']:,} parameters"
           + (f", patch {'x'.join(map(str, cfg['patch_size']))}" if args.patch_size else "")
-          + (", position embedding resampled" if summary["resampled"] else "")
+          + ((", position embedding resampled" if "pos_embed" in cfg else ", new resolution")  # BiT: none
+             if summary["resampled"] else "")
           + (", new zero-initialised head" if summary["new_head"] else ""))
     for note in summary["notes"]:
         print(f"note: {note}")

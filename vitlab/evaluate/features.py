@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from ..devices import autocast
 from ..errors import VitlabError
+from ..models import has_tokens
 from .distributed import IndexedDataset, ShardSampler, gather_by_index, world
 
 OUTPUTS = ("logits", "pre_logits", "cls_token", "gap")
@@ -37,6 +38,10 @@ def output_function(model: nn.Module, kind: str) -> Callable[[torch.Tensor], tor
             raise VitlabError("representation 'cls_token' needs a model with a class token; use pre_logits or gap")
         return lambda x: model.forward_features(x)[:, 0]
     if kind == "gap":
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and not has_tokens(cfg):  # forward_features is a (B, C, h, w) map, not tokens
+            raise VitlabError("representation 'gap' (the mean of the patch tokens) needs a model with tokens; a "
+                              "convolutional model's pre_logits is its global average pool")
         return lambda x: model.forward_features(x)[:, getattr(model, "num_prefix_tokens", 0):].mean(dim=1)
     raise VitlabError(f"unknown output {kind!r}; choose one of {', '.join(OUTPUTS)}")
 
