@@ -84,6 +84,19 @@ def test_finetune_records_the_model_it_starts_from_not_the_configs_default(tmp_p
     assert json.loads((result.run_dir / "config.json").read_text())["model"] == "r_vit_fmnist"
 
 
+def test_finetune_from_a_bit_checkpoint_with_new_classes(tmp_path):
+    """Fine-tuning a BiT (convolutional) checkpoint onto new classes was an AttributeError (its config has no
+    pre-logits field)."""
+    source = randomize_(vitlab.create_model("bit_fmnist", img_size=8, num_classes=3))
+    path = vitlab.save(source, tmp_path / "bit.safetensors")
+    config = TrainConfig().replace(
+        data="digits", init_from=str(path), img_size=8, epochs=None, steps=1, batch_size=16, augment="none",
+        out_dir=str(tmp_path / "runs"), threads=1, progress=False, eval_every_epochs=0)
+    result = train(config)
+    model = vitlab.load(result.model_path)
+    assert type(model).__name__ == "ResNetV2" and model.cfg.num_classes == 10
+
+
 def test_frozen_parameters_get_no_optimizer_state_and_stay_bit_identical(tmp_path):
     """A fine-tuning run with AdamW and weight decay: the frozen tensors come out bit for bit as loaded, have no
     optimiser state in the checkpoint, and the rest trains."""

@@ -188,7 +188,7 @@ def build_model_for(config: TrainConfig, num_classes: int, in_chans: int | None,
         if config.reset_head == "never" and source_classes != num_classes:
             raise VitlabError(f"{config.init_from}: has {source_classes} classes, the data {num_classes}; "
                               "reset_head=never cannot keep its head")
-        pre_logits = bool(model.cfg.representation_size)
+        pre_logits = bool(getattr(model.cfg, "representation_size", None))  # a BiT config has no such field
         if reset:
             model = load(config.init_from, img_size=img_size, num_classes=num_classes, drop_pre_logits=True)
             model.reset_head(num_classes, drop_pre_logits=True)
