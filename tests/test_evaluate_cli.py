@@ -105,3 +105,17 @@ def test_two_process_torchrun_equals_one_process(fixed_set, tmp_path):
         assert double[key] == single[key], key
     assert double["loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert double["calibration"]["ece"] == pytest.approx(single["calibration"]["ece"], abs=1e-6)
+
+
+def test_a_labels_file_of_the_wrong_length_is_refused_before_the_model_runs(monkeypatch):
+    """`vitlab eval --data fashion-mnist --labels L` with a list of another length computed every logit first (an
+    hour on ImageNet's 50,000 validation images) and only then said so."""
+    from torch.utils.data import TensorDataset
+
+    from vitlab.errors import VitlabError
+    from vitlab.evaluate import classification
+
+    monkeypatch.setattr(classification, "model_outputs", lambda *a, **k: pytest.fail("the model ran first"))
+    data = TensorDataset(torch.zeros(5, 1, 8, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(VitlabError, match="the labels file has 3 entries but the data set has 5 samples"):
+        classification.evaluate_classifier(None, data, label_sets=[[0]] * 3)

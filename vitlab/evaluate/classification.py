@@ -92,6 +92,10 @@ def evaluate_classifier(
                 report(reasons)
 
         kwargs["on_skipped"] = on_skipped
+    if label_sets is not None and isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset) \
+            and len(label_sets) != len(dataset):  # type: ignore[arg-type]  # before a pass that may take an hour
+        raise VitlabError(f"the labels file has {len(label_sets)} entries but the data set has "
+                          f"{len(dataset)} samples")  # type: ignore[arg-type]
     logits, labels, indices = model_outputs(model, dataset, "logits", batch_size, **kwargs)
     if labels.ndim == 2:  # multi-hot targets
         if label_sets is not None:
