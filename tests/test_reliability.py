@@ -290,6 +290,21 @@ def test_inspect_and_experiment_out_that_is_a_file_is_refused_in_one_line(tmp_pa
     assert a_file.read_bytes() == b"precious\n"
 
 
+def test_eval_and_fewshot_out_under_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """They said so only after the whole pass over the data (an hour on ImageNet)."""
+    import vitlab.tasks.runs
+
+    monkeypatch.setattr(vitlab.tasks.runs, "load_for_eval", lambda *a, **k: pytest.fail("the work started"))
+    good = good_vitlab_file(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"precious\n")
+    for command in ("eval", "fewshot"):
+        for out in (a_file, a_file / "sub"):
+            rc, lines = _cli([command, str(good), "--data", "digits", "--out", str(out)], capsys)
+            assert rc == 2 and lines == [f"vitlab {command}: error: cannot write {out}: {a_file} is a file, "
+                                         "not a folder"]
+
+
 def test_convert_into_a_read_only_folder_or_under_a_file_is_refused_in_one_line(tmp_path, read_only_dir, capsys):
     good = good_vitlab_file(tmp_path)
     a_file = tmp_path / "a_file"

@@ -63,6 +63,17 @@ def make_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_folder(path: str | os.PathLike) -> None:
+    """Refuse, before any work is done, a folder path with a file in the way (the path itself or a parent): the
+    :class:`WriteError` :func:`make_folder` would raise at the end. Creates nothing."""
+    path = Path(path)
+    for place in [path, *path.parents]:
+        if place.exists():
+            if not place.is_dir():
+                raise WriteError(f"cannot write {path}: {place} is a file, not a folder")
+            return
+
+
 def _make_parent(path: Path) -> None:
     """Create ``path``'s folder; a file in the way is named (``mkdir`` would only say "File exists")."""
     for parent in [path.parent, *path.parent.parents]:

@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..atomic import check_folder
 from ..errors import InvalidValueError
 from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
 
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
                           ("--max-samples", args.max_samples or 1)):
         if value < 1:
             raise InvalidValueError(f"{option} must be positive")
+    if args.out is not None:  # a file in the way: say so now, not after the pass over the data
+        check_folder(args.out)
     info = D.setup(args.device)
     skipped: list[str] = []
     try:

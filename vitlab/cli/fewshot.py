@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..atomic import check_folder
 from ..errors import InvalidValueError
 from ..evaluate.features import REPRESENTATIONS
 from ..evaluate.probes import PROBES
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
                           ("--max-test", args.max_test or 1), ("--workers", args.workers + 1)):
         if value < 1:
             raise InvalidValueError(f"{option} must be positive")
+    if args.out is not None:  # a file in the way: say so now, not after the pass over the data
+        check_folder(args.out)
     with flags_in_errors(EVAL_DATA_FLAGS, config_flags=False):
         results = fewshot_checkpoint(
             args.checkpoint, hf_data(args.data, args), args.out, train_split=args.train_split,
