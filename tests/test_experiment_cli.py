@@ -2,6 +2,10 @@
 clear errors for bad options."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +200,12 @@ def test_families_default_images_and_bad_options(tmp_path, capsys):
                      "--out", str(tmp_path / "o")]) == 2
     assert "has no attention layers to measure" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_run_as_a_script_the_experiment_is_named_by_its_module():
+    """`python -m vitlab.experiments.mpp --help` said `usage: python -m vitlab.experiments.__main__`."""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "vitlab.experiments.posemb", "--steps", "0"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 2 and res.stderr == ("python -m vitlab.experiments.posemb: error: --steps must be at "
+                                                  "least 1, got 0\n"), res.stderr

@@ -98,7 +98,8 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
 def script_main(experiment, argv: list[str] | None = None) -> int:
     """``python -m vitlab.experiments.<name>``: parse, :func:`execute`, print ``results.md``. Exit status 0 when
     every run has a finite test accuracy, 1 when one has not, 2 (one line on stderr) on bad options or files."""
-    name = experiment.__name__.rsplit(".", 1)[-1]
+    spec = getattr(experiment, "__spec__", None)  # run as a script the module is __main__; its spec keeps the name
+    name = (spec.name if spec is not None else experiment.__name__).rsplit(".", 1)[-1]
     parser = argparse.ArgumentParser(prog=f"python -m vitlab.experiments.{name}", description=experiment.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     experiment.add_arguments(parser)
