@@ -102,3 +102,11 @@ def test_predict_default_topk_lists_a_small_model_s_classes_without_a_warning(tm
     assert err == "" and len(out.split(": ", 1)[1].split(", ")) == 3
     assert cli_main(["predict", str(path), str(tmp_path / "x.png"), "--topk", "5"]) == 0
     assert "--topk 5 is more than the model's 3 classes: all 3 are listed" in capsys.readouterr().err
+
+
+def test_predict_names_a_folder_given_as_an_image(tmp_path):
+    """A folder among the images said "cannot decode image ([Errno 21] Is a directory: ...)"."""
+    model = vitlab.create_model("vit_fmnist", depth=1)
+    (tmp_path / "photos").mkdir()
+    [result] = predict(model, [tmp_path / "photos"])
+    assert result.top == [] and result.error == f"{tmp_path / 'photos'}: a folder, not an image file"

@@ -326,5 +326,7 @@ def load_sample(path: str | Path | BinaryIO, channels: int = 3, *, max_pixels: i
     if channels in (1, 3) and not array:
         if isinstance(path, (str, Path)) and not Path(path).exists():
             raise ImageLoadError(f"{path if name is None else name}: no such file")
+        if isinstance(path, (str, Path)) and Path(path).is_dir():  # Pillow would say "[Errno 21] Is a directory"
+            raise ImageLoadError(f"{path if name is None else name}: a folder, not an image file")
         return load_image(path, channels, max_pixels=max_pixels, name=name)
     return load_array_image(path, channels, max_pixels=max_pixels, name=name)
