@@ -27,7 +27,7 @@ from vitlab.compute.deploy import (  # noqa: E402
     prediction_agreement,
     quantize_int8,
 )
-from vitlab.errors import InvalidValueError  # noqa: E402
+from vitlab.errors import InvalidValueError, VitlabError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +186,22 @@ def test_export_onnx_errors_are_one_line(argv, message, capsys, tmp_path, monkey
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_exported_files_given_where_a_checkpoint_is_needed_say_so(exported, tmp_path, capsys):
+    """`vitlab info / inspect / convert` on an .onnx file said "unrecognised file type", on a .pt2 package listed
+    its zip members; `vitlab fewshot` / `suite` on one was an AttributeError (no forward_head)."""
+    import zipfile
+
+    from vitlab.evaluate.features import output_function
+
+    pt2 = tmp_path / "model.pt2"  # the layout AOTInductor writes, without compiling one
+    with zipfile.ZipFile(pt2, "w") as archive:
+        archive.writestr("archive/data/aotinductor/model/x.wrapper.cpp", "// kernels")
+    for path, kind in ((exported[1], "an ONNX file"), (pt2, "a PyTorch .pt2 package (AOTInductor)")):
+        assert main(["info", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"vitlab info: error: {path}: {kind}, not a checkpoint: vitlab predict, eval and serve take "
+                       "exported models; this command needs the checkpoint it was exported from\n")
+    with pytest.raises(VitlabError, match="representation 'pre_logits' needs the PyTorch model; an exported"):
+        output_function(OnnxModel(exported[1]), "pre_logits")

@@ -77,8 +77,15 @@ def sniff(path: str | os.PathLike) -> str:
     if _looks_like_text(head):
         first = head.decode("utf-8", "replace").strip().splitlines()[0][:60] if head.strip() else ""
         raise VitlabError(f"{path}: a text file ({first!r}...), not a checkpoint")
+    if path.suffix.lower() == ".onnx":  # the name only hints: the bytes decided it is no checkpoint
+        raise VitlabError(f"{path}: an ONNX file, not a checkpoint: {EXPORTED_HINT}")
     raise VitlabError(f"{path}: not a checkpoint vitlab can read (unrecognised file type; first bytes "
                       f"{head[:8].hex(' ')}); expected .safetensors, .npz, a torch.save file or a Hugging Face folder")
+
+
+# what an exported model (`vitlab export`, `vitlab export-onnx`) given to a command that needs the weights is told
+EXPORTED_HINT = ("vitlab predict, eval and serve take exported models; this command needs the checkpoint it was "
+                 "exported from")
 
 
 def _starts_with_torch_magic(head: bytes) -> bool:
@@ -112,6 +119,8 @@ def _sniff_zip(path: Path) -> str:
         return "torch-zip"
     if names and all(n.endswith(".npy") for n in names):
         return "npz"
+    if any("/aotinductor/" in n for n in names):
+        raise VitlabError(f"{path}: a PyTorch .pt2 package (AOTInductor), not a checkpoint: {EXPORTED_HINT}")
     raise VitlabError(f"{path}: a zip archive that is neither an .npz of arrays nor a torch.save file "
                       f"(members: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
 

@@ -30,6 +30,9 @@ def output_function(model: nn.Module, kind: str) -> Callable[[torch.Tensor], tor
     """The function images (B, C, H, W) -> outputs (B, ...) for one of :data:`OUTPUTS`."""
     if kind == "logits":
         return model
+    if kind in REPRESENTATIONS and not hasattr(model, "forward_features"):  # ONNX Runtime / AOTInductor: logits only
+        raise VitlabError(f"representation {kind!r} needs the PyTorch model; an exported (.onnx / .pt2) model gives "
+                          "logits only: use the checkpoint it was exported from")
     if kind == "pre_logits":
         return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
     if kind == "cls_token":
