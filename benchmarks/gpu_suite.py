@@ -18,10 +18,11 @@ Steps, each in its own process with its own time budget, under one overall deadl
    waiting for data.
 
 A step that fails, crashes or runs out of time is recorded (status, the end of its output or traceback) and the next
-one runs. The JSON and the Markdown table are rewritten after every step, so a suite stopped half-way keeps what it
-measured. ``--dry-run`` runs the same steps on the CPU with tiny models, data and step counts (tests/test_gpu_suite.py
-runs it in CI), with ``torch.compile``'s backend set to ``aot_eager`` (Dynamo and AOTAutograd trace the real model;
-Inductor's C++ code generation would take minutes on a small CPU).
+one runs; a child past its time is interrupted first (SIGINT), so that pytest still writes the JUnit file of the
+tests that finished. The JSON and the Markdown table are rewritten after every step, so a suite stopped half-way
+keeps what it measured. ``--dry-run`` runs the same steps on the CPU with tiny models, data and step counts
+(tests/test_gpu_suite.py runs it in CI), with ``torch.compile``'s backend set to ``aot_eager`` (Dynamo and
+AOTAutograd trace the real model; Inductor's C++ code generation would take minutes on a small CPU).
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def run_child(cmd: list[str], timeout: float, env: dict, label: str, keep_lines:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    # SIGINT first: a KeyboardInterrupt lets pytest end its session and write the JUnit file of the tests that
+    # finished (SIGTERM would end it at once, without the file); then SIGTERM, then SIGKILL
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)  # the group this suite started for the child (start_new_session)
         except ProcessLookupError:
@@ -171,10 +174,17 @@ def _status(child: ChildResult) -> str:
 
 # ------------------------------------------------------------------------------------------------------ the steps
 
+# pytest with Python's SIGINT handler (KeyboardInterrupt) installed even where the suite was started with SIGINT
+# ignored (a background job of a non-interactive shell), which its children would inherit
+_PYTEST = ("import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.exit(pytest.main(sys.argv[1:]))")
+
+
 def step_tests(plan: Plan, work: Path, timeout: float) -> dict:
     junit = work / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *plan.test_files, "-q", "-rs", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", "-o", "junit_family=xunit1"]
+    args = ["-m", "gpu", *plan.test_files, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}", "-o",
+            "junit_family=xunit1"]
+    cmd = [sys.executable, "-c", _PYTEST, *args]
     # deterministic cuBLAS for the exact-resume test, set before cuBLAS starts (only here: the small workspaces it
     # asks for would slow the benchmarks' products)
     env = dict(child_env(plan), CUBLAS_WORKSPACE_CONFIG=":4096:8") if plan.device == "cuda" else child_env(plan)
@@ -184,7 +194,7 @@ def step_tests(plan: Plan, work: Path, timeout: float) -> dict:
     status = _status(child)
     if status == "ok" and counts["passed"] == 0:
         status = "failed"  # nothing ran: a broken collection, or every test skipped
-    out = {"status": status, "command": shlex.join(cmd[1:]), "results": {**counts, **results}}
+    out = {"status": status, "command": shlex.join(["pytest", *args]), "results": {**counts, **results}}
     if status != "ok":
         out["error"] = child.tail
     return out
@@ -194,6 +204,8 @@ def parse_junit(path: Path) -> dict:
     """Every test case of a JUnit XML file: name, outcome, seconds, message and the properties it recorded."""
     tests = []
     for case in ET.parse(path).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test a stop interrupted: an empty entry
+            continue
         outcome, message = "passed", ""
         for kind in ("failure", "error", "skipped"):
             node = case.find(kind)

@@ -2,6 +2,7 @@
 numbers; a step that fails is recorded and the others still run; a child past its time limit is stopped."""
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -118,6 +119,22 @@ def test_a_child_past_its_time_limit_is_stopped_and_its_output_kept(suite):
                             timeout=2, env=child_env(), label="sleeper")
     assert child.returncode is None and suite._status(child) == "timeout"
     assert "started" in child.tail and time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_a_tests_step_stopped_at_its_time_limit_keeps_the_results_of_the_finished_tests(suite, tmp_path):
+    # pytest writes its JUnit file only when its session ends: the stop must end the session, not the process
+    test_file = tmp_path / "test_stopped.py"
+    test_file.write_text("import time\n\nimport pytest\n\npytestmark = pytest.mark.gpu\n\n\n"
+                         "def test_done(record_property):\n    record_property('rel_error', 0.25)\n\n\n"
+                         "def test_stuck():\n    time.sleep(120)\n")
+    plan = dataclasses.replace(suite.DRY_PLAN, test_files=[str(test_file)], env={})
+    start = time.monotonic()
+    out = suite.step_tests(plan, tmp_path, timeout=8)
+    assert out["status"] == "timeout" and time.monotonic() - start < 30
+    tests = {t["name"]: t for t in out["results"]["tests"]}
+    assert list(tests) == ["test_done"] and tests["test_done"]["measured"] == {"rel_error": 0.25}
+    assert out["command"].startswith("pytest -m gpu ")
 
 
 def test_junit_results_give_outcomes_messages_and_recorded_numbers(suite, tmp_path):
