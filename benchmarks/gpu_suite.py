@@ -6,9 +6,10 @@
 
 Steps, each in its own process with its own time budget, under one overall deadline (under 8 minutes on one H100):
 
-1. ``tests``: ``pytest -m gpu tests/test_gpu.py``: bf16 / fp16 autocast logits and training steps against the CPU
-   float32 result, the flash / memory-efficient SDPA kernels, ``torch.compile`` parity, FSDP on one GPU, the memory
-   gradient checkpointing saves, an exact resume; each test's measured numbers come back through JUnit properties.
+1. ``tests``: ``pytest -m gpu tests/test_gpu.py tests/test_train_precision.py``: bf16 / fp16 autocast logits and
+   training steps against the CPU float32 result, the flash / memory-efficient SDPA kernels, ``torch.compile``
+   parity, FSDP on one GPU, the memory gradient checkpointing saves, an exact resume, training steps that never
+   synchronise with the GPU; each test's measured numbers come back through JUnit properties.
 2. ``bench``: vitlab against timm in one process (``vitlab.compute.bench``, what ``vitlab bench`` runs), bf16 at
    224 px: ViT-B/16 and ViT-L/16 training throughput and MFU eager and compiled, compiled inference, peak memory,
    the GEMM rate measured in the same run, MFU against the datasheet peak too.
@@ -73,7 +74,8 @@ class Plan:
 
 GPU_PLAN = Plan(
     device="cuda",
-    test_files=["tests/test_gpu.py"],
+    # with the CUDA step of tests/test_train_precision.py that never synchronises (torch.cuda.set_sync_debug_mode)
+    test_files=["tests/test_gpu.py", "tests/test_train_precision.py"],
     bench_models=["vit_b16", "vit_l16"],
     bench=dict(dtype="bf16", rounds=5, iters=2, warmup=2),
     bench_train_batch=128,

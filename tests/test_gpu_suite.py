@@ -2,6 +2,7 @@
 numbers; a step that fails is recorded and the others still run; a child past its time limit is stopped."""
 
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import json
@@ -153,3 +154,29 @@ line</failure></testcase>
                                                  "note": "not a literal"}
     assert tests["test_b"]["outcome"] == "failed" and "assert 0.2 <= 0.1" in tests["test_b"]["message"]
     assert tests["test_c"]["outcome"] == "skipped" and tests["test_c"]["message"] == "no fp16 yet"
+
+
+# gpu-marked tests the GPU plan leaves out, and why
+NOT_IN_THE_GPU_PLAN = {"tests/test_bench.py": "the bench step runs the same comparison with timm at full size"}
+
+
+def test_the_gpu_plan_runs_every_test_that_needs_cuda(suite):
+    """A test that skips without CUDA is marked gpu (``pytest -m gpu`` selects it), and its file is one the GPU
+    plan's tests step runs: the suite is the only place such a test ever runs."""
+    marked = set()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        source = path.read_text()
+        tree = ast.parse(source)
+        module_gpu = any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in n.targets)
+                         and "mark.gpu" in ast.get_source_segment(source, n.value) for n in tree.body)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            decorators = [ast.get_source_segment(source, d) or "" for d in node.decorator_list]
+            needs_cuda = any("skipif(not torch.cuda.is_available()" in d for d in decorators)
+            gpu = module_gpu or any(d.endswith("mark.gpu") for d in decorators)
+            assert gpu or not needs_cuda, f"{path.name}::{node.name} needs CUDA but is not marked gpu"
+            if gpu:
+                marked.add(f"tests/{path.name}")
+    assert "tests/test_gpu.py" in marked and "tests/test_train_precision.py" in marked
+    assert marked - set(NOT_IN_THE_GPU_PLAN) == set(suite.GPU_PLAN.test_files)
