@@ -529,8 +529,9 @@ def run_suite(args: argparse.Namespace) -> dict:
             "tests": lambda t: step_tests(plan, work, t),
             "bench": lambda t: step_bench(plan, work, t),
             "max_batch": lambda t: step_max_batch(plan, work, t),
-            "main_job": lambda t: step_main_job(plan, work, t, Path(args.data_dir) if args.data_dir else None,
-                                                args.dry_run, extra),
+            # absolute: the main job runs in the repository root, which need not be this process's folder
+            "main_job": lambda t: step_main_job(plan, work, t, Path(args.data_dir).resolve() if args.data_dir
+                                                else None, args.dry_run, extra),
         }
         lock = threading.Lock()
 

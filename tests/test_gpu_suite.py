@@ -114,6 +114,18 @@ def test_a_failing_step_is_recorded_and_the_next_step_still_runs(suite, tmp_path
     assert "### max_batch: failed" in markdown and "the end of its output" in markdown
 
 
+def test_the_main_job_gets_the_data_folder_as_an_absolute_path(suite, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(suite, "environment", lambda plan: {"device_name": "Test GPU", "cpu": "test cpu"})
+    monkeypatch.setattr(suite, "step_main_job", lambda plan, work, timeout, data_dir, dry_run, extra: seen.append(
+        data_dir) or {"status": "failed", "error": "not run"})
+    monkeypatch.chdir(tmp_path)  # the main job's child runs in the repository root, not here
+    args = argparse.Namespace(dry_run=False, deadline=None, steps=["main_job"], out=str(tmp_path / "out"),
+                              main_job_args=None, data_dir=".suite_data/fashion-mnist")
+    suite.run_suite(args)
+    assert seen == [tmp_path / ".suite_data" / "fashion-mnist"]
+
+
 def test_a_child_past_its_time_limit_is_stopped_and_its_output_kept(suite):
     start = time.monotonic()
     child = suite.run_child([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
