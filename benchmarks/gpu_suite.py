@@ -86,7 +86,10 @@ GPU_PLAN = Plan(
     # the recipe as it is (float32, Muon + AdamW, batch 256, 20 epochs: the CPU's 92.7-93.1%): a 0.3M-parameter
     # model is bound by kernel launches on a GPU, where bf16 autocast only adds casts
     main_job=["--recipe", "fashion-mnist", "--device", "cuda"],
-    budgets={"tests": 100, "bench": 190, "max_batch": 75, "main_job": 90},
+    # estimated on an H100 (docs/performance.md): tests about 90 s (two cold Inductor compiles, 30-45 s), bench
+    # 200-260 s (eight cold compiles: ViT-L/16's compiled rows may be cut), max_batch 60-65 s, main job 45-60 s
+    # (4680 launch-bound steps of about 800 operators)
+    budgets={"tests": 110, "bench": 190, "max_batch": 75, "main_job": 80},
     deadline=465,
 )
 
@@ -274,6 +277,8 @@ def _worker_step(name: str, plan: Plan, work: Path, runs: list[dict], timeout: f
 
 def worker(spec_path: str) -> int:
     """The child of the bench and max_batch steps: each run of the spec through vitlab.compute.bench."""
+    import gc
+
     import torch
 
     from vitlab.compute.bench import BenchSettings, bench_device, measure_max_batch, run_benchmarks
@@ -292,6 +297,9 @@ def worker(spec_path: str) -> int:
             device = bench_device(settings.device)
             report = {"settings": asdict(settings), "results": [], "complete": False}
             for name in run["models"]:
+                if device.type == "cuda":  # the last search's cached blocks given back first: this model's weights
+                    gc.collect()           # would otherwise be carved out of them and split the free memory
+                    torch.cuda.empty_cache()
                 torch.manual_seed(0)
                 with device:  # initialised where it runs: ViT-H/14's 632M weights take seconds on a CPU
                     model = create_model(name)
