@@ -17,6 +17,7 @@ import vitlab
 from vitlab.cli import main as cli_main
 from vitlab.data import build_dataset
 from vitlab.errors import VitlabError
+from vitlab.labels import class_names, wordnet_ids
 from vitlab.preprocessing import Preprocessing
 from vitlab.train import TrainConfig, train
 from vitlab.train.distill import Distillation, TeacherInput, distillation_loss
@@ -217,3 +218,17 @@ def test_resuming_with_another_teacher_under_the_same_name_is_refused(tmp_path, 
     with pytest.raises(VitlabError, match="the run was distilled from .*teacher.safetensors \\(sha256 [0-9a-f]{64}\\), "
                                           "but .* has sha256 [0-9a-f]{64}; put that teacher back"):
         train(TrainConfig(threads=1), resume=tmp_path / "runs" / "short", steps=4)
+
+
+def test_an_imagenet_teacher_matches_a_folder_named_by_wordnet_id_and_unnamed_data():
+    """The class check is the one ``vitlab eval`` makes: ImageNet names match WordNet-id folders; data that name no
+    classes (tar shards without classes.txt) are taken as the teacher's."""
+    teacher = vitlab.create_model("vit_ti16", **{**SMALL, "num_classes": 1000}, mlp_dim=64)
+    teacher.class_names = class_names("imagenet-1k")
+    cfg = TrainConfig(teacher="in1k")
+    Distillation(cfg, wordnet_ids("imagenet-1k"), teacher=teacher).check(cfg)
+    Distillation(cfg, [str(i) for i in range(1000)], teacher=teacher, named=False).check(cfg)
+    swapped = wordnet_ids("imagenet-1k")
+    swapped[:2] = swapped[1::-1]
+    with pytest.raises(VitlabError, match="class 0: 'tench' vs 'n01443537'"):
+        Distillation(cfg, swapped, teacher=teacher).check(cfg)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..checkpoints.adapter import base_record
 from ..errors import VitlabError
+from ..evaluate.classmap import wordnet_ids_of
 from ..factory import checkpoint_location, load
 from ..models import metadata_of
 from ..preprocessing import Preprocessing
@@ -94,14 +95,18 @@ class TeacherInput(nn.Module):
 
 class Distillation(Classification):
     """Classification with a teacher (module docstring): :meth:`transform` runs the teacher on the (mixed) batch
-    and passes its logits on with the targets; :meth:`loss` combines the label loss and the distillation loss."""
+    and passes its logits on with the targets; :meth:`loss` combines the label loss and the distillation loss.
+    :meth:`check` refuses a teacher of other classes: another count, or names that differ from the data's (as
+    ``vitlab eval`` compares them: ImageNet names match WordNet-id folders); ``named=False`` (data that name no
+    classes) compares the count only. ``teacher``: the teacher module itself, instead of loading ``config.teacher``."""
 
     def __init__(self, config: TrainConfig, class_names: Sequence[str], multi_label: bool = False,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, named: bool = True):
         super().__init__(config, len(class_names), multi_label)
         self.source = config.teacher
         self.kind, self.weight, self.temperature = config.distill, config.distill_weight, config.distill_temperature
         self.class_names = list(class_names)
+        self.named = named  # False: the data name no classes (the names are their indices), nothing to compare
         self.teacher = teacher if teacher is not None else load(config.teacher)
         # what the run's checkpoints record, so that a resumed run refuses another teacher under the same name
         self.teacher_record = (base_record(config.teacher, checkpoint_location(config.teacher)) if teacher is None
@@ -122,7 +127,7 @@ class Distillation(Classification):
                               f"{len(self.class_names)}; the teacher must be trained on the same classes",
                               options=("teacher",))
         names = metadata_of(self.teacher).class_names
-        if names and list(names) != self.class_names:
+        if names and self.named and list(names) != self.class_names and wordnet_ids_of(names) != self.class_names:
             differ = next(i for i, (a, b) in enumerate(zip(names, self.class_names)) if a != b)
             raise VitlabError(f"the teacher {self.source} names its classes differently from the data (class "
                               f"{differ}: {names[differ]!r} vs {self.class_names[differ]!r}); the teacher's outputs "

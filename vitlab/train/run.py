@@ -318,7 +318,8 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         raise VitlabError("teacher (knowledge distillation) is for classification training, not for another "
                           "objective such as masked patch prediction", options=("teacher",))
     if objective is None:
-        objective = (Distillation(cfg, class_names, multi_label) if cfg.teacher else
+        objective = (Distillation(cfg, class_names, multi_label, named=bool(getattr(train_set, "class_names", None)))
+                     if cfg.teacher else
                      Classification(cfg, len(class_names), multi_label))
     objective.check(cfg)
     check_lora_config(cfg)
