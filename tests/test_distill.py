@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.task.distillation import LogitDistillationTask
 from timm.task.token_distillation import TokenDistillationTask
 from torch import nn
@@ -21,6 +24,8 @@ from vitlab.labels import class_names, wordnet_ids
 from vitlab.preprocessing import Preprocessing
 from vitlab.train import TrainConfig, train
 from vitlab.train.distill import Distillation, TeacherInput, distillation_loss
+
+from .train_runs import child_env
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -232,3 +237,22 @@ def test_an_imagenet_teacher_matches_a_folder_named_by_wordnet_id_and_unnamed_da
     swapped[:2] = swapped[1::-1]
     with pytest.raises(VitlabError, match="class 0: 'tench' vs 'n01443537'"):
         Distillation(cfg, swapped, teacher=teacher).check(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_distil_as_one_does(tmp_path, shifted_teacher, fsdp):
+    """Every process runs its own copy of the teacher on its share of the batch: two processes (DDP, or FSDP with
+    the student sharded) train the weights one process trains, token distillation included."""
+    cfg = _digits(tmp_path, epochs=2, teacher=str(shifted_teacher), optimizer="sgd", lr=0.05, fsdp=fsdp,
+                  model_args={**DIGITS_VIT, "distilled": True}, run_name="two")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab",
+           "train", "--config", str(config_file)]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train(cfg.replace(run_name="one", fsdp=False))
+    a, b = load_file(one.model_path), load_file(tmp_path / "runs" / "two" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
