@@ -122,6 +122,16 @@ class TrainConfig:
                                            metavar="WHAT")
     dora: bool = setting(False, "DoRA: LoRA with a learned magnitude per output row", flag=True)
     merge_lora: bool = setting(False, "also save the merged model (model.safetensors) beside the adapter", flag=True)
+    teacher: str | None = setting(None, "distil from this trained classifier of the same classes (a checkpoint "
+                                  "file, run folder, catalog name or hf-hub: repo); frozen, it sees the student's "
+                                  "images", flag=True, metavar="MODEL",
+                                  section="knowledge distillation (vitlab.train.distill, docs/training.md)")
+    distill: str = setting("hard", "hard (cross-entropy with the teacher's top class, DeiT) or soft (KL divergence "
+                           "of the temperature softmaxes, Hinton)", flag=True)
+    distill_weight: float = setting(0.5, "share of the distillation loss: (1 - W) x label loss + W x distillation "
+                                    "loss", flag=True, metavar="W")
+    distill_temperature: float = setting(1.0, "softmax temperature of distill=soft (the loss is scaled by T^2)",
+                                         flag=True, metavar="T")
 
     optimizer: str = setting("adamw", "adamw (Adam with decoupled weight decay), sgd (momentum) or muon (Muon for "
                              "the encoder's weight matrices, AdamW for the rest, one lr)", flag=True,
@@ -418,6 +428,9 @@ RULES: dict[str, Rule] = {
     "lora_rank": at_least(0, integer=True),
     "lora_alpha": above(0),
     "lora_dropout": fraction(),
+    "distill": one_of("hard", "soft"),
+    "distill_weight": fraction(closed=True),
+    "distill_temperature": above(0),
     "lora_targets": Rule(lambda v: bool(v) and all(t in TARGET_WORDS for t in v),
                          "layer names among " + ", ".join(TARGET_WORDS)),
 }
