@@ -162,6 +162,8 @@ class TrainConfig:
     precision: str = setting("auto", "fp32, bf16 or fp16 (autocast; fp16 with loss scaling, for GPUs without bf16) "
                              "or auto (bf16 where it is native and faster, fp16 on GPUs without bf16)", flag=True)
     compile: bool = setting(False, "torch.compile the model", flag=True)
+    grad_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: far less "
+                                       "activation memory for about a third more compute", flag=True)
     threads: int | None = setting(None, "torch threads per process (default: torch's choice)", flag=True)
     fsdp: bool = setting(False, "shard parameters with FSDP2 instead of DDP (with torchrun / --nproc)", flag=True)
     eval_batch_size: int = setting(500, "batch size of the evaluations")

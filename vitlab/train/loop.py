@@ -207,7 +207,9 @@ def _describe(run: Run, train_flops: float) -> None:
         eval_flops = 2.0 * run.macs * len(run.eval_set) * evaluations if evaluations else 0.0
         rate = measure_gemm_rate(run.device, size=1024, repeats=3)["peak"] * run.info.world_size
         larger_than_preset = cfg.steps is None or cfg.steps * cfg.batch_size > 2400 or max(mc.img_size) > 160
-        warn, line = cpu_cost(train_flops, eval_flops, rate, bool(cfg.init_from) and larger_than_preset)
+        # the estimate counts the work done: checkpointing runs the student's forward again (6 -> 8 x MACs)
+        work = train_flops + (2.0 * run.train_macs * run.total_steps * cfg.batch_size if cfg.grad_checkpointing else 0)
+        warn, line = cpu_cost(work, eval_flops, rate, bool(cfg.init_from) and larger_than_preset)
         (log.warning if warn else log.info)(line)
 
 

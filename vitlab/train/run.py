@@ -333,6 +333,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     else:
         apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
                        layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
+    if cfg.grad_checkpointing:  # the model's own switch: its blocks (and a hybrid's CNN stages) recompute
+        vit.set_grad_checkpointing(True)
+        log.info("gradient checkpointing: each block's activations are recomputed in the backward pass")
     set_onednn_linear(vit)  # this machine's CPU fast-path default for its Linear layers
     if info.device.type == "cpu":  # auto: bf16 only where this CPU has it natively and it measures faster
         precision = resolve_precision(cfg.precision, info.device, vit)
