@@ -6,9 +6,10 @@
 
 Steps, each in its own process with its own time budget, under one overall deadline (under 8 minutes on one H100):
 
-1. ``tests``: ``pytest -m gpu tests/test_gpu.py``: bf16 / fp16 autocast logits and training steps against the CPU
-   float32 result, the flash / memory-efficient SDPA kernels, ``torch.compile`` parity, FSDP on one GPU, the memory
-   gradient checkpointing saves, an exact resume; each test's measured numbers come back through JUnit properties.
+1. ``tests``: ``pytest -m gpu tests/test_gpu.py tests/test_train_precision.py``: bf16 / fp16 autocast logits and
+   training steps against the CPU float32 result, the flash / memory-efficient SDPA kernels, ``torch.compile``
+   parity, FSDP on one GPU, the memory gradient checkpointing saves, an exact resume, training steps that never
+   synchronise with the GPU; each test's measured numbers come back through JUnit properties.
 2. ``bench``: vitlab against timm in one process (``vitlab.compute.bench``, what ``vitlab bench`` runs), bf16 at
    224 px: ViT-B/16 and ViT-L/16 training throughput and MFU eager and compiled, compiled inference, peak memory,
    the GEMM rate measured in the same run, MFU against the datasheet peak too.
@@ -18,10 +19,11 @@ Steps, each in its own process with its own time budget, under one overall deadl
    waiting for data.
 
 A step that fails, crashes or runs out of time is recorded (status, the end of its output or traceback) and the next
-one runs. The JSON and the Markdown table are rewritten after every step, so a suite stopped half-way keeps what it
-measured. ``--dry-run`` runs the same steps on the CPU with tiny models, data and step counts (tests/test_gpu_suite.py
-runs it in CI), with ``torch.compile``'s backend set to ``aot_eager`` (Dynamo and AOTAutograd trace the real model;
-Inductor's C++ code generation would take minutes on a small CPU).
+one runs; a child past its time is interrupted first (SIGINT), so that pytest still writes the JUnit file of the
+tests that finished. The JSON and the Markdown table are rewritten after every step, so a suite stopped half-way
+keeps what it measured. ``--dry-run`` runs the same steps on the CPU with tiny models, data and step counts
+(tests/test_gpu_suite.py runs it in CI), with ``torch.compile``'s backend set to ``aot_eager`` (Dynamo and
+AOTAutograd trace the real model; Inductor's C++ code generation would take minutes on a small CPU).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class Plan:
 
 GPU_PLAN = Plan(
     device="cuda",
-    test_files=["tests/test_gpu.py"],
+    # with the CUDA step of tests/test_train_precision.py that never synchronises (torch.cuda.set_sync_debug_mode)
+    test_files=["tests/test_gpu.py", "tests/test_train_precision.py"],
     bench_models=["vit_b16", "vit_l16"],
     bench=dict(dtype="bf16", rounds=5, iters=2, warmup=2),
     bench_train_batch=128,
@@ -83,7 +86,10 @@ GPU_PLAN = Plan(
     # the recipe as it is (float32, Muon + AdamW, batch 256, 20 epochs: the CPU's 92.7-93.1%): a 0.3M-parameter
     # model is bound by kernel launches on a GPU, where bf16 autocast only adds casts
     main_job=["--recipe", "fashion-mnist", "--device", "cuda"],
-    budgets={"tests": 100, "bench": 190, "max_batch": 75, "main_job": 90},
+    # estimated on an H100 (docs/performance.md): tests about 90 s (two cold Inductor compiles, 30-45 s), bench
+    # 200-260 s (eight cold compiles: ViT-L/16's compiled rows may be cut), max_batch 60-65 s, main job 45-60 s
+    # (4680 launch-bound steps of about 800 operators)
+    budgets={"tests": 110, "bench": 190, "max_batch": 75, "main_job": 80},
     deadline=465,
 )
 
@@ -153,7 +159,9 @@ def run_child(cmd: list[str], timeout: float, env: dict, label: str, keep_lines:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    # SIGINT first: a KeyboardInterrupt lets pytest end its session and write the JUnit file of the tests that
+    # finished (SIGTERM would end it at once, without the file); then SIGTERM, then SIGKILL
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)  # the group this suite started for the child (start_new_session)
         except ProcessLookupError:
@@ -171,10 +179,17 @@ def _status(child: ChildResult) -> str:
 
 # ------------------------------------------------------------------------------------------------------ the steps
 
+# pytest with Python's SIGINT handler (KeyboardInterrupt) installed even where the suite was started with SIGINT
+# ignored (a background job of a non-interactive shell), which its children would inherit
+_PYTEST = ("import signal, sys, pytest; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.exit(pytest.main(sys.argv[1:]))")
+
+
 def step_tests(plan: Plan, work: Path, timeout: float) -> dict:
     junit = work / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *plan.test_files, "-q", "-rs", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", "-o", "junit_family=xunit1"]
+    args = ["-m", "gpu", *plan.test_files, "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}", "-o",
+            "junit_family=xunit1"]
+    cmd = [sys.executable, "-c", _PYTEST, *args]
     # deterministic cuBLAS for the exact-resume test, set before cuBLAS starts (only here: the small workspaces it
     # asks for would slow the benchmarks' products)
     env = dict(child_env(plan), CUBLAS_WORKSPACE_CONFIG=":4096:8") if plan.device == "cuda" else child_env(plan)
@@ -184,7 +199,7 @@ def step_tests(plan: Plan, work: Path, timeout: float) -> dict:
     status = _status(child)
     if status == "ok" and counts["passed"] == 0:
         status = "failed"  # nothing ran: a broken collection, or every test skipped
-    out = {"status": status, "command": shlex.join(cmd[1:]), "results": {**counts, **results}}
+    out = {"status": status, "command": shlex.join(["pytest", *args]), "results": {**counts, **results}}
     if status != "ok":
         out["error"] = child.tail
     return out
@@ -194,6 +209,8 @@ def parse_junit(path: Path) -> dict:
     """Every test case of a JUnit XML file: name, outcome, seconds, message and the properties it recorded."""
     tests = []
     for case in ET.parse(path).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test a stop interrupted: an empty entry
+            continue
         outcome, message = "passed", ""
         for kind in ("failure", "error", "skipped"):
             node = case.find(kind)
@@ -260,6 +277,8 @@ def _worker_step(name: str, plan: Plan, work: Path, runs: list[dict], timeout: f
 
 def worker(spec_path: str) -> int:
     """The child of the bench and max_batch steps: each run of the spec through vitlab.compute.bench."""
+    import gc
+
     import torch
 
     from vitlab.compute.bench import BenchSettings, bench_device, measure_max_batch, run_benchmarks
@@ -278,6 +297,9 @@ def worker(spec_path: str) -> int:
             device = bench_device(settings.device)
             report = {"settings": asdict(settings), "results": [], "complete": False}
             for name in run["models"]:
+                if device.type == "cuda":  # the last search's cached blocks given back first: this model's weights
+                    gc.collect()           # would otherwise be carved out of them and split the free memory
+                    torch.cuda.empty_cache()
                 torch.manual_seed(0)
                 with device:  # initialised where it runs: ViT-H/14's 632M weights take seconds on a CPU
                     model = create_model(name)
@@ -515,8 +537,9 @@ def run_suite(args: argparse.Namespace) -> dict:
             "tests": lambda t: step_tests(plan, work, t),
             "bench": lambda t: step_bench(plan, work, t),
             "max_batch": lambda t: step_max_batch(plan, work, t),
-            "main_job": lambda t: step_main_job(plan, work, t, Path(args.data_dir) if args.data_dir else None,
-                                                args.dry_run, extra),
+            # absolute: the main job runs in the repository root, which need not be this process's folder
+            "main_job": lambda t: step_main_job(plan, work, t, Path(args.data_dir).resolve() if args.data_dir
+                                                else None, args.dry_run, extra),
         }
         lock = threading.Lock()
 

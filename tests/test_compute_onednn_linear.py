@@ -260,3 +260,12 @@ def test_a_bad_environment_setting_is_refused_naming_the_variable(monkeypatch):
     with pytest.raises(InvalidValueError, match=r"VITLAB_ONEDNN_LINEAR='yes': use 1 \(oneDNN fast path on\) or 0"):
         vitlab.create_model("vit_ti16", img_size=32, depth=1)
 
+
+
+def test_a_shape_is_measured_on_the_cpu_whatever_the_default_device(monkeypatch):
+    # under torch.set_default_device("cuda") the products would be drawn on the GPU (the meta device stands in)
+    seen, product = [], linear.onednn_product
+    monkeypatch.setattr(linear, "onednn_product", lambda x, w, b=None: seen.append(x.device.type) or product(x, w, b))
+    with torch.device("meta"):
+        rounds = linear.measure_shape(128, 128, budget_s=0.0)
+    assert len(rounds) == linear.CALIBRATION_ROUNDS[0] and set(seen) == {"cpu"}

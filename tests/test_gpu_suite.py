@@ -2,6 +2,8 @@
 numbers; a step that fails is recorded and the others still run; a child past its time limit is stopped."""
 
 import argparse
+import ast
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -112,12 +114,40 @@ def test_a_failing_step_is_recorded_and_the_next_step_still_runs(suite, tmp_path
     assert "### max_batch: failed" in markdown and "the end of its output" in markdown
 
 
+def test_the_main_job_gets_the_data_folder_as_an_absolute_path(suite, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(suite, "environment", lambda plan: {"device_name": "Test GPU", "cpu": "test cpu"})
+    monkeypatch.setattr(suite, "step_main_job", lambda plan, work, timeout, data_dir, dry_run, extra: seen.append(
+        data_dir) or {"status": "failed", "error": "not run"})
+    monkeypatch.chdir(tmp_path)  # the main job's child runs in the repository root, not here
+    args = argparse.Namespace(dry_run=False, deadline=None, steps=["main_job"], out=str(tmp_path / "out"),
+                              main_job_args=None, data_dir=".suite_data/fashion-mnist")
+    suite.run_suite(args)
+    assert seen == [tmp_path / ".suite_data" / "fashion-mnist"]
+
+
 def test_a_child_past_its_time_limit_is_stopped_and_its_output_kept(suite):
     start = time.monotonic()
     child = suite.run_child([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
                             timeout=2, env=child_env(), label="sleeper")
     assert child.returncode is None and suite._status(child) == "timeout"
     assert "started" in child.tail and time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_a_tests_step_stopped_at_its_time_limit_keeps_the_results_of_the_finished_tests(suite, tmp_path):
+    # pytest writes its JUnit file only when its session ends: the stop must end the session, not the process
+    test_file = tmp_path / "test_stopped.py"
+    test_file.write_text("import time\n\nimport pytest\n\npytestmark = pytest.mark.gpu\n\n\n"
+                         "def test_done(record_property):\n    record_property('rel_error', 0.25)\n\n\n"
+                         "def test_stuck():\n    time.sleep(120)\n")
+    plan = dataclasses.replace(suite.DRY_PLAN, test_files=[str(test_file)], env={})
+    start = time.monotonic()
+    out = suite.step_tests(plan, tmp_path, timeout=8)
+    assert out["status"] == "timeout" and time.monotonic() - start < 30
+    tests = {t["name"]: t for t in out["results"]["tests"]}
+    assert list(tests) == ["test_done"] and tests["test_done"]["measured"] == {"rel_error": 0.25}
+    assert out["command"].startswith("pytest -m gpu ")
 
 
 def test_junit_results_give_outcomes_messages_and_recorded_numbers(suite, tmp_path):
@@ -136,3 +166,29 @@ line</failure></testcase>
                                                  "note": "not a literal"}
     assert tests["test_b"]["outcome"] == "failed" and "assert 0.2 <= 0.1" in tests["test_b"]["message"]
     assert tests["test_c"]["outcome"] == "skipped" and tests["test_c"]["message"] == "no fp16 yet"
+
+
+# gpu-marked tests the GPU plan leaves out, and why
+NOT_IN_THE_GPU_PLAN = {"tests/test_bench.py": "the bench step runs the same comparison with timm at full size"}
+
+
+def test_the_gpu_plan_runs_every_test_that_needs_cuda(suite):
+    """A test that skips without CUDA is marked gpu (``pytest -m gpu`` selects it), and its file is one the GPU
+    plan's tests step runs: the suite is the only place such a test ever runs."""
+    marked = set()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        source = path.read_text()
+        tree = ast.parse(source)
+        module_gpu = any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in n.targets)
+                         and "mark.gpu" in ast.get_source_segment(source, n.value) for n in tree.body)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            decorators = [ast.get_source_segment(source, d) or "" for d in node.decorator_list]
+            needs_cuda = any("skipif(not torch.cuda.is_available()" in d for d in decorators)
+            gpu = module_gpu or any(d.endswith("mark.gpu") for d in decorators)
+            assert gpu or not needs_cuda, f"{path.name}::{node.name} needs CUDA but is not marked gpu"
+            if gpu:
+                marked.add(f"tests/{path.name}")
+    assert "tests/test_gpu.py" in marked and "tests/test_train_precision.py" in marked
+    assert marked - set(NOT_IN_THE_GPU_PLAN) == set(suite.GPU_PLAN.test_files)

@@ -17,7 +17,7 @@ from vitlab.train.run import Run, build_run
 from vitlab.train.runlog import RunLog
 from vitlab.train.step import StepOutput, train_step
 
-from .test_train import tiny_config
+from .test_train import TINY_MODEL, tiny_config
 
 
 def _run(tmp_path, name="run", **changes) -> Run:
@@ -203,3 +203,22 @@ def test_full_token_epochs_end_a_patch_dropout_run_on_all_tokens(tmp_path):
     for a, b in zip(tail.model.parameters(), plain.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(out_dropped.grad_norm, out_plain.grad_norm, rtol=1e-3)
+
+
+@pytest.mark.parametrize("patch_dropout", [0.0, 0.5], ids=["all-tokens", "patch-dropout"])
+def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same_weights(tmp_path, patch_dropout):
+    """``grad_checkpointing``: every block runs its forward again in the backward pass (dropout and drop-path draw
+    the same masks again), so three steps end with the weights of a run without it."""
+    model_args = {**TINY_MODEL, "dropout": 0.1, "drop_path_rate": 0.1}
+    plain = _run(tmp_path, "plain", model_args=model_args, patch_dropout=patch_dropout)
+    ckpt = _run(tmp_path, "ckpt", model_args=model_args, patch_dropout=patch_dropout, grad_checkpointing=True)
+    assert ckpt.model.grad_checkpointing and not plain.model.grad_checkpointing
+    calls = {"plain": 0, "ckpt": 0}
+    for name, run in (("plain", plain), ("ckpt", ckpt)):
+        run.model.blocks[1].register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        batches = run.loader.epoch(0)
+        for step in range(3):
+            train_step(run, batches, step)
+    assert calls == {"plain": 3, "ckpt": 6}
+    for (name, a), b in zip(plain.model.named_parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -122,6 +122,7 @@ def _line_of(text: str) -> int:
     return next(i for i, line in enumerate(lines, start=1) if text in line)
 
 
+@pytest.mark.gpu  # benchmarks/gpu_suite.py runs it
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_training_step_that_does_not_log_never_synchronises(tmp_path, monkeypatch):
     from vitlab.train import loop

@@ -17,6 +17,7 @@ from torch import nn
 from .checkpoints import Checkpoint, check_conversion, convert_checkpoint, describe_checkpoint, model_from_checkpoint
 from .checkpoints import read_checkpoint as read_file
 from .checkpoints.adapter import adapter_document, base_candidates, check_base_hash
+from .checkpoints.files import run_folder_model
 from .checkpoints.loading import adapted_model, read_adapter
 from .compute.onednn import set_onednn_linear
 from .errors import InvalidValueError, VitlabError
@@ -31,7 +32,9 @@ __all__ = ["checkpoint_location", "convert", "create_model", "inspect_checkpoint
 def read_checkpoint(spec: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
                     grid_hint: tuple[int, int] | None = None, check_finite: bool = True) -> Checkpoint:
     """:func:`vitlab.checkpoints.read_checkpoint` of a path or of a name: a catalog name, ``hf-hub:`` repo or URL is
-    resolved to its (cached) file first, and what its source says (preprocessing, class names) is applied."""
+    resolved to its (cached) file first, and what its source says (preprocessing, class names) is applied; a vitlab
+    training run folder stands for the model it saved."""
+    spec = run_folder_model(spec) or spec
     resolved = resolve(os.fspath(spec))
     document = adapter_document(resolved.path if resolved is not None else spec)
     base = find_adapter_base(spec, document) if document is not None else None  # a LoRA adapter: its base
@@ -42,6 +45,7 @@ def read_checkpoint(spec: str | os.PathLike, *, model_name: str | None = None, p
 def checkpoint_location(spec: str | os.PathLike) -> Path:
     """The local file or folder a checkpoint spec (a path, a catalog name, an ``hf-hub:`` name, a URL) stands for,
     names resolved as :func:`read_checkpoint` resolves them (fetched when not cached)."""
+    spec = run_folder_model(spec) or spec
     resolved = resolve(os.fspath(spec))
     return Path(resolved.path) if resolved is not None else Path(spec)
 
@@ -96,10 +100,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, img_size
 def load(path: str | os.PathLike, *, model_name: str | None = None, img_size=None, num_classes: int | None = None,
          resample: str | None = None, drop_pre_logits: bool = False, gelu: str | None = None,
          prefer_ema: bool = False, in_chans: int | None = None, patch_size=None) -> nn.Module:
-    """Load any supported checkpoint (vitlab ``.safetensors``, vit_jax / big_vision ``.npz``, timm / Hugging Face /
-    torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging Face model folder), by path or
-    by name (a catalog name, ``hf-hub:`` repo or URL: see :mod:`vitlab.hub`), and return the model in eval mode,
-    with ``model.preprocessing`` and ``model.class_names`` set.
+    """Load any supported checkpoint (vitlab ``.safetensors`` or a vitlab training run folder, vit_jax / big_vision
+    ``.npz``, timm / Hugging Face / torchvision state dicts as ``.safetensors`` or ``torch.save`` files, or a Hugging
+    Face model folder), by path or by name (a catalog name, ``hf-hub:`` repo or URL: see :mod:`vitlab.hub`), and
+    return the model in eval mode, with ``model.preprocessing`` and ``model.class_names`` set.
 
     - ``model_name``: a registered name; supplies what a layout does not store and is checked against the weights.
       A resolution alias (``vit_base_patch16_384``) also sets the target image size.

@@ -88,6 +88,31 @@ EXPORTED_HINT = ("vitlab predict, eval and serve take exported models; this comm
                  "exported from")
 
 
+RUN_FOLDER_FILES = ("model.safetensors", "adapter.safetensors")  # what a finished vitlab training run saves
+
+
+def run_folder_model(path: str | os.PathLike) -> Path | None:
+    """The model file a vitlab training run folder stands for (its ``model.safetensors``, else a LoRA run's
+    ``adapter.safetensors``), or None when ``path`` is not a run folder. A run folder is told from a Hugging Face
+    model folder (which also holds a ``config.json``) by its config: a training config names ``data`` and
+    ``model``, a Hugging Face one its ``model_type``. A run that saved no model yet is an error that says so."""
+    path = Path(path)
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        return None
+    try:
+        document = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    if not isinstance(document, dict) or "model_type" in document or not {"data", "model"} <= set(document):
+        return None
+    for name in RUN_FOLDER_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise VitlabError(f"{path}: a vitlab run folder without a saved model (the run has not finished: continue it "
+                      "with vitlab train --resume, or load a checkpoint under its checkpoints/)")
+
+
 def _starts_with_torch_magic(head: bytes) -> bool:
     """Whether a pickle's first value is the magic number legacy ``torch.save`` writes first."""
     try:

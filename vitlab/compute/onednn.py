@@ -301,7 +301,9 @@ def measure_shape(fan_in: int, fan_out: int, budget_s: float = CALIBRATION_BUDGE
     :func:`median_ratios`)."""
     rows = calibration_rows(fan_in, fan_out)
     gen = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(s, generator=gen) for s in ((rows, fan_in), (fan_out, fan_in), (fan_out,)))
+    # on the CPU whatever the default device (torch.set_default_device("cuda") would put them on the GPU, where the
+    # CPU generator cannot draw them and oneDNN's product does not run)
+    x, w, b = (torch.randn(s, generator=gen, device="cpu") for s in ((rows, fan_in), (fan_out, fan_in), (fan_out,)))
     kernels = {"onednn": onednn_product, "linear": F.linear}
     rounds = []
     least, most = CALIBRATION_ROUNDS

@@ -632,7 +632,8 @@ class VisionTransformer(nn.Module, ModelMetadata):
     def set_distilled_training(self, enable: bool = True) -> None:
         """Distilled models (timm's switch): in training mode ``forward`` then returns the (class-head,
         distillation-head) logits for a distillation loss against a teacher; otherwise, and always at inference,
-        their average. vitlab's own training loop has no teacher and trains on the average."""
+        their average. vitlab's training loop switches it on when it distils from a teacher
+        (:mod:`vitlab.train.distill`) and otherwise trains on the average."""
         if not self.cfg.distilled:
             raise ModelInputError("set_distilled_training needs a model built with distilled=True")
         self.distilled_training = enable

@@ -162,6 +162,9 @@ def save_run_state(run, name: str, step: int, best: dict | None, times: dict | N
             state["model_ema"] = _trained_part(run.model, state["model_ema"])
     if lora_base is not None:
         state["lora_base"] = lora_base
+    teacher = getattr(run.objective, "teacher_record", None)
+    if teacher is not None:  # a distillation teacher is read again on resume: it must be the same file
+        state["teacher"] = teacher
     atomic_torch_save(state, RunFolder(run.run_dir).checkpoint(name))
 
 
@@ -180,6 +183,12 @@ def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
         model_sd = {**_own_full_state(run), **model_sd}
         if run.ema is not None:
             ema_sd = {**run.ema.state_dict(), **ema_sd}
+    if "teacher" in state:
+        want, have = state["teacher"], getattr(run.objective, "teacher_record", None)
+        if have is None or have["sha256"] != want["sha256"]:
+            now = f"{have['path']} has sha256 {have['sha256']}" if have else "this run has no teacher"
+            raise VitlabError(f"{path}: the run was distilled from {want['name']} (sha256 {want['sha256']}), but "
+                              f"{now}; put that teacher back to resume")
     D.load_full_state_dicts(state_module(run), run.optimizer, model_sd, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state.get("scaler"):

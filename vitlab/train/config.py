@@ -76,6 +76,9 @@ class TrainConfig:
     randaugment: tuple[int, int] | None = setting(None, "RandAugment (num_ops, magnitude), e.g. (2, 9)")
     mixup: float = setting(0.0, "Beta(alpha, alpha) of mixup; 0 = off")
     cutmix: float = setting(0.0, "Beta(alpha, alpha) of cutmix; 0 = off (both on: one or the other per batch)")
+    random_erasing: float = setting(0.0, "probability of erasing a random rectangle (0.02-0.33 of the area, aspect "
+                                    "0.3-3.3) of a training image with normal noise (Zhong et al.; DeiT: 0.25)",
+                                    flag=True, metavar="P")
     label_smoothing: float = setting(0.0, "label smoothing of the softmax loss", flag=True)
     loss: str = setting("auto", "softmax (cross-entropy), sigmoid (per-label sigmoid cross-entropy, head bias -10; "
                         "multi-label) or auto (sigmoid for multi-label data)", flag=True)
@@ -122,6 +125,16 @@ class TrainConfig:
                                            metavar="WHAT")
     dora: bool = setting(False, "DoRA: LoRA with a learned magnitude per output row", flag=True)
     merge_lora: bool = setting(False, "also save the merged model (model.safetensors) beside the adapter", flag=True)
+    teacher: str | None = setting(None, "distil from this trained classifier of the same classes (a checkpoint "
+                                  "file, run folder, catalog name or hf-hub: repo); frozen, it sees the student's "
+                                  "images", flag=True, metavar="MODEL",
+                                  section="knowledge distillation (vitlab.train.distill, docs/training.md)")
+    distill: str = setting("hard", "hard (cross-entropy with the teacher's top class, DeiT) or soft (KL divergence "
+                           "of the temperature softmaxes, Hinton)", flag=True)
+    distill_weight: float = setting(0.5, "share of the distillation loss: (1 - W) x label loss + W x distillation "
+                                    "loss", flag=True, metavar="W")
+    distill_temperature: float = setting(1.0, "softmax temperature of distill=soft (the loss is scaled by T^2)",
+                                         flag=True, metavar="T")
 
     optimizer: str = setting("adamw", "adamw (Adam with decoupled weight decay), sgd (momentum) or muon (Muon for "
                              "the encoder's weight matrices, AdamW for the rest, one lr)", flag=True,
@@ -152,6 +165,8 @@ class TrainConfig:
     precision: str = setting("auto", "fp32, bf16 or fp16 (autocast; fp16 with loss scaling, for GPUs without bf16) "
                              "or auto (bf16 where it is native and faster, fp16 on GPUs without bf16)", flag=True)
     compile: bool = setting(False, "torch.compile the model", flag=True)
+    grad_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: far less "
+                                       "activation memory for about a third more compute", flag=True)
     threads: int | None = setting(None, "torch threads per process (default: torch's choice)", flag=True)
     fsdp: bool = setting(False, "shard parameters with FSDP2 instead of DDP (with torchrun / --nproc)", flag=True)
     eval_batch_size: int = setting(500, "batch size of the evaluations")
@@ -375,6 +390,7 @@ RULES: dict[str, Rule] = {
     "randaugment": pair_of(at_least(0, integer=True)),
     "mixup": at_least(0),
     "cutmix": at_least(0),
+    "random_erasing": fraction(closed=True),
     "label_smoothing": fraction(),
     "loss": one_of("auto", "softmax", "sigmoid"),
     "head_bias": Rule(lambda v: _is_number(v), "a number"),
@@ -418,6 +434,9 @@ RULES: dict[str, Rule] = {
     "lora_rank": at_least(0, integer=True),
     "lora_alpha": above(0),
     "lora_dropout": fraction(),
+    "distill": one_of("hard", "soft"),
+    "distill_weight": fraction(closed=True),
+    "distill_temperature": above(0),
     "lora_targets": Rule(lambda v: bool(v) and all(t in TARGET_WORDS for t in v),
                          "layer names among " + ", ".join(TARGET_WORDS)),
 }

@@ -199,14 +199,17 @@ def _describe(run: Run, train_flops: float) -> None:
              f"{run.macs / 1e6:.1f} M MACs per image forward")
     log.info(f"training: {run.total_steps} steps ({run.total_steps / run.steps_per_epoch:.2f} epochs) of "
              f"{cfg.batch_size} images, {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} warmup {run.warmup_steps}"
-             f", {train_flops / 1e12:.1f} TFLOPs in total (6 x MACs x images); {run.info.world_size} process(es) on "
+             f", {train_flops / 1e12:.1f} TFLOPs in total (6 x MACs x images"
+             + (", + 2 x the teacher's" if run.teacher_macs else "") + f"); {run.info.world_size} process(es) on "
              f"{run.device}, {run.precision}, {torch.get_num_threads()} threads")
     if run.device.type == "cpu" and run.info.is_main:
         evaluations = _evaluations(run)
         eval_flops = 2.0 * run.macs * len(run.eval_set) * evaluations if evaluations else 0.0
         rate = measure_gemm_rate(run.device, size=1024, repeats=3)["peak"] * run.info.world_size
         larger_than_preset = cfg.steps is None or cfg.steps * cfg.batch_size > 2400 or max(mc.img_size) > 160
-        warn, line = cpu_cost(train_flops, eval_flops, rate, bool(cfg.init_from) and larger_than_preset)
+        # the estimate counts the work done: checkpointing runs the student's forward again (6 -> 8 x MACs)
+        work = train_flops + (2.0 * run.train_macs * run.total_steps * cfg.batch_size if cfg.grad_checkpointing else 0)
+        warn, line = cpu_cost(work, eval_flops, rate, bool(cfg.init_from) and larger_than_preset)
         (log.warning if warn else log.info)(line)
 
 
@@ -377,7 +380,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
         log.write_json(RunFolder.CONFIG, cfg.to_dict())
         log.info(f"the run goes on to step {run.total_steps} ({run.total_steps / run.steps_per_epoch:.2f} epochs); "
                  "the learning-rate schedule is stretched to the new length")
-    train_flops = 6.0 * run.train_macs * run.total_steps * cfg.batch_size
+    # the student's forward and backward, and the teacher's forward when distilling
+    train_flops = (6.0 * run.train_macs + 2.0 * run.teacher_macs) * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
     train_seconds, data_seconds = 0.0, 0.0
 

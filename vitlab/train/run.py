@@ -34,6 +34,7 @@ from ..models import ModelConfig, create_model, get_config, key_bias_slices, met
 from ..preprocessing import Preprocessing
 from . import distributed as D
 from .config import TrainConfig
+from .distill import Distillation
 from .lora import apply_lora, check_lora_config
 from .objectives import Classification, Objective
 from .optim import EMA, build_optimizer, build_scheduler
@@ -76,6 +77,7 @@ class Run:
     patch_dropout_steps: int = 0     # patch dropout in steps [0, patch_dropout_steps); all tokens after
     key_biases: list = field(default_factory=list)  # (bias, key slice): gradients zeroed (models.key_bias_slices)
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (None in fp32 and bf16)
+    teacher_macs: int = 0            # the distillation teacher's forward multiply-accumulates per image (0: none)
 
     @property
     def device(self) -> torch.device:
@@ -312,7 +314,13 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     if eval_set is None:
         log.warning(f"no evaluation data ({why_not}); set val_data to evaluate")
     multi_label = bool(getattr(train_set, "multi_label", False))
-    objective = objective if objective is not None else Classification(cfg, len(class_names), multi_label)
+    if cfg.teacher and objective is not None:
+        raise VitlabError("teacher (knowledge distillation) is for classification training, not for another "
+                          "objective such as masked patch prediction", options=("teacher",))
+    if objective is None:
+        objective = (Distillation(cfg, class_names, multi_label, named=bool(getattr(train_set, "class_names", None)))
+                     if cfg.teacher else
+                     Classification(cfg, len(class_names), multi_label))
     objective.check(cfg)
     check_lora_config(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
@@ -325,6 +333,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     else:
         apply_controls(vit, linear_probe_only=cfg.linear_probe, freeze_blocks=cfg.freeze_blocks, patterns=cfg.freeze,
                        layer_decay=cfg.layer_decay, log=log.info)  # fine-tuning controls: before DDP and the optimiser
+    if cfg.grad_checkpointing:  # the model's own switch: its blocks (and a hybrid's CNN stages) recompute
+        vit.set_grad_checkpointing(True)
+        log.info("gradient checkpointing: each block's activations are recomputed in the backward pass")
     set_onednn_linear(vit)  # this machine's CPU fast-path default for its Linear layers
     if info.device.type == "cpu":  # auto: bf16 only where this CPU has it natively and it measures faster
         precision = resolve_precision(cfg.precision, info.device, vit)
@@ -339,10 +350,16 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
              f"{cfg.augment} at {preprocessing.img_size[0]}x{preprocessing.img_size[1]} with the same mean / std "
              f"and interpolation; saved with the model")
     model = objective.wrap(vit, preprocessing).to(info.device)
+    teacher_macs = 0
+    if isinstance(objective, Distillation):
+        teacher_macs = forward_macs(objective.teacher.cfg)
+        log.info(objective.describe() + f"; {teacher_macs / 1e6:.1f} M MACs per image forward")
+        if cfg.compile:
+            objective.compile()
 
     common = dict(global_batch=cfg.batch_size, img_size=vit.cfg.img_size, augment=Augment(
         cfg.augment, tuple(cfg.crop_scale), cfg.flip, cfg.max_shift,
-        tuple(cfg.randaugment) if cfg.randaugment else None), seed=cfg.seed, rank=info.rank,
+        tuple(cfg.randaugment) if cfg.randaugment else None, cfg.random_erasing), seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, accum_steps=cfg.accum_steps, mean=preprocessing.mean, std=preprocessing.std,
         device=info.device, interpolation=preprocessing.interpolation)
     if isinstance(train_set, ArrayDataset):
@@ -392,7 +409,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         ema=EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None, steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=warmup_steps,
         eval_interval=max(1, int(round(ev * spe))) if ev and ev > 0 else total_steps, macs=macs,
-        train_macs=train_macs, patch_dropout_steps=patch_dropout_steps,
+        train_macs=train_macs, patch_dropout_steps=patch_dropout_steps, teacher_macs=teacher_macs,
         # FSDP shards the gradients: the key-bias slices are not whole on any process there
         key_biases=[] if cfg.fsdp else key_bias_slices(model),
         scaler=torch.amp.GradScaler(info.device.type, init_scale=LOSS_SCALE_INIT) if precision == "fp16" else None)

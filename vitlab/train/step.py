@@ -75,7 +75,8 @@ def train_step(run: Run, micro_batches: Iterator[Batch], step: int) -> StepOutpu
         skipped += batch.skipped
         if batch.images.shape[0] == 0:
             continue
-        x, targets = objective.transform(batch.images, batch.labels)
+        with autocast(run.device, run.precision):  # a distillation teacher runs here, at the run's precision
+            x, targets = objective.transform(batch.images, batch.labels)
         # patch dropout draws each image's tokens from its key (whichever process holds it); after
         # patch_dropout_steps the wrapper passes all tokens
         keyed = {}
