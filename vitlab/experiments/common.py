@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import make_folder, write_atomic, write_text_atomic
+from ..atomic import check_folder, make_folder, write_atomic, write_text_atomic
 from ..errors import VitlabError
 from ..train import TrainConfig, evaluate, train
 
@@ -81,7 +81,7 @@ def execute(experiment, args: argparse.Namespace) -> list[dict]:
     if getattr(args, "steps", 1) < 1:  # experiments that train nothing (families) have no --steps
         raise VitlabError(f"--steps must be at least 1, got {args.steps}")
     if not args.plot_only:
-        make_folder(args.out)  # a file in the way: one line now, not a traceback after the first run
+        check_folder(args.out)  # a file in the way: one line now, not a traceback after the first run
         if hasattr(experiment, "measure"):  # measures given checkpoints instead of training runs
             experiment.measure(args)
         elif hasattr(experiment, "train_runs"):
