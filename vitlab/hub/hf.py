@@ -50,6 +50,7 @@ class HubFiles:
     class_names: list[str] | None = None
     architecture: str | None = None
     num_classes: int | None = None
+    model_args: dict | None = None
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -306,8 +307,10 @@ def resolve_hub(spec: str) -> HubFiles:
         num_classes = config.get("num_classes", pretrained_cfg.get("num_classes"))
         names = [str(n) for n in labels] if isinstance(labels, list) and len(labels) == num_classes \
             and all(isinstance(n, (str, int)) for n in labels) else None
+        model_args = config.get("model_args")  # timm's keywords on top of the architecture (timm >= 1.0)
         return HubFiles(weights, "timm", repo, revision, timm_preprocessing(pretrained_cfg), names, arch or None,
-                        num_classes if isinstance(num_classes, int) else None)
+                        num_classes if isinstance(num_classes, int) else None,
+                        model_args if isinstance(model_args, dict) and model_args else None)
     model_type = config.get("model_type")
     if model_type is not None or "architectures" in config:  # transformers
         if model_type not in TRANSFORMERS_MODEL_TYPES:
