@@ -5,7 +5,9 @@ commit after ``@``), ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and the user's token fo
 layouts hold ViTs:
 
 - timm's: ``config.json`` with ``architecture`` and ``pretrained_cfg`` (input size, crop, interpolation, mean / std),
-  sometimes ``label_names``, next to ``model.safetensors`` (or ``pytorch_model.bin``) holding a timm state dict;
+  sometimes ``label_names`` and ``model_args`` (timm keywords that change the architecture, applied through
+  :func:`vitlab.models.timm_args.config_overrides`), next to ``model.safetensors`` (or ``pytorch_model.bin``) holding
+  a timm state dict (or, as ``vitlab push --layout vitlab`` writes it, a vitlab file);
 - transformers': ``config.json`` with ``model_type: vit`` and ``id2label``, ``preprocessor_config.json``, and
   ``model.safetensors`` (possibly sharded) or ``pytorch_model.bin``; read as a Hugging Face model folder.
 """
