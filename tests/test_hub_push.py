@@ -17,6 +17,7 @@ from tests.checkpoint_fixtures import randomize_weights_
 from tests.hub_fixtures import LoopbackHub
 from vitlab.cli import main
 from vitlab.errors import InvalidValueError, VitlabError
+from vitlab.factory import hub_folder
 from vitlab.models.registry import _ALIASES
 from vitlab.models.timm_args import NOT_IN_TIMM, timm_architecture
 
@@ -124,6 +125,9 @@ def test_vitlab_layout_holds_what_timm_cannot_and_timm_layout_refuses_it(hub, tm
     assert "\n" not in str(info.value)
     with pytest.raises(InvalidValueError, match="cannot write the Hugging Face layout"):
         vitlab.push_to_hub(model, REPO, layout="hf")
+    with pytest.raises(InvalidValueError, match="global-average pooling"):
+        hub_folder(model, tmp_path / "dry" / "repo", repo_id=REPO, layout="hf")
+    assert list((tmp_path / "dry").iterdir()) == []  # nothing left behind
     assert hub.requests == []  # refused before anything was sent
     vitlab.push_to_hub(model, REPO, layout="vitlab", license="apache-2.0")
     x = torch.randn(2, 3, 16, 16)
@@ -172,6 +176,10 @@ def test_missing_path_and_bad_layout_are_refused(hub, tmp_path):
         vitlab.push_to_hub(tmp_path / "nothing.safetensors", REPO)
     with pytest.raises(InvalidValueError, match="layout='onnx': choose one of timm, hf, vitlab"):
         vitlab.push_to_hub(tmp_path / "nothing.safetensors", REPO, layout="onnx")
+    with pytest.raises(InvalidValueError, match="a Linear is not a vitlab model"):
+        vitlab.push_to_hub(torch.nn.Linear(2, 2), REPO)
+    with pytest.raises(InvalidValueError, match="got a dict"):
+        vitlab.push_to_hub({}, REPO)
     assert hub.requests == []
 
 
@@ -203,3 +211,31 @@ def test_offline_push_is_refused_in_one_line(hub, run_folder, monkeypatch):
     with pytest.raises(VitlabError, match="network use is off"):
         vitlab.push_to_hub(run_folder, REPO)
     assert hub.requests == []
+
+
+@pytest.mark.slow  # a full-size ViT-Ti/16 (5 s here)
+def test_catalog_name_dry_run_gets_the_entrys_licence_and_imagenet_names(tmp_path, monkeypatch):
+    """A catalog checkpoint (ViT-Ti/16 AugReg, placed in the cache as a random-weight npz) pushed offline as a dry
+    run: timm reads the folder back with the same logits, and the card has the entry's licence."""
+    from tests.checkpoint_fixtures import save_npz, vit_jax_arrays
+    from vitlab.hub import cache_path, get_pretrained
+
+    name = "vit_ti16.augreg_in21k_ft_in1k"
+    monkeypatch.setenv("VITLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VITLAB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    reference = randomize_weights_(timm.create_model("vit_tiny_patch16_224", num_classes=1000), seed=3).eval()
+    dest = cache_path(get_pretrained(name).sources[0].location)
+    dest.parent.mkdir(parents=True)
+    save_npz(dest, vit_jax_arrays(reference))
+    out = tmp_path / "repo"
+    hub_folder(name, out, repo_id="me/ti16")
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["license"] == get_pretrained(name).license == "apache-2.0"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and len(config["label_names"]) == 1000
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224]
+    back = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(1, 3, 224, 224)
+    model = vitlab.load(name)
+    torch.testing.assert_close(_logits(back, x), _logits(model, x), atol=1e-5, rtol=1e-5)

@@ -23,6 +23,7 @@ from .checkpoints.adapter import adapter_document, base_candidates, check_base_h
 from .checkpoints.files import run_folder_model
 from .checkpoints.hub_layout import HUB_LAYOUTS, model_card, write_hub_folder
 from .checkpoints.loading import adapted_model, read_adapter
+from .checkpoints.vitlab_format import unwrap_module
 from .compute.onednn import set_onednn_linear
 from .errors import InvalidValueError, VitlabError
 from .hub import get_pretrained, resolve
@@ -181,10 +182,14 @@ def _run_documents(folder: Path) -> dict:
 def _model_for_hub(model_or_path) -> tuple[nn.Module, str | None, dict | None, str | None]:
     """(model, source spec, run documents, licence) of what :func:`push_to_hub` was given."""
     if isinstance(model_or_path, nn.Module):
-        if not hasattr(model_or_path, "cfg"):
-            raise InvalidValueError(f"push_to_hub: a {type(model_or_path).__name__} is not a vitlab model (it has no "
-                                    "cfg); pass a vitlab model or a checkpoint path")
-        return model_or_path, None, None, None
+        model = unwrap_module(model_or_path)  # DDP / FSDP / torch.compile wrappers: the model's own names
+        if not hasattr(model, "cfg"):
+            raise InvalidValueError(f"push_to_hub: a {type(model).__name__} is not a vitlab model (it has no cfg); "
+                                    "pass a vitlab model or a checkpoint path")
+        return model, None, None, None
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise InvalidValueError(f"push_to_hub: expected a vitlab model, a checkpoint path or name or a run folder, "
+                                f"got a {type(model_or_path).__name__}")
     spec = os.fspath(model_or_path)
     run = _run_documents(Path(spec)) if run_folder_model(spec) is not None else None
     ckpt = read_checkpoint(spec)
