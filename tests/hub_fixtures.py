@@ -230,6 +230,9 @@ class LoopbackHub(_LoopbackServer):
                              for x in lines if x["key"] == "file"}
                     target = owner.repos[repo] if revision == "main" else owner.branches[(repo, revision)]
                     target.update(added)
+                    for x in lines:
+                        if x["key"] == "deletedFile":
+                            target.pop(x["value"]["path"], None)
                     digests = sorted((k, hashlib.sha256(v).hexdigest()) for k, v in target.items())
                     owner.commit = owner.heads[(repo, revision)] = hashlib.sha1(
                         json.dumps([repo, revision, digests]).encode()).hexdigest()

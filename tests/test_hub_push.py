@@ -114,6 +114,12 @@ def test_model_pushed_in_hf_layout_to_a_new_private_branch_loads_in_transformers
     assert back.class_names == model.class_names
     front = yaml.safe_load(hub.branches[(REPO, "v1")]["README.md"].decode().split("---")[1])
     assert front["library_name"] == "transformers" and "datasets" not in front  # a model object: no run
+    # the same branch in timm's layout: transformers' preprocessor config goes in the same commit
+    vitlab.push_to_hub(model, REPO, revision="v1")
+    assert sorted(hub.branches[(REPO, "v1")]) == ["README.md", "config.json", "model.safetensors"]
+    assert "preprocessor_config.json" not in hub.commits[-1]["files"]
+    back = timm.create_model(f"hf-hub:{REPO}@v1", pretrained=True, cache_dir=tmp_path / "timm-cache").eval()
+    torch.testing.assert_close(_logits(back, x), _logits(model, x), atol=1e-5, rtol=0)
 
 
 def test_vitlab_layout_holds_what_timm_cannot_and_timm_layout_refuses_it(hub, tmp_path):
@@ -129,7 +135,8 @@ def test_vitlab_layout_holds_what_timm_cannot_and_timm_layout_refuses_it(hub, tm
         hub_folder(model, tmp_path / "dry" / "repo", repo_id=REPO, layout="hf")
     assert list((tmp_path / "dry").iterdir()) == []  # nothing left behind
     assert hub.requests == []  # refused before anything was sent
-    vitlab.push_to_hub(model, REPO, layout="vitlab", license="apache-2.0")
+    vitlab.push_to_hub(model, REPO, layout="vitlab", license="apache-2.0", token="hf_given")
+    assert hub.commits[-1]["authorization"] == "Bearer hf_given"  # token= wins over HF_TOKEN
     x = torch.randn(2, 3, 16, 16)
     back = vitlab.load(f"hf-hub:{REPO}")
     torch.testing.assert_close(_logits(back, x), _logits(model, x), atol=1e-5, rtol=0)

@@ -15,6 +15,10 @@ from ..errors import InvalidValueError, VitlabError
 from .cache import offline_mode
 from .hf import _shown, _valid_revision, parse_spec
 
+# files that one of vitlab's Hub layouts writes and another does not, and older weight files the readers would take
+# instead of the new model.safetensors or next to it: removed from the repo by a push that does not write them
+STALE_LAYOUT_FILES = ("preprocessor_config.json", "pytorch_model.bin", "model.safetensors.index.json")
+
 
 def check_repo_id(repo_id: str, revision: str | None = None) -> None:
     """Refuse a repo id outside the Hub's rules (``ORG/NAME``) or a revision that is not a branch name, in one line
@@ -55,8 +59,12 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fa
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        # a file of another layout pushed before (transformers' preprocessor config) would describe the model
+        # wrongly next to the new config.json: deleted in the same commit
+        stale = [name for name in STALE_LAYOUT_FILES if name not in files]
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
-                                 commit_message=commit_message or "Upload model with vitlab")
+                                 commit_message=commit_message or "Upload model with vitlab",
+                                 delete_patterns=stale or None)
     except RepositoryNotFoundError:
         raise VitlabError(f"push {repo_id}: the Hub has no such repo and did not create it (log in with `hf auth "
                           "login` or HF_TOKEN, with write access to the namespace)") from None
