@@ -4,6 +4,7 @@ accumulation steps, and batches that can be reproduced from a position (resumpti
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
@@ -18,6 +19,7 @@ from vitlab.data import (
 from vitlab.data import batch_transforms as BT
 from vitlab.data import sample_random as SR
 from vitlab.data.loaders import folder_eval_batches
+from vitlab.data.transforms import train_transform
 from vitlab.preprocessing import Preprocessing
 
 
@@ -75,8 +77,9 @@ def test_crop_boxes_follow_the_inception_distribution():
 
 @pytest.mark.parametrize("world_size,accum", [(1, 1), (2, 1), (2, 2), (1, 4)])
 @pytest.mark.parametrize("augment", [Augment(policy="none", flip=False), Augment(policy="inception"),
-                                     Augment(policy="shift", max_shift=2, randaugment=(2, 9))],
-                         ids=["none", "inception", "shift-randaugment"])
+                                     Augment(policy="shift", max_shift=2, randaugment=(2, 9)),
+                                     Augment(policy="flip", erasing=0.5)],
+                         ids=["none", "inception", "shift-randaugment", "flip-erasing"])
 def test_a_global_batch_is_the_same_augmented_samples_however_it_is_split(world_size, accum, augment):
     """Same samples, and every sample augmented with the same draws, on any number of processes and accumulation
     steps (the draws are keyed by the sample's place in the global batch, not by the rank)."""
@@ -97,6 +100,33 @@ def test_a_global_batch_is_the_same_augmented_samples_however_it_is_split(world_
         assert not torch.equal(reference[0].images, list(InMemoryTrainLoader(ds, 8, (6, 6), Augment(
             policy="none", flip=False), seed=7).epoch(0))[0].images)
         assert len(set(torch.cat([b.keys for b in reference]).tolist())) == 40
+
+
+def test_random_erasing_draws_torchvisions_rectangles_with_normal_noise():
+    """One rectangle per erased image, of the area share and aspect ratio torchvision's ``RandomErasing`` draws,
+    filled with standard normal noise; keyed: an image is erased the same in any batch."""
+    keys = SR.sample_keys(123, torch.arange(8000))
+    erased = BT.random_erasing(torch.zeros(8000, 3, 24, 32), 0.25, keys=keys)
+    where = (erased != 0).any(dim=1)  # (B, H, W)
+    hit = where.flatten(1).any(1)
+    assert abs(hit.float().mean().item() - 0.25) < 0.02
+    for image in where[hit][:200]:  # a whole rectangle: every pixel of its bounding box
+        rows, cols = image.any(1).nonzero(), image.any(0).nonzero()
+        assert image[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    ours = where[hit].flatten(1).float().mean(1)
+    torch.manual_seed(0)
+    torchvision_erasing = T.RandomErasing(p=1.0, scale=BT.ERASE_SCALE, ratio=BT.ERASE_RATIO, value="random")
+    theirs = torch.stack([(torchvision_erasing(torch.zeros(3, 24, 32)) != 0).any(0).float().mean()
+                          for _ in range(2000)])
+    assert abs(ours.mean() - theirs.mean()) < 0.01 and abs(ours.std() - theirs.std()) < 0.01
+    noise = erased[erased != 0]
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    torch.testing.assert_close(BT.random_erasing(torch.zeros(5, 3, 24, 32), 0.25, keys=keys[100:105]),
+                               erased[100:105], rtol=0, atol=0)
+    assert BT.random_erasing(erased, 0.0, keys=keys) is erased
+    # the per-image path (folders, shards, Hugging Face sets) erases with torchvision's transform
+    grey = train_transform((24, 32), 3, "none", erasing=1.0)(Image.new("RGB", (32, 24), (128, 128, 128)))
+    assert 0.01 < (grey != grey[0, 0, 0]).any(0).float().mean() < 0.4
 
 
 def test_keyed_draws_are_uniform_and_independent_across_streams_and_counters():
@@ -147,7 +177,7 @@ def _folder(root, n_per_class=6):
 @pytest.mark.slow
 def test_folder_batches_do_not_depend_on_workers_and_restart_exactly(tmp_path):
     _folder(tmp_path / "d")
-    aug = Augment(policy="inception", crop_scale=(0.2, 1.0))
+    aug = Augment(policy="inception", crop_scale=(0.2, 1.0), erasing=0.5)
 
     def batches(workers, start=0):
         ds = build_dataset(tmp_path / "d")

@@ -68,6 +68,39 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | N
     return padded[batch, chan, rows, cols]
 
 
+ERASE_SCALE = (0.02, 1 / 3)  # area of the erased rectangle, as a share of the image (Zhong et al. 2020, timm)
+ERASE_RATIO = (0.3, 1 / 0.3)  # its aspect ratio, drawn log-uniform
+
+
+def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                   keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) of normalised images (B, C, H, W): with probability ``p`` each image gets
+    one rectangle of :data:`ERASE_SCALE` of its area and log-uniform aspect ratio in :data:`ERASE_RATIO`, placed
+    uniformly, filled with standard normal noise per pixel and channel (torchvision's ``value="random"``, timm's
+    ``mode="pixel"``). Sides too long for the image are clamped to it (torchvision retries the draw instead)."""
+    if p <= 0:
+        return x
+    B, C, H, W = x.shape
+    u = _uniform(B, 5, generator, keys, SR.ERASE)
+    area = (ERASE_SCALE[0] + (ERASE_SCALE[1] - ERASE_SCALE[0]) * u[:, 1]) * H * W
+    log_lo, log_hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    aspect = (log_lo + (log_hi - log_lo) * u[:, 2]).exp()
+    h = (area * aspect).sqrt().round().clamp(1, H).long()
+    w = (area / aspect).sqrt().round().clamp(1, W).long()
+    top = (u[:, 3] * (H - h + 1)).long()
+    left = (u[:, 4] * (W - w + 1)).long()
+    rows, cols = torch.arange(H), torch.arange(W)
+    inside = ((rows >= top[:, None]) & (rows < (top + h)[:, None]))[:, :, None] & \
+             ((cols >= left[:, None]) & (cols < (left + w)[:, None]))[:, None, :]
+    mask = (inside & (u[:, 0] < p)[:, None, None]).unsqueeze(1)  # (B, 1, H, W)
+    if keys is not None:  # each image's noise from its own key, as its other draws
+        uniform = SR.keyed_uniform(keys if keys.device.type == "cpu" else keys.cpu(), C * H * W, SR.ERASE_NOISE)
+        noise = torch.special.ndtri(uniform.clamp_(2.0 ** -25, 1.0 - 2.0 ** -24)).view(B, C, H, W)
+    else:
+        noise = torch.randn(B, C, H, W, generator=generator)
+    return torch.where(mask.to(x.device, non_blocking=True), noise.to(x.device, non_blocking=True), x)
+
+
 def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float] = (0.05, 1.0),
                       ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
                       keys: torch.Tensor | None = None) -> torch.Tensor:

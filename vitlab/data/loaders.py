@@ -54,13 +54,14 @@ class Augment:
 
     ``policy``: one of ``inception`` (paper), ``crop``, ``shift``, ``flip``, ``resize``, ``none``; ``crop_scale``
     the area range of the random crop; ``max_shift`` the translation in pixels for ``shift``; ``randaugment``
-    (num_ops, magnitude) or None."""
+    (num_ops, magnitude) or None; ``erasing`` the probability of random erasing (after normalising)."""
 
     policy: str = "inception"
     crop_scale: tuple[float, float] = (0.05, 1.0)
     flip: bool = True
     max_shift: int = 2
     randaugment: tuple[int, int] | None = None
+    erasing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -101,14 +102,15 @@ def augment_batch(images: torch.Tensor, size: tuple[int, int], aug: Augment, key
         images = torch.stack(augmented)
     x = BT.to_float(images, mean, std)
     if aug.policy in ("inception", "crop"):
-        return BT.random_resized_crop(x, size, scale=aug.crop_scale, flip=aug.flip, interpolation=interpolation,
-                                      keys=keys)
-    x = BT.resize(x, size, interpolation)
-    if aug.flip and aug.policy in ("shift", "flip"):
-        x = BT.random_flip(x, keys=keys)
-    if aug.policy == "shift":
-        x = BT.random_shift(x, aug.max_shift, fill=float((0.0 - mean[0]) / std[0]), keys=keys)
-    return x
+        x = BT.random_resized_crop(x, size, scale=aug.crop_scale, flip=aug.flip, interpolation=interpolation,
+                                   keys=keys)
+    else:
+        x = BT.resize(x, size, interpolation)
+        if aug.flip and aug.policy in ("shift", "flip"):
+            x = BT.random_flip(x, keys=keys)
+        if aug.policy == "shift":
+            x = BT.random_shift(x, aug.max_shift, fill=float((0.0 - mean[0]) / std[0]), keys=keys)
+    return BT.random_erasing(x, aug.erasing, keys=keys)
 
 
 # share of a GPU's free memory an in-memory training set may take to be kept there (its uint8 images)
@@ -319,7 +321,7 @@ class FolderTrainLoader:
             raise InvalidValueError(f"batch size {global_batch} is larger than the {len(dataset)} training samples")
         dataset.transform = train_transform(
             img_size, dataset.channels, augment.policy, augment.crop_scale, augment.flip, augment.max_shift,
-            augment.randaugment, mean, std, interpolation)
+            augment.randaugment, mean, std, interpolation, augment.erasing)
 
     @property
     def batches_per_epoch(self) -> int:

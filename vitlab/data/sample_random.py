@@ -2,8 +2,8 @@
 
 A training sample gets a key from (seed, epoch, step, its position in the step's global batch): whichever process,
 accumulation step or place in a micro-batch it lands in, the key is the same, and so is every draw made from it
-(flip, crop, shift, RandAugment, patch dropout). Draws are a counter-based hash of (key, stream, counter): no
-generator state to carry or split, vectorised over the batch, the same on every device.
+(flip, crop, shift, RandAugment, random erasing, patch dropout). Draws are a counter-based hash of (key, stream,
+counter): no generator state to carry or split, vectorised over the batch, the same on every device.
 
 The hash is a 32-bit ``lowbias32`` of Wellons' hash prospector (xor-shift 16, multiply by 0x21F0AAAD, xor-shift 15,
 multiply by 0x735A2D97, xor-shift 15: a bijection of 32-bit words with low bias), computed on int64 tensors; both
@@ -18,7 +18,7 @@ MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spaces successive counters apart before they are hashed
 
 # one stream per kind of draw, so that two kinds never share a number
-FLIP, SHIFT, CROP, MIRROR, RANDAUGMENT, PATCH_DROPOUT = 1, 2, 3, 4, 5, 6
+FLIP, SHIFT, CROP, MIRROR, RANDAUGMENT, PATCH_DROPOUT, ERASE, ERASE_NOISE = 1, 2, 3, 4, 5, 6, 7, 8
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torchvision.transforms import v2 as T
 
 from ..errors import InvalidValueError
+from . import batch_transforms as BT
 
 POLICIES = ("inception", "crop", "shift", "flip", "resize", "none")
 
@@ -22,11 +23,13 @@ POLICIES = ("inception", "crop", "shift", "flip", "resize", "none")
 def train_transform(img_size: tuple[int, int], channels: int = 3, policy: str = "inception",
                     crop_scale: tuple[float, float] = (0.05, 1.0), flip: bool = True, max_shift: int = 0,
                     randaugment: tuple[int, int] | None = None, mean: Sequence[float] = (0.5,),
-                    std: Sequence[float] = (0.5,), interpolation: str = "bilinear") -> T.Compose:
+                    std: Sequence[float] = (0.5,), interpolation: str = "bilinear", erasing: float = 0.0) -> T.Compose:
     """PIL image (``RGB`` or ``L``) -> normalised float tensor (channels, H, W) with random augmentation.
 
     ``randaugment=(num_ops, magnitude)`` applies torchvision's RandAugment on the uint8 image before normalising.
-    ``mean``/``std`` are per channel (a single value is repeated)."""
+    ``mean``/``std`` are per channel (a single value is repeated). ``erasing`` > 0: torchvision's random erasing
+    with that probability, after normalising, filled with normal noise (the in-memory path's
+    :func:`vitlab.data.batch_transforms.random_erasing` draws the same rectangles)."""
     if policy not in POLICIES:
         raise InvalidValueError(f"augmentation policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     interp = getattr(T.InterpolationMode, interpolation.upper())
@@ -44,4 +47,6 @@ def train_transform(img_size: tuple[int, int], channels: int = 3, policy: str = 
     mean_c = tuple(mean) * channels if len(mean) == 1 else tuple(mean)
     std_c = tuple(std) * channels if len(std) == 1 else tuple(std)
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean_c, std_c)]
+    if erasing > 0:
+        steps.append(T.RandomErasing(p=erasing, scale=BT.ERASE_SCALE, ratio=BT.ERASE_RATIO, value="random"))
     return T.Compose(steps)

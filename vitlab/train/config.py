@@ -76,6 +76,9 @@ class TrainConfig:
     randaugment: tuple[int, int] | None = setting(None, "RandAugment (num_ops, magnitude), e.g. (2, 9)")
     mixup: float = setting(0.0, "Beta(alpha, alpha) of mixup; 0 = off")
     cutmix: float = setting(0.0, "Beta(alpha, alpha) of cutmix; 0 = off (both on: one or the other per batch)")
+    random_erasing: float = setting(0.0, "probability of erasing a random rectangle (0.02-0.33 of the area, aspect "
+                                    "0.3-3.3) of a training image with normal noise (Zhong et al.; DeiT: 0.25)",
+                                    flag=True, metavar="P")
     label_smoothing: float = setting(0.0, "label smoothing of the softmax loss", flag=True)
     loss: str = setting("auto", "softmax (cross-entropy), sigmoid (per-label sigmoid cross-entropy, head bias -10; "
                         "multi-label) or auto (sigmoid for multi-label data)", flag=True)
@@ -387,6 +390,7 @@ RULES: dict[str, Rule] = {
     "randaugment": pair_of(at_least(0, integer=True)),
     "mixup": at_least(0),
     "cutmix": at_least(0),
+    "random_erasing": fraction(closed=True),
     "label_smoothing": fraction(),
     "loss": one_of("auto", "softmax", "sigmoid"),
     "head_bias": Rule(lambda v: _is_number(v), "a number"),

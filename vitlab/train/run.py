@@ -359,7 +359,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
 
     common = dict(global_batch=cfg.batch_size, img_size=vit.cfg.img_size, augment=Augment(
         cfg.augment, tuple(cfg.crop_scale), cfg.flip, cfg.max_shift,
-        tuple(cfg.randaugment) if cfg.randaugment else None), seed=cfg.seed, rank=info.rank,
+        tuple(cfg.randaugment) if cfg.randaugment else None, cfg.random_erasing), seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, accum_steps=cfg.accum_steps, mean=preprocessing.mean, std=preprocessing.std,
         device=info.device, interpolation=preprocessing.interpolation)
     if isinstance(train_set, ArrayDataset):
