@@ -3,12 +3,15 @@ cut after N bytes, HTML pages, slow chunks), and a Hugging Face Hub cache laid o
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import yaml
 
 
 class _LoopbackServer:
@@ -153,30 +156,109 @@ class LoopbackHub(_LoopbackServer):
     repo's info and file list at ``/api/models/{org}/{name}[/revision/{revision}]`` and ``.../tree/{revision}``
     (what ``hf download`` with several files asks); an unknown repo gets ``X-Error-Code: RepoNotFound``, a missing
     file ``EntryNotFound``. ``repos``: repo -> {file: bytes}. ``headers``: header -> value sent on every answer
-    instead of the usual one (a hostile endpoint's ``ETag``)."""
+    instead of the usual one (a hostile endpoint's ``ETag``).
+
+    It also takes uploads as ``HfApi.create_repo`` / ``create_branch`` / ``upload_folder`` send them
+    (``POST /api/repos/create``, ``/api/models/{repo}/branch/{branch}``, ``.../preupload/{revision}`` answering
+    ``uploadMode: regular`` for every file, so that nothing goes through LFS or xet, and ``.../commit/{revision}``
+    with the NDJSON of base64 file contents); what is committed is served back (a branch at ``resolve/{branch}``)
+    and recorded in ``commits``."""
 
     def __init__(self, repos: dict[str, dict[str, bytes]], commit: str = "c" * 40):
         self.repos, self.commit, self.requests = repos, commit, []
         self.headers: dict[str, str] = {}
+        self.branches: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, branch) -> files, for uploads
+        self.created: dict[str, dict] = {}  # repo -> the create request's JSON
+        self.heads: dict[tuple[str, str], str] = {}  # (repo, branch) -> its last commit
+        self.snapshots: dict[str, dict[str, bytes]] = {}  # commit -> the files it holds (resolve/<commit>/...)
+        self.commits: list[dict] = []  # every commit: repo, revision, header, files, authorization
+        self.card_metadata = None  # the last README.md front matter sent to /api/validate-yaml
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
+            def _json(self, status: int, data, error: str | None = None) -> None:
+                payload = json.dumps(data).encode()
+                self.send_response(status)
+                if error:
+                    self.send_header("X-Error-Code", error)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_POST(self):  # the upload interface: create a repo, a branch, preupload, commit
+                owner.requests.append((self.command, self.path))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts == ["api", "repos", "create"]:
+                    request = json.loads(body)
+                    repo = f"{request['organization']}/{request['name']}" if request.get("organization") \
+                        else request["name"]
+                    if repo in owner.repos:
+                        self._json(409, {"error": "You already created this model repo", "url": f"{owner.url}/{repo}"})
+                        return
+                    owner.repos[repo], owner.created[repo] = {}, request
+                    self._json(200, {"url": f"{owner.url}/{repo}", "name": repo})
+                    return
+                if parts == ["api", "validate-yaml"]:  # the model card's front matter, as the Hub checks it
+                    content = json.loads(body)["content"]
+                    try:
+                        owner.card_metadata = yaml.safe_load(content.split("---")[1])
+                    except (IndexError, yaml.YAMLError) as exc:
+                        self._json(400, {"error": f"invalid YAML: {exc}"})
+                        return
+                    self._json(200 if isinstance(owner.card_metadata, dict) else 400, {"warnings": []})
+                    return
+                if parts[:2] != ["api", "models"] or len(parts) < 6 or "/".join(parts[2:4]) not in owner.repos:
+                    self._json(404, {"error": "Repository not found"}, "RepoNotFound")
+                    return
+                repo, action, revision = "/".join(parts[2:4]), parts[4], "/".join(parts[5:])
+                if action == "branch":
+                    owner.branches.setdefault((repo, revision), dict(owner.repos[repo]))
+                    self._json(200, {})
+                elif action == "preupload":  # every file as a regular git blob: no LFS, no xet transfer
+                    files = json.loads(body)["files"]
+                    self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})
+                elif action == "commit":
+                    lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                    header = next(x["value"] for x in lines if x["key"] == "header")
+                    added = {x["value"]["path"]: base64.b64decode(x["value"]["content"])
+                             for x in lines if x["key"] == "file"}
+                    target = owner.repos[repo] if revision == "main" else owner.branches[(repo, revision)]
+                    target.update(added)
+                    for x in lines:
+                        if x["key"] == "deletedFile":
+                            target.pop(x["value"]["path"], None)
+                    digests = sorted((k, hashlib.sha256(v).hexdigest()) for k, v in target.items())
+                    owner.commit = owner.heads[(repo, revision)] = hashlib.sha1(
+                        json.dumps([repo, revision, digests]).encode()).hexdigest()
+                    owner.snapshots[owner.commit] = dict(target)
+                    owner.commits.append({"repo": repo, "revision": revision, "header": header, "files": added,
+                                          "authorization": self.headers.get("Authorization")})
+                    self._json(200, {"success": True, "commitOid": owner.commit,
+                                     "commitUrl": f"{owner.url}/{repo}/commit/{owner.commit}"})
+                else:
+                    self._json(404, {"error": f"no {action} here"})
+
             def _answer(self, body: bool) -> None:
                 owner.requests.append((self.command, self.path))
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if parts[:2] == ["api", "models"] and len(parts) >= 4:  # the repo's file list (`hf download`)
                     repo = "/".join(parts[2:4])
-                    files = owner.repos.get(repo)
+                    revision = parts[5] if len(parts) > 5 and parts[4] in ("revision", "tree") else "main"
+                    sha = owner.heads.get((repo, revision), owner.commit)
+                    files = owner.snapshots.get(sha, owner.repos.get(repo)) if repo in owner.repos else None
                     if files is None:
                         info = None
                     elif len(parts) > 4 and parts[4] == "tree":
                         info = json.dumps([{"type": "file", "path": f, "size": len(data),
                                             "oid": hashlib.sha1(data).hexdigest()} for f, data in files.items()])
                     else:
-                        info = json.dumps({"id": repo, "sha": owner.commit,
+                        info = json.dumps({"id": repo, "sha": sha,
                                            "siblings": [{"rfilename": f} for f in files]})
                     info = info.encode() if info else None
                     self.send_response(404 if info is None else 200)
@@ -194,18 +276,19 @@ class LoopbackHub(_LoopbackServer):
                     self.end_headers()
                     return
                 repo, name = "/".join(parts[:2]), "/".join(parts[4:])
-                files = owner.repos.get(repo)
+                files = owner.branches.get((repo, parts[3]), owner.snapshots.get(parts[3], owner.repos.get(repo)))
+                head = owner.heads.get((repo, parts[3]), parts[3] if parts[3] in owner.snapshots else owner.commit)
                 data = None if files is None else files.get(name)
                 if data is None:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "RepoNotFound" if files is None else "EntryNotFound")
                     if files is not None:
-                        self.send_header("X-Repo-Commit", owner.headers.get("X-Repo-Commit", owner.commit))
+                        self.send_header("X-Repo-Commit", owner.headers.get("X-Repo-Commit", head))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 self.send_response(200)
-                headers = {"X-Repo-Commit": owner.commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                headers = {"X-Repo-Commit": head, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                            "Content-Length": str(len(data)), **owner.headers}
                 for key, value in headers.items():
                     self.send_header(key, value)

@@ -81,6 +81,9 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.hub.hf", "huggingface_hub"): OPTIONAL,
     ("vitlab.hub.hf", "huggingface_hub.errors"): OPTIONAL,
     ("vitlab.hub.hf", "huggingface_hub.utils"): OPTIONAL,
+    ("vitlab.hub.upload", "huggingface_hub"): OPTIONAL,
+    ("vitlab.hub.upload", "huggingface_hub.errors"): OPTIONAL,
+    ("vitlab.hub.upload", "httpx"): OPTIONAL,  # huggingface_hub's HTTP client, for its connection errors
     ("vitlab.inspect.figures", "matplotlib"): HEAVY,
     ("vitlab.inspect.figures", "matplotlib.figure"): HEAVY,
     ("vitlab.preprocessing", "torch"): HEAVY + " (a Preprocessing record is plain data)",

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vitlab
 from vitlab.train import distributed as D
 from vitlab.train.checkpoint import restore_run_state, save_run_state
 from vitlab.train.objectives import Classification
@@ -222,3 +223,15 @@ def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same_weight
     assert calls == {"plain": 3, "ckpt": 6}
     for (name, a), b in zip(plain.model.named_parameters(), ckpt.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fine_tuning_a_loaded_checkpoint_trains_in_training_mode(tmp_path):
+    """``vitlab.load`` returns models in eval mode; a run fine-tuning one must still train with its dropout on
+    (it used to stay in eval mode unless a model_args change made the run rebuild the model)."""
+    source = vitlab.create_model("vit_fmnist", img_size=8, num_classes=10, **{**TINY_MODEL, "dropout": 0.5})
+    path = vitlab.save(source, tmp_path / "source.safetensors")
+    assert not vitlab.load(path).training
+    run = _run(tmp_path, init_from=str(path), model_args={})
+    assert run.model.training and run.model.cfg.dropout == 0.5
+    x = torch.randn(4, 1, 8, 8)
+    assert not torch.equal(run.model.forward_features(x), run.model.forward_features(x))  # dropout draws

@@ -23,6 +23,7 @@ _EXPORTS = {
     "read_checkpoint": ".factory",
     "inspect_checkpoint": ".factory",
     "convert": ".factory",
+    "push_to_hub": ".factory",
     "get_pretrained": ".hub",
     "list_pretrained": ".hub",
     "VisionTransformer": ".models",
@@ -35,11 +36,11 @@ _EXPORTS = {
 
 __all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "convert", "create_model", "get_config", "get_pretrained",
            "inspect_checkpoint", "list_models", "list_pretrained", "load", "load_lora", "metadata_of",
-           "read_checkpoint", "save", "__version__"]
+           "push_to_hub", "read_checkpoint", "save", "__version__"]
 
 if TYPE_CHECKING:
     from .checkpoints import save
-    from .factory import convert, create_model, inspect_checkpoint, load, load_lora, read_checkpoint
+    from .factory import convert, create_model, inspect_checkpoint, load, load_lora, push_to_hub, read_checkpoint
     from .hub import get_pretrained, list_pretrained
     from .models import VisionTransformer, ViTConfig, get_config, list_models, metadata_of
     from .preprocessing import Preprocessing

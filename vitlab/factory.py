@@ -4,12 +4,15 @@ It composes the layers below it, each of which knows nothing of the others: :mod
 entry, ``hf-hub:`` repo, URL) into a local file and what its source says; :mod:`vitlab.checkpoints` reads a file and
 builds the model; :mod:`vitlab.compute` gives the model's Linear layers this machine's CPU fast path
 (:func:`vitlab.compute.set_onednn_linear`). ``vitlab.create_model``, ``vitlab.load``, ``vitlab.read_checkpoint``,
-``vitlab.inspect_checkpoint`` and ``vitlab.convert`` are the functions here.
+``vitlab.inspect_checkpoint``, ``vitlab.convert`` and ``vitlab.push_to_hub`` (the model as a Hub repo's files, then
+uploaded) are the functions here.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 from torch import nn
@@ -18,15 +21,18 @@ from .checkpoints import Checkpoint, check_conversion, convert_checkpoint, descr
 from .checkpoints import read_checkpoint as read_file
 from .checkpoints.adapter import adapter_document, base_candidates, check_base_hash
 from .checkpoints.files import run_folder_model
+from .checkpoints.hub_layout import HUB_LAYOUTS, model_card, write_hub_folder
 from .checkpoints.loading import adapted_model, read_adapter
+from .checkpoints.vitlab_format import unwrap_module
 from .compute.onednn import set_onednn_linear
 from .errors import InvalidValueError, VitlabError
 from .hub import get_pretrained, resolve
+from .hub.upload import check_repo_id, upload_folder
 from .models import create_model as create_fresh
 from .models.lora import merge_lora
 
-__all__ = ["checkpoint_location", "convert", "create_model", "inspect_checkpoint", "load", "load_lora",
-           "read_checkpoint"]
+__all__ = ["checkpoint_location", "convert", "create_model", "hub_folder", "inspect_checkpoint", "load", "load_lora",
+           "push_to_hub", "read_checkpoint"]
 
 
 def read_checkpoint(spec: str | os.PathLike, *, model_name: str | None = None, prefer_ema: bool = False,
@@ -157,3 +163,75 @@ def create_model(name: str, pretrained: bool | str = False, **overrides):
     if num_classes is not None and num_classes != entry.num_classes:
         overrides.setdefault("drop_pre_logits", True)
     return load(entry.name, num_classes=num_classes, **overrides)
+
+
+def _run_documents(folder: Path) -> dict:
+    """A training run folder's ``config.json`` and ``result.json`` (what the model card quotes); a missing or
+    unreadable one is left out."""
+    out = {}
+    for key, name in (("config", "config.json"), ("result", "result.json")):
+        try:
+            document = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(document, dict):
+            out[key] = document
+    return out
+
+
+def _model_for_hub(model_or_path) -> tuple[nn.Module, str | None, dict | None, str | None]:
+    """(model, source spec, run documents, licence) of what :func:`push_to_hub` was given."""
+    if isinstance(model_or_path, nn.Module):
+        model = unwrap_module(model_or_path)  # DDP / FSDP / torch.compile wrappers: the model's own names
+        if not hasattr(model, "cfg"):
+            raise InvalidValueError(f"push_to_hub: a {type(model).__name__} is not a vitlab model (it has no cfg); "
+                                    "pass a vitlab model or a checkpoint path")
+        return model, None, None, None
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise InvalidValueError(f"push_to_hub: expected a vitlab model, a checkpoint path or name or a run folder, "
+                                f"got a {type(model_or_path).__name__}")
+    spec = os.fspath(model_or_path)
+    run = _run_documents(Path(spec)) if run_folder_model(spec) is not None else None
+    ckpt = read_checkpoint(spec)
+    licence = None
+    if ckpt.facts.get("catalog_name"):
+        licence = get_pretrained(ckpt.facts["catalog_name"]).license
+    return set_onednn_linear(model_from_checkpoint(ckpt)), spec, run, licence
+
+
+def hub_folder(model_or_path, out: str | os.PathLike, *, repo_id: str, layout: str = "timm",
+               license: str | None = None) -> dict:
+    """Write the files :func:`push_to_hub` uploads into folder ``out`` (replaced atomically), without uploading:
+    the weights in ``layout`` and a model card for ``repo_id``. Returns ``folder``, ``layout``, ``files`` and the
+    layout writer's ``notes``."""
+    if layout not in HUB_LAYOUTS:
+        raise InvalidValueError(f"layout={layout!r}: choose one of {', '.join(HUB_LAYOUTS)}")
+    check_repo_id(repo_id)
+    model, source, run, known_licence = _model_for_hub(model_or_path)
+    card = model_card(model, repo_id, layout, run=run, license=license or known_licence,
+                      source=Path(source).name if source else None)
+    metadata = {"pushed_from": Path(source).name} if source else None
+    notes = write_hub_folder(model, out, layout, card=card, metadata=metadata)
+    files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
+    return {"folder": str(out), "layout": layout, "files": files, "notes": notes}
+
+
+def push_to_hub(model_or_path, repo_id: str, *, layout: str = "timm", private: bool = False,
+                revision: str | None = None, commit_message: str | None = None, token: str | None = None,
+                license: str | None = None) -> dict:
+    """Share a model on the Hugging Face Hub as ``repo_id`` (``ORG/NAME``, created if new).
+
+    ``model_or_path``: a loaded vitlab model, a checkpoint path or name (anything :func:`load` reads) or a training
+    run folder (its final model; its data, recipe and test metrics go into the model card). ``layout``: ``"timm"``
+    (``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` builds it), ``"hf"`` (transformers'
+    ``AutoModelForImageClassification``) or ``"vitlab"`` (any vitlab model); ``vitlab.load("hf-hub:ORG/NAME")``
+    reads all three. A model card ``README.md`` goes with the weights. ``revision``: a branch (created when new);
+    ``token``: default ``HF_TOKEN`` or the stored login; ``HF_ENDPOINT`` picks the Hub. Returns the commit's
+    ``commit_url`` and ``commit_oid``, ``repo_url``, ``revision`` and the uploaded ``files``, and the layout's
+    ``notes``."""
+    check_repo_id(repo_id, revision)
+    with tempfile.TemporaryDirectory(prefix="vitlab-push-") as tmp:
+        written = hub_folder(model_or_path, Path(tmp) / "repo", repo_id=repo_id, layout=layout, license=license)
+        info = upload_folder(Path(tmp) / "repo", repo_id, private=private, revision=revision,
+                             commit_message=commit_message, token=token)
+    return {**info, "layout": layout, "notes": written["notes"]}

@@ -122,9 +122,12 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
     the caller found it (by name), else it is looked for among local files (:mod:`vitlab.checkpoints.adapter`).
     Raises :class:`VitlabError` for unreadable, unsafe or non-finite files."""
     resolved = source
+    overrides = {}
     if resolved is not None:  # a catalog name, hf-hub: repo or URL, now a local file
-        path, model_name = resolved.path, model_name or resolved.model_name
+        if model_name is None:  # the source's model, with the fields it changes (timm's model_args)
+            model_name, overrides = resolved.model_name, dict(getattr(resolved, "config_overrides", {}))
         grid_hint = grid_hint or resolved.grid_hint
+        path = resolved.path
     path = Path(path)
     source = str(path)
     kind = sniff(path)
@@ -132,7 +135,7 @@ def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None, p
         raise VitlabError(no_ema_message(source))
     named = None
     if model_name is not None:
-        named = get_config(model_name)
+        named = get_config(model_name, **overrides)
         grid_hint = grid_hint or (named.grid_size if has_tokens(named) else None)  # CNN baselines have no token grid
     if kind == "npz":
         ckpt = _read_npz(path, grid_hint)
@@ -407,6 +410,9 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
         # QuickGELU, the So400m/14 grid at 384 px)
         defaults.update({f: getattr(named, f) for f in ("gelu", "norm_eps", "layer_scale", "drop_remainder")
                          if hasattr(named, f)})
+        if getattr(named, "pool", None) == "gap" and not named.norm_after_pool and "fc_norm.weight" not in sd \
+                and "attn_pool.latent" not in sd:  # averaging after the final norm: the weights cannot show it
+            defaults.update(pool="gap", norm_after_pool=False)
     if embedded is not None:
         config = embedded
         notes.append("architecture taken from the config stored in the checkpoint")

@@ -30,6 +30,7 @@ from ..models.pretrained import (
     is_pretrained_name,
     list_pretrained,
 )
+from ..models.timm_args import config_overrides
 from ..preprocessing import Preprocessing
 from .cache import cache_path, hf_cache_dir, offline_mode, vitlab_home
 from .download import fetch, placement_hint
@@ -59,6 +60,7 @@ class Resolved:
     class_names: list[str] | None = None
     label_set: str | None = None
     facts: dict = field(default_factory=dict)
+    config_overrides: dict = field(default_factory=dict)  # fields of model_name's config the source changes
 
 
 def is_remote(spec: str) -> bool:
@@ -105,27 +107,34 @@ def _names_a_model(spec: str) -> bool:
 
 def _from_hub(spec: str, repo_spec: str, entry: PretrainedEntry | None = None) -> Resolved:
     files = resolve_hub(repo_spec)
-    model_name = None
+    model_name, overrides = None, {}
     if files.architecture:
         try:
             model_name = resolve_model(files.architecture)[0].name
         except KeyError:
             raise VitlabError(f"{spec}: timm architecture {files.architecture!r} is not a model vitlab knows "
                               "(see `vitlab models --aliases`)") from None
-    resolved = Resolved(spec, files.path, spec, entry=entry, model_name=model_name,
+        if files.model_args:  # the architecture with timm's keywords changed (a fine-tuned or smaller model)
+            try:
+                overrides = config_overrides(files.model_args)
+                get_config(files.architecture, **overrides)
+            except (ValueError, TypeError) as exc:  # InvalidValueError is a ValueError
+                raise VitlabError(f"{spec}: config.json model_args do not describe a {files.architecture} "
+                                  f"vitlab can build ({str(exc).splitlines()[0]})") from None
+    resolved = Resolved(spec, files.path, spec, entry=entry, model_name=model_name, config_overrides=overrides,
                         preprocessing=files.preprocessing, class_names=files.class_names,
                         facts={"source": spec, "hub_repo": files.repo, "hub_layout": files.layout,
                                "hub_revision": files.revision})
     if model_name is not None and files.preprocessing is not None:
-        resolved.grid_hint = _grid(model_name, files.preprocessing.img_size)
+        resolved.grid_hint = _grid(model_name, files.preprocessing.img_size, overrides)
     if files.class_names is None and files.num_classes in (1000, 21843):
         resolved.label_set = "imagenet-1k" if files.num_classes == 1000 else "imagenet-21k"
     return resolved
 
 
-def _grid(model_name: str, img_size) -> tuple[int, int] | None:
+def _grid(model_name: str, img_size, overrides: dict | None = None) -> tuple[int, int] | None:
     try:
-        cfg = get_config(model_name, img_size=img_size)
+        cfg = get_config(model_name, **{**(overrides or {}), "img_size": img_size})
     except (KeyError, ValueError):
         return None
     return tuple(cfg.grid_size) if has_tokens(cfg) else None

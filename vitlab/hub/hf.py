@@ -5,7 +5,9 @@ commit after ``@``), ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and the user's token fo
 layouts hold ViTs:
 
 - timm's: ``config.json`` with ``architecture`` and ``pretrained_cfg`` (input size, crop, interpolation, mean / std),
-  sometimes ``label_names``, next to ``model.safetensors`` (or ``pytorch_model.bin``) holding a timm state dict;
+  sometimes ``label_names`` and ``model_args`` (timm keywords that change the architecture, applied through
+  :func:`vitlab.models.timm_args.config_overrides`), next to ``model.safetensors`` (or ``pytorch_model.bin``) holding
+  a timm state dict (or, as ``vitlab push --layout vitlab`` writes it, a vitlab file);
 - transformers': ``config.json`` with ``model_type: vit`` and ``id2label``, ``preprocessor_config.json``, and
   ``model.safetensors`` (possibly sharded) or ``pytorch_model.bin``; read as a Hugging Face model folder.
 """
@@ -50,6 +52,7 @@ class HubFiles:
     class_names: list[str] | None = None
     architecture: str | None = None
     num_classes: int | None = None
+    model_args: dict | None = None
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -306,8 +309,10 @@ def resolve_hub(spec: str) -> HubFiles:
         num_classes = config.get("num_classes", pretrained_cfg.get("num_classes"))
         names = [str(n) for n in labels] if isinstance(labels, list) and len(labels) == num_classes \
             and all(isinstance(n, (str, int)) for n in labels) else None
+        model_args = config.get("model_args")  # timm's keywords on top of the architecture (timm >= 1.0)
         return HubFiles(weights, "timm", repo, revision, timm_preprocessing(pretrained_cfg), names, arch or None,
-                        num_classes if isinstance(num_classes, int) else None)
+                        num_classes if isinstance(num_classes, int) else None,
+                        model_args if isinstance(model_args, dict) and model_args else None)
     model_type = config.get("model_type")
     if model_type is not None or "architectures" in config:  # transformers
         if model_type not in TRANSFORMERS_MODEL_TYPES:

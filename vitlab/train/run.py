@@ -349,7 +349,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     log.info(f"preprocessing: {origin}: {describe_preprocessing(preprocessing)}; training: augmentation "
              f"{cfg.augment} at {preprocessing.img_size[0]}x{preprocessing.img_size[1]} with the same mean / std "
              f"and interpolation; saved with the model")
-    model = objective.wrap(vit, preprocessing).to(info.device)
+    # training mode: a loaded checkpoint (init_from) comes in eval mode, which would leave dropout, drop-path, LoRA
+    # dropout and a distilled model's second head off for the whole run
+    model = objective.wrap(vit, preprocessing).to(info.device).train()
     teacher_macs = 0
     if isinstance(objective, Distillation):
         teacher_macs = forward_macs(objective.teacher.cfg)
