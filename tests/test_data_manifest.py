@@ -61,6 +61,9 @@ def test_csv_and_jsonl_rows_paths_and_classes(tmp_path):
     assert build_dataset(tmp_path / "m.csv", classes=str(tmp_path / "list.txt")).class_names == ["cat", "bee", "ant"]
     (tmp_path / "classes.txt").write_text("zebra\ncat\nant\n")
     assert build_dataset(tmp_path / "m.csv").class_names == ["zebra", "cat", "ant"]
+    # other sources name their own classes: a class list given to one is refused, not ignored
+    with pytest.raises(VitlabError, match="is the class list of a .csv / .jsonl manifest; .* names its own classes"):
+        build_dataset(folder, classes=str(tmp_path / "list.txt"))
 
 
 def test_split_column_selects_rows(tmp_path):

@@ -235,3 +235,12 @@ def test_fine_tuning_a_loaded_checkpoint_trains_in_training_mode(tmp_path):
     assert run.model.training and run.model.cfg.dropout == 0.5
     x = torch.randn(4, 1, 8, 8)
     assert not torch.equal(run.model.forward_features(x), run.model.forward_features(x))  # dropout draws
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path):
+    run = _run(tmp_path, "short", epochs=None, steps=10, warmup_steps=20)
+    assert run.warmup_steps == 10
+    log = (tmp_path / "short" / "log.txt").read_text()
+    assert "the warmup (20 steps) is as long as the run (10 steps): the learning rate only rises" in log
+    _run(tmp_path, "fine", epochs=None, steps=30, warmup_steps=20)
+    assert "the warmup" not in (tmp_path / "fine" / "log.txt").read_text()

@@ -84,6 +84,10 @@ def build_dataset(name_or_path: str | Path, split: str = "train", *, data_dir: s
     shards separately. ``image_column`` / ``label_column`` / ``stream`` (``auto``, ``on``, ``off``) apply to Hugging
     Face sources."""
     spec = str(name_or_path)
+    if classes is not None and not looks_like_manifest(spec):  # other sources name their classes themselves
+        raise VitlabError(f"classes ({classes}) is the class list of a .csv / .jsonl manifest; {spec} names "
+                          "its own classes (folder names, classes.txt, the data set's labels)",
+                          options=("classes",))
     if canonical_name(spec) is not None and not Path(spec).exists():
         return load_arrays(spec, split, data_dir=data_dir, download=download)
     if looks_like_hf(spec):

@@ -27,6 +27,7 @@ from ..data import (
     build_dataset,
 )
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
+from ..data.manifest import looks_like_manifest
 from ..data.stats import channel_statistics
 from ..errors import InvalidValueError, VitlabError
 from ..factory import load
@@ -142,7 +143,8 @@ def _eval_split_dataset(config: TrainConfig, channels: int, train_set=None, clas
         return None, f"{config.data} has no split column"
     try:
         return build_dataset(source, config.eval_split, data_dir=config.data_dir, download=config.download,
-                             channels=channels, on_error=config.on_bad_image, classes=class_names), None
+                             channels=channels, on_error=config.on_bad_image,
+                             classes=class_names if looks_like_manifest(source) else None), None
     except VitlabError as exc:
         if config.val_data is not None:
             raise
@@ -389,6 +391,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
                                 layer_decay=cfg.layer_decay, fused=device_side_step(cfg, info.device, precision),
                                 muon_momentum=cfg.muon_momentum)
     warmup_steps = min(warmup, total_steps)
+    if 0 < total_steps <= warmup:
+        log.warning(f"the warmup ({warmup} steps) is as long as the run ({total_steps} steps): the learning rate only "
+                    "rises and never decays; set warmup_steps or warmup_epochs lower")
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.schedule, cfg.end_lr_factor)
     macs = forward_macs(vit.cfg)
     train_macs = macs
