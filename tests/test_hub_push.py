@@ -127,14 +127,16 @@ def test_vitlab_layout_holds_what_timm_cannot_and_timm_layout_refuses_it(hub, tm
                                                    pool="gap", **TINY)).eval()
     model.class_names = ["ant", "bee", "cat"]
     with pytest.raises(InvalidValueError, match="cannot write the timm Hub layout for this model: pos_embed") as info:
-        vitlab.push_to_hub(model, REPO)
+        vitlab.push_to_hub(model, REPO, layout="timm")
     assert "\n" not in str(info.value)
+    auto = hub_folder(model, tmp_path / "auto", repo_id=REPO)  # the default, auto: vitlab's layout, saying why
+    assert auto["layout"] == "vitlab" and auto["notes"][0].startswith("vitlab layout: cannot write the timm Hub")
     with pytest.raises(InvalidValueError, match="cannot write the Hugging Face layout"):
         vitlab.push_to_hub(model, REPO, layout="hf")
     with pytest.raises(InvalidValueError, match="global-average pooling"):
         hub_folder(model, tmp_path / "dry" / "repo", repo_id=REPO, layout="hf")
     assert list((tmp_path / "dry").iterdir()) == []  # nothing left behind
-    assert hub.requests == []  # refused before anything was sent
+    assert hub.requests == []  # refused (or written locally) before anything was sent
     vitlab.push_to_hub(model, REPO, layout="vitlab", license="apache-2.0", token="hf_given")
     assert hub.commits[-1]["authorization"] == "Bearer hf_given"  # token= wins over HF_TOKEN
     x = torch.randn(2, 3, 16, 16)
@@ -148,7 +150,7 @@ def test_vitlab_layout_holds_what_timm_cannot_and_timm_layout_refuses_it(hub, tm
 def test_gap_pooling_without_fc_norm_round_trips_through_the_timm_layout(hub, tmp_path):
     model = randomize_weights_(vitlab.create_model("vit_ti16", img_size=16, num_classes=4, pool="gap",
                                                    norm_after_pool=False, gelu="tanh", **TINY)).eval()
-    vitlab.push_to_hub(model, REPO)
+    assert vitlab.push_to_hub(model, REPO)["layout"] == "timm"  # auto: timm's layout where it holds the model
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(_logits(vitlab.load(f"hf-hub:{REPO}"), x), _logits(model, x), atol=1e-5, rtol=0)
     reference = timm.create_model(f"hf-hub:{REPO}", pretrained=True, cache_dir=tmp_path / "timm-cache").eval()
@@ -181,7 +183,7 @@ def test_bad_repo_id_is_refused_before_any_request(hub, run_folder, repo):
 def test_missing_path_and_bad_layout_are_refused(hub, tmp_path):
     with pytest.raises(VitlabError, match="no such file or directory"):
         vitlab.push_to_hub(tmp_path / "nothing.safetensors", REPO)
-    with pytest.raises(InvalidValueError, match="layout='onnx': choose one of timm, hf, vitlab"):
+    with pytest.raises(InvalidValueError, match="layout='onnx': choose one of auto, timm, hf, vitlab"):
         vitlab.push_to_hub(tmp_path / "nothing.safetensors", REPO, layout="onnx")
     with pytest.raises(InvalidValueError, match="a Linear is not a vitlab model"):
         vitlab.push_to_hub(torch.nn.Linear(2, 2), REPO)

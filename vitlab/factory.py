@@ -21,7 +21,7 @@ from .checkpoints import Checkpoint, check_conversion, convert_checkpoint, descr
 from .checkpoints import read_checkpoint as read_file
 from .checkpoints.adapter import adapter_document, base_candidates, check_base_hash
 from .checkpoints.files import run_folder_model
-from .checkpoints.hub_layout import HUB_LAYOUTS, model_card, write_hub_folder
+from .checkpoints.hub_layout import HUB_LAYOUTS, model_card, timm_hub_config, write_hub_folder
 from .checkpoints.loading import adapted_model, read_adapter
 from .checkpoints.vitlab_format import unwrap_module
 from .compute.onednn import set_onednn_linear
@@ -199,24 +199,32 @@ def _model_for_hub(model_or_path) -> tuple[nn.Module, str | None, dict | None, s
     return set_onednn_linear(model_from_checkpoint(ckpt)), spec, run, licence
 
 
-def hub_folder(model_or_path, out: str | os.PathLike, *, repo_id: str, layout: str = "timm",
+def hub_folder(model_or_path, out: str | os.PathLike, *, repo_id: str, layout: str = "auto",
                license: str | None = None) -> dict:
     """Write the files :func:`push_to_hub` uploads into folder ``out`` (replaced atomically), without uploading:
-    the weights in ``layout`` and a model card for ``repo_id``. Returns ``folder``, ``layout``, ``files`` and the
-    layout writer's ``notes``."""
-    if layout not in HUB_LAYOUTS:
-        raise InvalidValueError(f"layout={layout!r}: choose one of {', '.join(HUB_LAYOUTS)}")
+    the weights in ``layout`` and a model card for ``repo_id``. Returns ``folder``, ``layout`` (``auto`` resolved),
+    ``files`` and the layout writer's ``notes``."""
+    if layout not in ("auto", *HUB_LAYOUTS):
+        raise InvalidValueError(f"layout={layout!r}: choose one of auto, {', '.join(HUB_LAYOUTS)}")
     check_repo_id(repo_id)
     model, source, run, known_licence = _model_for_hub(model_or_path)
+    auto_note = []
+    if layout == "auto":  # timm's when it holds the model (timm and vitlab both read it), else vitlab's own
+        try:
+            timm_hub_config(model)
+            layout = "timm"
+        except InvalidValueError as exc:
+            layout = "vitlab"
+            auto_note = [f"vitlab layout: {str(exc).removesuffix(' (use the vitlab layout)')}"]
     card = model_card(model, repo_id, layout, run=run, license=license or known_licence,
                       source=Path(source).name if source else None)
     metadata = {"pushed_from": Path(source).name} if source else None
-    notes = write_hub_folder(model, out, layout, card=card, metadata=metadata)
+    notes = auto_note + write_hub_folder(model, out, layout, card=card, metadata=metadata)
     files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
     return {"folder": str(out), "layout": layout, "files": files, "notes": notes}
 
 
-def push_to_hub(model_or_path, repo_id: str, *, layout: str = "timm", private: bool = False,
+def push_to_hub(model_or_path, repo_id: str, *, layout: str = "auto", private: bool = False,
                 revision: str | None = None, commit_message: str | None = None, token: str | None = None,
                 license: str | None = None) -> dict:
     """Share a model on the Hugging Face Hub as ``repo_id`` (``ORG/NAME``, created if new).
@@ -224,14 +232,14 @@ def push_to_hub(model_or_path, repo_id: str, *, layout: str = "timm", private: b
     ``model_or_path``: a loaded vitlab model, a checkpoint path or name (anything :func:`load` reads) or a training
     run folder (its final model; its data, recipe and test metrics go into the model card). ``layout``: ``"timm"``
     (``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` builds it), ``"hf"`` (transformers'
-    ``AutoModelForImageClassification``) or ``"vitlab"`` (any vitlab model); ``vitlab.load("hf-hub:ORG/NAME")``
-    reads all three. A model card ``README.md`` goes with the weights. ``revision``: a branch (created when new);
-    ``token``: default ``HF_TOKEN`` or the stored login; ``HF_ENDPOINT`` picks the Hub. Returns the commit's
-    ``commit_url`` and ``commit_oid``, ``repo_url``, ``revision`` and the uploaded ``files``, and the layout's
-    ``notes``."""
+    ``AutoModelForImageClassification``), ``"vitlab"`` (any vitlab model) or ``"auto"`` (timm's where it holds the
+    model, else vitlab's; the notes say why); ``vitlab.load("hf-hub:ORG/NAME")`` reads them all. A model card
+    ``README.md`` goes with the weights. ``revision``: a branch (created when new); ``token``: default ``HF_TOKEN``
+    or the stored login; ``HF_ENDPOINT`` picks the Hub. Returns the commit's ``commit_url`` and ``commit_oid``,
+    ``repo_url``, ``revision``, the uploaded ``files``, the ``layout`` used and its ``notes``."""
     check_repo_id(repo_id, revision)
     with tempfile.TemporaryDirectory(prefix="vitlab-push-") as tmp:
         written = hub_folder(model_or_path, Path(tmp) / "repo", repo_id=repo_id, layout=layout, license=license)
         info = upload_folder(Path(tmp) / "repo", repo_id, private=private, revision=revision,
                              commit_message=commit_message, token=token)
-    return {**info, "layout": layout, "notes": written["notes"]}
+    return {**info, "layout": written["layout"], "notes": written["notes"]}

@@ -23,9 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="checkpoint path or name, or a training run folder (its model.safetensors, and "
                                  "its data, recipe and test metrics for the model card)")
     p.add_argument("repo_id", help="the Hub repo, ORG/NAME (created when it does not exist)")
-    p.add_argument("--layout", choices=HUB_LAYOUTS, default="timm",
-                   help="timm: config.json + timm state dict (default; ViTs timm can build); hf: a transformers "
-                        "folder; vitlab: vitlab's own file (any vitlab model)")
+    p.add_argument("--layout", choices=("auto", *HUB_LAYOUTS), default="auto",
+                   help="timm: config.json + timm state dict (ViTs timm can build); hf: a transformers folder; "
+                        "vitlab: vitlab's own file (any vitlab model); auto (default): timm where it holds the "
+                        "model, else vitlab")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
                                                           "visibility)")
     p.add_argument("--revision", help="upload to this branch (created when new; default main)")
@@ -52,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     if args.dry_run:
-        print(f"wrote {result['folder']} ({args.layout} layout for {args.repo_id}): {', '.join(result['files'])}; "
+        print(f"wrote {result['folder']} ({result['layout']} layout for {args.repo_id}): {', '.join(result['files'])}; "
               "nothing uploaded")
     else:
-        print(f"pushed {args.model} to {result['repo_id']} ({args.layout} layout, {result['revision']}): "
+        print(f"pushed {args.model} to {result['repo_id']} ({result['layout']} layout, {result['revision']}): "
               f"{result['commit_url']}")
     for note in result["notes"]:
         print(f"note: {note}")
