@@ -18,8 +18,9 @@ from vitlab.data import (
 )
 from vitlab.data import batch_transforms as BT
 from vitlab.data import sample_random as SR
-from vitlab.data.loaders import folder_eval_batches
+from vitlab.data.loaders import epoch_order, folder_eval_batches, mix_seed
 from vitlab.data.transforms import train_transform
+from vitlab.errors import InvalidValueError
 from vitlab.preprocessing import Preprocessing
 
 
@@ -195,3 +196,50 @@ def test_folder_batches_do_not_depend_on_workers_and_restart_exactly(tmp_path):
     ds = build_dataset(tmp_path / "d")
     evaluated = [b for r in range(2) for b in folder_eval_batches(ds, Preprocessing.for_model(8), 5, r, 2)]
     assert sum(len(b.labels) for b in evaluated) == 12 and sum(len(b.skipped) for b in evaluated) == 1
+
+
+def test_repeated_augmentation_shows_each_chosen_image_n_times_augmented_differently():
+    indices, copies = epoch_order(10, seed=0, epoch=0, repeats=3)
+    assert len(indices) == 10 and len(set(indices.tolist())) == 4  # ceil(10 / 3) images, the epoch keeps its length
+    assert indices[:9].view(3, 3).T.eq(indices[0:9:3]).all()  # each shown 3 times in a row
+    assert copies.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    assert torch.equal(epoch_order(10, 0, 0)[0], torch.randperm(10, generator=torch.Generator().manual_seed(
+        mix_seed(0, 0))))  # no repetition: the order every run had
+    ds = toy_arrays()
+    ds.images[:] = torch.randint(0, 256, ds.images.shape, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.uint8)
+    aug = Augment(policy="inception")
+    batch = next(iter(InMemoryTrainLoader(ds, 12, (6, 6), aug, seed=7, repeats=3).epoch(0)))
+    labels, images = batch.labels.view(4, 3), batch.images.view(4, 3, -1)
+    assert (labels == labels[:, :1]).all()  # three showings of each image ...
+    for shown in images:  # ... each cropped and flipped its own way
+        assert not torch.equal(shown[0], shown[1]) and not torch.equal(shown[1], shown[2])
+    halves = [next(iter(InMemoryTrainLoader(ds, 12, (6, 6), aug, seed=7, rank=r, world_size=2, repeats=3).epoch(0)))
+              for r in range(2)]
+    torch.testing.assert_close(torch.cat([h.images for h in halves]), batch.images, rtol=0, atol=1e-6)
+
+    class Stream(torch.utils.data.IterableDataset):  # tar shards, a streamed Hugging Face source
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(InvalidValueError, match="repeated augmentation .* needs random access"):
+        FolderTrainLoader(Stream(), 6, (8, 8), aug, repeats=3)
+
+
+@pytest.mark.slow
+def test_repeated_augmentation_of_a_folder_does_not_depend_on_workers(tmp_path):
+    _folder(tmp_path / "d", n_per_class=9)
+    aug = Augment(policy="inception", crop_scale=(0.2, 1.0))
+
+    def batches(workers):
+        loader = FolderTrainLoader(build_dataset(tmp_path / "d"), 6, (8, 8), aug, seed=3, num_workers=workers,
+                                   repeats=3)
+        return list(loader.epoch(0))
+
+    serial, parallel = batches(0), batches(2)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    good = [b for b in serial if not b.skipped]
+    shown = good[0].images.view(2, 3, -1)
+    assert (good[0].labels.view(2, 3) == good[0].labels.view(2, 3)[:, :1]).all()
+    assert all(not torch.equal(s[0], s[1]) and not torch.equal(s[1], s[2]) for s in shown)

@@ -267,3 +267,15 @@ def test_a_cpu_run_logs_its_cost_before_training(tmp_path):
     result = train(config)
     log = (result.run_dir / "log.txt").read_text()
     assert "cost on this CPU:" in log and "TFLOPs evaluation" in log and "GFLOP/s matrix-product rate" in log
+
+
+def test_the_deit_recipe_is_deits_table_9():
+    """DeiT-B's settings (Touvron et al. 2021, Table 9), as this config spells them."""
+    cfg = get_recipe("deit").config()
+    assert cfg.model == "deit_b16" and cfg.img_size == 224 and cfg.epochs == 300 and cfg.batch_size == 1024
+    assert cfg.optimizer == "adamw" and cfg.lr == pytest.approx(5e-4 * cfg.batch_size / 512)
+    assert cfg.lr * cfg.end_lr_factor == pytest.approx(1e-5) and cfg.schedule == "cosine" and cfg.warmup_epochs == 5
+    assert cfg.weight_decay == 0.05 and cfg.label_smoothing == 0.1 and cfg.grad_clip == 0.0
+    assert cfg.model_args == {"drop_path_rate": 0.1} and vitlab.create_model("deit_b16").cfg.dropout == 0.0
+    assert (cfg.randaugment, cfg.mixup, cfg.cutmix, cfg.random_erasing, cfg.aug_repeats) == ((2, 9), 0.8, 1.0, 0.25, 3)
+    assert cfg.augment == "crop" and cfg.crop_scale == (0.08, 1.0) and cfg.flip and cfg.ema_decay == 0.0

@@ -3,9 +3,10 @@
 Every random choice is derived from the run seed and a position, never from a generator that has to be carried
 along: the sample order of epoch ``e`` from (seed, e), the augmentation of the sample at position ``j`` of step
 ``s``'s global batch from its key (seed, e, s, j) (:mod:`vitlab.data.sample_random`; each batch carries its samples'
-keys for the draws made later, such as patch dropout), a folder image's augmentation from (seed, e, index). Resuming
-at step ``s`` therefore only needs the step number, and no draw depends on the rank: the same global batch gives the
-same augmented images on any number of processes.
+keys for the draws made later, such as patch dropout), a folder image's augmentation from (seed, e, index) (and
+which showing it is, with repeated augmentation: :func:`epoch_order`). Resuming at step ``s`` therefore only needs
+the step number, and no draw depends on the rank: the same global batch gives the same augmented images on any
+number of processes.
 
 Global batch ``B`` per optimiser step is split into ``world_size x accum_steps`` micro-batches: step ``s`` of an
 epoch uses the samples ``perm[s*B:(s+1)*B]`` whatever the number of processes, and rank ``r``'s micro-batch ``a`` is
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..errors import InvalidValueError
 from ..preprocessing import Preprocessing
@@ -46,6 +47,21 @@ def mix_seed(*values: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same on every machine and run."""
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFFFFFF for v in values]).generate_state(2, np.uint64)[0]
                >> np.uint64(1))
+
+
+def epoch_order(size: int, seed: int, epoch: int, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of ``epoch`` in order and which showing of its sample each position is: ``(indices, copies)``,
+    int64 of length ``size``. Without repetition a permutation seeded by (seed, epoch) and all copies 0. With
+    ``repeats`` = r > 1 (repeated augmentation, Hoffer et al. 2020; DeiT uses 3), the first ``ceil(size / r)`` of
+    that permutation, each shown r times in a row (so the copies share a global batch, where each gets its own
+    augmentation from its position), cut to ``size``: the epoch keeps its length and sees a third of the images."""
+    perm = torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+    if repeats <= 1:
+        return perm, torch.zeros(size, dtype=torch.int64)
+    unique = -(-size // repeats)
+    indices = perm[:unique].repeat_interleave(repeats)[:size]
+    copies = torch.arange(repeats).repeat(unique)[:size]
+    return indices, copies
 
 
 @dataclass(frozen=True)
@@ -138,8 +154,10 @@ class InMemoryTrainLoader:
 
     def __init__(self, dataset: ArrayDataset, global_batch: int, img_size: tuple[int, int], augment: Augment,
                  seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
-                 mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu", interpolation: str = "bilinear"):
+                 mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu", interpolation: str = "bilinear",
+                 repeats: int = 1):
         self.dataset, self.global_batch, self.img_size, self.augment = dataset, global_batch, img_size, augment
+        self.repeats = repeats
         self.seed, self.rank, self.world_size, self.accum_steps = seed, rank, world_size, accum_steps
         self.mean, self.std, self.device = tuple(mean), tuple(std), torch.device(device)
         self.interpolation = interpolation
@@ -156,7 +174,7 @@ class InMemoryTrainLoader:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Micro-batches of ``epoch`` from micro-batch ``start`` on."""
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
+        order, _ = epoch_order(len(self.dataset), self.seed, epoch, self.repeats)  # copies: told apart by their keys
         images, labels = self.images, self.labels
         for m in range(start, self.batches_per_epoch):
             step, acc = divmod(m, self.accum_steps)
@@ -262,13 +280,33 @@ def _raised_in_resource_sharer(tb) -> bool:
 
 
 class _SampleSeed:
-    """Picklable ``index -> seed`` for one epoch (sent to DataLoader workers)."""
+    """Picklable ``index -> seed`` for one epoch (sent to DataLoader workers); ``copy`` > 0: the seed of the sample's
+    later showing with repeated augmentation."""
 
-    def __init__(self, seed: int, epoch: int):
-        self.seed, self.epoch = seed, epoch
+    def __init__(self, seed: int, epoch: int, copy: int = 0):
+        self.seed, self.epoch, self.copy = seed, epoch, copy
 
     def __call__(self, index: int) -> int:
+        if self.copy:
+            return mix_seed(self.seed, self.epoch, index, self.copy, 2)
         return mix_seed(self.seed, self.epoch, index, 2)
+
+
+class _Repeats(Dataset):
+    """A map-style data set read with repeated augmentation: item ``copy * len(base) + i`` is sample ``i``,
+    augmented with the draws of its ``copy``-th showing (each worker holds its own copy of this object and reads one
+    item at a time, so setting the base's seed function per item is safe)."""
+
+    def __init__(self, base: Dataset, seed: int, epoch: int):
+        self.base, self.seed, self.epoch = base, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: int):
+        copy, index = divmod(item, len(self.base))
+        self.base.sample_seed = _SampleSeed(self.seed, self.epoch, copy)
+        return self.base[index]
 
 
 class _WorkerInit:
@@ -294,7 +332,8 @@ class _StepSampler(Sampler[int]):
 
     def __iter__(self):
         ld = self.loader
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix_seed(ld.seed, self.epoch)))
+        indices, copies = epoch_order(self.size, ld.seed, self.epoch, ld.repeats)
+        order = indices + copies * self.size  # a later showing of a sample: read through _Repeats
         for m in range(self.start, ld.batches_per_epoch):
             step, acc = divmod(m, ld.accum_steps)
             lo = step * ld.global_batch + (acc * ld.world_size + ld.rank) * ld.micro_batch
@@ -311,8 +350,11 @@ class FolderTrainLoader:
     def __init__(self, dataset: ImageFolderDataset | ShardDataset, global_batch: int, img_size: tuple[int, int],
                  augment: Augment, seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
                  mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu", num_workers: int = 0,
-                 interpolation: str = "bilinear"):
-        self.dataset, self.global_batch, self.seed = dataset, global_batch, seed
+                 interpolation: str = "bilinear", repeats: int = 1):
+        if repeats > 1 and isinstance(dataset, IterableDataset):
+            raise InvalidValueError("repeated augmentation (aug_repeats) needs random access to the samples; tar "
+                                    "shards and streamed sources are read in order", options=("aug_repeats",))
+        self.dataset, self.global_batch, self.seed, self.repeats = dataset, global_batch, seed, repeats
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.device, self.num_workers = torch.device(device), num_workers
         self.micro_batch = check_batch_split(global_batch, world_size, accum_steps)
@@ -338,7 +380,8 @@ class FolderTrainLoader:
                 self.dataset.sample_seed = _SampleSeed(self.seed, epoch)
             return DataLoader(self.dataset, **common)
         self.dataset.sample_seed = _SampleSeed(self.seed, epoch)
-        return DataLoader(self.dataset, sampler=_StepSampler(len(self.dataset), self, epoch, start), **common)
+        source = _Repeats(self.dataset, self.seed, epoch) if self.repeats > 1 else self.dataset
+        return DataLoader(source, sampler=_StepSampler(len(self.dataset), self, epoch, start), **common)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Micro-batches of ``epoch`` from micro-batch ``start`` on. A tar-shard stream is read from the start of the

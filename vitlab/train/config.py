@@ -76,6 +76,9 @@ class TrainConfig:
     randaugment: tuple[int, int] | None = setting(None, "RandAugment (num_ops, magnitude), e.g. (2, 9)")
     mixup: float = setting(0.0, "Beta(alpha, alpha) of mixup; 0 = off")
     cutmix: float = setting(0.0, "Beta(alpha, alpha) of cutmix; 0 = off (both on: one or the other per batch)")
+    aug_repeats: int = setting(1, "repeated augmentation (Hoffer et al.; DeiT: 3): each epoch takes 1/N of the "
+                               "images and shows each N times in one global batch, augmented differently; the "
+                               "epoch keeps its length", flag=True, metavar="N")
     random_erasing: float = setting(0.0, "probability of erasing a random rectangle (0.02-0.33 of the area, aspect "
                                     "0.3-3.3) of a training image with normal noise (Zhong et al.; DeiT: 0.25)",
                                     flag=True, metavar="P")
@@ -391,6 +394,7 @@ RULES: dict[str, Rule] = {
     "mixup": at_least(0),
     "cutmix": at_least(0),
     "random_erasing": fraction(closed=True),
+    "aug_repeats": at_least(1, integer=True),
     "label_smoothing": fraction(),
     "loss": one_of("auto", "softmax", "sigmoid"),
     "head_bias": Rule(lambda v: _is_number(v), "a number"),

@@ -74,6 +74,21 @@ register_recipe(Recipe(
     "300 epochs, batch 4096, 10k warmup)",
     dict(PAPER_LARGE_BATCH, model_args={"dropout": 0.1}, lr=3e-3, weight_decay=0.3, schedule="cosine", epochs=300),
 ))
+# DeiT (Touvron et al. 2021, Table 9, DeiT-B): ImageNet-1k from scratch in 300 epochs without extra data, by strong
+# augmentation and regularisation: AdamW at 5e-4 x batch / 512, cosine to 1e-5, 5 warmup epochs, label smoothing,
+# stochastic depth 0.1, RandAugment (DeiT's is timm's m9 with magnitude noise 0.5; torchvision's has no noise),
+# mixup 0.8 / cutmix 1.0, random erasing 0.25, repeated augmentation (3), no dropout, no gradient clipping, ImageNet
+# crops of 8-100%. DeiT's distilled models add a teacher: --teacher (hard distillation, weight 0.5, the default).
+register_recipe(Recipe(
+    "deit",
+    "DeiT's ImageNet training (Table 9, DeiT-B: AdamW lr 1e-3 = 5e-4 x batch / 512, wd 0.05, 300 epochs, batch 1024, "
+    "5 warmup epochs, cosine to 1e-5, label smoothing 0.1, drop-path 0.1, RandAugment 2/9, mixup 0.8 / cutmix 1.0, "
+    "random erasing 0.25, repeated augmentation 3; --teacher for DeiT's distillation)",
+    dict(model="deit_b16", img_size=224, model_args={"drop_path_rate": 0.1}, optimizer="adamw", betas=(0.9, 0.999),
+         lr=1e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=5, end_lr_factor=0.01, epochs=300,
+         batch_size=1024, grad_clip=0.0, augment="crop", crop_scale=(0.08, 1.0), flip=True, randaugment=(2, 9),
+         mixup=0.8, cutmix=1.0, label_smoothing=0.1, random_erasing=0.25, aug_repeats=3, precision="auto"),
+))
 # Fine-tuning (section 4.1, appendix B.1.1): SGD momentum 0.9, no weight decay, global-norm clip 1, cosine decay,
 # batch 512, higher resolution (384) with the position embeddings resampled, a new zero-initialised head.
 # Steps per dataset: ImageNet 20k, CIFAR 10k, Pets / Flowers 500, VTAB 2.5k; lr grid {0.001, 0.003, 0.01, 0.03}.

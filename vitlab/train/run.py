@@ -365,7 +365,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         cfg.augment, tuple(cfg.crop_scale), cfg.flip, cfg.max_shift,
         tuple(cfg.randaugment) if cfg.randaugment else None, cfg.random_erasing), seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, accum_steps=cfg.accum_steps, mean=preprocessing.mean, std=preprocessing.std,
-        device=info.device, interpolation=preprocessing.interpolation)
+        device=info.device, interpolation=preprocessing.interpolation, repeats=cfg.aug_repeats)
     if isinstance(train_set, ArrayDataset):
         loader = InMemoryTrainLoader(train_set, **common)
     else:
