@@ -182,6 +182,10 @@ def test_cli_info_and_convert_on_good_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote" in out and "new zero-initialised head" in out and "GELU" in out  # tanh -> torchvision's exact
     assert vitlab.load(tmp_path / "b.pth").cfg.img_size == (48, 48)
+    assert main(["convert", str(tmp_path / "a.npz"), str(tmp_path / "f.safetensors"), "--to", "vitlab", "--num-classes",
+                 "0"]) == 0
+    out = capsys.readouterr().out
+    assert "0 classes" in out and "head removed (features)" in out and "zero-initialised" not in out
 
 
 @pytest.mark.parametrize("case", ["vitlab_lying_depth", "vitlab_lying_mlp_dim", "vitlab_lying_width",

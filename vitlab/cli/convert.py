@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
           + (f", patch {'x'.join(map(str, cfg['patch_size']))}" if args.patch_size else "")
           + ((", position embedding resampled" if "pos_embed" in cfg else ", new resolution")  # BiT: none
              if summary["resampled"] else "")
-          + (", new zero-initialised head" if summary["new_head"] else ""))
+          + ((", new zero-initialised head" if cfg["num_classes"] else ", head removed (features)")
+             if summary["new_head"] else ""))
     for note in summary["notes"]:
         print(f"note: {note}")
     return 0
