@@ -191,6 +191,12 @@ def test_token_distillation_trains_the_distillation_head_on_the_teacher(tmp_path
     assert _accuracy(dist_head, labels) < 0.2 and _accuracy(class_head, teacher_says) < 0.2
     log = (tmp_path / "runs" / "deit" / "log.txt").read_text()
     assert "hard distillation into its distillation head (DeiT's token distillation), weight 0.5" in log
+    # the teacher's own accuracy, logged when the run starts: the shifted teacher's is near zero
+    with torch.no_grad():
+        teacher_top1 = 100 * _accuracy(vitlab.load(shifted_teacher)(images), labels)
+    logged = re.search(r"teacher .*shifted.safetensors: test top-1 ([0-9.]+)% \(top-5 [0-9.]+%\) on 359 evaluation "
+                       r"images", log)
+    assert logged and float(logged.group(1)) == pytest.approx(teacher_top1, abs=0.01) and teacher_top1 < 20
 
 
 def test_distillation_is_refused_where_it_cannot_be_right(tmp_path, teacher_run, capsys):

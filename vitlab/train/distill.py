@@ -115,6 +115,7 @@ class Distillation(Classification):
         self.teacher_forward: nn.Module = self.teacher  # compiled by compile()
         self.token = False  # set by wrap: the student has a distillation head of its own
         self.teacher_input: TeacherInput | None = None
+        self._device: str | None = None  # where the teacher is (it moves to the batches' device once)
 
     def check(self, config: TrainConfig) -> None:
         super().check(config)
@@ -140,11 +141,18 @@ class Distillation(Classification):
             model.set_distilled_training(True)  # training forward: (class-head, distillation-head) logits
         return model
 
+    def teacher_module(self, device: torch.device | str) -> nn.Module:
+        """The teacher on ``device`` behind its input adapter: the student's batches in, the teacher's logits out
+        (moved there once)."""
+        if self._device != str(device):
+            self.teacher.to(device)
+            self.teacher_input.to(device)
+            self._device = str(device)
+        return nn.Sequential(self.teacher_input, self.teacher)
+
     def transform(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         images, targets = super().transform(images, targets)
-        if next(self.teacher.parameters()).device != images.device:
-            self.teacher.to(images.device)
-            self.teacher_input.to(images.device)
+        self.teacher_module(images.device)
         with torch.no_grad():
             teacher_logits = self.teacher_forward(self.teacher_input(images))
         return images, (targets, teacher_logits)

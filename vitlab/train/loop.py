@@ -32,6 +32,7 @@ from ..models.lora import has_lora
 from . import distributed as D
 from .checkpoint import full_model, load_train_state, restore_run_state, save_run_state
 from .config import TrainConfig
+from .distill import Distillation
 from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
@@ -77,19 +78,35 @@ def evaluate_run(run: Run, on_skipped) -> dict:
     each process evaluating its share of the evaluation set; empty without evaluation data."""
     if run.eval_set is None:
         return {}
-    cfg, info = run.config, run.info
     modules = {"": full_model(run, run.device)} | ({"ema_": run.ema.module} if run.ema is not None else {})
     metrics: dict = {}
     for prefix, module in modules.items():
-        if isinstance(run.eval_set, ArrayDataset):
-            batches = in_memory_eval_batches(run.eval_set, run.preprocessing, cfg.eval_batch_size, info.rank,
-                                             info.world_size, run.device)
-        else:
-            batches = folder_eval_batches(run.eval_set, run.preprocessing, cfg.eval_batch_size, info.rank,
-                                          info.world_size, cfg.num_workers, run.device)
-        result = run.objective.evaluate(module, batches, run.device, precision=run.precision, on_skipped=on_skipped)
+        result = run.objective.evaluate(module, _eval_batches(run), run.device, precision=run.precision,
+                                        on_skipped=on_skipped)
         metrics.update({f"{prefix}{k}": v for k, v in result.items()})
     return metrics
+
+
+def _eval_batches(run: Run):
+    """This process's share of the evaluation set, prepared with the run's preprocessing."""
+    cfg, info = run.config, run.info
+    if isinstance(run.eval_set, ArrayDataset):
+        return in_memory_eval_batches(run.eval_set, run.preprocessing, cfg.eval_batch_size, info.rank,
+                                      info.world_size, run.device)
+    return folder_eval_batches(run.eval_set, run.preprocessing, cfg.eval_batch_size, info.rank, info.world_size,
+                               cfg.num_workers, run.device)
+
+
+def _evaluate_teacher(run: Run, on_skipped) -> None:
+    """Distillation: the teacher's own accuracy on the evaluation data, logged once when a run starts, so that a
+    teacher that does not fit the data (other classes in the same number, other preprocessing) shows before the
+    training is spent on it."""
+    if run.eval_set is None or not isinstance(run.objective, Distillation):
+        return
+    result = run.objective.evaluate(run.objective.teacher_module(run.device), _eval_batches(run), run.device,
+                                    precision=run.precision, on_skipped=on_skipped)
+    run.log.info(f"teacher {run.objective.source}: test top-1 {100 * result['top1']:.2f}% (top-5 "
+                 f"{100 * result.get('top5', float('nan')):.2f}%) on {result['samples']:,} evaluation images")
 
 
 def _evaluate_and_save(run: Run, step: int, best: dict | None, times: dict, on_skipped):
@@ -383,6 +400,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     # the student's forward and backward, and the teacher's forward when distilling
     train_flops = (6.0 * run.train_macs + 2.0 * run.teacher_macs) * run.total_steps * cfg.batch_size
     _describe(run, train_flops)
+    if state is None:
+        _evaluate_teacher(run, skipped)
     train_seconds, data_seconds = 0.0, 0.0
 
     def times() -> dict:
