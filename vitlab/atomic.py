@@ -56,8 +56,9 @@ def make_folder(path: str | os.PathLike) -> Path:
     """Create the folder ``path`` (and its parents) if missing; a file in the way raises :class:`WriteError` naming
     it (``mkdir`` would only say "File exists", as a traceback)."""
     path = Path(path)
+    check_folder(path)
     try:
-        _make_parent(path / "_")
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
@@ -67,20 +68,24 @@ def check_folder(path: str | os.PathLike) -> None:
     """Refuse, before any work is done, a folder path with a file in the way (the path itself or a parent): the
     :class:`WriteError` :func:`make_folder` would raise at the end. Creates nothing."""
     path = Path(path)
-    for place in [path, *path.parents]:
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise WriteError(f"cannot write {path}: {blocker} is a file, not a folder")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing one of ``folder`` and its parents when it is not a folder (None: the way is clear)."""
+    for place in [folder, *folder.parents]:
         if place.exists():
-            if not place.is_dir():
-                raise WriteError(f"cannot write {path}: {place} is a file, not a folder")
-            return
+            return None if place.is_dir() else place
+    return None
 
 
 def _make_parent(path: Path) -> None:
     """Create ``path``'s folder; a file in the way is named (``mkdir`` would only say "File exists")."""
-    for parent in [path.parent, *path.parent.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(20, f"{parent} is a file, not a folder")
-            break
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise NotADirectoryError(20, f"{blocker} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
