@@ -133,7 +133,7 @@ def model_card(model: nn.Module, repo_id: str, layout: str, *, run: dict | None 
     if isinstance(data, str):
         front.append(f"datasets:\n- {_yaml_string(data)}")
     params = sum(p.numel() for p in model.parameters())
-    arch = "ViT" if has_tokens(cfg) else type(cfg).__name__.replace("Config", "")
+    arch = type(cfg).__name__.replace("Config", "")  # a convolutional model: its family (ResNetV2)
     if has_tokens(cfg):
         arch = (f"ViT, width {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_heads} heads, MLP {cfg.mlp_dim}, "
                 f"patch {cfg.patch_size[0]}x{cfg.patch_size[1]}, pooling {cfg.pool}")

@@ -71,17 +71,9 @@ def config_overrides(model_args: dict) -> dict:
     if "init_values" in model_args:
         out["layer_scale"] = model_args["init_values"]
     if "act_layer" in model_args:
-        gelu = {v: k for k, v in TIMM_GELU.items()}.get(model_args["act_layer"])
-        if gelu is None:
-            raise InvalidValueError(f"model_args act_layer={model_args['act_layer']!r} is not a GELU vitlab has "
-                                    f"(one of {', '.join(TIMM_GELU.values())})")
-        out["gelu"] = gelu
+        out["gelu"] = _vitlab_value(TIMM_GELU, model_args, "act_layer", "GELU")
     if "global_pool" in model_args:
-        pool = {v: k for k, v in TIMM_POOL.items()}.get(model_args["global_pool"])
-        if pool is None:
-            raise InvalidValueError(f"model_args global_pool={model_args['global_pool']!r} is not a pooling vitlab "
-                                    f"has (one of {', '.join(TIMM_POOL.values())})")
-        out["pool"] = pool
+        pool = out["pool"] = _vitlab_value(TIMM_POOL, model_args, "global_pool", "pooling")
         if pool == "gap":  # timm: fc_norm None means after the average for 'avg'
             fc_norm = model_args.get("fc_norm")
             out["norm_after_pool"] = True if fc_norm is None else bool(fc_norm)
@@ -90,6 +82,15 @@ def config_overrides(model_args: dict) -> dict:
         if dim is not None:
             out["mlp_dim"] = int(dim * model_args["mlp_ratio"])  # timm's Mlp: int(dim * mlp_ratio)
     return out
+
+
+def _vitlab_value(table: dict[str, str], model_args: dict, key: str, what: str) -> str:
+    """The vitlab value of timm keyword ``key`` through ``table`` (vitlab value -> timm's), or one error naming it."""
+    value = {timm: ours for ours, timm in table.items()}.get(model_args[key])
+    if value is None:
+        raise InvalidValueError(f"model_args {key}={model_args[key]!r} is not a {what} vitlab has (one of "
+                                f"{', '.join(table.values())})")
+    return value
 
 
 def _comparable(cfg) -> dict:
