@@ -1,5 +1,5 @@
-"""Compute accounting (analytic and counted FLOPs, pre-training exaFLOPs, accelerator days), benchmarks and the CPU
-fast path for Linear layers (:func:`set_onednn_linear`)."""
+"""Compute accounting (analytic and counted FLOPs, pre-training exaFLOPs, accelerator days), benchmarks, the CPU
+fast path for Linear layers (:func:`set_onednn_linear`) and token merging (:func:`merge_tokens`)."""
 
 from .counting import MacCount, count_config_macs, count_macs, register_mac_rule, rule_for
 from .flops import (
@@ -15,6 +15,7 @@ from .flops import (
 )
 from .memory import TrainingMemory, activation_bytes_per_image, max_micro_batch, training_memory
 from .onednn import OneDnnLinear, onednn_linear_available, onednn_linear_default, set_onednn_linear
+from .tome import merge_tokens, token_counts
 
 __all__ = [
     "ACCELERATOR_PEAK_FLOPS",
@@ -25,6 +26,7 @@ __all__ = [
     "TrainingMemory",
     "activation_bytes_per_image",
     "max_micro_batch",
+    "merge_tokens",
     "onednn_linear_available",
     "onednn_linear_default",
     "set_onednn_linear",
@@ -38,5 +40,6 @@ __all__ = [
     "register_mac_rule",
     "rule_for",
     "table6_reproduction",
+    "token_counts",
     "vit_macs_breakdown",
 ]
