@@ -10,6 +10,8 @@ import sys
 from ..atomic import write_text_atomic
 from ..compute.bench import TASKS, BenchSettings, format_table, run_benchmarks
 from ..errors import InvalidValueError
+from ._merging import ALIASES, add_merge_tokens_argument
+from .train import flags_in_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "vitlab models, with timm's same architecture measured in the same run (rounds alternate between "
                     "the two) and the ratio printed; the max-batch task finds the largest training batch that fits.")
     p.add_argument("models", nargs="+", help="registered model names, e.g. vit_ti16 vit_b16")
-    p.add_argument("--tasks", default="inference,latency,train",
-                   help=f"comma-separated, from {', '.join(TASKS)} (default: inference,latency,train)")
+    p.add_argument("--tasks", help=f"comma-separated, from {', '.join(TASKS)} (default: inference,latency,train; "
+                                   "inference,latency with --merge-tokens)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (default fp32)")
     p.add_argument("--batch-size", type=int, default=8, help="batch for inference and int8 (default 8)")
@@ -45,11 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the full report as JSON ('-' for stdout only); the "
                                                  "file is rewritten after every measurement, so a run stopped half-way "
                                                  "keeps what it measured (\"complete\": false)")
+    add_merge_tokens_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    default_tasks = "inference,latency" if args.merge_tokens else "inference,latency,train"
+    tasks = tuple(t.strip() for t in (args.tasks or default_tasks).split(",") if t.strip())
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise InvalidValueError(f"--tasks: unknown task(s) {', '.join(bad) or '(none given)'}; "
@@ -71,16 +75,17 @@ def run(args: argparse.Namespace) -> int:
                              memory=not args.no_memory,
                              peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
                              max_batch_limit=args.max_batch_limit, max_batch_seconds=args.max_batch_seconds,
-                             memory_limit_mb=args.memory_limit_mb)
+                             memory_limit_mb=args.memory_limit_mb, merge_tokens=args.merge_tokens)
     to_stdout = args.json == "-"
 
     def keep(partial: dict) -> None:
         if args.json and not to_stdout:
             write_text_atomic(args.json, json.dumps(partial, indent=2) + "\n")
 
-    report = run_benchmarks(args.models, tasks, settings,
-                            log=lambda s: print(s, file=sys.stderr if to_stdout else sys.stdout, flush=True),
-                            on_report=keep)
+    with flags_in_errors({**ALIASES, "tasks": "--tasks"}, config_flags=False):
+        report = run_benchmarks(args.models, tasks, settings,
+                                log=lambda s: print(s, file=sys.stderr if to_stdout else sys.stdout, flush=True),
+                                on_report=keep)
     if to_stdout:
         print(json.dumps(report, indent=2))
         return 0

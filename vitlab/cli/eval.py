@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ..atomic import check_folder
 from ..errors import InvalidValueError
+from ._merging import ALIASES, add_merge_tokens_argument
 from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
 
 # eval_checkpoint's arguments that library errors name -> this command's flags
 FLAGS = {**EVAL_DATA_FLAGS, "img_size": "--img-size", "map_classes_by_name": "--map-classes-by-name",
-         "labels_file": "--labels"}
+         "labels_file": "--labels", **ALIASES}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multi-label data: a label counts as predicted at this sigmoid probability (F1; default 0.5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_merge_tokens_argument(p)
     p.set_defaults(func=run)
 
 
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                 num_workers=args.workers, device=str(info.device), precision=args.precision,
                 on_bad_image=args.on_bad_image, max_samples=args.max_samples, num_bins=args.bins,
                 progress=info.is_main, on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name,
-                threshold=args.threshold)
+                threshold=args.threshold, merge_tokens=args.merge_tokens)
     finally:
         D.teardown()
     if not info.is_main:
@@ -90,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
               f"{m['model_classes']}){left}" + (f"; unmatched: {', '.join(m['unmatched'][:5])}"
                                                  + (", ..." if len(m["unmatched"]) > 5 else "")
                                                  if m["unmatched"] else ""))
+    if "token_merging" in results:
+        r, tokens = results["token_merging"]["r"], results["token_merging"]["tokens"]
+        print(f"token merging: r = {r[0] if len(set(r)) == 1 else ','.join(map(str, r))} per block, tokens "
+              f"{' -> '.join(map(str, tokens))}")
     if results.get("multi_label"):
         from ..evaluate.report import multilabel_summary
 

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..errors import InvalidValueError
+from ._merging import ALIASES, add_merge_tokens_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,17 +20,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, help="classes listed per image (default 5, or all of a model with fewer)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    add_merge_tokens_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import load
     from ..compute.pt2 import is_exported_file, load_exported
+    from ..compute.tome import merge_tokens
     from ..train import predict
+    from .train import flags_in_errors
 
     if args.topk is not None and args.topk < 1:
         raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
     model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
+    if args.merge_tokens:
+        with flags_in_errors(ALIASES, config_flags=False):
+            merge_tokens(model, args.merge_tokens)
     results = predict(model, args.images, topk=args.topk or 5, device=args.device)
     listed = max((len(r.top) for r in results if not r.error), default=args.topk)
     if args.topk is not None and listed < args.topk:  # asked for, not the default: say why fewer are listed

@@ -12,6 +12,7 @@ errors caught), starting from the analytic estimate of :mod:`vitlab.compute.memo
 
 from __future__ import annotations
 
+import copy
 import gc
 import platform
 import statistics
@@ -34,6 +35,7 @@ from .deploy import OnnxModel, export_onnx, quantize_int8
 from .flops import forward_macs
 from .memory import max_micro_batch
 from .onednn import onednn_linear_available, onednn_product, set_onednn_linear
+from .tome import merge_tokens, token_counts
 
 # vitlab name -> timm name of the same architecture (224 px; other resolutions are passed as img_size)
 TIMM_NAMES = {
@@ -95,6 +97,7 @@ class BenchSettings:
     memory_limit_mb: float | None = None  # max-batch: the memory to fit in (CUDA: enforced; CPU: measured peak)
     gemm_size: int = 2048                # matrix size of the GEMM-rate measurement (at least 8192 on CUDA)
     depth: int | None = None             # fewer encoder blocks on both sides (quick checks of the machinery)
+    merge_tokens: int | list[int] = 0    # inference / latency: also time a copy with token merging (r per block)
 
 
 @dataclass
@@ -286,8 +289,13 @@ def bench_model(name: str, tasks: tuple[str, ...], settings: BenchSettings, gemm
     if settings.dtype not in ("fp32", "bf16"):
         raise VitlabError(f"--dtype must be fp32 or bf16, got {settings.dtype!r}")
     get_config(name)  # a clear error for unknown names before anything is built
+    untimed = sorted(set(tasks) - {"inference", "latency"})
+    if settings.merge_tokens and untimed:
+        raise VitlabError(f"merge_tokens times inference and latency only; drop {', '.join(untimed)} from tasks",
+                          options=("merge_tokens", "tasks"))
     torch.manual_seed(0)
     model, reference = build_pair(name, settings, device)
+    merged = merge_tokens(copy.deepcopy(model), settings.merge_tokens) if settings.merge_tokens else None
     cfg = model.cfg
     macs = forward_macs(cfg)
     peak = gemm["peak"]
@@ -311,7 +319,11 @@ def bench_model(name: str, tasks: tuple[str, ...], settings: BenchSettings, gemm
             if reference is not None:
                 reference.eval()
                 sides["timm"] = _inference_fn(_maybe_compile(reference, settings), x, settings, device)
+            if merged is not None:
+                sides["merged"] = _inference_fn(_maybe_compile(merged.eval(), settings), x, settings, device)
             results.append(_measure(name, task, batch, sides, settings, device, macs, 1, peak))
+            if merged is not None:
+                results[-1].extra["token_merging"].update(r=list(merged.merge_r), tokens=token_counts(merged))
         elif task == "train":
             y = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=device)
             model.train()
@@ -355,6 +367,10 @@ def _measure(name, task, batch, sides, settings, device, macs, passes, peak, com
     result.peak_mem_mb_timm = memory.get("timm")
     result.max_abs_diff = diff
     result.extra = {"rounds_s": {side: [round(t, 5) for t in ts] for side, ts in times.items()}}
+    if "merged" in times:  # token merging: its speed, and the median per-round speed-up over the unmerged model
+        merged = med["merged"] * 1e3 if task == "latency" else batch / med["merged"]
+        result.extra["token_merging"] = {"value": merged, "speedup": paired_ratio(times["merged"], times["vitlab"]),
+                                         "peak_mem_mb": memory.get("merged")}
     return result
 
 
@@ -629,6 +645,12 @@ def format_table(report: dict) -> str:
         if peak:
             line += f" {pct(r.get('mfu_peak_vitlab'), 6)} {pct(r.get('mfu_peak_timm'), 7)}"
         lines.append(line)
+        merging = r["extra"].get("token_merging")
+        if merging:
+            rs = merging["r"]
+            lines.append(f"{'':<10} {'':<10} {'':>5} {'':>6} token merging r={rs[0] if len(set(rs)) == 1 else rs} "
+                         f"(tokens {merging['tokens'][0]} -> {merging['tokens'][-1]}): {merging['value']:.2f} "
+                         f"{r['unit']}, {merging['speedup']:.2f}x the unmerged vitlab model's speed")
         if r["task"] == "int8" and "timm_int8_torch_ao_img_s" in r["extra"]:
             lines.append(f"{'':<10} {'':<10} {'':>5} {'':>6} timm int8 (torch.ao, deprecated): "
                          f"{r['extra']['timm_int8_torch_ao_img_s']:.2f} img/s, vitlab int8 / that = "

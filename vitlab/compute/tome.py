@@ -45,21 +45,25 @@ def bipartite_matching(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torc
     return order[:, r:], merged, partner.gather(1, merged)
 
 
-def merge_matched(x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, merged: torch.Tensor,
-                  into: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge tokens ``x`` (B, M, D) of sizes ``size`` (B, M, 1) as :func:`bipartite_matching` chose: each merged A
-    token is averaged into its B token, weighted by size. Returns the kept A tokens followed by the B tokens,
-    (B, M - r, D), and their sizes (B, M - r, 1)."""
-    def pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-    def combine(t: torch.Tensor) -> torch.Tensor:  # sums of the A rows merged into each B row, added to it
-        a, b = t[:, ::2], t[:, 1::2]
-        b = b.scatter_add(1, into.unsqueeze(-1).expand(-1, -1, t.shape[-1]), pick(a, merged))
-        return torch.cat([pick(a, kept), b], dim=1)
-
-    new_size = combine(size)
-    return combine(x * size) / new_size, new_size
+def merge_matched(x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, merged: torch.Tensor, into: torch.Tensor,
+                  prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge tokens ``x`` (B, N, D) of sizes ``size`` (B, N, 1) as :func:`bipartite_matching` chose for the tokens
+    after the first ``prefix``: each merged A token is averaged into its B token, weighted by size. Returns the
+    prefix tokens, the kept A tokens and the B tokens, (B, N - r, D), and their sizes (B, N - r, 1)."""
+    B, N, D = x.shape
+    half = (N - prefix) // 2  # |B|
+    positions = torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), prefix + 2 * kept,
+                           torch.arange(prefix + 1, N, 2, device=x.device).expand(B, half)], dim=1)  # (B, N - r)
+    out = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, D))
+    src_size = size.gather(1, (prefix + 2 * merged).unsqueeze(-1))  # (B, r, 1)
+    dst = (prefix + kept.shape[1] + into).unsqueeze(-1)  # where each merged token's partner sits in `out`
+    out_size = size.gather(1, positions.unsqueeze(-1)).scatter_add(1, dst, src_size)
+    # (s_b x_b + sum s_a x_a) / (s_b + sum s_a) = x_b + sum s_a (x_a - x_b) / (s_b + sum s_a): only the r merged
+    # rows are computed and added (the whole sequence is not scaled by its sizes and back)
+    src, partner = (x.gather(1, (prefix + offset + 2 * idx).unsqueeze(-1).expand(-1, -1, D))
+                    for offset, idx in ((0, merged), (1, into)))
+    step = (src - partner) * (src_size / out_size.gather(1, dst))
+    return out.scatter_add_(1, dst.expand(-1, -1, D), step), out_size
 
 
 def proportional_attention(attn: Attention, x: torch.Tensor,
@@ -85,9 +89,7 @@ def merging_block(block: Block, x: torch.Tensor, size: torch.Tensor | None, r: i
     if r > 0:
         if size is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)
-        kept, merged, into = bipartite_matching(keys[:, prefix:], r)
-        rest, rest_size = merge_matched(x[:, prefix:], size[:, prefix:], kept, merged, into)
-        x, size = torch.cat([x[:, :prefix], rest], dim=1), torch.cat([size[:, :prefix], rest_size], dim=1)
+        x, size = merge_matched(x, size, *bipartite_matching(keys[:, prefix:], r), prefix=prefix)
     x = x + drop_path(block.ls2(block.mlp(block.norm2(x))), block.drop_path_rate, block.training)
     return x, size
 
@@ -150,10 +152,12 @@ def merge_tokens(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
     weights and the state dict stay the same (switch it off before saving the model). Raises
     :class:`~vitlab.errors.VitlabError` for a model without tokens and :class:`~vitlab.errors.InvalidValueError`
     for a bad ``r``."""
-    cfg = getattr(model, "cfg", None)
-    if not isinstance(model, VisionTransformer) or cfg is None or not has_tokens(cfg):
-        raise VitlabError(f"token merging needs a ViT or hybrid ViT; a {type(model).__name__} has no tokens to "
-                          "merge", options=("r",))
+    if not isinstance(model, VisionTransformer):
+        cfg = getattr(model, "cfg", None)
+        why = ("has no tokens to merge (a convolutional network)" if cfg is not None and not has_tokens(cfg) else
+               "is not a vitlab ViT (an exported model runs as it was exported)")
+        raise VitlabError(f"r={r!r}: token merging needs a ViT or hybrid ViT; a {type(model).__name__} {why}",
+                          options=("r",))
     schedule = merge_schedule(model, r)
     original = _ORIGINAL.get(type(model), type(model))
     if not any(schedule):

@@ -13,6 +13,8 @@ import torch
 from ..compute.onednn import linear_shapes
 from ..compute.precision import choose_cpu_precision
 from ..compute.pt2 import is_exported_file, load_exported
+from ..compute.tome import merge_tokens as merge_model_tokens
+from ..compute.tome import token_counts
 from ..data.manifest import looks_like_manifest
 from ..devices import resolve_device
 from ..errors import VitlabError
@@ -30,19 +32,24 @@ from .suite_config import load_suite_config
 
 
 def load_for_eval(checkpoint: str | os.PathLike, model_name: str | None = None,
-                  device: torch.device | str = "cpu", img_size: int | None = None):
+                  device: torch.device | str = "cpu", img_size: int | None = None,
+                  merge_r: int | Sequence[int] = 0):
     """``vitlab.load`` a checkpoint for evaluation, on ``device``, in eval mode, with its preprocessing (at
     ``img_size`` when given: the position embeddings are resampled and the preprocessing follows). An ``.onnx``
     file (``vitlab export-onnx``, float32 or int8) runs on ONNX Runtime, a ``.pt2`` package (``vitlab export``) on
-    AOTInductor, each with the preprocessing stored in it."""
+    AOTInductor, each with the preprocessing stored in it. ``merge_r`` > 0 switches token merging on
+    (:func:`vitlab.compute.merge_tokens`, ``r`` tokens merged away per block)."""
     if is_exported_file(checkpoint):
         if img_size is not None:
             raise VitlabError(f"{checkpoint}: an exported file runs at its exported resolution; drop img_size",
                               options=("img_size",))
+        if merge_r:
+            raise VitlabError(f"{checkpoint}: an exported file runs as it was exported, without token merging; "
+                              "drop merge_tokens", options=("merge_tokens",))
         return load_exported(checkpoint)
     model = load(checkpoint, model_name=model_name, img_size=img_size).to(device).eval()
     model.preprocessing = metadata_of(model).preprocessing
-    return model
+    return merge_model_tokens(model, merge_r) if merge_r else model
 
 
 def fewshot_checkpoint(
@@ -107,6 +114,7 @@ def eval_checkpoint(
     on_skipped=None,
     map_classes_by_name: bool = False,
     threshold: float = 0.5,
+    merge_tokens: int | Sequence[int] = 0,
 ) -> dict:
     """``vitlab eval``: top-1 / top-5, loss, per-class accuracy, confusion matrix and calibration (ECE) of a
     checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``. Multi-label data (a
@@ -122,10 +130,13 @@ def eval_checkpoint(
     The images are prepared with the checkpoint's preprocessing unless ``preprocessing`` is given; ``img_size``
     evaluates at another resolution (position embeddings resampled, preprocessing resized). Under ``torchrun`` every
     process evaluates a disjoint share and all get the exact whole-set result; only rank 0 writes the report into
-    ``out_dir`` (results.json, report.md, confusion.png, reliability.png). Returns the metrics dict of
+    ``out_dir`` (results.json, report.md, confusion.png, reliability.png). ``merge_tokens`` evaluates with token
+    merging (:func:`vitlab.compute.merge_tokens`, that many tokens merged away per block; the results then hold
+    ``token_merging``: ``r`` per block and the ``tokens`` entering each block). Returns the metrics dict of
     :func:`classification.evaluate_classifier` plus ``checkpoint``, ``data``, ``split`` and ``files``."""
     dev = resolve_device(device)
-    model = load_for_eval(checkpoint, model_name, dev, img_size=img_size)
+    model = load_for_eval(checkpoint, model_name, dev, img_size=img_size, merge_r=merge_tokens)
+    merging = {"r": list(model.merge_r), "tokens": token_counts(model)} if merge_tokens else None
     if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
         precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     pre = preprocessing or model.preprocessing
@@ -152,6 +163,8 @@ def eval_checkpoint(
                                   precision=precision, on_skipped=on_skipped, threshold=threshold)
     results = {"checkpoint": str(checkpoint), "data": data, "split": split, "preprocessing": pre.to_dict(),
                **results}
+    if merging:
+        results["token_merging"] = merging
     if mapping:
         results["class_mapping"] = mapping.summary()
     if out_dir is not None and world()[0] == 0:
