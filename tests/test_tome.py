@@ -1,11 +1,17 @@
 """Token merging (vitlab.compute.tome): off means unchanged, merging duplicates is exact, the matching and the token
 counts follow the paper, bad uses are refused."""
 
+import contextlib
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from tests.conftest import randomize_
+from vitlab.cli import main
 from vitlab.compute import merge_tokens, token_counts
 from vitlab.compute.tome import bipartite_matching, merge_matched, merging_block
 from vitlab.errors import InvalidValueError, VitlabError
@@ -158,3 +164,63 @@ def test_refusals_name_the_option():
     with pytest.raises(VitlabError, match="token merging needs a ViT"):
         merge_tokens(create_model("bit_fmnist"), 2)
     assert type(model) is VisionTransformer
+
+
+@pytest.fixture()
+def image_set(tmp_path):
+    """A tiny ViT checkpoint (16 patches + class token, 2 blocks) and a test folder of 6 grey 16x16 PNGs."""
+    from vitlab import save
+
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=1, num_classes=2, embed_dim=16, depth=2, num_heads=2,
+                    mlp_dim=32)
+    model = randomize_(VisionTransformer(cfg), std=0.5).eval()
+    ckpt = save(model, tmp_path / "tiny.safetensors", class_names=["ant", "bee"])
+    rng, files = np.random.default_rng(0), []
+    for i in range(6):
+        folder = tmp_path / "images" / "test" / ["ant", "bee"][i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        files.append(folder / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(files[-1])
+    return str(ckpt), str(tmp_path / "images"), model, files
+
+
+def test_eval_and_predict_take_merge_tokens(image_set, capsys):
+    ckpt, root, model, files = image_set
+    assert main(["eval", ckpt, "--data", root, "--device", "cpu", "--merge-tokens", "4", "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["token_merging"] == {"r": [4, 4], "tokens": [17, 13, 9]}
+    assert main(["eval", ckpt, "--data", root, "--device", "cpu", "--merge-tokens", "8,0"]) == 0
+    assert "token merging: r = 8,0 per block, tokens 17 -> 9 -> 9" in capsys.readouterr().out
+    assert main(["predict", ckpt, str(files[0]), "--merge-tokens", "3", "--json", "--topk", "2"]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
+    from vitlab.data.images import load_sample  # the command's own preprocessing, by hand
+    from vitlab.models import metadata_of
+
+    x = metadata_of(model).preprocessing.transform()(load_sample(files[0], channels=1))[None]
+    with torch.no_grad():
+        expected = merge_tokens(model, 3)(x).softmax(1)[0]
+    assert [t["probability"] for t in top] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-6)
+
+
+def test_commands_refuse_bad_merge_tokens_in_one_line(image_set, tmp_path, capsys):
+    ckpt, root, _, files = image_set
+    for argv, message in (
+        (["predict", ckpt, str(files[0]), "--merge-tokens", "-1"], "argument --merge-tokens: takes counts >= 0"),
+        (["eval", ckpt, "--data", root, "--merge-tokens", "x"], "argument --merge-tokens: takes tokens to merge"),
+        (["eval", ckpt, "--data", root, "--device", "cpu", "--merge-tokens", "1,2,3"],
+         "--merge-tokens lists 3 counts but the model has 2 blocks"),
+        (["bench", "vit_ti16", "--merge-tokens", "8", "--tasks", "inference,train"],
+         "--merge-tokens times inference and latency only; drop train from --tasks"),
+    ):
+        with pytest.raises(SystemExit) if "argument" in message else contextlib.nullcontext():
+            code = main(argv)
+            assert code != 0
+        lines = capsys.readouterr().err.strip().splitlines()  # argparse's usage lines, then the error on one line
+        assert message in lines[-1] and ("argument" in message or len(lines) == 1), lines
+    cnn = tmp_path / "cnn.safetensors"
+    from vitlab import save
+
+    save(create_model("bit_fmnist"), cnn)
+    assert main(["predict", str(cnn), str(files[0]), "--merge-tokens", "2"]) != 0
+    assert "--merge-tokens 2: token merging needs a ViT or hybrid ViT; a ResNetV2 has no tokens" in \
+        capsys.readouterr().err

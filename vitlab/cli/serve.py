@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import VitlabError
+from ._merging import ALIASES, add_merge_tokens_argument
 
 API_KEY_ENV = "VITLAB_API_KEY"
 
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request (off by default: it costs time)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to wait for requests in progress at shutdown (default 30)")
+    add_merge_tokens_argument(p)
     p.set_defaults(func=run)
 
 
@@ -102,8 +104,19 @@ def run(args: argparse.Namespace) -> int:
                              max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
                              max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
                              api_key=_api_key(args), body_timeout_s=args.body_timeout)
-    app = create_app(args.checkpoint, backend=args.backend, device=args.device, name=args.name,
-                     threads=args.threads, settings=settings)
+    model, name = args.checkpoint, args.name
+    if args.merge_tokens:  # loaded here and served as a model object (the engine serves it as it is)
+        if args.backend != "torch":
+            raise VitlabError(f"--merge-tokens runs on the torch backend; drop --backend {args.backend}")
+        from .. import load
+        from ..compute.tome import merge_tokens
+        from .train import flags_in_errors
+
+        with flags_in_errors(ALIASES, config_flags=False):
+            model = merge_tokens(load(args.checkpoint), args.merge_tokens)
+        name = name or Path(args.checkpoint).stem
+    app = create_app(model, backend=args.backend, device=args.device, name=name, threads=args.threads,
+                     settings=settings)
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     engine = app.state.vitlab.engine

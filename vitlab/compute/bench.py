@@ -29,7 +29,7 @@ from torch import nn
 
 from ..devices import autocast, resolve_device
 from ..errors import VitlabError
-from ..models import create_model, get_config
+from ..models import create_model, get_config, has_tokens
 from ..models.vit import ViTConfig
 from .deploy import OnnxModel, export_onnx, quantize_int8
 from .flops import forward_macs
@@ -289,10 +289,7 @@ def bench_model(name: str, tasks: tuple[str, ...], settings: BenchSettings, gemm
     if settings.dtype not in ("fp32", "bf16"):
         raise VitlabError(f"--dtype must be fp32 or bf16, got {settings.dtype!r}")
     get_config(name)  # a clear error for unknown names before anything is built
-    untimed = sorted(set(tasks) - {"inference", "latency"})
-    if settings.merge_tokens and untimed:
-        raise VitlabError(f"merge_tokens times inference and latency only; drop {', '.join(untimed)} from tasks",
-                          options=("merge_tokens", "tasks"))
+    check_merging([name], tasks, settings)
     torch.manual_seed(0)
     model, reference = build_pair(name, settings, device)
     merged = merge_tokens(copy.deepcopy(model), settings.merge_tokens) if settings.merge_tokens else None
@@ -340,6 +337,20 @@ def bench_model(name: str, tasks: tuple[str, ...], settings: BenchSettings, gemm
             results.append(measure_max_batch(name, model, settings, device, log))
         on_result(results[-1])
     return results
+
+
+def check_merging(models: list[str], tasks: tuple[str, ...], settings: BenchSettings) -> None:
+    """With ``settings.merge_tokens``: refuse tasks other than inference and latency, and models without tokens."""
+    if not settings.merge_tokens:
+        return
+    untimed = sorted(set(tasks) - {"inference", "latency"})
+    if untimed:
+        raise VitlabError(f"merge_tokens times inference and latency only; drop {', '.join(untimed)} from tasks",
+                          options=("merge_tokens", "tasks"))
+    for name in models:
+        if not has_tokens(get_config(name)):
+            raise VitlabError(f"merge_tokens: {name} is a convolutional network, with no tokens to merge",
+                              options=("merge_tokens",))
 
 
 def _measure(name, task, batch, sides, settings, device, macs, passes, peak, compare=True) -> Result:
@@ -545,6 +556,7 @@ def run_benchmarks(models: list[str], tasks: tuple[str, ...], settings: BenchSet
     rates (FLOP/s) and one row per (model, task). ``on_report`` gets the report so far (``complete`` False) after
     each row, so that a run stopped half-way (a time limit, a crash) keeps what it measured."""
     device = bench_device(settings.device)
+    check_merging(models, tasks, settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     env = _environment(device)
