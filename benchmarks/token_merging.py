@@ -6,7 +6,8 @@
 ``speed``: one model with random weights (speed does not depend on them) and a copy per ``r``, timed in the same
 process in interleaved rounds (every copy once per round, the order reversed every other round; warm-up first), so
 that the load of other processes hits every ``r`` alike. Printed per ``r``: the tokens entering each block and after
-the last, the median images per second and the median over rounds of the per-round speed-up over ``r = 0``.
+the last, the encoder's multiply-accumulates as a share of the unmerged model's (analytic, from the token counts), the
+median images per second and the median over rounds of the per-round speed-up over ``r = 0``.
 
 ``accuracy``: ``vitlab eval``'s top-1 of a checkpoint on a data set's test split for each ``r`` (the same images and
 preprocessing each time).
@@ -23,6 +24,19 @@ import torch
 from vitlab.compute import merge_tokens, set_onednn_linear, token_counts
 from vitlab.compute.bench import interleaved_times, paired_ratio
 from vitlab.models import create_model
+
+
+def encoder_macs(cfg, counts: list[int]) -> int:
+    """Multiply-accumulates per image of the encoder blocks when ``counts[i]`` tokens enter block i (attention
+    projections and products on those) and ``counts[i + 1]`` leave its merge (the MLP on those); the matching's own
+    products (|A| x |B| x head_dim per block) included."""
+    D, M, hd = cfg.embed_dim, cfg.mlp_dim, cfg.embed_dim // cfg.num_heads
+    total = 0
+    for n_in, n_out in zip(counts, counts[1:]):
+        total += 4 * n_in * D * D + 2 * n_in * n_in * D + 2 * n_out * D * M
+        if n_out < n_in:
+            total += (n_in // 2) ** 2 * hd
+    return total
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -42,11 +56,12 @@ def speed(args: argparse.Namespace) -> None:
     reference = times[args.r[0]]
     print(f"{args.model} {base.cfg.img_size[0]} px fp32, batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds (speed-up: median of per-round ratios against r={args.r[0]})")
-    print(f"{'r':>4} {'tokens in -> out':>18} {'img/s':>8} {'speed-up':>9}")
+    print(f"{'r':>4} {'tokens in -> out':>18} {'encoder MACs':>13} {'img/s':>8} {'speed-up':>9}")
+    full = encoder_macs(base.cfg, token_counts(base, r=0))
     for r, model in models.items():
         counts = token_counts(model, r=r)
-        print(f"{r:>4} {f'{counts[0]} -> {counts[-1]}':>18} {args.batch_size / statistics.median(times[r]):>8.2f} "
-              f"{paired_ratio(times[r], reference):>8.2f}x")
+        print(f"{r:>4} {f'{counts[0]} -> {counts[-1]}':>18} {encoder_macs(base.cfg, counts) / full:>12.1%} "
+              f"{args.batch_size / statistics.median(times[r]):>8.2f} {paired_ratio(times[r], reference):>8.2f}x")
 
 
 def accuracy(args: argparse.Namespace) -> None:
