@@ -224,3 +224,16 @@ def test_commands_refuse_bad_merge_tokens_in_one_line(image_set, tmp_path, capsy
     assert main(["predict", str(cnn), str(files[0]), "--merge-tokens", "2"]) != 0
     assert "--merge-tokens 2: token merging needs a ViT or hybrid ViT; a ResNetV2 has no tokens" in \
         capsys.readouterr().err
+
+
+def test_bench_times_a_merged_copy_in_the_same_rounds():
+    from vitlab.compute.bench import BenchSettings, bench_model, format_table
+
+    settings = BenchSettings(batch_size=2, img_size=32, rounds=2, warmup=0, memory=False, timm=False, depth=3,
+                             merge_tokens=2)
+    [result] = bench_model("vit_ti16", ("inference",), settings, {"peak": 1e11})
+    merging = result.extra["token_merging"]
+    assert merging["r"] == [2, 2, 2] and merging["tokens"] == [5, 3, 2, 2]  # 4 patches + class; half-clamp
+    assert merging["value"] > 0 and merging["speedup"] > 0 and set(result.extra["rounds_s"]) == {"vitlab", "merged"}
+    table = format_table({"gemm_flops": {"peak": 1e11}, "results": [result.to_dict()]})
+    assert "token merging r=2 (tokens 5 -> 2)" in table and "the unmerged vitlab model's speed" in table
