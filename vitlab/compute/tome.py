@@ -107,7 +107,10 @@ def pool_with_sizes(pool: AttentionPool, x: torch.Tensor, size: torch.Tensor | N
 class TokenMerging:
     """The methods a model with token merging overrides; :func:`merge_tokens` puts this class in front of the
     model's own class. ``merge_r`` holds ``r`` per block; ``merged_sizes`` the sizes of the patch tokens that the
-    last ``forward_features`` returned (B, N, 1), which ``pool`` weights by (None: nothing was merged)."""
+    last ``forward_features`` returned (B, N, 1), which ``pool`` weights by (None: nothing was merged), so that
+    ``forward_head(forward_features(x))`` (features, pre-logits) works as on the unmerged model; as with the
+    reference implementation, one model object runs one forward at a time (``vitlab serve`` runs its model on one
+    thread)."""
 
     merge_r: tuple[int, ...]
     merged_sizes: torch.Tensor | None
