@@ -211,6 +211,8 @@ def test_commands_refuse_bad_merge_tokens_in_one_line(image_set, tmp_path, capsy
          "--merge-tokens lists 3 counts but the model has 2 blocks"),
         (["bench", "vit_ti16", "--merge-tokens", "8", "--tasks", "inference,train"],
          "--merge-tokens times inference and latency only; drop train from --tasks"),
+        (["serve", ckpt, "--merge-tokens", "2", "--backend", "onnx-int8"],
+         "--merge-tokens runs on the torch backend; drop --backend onnx-int8"),
     ):
         with pytest.raises(SystemExit) if "argument" in message else contextlib.nullcontext():
             code = main(argv)
