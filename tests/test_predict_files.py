@@ -149,8 +149,12 @@ def test_data_manifest_and_shards_are_predicted_with_their_sources(tiny, tmp_pat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     kept = [f for i, f in enumerate(files) if i != 1]  # the test split
     assert [r["source"] for r in rows] == kept
-    for row, want in zip(rows, predict(model, kept, topk=3)):
+    by_file = predict(model, kept, topk=3)
+    by_data = predict(model, data=str(manifest), topk=3)  # the same from Python
+    assert [p.source for p in by_data] == kept
+    for row, want, same in zip(rows, by_file, by_data):
         assert [row[f"prob_{j}"] for j in range(3)] == pytest.approx([p for _, _, p in want.top], abs=1e-6)
+        assert [p for _, _, p in same.top] == [row[f"prob_{j}"] for j in range(3)]
     # tar shards: named "shard:key", a sample without a label still predicted, a broken one an error row
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -196,18 +196,23 @@ def iter_predictions(model: nn.Module, inputs: Dataset, *, topk: int = 5, featur
                 yield Prediction(source, top=next(good))
 
 
-def predict(model: nn.Module, images: Sequence[str | Path], *, topk: int = 5,
+def predict(model: nn.Module, images: Sequence[str | Path] | None = None, *, data: str | None = None,
+            split: str = "test", data_dir: str | None = None, topk: int = 5,
             preprocessing: Preprocessing | None = None, class_names: list[str] | None = None, batch_size: int = 64,
             device: str | torch.device = "cpu", num_workers: int = 0, precision: str = "fp32",
             features: bool = False) -> list[Prediction]:
-    """Top-``topk`` classes and their probabilities for each image file, in input order: softmax, or per-label
-    sigmoid for a model trained with the sigmoid loss (``model.loss == "sigmoid"``, multi-label models); with
-    ``features=True`` each image's pooled pre-logits features instead. Folders: :func:`image_files`; data sources:
-    :func:`data_inputs` with :func:`iter_predictions`.
+    """Top-``topk`` classes and their probabilities for each image file (or each image of ``split`` of the data
+    source ``data``: :func:`data_inputs`), in input order: softmax, or per-label sigmoid for a model trained with the
+    sigmoid loss (``model.loss == "sigmoid"``, multi-label models); with ``features=True`` each image's pooled
+    pre-logits features instead. Folders: :func:`image_files`. For results too many to hold, iterate
+    :func:`iter_predictions` (and write them with :mod:`vitlab.train.predict_files`).
 
     ``preprocessing`` and ``class_names`` default to the model's ``preprocessing`` / ``class_names`` attributes
     (set by ``vitlab.load``), then to the paper's preprocessing for the model's input and the class indices."""
+    if (images is None) == (data is None):
+        raise InvalidValueError("give images (image files) or data (a data source), one of the two",
+                                options=("images", "data"))
     pre = preprocessing or metadata_of(model).preprocessing
-    return list(iter_predictions(model, file_inputs(images, pre), topk=topk, features=features,
-                                 class_names=class_names, batch_size=batch_size, num_workers=num_workers,
-                                 device=device, precision=precision))
+    inputs = file_inputs(images, pre) if images is not None else data_inputs(data, split, pre, data_dir=data_dir)
+    return list(iter_predictions(model, inputs, topk=topk, features=features, class_names=class_names,
+                                 batch_size=batch_size, num_workers=num_workers, device=device, precision=precision))
