@@ -31,7 +31,7 @@ COMMAND_HELP = {
     "info": "describe a checkpoint file (any supported format)",
     "inspect": "filters, position-embedding similarity, attention distance and rollout figures",
     "models": "list the model variants with their size and compute",
-    "predict": "top-k classes for image files",
+    "predict": "top-k classes or features of image files, folders or a data set",
     "pretrain-mpp": "masked patch prediction pre-training (self-supervised)",
     "push": "upload a model to the Hugging Face Hub (timm, transformers or vitlab layout, with a model card)",
     "serve": "serve a model over HTTP (API + web page) with dynamic batching",

@@ -78,20 +78,20 @@ def run(args: argparse.Namespace) -> int:
     from ..train.predict_files import check_output, write_features, write_predictions
 
     check_args(args)
+    if args.out is not None:  # an existing file, a wrong extension: said now, not after the model is loaded
+        check_output(args.out, args.features)
+    files = image_files(args.images) if args.images else None
+    data = hf_data(args.data, args)
+    device = resolve_device(args.device)
+    model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
+    precision = args.precision
+    if device.type == "cpu" and precision != "fp32" and not is_exported_file(args.checkpoint):
+        precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))  # warns if emulated
+    pre = metadata_of(model).preprocessing
+    topk = args.topk or 5
     with flags_in_errors(FLAGS, config_flags=False):
-        if args.out is not None:
-            check_output(args.out, args.features)
-        files = image_files(args.images) if args.images else None
-        data = hf_data(args.data, args)
-        device = resolve_device(args.device)
-        model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
-        precision = args.precision
-        if device.type == "cpu" and precision != "fp32" and not is_exported_file(args.checkpoint):
-            precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))  # warns if emulated
-        pre = metadata_of(model).preprocessing
         inputs = file_inputs(files, pre) if files is not None else data_inputs(data, args.split, pre,
                                                                                data_dir=args.data_dir)
-        topk = args.topk or 5
         predictions = iter_predictions(model, inputs, topk=topk, features=args.features, batch_size=args.batch_size,
                                        num_workers=args.workers, device=device, precision=precision)
         listed = min(topk, model.cfg.num_classes)
