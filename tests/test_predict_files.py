@@ -86,6 +86,17 @@ def test_batched_predictions_equal_one_at_a_time_and_the_model_on_its_preprocess
     assert max(p for b in batched for _, _, p in b.top) > 0.5  # not a flat distribution
 
 
+def test_bf16_autocast_answers_float32_probabilities_close_to_fp32(tiny, tmp_path, capsys):
+    path, model = tiny
+    files = image_files([photos(tmp_path / "p")])
+    fp32 = predict(model, files, topk=3)
+    bf16 = predict(model, files, topk=3, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert dict((i, p) for i, _, p in a.top) == pytest.approx(dict((i, p) for i, _, p in b.top), abs=0.03)
+    assert cli_main(["predict", str(path), *files[:2], "--precision", "bf16", "--device", "cpu", "--json"]) == 0
+    assert [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()] == files[:2]
+
+
 def _read_table(path):
     """The rows of a predictions table as dicts of Python values (CSV cells converted back)."""
     if path.suffix == ".parquet":
