@@ -229,6 +229,9 @@ def test_pretraining_through_the_loop_lowers_the_loss_resumes_exactly_and_fine_t
     losses = [r["loss"] for r in rows if r["kind"] == "step"]
     assert losses[-1] < 0.9 * losses[0]
     assert result.metrics["patches"] == 12 * result.metrics["samples"]  # 16 patches, 4 kept
+    evals = [r["loss"] for r in rows if r["kind"] == "eval"]
+    best = torch.load(result.run_dir / "checkpoints" / "best.pt", weights_only=True)["best"]
+    assert len(evals) >= 2 and best["loss"] == min(evals)  # best.pt: the lowest held-out loss, there is no top-1
     saved = vitlab.load(result.model_path)
     assert saved.cfg.num_classes == 0 and type(saved) is vitlab.VisionTransformer
     # stopped at step 13 and resumed: the same weights as the uninterrupted run
