@@ -151,6 +151,10 @@ def test_register_tokens_gap_and_refusals():
         MaskedAutoencoder(vitlab.create_model("r_vit_fmnist", depth=1))
     with pytest.raises(InvalidValueError, match="mask ratio"):
         MaskedAutoencoder(vitlab.create_model("vit_fmnist", **TINY), mask_ratio=1.0)
+    from vitlab.selfsup import MaskedAutoencoderObjective
+
+    with pytest.raises(InvalidValueError, match="mask ratio"):
+        MaskedAutoencoderObjective(mask_ratio=0.0)
 
 
 @pytest.mark.parametrize("cls_name", ["ViTMAEModel", "ViTMAEForPreTraining"])
@@ -158,6 +162,8 @@ def test_load_reads_a_transformers_vit_mae_folder(tmp_path, cls_name):
     hf, folder = _hf_mae(tmp_path, mask_ratio=0.0, cls_name=cls_name)
     vit = vitlab.load(folder)
     assert type(vit) is vitlab.VisionTransformer and vit.cfg.num_classes == 0 and vit.cfg.norm_eps == 1e-6
+    dropped = any("decoder dropped" in note for note in vitlab.read_checkpoint(folder).notes)
+    assert dropped == (cls_name == "ViTMAEForPreTraining")
     images = torch.randn(2, 3, 16, 16)
     noise = torch.arange(16.0).expand(2, 16)  # increasing noise with nothing masked: every token, in order
     with torch.no_grad():

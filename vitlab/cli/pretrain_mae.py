@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..selfsup.pretrain import MaskedAutoencoderObjective, pretrain_mae
 
-    if not 0 <= args.mask_ratio < 1:
-        raise InvalidValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if not 0 < args.mask_ratio < 1:
+        raise InvalidValueError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     for flag in ("decoder_width", "decoder_heads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InvalidValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..evaluate.distributed import sum_over_processes
 from ..preprocessing import Preprocessing
 from ..train import train
@@ -77,6 +78,8 @@ class MaskedAutoencoderObjective(Objective):
 
     def __init__(self, mask_ratio: float = 0.75, decoder_width: int | None = None, decoder_depth: int | None = None,
                  decoder_heads: int | None = None, norm_pix_loss: bool = True):
+        if not 0.0 < mask_ratio < 1.0:  # 0 would leave no patch to reconstruct: a loss of 0 / 0
+            raise InvalidValueError(f"mask ratio must be in (0, 1) for pre-training, got {mask_ratio}")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.decoder = (decoder_width, decoder_depth, decoder_heads)
 
