@@ -19,8 +19,8 @@ TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=0, embed_dim=32, 
 
 
 def _hf_mae(tmp_path, mask_ratio=0.75, norm_pix_loss=False, cls_name="ViTMAEForPreTraining"):
-    """A tiny random transformers ViTMAE (every parameter perturbed, the fixed sin-cos position embeddings set as
-    the paper's), saved by save_pretrained: (model, folder)."""
+    """A tiny random transformers ViTMAE (every parameter perturbed, the fixed sin-cos position embeddings built by
+    transformers' own initialisation), saved by save_pretrained: (model, folder)."""
     transformers = pytest.importorskip("transformers")
     from vitlab.models.vit import sincos_2d_position_embedding
 
@@ -34,14 +34,21 @@ def _hf_mae(tmp_path, mask_ratio=0.75, norm_pix_loss=False, cls_name="ViTMAEForP
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        vit = model.vit if hasattr(model, "vit") else model
-        # [sin x, cos x, sin y, cos y] with a zero class-token row: what the paper's code (and transformers' init)
-        # puts there, set explicitly so that the test does not depend on the library's initialisation order
-        vit.embeddings.position_embeddings[0, 0] = 0
-        vit.embeddings.position_embeddings[0, 1:] = sincos_2d_position_embedding((4, 4), 32)
+        # the fixed sin-cos tables as transformers builds them (its post_init leaves them at zero in this version):
+        # vitlab's sincos_2d_position_embedding must be the same table, [sin x, cos x, sin y, cos y], zero class row
+        embeddings = (model.vit if hasattr(model, "vit") else model).embeddings
+        embeddings.patch_embeddings.projection.__dict__.pop("_is_hf_initialized", None)
+        projection = embeddings.patch_embeddings.projection.weight.clone()
+        embeddings.initialize_weights()
+        embeddings.patch_embeddings.projection.weight.copy_(projection)  # keep the random weights
+        embeddings.cls_token.add_(0.05 * torch.randn_like(embeddings.cls_token))
+        assert torch.equal(embeddings.position_embeddings[0, 1:], sincos_2d_position_embedding((4, 4), 32))
+        assert not embeddings.position_embeddings[0, 0].any()
         if hasattr(model, "decoder"):
-            model.decoder.decoder_pos_embed[0, 0] = 0
-            model.decoder.decoder_pos_embed[0, 1:] = sincos_2d_position_embedding((4, 4), 24)
+            mask_token = model.decoder.mask_token.clone()
+            model.decoder.initialize_weights(16)
+            model.decoder.mask_token.copy_(mask_token)
+            assert torch.equal(model.decoder.decoder_pos_embed[0, 1:], sincos_2d_position_embedding((4, 4), 24))
     folder = tmp_path / cls_name
     model.save_pretrained(folder)
     return model, folder
