@@ -280,3 +280,27 @@ def test_pretrain_mae_command(tmp_path, capsys):
     assert main(["finetune", "--from", str(model), "--data", "digits", "--steps", "2", "--batch-size", "32",
                  "--threads", "1", "--out-dir", str(tmp_path / "ft"), "--no-progress", "--img-size", "16"]) == 0
     assert main(["pretrain-mae", "--data", "digits", "--mask-ratio", "1.0"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_pretrain_and_evaluate_every_image(tmp_path):
+    """DDP: every parameter of encoder and decoder gets a gradient (no unused-parameter error), the held-out loss
+    counts each evaluation image once over both processes, and rank 0 alone writes the run."""
+    import subprocess
+    import sys
+
+    from tests.train_runs import child_env
+
+    cfg = _digits_config(tmp_path, run_name="dist", steps=4, out_dir=str(tmp_path / "runs"))
+    config_file = tmp_path / "config.json"
+    config_file.write_text(cfg.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlab",
+           "pretrain-mae", "--config", str(config_file), "--decoder-width", "32", "--decoder-depth", "1",
+           "--decoder-heads", "2"]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = list((tmp_path / "runs").iterdir())
+    result = json.loads((run / "result.json").read_text())
+    assert result["world_size"] == 2 and result["metrics"]["samples"] == 359  # 180 + 179: nothing padded
+    assert result["metrics"]["patches"] == 12 * 359 and done.stdout.count("reconstruction loss") == 1
+    assert type(vitlab.load(run / "model.safetensors")) is vitlab.VisionTransformer

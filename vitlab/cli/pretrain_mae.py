@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import InvalidValueError
 from .train import add_config_arguments, build_config, flags_in_errors
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
                                            args.decoder_heads, norm_pix_loss=not args.no_norm_pix_loss)
     with flags_in_errors():
         result = pretrain_mae(config, objective=objective, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary: rank 0's
+        return 0
     m = result.metrics or {}
     if m:
         print(f"masked autoencoder: held-out reconstruction loss {m['loss']:.4f} per masked patch on "
