@@ -32,6 +32,7 @@ COMMAND_HELP = {
     "inspect": "filters, position-embedding similarity, attention distance and rollout figures",
     "models": "list the model variants with their size and compute",
     "predict": "top-k classes or features of image files, folders or a data set",
+    "pretrain-mae": "masked autoencoder pre-training (self-supervised)",
     "pretrain-mpp": "masked patch prediction pre-training (self-supervised)",
     "push": "upload a model to the Hugging Face Hub (timm, transformers or vitlab layout, with a model card)",
     "serve": "serve a model over HTTP (API + web page) with dynamic batching",
