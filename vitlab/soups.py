@@ -124,9 +124,9 @@ class _Pot:
         metadata the head's loss plus ``record``."""
         meta = {k: v for k, v in self.first.metadata.items() if k in ("loss", "multi_label")} \
             if isinstance(self.first.metadata, dict) else {}
-        ckpt = total.checkpoint({**meta, "soup": record})
-        if not ckpt.class_names and self.named is not None:
-            ckpt.class_names = list(self.named.class_names)
+        ckpt = total.checkpoint({**meta, "soup": record})  # (a greedy soup's sum starts from its best ingredient)
+        ckpt.preprocessing = self.first.preprocessing
+        ckpt.class_names = list(self.named.class_names) if self.named is not None else None
         self.notes += ckpt.notes[1:]  # ingredients stored in other dtypes
         return ckpt
 
