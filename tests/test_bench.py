@@ -47,6 +47,19 @@ def test_cpu_peak_memory_follows_allocations_and_frees():
     assert 11.9 < peak < 12.5
 
 
+def test_cpu_peak_memory_prints_nothing_of_the_profilers_own():
+    # the profiler's C++ side writes "USDT: ... profiler_start" and, without a GPU, a gpuGetDeviceCount error line
+    # to descriptor 2 at every start; vitlab bench's output must be its own
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom vitlab.compute.bench import peak_memory_bytes\n"
+            "print(peak_memory_bytes(lambda: torch.ones(256, 1024), torch.device('cpu')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and int(done.stdout) >= 2**20
+    assert done.stderr == "", done.stderr
+
+
 @pytest.mark.parametrize("start", [1, 20, 37, 38, 500, 4096])
 def test_largest_fitting_brackets_the_answer_from_any_start(start):
     tried = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import confusion_matrix as sk_confusion
-from sklearn.metrics import recall_score, top_k_accuracy_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support, recall_score, top_k_accuracy_score
 
 from vitlab.errors import VitlabError
 from vitlab.evaluate.classification import load_label_sets
@@ -53,6 +53,25 @@ def test_class_without_samples_has_no_accuracy_and_is_left_out_of_the_mean():
     out = classification_metrics(logits, torch.tensor([0, 0, 2]), ks=(1,))
     assert out["per_class_accuracy"] == [0.5, None, 0.0]
     assert out["mean_class_accuracy"] == 0.25
+
+
+def test_precision_f1_and_macro_f1_match_sklearn_also_with_classes_never_predicted_or_present():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(300, 7, generator=gen)
+    logits[:, 5] -= 100  # class 5: never predicted
+    labels = torch.randint(0, 6, (300,), generator=gen)  # class 6: never present (but predicted)
+    labels[:60] = logits[:60].argmax(1).clamp(max=5)  # some correct predictions (none of class 6)
+    out = classification_metrics(logits, labels, ks=(1,))
+    y, pred = labels.numpy(), logits.argmax(1).numpy()
+    precision, _, f1, _ = precision_recall_fscore_support(y, pred, labels=range(7), zero_division=0)
+    assert out["per_class_precision"][5] is None and out["per_class_precision"][6] == 0.0
+    np.testing.assert_allclose([p or 0.0 for p in out["per_class_precision"]], precision, atol=1e-12)
+    np.testing.assert_allclose(out["per_class_f1"], f1, atol=1e-12)
+    assert out["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
+    # a class neither present nor predicted has no F1 and is left out of the macro mean, as scikit-learn leaves it
+    out = classification_metrics(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 0]), ks=(1,))
+    assert out["per_class_f1"] == [pytest.approx(2 / 3), 0.0, None]
+    assert out["macro_f1"] == pytest.approx(f1_score([0, 0], [0, 1], average="macro", zero_division=0))
 
 
 def test_ece_by_hand():

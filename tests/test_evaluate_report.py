@@ -30,7 +30,7 @@ def test_classification_report_files(tmp_path):
     paths = write_classification_report(results, tmp_path / "out")
     assert json.loads(paths["json"].read_text()) == results
     md = paths["markdown"].read_text()
-    assert "| top1 (%) | 75.00 |" in md and "| dog | 3 | 66.67 | bird\\|x (1) |" in md
+    assert "| top1 (%) | 75.00 |" in md and "| dog | 3 | 66.67 | 100.00 | 80.00 | bird\\|x (1) |" in md
     for key in ("confusion", "reliability"):
         with Image.open(paths[key]) as img:
             assert img.format == "PNG" and img.size[0] > 100

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     if results.get("skipped"):
         line += f" ({results['skipped']} unreadable skipped, e.g. {skipped[0] if skipped else '?'})"
     print(line)
-    print(f"mean per-class accuracy {100 * results['mean_class_accuracy']:.2f}%, ECE "
+    print(f"mean per-class accuracy {100 * results['mean_class_accuracy']:.2f}%, macro F1 "
+          f"{100 * results['macro_f1']:.2f}%, ECE "
           f"{100 * results['calibration']['ece']:.2f}% ({args.bins} bins)"
           + (f", ReaL top-1 {100 * results['real']['accuracy']:.2f}% on {results['real']['counted']:,} images"
              if "real" in results else ""))

@@ -13,12 +13,14 @@ errors caught), starting from the analytic estimate of :mod:`vitlab.compute.memo
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -161,6 +163,26 @@ def measure_gemm_rate(device: torch.device, dtype: str = "fp32", size: int = 204
     return rates
 
 
+@contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 pointed at the null device: the profiler's C++ side (Kineto) writes status lines there
+    ("USDT: ... profiler_start", "gpuGetDeviceCount failed" on a machine without a GPU) at every start, whatever
+    its log level; Python exceptions are unaffected (raised, not written)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 to silence
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak tensor memory that one call of ``fn`` allocates on top of what exists before it: CUDA from the caching
     allocator's statistics, CPU from the profiler's allocation records."""
@@ -173,7 +195,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_stderr_silenced():
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()

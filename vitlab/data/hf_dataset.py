@@ -265,6 +265,20 @@ class HFImageDataset(_Rows, Dataset):
     def __len__(self) -> int:
         return self._table.num_rows
 
+    def stored_labels(self) -> list:
+        """Every row's label without reading an image: a class index, a tuple of class indices (multi-label), or
+        None for a row without a usable label (which training skips)."""
+        out = []
+        for chunk in self._table.column(self.label_column).chunks:
+            for value in chunk.to_pylist():
+                try:
+                    target = self.codec.target(value)
+                except ValueError:
+                    out.append(None)
+                    continue
+                out.append(tuple(torch.nonzero(target).flatten().tolist()) if self.multi_label else target)
+        return out
+
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(index)

@@ -49,19 +49,40 @@ def mix_seed(*values: int) -> int:
                >> np.uint64(1))
 
 
-def epoch_order(size: int, seed: int, epoch: int, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def epoch_order(size: int, seed: int, epoch: int, repeats: int = 1,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The samples of ``epoch`` in order and which showing of its sample each position is: ``(indices, copies)``,
     int64 of length ``size``. Without repetition a permutation seeded by (seed, epoch) and all copies 0. With
     ``repeats`` = r > 1 (repeated augmentation, Hoffer et al. 2020; DeiT uses 3), the first ``ceil(size / r)`` of
     that permutation, each shown r times in a row (so the copies share a global batch, where each gets its own
-    augmentation from its position), cut to ``size``: the epoch keeps its length and sees a third of the images."""
-    perm = torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+    augmentation from its position), cut to ``size``: the epoch keeps its length and sees a third of the images.
+    ``weights`` (size,): the samples are drawn with replacement in proportion to them instead of permuted (balanced
+    sampling, :mod:`vitlab.data.balance`); a sample drawn again is a later showing (its copy counts up)."""
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
+    unique = -(-size // repeats)
+    if weights is not None:
+        drawn = torch.multinomial(weights, unique, replacement=True, generator=generator)
+        indices = drawn.repeat_interleave(repeats)[:size]
+        return indices, _showings(indices)
+    perm = torch.randperm(size, generator=generator)
     if repeats <= 1:
         return perm, torch.zeros(size, dtype=torch.int64)
-    unique = -(-size // repeats)
     indices = perm[:unique].repeat_interleave(repeats)[:size]
     copies = torch.arange(repeats).repeat(unique)[:size]
     return indices, copies
+
+
+def _showings(indices: torch.Tensor) -> torch.Tensor:
+    """For each position, how many times its index came before it (0 for the first showing)."""
+    order = torch.argsort(indices, stable=True)
+    ranked = indices[order]
+    positions = torch.arange(len(indices))
+    first = torch.ones(len(indices), dtype=torch.bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    group_start = torch.cummax(torch.where(first, positions, 0), dim=0).values
+    copies = torch.empty_like(indices)
+    copies[order] = positions - group_start
+    return copies
 
 
 @dataclass(frozen=True)
@@ -155,9 +176,9 @@ class InMemoryTrainLoader:
     def __init__(self, dataset: ArrayDataset, global_batch: int, img_size: tuple[int, int], augment: Augment,
                  seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
                  mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu", interpolation: str = "bilinear",
-                 repeats: int = 1):
+                 repeats: int = 1, weights: torch.Tensor | None = None):
         self.dataset, self.global_batch, self.img_size, self.augment = dataset, global_batch, img_size, augment
-        self.repeats = repeats
+        self.repeats, self.weights = repeats, weights
         self.seed, self.rank, self.world_size, self.accum_steps = seed, rank, world_size, accum_steps
         self.mean, self.std, self.device = tuple(mean), tuple(std), torch.device(device)
         self.interpolation = interpolation
@@ -174,7 +195,8 @@ class InMemoryTrainLoader:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Micro-batches of ``epoch`` from micro-batch ``start`` on."""
-        order, _ = epoch_order(len(self.dataset), self.seed, epoch, self.repeats)  # copies: told apart by their keys
+        order, _ = epoch_order(len(self.dataset), self.seed, epoch, self.repeats,  # copies: told apart by their keys
+                               self.weights)
         images, labels = self.images, self.labels
         for m in range(start, self.batches_per_epoch):
             step, acc = divmod(m, self.accum_steps)
@@ -332,7 +354,7 @@ class _StepSampler(Sampler[int]):
 
     def __iter__(self):
         ld = self.loader
-        indices, copies = epoch_order(self.size, ld.seed, self.epoch, ld.repeats)
+        indices, copies = epoch_order(self.size, ld.seed, self.epoch, ld.repeats, ld.weights)
         order = indices + copies * self.size  # a later showing of a sample: read through _Repeats
         for m in range(self.start, ld.batches_per_epoch):
             step, acc = divmod(m, ld.accum_steps)
@@ -350,11 +372,15 @@ class FolderTrainLoader:
     def __init__(self, dataset: ImageFolderDataset | ShardDataset, global_batch: int, img_size: tuple[int, int],
                  augment: Augment, seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1,
                  mean=(0.5,), std=(0.5,), device: torch.device | str = "cpu", num_workers: int = 0,
-                 interpolation: str = "bilinear", repeats: int = 1):
+                 interpolation: str = "bilinear", repeats: int = 1, weights: torch.Tensor | None = None):
         if repeats > 1 and isinstance(dataset, IterableDataset):
             raise InvalidValueError("repeated augmentation (aug_repeats) needs random access to the samples; tar "
                                     "shards and streamed sources are read in order", options=("aug_repeats",))
+        if weights is not None and isinstance(dataset, IterableDataset):
+            raise InvalidValueError("balanced sampling needs random access to the samples; tar shards and streamed "
+                                    "sources are read in order", options=("sampling",))
         self.dataset, self.global_batch, self.seed, self.repeats = dataset, global_batch, seed, repeats
+        self.weights = weights
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.device, self.num_workers = torch.device(device), num_workers
         self.micro_batch = check_batch_split(global_batch, world_size, accum_steps)
@@ -380,7 +406,8 @@ class FolderTrainLoader:
                 self.dataset.sample_seed = _SampleSeed(self.seed, epoch)
             return DataLoader(self.dataset, **common)
         self.dataset.sample_seed = _SampleSeed(self.seed, epoch)
-        source = _Repeats(self.dataset, self.seed, epoch) if self.repeats > 1 else self.dataset
+        later_showings = self.repeats > 1 or self.weights is not None  # a sample can come more than once
+        source = _Repeats(self.dataset, self.seed, epoch) if later_showings else self.dataset
         return DataLoader(source, sampler=_StepSampler(len(self.dataset), self, epoch, start), **common)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:

@@ -56,6 +56,7 @@ def load_label_sets(path: str | Path, file_names: Sequence[str] | None = None) -
 
 
 SUMMARY_KEYS = ("samples", "skipped", "loss", "top1", "top5",  # what training logs of each evaluation
+                "mean_class_accuracy",                      # (balanced accuracy: the mean of per-class recalls)
                 "map_macro", "map_micro", "f1_micro")      # (the last three: multi-label data)
 
 

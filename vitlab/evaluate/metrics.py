@@ -47,6 +47,23 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
     return [(confusion[i, i] / totals[i]).item() if totals[i] else None for i in range(confusion.shape[0])]
 
 
+def per_class_precision_f1(confusion: torch.Tensor) -> tuple[list[float | None], list[float | None]]:
+    """(precision of each class: diagonal / column sum, None for a class never predicted; F1 of each class: the
+    harmonic mean of its precision and recall, 0 where either is 0 or undefined, None for a class neither present
+    nor predicted), from a confusion matrix (rows = true class). scikit-learn's ``precision_recall_fscore_support``
+    with ``zero_division=0`` gives the same numbers (with 0 where these are None)."""
+    tp = confusion.diagonal().double()
+    predicted, actual = confusion.sum(dim=0).double(), confusion.sum(dim=1).double()
+    precision, f1 = [], []
+    for c in range(confusion.shape[0]):
+        precision.append((tp[c] / predicted[c]).item() if predicted[c] else None)
+        if not predicted[c] and not actual[c]:
+            f1.append(None)
+        else:
+            f1.append((2 * tp[c] / (predicted[c] + actual[c])).item())  # = 2PR / (P + R); 0 when tp = 0
+    return precision, f1
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict:
     """Expected calibration error of the top-1 confidence with ``num_bins`` equal-width bins over (0, 1].
 
@@ -98,7 +115,9 @@ def classification_metrics(
 
     Keys: ``samples``, ``num_classes``, ``top{k}`` for each k up to the class count, ``loss`` (mean
     cross-entropy, nats), ``per_class_accuracy`` (list), ``mean_class_accuracy`` (over classes with samples),
-    ``confusion_matrix`` (K x K list, rows = true), ``calibration`` (see :func:`expected_calibration_error`) and,
+    ``per_class_precision`` and ``per_class_f1`` (lists, :func:`per_class_precision_f1`), ``macro_f1`` (over the
+    classes present or predicted, as scikit-learn's ``f1_score(average="macro")``), ``confusion_matrix`` (K x K
+    list, rows = true), ``calibration`` (see :func:`expected_calibration_error`) and,
     when ``label_sets`` is given, ``real`` (see :func:`multilabel_accuracy`)."""
     logits = logits.float()
     labels = labels.long()
@@ -115,6 +134,9 @@ def classification_metrics(
     present = [a for a in per_class if a is not None]
     out["per_class_accuracy"] = per_class
     out["mean_class_accuracy"] = sum(present) / len(present)
+    out["per_class_precision"], out["per_class_f1"] = per_class_precision_f1(confusion)
+    scored = [f for f in out["per_class_f1"] if f is not None]
+    out["macro_f1"] = sum(scored) / len(scored)
     out["confusion_matrix"] = confusion.tolist()
     out["calibration"] = expected_calibration_error(logits.double().softmax(dim=1), labels, num_bins)
     if label_sets is not None:

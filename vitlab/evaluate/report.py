@@ -114,19 +114,22 @@ def classification_markdown(results: dict, title: str = "Classification accuracy
         real = results["real"]
         rows.append([f"ReaL top1 (%), {real['counted']} images with labels", _pct(real["accuracy"])])
     rows += [["mean per-class accuracy (%)", _pct(results["mean_class_accuracy"])],
+             ["macro F1 (%)", _pct(results["macro_f1"])] if "macro_f1" in results else None,
              [f"ECE (%), {results['calibration']['num_bins']} bins", _pct(results["calibration"]["ece"])]]
-    rows = [[key, results[key]] for key in ("checkpoint", "data", "split") if key in results] + rows
+    rows = [[key, results[key]] for key in ("checkpoint", "data", "split") if key in results] + [r for r in rows if r]
     text = f"# {title}\n\n" + markdown_table(["metric", "value"], rows)
     confusion = results["confusion_matrix"]
+    precision = results.get("per_class_precision") or [None] * len(confusion)  # (results of an earlier version)
+    f1 = results.get("per_class_f1") or [None] * len(confusion)
     per_class = []
     for i, acc in enumerate(results["per_class_accuracy"]):
         row = confusion[i]
         errors = [(count, j) for j, count in enumerate(row) if j != i and count]
         worst = max(errors) if errors else None
-        per_class.append([names[i], sum(row), _pct(acc),
+        per_class.append([names[i], sum(row), _pct(acc), _pct(precision[i]), _pct(f1[i]),
                           f"{names[worst[1]]} ({worst[0]})" if worst else "-"])
-    text += "\n## Per class\n\n" + markdown_table(["class", "images", "accuracy (%)", "most often taken for"],
-                                                 per_class)
+    text += "\n## Per class\n\n" + markdown_table(
+        ["class", "images", "accuracy = recall (%)", "precision (%)", "F1 (%)", "most often taken for"], per_class)
     return text
 
 

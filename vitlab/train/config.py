@@ -98,6 +98,16 @@ class TrainConfig:
     patch_dropout: float = setting(0.0, "fraction of patch tokens dropped per training image (PatchDropout)")
     full_token_epochs: float = setting(0.0, "with patch_dropout: the last N epochs train on all patch tokens, so "
                                        "training ends on the tokens evaluation sees")
+    class_weights: str = setting("none", "weight the label loss by class: none, balanced (N / (K x n_c), every class "
+                                 "weighs as much in total; multi-label data: each label's positives weighted "
+                                 "negatives / positives) or sqrt (the square root of balanced's weights)",
+                                 flag=True, section="imbalanced classes (vitlab.data.balance, docs/training.md)")
+    sampling: str = setting("uniform", "how an epoch draws its images: uniform (each once, shuffled), balanced "
+                            "(with replacement, every class equally often) or sqrt (class c in proportion to "
+                            "sqrt(n_c))", flag=True)
+    early_stop: int = setting(0, "end the run when the evaluation top-1 has not improved for N evaluations in a row "
+                              "(0 = off); checkpoints/best.pt keeps the best model (vitlab.load reads it)",
+                              flag=True, metavar="N")
 
     model: str = setting("vit_fmnist", "a registered model name (vitlab models)", flag=True, section="model")
     model_args: dict = setting(doc='model config overrides, e.g. {"depth": 4, "dropout": 0.1}', factory=dict)
@@ -402,6 +412,9 @@ RULES: dict[str, Rule] = {
     "holdout": at_least(0, integer=True),
     "patch_dropout": fraction(),
     "full_token_epochs": at_least(0),
+    "class_weights": one_of("none", "balanced", "sqrt"),
+    "sampling": one_of("uniform", "balanced", "sqrt"),
+    "early_stop": at_least(0, integer=True),
     "img_size": size(),
     "reset_head": one_of("auto", "always", "never"),
     "optimizer": one_of("adamw", "sgd", "muon"),

@@ -36,7 +36,7 @@ from .distill import Distillation
 from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
-from .runfolder import RunFolder, RunLock, disagreement, launch_ids, shared_wait, unseen_folder
+from .runfolder import RunFolder, RunLock, disagreement, early_stop_due, launch_ids, shared_wait, unseen_folder
 from .runlog import RunLog, default_run_name, new_run_dir
 from .step import train_step
 from .stop import RunStopped, StopSignals
@@ -59,6 +59,7 @@ class TrainResult:
     model: nn.Module = field(repr=False, default=None)
     skipped_files: int = 0
     data_seconds: float = 0.0        # of train_seconds, the time spent waiting for batches (rank 0)
+    stopped_early: bool = False      # early_stop ended it before its length (best: the evaluation it kept)
 
 
 class _Skipped:
@@ -122,8 +123,11 @@ def _evaluate_and_save(run: Run, step: int, best: dict | None, times: dict, on_s
                       if k.startswith(prefix) and (prefix or not k.startswith("ema_"))}
         run.log.metric({"kind": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4),
                         "train_seconds": round(train_seconds, 2), **metrics})
+        names = ("top1", "top5", "loss", "map_macro", "map_micro")
+        if run.config.class_weights != "none" or run.config.sampling != "uniform":  # what balancing is for
+            names += ("mean_class_accuracy",)
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-                          if k.endswith(("top1", "top5", "loss", "map_macro", "map_micro")))
+                          if k.endswith(names))
         run.log.info(f"epoch {step / run.steps_per_epoch:.2f} step {step}/{run.total_steps}: {shown} "
                      f"({train_seconds:.0f} s training)")
     improved = bool(metrics) and (best is None or final_view.get("top1", -1) > best.get("top1", -1))
@@ -414,7 +418,8 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
     step_log = StepLog(run, step)
     if start.stop is not None:  # only while steps run: a process stuck elsewhere still ends on SIGTERM
         start.stop.install()
-    while step < run.total_steps:
+    stopped_early, last_eval = False, None
+    while step < run.total_steps and not stopped_early:
         epoch, in_epoch = divmod(step, run.steps_per_epoch)
         micro_batches = run.loader.epoch(epoch, in_epoch * cfg.accum_steps)
         for _ in range(in_epoch, min(run.steps_per_epoch, in_epoch + run.total_steps - step)):
@@ -432,27 +437,36 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
             if start.stop is not None and (signum := start.stop.agreed()):
                 _stop(run, signum, step, best, times())
             if step % run.eval_interval == 0:
-                _, best = _evaluate_and_save(run, step, best, times(), skipped)
+                last_eval, best = _evaluate_and_save(run, step, best, times(), skipped)
                 last_save = time.monotonic()
                 step_log.restart_clock()
+                if early_stop_due(cfg, run.eval_interval, step, best):
+                    stopped_early = True
+                    log.info(f"early stop at step {step}/{run.total_steps} (epoch {step / run.steps_per_epoch:.2f}):"
+                             f" the evaluation top-1 has not improved for {cfg.early_stop} evaluations; the best, "
+                             f"{100 * best['top1']:.2f}% at step {best['step']}, is in checkpoints/best.pt")
+                    break
             elif _save_due(run, step, save_interval, last_save):
                 save_run_state(run, RunFolder.LAST, step, best, times())
                 last_save = time.monotonic()
     if start.stop is not None:
         start.stop.restore()
     step_log.close()
-    # an error or a kill in the final evaluation loses nothing: the final state and model are on disk first
-    save_run_state(run, RunFolder.LAST, step, best, times())
-    _save_final(run, None)
-    last_eval, best = _evaluate_and_save(run, step, best, times(), skipped)
+    if not stopped_early:  # (an early stop has just evaluated and saved this step)
+        # an error or a kill in the final evaluation loses nothing: the final state and model are on disk first
+        save_run_state(run, RunFolder.LAST, step, best, times())
+        _save_final(run, None)
+        last_eval, best = _evaluate_and_save(run, step, best, times(), skipped)
     model_path, module = _save_final(run, last_eval)
     elapsed = times()
     result = TrainResult(
         run_dir=run.run_dir, metrics=last_eval or {}, best=best, steps=step, epochs=step / run.steps_per_epoch,
         train_seconds=elapsed["train_seconds"], total_seconds=elapsed["total_seconds"], train_flops=train_flops,
-        model_path=model_path, model=module, skipped_files=skipped.total, data_seconds=elapsed["data_seconds"])
+        model_path=model_path, model=module, skipped_files=skipped.total, data_seconds=elapsed["data_seconds"],
+        stopped_early=stopped_early)
     log.result({
         "metrics": result.metrics, "best": result.best, "steps": result.steps, "epochs": result.epochs,
+        "stopped_early": stopped_early,
         "train_seconds": result.train_seconds, "total_seconds": result.total_seconds,
         "data_seconds": result.data_seconds,
         "train_flops": train_flops, "forward_macs_per_image": run.macs, "skipped_files": skipped.total,

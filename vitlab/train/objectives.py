@@ -74,14 +74,16 @@ class MultiHotMixer:
         return mixed, targets * lam + rolled_y * (1.0 - lam)
 
 
-def sigmoid_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sigmoid_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sigmoid cross-entropy: every label an independent binary decision, summed over the labels and averaged over
     the images (big_vision's ``sigmoid_xent``, the loss of the paper's ImageNet-21k pre-training). ``targets``:
-    multi-hot / mixed rows (B, K), or class indices (B,) (one-hot)."""
+    multi-hot / mixed rows (B, K), or class indices (B,) (one-hot). ``pos_weight`` (K,): each label's positive term
+    weighted (:func:`vitlab.data.balance.loss_weights`)."""
     logits = logits.float()
     if targets.ndim == 1:
         targets = F.one_hot(targets.long(), logits.shape[1])
-    per_label = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    per_label = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none",
+                                                   pos_weight=pos_weight)
     return per_label.sum(dim=1).mean()
 
 
@@ -127,6 +129,12 @@ class Classification(Objective):
         self.loss_name = resolve_loss(config, multi_label)
         self.mixer = batch_mixer(config, num_classes, multi_label)
         self.head_bias_init = config.head_bias
+        self.class_weights: torch.Tensor | None = None
+
+    def set_class_weights(self, weights: torch.Tensor | None) -> None:
+        """Weigh the label loss by class (K,): the softmax loss's class weights, the sigmoid loss's ``pos_weight``
+        (:func:`vitlab.data.balance.loss_weights`); None: unweighted."""
+        self.class_weights = None if weights is None else weights.float()
 
     @property
     def head_bias(self) -> float | None:
@@ -150,9 +158,12 @@ class Classification(Objective):
         return self.mixer(images, targets) if self.mixer is not None else (images, targets)
 
     def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        weights = self.class_weights
+        if weights is not None and weights.device != output.device:
+            self.class_weights = weights = weights.to(output.device)  # once: no copy in every step
         if self.loss_name == "sigmoid":
-            return sigmoid_loss(output, targets)
-        return F.cross_entropy(output.float(), targets, label_smoothing=self.label_smoothing)
+            return sigmoid_loss(output, targets, pos_weight=weights)
+        return F.cross_entropy(output.float(), targets, weight=weights, label_smoothing=self.label_smoothing)
 
     def evaluate(self, module: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32",
                  on_skipped=None) -> dict:

@@ -26,6 +26,7 @@ from ..data import (
     ShardDataset,
     build_dataset,
 )
+from ..data.balance import class_counts, describe_counts, loss_weights, sample_classes, sampling_weights
 from ..data.loaders import Augment, FolderTrainLoader, InMemoryTrainLoader, mix_seed
 from ..data.manifest import looks_like_manifest
 from ..data.stats import channel_statistics
@@ -40,7 +41,7 @@ from .lora import apply_lora, check_lora_config
 from .objectives import Classification, Objective
 from .optim import EMA, build_optimizer, build_scheduler
 from .patch_dropout import PatchDropoutForward
-from .runfolder import total_steps_for
+from .runfolder import eval_interval_for, total_steps_for
 from .runlog import RunLog
 from .transfer import adapt_init_channels, apply_controls, init_channels
 
@@ -286,6 +287,37 @@ def _datasets(config: TrainConfig):
     return train_set, eval_set, why_not, class_names, in_chans
 
 
+def _balance_loss(config: TrainConfig, objective, train_set, class_names: list[str], multi_label: bool,
+                  log: RunLog) -> None:
+    """``class_weights``: weigh the objective's label loss by the training set's class counts."""
+    if config.class_weights == "none":
+        return
+    if not isinstance(objective, Classification):
+        raise VitlabError("class_weights weigh a classification loss, not another objective such as masked patch "
+                          "prediction", options=("class_weights",))
+    counts, labelled = class_counts(train_set, "class_weights")
+    weights = loss_weights(counts, labelled, config.class_weights, multi_label)
+    objective.set_class_weights(weights)
+    kind = "positive weights per label" if multi_label else "class weights"
+    log.info(f"{kind} ({config.class_weights}): {describe_counts(counts, class_names)}; weights "
+             f"{float(weights[counts > 0].min()):.3g} to {float(weights.max()):.3g}")
+
+
+def _sampling_weights(config: TrainConfig, train_set, class_names: list[str], log: RunLog) -> torch.Tensor | None:
+    """``sampling``: each training sample's drawing weight (None: every epoch a plain permutation)."""
+    if config.sampling == "uniform":
+        return None
+    classes = sample_classes(train_set, "sampling")
+    weights = sampling_weights(classes, len(class_names), config.sampling)
+    counts = torch.bincount(classes[classes >= 0], minlength=len(class_names))
+    share = torch.zeros(len(class_names), dtype=torch.float64).index_add_(0, classes.clamp(min=0),
+                                                                          weights) / weights.sum()
+    log.info(f"{config.sampling} sampling: {describe_counts(counts, class_names)}; each epoch draws "
+             f"{len(classes):,} images with replacement, classes {100 * float(share[counts > 0].min()):.1f}% to "
+             f"{100 * float(share.max()):.1f}% of them")
+    return weights
+
+
 def _record_kernels(vit: nn.Module, asked: str, precision: str, device: torch.device, log: RunLog) -> None:
     """Write what the run computes with to ``kernels.json`` in the run folder (and one log line): the precision
     and why (on the CPU measured per machine, :mod:`vitlab.compute.precision`), and per Linear shape the product
@@ -324,6 +356,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
                      if cfg.teacher else
                      Classification(cfg, len(class_names), multi_label))
     objective.check(cfg)
+    _balance_loss(cfg, objective, train_set, class_names, multi_label, log)
     check_lora_config(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
     vit = build_model_for(cfg, len(class_names), in_chans, log)
@@ -365,7 +398,8 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         cfg.augment, tuple(cfg.crop_scale), cfg.flip, cfg.max_shift,
         tuple(cfg.randaugment) if cfg.randaugment else None, cfg.random_erasing), seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, accum_steps=cfg.accum_steps, mean=preprocessing.mean, std=preprocessing.std,
-        device=info.device, interpolation=preprocessing.interpolation, repeats=cfg.aug_repeats)
+        device=info.device, interpolation=preprocessing.interpolation, repeats=cfg.aug_repeats,
+        weights=_sampling_weights(cfg, train_set, class_names, log))
     if isinstance(train_set, ArrayDataset):
         loader = InMemoryTrainLoader(train_set, **common)
     else:
@@ -377,6 +411,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * spe))
     ev = cfg.eval_every_epochs
 
+    if cfg.early_stop and (eval_set is None or not ev or ev <= 0):
+        raise VitlabError("early_stop needs evaluations during the run: evaluation data (val_data, or a test split) "
+                          "and eval_every_epochs above 0", options=("early_stop",))
     if cfg.fsdp and cfg.ema_decay > 0:
         raise VitlabError("EMA with FSDP is not supported; use DDP (drop fsdp) or set ema_decay=0")
     if cfg.fsdp and cfg.optimizer == "muon":  # it orthogonalises whole matrices; FSDP holds a shard of each
@@ -415,7 +452,7 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
         params=[p for p in trainable.parameters() if p.requires_grad], optimizer=optimizer, scheduler=scheduler,
         ema=EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None, steps_per_epoch=spe,
         total_steps=total_steps, warmup_steps=warmup_steps,
-        eval_interval=max(1, int(round(ev * spe))) if ev and ev > 0 else total_steps, macs=macs,
+        eval_interval=eval_interval_for(ev, spe, total_steps), macs=macs,
         train_macs=train_macs, patch_dropout_steps=patch_dropout_steps, teacher_macs=teacher_macs,
         # FSDP shards the gradients: the key-bias slices are not whole on any process there
         key_biases=[] if cfg.fsdp else key_bias_slices(model),

@@ -53,6 +53,22 @@ def total_steps_for(steps: int | None, epochs: float | None, steps_per_epoch: in
     return int(steps) if steps else int(math.ceil((epochs or 1) * steps_per_epoch))
 
 
+def eval_interval_for(eval_every_epochs: float | None, steps_per_epoch: int, total_steps: int) -> int:
+    """Steps between a run's evaluations: ``eval_every_epochs`` of ``steps_per_epoch`` (at least one step), or the
+    whole run when it is 0 (evaluated only at the end)."""
+    if not eval_every_epochs or eval_every_epochs <= 0:
+        return total_steps
+    return max(1, int(round(eval_every_epochs * steps_per_epoch)))
+
+
+def early_stop_due(config, eval_interval: int, step: int, best: dict | None) -> bool:
+    """Whether ``early_stop`` ends a run evaluated at ``step``: ``config.early_stop`` evaluations (one every
+    ``eval_interval`` steps) have come since the best one (``best['step']``) without beating it."""
+    if not config.early_stop or not best:
+        return False
+    return (step - int(best["step"])) // eval_interval >= config.early_stop
+
+
 class RunFolder:
     """One run folder: the paths of its files (``folder.config``, ``folder.last``, ``folder.model``, ...) and what
     may be done with it on a resume (:meth:`of_checkpoint`, :meth:`auto`, :meth:`resumed_config`)."""
@@ -237,6 +253,11 @@ class RunFolder:
         if total is not None and total < done:
             raise VitlabError(f"{given or self.path}: the run is already at step {done} (epoch "
                               f"{state['epoch']:.2f}); give a longer run to continue it", options=("steps", "epochs"))
+        if self.result.is_file() and spe and early_stop_due(
+                config, eval_interval_for(config.eval_every_epochs, spe, total), done, state.get("best")):
+            raise RunFinished(f"{self.path}: the run stopped early at step {done} (epoch {state['epoch']:.2f}; "
+                              f"early_stop={config.early_stop}); its best model is in checkpoints/best.pt: start a "
+                              "new run from it (init_from) to train on", options=("early_stop",))
         if self.result.is_file() and total is not None and done >= total:
             raise RunFinished(f"{self.path}: the run has finished at step {done} (epoch {state['epoch']:.2f}); "
                               "nothing changed (give epochs or steps beyond that to train on)",
