@@ -160,6 +160,7 @@ def test_greedy_soup_keeps_what_does_not_lower_the_score(tmp_path):
     assert [(i.checkpoint, i.score, i.kept) for i in result.ingredients] == [(c, -8.0, False), (b, -1.0, True),
                                                                             (a, -1.0, True)]
     assert result.score == 0.0 and result.method == "greedy"
+    assert [i.soup_score for i in result.ingredients] == [pytest.approx(-(14 / 3 - 2)), -1.0, 0.0]  # B, A, C tried
     assert torch.equal(result.model.head.bias, torch.full((3,), 2.0))
     with_d = vitlab.soup([a, b, c, d, e], score=score, greedy=True)
     assert [i.kept for i in with_d.ingredients] == [False, False, False, True, True] and with_d.score == 0.0

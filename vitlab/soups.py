@@ -36,16 +36,18 @@ __all__ = ["Ingredient", "Soup", "check_soup_out", "soup"]
 
 @dataclass
 class Ingredient:
-    """One model of a soup: what was given, its weight, its held-out score (when scored) and whether the soup kept
-    it."""
+    """One model of a soup: what was given, its weight, its held-out score (when scored), whether the soup kept it
+    and, in a greedy soup, the score of the soup with it when it was tried (``soup_score``)."""
 
     checkpoint: str
     weight: float = 1.0
     score: float | None = None
     kept: bool = True
+    soup_score: float | None = None
 
     def to_dict(self) -> dict:
-        return {"checkpoint": self.checkpoint, "weight": self.weight, "score": self.score, "kept": self.kept}
+        return {"checkpoint": self.checkpoint, "weight": self.weight, "score": self.score, "kept": self.kept,
+                "soup_score": self.soup_score}
 
 
 @dataclass
@@ -201,11 +203,12 @@ def _greedy(pot: _Pot, items: list[Ingredient], score, say) -> tuple[WeightSum, 
     order = sorted(range(len(items)), key=lambda i: -items[i].score)  # stable: ties keep the given order
     best = order[0]
     total, current = WeightSum(pot.get(best)), items[best].score
+    items[best].soup_score = current
     say(f"greedy: start from {items[best].checkpoint} ({current:.4f})")
     for i in order[1:]:
         trial = total.copy()
         trial.add(pot.get(i))
-        trial_score = float(score(_build(trial.checkpoint())))
+        trial_score = items[i].soup_score = float(score(_build(trial.checkpoint())))
         items[i].kept = trial_score >= current
         say(f"greedy: + {items[i].checkpoint}: {trial_score:.4f} "
             + ("kept" if items[i].kept else f"left out (below {current:.4f})"))
