@@ -96,6 +96,8 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.train.checkpoint", "torch.distributed"): HEAVY + " (FSDP state-dict helpers, distributed runs only)",
     ("vitlab.train.distributed", "torch.distributed"): HEAVY + " (FSDP, distributed runs only)",
     ("vitlab.train.objectives", "torchvision.transforms"): HEAVY,
+    ("vitlab.train.predict_files", "pyarrow"): OPTIONAL + " (parquet files; installed with datasets, the hf extra)",
+    ("vitlab.train.predict_files", "pyarrow.parquet"): OPTIONAL + " (installed with datasets, the hf extra)",
     ("vitlab.train.progress", "tqdm"): OPTIONAL,
     ("vitlab.train.runfolder", "fcntl"): POSIX,
     ("vitlab.train.trackers", "mlflow.entities"): OPTIONAL + " (the mlflow extra, named in the error)",

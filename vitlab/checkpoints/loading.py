@@ -492,9 +492,15 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ModelC
     hf = _json_object(config_file)
     if hf.get("model_type") in HF_FAMILY_TYPES:
         return _read_hf_family_folder(path, hf, config_file, grid_hint, named)
-    if hf.get("model_type") not in ("vit", None):
+    if hf.get("model_type") not in ("vit", "vit_mae", None):
         raise VitlabError(f"{config_file}: model_type {hf.get('model_type')!r} is not a ViT")
     state_dict = _read_hf_weights(path)
+    notes = []
+    if hf.get("model_type") == "vit_mae":  # ViTMAEModel / ViTMAEForPreTraining: a ViT's names; the decoder is dropped
+        decoder = [k for k in state_dict if k.startswith("decoder.")]
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.")}
+        if decoder:
+            notes.append(f"masked-autoencoder decoder dropped ({len(decoder)} tensors): the encoder is the ViT")
     act = hf.get("hidden_act", "gelu")
     gelu = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}.get(act)
     if gelu is None:
@@ -508,6 +514,7 @@ def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ModelC
              "gelu": gelu}
     hint = grid_hint or (size[0] // patch[0], size[1] // patch[1])
     ckpt = _from_state_dict(source, "hf-folder", state_dict, [], hint, named, hf_config=hints)
+    ckpt.notes.extend(notes)
     _hf_names_and_preprocessing(ckpt, hf, path)
     return ckpt
 

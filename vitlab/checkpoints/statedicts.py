@@ -262,10 +262,22 @@ def to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                                  ("query", "key", "value")), HF_TO)
 
 
+MAE_DECODER = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.", "decoder_pos_embed", "mask_token")
+
+
+def drop_mae_decoder(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A masked autoencoder's file in timm names (the paper's ``mae_visualize_vit_*.pth``, vitlab's MAE): the
+    encoder alone, the decoder and [mask] token dropped with a note. Other state dicts pass unchanged."""
+    if "decoder_pred.weight" not in state_dict:
+        return dict(state_dict), []
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(MAE_DECODER)}
+    return kept, [f"masked-autoencoder decoder dropped ({len(state_dict) - len(kept)} tensors): the encoder is the ViT"]
+
+
 def to_vitlab_names(state_dict: Mapping[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Any supported PyTorch layout -> vitlab names. Returns (state dict, notes)."""
     if layout == "timm":
-        return dict(state_dict), []
+        return drop_mae_decoder(state_dict)
     if layout == "hf":
         return from_hf(state_dict)
     if layout == "torchvision":

@@ -1,42 +1,131 @@
-"""``vitlab predict CKPT IMAGES...``: top-k classes for image files; a bad image gets its own error line."""
+"""``vitlab predict CKPT IMAGES... | --data SOURCE``: top-k classes (or pooled features) for image files, folders or a
+data source, in batches; a bad image gets its own error line (or row)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import InvalidValueError
+from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
+
+# library arguments that errors name -> this command's flags
+FLAGS = {**EVAL_DATA_FLAGS, "out": "--out", "batch_size": "--batch-size", "num_workers": "--workers",
+         "precision": "--precision"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("predict", help="top-k classes for image files",
-                              description="Predict the top-k classes of image files with a checkpoint's own "
-                                          "preprocessing and class names. Unreadable files get an error line; the "
-                                          "others are still predicted (exit status 1 if any failed).")
+    p = subparsers.add_parser("predict", help="top-k classes or features of image files, folders or a data set",
+                              description="Predict the top-k classes of images with a checkpoint's own "
+                                          "preprocessing and class names, in batches: image files, folders (their "
+                                          "images at any depth, sorted) or a data source (--data). Prints one line "
+                                          "per image, or writes a CSV / JSONL / parquet table with --out; "
+                                          "--features writes the pooled pre-logits features instead. Unreadable "
+                                          "images get an error line (row); the others are still predicted (exit "
+                                          "status 1 if any failed).")
     p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="*", help="image files and folders")
+    p.add_argument("--data", help="instead of IMAGES: a .csv / .jsonl manifest, an image-folder tree, tar shards, a "
+                                  "Hugging Face source (hf:org/name, save_to_disk folder, parquet / arrow files) or a "
+                                  "named set")
+    add_hf_data_arguments(p)
+    p.add_argument("--split", default="test", help="split of --data's named set or folder tree (default test)")
+    p.add_argument("--data-dir", help="folder holding a named set's files")
     p.add_argument("--topk", type=int, help="classes listed per image (default 5, or all of a model with fewer)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, help="write the predictions to this file instead of printing: .csv, .jsonl "
+                                            "or .parquet (with --features: .safetensors, .npz or .parquet); an "
+                                            "existing file is refused")
+    p.add_argument("--features", action="store_true",
+                   help="write each image's pooled pre-logits features (what the head reads) to --out instead of "
+                        "classes")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the images (default 0)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="fp32, or bf16 / fp16 autocast (fp16: for GPUs without bf16)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import load
-    from ..compute.pt2 import is_exported_file, load_exported
-    from ..train import predict
-
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse contradictory or out-of-range options before the model is loaded."""
+    if bool(args.images) == bool(args.data):
+        raise InvalidValueError("give image files / folders or --data SOURCE (one of the two)")
     if args.topk is not None and args.topk < 1:
         raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
+    if args.batch_size < 1:
+        raise InvalidValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.workers < 0:
+        raise InvalidValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.features and args.out is None:
+        raise InvalidValueError("--features writes a file: give --out FILE (.safetensors, .npz or .parquet)")
+    if args.features and args.topk is not None:
+        raise InvalidValueError("--topk is for classes; --features writes features")
+    if args.json and args.out is not None:
+        raise InvalidValueError("--json prints; with --out the file's extension picks the format")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load
+    from ..compute.onednn import linear_shapes
+    from ..compute.precision import choose_cpu_precision
+    from ..compute.pt2 import is_exported_file, load_exported
+    from ..devices import resolve_device
+    from ..models import metadata_of
+    from ..train.predict import data_inputs, file_inputs, image_files, iter_predictions
+    from ..train.predict_files import check_output, write_features, write_predictions
+
+    check_args(args)
+    if args.out is not None:  # an existing file, a wrong extension: said now, not after the model is loaded
+        check_output(args.out, args.features)
+    files = image_files(args.images) if args.images else None
+    data = hf_data(args.data, args)
+    device = resolve_device(args.device)
     model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
-    results = predict(model, args.images, topk=args.topk or 5, device=args.device)
-    listed = max((len(r.top) for r in results if not r.error), default=args.topk)
-    if args.topk is not None and listed < args.topk:  # asked for, not the default: say why fewer are listed
-        print(f"vitlab predict: --topk {args.topk} is more than the model's {listed} classes: all {listed} are listed",
-              file=sys.stderr)
+    precision = args.precision
+    if device.type == "cpu" and precision != "fp32" and not is_exported_file(args.checkpoint):
+        precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))  # warns if emulated
+    pre = metadata_of(model).preprocessing
+    topk = args.topk or 5
+    with flags_in_errors(FLAGS, config_flags=False):
+        inputs = file_inputs(files, pre) if files is not None else data_inputs(data, args.split, pre,
+                                                                               data_dir=args.data_dir)
+        predictions = iter_predictions(model, inputs, topk=topk, features=args.features, batch_size=args.batch_size,
+                                       num_workers=args.workers, device=device, precision=precision)
+        listed = min(topk, model.cfg.num_classes)
+        if args.topk is not None and listed < args.topk:  # asked for, not the default: say why fewer are listed
+            print(f"vitlab predict: --topk {args.topk} is more than the model's {listed} classes: all {listed} are "
+                  "listed", file=sys.stderr)
+        if args.out is not None:
+            return _write(args, predictions, listed, write_features if args.features else write_predictions)
+        return _print(args, predictions)
+
+
+def _reported(predictions):
+    """The predictions, each error also printed to stderr as it comes."""
+    for p in predictions:
+        if p.error:
+            print(f"vitlab predict: error: {p.error}", file=sys.stderr)
+        yield p
+
+
+def _write(args: argparse.Namespace, predictions, listed: int, write) -> int:
+    if args.features:
+        written = write(args.out, _reported(predictions), metadata={"checkpoint": str(args.checkpoint)})
+        what = f"features of {written.rows:,} images"
+    else:
+        written = write(args.out, _reported(predictions), listed)
+        what = f"top-{listed} predictions for {written.rows:,} images"
+    unreadable = f" ({len(written.errors):,} unreadable)" if written.errors else ""
+    print(f"wrote {what}{unreadable} to {written.path}")
+    return 1 if written.errors else 0
+
+
+def _print(args: argparse.Namespace, predictions) -> int:
     failed = 0
-    for r in results:
+    for r in predictions:
         if r.error:
             failed += 1
             if not args.json:

@@ -180,7 +180,12 @@ class LabelCodec:
 
 
 class _Rows:
-    """What both kinds share: the columns, the label codec, and decoding one row with vitlab's image guards."""
+    """What both kinds share: the columns, the label codec, and decoding one row with vitlab's image guards.
+
+    ``with_names`` (set by prediction, which needs no labels): each sample is ``(image, target, "NAME: row N")``
+    and a row without a usable label keeps its image (with the placeholder target)."""
+
+    with_names = False
 
     def _setup(self, resolved: Resolved, image_column: str | None, label_column: str | None, channels: int,
                on_error: str, max_pixels: int | None, chunks: Callable[[str], Iterator[list]]) -> None:
@@ -224,14 +229,21 @@ class _Rows:
         raise ImageLoadError(f"{where}: no image (empty cell)")
 
     def _sample(self, row: int, image_value, label_value):
-        """(image, target) of one row, or (BadSample, placeholder) when it cannot be used and ``on_error='skip'``."""
+        """(image, target) of one row, or (BadSample, placeholder) when it cannot be used and ``on_error='skip'``;
+        plus the row's name with ``with_names``."""
         where = f"{self.name}: row {row}"
+        sample = self._decoded(where, row, image_value, label_value)
+        return (*sample, where) if self.with_names else sample
+
+    def _decoded(self, where: str, row: int, image_value, label_value):
         try:
             target = self.codec.target(label_value)
         except ValueError as exc:
-            if self.on_error == "fail":
-                raise VitlabError(f"{where}: {exc}") from exc
-            return BadSample(f"{where}: {exc}"), self.codec.placeholder()
+            if not self.with_names:  # predicting needs no label: the image is still used
+                if self.on_error == "fail":
+                    raise VitlabError(f"{where}: {exc}") from exc
+                return BadSample(f"{where}: {exc}"), self.codec.placeholder()
+            target = self.codec.placeholder()
         try:
             image = self._image(image_value, where)
         except ImageLoadError as exc:

@@ -128,9 +128,13 @@ class ShardDataset(IterableDataset):
 
     ``rank``/``world_size`` select this process's part (default: from ``torch.distributed`` when initialised);
     DataLoader workers split it further. ``shuffle_buffer`` > 0 shuffles within a buffer of that many samples and
-    shuffles the shard order; call :meth:`set_epoch` each epoch for a new order. Labels are class indices."""
+    shuffles the shard order; call :meth:`set_epoch` each epoch for a new order. Labels are class indices.
+
+    ``with_names`` (set by prediction, which needs no labels): each sample is ``(image, label, "shard.tar:key")``
+    and a sample without a usable label keeps its image, with label -1."""
 
     multi_label = False
+    with_names = False
 
     def __init__(self, spec: str | Path, transform: Callable | None = None, channels: int = 3,
                  on_error: str = "skip", shuffle_buffer: int = 0, seed: int = 0,
@@ -178,9 +182,11 @@ class ShardDataset(IterableDataset):
             else:
                 raise ValueError("no .cls or .json label")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            if self.on_error == "fail":
-                raise VitlabError(f"{name}: bad label ({exc})") from exc
-            return BadSample(f"{name}: bad label ({exc})"), -1
+            if not self.with_names:  # predicting needs no label: the image is still used
+                if self.on_error == "fail":
+                    raise VitlabError(f"{name}: bad label ({exc})") from exc
+                return BadSample(f"{name}: bad label ({exc})"), -1
+            label = -1
         try:
             kwargs = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
             image = load_image(io.BytesIO(parts[image_ext]), self.channels, **kwargs)
@@ -215,6 +221,8 @@ class ShardDataset(IterableDataset):
                     if (index - 1) % slots != slot:
                         continue
                 sample = self._decode(key, parts, shard)
+                if self.with_names:
+                    sample = (*sample, f"{shard}:{key}")
                 if self.shuffle_buffer:
                     buffer.append(sample)
                     if len(buffer) >= self.shuffle_buffer:

@@ -1,7 +1,7 @@
 """Experiments of the paper in small, runnable on a CPU (see docs/experiments.md).
 
 Each experiment is a module here (``data_requirements``, ``posemb``, ``pooling``, ``compute``, ``mpp``,
-``finetune_controls``) that trains a series of runs with the normal training loop and writes ``results.json``,
+``finetune_controls``, ``mae``) that trains a series of runs with the normal training loop and writes ``results.json``,
 ``results.md`` and a PNG plot to its output folder; ``families`` trains nothing: it measures the paper's Fig. 7
 panels on given checkpoints side by side. Three ways to run one, all the same code:
 
@@ -19,7 +19,7 @@ from types import ModuleType
 from ..errors import VitlabError
 from .common import execute
 
-NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls", "families")
+NAMES = ("data_requirements", "posemb", "pooling", "compute", "mpp", "finetune_controls", "mae", "families")
 # the experiments that train runs (families measures given checkpoints: no --steps, --data)
 TRAINING = NAMES[:-1]
 

@@ -162,7 +162,9 @@ def run_series(runs: Sequence[Run], out: str | Path, log: Callable[[str], None] 
         row["wall_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         _write_json_atomic(out / "results.json", {"rows": rows})
-        log(f"[{i}/{len(runs)}] {run.label}: top-1 {row['top1']:.4f} in {row['wall_seconds']:.0f} s")
+        score = (f"top-1 {row['top1']:.4f}" if row["top1"] is not None  # a reconstruction objective has none
+                 else f"held-out loss {result.metrics.get('loss', float('nan')):.4f}")
+        log(f"[{i}/{len(runs)}] {run.label}: {score} in {row['wall_seconds']:.0f} s")
     return rows
 
 

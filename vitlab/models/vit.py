@@ -754,12 +754,25 @@ class VisionTransformer(nn.Module, ModelMetadata):
         grid = self.input_grid(x, dynamic_img_size)
         return self.embed_tokens(self.patch_embed(self.pad_input(x)), grid)
 
-    def embed_tokens(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def embed_tokens(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
         """Prefix tokens and position embedding added to patch embeddings: (B, N, D) -> (B, prefix + N, D), N the
         tokens of ``grid_size`` (default: the build grid), then ``norm_pre``. (Masked patch prediction corrupts the
-        patch embeddings between the two halves of :meth:`embed`.)"""
+        patch embeddings between the two halves of :meth:`embed`.) ``keep`` (B, K) int64: only these patch tokens
+        go on, after their position embedding is added (a masked autoencoder's visible patches): (B, prefix + K, D)."""
         pos = self.position_embedding(grid_size)
         with_prefix = pos is not None and self.cfg.num_pos_prefix > 0
+        if keep is not None:
+            p = self.cfg.num_pos_prefix if with_prefix else 0
+            if pos is not None:
+                x = x + pos[:, p:]
+            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            prefix = self.prefix_tokens()
+            if prefix:
+                lead = torch.cat(prefix, dim=1)
+                lead = lead + pos[:, :p] if with_prefix else lead
+                x = torch.cat([lead.expand(x.shape[0], -1, -1), x], dim=1)
+            return self.norm_pre(self.pos_drop(x))
         if pos is not None and not with_prefix:
             x = x + pos  # patch-only embedding: prefix tokens get none (they are learned themselves)
         prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_tokens()]

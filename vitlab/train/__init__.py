@@ -6,7 +6,9 @@ Python API (the CLI commands ``vitlab train / finetune / predict`` call these; `
 - ``train(config, resume=None) -> TrainResult``: run a :class:`TrainConfig` (``config.init_from`` fine-tunes).
 - ``finetune(checkpoint, config) -> TrainResult``: the same with ``init_from`` set.
 - ``evaluate(model, data, split="test", ...) -> dict``: top-1 / top-5 of a model on a data set.
-- ``predict(model, images, topk=5) -> list[Prediction]``: top-k classes for image files.
+- ``predict(model, images, topk=5) -> list[Prediction]``: top-k classes (or ``features=True``: pooled features) for
+  image files, or ``data=`` any data source, in batches (``vitlab/train/predict.py``: folders, streaming;
+  ``predict_files.py``: CSV / JSONL / parquet tables, safetensors / npz / parquet features).
 - ``get_recipe(name).config(**overrides)``, ``list_recipes()``: the named recipes.
 
 The names are imported on first use (PEP 562): ``vitlab.train.config`` and ``vitlab.train.recipes``, from which the

@@ -130,7 +130,7 @@ def _evaluate_and_save(run: Run, step: int, best: dict | None, times: dict, on_s
                           if k.endswith(names))
         run.log.info(f"epoch {step / run.steps_per_epoch:.2f} step {step}/{run.total_steps}: {shown} "
                      f"({train_seconds:.0f} s training)")
-    improved = bool(metrics) and (best is None or final_view.get("top1", -1) > best.get("top1", -1))
+    improved = bool(metrics) and (best is None or run.objective.better(final_view, best))
     if improved:
         best = {**final_view, "step": step}
         save_run_state(run, RunFolder.BEST, step, best, times)

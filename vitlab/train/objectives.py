@@ -11,8 +11,9 @@ The loop never asks which objective it runs. An objective says
 - ``export(module)``: the model saved at the end, and ``saves_class_names``: whether its head predicts the data's
   classes (then their names go into the saved file).
 
-:class:`Classification` is the default; masked patch prediction (:class:`vitlab.selfsup.MaskedPatchObjective`) is
-another.
+:class:`Classification` is the default; masked patch prediction (:class:`vitlab.selfsup.MaskedPatchObjective`) and
+the masked autoencoder (:class:`vitlab.selfsup.MaskedAutoencoderObjective`) are others. ``better(metrics, best)``
+says which evaluation ``best.pt`` keeps.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ class Objective:
 
     def transform(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images, targets
+
+    def better(self, metrics: dict, best: dict) -> bool:
+        """Whether an evaluation (``metrics``) beats the best so far (``best``), for ``best.pt``: a higher ``top1``
+        (an objective without an accuracy, such as MAE's reconstruction, compares its loss instead)."""
+        return metrics.get("top1", -1) > best.get("top1", -1)
 
     def export(self, module: nn.Module) -> nn.Module:
         return module

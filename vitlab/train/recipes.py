@@ -89,6 +89,28 @@ register_recipe(Recipe(
          batch_size=1024, grad_clip=0.0, augment="crop", crop_scale=(0.08, 1.0), flip=True, randaugment=(2, 9),
          mixup=0.8, cutmix=1.0, label_smoothing=0.1, random_erasing=0.25, aug_repeats=3, precision="auto"),
 ))
+# Masked autoencoder pre-training (He et al. 2022, Table 8, ViT-B): AdamW betas (0.9, 0.95), lr 1.5e-4 x batch / 256
+# (2.4e-3 at 4096), wd 0.05, 800 epochs (1600 for the best numbers), 40 warmup epochs, cosine to 0, random resized
+# crops of 20-100% and flips only (no label smoothing, mixup or drop-path: reconstruction has no labels). For
+# `vitlab pretrain-mae`; the encoder is then fine-tuned with layer decay (0.65 for ViT-B in the paper).
+register_recipe(Recipe(
+    "mae",
+    "masked autoencoder pre-training (He et al. 2022, ViT-B/16: AdamW lr 2.4e-3 = 1.5e-4 x batch / 256, betas "
+    "0.9 / 0.95, wd 0.05, 800 epochs, batch 4096, 40 warmup epochs, cosine, crops 20-100% + flips; for "
+    "vitlab pretrain-mae)",
+    dict(model="vit_b16", img_size=224, optimizer="adamw", betas=(0.9, 0.95), lr=2.4e-3, weight_decay=0.05,
+         schedule="cosine", warmup_epochs=40, end_lr_factor=0.0, epochs=800, batch_size=4096, accum_steps=16,
+         grad_clip=0.0, augment="crop", crop_scale=(0.2, 1.0), flip=True, label_smoothing=0.0, precision="auto"),
+))
+register_recipe(Recipe(
+    "mae-fashion-mnist",
+    "a CPU-sized masked autoencoder pre-training of vit_fmnist on Fashion-MNIST (the paper's optimiser: AdamW "
+    "betas 0.9 / 0.95, wd 0.05, cosine; lr 1.5e-3, batch 256, 10 epochs, warmup 1 epoch, flips only; "
+    "the default of vitlab pretrain-mae)",
+    dict(data="fashion-mnist", model="vit_fmnist", optimizer="adamw", betas=(0.9, 0.95), lr=1.5e-3,
+         weight_decay=0.05, schedule="cosine", warmup_epochs=1, end_lr_factor=0.0, epochs=10, batch_size=256,
+         grad_clip=0.0, augment="flip", flip=True, label_smoothing=0.0, eval_every_epochs=0, precision="fp32"),
+))
 # Fine-tuning (section 4.1, appendix B.1.1): SGD momentum 0.9, no weight decay, global-norm clip 1, cosine decay,
 # batch 512, higher resolution (384) with the position embeddings resampled, a new zero-initialised head.
 # Steps per dataset: ImageNet 20k, CIFAR 10k, Pets / Flowers 500, VTAB 2.5k; lr grid {0.001, 0.003, 0.01, 0.03}.
