@@ -231,3 +231,31 @@ def test_cli_greedy_soup_on_held_out_training_images_leaves_out_the_harmful_one(
     assert main(["soup", a, b, c, "--out", str(tmp_path / "u.safetensors"), "--data", "digits", "--holdout", "300",
                  "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["score"] < scores[a]
+
+
+def test_a_hub_repo_and_a_local_file_make_a_soup(tmp_path, monkeypatch):
+    # an hf-hub: name is an ingredient like a file: the timm-layout repo's weights averaged with a local vitlab file
+    # of the same model; the soup keeps the repo's preprocessing and class names (the first ingredient's)
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from tests.hub_fixtures import lay_out_hub_cache, offline_hub_cache
+
+    hub = offline_hub_cache(tmp_path, monkeypatch)
+    model = randomize_weights_(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, depth=1)).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 3, "num_features": 192, "global_pool": "token",
+              "label_names": NAMES, "model_args": {"depth": 1},
+              "pretrained_cfg": {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.875,
+                                 "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3], "num_classes": 3}}
+    lay_out_hub_cache(hub, "timm/vit_soup", {"config.json": config,
+                                            "model.safetensors": (tmp_path / "w.safetensors").read_bytes()})
+    from_hub = vitlab.load("hf-hub:timm/vit_soup")
+    other = randomize_weights_(vitlab.load("hf-hub:timm/vit_soup"), seed=5)
+    local = _save(other, tmp_path / "local.safetensors", preprocessing=PRE.replace(img_size=(32, 32), channels=3,
+                                                                                   mean=(0.5,) * 3, std=(0.5,) * 3))
+    result = vitlab.soup(["hf-hub:timm/vit_soup", local])
+    for key, value in result.model.state_dict().items():
+        expected = (from_hub.state_dict()[key].double() + other.state_dict()[key].double()) / 2
+        assert torch.equal(value, expected.float()), key
+    assert result.model.preprocessing == from_hub.preprocessing and result.model.class_names == NAMES
