@@ -24,6 +24,7 @@ _EXPORTS = {
     "inspect_checkpoint": ".factory",
     "convert": ".factory",
     "push_to_hub": ".factory",
+    "soup": ".soups",
     "get_pretrained": ".hub",
     "list_pretrained": ".hub",
     "VisionTransformer": ".models",
@@ -36,7 +37,7 @@ _EXPORTS = {
 
 __all__ = ["Preprocessing", "ViTConfig", "VisionTransformer", "convert", "create_model", "get_config", "get_pretrained",
            "inspect_checkpoint", "list_models", "list_pretrained", "load", "load_lora", "metadata_of",
-           "push_to_hub", "read_checkpoint", "save", "__version__"]
+           "push_to_hub", "read_checkpoint", "save", "soup", "__version__"]
 
 if TYPE_CHECKING:
     from .checkpoints import save
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .hub import get_pretrained, list_pretrained
     from .models import VisionTransformer, ViTConfig, get_config, list_models, metadata_of
     from .preprocessing import Preprocessing
+    from .soups import soup
 
 
 __getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS)

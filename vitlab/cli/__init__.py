@@ -36,6 +36,7 @@ COMMAND_HELP = {
     "pretrain-mpp": "masked patch prediction pre-training (self-supervised)",
     "push": "upload a model to the Hugging Face Hub (timm, transformers or vitlab layout, with a model card)",
     "serve": "serve a model over HTTP (API + web page) with dynamic batching",
+    "soup": "average fine-tuned models into one (uniform, weighted or greedy model soup)",
     "suite": "VTAB-1k-style evaluation over a list of tasks (few-shot or fine-tuning), resumable",
     "train": "train a ViT (recipes, checkpoints, resume, torchrun)",
 }

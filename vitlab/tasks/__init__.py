@@ -2,6 +2,8 @@
 
 - :func:`eval_checkpoint` (``vitlab eval``), :func:`fewshot_checkpoint` (``vitlab fewshot``),
   :func:`suite_checkpoint` (``vitlab suite``): checkpoint and data names in, results (and a report folder) out.
+- :func:`soup_checkpoints` (``vitlab soup``): a uniform, weighted or greedy model soup of checkpoints, scored on
+  held-out data (:func:`vitlab.soup` with top-1 accuracy as its score).
 - :func:`run_suite`: a VTAB-1k-style suite of tasks (fine-tuned or few-shot) on a loaded model;
   :func:`load_suite_config` / :func:`parse_suite_config` read its TOML / JSON description.
 
@@ -10,6 +12,7 @@ and never import it.
 """
 
 from .runs import eval_checkpoint, fewshot_checkpoint, load_for_eval, suite_checkpoint
+from .soup import heldout_dataset, soup_checkpoints, top1_scorer
 from .suite import run_suite
 from .suite_config import SuiteConfig, TaskConfig, load_suite_config, parse_suite_config
 
@@ -18,9 +21,12 @@ __all__ = [
     "TaskConfig",
     "eval_checkpoint",
     "fewshot_checkpoint",
+    "heldout_dataset",
     "load_for_eval",
     "load_suite_config",
     "parse_suite_config",
     "run_suite",
+    "soup_checkpoints",
     "suite_checkpoint",
+    "top1_scorer",
 ]
