@@ -250,6 +250,18 @@ def line_plot(out: str | Path, name: str, series: dict[str, list[tuple]], *, xla
     return save_figure(fig, out, name)
 
 
+def top1_bars(ax, tuned: Sequence[dict]) -> None:
+    """On ``ax``: one horizontal bar per trained run (its ``method`` and test ``top1``), titled with the runs' label
+    count and steps (the fine-tuning comparisons' panel)."""
+    ax.barh(range(len(tuned)), [100 * r["top1"] for r in tuned])
+    ax.set_yticks(range(len(tuned)), [r["method"] for r in tuned])
+    ax.invert_yaxis()
+    ax.set_xlim(max(0, min((100 * r["top1"] for r in tuned), default=0) - 5), 100)
+    ax.set_xlabel("test top-1 (%)")
+    ax.set_title(f"{tuned[0]['labels']:,} labels, {tuned[0]['steps']} steps each" if tuned else "")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
 def save_figure(fig, out: str | Path, name: str, tight: bool = True) -> Path:
     """Write ``fig`` to ``out/name`` as a PNG (atomically) and close it; ``tight``: lay it out tightly first (not
     for figures with a colour bar placed across axes)."""

@@ -25,6 +25,7 @@ from .common import (
     new_figure,
     save_figure,
     script_main,
+    top1_bars,
     write_report,
 )
 from .mpp import PRETRAIN, pretrain_then_finetune
@@ -78,14 +79,7 @@ def report(rows: list[dict], out: str) -> None:
     write_report(out, "Fine-tuning controls: linear probe, full fine-tuning, layer decay, frozen blocks, LoRA",
                  markdown_table(tuned, columns), notes)
     fig, ax = new_figure(7, 4.4)
-    ax.barh(range(len(tuned)), [100 * r["top1"] for r in tuned])
-    ax.set_yticks(range(len(tuned)), [r["method"] for r in tuned])
-    ax.invert_yaxis()
-    low = min((100 * r["top1"] for r in tuned), default=0)
-    ax.set_xlim(max(0, low - 5), 100)
-    ax.set_xlabel("test top-1 (%)")
-    ax.set_title(f"{tuned[0]['labels']:,} labels, {tuned[0]['steps']} steps each" if tuned else "")
-    ax.grid(True, axis="x", alpha=0.3)
+    top1_bars(ax, tuned)
     save_figure(fig, out, "finetune_controls.png")
 
 

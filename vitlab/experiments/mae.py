@@ -27,6 +27,7 @@ from .common import (
     run_series,
     save_figure,
     script_main,
+    top1_bars,
     write_report,
 )
 
@@ -99,13 +100,7 @@ def report(rows: list[dict], out: str) -> None:
     left.set_ylabel("masked-patch MSE (normalised pixels)")
     left.set_title("MAE pre-training loss")
     left.grid(True, alpha=0.3)
-    right.barh(range(len(tuned)), [100 * r["top1"] for r in tuned])
-    right.set_yticks(range(len(tuned)), [r["method"] for r in tuned])
-    right.invert_yaxis()
-    right.set_xlim(max(0, min((100 * r["top1"] for r in tuned), default=0) - 5), 100)
-    right.set_xlabel("test top-1 (%)")
-    right.set_title(f"{tuned[0]['labels']:,} labels, {tuned[0]['steps']} steps each" if tuned else "")
-    right.grid(True, axis="x", alpha=0.3)
+    top1_bars(right, tuned)
     save_figure(fig, out, "mae.png")
 
 
