@@ -54,6 +54,18 @@ def test_the_weighted_losses_are_the_weighted_means():
     per_image = F.cross_entropy(logits, labels, reduction="none")
     expected = (weights[labels] * per_image).sum() / weights[labels].sum()
     torch.testing.assert_close(objective.loss(logits, labels), expected)
+    torch.testing.assert_close(expected, F.cross_entropy(logits, labels, weight=weights))  # torch's, unsmoothed
+    # with label smoothing each image keeps its class's weight (torch's weight= would also weigh the smoothing
+    # mass by class); a mixup row weighs as its mixture
+    smoothed = Classification(config.replace(label_smoothing=0.2), 3)
+    smoothed.set_class_weights(weights)
+    per_image = F.cross_entropy(logits, labels, reduction="none", label_smoothing=0.2)
+    expected = (weights[labels] * per_image).sum() / weights[labels].sum()
+    torch.testing.assert_close(smoothed.loss(logits, labels), expected)
+    mixed = 0.7 * F.one_hot(labels, 3).float() + 0.3 * F.one_hot(labels.roll(1), 3).float()
+    row_weight = 0.7 * weights[labels] + 0.3 * weights[labels.roll(1)]
+    per_image = F.cross_entropy(logits, mixed, reduction="none")
+    torch.testing.assert_close(objective.loss(logits, mixed), (row_weight * per_image).sum() / row_weight.sum())
     hot = F.one_hot(labels, 3).float()
     terms = -(weights * hot * F.logsigmoid(logits) + (1 - hot) * F.logsigmoid(-logits))
     torch.testing.assert_close(sigmoid_loss(logits, hot, pos_weight=weights), terms.sum(1).mean())

@@ -3,7 +3,8 @@
 Data as people keep it is rarely balanced: a defect class with 2% of the images, a rare disease, the tail of a
 species list. Two remedies, both computed here from the training labels alone (no image is read):
 
-- **loss weights** (:func:`loss_weights`): the softmax loss weighs class ``c`` by ``w_c``; ``balanced`` gives
+- **loss weights** (:func:`loss_weights`): each image's softmax loss is weighted by its class's ``w_c``
+  (:func:`vitlab.train.objectives.weighted_cross_entropy`); ``balanced`` gives
   ``w_c = N / (K n_c)`` (scikit-learn's ``class_weight="balanced"``: every class weighs as much in total),
   ``sqrt`` the square root of that, both scaled so that the average image weighs 1 (``sum_c n_c w_c = N``), which
   keeps the learning rate's meaning. For multi-label data (the sigmoid loss) the weight is each label's

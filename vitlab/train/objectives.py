@@ -88,6 +88,17 @@ def sigmoid_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.
     return per_label.sum(dim=1).mean()
 
 
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy (with label smoothing) as a weighted mean over the images, each image weighted by its class's
+    weight (``targets`` (B,) class indices), or by its target mixture's (mixup / cutmix rows (B, K): ``rows @
+    weights``). For class indices without smoothing this is torch's ``cross_entropy(weight=...)``; with smoothing
+    torch would also weigh the smoothing mass by class (pulling every image towards the rare classes), this does not."""
+    per_image = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, reduction="none")
+    weight = class_weights[targets] if targets.ndim == 1 else targets.float() @ class_weights
+    return (weight * per_image).sum() / weight.sum()
+
+
 def resolve_loss(config: TrainConfig, multi_label: bool) -> str:
     """``softmax`` or ``sigmoid``: the config's ``loss``, ``auto`` meaning sigmoid for multi-label data."""
     if config.loss == "auto":
@@ -169,7 +180,9 @@ class Classification(Objective):
             self.class_weights = weights = weights.to(output.device)  # once: no copy in every step
         if self.loss_name == "sigmoid":
             return sigmoid_loss(output, targets, pos_weight=weights)
-        return F.cross_entropy(output.float(), targets, weight=weights, label_smoothing=self.label_smoothing)
+        if weights is None:
+            return F.cross_entropy(output.float(), targets, label_smoothing=self.label_smoothing)
+        return weighted_cross_entropy(output, targets, weights, self.label_smoothing)
 
     def evaluate(self, module: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32",
                  on_skipped=None) -> dict:
