@@ -214,3 +214,23 @@ def test_a_run_that_stops_improving_stops_early_and_stays_finished(tmp_path, cap
     assert rc == 0 and "the run stopped early at step 66" in out.out + out.err
     with pytest.raises(VitlabError, match="early_stop needs evaluations during the run"):
         train(tiny_config(tmp_path, early_stop=2, eval_every_epochs=0, run_name="never"))
+
+
+def test_early_stop_of_mae_pre_training_follows_the_held_out_loss(tmp_path):
+    # MAE keeps the lowest reconstruction loss as its best (no top-1); here no later evaluation counts as better
+    from vitlab.selfsup import MaskedAutoencoderObjective, pretrain_mae
+
+    from .test_mae import _digits_config
+
+    class FirstIsBest(MaskedAutoencoderObjective):
+        def better(self, metrics, best):
+            return False
+
+    config = _digits_config(tmp_path, run_name="mae", steps=None, epochs=8, eval_every_epochs=1, early_stop=2)
+    result = pretrain_mae(config, objective=FirstIsBest(decoder_width=32, decoder_depth=1, decoder_heads=2))
+    spe = 1438 // 64
+    assert result.stopped_early and result.steps == 3 * spe and result.best["step"] == spe
+    assert "top1" not in result.best
+    log = (result.run_dir / "log.txt").read_text()
+    assert f"no evaluation has beaten the best for 2 evaluations; the best, loss {result.best['loss']:.4f} at step " \
+           f"{spe}" in log

@@ -105,8 +105,9 @@ class TrainConfig:
     sampling: str = setting("uniform", "how an epoch draws its images: uniform (each once, shuffled), balanced "
                             "(with replacement, every class equally often) or sqrt (class c in proportion to "
                             "sqrt(n_c))", flag=True)
-    early_stop: int = setting(0, "end the run when the evaluation top-1 has not improved for N evaluations in a row "
-                              "(0 = off); checkpoints/best.pt keeps the best model (vitlab.load reads it)",
+    early_stop: int = setting(0, "end the run when N evaluations in a row have not beaten the best (top-1; the "
+                              "loss for MAE pre-training) (0 = off); checkpoints/best.pt keeps the best model "
+                              "(vitlab.load reads it)",
                               flag=True, metavar="N")
 
     model: str = setting("vit_fmnist", "a registered model name (vitlab models)", flag=True, section="model")

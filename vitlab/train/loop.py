@@ -442,9 +442,11 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
                 step_log.restart_clock()
                 if early_stop_due(cfg, run.eval_interval, step, best):
                     stopped_early = True
+                    shown = (f"top-1 {100 * best['top1']:.2f}%" if "top1" in best else
+                             f"loss {best.get('loss', float('nan')):.4f}")  # (MAE pre-training keeps the lowest loss)
                     log.info(f"early stop at step {step}/{run.total_steps} (epoch {step / run.steps_per_epoch:.2f}):"
-                             f" the evaluation top-1 has not improved for {cfg.early_stop} evaluations; the best, "
-                             f"{100 * best['top1']:.2f}% at step {best['step']}, is in checkpoints/best.pt")
+                             f" no evaluation has beaten the best for {cfg.early_stop} evaluations; the best, {shown} "
+                             f"at step {best['step']}, is in checkpoints/best.pt")
                     break
             elif _save_due(run, step, save_interval, last_save):
                 save_run_state(run, RunFolder.LAST, step, best, times())
