@@ -197,6 +197,9 @@ def test_token_distillation_trains_the_distillation_head_on_the_teacher(tmp_path
     logged = re.search(r"teacher .*shifted.safetensors: test top-1 ([0-9.]+)% \(top-5 [0-9.]+%\) on 359 evaluation "
                        r"images", log)
     assert logged and float(logged.group(1)) == pytest.approx(teacher_top1, abs=0.01) and teacher_top1 < 20
+    # ... and kept in result.json (read back from metrics.jsonl, so a resumed run keeps it too)
+    teacher = json.loads((tmp_path / "runs" / "deit" / "result.json").read_text())["teacher"]
+    assert 100 * teacher["top1"] == pytest.approx(teacher_top1, abs=1e-6) and teacher["samples"] == 359
 
 
 def test_distillation_is_refused_where_it_cannot_be_right(tmp_path, teacher_run, capsys):

@@ -37,7 +37,7 @@ from .lora import save_lora
 from .progress import StepLog
 from .run import Run, build_run
 from .runfolder import RunFolder, RunLock, disagreement, early_stop_due, launch_ids, shared_wait, unseen_folder
-from .runlog import RunLog, default_run_name, new_run_dir
+from .runlog import RunLog, default_run_name, new_run_dir, read_metrics
 from .step import train_step
 from .stop import RunStopped, StopSignals
 from .transfer import source_model_name
@@ -106,8 +106,18 @@ def _evaluate_teacher(run: Run, on_skipped) -> None:
         return
     result = run.objective.evaluate(run.objective.teacher_module(run.device), _eval_batches(run), run.device,
                                     precision=run.precision, on_skipped=on_skipped)
+    run.log.metric({"kind": "teacher", "step": 0, **result})  # (result.json repeats it, trackers get teacher/top1)
     run.log.info(f"teacher {run.objective.source}: test top-1 {100 * result['top1']:.2f}% (top-5 "
                  f"{100 * result.get('top5', float('nan')):.2f}%) on {result['samples']:,} evaluation images")
+
+
+def _teacher_metrics(run: Run) -> dict | None:
+    """The distillation teacher's own evaluation, as logged when the run started (None without a teacher or
+    evaluation data; read back from ``metrics.jsonl``, so a resumed run keeps it)."""
+    if not isinstance(run.objective, Distillation) or run.run_dir is None:
+        return None
+    rows = [r for r in read_metrics(RunFolder(run.run_dir).metrics) if r.get("kind") == "teacher"]
+    return {k: v for k, v in rows[-1].items() if k not in ("kind", "step")} if rows else None
 
 
 def _evaluate_and_save(run: Run, step: int, best: dict | None, times: dict, on_skipped):
@@ -472,6 +482,7 @@ def _train(start: _Start, log: RunLog, objective, t_start: float) -> TrainResult
         "train_seconds": result.train_seconds, "total_seconds": result.total_seconds,
         "data_seconds": result.data_seconds,
         "train_flops": train_flops, "forward_macs_per_image": run.macs, "skipped_files": skipped.total,
+        "teacher": _teacher_metrics(run),
         "world_size": info.world_size, "device": str(run.device), "precision": run.precision,
         "threads": torch.get_num_threads(), "model_path": str(model_path) if model_path else None})
     if skipped.total:
