@@ -134,3 +134,23 @@ def test_pretrain_mpp_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "colour accuracy" in out and "vitlab finetune --from" in out
     assert main(["pretrain-mpp", "--data", "digits", "--mask-ratio", "1.5"]) == 2
+
+
+@pytest.mark.parametrize("command", ["pretrain-mpp", "pretrain-mae"])
+def test_the_pretraining_commands_print_one_summary_under_torchrun(command, monkeypatch, capsys):
+    # every torchrun process runs the command; only rank 0's summary is printed
+    from types import SimpleNamespace
+
+    from vitlab.cli import main as cli_main
+    from vitlab.selfsup import pretrain
+
+    done = SimpleNamespace(metrics={"loss": 0.5, "top1": 0.25, "patches": 10}, steps=3, train_seconds=1.0,
+                           run_dir=None, model_path=None)
+    name = command.replace("-", "_")
+    monkeypatch.setattr(pretrain, name, lambda *args, **kwargs: done)
+    outputs = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert cli_main([command, "--steps", "3"]) == 0
+        outputs[rank] = capsys.readouterr().out
+    assert outputs["1"] == "" and "held-out" in outputs["0"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import InvalidValueError
 from .train import add_config_arguments, build_config, flags_in_errors
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     objective = MaskedPatchObjective(args.bits, args.mask_ratio, tuple(args.mask_probs))
     with flags_in_errors():
         result = pretrain_mpp(config, objective=objective, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary: rank 0's
+        return 0
     m = result.metrics or {}
     if m:
         print(f"masked patch prediction: held-out loss {m['loss']:.4f}, colour accuracy {m['top1']:.4f} on "
