@@ -409,6 +409,31 @@ def test_vitlab_serve_command_answers_accepted_requests_when_stopped(ckpt, image
             proc.wait()
 
 
+def test_vitlab_serve_merge_tokens_answers_as_predict_with_merging_and_says_so_in_its_card(ckpt, images, capsys):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vitlab", "serve", str(ckpt), "--port", "0", "--merge-tokens", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("vitlab serve: tiny (torch on cpu) at http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split(" at ")[1].split("/ ")[0]
+        card = json.loads(request(url + "/v1/model")[2])
+        depth = len(vitlab.load(ckpt).blocks)
+        assert card["architecture"] == "VisionTransformer" and card["source"] == ckpt.name
+        assert card["token_merging"] == [2] * depth
+        status, _, answer = post_files(url + "/v1/classify", files_of(images[:2]))
+        assert status == 200, answer
+        capsys.readouterr()
+        assert cli_main(["predict", str(ckpt), *map(str, images[:2]), "--json", "--merge-tokens", "2"]) == 0
+        merged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        for got, want in zip(answer["results"], merged):
+            assert_same_top(got["top"], want)
+        assert merged != expected_predictions(ckpt, images[:2], capsys)  # merging changed the answers
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 async def _hello_app(scope, receive, send):
     """A minimal ASGI app whose startup takes a moment, as loading a model does."""
     if scope["type"] == "lifespan":

@@ -108,13 +108,14 @@ def run(args: argparse.Namespace) -> int:
     if args.merge_tokens:  # loaded here and served as a model object (the engine serves it as it is)
         if args.backend != "torch":
             raise VitlabError(f"--merge-tokens runs on the torch backend; drop --backend {args.backend}")
-        from .. import load
         from ..compute.tome import merge_tokens
+        from ..serve.engine import load_engine
         from .train import flags_in_errors
 
-        with flags_in_errors(ALIASES, config_flags=False):
-            model = merge_tokens(load(args.checkpoint), args.merge_tokens)
-        name = name or Path(args.checkpoint).stem
+        with flags_in_errors(ALIASES, config_flags=False):  # the engine keeps the checkpoint as its source
+            model = load_engine(args.checkpoint, backend="torch", device=args.device, name=name,
+                                threads=args.threads)
+            merge_tokens(model.model, args.merge_tokens)
     app = create_app(model, backend=args.backend, device=args.device, name=name, threads=args.threads,
                      settings=settings)
     sock = bind_socket(args.host, args.port)

@@ -115,6 +115,11 @@ class TokenMerging:
     merge_r: tuple[int, ...]
     merged_sizes: torch.Tensor | None
 
+    @property
+    def architecture(self) -> str:
+        """The model's own class name (what model cards show; merging is a switch on it, not another model)."""
+        return _ORIGINAL[type(self)].__name__
+
     def forward_features(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> torch.Tensor:
         """Tokens after the encoder with ``r`` tokens merged per block: (B, prefix + N', D)."""
         x = self.embed(x, dynamic_img_size)

@@ -175,6 +175,7 @@ class Engine:
             "device": {"torch": str(self.device), "pt2": f"{self.device} (AOTInductor)"}.get(self.backend,
                                                                                          "cpu (ONNX Runtime)"),
             "quantization": getattr(self.model, "quantization", None),
+            "token_merging": list(self.model.merge_r) if hasattr(self.model, "merge_r") else None,
             "parameters": params,
             "img_size": list(cfg.img_size),
             "patch_size": list(cfg.patch_size) if has_tokens(cfg) else None,
