@@ -166,6 +166,18 @@ def test_data_manifest_and_shards_are_predicted_with_their_sources(tiny, tmp_pat
     for row, want, same in zip(rows, by_file, by_data):
         assert [row[f"prob_{j}"] for j in range(3)] == pytest.approx([p for _, _, p in want.top], abs=1e-6)
         assert [p for _, _, p in same.top] == [row[f"prob_{j}"] for j in range(3)]
+    # a manifest without labels (a list of images to predict), with its split column
+    unlabelled = tmp_path / "new.csv"
+    with open(unlabelled, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "split"])
+        for i, file in enumerate(files):
+            w.writerow([file.removeprefix(str(tmp_path) + "/"), "test" if i != 1 else "train"])
+    plain = predict(model, data=str(unlabelled), topk=3)
+    assert [p.source for p in plain] == kept and [p.top for p in plain] == [p.top for p in by_data]
+    capsys.readouterr()
+    assert cli_main(["predict", str(path), "--data", str(unlabelled), "--split", "train", "--json"]) == 0
+    assert [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()] == [files[1]]
     # tar shards: named "shard:key", a sample without a label still predicted, a broken one an error row
     shards = tmp_path / "shards"
     shards.mkdir()

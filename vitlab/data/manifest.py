@@ -139,6 +139,40 @@ def read_class_list(classes: str | Path | Sequence[str]) -> list[str]:
     return names
 
 
+def _resolve(cell: str, base: str) -> str:
+    """A manifest's path cell as a file name: ``~`` expanded, relative paths taken from the manifest's folder
+    (``os.path``, not ``Path``: a million rows stay quick)."""
+    file = os.path.expanduser(cell) if cell.startswith("~") else cell
+    return os.path.join(base, file) if not os.path.isabs(file) and base != "." else file
+
+
+def unlabelled_manifest_files(path: str | Path, split_names: Sequence[str] | None = None) -> list[str] | None:
+    """The image files a manifest without a label column lists (what prediction reads: labels are not needed),
+    in its row order, the rows of ``split_names`` only when it has a ``split`` column; None when it has a label
+    column (read it as a :class:`ManifestDataset`)."""
+    manifest = Path(path).expanduser()
+    rows, columns = _read_rows(manifest)
+    if "label" in columns or "labels" in columns:
+        return None
+    path_column = next((c for c in PATH_COLUMNS if c in columns), None)
+    if path_column is None:
+        raise VitlabError(f"{manifest}: no path column (columns: {', '.join(map(str, columns)) or 'none'}); "
+                          f"name the image column one of {', '.join(PATH_COLUMNS)}")
+    path_at, split_at = columns.index(path_column), columns.index("split") if "split" in columns else None
+    wanted = None if split_at is None or split_names is None else {s.lower() for s in split_names}
+    files = []
+    for number, values in rows:
+        cell = values[path_at] if path_at < len(values) else None
+        if cell is None or not str(cell).strip():
+            raise VitlabError(f"{manifest} line {number}: empty {path_column}")
+        split = values[split_at] if split_at is not None and split_at < len(values) else None
+        if wanted is None or str(split or "").strip().lower() in wanted:
+            files.append(_resolve(str(cell).strip(), str(manifest.parent)))
+    if not files:
+        raise VitlabError(f"{manifest}: no rows" + (f" of split {'/'.join(split_names[:2])}" if wanted else ""))
+    return files
+
+
 class ManifestDataset(ImageFolderDataset):
     """The images a CSV / JSONL manifest lists (see the module doc), with :class:`ImageFolderDataset`'s loading,
     bad-image handling and seeded transforms, so that every loader that reads image folders reads manifests.
@@ -207,9 +241,7 @@ class ManifestDataset(ImageFolderDataset):
                 if name not in index:
                     raise VitlabError(f"{self.manifest} line {number}: label {name!r} is not in {source} "
                                       f"({len(names)} classes)")
-            file = os.path.expanduser(cell) if cell.startswith("~") else cell
-            if not os.path.isabs(file) and base != ".":  # os.path, not Path: a million rows stay quick
-                file = os.path.join(base, file)
+            file = _resolve(cell, base)
             ids = tuple(sorted({index[n] for n in labels}))
             samples.append((file, ids if self.multi_label else ids[0]))
             lines.append(number)

@@ -22,8 +22,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ..data import SPLIT_FOLDERS
 from ..data.folder import BadSample
 from ..data.images import SAMPLE_EXTENSIONS, ImageLoadError, load_sample
+from ..data.manifest import looks_like_manifest, unlabelled_manifest_files
 from ..devices import autocast
 from ..errors import InvalidValueError, VitlabError
 from ..evaluate.data import eval_dataset
@@ -121,6 +123,10 @@ def data_inputs(data: str, split: str, preprocessing: Preprocessing, data_dir: s
     """The images of ``split`` of a data source (a manifest, an image-folder tree, a Hugging Face source, tar
     shards, a named set) as ``(tensor or BadSample, source)`` pairs prepared with ``preprocessing``. Labels are not
     used: tar shards and Hugging Face rows without a usable label are still predicted."""
+    if looks_like_manifest(data):  # a list of images to predict needs no labels
+        files = unlabelled_manifest_files(data, SPLIT_FOLDERS.get(split, (split,)))
+        if files is not None:
+            return file_inputs(files, preprocessing)
     dataset = eval_dataset(data, split, preprocessing, data_dir=data_dir, download=download, on_error="skip")
     if hasattr(type(dataset), "with_names"):  # the view's own attribute: the reader's other users are unchanged
         dataset.with_names = True
