@@ -29,8 +29,9 @@ def evaluate(model, data: str, split: str = "test", *, data_dir: str | None = No
     (``model.preprocessing``, else the paper's for its input size). Exact under ``torchrun`` (each process
     evaluates a disjoint share). Data whose classes cannot be the model's (another number of classes, or other
     names than those the model carries) are refused, as in ``vitlab eval``. Returns ``{"top1", "top5", "loss",
-    "samples", "skipped"}``, measured by :func:`vitlab.evaluate.evaluate_classifier` (the evaluator of
-    ``vitlab eval``) on the training loaders' batches."""
+    "mean_class_accuracy", "samples", "skipped"}`` (mean average precision and F1 for multi-label data), measured
+    by :func:`vitlab.evaluate.evaluate_classifier` (the evaluator of ``vitlab eval``) on the training loaders'
+    batches."""
     info = D.setup(device)
     cfg = model.cfg
     meta = metadata_of(model)
