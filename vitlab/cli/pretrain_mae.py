@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..errors import InvalidValueError
-from .train import add_config_arguments, build_config, flags_in_errors
+from .train import add_config_arguments, build_config, flags_in_errors, print_pretraining_result
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,13 +45,6 @@ def run(args: argparse.Namespace) -> int:
                                            args.decoder_heads, norm_pix_loss=not args.no_norm_pix_loss)
     with flags_in_errors():
         result = pretrain_mae(config, objective=objective, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary: rank 0's
-        return 0
-    m = result.metrics or {}
-    if m:
-        print(f"masked autoencoder: held-out reconstruction loss {m['loss']:.4f} per masked patch on "
-              f"{m['patches']:,} masked patches ({result.steps} steps, {result.train_seconds:.0f} s)")
-    if result.model_path:
-        print(f"pre-trained ViT: {result.model_path}")
-        print(f"fine-tune: vitlab finetune --from {result.model_path} --data {config.data}")
-    return 0
+    return print_pretraining_result(result, config.data, lambda m: (
+        f"masked autoencoder: held-out reconstruction loss {m['loss']:.4f} per masked patch on "
+        f"{m['patches']:,} masked patches ({result.steps} steps, {result.train_seconds:.0f} s)"))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..errors import InvalidValueError
-from .train import add_config_arguments, build_config, flags_in_errors
+from .train import add_config_arguments, build_config, flags_in_errors, print_pretraining_result
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,13 +41,6 @@ def run(args: argparse.Namespace) -> int:
     objective = MaskedPatchObjective(args.bits, args.mask_ratio, tuple(args.mask_probs))
     with flags_in_errors():
         result = pretrain_mpp(config, objective=objective, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary: rank 0's
-        return 0
-    m = result.metrics or {}
-    if m:
-        print(f"masked patch prediction: held-out loss {m['loss']:.4f}, colour accuracy {m['top1']:.4f} on "
-              f"{m['patches']:,} corrupted patches ({result.steps} steps, {result.train_seconds:.0f} s)")
-    if result.model_path:
-        print(f"pre-trained ViT: {result.model_path}")
-        print(f"fine-tune: vitlab finetune --from {result.model_path} --data {config.data}")
-    return 0
+    return print_pretraining_result(result, config.data, lambda m: (
+        f"masked patch prediction: held-out loss {m['loss']:.4f}, colour accuracy {m['top1']:.4f} on "
+        f"{m['patches']:,} corrupted patches ({result.steps} steps, {result.train_seconds:.0f} s)"))

@@ -161,6 +161,19 @@ def _shown(value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+def print_pretraining_result(result, data: str, summary) -> int:
+    """What ``pretrain-mpp`` / ``pretrain-mae`` print when the run ends: ``summary(metrics)`` when it evaluated, the
+    pre-trained ViT and how to fine-tune it; under torchrun only rank 0 prints (one summary, not one per process)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.metrics:
+        print(summary(result.metrics))
+    if result.model_path:
+        print(f"pre-trained ViT: {result.model_path}")
+        print(f"fine-tune: vitlab finetune --from {result.model_path} --data {data}")
+    return 0
+
+
 def build_config(args: argparse.Namespace, base_recipe: str | None = None):
     """The resolved TrainConfig: recipe or saved config, then flags, then --set. A value out of range is refused
     naming the flag (or ``--set key=value``, or the saved config) it came from and what it takes."""
