@@ -86,7 +86,7 @@ def applicable_analyses(model: nn.Module, have_images: bool) -> list[str]:
     names = []
     if cfg.patch_size[0] * cfg.patch_size[1] > 1:  # 1x1 "patches" (hybrid models) have no spatial filter to draw
         names.append("filters")
-    if cfg.pos_embed != "none":
+    if cfg.pos_embed not in ("none", "rope"):  # rope: no embedding table (positions rotate q and k)
         names.append("posemb")
     if have_images:
         names += list(NEEDS_IMAGES)
