@@ -338,3 +338,56 @@ def test_patch_dropout_and_mae_run_with_the_kept_patches_positions():
     patches = model.norm(tokens)[:, 5:]
     expected = full[:, 5:].gather(1, keep.unsqueeze(-1).expand(-1, -1, 128))
     _close(patches, expected)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def test_convert_writes_timms_and_transformers_layouts_that_they_load_with_equal_outputs(tmp_path):
+    ref = _timm("vit_small_plus_patch16_dinov3_qkvb", num_heads=4)
+    torch.save(_meta_layout(ref), tmp_path / "meta.pth")
+    model = vitlab.load(tmp_path / "meta.pth")  # four heads, from the rotary periods
+    vitlab.convert(tmp_path / "meta.pth", tmp_path / "back.safetensors", to="timm")
+    again = _timm("vit_small_plus_patch16_dinov3_qkvb", num_heads=4)
+    again.load_state_dict(safetensors.torch.load_file(str(tmp_path / "back.safetensors")), strict=True)
+    vitlab.convert(tmp_path / "meta.pth", tmp_path / "hf", to="hf")
+    hf = transformers.DINOv3ViTModel.from_pretrained(tmp_path / "hf").eval()
+    x = _images((48, 80))
+    with torch.no_grad():
+        _close(again(x), ref(x))
+        _close(hf(pixel_values=x).last_hidden_state, model.forward_features(x))
+
+
+def test_convert_refuses_layouts_without_rotary_embeddings(tmp_path):
+    torch.save(_meta_layout(_timm("vit_small_patch16_dinov3")), tmp_path / "meta.pth")
+    for to, dst in (("npz", "x.npz"), ("torchvision", "x.pth")):
+        with pytest.raises(VitlabError, match="rope"):
+            vitlab.convert(tmp_path / "meta.pth", tmp_path / dst, to=to)
+
+
+def test_feature_extractor_gives_timms_intermediate_maps(tmp_path):
+    from vitlab.models.features import FeatureExtractor
+
+    ref = _timm("vit_small_patch16_dinov3")
+    extractor = FeatureExtractor(vitlab.load(_save_timm(ref, tmp_path / "timm.safetensors")), indices=[0, 1])
+    x = _images((48, 80))
+    with torch.no_grad():
+        ours = extractor(x)
+        theirs = ref.forward_intermediates(x, indices=[0, 1], output_fmt="NCHW", intermediates_only=True)
+    for a, b in zip(ours, theirs):
+        assert a.shape == (2, 128, 3, 5)
+        _close(a, b)
+
+
+@pytest.mark.slow
+def test_onnx_export_with_dynamic_size_computes_the_rotary_embedding_per_grid(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from vitlab.compute.deploy import export_onnx
+
+    model = randomize_weights_(_tiny())
+    export_onnx(model, tmp_path / "dinov3.onnx", dynamic_size=True)
+    session = ort.InferenceSession(str(tmp_path / "dinov3.onnx"))
+    for size in SIZES:
+        x = _images(size, n=3)
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            _close(torch.from_numpy(out), model(x))

@@ -227,3 +227,76 @@ def hf_dinov3_hints(vision: dict, source: str) -> dict:
     if not math.isfinite(hints["rope_base"]) or hints["rope_base"] <= 0:
         raise VitlabError(f"{source}: rope_theta {vision.get('rope_theta')!r} is not a positive number")
     return hints
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def export_problems(cfg, target: str) -> list[str]:
+    """What timm's DINOv3 port or transformers' ``DINOv3ViTModel`` cannot hold of a ``pos_embed='rope'`` config."""
+    problems = []
+    if not cfg.class_token or cfg.distilled or cfg.pre_norm or not cfg.patch_bias or cfg.representation_size:
+        problems.append("DINOv3 has a class token, no distillation token, ln_pre or pre-logits layer, and a patch "
+                        "bias")
+    if cfg.pool == "map" or cfg.norm_after_pool or not cfg.layer_scale:
+        problems.append("DINOv3 has LayerScale and no attention pooling or norm after pooling")
+    if cfg.gelu != "exact":
+        problems.append(f"gelu={cfg.gelu!r} (DINOv3's MLP uses exact GELU)")
+    if target == "transformers" and cfg.num_classes:
+        problems.append("DINOv3ViTModel has no classifier (num_classes must be 0)")
+    return problems
+
+
+def to_timm_dinov3(state_dict: Mapping[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """vitlab names -> timm's ``vit_*_dinov3`` (``_qkvb`` with a q/k/v bias): the inverse of
+    :func:`from_timm_dinov3`."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    for key in [k for k in sd if k.endswith(".attn.qkv.bias")]:
+        q, _, v = sd.pop(key).chunk(3)
+        stem = key[: -len("qkv.bias")]
+        sd[stem + "q_bias"], sd[stem + "v_bias"] = q.contiguous(), v.contiguous()
+    if cfg.mlp_type == "swiglu":
+        for key in [k for k in sd if re.match(r"blocks\.\d+\.mlp\.fc1\.", k)]:
+            gate, value = sd.pop(key).split(cfg.mlp_dim)
+            sd[key.replace(".fc1.", ".fc1_g.")], sd[key.replace(".fc1.", ".fc1_x.")] = gate.contiguous(), \
+                value.contiguous()
+    return rename_keys(sd, [(r"blocks\.(\d+)\.ls([12])\.gamma", r"blocks.\1.gamma_\2")])
+
+
+def to_hf_dinov3(state_dict: Mapping[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Tensor], dict]:
+    """vitlab names -> (transformers ``DINOv3ViTModel`` on-disk tensors, its ``config.json``)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    out = {"embeddings.mask_token": torch.zeros(1, 1, cfg.embed_dim)}  # used only in masked-image training
+    for key in [k for k in sd if re.match(r"blocks\.\d+\.attn\.qkv\.", k)]:
+        i, kind = re.match(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key).groups()
+        q, k, v = sd.pop(key).chunk(3)
+        names = ("q", "k", "v") if kind == "weight" else ("q", "v")  # the key bias is masked: none on disk
+        for which, part in zip(names, (q, k, v) if kind == "weight" else (q, v)):
+            out[f"layer.{i}.attention.{which}_proj.{kind}"] = part.contiguous()
+    if cfg.mlp_type == "swiglu":
+        for key in [k for k in sd if re.match(r"blocks\.\d+\.mlp\.fc1\.", k)]:
+            gate, value = sd.pop(key).split(cfg.mlp_dim)
+            i, kind = re.match(r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", key).groups()
+            out[f"layer.{i}.mlp.gate_proj.{kind}"], out[f"layer.{i}.mlp.up_proj.{kind}"] = gate.contiguous(), \
+                value.contiguous()
+    rules = [(r"cls_token", "embeddings.cls_token"), (r"reg_token", "embeddings.register_tokens"),
+             (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.\1"),
+             (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", r"layer.\1.norm\2.\3"),
+             (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"layer.\1.attention.o_proj.\2"),
+             (r"blocks\.(\d+)\.ls([12])\.gamma", r"layer.\1.layer_scale\2.lambda1"),
+             (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"layer.\1.mlp.up_proj.\2"),
+             (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", r"layer.\1.mlp.down_proj.\2")]
+    out.update(rename_keys(sd, rules))
+    if "embeddings.register_tokens" not in out:
+        out["embeddings.register_tokens"] = torch.zeros(1, 0, cfg.embed_dim)
+    size = cfg.img_size[0] if cfg.img_size[0] == cfg.img_size[1] else list(cfg.img_size)
+    patch = cfg.patch_size[0] if cfg.patch_size[0] == cfg.patch_size[1] else list(cfg.patch_size)
+    gated = cfg.mlp_type == "swiglu"
+    config = {"architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit", "hidden_size": cfg.embed_dim,
+              "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.depth,
+              "num_attention_heads": cfg.num_heads, "hidden_act": "silu" if gated else "gelu",
+              "layer_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base, "image_size": size, "patch_size": patch,
+              "num_channels": cfg.in_chans, "query_bias": cfg.qkv_bias, "key_bias": False,
+              "value_bias": cfg.qkv_bias, "proj_bias": True, "mlp_bias": True, "layerscale_value": cfg.layer_scale,
+              "use_gated_mlp": gated, "num_register_tokens": cfg.reg_tokens, "pos_embed_shift": cfg.rope_shift,
+              "pos_embed_jitter": cfg.rope_jitter, "pos_embed_rescale": cfg.rope_rescale, "drop_path_rate": 0.0,
+              "attention_dropout": 0.0}
+    return out, config

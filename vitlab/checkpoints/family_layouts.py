@@ -48,10 +48,12 @@ from .dinov3_layout import (
     DINOV3_LAYOUTS,
     DINOV3_NUMERICS,
     detect_dinov3_layout,
+    export_problems,
     from_dinov3,
     from_hf_dinov3,
     from_timm_dinov3,
     hf_dinov3_hints,
+    to_hf_dinov3,
 )
 from .statedicts import HF_QKV, HF_TO, HF_VIT_LAYER, QKV_TARGET, fuse_qkv, rename_keys, split_qkv
 
@@ -328,6 +330,12 @@ _GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gel
 def transformers_class(cfg) -> str | None:
     """The transformers class that holds a model with these options (None: the paper's ViT, written as
     ``ViTForImageClassification``). Raises InvalidValueError for option sets no transformers class computes."""
+    if getattr(cfg, "pos_embed", None) == "rope":
+        problems = export_problems(cfg, "transformers")
+        if problems:
+            raise InvalidValueError("cannot write the transformers DINOv3ViTModel layout for this model: "
+                                    + "; ".join(problems))
+        return "DINOv3ViTModel"
     pool, pre_norm = getattr(cfg, "pool", "token"), getattr(cfg, "pre_norm", False)
     distilled, layer_scale = getattr(cfg, "distilled", False), getattr(cfg, "layer_scale", None)
     regs, patch_only = getattr(cfg, "reg_tokens", 0), getattr(cfg, "no_embed_class", False)
@@ -385,6 +393,8 @@ def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: li
     """A vitlab (= timm) state dict of a DINOv2 / DeiT / SigLIP / CLIP model -> (transformers on-disk tensors,
     ``config.json``), for the class :func:`transformers_class` names."""
     name = transformers_class(cfg)
+    if name == "DINOv3ViTModel":
+        return to_hf_dinov3(state_dict, cfg)
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     common = _common_hf(cfg)
     if name.startswith("Dinov2"):
