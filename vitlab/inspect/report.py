@@ -111,7 +111,8 @@ def resolve_analyses(model: nn.Module, what: Sequence[str] | None, have_images: 
         if name in NEEDS_IMAGES and not have_images:
             raise InvalidValueError(f"--what {name} needs images (--images PATH)")
         if name not in possible:
-            reason = "the model has no position embedding" if name == "posemb" else "the patches are 1x1 pixels"
+            reason = ("the patches are 1x1 pixels" if name != "posemb" else "its rotary position embedding has no "
+                      "table to compare" if model.cfg.pos_embed == "rope" else "the model has no position embedding")
             raise InvalidValueError(f"--what {name}: not available for this model ({reason})")
     return [name for name in ANALYSES if name in wanted]
 
