@@ -15,12 +15,14 @@ from the text embeddings rather than zeros, as in WiSE-FT / FLYP-style fine-tuni
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 
 import torch
 
 from .compute.onednn import set_onednn_linear
 from .errors import InvalidValueError, VitlabError
+from .image_text import load_image_text
 from .models import VisionTransformer, metadata_of
 
 __all__ = ["DEFAULT_TEMPLATES", "ENSEMBLE_TEMPLATES", "class_embeddings", "prompt_text", "zero_shot_classifier"]
@@ -116,7 +118,9 @@ def _projection(visual: VisionTransformer, source: str) -> torch.Tensor | None:
 @torch.no_grad()
 def zero_shot_classifier(model, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                          batch_size: int = 256) -> VisionTransformer:
-    """A classifier of ``class_names`` from an image-text model, without training.
+    """A classifier of ``class_names`` from an image-text model (an :class:`~vitlab.models.ImageTextModel` or
+    anything :func:`vitlab.load_image_text` reads: ``hf-hub:openai/clip-vit-base-patch16``, a folder, a file),
+    without training.
 
     Returns the image tower (a copy) whose head holds the class embeddings (:func:`class_embeddings`) times the
     model's logit scale, with the model's logit bias (SigLIP) as its bias: its logits equal the image-text model's
@@ -124,6 +128,8 @@ def zero_shot_classifier(model, class_names: Sequence[str], templates: Sequence[
     ``"sigmoid"`` for a model trained with the sigmoid loss (SigLIP: per-class probabilities), else ``"softmax"``.
     """
     names = _check_names(class_names)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_image_text(model)
     text = class_embeddings(model, names, templates, batch_size)
     visual = model.visual
     source = str(getattr(model, "source", None) or "the image-text model")
