@@ -59,6 +59,8 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.data.images", "tifffile"): OPTIONAL,
     ("vitlab.models.lora", "peft"): OPTIONAL + " (the lora extra, named in the error; slow to import)",
     ("vitlab.models.lora", "peft.tuners"): OPTIONAL + " (the lora extra)",
+    ("vitlab.models.tokenizer", "tokenizers"): OPTIONAL + " (the text extra, named in the error)",
+    ("vitlab.models.tokenizer", "sentencepiece"): OPTIONAL + " (the text extra, named in the error)",
     ("vitlab.data.arrays", "sklearn.datasets"): OPTIONAL,
     ("vitlab.experiments.families", "sklearn.datasets"): OPTIONAL + " (only the default sample-photos images need it)",
     ("vitlab.data.arrays", "torchvision.datasets"): HEAVY,

@@ -238,6 +238,8 @@ def export_problems(cfg, target: str) -> list[str]:
                         "bias")
     if cfg.pool == "map" or cfg.norm_after_pool or not cfg.layer_scale:
         problems.append("DINOv3 has LayerScale and no attention pooling or norm after pooling")
+    if getattr(cfg, "head_proj_dim", 0) or getattr(cfg, "head_l2_norm", False):
+        problems.append("a head projection / L2 norm (head_proj_dim, head_l2_norm)")
     if cfg.gelu != "exact":
         problems.append(f"gelu={cfg.gelu!r} (DINOv3's MLP uses exact GELU)")
     if target == "transformers" and cfg.num_classes:

@@ -329,3 +329,17 @@ def resolve_hub(spec: str) -> HubFiles:
         return HubFiles(weights.parent, "transformers", repo, revision)
     raise VitlabError(f"{where}: config.json has neither timm's 'architecture' nor transformers' 'model_type'; "
                       "the repo holds no ViT vitlab can read")
+
+
+# what a two-tower (CLIP / SigLIP) repo's tokenizer is read from: transformers' fast tokenizer file, its settings,
+# SentencePiece's model (SigLIP), and OpenCLIP's description of the model (repos of OpenCLIP state dicts)
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+              "open_clip_config.json")
+
+
+def fetch_repo_files(spec: str, names: tuple[str, ...] = TEXT_FILES) -> list[Path]:
+    """Fetch (or find in the cache) the files of ``org/name[@revision]`` among ``names`` that the repo has, into
+    the same snapshot folder as its weights; the ones it lacks are skipped."""
+    repo, revision = parse_spec(spec)
+    found = (_download(repo, name, revision, optional=True) for name in names)
+    return [path for path in found if path is not None]

@@ -1,0 +1,279 @@
+"""The text towers of two-tower image-text checkpoints (CLIP, SigLIP) and their logit scale / bias, in vitlab's names.
+
+The image tower of the same checkpoints is read by :mod:`.family_layouts` (``vitlab.load``); this module reads the
+rest. Layouts:
+
+==========================  =========================================  =========================================
+vitlab (``TextTransformer``)  transformers ``CLIPModel`` / ``SiglipModel``  OpenAI CLIP / OpenCLIP
+==========================  =========================================  =========================================
+token_embed.weight          ``text_model.embeddings.token_embedding``  ``token_embedding.weight``
+pos_embed (1, L, D)         ``text_model.embeddings.position_           ``positional_embedding`` (L, D)
+                            embedding.weight`` (L, D)
+blocks.{i}.attn.qkv         ``...layers.{i}.self_attn.{q,k,v}_proj``   ``transformer.resblocks.{i}.attn.in_proj_*``
+blocks.{i}.attn.proj        ``...layers.{i}.self_attn.out_proj``       ``...attn.out_proj``
+blocks.{i}.norm1 / norm2    ``...layers.{i}.layer_norm1`` / ``2``      ``...ln_1`` / ``ln_2``
+blocks.{i}.mlp.fc1 / fc2    ``...layers.{i}.mlp.fc1`` / ``fc2``        ``...mlp.c_fc`` / ``c_proj``
+norm                        ``text_model.final_layer_norm``            ``ln_final``
+proj                        ``text_projection`` (CLIP, no bias),       ``text_projection`` (D, P), transposed
+                            ``text_model.head`` (SigLIP, with bias)
+logit_scale / logit_bias    ``logit_scale`` / ``logit_bias``           ``logit_scale`` / ``logit_bias``
+==========================  =========================================  =========================================
+
+What the weights cannot show comes from the checkpoint's config: transformers' ``text_config`` (heads, activation,
+LayerNorm epsilon, end-of-text id; missing fields take transformers' config-class defaults) or OpenCLIP's
+``open_clip_config.json`` (``text_cfg.heads``, ``quick_gelu``); without one, OpenCLIP's conventions (64-wide heads,
+QuickGELU as OpenAI released it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import VitlabError
+from ..models.text import TextConfig, TextTransformer
+from .family_layouts import HF_ACTIVATIONS
+from .files import read_safetensors, read_torch, sniff
+from .loading import _read_hf_weights, construct_uninitialised, load_strict
+from .statedicts import QKV_TARGET, fuse_qkv, rename_keys, unwrap_state_dict
+
+IMAGE_TEXT_TYPES = ("clip", "siglip")  # transformers model types with both towers
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# transformers' CLIPTextConfig / SiglipTextConfig defaults, for fields a config.json leaves out
+_HF_TEXT_DEFAULTS = {
+    "clip": {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407,
+             "pad_token_id": 1},
+    "siglip": {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+               "eos_token_id": 49407, "pad_token_id": 1},
+}
+_HF_TEXT_QKV = r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)"
+_HF_TEXT_RULES = [
+    (r"embeddings\.token_embedding\.weight", "token_embed.weight"),
+    (r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"blocks.\1.mlp.fc\2.\3"),
+    (r"final_layer_norm\.(weight|bias)", r"norm.\1"),
+    (r"head\.(weight|bias)", r"proj.\1"),
+]
+_OPEN_CLIP_TEXT_RULES = [
+    (r"token_embedding\.weight", "token_embed.weight"),
+    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"ln_final\.(weight|bias)", r"norm.\1"),
+]
+# OpenAI's released state dicts carry these scalars beside the weights (its build_model deletes them)
+_OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+@dataclass
+class TextTower:
+    """A checkpoint's text side: the tower's config and state dict (vitlab names), the logit scale (log) and bias,
+    the layout it came from (``hf_clip``, ``hf_siglip``, ``open_clip``) and notes."""
+
+    config: TextConfig
+    state_dict: dict[str, torch.Tensor]
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None
+    layout: str
+    notes: list[str] = field(default_factory=list)
+    gelu_image: str | None = None  # the image tower's GELU when the config says (OpenCLIP's quick_gelu)
+
+    def build(self, source: str) -> TextTransformer:
+        """The tower with these weights, loaded strictly (every missing / unexpected / mis-shaped key named)."""
+        model = construct_uninitialised(TextTransformer, self.config)
+        load_strict(model, self.state_dict, source)
+        return model.eval()
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VitlabError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise VitlabError(f"{path}: a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def _need(sd: dict, key: str, source: str) -> torch.Tensor:
+    if key not in sd:
+        raise VitlabError(f"{source}: no {key} in the weights; not a complete {key.split('.')[0]} text tower")
+    return sd[key]
+
+
+def _shape_fields(sd: dict[str, torch.Tensor], source: str) -> dict:
+    """The architecture fields the tensors show (vitlab names): vocabulary, context, width, depth, MLP width,
+    projection."""
+    vocab, width = _need(sd, "token_embed.weight", source).shape
+    depth = len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if depth == 0:
+        raise VitlabError(f"{source}: the text tower has no transformer blocks")
+    proj = sd.get("proj.weight")
+    return {"vocab_size": int(vocab), "context_length": int(_need(sd, "pos_embed", source).shape[1]),
+            "embed_dim": int(width), "depth": depth,
+            "mlp_dim": int(_need(sd, "blocks.0.mlp.fc1.weight", source).shape[0]),
+            "proj_dim": int(proj.shape[0]) if proj is not None else 0, "proj_bias": "proj.bias" in sd}
+
+
+def _scalar(sd: dict, key: str, source: str) -> torch.Tensor:
+    value = sd.get(key)
+    if value is None:
+        raise VitlabError(f"{source}: no {key} in the weights (a two-tower CLIP / SigLIP checkpoint stores it)")
+    return value.detach().clone().float()
+
+
+# ------------------------------------------------------------------------------------------------- transformers
+def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) -> TextTower:
+    """A transformers ``CLIPModel`` / ``SiglipModel`` state dict and its ``config.json`` -> the text tower."""
+    model_type = hf.get("model_type")
+    if model_type not in IMAGE_TEXT_TYPES:
+        raise VitlabError(f"{source}: model_type {model_type!r} is not a two-tower image-text model vitlab reads "
+                          f"(one of {', '.join(IMAGE_TEXT_TYPES)})")
+    text_cfg = hf.get("text_config") or {}
+    if not isinstance(text_cfg, dict):
+        raise VitlabError(f"{source}: text_config is not an object")
+    text_cfg = {**_HF_TEXT_DEFAULTS[model_type], **{k: v for k, v in text_cfg.items() if v is not None}}
+    text = {k[len("text_model."):]: v for k, v in state_dict.items() if k.startswith("text_model.")}
+    if not text:
+        raise VitlabError(f"{source}: no text_model.* tensors; a vision-only checkpoint has no text tower "
+                          "(load its image tower with vitlab.load)")
+    position = text.pop("embeddings.position_embedding.weight", None)
+    text = rename_keys(fuse_qkv(text, _HF_TEXT_QKV, ("q", "k", "v"), QKV_TARGET, source), _HF_TEXT_RULES)
+    if position is not None:
+        text["pos_embed"] = position.unsqueeze(0)
+    if model_type == "clip" and "text_projection.weight" in state_dict:
+        text["proj.weight"] = state_dict["text_projection.weight"]
+    act = text_cfg["hidden_act"]
+    if act not in HF_ACTIVATIONS:
+        raise VitlabError(f"{source}: text_config hidden_act {act!r} is not one vitlab computes "
+                          f"({', '.join(HF_ACTIVATIONS)})")
+    eos = text_cfg.get("eos_token_id")
+    if model_type == "clip" and eos == 2:
+        eos = None  # configs written before transformers#24773 say 2: transformers then pools the highest id
+    pad = text_cfg.get("pad_token_id")
+    fields = _shape_fields(text, source)
+    try:
+        config = TextConfig(**fields, num_heads=int(text_cfg["num_attention_heads"]), causal=model_type == "clip",
+                            pool="eos" if model_type == "clip" else "last", gelu=HF_ACTIVATIONS[act],
+                            norm_eps=float(text_cfg["layer_norm_eps"]),
+                            pad_id=pad if isinstance(pad, int) and 0 <= pad < fields["vocab_size"] else None,
+                            eos_id=eos if isinstance(eos, int) and 0 <= eos < fields["vocab_size"] else None)
+    except (TypeError, ValueError) as exc:
+        raise VitlabError(f"{source}: text_config describes no text tower vitlab can build ({exc})") from None
+    bias = state_dict.get("logit_bias")
+    return TextTower(config, text, _scalar(state_dict, "logit_scale", source),
+                     None if bias is None else bias.detach().clone().float(), f"hf_{model_type}",
+                     [f"transformers {', '.join(hf.get('architectures') or [model_type])} text tower"])
+
+
+# ------------------------------------------------------------------------------------------------- OpenCLIP
+def open_clip_text_tower(state_dict: dict[str, torch.Tensor], oc_config: dict | None, source: str) -> TextTower:
+    """An OpenAI CLIP / OpenCLIP state dict (and ``open_clip_config.json``'s contents, when there is one) -> the
+    text tower. OpenCLIP pools the highest token id (its end-of-text token has the largest id)."""
+    notes = []
+    scalars = [k for k in _OPENAI_SCALARS if k in state_dict]
+    if scalars:
+        notes.append(f"OpenAI's {', '.join(scalars)} entries ignored (not weights)")
+    text = {k: v for k, v in state_dict.items() if not k.startswith("visual.") and k not in _OPENAI_SCALARS
+            and k not in ("logit_scale", "logit_bias", "attn_mask")}
+    if "text.token_embedding.weight" in state_dict or any(k.startswith("text.transformer.") for k in text):
+        raise VitlabError(f"{source}: an OpenCLIP model with a custom text tower (text.*: SigLIP / Hugging Face "
+                          "text encoders) is not read by vitlab; use the transformers layout of the model")
+    if "token_embedding.weight" not in text:
+        raise VitlabError(f"{source}: no token_embedding.weight; not an OpenAI CLIP / OpenCLIP state dict with a "
+                          "text tower")
+    position = text.pop("positional_embedding", None)
+    projection = text.pop("text_projection", None)
+    text = rename_keys(text, _OPEN_CLIP_TEXT_RULES)
+    if position is not None:
+        text["pos_embed"] = position.unsqueeze(0)
+    if projection is not None:
+        text["proj.weight"] = projection.t().contiguous()
+    model_cfg = (oc_config or {}).get("model_cfg", oc_config or {})
+    text_cfg = model_cfg.get("text_cfg") or {} if isinstance(model_cfg, dict) else {}
+    fields = _shape_fields(text, source)
+    heads = text_cfg.get("heads") or max(fields["embed_dim"] // 64, 1)  # OpenCLIP's default: 64-wide heads
+    if oc_config is None:
+        gelu = "quick"
+        notes.append("no open_clip_config.json: QuickGELU and 64-wide heads assumed (OpenAI's CLIP); OpenCLIP's "
+                     "LAION models use exact GELU")
+    else:
+        gelu = "quick" if model_cfg.get("quick_gelu") else "exact"
+    try:
+        config = TextConfig(**fields, num_heads=int(heads), causal=True, pool="argmax", gelu=gelu, norm_eps=1e-5)
+    except (TypeError, ValueError) as exc:
+        raise VitlabError(f"{source}: the text tower's config is not one vitlab can build ({exc})") from None
+    bias = state_dict.get("logit_bias")
+    return TextTower(config, text, _scalar(state_dict, "logit_scale", source),
+                     None if bias is None else bias.detach().clone().float(), "open_clip", notes, gelu_image=gelu)
+
+
+# ------------------------------------------------------------------------------------------------- files
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors or ``torch.save`` file (read safely)."""
+    kind = sniff(path)
+    if kind == "safetensors":
+        return read_safetensors(path)[0]
+    if kind in ("torch-zip", "torch-legacy"):
+        return unwrap_state_dict(read_torch(path), str(path))[0]
+    raise VitlabError(f"{path}: a {kind} file; a two-tower checkpoint is a safetensors or torch state dict, or a "
+                      "transformers / OpenCLIP model folder")
+
+
+def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
+    """(weights file or transformers folder, layout ``hf`` / ``open_clip``, its config) of a two-tower checkpoint:
+    a transformers ``CLIPModel`` / ``SiglipModel`` folder, a folder of OpenCLIP files (``open_clip_config.json`` +
+    ``open_clip_model.safetensors``), or one weights file (its folder's ``config.json`` / ``open_clip_config.json``
+    describes it when there)."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            hf = _json(config)
+            if hf.get("model_type") not in IMAGE_TEXT_TYPES:
+                raise VitlabError(f"{config}: model_type {hf.get('model_type')!r} is not a two-tower image-text "
+                                  f"model vitlab reads (one of {', '.join(IMAGE_TEXT_TYPES)})")
+            return path, "hf", hf
+        for name in OPEN_CLIP_WEIGHTS:
+            if (path / name).is_file():
+                oc = path / "open_clip_config.json"
+                return path / name, "open_clip", _json(oc) if oc.is_file() else None
+        raise VitlabError(f"{path}: a folder with neither a transformers config.json nor OpenCLIP weights "
+                          f"({', '.join(OPEN_CLIP_WEIGHTS)})")
+    if not path.is_file():
+        raise VitlabError(f"{path}: no such file or folder")
+    oc, hf = path.parent / "open_clip_config.json", path.parent / "config.json"
+    if oc.is_file():
+        return path, "open_clip", _json(oc)
+    if hf.is_file():
+        document = _json(hf)
+        if document.get("model_type") in IMAGE_TEXT_TYPES:
+            return path, "hf", document
+    return path, "auto", None
+
+
+def read_text_tower(path: str | Path) -> TextTower:
+    """The text tower, logit scale and bias of a two-tower checkpoint (see :func:`image_text_files`)."""
+    where, layout, config = image_text_files(path)
+    source = str(where)
+    state_dict = _read_hf_weights(where) if where.is_dir() else read_state_dict(where)
+    if layout == "auto":  # a bare weights file: its keys tell
+        if "text_model.embeddings.token_embedding.weight" in state_dict:
+            layout = "hf"
+            config = {"model_type": "siglip" if "logit_bias" in state_dict else "clip"}
+        elif "token_embedding.weight" in state_dict:
+            layout = "open_clip"
+        else:
+            sample = ", ".join(sorted(state_dict)[:5])
+            raise VitlabError(f"{source}: no text tower in a layout vitlab reads (transformers text_model.*, "
+                              f"OpenAI / OpenCLIP token_embedding.*); first keys: {sample}")
+    if layout == "hf":
+        return hf_text_tower(state_dict, config, source)
+    return open_clip_text_tower(state_dict, config, source)
