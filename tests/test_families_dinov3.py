@@ -407,3 +407,23 @@ def test_training_with_gradient_checkpointing_leaves_the_masked_key_bias_alone()
         _close(grads[1][name], grads[0][name])
     bias = grads[0]["blocks.0.attn.qkv.bias"]
     assert bias[128:256].abs().max() < 1e-6 < bias[:128].abs().max()  # q and v biases train, the key third not
+
+
+@pytest.mark.parametrize("name", ["dinov3_s16", "dinov3_s16plus"])
+def test_timm_hub_layout_of_a_dinov3_model_builds_in_timm_and_reads_back(tmp_path, name):
+    """`vitlab push --layout timm` (auto picks it): timm's architecture name plus Eva keywords, which timm builds
+    from the folder, and which vitlab's hf-hub: reader turns back into the same config."""
+    from vitlab.factory import hub_folder
+    from vitlab.models.timm_args import config_overrides, timm_architecture
+
+    model = randomize_weights_(vitlab.create_model(name, **OURS, num_classes=3, qkv_bias=True)).eval()
+    architecture, model_args = timm_architecture(model.cfg)
+    assert architecture.endswith("_dinov3") and ("plus" in architecture) == ("plus" in name)  # the MLP kind
+    assert get_config(architecture).replace(**config_overrides(model_args)).replace(rope_rescale=None) == \
+        model.cfg.replace(rope_rescale=None)
+    folder = hub_folder(model, tmp_path / "repo", repo_id="me/dinov3-test")
+    assert folder["layout"] == "timm"
+    back = timm.create_model(f"local-dir:{tmp_path / 'repo'}", pretrained=True).eval()
+    x = _images((48, 80))
+    with torch.no_grad():
+        _close(back(x), model(x))
