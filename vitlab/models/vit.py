@@ -10,7 +10,8 @@ Module and parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``p
 
 As a backbone: :meth:`VisionTransformer.forward_intermediates` returns the tokens of chosen blocks (timm's
 interface), ``dynamic_img_size`` runs the model at any input size with the position embedding resampled for the
-input's grid (cached per grid), ``dynamic_img_pad`` pads inputs up to a multiple of the patch.
+input's grid (cached per grid; a rotary embedding, ``pos_embed='rope'``, is computed for it), ``dynamic_img_pad``
+pads inputs up to a multiple of the patch.
 """
 
 from __future__ import annotations
