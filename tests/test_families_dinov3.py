@@ -427,3 +427,19 @@ def test_timm_hub_layout_of_a_dinov3_model_builds_in_timm_and_reads_back(tmp_pat
     x = _images((48, 80))
     with torch.no_grad():
         _close(back(x), model(x))
+
+
+def test_transformers_hub_repo_loads_with_its_processors_preprocessing(tmp_path, monkeypatch):
+    """facebook/dinov3-*: config.json + model.safetensors + DINOv3ViTImageProcessor's preprocessor_config.json."""
+    hub = offline_hub_cache(tmp_path, monkeypatch)
+    folder = tmp_path / "repo"
+    ref = _hf(folder)
+    transformers.DINOv3ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    lay_out_hub_cache(hub, "facebook/dinov3-test", {p.name: p.read_bytes() for p in folder.iterdir()})
+    model = vitlab.load("hf-hub:facebook/dinov3-test")
+    pre = model.preprocessing
+    assert (pre.resize, pre.img_size, pre.interpolation, tuple(pre.mean)) == ("squash", (64, 64), "bilinear",
+                                                                              (0.485, 0.456, 0.406))
+    x = _images()
+    with torch.no_grad():
+        _close(model.forward_features(x), ref(pixel_values=x).last_hidden_state)
