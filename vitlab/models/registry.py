@@ -117,8 +117,9 @@ def _family_variants() -> list[ModelEntry]:
                         mlp_dim=mlp, mlp_type="swiglu" if swiglu else "mlp", pos_embed="rope", rope_rescale=2.0,
                         reg_tokens=4, layer_scale=1e-5, qkv_bias=False, norm_eps=1e-5, pool="gap",
                         dynamic_img_size=True)
+        qkvb = () if name == "dinov3_7b16" else (f"{stem}_qkvb",)  # timm has no 7B with q/v biases
         entries.append(ModelEntry(name, cfg, f"{description} (2-D RoPE, 4 registers, LayerScale 1e-5, "
-                                  f"{'SwiGLU, ' if swiglu else ''}features)", (stem,)))
+                                  f"{'SwiGLU, ' if swiglu else ''}features)", (stem, *qkvb)))
     siglip = [  # name, timm stem, patch, width, depth, MLP, heads, default size, alias sizes, description
         ("siglip_b16", "vit_base_patch16_siglip", 16, 768, 12, 3072, 12, 224, (224, 256, 384, 512),
          "SigLIP / SigLIP 2 B/16 image tower"),
@@ -248,10 +249,10 @@ for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_va
     for _entry in _family():
         register(_entry)
 # timm's DINOv3 ``_qkvb`` models keep the query and value biases of the release (zero in the distilled models):
-# the same entries with qkv_bias=True (vitlab stores the masked key third too, held out of the sum)
-for _entry in list(_ENTRIES.values()):
-    if _entry.name.startswith("dinov3_") and _entry.name != "dinov3_7b16":
-        _ALIASES[f"{_entry.aliases[0]}_qkvb"] = (_entry.name, {"qkv_bias": True})
+# their aliases build the entries with qkv_bias=True (vitlab stores the masked key third too, held out of the sum)
+for _alias, (_name, _) in list(_ALIASES.items()):
+    if _alias.endswith("_dinov3_qkvb"):
+        _ALIASES[_alias] = (_name, {"qkv_bias": True})
 
 
 def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:
