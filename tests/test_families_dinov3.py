@@ -443,3 +443,13 @@ def test_transformers_hub_repo_loads_with_its_processors_preprocessing(tmp_path,
     x = _images()
     with torch.no_grad():
         _close(model.forward_features(x), ref(pixel_values=x).last_hidden_state)
+
+
+def test_bfloat16_weights_rotate_in_float32_and_stay_close():
+    model = randomize_weights_(_tiny())
+    x = _images((48, 80))
+    with torch.no_grad():
+        expected = model.forward_features(x)
+        low = model.to(torch.bfloat16).forward_features(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    _close(low.float(), expected, tol=5e-2)

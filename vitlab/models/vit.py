@@ -337,13 +337,14 @@ def rope_2d(grid_size: tuple[int, int], head_dim: int, base: float = 100.0, *, s
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (B, heads, N, head_dim) by ``rope`` ((N, 2 head_dim) from :func:`rope_2d`, or (B, N, 2 head_dim)
-    for a different token subset per image): x cos + rotate_half(x) sin, in float32, returned in x's dtype."""
+    for a different token subset per image): x cos + rotate_half(x) sin, in float32 at least (bfloat16 activations
+    are not rotated in bfloat16), returned in x's dtype."""
     sin, cos = rope.chunk(2, dim=-1)
     if rope.ndim == 3:
         sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)
-    x32 = x.float()
-    first, second = x32.chunk(2, dim=-1)
-    return (x32 * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    first, second = wide.chunk(2, dim=-1)
+    return (wide * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -351,18 +352,18 @@ class Attention(nn.Module):
 
     The normal forward calls ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available); the
     explicit softmax, which exposes the attention probabilities, runs only when ``return_attention=True``. With
-    ``rope`` (a rotary-embedding model) the forward takes the rotary embedding of the patch tokens, which are the
+    ``rotary`` (a rotary-embedding model) the forward takes the rotary embedding of the patch tokens, which are the
     last rows of the sequence (the prefix tokens before them are not rotated), and the key bias is left out.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rope: bool = False):
+                 rotary: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = attn_drop
-        self.rope = rope
+        self.rotary = rotary
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -371,7 +372,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         # (B, N, 3D) -> (3, B, heads, N, head_dim)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.rope:
+        if self.rotary:
             q, k = self.rotate(q, k, rope)
         drop = self.attn_drop if self.training else 0.0
         if return_attention:
@@ -472,7 +473,7 @@ class Block(nn.Module):
         D = cfg.embed_dim
         self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout,
-                              rope=cfg.pos_embed == "rope")
+                              rotary=cfg.pos_embed == "rope")
         self.ls1 = LayerScale(D, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
         if cfg.mlp_type == "swiglu":
