@@ -453,3 +453,16 @@ def test_bfloat16_weights_rotate_in_float32_and_stay_close():
         low = model.to(torch.bfloat16).forward_features(x.to(torch.bfloat16))
     assert low.dtype == torch.bfloat16
     _close(low.float(), expected, tol=5e-2)
+
+
+def test_another_patch_size_resamples_the_patch_embedding_as_timms_converter(tmp_path):
+    """FlexiViT-style patch resize (timm's resample_patch_embed in checkpoint_filter_fn); no table to resample."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    ref = _timm("vit_small_patch16_dinov3")
+    model = vitlab.load(_save_timm(ref, tmp_path / "timm.safetensors"), patch_size=8, img_size=64)
+    oracle = _timm("vit_small_patch16_dinov3", patch_size=8)
+    oracle.load_state_dict(checkpoint_filter_fn(ref.state_dict(), oracle))
+    x = _images((48, 80))
+    with torch.no_grad():
+        _close(model(x), oracle(x))
