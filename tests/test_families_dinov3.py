@@ -466,3 +466,11 @@ def test_another_patch_size_resamples_the_patch_embedding_as_timms_converter(tmp
     x = _images((48, 80))
     with torch.no_grad():
         _close(model(x), oracle(x))
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_rope_224", "vit_small_patch16_rope_mixed_224",
+                                  "vit_medium_patch16_rope_reg1_gap_256"])
+def test_timms_other_rope_vits_are_not_taken_for_dinov3(name):
+    with torch.device("meta"):
+        keys = timm.create_model(name, pretrained=False).state_dict()
+    assert detect_family_layout(keys) not in ("dinov3", "timm_dinov3", "hf_dinov3")

@@ -53,7 +53,9 @@ def detect_dinov3_layout(keys: set[str]) -> str | None:
         return "dinov3"
     if "embeddings.register_tokens" in keys and any(re.match(_HF_LAYER + r"attention\.q_proj\.", k) for k in keys):
         return "hf_dinov3"
-    if "patch_embed.proj.weight" in keys and "pos_embed" not in keys and "blocks.0.gamma_1" in keys:
+    # timm's other Eva RoPE ViTs lack the class token or the registers, or learn their frequencies (rope.freqs)
+    if {"patch_embed.proj.weight", "blocks.0.gamma_1", "cls_token", "reg_token"} <= keys and "pos_embed" not in keys \
+            and "rope.freqs" not in keys:
         return "timm_dinov3"
     return None
 
