@@ -474,3 +474,19 @@ def test_timms_other_rope_vits_are_not_taken_for_dinov3(name):
     with torch.device("meta"):
         keys = timm.create_model(name, pretrained=False).state_dict()
     assert detect_family_layout(keys) not in ("dinov3", "timm_dinov3", "hf_dinov3")
+
+
+@pytest.mark.slow
+def test_a_full_size_transformers_config_loads_as_the_registry_model(tmp_path):
+    """DINOv3ViTConfig's defaults are ViT-S/16's (facebook/dinov3-vits16-pretrain-lvd1689m): with its q / v biases
+    it is the ``vit_small_patch16_dinov3_qkvb`` alias; the outputs are transformers'."""
+    config = transformers.DINOv3ViTConfig(num_register_tokens=4, image_size=224)
+    ref = transformers.DINOv3ViTModel(config).eval()
+    ref.save_pretrained(tmp_path)
+    model = vitlab.load(tmp_path, model_name="vit_small_patch16_dinov3_qkvb")
+    reference = vitlab.create_model("vit_small_patch16_dinov3_qkvb")  # the name's 256 px (any size runs)
+    assert model.cfg == reference.cfg.replace(layer_scale=1.0)  # transformers' LayerScale init value
+    assert model.num_params() == reference.num_params()
+    x = _images((224, 224), n=1)
+    with torch.no_grad():
+        _close(model.forward_features(x), ref(pixel_values=x).last_hidden_state)
