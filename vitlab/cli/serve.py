@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "('labels', optionally 'template'); text embeddings are cached per label list (torch "
                         "backend)")
     add_template_arguments(p)
+    p.add_argument("--max-prompts", type=int, default=256,
+                   help="--zero-shot: most labels x templates one request may name; each new list costs a text-tower "
+                        "pass (default 256)")
     p.set_defaults(func=run)
 
 
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
                              max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
-                             api_key=_api_key(args), body_timeout_s=args.body_timeout)
+                             api_key=_api_key(args), body_timeout_s=args.body_timeout, max_prompts=args.max_prompts)
     model, name = args.checkpoint, args.name
     classes = class_names_of(args, required=False)
     if (args.template or args.prompt_ensemble) and classes is None and not args.zero_shot:

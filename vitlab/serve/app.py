@@ -67,7 +67,7 @@ class ServeSettings:
     default_top_k: int = 5
     api_key: str | None = None
     body_timeout_s: float = 30.0
-    max_prompts: int = 1024  # zero-shot: labels x templates one request may name (bounds the text tower's work)
+    max_prompts: int = 256  # zero-shot: labels x templates one request may name (bounds the text tower's work)
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least 1, got {getattr(self, name)}"
