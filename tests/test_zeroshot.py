@@ -250,25 +250,16 @@ def test_commands_zero_shot_predict_and_eval(clip_folder, tmp_path, capsys):
 def test_vitlab_serve_classes_answers_as_the_zero_shot_classifier(siglip_folder, per_request):
     import io
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from PIL import Image
 
-    from tests.serve_helpers import noise_png, post_files, request
+    from tests.serve_helpers import cli_server, noise_png, post_files, request
 
     pytest.importorskip("fastapi")
     ref, folder = siglip_folder
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vitlab", "serve", str(folder), "--port", "0", "--classes", ",".join(CLASSES),
-           "--template", "a drawing of the {}."] + ["--zero-shot"] * per_request
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("vitlab serve: siglip (torch on cpu) at http://127.0.0.1:"), line + proc.stderr.read()
-        url = line.split(" at ")[1].split("/ ")[0]
+    args = [str(folder), "--classes", ",".join(CLASSES), "--template", "a drawing of the {}."]
+    with cli_server(*args, *["--zero-shot"] * per_request) as (line, url):
+        assert line.startswith("vitlab serve: siglip (torch on cpu) at http://127.0.0.1:"), line
         card = json.loads(request(url + "/v1/model")[2])
         assert card["class_names"] == CLASSES and card["probabilities"] == "sigmoid" and card["source"] == "siglip"
         assert card["zero_shot"] == ({"templates": ["a drawing of the {}."]} if per_request else None)
@@ -284,9 +275,6 @@ def test_vitlab_serve_classes_answers_as_the_zero_shot_classifier(siglip_folder,
         top = answer["results"][0]["top"][0]
         assert top["class"] == CLASSES[int(want.argmax())]
         assert top["probability"] == pytest.approx(float(want.max()), abs=1e-5)
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_serve_zero_shot_labels_named_per_request(clip_folder, tmp_path):
@@ -295,6 +283,7 @@ def test_serve_zero_shot_labels_named_per_request(clip_folder, tmp_path):
     import base64
     import io
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
@@ -337,6 +326,17 @@ def test_serve_zero_shot_labels_named_per_request(clip_folder, tmp_path):
         check(answer, ["dog", "race car"])
         status, _, answer = post_files(url, [("a.png", png)])  # none named: the server's default classes
         check(answer, ["cat", "dog"])
+        status, _, raw = request(url + "?labels=dog,cat&top_k=1", png, {"Content-Type": "image/png"})
+        top = json.loads(raw)["results"][0]["top"]
+        assert status == 200 and len(top) == 1 and top[0]["class"] == ["dog", "cat"][int(expected(["dog", "cat"])
+                                                                                          .argmax())]
+        # concurrent requests naming different labels share the image tower's batches and get their own answers
+        lists = [["cat", "dog"], ["race car", "cat"], ["dog", "race car", "cat"], ["dog"]]
+        with ThreadPoolExecutor(len(lists)) as pool:
+            answers = list(pool.map(lambda labels: post_files(url, [("a.png", png)],
+                                                              fields={"labels": ",".join(labels)})[2], lists))
+        for answer, labels in zip(answers, lists):
+            check(answer, labels)
         for fields, message in (({"labels": "cat,,dog"}, "an empty entry"),
                                 ({"labels": "cat,cat"}, "'cat' is given twice"),
                                 ({"labels": "a,b,c,d,e,f,g"}, "7 labels x 1 templates are 7 prompts; the limit"),
