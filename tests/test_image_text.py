@@ -3,12 +3,16 @@ random models, the OpenCLIP layout, the Hub round trip and the one-line errors."
 
 from __future__ import annotations
 
+import io
+import json
 import math
 
 import pytest
 import torch
 
 import vitlab
+from vitlab.errors import InvalidValueError, VitlabError
+from vitlab.models.text import TextConfig, TextTransformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,11 +40,11 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.3 * noise if p.dim() > 1 else 0.1 * noise)
 
 
-def _clip(tmp_path, eos_token_id=98, projection_dim=24, act="quick_gelu"):
+def _clip(tmp_path, eos_token_id=98, projection_dim=24, act="quick_gelu", vocab_size=99):
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(text_config={**TEXT, "eos_token_id": eos_token_id, "bos_token_id": 97, "pad_token_id": 0,
-                                  "hidden_act": act},
+                                  "hidden_act": act, "vocab_size": vocab_size},
                      vision_config={**VISION, "hidden_act": act}, projection_dim=projection_dim)
     model = CLIPModel(cfg).eval()
     _randomise(model)
@@ -117,3 +121,134 @@ def test_siglip_matches_transformers_text_image_and_logits(tmp_path):
         torch.testing.assert_close(model.encode_image(images), out.image_embeds, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.encode_text(tokens), out.text_embeds, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(images, tokens), out.logits_per_image, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizers
+CORPUS = ["a photo of a cat", "a photo of a dog", "an origami crane folded from paper",
+          "the quick brown fox jumps over the lazy dog", "photos of cats and dogs"] * 3
+
+
+def _clip_tokenizer(folder, max_length=16):
+    """A tiny byte-level BPE built as CLIP's tokenizer.json is (lowercased, ``</w>`` word ends, bos / eos)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    split = Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(split, behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", 1), ("<|startoftext|>", 0),
+                                                      trim_offsets=False, add_prefix_space=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    return tok.get_vocab_size()
+
+
+def _spiece(folder, max_length=16):
+    """A tiny SentencePiece model with SigLIP's special tokens (``</s>`` = 1 ends and pads)."""
+    import sentencepiece
+
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=buffer, vocab_size=60, model_type="unigram", pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2,
+        hard_vocab_limit=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(buffer.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "SiglipTokenizer", "model_max_length": max_length, "eos_token": "</s>",
+        "pad_token": "</s>", "unk_token": "<unk>", "do_lower_case": True}))
+
+
+def _gemma(folder, tokenizer_class, extra):
+    """A tiny Gemma-style tokenizer.json (byte-fallback BPE, ``▁`` for spaces, ``<bos>`` first) as SigLIP 2's."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                        show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": tokenizer_class, "model_max_length": 16, "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "unk_token": "<unk>", **extra}))
+
+
+TOKENIZE = ["a photo of a cat.", "A PHOTO of   a dog!", "an origami crane, folded from paper", "x",
+            "the quick brown fox jumps over the lazy dog " * 4, "Zürich café naïve", "under_score ▁odd"]
+
+
+def _reference_ids(folder, cls=None):
+    from transformers import AutoTokenizer
+
+    tok = (cls or AutoTokenizer).from_pretrained(folder)
+    return tok(TOKENIZE, padding="max_length", truncation=True, max_length=16, return_tensors="pt").input_ids
+
+
+def test_clip_tokenizer_json_ids_equal_transformers_clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from vitlab.models.tokenizer import load_tokenizer
+
+    _clip_tokenizer(tmp_path / "tok")
+    ids = load_tokenizer(tmp_path / "tok", 16)(TOKENIZE)
+    assert ids.shape == (len(TOKENIZE), 16) and ids.dtype == torch.long
+    assert torch.equal(ids, _reference_ids(tmp_path / "tok", CLIPTokenizer))
+    assert ids[4, -1] == 1 and ids[3, 3:].eq(1).all()  # truncated with <|endoftext|> kept last; padded with it
+
+
+def test_siglip_sentencepiece_ids_equal_transformers_siglip_tokenizer(tmp_path):
+    from transformers import SiglipTokenizer
+
+    from vitlab.models.tokenizer import load_tokenizer
+
+    _spiece(tmp_path / "tok")
+    ids = load_tokenizer(tmp_path / "tok", 16)(TOKENIZE)
+    assert torch.equal(ids, _reference_ids(tmp_path / "tok", SiglipTokenizer))
+    # canonicalised: case, punctuation and runs of spaces make no difference
+    assert torch.equal(ids[0], load_tokenizer(tmp_path / "tok", 16)(["A  Photo, of a CAT"])[0])
+
+
+@pytest.mark.parametrize("cls, extra", [("GemmaTokenizer", {"padding_side": "right"}), ("Siglip2Tokenizer", {}),
+                                        ("GemmaTokenizer", {"add_bos_token": False, "add_eos_token": True})])
+def test_gemma_tokenizer_json_ids_equal_transformers(tmp_path, cls, extra):
+    from vitlab.models.tokenizer import load_tokenizer
+
+    _gemma(tmp_path / "tok", cls, extra)
+    ids = load_tokenizer(tmp_path / "tok", 16)(TOKENIZE)
+    assert torch.equal(ids, _reference_ids(tmp_path / "tok"))
+
+
+def test_tokenize_through_the_model_gives_transformers_zero_shot_logits(tmp_path):
+    from transformers import CLIPTokenizer
+
+    ref, folder = _clip(tmp_path, eos_token_id=1, vocab_size=300)
+    assert _clip_tokenizer(folder) == 300
+    model = vitlab.load_image_text(folder, tokenizer=False)
+    assert model.tokenizer is None
+    with pytest.raises(VitlabError, match="no tokenizer"):
+        model.tokenize(["a cat"])
+    model = vitlab.load_image_text(folder)
+    texts = ["a photo of a cat", "a photo of a dog", "an origami crane"]
+    tokens = model.tokenize(texts)
+    reference = CLIPTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt")  # shortest padding
+    assert torch.equal(tokens, model.tokenizer(texts)) and tokens.shape == (3, 16)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(pixel_values=images, **reference).logits_per_image
+        torch.testing.assert_close(model(images, tokens), expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(model(images, tokens).softmax(-1).sum(-1), torch.ones(2))
