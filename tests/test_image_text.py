@@ -252,3 +252,152 @@ def test_tokenize_through_the_model_gives_transformers_zero_shot_logits(tmp_path
         expected = ref(pixel_values=images, **reference).logits_per_image
         torch.testing.assert_close(model(images, tokens), expected, rtol=1e-5, atol=1e-5)
         assert torch.allclose(model(images, tokens).softmax(-1).sum(-1), torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------- OpenCLIP layout
+def _to_open_clip(sd: dict) -> dict:
+    """transformers CLIPModel tensors -> the names and shapes OpenAI CLIP / OpenCLIP state dicts use."""
+    out = {}
+    for tower, prefix in (("text_model.", ""), ("vision_model.", "visual.")):
+        layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith(f"{tower}encoder.layers.")})
+        for i in layers:
+            src, dst = f"{tower}encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+            for kind in ("weight", "bias"):
+                out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd[f"{src}self_attn.{w}_proj.{kind}"] for w in "qkv"])
+                out[f"{dst}attn.out_proj.{kind}"] = sd[f"{src}self_attn.out_proj.{kind}"]
+                out[f"{dst}ln_1.{kind}"], out[f"{dst}ln_2.{kind}"] = sd[f"{src}layer_norm1.{kind}"], \
+                    sd[f"{src}layer_norm2.{kind}"]
+                out[f"{dst}mlp.c_fc.{kind}"], out[f"{dst}mlp.c_proj.{kind}"] = sd[f"{src}mlp.fc1.{kind}"], \
+                    sd[f"{src}mlp.fc2.{kind}"]
+    out["token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+    out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+    out["text_projection"] = sd["text_projection.weight"].t().contiguous()
+    out["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
+    out["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
+    out["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
+    out["visual.proj"] = sd["visual_projection.weight"].t().contiguous()
+    for kind in ("weight", "bias"):
+        out[f"ln_final.{kind}"] = sd[f"text_model.final_layer_norm.{kind}"]
+        out[f"visual.ln_pre.{kind}"] = sd[f"vision_model.pre_layrnorm.{kind}"]
+        out[f"visual.ln_post.{kind}"] = sd[f"vision_model.post_layernorm.{kind}"]
+    out["logit_scale"] = sd["logit_scale"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_open_clip_layout_equals_the_transformers_layout_of_the_same_weights(tmp_path, quick):
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel
+
+    wide = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)  # 64-wide heads
+    act = "quick_gelu" if quick else "gelu"
+    ref = CLIPModel(CLIPConfig(text_config={**TEXT, **wide, "hidden_act": act, "eos_token_id": 98},
+                               vision_config={**VISION, **wide, "hidden_act": act}, projection_dim=24)).eval()
+    _randomise(ref, seed=3)
+    folder = tmp_path / "open_clip"
+    folder.mkdir()
+    save_file(_to_open_clip(ref.state_dict()), folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 24, "quick_gelu": quick, "vision_cfg": {"image_size": 32, "layers": 2, "width": 128,
+                                                             "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 99, "width": 128, "heads": 2, "layers": 2}}}))
+    model = vitlab.load_image_text(folder)
+    assert model.text.cfg.pool == "argmax" and model.text.cfg.gelu == ("quick" if quick else "exact")
+    assert model.visual.cfg.gelu == model.text.cfg.gelu
+    tokens, mask = _padded_tokens(eos=98)  # OpenCLIP pools the highest id: the end-of-text token is the largest
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = ref(input_ids=tokens, attention_mask=mask, pixel_values=images)
+        torch.testing.assert_close(model(images, tokens), out.logits_per_image, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(tokens), out.text_embeds, rtol=1e-5, atol=1e-5)
+        # the same file on its own (no config beside it) is read the same way when it is OpenAI's QuickGELU release
+        lone = tmp_path / "lone.safetensors"
+        lone.write_bytes((folder / "open_clip_model.safetensors").read_bytes())
+        if quick:
+            torch.testing.assert_close(vitlab.load_image_text(lone)(images, tokens), out.logits_per_image,
+                                       rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- the Hub
+def test_hf_hub_repo_from_a_loopback_server_loads_as_the_folder_does(tmp_path, monkeypatch):
+    from tests.hub_fixtures import LoopbackHub, offline_hub_cache
+
+    hub = offline_hub_cache(tmp_path, monkeypatch)
+    ref, folder = _siglip(tmp_path)
+    _spiece(folder)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    server = LoopbackHub({"google/tiny-siglip": files})
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        model = vitlab.load_image_text("hf-hub:google/tiny-siglip")
+    finally:
+        server.stop()
+    snapshot = hub / "models--google--tiny-siglip" / "snapshots" / server.commit
+    assert (snapshot / "spiece.model").is_file() and (snapshot / "tokenizer_config.json").is_file()
+    local = vitlab.load_image_text(folder)
+    tokens = local.tokenize(["a photo of a cat", "a dog"])
+    assert torch.equal(model.tokenize(["a photo of a cat", "a dog"]), tokens) and tokens.shape == (2, 16)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, tokens), local(images, tokens), rtol=0, atol=0)
+        torch.testing.assert_close(model(images, tokens), ref(input_ids=tokens, pixel_values=images).logits_per_image,
+                                   rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # now in the cache: no network needed
+    assert vitlab.load_image_text("hf-hub:google/tiny-siglip").tokenizer is not None
+
+
+# ------------------------------------------------------------------------------------------------- fresh models
+def test_create_image_text_from_configs_and_names():
+    torch.manual_seed(0)
+    vision = vitlab.ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64,
+                              num_classes=24, pre_norm=True, patch_bias=False)
+    text = TextConfig(vocab_size=50, context_length=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, proj_dim=24)
+    model = vitlab.create_image_text(vision, text)
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 50, (3, 8))
+    with torch.no_grad():
+        logits = model(images, tokens)
+        img = torch.nn.functional.normalize(model.visual(images), dim=-1)
+        txt = torch.nn.functional.normalize(model.text(tokens), dim=-1)
+        torch.testing.assert_close(logits, 10 * img @ txt.t(), rtol=1e-5, atol=1e-5)
+    assert TextConfig.from_dict(text.to_dict()) == text
+    siglip = vitlab.create_image_text("siglip_b16", img_size=32, embed_dim=32, depth=1, num_heads=2, mlp_dim=64,
+                                      logit_bias=-10.0)
+    assert siglip.text.cfg.embed_dim == 32 and not siglip.text.cfg.causal and siglip.text.cfg.context_length == 64
+    with torch.no_grad():
+        assert siglip(images, torch.randint(0, 32000, (3, 64))).shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def test_bad_input_one_line_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(InvalidValueError, match="embed_dim 30 is not divisible by num_heads 4"):
+        TextConfig(embed_dim=30, num_heads=4)
+    with pytest.raises(InvalidValueError, match="unknown text config keys: width"):
+        TextConfig.from_dict({"width": 3})
+    tower = TextTransformer(TextConfig(vocab_size=10, context_length=4, embed_dim=8, depth=1, num_heads=2,
+                                       mlp_dim=16, proj_dim=0))
+    with pytest.raises(InvalidValueError, match=r"token ids must be in \[0, 10\)"):
+        tower(torch.tensor([[1, 2, 10]]))
+    with pytest.raises(InvalidValueError, match="length 5: the text tower reads 1 to 4"):
+        tower(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(InvalidValueError, match="integer tensor"):
+        tower(torch.zeros(1, 3))
+    _, folder = _clip(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "vit"}))
+    with pytest.raises(VitlabError, match="model_type 'vit' is not a two-tower image-text model"):
+        vitlab.load_image_text(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "text_model.final_layer_norm.bias"},
+              folder / "model.safetensors")
+    with pytest.raises(VitlabError, match=r"missing keys \(1\): norm\.bias") as info:
+        vitlab.load_image_text(folder)
+    assert "\n" not in str(info.value)
+    save_file({k: v for k, v in weights.items() if not k.startswith("text_model.")}, folder / "model.safetensors")
+    with pytest.raises(VitlabError, match="no text_model.* tensors; a vision-only checkpoint"):
+        vitlab.load_image_text(folder)
+    with pytest.raises(VitlabError, match="no such file or folder"):
+        vitlab.load_image_text(tmp_path / "nothing")
