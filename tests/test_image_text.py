@@ -40,12 +40,13 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.3 * noise if p.dim() > 1 else 0.1 * noise)
 
 
-def _clip(tmp_path, eos_token_id=98, projection_dim=24, act="quick_gelu", vocab_size=99):
+def _clip(tmp_path, eos_token_id=98, projection_dim=24, act="quick_gelu", vocab_size=99, vision_heads=2):
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(text_config={**TEXT, "eos_token_id": eos_token_id, "bos_token_id": 97, "pad_token_id": 0,
                                   "hidden_act": act, "vocab_size": vocab_size},
-                     vision_config={**VISION, "hidden_act": act}, projection_dim=projection_dim)
+                     vision_config={**VISION, "hidden_act": act, "num_attention_heads": vision_heads},
+                     projection_dim=projection_dim)
     model = CLIPModel(cfg).eval()
     _randomise(model)
     folder = tmp_path / "clip"
@@ -300,8 +301,11 @@ def test_open_clip_layout_equals_the_transformers_layout_of_the_same_weights(tmp
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
         "embed_dim": 24, "quick_gelu": quick, "vision_cfg": {"image_size": 32, "layers": 2, "width": 128,
                                                              "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 99, "width": 128, "heads": 2, "layers": 2}}}))
+        "text_cfg": {"context_length": 16, "vocab_size": 99, "width": 128, "heads": 2, "layers": 2}},
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}}))
     model = vitlab.load_image_text(folder)
+    pre = model.preprocessing
+    assert pre.mean == (0.5,) * 3 and pre.std == (0.25,) * 3 and pre.interpolation == "bilinear"
     assert model.text.cfg.pool == "argmax" and model.text.cfg.gelu == ("quick" if quick else "exact")
     assert model.visual.cfg.gelu == model.text.cfg.gelu
     tokens, mask = _padded_tokens(eos=98)  # OpenCLIP pools the highest id: the end-of-text token is the largest
@@ -345,6 +349,41 @@ def test_hf_hub_repo_from_a_loopback_server_loads_as_the_folder_does(tmp_path, m
                                    rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # now in the cache: no network needed
     assert vitlab.load_image_text("hf-hub:google/tiny-siglip").tokenizer is not None
+
+
+def test_an_open_clip_repo_without_config_json_loads_from_the_hub(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from tests.hub_fixtures import LoopbackHub, offline_hub_cache
+
+    offline_hub_cache(tmp_path, monkeypatch)
+    # OpenCLIP pools the highest token id (its end-of-text token has the largest id; not so in this tiny
+    # vocabulary): transformers does the same with a legacy eos_token_id of 2. One 32-wide head in the image
+    # tower: the head count OpenCLIP's 64-wide heads give for that width (its vision_cfg does not store it).
+    ref, folder = _clip(tmp_path, eos_token_id=2, vocab_size=300, vision_heads=1)
+    _clip_tokenizer(folder)
+    save_file(_to_open_clip(ref.state_dict()), tmp_path / "open_clip_model.safetensors")
+    config = {"model_cfg": {"embed_dim": 24, "quick_gelu": True,
+                            "text_cfg": {"context_length": 16, "vocab_size": 300, "width": 32, "heads": 2}}}
+    files = {"open_clip_model.safetensors": (tmp_path / "open_clip_model.safetensors").read_bytes(),
+             "open_clip_config.json": json.dumps(config).encode(),
+             "tokenizer.json": (folder / "tokenizer.json").read_bytes(),
+             "tokenizer_config.json": (folder / "tokenizer_config.json").read_bytes()}
+    server = LoopbackHub({"laion/tiny-clip": files, "laion/empty": {"README.md": b"nothing"}})
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        model = vitlab.load_image_text("hf-hub:laion/tiny-clip")
+        with pytest.raises(VitlabError, match="hf-hub:laion/empty: the repo has no config.json"):
+            vitlab.load_image_text("hf-hub:laion/empty")
+    finally:
+        server.stop()
+    assert model.text.cfg.num_heads == 2 and model.text.cfg.pool == "argmax"
+    texts = ["a photo of a cat", "a dog"]
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(pixel_values=images, input_ids=model.tokenize(texts)).logits_per_image
+        torch.testing.assert_close(model(images, model.tokenize(texts)), expected, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- fresh models

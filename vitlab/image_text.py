@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoints.image_text import image_text_files, read_text_tower
+from .checkpoints.image_text import image_text_files, open_clip_preprocessing, read_text_tower
 from .compute.onednn import set_onednn_linear
 from .errors import InvalidValueError
 from .factory import create_model, load
 from .hub import HUB_PREFIX, resolve
-from .hub.hf import fetch_repo_files
+from .hub.hf import resolve_image_text
 from .models import ViTConfig, get_config, model_from_config
 from .models.image_text import LOG_10, ImageTextModel
 from .models.text import TextConfig, TextTransformer
@@ -40,22 +40,22 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True) -> Ima
     >>> probs = m(images, m.tokenize(["a photo of a cat", "a photo of a dog"])).softmax(-1)  # doctest: +SKIP
     """
     spec = os.fspath(source)
-    resolved = resolve(spec)
-    if resolved is not None and spec.startswith(HUB_PREFIX):
-        fetch_repo_files(spec[len(HUB_PREFIX):])  # the tokenizer's files, into the weights' snapshot folder
-    local = Path(resolved.path) if resolved is not None else Path(spec)
-    where, layout, _ = image_text_files(local)
+    if spec.startswith(HUB_PREFIX) and not Path(spec).exists():
+        local = resolve_image_text(spec[len(HUB_PREFIX):])  # both towers' files and the tokenizer's
+    else:
+        resolved = resolve(spec)  # a URL or catalog name: an image-tower file (its text tower is looked for)
+        local = Path(resolved.path) if resolved is not None else Path(spec)
+    where, layout, oc_config = image_text_files(local)
     text = read_text_tower(local)
-    source_name = str(where)
-    if layout == "hf" and (where.is_dir() or resolved is None):
+    if layout == "hf" and (where.is_dir() or local == Path(spec)):
         visual = load(spec)  # exactly vitlab.load's image tower
-    else:  # OpenCLIP: the weights file itself, with the GELU its config names
+    else:  # OpenCLIP: the weights file itself, with the GELU and preprocessing its config names
         visual = load(where, gelu=text.gelu_image)
+        visual.preprocessing = open_clip_preprocessing(visual.preprocessing, oc_config)
     folder = where if where.is_dir() else where.parent
     tok = load_tokenizer(folder, text.config.context_length) if tokenizer else None
-    model = ImageTextModel(visual, text.build(source_name), logit_scale=text.logit_scale,
-                           logit_bias=text.logit_bias, tokenizer=tok)
-    model.notes = text.notes  # what the reader dropped or assumed, as vitlab.read_checkpoint's notes
+    model = ImageTextModel(visual, text.build(str(where)), logit_scale=text.logit_scale,
+                           logit_bias=text.logit_bias, tokenizer=tok, notes=text.notes)
     return set_onednn_linear(model.eval())  # this machine's CPU fast path, as vitlab.load
 
 

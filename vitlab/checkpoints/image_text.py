@@ -36,6 +36,7 @@ import torch
 
 from ..errors import VitlabError
 from ..models.text import TextConfig, TextTransformer
+from ..preprocessing import Preprocessing
 from .family_layouts import HF_ACTIVATIONS
 from .files import read_safetensors, read_torch, sniff
 from .loading import _read_hf_weights, construct_uninitialised, load_strict
@@ -213,6 +214,26 @@ def open_clip_text_tower(state_dict: dict[str, torch.Tensor], oc_config: dict | 
     bias = state_dict.get("logit_bias")
     return TextTower(config, text, _scalar(state_dict, "logit_scale", source),
                      None if bias is None else bias.detach().clone().float(), "open_clip", notes, gelu_image=gelu)
+
+
+def open_clip_preprocessing(pre: Preprocessing, oc_config: dict | None) -> Preprocessing:
+    """``pre`` with the mean, std and interpolation of ``open_clip_config.json``'s ``preprocess_cfg`` (OpenCLIP's
+    evaluation transform: the shorter side to the model size, centre crop), where it gives them."""
+    cfg = (oc_config or {}).get("preprocess_cfg")
+    if not isinstance(cfg, dict):
+        return pre
+    changes = {}
+    for name in ("mean", "std"):
+        value = cfg.get(name)
+        if isinstance(value, list) and len(value) == pre.channels and all(isinstance(v, (int, float)) for v in value):
+            changes[name] = tuple(float(v) for v in value)
+    if cfg.get("interpolation") in ("bicubic", "bilinear", "nearest"):
+        changes["interpolation"] = cfg["interpolation"]
+    try:
+        return pre.replace(**changes)
+    except (TypeError, ValueError) as exc:
+        raise VitlabError(f"open_clip_config.json: preprocess_cfg is not a preprocessing vitlab applies ({exc})"
+                          ) from None
 
 
 # ------------------------------------------------------------------------------------------------- files
