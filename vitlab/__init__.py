@@ -35,9 +35,9 @@ _EXPORTS = {
     "Preprocessing": ".preprocessing",
     "load_image_text": ".image_text",
     "create_image_text": ".image_text",
-    "ImageTextModel": ".models.image_text",
-    "TextConfig": ".models.text",
-    "TextTransformer": ".models.text",
+    "ImageTextModel": ".models",
+    "TextConfig": ".models",
+    "TextTransformer": ".models",
 }
 
 __all__ = ["ImageTextModel", "Preprocessing", "TextConfig", "TextTransformer", "ViTConfig", "VisionTransformer",
@@ -50,9 +50,16 @@ if TYPE_CHECKING:
     from .factory import convert, create_model, inspect_checkpoint, load, load_lora, push_to_hub, read_checkpoint
     from .hub import get_pretrained, list_pretrained
     from .image_text import create_image_text, load_image_text
-    from .models import VisionTransformer, ViTConfig, get_config, list_models, metadata_of
-    from .models.image_text import ImageTextModel
-    from .models.text import TextConfig, TextTransformer
+    from .models import (
+        ImageTextModel,
+        TextConfig,
+        TextTransformer,
+        VisionTransformer,
+        ViTConfig,
+        get_config,
+        list_models,
+        metadata_of,
+    )
     from .preprocessing import Preprocessing
     from .soups import soup
 
