@@ -323,13 +323,17 @@ def test_open_clip_layout_equals_the_transformers_layout_of_the_same_weights(tmp
 
 
 # ------------------------------------------------------------------------------------------------- the Hub
-def test_hf_hub_repo_from_a_loopback_server_loads_as_the_folder_does(tmp_path, monkeypatch):
+def test_saved_folder_through_a_loopback_hub_loads_as_the_folder_does(tmp_path, monkeypatch):
     from tests.hub_fixtures import LoopbackHub, offline_hub_cache
 
     hub = offline_hub_cache(tmp_path, monkeypatch)
     ref, folder = _siglip(tmp_path)
     _spiece(folder)
-    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    saved = tmp_path / "saved"
+    assert vitlab.save_image_text(vitlab.load_image_text(folder), saved) == ["written as transformers SiglipModel"]
+    files = {p.name: p.read_bytes() for p in saved.iterdir() if p.is_file()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "spiece.model",
+            "tokenizer_config.json"} <= set(files)
     server = LoopbackHub({"google/tiny-siglip": files})
     try:
         monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -384,6 +388,42 @@ def test_an_open_clip_repo_without_config_json_loads_from_the_hub(tmp_path, monk
     with torch.no_grad():
         expected = ref(pixel_values=images, input_ids=model.tokenize(texts)).logits_per_image
         torch.testing.assert_close(model(images, model.tokenize(texts)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_image_text_writes_what_transformers_reads(tmp_path):
+    from transformers import CLIPModel, SiglipModel
+
+    ref, folder = _clip(tmp_path, eos_token_id=1, vocab_size=300)
+    _clip_tokenizer(folder)
+    model = vitlab.load_image_text(folder)
+    vitlab.save_image_text(model, tmp_path / "out")
+    again, back = vitlab.load_image_text(tmp_path / "out"), CLIPModel.from_pretrained(tmp_path / "out").eval()
+    tokens, images = model.tokenize(["a photo of a cat", "a dog"]), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(pixel_values=images, input_ids=tokens).logits_per_image
+        torch.testing.assert_close(back(pixel_values=images, input_ids=tokens).logits_per_image, expected,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(images, again.tokenize(["a photo of a cat", "a dog"])), expected,
+                                   rtol=1e-5, atol=1e-5)
+    # CLIP's processor stores the crop as whole pixels (shortest_edge 36 for 32 / 0.9)
+    assert again.preprocessing.replace(crop_pct=0.9) == model.preprocessing
+    assert again.preprocessing.crop_pct == pytest.approx(32 / 36)
+    # a SigLIP pair trained from scratch is saved the same way
+    fresh = vitlab.create_image_text("siglip_b16", img_size=32, embed_dim=32, depth=1, num_heads=2, mlp_dim=64,
+                                     logit_bias=-10.0, text=TextConfig(vocab_size=50, context_length=8, embed_dim=32,
+                                                                       depth=1, num_heads=2, mlp_dim=64, causal=False,
+                                                                       pool="last", gelu="tanh", norm_eps=1e-6,
+                                                                       proj_dim=32, proj_bias=True))
+    vitlab.save_image_text(fresh, tmp_path / "fresh")
+    tokens = torch.randint(0, 50, (3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            SiglipModel.from_pretrained(tmp_path / "fresh").eval()(pixel_values=images, input_ids=tokens)
+            .logits_per_image, fresh(images, tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidValueError, match="SiglipModel's text tower is bidirectional"):
+        vitlab.save_image_text(vitlab.create_image_text("siglip_b16", img_size=32, embed_dim=32, depth=1,
+                                                        num_heads=2, mlp_dim=64), tmp_path / "no")
+    assert not (tmp_path / "no").exists()
 
 
 # ------------------------------------------------------------------------------------------------- fresh models

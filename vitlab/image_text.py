@@ -11,7 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoints.image_text import image_text_files, open_clip_preprocessing, read_text_tower
+from .checkpoints.image_text import (
+    image_text_files,
+    open_clip_preprocessing,
+    read_text_tower,
+    write_image_text_folder,
+)
 from .compute.onednn import set_onednn_linear
 from .errors import InvalidValueError
 from .factory import create_model, load
@@ -22,7 +27,7 @@ from .models.image_text import LOG_10, ImageTextModel
 from .models.text import TextConfig, TextTransformer
 from .models.tokenizer import load_tokenizer
 
-__all__ = ["create_image_text", "load_image_text", "text_config_for"]
+__all__ = ["create_image_text", "load_image_text", "save_image_text", "text_config_for"]
 
 
 def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True) -> ImageTextModel:
@@ -57,6 +62,16 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True) -> Ima
     model = ImageTextModel(visual, text.build(str(where)), logit_scale=text.logit_scale,
                            logit_bias=text.logit_bias, tokenizer=tok, notes=text.notes)
     return set_onednn_linear(model.eval())  # this machine's CPU fast path, as vitlab.load
+
+
+def save_image_text(model: ImageTextModel, folder: str | os.PathLike) -> list[str]:
+    """Write ``model`` as a transformers ``CLIPModel`` / ``SiglipModel`` folder (``config.json``,
+    ``model.safetensors``, ``preprocessor_config.json`` and the tokenizer's files), replaced atomically:
+    :func:`load_image_text` and transformers' ``from_pretrained`` read it, and it can be uploaded as a Hub repo.
+    Returns notes. Raises InvalidValueError for towers neither class computes (named in the message)."""
+    if not isinstance(model, ImageTextModel):
+        raise InvalidValueError(f"save_image_text: expected a vitlab ImageTextModel, got a {type(model).__name__}")
+    return write_image_text_folder(model, folder)
 
 
 def text_config_for(vision: ViTConfig) -> TextConfig:
