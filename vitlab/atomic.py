@@ -73,6 +73,21 @@ def check_folder(path: str | os.PathLike) -> None:
         raise WriteError(f"cannot write {path}: {blocker} is a file, not a folder")
 
 
+def check_new_file(path: str | os.PathLike, suffix: str, what: str) -> Path:
+    """Refuse, before any work, an output ``path`` that does not end in ``suffix``, that exists (``what`` is never
+    written over a file: remove it or choose another name) or whose folder has a file in the way. Returns the
+    path. The errors name the option ``out``."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise VitlabError(f"{path}: {what} is written as a {suffix} file; use a name ending in {suffix}",
+                          options=("out",))
+    if path.exists() or path.is_symlink():
+        raise VitlabError(f"{path} already exists; remove it or choose another name ({what} never replaces a file)",
+                          options=("out",))
+    check_folder(path.parent)
+    return path
+
+
 def _file_in_the_way(folder: Path) -> Path | None:
     """The nearest existing one of ``folder`` and its parents when it is not a folder (None: the way is clear)."""
     for place in [folder, *folder.parents]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .atomic import check_new_file
 from .checkpoints import Checkpoint, model_from_checkpoint
 from .checkpoints.soup import WeightSum, check_ingredient, check_weights
 from .checkpoints.vitlab_format import save
@@ -78,14 +79,7 @@ class Soup:
 def check_soup_out(out: str | os.PathLike) -> Path:
     """Refuse, before any ingredient is read, an output that is not a ``.safetensors`` name or that exists (a soup
     never replaces a file: remove it or choose another name)."""
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise VitlabError(f"{out}: a soup is written as a vitlab .safetensors file; use a name ending in "
-                          ".safetensors", options=("out",))
-    if out.exists() or out.is_symlink():
-        raise VitlabError(f"{out} already exists; remove it or choose another name (a soup never replaces a file)",
-                          options=("out",))
-    return out
+    return check_new_file(out, ".safetensors", "a soup")
 
 
 def _reader(prefer_ema: bool, model_name: str | None) -> Callable[[str], Checkpoint]:

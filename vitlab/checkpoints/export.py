@@ -106,6 +106,8 @@ def export_timm(model: nn.Module, path: str | os.PathLike) -> list[str]:
     problems = _common_problems(cfg, "timm")
     if cfg.representation_size:
         problems.append("a pre-logits layer (timm's ViT has none; convert with drop_pre_logits and a new head)")
+    if cfg.head_proj_dim or cfg.head_l2_norm:
+        problems.append("a zero-shot head (projection / L2 norm; timm's ViT has none)")
     _require(problems, "timm")
     _write_torch_state_dict(_state_dict(model), Path(path))
     notes = _numerics_notes(cfg, "timm (default act_layer)", "exact")

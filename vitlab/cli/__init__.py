@@ -39,6 +39,7 @@ COMMAND_HELP = {
     "soup": "average fine-tuned models into one (uniform, weighted or greedy model soup)",
     "suite": "VTAB-1k-style evaluation over a list of tasks (few-shot or fine-tuning), resumable",
     "train": "train a ViT (recipes, checkpoints, resume, torchrun)",
+    "zero-shot": "a classifier of any classes from CLIP / SigLIP and prompts, no training",
 }
 
 

@@ -11,11 +11,13 @@ from pathlib import Path
 from ..atomic import check_folder
 from ..errors import InvalidValueError
 from ._merging import ALIASES, add_merge_tokens_argument
+from ._zeroshot import ALIASES as ZERO_SHOT_ALIASES
+from ._zeroshot import add_template_arguments, templates_of
 from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
 
 # eval_checkpoint's arguments that library errors name -> this command's flags
 FLAGS = {**EVAL_DATA_FLAGS, "img_size": "--img-size", "map_classes_by_name": "--map-classes-by-name",
-         "labels_file": "--labels", **ALIASES}
+         "labels_file": "--labels", "zero_shot_templates": "--zero-shot", **ALIASES, **ZERO_SHOT_ALIASES}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="multi-label data: a label counts as predicted at this sigmoid probability (F1; default 0.5)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_merge_tokens_argument(p)
+    p.add_argument("--zero-shot", action="store_true",
+                   help="CHECKPOINT is an image-text model (CLIP, SigLIP): evaluate it as the zero-shot classifier of "
+                        "the data's class names (docs/zero-shot.md)")
+    add_template_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -67,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidValueError(f"{option} must be positive")
     if args.out is not None:  # a file in the way: say so now, not after the pass over the data
         check_folder(args.out)
+    if (args.template or args.prompt_ensemble) and not args.zero_shot:
+        raise InvalidValueError("--template / --prompt-ensemble choose the prompts of --zero-shot; add --zero-shot")
+    templates = templates_of(args) if args.zero_shot else None
     info = D.setup(args.device)
     skipped: list[str] = []
     try:
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 num_workers=args.workers, device=str(info.device), precision=args.precision,
                 on_bad_image=args.on_bad_image, max_samples=args.max_samples, num_bins=args.bins,
                 progress=info.is_main, on_skipped=skipped.extend, map_classes_by_name=args.map_classes_by_name,
-                threshold=args.threshold, merge_tokens=args.merge_tokens)
+                threshold=args.threshold, merge_tokens=args.merge_tokens, zero_shot_templates=templates)
     finally:
         D.teardown()
     if not info.is_main:

@@ -10,11 +10,13 @@ from pathlib import Path
 
 from ..errors import InvalidValueError
 from ._merging import ALIASES, add_merge_tokens_argument
+from ._zeroshot import ALIASES as ZERO_SHOT_ALIASES
+from ._zeroshot import add_class_arguments, add_template_arguments, class_names_of, templates_of
 from .train import EVAL_DATA_FLAGS, add_hf_data_arguments, flags_in_errors, hf_data
 
 # library arguments that errors name -> this command's flags
 FLAGS = {**EVAL_DATA_FLAGS, "out": "--out", "batch_size": "--batch-size", "num_workers": "--workers",
-         "precision": "--precision", **ALIASES}
+         "precision": "--precision", **ALIASES, **ZERO_SHOT_ALIASES}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "--features writes the pooled pre-logits features instead. Unreadable "
                                           "images get an error line (row); the others are still predicted (exit "
                                           "status 1 if any failed).")
-    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
+    p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`; "
+                                      "with --classes an image-text model (CLIP, SigLIP: zero-shot)")
     p.add_argument("images", nargs="*", help="image files and folders")
     p.add_argument("--data", help="instead of IMAGES: a .csv / .jsonl manifest, an image-folder tree, tar shards, a "
                                   "Hugging Face source (hf:org/name, save_to_disk folder, parquet / arrow files) or a "
@@ -47,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="fp32, or bf16 / fp16 autocast (fp16: for GPUs without bf16)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    add_class_arguments(p, "zero-shot: CHECKPOINT is an image-text model (CLIP, SigLIP) and these are the classes "
+                           "(docs/zero-shot.md); ")
+    add_template_arguments(p)
     add_merge_tokens_argument(p)
     p.set_defaults(func=run)
 
@@ -67,6 +73,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidValueError("--topk is for classes; --features writes features")
     if args.json and args.out is not None:
         raise InvalidValueError("--json prints; with --out the file's extension picks the format")
+    zero_shot = args.classes is not None or args.classes_file is not None
+    if (args.template or args.prompt_ensemble) and not zero_shot:
+        raise InvalidValueError("--template / --prompt-ensemble choose the prompts of zero-shot classes; give "
+                                "--classes or --classes-file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +96,15 @@ def run(args: argparse.Namespace) -> int:
     files = image_files(args.images) if args.images else None
     data = hf_data(args.data, args)
     device = resolve_device(args.device)
-    model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
+    names = class_names_of(args, required=False)
+    if names is not None:  # zero-shot: the image-text model's classifier of these classes
+        from .. import load_image_text
+        from ..zeroshot import zero_shot_classifier
+
+        with flags_in_errors(FLAGS, config_flags=False):
+            model = zero_shot_classifier(load_image_text(args.checkpoint).to(device), names, templates_of(args))
+    else:
+        model = load_exported(args.checkpoint) if is_exported_file(args.checkpoint) else load(args.checkpoint)
     if args.merge_tokens:
         with flags_in_errors(FLAGS, config_flags=False):
             merge_tokens(model, args.merge_tokens)

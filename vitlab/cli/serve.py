@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ..errors import VitlabError
 from ._merging import ALIASES, add_merge_tokens_argument
+from ._zeroshot import ALIASES as ZERO_SHOT_ALIASES
+from ._zeroshot import add_class_arguments, add_template_arguments, class_names_of, templates_of
 
 API_KEY_ENV = "VITLAB_API_KEY"
 
@@ -55,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to wait for requests in progress at shutdown (default 30)")
     add_merge_tokens_argument(p)
+    add_class_arguments(p, "zero-shot: CHECKPOINT is an image-text model (CLIP, SigLIP) served as the classifier of "
+                           "these classes (docs/zero-shot.md); ")
+    add_template_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -105,17 +110,29 @@ def run(args: argparse.Namespace) -> int:
                              max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
                              api_key=_api_key(args), body_timeout_s=args.body_timeout)
     model, name = args.checkpoint, args.name
-    if args.merge_tokens:  # loaded here and served as a model object (the engine serves it as it is)
-        if args.backend != "torch":
-            raise VitlabError(f"--merge-tokens runs on the torch backend; drop --backend {args.backend}")
+    classes = class_names_of(args, required=False)
+    if (args.template or args.prompt_ensemble) and classes is None:
+        raise VitlabError("--template / --prompt-ensemble choose the prompts of zero-shot classes; give --classes or "
+                          "--classes-file")
+    if args.merge_tokens and args.backend != "torch":
+        raise VitlabError(f"--merge-tokens runs on the torch backend; drop --backend {args.backend}")
+    if args.merge_tokens or classes is not None:  # built here and served as an engine (served as it is)
         from ..compute.tome import merge_tokens
         from ..serve.engine import load_engine
         from .train import flags_in_errors
 
-        with flags_in_errors(ALIASES, config_flags=False):  # the engine keeps the checkpoint as its source
-            model = load_engine(args.checkpoint, backend="torch", device=args.device, name=name,
-                                threads=args.threads)
-            merge_tokens(model.model, args.merge_tokens)
+        with flags_in_errors({**ALIASES, **ZERO_SHOT_ALIASES}, config_flags=False):
+            source = args.checkpoint
+            if classes is not None:
+                from .. import load_image_text
+                from ..zeroshot import zero_shot_classifier
+
+                source = zero_shot_classifier(load_image_text(args.checkpoint), classes, templates_of(args))
+            model = load_engine(source, backend=args.backend, device=args.device, threads=args.threads,
+                                name=name or Path(args.checkpoint.rstrip("/")).stem)
+            model.source = args.checkpoint  # the model card names the image-text model a classifier came from
+            if args.merge_tokens:
+                merge_tokens(model.model, args.merge_tokens)
     app = create_app(model, backend=args.backend, device=args.device, name=name, threads=args.threads,
                      settings=settings)
     sock = bind_socket(args.host, args.port)

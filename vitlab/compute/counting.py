@@ -120,7 +120,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], exclude: tuple[st
     return MacCount(total=sum(counts.values()), by_module=counts)
 
 
-HEAD_MODULES = ("head", "pre_logits", "fc_norm")
+HEAD_MODULES = ("head", "head_proj", "pre_logits", "fc_norm")
 
 
 def count_config_macs(cfg, include_head: bool = True) -> int:

@@ -108,6 +108,8 @@ def timm_architecture(cfg: ViTConfig) -> tuple[str, dict]:
         problems.append(f"mlp_type={cfg.mlp_type!r}")
     if cfg.representation_size:
         problems.append("a pre-logits layer (timm's ViT has none)")
+    if cfg.head_proj_dim or cfg.head_l2_norm:
+        problems.append("a zero-shot head (projection / L2 norm; timm's ViT has none)")
     if cfg.pos_embed != "learned":
         problems.append(f"pos_embed={cfg.pos_embed!r}")
     if cfg.drop_remainder or cfg.dynamic_img_pad:

@@ -78,6 +78,11 @@ class ViTConfig:
       (x * sigmoid(1.702 x), OpenAI CLIP).
     - ``mlp_type='swiglu'``: the MLP is SiLU(x W_g) * (x W_v) -> W_o with ``fc1`` (D -> 2M; gate rows first, then
       value rows, timm's SwiGLUPacked) and ``fc2`` (M -> D); ``mlp_dim`` is the gated width M (DINOv2 ViT-g: 4096).
+    - ``head_proj_dim``: a bias-free linear projection (``head_proj``, D -> P) between the pooled features and the
+      head (the image tower's projection of CLIP into the space it shares with text).
+    - ``head_l2_norm``: the head sees L2-normalised features, so a logit is a scaled cosine similarity: a zero-shot
+      classifier of an image-text model is such a head whose rows are the class prompts' text embeddings times the
+      logit scale (:mod:`vitlab.zeroshot`).
     - ``drop_remainder``: accept image sizes that are not a multiple of the patch; the strided patch convolution
       ignores the last ``size % patch`` pixel rows / columns (SigLIP So400m/14 at 384 px: a 27x27 grid).
 
@@ -109,6 +114,8 @@ class ViTConfig:
     patch_bias: bool = True
     mlp_type: MlpType = "mlp"
     drop_remainder: bool = False
+    head_proj_dim: int = 0
+    head_l2_norm: bool = False
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path_rate: float = 0.0
@@ -155,6 +162,10 @@ class ViTConfig:
             errors.append("pool='map' does not combine with mlp_type='swiglu' (the pooling head's MLP uses GELU)")
         if self.pool == "map" and self.norm_after_pool:
             errors.append("pool='map' does not combine with norm_after_pool (the pooling head has its own norm)")
+        if isinstance(self.head_proj_dim, bool) or not isinstance(self.head_proj_dim, int) or self.head_proj_dim < 0:
+            errors.append(f"head_proj_dim must be an int >= 0, got {self.head_proj_dim!r}")
+        if self.distilled and (self.head_proj_dim or self.head_l2_norm):
+            errors.append("distilled=True does not combine with head_proj_dim or head_l2_norm")
         if self.num_classes < 0:
             errors.append(f"num_classes must be >= 0, got {self.num_classes}")
         if self.dynamic_resample not in RESAMPLE_METHODS:
@@ -231,7 +242,8 @@ class ViTConfig:
 
 
 _FAMILY_DEFAULTS = {"layer_scale": None, "reg_tokens": 0, "distilled": False, "no_embed_class": False,
-                    "pre_norm": False, "patch_bias": True, "mlp_type": "mlp", "drop_remainder": False}
+                    "pre_norm": False, "patch_bias": True, "mlp_type": "mlp", "drop_remainder": False,
+                    "head_proj_dim": 0, "head_l2_norm": False}
 
 
 class PatchEmbed(nn.Module):
@@ -417,6 +429,13 @@ class AttentionPool(nn.Module):
         return (out, probs) if return_attention else out
 
 
+class L2Norm(nn.Module):
+    """Scales each feature vector to unit length (the last dimension)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+
 class PreLogits(nn.Module):
     """The pre-training head's hidden layer: Dense(D->R) + tanh."""
 
@@ -553,7 +572,10 @@ class VisionTransformer(nn.Module, ModelMetadata):
                           if cfg.pool == "map" else None)
         self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.norm_after_pool else nn.Identity()
         self.pre_logits = PreLogits(D, cfg.representation_size) if cfg.representation_size else nn.Identity()
-        self.head = self._new_head(cfg.representation_size or D, cfg.num_classes)
+        self.head_proj = (nn.Linear(cfg.representation_size or D, cfg.head_proj_dim, bias=False)
+                          if cfg.head_proj_dim else nn.Identity())
+        self.head_norm = L2Norm() if cfg.head_l2_norm else nn.Identity()
+        self.head = self._new_head(self.head_in_features, cfg.num_classes)
         self.head_dist = self._new_head(D, cfg.num_classes) if cfg.distilled else None
         self.distilled_training = False  # timm's switch: training then returns both heads' logits
         self.init_weights()
@@ -563,6 +585,11 @@ class VisionTransformer(nn.Module, ModelMetadata):
         """The module that turns images (B, C, H, W) into patch tokens (B, N, D) and has the linear map E as
         ``.proj``; hybrid models override this to put a ResNet in front of it."""
         return PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, bias=cfg.patch_bias)
+
+    @property
+    def head_in_features(self) -> int:
+        """Width of the features the head reads: the projection's, else the pre-logits layer's, else D."""
+        return self.cfg.head_proj_dim or self.cfg.representation_size or self.cfg.embed_dim
 
     @staticmethod
     def _new_head(in_features: int, num_classes: int) -> nn.Module:
@@ -618,7 +645,7 @@ class VisionTransformer(nn.Module, ModelMetadata):
             self.cfg = self.cfg.replace(representation_size=None)
         device = self.patch_embed.proj.weight.device
         dtype = self.patch_embed.proj.weight.dtype
-        self.head = self._new_head(self.cfg.representation_size or self.cfg.embed_dim, num_classes).to(device, dtype)
+        self.head = self._new_head(self.head_in_features, num_classes).to(device, dtype)
         if self.cfg.distilled:
             self.head_dist = self._new_head(self.cfg.embed_dim, num_classes).to(device, dtype)
         self.cfg = self.cfg.replace(num_classes=num_classes)
@@ -650,6 +677,8 @@ class VisionTransformer(nn.Module, ModelMetadata):
             self.norm = nn.Identity()
         if prune_head:
             self.fc_norm = nn.Identity()
+            self.head_proj, self.head_norm = nn.Identity(), nn.Identity()
+            self.cfg = self.cfg.replace(head_proj_dim=0, head_l2_norm=False)
             self.reset_head(0, drop_pre_logits=True)
         return taken
 
@@ -866,9 +895,13 @@ class VisionTransformer(nn.Module, ModelMetadata):
             if self.distilled_training and self.training:
                 return logits, logits_dist
             return (logits + logits_dist) / 2
-        x = self.fc_norm(self.pool(x))
-        x = self.pre_logits(x)
-        return x if pre_logits else self.head(x)
+        x = self.pre_logits(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.classify(x)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on pre-logits features (B, R or D): projection and L2 norm where the config has them, then the
+        linear classifier."""
+        return self.head(self.head_norm(self.head_proj(features)))
 
     def forward(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> torch.Tensor:
         """Logits (B, num_classes). ``dynamic_img_size=True`` runs this call at the input's size even when the model
@@ -892,7 +925,7 @@ class VisionTransformer(nn.Module, ModelMetadata):
         if self.attn_pool is None:
             raise ModelInputError("return_pool_attention needs a model with pool='map'")
         pooled, probe = self.attn_pool(x[:, self.num_prefix_tokens :], return_attention=True)
-        logits = self.head(self.pre_logits(self.fc_norm(pooled)))
+        logits = self.classify(self.pre_logits(self.fc_norm(pooled)))
         return logits, maps, probe
 
     def num_params(self, trainable_only: bool = False) -> int:

@@ -25,8 +25,10 @@ from ..evaluate.distributed import world
 from ..evaluate.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
 from ..evaluate.report import write_classification_report, write_fewshot_report
 from ..factory import load
+from ..image_text import load_image_text
 from ..models import metadata_of
 from ..preprocessing import Preprocessing
+from ..zeroshot import zero_shot_classifier
 from .suite import run_suite
 from .suite_config import load_suite_config
 
@@ -115,6 +117,7 @@ def eval_checkpoint(
     map_classes_by_name: bool = False,
     threshold: float = 0.5,
     merge_tokens: int | Sequence[int] = 0,
+    zero_shot_templates: Sequence[str] | None = None,
 ) -> dict:
     """``vitlab eval``: top-1 / top-5, loss, per-class accuracy, confusion matrix and calibration (ECE) of a
     checkpoint on a data split, plus ReaL-style multi-label accuracy with ``labels_file``. Multi-label data (a
@@ -133,16 +136,26 @@ def eval_checkpoint(
     ``out_dir`` (results.json, report.md, confusion.png, reliability.png). ``merge_tokens`` evaluates with token
     merging (:func:`vitlab.compute.merge_tokens`, that many tokens merged away per block; the results then hold
     ``token_merging``: ``r`` per block and the ``tokens`` entering each block). Returns the metrics dict of
-    :func:`classification.evaluate_classifier` plus ``checkpoint``, ``data``, ``split`` and ``files``."""
+    :func:`classification.evaluate_classifier` plus ``checkpoint``, ``data``, ``split`` and ``files``.
+
+    With ``zero_shot_templates`` the checkpoint is an image-text model (:func:`vitlab.load_image_text`) evaluated as
+    the zero-shot classifier of the data's class names in those prompt templates (:mod:`vitlab.zeroshot`); the
+    results then hold ``zero_shot`` (the templates)."""
     dev = resolve_device(device)
-    model = load_for_eval(checkpoint, model_name, dev, img_size=img_size, merge_r=merge_tokens)
+    if zero_shot_templates is not None:
+        model, dataset = zero_shot_for_data(checkpoint, zero_shot_templates, data, split, dev, preprocessing,
+                                            data_dir=data_dir, on_error=on_bad_image, img_size=img_size,
+                                            model_name=model_name, merge_r=merge_tokens)
+    else:
+        model = load_for_eval(checkpoint, model_name, dev, img_size=img_size, merge_r=merge_tokens)
     merging = {"r": list(model.merge_r), "tokens": token_counts(model)} if merge_tokens else None
     if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
         precision = choose_cpu_precision(precision, linear_shapes(model, min_features=0))
     pre = preprocessing or model.preprocessing
     own_classes = None if map_classes_by_name else metadata_of(model).class_names
-    dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,
-                           classes=own_classes if looks_like_manifest(data) else None)
+    if zero_shot_templates is None:
+        dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_bad_image,
+                               classes=own_classes if looks_like_manifest(data) else None)
     if getattr(dataset, "multi_label", False) and (map_classes_by_name or labels_file is not None):
         raise VitlabError(f"{data}: multi-label data are scored on their own labels; drop map_classes_by_name "
                           "and labels_file", options=("map_classes_by_name", "labels_file"))
@@ -165,11 +178,37 @@ def eval_checkpoint(
                **results}
     if merging:
         results["token_merging"] = merging
+    if zero_shot_templates is not None:
+        results["zero_shot"] = {"templates": list(zero_shot_templates)}
     if mapping:
         results["class_mapping"] = mapping.summary()
     if out_dir is not None and world()[0] == 0:
         results["files"] = {k: str(v) for k, v in write_classification_report(results, out_dir).items()}
     return results
+
+
+def zero_shot_for_data(checkpoint: str | os.PathLike, templates: Sequence[str], data: str, split: str,
+                       device: torch.device, preprocessing: Preprocessing | None = None, *, data_dir: str | None = None,
+                       on_error: str = "skip", img_size: int | None = None, model_name: str | None = None,
+                       merge_r: int | Sequence[int] = 0):
+    """(classifier, dataset): the data split read with the image-text model's image preprocessing (or
+    ``preprocessing``) and the zero-shot classifier of its class names, on ``device`` in eval mode."""
+    if img_size is not None or model_name is not None:
+        raise VitlabError(f"{checkpoint}: a zero-shot classifier runs at its image tower's own size and architecture; "
+                          "drop img_size and model_name", options=("img_size", "model_name"))
+    if is_exported_file(checkpoint):
+        raise VitlabError(f"{checkpoint}: an exported file holds no text tower; zero-shot classification needs the "
+                          "image-text model", options=("zero_shot_templates",))
+    image_text = load_image_text(checkpoint).to(device).eval()
+    pre = preprocessing or metadata_of(image_text.visual).preprocessing
+    dataset = eval_dataset(data, split, pre, data_dir=data_dir, on_error=on_error)
+    names = class_names_of(dataset)
+    if getattr(dataset, "multi_label", False) or not names:
+        raise VitlabError(f"{data}: zero-shot evaluation needs single-label data that name their classes (folders, "
+                          "a named set, a manifest with class names)")
+    model = zero_shot_classifier(image_text, names, templates).to(device).eval()
+    model = merge_model_tokens(model, merge_r) if merge_r else model
+    return model, dataset
 
 
 def match_model_to_data(model, dataset, checkpoint: str, data: str, by_name: bool = False,

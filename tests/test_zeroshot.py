@@ -1,0 +1,287 @@
+"""Zero-shot classifiers: the projection + L2-norm head option of the ViT, and classifiers built from an image-text
+model's class-prompt embeddings (checked against the image-text model's own logits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab.errors import InvalidValueError
+from vitlab.models import VisionTransformer, ViTConfig
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=3)
+
+
+def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def test_head_projection_and_l2_norm_compute_scaled_cosines():
+    model = _randomised(VisionTransformer(ViTConfig(**TINY, head_proj_dim=8, head_l2_norm=True)))
+    x = torch.randn(4, 3, 32, 32)
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert pooled.shape == (4, 32)  # pre-logits: before the projection
+    embedded = F.normalize(pooled @ model.head_proj.weight.T, dim=-1)
+    expected = embedded @ model.head.weight.T + model.head.bias
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # every logit is bounded by its row's norm (a scaled cosine) plus the bias
+    bound = model.head.weight.norm(dim=1) + model.head.bias.abs()
+    assert (model(x).abs() <= bound + 1e-5).all()
+
+
+def test_head_options_save_load_and_reset(tmp_path):
+    model = _randomised(VisionTransformer(ViTConfig(**TINY, head_proj_dim=8, head_l2_norm=True)))
+    x = torch.randn(2, 3, 32, 32)
+    path = vitlab.save(model, tmp_path / "zs.safetensors", class_names=["a", "b", "c"], metadata={"loss": "sigmoid"})
+    loaded = vitlab.load(path)
+    assert loaded.cfg.head_proj_dim == 8 and loaded.cfg.head_l2_norm
+    assert loaded.class_names == ["a", "b", "c"] and loaded.loss == "sigmoid"
+    torch.testing.assert_close(loaded(x), model(x))
+    # a new head for other classes keeps the projection and the norm (fine-tuning a cosine classifier)
+    other = vitlab.load(path, num_classes=5)
+    torch.testing.assert_close(other.head_proj.weight, model.head_proj.weight)
+    assert other.cfg.head_l2_norm and other(x).abs().max() == 0  # zero-initialised new head
+    # pruning the head for features drops the projection and norm too: the pooled features come out
+    pruned = _randomised(VisionTransformer(ViTConfig(**TINY, head_proj_dim=8, head_l2_norm=True)))
+    reference = pruned.forward_head(pruned.forward_features(x), pre_logits=True)
+    pruned.prune_intermediate_layers(indices=1, prune_head=True)
+    torch.testing.assert_close(pruned(x), reference)
+
+
+def test_head_options_refused_where_a_layout_cannot_hold_them(tmp_path):
+    model = VisionTransformer(ViTConfig(**TINY, head_proj_dim=8, head_l2_norm=True))
+    for fmt in ("timm", "npz", "hf"):
+        with pytest.raises(InvalidValueError, match="head_proj_dim|zero-shot head"):
+            vitlab.convert(vitlab.save(model, tmp_path / "m.safetensors"), tmp_path / f"out.{fmt}.safetensors"
+                           if fmt != "npz" else tmp_path / "out.npz", to=fmt)
+    with pytest.raises(InvalidValueError, match="head_proj_dim must be"):
+        ViTConfig(**TINY, head_proj_dim=-1)
+    with pytest.raises(InvalidValueError, match="distilled=True does not combine with head_proj_dim"):
+        ViTConfig(**{**TINY, "head_l2_norm": True, "distilled": True})
+
+
+# --------------------------------------------------------------------- classifiers from image-text models
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+CLASSES = ["cat", "dog", "race car"]
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "race", "car", "drawing", "small", "large", "blurry", "."]
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+              patch_size=8)
+TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16)
+
+
+def _write_tokenizer(folder, start: str | None, end: str, end_id: int, pad: str) -> None:
+    """A word-level ``tokenizer.json`` (lowercased, words and punctuation apart, closed by ``end``) and its config."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}, end: end_id}
+    if start:
+        vocab[start] = 97
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=([start] if start else []) + ["$A", end],
+        special_tokens=[(end, end_id)] + ([(start, 97)] if start else []))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad, "eos_token": end}))
+
+
+def _randomise_pair(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("logit_scale"):
+                p.fill_(2.0)
+            elif name.endswith("logit_bias"):
+                p.fill_(-1.5)
+            else:
+                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.3 * noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config={**TEXT, "eos_token_id": 98, "bos_token_id": 97, "pad_token_id": 0,
+                                  "hidden_act": "quick_gelu"},
+                     vision_config={**VISION, "hidden_act": "quick_gelu"}, projection_dim=24)
+    ref = _randomise_pair(CLIPModel(cfg), 3)
+    folder = tmp_path_factory.mktemp("zs") / "clip"
+    ref.save_pretrained(folder)
+    _write_tokenizer(folder, "<|startoftext|>", "<|endoftext|>", 98, "<pad>")
+    return ref, folder
+
+
+@pytest.fixture(scope="module")
+def siglip_folder(tmp_path_factory):
+    from transformers import SiglipConfig, SiglipModel
+
+    ref = _randomise_pair(SiglipModel(SiglipConfig(text_config={**TEXT, "eos_token_id": 1, "pad_token_id": 1},
+                                                   vision_config=VISION)), 4)
+    folder = tmp_path_factory.mktemp("zs") / "siglip"
+    ref.save_pretrained(folder)
+    _write_tokenizer(folder, None, "</s>", 1, "</s>")
+    return ref, folder
+
+
+def _reference_logits(ref, model, images, prompts):
+    with torch.no_grad():
+        return ref(input_ids=model.tokenize(prompts), pixel_values=images).logits_per_image
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_classifier_logits_equal_transformers_logits_per_image(kind, request):
+    from vitlab.zeroshot import zero_shot_classifier
+
+    ref, folder = request.getfixturevalue(f"{kind}_folder")
+    model = vitlab.load_image_text(folder)
+    classifier = zero_shot_classifier(model, CLASSES)
+    assert classifier.class_names == CLASSES and classifier.cfg.head_l2_norm
+    assert classifier.loss == ("softmax" if kind == "clip" else "sigmoid")
+    assert classifier.cfg.head_proj_dim == (24 if kind == "clip" else 0)
+    images = torch.randn(4, 3, 32, 32)
+    expected = _reference_logits(ref, model, images, [f"a photo of a {c}." for c in CLASSES])
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(images), expected, rtol=1e-5, atol=1e-5)
+    # the tokens differ per class (else the test would prove little)
+    tokens = model.tokenize([f"a photo of a {c}." for c in CLASSES])
+    assert len({tuple(t.tolist()) for t in tokens}) == 3 and (tokens == 2).sum() == 0  # no unknown words
+
+
+def test_prompt_ensemble_averages_unit_text_embeddings(clip_folder):
+    from vitlab.zeroshot import zero_shot_classifier
+
+    ref, folder = clip_folder
+    model = vitlab.load_image_text(folder)
+    templates = ["a photo of a {}.", "a drawing of the {}.", "a blurry photo of a small {}."]
+    classifier = zero_shot_classifier(model, CLASSES, templates)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = ref(input_ids=model.tokenize([t.format(c) for c in CLASSES for t in templates]), pixel_values=images)
+        text = F.normalize(out.text_embeds.reshape(3, 3, -1).mean(dim=1), dim=-1)
+        expected = ref.logit_scale.exp() * out.image_embeds @ text.T
+        torch.testing.assert_close(classifier(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_class_names_and_templates_refused_in_one_line(clip_folder):
+    from vitlab.zeroshot import zero_shot_classifier
+
+    model = vitlab.load_image_text(clip_folder[1])
+    with pytest.raises(InvalidValueError, match=r"'a photo' must hold the class name's place as \{\} exactly once"):
+        zero_shot_classifier(model, CLASSES, ["a photo"])
+    with pytest.raises(InvalidValueError, match="'cat' is given twice"):
+        zero_shot_classifier(model, ["cat", "dog", "cat"])
+    with pytest.raises(InvalidValueError, match="at least one class"):
+        zero_shot_classifier(model, [])
+
+
+def _image_folder(root, per_class=3):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "race_car"):
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "test" / name / f"{i}.png")
+    return root
+
+
+def test_commands_zero_shot_predict_and_eval(clip_folder, tmp_path, capsys):
+    import json
+
+    from vitlab.cli import main
+    from vitlab.evaluate.data import eval_dataset
+
+    ref, folder = clip_folder
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "clf.safetensors"
+    assert main(["zero-shot", str(folder), "--data", str(data), "--out", str(out)]) == 0
+    assert "zero-shot classifier of 3 classes (cat, dog, race_car)" in capsys.readouterr().out
+    assert main(["zero-shot", str(folder), "--classes", "cat,dog", "--out", str(out)]) == 2  # never replaced
+    assert "already exists" in capsys.readouterr().err
+    classifier = vitlab.load(out)
+    assert classifier.class_names == ["cat", "dog", "race_car"] and classifier.loss == "softmax"
+
+    # the data read with the tower's preprocessing; transformers' logits against the prompts give the expected top-1
+    model = vitlab.load_image_text(folder)
+    dataset = eval_dataset(str(data), "test", classifier.preprocessing)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    expected = _reference_logits(ref, model, images, [f"a photo of a {c}." for c in ("cat", "dog", "race car")])
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(images), expected, rtol=1e-5, atol=1e-5)
+    top1 = (expected.argmax(1) == labels).float().mean().item()
+
+    assert main(["eval", str(folder), "--zero-shot", "--data", str(data), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["top1"] == pytest.approx(top1) and results["zero_shot"]["templates"] == ["a photo of a {}."]
+    assert main(["eval", str(out), "--data", str(data), "--json"]) == 0  # the written file: the same numbers
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(top1)
+
+    first = data / "test" / "dog" / "0.png"
+    assert main(["predict", str(folder), str(first), "--classes", "cat,dog,race car", "--json", "--topk", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["top"][0]["class"] == ["cat", "dog", "race car"][int(expected[3].argmax())]
+
+    # options that make no sense are refused before anything loads
+    assert main(["eval", str(folder), "--data", str(data), "--template", "a {}"]) == 2
+    assert "add --zero-shot" in capsys.readouterr().err
+    assert main(["predict", str(folder), str(first), "--template", "a {}"]) == 2
+    assert "give --classes or --classes-file" in capsys.readouterr().err
+    assert main(["zero-shot", str(folder), "--classes", "cat,,dog", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "an empty name" in capsys.readouterr().err
+
+
+def test_vitlab_serve_classes_answers_as_the_zero_shot_classifier(siglip_folder, tmp_path):
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from tests.serve_helpers import noise_png, post_files, request
+
+    pytest.importorskip("fastapi")
+    ref, folder = siglip_folder
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vitlab", "serve", str(folder), "--port", "0", "--classes", ",".join(CLASSES),
+           "--template", "a drawing of the {}."]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("vitlab serve: siglip (torch on cpu) at http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split(" at ")[1].split("/ ")[0]
+        card = json.loads(request(url + "/v1/model")[2])
+        assert card["class_names"] == CLASSES and card["probabilities"] == "sigmoid" and card["source"] == "siglip"
+        status, _, answer = post_files(url + "/v1/classify", [("a.png", noise_png((32, 32)))])
+        assert status == 200, answer
+        from vitlab.zeroshot import zero_shot_classifier
+
+        classifier = zero_shot_classifier(vitlab.load_image_text(folder), CLASSES, ["a drawing of the {}."])
+        upload = Image.open(io.BytesIO(noise_png((32, 32)))).convert("RGB")
+        engine_input = classifier.preprocessing.transform()(upload).unsqueeze(0)
+        with torch.no_grad():
+            want = torch.sigmoid(classifier(engine_input))[0]
+        top = answer["results"][0]["top"][0]
+        assert top["class"] == CLASSES[int(want.argmax())]
+        assert top["probability"] == pytest.approx(float(want.max()), abs=1e-5)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,159 @@
+"""Zero-shot classification with an image-text model (CLIP, SigLIP): class names in, a classifier out.
+
+Radford et al. 2021 (CLIP, section 3.1.2) classify without training: each class name is written into prompts ("a
+photo of a {}."), the text tower embeds them, and an image's logits are its cosine similarities with the class
+embeddings times the model's logit scale (SigLIP adds its logit bias; Zhai et al. 2023). Averaging the embeddings of
+several prompts per class (prompt ensembling, section 3.1.4) adds a few points.
+
+vitlab turns that into an ordinary classifier: the image tower with a head whose input is L2-normalised
+(:class:`~vitlab.models.ViTConfig` ``head_l2_norm``, after CLIP's projection as ``head_proj``) and whose rows are the
+class embeddings times the scale. The result is a :class:`~vitlab.models.VisionTransformer` like any other: it is
+saved with :func:`vitlab.save`, evaluated, served, exported, and fine-tuned from its zero-shot head (a head started
+from the text embeddings rather than zeros, as in WiSE-FT / FLYP-style fine-tuning of CLIP).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .compute.onednn import set_onednn_linear
+from .errors import InvalidValueError, VitlabError
+from .image_text import load_image_text
+from .models import VisionTransformer, metadata_of
+
+__all__ = ["DEFAULT_TEMPLATES", "ENSEMBLE_TEMPLATES", "class_embeddings", "prompt_text", "zero_shot_classifier"]
+
+#: the single prompt CLIP's paper recommends over the bare class name
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+#: a small prompt ensemble (each class's embedding is the mean of its prompts' unit embeddings, renormalised)
+ENSEMBLE_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a close-up photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a drawing of a {}.",
+)
+
+
+def prompt_text(name: str) -> str:
+    """How a class name reads inside a prompt: folder-style underscores become spaces (``ankle_boot`` -> ``ankle
+    boot``)."""
+    return " ".join(str(name).replace("_", " ").split())
+
+
+def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(templates, str):
+        templates = (templates,)
+    templates = tuple(templates)
+    if not templates:
+        raise InvalidValueError("templates: give at least one prompt template", options=("templates",))
+    for template in templates:
+        if template.count("{}") != 1:
+            raise InvalidValueError(f"template {template!r} must hold the class name's place as {{}} exactly once",
+                                    options=("templates",))
+    return templates
+
+
+def _check_names(class_names: Sequence[str]) -> list[str]:
+    names = [str(n) for n in class_names]
+    if not names:
+        raise InvalidValueError("class_names: give at least one class", options=("class_names",))
+    empty = [i for i, n in enumerate(names) if not prompt_text(n)]
+    if empty:
+        raise InvalidValueError(f"class_names: class {empty[0]} has an empty name", options=("class_names",))
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InvalidValueError(f"class_names: {name!r} is given twice (classes {seen[name]} and {i})",
+                                    options=("class_names",))
+        seen[name] = i
+    return names
+
+
+@torch.no_grad()
+def class_embeddings(model, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                     batch_size: int = 256) -> torch.Tensor:
+    """(K, P) unit text embeddings of the classes: each class name in every template, embedded by ``model``'s text
+    tower (normalised), averaged over the templates and normalised again. ``model`` is an image-text model
+    (:func:`vitlab.load_image_text`) with a tokenizer."""
+    names = _check_names(class_names)
+    templates = _check_templates(templates)
+    texts = [template.format(prompt_text(name)) for name in names for template in templates]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.text.parameters()).device
+        chunks = [model.encode_text(model.tokenize(texts[i:i + batch_size]).to(device), normalize=True)
+                  for i in range(0, len(texts), batch_size)]
+    finally:
+        model.train(was_training)
+    per_prompt = torch.cat(chunks).float().reshape(len(names), len(templates), -1)
+    return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def _projection(visual: VisionTransformer, source: str) -> torch.Tensor | None:
+    """The image tower's projection into the shared space as a (P, D) matrix, or None when the tower's pooled
+    output is the shared space already (SigLIP). vitlab loads CLIP's projection as the tower's head with a zero
+    bias; a zero-shot classifier moves it to ``head_proj``."""
+    cfg = visual.cfg
+    if cfg.head_proj_dim:
+        return visual.head_proj.weight.detach()
+    if cfg.num_classes == 0:
+        return None
+    bias = visual.head.bias
+    if bias is not None and bool(bias.detach().any()):
+        raise VitlabError(f"{source}: the image tower's head has a bias, so it is a classifier rather than a "
+                          "projection into the text space; zero-shot classification needs the image-text model's "
+                          "own tower")
+    return visual.head.weight.detach()
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                         batch_size: int = 256) -> VisionTransformer:
+    """A classifier of ``class_names`` from an image-text model (an :class:`~vitlab.models.ImageTextModel` or
+    anything :func:`vitlab.load_image_text` reads: ``hf-hub:openai/clip-vit-base-patch16``, a folder, a file),
+    without training.
+
+    Returns the image tower (a copy) whose head holds the class embeddings (:func:`class_embeddings`) times the
+    model's logit scale, with the model's logit bias (SigLIP) as its bias: its logits equal the image-text model's
+    ``logits_per_image`` against the class prompts. ``class_names`` become the model's class names; its loss is
+    ``"sigmoid"`` for a model trained with the sigmoid loss (SigLIP: per-class probabilities), else ``"softmax"``.
+    """
+    names = _check_names(class_names)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_image_text(model)
+    text = class_embeddings(model, names, templates, batch_size)
+    visual = model.visual
+    source = str(getattr(model, "source", None) or "the image-text model")
+    proj = _projection(visual, source)
+    cfg = visual.cfg.replace(num_classes=len(names), head_proj_dim=0 if proj is None else proj.shape[0],
+                             head_l2_norm=True)
+    if text.shape[1] != (proj.shape[0] if proj is not None else visual.head_in_features):
+        raise VitlabError(f"{source}: the text embeddings have {text.shape[1]} dimensions but the image tower gives "
+                          f"{proj.shape[0] if proj is not None else visual.head_in_features}")
+    state = {k: v for k, v in visual.state_dict().items() if not k.startswith(("head.", "head_proj."))}
+    classifier = type(visual)(cfg)
+    weight = visual.patch_embed.proj.weight
+    classifier.to(device=weight.device, dtype=weight.dtype)
+    scale = model.logit_scale.detach().float().exp()
+    bias = getattr(model, "logit_bias", None)
+    state["head.weight"] = (scale * text).to(weight)
+    state["head.bias"] = (bias.detach().reshape(()).expand(len(names)).clone() if bias is not None
+                          else torch.zeros(len(names))).to(weight)
+    if proj is not None:
+        state["head_proj.weight"] = proj.clone().to(weight)
+    classifier.load_state_dict(state, strict=True)
+    classifier.eval()
+    meta = metadata_of(visual)
+    classifier.preprocessing = copy.deepcopy(meta.preprocessing)
+    classifier.class_names = names
+    classifier.loss = "sigmoid" if bias is not None else "softmax"
+    return set_onednn_linear(classifier)  # this machine's CPU fast path, as vitlab.load gives models
