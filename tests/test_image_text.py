@@ -154,13 +154,13 @@ def _clip_tokenizer(folder, max_length=16):
     return tok.get_vocab_size()
 
 
-def _spiece(folder, max_length=16):
+def _spiece(folder, max_length=16, model_type="unigram"):
     """A tiny SentencePiece model with SigLIP's special tokens (``</s>`` = 1 ends and pads)."""
     import sentencepiece
 
     buffer = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=buffer, vocab_size=60, model_type="unigram", pad_id=0,
+        sentence_iterator=iter(CORPUS), model_writer=buffer, vocab_size=60, model_type=model_type, pad_id=0,
         eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2,
         hard_vocab_limit=False)
     folder.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,8 @@ def _gemma(folder, tokenizer_class, extra):
 
 
 TOKENIZE = ["a photo of a cat.", "A PHOTO of   a dog!", "an origami crane, folded from paper", "x",
-            "the quick brown fox jumps over the lazy dog " * 4, "Zürich café naïve", "under_score ▁odd"]
+            "the quick brown fox jumps over the lazy dog " * 4, "Zürich café naïve", "under_score ▁odd", "",
+            "{} braces </s> tag", "cat <unk> dog", "a </s> , b", "<|endoftext|> then <eos>"]
 
 
 def _reference_ids(folder, cls=None):
@@ -212,12 +213,13 @@ def test_clip_tokenizer_json_ids_equal_transformers_clip_tokenizer(tmp_path):
     assert ids[4, -1] == 1 and ids[3, 3:].eq(1).all()  # truncated with <|endoftext|> kept last; padded with it
 
 
-def test_siglip_sentencepiece_ids_equal_transformers_siglip_tokenizer(tmp_path):
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_siglip_sentencepiece_ids_equal_transformers_siglip_tokenizer(tmp_path, model_type):
     from transformers import SiglipTokenizer
 
     from vitlab.models.tokenizer import load_tokenizer
 
-    _spiece(tmp_path / "tok")
+    _spiece(tmp_path / "tok", model_type=model_type)
     ids = load_tokenizer(tmp_path / "tok", 16)(TOKENIZE)
     assert torch.equal(ids, _reference_ids(tmp_path / "tok", SiglipTokenizer))
     # canonicalised: case, punctuation and runs of spaces make no difference
@@ -480,3 +482,19 @@ def test_bad_input_one_line_errors(tmp_path):
         vitlab.load_image_text(folder)
     with pytest.raises(VitlabError, match="no such file or folder"):
         vitlab.load_image_text(tmp_path / "nothing")
+
+
+def test_default_text_towers_have_the_published_sizes():
+    """The text towers text_config_for gives CLIP B/16 and SigLIP B/16 have transformers' default CLIPModel /
+    SiglipModel text parameter counts (63,428,096 and 110,271,744 with the projections)."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    from vitlab.image_text import text_config_for
+
+    with torch.device("meta"):
+        for name, ref in (("clip_b16_quickgelu", CLIPModel(CLIPConfig())),
+                          ("siglip_b16", SiglipModel(SiglipConfig(text_config={"eos_token_id": 1,
+                                                                               "bos_token_id": None})))):
+            expected = sum(p.numel() for n, p in ref.named_parameters() if n.startswith("text_"))
+            tower = TextTransformer(text_config_for(vitlab.get_config(name)))
+            assert sum(p.numel() for p in tower.parameters()) == expected, name

@@ -8,7 +8,8 @@ Two kinds of file, read with optional libraries (``pip install 'vitlab[text]'``)
   ``do_lower_case``) lowercases first, and Gemma / SigLIP 2 pad on the left unless ``tokenizer_config.json``'s
   ``padding_side`` says otherwise, as transformers' classes do.
 - ``spiece.model`` (``sentencepiece``): SigLIP's tokenizer, after transformers' ``SiglipTokenizer`` text
-  canonicalisation (lowercased, ASCII punctuation removed, whitespace runs collapsed), then ``</s>``.
+  canonicalisation (lowercased, ASCII punctuation removed, whitespace runs collapsed), then ``</s>``; a special
+  token written in the text (``</s>``, ``<unk>``) is that token, as transformers splits on it.
 
 Every text becomes ``context_length`` ids: truncated keeping the closing special token, padded with the pad id (at
 the side ``tokenizer_config.json`` names, right by default), as ``tokenizer(texts, padding="max_length",
@@ -156,9 +157,27 @@ def from_sentencepiece(path: Path, context_length: int, settings: dict | None = 
     if sp.id_to_piece(eos_id) != eos or sp.id_to_piece(pad_id) != pad:
         raise VitlabError(f"{path}: the end / pad tokens {eos!r} / {pad!r} are not in the SentencePiece vocabulary")
     lowercase = settings.get("do_lower_case", True)
+    specials = {t: sp.piece_to_id(t) for t in {eos, pad, _token(settings.get("unk_token")) or "<unk>"}
+                if sp.id_to_piece(sp.piece_to_id(t)) == t}
+    # a special token written in the text is that token, whitespace around it dropped (transformers' added tokens)
+    split = re.compile(r"\s*(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + r")\s*")
+
+    unk = _token(settings.get("unk_token")) or "<unk>"
+    skip = len(sp.encode(unk))
+
+    def one(text: str) -> list[int]:
+        ids = []
+        for i, part in enumerate(split.split(text)):
+            if i % 2:
+                ids.append(specials[part])
+            elif part and i == 0:
+                ids.extend(sp.encode(canonicalize_siglip(part, lowercase)))
+            elif part:  # after a special token: no word-start marker (transformers encodes "<unk>" + text, drops it)
+                ids.extend(sp.encode(unk + canonicalize_siglip(part, lowercase))[skip:])
+        return ids[: length - 1] + [eos_id]
 
     def encode(texts: list[str]) -> list[list[int]]:
-        return [sp.encode(canonicalize_siglip(t, lowercase))[: length - 1] + [eos_id] for t in texts]
+        return [one(t) for t in texts]
 
     return TextTokenizer(encode, context_length, pad_id, padding_side=settings.get("padding_side", "right"),
                          source=str(path), kind="spiece.model")
