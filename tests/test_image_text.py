@@ -324,6 +324,25 @@ def test_open_clip_layout_equals_the_transformers_layout_of_the_same_weights(tmp
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_a_transformers_weights_file_without_its_config(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    wide = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2)  # 64-wide heads
+    ref = CLIPModel(CLIPConfig(text_config={**TEXT, **wide, "eos_token_id": 98},
+                               vision_config={**VISION, **wide}, projection_dim=24)).eval()
+    _randomise(ref, seed=4)
+    ref.save_pretrained(tmp_path / "clip")
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((tmp_path / "clip" / "model.safetensors").read_bytes())
+    model = vitlab.load_image_text(lone)
+    assert model.text.cfg.num_heads == 2 and any("no config.json: 2 text heads assumed" in n for n in model.notes)
+    tokens, mask = _padded_tokens(eos=98)  # the default eos id is outside this vocabulary: the highest id is pooled
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(input_ids=tokens, attention_mask=mask, pixel_values=images).logits_per_image
+        torch.testing.assert_close(model(images, tokens), expected, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- the Hub
 def test_saved_folder_through_a_loopback_hub_loads_as_the_folder_does(tmp_path, monkeypatch):
     from tests.hub_fixtures import LoopbackHub, offline_hub_cache
@@ -375,13 +394,17 @@ def test_an_open_clip_repo_without_config_json_loads_from_the_hub(tmp_path, monk
              "open_clip_config.json": json.dumps(config).encode(),
              "tokenizer.json": (folder / "tokenizer.json").read_bytes(),
              "tokenizer_config.json": (folder / "tokenizer_config.json").read_bytes()}
-    server = LoopbackHub({"laion/tiny-clip": files, "laion/empty": {"README.md": b"nothing"}})
+    timm_only = {"config.json": json.dumps({"architecture": "vit_base_patch16_clip_224"}).encode()}
+    server = LoopbackHub({"laion/tiny-clip": files, "laion/empty": {"README.md": b"nothing"},
+                          "timm/image-only": timm_only})
     try:
         monkeypatch.delenv("HF_HUB_OFFLINE")
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         model = vitlab.load_image_text("hf-hub:laion/tiny-clip")
         with pytest.raises(VitlabError, match="hf-hub:laion/empty: the repo has no config.json"):
             vitlab.load_image_text("hf-hub:laion/empty")
+        with pytest.raises(VitlabError, match="holds a timm image model, not a two-tower .* loads with vitlab.load"):
+            vitlab.load_image_text("hf-hub:timm/image-only")
     finally:
         server.stop()
     assert model.text.cfg.num_heads == 2 and model.text.cfg.pool == "argmax"

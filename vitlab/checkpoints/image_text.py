@@ -71,6 +71,8 @@ _OPEN_CLIP_TEXT_RULES = [
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
     (r"ln_final\.(weight|bias)", r"norm.\1"),
 ]
+# text widths whose published towers do not have 64-wide heads (SigLIP So400m: 16 heads of 72)
+_PUBLISHED_HEADS = {1152: 16}
 # OpenAI's released state dicts carry these scalars beside the weights (its build_model deletes them)
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 
@@ -143,6 +145,7 @@ def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) ->
     if not isinstance(text_cfg, dict):
         raise VitlabError(f"{source}: text_config is not an object")
     text_cfg = {**_HF_TEXT_DEFAULTS[model_type], **{k: v for k, v in text_cfg.items() if v is not None}}
+    notes = [f"transformers {', '.join(hf.get('architectures') or [model_type])} text tower"]
     text = {k[len("text_model."):]: v for k, v in state_dict.items() if k.startswith("text_model.")}
     if not text:
         raise VitlabError(f"{source}: no text_model.* tensors; a vision-only checkpoint has no text tower "
@@ -162,6 +165,10 @@ def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) ->
         eos = None  # configs written before transformers#24773 say 2: transformers then pools the highest id
     pad = text_cfg.get("pad_token_id")
     fields = _shape_fields(text, source)
+    if "text_config" not in hf:  # a weights file without its config.json: the published models' head widths
+        text_cfg["num_attention_heads"] = _PUBLISHED_HEADS.get(fields["embed_dim"], max(fields["embed_dim"] // 64, 1))
+        notes.append(f"no config.json: {text_cfg['num_attention_heads']} text heads assumed for width "
+                     f"{fields['embed_dim']}, and transformers' {model_type} defaults for the rest")
     try:
         config = TextConfig(**fields, num_heads=int(text_cfg["num_attention_heads"]), causal=model_type == "clip",
                             pool="eos" if model_type == "clip" else "last", gelu=HF_ACTIVATIONS[act],
@@ -172,8 +179,7 @@ def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) ->
         raise VitlabError(f"{source}: text_config describes no text tower vitlab can build ({exc})") from None
     bias = state_dict.get("logit_bias")
     return TextTower(config, text, _scalar(state_dict, "logit_scale", source),
-                     None if bias is None else bias.detach().clone().float(), f"hf_{model_type}",
-                     [f"transformers {', '.join(hf.get('architectures') or [model_type])} text tower"])
+                     None if bias is None else bias.detach().clone().float(), f"hf_{model_type}", notes)
 
 
 # ------------------------------------------------------------------------------------------------- OpenCLIP

@@ -356,7 +356,8 @@ def resolve_image_text(spec: str) -> Path:
     repo, revision = parse_spec(spec)
     where = f"hf-hub:{spec}"
     config_file = _download(repo, "config.json", revision, optional=True)
-    model_type = _read_json(config_file, f"{where}: config.json").get("model_type") if config_file else None
+    config = _read_json(config_file, f"{where}: config.json") if config_file else {}
+    model_type = config.get("model_type")
     if model_type in ("clip", "siglip"):
         folder = _weights(repo, revision).parent
     elif _download(repo, "open_clip_config.json", revision, optional=True) is not None:
@@ -372,7 +373,10 @@ def resolve_image_text(spec: str) -> Path:
         _download(repo, "config.json", revision)  # raises the reason: not cached offline, or no such file
         raise VitlabError(f"{where}: the repo has no config.json")
     else:
-        raise VitlabError(f"{where}: the repo holds a {model_type!r} model, not a two-tower image-text model "
-                          "(a transformers CLIPModel / SiglipModel or OpenCLIP's files)")
+        kind = f"a {model_type!r} model" if isinstance(model_type, str) else \
+            "a timm image model" if "architecture" in config else "no model vitlab recognises"
+        raise VitlabError(f"{where}: the repo holds {kind}, not a two-tower image-text model (a transformers "
+                          "CLIPModel / SiglipModel, or OpenCLIP's open_clip_config.json and weights); an image "
+                          "tower alone loads with vitlab.load")
     fetch_repo_files(spec)
     return folder
