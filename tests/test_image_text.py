@@ -322,6 +322,12 @@ def test_open_clip_layout_equals_the_transformers_layout_of_the_same_weights(tmp
         if quick:
             torch.testing.assert_close(vitlab.load_image_text(lone)(images, tokens), out.logits_per_image,
                                        rtol=1e-5, atol=1e-5)
+        else:  # a file whose config does not say: gelu= sets both towers
+            forced = vitlab.load_image_text(lone, gelu="exact")
+            assert forced.visual.cfg.gelu == forced.text.cfg.gelu == "exact"
+            torch.testing.assert_close(forced(images, tokens), out.logits_per_image, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidValueError, match="gelu='relu': choose one of exact, tanh, quick"):
+        vitlab.load_image_text(folder, gelu="relu")
 
 
 def test_a_transformers_weights_file_without_its_config(tmp_path):

@@ -24,13 +24,13 @@ from .hub import HUB_PREFIX, resolve
 from .hub.hf import resolve_image_text
 from .models import ViTConfig, get_config, model_from_config
 from .models.image_text import LOG_10, ImageTextModel
-from .models.text import TextConfig, TextTransformer
+from .models.text import GELU_KINDS, TextConfig, TextTransformer
 from .models.tokenizer import load_tokenizer
 
 __all__ = ["create_image_text", "load_image_text", "save_image_text", "text_config_for"]
 
 
-def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True) -> ImageTextModel:
+def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True, gelu: str | None = None) -> ImageTextModel:
     """A CLIP / SigLIP checkpoint with both towers, in eval mode.
 
     ``source``: ``hf-hub:ORG/NAME[@REV]`` (a transformers ``CLIPModel`` / ``SiglipModel`` repo; its
@@ -39,7 +39,9 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True) -> Ima
     (OpenAI CLIP / OpenCLIP or transformers names; a ``config.json`` / ``open_clip_config.json`` beside it describes
     it). The image tower is ``vitlab.load(source)``'s; the tokenizer is read from ``tokenizer.json`` or
     ``spiece.model`` beside the weights (``tokenizer=False``, or no such file: ``model.tokenizer`` is None and
-    :meth:`~vitlab.models.image_text.ImageTextModel.tokenize` is refused).
+    :meth:`~vitlab.models.image_text.ImageTextModel.tokenize` is refused). ``gelu`` (``quick``, ``exact``,
+    ``tanh``): both towers' activation, for files whose config does not say it (an OpenCLIP release of OpenAI's
+    weights without ``quick_gelu``); default: what the checkpoint's config says.
 
     >>> m = load_image_text("hf-hub:openai/clip-vit-base-patch16")          # doctest: +SKIP
     >>> probs = m(images, m.tokenize(["a photo of a cat", "a photo of a dog"])).softmax(-1)  # doctest: +SKIP
@@ -50,12 +52,17 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True) -> Ima
     else:
         resolved = resolve(spec)  # a URL or catalog name: an image-tower file (its text tower is looked for)
         local = Path(resolved.path) if resolved is not None else Path(spec)
+    if gelu is not None and gelu not in GELU_KINDS:
+        raise InvalidValueError(f"gelu={gelu!r}: choose one of {', '.join(GELU_KINDS)}")
     where, layout, oc_config = image_text_files(local)
     text = read_text_tower(local)
+    if gelu is not None:
+        text.config = text.config.replace(gelu=gelu)
+        text.notes.append(f"GELU set to {gelu} (gelu=...)")
     if layout == "hf" and (where.is_dir() or local == Path(spec)):
-        visual = load(spec)  # exactly vitlab.load's image tower
+        visual = load(spec, gelu=gelu)  # exactly vitlab.load's image tower
     else:  # OpenCLIP: the weights file itself, with the GELU and preprocessing its config names
-        visual = load(where, gelu=text.gelu_image)
+        visual = load(where, gelu=gelu or text.gelu_image)
         visual.preprocessing = open_clip_preprocessing(visual.preprocessing, oc_config)
     folder = where if where.is_dir() else where.parent
     tok = load_tokenizer(folder, text.config.context_length) if tokenizer else None
