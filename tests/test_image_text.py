@@ -101,7 +101,14 @@ def test_clip_matches_transformers_text_image_and_logits_on_padded_batches(tmp_p
 
 
 def test_clip_legacy_eos_id_pools_the_highest_token_id(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     ref, folder = _clip(tmp_path, eos_token_id=2)  # configs written before transformers#24773
+    # and, as checkpoints saved before transformers 4.31 do, the position_ids index buffers among the weights
+    weights = load_file(folder / "model.safetensors")
+    weights["text_model.embeddings.position_ids"] = torch.arange(16).unsqueeze(0)
+    weights["vision_model.embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
+    save_file(weights, folder / "model.safetensors")
     model = vitlab.load_image_text(folder)
     assert model.text.cfg.eos_id is None
     tokens, mask = _padded_tokens(eos=98)

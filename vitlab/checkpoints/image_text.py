@@ -109,7 +109,7 @@ def _json(path: Path) -> dict:
 
 def _need(sd: dict, key: str, source: str) -> torch.Tensor:
     if key not in sd:
-        raise VitlabError(f"{source}: no {key} in the weights; not a complete {key.split('.')[0]} text tower")
+        raise VitlabError(f"{source}: the text tower lacks {key} (vitlab's name); the checkpoint is incomplete")
     return sd[key]
 
 
@@ -150,6 +150,7 @@ def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) ->
     if not text:
         raise VitlabError(f"{source}: no text_model.* tensors; a vision-only checkpoint has no text tower "
                           "(load its image tower with vitlab.load)")
+    text.pop("embeddings.position_ids", None)  # transformers < 4.31 saved this index buffer (an arange)
     position = text.pop("embeddings.position_embedding.weight", None)
     text = rename_keys(fuse_qkv(text, _HF_TEXT_QKV, ("q", "k", "v"), QKV_TARGET, source), _HF_TEXT_RULES)
     if position is not None:
@@ -206,7 +207,8 @@ def open_clip_text_tower(state_dict: dict[str, torch.Tensor], oc_config: dict | 
     if projection is not None:
         text["proj.weight"] = projection.t().contiguous()
     model_cfg = (oc_config or {}).get("model_cfg", oc_config or {})
-    text_cfg = model_cfg.get("text_cfg") or {} if isinstance(model_cfg, dict) else {}
+    text_cfg = model_cfg.get("text_cfg") if isinstance(model_cfg, dict) else None
+    text_cfg = text_cfg if isinstance(text_cfg, dict) else {}
     fields = _shape_fields(text, source)
     heads = text_cfg.get("heads") or max(fields["embed_dim"] // 64, 1)  # OpenCLIP's default: 64-wide heads
     if oc_config is None:
