@@ -46,14 +46,14 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True, gelu: 
     >>> m = load_image_text("hf-hub:openai/clip-vit-base-patch16")          # doctest: +SKIP
     >>> probs = m(images, m.tokenize(["a photo of a cat", "a photo of a dog"])).softmax(-1)  # doctest: +SKIP
     """
+    if gelu is not None and gelu not in GELU_KINDS:
+        raise InvalidValueError(f"gelu={gelu!r}: choose one of {', '.join(GELU_KINDS)}")
     spec = os.fspath(source)
     if spec.startswith(HUB_PREFIX) and not Path(spec).exists():
         local = resolve_image_text(spec[len(HUB_PREFIX):])  # both towers' files and the tokenizer's
     else:
         resolved = resolve(spec)  # a URL or catalog name: an image-tower file (its text tower is looked for)
         local = Path(resolved.path) if resolved is not None else Path(spec)
-    if gelu is not None and gelu not in GELU_KINDS:
-        raise InvalidValueError(f"gelu={gelu!r}: choose one of {', '.join(GELU_KINDS)}")
     where, layout, oc_config = image_text_files(local)
     text = read_text_tower(local)
     if gelu is not None:
