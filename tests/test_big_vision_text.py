@@ -137,3 +137,24 @@ def test_missing_or_partial_text_towers_are_named():
     no_t = {k: v for k, v in arrays.items() if k != "params/t"}
     with pytest.raises(VitlabError, match="no 't'"):
         big_vision_text_tower(no_t, "no_t.npz")
+
+
+def test_load_image_text_reads_both_towers_of_the_npz(tmp_path, capsys):
+    """The whole file: vitlab.load_image_text gives transformers' logits_per_image (image tower from params/img,
+    text tower from params/txt, t and b), and vitlab zero-shot writes a classifier from it."""
+    import vitlab
+    from vitlab.cli import main
+
+    ref = _siglip()
+    path = tmp_path / "webli_en_b16_32.npz"
+    np.savez(path, **big_vision_arrays(ref))
+    model = vitlab.load_image_text(path)
+    assert model.tokenizer is None and model.logit_bias is not None
+    images, tokens = torch.randn(2, 3, 32, 32), _tokens(1)
+    with torch.no_grad():
+        expected = ref(input_ids=tokens, pixel_values=images).logits_per_image
+        torch.testing.assert_close(model(images, tokens), expected, rtol=1e-5, atol=1e-5)
+    # without a tokenizer the zero-shot command says what is missing, in one line
+    assert main(["zero-shot", str(path), "--classes", "a,b", "--out", str(tmp_path / "c.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert "no tokenizer" in error and error.count("\n") == 1, error

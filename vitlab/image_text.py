@@ -35,7 +35,8 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True, gelu: 
 
     ``source``: ``hf-hub:ORG/NAME[@REV]`` (a transformers ``CLIPModel`` / ``SiglipModel`` repo; its
     ``config.json``, weights and tokenizer files are fetched into the Hub cache), a local transformers folder, a
-    folder of OpenCLIP files (``open_clip_config.json`` + ``open_clip_model.safetensors``), or one weights file
+    folder of OpenCLIP files (``open_clip_config.json`` + ``open_clip_model.safetensors``), a big_vision two-tower
+    ``.npz`` (SigLIP's own releases; its SentencePiece file beside it as ``spiece.model``), or one weights file
     (OpenAI CLIP / OpenCLIP or transformers names; a ``config.json`` / ``open_clip_config.json`` beside it describes
     it). The image tower is ``vitlab.load(source)``'s; the tokenizer is read from ``tokenizer.json`` or
     ``spiece.model`` beside the weights (``tokenizer=False``, or no such file: ``model.tokenizer`` is None and

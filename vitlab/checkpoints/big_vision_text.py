@@ -19,8 +19,8 @@ import torch
 
 from ..errors import VitlabError
 from ..models.text import TextConfig
-from .image_text import TextTower
 from .npz import NpzLayout, _dense, _same, apply_rules, canonical_encoder, encoder_rules, float32_arrays
+from .text_tower import TextTower
 
 TEXT_PREFIXES = ("params/txt/", "txt/")
 _EMBED = "Embed_0/embedding"

@@ -30,19 +30,20 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_directory
 from ..errors import InvalidValueError, VitlabError
-from ..models.text import TextConfig, TextTransformer
+from ..models.text import TextConfig
 from ..preprocessing import Preprocessing
+from .big_vision_text import big_vision_text_tower
 from .family_layouts import HF_ACTIVATIONS, to_transformers, transformers_class
-from .files import read_safetensors, read_torch, sniff, write_json, write_safetensors
-from .loading import _read_hf_weights, construct_uninitialised, load_strict
+from .files import read_npz, read_safetensors, read_torch, sniff, write_json, write_safetensors
+from .loading import _read_hf_weights
 from .statedicts import QKV_TARGET, fuse_qkv, rename_keys, split_qkv, unwrap_state_dict
+from .text_tower import TextTower
 
 IMAGE_TEXT_TYPES = ("clip", "siglip")  # transformers model types with both towers
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -75,26 +76,6 @@ _OPEN_CLIP_TEXT_RULES = [
 _PUBLISHED_HEADS = {1152: 16}
 # OpenAI's released state dicts carry these scalars beside the weights (its build_model deletes them)
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
-
-
-@dataclass
-class TextTower:
-    """A checkpoint's text side: the tower's config and state dict (vitlab names), the logit scale (log) and bias,
-    the layout it came from (``hf_clip``, ``hf_siglip``, ``open_clip``) and notes."""
-
-    config: TextConfig
-    state_dict: dict[str, torch.Tensor]
-    logit_scale: torch.Tensor
-    logit_bias: torch.Tensor | None
-    layout: str
-    notes: list[str] = field(default_factory=list)
-    gelu_image: str | None = None  # the image tower's GELU when the config says (OpenCLIP's quick_gelu)
-
-    def build(self, source: str) -> TextTransformer:
-        """The tower with these weights, loaded strictly (every missing / unexpected / mis-shaped key named)."""
-        model = construct_uninitialised(TextTransformer, self.config)
-        load_strict(model, self.state_dict, source)
-        return model.eval()
 
 
 def _json(path: Path) -> dict:
@@ -259,10 +240,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
-    """(weights file or transformers folder, layout ``hf`` / ``open_clip``, its config) of a two-tower checkpoint:
-    a transformers ``CLIPModel`` / ``SiglipModel`` folder, a folder of OpenCLIP files (``open_clip_config.json`` +
-    ``open_clip_model.safetensors``), or one weights file (its folder's ``config.json`` / ``open_clip_config.json``
-    describes it when there)."""
+    """(weights file or transformers folder, layout ``hf`` / ``open_clip`` / ``big_vision``, its config) of a
+    two-tower checkpoint: a transformers ``CLIPModel`` / ``SiglipModel`` folder, a folder of OpenCLIP files
+    (``open_clip_config.json`` + ``open_clip_model.safetensors``), a big_vision ``.npz``, or one weights file (its
+    folder's ``config.json`` / ``open_clip_config.json`` describes it when there)."""
     path = Path(path)
     if path.is_dir():
         config = path / "config.json"
@@ -280,6 +261,8 @@ def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
                           f"({', '.join(OPEN_CLIP_WEIGHTS)})")
     if not path.is_file():
         raise VitlabError(f"{path}: no such file or folder")
+    if sniff(path) == "npz":  # big_vision's two-tower params (SigLIP's own releases)
+        return path, "big_vision", None
     oc, hf = path.parent / "open_clip_config.json", path.parent / "config.json"
     if oc.is_file():
         return path, "open_clip", _json(oc)
@@ -294,6 +277,8 @@ def read_text_tower(path: str | Path) -> TextTower:
     """The text tower, logit scale and bias of a two-tower checkpoint (see :func:`image_text_files`)."""
     where, layout, config = image_text_files(path)
     source = str(where)
+    if layout == "big_vision":
+        return big_vision_text_tower(read_npz(where), source)
     state_dict = _read_hf_weights(where) if where.is_dir() else read_state_dict(where)
     if layout == "auto":  # a bare weights file: its keys tell
         if "text_model.embeddings.token_embedding.weight" in state_dict:
