@@ -18,16 +18,17 @@ from .checkpoints.image_text import (
     write_image_text_folder,
 )
 from .compute.onednn import set_onednn_linear
-from .errors import InvalidValueError
+from .errors import InvalidValueError, VitlabError
 from .factory import create_model, load
 from .hub import HUB_PREFIX, resolve
 from .hub.hf import resolve_image_text
 from .models import ViTConfig, get_config, model_from_config
 from .models.image_text import LOG_10, ImageTextModel
+from .models.pretrained import CATALOG, get_pretrained, is_pretrained_name
 from .models.text import GELU_KINDS, TextConfig, TextTransformer
 from .models.tokenizer import load_tokenizer
 
-__all__ = ["create_image_text", "load_image_text", "save_image_text", "text_config_for"]
+__all__ = ["catalog_image_text_repo", "create_image_text", "load_image_text", "save_image_text", "text_config_for"]
 
 
 def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True, gelu: str | None = None) -> ImageTextModel:
@@ -50,6 +51,9 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True, gelu: 
     if gelu is not None and gelu not in GELU_KINDS:
         raise InvalidValueError(f"gelu={gelu!r}: choose one of {', '.join(GELU_KINDS)}")
     spec = os.fspath(source)
+    repo = catalog_image_text_repo(spec)
+    if repo is not None:  # a catalog name: the Hub repo of its publisher's model with both towers
+        spec = HUB_PREFIX + repo
     if spec.startswith(HUB_PREFIX) and not Path(spec).exists():
         local = resolve_image_text(spec[len(HUB_PREFIX):])  # both towers' files and the tokenizer's
     else:
@@ -70,6 +74,23 @@ def load_image_text(source: str | os.PathLike, *, tokenizer: bool = True, gelu: 
     model = ImageTextModel(visual, text.build(str(where)), logit_scale=text.logit_scale,
                            logit_bias=text.logit_bias, tokenizer=tok, notes=text.notes)
     return set_onednn_linear(model.eval())  # this machine's CPU fast path, as vitlab.load
+
+
+def catalog_image_text_repo(spec: str) -> str | None:
+    """The transformers Hub repo with both towers of the catalog entry ``spec`` names (``clip_b16_quickgelu.openai``
+    -> ``openai/clip-vit-base-patch16``); None when ``spec`` is not a catalog name. An entry without such a repo (an
+    image-only model) is refused naming the entries that have one."""
+    if Path(spec).exists() or not is_pretrained_name(spec):
+        return None
+    try:
+        entry = get_pretrained(spec)
+    except KeyError:
+        return None
+    if not entry.image_text:
+        with_towers = ", ".join(e.name for e in CATALOG if e.image_text)
+        raise VitlabError(f"{spec}: the catalog has no text tower for {entry.name} (an image model); catalog names "
+                          f"with both towers: {with_towers}")
+    return entry.image_text
 
 
 def save_image_text(model: ImageTextModel, folder: str | os.PathLike) -> list[str]:
