@@ -3,9 +3,13 @@ requests to loopback servers the tests start) and a Prometheus text parser."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -153,3 +157,19 @@ def scrape(base: str, headers: dict | None = None) -> dict:
     status, _, body = request(base + "/metrics", headers=headers)
     assert status == 200
     return metric_values(body.decode())
+
+
+@contextlib.contextmanager
+def cli_server(*args: str):
+    """``vitlab serve ARGS --port 0`` in a child process: yields (its first stdout line, the base URL); killed after.
+    The line is checked by the caller (it names the model), the URL read from it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "serve", *args, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert " at http://" in line, line + proc.stderr.read()
+        yield line, line.split(" at ")[1].split("/ ")[0]
+    finally:
+        proc.kill()
+        proc.wait()

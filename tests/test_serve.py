@@ -38,6 +38,7 @@ from vitlab.serve.server import bind_socket, run_server  # noqa: E402
 
 from .serve_helpers import (  # noqa: E402
     CLASSES,
+    cli_server,
     multipart,
     noise_png,
     png_bytes,
@@ -410,13 +411,8 @@ def test_vitlab_serve_command_answers_accepted_requests_when_stopped(ckpt, image
 
 
 def test_vitlab_serve_merge_tokens_answers_as_predict_with_merging_and_says_so_in_its_card(ckpt, images, capsys):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vitlab", "serve", str(ckpt), "--port", "0", "--merge-tokens", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("vitlab serve: tiny (torch on cpu) at http://127.0.0.1:"), line + proc.stderr.read()
-        url = line.split(" at ")[1].split("/ ")[0]
+    with cli_server(str(ckpt), "--merge-tokens", "2") as (line, url):
+        assert line.startswith("vitlab serve: tiny (torch on cpu) at http://127.0.0.1:"), line
         card = json.loads(request(url + "/v1/model")[2])
         depth = len(vitlab.load(ckpt).blocks)
         assert card["architecture"] == "VisionTransformer" and card["source"] == ckpt.name
@@ -429,9 +425,6 @@ def test_vitlab_serve_merge_tokens_answers_as_predict_with_merging_and_says_so_i
         for got, want in zip(answer["results"], merged):
             assert_same_top(got["top"], want)
         assert merged != expected_predictions(ckpt, images[:2], capsys)  # merging changed the answers
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 async def _hello_app(scope, receive, send):

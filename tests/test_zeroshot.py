@@ -246,30 +246,23 @@ def test_commands_zero_shot_predict_and_eval(clip_folder, tmp_path, capsys):
     assert "an empty name" in capsys.readouterr().err
 
 
-def test_vitlab_serve_classes_answers_as_the_zero_shot_classifier(siglip_folder, tmp_path):
+@pytest.mark.parametrize("per_request", [False, True], ids=["classes", "zero-shot"])
+def test_vitlab_serve_classes_answers_as_the_zero_shot_classifier(siglip_folder, per_request):
     import io
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from PIL import Image
 
-    from tests.serve_helpers import noise_png, post_files, request
+    from tests.serve_helpers import cli_server, noise_png, post_files, request
 
     pytest.importorskip("fastapi")
     ref, folder = siglip_folder
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vitlab", "serve", str(folder), "--port", "0", "--classes", ",".join(CLASSES),
-           "--template", "a drawing of the {}."]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("vitlab serve: siglip (torch on cpu) at http://127.0.0.1:"), line + proc.stderr.read()
-        url = line.split(" at ")[1].split("/ ")[0]
+    args = [str(folder), "--classes", ",".join(CLASSES), "--template", "a drawing of the {}."]
+    with cli_server(*args, *["--zero-shot"] * per_request) as (line, url):
+        assert line.startswith("vitlab serve: siglip (torch on cpu) at http://127.0.0.1:"), line
         card = json.loads(request(url + "/v1/model")[2])
         assert card["class_names"] == CLASSES and card["probabilities"] == "sigmoid" and card["source"] == "siglip"
+        assert card["zero_shot"] == ({"templates": ["a drawing of the {}."]} if per_request else None)
         status, _, answer = post_files(url + "/v1/classify", [("a.png", noise_png((32, 32)))])
         assert status == 200, answer
         from vitlab.zeroshot import zero_shot_classifier
@@ -282,6 +275,134 @@ def test_vitlab_serve_classes_answers_as_the_zero_shot_classifier(siglip_folder,
         top = answer["results"][0]["top"][0]
         assert top["class"] == CLASSES[int(want.argmax())]
         assert top["probability"] == pytest.approx(float(want.max()), abs=1e-5)
+
+
+def test_serve_zero_shot_labels_named_per_request(clip_folder, tmp_path):
+    """``--zero-shot``: each request names its labels (JSON list, form field, query); answers equal the zero-shot
+    classifier of those labels; requests in one batch may name different labels; limits and bad labels are 400s."""
+    import base64
+    import io
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from tests.serve_helpers import noise_png, post_files, request
+    from vitlab.serve import BackgroundServer, ServeSettings, create_app
+    from vitlab.serve.engine import Engine
+    from vitlab.zeroshot import PromptHeads, image_embedder, zero_shot_classifier
+
+    pytest.importorskip("fastapi")
+    _, folder = clip_folder
+    image_text = vitlab.load_image_text(folder)
+    engine = Engine(image_embedder(image_text), name="clip", source=str(folder), prompts=PromptHeads(image_text),
+                    class_names=["cat", "dog"])
+    app = create_app(engine, settings=ServeSettings(max_prompts=6, max_wait_ms=50))
+    png = noise_png((32, 32))
+
+    def expected(labels, templates=("a photo of a {}.",)):
+        classifier = zero_shot_classifier(image_text, labels, templates)
+        x = classifier.preprocessing.transform()(Image.open(io.BytesIO(png)).convert("RGB"))[None]
+        with torch.no_grad():
+            return torch.softmax(classifier(x), dim=1)[0]
+
+    def check(answer, labels, templates=("a photo of a {}.",)):
+        want = expected(labels, templates)
+        top = answer["results"][0]["top"]
+        assert [t["class"] for t in top] == [labels[i] for i in want.argsort(descending=True).tolist()]
+        assert [t["probability"] for t in top] == pytest.approx(sorted(want.tolist(), reverse=True), abs=1e-5)
+
+    with BackgroundServer(app) as running:
+        url = running.url + "/v1/classify"
+        card = json.loads(request(running.url + "/v1/model")[2])
+        assert card["zero_shot"] == {"templates": ["a photo of a {}."]} and card["class_names"] == ["cat", "dog"]
+        body = {"image": base64.b64encode(png).decode(), "labels": ["race car", "dog", "cat"],
+                "template": "a drawing of the {}."}
+        status, _, raw = request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        assert status == 200, raw
+        check(json.loads(raw), ["race car", "dog", "cat"], ("a drawing of the {}.",))
+        status, _, answer = post_files(url, [("a.png", png)], fields={"labels": "dog, race car"})
+        assert status == 200, answer
+        check(answer, ["dog", "race car"])
+        status, _, answer = post_files(url, [("a.png", png)])  # none named: the server's default classes
+        check(answer, ["cat", "dog"])
+        status, _, raw = request(url + "?labels=dog,cat&top_k=1", png, {"Content-Type": "image/png"})
+        top = json.loads(raw)["results"][0]["top"]
+        assert status == 200 and len(top) == 1 and top[0]["class"] == ["dog", "cat"][int(expected(["dog", "cat"])
+                                                                                          .argmax())]
+        # concurrent requests naming different labels share the image tower's batches and get their own answers
+        lists = [["cat", "dog"], ["race car", "cat"], ["dog", "race car", "cat"], ["dog"]]
+        with ThreadPoolExecutor(len(lists)) as pool:
+            answers = list(pool.map(lambda labels: post_files(url, [("a.png", png)],
+                                                              fields={"labels": ",".join(labels)})[2], lists))
+        for answer, labels in zip(answers, lists):
+            check(answer, labels)
+        for fields, message in (({"labels": "cat,,dog"}, "an empty entry"),
+                                ({"labels": "cat,cat"}, "'cat' is given twice"),
+                                ({"labels": "a,b,c,d,e,f,g"}, "7 labels x 1 templates are 7 prompts; the limit"),
+                                ({"labels": "cat", "template": "a photo"}, "exactly once"),
+                                ({"labels": "x" * 201}, "longer than 200 characters")):
+            status, _, answer = post_files(url, [("a.png", png)], fields=fields)
+            assert status == 400 and message in answer["error"], (fields, answer)
+    # a server of a fixed classifier says why it cannot take labels
+    with BackgroundServer(create_app(zero_shot_classifier(image_text, ["cat", "dog"]))) as running:
+        status, _, answer = post_files(running.url + "/v1/classify", [("a.png", png)], fields={"labels": "cat"})
+        assert status == 400 and "served with --zero-shot" in answer["error"]
+
+
+@pytest.mark.slow
+def test_page_sends_the_labels_typed_into_its_classes_field(clip_folder, tmp_path):
+    from tests.devtools import CHROMIUM, Browser
+    from tests.serve_helpers import noise_png, post_files
+    from vitlab.serve import BackgroundServer, create_app
+    from vitlab.serve.engine import Engine
+    from vitlab.zeroshot import PromptHeads, image_embedder
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (scripts/setup.sh --dev installs it)")
+    image_text = vitlab.load_image_text(clip_folder[1])
+    engine = Engine(image_embedder(image_text), name="clip-page", prompts=PromptHeads(image_text),
+                    class_names=["cat", "dog"])
+    picture = tmp_path / "noise.png"
+    picture.write_bytes(noise_png((32, 32)))
+    with BackgroundServer(create_app(engine)) as server, Browser(1200, 900) as browser:
+        _, _, answer = post_files(server.url + "/v1/explain", [("noise.png", picture.read_bytes())],
+                                  fields={"labels": "race car, dog, cat"})
+        browser.open(server.url + "/")
+        browser.wait_for("document.querySelector('#card-body table') !== null")
+        assert browser.evaluate("document.querySelector('#labels-form').hidden") is False
+        assert browser.evaluate("document.querySelector('#labels').value") == "cat, dog"
+        assert "zero-shot: named per request" in browser.evaluate("document.querySelector('#card-body').innerText")
+        browser.evaluate("document.querySelector('#labels').value = 'race car, dog, cat'")
+        browser.choose_files("#file", [picture])
+        browser.wait_for("document.querySelector('.result.done') !== null")
+        shown = browser.evaluate("Array.from(document.querySelectorAll('.result .bar-row .label'))"
+                                 ".map(e => e.textContent)")
+    assert shown == [t["class"] for t in answer["results"][0]["top"]] and sorted(shown) == ["cat", "dog", "race car"]
+
+
+def test_catalog_names_load_their_publishers_two_tower_repo(clip_folder, tmp_path, monkeypatch, capsys):
+    """``clip_b16_quickgelu.openai`` resolves to the transformers repo with both towers (openai/clip-vit-base-patch16,
+    served here by a loopback Hub), so the zero-shot commands take catalog names; an image-only entry is refused."""
+    from tests.hub_fixtures import LoopbackHub, offline_hub_cache
+    from vitlab.cli import main
+    from vitlab.errors import VitlabError
+
+    ref, folder = clip_folder
+    offline_hub_cache(tmp_path, monkeypatch)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    server = LoopbackHub({"openai/clip-vit-base-patch16": files})
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        model = vitlab.load_image_text("clip_b16_quickgelu.openai")
+        out = tmp_path / "pets.safetensors"
+        assert main(["zero-shot", "clip_b16_quickgelu.openai", "--classes", ",".join(CLASSES), "--out", str(out)]) == 0
     finally:
-        proc.kill()
-        proc.wait()
+        server.stop()
+    images = torch.randn(2, 3, 32, 32)
+    expected = _reference_logits(ref, model, images, [f"a photo of a {c}." for c in CLASSES])
+    with torch.no_grad():
+        torch.testing.assert_close(vitlab.load(out)(images), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(VitlabError, match="no text tower for vit_b16.augreg_in21k .* with both towers: siglip_b16"):
+        vitlab.load_image_text("vit_b16.augreg_in21k")

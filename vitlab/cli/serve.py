@@ -58,8 +58,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds to wait for requests in progress at shutdown (default 30)")
     add_merge_tokens_argument(p)
     add_class_arguments(p, "zero-shot: CHECKPOINT is an image-text model (CLIP, SigLIP) served as the classifier of "
-                           "these classes (docs/zero-shot.md); ")
+                           "these classes (with --zero-shot: the classes of requests that name none; "
+                           "docs/zero-shot.md); ")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="CHECKPOINT is an image-text model (CLIP, SigLIP) and each request names its own classes "
+                        "('labels', optionally 'template'); text embeddings are cached per label list (torch "
+                        "backend)")
     add_template_arguments(p)
+    p.add_argument("--max-prompts", type=int, default=256,
+                   help="--zero-shot: most labels x templates one request may name; each new list costs a text-tower "
+                        "pass (default 256)")
     p.set_defaults(func=run)
 
 
@@ -87,6 +95,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _prompt_engine(args: argparse.Namespace, classes: list[str] | None, name: str):
+    """The engine of ``--zero-shot``: the image tower's unit embeddings, scored per request against the text
+    embeddings of the labels it names (``classes``: the labels of requests that name none)."""
+    import torch
+
+    from .. import load_image_text
+    from ..serve.engine import Engine
+    from ..zeroshot import PromptHeads, image_embedder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    image_text = load_image_text(args.checkpoint).to(args.device).eval()
+    prompts = PromptHeads(image_text, templates_of(args))
+    if classes is not None:
+        prompts(classes)  # a bad name or template is refused now, not at the first request
+    return Engine(image_embedder(image_text), device=args.device, name=name, source=args.checkpoint,
+                  prompts=prompts, class_names=classes)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from ..serve import ServeSettings, bind_socket, create_app, run_server
@@ -108,29 +135,33 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
                              max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
-                             api_key=_api_key(args), body_timeout_s=args.body_timeout)
+                             api_key=_api_key(args), body_timeout_s=args.body_timeout, max_prompts=args.max_prompts)
     model, name = args.checkpoint, args.name
     classes = class_names_of(args, required=False)
-    if (args.template or args.prompt_ensemble) and classes is None:
+    if (args.template or args.prompt_ensemble) and classes is None and not args.zero_shot:
         raise VitlabError("--template / --prompt-ensemble choose the prompts of zero-shot classes; give --classes or "
                           "--classes-file")
-    if args.merge_tokens and args.backend != "torch":
-        raise VitlabError(f"--merge-tokens runs on the torch backend; drop --backend {args.backend}")
-    if args.merge_tokens or classes is not None:  # built here and served as an engine (served as it is)
+    for flag, on in (("--merge-tokens", args.merge_tokens), ("--zero-shot", args.zero_shot)):
+        if on and args.backend != "torch":
+            raise VitlabError(f"{flag} runs on the torch backend; drop --backend {args.backend}")
+    if args.merge_tokens or classes is not None or args.zero_shot:  # built here and served as an engine
         from ..compute.tome import merge_tokens
         from ..serve.engine import load_engine
         from .train import flags_in_errors
 
         with flags_in_errors({**ALIASES, **ZERO_SHOT_ALIASES}, config_flags=False):
-            source = args.checkpoint
-            if classes is not None:
-                from .. import load_image_text
-                from ..zeroshot import zero_shot_classifier
+            source, shown = args.checkpoint, name or Path(args.checkpoint.rstrip("/")).stem
+            if args.zero_shot:
+                model = _prompt_engine(args, classes, shown)
+            else:
+                if classes is not None:
+                    from .. import load_image_text
+                    from ..zeroshot import zero_shot_classifier
 
-                source = zero_shot_classifier(load_image_text(args.checkpoint), classes, templates_of(args))
-            model = load_engine(source, backend=args.backend, device=args.device, threads=args.threads,
-                                name=name or Path(args.checkpoint.rstrip("/")).stem)
-            model.source = args.checkpoint  # the model card names the image-text model a classifier came from
+                    source = zero_shot_classifier(load_image_text(args.checkpoint), classes, templates_of(args))
+                model = load_engine(source, backend=args.backend, device=args.device, threads=args.threads,
+                                    name=shown)
+                model.source = args.checkpoint  # the card names the image-text model a classifier came from
             if args.merge_tokens:
                 merge_tokens(model.model, args.merge_tokens)
     app = create_app(model, backend=args.backend, device=args.device, name=name, threads=args.threads,

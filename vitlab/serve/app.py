@@ -67,11 +67,12 @@ class ServeSettings:
     default_top_k: int = 5
     api_key: str | None = None
     body_timeout_s: float = 30.0
+    max_prompts: int = 256  # zero-shot: labels x templates one request may name (bounds the text tower's work)
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least 1, got {getattr(self, name)}"
                     for name in ("max_batch", "max_queue", "max_body_bytes", "max_images", "max_pixels",
-                                 "max_request_pixels", "default_top_k") if getattr(self, name) < 1]
+                                 "max_request_pixels", "default_top_k", "max_prompts") if getattr(self, name) < 1]
         if self.max_wait_ms < 0:
             problems.append(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
         if not self.body_timeout_s > 0:
@@ -360,6 +361,46 @@ def _explain_options(options: dict) -> tuple[str, float]:
     return fusion, discard
 
 
+MAX_LABEL_CHARS = 200  # one zero-shot label or template, in characters
+
+
+def _text_list(value, what: str) -> list[str]:
+    """A request's labels / templates: a JSON list of strings, or one comma-separated string (a form field, the
+    query). Each stripped, non-empty and at most :data:`MAX_LABEL_CHARS` long."""
+    if isinstance(value, str):
+        items = value.split(",") if what == "labels" else [value]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = value
+    else:
+        raise ApiError(400, f"{what} must be a list of strings or one string, got {_shown(value)}")
+    items = [item.strip() for item in items]
+    if not items or not all(items):
+        raise ApiError(400, f"{what}: an empty entry in {_shown(value)}")
+    long = next((item for item in items if len(item) > MAX_LABEL_CHARS), None)
+    if long is not None:
+        raise ApiError(400, f"{what}: {_shown(long)} is longer than {MAX_LABEL_CHARS} characters")
+    return items
+
+
+def _zero_shot_request(options: dict, engine: Engine, settings: ServeSettings) -> tuple[list[str], list[str] | None]:
+    """The labels (the request's, else the server's default classes) and templates (None: the server's) a zero-shot
+    request asks for, refused beyond ``max_prompts`` labels x templates."""
+    raw = options.get("labels")
+    if raw is None:
+        if not engine.named_classes:
+            raise ApiError(400, "name the classes: 'labels', a list of strings (JSON) or comma-separated (form "
+                                "field, query)")
+        labels = engine.class_names
+    else:
+        labels = _text_list(raw, "labels")
+    templates = _text_list(options["template"], "template") if "template" in options else None
+    prompts = len(labels) * len(templates or engine.prompts.templates)
+    if prompts > settings.max_prompts:
+        raise ApiError(400, f"{len(labels)} labels x {len(templates or engine.prompts.templates)} templates are "
+                            f"{prompts} prompts; the limit per request is {settings.max_prompts}")
+    return labels, templates
+
+
 def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str | None = None,
                threads: int | None = None, settings: ServeSettings | None = None, **limits):
     """The ASGI app (FastAPI) serving ``model``: a model object, any checkpoint or name ``vitlab.load`` reads, an
@@ -386,6 +427,8 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
         service.batcher.start()
         warm = torch.zeros(1, *engine.input_shape())
         await service.batcher.run_once(("classify",), warm)  # first-call costs (allocations, kernels) paid here
+        if engine.prompts is not None and engine.named_classes:  # the default classes' text embeddings, cached now
+            await anyio.to_thread.run_sync(engine.prompts, engine.class_names)
         if engine.can_explain:
             await service.batcher.run_once(("explain", "mean", 0.0), warm)
         log.info("serving %s (%s on %s)", engine.name, engine.backend, engine.device)
@@ -422,6 +465,16 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
                                 f"{engine.backend} {kind}")
         uploads, options = await _read_request(request, settings)
         top_k = _int_option(options, "top_k", settings.default_top_k, 1)
+        labels = head = None
+        if engine.prompts is not None:  # the classes this request names: their text embeddings (cached)
+            labels, templates = _zero_shot_request(options, engine, settings)
+            try:
+                head = await anyio.to_thread.run_sync(engine.prompts, labels, templates)
+            except VitlabError as exc:
+                raise ApiError(400, str(exc)) from None
+        elif "labels" in options or "template" in options:
+            raise ApiError(400, "this server answers with its model's own classes; labels named per request need "
+                                "an image-text model served with --zero-shot")
         key = ("explain", *_explain_options(options)) if explain else ("classify",)
         try:
             service.batcher.check_room(len(uploads))  # refuse before spending time on decoding
@@ -457,7 +510,9 @@ def create_app(model, *, backend: str = "torch", device: str = "cpu", name: str 
         results = []
         for (display, _), out in zip(uploads, outputs):
             probs, rollout = out if explain else (out, None)
-            entry = {"name": display, "top": engine.top(probs, top_k)}
+            if head is not None:  # a unit image embedding, scored against this request's labels
+                probs = engine.prompt_probabilities(probs[None], head)[0]
+            entry = {"name": display, "top": engine.top(probs, top_k, labels)}
             if rollout is not None:
                 entry["rollout"] = {"grid": list(rollout.values.shape), "values": rollout.values.tolist(),
                                     "source": rollout.source, "head_fusion": rollout.head_fusion,

@@ -61,10 +61,16 @@ class Engine:
 
     ``model`` is a vitlab model (``vitlab.load``'s result), an
     :class:`~vitlab.compute.onnx_classifier.OnnxClassifier` or a :class:`~vitlab.compute.pt2.Pt2Classifier`;
-    ``name`` and ``source`` describe it on the model card."""
+    ``name`` and ``source`` describe it on the model card.
+
+    ``prompts`` (a :class:`vitlab.zeroshot.PromptHeads`; ``model`` is then the image tower's
+    :func:`~vitlab.zeroshot.image_embedder`): zero-shot classes named per request. The batch operations then return
+    unit image embeddings, and :meth:`prompt_probabilities` scores them against a request's labels;
+    ``class_names`` are the labels used when a request names none (may be empty)."""
 
     def __init__(self, model: nn.Module, *, backend: str = "torch", device: str | torch.device = "cpu",
-                 name: str | None = None, source: str | None = None):
+                 name: str | None = None, source: str | None = None, prompts=None,
+                 class_names: list[str] | None = None):
         if backend not in BACKENDS:
             raise VitlabError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
@@ -74,10 +80,14 @@ class Engine:
         self.cfg = cfg
         meta = metadata_of(model)
         self.preprocessing: Preprocessing = meta.preprocessing
-        names = meta.class_names
+        self.prompts = prompts
+        if prompts is not None and backend != "torch":
+            raise VitlabError("zero-shot labels named per request run on the torch backend")
+        names = class_names if prompts is not None else meta.class_names
         self.class_names = [str(n) for n in names] if names else [str(i) for i in range(cfg.num_classes)]
         self.named_classes = bool(names)
-        self.loss = meta.loss  # "sigmoid": per-label probabilities (multi-label models)
+        # "sigmoid": per-label probabilities (multi-label models, SigLIP's zero-shot)
+        self.loss = prompts.loss if prompts is not None else meta.loss
         self.name = name or (Path(source).stem if source else type(model).__name__)
         self.source = source
         self.transform = self.preprocessing.transform()
@@ -102,10 +112,13 @@ class Engine:
         return (self.cfg.in_chans, *self.cfg.img_size)
 
     # -- batch operations (run in the model thread) --------------------------------------------------------------
+    def _outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, or with per-request prompts the unit image embeddings (scored later)."""
+        return logits.float().cpu() if self.prompts is not None else probabilities(logits, self.loss).cpu()
+
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(images.to(self.device))
-        return probabilities(logits, self.loss).cpu()
+        return self._outputs(self.model(images.to(self.device)))
 
     @torch.inference_mode()
     def explain(self, images: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0
@@ -120,7 +133,7 @@ class Engine:
             logits, attn = self.model.forward_with_attention(images.to(self.device))
         maps = attention_rollout(attn, self.cfg.num_prefix_tokens, self.cfg.grid_size, head_fusion=head_fusion,
                                  discard_ratio=discard_ratio, source=self.rollout_source, probe=probe)
-        return probabilities(logits, self.loss).cpu(), maps.cpu()
+        return self._outputs(logits), maps.cpu()
 
     def run_batch(self, key: tuple, images: torch.Tensor) -> list:
         """The batcher's entry point: ``key`` is ``("classify",)`` or ``("explain", head_fusion, discard_ratio)``;
@@ -132,10 +145,19 @@ class Engine:
         return [(p, Rollout(m, self.rollout_source, fusion, discard)) for p, m in zip(probs, maps)]
 
     # -- outputs -------------------------------------------------------------------------------------------------
-    def top(self, probs: torch.Tensor, k: int) -> list[dict]:
-        """The ``k`` most probable classes of one image, best first, as ``vitlab predict --json`` lists them."""
+    def prompt_probabilities(self, embeddings: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor]
+                             ) -> torch.Tensor:
+        """Unit image embeddings (B, P) scored against a zero-shot head (weight (K, P), bias (K,)): (B, K)
+        probabilities."""
+        weight, bias = head
+        return probabilities(embeddings @ weight.t() + bias, self.loss)
+
+    def top(self, probs: torch.Tensor, k: int, names: list[str] | None = None) -> list[dict]:
+        """The ``k`` most probable classes of one image, best first, as ``vitlab predict --json`` lists them
+        (``names``: the classes of this answer, default the model's)."""
+        names = self.class_names if names is None else names
         values, indices = probs.topk(min(k, probs.shape[0]))
-        return [{"index": int(i), "class": self.class_names[i] if i < len(self.class_names) else str(i),
+        return [{"index": int(i), "class": names[i] if i < len(names) else str(i),
                  "probability": float(v)} for v, i in zip(values.tolist(), indices.tolist())]
 
     def overlay_png(self, image: torch.Tensor, values: torch.Tensor) -> bytes:
@@ -180,13 +202,15 @@ class Engine:
             "img_size": list(cfg.img_size),
             "patch_size": list(cfg.patch_size) if has_tokens(cfg) else None,
             "in_chans": cfg.in_chans,
-            "num_classes": cfg.num_classes,
+            "num_classes": len(self.class_names) if self.prompts is not None else cfg.num_classes,
             "config": config,
             "preprocessing": self.preprocessing.to_dict(),
             "class_names": self.class_names if self.named_classes else None,
             "probabilities": "sigmoid" if self.loss == "sigmoid" else "softmax",
             "explain": self.can_explain,
             "rollout_source": self.rollout_source if self.can_explain else None,
+            # zero-shot classes named per request: the default prompt templates (labels: the request's)
+            "zero_shot": {"templates": list(self.prompts.templates)} if self.prompts is not None else None,
         }
 
 

@@ -33,7 +33,8 @@ function renderCard(card) {
     ["parameters", card.parameters === null ? "n/a" : card.parameters.toLocaleString("en")],
     ["input", card.in_chans + " x " + card.img_size.join(" x ")],
     ["patch", card.patch_size ? card.patch_size.join(" x ") : "n/a"],
-    ["classes", String(card.num_classes)],
+    ["classes", card.zero_shot ? "zero-shot: named per request (" + card.zero_shot.templates.join(" | ") + ")"
+                               : String(card.num_classes)],
     ["preprocessing", describePreprocessing(card.preprocessing)],
     ["attention rollout", card.explain ? "yes (from the " + card.rollout_source + " token" +
                                          (card.rollout_source === "mean" ? "s" : "") + ")" : "no"],
@@ -81,6 +82,10 @@ async function loadCard() {
   }
   state.card = await response.json();
   $("key-form").hidden = true;
+  if (state.card.zero_shot) {  // an image-text model: the classes are named here, per request
+    $("labels-form").hidden = false;
+    if (!$("labels").value && state.card.class_names) $("labels").value = state.card.class_names.join(", ");
+  }
   renderCard(state.card);
   return true;
 }
@@ -122,6 +127,7 @@ async function predict(file) {
   const body = new FormData();
   body.append("image", file, file.name);
   body.append("top_k", "5");
+  if (state.card && state.card.zero_shot && $("labels").value.trim()) body.append("labels", $("labels").value);
   let response;
   try {
     response = await api(explain ? "/v1/explain" : "/v1/classify", { method: "POST", body });
