@@ -85,3 +85,152 @@ def test_bad_inputs_are_refused_in_one_line():
         retrieval_metrics(torch.eye(3), torch.ones(3, 2), [0, 1, 2])
     with pytest.raises(VitlabError, match="positive K"):
         retrieval_metrics(torch.eye(3), torch.eye(3), [0, 1, 2], ks=(0,))
+
+
+# ----------------------------------------------------------------------------------------------- captioned data
+CAPTIONS = ["a photo of a cat .", "a small cat", "a dog", "a photo of the large dog .", "a race car", "a blurry car",
+            "a drawing of a car", "the small dog", "a large cat", "a photo of a race car ."]
+
+
+def _png_images(folder, count=5, size=32, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _captions_csv(root, rows, name="captions.csv", header=("image", "caption")):
+    import csv
+
+    path = root / name
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        out.writerows(rows)
+    return path
+
+
+# image i has captions CAPTIONS[j] for j with OWNER[j] == i (two each), rows not grouped by image
+OWNER = [0, 1, 2, 0, 3, 4, 1, 2, 3, 4]
+
+
+def test_manifest_rows_become_distinct_images_with_several_captions(tmp_path):
+    from vitlab.data.captions import build_captioned, read_texts
+
+    _png_images(tmp_path / "images")
+    rows = [[f"images/img{i}.png", c] for i, c in zip(OWNER, CAPTIONS)]
+    data = build_captioned(_captions_csv(tmp_path, rows))
+    assert [p.rsplit("/", 1)[1] for p in data.images] == [f"img{i}.png" for i in range(5)]
+    assert data.texts == CAPTIONS and data.text_image.tolist() == OWNER
+    image, index = data[3]
+    assert index == 3 and image.size == (32, 32)
+    # JSONL: a list of captions in one cell, and a split column
+    lines = [{"path": "images/img0.png", "captions": ["one", "two"], "split": "test"},
+             {"path": "images/img1.png", "captions": "three", "split": "train"},
+             {"path": "images/img2.png", "captions": ["four"], "split": "test"}]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines))
+    data = build_captioned(jsonl, ("test",))
+    assert data.texts == ["one", "two", "four"] and data.text_image.tolist() == [0, 0, 1] and len(data) == 2
+    assert read_texts(jsonl, ("train",)) == ["three"]
+    # errors name the file, the line or the column
+    with pytest.raises(VitlabError, match=r"c2.csv: no text column \(columns: image, label\); name the captions"):
+        build_captioned(_captions_csv(tmp_path, rows, "c2.csv", ("image", "label")))
+    with pytest.raises(VitlabError, match=r"c3.csv line 3: empty caption"):
+        build_captioned(_captions_csv(tmp_path, [["images/img0.png", "x"], ["images/img1.png", " "]], "c3.csv"))
+    with pytest.raises(VitlabError, match="no text column 'words'"):
+        build_captioned(_captions_csv(tmp_path, rows, "c4.csv"), text_column="words")
+    with pytest.raises(VitlabError, match="captioned images are a .csv / .jsonl manifest with a text column"):
+        build_captioned(tmp_path / "images")
+    # a missing image is a bad sample naming the manifest line
+    data = build_captioned(_captions_csv(tmp_path, [["images/gone.png", "x"]], "c5.csv"))
+    assert "c5.csv line 2: images/gone.png" in data[0][0].reason
+
+
+def test_hugging_face_parquet_with_a_list_of_captions(tmp_path):
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vitlab.data.captions import build_captioned
+
+    paths = _png_images(tmp_path / "images", 3)
+    table = pa.table({"image": [{"bytes": p.read_bytes(), "path": None} for p in paths],
+                      "sentences": [["a cat", "the cat"], ["a dog"], ["a car", "two", "three"]]})
+    pq.write_table(table, tmp_path / "test.parquet")
+    data = build_captioned(str(tmp_path / "test.parquet"))
+    assert data.texts == ["a cat", "the cat", "a dog", "a car", "two", "three"]
+    assert data.text_image.tolist() == [0, 0, 1, 2, 2, 2] and data[1][0].size == (32, 32)
+    with pytest.raises(VitlabError, match="no text column 'caption'"):
+        build_captioned(str(tmp_path / "test.parquet") + "?text=caption")
+
+
+# ------------------------------------------------------------------------------------- against transformers' CLIP
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    from .image_text_fixtures import clip_folder as make
+
+    return make(tmp_path_factory.mktemp("retrieval") / "clip")
+
+
+@pytest.fixture(scope="module")
+def siglip_folder(tmp_path_factory):
+    from .image_text_fixtures import siglip_folder as make
+
+    return make(tmp_path_factory.mktemp("retrieval") / "siglip")
+
+
+def _reference(ref, model, image_paths, texts):
+    """transformers' unit image and text embeddings of the images (read with vitlab's preprocessing of the tower)
+    and the texts (vitlab's tokens)."""
+    from PIL import Image
+
+    transform = model.preprocessing.transform()
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in image_paths])
+    with torch.no_grad():
+        out = ref(input_ids=model.tokenize(texts), pixel_values=pixels)
+    return out.image_embeds, out.text_embeds
+
+
+def test_eval_retrieval_equals_brute_force_on_transformers_embeddings(clip_folder, tmp_path, capsys):
+    import vitlab
+    from vitlab.cli import main
+
+    ref, folder = clip_folder
+    paths = _png_images(tmp_path / "images")
+    manifest = _captions_csv(tmp_path, [[f"images/img{i}.png", c] for i, c in zip(OWNER, CAPTIONS)])
+    model = vitlab.load_image_text(folder)
+    images, texts = _reference(ref, model, paths, CAPTIONS)
+    ks = (1, 5, 10)
+    want = _brute_force(images.numpy(), texts.numpy(), np.array(OWNER), ks)
+    out = tmp_path / "report"
+    assert main(["eval", str(folder), "--retrieval", "--data", str(manifest), "--json", "--out", str(out)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["images"] == 5 and results["texts"] == 10 and results["skipped"] == 0
+    for direction in ("image_to_text", "text_to_image"):
+        assert results[direction] == pytest.approx(want[direction], abs=1e-9), direction
+    # the numbers are not all perfect or all zero (a random model: else the comparison would prove little)
+    assert 0 < results["text_to_image"]["recall@1"] < 1
+    assert json.loads((out / "results.json").read_text())["image_to_text"] == results["image_to_text"]
+    assert "| image -> text |" in (out / "report.md").read_text()
+    # the printed line
+    assert main(["eval", str(folder), "--retrieval", "--data", str(manifest)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{manifest} test: image -> text R@1 ") and "(5 images, 10 captions)" in line
+    # classification options are refused in one line, before anything loads
+    assert main(["eval", str(folder), "--retrieval", "--data", str(manifest), "--zero-shot", "--labels", "x"]) == 2
+    assert "--retrieval scores captioned images; drop --zero-shot, --labels" in capsys.readouterr().err
+    assert main(["eval", str(folder), "--data", str(manifest), "--text-column", "caption"]) == 2
+    assert "add --retrieval" in capsys.readouterr().err
+    assert main(["eval", str(folder), "--retrieval", "--data", str(manifest), "--text-column", "words"]) == 2
+    assert "no text column 'words'" in capsys.readouterr().err

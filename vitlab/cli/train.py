@@ -89,7 +89,7 @@ def hf_data(spec: str | None, args: argparse.Namespace, option: str = "--data") 
     ``?`` options, kept in the run's config); refused for other sources."""
     from ..data.hf import looks_like_hf, with_options
 
-    chosen = {k: getattr(args, k, None) for k in ("image_column", "label_column", "stream", "text_column")}
+    chosen = {k: getattr(args, k, None) for k in ("image_column", "label_column", "stream")}
     if spec is None or not any(chosen.values()):
         return spec
     if not looks_like_hf(spec):
