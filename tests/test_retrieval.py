@@ -234,3 +234,53 @@ def test_eval_retrieval_equals_brute_force_on_transformers_embeddings(clip_folde
     assert "add --retrieval" in capsys.readouterr().err
     assert main(["eval", str(folder), "--retrieval", "--data", str(manifest), "--text-column", "words"]) == 2
     assert "no text column 'words'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_predict_joint_and_texts_write_transformers_embeddings(kind, request, tmp_path, capsys):
+    import vitlab
+    from vitlab.checkpoints.files import read_safetensors
+    from vitlab.cli import main
+
+    ref, folder = request.getfixturevalue(f"{kind}_folder")
+    paths = _png_images(tmp_path / "images", 3, seed=1)
+    model = vitlab.load_image_text(folder)
+    texts = CAPTIONS[:4]
+    images, text_embeds = _reference(ref, model, paths, texts)
+    # images: a folder, in sorted order, as --features lists them
+    out = tmp_path / "images.safetensors"
+    assert main(["predict", str(folder), str(tmp_path / "images"), "--joint", "--out", str(out)]) == 0
+    assert "wrote joint-space embeddings of 3 images" in capsys.readouterr().out
+    tensors, meta = read_safetensors(out)
+    torch.testing.assert_close(tensors["features"], images, rtol=1e-5, atol=1e-5)
+    assert meta["representation"] == "image_embeds" and json.loads(meta["sources"]) == [str(p) for p in paths]
+    # texts: a text file (blank lines skipped) to npz, and a captions manifest's text column to parquet
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\n".join(texts[:2]) + "\n\n" + "\n".join(texts[2:]) + "\n")
+    assert main(["predict", str(folder), "--texts", str(lines), "--out", str(tmp_path / "t.npz"),
+                 "--batch-size", "3"]) == 0
+    assert "wrote joint-space embeddings of 4 texts" in capsys.readouterr().out
+    with np.load(tmp_path / "t.npz") as saved:
+        torch.testing.assert_close(torch.from_numpy(saved["features"]), text_embeds, rtol=1e-5, atol=1e-5)
+        assert saved["sources"].tolist() == texts
+    if kind == "clip":
+        pq = pytest.importorskip("pyarrow.parquet")
+        manifest = _captions_csv(tmp_path, [[f"images/img{i}.png", t] for i, t in enumerate(texts)])
+        assert main(["predict", str(folder), "--texts", str(manifest), "--out", str(tmp_path / "t.parquet")]) == 0
+        table = pq.read_table(tmp_path / "t.parquet")
+        assert table.column("source").to_pylist() == texts
+        torch.testing.assert_close(torch.tensor(table.column("features").to_pylist()), text_embeds, rtol=1e-5,
+                                   atol=1e-5)
+    # contradictions refused in one line before anything loads
+    for argv, message in (([str(paths[0]), "--texts", str(lines)], "--texts embeds texts; give it without"),
+                          (["--texts", str(lines), "--out", str(tmp_path / "x.npz"), "--topk", "2"],
+                           "drop --topk"),
+                          (["--texts", str(lines)], "--texts writes a file: give --out"),
+                          ([str(paths[0]), "--joint", "--classes", "cat,dog", "--out", str(tmp_path / "y.npz")],
+                           "--joint writes embeddings; drop the classification options"),
+                          ([str(paths[0]), "--joint"], "--joint writes a file: give --out"),
+                          ([str(paths[0]), "--text-column", "x"], "add --texts"),
+                          (["--texts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "z.npz")],
+                           "none.txt: no such text file")):
+        assert main(["predict", str(folder), *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
