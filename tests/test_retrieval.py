@@ -271,6 +271,13 @@ def test_predict_joint_and_texts_write_transformers_embeddings(kind, request, tm
         assert table.column("source").to_pylist() == texts
         torch.testing.assert_close(torch.tensor(table.column("features").to_pylist()), text_embeds, rtol=1e-5,
                                    atol=1e-5)
+        # --joint --data on a captions manifest: each image once, however many captions it has
+        captions = _captions_csv(tmp_path, [[f"images/img{i}.png", t] for i, t in zip([2, 0, 2, 1, 0], texts)],
+                                 "captions.csv")
+        assert main(["predict", str(folder), "--data", str(captions), "--joint", "--out", str(tmp_path / "m.npz")]) == 0
+        with np.load(tmp_path / "m.npz") as saved:
+            assert [s.rsplit("/", 1)[1] for s in saved["sources"].tolist()] == ["img2.png", "img0.png", "img1.png"]
+            torch.testing.assert_close(torch.from_numpy(saved["features"]), images[[2, 0, 1]], rtol=1e-5, atol=1e-5)
     # contradictions refused in one line before anything loads
     for argv, message in (([str(paths[0]), "--texts", str(lines)], "--texts embeds texts; give it without"),
                           (["--texts", str(lines), "--out", str(tmp_path / "x.npz"), "--topk", "2"],

@@ -129,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
         return _write_texts(args)
     files = image_files(args.images) if args.images else None
     data = hf_data(args.data, args)
+    if args.joint and data is not None:  # a captions manifest: each distinct image once, not once per caption
+        from ..data import SPLIT_FOLDERS
+        from ..data.captions import captioned_files
+
+        with flags_in_errors(FLAGS, config_flags=False):
+            files = captioned_files(data, SPLIT_FOLDERS.get(args.split, (args.split,)))
     device = resolve_device(args.device)
     names = class_names_of(args, required=False)
     if args.joint:  # the image tower with its projection and L2 norm: joint-space unit embeddings out

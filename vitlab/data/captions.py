@@ -187,6 +187,17 @@ def build_captioned(spec: str | Path, split_names: Sequence[str] = ("test",), *,
                       f"({', '.join(TEXT_COLUMNS)}) or a Hugging Face source with one")
 
 
+def captioned_files(spec: str | Path, split_names: Sequence[str] | None = None) -> list[str] | None:
+    """The distinct image files of a captions manifest (a ``.csv`` / ``.jsonl`` with a text column and no label
+    column), in order of first appearance; None for anything else (read it as other image data)."""
+    if not looks_like_manifest(spec):
+        return None
+    _, columns = _read_rows(Path(spec).expanduser())
+    if "label" in columns or "labels" in columns or not any(c in columns for c in TEXT_COLUMNS):
+        return None
+    return captioned_manifest(spec, split_names).images
+
+
 def read_texts(path: str | Path, split_names: Sequence[str] | None = None, text_column: str | None = None
                ) -> list[str]:
     """Texts to embed: a captions manifest's text column (``.csv`` / ``.jsonl``, every caption in file order, the

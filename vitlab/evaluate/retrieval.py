@@ -27,21 +27,27 @@ DEFAULT_KS = (1, 5, 10)
 BLOCK_ELEMENTS = 1 << 24  # scores per block: 64 MiB of float32
 
 
-def _first_correct_ranks(queries: torch.Tensor, keys: torch.Tensor, correct, block_elements: int) -> torch.Tensor:
+def _first_correct_ranks(queries: torch.Tensor, keys: torch.Tensor, pairs, block_elements: int) -> torch.Tensor:
     """0-based rank (Q,) int64 of each query's best correct key among all keys (ties: the lower index first).
-    ``correct(start, end)`` is the bool mask (end - start, K) of the correct keys of queries ``start:end``."""
-    rows = max(1, block_elements // max(1, keys.shape[0]))
-    positions = torch.arange(keys.shape[0], device=keys.device)
+    ``pairs(start, end)`` gives the correct (query - start, key) pairs of queries ``start:end`` as two int64
+    tensors; every query has at least one."""
+    size = keys.shape[0]
+    rows_per_block = max(1, block_elements // max(1, size))
+    positions = torch.arange(size, device=keys.device)
     ranks = []
-    for start in range(0, queries.shape[0], rows):
-        end = min(start + rows, queries.shape[0])
+    for start in range(0, queries.shape[0], rows_per_block):
+        end = min(start + rows_per_block, queries.shape[0])
         scores = queries[start:end] @ keys.T  # (b, K): one product, so a score is the same number wherever it is read
-        mask = correct(start, end)
-        best = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)  # (b, 1)
-        tied = scores == best
-        first = torch.where(mask & tied, positions, keys.shape[0]).amin(dim=1, keepdim=True)  # its index
-        ranks.append((scores > best).sum(dim=1) + (tied & (positions < first)).sum(dim=1))
-        del scores, mask, tied
+        rows, cols = pairs(start, end)
+        values = scores[rows, cols]
+        best = torch.full((end - start,), float("-inf"), device=scores.device, dtype=scores.dtype)
+        best = best.scatter_reduce(0, rows, values, "amax")
+        at_best = values == best[rows]
+        first = torch.full((end - start,), size, device=scores.device, dtype=torch.int64)
+        first = first.scatter_reduce(0, rows[at_best], cols[at_best], "amin")  # the first correct key at the best
+        tied = scores == best[:, None]
+        ranks.append((scores > best[:, None]).sum(dim=1) + (tied & (positions < first[:, None])).sum(dim=1))
+        del scores, tied
     return torch.cat(ranks).cpu()
 
 
@@ -84,13 +90,15 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
     counts = torch.bincount(owner, minlength=images.shape[0])
     if bool((counts == 0).any()):
         raise VitlabError(f"image {int((counts == 0).nonzero()[0])} has no caption; every image needs one")
-    image_ids = torch.arange(images.shape[0], device=images.device)
+    by_image = torch.argsort(owner, stable=True)  # the texts grouped by image
+    sorted_owner = owner[by_image]
 
-    def captions_of(start, end):  # (b, M): the texts of images start:end
-        return owner[None, :] == image_ids[start:end, None]
+    def captions_of(start, end):  # the (image - start, text) pairs of images start:end
+        lo, hi = (int(torch.searchsorted(sorted_owner, v)) for v in (start, end))
+        return sorted_owner[lo:hi] - start, by_image[lo:hi]
 
-    def image_of(start, end):  # (b, N): the image of texts start:end
-        return image_ids[None, :] == owner[start:end, None]
+    def image_of(start, end):  # the (text - start, image) pairs of texts start:end
+        return torch.arange(end - start, device=owner.device), owner[start:end]
 
     i2t = _first_correct_ranks(images, texts, captions_of, block_elements)
     t2i = _first_correct_ranks(texts, images, image_of, block_elements)
