@@ -291,3 +291,34 @@ def test_predict_joint_and_texts_write_transformers_embeddings(kind, request, tm
                            "none.txt: no such text file")):
         assert main(["predict", str(folder), *argv]) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_eval_retrieval_on_parquet_captions_lists_and_an_unreadable_image(clip_folder, tmp_path, capsys):
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import vitlab
+    from vitlab.cli import main
+
+    ref, folder = clip_folder
+    paths = _png_images(tmp_path / "images", 4, seed=2)
+    captions = [CAPTIONS[0:3], CAPTIONS[3:4], CAPTIONS[4:7], CAPTIONS[7:10]]
+    cells = [{"bytes": p.read_bytes(), "path": None} for p in paths]
+    cells[2] = {"bytes": b"not an image", "path": None}  # left out with its three captions
+    pq.write_table(pa.table({"img": cells, "sentences": captions, "caption": ["x"] * 4}), tmp_path / "test.parquet")
+    model = vitlab.load_image_text(folder)
+    kept = [0, 1, 3]
+    texts = [t for i in kept for t in captions[i]]
+    owner = np.array([j for j, i in enumerate(kept) for _ in captions[i]])
+    images, text_embeds = _reference(ref, model, [paths[i] for i in kept], texts)
+    want = _brute_force(images.numpy(), text_embeds.numpy(), owner, (1, 5, 10))
+    argv = ["eval", str(folder), "--retrieval", "--data", str(tmp_path / "test.parquet"), "--text-column", "sentences"]
+    assert main([*argv, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["images"] == 3 and results["texts"] == 7 and results["skipped"] == 1
+    assert "row 2" in results["skipped_images"][0]
+    for direction in ("image_to_text", "text_to_image"):
+        assert results[direction] == pytest.approx(want[direction], abs=1e-9), direction
+    assert main([*argv, "--on-bad-image", "fail"]) == 2
+    assert "row 2" in capsys.readouterr().err
