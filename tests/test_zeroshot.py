@@ -328,3 +328,30 @@ def test_page_sends_the_labels_typed_into_its_classes_field(clip_folder, tmp_pat
         shown = browser.evaluate("Array.from(document.querySelectorAll('.result .bar-row .label'))"
                                  ".map(e => e.textContent)")
     assert shown == [t["class"] for t in answer["results"][0]["top"]] and sorted(shown) == ["cat", "dog", "race car"]
+
+
+def test_catalog_names_load_their_publishers_two_tower_repo(clip_folder, tmp_path, monkeypatch, capsys):
+    """``clip_b16_quickgelu.openai`` resolves to the transformers repo with both towers (openai/clip-vit-base-patch16,
+    served here by a loopback Hub), so the zero-shot commands take catalog names; an image-only entry is refused."""
+    from tests.hub_fixtures import LoopbackHub, offline_hub_cache
+    from vitlab.cli import main
+    from vitlab.errors import VitlabError
+
+    ref, folder = clip_folder
+    offline_hub_cache(tmp_path, monkeypatch)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    server = LoopbackHub({"openai/clip-vit-base-patch16": files})
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        model = vitlab.load_image_text("clip_b16_quickgelu.openai")
+        out = tmp_path / "pets.safetensors"
+        assert main(["zero-shot", "clip_b16_quickgelu.openai", "--classes", ",".join(CLASSES), "--out", str(out)]) == 0
+    finally:
+        server.stop()
+    images = torch.randn(2, 3, 32, 32)
+    expected = _reference_logits(ref, model, images, [f"a photo of a {c}." for c in CLASSES])
+    with torch.no_grad():
+        torch.testing.assert_close(vitlab.load(out)(images), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(VitlabError, match="no text tower for vit_b16.augreg_in21k .* with both towers: siglip_b16"):
+        vitlab.load_image_text("vit_b16.augreg_in21k")

@@ -35,24 +35,32 @@ _EXPORTS = {
     "Preprocessing": ".preprocessing",
     "load_image_text": ".image_text",
     "create_image_text": ".image_text",
-    "ImageTextModel": ".models.image_text",
-    "TextConfig": ".models.text",
-    "TextTransformer": ".models.text",
+    "save_image_text": ".image_text",
+    "ImageTextModel": ".models",
+    "TextConfig": ".models",
+    "TextTransformer": ".models",
 }
 
 __all__ = ["ImageTextModel", "Preprocessing", "TextConfig", "TextTransformer", "ViTConfig", "VisionTransformer",
            "convert", "create_image_text", "create_model", "get_config", "get_pretrained", "inspect_checkpoint",
            "list_models", "list_pretrained", "load", "load_image_text", "load_lora", "metadata_of", "push_to_hub",
-           "read_checkpoint", "save", "soup", "__version__"]
+           "read_checkpoint", "save", "save_image_text", "soup", "__version__"]
 
 if TYPE_CHECKING:
     from .checkpoints import save
     from .factory import convert, create_model, inspect_checkpoint, load, load_lora, push_to_hub, read_checkpoint
     from .hub import get_pretrained, list_pretrained
-    from .image_text import create_image_text, load_image_text
-    from .models import VisionTransformer, ViTConfig, get_config, list_models, metadata_of
-    from .models.image_text import ImageTextModel
-    from .models.text import TextConfig, TextTransformer
+    from .image_text import create_image_text, load_image_text, save_image_text
+    from .models import (
+        ImageTextModel,
+        TextConfig,
+        TextTransformer,
+        VisionTransformer,
+        ViTConfig,
+        get_config,
+        list_models,
+        metadata_of,
+    )
     from .preprocessing import Preprocessing
     from .soups import soup
 

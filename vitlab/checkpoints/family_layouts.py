@@ -188,6 +188,7 @@ def from_hf_tower(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[
     sd, notes = _split_off(state_dict, ("text_model.", "text_projection.", "logit_scale", "logit_bias"),
                            "text tower")
     sd = _strip(sd, "vision_model.")
+    sd.pop("embeddings.position_ids", None)  # transformers < 4.31 saved this index buffer (an arange) with the weights
     if "classifier.weight" in sd:
         raise VitlabError(f"{source}: an image-classification head on a SigLIP / CLIP tower (it averages the patch "
                           "tokens) is not read by vitlab; load the vision tower alone")

@@ -29,17 +29,21 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 
 import torch
 
-from ..errors import VitlabError
-from ..models.text import TextConfig, TextTransformer
-from .family_layouts import HF_ACTIVATIONS
-from .files import read_safetensors, read_torch, sniff
-from .loading import _read_hf_weights, construct_uninitialised, load_strict
-from .statedicts import QKV_TARGET, fuse_qkv, rename_keys, unwrap_state_dict
+from ..atomic import atomic_directory
+from ..errors import InvalidValueError, VitlabError
+from ..models.text import TextConfig
+from ..preprocessing import Preprocessing
+from .big_vision_text import big_vision_text_tower
+from .family_layouts import HF_ACTIVATIONS, to_transformers, transformers_class
+from .files import read_npz, read_safetensors, read_torch, sniff, write_json, write_safetensors
+from .loading import _read_hf_weights
+from .statedicts import QKV_TARGET, fuse_qkv, rename_keys, split_qkv, unwrap_state_dict
+from .text_tower import TextTower
 
 IMAGE_TEXT_TYPES = ("clip", "siglip")  # transformers model types with both towers
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -68,28 +72,10 @@ _OPEN_CLIP_TEXT_RULES = [
     (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
     (r"ln_final\.(weight|bias)", r"norm.\1"),
 ]
+# text widths whose published towers do not have 64-wide heads (SigLIP So400m: 16 heads of 72)
+_PUBLISHED_HEADS = {1152: 16}
 # OpenAI's released state dicts carry these scalars beside the weights (its build_model deletes them)
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
-
-
-@dataclass
-class TextTower:
-    """A checkpoint's text side: the tower's config and state dict (vitlab names), the logit scale (log) and bias,
-    the layout it came from (``hf_clip``, ``hf_siglip``, ``open_clip``) and notes."""
-
-    config: TextConfig
-    state_dict: dict[str, torch.Tensor]
-    logit_scale: torch.Tensor
-    logit_bias: torch.Tensor | None
-    layout: str
-    notes: list[str] = field(default_factory=list)
-    gelu_image: str | None = None  # the image tower's GELU when the config says (OpenCLIP's quick_gelu)
-
-    def build(self, source: str) -> TextTransformer:
-        """The tower with these weights, loaded strictly (every missing / unexpected / mis-shaped key named)."""
-        model = construct_uninitialised(TextTransformer, self.config)
-        load_strict(model, self.state_dict, source)
-        return model.eval()
 
 
 def _json(path: Path) -> dict:
@@ -104,7 +90,7 @@ def _json(path: Path) -> dict:
 
 def _need(sd: dict, key: str, source: str) -> torch.Tensor:
     if key not in sd:
-        raise VitlabError(f"{source}: no {key} in the weights; not a complete {key.split('.')[0]} text tower")
+        raise VitlabError(f"{source}: the text tower lacks {key} (vitlab's name); the checkpoint is incomplete")
     return sd[key]
 
 
@@ -140,10 +126,12 @@ def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) ->
     if not isinstance(text_cfg, dict):
         raise VitlabError(f"{source}: text_config is not an object")
     text_cfg = {**_HF_TEXT_DEFAULTS[model_type], **{k: v for k, v in text_cfg.items() if v is not None}}
+    notes = [f"transformers {', '.join(hf.get('architectures') or [model_type])} text tower"]
     text = {k[len("text_model."):]: v for k, v in state_dict.items() if k.startswith("text_model.")}
     if not text:
         raise VitlabError(f"{source}: no text_model.* tensors; a vision-only checkpoint has no text tower "
                           "(load its image tower with vitlab.load)")
+    text.pop("embeddings.position_ids", None)  # transformers < 4.31 saved this index buffer (an arange)
     position = text.pop("embeddings.position_embedding.weight", None)
     text = rename_keys(fuse_qkv(text, _HF_TEXT_QKV, ("q", "k", "v"), QKV_TARGET, source), _HF_TEXT_RULES)
     if position is not None:
@@ -159,6 +147,10 @@ def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) ->
         eos = None  # configs written before transformers#24773 say 2: transformers then pools the highest id
     pad = text_cfg.get("pad_token_id")
     fields = _shape_fields(text, source)
+    if "text_config" not in hf:  # a weights file without its config.json: the published models' head widths
+        text_cfg["num_attention_heads"] = _PUBLISHED_HEADS.get(fields["embed_dim"], max(fields["embed_dim"] // 64, 1))
+        notes.append(f"no config.json: {text_cfg['num_attention_heads']} text heads assumed for width "
+                     f"{fields['embed_dim']}, and transformers' {model_type} defaults for the rest")
     try:
         config = TextConfig(**fields, num_heads=int(text_cfg["num_attention_heads"]), causal=model_type == "clip",
                             pool="eos" if model_type == "clip" else "last", gelu=HF_ACTIVATIONS[act],
@@ -169,8 +161,7 @@ def hf_text_tower(state_dict: dict[str, torch.Tensor], hf: dict, source: str) ->
         raise VitlabError(f"{source}: text_config describes no text tower vitlab can build ({exc})") from None
     bias = state_dict.get("logit_bias")
     return TextTower(config, text, _scalar(state_dict, "logit_scale", source),
-                     None if bias is None else bias.detach().clone().float(), f"hf_{model_type}",
-                     [f"transformers {', '.join(hf.get('architectures') or [model_type])} text tower"])
+                     None if bias is None else bias.detach().clone().float(), f"hf_{model_type}", notes)
 
 
 # ------------------------------------------------------------------------------------------------- OpenCLIP
@@ -197,7 +188,8 @@ def open_clip_text_tower(state_dict: dict[str, torch.Tensor], oc_config: dict | 
     if projection is not None:
         text["proj.weight"] = projection.t().contiguous()
     model_cfg = (oc_config or {}).get("model_cfg", oc_config or {})
-    text_cfg = model_cfg.get("text_cfg") or {} if isinstance(model_cfg, dict) else {}
+    text_cfg = model_cfg.get("text_cfg") if isinstance(model_cfg, dict) else None
+    text_cfg = text_cfg if isinstance(text_cfg, dict) else {}
     fields = _shape_fields(text, source)
     heads = text_cfg.get("heads") or max(fields["embed_dim"] // 64, 1)  # OpenCLIP's default: 64-wide heads
     if oc_config is None:
@@ -215,6 +207,26 @@ def open_clip_text_tower(state_dict: dict[str, torch.Tensor], oc_config: dict | 
                      None if bias is None else bias.detach().clone().float(), "open_clip", notes, gelu_image=gelu)
 
 
+def open_clip_preprocessing(pre: Preprocessing, oc_config: dict | None) -> Preprocessing:
+    """``pre`` with the mean, std and interpolation of ``open_clip_config.json``'s ``preprocess_cfg`` (OpenCLIP's
+    evaluation transform: the shorter side to the model size, centre crop), where it gives them."""
+    cfg = (oc_config or {}).get("preprocess_cfg")
+    if not isinstance(cfg, dict):
+        return pre
+    changes = {}
+    for name in ("mean", "std"):
+        value = cfg.get(name)
+        if isinstance(value, list) and len(value) == pre.channels and all(isinstance(v, (int, float)) for v in value):
+            changes[name] = tuple(float(v) for v in value)
+    if cfg.get("interpolation") in ("bicubic", "bilinear", "nearest"):
+        changes["interpolation"] = cfg["interpolation"]
+    try:
+        return pre.replace(**changes)
+    except (TypeError, ValueError) as exc:
+        raise VitlabError(f"open_clip_config.json: preprocess_cfg is not a preprocessing vitlab applies ({exc})"
+                          ) from None
+
+
 # ------------------------------------------------------------------------------------------------- files
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors or ``torch.save`` file (read safely)."""
@@ -228,10 +240,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
-    """(weights file or transformers folder, layout ``hf`` / ``open_clip``, its config) of a two-tower checkpoint:
-    a transformers ``CLIPModel`` / ``SiglipModel`` folder, a folder of OpenCLIP files (``open_clip_config.json`` +
-    ``open_clip_model.safetensors``), or one weights file (its folder's ``config.json`` / ``open_clip_config.json``
-    describes it when there)."""
+    """(weights file or transformers folder, layout ``hf`` / ``open_clip`` / ``big_vision``, its config) of a
+    two-tower checkpoint: a transformers ``CLIPModel`` / ``SiglipModel`` folder, a folder of OpenCLIP files
+    (``open_clip_config.json`` + ``open_clip_model.safetensors``), a big_vision ``.npz``, or one weights file (its
+    folder's ``config.json`` / ``open_clip_config.json`` describes it when there)."""
     path = Path(path)
     if path.is_dir():
         config = path / "config.json"
@@ -249,6 +261,8 @@ def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
                           f"({', '.join(OPEN_CLIP_WEIGHTS)})")
     if not path.is_file():
         raise VitlabError(f"{path}: no such file or folder")
+    if sniff(path) == "npz":  # big_vision's two-tower params (SigLIP's own releases)
+        return path, "big_vision", None
     oc, hf = path.parent / "open_clip_config.json", path.parent / "config.json"
     if oc.is_file():
         return path, "open_clip", _json(oc)
@@ -263,6 +277,8 @@ def read_text_tower(path: str | Path) -> TextTower:
     """The text tower, logit scale and bias of a two-tower checkpoint (see :func:`image_text_files`)."""
     where, layout, config = image_text_files(path)
     source = str(where)
+    if layout == "big_vision":
+        return big_vision_text_tower(read_npz(where), source)
     state_dict = _read_hf_weights(where) if where.is_dir() else read_state_dict(where)
     if layout == "auto":  # a bare weights file: its keys tell
         if "text_model.embeddings.token_embedding.weight" in state_dict:
@@ -277,3 +293,115 @@ def read_text_tower(path: str | Path) -> TextTower:
     if layout == "hf":
         return hf_text_tower(state_dict, config, source)
     return open_clip_text_tower(state_dict, config, source)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+_GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gelu"}
+_TO_HF_TEXT = [
+    (r"token_embed\.weight", "text_model.embeddings.token_embedding.weight"),
+    (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", r"text_model.encoder.layers.\1.layer_norm\2.\3"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"text_model.encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"text_model.encoder.layers.\1.mlp.fc\2.\3"),
+    (r"norm\.(weight|bias)", r"text_model.final_layer_norm.\1"),
+]
+TOKENIZER_SIDE_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def image_processor_config(pre: Preprocessing, kind: str) -> dict:
+    """``preprocessor_config.json`` of transformers' CLIP / SigLIP image processor for ``pre``: a centre crop as
+    CLIP's (``shortest_edge`` then ``crop_size``), a squash as SigLIP's (``size`` height / width)."""
+    config = {"image_processor_type": "CLIPImageProcessor" if kind == "clip" else "SiglipImageProcessor",
+              "do_resize": True, "resample": {"nearest": 0, "bilinear": 2, "bicubic": 3}[pre.interpolation],
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pre.mean),
+              "image_std": list(pre.std)}
+    if pre.resize == "crop":
+        config.update(size={"shortest_edge": round(min(pre.img_size) / pre.crop_pct)}, do_center_crop=True,
+                      crop_size={"height": pre.img_size[0], "width": pre.img_size[1]})
+    else:
+        config.update(size={"height": pre.img_size[0], "width": pre.img_size[1]}, do_center_crop=False)
+    return config
+
+
+def to_transformers_image_text(model) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """A vitlab ``ImageTextModel`` -> (the tensors of transformers' ``CLIPModel`` / ``SiglipModel``, its
+    ``config.json``, the kind ``clip`` / ``siglip``). Raises InvalidValueError for towers neither class computes."""
+    visual_sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.visual.state_dict().items()}
+    name = transformers_class(model.visual.cfg)
+    tcfg = model.text.cfg
+    kind = "siglip" if name and name.startswith("Siglip") else "clip" if name and name.startswith("CLIP") else None
+    problems = []
+    if kind is None:
+        problems.append("the image tower is neither a SigLIP (MAP head) nor a CLIP (ln_pre, projection head) tower")
+    elif kind == "clip" and not (tcfg.causal and tcfg.pool in ("eos", "argmax") and tcfg.proj_dim
+                                 and not tcfg.proj_bias):
+        problems.append("CLIPModel's text tower is causal, pools the end-of-text token and projects without bias")
+    elif kind == "siglip" and (tcfg.causal or tcfg.pool != "last" or not tcfg.proj_bias
+                               or (model.logit_bias is None)):
+        problems.append("SiglipModel's text tower is bidirectional, pools the last position, projects with bias, "
+                        "and the model has a logit bias")
+    if kind == "clip" and model.logit_bias is not None:
+        problems.append("CLIPModel has no logit bias")
+    if problems:
+        raise InvalidValueError("cannot write the transformers CLIPModel / SiglipModel layout for this model: "
+                                + "; ".join(problems))
+    vision_tensors, vision_config = to_transformers(visual_sd, model.visual.cfg)
+    text_sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.text.state_dict().items()}
+    tensors = dict(vision_tensors)
+    tensors["text_model.embeddings.position_embedding.weight"] = text_sd.pop("pos_embed")[0].contiguous()
+    proj_w, proj_b = text_sd.pop("proj.weight", None), text_sd.pop("proj.bias", None)
+    if kind == "clip":
+        tensors["text_projection.weight"] = proj_w
+    else:
+        tensors["text_model.head.weight"], tensors["text_model.head.bias"] = proj_w, proj_b
+    text_sd = split_qkv(text_sd, "text_model.encoder.layers.{block}.self_attn.{which}_proj.{kind}", ("q", "k", "v"))
+    tensors.update(rename_keys(text_sd, _TO_HF_TEXT))
+    shape = () if kind == "clip" else (1,)  # CLIPModel stores a scalar, SiglipModel one-element vectors
+    tensors["logit_scale"] = model.logit_scale.detach().cpu().reshape(shape).clone()
+    if model.logit_bias is not None:
+        tensors["logit_bias"] = model.logit_bias.detach().cpu().reshape(shape).clone()
+    vision_config = {k: v for k, v in vision_config.items() if k not in ("architectures", "model_type")}
+    text_config = {"vocab_size": tcfg.vocab_size, "hidden_size": tcfg.embed_dim, "intermediate_size": tcfg.mlp_dim,
+                   "num_hidden_layers": tcfg.depth, "num_attention_heads": tcfg.num_heads,
+                   "max_position_embeddings": tcfg.context_length, "hidden_act": _GELU_TO_HF[tcfg.gelu],
+                   "layer_norm_eps": tcfg.norm_eps, "attention_dropout": 0.0}
+    if kind == "clip":
+        # eos_token_id 2 is the value transformers reads as "pool the highest token id" (OpenAI's rule)
+        eos = tcfg.eos_id if tcfg.pool == "eos" and tcfg.eos_id is not None else 2
+        text_config.update(eos_token_id=eos, projection_dim=tcfg.proj_dim)
+        if tcfg.pad_id is not None:
+            text_config["pad_token_id"] = tcfg.pad_id
+        config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": tcfg.proj_dim,
+                  "logit_scale_init_value": float(model.logit_scale.detach().reshape(-1)[0]),
+                  "text_config": text_config, "vision_config": vision_config}
+    else:
+        text_config.update(projection_size=tcfg.proj_dim)
+        for field_name, key in (("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
+            if getattr(tcfg, field_name) is not None:
+                text_config[key] = getattr(tcfg, field_name)
+        config = {"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": text_config,
+                  "vision_config": vision_config}
+    return tensors, config, kind
+
+
+def write_image_text_folder(model, folder: str | Path) -> list[str]:
+    """Write ``model`` as a transformers ``CLIPModel`` / ``SiglipModel`` folder (``config.json``,
+    ``model.safetensors``, ``preprocessor_config.json``, and the tokenizer's files copied from where it was read),
+    replaced atomically; ``transformers`` and :func:`read_text_tower` / ``vitlab.load_image_text`` read it. Returns
+    notes."""
+    tensors, config, kind = to_transformers_image_text(model)
+    pre = getattr(model.visual, "preprocessing", None)
+    notes = [f"written as transformers {config['architectures'][0]}"]
+    tokenizer = getattr(model, "tokenizer", None)
+    source = Path(tokenizer.source).parent if tokenizer is not None and getattr(tokenizer, "source", "") else None
+    if tokenizer is None:
+        notes.append("no tokenizer: the folder has no tokenizer files")
+    with atomic_directory(folder) as tmp:
+        write_safetensors(tensors, tmp / "model.safetensors", {"format": "pt"})
+        write_json(tmp / "config.json", config)
+        if pre is not None:
+            write_json(tmp / "preprocessor_config.json", image_processor_config(pre, kind))
+        if source is not None:
+            for name in TOKENIZER_SIDE_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
+    return notes

@@ -143,6 +143,20 @@ def _map_head(heads: int) -> list[NpzRule]:
     ]
 
 
+def encoder_rules(depth: int, num_heads: int) -> list[NpzRule]:
+    """The encoder's blocks and final norm (canonical names under ``Transformer/``) <-> ``blocks.{i}.*`` and
+    ``norm``, the names of vitlab's image and text towers alike."""
+    rules = []
+    for i in range(depth):
+        blk = f"Transformer/encoderblock_{i}"
+        rules += _layernorm(f"blocks.{i}.norm1", f"{blk}/LayerNorm_0")
+        rules += _attention(f"blocks.{i}.attn", f"{blk}/MultiHeadDotProductAttention_1", num_heads)
+        rules += _layernorm(f"blocks.{i}.norm2", f"{blk}/LayerNorm_2")
+        rules += _dense(f"blocks.{i}.mlp.fc1", f"{blk}/MlpBlock_3/Dense_0")
+        rules += _dense(f"blocks.{i}.mlp.fc2", f"{blk}/MlpBlock_3/Dense_1")
+    return rules + _layernorm("norm", "Transformer/encoder_norm")
+
+
 def vit_rules(cfg: ViTConfig) -> list[NpzRule]:
     """The vit_jax layout of a plain ViT as rules (canonical npz names <-> vitlab names)."""
     rules = [_conv_kernel("patch_embed.proj.weight", "embedding/kernel"),
@@ -151,14 +165,7 @@ def vit_rules(cfg: ViTConfig) -> list[NpzRule]:
         rules.append(_same("cls_token", "cls"))
     if cfg.pos_embed == "learned":
         rules.append(_same("pos_embed", POS_KEY))
-    for i in range(cfg.depth):
-        blk = f"Transformer/encoderblock_{i}"
-        rules += _layernorm(f"blocks.{i}.norm1", f"{blk}/LayerNorm_0")
-        rules += _attention(f"blocks.{i}.attn", f"{blk}/MultiHeadDotProductAttention_1", cfg.num_heads)
-        rules += _layernorm(f"blocks.{i}.norm2", f"{blk}/LayerNorm_2")
-        rules += _dense(f"blocks.{i}.mlp.fc1", f"{blk}/MlpBlock_3/Dense_0")
-        rules += _dense(f"blocks.{i}.mlp.fc2", f"{blk}/MlpBlock_3/Dense_1")
-    rules += _layernorm("norm", "Transformer/encoder_norm")
+    rules += encoder_rules(cfg.depth, cfg.num_heads)
     if cfg.pool == "map":
         rules += _map_head(cfg.num_heads)
     if cfg.representation_size:
@@ -229,6 +236,21 @@ def normalise(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[str, 
     elif "embedding/kernel" not in arrays:
         raise VitlabError(f"{source}: an .npz archive without 'embedding/kernel' (under no prefix, 'params/', "
                           "'opt/target/' or 'params/img/'): not a ViT checkpoint")
+    out = canonical_encoder(float32_arrays(arrays, layout, source), layout, source)
+    for top_level in ("pos_embedding", "Transformer/pos_embedding"):
+        if top_level in out:
+            layout.flavour = "big_vision"
+            layout.pos_has_class_slot = False
+            out[POS_KEY] = out.pop(top_level)
+    if "cls" not in out:
+        layout.pooling = "map" if any(k.startswith(MAP_PREFIX) for k in out) else "gap"
+        layout.pos_has_class_slot = False
+    return out, layout
+
+
+def float32_arrays(arrays: Mapping[str, np.ndarray], layout: NpzLayout, source: str) -> dict[str, np.ndarray]:
+    """The arrays under ``layout.prefix``, the prefix stripped, as float32 (bfloat16 ``|V2`` converted exactly);
+    the others are left out with a note in ``layout.notes``."""
     out: dict[str, np.ndarray] = {}
     dropped = []
     for key, value in arrays.items():
@@ -248,10 +270,17 @@ def normalise(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[str, 
         layout.notes.append(f"ignored {len(dropped)} arrays outside {layout.prefix!r} (e.g. {dropped[0]!r})")
     if layout.bfloat16:
         layout.notes.append(f"{len(layout.bfloat16)} arrays stored as bfloat16 (|V2), converted exactly to float32")
+    return out
 
+
+def canonical_encoder(out: dict[str, np.ndarray], layout: NpzLayout, source: str) -> dict[str, np.ndarray]:
+    """The encoder under ``Transformer/`` in vit_jax's names: a scanned encoder (``encoderblock/`` with a leading
+    layer axis) split into ``encoderblock_{i}``, Linen block names renamed to the pre-Linen ones; ``layout`` says
+    what was found."""
     scanned = {k: v for k, v in out.items() if k.startswith("Transformer/encoderblock/")}
     if scanned:
         layout.scanned = True
+        layout.flavour = "big_vision"
         depths = {v.shape[0] for v in scanned.values()}
         if len(depths) != 1:
             raise VitlabError(f"{source}: scanned encoder arrays disagree on the layer count: {sorted(depths)}")
@@ -260,9 +289,7 @@ def normalise(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[str, 
             rest = key[len("Transformer/encoderblock/"):]
             for i in range(value.shape[0]):
                 out[f"Transformer/encoderblock_{i}/{rest}"] = value[i]
-
-    linen = any(re.match(r"Transformer/encoderblock_\d+/MlpBlock_0/", k) for k in out)
-    if linen:
+    if any(re.match(r"Transformer/encoderblock_\d+/MlpBlock_0/", k) for k in out):
         layout.flavour = "big_vision"
         renamed = {}
         for key, value in out.items():
@@ -271,17 +298,7 @@ def normalise(arrays: Mapping[str, np.ndarray], source: str) -> tuple[dict[str, 
                 parts[2] = _LINEN_TO_PRE_LINEN.get(parts[2], parts[2])
             renamed["/".join(parts)] = value
         out = renamed
-    for top_level in ("pos_embedding", "Transformer/pos_embedding"):
-        if top_level in out:
-            layout.flavour = "big_vision"
-            layout.pos_has_class_slot = False
-            out[POS_KEY] = out.pop(top_level)
-    if layout.scanned:
-        layout.flavour = "big_vision"
-    if "cls" not in out:
-        layout.pooling = "map" if any(k.startswith(MAP_PREFIX) for k in out) else "gap"
-        layout.pos_has_class_slot = False
-    return out, layout
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- inference

@@ -337,9 +337,46 @@ TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "open_clip_config.json")
 
 
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
 def fetch_repo_files(spec: str, names: tuple[str, ...] = TEXT_FILES) -> list[Path]:
     """Fetch (or find in the cache) the files of ``org/name[@revision]`` among ``names`` that the repo has, into
     the same snapshot folder as its weights; the ones it lacks are skipped."""
     repo, revision = parse_spec(spec)
     found = (_download(repo, name, revision, optional=True) for name in names)
     return [path for path in found if path is not None]
+
+
+def resolve_image_text(spec: str) -> Path:
+    """The snapshot folder of a two-tower (CLIP / SigLIP) repo ``org/name[@revision]`` with what reading both towers
+    needs fetched into it: a transformers ``CLIPModel`` / ``SiglipModel`` (``config.json`` and the weights; the
+    layout preferred when a repo has both), else OpenCLIP's files (``open_clip_config.json`` and
+    ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``); then the tokenizer's files it has."""
+    repo, revision = parse_spec(spec)
+    where = f"hf-hub:{spec}"
+    config_file = _download(repo, "config.json", revision, optional=True)
+    config = _read_json(config_file, f"{where}: config.json") if config_file else {}
+    model_type = config.get("model_type")
+    if model_type in ("clip", "siglip"):
+        folder = _weights(repo, revision).parent
+    elif _download(repo, "open_clip_config.json", revision, optional=True) is not None:
+        for name in OPEN_CLIP_WEIGHT_FILES:
+            found = _download(repo, name, revision, optional=True)
+            if found is not None:
+                folder = _whole(repo, name, revision, found).parent
+                break
+        else:
+            raise VitlabError(f"{where}: open_clip_config.json but none of {', '.join(OPEN_CLIP_WEIGHT_FILES)}"
+                              + ("" if hub_reachable() and not offline_mode() else " in the Hub cache"))
+    elif config_file is None:
+        _download(repo, "config.json", revision)  # raises the reason: not cached offline, or no such file
+        raise VitlabError(f"{where}: the repo has no config.json")
+    else:
+        kind = f"a {model_type!r} model" if isinstance(model_type, str) else \
+            "a timm image model" if "architecture" in config else "no model vitlab recognises"
+        raise VitlabError(f"{where}: the repo holds {kind}, not a two-tower image-text model (a transformers "
+                          "CLIPModel / SiglipModel, or OpenCLIP's open_clip_config.json and weights); an image "
+                          "tower alone loads with vitlab.load")
+    fetch_repo_files(spec)
+    return folder

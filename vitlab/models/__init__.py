@@ -20,6 +20,7 @@ _EXPORTS = {
     "HybridConfig": ".hybrid",
     "HybridEmbed": ".hybrid",
     "HybridVisionTransformer": ".hybrid",
+    "ImageTextModel": ".image_text",
     "ModelMeta": ".metadata",
     "ModelMetadata": ".metadata",
     "Mlp": ".vit",
@@ -29,6 +30,9 @@ _EXPORTS = {
     "PatchEmbed": ".vit",
     "ResNetV2": ".resnetv2",
     "ResNetV2Config": ".resnetv2",
+    "TextConfig": ".text",
+    "TextTokenizer": ".tokenizer",
+    "TextTransformer": ".text",
     "ViTConfig": ".vit",
     "VisionTransformer": ".vit",
     "FAMILIES": ".families",
@@ -56,6 +60,7 @@ __all__ = [
     "HybridConfig",
     "HybridEmbed",
     "HybridVisionTransformer",
+    "ImageTextModel",
     "ModelMeta",
     "ModelMetadata",
     "Mlp",
@@ -65,6 +70,9 @@ __all__ = [
     "PatchEmbed",
     "ResNetV2",
     "ResNetV2Config",
+    "TextConfig",
+    "TextTokenizer",
+    "TextTransformer",
     "ViTConfig",
     "VisionTransformer",
     "FAMILIES",
@@ -96,9 +104,12 @@ if TYPE_CHECKING:
     )
     from .features import FeatureExtractor, FeatureInfo
     from .hybrid import HybridConfig, HybridEmbed, HybridVisionTransformer
+    from .image_text import ImageTextModel
     from .metadata import ModelMeta, ModelMetadata, metadata_of
     from .registry import ModelConfig, ModelEntry, create_model, get_config, list_models, register, resolve
     from .resnetv2 import ResNetV2, ResNetV2Config
+    from .text import TextConfig, TextTransformer
+    from .tokenizer import TextTokenizer
     from .vit import (
         Attention,
         Block,

@@ -24,10 +24,11 @@ LOG_10 = math.log(10)  # CLIP's and SigLIP's initial logit scale is 10
 class ImageTextModel(nn.Module):
     """``visual`` + ``text`` towers, ``logit_scale`` (the log of the scale, as the checkpoints store it),
     ``logit_bias`` (SigLIP; None for CLIP) and ``tokenizer`` (a :class:`vitlab.models.tokenizer.TextTokenizer` or
-    None: then :meth:`tokenize` is refused and token ids are passed directly)."""
+    None: then :meth:`tokenize` is refused and token ids are passed directly). ``notes``: what the checkpoint
+    reader assumed or dropped (as :func:`vitlab.read_checkpoint`'s)."""
 
     def __init__(self, visual: nn.Module, text: TextTransformer, *, logit_scale: float | torch.Tensor = LOG_10,
-                 logit_bias: float | torch.Tensor | None = None, tokenizer=None):
+                 logit_bias: float | torch.Tensor | None = None, tokenizer=None, notes: list[str] | None = None):
         super().__init__()
         image_dim = _output_width(visual)
         if image_dim != text.cfg.out_dim:
@@ -39,6 +40,7 @@ class ImageTextModel(nn.Module):
         self.logit_bias = None if logit_bias is None else \
             nn.Parameter(torch.as_tensor(logit_bias, dtype=torch.float32).clone())
         self.tokenizer = tokenizer
+        self.notes = list(notes or [])  # what the checkpoint reader assumed or dropped
 
     @property
     def preprocessing(self):

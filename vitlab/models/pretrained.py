@@ -83,6 +83,7 @@ class PretrainedEntry:
     top1_paper: float | None = None
     top1_timm: float | None = None
     description: str = ""
+    image_text: str = ""  # a transformers CLIPModel / SiglipModel Hub repo with both towers (vitlab.load_image_text)
 
     @property
     def tag(self) -> str:
@@ -381,7 +382,7 @@ CATALOG: tuple[PretrainedEntry, ...] = (
     # --- SigLIP (Zhai et al. 2023) image towers, WebLI: MAP head, features only
     *(E(f"{model}.webli{'' if size == 224 or (model == 'siglip_l16' and size == 256) else f'_{size}'}", model, size,
         0, "", params, (_timm(f"{stem}_{size}.webli"), _tf(f"google/{repo}-{size}", _TOWER)), _SIGLIP_EVAL,
-        description=f"SigLIP {title} image tower, WebLI, {size} px (features)")
+        description=f"SigLIP {title} image tower, WebLI, {size} px (features)", image_text=f"google/{repo}-{size}")
       for model, stem, repo, title, size, params in (
           ("siglip_b16", "vit_base_patch16_siglip", "siglip-base-patch16", "B/16", 224, 92_884_224),
           ("siglip_b16", "vit_base_patch16_siglip", "siglip-base-patch16", "B/16", 256, 92_930_304),
@@ -397,21 +398,27 @@ CATALOG: tuple[PretrainedEntry, ...] = (
     #     head is the image-to-text projection
     E("clip_b32_quickgelu.openai", "clip_b32_quickgelu", 224, 512, "", 87_849_728,
       (_timm("vit_base_patch32_clip_224.openai"), _tf("openai/clip-vit-base-patch32", _TOWER)), _CLIP_EVAL,
-      license="mit", description="CLIP ViT-B/32 image tower, OpenAI (projection to 512)"),
+      license="mit", description="CLIP ViT-B/32 image tower, OpenAI (projection to 512)",
+      image_text="openai/clip-vit-base-patch32"),
     E("clip_b16_quickgelu.openai", "clip_b16_quickgelu", 224, 512, "", 86_193_152,
       (_timm("vit_base_patch16_clip_224.openai"), _tf("openai/clip-vit-base-patch16", _TOWER)), _CLIP_EVAL,
-      license="mit", description="CLIP ViT-B/16 image tower, OpenAI (projection to 512)"),
+      license="mit", description="CLIP ViT-B/16 image tower, OpenAI (projection to 512)",
+      image_text="openai/clip-vit-base-patch16"),
     E("clip_l14_quickgelu.openai", "clip_l14_quickgelu", 224, 768, "", 303_966_976,
       (_timm("vit_large_patch14_clip_224.openai"), _tf("openai/clip-vit-large-patch14", _TOWER)), _CLIP_EVAL,
-      license="mit", description="CLIP ViT-L/14 image tower, OpenAI (projection to 768)"),
+      license="mit", description="CLIP ViT-L/14 image tower, OpenAI (projection to 768)",
+      image_text="openai/clip-vit-large-patch14"),
     E("clip_b32.laion2b", "clip_b32", 224, 512, "", 87_849_728, (_timm("vit_base_patch32_clip_224.laion2b"),),
       PublisherPreprocessing("crop", 0.9, "bicubic", CLIP_MEAN, CLIP_STD), license="mit",
-      description="CLIP ViT-B/32 image tower, OpenCLIP on LAION-2B"),
+      description="CLIP ViT-B/32 image tower, OpenCLIP on LAION-2B",
+      image_text="laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
     E("clip_b16.laion2b", "clip_b16", 224, 512, "", 86_193_152, (_timm("vit_base_patch16_clip_224.laion2b"),),
-      _CLIP_EVAL, license="mit", description="CLIP ViT-B/16 image tower, OpenCLIP on LAION-2B"),
+      _CLIP_EVAL, license="mit", description="CLIP ViT-B/16 image tower, OpenCLIP on LAION-2B",
+      image_text="laion/CLIP-ViT-B-16-laion2B-s34B-b88K"),
     E("clip_l14.laion2b", "clip_l14", 224, 768, "", 303_966_976, (_timm("vit_large_patch14_clip_224.laion2b"),),
       PublisherPreprocessing("crop", 1.0, "bicubic"), license="mit",
-      description="CLIP ViT-L/14 image tower, OpenCLIP on LAION-2B"),
+      description="CLIP ViT-L/14 image tower, OpenCLIP on LAION-2B",
+      image_text="laion/CLIP-ViT-L-14-laion2B-s32B-b82K"),
 )
 del E
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidValueError
-from .vit import Mlp
+from .vit import Mlp, _tracing
 
 TEXT_POOLS = ("eos", "argmax", "last", "first")
 GELU_KINDS = ("exact", "tanh", "quick")
@@ -171,9 +171,11 @@ class TextTransformer(nn.Module):
                 else f"a {type(tokens).__name__}"
             raise InvalidValueError(f"text tokens must be an integer tensor (batch, length), got {what}")
         length = tokens.shape[1]
-        if not 0 < length <= self.cfg.context_length:
+        if isinstance(length, int) and not 0 < length <= self.cfg.context_length:
             raise InvalidValueError(f"text tokens of length {length}: the text tower reads 1 to "
                                     f"{self.cfg.context_length} positions")
+        if _tracing():  # the value check reads the tensor: not inside a compiled or exported graph
+            return
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
             raise InvalidValueError(f"text token ids must be in [0, {self.cfg.vocab_size}), got "
                                     f"[{int(tokens.min())}, {int(tokens.max())}]")

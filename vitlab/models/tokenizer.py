@@ -3,11 +3,13 @@
 Two kinds of file, read with optional libraries (``pip install 'vitlab[text]'``):
 
 - ``tokenizer.json`` (the ``tokenizers`` library): CLIP's byte-level BPE (lowercased, ``<|startoftext|>`` ...
-  ``<|endoftext|>``), SigLIP 2's Gemma tokenizer. The file's normaliser, pre-tokeniser and post-processor apply as
-  transformers applies them; ``tokenizer_config.json``'s ``add_bos_token`` / ``add_eos_token`` (Gemma) and
-  ``do_lower_case`` override them as transformers does.
+  ``<|endoftext|>``), SigLIP 2's Gemma tokenizer. The file's normaliser, pre-tokeniser and post-processor (the
+  special tokens around a text) apply as transformers 5 applies them; SigLIP 2's tokenizer class (and
+  ``do_lower_case``) lowercases first, and Gemma / SigLIP 2 pad on the left unless ``tokenizer_config.json``'s
+  ``padding_side`` says otherwise, as transformers' classes do.
 - ``spiece.model`` (``sentencepiece``): SigLIP's tokenizer, after transformers' ``SiglipTokenizer`` text
-  canonicalisation (lowercased, ASCII punctuation removed, whitespace runs collapsed), then ``</s>``.
+  canonicalisation (lowercased, ASCII punctuation removed, whitespace runs collapsed), then ``</s>``; a special
+  token written in the text (``</s>``, ``<unk>``) is that token, as transformers splits on it.
 
 Every text becomes ``context_length`` ids: truncated keeping the closing special token, padded with the pad id (at
 the side ``tokenizer_config.json`` names, right by default), as ``tokenizer(texts, padding="max_length",
@@ -30,6 +32,8 @@ from ..errors import InvalidValueError, VitlabError
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 _MISSING = "the text tokenizers need the {} library: pip install 'vitlab[text]'"
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+# transformers' tokenizer classes that pad on the left unless tokenizer_config.json says otherwise
+_LEFT_PADDING = ("GemmaTokenizer", "GemmaTokenizerFast", "Siglip2Tokenizer")
 
 
 def _token(value) -> str | None:
@@ -106,7 +110,7 @@ def _length(settings: dict, context_length: int) -> int:
 def from_tokenizer_json(path: Path, context_length: int, settings: dict | None = None) -> TextTokenizer:
     """A ``tokenizers`` tokenizer file with the settings of its ``tokenizer_config.json``."""
     try:
-        from tokenizers import Tokenizer, normalizers, processors
+        from tokenizers import Tokenizer, normalizers
     except ImportError:
         raise VitlabError(_MISSING.format("tokenizers")) from None
     settings = settings or {}
@@ -119,14 +123,7 @@ def from_tokenizer_json(path: Path, context_length: int, settings: dict | None =
         # transformers' Siglip2Tokenizer lowercases (SigLIP 2 was trained on lowercased text)
         tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *([tok.normalizer] if tok.normalizer
                                                                            else [])])
-    bos, eos = _token(settings.get("bos_token")), _token(settings.get("eos_token"))
-    if "add_bos_token" in settings or "add_eos_token" in settings:  # Gemma / Llama: the template from the flags
-        first = [bos] if settings.get("add_bos_token", False) and bos else []
-        last = [eos] if settings.get("add_eos_token", False) and eos else []
-        special = [(t, tok.token_to_id(t)) for t in {*first, *last}]
-        if any(i is None for _, i in special):
-            raise VitlabError(f"{path}: the special tokens {first + last} are not all in the vocabulary")
-        tok.post_processor = processors.TemplateProcessing(single=first + ["$A"] + last, special_tokens=special)
+    eos = _token(settings.get("eos_token"))
     pad = _token(settings.get("pad_token")) or eos
     pad_id = tok.token_to_id(pad) if pad else None
     if pad_id is None:
@@ -137,8 +134,8 @@ def from_tokenizer_json(path: Path, context_length: int, settings: dict | None =
     def encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in tok.encode_batch(texts)]
 
-    return TextTokenizer(encode, context_length, pad_id, padding_side=settings.get("padding_side", "right"),
-                         source=str(path), kind="tokenizer.json")
+    side = settings.get("padding_side", "left" if settings.get("tokenizer_class") in _LEFT_PADDING else "right")
+    return TextTokenizer(encode, context_length, pad_id, padding_side=side, source=str(path), kind="tokenizer.json")
 
 
 def from_sentencepiece(path: Path, context_length: int, settings: dict | None = None) -> TextTokenizer:
@@ -160,9 +157,27 @@ def from_sentencepiece(path: Path, context_length: int, settings: dict | None = 
     if sp.id_to_piece(eos_id) != eos or sp.id_to_piece(pad_id) != pad:
         raise VitlabError(f"{path}: the end / pad tokens {eos!r} / {pad!r} are not in the SentencePiece vocabulary")
     lowercase = settings.get("do_lower_case", True)
+    specials = {t: sp.piece_to_id(t) for t in {eos, pad, _token(settings.get("unk_token")) or "<unk>"}
+                if sp.id_to_piece(sp.piece_to_id(t)) == t}
+    # a special token written in the text is that token, whitespace around it dropped (transformers' added tokens)
+    split = re.compile(r"\s*(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + r")\s*")
+
+    unk = _token(settings.get("unk_token")) or "<unk>"
+    skip = len(sp.encode(unk))
+
+    def one(text: str) -> list[int]:
+        ids = []
+        for i, part in enumerate(split.split(text)):
+            if i % 2:
+                ids.append(specials[part])
+            elif part and i == 0:
+                ids.extend(sp.encode(canonicalize_siglip(part, lowercase)))
+            elif part:  # after a special token: no word-start marker (transformers encodes "<unk>" + text, drops it)
+                ids.extend(sp.encode(unk + canonicalize_siglip(part, lowercase))[skip:])
+        return ids[: length - 1] + [eos_id]
 
     def encode(texts: list[str]) -> list[list[int]]:
-        return [sp.encode(canonicalize_siglip(t, lowercase))[: length - 1] + [eos_id] for t in texts]
+        return [one(t) for t in texts]
 
     return TextTokenizer(encode, context_length, pad_id, padding_side=settings.get("padding_side", "right"),
                          source=str(path), kind="spiece.model")
