@@ -322,3 +322,18 @@ def test_eval_retrieval_on_parquet_captions_lists_and_an_unreadable_image(clip_f
         assert results[direction] == pytest.approx(want[direction], abs=1e-9), direction
     assert main([*argv, "--on-bad-image", "fail"]) == 2
     assert "row 2" in capsys.readouterr().err
+
+
+def test_retrieval_checkpoint_siglip_equals_brute_force_on_transformers_embeddings(siglip_folder, tmp_path):
+    import vitlab
+    from vitlab.tasks import retrieval_checkpoint
+
+    ref, folder = siglip_folder
+    paths = _png_images(tmp_path / "images", seed=3)
+    manifest = _captions_csv(tmp_path, [[f"images/img{i}.png", c] for i, c in zip(OWNER, CAPTIONS)])
+    images, texts = _reference(ref, vitlab.load_image_text(folder), paths, CAPTIONS)
+    want = _brute_force(images.numpy(), texts.numpy(), np.array(OWNER), (1, 3))
+    results = retrieval_checkpoint(folder, str(manifest), ks=(3, 1), batch_size=2, block_elements=16)
+    assert list(results["image_to_text"])[:2] == ["recall@1", "recall@3"]
+    for direction in ("image_to_text", "text_to_image"):
+        assert results[direction] == pytest.approx(want[direction], abs=1e-9), direction

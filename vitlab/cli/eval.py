@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "image folder or tar shards, with the model's own preprocessing: top-1 / "
                                           "top-5, loss, per-class accuracy, confusion matrix, expected calibration "
                                           "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
-                                          "process takes a disjoint share; no sample is counted twice).")
+                                          "process takes a disjoint share; no sample is counted twice). With "
+                                          "--retrieval: an image-text model's image -> text and text -> image "
+                                          "recall@1/5/10 on captioned images.")
     p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
     p.add_argument("--data", required=True, help="named set, image folder, .csv / .jsonl manifest, tar shards or a "
                                                  "Hugging Face source (hf:org/name, save_to_disk folder, parquet / "
