@@ -64,6 +64,17 @@ def test_recalls_and_ranks_equal_brute_force_with_ties_and_duplicates(block):
     assert any(len(set(row)) < len(row) for row in scores)
 
 
+def test_counts_summed_as_integers_past_the_float_limit(monkeypatch):
+    import vitlab.evaluate.retrieval as retrieval
+
+    rng = np.random.default_rng(1)
+    images, texts = _quantised(rng, 6), _quantised(rng, 15)
+    owner = np.concatenate([np.arange(6), rng.integers(0, 6, 9)])
+    want = retrieval_metrics(torch.from_numpy(images), torch.from_numpy(texts), owner, block_elements=20)
+    monkeypatch.setattr(retrieval, "FLOAT_COUNT_LIMIT", 0)
+    assert retrieval_metrics(torch.from_numpy(images), torch.from_numpy(texts), owner, block_elements=20) == want
+
+
 def test_ties_rank_the_lower_index_first():
     # every score equal: each query's rank is the index of its first correct item
     images, texts = torch.ones(3, 4), torch.ones(5, 4)

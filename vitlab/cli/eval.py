@@ -98,7 +98,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
         results = retrieval_checkpoint(args.checkpoint, hf_data(args.data, plain), args.split, out_dir=args.out,
                                        text_column=args.text_column, batch_size=args.batch_size,
                                        num_workers=args.workers, device=args.device, precision=args.precision,
-                                       on_bad_image=args.on_bad_image)
+                                       on_bad_image=args.on_bad_image, progress=True)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

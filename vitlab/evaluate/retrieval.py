@@ -25,29 +25,47 @@ from ..errors import InvalidValueError, VitlabError
 
 DEFAULT_KS = (1, 5, 10)
 BLOCK_ELEMENTS = 1 << 24  # scores per block: 64 MiB of float32
+FLOAT_COUNT_LIMIT = 1 << 24  # below this many keys a float32 sum of 0 / 1 flags is an exact count
 
 
 def _first_correct_ranks(queries: torch.Tensor, keys: torch.Tensor, pairs, block_elements: int) -> torch.Tensor:
     """0-based rank (Q,) int64 of each query's best correct key among all keys (ties: the lower index first).
     ``pairs(start, end)`` gives the correct (query - start, key) pairs of queries ``start:end`` as two int64
-    tensors; every query has at least one."""
-    size = keys.shape[0]
-    rows_per_block = max(1, block_elements // max(1, size))
-    positions = torch.arange(size, device=keys.device)
+    tensors; every query has at least one.
+
+    Each block's scores and flags go into buffers allocated once (6 bytes per score), and the counts are summed in
+    the scores' buffer as float32 (exact below 2^24 keys): a fresh int64 copy per block, which summing a bool matrix
+    makes on the CPU, would be the largest allocation, and allocating per block lets the C allocator's heap grow
+    with the number of blocks."""
+    size, device = keys.shape[0], keys.device
+    rows_per_block = max(1, min(queries.shape[0], block_elements // max(1, size)))
+    positions = torch.arange(size, device=device)
+    scores_buffer = torch.empty(rows_per_block, size, device=device, dtype=torch.float32)
+    ahead_buffer = torch.empty(rows_per_block, size, device=device, dtype=torch.bool)
+    other_buffer = torch.empty_like(ahead_buffer)
+    exact_in_float = size < FLOAT_COUNT_LIMIT
     ranks = []
     for start in range(0, queries.shape[0], rows_per_block):
         end = min(start + rows_per_block, queries.shape[0])
-        scores = queries[start:end] @ keys.T  # (b, K): one product, so a score is the same number wherever it is read
+        scores, ahead, other = scores_buffer[: end - start], ahead_buffer[: end - start], other_buffer[: end - start]
+        torch.matmul(queries[start:end], keys.T, out=scores)  # one product: a score is one number wherever read
         rows, cols = pairs(start, end)
         values = scores[rows, cols]
-        best = torch.full((end - start,), float("-inf"), device=scores.device, dtype=scores.dtype)
-        best = best.scatter_reduce(0, rows, values, "amax")
+        best = torch.full((end - start,), float("-inf"), device=device).scatter_reduce(0, rows, values, "amax")
         at_best = values == best[rows]
-        first = torch.full((end - start,), size, device=scores.device, dtype=torch.int64)
+        first = torch.full((end - start,), size, device=device, dtype=torch.int64)
         first = first.scatter_reduce(0, rows[at_best], cols[at_best], "amin")  # the first correct key at the best
-        tied = scores == best[:, None]
-        ranks.append((scores > best[:, None]).sum(dim=1) + (tied & (positions < first[:, None])).sum(dim=1))
-        del scores, tied
+        # ranked ahead of it: a higher score, or the same score at a lower index
+        torch.eq(scores, best[:, None], out=ahead)
+        torch.lt(positions, first[:, None], out=other)
+        ahead.logical_and_(other)
+        torch.gt(scores, best[:, None], out=other)
+        ahead.logical_or_(other)
+        if exact_in_float:
+            scores.copy_(ahead)  # the scores are done with: count in their buffer
+            ranks.append(scores.sum(dim=1).long())
+        else:
+            ranks.append(ahead.sum(dim=1))
     return torch.cat(ranks).cpu()
 
 
@@ -134,15 +152,22 @@ def _collate(items):
 
 @torch.no_grad()
 def embed_images(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
-                 precision: str = "fp32") -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+                 precision: str = "fp32", progress: bool = False
+                 ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """Unit image embeddings (n, P) float32 of a data set of ``(image tensor or BadSample, index)`` items
     (:class:`~vitlab.data.captions.CaptionedImages` with a transform), by ``model``'s image tower; returns them with
-    the indices of the images embedded and (index, reason) of those that could not be read."""
+    the indices of the images embedded and (index, reason) of those that could not be read. ``progress``: a tqdm bar
+    on stderr."""
     device = _device_of(model.visual)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="images", leave=False)
     chunks, kept, bad = [], [], []
-    for images, indices, failed in loader:
+    for images, indices, failed in batches:
         bad.extend((i, reason) for reason, i in failed)
         if images is None:
             continue
@@ -154,16 +179,17 @@ def embed_images(model, dataset: Dataset, batch_size: int = 256, num_workers: in
 
 
 def evaluate_retrieval(model, data, ks: Sequence[int] = DEFAULT_KS, batch_size: int = 256, num_workers: int = 0,
-                       precision: str = "fp32", block_elements: int = BLOCK_ELEMENTS) -> dict:
+                       precision: str = "fp32", block_elements: int = BLOCK_ELEMENTS, progress: bool = False) -> dict:
     """Image <-> text retrieval of an image-text ``model`` on captioned images ``data``
     (:class:`~vitlab.data.captions.CaptionedImages`, its ``transform`` the model's preprocessing): the embeddings
     on the model's device, then :func:`retrieval_metrics` there. Images that cannot be read are left out with their
-    captions and counted in ``skipped`` (their reasons in ``skipped_images``, the first 20)."""
+    captions and counted in ``skipped`` (their reasons in ``skipped_images``, the first 20). ``progress``: a tqdm bar
+    over the image batches."""
     ks = check_ks(ks)
     was_training = model.training
     model.eval()
     try:
-        image_embeds, kept, bad = embed_images(model, data, batch_size, num_workers, precision)
+        image_embeds, kept, bad = embed_images(model, data, batch_size, num_workers, precision, progress)
         owner = np.asarray(data.text_image)
         keep_texts = np.isin(owner, np.asarray(kept, dtype=np.int64))
         if not keep_texts.any():

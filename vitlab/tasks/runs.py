@@ -204,6 +204,7 @@ def retrieval_checkpoint(
     precision: str = "fp32",
     on_bad_image: str = "skip",
     block_elements: int = BLOCK_ELEMENTS,
+    progress: bool = False,
 ) -> dict:
     """``vitlab eval --retrieval``: image -> text and text -> image recall@K (and mean / median rank) of an
     image-text model (anything :func:`vitlab.load_image_text` reads) on captioned images: a manifest with a text
@@ -222,7 +223,7 @@ def retrieval_checkpoint(
     if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
         precision = choose_cpu_precision(precision, linear_shapes(model.visual, min_features=0))
     results = evaluate_retrieval(model, dataset, ks, batch_size=batch_size, num_workers=num_workers,
-                                 precision=precision, block_elements=block_elements)
+                                 precision=precision, block_elements=block_elements, progress=progress)
     results = {"checkpoint": str(checkpoint), "data": data, "split": split, "preprocessing": pre.to_dict(),
                **results}
     if out_dir is not None:
