@@ -344,7 +344,9 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
             raise VitlabError("precision=fp16 with fsdp is not supported; use precision=bf16 or precision=fp32 "
                               "with fsdp, or fp16 without fsdp (DDP)", options=("precision", "fsdp"))
         precision = "fp32"
-    train_set, eval_set, why_not, class_names, in_chans = _datasets(cfg)
+    # an objective with data of its own (image-text fine-tuning's captioned images) builds them
+    own_data = getattr(objective, "datasets", None)
+    train_set, eval_set, why_not, class_names, in_chans = own_data(cfg) if own_data else _datasets(cfg)
     if eval_set is None:
         log.warning(f"no evaluation data ({why_not}); set val_data to evaluate")
     multi_label = bool(getattr(train_set, "multi_label", False))
@@ -359,7 +361,8 @@ def build_run(config: TrainConfig, info: D.DistInfo, run_dir: Path | None, log: 
     _balance_loss(cfg, objective, train_set, class_names, multi_label, log)
     check_lora_config(cfg)
     torch.manual_seed(mix_seed(cfg.seed, 5))  # the initial weights depend on the seed only (same on every rank)
-    vit = build_model_for(cfg, len(class_names), in_chans, log)
+    own_model = getattr(objective, "build_model", None)  # ... and a model of its own (a two-tower's image tower)
+    vit = own_model(cfg, log) if own_model else build_model_for(cfg, len(class_names), in_chans, log)
     _init_head_bias(vit, getattr(objective, "head_bias", None), log)
     if cfg.randaugment and vit.cfg.in_chans not in (1, 3):  # its colour operations need grey or RGB images
         raise VitlabError(f"randaugment works on 1- and 3-channel images, not {vit.cfg.in_chans}; drop it")
