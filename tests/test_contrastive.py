@@ -238,3 +238,26 @@ def test_one_line_errors(clip, captions, tmp_path):
         finetune_image_text(_config(tmp_path, folder, captions, loss="sigmoid"))
     with pytest.raises(VitlabError, match="does not support mixup"):
         finetune_image_text(_config(tmp_path, folder, captions, mixup=0.2))
+
+
+def test_command_writes_a_model_zero_shot_and_retrieval_take(siglip, captions, tmp_path, capsys):
+    from vitlab.cli import main
+
+    ref, folder = siglip
+    common = ["--data", str(captions), "--steps", "2", "--batch-size", "4", "--augment", "none", "--precision",
+              "fp32", "--out-dir", str(tmp_path), "--no-progress"]
+    assert main(["finetune-image-text", "--from", str(folder), "--lock-image", "--run-name", "cli", *common]) == 0
+    out = capsys.readouterr().out
+    assert "held-out retrieval: image -> text R@1 " in out and "on 8 images, 8 captions" in out
+    tuned = tmp_path / "cli" / "image_text"
+    assert f"image-text model: {tuned}" in out
+    assert main(["eval", str(tuned), "--retrieval", "--data", str(captions)]) == 0
+    assert main(["zero-shot", str(tuned), "--classes", "cat,dog", "--out", str(tmp_path / "clf.safetensors")]) == 0
+    transformers.SiglipModel.from_pretrained(tuned)
+    # refused in one line: no --from, a data set without captions, a classification option
+    capsys.readouterr()
+    assert main(["finetune-image-text", *common]) == 2
+    assert capsys.readouterr().err.strip().endswith("give --from MODEL (the CLIP / SigLIP model to fine-tune)")
+    assert main(["finetune-image-text", "--from", str(folder), *common, "--label-smoothing", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not support" in err, err

@@ -28,6 +28,7 @@ COMMAND_HELP = {
     "export-onnx": "export a model to ONNX (and int8) with a parity check",
     "fewshot": "few-shot linear evaluation of frozen representations (paper section 3 / 4)",
     "finetune": "fine-tune a checkpoint on new data (paper recipe by default)",
+    "finetune-image-text": "fine-tune CLIP / SigLIP contrastively on captioned images (LiT / FLYP)",
     "info": "describe a checkpoint file (any supported format)",
     "inspect": "filters, position-embedding similarity, attention distance and rollout figures",
     "models": "list the model variants with their size and compute",

@@ -137,6 +137,19 @@ register_recipe(Recipe(
          steps=2_500, epochs=None, batch_size=512, grad_clip=1.0, img_size=384, reset_head="always",
          augment="resize", flip=False, precision="auto"),
 ))
+# Contrastive fine-tuning of CLIP / SigLIP on captioned images (vitlab finetune-image-text): AdamW with CLIP's betas
+# 0.9 / 0.98 and weight decay 0.1 on the weight matrices, a small lr (1e-5, as FLYP's ImageNet fine-tuning of
+# CLIP), cosine decay with warmup, light crops (OpenCLIP's training crops keep 90-100% of the image), no flips
+# (captions may say left and right), evaluated every epoch.
+register_recipe(Recipe(
+    "image-text",
+    "contrastive fine-tuning of CLIP / SigLIP on captioned images (AdamW lr 1e-5, betas 0.9 / 0.98, wd 0.1, "
+    "cosine, warmup 50 steps, 5 epochs, batch 128, crops 90-100%, no flips; the default of vitlab "
+    "finetune-image-text)",
+    dict(optimizer="adamw", lr=1e-5, betas=(0.9, 0.98), weight_decay=0.1, schedule="cosine", warmup_steps=50,
+         epochs=5, batch_size=128, grad_clip=1.0, augment="crop", crop_scale=(0.9, 1.0), flip=False,
+         label_smoothing=0.0, eval_every_epochs=1.0, precision="auto"),
+))
 # Small data from scratch: ViTs lack the convolution's locality prior, so on tens of thousands of images they need
 # strong regularisation and augmentation (RandAugment, mixup / cutmix, label smoothing, stochastic depth), small
 # patches, AdamW with warmup and cosine decay, and weight averaging.
