@@ -121,6 +121,34 @@ def test_siglip_loss_equals_pairwise_sigmoid_and_transformers(siglip):
         contrastive_loss(img, txt, pair.logit_scale, None, "sigmoid")
 
 
+@pytest.mark.slow  # ~15 s: two spawned processes import vitlab
+def test_gathered_loss_over_two_processes_is_the_global_batch_loss_and_gradient():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.contrastive_gather import gather_worker, global_pairs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(gather_worker, args=(2, port, results), nprocs=2, join=True)
+    img, txt = global_pairs()
+    for kind in ("softmax", "sigmoid"):
+        g_img, g_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        scale, bias = torch.tensor(1.5, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+        loss = contrastive_loss(g_img, g_txt, scale, bias, kind)
+        loss.backward()
+        shares = [results[r][kind] for r in range(2)]
+        # DDP averages the processes' gradients: the mean of the shares is the global batch's loss and gradient
+        assert abs(np.mean([s[0] for s in shares]) - float(loss)) < 1e-6
+        torch.testing.assert_close(torch.cat([s[1] for s in shares]) / 2, g_img.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.cat([s[2] for s in shares]) / 2, g_txt.grad, rtol=1e-5, atol=1e-7)
+        assert abs(np.mean([s[3] for s in shares]) - float(scale.grad)) < 1e-6
+        assert abs(np.mean([s[4] for s in shares]) - float(bias.grad if kind == "sigmoid" else 0.0)) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------- through the loop
 def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -194,6 +222,7 @@ def test_locked_logit_scale_and_both_towers(clip, captions, tmp_path):
                             objective=ContrastiveObjective(True, True, True))
 
 
+@pytest.mark.slow  # ~10 s: three short runs
 def test_resume_equals_an_uninterrupted_run(clip, captions, tmp_path, monkeypatch):
     import os
     import signal
@@ -202,7 +231,7 @@ def test_resume_equals_an_uninterrupted_run(clip, captions, tmp_path, monkeypatc
     from vitlab.train import loop
     from vitlab.train.stop import RunStopped
 
-    cfg = _config(tmp_path, clip[1], captions, steps=6, eval_every_epochs=0.5)
+    cfg = _config(tmp_path, clip[1], captions, steps=6, eval_every_epochs=1.5)
     whole = finetune_image_text(cfg)
     real_step = loop.train_step
 

@@ -13,9 +13,11 @@ folder, checkpoints, exact resume and torchrun as supervised training.
   model with a logit bias (SigLIP), softmax otherwise.
 - **Captions**: one per image per step; an image with several gets one drawn from the step's generator, which the
   loop seeds from (seed, step, the micro-batch's place), so a resumed run draws the same captions.
-- **Negatives**: the other pairs of the same micro-batch on the same process (local negatives: no gathering of the
-  embeddings across processes; with torchrun or ``accum_steps`` each process's micro-batch is its own contrastive
-  batch).
+- **Negatives**: every pair of the global batch, as CLIP trains: with torchrun each process gathers every
+  process's embeddings (:func:`gather_pairs`, gradients flowing back to the process that computed them) and takes
+  its share of the loss, so that the processes' mean (what DDP's averaged gradients follow) is the global batch's
+  loss. With ``accum_steps`` above 1 each accumulation step's micro-batches (over all processes) are their own
+  contrastive batch.
 - **Locking** (:class:`ContrastiveObjective`'s ``lock_image`` / ``lock_text`` / ``lock_logit_scale``): the locked
   parameters get no gradient and stay bit for bit as loaded, and a locked tower runs in eval mode without
   autograd (LiT, Zhai et al. 2022, locks the image tower).
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
@@ -60,26 +63,76 @@ IMAGE_TEXT_FOLDER = "image_text"  # the two-tower model in the run folder
 
 
 def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                     logit_bias: torch.Tensor | None = None, kind: str = "softmax") -> torch.Tensor:
+                     logit_bias: torch.Tensor | None = None, kind: str = "softmax", *,
+                     all_images: torch.Tensor | None = None, all_texts: torch.Tensor | None = None,
+                     offset: int = 0) -> torch.Tensor:
     """The contrastive loss of a batch of matching pairs: image ``i`` and text ``i`` (B, P) each, unit embeddings.
 
     ``softmax`` (CLIP): ``(CE(logits, arange) + CE(logits.T, arange)) / 2`` with ``logits = min(exp(logit_scale),
     100) * img @ txt.T``. ``sigmoid`` (SigLIP): ``-sum(log sigmoid(z * logits)) / B`` with ``logits = exp(logit_scale)
-    * img @ txt.T + logit_bias`` and ``z`` +1 for the B matching pairs, -1 for the others. Computed in float32."""
+    * img @ txt.T + logit_bias`` and ``z`` +1 for the B matching pairs, -1 for the others. Computed in float32.
+
+    Across processes: ``all_images`` / ``all_texts`` (N, P) are every process's pairs and the local ones sit at
+    rows ``offset:offset + B`` of them; this process's share is its images against all texts and its texts against
+    all images (softmax) or its images against all texts (sigmoid), so that the mean of the shares over
+    equal-sized processes is the loss of the global batch."""
     if kind not in LOSSES:
         raise VitlabError(f"contrastive loss must be one of {', '.join(LOSSES)}, got {kind!r}", options=("loss",))
     img, txt = image_embeds.float(), text_embeds.float()
+    every_img = img if all_images is None else all_images.float()
+    every_txt = txt if all_texts is None else all_texts.float()
     size = img.shape[0]
+    positive = torch.arange(offset, offset + size, device=img.device)
     if kind == "softmax":
-        logits = logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE) * img @ txt.t()
-        target = torch.arange(size, device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        scale = logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
+        per_image = F.cross_entropy(scale * img @ every_txt.t(), positive)
+        per_text = F.cross_entropy(scale * txt @ every_img.t(), positive)
+        return (per_image + per_text) / 2
     if logit_bias is None:
         raise VitlabError("the sigmoid loss needs a model with a logit bias (SigLIP); use loss=softmax",
                           options=("loss",))
-    logits = logit_scale.float().exp() * img @ txt.t() + logit_bias.float()
-    signs = 2 * torch.eye(size, device=logits.device, dtype=logits.dtype) - 1
+    logits = logit_scale.float().exp() * img @ every_txt.t() + logit_bias.float()
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(size, device=img.device), positive] = 1.0
     return -F.logsigmoid(signs * logits).sum() / size
+
+
+class _GatherRows(torch.autograd.Function):
+    """All processes' rows (padded to the longest for the collective), with the gradient of this process's rows in
+    the backward pass: the sum over processes of the gradient of their losses (an all-reduce, which gloo and NCCL
+    both have)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, rank
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+def gather_pairs(image_embeds: torch.Tensor, text_embeds: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """(every process's image embeddings, text embeddings, the row of this process's first pair) with gradients
+    flowing back to each process's own rows; (None, None, 0) in a single process. The batch sizes are exchanged
+    first (a rank that skipped unreadable images has fewer)."""
+    rank, size = world()
+    if size == 1:
+        return None, None, 0
+    count = torch.tensor([image_embeds.shape[0]], device=image_embeds.device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    return (_GatherRows.apply(image_embeds.contiguous(), sizes, rank),
+            _GatherRows.apply(text_embeds.contiguous(), sizes, rank), sum(sizes[:rank]))
 
 
 class ContrastivePair(nn.Module):
@@ -272,7 +325,9 @@ class ContrastiveObjective(Objective):
 
     def loss(self, output, targets: torch.Tensor) -> torch.Tensor:
         image_embeds, text_embeds, scale, bias = output
-        return contrastive_loss(image_embeds, text_embeds, scale, bias, self.kind)
+        all_images, all_texts, offset = gather_pairs(image_embeds, text_embeds)
+        return contrastive_loss(image_embeds, text_embeds, scale, bias, self.kind, all_images=all_images,
+                                all_texts=all_texts, offset=offset)
 
     # --- evaluation ---
     @torch.no_grad()
