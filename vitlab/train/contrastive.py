@@ -306,6 +306,9 @@ class ContrastiveObjective(Objective):
 
     def wrap(self, model: nn.Module, preprocessing: Preprocessing) -> ContrastivePair:
         self.module = ContrastivePair(self.pair, self.lock_image, self.lock_text, self.lock_logit_scale)
+        if self.kind == "softmax" and self.pair.logit_bias is not None:
+            # a shift of every logit: the softmax loss gives it no gradient (and DDP wants none left unused)
+            self.pair.logit_bias.requires_grad_(False)
         return self.module
 
     # --- every step ---
