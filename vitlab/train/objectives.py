@@ -11,6 +11,11 @@ The loop never asks which objective it runs. An objective says
 - ``export(module)``: the model saved at the end, and ``saves_class_names``: whether its head predicts the data's
   classes (then their names go into the saved file).
 
+An objective may also bring its own data and model (:class:`vitlab.train.contrastive.ContrastiveObjective`'s
+captioned images and two-tower model): ``datasets(config)`` returns (training set, evaluation set or None, why there
+is none, class names, channels of in-memory data or None) in place of the config's data sets, and
+``build_model(config, log)`` the module ``wrap`` then receives, in place of ``config.model`` / ``init_from``.
+
 :class:`Classification` is the default; masked patch prediction (:class:`vitlab.selfsup.MaskedPatchObjective`) and
 the masked autoencoder (:class:`vitlab.selfsup.MaskedAutoencoderObjective`) are others. ``better(metrics, best)``
 says which evaluation ``best.pt`` keeps.
