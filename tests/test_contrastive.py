@@ -217,6 +217,10 @@ def test_locked_logit_scale_and_both_towers(clip, captions, tmp_path):
     objective = ContrastiveObjective(lock_image=True, lock_logit_scale=True)
     finetune_image_text(_config(tmp_path, folder, captions, steps=2, eval_every_epochs=0), objective=objective)
     assert torch.equal(objective.pair.logit_scale, start["logit_scale"])
+    # resumed with other locks: refused in one line before anything is loaded into the model
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    with pytest.raises(VitlabError, match="trained with .'lock_image': True.*resume with the same settings"):
+        finetune_image_text(_config(tmp_path, folder, captions), resume=str(last), steps=4)
     with pytest.raises(VitlabError, match="nothing would train"):
         finetune_image_text(_config(tmp_path, folder, captions, steps=2, run_name="none"),
                             objective=ContrastiveObjective(True, True, True))

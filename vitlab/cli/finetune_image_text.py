@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "<-> text recall@1 on the held-out split (top1 = their mean). Starts from the 'image-text' "
                     "recipe; every `vitlab train` option applies. Writes <run>/image_text (a transformers folder "
                     "for zero-shot, eval --retrieval and serve --zero-shot) and the image tower alone as "
-                    "<run>/model.safetensors. --resume needs the same --lock-* flags.")
+                    "<run>/model.safetensors. --resume needs the run's --lock-* flags (its checkpoints record them).")
     p.add_argument("--from", dest="source", metavar="MODEL", help="the image-text model to start from")
     p.add_argument("--lock-image", action="store_true",
                    help="keep the image tower (and its projection) as loaded: LiT (Zhai et al. 2022)")

@@ -165,6 +165,9 @@ def save_run_state(run, name: str, step: int, best: dict | None, times: dict | N
     teacher = getattr(run.objective, "teacher_record", None)
     if teacher is not None:  # a distillation teacher is read again on resume: it must be the same file
         state["teacher"] = teacher
+    settings = getattr(run.objective, "resume_record", None)
+    if settings is not None:  # an objective's own settings (image-text locking): a resumed run must repeat them
+        state["objective"] = settings
     atomic_torch_save(state, RunFolder(run.run_dir).checkpoint(name))
 
 
@@ -189,6 +192,10 @@ def restore_run_state(run, state: dict, path: Path) -> tuple[int, dict | None]:
             now = f"{have['path']} has sha256 {have['sha256']}" if have else "this run has no teacher"
             raise VitlabError(f"{path}: the run was distilled from {want['name']} (sha256 {want['sha256']}), but "
                               f"{now}; put that teacher back to resume")
+    want, have = state.get("objective"), getattr(run.objective, "resume_record", None)
+    if want != have:
+        raise VitlabError(f"{path}: the run was trained with {want or 'no objective settings'}, this resume asks "
+                          f"for {have or 'none'}; resume with the same settings")
     D.load_full_state_dicts(state_module(run), run.optimizer, model_sd, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state.get("scaler"):

@@ -280,6 +280,11 @@ class ContrastiveObjective(Objective):
         log.info(f"image-text fine-tuning from {config.init_from}: {self.describe()}")
         return pair.visual
 
+    @property
+    def resume_record(self) -> dict:
+        """What a resumed run must repeat (saved in its checkpoints, compared on resume)."""
+        return {"lock_image": self.lock_image, "lock_text": self.lock_text, "lock_logit_scale": self.lock_logit_scale}
+
     def describe(self) -> str:
         loss = ("CLIP's softmax contrastive loss" if self.kind == "softmax" else "SigLIP's sigmoid loss")
         locked = [n for n, on in (("image tower", self.lock_image), ("text tower", self.lock_text),
@@ -397,13 +402,15 @@ def resolve_contrastive_loss(loss: str, pair: ImageTextModel) -> str:
     return loss
 
 
-def finetune_image_text(config: TrainConfig, *, objective: ContrastiveObjective | None = None, resume=None):
+def finetune_image_text(config: TrainConfig, *, objective: ContrastiveObjective | None = None, resume=None,
+                        epochs: float | None = None, steps: int | None = None):
     """Fine-tune the two-tower model ``config.init_from`` contrastively on the captioned images ``config.data``
     (the module doc); returns the :class:`~vitlab.train.TrainResult` with ``image_text`` added to it: the folder of
     the fine-tuned two-tower model (``<run>/image_text``; None on other processes than rank 0 or without a run
-    folder). ``model_path`` is the image tower alone."""
+    folder). ``model_path`` is the image tower alone. ``resume``, ``epochs`` and ``steps`` as :func:`vitlab.train.train`
+    takes them; a resumed run needs the objective's lock settings of the run (they are saved in its checkpoints)."""
     objective = objective or ContrastiveObjective()
-    result = train(config, resume=resume, objective=objective)
+    result = train(config, resume=resume, objective=objective, epochs=epochs, steps=steps)
     folder = None
     if result.run_dir is not None and world()[0] == 0 and objective.pair is not None:
         pair = objective.pair
