@@ -31,6 +31,7 @@ folder, checkpoints, exact resume and torchrun as supervised training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -252,6 +253,7 @@ class ContrastiveObjective(Objective):
     def datasets(self, config: TrainConfig):
         """(training set, evaluation set or None, why there is none, class names (none), channels (None)):
         the captioned images of ``data`` / ``val_data``, split by ``train_split`` / ``eval_split``."""
+        self.pair = None  # every run (and resume) starts from init_from's files, not from an earlier run's weights
         channels = self._load(config).visual.cfg.in_chans
         common = dict(channels=channels, on_error=config.on_bad_image)
         self.train_data = build_captioned(config.data, _splits(config.train_split), **common)
@@ -415,6 +417,9 @@ def finetune_image_text(config: TrainConfig, *, objective: ContrastiveObjective 
     if result.run_dir is not None and world()[0] == 0 and objective.pair is not None:
         pair = objective.pair
         device = pair.logit_scale.device
+        if objective.kind == "softmax":  # CLIP clips the parameter itself: the saved model never scales above 100
+            with torch.no_grad():
+                pair.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
         folder = Path(result.run_dir) / IMAGE_TEXT_FOLDER
         save_image_text(pair.cpu(), folder)
         pair.to(device)
