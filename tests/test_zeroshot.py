@@ -215,6 +215,9 @@ def test_commands_zero_shot_predict_and_eval(clip_folder, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     classifier = vitlab.load(out)
     assert classifier.class_names == ["cat", "dog", "race_car"] and classifier.loss == "softmax"
+    assert main(["info", str(out)]) == 0  # the head options and where the classifier came from
+    described = capsys.readouterr().out
+    assert "head_proj_dim=24, head_l2_norm=True" in described and '"templates": ["a photo of a {}."]' in described
 
     # the data read with the tower's preprocessing; transformers' logits against the prompts give the expected top-1
     model = vitlab.load_image_text(folder)
