@@ -19,6 +19,7 @@ from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
 from ..models import has_tokens, metadata_of
 from ..preprocessing import Preprocessing
+from .dinov3_layout import export_problems, to_timm_dinov3
 from .family_layouts import to_transformers, transformers_class
 from .files import write_json, write_safetensors
 from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
@@ -101,8 +102,11 @@ def export_npz(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def export_timm(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Write a timm ``VisionTransformer`` state dict (``.safetensors`` or ``torch.save`` by suffix). Returns notes."""
+    """Write a timm ``VisionTransformer`` state dict (``.safetensors`` or ``torch.save`` by suffix); DINOv3
+    (``pos_embed='rope'``): the state dict of timm's ``vit_*_dinov3`` port. Returns notes."""
     cfg = model.cfg
+    if cfg.pos_embed == "rope":
+        return _export_timm_dinov3(model, Path(path))
     problems = _common_problems(cfg, "timm")
     if cfg.representation_size:
         problems.append("a pre-logits layer (timm's ViT has none; convert with drop_pre_logits and a new head)")
@@ -114,6 +118,20 @@ def export_timm(model: nn.Module, path: str | os.PathLike) -> list[str]:
     if cfg.pool == "gap":
         notes.append("create the timm model with global_pool='avg'" + (", fc_norm=False" if not
                      cfg.norm_after_pool else "") + ("" if cfg.class_token else ", class_token=False"))
+    return notes
+
+
+def _export_timm_dinov3(model: nn.Module, path: Path) -> list[str]:
+    cfg = model.cfg
+    _require(export_problems(cfg, "timm"), "timm DINOv3")
+    _write_torch_state_dict(to_timm_dinov3(_state_dict(model), cfg), path)
+    kind = "vit_*_dinov3_qkvb" if cfg.qkv_bias else "vit_*_dinov3"
+    notes = [f"timm's DINOv3 port (Eva): create {kind} with embed_dim={cfg.embed_dim}, depth={cfg.depth}, "
+             f"num_heads={cfg.num_heads}, num_reg_tokens={cfg.reg_tokens}"
+             + (", global_pool='token'" if cfg.pool == "token" else "")]
+    if cfg.rope_base != 100.0 or cfg.norm_eps != 1e-5:
+        notes.append(f"this model uses rope_base {cfg.rope_base:g} and LayerNorm eps {cfg.norm_eps:g}; timm's DINOv3 "
+                     "functions use 100 and 1e-5 (pass rope_temperature / norm_layer)")
     return notes
 
 

@@ -1,4 +1,5 @@
-"""The layouts DINOv2, DeiT, SigLIP and CLIP image towers are published in, mapped onto timm's (= vitlab's) names.
+"""The layouts DINOv2, DeiT, SigLIP and CLIP image towers are published in, mapped onto timm's (= vitlab's) names
+(DINOv3's three layouts: :mod:`.dinov3_layout`).
 
 Each reader is a pure function from the publisher's state dict to timm names, plus notes on what was dropped (a text
 tower, DINOv2's ``mask_token``); :func:`to_timm_names` picks it from :func:`detect_family_layout`. The writers
@@ -43,13 +44,24 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import InvalidValueError, VitlabError
+from .dinov3_layout import (
+    DINOV3_LAYOUTS,
+    DINOV3_NUMERICS,
+    detect_dinov3_layout,
+    export_problems,
+    from_dinov3,
+    from_hf_dinov3,
+    from_timm_dinov3,
+    hf_dinov3_hints,
+    to_hf_dinov3,
+)
 from .statedicts import HF_QKV, HF_TO, HF_VIT_LAYER, QKV_TARGET, fuse_qkv, rename_keys, split_qkv
 
 # transformers' model types read here, and the vision-config fields they nest (full SigLIP / CLIP models)
 HF_FAMILY_TYPES = {"dinov2": "hf_dinov2", "dinov2_with_registers": "hf_dinov2", "deit": "hf_deit",
                    "siglip": "hf_siglip", "siglip_vision_model": "hf_siglip", "clip": "hf_clip",
-                   "clip_vision_model": "hf_clip"}
-FAMILY_LAYOUTS = ("hf_dinov2", "hf_deit", "hf_siglip", "hf_clip", "dinov2", "deit3", "open_clip")
+                   "clip_vision_model": "hf_clip", "dinov3_vit": "hf_dinov3"}
+FAMILY_LAYOUTS = ("hf_dinov2", "hf_deit", "hf_siglip", "hf_clip", "dinov2", "deit3", "open_clip") + DINOV3_LAYOUTS
 # transformers' hidden_act -> vitlab's gelu field
 HF_ACTIVATIONS = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh",
                   "quick_gelu": "quick"}
@@ -63,6 +75,7 @@ FAMILY_NUMERICS = {
     "hf_deit": {"gelu": "exact", "norm_eps": 1e-12},
     "hf_siglip": {"gelu": "tanh", "norm_eps": 1e-6},
     "hf_clip": {"gelu": "quick", "norm_eps": 1e-5},
+    **{layout: DINOV3_NUMERICS for layout in DINOV3_LAYOUTS},
 }
 
 
@@ -71,6 +84,9 @@ def detect_family_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The family layout of a state dict from its signature keys (one of :data:`FAMILY_LAYOUTS`), or None for the
     layouts :func:`vitlab.checkpoints.statedicts.detect_layout` already knows (timm, plain HF ViT, torchvision)."""
     keys = set(state_dict)
+    dinov3 = detect_dinov3_layout(keys)  # first: its files also have DINOv2's mask_token and DeiT III's gamma_1
+    if dinov3 is not None:
+        return dinov3
     if {"visual.class_embedding", "visual.conv1.weight"} & keys:
         return "open_clip"
     for prefix in ("vision_model.", ""):
@@ -259,7 +275,8 @@ def from_deit3(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dic
 
 
 _READERS = {"hf_dinov2": from_hf_dinov2, "hf_deit": from_hf_deit, "hf_siglip": from_hf_tower,
-            "hf_clip": from_hf_tower, "open_clip": from_open_clip, "dinov2": from_dinov2, "deit3": from_deit3}
+            "hf_clip": from_hf_tower, "open_clip": from_open_clip, "dinov2": from_dinov2, "deit3": from_deit3,
+            "dinov3": from_dinov3, "timm_dinov3": from_timm_dinov3, "hf_dinov3": from_hf_dinov3}
 
 
 def to_timm_names(state_dict: Mapping[str, torch.Tensor], layout: str,
@@ -292,6 +309,8 @@ def hf_vision_config(hf: dict, source: str) -> tuple[str, dict]:
 def hf_hints(vision: dict, source: str) -> dict:
     """The ViTConfig fields a transformers vision config fixes that the weights cannot show (heads, LayerNorm
     epsilon, GELU flavour), and the image and patch size (for the token grid)."""
+    if vision.get("model_type") == "dinov3_vit":
+        return hf_dinov3_hints(vision, source)
     act = vision.get("hidden_act", "gelu")
     gelu = HF_ACTIVATIONS.get(act)
     if gelu is None:
@@ -312,6 +331,12 @@ _GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gel
 def transformers_class(cfg) -> str | None:
     """The transformers class that holds a model with these options (None: the paper's ViT, written as
     ``ViTForImageClassification``). Raises InvalidValueError for option sets no transformers class computes."""
+    if getattr(cfg, "pos_embed", None) == "rope":
+        problems = export_problems(cfg, "transformers")
+        if problems:
+            raise InvalidValueError("cannot write the transformers DINOv3ViTModel layout for this model: "
+                                    + "; ".join(problems))
+        return "DINOv3ViTModel"
     pool, pre_norm = getattr(cfg, "pool", "token"), getattr(cfg, "pre_norm", False)
     distilled, layer_scale = getattr(cfg, "distilled", False), getattr(cfg, "layer_scale", None)
     regs, patch_only = getattr(cfg, "reg_tokens", 0), getattr(cfg, "no_embed_class", False)
@@ -369,6 +394,8 @@ def to_transformers(state_dict: Mapping[str, torch.Tensor], cfg, class_names: li
     """A vitlab (= timm) state dict of a DINOv2 / DeiT / SigLIP / CLIP model -> (transformers on-disk tensors,
     ``config.json``), for the class :func:`transformers_class` names."""
     name = transformers_class(cfg)
+    if name == "DINOv3ViTModel":
+        return to_hf_dinov3(state_dict, cfg)
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     common = _common_hf(cfg)
     if name.startswith("Dinov2"):

@@ -26,6 +26,7 @@ from ..preprocessing import Preprocessing
 from . import npz as npz_layout
 from .adapter import ADAPTER_KEY, base_candidates, check_base_hash, load_adapter_tensors, read_adapter_document
 from .channels import adapt_model_channels, adapt_preprocessing_channels, adapt_state_dict_channels
+from .dinov3_layout import DINOV3_LAYOUTS, default_grid, dinov3_heads
 from .family_layouts import (
     FAMILY_NUMERICS,
     HF_FAMILY_TYPES,
@@ -40,7 +41,8 @@ from .resample import check_method, resample_1d, resample_patch_embed, resample_
 from .statedicts import detect_layout, infer_config, no_ema_message, to_vitlab_names, unwrap_state_dict
 from .vitlab_format import parse_document, read_document
 
-FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision", "dinov2", "deit3", "open_clip")
+FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision", "dinov2", "deit3", "open_clip",
+           "dinov3", "timm_dinov3")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the ViTConfig fields that the weights cannot show, as each source's code sets them
@@ -54,9 +56,10 @@ SOURCE_NUMERICS = {
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # the original releases' evaluation: (mean, std, crop_pct), bicubic. DINOv2 and DeiT (III): ImageNet statistics, the
-# shorter side to 256 / 224 of the size, centre crop; OpenAI CLIP: its own statistics, shorter side to the size.
+# shorter side to 256 / 224 of the size, centre crop; OpenAI CLIP: its own statistics, shorter side to the size;
+# DINOv3 (timm's default_cfg): ImageNet statistics, crop 1.0 at 256 px.
 PUBLISHER_EVAL = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD, 0.875), "deit3": (IMAGENET_MEAN, IMAGENET_STD, 0.875),
-                  "open_clip": (CLIP_MEAN, CLIP_STD, 1.0)}
+                  "open_clip": (CLIP_MEAN, CLIP_STD, 1.0), "dinov3": (IMAGENET_MEAN, IMAGENET_STD, 1.0)}
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
 
 
@@ -385,9 +388,12 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
                      grid_hint: tuple[int, int] | None, named: ModelConfig | None,
                      container_obj: object = None, hf_config: dict | None = None) -> Checkpoint:
     family = detect_family_layout(state_dict)
-    if family is not None:  # DINOv2, DeiT, SigLIP, CLIP layouts: to timm names first
+    heads = dinov3_heads(state_dict) if family in DINOV3_LAYOUTS else None
+    if family is not None:  # DINOv2, DeiT, SigLIP, CLIP, DINOv3 layouts: to timm names first
         state_dict, family_notes = to_timm_names(state_dict, family, source)
         notes = notes + family_notes
+    if family in DINOV3_LAYOUTS and grid_hint is None:  # no position table: timm's default size, any size runs
+        grid_hint = default_grid(state_dict)
     layout = detect_layout(state_dict)
     bit = resnetv2_config_from_state_dict(state_dict) if layout is None else None
     if bit is not None:  # timm's ResNetV2 (BiT) names are vitlab's
@@ -402,10 +408,15 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
     notes = notes + more_notes
     embedded, class_names = _embedded_config(container_obj)
     defaults = dict(FAMILY_NUMERICS.get(family) or SOURCE_NUMERICS[layout])
+    if heads is not None:
+        defaults["num_heads"] = heads
     if hf_config:
         defaults.update(hf_config)
     elif named is not None:
         defaults["num_heads"] = named.num_heads
+        if getattr(named, "pos_embed", None) == "rope":  # nothing in the weights shows the rotary embedding
+            defaults.update({f: getattr(named, f) for f in ("pos_embed", "rope_base", "rope_shift", "rope_jitter",
+                                                            "rope_rescale", "dynamic_img_size")})
         # what the named model's family fixes and the weights cannot show (SigLIP's tanh GELU, CLIP's eps 1e-5 and
         # QuickGELU, the So400m/14 grid at 384 px)
         defaults.update({f: getattr(named, f) for f in ("gelu", "norm_eps", "layer_scale", "drop_remainder")
@@ -422,7 +433,8 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
             notes += inferred_notes
     fmt = layout if family is None or family.startswith("hf_") else family
     stored = _embedded_preprocessing(container_obj, source, config)
-    preprocessing = stored or source_preprocessing(fmt, config.img_size, config.in_chans)
+    preprocessing = stored or source_preprocessing("dinov3" if family in DINOV3_LAYOUTS else fmt, config.img_size,
+                                                   config.in_chans)
     if class_names is not None and len(class_names) != config.num_classes:
         class_names = None
     ckpt = Checkpoint(source, fmt, container, sd, config, FAMILIES["vit"], preprocessing, class_names, notes=notes)

@@ -168,7 +168,7 @@ def measure_model(model, images: torch.Tensor, *, dynamic_img_size: bool | None 
         "distance_table": [[round(v, 4) for v in layer] for layer in table.tolist()],
     }
     arrays = {"attention_distance": table.numpy()}
-    if cfg.pos_embed != "none":
+    if cfg.pos_embed not in ("none", "rope"):  # rope: no embedding table (positions rotate q and k)
         similarity = position_embedding_similarity(model)  # the model's own grid, prefix rows left out
         structure = position_embedding_structure(similarity)
         arrays["posemb_similarity"] = similarity.numpy()

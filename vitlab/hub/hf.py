@@ -30,7 +30,7 @@ HUB_ENDPOINT = "https://huggingface.co"
 # transformers model types vitlab reads: the paper's ViT, DeiT, DINOv2 (with registers), SigLIP and CLIP (full
 # models or their vision towers)
 TRANSFORMERS_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "siglip", "siglip_vision_model", "clip",
-                            "clip_vision_model")
+                            "clip_vision_model", "dinov3_vit")
 # the Hub's rules for repo ids (``huggingface_hub.utils.validate_repo_id``: letters, digits, ``-_.``, no ``--`` or
 # ``..``, at most 96 characters) and git's for ref names (``git check-ref-format``); a revision becomes a path under
 # the cache's ``refs/`` folder, so these rules are what keeps it there

@@ -86,7 +86,7 @@ def applicable_analyses(model: nn.Module, have_images: bool) -> list[str]:
     names = []
     if cfg.patch_size[0] * cfg.patch_size[1] > 1:  # 1x1 "patches" (hybrid models) have no spatial filter to draw
         names.append("filters")
-    if cfg.pos_embed != "none":
+    if cfg.pos_embed not in ("none", "rope"):  # rope: no embedding table (positions rotate q and k)
         names.append("posemb")
     if have_images:
         names += list(NEEDS_IMAGES)
@@ -111,7 +111,8 @@ def resolve_analyses(model: nn.Module, what: Sequence[str] | None, have_images: 
         if name in NEEDS_IMAGES and not have_images:
             raise InvalidValueError(f"--what {name} needs images (--images PATH)")
         if name not in possible:
-            reason = "the model has no position embedding" if name == "posemb" else "the patches are 1x1 pixels"
+            reason = ("the patches are 1x1 pixels" if name != "posemb" else "its rotary position embedding has no "
+                      "table to compare" if model.cfg.pos_embed == "rope" else "the model has no position embedding")
             raise InvalidValueError(f"--what {name}: not available for this model ({reason})")
     return [name for name in ANALYSES if name in wanted]
 

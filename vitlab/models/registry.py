@@ -7,7 +7,8 @@ ResNet-v2 (``bit_r50x1`` = ``resnetv2_50x1_bit``, ...) and ResNet + ViT hybrids 
 ``vit_base_r50_s16_224`` / ``_384``, ...). The ViTs people start from today are rows of the same table, each the
 paper's ViT with a few options of :class:`ViTConfig` (docs/families.md): DeiT (``deit_b16``, distilled
 ``deit_b16_distilled``), DeiT III (``deit3_b16``), DINOv2 (``dinov2_b14``, with registers ``dinov2_b14_reg4``),
-SigLIP / SigLIP 2 image towers (``siglip_b16``, ``siglip_so400m14``, ...) and CLIP image towers (``clip_b16``,
+DINOv3 (``dinov3_b16``: rotary position embedding, 4 registers), SigLIP / SigLIP 2 image towers (``siglip_b16``,
+``siglip_so400m14``, ...) and CLIP image towers (``clip_b16``,
 OpenAI's QuickGELU ``clip_b16_quickgelu``), with timm's model names as aliases. Any config field can be overridden
 at creation.
 """
@@ -101,6 +102,24 @@ def _family_variants() -> list[ModelEntry]:
         entries.append(ModelEntry(f"dinov2_{letter}14_reg4", cfg.replace(reg_tokens=4, no_embed_class=True),
                                   f"{name} with 4 registers (patch-only position embedding)",
                                   (f"vit_{long}_patch14_reg4_dinov2",)))
+    dinov3 = [  # name, timm stem, width, depth, heads, MLP (SwiGLU: gated width), SwiGLU, description
+        ("dinov3_s16", "vit_small_patch16_dinov3", 384, 12, 6, 1536, False, "DINOv3 ViT-S/16"),
+        ("dinov3_s16plus", "vit_small_plus_patch16_dinov3", 384, 12, 6, 1536, True, "DINOv3 ViT-S+/16"),
+        ("dinov3_b16", "vit_base_patch16_dinov3", 768, 12, 12, 3072, False, "DINOv3 ViT-B/16"),
+        ("dinov3_l16", "vit_large_patch16_dinov3", 1024, 24, 16, 4096, False, "DINOv3 ViT-L/16"),
+        ("dinov3_h16plus", "vit_huge_plus_patch16_dinov3", 1280, 32, 20, 5120, True, "DINOv3 ViT-H+/16"),
+        ("dinov3_7b16", "vit_7b_patch16_dinov3", 4096, 40, 32, 8192, True, "DINOv3 ViT-7B/16"),
+    ]
+    for name, stem, dim, depth, heads, mlp, swiglu, description in dinov3:
+        # timm's settings for these models: 256 px, any input size, mean of the patch tokens after the final norm
+        # (upstream reads the class token: pool='token'), no q/k/v bias (the released distilled models' are zero)
+        cfg = ViTConfig(img_size=256, patch_size=16, num_classes=0, embed_dim=dim, depth=depth, num_heads=heads,
+                        mlp_dim=mlp, mlp_type="swiglu" if swiglu else "mlp", pos_embed="rope", rope_rescale=2.0,
+                        reg_tokens=4, layer_scale=1e-5, qkv_bias=False, norm_eps=1e-5, pool="gap",
+                        dynamic_img_size=True)
+        qkvb = () if name == "dinov3_7b16" else (f"{stem}_qkvb",)  # timm has no 7B with q/v biases
+        entries.append(ModelEntry(name, cfg, f"{description} (2-D RoPE, 4 registers, LayerScale 1e-5, "
+                                  f"{'SwiGLU, ' if swiglu else ''}features)", (stem, *qkvb)))
     siglip = [  # name, timm stem, patch, width, depth, MLP, heads, default size, alias sizes, description
         ("siglip_b16", "vit_base_patch16_siglip", 16, 768, 12, 3072, 12, 224, (224, 256, 384, 512),
          "SigLIP / SigLIP 2 B/16 image tower"),
@@ -229,6 +248,11 @@ for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_va
                 _family_variants):
     for _entry in _family():
         register(_entry)
+# timm's DINOv3 ``_qkvb`` models keep the query and value biases of the release (zero in the distilled models):
+# their aliases build the entries with qkv_bias=True (vitlab stores the masked key third too, held out of the sum)
+for _alias, (_name, _) in list(_ALIASES.items()):
+    if _alias.endswith("_dinov3_qkvb"):
+        _ALIASES[_alias] = (_name, {"qkv_bias": True})
 
 
 def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:

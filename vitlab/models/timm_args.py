@@ -30,8 +30,8 @@ NOT_IN_TIMM = frozenset({
     "vit_tiny_patch14_224", "vit_tiny_patch14_518", "vit_tiny_patch32_224", "vit_tiny_patch32_384",
     "vit_tiny_patch8_224", "vit_tiny_patch8_384",
 })
-# fields that change training only, not what the weights compute
-_TRAINING_FIELDS = ("dropout", "attn_dropout", "drop_path_rate")
+# fields that change training only, not what the weights compute (DINOv3's RoPE coordinate augmentations included)
+_TRAINING_FIELDS = ("dropout", "attn_dropout", "drop_path_rate", "rope_shift", "rope_jitter", "rope_rescale")
 
 
 def _size(pair) -> int | list[int]:
@@ -55,6 +55,16 @@ def timm_model_args(cfg: ViTConfig) -> dict:
     return args
 
 
+def timm_dinov3_model_args(cfg: ViTConfig) -> dict:
+    """The keywords of timm's DINOv3 port (``Eva``) for what ``model_args`` can say of a ``pos_embed='rope'``
+    config (the rotary embedding, LayerNorm epsilon and MLP kind come with the architecture name)."""
+    return {"img_size": _size(cfg.img_size), "patch_size": _size(cfg.patch_size), "in_chans": cfg.in_chans,
+            "num_classes": cfg.num_classes, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
+            "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_dim / cfg.embed_dim, "qkv_bias": cfg.qkv_bias,
+            "global_pool": TIMM_POOL[cfg.pool], "use_fc_norm": cfg.norm_after_pool, "init_values": cfg.layer_scale,
+            "num_reg_tokens": cfg.reg_tokens, "dynamic_img_size": cfg.dynamic_img_size}
+
+
 def config_overrides(model_args: dict) -> dict:
     """vitlab config fields for the ``model_args`` of a timm ``config.json`` (keys not listed here are left out:
     they do not change what the weights compute, or the checks on the weights catch them)."""
@@ -64,6 +74,8 @@ def config_overrides(model_args: dict) -> dict:
     for key in simple:
         if key in model_args:
             out[key] = model_args[key]
+    if "num_reg_tokens" in model_args:  # timm's Eva (DINOv3) spelling
+        out["reg_tokens"] = model_args["num_reg_tokens"]
     for key in ("img_size", "patch_size"):
         if key in model_args:
             value = model_args[key]
@@ -75,7 +87,7 @@ def config_overrides(model_args: dict) -> dict:
     if "global_pool" in model_args:
         pool = out["pool"] = _vitlab_value(TIMM_POOL, model_args, "global_pool", "pooling")
         if pool == "gap":  # timm: fc_norm None means after the average for 'avg'
-            fc_norm = model_args.get("fc_norm")
+            fc_norm = model_args.get("fc_norm", model_args.get("use_fc_norm"))  # ViT / Eva spelling
             out["norm_after_pool"] = True if fc_norm is None else bool(fc_norm)
     if "mlp_ratio" in model_args:
         dim = out.get("embed_dim")
@@ -103,6 +115,8 @@ def timm_architecture(cfg: ViTConfig) -> tuple[str, dict]:
     if type(cfg) is not ViTConfig:  # hybrids and CNNs: timm names them, but their model_args are not these
         raise InvalidValueError(f"cannot write the timm Hub layout for a {type(cfg).__name__} model (it holds ViTs "
                                 "here); use the vitlab layout")
+    if cfg.pos_embed == "rope":
+        return _dinov3_architecture(cfg)
     problems = []
     if cfg.mlp_type != "mlp":
         problems.append(f"mlp_type={cfg.mlp_type!r}")
@@ -141,3 +155,35 @@ def timm_architecture(cfg: ViTConfig) -> tuple[str, dict]:
                                 "model_args builds it (a LayerNorm epsilon, patch bias or token set no timm "
                                 "ViT name has); use the vitlab layout")
     return best[2], args
+
+
+def _dinov3_architecture(cfg: ViTConfig) -> tuple[str, dict]:
+    """timm's ``vit_*_dinov3`` name and ``Eva`` keywords for a ``pos_embed='rope'`` config (what
+    :func:`timm_architecture` returns for DINOv3 models)."""
+    problems = []
+    if cfg.mlp_type == "swiglu" and cfg.mlp_dim % 8:
+        problems.append(f"a SwiGLU width {cfg.mlp_dim} timm would round up to a multiple of 8")
+    if cfg.representation_size or cfg.head_proj_dim or cfg.head_l2_norm or cfg.pool == "map":
+        problems.append("a pre-logits layer, head projection or attention pooling")
+    if cfg.drop_remainder or cfg.dynamic_img_pad:
+        problems.append("drop_remainder / dynamic_img_pad")
+    args = timm_dinov3_model_args(cfg)
+    want = _comparable(cfg)
+    overrides = config_overrides(args)
+    best = None
+    for alias in sorted(a for a in _ALIASES if a.endswith("_dinov3")):
+        if alias.startswith("vit_7b") and cfg.mlp_dim % 64:  # timm's 7B rounds its SwiGLU width to 64
+            continue
+        base = get_config(alias)
+        try:
+            built = base.replace(**overrides)
+        except (ValueError, TypeError):
+            continue
+        if not problems and _comparable(built) == want:  # the fewest changed keywords wins
+            rank = (sum(timm_dinov3_model_args(base).get(k) != v for k, v in args.items()), alias)
+            best = rank if best is None or rank < best else best
+    if best is not None:
+        return best[1], args
+    raise InvalidValueError("cannot write the timm Hub layout for this model: " + "; ".join(
+        problems or ["no timm vit_*_dinov3 architecture plus model_args builds it (its RoPE base, LayerNorm epsilon, "
+                     "token set or GELU differ from DINOv3's)"]) + " (use the vitlab layout)")

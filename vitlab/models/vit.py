@@ -10,7 +10,8 @@ Module and parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``p
 
 As a backbone: :meth:`VisionTransformer.forward_intermediates` returns the tokens of chosen blocks (timm's
 interface), ``dynamic_img_size`` runs the model at any input size with the position embedding resampled for the
-input's grid (cached per grid), ``dynamic_img_pad`` pads inputs up to a multiple of the patch.
+input's grid (cached per grid; a rotary embedding, ``pos_embed='rope'``, is computed for it), ``dynamic_img_pad``
+pads inputs up to a multiple of the patch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .resample import RESAMPLE_METHODS, resample_grid
 PoolType = Literal["token", "gap", "map"]
 GeluType = Literal["exact", "tanh", "quick"]
 MlpType = Literal["mlp", "swiglu"]
-PosEmbedType = Literal["learned", "learned_2d", "sincos", "none"]
+PosEmbedType = Literal["learned", "learned_2d", "sincos", "rope", "none"]
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -85,6 +86,13 @@ class ViTConfig:
       logit scale (:mod:`vitlab.zeroshot`).
     - ``drop_remainder``: accept image sizes that are not a multiple of the patch; the strided patch convolution
       ignores the last ``size % patch`` pixel rows / columns (SigLIP So400m/14 at 384 px: a 27x27 grid).
+    - ``pos_embed='rope'``: no additive position embedding; attention rotates the queries and keys of the patch
+      tokens by their grid position (2-D rotary embedding, DINOv3; see :func:`rope_2d`), prefix tokens unrotated.
+      ``rope_base`` is the base period (DINOv3: 100); ``rope_shift`` / ``rope_jitter`` / ``rope_rescale`` are
+      DINOv3's training-time coordinate augmentations (a uniform shift in [-s, s], a per-axis scale and a shared
+      scale log-uniform in [1/f, f]; drawn once per forward, in training mode only; None: off). A query / key bias
+      (``qkv_bias``) keeps its key third out of the sum (DINOv3's masked key bias: under RoPE a key bias would not
+      cancel in the softmax).
 
     Prefix tokens are one concept: ``[class] [distillation] [registers...]`` in that order, then the patches;
     :attr:`num_prefix_tokens` counts them and :attr:`prefix_token_names` names them.
@@ -114,6 +122,10 @@ class ViTConfig:
     patch_bias: bool = True
     mlp_type: MlpType = "mlp"
     drop_remainder: bool = False
+    rope_base: float = 100.0
+    rope_shift: float | None = None
+    rope_jitter: float | None = None
+    rope_rescale: float | None = None
     head_proj_dim: int = 0
     head_l2_norm: bool = False
     dropout: float = 0.0
@@ -136,8 +148,20 @@ class ViTConfig:
             errors.append(f"pool must be 'token', 'gap' or 'map', got {self.pool!r}")
         if self.pool == "token" and not self.class_token:
             errors.append("pool='token' needs class_token=True")
-        if self.pos_embed not in ("learned", "learned_2d", "sincos", "none"):
-            errors.append(f"pos_embed must be learned, learned_2d, sincos or none, got {self.pos_embed!r}")
+        if self.pos_embed not in ("learned", "learned_2d", "sincos", "rope", "none"):
+            errors.append(f"pos_embed must be learned, learned_2d, sincos, rope or none, got {self.pos_embed!r}")
+        if self.pos_embed == "rope" and (self.embed_dim // self.num_heads) % 4:
+            errors.append(f"pos_embed='rope' needs a head width (embed_dim / num_heads = "
+                          f"{self.embed_dim // self.num_heads}) divisible by 4")
+        if not self.rope_base > 0:
+            errors.append(f"rope_base must be > 0, got {self.rope_base!r}")
+        for name, low in (("rope_shift", 0.0), ("rope_jitter", 1.0), ("rope_rescale", 1.0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < low):
+                errors.append(f"{name} must be None or a number >= {low:g}, got {value!r}")
+            elif value is not None and self.pos_embed != "rope":
+                errors.append(f"{name} needs pos_embed='rope'")
         if self.pos_embed == "learned_2d" and self.embed_dim % 2:
             errors.append("pos_embed='learned_2d' needs an even embed_dim")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
@@ -215,6 +239,12 @@ class ViTConfig:
             changed["pool"] = "map"
         if self.gelu == "quick":
             changed["gelu"] = "quick"
+        if self.pos_embed == "rope":
+            changed["pos_embed"] = "rope"
+            if self.rope_base != 100.0:
+                changed["rope_base"] = self.rope_base
+            changed.update({name: getattr(self, name) for name in ("rope_shift", "rope_jitter", "rope_rescale")
+                            if getattr(self, name) is not None})
         return changed
 
     def to_dict(self) -> dict:
@@ -273,27 +303,77 @@ def sincos_2d_position_embedding(grid_size: tuple[int, int], dim: int, temperatu
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
 
 
+def rope_2d(grid_size: tuple[int, int], head_dim: int, base: float = 100.0, *, shift: float | None = None,
+            jitter: float | None = None, rescale: float | None = None, device: torch.device | str | None = None,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """DINOv3's 2-D rotary position embedding for a (gh, gw) patch grid: (gh * gw, 2 * head_dim), the sines then
+    the cosines, rows in row-major grid order, for :func:`apply_rope`.
+
+    Each patch's centre is a coordinate in [-1, 1] per axis (row i: 2 (i + 0.5) / gh - 1, the same for columns), so
+    any grid covers the same range and no resampling is needed at another input size. A quarter of the head's
+    channels turns with the row coordinate and a quarter with the column coordinate, at angles 2 pi c / period for
+    periods ``base ** (4 j / head_dim)``, j < head_dim / 4; the other half of the channels pairs with them
+    (rotate-half layout). ``shift`` / ``jitter`` / ``rescale`` (training-time augmentations, see
+    :class:`ViTConfig`) move and scale the coordinates, in that order, with draws from ``generator``."""
+    gh, gw = grid_size
+    rows = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) / gh
+    cols = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) / gw
+    coords = 2.0 * torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2) - 1.0  # (N, 2)
+
+    def draw(n: int, bound: float) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.float32, device=coords.device).uniform_(-bound, bound, generator=generator)
+
+    if shift is not None:
+        coords = coords + draw(2, shift)
+    if jitter is not None:
+        coords = coords * draw(2, math.log(jitter)).exp()
+    if rescale is not None:
+        coords = coords * draw(1, math.log(rescale)).exp()
+    periods = base ** (4.0 * torch.arange(head_dim // 4, dtype=torch.float32, device=coords.device) / head_dim)
+    angles = (2 * math.pi * coords[:, :, None] / periods).flatten(1)  # (N, head_dim / 2): rows, then columns
+    angles = torch.cat([angles, angles], dim=1)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, heads, N, head_dim) by ``rope`` ((N, 2 head_dim) from :func:`rope_2d`, or (B, N, 2 head_dim)
+    for a different token subset per image): x cos + rotate_half(x) sin, in float32 at least (bfloat16 activations
+    are not rotated in bfloat16), returned in x's dtype."""
+    sin, cos = rope.chunk(2, dim=-1)
+    if rope.ndim == 3:
+        sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    first, second = wide.chunk(2, dim=-1)
+    return (wide * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
 
     The normal forward calls ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available); the
-    explicit softmax, which exposes the attention probabilities, runs only when ``return_attention=True``.
+    explicit softmax, which exposes the attention probabilities, runs only when ``return_attention=True``. With
+    ``rotary`` (a rotary-embedding model) the forward takes the rotary embedding of the patch tokens, which are the
+    last rows of the sequence (the prefix tokens before them are not rotated), and the key bias is left out.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 rotary: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = attn_drop
+        self.rotary = rotary
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, rope: torch.Tensor | None = None):
         B, N, D = x.shape
         # (B, N, 3D) -> (3, B, heads, N, head_dim)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.rotary:
+            q, k = self.rotate(q, k, rope)
         drop = self.attn_drop if self.training else 0.0
         if return_attention:
             probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
@@ -303,6 +383,20 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
         return (out, probs) if return_attention else out
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE models: the key bias taken back out (DINOv3 masks it), then the patch rows of q and k rotated."""
+        if rope is None:
+            raise ModelInputError("a rotary-position-embedding (pos_embed='rope') block needs the rotary embedding "
+                                  "of its tokens: run it through VisionTransformer (forward, forward_features, ...)")
+        linear = getattr(self.qkv, "base_layer", self.qkv)  # a LoRA wrapper keeps the layer inside
+        if linear.bias is not None:
+            D = self.num_heads * self.head_dim
+            k = k - linear.bias[D : 2 * D].reshape(self.num_heads, 1, self.head_dim)
+        p = q.shape[2] - rope.shape[-2]
+        q = torch.cat([q[:, :, :p], apply_rope(q[:, :, p:], rope)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rope(k[:, :, p:], rope)], dim=2)
+        return q, k
 
 
 class QuickGELU(nn.Module):
@@ -378,7 +472,8 @@ class Block(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout,
+                              rotary=cfg.pos_embed == "rope")
         self.ls1 = LayerScale(D, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
         if cfg.mlp_type == "swiglu":
@@ -388,13 +483,15 @@ class Block(nn.Module):
         self.ls2 = LayerScale(D, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, rope: torch.Tensor | None = None):
+        """``rope``: the rotary embedding of the patch tokens (:meth:`VisionTransformer.rotary_embedding`), for
+        ``pos_embed='rope'`` models."""
         if return_attention:
-            y, probs = self.attn(self.norm1(x), return_attention=True)
+            y, probs = self.attn(self.norm1(x), return_attention=True, rope=rope)
             x = x + drop_path(self.ls1(y), self.drop_path_rate, self.training)
         else:  # one expression: the attention output is freed before the MLP allocates (the allocator reuses it)
             probs = None
-            x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
+            x = x + drop_path(self.ls1(self.attn(self.norm1(x), rope=rope)), self.drop_path_rate, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
         return (x, probs) if return_attention else x
 
@@ -747,7 +844,7 @@ class VisionTransformer(nn.Module, ModelMetadata):
         :class:`GridCache`)."""
         kind, build = self.cfg.pos_embed, self.cfg.grid_size
         grid = build if grid_size is None else tuple(grid_size)
-        if kind == "none":
+        if kind in ("none", "rope"):  # rope: positions enter the attention instead (rotary_embedding)
             return None
         if grid == build and not _tracing():
             return self._position_embedding_for(build)
@@ -811,22 +908,40 @@ class VisionTransformer(nn.Module, ModelMetadata):
             x = x + pos
         return self.norm_pre(self.pos_drop(x))
 
+    def rotary_embedding(self, grid_size: tuple[int, int] | None = None,
+                         keep: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``pos_embed='rope'`` models: the rotary embedding of the patch tokens of ``grid_size`` (default: the build
+        grid), (N, 2 head_dim) (:func:`rope_2d`), which every block's attention applies; with ``keep`` (B, K) int64
+        the rows of those patches only, (B, K, 2 head_dim). In training mode the config's coordinate augmentations
+        are drawn (once per call: every block sees the same positions). None for the other kinds."""
+        cfg = self.cfg
+        if cfg.pos_embed != "rope":
+            return None
+        grid = cfg.grid_size if grid_size is None else tuple(grid_size)
+        augment = dict(shift=cfg.rope_shift, jitter=cfg.rope_jitter, rescale=cfg.rope_rescale) if self.training \
+            else {}
+        rope = rope_2d(grid, cfg.embed_dim // cfg.num_heads, cfg.rope_base, device=self.patch_embed.proj.weight.device,
+                       **augment)
+        return rope if keep is None else rope[keep]
+
     def prefix_tokens(self) -> list[torch.Tensor]:
         """The learned prefix tokens in sequence order (class (1, 1, D), distillation (1, 1, D), registers
         (1, n, D)); those the model has."""
         return [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
 
-    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One encoder block, recomputed in the backward pass when gradient checkpointing is on."""
+    def run_block(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """One encoder block, recomputed in the backward pass when gradient checkpointing is on; ``rope``: the
+        rotary embedding of the patch tokens (:meth:`rotary_embedding`; None for the other position embeddings)."""
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, use_reentrant=False, rope=rope)
+        return block(x, rope=rope)
 
     def forward_features(self, x: torch.Tensor, dynamic_img_size: bool | None = None) -> torch.Tensor:
         """Tokens after the encoder (and the final norm unless it comes after pooling): (B, N + prefix, D)."""
+        rope = self.rotary_embedding(self.input_grid(x, dynamic_img_size))
         x = self.embed(x, dynamic_img_size)
         for block in self.blocks:
-            x = self.run_block(block, x)
+            x = self.run_block(block, x, rope)
         return self.norm(x)
 
     def forward_intermediates(
@@ -854,10 +969,11 @@ class VisionTransformer(nn.Module, ModelMetadata):
             raise ModelInputError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         taken, last = take_indices(len(self.blocks), indices)
         grid = self.input_grid(x, dynamic_img_size)
+        rope = self.rotary_embedding(grid)
         x = self.embed(x, dynamic_img_size)
         intermediates = []
         for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
-            x = self.run_block(block, x)
+            x = self.run_block(block, x, rope)
             if i in taken:
                 intermediates.append(self.norm(x) if norm else x)
         p = self.num_prefix_tokens
@@ -914,10 +1030,11 @@ class VisionTransformer(nn.Module, ModelMetadata):
         T = tokens of the input's grid + prefix tokens. Uses the explicit softmax; the normal forward is not
         affected. ``return_pool_attention`` (``pool='map'`` models) adds a third element: the pooling probe's
         attention over the patch tokens, (B, heads, 1, N)."""
+        rope = self.rotary_embedding(self.input_grid(x, dynamic_img_size))
         x = self.embed(x, dynamic_img_size)
         maps = []
         for block in self.blocks:
-            x, probs = block(x, return_attention=True)
+            x, probs = block(x, return_attention=True, rope=rope)
             maps.append(probs)
         x = self.norm(x)
         if not return_pool_attention:

@@ -135,8 +135,9 @@ class MaskedAutoencoder(nn.Module):
             raise InvalidValueError(f"noise must be (batch, patches) = ({B}, {N}), got {tuple(noise.shape)}")
         keep, mask, restore = random_masking(noise.to(tokens.device), keep_count(N, self.mask_ratio))
         x = vit.embed_tokens(tokens, grid, keep=keep)
+        rope = vit.rotary_embedding(grid, keep)  # pos_embed='rope': the visible patches' rotary embedding
         for block in vit.blocks:
-            x = vit.run_block(block, x)
+            x = vit.run_block(block, x, rope)
         # the final norm on every token (timm's fc_norm, when the ViT normalises after pooling)
         x = vit.fc_norm(x) if vit.cfg.norm_after_pool else vit.norm(x)
         return x, mask, restore

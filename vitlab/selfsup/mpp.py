@@ -108,8 +108,9 @@ class MaskedPatchPrediction(nn.Module):
         tokens = vit.patch_embed(images)  # (B, N, D)
         tokens, chosen = corrupt_patches(tokens, self.mask_token, self.ratio, self.probs, generator)
         x = vit.embed_tokens(tokens)
+        rope = vit.rotary_embedding()  # pos_embed='rope' models: positions enter each attention
         for block in vit.blocks:
-            x = block(x)
+            x = block(x, rope=rope)
         x = vit.norm(x)[:, vit.num_prefix_tokens:]  # (B, N, D), patch tokens only
         targets = mean_colour_targets(images, self.pixel_patch, self.mean, self.std, self.bits)
         return self.head(x), targets, chosen

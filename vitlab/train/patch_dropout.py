@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..data import sample_random as SR
 from ..errors import InvalidValueError
@@ -37,6 +36,7 @@ class PatchDropoutForward(nn.Module):
         vit = self.vit
         if not self.training or self.keep >= 1.0 or all_tokens:
             return vit(x)
+        grid = vit.input_grid(x)
         tokens = vit.embed(x)  # (B, prefix + N, D), position embedding added
         prefix = vit.num_prefix_tokens
         B, total, D = tokens.shape
@@ -45,13 +45,12 @@ class PatchDropoutForward(nn.Module):
         # a random subset per image: the indices of the `kept` smallest of N uniform draws
         draws = (SR.keyed_uniform(sample_keys.to(x.device), n, SR.PATCH_DROPOUT) if sample_keys is not None
                  else torch.rand(B, n, device=x.device))
-        order = draws.argsort(dim=1)[:, :kept] + prefix
+        patches = draws.argsort(dim=1)[:, :kept]
+        rope = vit.rotary_embedding(grid, patches)  # pos_embed='rope': the kept patches' rotary embedding
+        order = patches + prefix
         if prefix:
             order = torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), order], dim=1)
         tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, D))
         for block in vit.blocks:
-            if vit.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, use_reentrant=False)
-            else:
-                tokens = block(tokens)
+            tokens = vit.run_block(block, tokens, rope)
         return vit.forward_head(vit.norm(tokens))
