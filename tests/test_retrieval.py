@@ -141,6 +141,9 @@ def test_manifest_rows_become_distinct_images_with_several_captions(tmp_path):
     assert data.texts == CAPTIONS and data.text_image.tolist() == OWNER
     image, index = data[3]
     assert index == 3 and image.size == (32, 32)
+    import pickle  # DataLoader workers started by spawn receive the data set pickled
+
+    assert pickle.loads(pickle.dumps(data))[3][0].tobytes() == image.tobytes()
     # JSONL: a list of captions in one cell, and a split column
     lines = [{"path": "images/img0.png", "captions": ["one", "two"], "split": "test"},
              {"path": "images/img1.png", "captions": "three", "split": "train"},
@@ -178,6 +181,12 @@ def test_hugging_face_parquet_with_a_list_of_captions(tmp_path):
     data = build_captioned(str(tmp_path / "test.parquet"))
     assert data.texts == ["a cat", "the cat", "a dog", "a car", "two", "three"]
     assert data.text_image.tolist() == [0, 0, 1, 2, 2, 2] and data[1][0].size == (32, 32)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(data))[1][0].tobytes() == data[1][0].tobytes()
+    # the default text column is the first of caption, captions, text, texts, sentences present
+    pq.write_table(table.append_column("text", pa.array(["x", "y", "z"])), tmp_path / "two.parquet")
+    assert build_captioned(str(tmp_path / "two.parquet")).texts == ["x", "y", "z"]
     with pytest.raises(VitlabError, match="no text column 'caption'"):
         build_captioned(str(tmp_path / "test.parquet") + "?text=caption")
 

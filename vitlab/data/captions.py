@@ -16,6 +16,7 @@ Two sources:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,19 +52,23 @@ def _captions_of(value, where: str) -> list[str]:
 class CaptionedImages(Dataset):
     """Distinct images and their captions. ``images``: what each image is read from (a file, or a row number of a
     Hugging Face table); ``sources``: how results name each image; ``texts``: the captions; ``text_image``: int64
-    (M,) the image index of each caption. Every image has at least one caption."""
+    (M,) the image index of each caption. Every image has at least one caption. Subclasses read image ``i`` in
+    :meth:`_read` (methods, not closures: DataLoader workers may need to pickle the data set)."""
 
     def __init__(self, name: str, images: list, sources: list[str], texts: list[str], text_image: Sequence[int],
-                 read: Callable[[int], object], on_error: str = "skip"):
+                 channels: int = 3, on_error: str = "skip", max_pixels: int | None = None):
         if on_error not in ON_ERROR:
             raise InvalidValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
         self.name, self.images, self.sources, self.texts = name, images, sources, texts
         self.text_image = np.asarray(text_image, dtype=np.int64)
-        self._read, self.on_error = read, on_error
+        self.channels, self.on_error, self.max_pixels = channels, on_error, max_pixels
         self.transform: Callable | None = None
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def _read(self, index: int):
+        raise NotImplementedError
 
     def __getitem__(self, index: int):
         try:
@@ -73,6 +78,30 @@ class CaptionedImages(Dataset):
                 raise
             return BadSample(str(exc)), index
         return (self.transform(image) if self.transform is not None else image), index
+
+
+class _ManifestCaptions(CaptionedImages):
+    def __init__(self, manifest: Path, files: list[str], lines: list[int], texts: list[str], text_image: list[int],
+                 **kwargs):
+        super().__init__(str(manifest), files, files, texts, text_image, **kwargs)
+        self.lines, self.base = lines, str(manifest.parent)
+
+    def _read(self, index: int):
+        file = self.images[index]
+        kwargs = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
+        shown = file.removeprefix(self.base + os.sep)  # as the manifest gives it, when relative
+        return load_sample(file, self.channels, name=f"{self.name} line {self.lines[index]}: {shown}", **kwargs)
+
+
+class _TableCaptions(CaptionedImages):
+    def __init__(self, name: str, column, base: Path, texts: list[str], text_image: list[int], **kwargs):
+        rows = list(range(len(column)))
+        super().__init__(name, rows, [f"{name}: row {i}" for i in rows], texts, text_image, **kwargs)
+        self.column, self.base = column, base
+
+    def _read(self, index: int):
+        return image_cell(self.column[index].as_py(), f"{self.name}: row {index}", self.channels, self.max_pixels,
+                          self.base)
 
 
 def captioned_manifest(path: str | Path, split_names: Sequence[str] | None = None, *, text_column: str | None = None,
@@ -122,13 +151,8 @@ def captioned_manifest(path: str | Path, split_names: Sequence[str] | None = Non
         text_image.extend([index[file]] * len(captions))
     if not files:
         raise VitlabError(f"{manifest}: no rows" + (f" of split {'/'.join(split_names[:2])}" if wanted else ""))
-    kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-
-    def read(i: int):
-        shown = files[i].removeprefix(base + "/")
-        return load_sample(files[i], channels, name=f"{manifest} line {lines[i]}: {shown}", **kwargs)
-
-    return CaptionedImages(str(manifest), files, files, texts, text_image, read, on_error)
+    return _ManifestCaptions(manifest, files, lines, texts, text_image, channels=channels, on_error=on_error,
+                             max_pixels=max_pixels)
 
 
 def captioned_hf(spec: str, split_names: Sequence[str], *, image_column: str | None = None,
@@ -141,7 +165,8 @@ def captioned_hf(spec: str, split_names: Sequence[str], *, image_column: str | N
     image = find_image_column(features, image_column or parsed.options.get("image"), name)
     text = text_column or parsed.options.get("text")
     if text is None:
-        text = next((c for c in features if c.lower() in HF_TEXT_COLUMNS and c != image), None)
+        lowered = {c.lower(): c for c in features if c != image}
+        text = next((lowered[n] for n in HF_TEXT_COLUMNS if n in lowered), None)
         if text is None:
             raise VitlabError(f"{name}: no text column among {', '.join(features)}; choose one with text_column",
                               options=("text_column",))
@@ -156,15 +181,10 @@ def captioned_hf(spec: str, split_names: Sequence[str], *, image_column: str | N
             raise VitlabError(f"{name}: row {row} has no caption in column {text!r}")
         texts.extend(captions)
         text_image.extend([row] * len(captions))
-    rows = list(range(table.num_rows))
-    if not rows:
+    if not table.num_rows:
         raise VitlabError(f"{name}: no rows")
-    column = table.column(image)
-
-    def read(i: int):
-        return image_cell(column[i].as_py(), f"{name}: row {i}", channels, max_pixels, resolved.files[0].parent)
-
-    return CaptionedImages(name, rows, [f"{name}: row {i}" for i in rows], texts, text_image, read, on_error)
+    return _TableCaptions(name, table.column(image), resolved.files[0].parent, texts, text_image, channels=channels,
+                          on_error=on_error, max_pixels=max_pixels)
 
 
 def build_captioned(spec: str | Path, split_names: Sequence[str] = ("test",), *, text_column: str | None = None,
