@@ -142,7 +142,7 @@ def test_gathered_loss_over_two_processes_is_the_global_batch_loss_and_gradient(
         loss.backward()
         shares = [results[r][kind] for r in range(2)]
         # DDP averages the processes' gradients: the mean of the shares is the global batch's loss and gradient
-        assert abs(np.mean([s[0] for s in shares]) - float(loss)) < 1e-6
+        assert abs(np.mean([s[0] for s in shares]) - loss.item()) < 1e-6
         torch.testing.assert_close(torch.cat([s[1] for s in shares]) / 2, g_img.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(torch.cat([s[2] for s in shares]) / 2, g_txt.grad, rtol=1e-5, atol=1e-7)
         assert abs(np.mean([s[3] for s in shares]) - float(scale.grad)) < 1e-6
