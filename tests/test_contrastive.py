@@ -294,3 +294,16 @@ def test_command_writes_a_model_zero_shot_and_retrieval_take(siglip, captions, t
     assert main(["finetune-image-text", "--from", str(folder), *common, "--label-smoothing", "0.1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not support" in err, err
+
+
+def test_a_manifest_without_a_split_column_trains_on_every_row_and_evaluates_nothing(clip, captions, tmp_path):
+    import csv
+
+    rows = [r for r in csv.reader(open(captions)) if r[2] == "train"]
+    plain = captions.parent / "no_split.csv"
+    with open(plain, "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption"], *[r[:2] for r in rows]])
+    objective = ContrastiveObjective()
+    result = finetune_image_text(_config(tmp_path, clip[1], plain, steps=1), objective=objective)
+    assert result.metrics == {} and len(objective.train_data.texts) == 16
+    assert vitlab.load_image_text(result.image_text).tokenizer is not None
