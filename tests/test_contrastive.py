@@ -299,7 +299,7 @@ def test_command_writes_a_model_zero_shot_and_retrieval_take(siglip, captions, t
 def test_a_manifest_without_a_split_column_trains_on_every_row_and_evaluates_nothing(clip, captions, tmp_path):
     import csv
 
-    rows = [r for r in csv.reader(open(captions)) if r[2] == "train"]
+    rows = [r for r in csv.reader(captions.read_text().splitlines()) if r[2] == "train"]
     plain = captions.parent / "no_split.csv"
     with open(plain, "w", newline="") as f:
         csv.writer(f).writerows([["image", "caption"], *[r[:2] for r in rows]])
