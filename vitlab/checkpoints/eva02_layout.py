@@ -116,3 +116,28 @@ def from_eva02(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dic
                 sd[f"{stem}{which}_proj.bias"] = sd.pop(f"{stem}{which}_bias")
     sd, more = from_timm_eva02(sd, source)
     return sd, notes + more
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def to_timm_eva02(state_dict: Mapping[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """vitlab names -> timm's ``Eva`` as the ``eva02_*`` functions build it: with ``mlp_norm`` (B, L:
+    ``qkv_fused=False``, ``scale_mlp``) separate ``q_proj`` / ``k_proj`` / ``v_proj`` and ``fc1_g`` / ``fc1_x``, else
+    (Ti, S) the fused ``qkv.weight`` with ``q_bias`` / ``v_bias`` and the packed ``fc1``."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    separate = cfg.mlp_norm
+    for key in [k for k in sd if re.match(r"blocks\.\d+\.attn\.qkv\.(weight|bias)$", k)]:
+        stem, kind = key.rsplit(".", 2)[0] + ".", key.rsplit(".", 1)[1]
+        q, k, v = (t.contiguous() for t in sd.pop(key).chunk(3))
+        if kind == "bias":  # the key third is not part of either layout (EVA-02 has no key bias)
+            names = (f"{stem}q_proj.bias", f"{stem}v_proj.bias") if separate else (f"{stem}q_bias", f"{stem}v_bias")
+            sd[names[0]], sd[names[1]] = q, v
+        elif separate:
+            sd[f"{stem}q_proj.weight"], sd[f"{stem}k_proj.weight"], sd[f"{stem}v_proj.weight"] = q, k, v
+        else:
+            sd[key] = torch.cat([q, k, v])
+    if separate:
+        for key in [k for k in sd if re.match(r"blocks\.\d+\.mlp\.fc1\.", k)]:
+            gate, value = sd.pop(key).split(cfg.mlp_dim)
+            sd[key.replace(".fc1.", ".fc1_g.")], sd[key.replace(".fc1.", ".fc1_x.")] = gate.contiguous(), \
+                value.contiguous()
+    return sd

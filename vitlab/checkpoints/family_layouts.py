@@ -338,6 +338,9 @@ _GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gel
 def transformers_class(cfg) -> str | None:
     """The transformers class that holds a model with these options (None: the paper's ViT, written as
     ``ViTForImageClassification``). Raises InvalidValueError for option sets no transformers class computes."""
+    if getattr(cfg, "rope_kind", None) == "eva" or getattr(cfg, "mlp_norm", False):
+        raise InvalidValueError("cannot write a transformers layout for this model: transformers has no EVA-02 "
+                                "(rope_kind='eva', mlp_norm); use the timm or vitlab layout")
     if getattr(cfg, "pos_embed", None) == "rope":
         problems = export_problems(cfg, "transformers")
         if problems:
