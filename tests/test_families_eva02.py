@@ -299,3 +299,34 @@ def test_config_checks_name_the_rope_fields():
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.family_options() == {"mlp_type": "swiglu", "mlp_norm": True, "rope_kind": "eva",
                                     "rope_ref_grid": (16, 16), "rope_base": 10000.0}
+
+
+def test_kept_patches_keep_their_learned_position_and_rotation():
+    """Patch dropout / MAE path: keeping every patch in a shuffled order gives the model's own tokens (each keeps
+    its learned position and its rotation); a training step with patch dropout runs."""
+    from vitlab.train.patch_dropout import PatchDropoutForward
+
+    model = randomize_weights_(vitlab.create_model("eva02_b14", embed_dim=128, depth=2, num_heads=2, img_size=56,
+                                                   mlp_dim=341, num_classes=3))
+    x = _images()
+    out = PatchDropoutForward(model, keep=0.5).train()(x)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    model.eval()
+    keep = torch.stack([torch.randperm(16) for _ in range(2)])
+    with torch.no_grad():
+        tokens = model.embed_tokens(model.patch_embed(x), keep=keep)
+        rope = model.rotary_embedding(keep=keep)
+        for block in model.blocks:
+            tokens = block(tokens, rope=rope)
+        full = model.forward_features(x)
+    _close(tokens[:, 1:], full[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, 128)))
+
+
+def test_catalog_names_resolve_through_timms_aliases():
+    from vitlab.models.pretrained import get_pretrained
+
+    assert get_pretrained("eva02_base_patch14_448.mim_in22k_ft_in1k").name == "eva02_b14.mim_in22k_ft_in1k_448"
+    assert get_pretrained("eva02_l14").name == "eva02_l14.mim_m38m_ft_in22k_in1k_448"
+    entry = get_pretrained("eva02_b14.mim_in22k")
+    assert (entry.num_classes, entry.preprocessing.crop_pct, entry.sources[0].spec) == \
+        (0, 0.9, "hf-hub:timm/eva02_base_patch14_224.mim_in22k")
