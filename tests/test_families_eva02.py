@@ -330,3 +330,36 @@ def test_catalog_names_resolve_through_timms_aliases():
     entry = get_pretrained("eva02_b14.mim_in22k")
     assert (entry.num_classes, entry.preprocessing.crop_pct, entry.sources[0].spec) == \
         (0, 0.9, "hf-hub:timm/eva02_base_patch14_224.mim_in22k")
+
+
+def test_feature_extractor_gives_timms_intermediate_maps(tmp_path):
+    from vitlab.models.features import FeatureExtractor
+
+    ref = _timm("eva02_base_patch14_448", dynamic_img_size=True)
+    model = vitlab.load(_save_timm(ref, tmp_path / "timm.safetensors"))
+    model.set_dynamic_img_size(True)
+    extractor = FeatureExtractor(model, indices=[0, 1])
+    x = _images(OTHER)
+    with torch.no_grad():
+        ours = extractor(x)
+        theirs = ref.forward_intermediates(x, indices=[0, 1], output_fmt="NCHW", intermediates_only=True)
+    for a, b in zip(ours, theirs):
+        assert a.shape == (2, 128, 3, 5)
+        _close(a, b)
+
+
+@pytest.mark.slow
+def test_onnx_export_with_dynamic_size_resamples_the_table_and_recomputes_the_rotation(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from vitlab.compute.deploy import export_onnx
+
+    model = randomize_weights_(vitlab.create_model("eva02_b14", embed_dim=128, depth=2, num_heads=2, img_size=56,
+                                                   mlp_dim=341, num_classes=3)).eval()
+    export_onnx(model, tmp_path / "eva02.onnx", dynamic_size=True)
+    session = ort.InferenceSession(str(tmp_path / "eva02.onnx"))
+    for size in ((56, 56), OTHER):
+        x = _images(size, n=3)
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            _close(torch.from_numpy(out), model(x, dynamic_img_size=True))
