@@ -363,3 +363,16 @@ def test_onnx_export_with_dynamic_size_resamples_the_table_and_recomputes_the_ro
         out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         with torch.no_grad():
             _close(torch.from_numpy(out), model(x, dynamic_img_size=True))
+
+
+def test_loading_at_another_resolution_matches_timms_converter(tmp_path):
+    """`vitlab.load(..., img_size=84)` resamples the learned table once (timm's antialiased bicubic) and the rotation
+    follows the new 6x6 grid on the same 16x16 reference, as timm's checkpoint_filter_fn builds it."""
+    ref = _timm("eva02_base_patch14_448")
+    model = vitlab.load(_save_timm(ref, tmp_path / "timm.safetensors"), img_size=84).eval()
+    assert model.cfg.grid_size == (6, 6) and model.cfg.rope_ref_grid == (16, 16)
+    bigger = _timm("eva02_base_patch14_448", img_size=84)
+    bigger.load_state_dict(timm.models.eva.checkpoint_filter_fn(ref.state_dict(), bigger), strict=True)
+    x = _images((84, 84))
+    with torch.no_grad():
+        _close(model(x), bigger(x))
