@@ -376,3 +376,11 @@ def test_loading_at_another_resolution_matches_timms_converter(tmp_path):
     x = _images((84, 84))
     with torch.no_grad():
         _close(model(x), bigger(x))
+
+
+@pytest.mark.parametrize("name", ["vit_medium_patch16_rope_reg1_gap_256", "vit_small_patch16_rope_ape_224",
+                                  "vit_small_patch16_dinov3_qkvb"])
+def test_timms_other_eva_vits_are_not_taken_for_eva02(name):
+    with torch.device("meta"):
+        sd = timm.create_model(name, pretrained=False).state_dict()
+    assert detect_family_layout(sd) not in ("eva02", "timm_eva02")

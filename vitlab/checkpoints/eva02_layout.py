@@ -50,6 +50,9 @@ def detect_eva02_layout(keys: set[str]) -> str | None:
         return None
     if not any(re.match(_ATTN + r"(?:q_bias|q_proj\.weight)$", k) for k in keys):
         return None
+    # timm's other Eva ViTs (the RoPE ViTs of SBB and Naver, DINOv3) have registers or LayerScale: EVA-02 has neither
+    if "reg_token" in keys or any(re.match(r"blocks\.\d+\.gamma_[12]$", k) for k in keys):
+        return None
     if any(re.match(_BAAI_MLP, k) for k in keys) or any(re.search(r"(?:^|\.)rope\.freqs_(?:cos|sin)$", k)
                                                           for k in keys):
         return "eva02"

@@ -8,11 +8,11 @@ set, parameter count), how the publisher evaluated them, where to get them (one 
 the accuracy reported for them. Nothing here downloads anything: :mod:`vitlab.hub` turns an entry into a local file.
 
 Facts come from public sources: timm's ``default_cfgs`` (``timm/models/vision_transformer.py`` and ``eva.py``, timm
-1.0.31: Hub repos, GCS file names, input size, crop, mean/std, interpolation, licence), the vit_jax README (the original file
-names), the paper (Table 5) and timm's ``results/results-imagenet.csv`` (top-1 that timm measured on the same
-weights). Parameter counts are timm's for the same architecture and head (plus the pre-logits layer the original
-ImageNet-21k files carry). File sizes and sha256 sums are recorded only where a publisher states them; none of the
-sources above does, so they are ``None`` and downloads are checked for being a readable checkpoint instead.
+1.0.31: Hub repos, GCS file names, input size, crop, mean/std, interpolation, licence), the vit_jax README (the
+original file names), the paper (Table 5) and timm's ``results/results-imagenet.csv`` (top-1 that timm measured on
+the same weights). Parameter counts are timm's for the same architecture and head (plus the pre-logits layer the
+original ImageNet-21k files carry). File sizes and sha256 sums are recorded only where a publisher states them; none
+of the sources above does, so they are ``None`` and downloads are checked for being a readable checkpoint instead.
 """
 
 from __future__ import annotations
