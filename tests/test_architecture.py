@@ -69,6 +69,7 @@ IN_FUNCTION_REASONS: dict[tuple[str, str], str] = {
     ("vitlab.data.hf_tables", "pyarrow"): OPTIONAL + " (installed with datasets, the hf extra)",
     ("vitlab.data.hf_tables", "pyarrow.parquet"): OPTIONAL + " (installed with datasets, the hf extra)",
     ("vitlab.evaluate.features", "tqdm"): OPTIONAL,
+    ("vitlab.evaluate.retrieval", "tqdm"): OPTIONAL,
     ("vitlab.evaluate.report", "matplotlib"): HEAVY,
     ("vitlab.evaluate.report", "matplotlib.patches"): HEAVY,
     ("vitlab.evaluate.report", "matplotlib.pyplot"): HEAVY,

@@ -11,6 +11,9 @@ import vitlab
 from vitlab.errors import InvalidValueError
 from vitlab.models import VisionTransformer, ViTConfig
 
+from .image_text_fixtures import clip_folder as make_clip_folder
+from .image_text_fixtures import siglip_folder as make_siglip_folder
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=3)
 
 
@@ -71,70 +74,16 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 CLASSES = ["cat", "dog", "race car"]
-WORDS = ["a", "photo", "of", "the", "cat", "dog", "race", "car", "drawing", "small", "large", "blurry", "."]
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)
-TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=16)
-
-
-def _write_tokenizer(folder, start: str | None, end: str, end_id: int, pad: str) -> None:
-    """A word-level ``tokenizer.json`` (lowercased, words and punctuation apart, closed by ``end``) and its config."""
-    import json
-
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}, end: end_id}
-    if start:
-        vocab[start] = 97
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single=([start] if start else []) + ["$A", end],
-        special_tokens=[(end, end_id)] + ([(start, 97)] if start else []))
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad, "eos_token": end}))
-
-
-def _randomise_pair(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("logit_scale"):
-                p.fill_(2.0)
-            elif name.endswith("logit_bias"):
-                p.fill_(-1.5)
-            else:
-                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.3 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    cfg = CLIPConfig(text_config={**TEXT, "eos_token_id": 98, "bos_token_id": 97, "pad_token_id": 0,
-                                  "hidden_act": "quick_gelu"},
-                     vision_config={**VISION, "hidden_act": "quick_gelu"}, projection_dim=24)
-    ref = _randomise_pair(CLIPModel(cfg), 3)
-    folder = tmp_path_factory.mktemp("zs") / "clip"
-    ref.save_pretrained(folder)
-    _write_tokenizer(folder, "<|startoftext|>", "<|endoftext|>", 98, "<pad>")
-    return ref, folder
+    return make_clip_folder(tmp_path_factory.mktemp("zs") / "clip")
 
 
 @pytest.fixture(scope="module")
 def siglip_folder(tmp_path_factory):
-    from transformers import SiglipConfig, SiglipModel
-
-    ref = _randomise_pair(SiglipModel(SiglipConfig(text_config={**TEXT, "eos_token_id": 1, "pad_token_id": 1},
-                                                   vision_config=VISION)), 4)
-    folder = tmp_path_factory.mktemp("zs") / "siglip"
-    ref.save_pretrained(folder)
-    _write_tokenizer(folder, None, "</s>", 1, "</s>")
-    return ref, folder
+    return make_siglip_folder(tmp_path_factory.mktemp("zs") / "siglip")
 
 
 def _reference_logits(ref, model, images, prompts):
@@ -215,6 +164,9 @@ def test_commands_zero_shot_predict_and_eval(clip_folder, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     classifier = vitlab.load(out)
     assert classifier.class_names == ["cat", "dog", "race_car"] and classifier.loss == "softmax"
+    assert main(["info", str(out)]) == 0  # the head options and where the classifier came from
+    described = capsys.readouterr().out
+    assert "head_proj_dim=24, head_l2_norm=True" in described and '"templates": ["a photo of a {}."]' in described
 
     # the data read with the tower's preprocessing; transformers' logits against the prompts give the expected top-1
     model = vitlab.load_image_text(folder)

@@ -73,6 +73,8 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict:
         "file_bytes": size,
         "model": matching_model(cfg),
         "architecture": cfg.to_dict(),
+        # the options beyond the paper's ViT (registers, LayerScale, RoPE, a zero-shot head, ...)
+        "options": cfg.family_options() if hasattr(cfg, "family_options") else {},
         "grid": list(cfg.grid_size) if has_tokens(cfg) else None,
         "tokens": cfg.num_patches + cfg.num_prefix_tokens if has_tokens(cfg) else None,
         "params": facts.pop("params"),

@@ -1,6 +1,7 @@
 """``vitlab eval CKPT --data ...``: accuracy of a saved model on a data set: top-1 / top-5, loss, per-class accuracy,
 confusion matrix, calibration (ECE) and ReaL-style multi-label accuracy, with a JSON / Markdown / PNG report; for
-multi-label data, mean average precision, F1 at a threshold and top-1 (any correct label)."""
+multi-label data, mean average precision, F1 at a threshold and top-1 (any correct label); with --retrieval, image <->
+text recall@K of an image-text model on captioned images."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "image folder or tar shards, with the model's own preprocessing: top-1 / "
                                           "top-5, loss, per-class accuracy, confusion matrix, expected calibration "
                                           "error, and ReaL-style accuracy with --labels. Exact under torchrun (each "
-                                          "process takes a disjoint share; no sample is counted twice).")
+                                          "process takes a disjoint share; no sample is counted twice). With "
+                                          "--retrieval: an image-text model's image -> text and text -> image "
+                                          "recall@1/5/10 on captioned images.")
     p.add_argument("checkpoint", help="any checkpoint vitlab.load reads, or an .onnx / .pt2 file from `vitlab export`")
     p.add_argument("--data", required=True, help="named set, image folder, .csv / .jsonl manifest, tar shards or a "
                                                  "Hugging Face source (hf:org/name, save_to_disk folder, parquet / "
@@ -60,7 +63,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="CHECKPOINT is an image-text model (CLIP, SigLIP): evaluate it as the zero-shot classifier of "
                         "the data's class names (docs/zero-shot.md)")
     add_template_arguments(p)
+    p.add_argument("--retrieval", action="store_true",
+                   help="CHECKPOINT is an image-text model and --data captioned images (a .csv / .jsonl manifest or "
+                        "Hugging Face source with a text column): image -> text and text -> image recall@1/5/10 "
+                        "(docs/zero-shot.md)")
+    p.add_argument("--text-column", help="with --retrieval: the captions' column (default: text, caption or captions; "
+                                         "a Hugging Face source's caption / captions / text / texts / sentences)")
     p.set_defaults(func=run)
+
+
+# options that are about classification: refused with --retrieval (flag, whether it was given)
+CLASSIFICATION_ONLY = (("--zero-shot", "zero_shot"), ("--template", "template"),
+                       ("--prompt-ensemble", "prompt_ensemble"), ("--labels", "labels"),
+                       ("--map-classes-by-name", "map_classes_by_name"), ("--max-samples", "max_samples"),
+                       ("--img-size", "img_size"), ("--model", "model"), ("--merge-tokens", "merge_tokens"),
+                       ("--label-column", "label_column"), ("--stream", "stream"))
+
+
+def run_retrieval(args: argparse.Namespace) -> int:
+    """``--retrieval``: :func:`vitlab.tasks.runs.retrieval_checkpoint`, one process."""
+    import os
+
+    from ..tasks.runs import retrieval_checkpoint
+
+    given = [flag for flag, name in CLASSIFICATION_ONLY if getattr(args, name, None)]
+    if given:
+        raise InvalidValueError(f"--retrieval scores captioned images; drop {', '.join(given)} (classification "
+                                "options)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InvalidValueError("--retrieval runs in one process (the similarity matrix needs every embedding); run "
+                                "it without torchrun")
+    plain = argparse.Namespace(**{**vars(args), "text_column": None})  # the text column is passed on as is
+    with flags_in_errors({**FLAGS, "text_column": "--text-column"}, config_flags=False):
+        results = retrieval_checkpoint(args.checkpoint, hf_data(args.data, plain), args.split, out_dir=args.out,
+                                       text_column=args.text_column, batch_size=args.batch_size,
+                                       num_workers=args.workers, device=args.device, precision=args.precision,
+                                       on_bad_image=args.on_bad_image, progress=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    from ..evaluate.report import retrieval_summary
+
+    skipped = f" ({results['skipped']} unreadable images left out, e.g. {results['skipped_images'][0]})" \
+        if results.get("skipped") else ""
+    print(f"{args.data} {args.split}: {retrieval_summary(results)}{skipped}")
+    if "files" in results:
+        print(f"wrote {', '.join(Path(p).name for p in results['files'].values())} to {args.out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidValueError(f"{option} must be positive")
     if args.out is not None:  # a file in the way: say so now, not after the pass over the data
         check_folder(args.out)
+    if args.retrieval:
+        return run_retrieval(args)
+    if args.text_column:
+        raise InvalidValueError("--text-column names the captions of --retrieval; add --retrieval")
     if (args.template or args.prompt_ensemble) and not args.zero_shot:
         raise InvalidValueError("--template / --prompt-ensemble choose the prompts of --zero-shot; add --zero-shot")
     templates = templates_of(args) if args.zero_shot else None

@@ -50,6 +50,8 @@ def format_info(info: dict) -> str:
             f"{a['representation_size'] or 'none'}, GELU {a['gelu']}, LayerNorm eps {a['norm_eps']:g}, "
             f"{a['in_chans']} input channels",
         ]
+        if info.get("options"):
+            lines.append("options:       " + ", ".join(f"{k}={v}" for k, v in info["options"].items()))
     lines.append(f"parameters:    {info['params']:,} in {info['tensors']} tensors ({', '.join(info['dtypes'])})")
     names = info["class_names"]
     shown = "" if not names else ": " + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")

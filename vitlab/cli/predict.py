@@ -1,5 +1,6 @@
-"""``vitlab predict CKPT IMAGES... | --data SOURCE``: top-k classes (or pooled features) for image files, folders or a
-data source, in batches; a bad image gets its own error line (or row)."""
+"""``vitlab predict CKPT IMAGES... | --data SOURCE``: top-k classes (or pooled features, or an image-text model's
+joint-space embeddings) for image files, folders or a data source, in batches; a bad image gets its own error line
+(or row). ``--texts FILE``: an image-text model's embeddings of texts."""
 
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--features", action="store_true",
                    help="write each image's pooled pre-logits features (what the head reads) to --out instead of "
                         "classes")
+    p.add_argument("--joint", action="store_true",
+                   help="CHECKPOINT is an image-text model (CLIP, SigLIP): write each image's joint-space unit "
+                        "embedding (what its text embeddings are compared with) to --out; implies --features")
+    p.add_argument("--texts", type=Path, metavar="FILE",
+                   help="instead of images: CHECKPOINT is an image-text model; write the joint-space unit embeddings "
+                        "of these texts (a text file, one per line, or a .csv / .jsonl manifest's text column) to "
+                        "--out")
+    p.add_argument("--text-column", help="with --texts: the manifest's text column (default: text, caption or "
+                                         "captions)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding the images (default 0)")
     p.add_argument("--device", default="auto")
@@ -59,12 +69,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse contradictory or out-of-range options before the model is loaded."""
-    if bool(args.images) == bool(args.data):
-        raise InvalidValueError("give image files / folders or --data SOURCE (one of the two)")
-    if args.topk is not None and args.topk < 1:
-        raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
     if args.batch_size < 1:
         raise InvalidValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.texts is not None:
+        if args.images or args.data:
+            raise InvalidValueError("--texts embeds texts; give it without image files / folders or --data")
+        refused = [flag for flag, given in (("--classes", args.classes), ("--classes-file", args.classes_file),
+                                             ("--template", args.template), ("--prompt-ensemble", args.prompt_ensemble),
+                                             ("--topk", args.topk), ("--merge-tokens", args.merge_tokens),
+                                             ("--json", args.json)) if given]
+        if refused:
+            raise InvalidValueError(f"--texts writes text embeddings to --out; drop {', '.join(refused)}")
+        if args.out is None:
+            raise InvalidValueError("--texts writes a file: give --out FILE (.safetensors, .npz or .parquet)")
+        return
+    if args.text_column:
+        raise InvalidValueError("--text-column names the texts of a --texts manifest; add --texts")
+    if bool(args.images) == bool(args.data):
+        raise InvalidValueError("give image files / folders or --data SOURCE (one of the two)")
+    if args.joint:
+        zero_shot = args.classes is not None or args.classes_file is not None
+        if zero_shot or args.template or args.prompt_ensemble or args.topk is not None:
+            raise InvalidValueError("--joint writes embeddings; drop the classification options (--classes, "
+                                    "--classes-file, --template, --prompt-ensemble, --topk)")
+        if args.out is None:
+            raise InvalidValueError("--joint writes a file: give --out FILE (.safetensors, .npz or .parquet)")
+        args.features = True
+    if args.topk is not None and args.topk < 1:
+        raise InvalidValueError(f"--topk must be at least 1, got {args.topk}")
     if args.workers < 0:
         raise InvalidValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.features and args.out is None:
@@ -92,12 +124,25 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     if args.out is not None:  # an existing file, a wrong extension: said now, not after the model is loaded
-        check_output(args.out, args.features)
+        check_output(args.out, args.features or args.texts is not None)
+    if args.texts is not None:
+        return _write_texts(args)
     files = image_files(args.images) if args.images else None
     data = hf_data(args.data, args)
+    if args.joint and data is not None:  # a captions manifest: each distinct image once, not once per caption
+        from ..data import SPLIT_FOLDERS
+        from ..data.captions import captioned_files
+
+        with flags_in_errors(FLAGS, config_flags=False):
+            files = captioned_files(data, SPLIT_FOLDERS.get(args.split, (args.split,)))
     device = resolve_device(args.device)
     names = class_names_of(args, required=False)
-    if names is not None:  # zero-shot: the image-text model's classifier of these classes
+    if args.joint:  # the image tower with its projection and L2 norm: joint-space unit embeddings out
+        from .. import load_image_text
+        from ..zeroshot import image_embedder
+
+        model = image_embedder(load_image_text(args.checkpoint).to(device))
+    elif names is not None:  # zero-shot: the image-text model's classifier of these classes
         from .. import load_image_text
         from ..zeroshot import zero_shot_classifier
 
@@ -117,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         inputs = file_inputs(files, pre) if files is not None else data_inputs(data, args.split, pre,
                                                                                data_dir=args.data_dir)
         predictions = iter_predictions(model, inputs, topk=topk, features=args.features, batch_size=args.batch_size,
-                                       num_workers=args.workers, device=device, precision=precision)
+                                       num_workers=args.workers, device=device, precision=precision,
+                                       representation="logits" if args.joint else "pre_logits")
         listed = min(topk, model.cfg.num_classes)
         if args.topk is not None and listed < args.topk:  # asked for, not the default: say why fewer are listed
             print(f"vitlab predict: --topk {args.topk} is more than the model's {listed} classes: all {listed} are "
@@ -125,6 +171,26 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None:
             return _write(args, predictions, listed, write_features if args.features else write_predictions)
         return _print(args, predictions)
+
+
+def _write_texts(args: argparse.Namespace) -> int:
+    """``--texts``: the image-text model's unit text embeddings of the file's texts, written to ``--out``."""
+    from .. import load_image_text
+    from ..data import SPLIT_FOLDERS
+    from ..data.captions import read_texts
+    from ..devices import resolve_device
+    from ..train.predict import iter_text_embeddings
+    from ..train.predict_files import write_features
+
+    with flags_in_errors({**FLAGS, "text_column": "--text-column"}, config_flags=False):
+        texts = read_texts(args.texts, SPLIT_FOLDERS.get(args.split, (args.split,)), args.text_column)
+        model = load_image_text(args.checkpoint).to(resolve_device(args.device)).eval()
+        written = write_features(args.out, iter_text_embeddings(model, texts, batch_size=args.batch_size,
+                                                                 precision=args.precision),
+                                 metadata={"checkpoint": str(args.checkpoint)}, representation="text_embeds",
+                                 what="text")
+    print(f"wrote joint-space embeddings of {written.rows:,} texts to {written.path}")
+    return 0
 
 
 def _reported(predictions):
@@ -137,8 +203,9 @@ def _reported(predictions):
 
 def _write(args: argparse.Namespace, predictions, listed: int, write) -> int:
     if args.features:
-        written = write(args.out, _reported(predictions), metadata={"checkpoint": str(args.checkpoint)})
-        what = f"features of {written.rows:,} images"
+        written = write(args.out, _reported(predictions), metadata={"checkpoint": str(args.checkpoint)},
+                        representation="image_embeds" if args.joint else "pre_logits")
+        what = f"{'joint-space embeddings' if args.joint else 'features'} of {written.rows:,} images"
     else:
         written = write(args.out, _reported(predictions), listed)
         what = f"top-{listed} predictions for {written.rows:,} images"

@@ -22,6 +22,10 @@ image_column=None, label_column=None, stream=None)``
     tensors) and ``len()``. Samples that cannot be decoded are skipped and reported (``on_error="skip"``) or stop the
     run (``"fail"``).
 
+``build_captioned(spec, split_names, text_column=None)`` (:mod:`vitlab.data.captions`)
+    Captioned images for image-text retrieval: a manifest with a text column (several rows of one image are several
+    captions) or a Hugging Face source with one; the distinct images, the captions and the image of each caption.
+
 ``load_image(path, channels=3)``
     Decode one image file safely (truncation, decompression bombs, 16-bit, alpha, CMYK, EXIF orientation).
     ``load_sample(path, channels)`` also reads ``.npy`` arrays and multi-band TIFFs (any channel count) as float

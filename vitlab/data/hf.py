@@ -10,7 +10,8 @@ Sources (``spec``):
 ``#split`` after the source names the split explicitly (``hf:org/name#validation``); without it vitlab's split
 (``train``, ``test``, ``val``) picks the first split the data has among its usual names. ``?image=COL&label=COL&
 stream=auto|on|off`` after the source chooses the columns and the reading path (the command lines' ``--image-column``
-/ ``--label-column`` / ``--stream`` write these).
+/ ``--label-column`` / ``--stream`` write these); ``text=COL`` is the captions' column of image-text retrieval data
+(:mod:`vitlab.data.captions`, ``--text-column``).
 
 The image column is an ``Image`` feature (or a binary / ``{bytes, path}`` column named ``image`` / ``img``); the
 label column a ``ClassLabel`` (class names from it), integers (classes ``0 .. max``), strings (sorted, as image
@@ -38,7 +39,7 @@ TABLE_SUFFIXES = (".parquet", ".arrow")
 STREAM_CHOICES = ("auto", "on", "off")
 # above this many bytes of parquet / arrow data, ``stream=auto`` streams instead of reading for random access
 STREAM_BYTES = 1 << 30
-_OPTIONS = re.compile(r"\?((?:image|label|stream)=[^&?#]*(?:&(?:image|label|stream)=[^&?#]*)*)$")
+_OPTIONS = re.compile(r"\?((?:image|label|text|stream)=[^&?#]*(?:&(?:image|label|text|stream)=[^&?#]*)*)$")
 INSTALL = "pip install 'vitlab[hf]' (or pip install datasets)"
 
 
@@ -103,13 +104,13 @@ def parse_spec(spec: str | Path) -> HFSpec:
 
 
 def with_options(spec: str | None, image_column: str | None = None, label_column: str | None = None,
-                 stream: str | None = None) -> str | None:
+                 stream: str | None = None, text_column: str | None = None) -> str | None:
     """``spec`` with the command line's column / stream choices appended as ``?`` options when it is a Hugging Face
     source (other sources are returned unchanged)."""
-    if spec is None or not any((image_column, label_column, stream)) or not looks_like_hf(spec):
+    if spec is None or not any((image_column, label_column, stream, text_column)) or not looks_like_hf(spec):
         return spec
     base, split, options = _strip(str(spec))
-    for key, value in (("image", image_column), ("label", label_column), ("stream", stream)):
+    for key, value in (("image", image_column), ("label", label_column), ("text", text_column), ("stream", stream)):
         if value:
             options[key] = value
     return base + (f"#{split}" if split else "") + "?" + "&".join(f"{k}={v}" for k, v in options.items() if v)

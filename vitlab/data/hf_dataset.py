@@ -108,6 +108,25 @@ def find_label_column(features, chosen: str | None, image: str, name: str) -> st
                       f"{_describe(features)}; choose one with label_column", options=("label_column",))
 
 
+def image_cell(value, where: str, channels: int = 3, max_pixels: int | None = None, base: Path | None = None):
+    """The image in one cell of an image column (bytes, or ``{bytes, path}``; a path is taken as given, else under
+    ``base``), decoded with vitlab's guards; :class:`ImageLoadError` naming ``where`` when it cannot be."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    else:
+        data, path = value, None
+    kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+    if data is not None:
+        try:
+            return load_image(io.BytesIO(data), channels, name=where, **kwargs)
+        except ImageLoadError as exc:  # Pillow names the file object in its reasons: say what it held instead
+            raise ImageLoadError(_BYTES_REPR.sub("the row's image bytes", str(exc))) from exc
+    if path:  # an Image feature that refers to a file instead of holding its bytes: as given, else beside the data
+        found = Path(path) if Path(path).is_file() or base is None else base / path
+        return load_image(found, channels, name=f"{where} ({path})", **kwargs)
+    raise ImageLoadError(f"{where}: no image (empty cell)")
+
+
 class LabelCodec:
     """Maps a label column's values to targets: an int class index, or for list labels a float32 multi-hot tensor
     of ``len(class_names)``. ``chunks()`` gives the column's values in lists (read only as far as needed: integer
@@ -213,20 +232,7 @@ class _Rows:
         return self.codec.multi_label
 
     def _image(self, value, where: str):
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-        else:
-            data, path = value, None
-        kwargs = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
-        if data is not None:
-            try:
-                return load_image(io.BytesIO(data), self.channels, name=where, **kwargs)
-            except ImageLoadError as exc:  # Pillow names the file object in its reasons: say what it held instead
-                raise ImageLoadError(_BYTES_REPR.sub("the row's image bytes", str(exc))) from exc
-        if path:  # an Image feature that refers to a file instead of holding its bytes: as given, else beside the data
-            found = Path(path) if Path(path).is_file() else self.files[0].parent / path
-            return load_image(found, self.channels, name=f"{where} ({path})", **kwargs)
-        raise ImageLoadError(f"{where}: no image (empty cell)")
+        return image_cell(value, where, self.channels, self.max_pixels, self.files[0].parent)
 
     def _sample(self, row: int, image_value, label_value):
         """(image, target) of one row, or (BadSample, placeholder) when it cannot be used and ``on_error='skip'``;
@@ -387,4 +393,4 @@ def build_hf_dataset(spec: str | Path, split_names: Sequence[str], *, channels: 
 
 
 __all__ = ["HFImageDataset", "HFStreamDataset", "LabelCodec", "build_hf_dataset", "find_image_column",
-           "find_label_column"]
+           "find_label_column", "image_cell"]

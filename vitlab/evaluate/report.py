@@ -327,3 +327,38 @@ def plot_suite(results: dict, path: str | os.PathLike) -> Path:
 def write_suite_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """results.json, report.md and suite.png in ``out_dir``; returns {kind: path}."""
     return write_report(results, out_dir, suite_markdown(results), {"plot": ("suite.png", plot_suite)})
+
+
+# -------------------------------------------------------------------------------------------------------- retrieval
+RETRIEVAL_DIRECTIONS = (("image_to_text", "image -> text"), ("text_to_image", "text -> image"))
+
+
+def retrieval_summary(results: dict) -> str:
+    """One line: recall@K of both directions (:func:`vitlab.evaluate.retrieval.retrieval_metrics`) and the counts."""
+    parts = []
+    for key, name in RETRIEVAL_DIRECTIONS:
+        recalls = [(k.split("@")[1], v) for k, v in results[key].items() if k.startswith("recall@")]
+        parts.append(f"{name} " + ", ".join(f"R@{k} {_pct(v)}%" for k, v in recalls))
+    return "; ".join(parts) + f" ({results['images']:,} images, {results['texts']:,} captions)"
+
+
+def retrieval_markdown(results: dict, title: str = "Image-text retrieval") -> str:
+    """Markdown: one row per direction (recall@K in %, mean and median rank)."""
+    text = f"# {title}\n\n"
+    for key in ("checkpoint", "data", "split"):
+        if key in results:
+            text += f"{key}: {results[key]}\n\n"
+    ks = [k for k in results["image_to_text"] if k.startswith("recall@")]
+    rows = [[name, *(_pct(results[key][k]) for k in ks), f"{results[key]['mean_rank']:.1f}",
+             f"{results[key]['median_rank']:g}"] for key, name in RETRIEVAL_DIRECTIONS]
+    text += markdown_table(["direction", *(f"R@{k.split('@')[1]} (%)" for k in ks), "mean rank", "median rank"],
+                           rows)
+    text += (f"\n{results['images']:,} images, {results['texts']:,} captions"
+             + (f"; {results['skipped']:,} unreadable images left out with their captions" if results.get("skipped")
+                else "") + ".\n")
+    return text
+
+
+def write_retrieval_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """results.json and report.md in ``out_dir``; returns {kind: path}."""
+    return write_report(results, out_dir, retrieval_markdown(results), {})

@@ -15,6 +15,8 @@ from ..compute.precision import choose_cpu_precision
 from ..compute.pt2 import is_exported_file, load_exported
 from ..compute.tome import merge_tokens as merge_model_tokens
 from ..compute.tome import token_counts
+from ..data import SPLIT_FOLDERS
+from ..data.captions import build_captioned
 from ..data.manifest import looks_like_manifest
 from ..devices import resolve_device
 from ..errors import VitlabError
@@ -23,7 +25,8 @@ from ..evaluate.classmap import SelectLogits, check_classes, match_classes_by_na
 from ..evaluate.data import class_names_of, eval_dataset, limit_dataset
 from ..evaluate.distributed import world
 from ..evaluate.fewshot import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_model
-from ..evaluate.report import write_classification_report, write_fewshot_report
+from ..evaluate.report import write_classification_report, write_fewshot_report, write_retrieval_report
+from ..evaluate.retrieval import BLOCK_ELEMENTS, DEFAULT_KS, evaluate_retrieval
 from ..factory import load
 from ..image_text import load_image_text
 from ..models import metadata_of
@@ -184,6 +187,47 @@ def eval_checkpoint(
         results["class_mapping"] = mapping.summary()
     if out_dir is not None and world()[0] == 0:
         results["files"] = {k: str(v) for k, v in write_classification_report(results, out_dir).items()}
+    return results
+
+
+def retrieval_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str,
+    split: str = "test",
+    out_dir: str | os.PathLike | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    text_column: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "auto",
+    precision: str = "fp32",
+    on_bad_image: str = "skip",
+    block_elements: int = BLOCK_ELEMENTS,
+    progress: bool = False,
+) -> dict:
+    """``vitlab eval --retrieval``: image -> text and text -> image recall@K (and mean / median rank) of an
+    image-text model (anything :func:`vitlab.load_image_text` reads) on captioned images: a manifest with a text
+    column or a Hugging Face source with one (:mod:`vitlab.data.captions`; ``split`` picks the manifest's rows or the
+    source's split). The images are prepared with the image tower's preprocessing unless ``preprocessing`` is given.
+    Returns :func:`vitlab.evaluate.retrieval.evaluate_retrieval`'s results plus ``checkpoint``, ``data``, ``split``,
+    ``preprocessing`` and, with ``out_dir``, ``files`` (results.json, report.md written there)."""
+    if is_exported_file(checkpoint):
+        raise VitlabError(f"{checkpoint}: an exported file holds no text tower; retrieval needs the image-text model")
+    dev = resolve_device(device)
+    model = load_image_text(checkpoint).to(dev).eval()
+    pre = preprocessing or metadata_of(model.visual).preprocessing
+    dataset = build_captioned(data, SPLIT_FOLDERS.get(split, (split,)), text_column=text_column,
+                              channels=pre.channels, on_error=on_bad_image)
+    dataset.transform = pre.transform()
+    if dev.type == "cpu" and precision != "fp32":  # bf16 on a CPU that emulates it: runs as asked, warns once
+        precision = choose_cpu_precision(precision, linear_shapes(model.visual, min_features=0))
+    results = evaluate_retrieval(model, dataset, ks, batch_size=batch_size, num_workers=num_workers,
+                                 precision=precision, block_elements=block_elements, progress=progress)
+    results = {"checkpoint": str(checkpoint), "data": data, "split": split, "preprocessing": pre.to_dict(),
+               **results}
+    if out_dir is not None:
+        results["files"] = {k: str(v) for k, v in write_retrieval_report(results, out_dir).items()}
     return results
 
 

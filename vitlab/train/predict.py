@@ -8,8 +8,10 @@ decoded by DataLoader workers (``num_workers``), on ``device`` in ``precision``.
 its own error entry while the others are still predicted. A model trained with the sigmoid loss (``model.loss``,
 recorded in the checkpoint) answers independent per-label sigmoid probabilities, others softmax probabilities.
 ``features=True`` gives the pooled pre-logits features instead (what the classifier head reads,
-``model.forward_head(model.forward_features(x), pre_logits=True)``). :mod:`vitlab.train.predict_files` writes the
-results to CSV / JSONL / parquet, or the features to safetensors / npz / parquet.
+``model.forward_head(model.forward_features(x), pre_logits=True)``), or the joint-space unit embeddings of an
+image-text model (the images through :func:`vitlab.zeroshot.image_embedder`, texts through
+:func:`iter_text_embeddings`). :mod:`vitlab.train.predict_files` writes the results to CSV / JSONL / parquet, or the
+features to safetensors / npz / parquet.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..devices import autocast
 from ..errors import InvalidValueError, VitlabError
 from ..evaluate.data import eval_dataset
 from ..evaluate.features import output_function
+from ..evaluate.retrieval import embed_texts
 from ..models import metadata_of
 from ..preprocessing import Preprocessing
 
@@ -160,19 +163,22 @@ def check_precision(precision: str) -> None:
 @torch.no_grad()  # not inference_mode: the features are ordinary tensors a caller may train on
 def iter_predictions(model: nn.Module, inputs: Dataset, *, topk: int = 5, features: bool = False,
                      class_names: list[str] | None = None, batch_size: int = 64, num_workers: int = 0,
-                     device: str | torch.device = "cpu", precision: str = "fp32") -> Iterator[Prediction]:
+                     device: str | torch.device = "cpu", precision: str = "fp32",
+                     representation: str = "pre_logits") -> Iterator[Prediction]:
     """One :class:`Prediction` per input of ``inputs`` (:func:`file_inputs` or :func:`data_inputs`), in their order,
     computed ``batch_size`` images at a time; ``num_workers`` DataLoader workers decode the images. ``precision``
     ``bf16`` / ``fp16`` runs the model under autocast (probabilities and features are float32).
 
     ``features=True``: the pooled pre-logits features (D,) of each image instead of classes (refused for an exported
-    .onnx / .pt2 model, which gives logits only)."""
+    .onnx / .pt2 model, which gives logits only), or another of :data:`vitlab.evaluate.features.OUTPUTS` named by
+    ``representation`` (``logits``: the model's output, e.g. the unit embedding of
+    :func:`vitlab.zeroshot.image_embedder`)."""
     if batch_size < 1 or num_workers < 0 or topk < 1:
         raise InvalidValueError(f"batch_size and topk must be positive and num_workers at least 0, got batch_size="
                                 f"{batch_size}, topk={topk}, num_workers={num_workers}",
                                 options=("batch_size", "topk", "num_workers"))
     check_precision(precision)
-    forward = output_function(model, "pre_logits" if features else "logits")
+    forward = output_function(model, representation if features else "logits")
     meta = metadata_of(model)
     num_classes = model.cfg.num_classes
     names = class_names or meta.class_names or [str(i) for i in range(num_classes)]
@@ -200,6 +206,20 @@ def iter_predictions(model: nn.Module, inputs: Dataset, *, topk: int = 5, featur
                 yield Prediction(source, features=next(good))
             else:
                 yield Prediction(source, top=next(good))
+
+
+@torch.no_grad()
+def iter_text_embeddings(model: nn.Module, texts: Sequence[str], *, batch_size: int = 64,
+                         precision: str = "fp32") -> Iterator[Prediction]:
+    """One :class:`Prediction` per text (its ``source`` the text, its ``features`` the (P,) float32 unit embedding by
+    the text tower of the image-text ``model``, on the tower's device), ``batch_size`` texts at a time."""
+    if batch_size < 1:
+        raise InvalidValueError(f"batch_size must be positive, got {batch_size}", options=("batch_size",))
+    check_precision(precision)
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        for text, row in zip(chunk, embed_texts(model, chunk, batch_size, precision).unbind(0)):
+            yield Prediction(text, features=row)
 
 
 def predict(model: nn.Module, images: Sequence[str | Path] | None = None, *, data: str | None = None,

@@ -10,7 +10,8 @@ Features (``.safetensors``, ``.npz``, ``.parquet``): a float32 matrix (N, D), on
 order, with the sources of its rows; unreadable images are left out and listed with their errors:
 
 - ``.safetensors``: tensor ``features``; metadata ``sources`` and ``errors`` (JSON lists: strings, and
-  ``{"source", "error"}`` objects), ``representation`` (``pre_logits``);
+  ``{"source", "error"}`` objects), ``representation`` (``pre_logits``; an image-text model's joint-space unit
+  embeddings: ``image_embeds``, or ``text_embeds`` whose sources are the texts);
 - ``.npz``: arrays ``features``, ``sources`` (strings), ``error_sources`` and ``errors`` (``np.load`` reads them
   without pickle);
 - ``.parquet``: columns ``source`` and ``features`` (a fixed-size list of D float32), the errors as JSON in the
@@ -133,11 +134,14 @@ def _write_parquet_table(tmp: Path, columns: list[str], rows: Iterable[list], k:
 
 
 def write_features(path: str | os.PathLike, predictions: Iterable[Prediction],
-                   metadata: dict[str, str] | None = None) -> Written:
+                   metadata: dict[str, str] | None = None, representation: str = "pre_logits",
+                   what: str = "image") -> Written:
     """Write the ``features`` of ``predictions`` (``iter_predictions(..., features=True)``) as one float32 matrix
     (N, D) with its rows' sources to a safetensors, npz or parquet file (see the module doc), atomically; the
     unreadable images are left out and listed. ``metadata``: extra string entries for safetensors / parquet
-    (the checkpoint's name). Refuses a run in which no image could be read."""
+    (the checkpoint's name). ``representation`` is recorded with them (``pre_logits``; ``image_embeds`` /
+    ``text_embeds``: an image-text model's joint-space unit embeddings, whose rows' sources are the image files or
+    the texts themselves). Refuses a run in which no ``what`` (image) could be read."""
     path = Path(path)
     suffix = check_output(path, features=True)
     written = Written(path)
@@ -149,11 +153,11 @@ def write_features(path: str | os.PathLike, predictions: Iterable[Prediction],
             rows.append(p.features)
             sources.append(p.source)
     if not rows:
-        raise VitlabError(f"{path}: not written: no image could be read")
+        raise VitlabError(f"{path}: not written: no {what} could be read")
     features = torch.stack(rows).float().contiguous()
     written.rows = len(rows)
     errors = [{"source": s, "error": e} for s, e in written.errors]
-    meta = {**(metadata or {}), "representation": "pre_logits", "sources": json.dumps(sources),
+    meta = {**(metadata or {}), "representation": representation, "sources": json.dumps(sources),
             "errors": json.dumps(errors)}
     with atomic_path(path) as tmp:
         if suffix == ".safetensors":
