@@ -384,3 +384,38 @@ def test_timms_other_eva_vits_are_not_taken_for_eva02(name):
     with torch.device("meta"):
         sd = timm.create_model(name, pretrained=False).state_dict()
     assert detect_family_layout(sd) not in ("eva02", "timm_eva02")
+
+
+def test_gradients_equal_timms_in_training_mode(tmp_path):
+    """One training step's gradients reach the same tensors as in timm: the fused q/k/v weight, the query / value
+    biases, the learned table and the class token."""
+    ref = _timm("eva02_tiny_patch14_224").train()
+    model = vitlab.load(_save_timm(ref, tmp_path / "timm.safetensors")).train()
+    x = _images()
+    ref(x).square().sum().backward()
+    model(x).square().sum().backward()
+    theirs = dict(ref.named_parameters())
+    ours = dict(model.named_parameters())
+    for name in ("blocks.0.attn.qkv.weight", "pos_embed", "cls_token", "blocks.1.mlp.fc1.weight", "fc_norm.weight"):
+        _close(ours[name].grad, theirs[name].grad, tol=1e-4)
+    bias = ours["blocks.0.attn.qkv.bias"].grad
+    _close(bias[:128], theirs["blocks.0.attn.q_bias"].grad, tol=1e-4)
+    _close(bias[256:], theirs["blocks.0.attn.v_bias"].grad, tol=1e-4)
+    # the key third: the bias is added and taken back out, so only rounding noise reaches it, which vitlab's
+    # trainer zeroes (key_bias_slices finds the slice)
+    assert bias[128:256].abs().max() < 1e-6 * bias.abs().max()
+    from vitlab.models.vit import key_bias_slices
+
+    assert [(p is ours["blocks.0.attn.qkv.bias"], s) for p, s in key_bias_slices(model)][0] == (True, slice(128, 256))
+
+
+def test_cli_convert_to_timm_and_refusal(tmp_path):
+    from vitlab.cli import main
+
+    ref = _timm("eva02_base_patch14_448")
+    torch.save(_baai_layout(ref), tmp_path / "eva02.pt")
+    assert main(["convert", str(tmp_path / "eva02.pt"), str(tmp_path / "t.safetensors"), "--to", "timm"]) == 0
+    again = _timm("eva02_base_patch14_448")
+    again.load_state_dict(safetensors.torch.load_file(str(tmp_path / "t.safetensors")), strict=True)
+    assert main(["convert", str(tmp_path / "eva02.pt"), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert not (tmp_path / "hf").exists()
