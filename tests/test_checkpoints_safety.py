@@ -248,9 +248,9 @@ def test_checkpoint_lying_about_its_sizes_is_refused_before_anything_is_built(tm
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("config.json", b"\x89PNG\r\n\x1a\n\xff\xfe", "config.json: not valid JSON"),
+    ("config.json", b"\x89PNG\r\n\x1a\n\xff\xfe", "config.json: not a readable JSON file"),
     ("config.json", b"[1, 2]", "config.json: a JSON list, expected an object"),
-    ("preprocessor_config.json", b"\xff\xfe\x00", "preprocessor_config.json: not valid JSON"),
+    ("preprocessor_config.json", b"\xff\xfe\x00", "preprocessor_config.json: not a readable JSON file"),
 ])
 def test_hf_folder_with_a_corrupt_json_file_is_one_line(tmp_path, capsys, name, content, message):
     """A Hugging Face folder whose JSON is not UTF-8 or not an object was a UnicodeDecodeError / AttributeError

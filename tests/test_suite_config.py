@@ -63,7 +63,7 @@ def test_json_and_image_folder_relative_to_the_config(tmp_path):
     ({}, "no tasks"),
     ({"task": [{"name": "a"}]}, "'data' .* is required"),
     ({"task": [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}]}, "used twice"),
-    ({"task": [{"name": "a", "data": "x", "mode": "zero-shot"}]}, "mode must be one of"),
+    ({"task": [{"name": "a", "data": "x", "mode": "zeroshot"}]}, "mode must be one of"),
     ({"task": [{"name": "a", "data": "x", "val_examples": 1000}]}, "must be smaller than train_examples"),
     ({"task": [{"name": "a", "data": "x"}], "finetune": {"stepz": 3}}, "unknown keys stepz"),
     ({"task": [{"name": "a", "data": "x"}], "finetune": {"lr": -1}}, "lr must be a positive number"),

@@ -358,3 +358,33 @@ def test_catalog_names_load_their_publishers_two_tower_repo(clip_folder, tmp_pat
         torch.testing.assert_close(vitlab.load(out)(images), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(VitlabError, match="no text tower for vit_b16.augreg_in21k .* with both towers: siglip_b16"):
         vitlab.load_image_text("vit_b16.augreg_in21k")
+
+
+def test_suite_zero_shot_tasks_score_as_eval_zero_shot(clip_folder, tmp_path, capsys):
+    """A suite task with mode = "zero-shot" scores the checkpoint's zero-shot classifier of the data's classes with
+    the task's templates (no training split needed): the accuracy of vitlab eval --zero-shot on the same images;
+    a rerun reuses it, and a template without {} is refused when the config is read."""
+    import json
+
+    from vitlab.cli import main
+
+    _, folder = clip_folder
+    data = _image_folder(tmp_path / "data", per_class=4)
+    config = tmp_path / "suite.toml"
+    config.write_text(f'name = "zs"\nmode = "zero-shot"\n\n[zero_shot]\ntemplates = ["a drawing of the {{}}.", '
+                      f'"a photo of a {{}}."]\n\n[[task]]\nname = "pets"\ndata = "{data}"\n')
+    out = tmp_path / "report"
+    assert main(["suite", str(config), "--checkpoint", str(folder), "--out", str(out)]) == 0
+    result = json.loads((out / "tasks" / "pets" / "result.json").read_text())
+    assert result["mode"] == "zero-shot" and result["num_train"] == 0 and result["num_test"] == 12
+    assert result["templates"] == ["a drawing of the {}.", "a photo of a {}."]
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--zero-shot", "--data", str(data), "--json", "--template",
+                 "a drawing of the {}.", "--template", "a photo of a {}."]) == 0
+    assert result["accuracy"] == pytest.approx(json.loads(capsys.readouterr().out)["top1"])
+    assert main(["suite", str(config), "--checkpoint", str(folder), "--out", str(out)]) == 0
+    assert "done before" in capsys.readouterr().out
+    config.write_text(f'mode = "zero-shot"\n[zero_shot]\ntemplates = ["a photo"]\n[[task]]\nname = "p"\n'
+                      f'data = "{data}"\n')
+    assert main(["suite", str(config), "--checkpoint", str(folder), "--out", str(tmp_path / "r2")]) == 2
+    assert "zero_shot templates must be a list of prompts, each with {} once" in capsys.readouterr().err

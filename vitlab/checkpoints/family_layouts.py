@@ -231,14 +231,21 @@ def from_hf_tower(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------- original releases
+def open_clip_block_rules(prefix: str) -> list[tuple[str, str]]:
+    """OpenAI CLIP / OpenCLIP residual blocks under ``prefix`` (``visual.transformer`` for the image tower,
+    ``transformer`` for the text tower) -> vitlab's ``blocks.{i}.*`` names, as (pattern, replacement) rules."""
+    p = re.escape(prefix) + r"\.resblocks\.(\d+)"
+    return [(p + r"\.ln_([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+            (p + r"\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+            (p + r"\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+            (p + r"\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+            (p + r"\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2")]
+
+
 _OPEN_CLIP = [
     (r"visual\.conv1\.weight", "patch_embed.proj.weight"),
     (r"visual\.ln_pre\.(weight|bias)", r"norm_pre.\1"),
-    (r"visual\.transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
-    (r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-    (r"visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    *open_clip_block_rules("visual.transformer"),
     (r"visual\.ln_post\.(weight|bias)", r"norm.\1"),
 ]
 

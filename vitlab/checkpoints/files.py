@@ -313,6 +313,18 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         raise OSError(code, os.strerror(code)) from exc
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (a config, an index, a preprocessor config) as a dict, or one error naming the
+    file: unreadable, not JSON (a corrupt download, another file under the name) or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VitlabError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise VitlabError(f"{path}: a JSON {type(data).__name__}, expected an object")
+    return data
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write JSON (indented, trailing newline) to ``path`` directly; callers make it atomic."""
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -27,7 +27,6 @@ QuickGELU as OpenAI released it).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -39,8 +38,8 @@ from ..errors import InvalidValueError, VitlabError
 from ..models.text import TextConfig
 from ..preprocessing import Preprocessing
 from .big_vision_text import big_vision_text_tower
-from .family_layouts import HF_ACTIVATIONS, to_transformers, transformers_class
-from .files import read_npz, read_safetensors, read_torch, sniff, write_json, write_safetensors
+from .family_layouts import HF_ACTIVATIONS, open_clip_block_rules, to_transformers, transformers_class
+from .files import read_json_object, read_npz, read_safetensors, read_torch, sniff, write_json, write_safetensors
 from .loading import _read_hf_weights
 from .statedicts import QKV_TARGET, fuse_qkv, rename_keys, split_qkv, unwrap_state_dict
 from .text_tower import TextTower
@@ -65,27 +64,13 @@ _HF_TEXT_RULES = [
 ]
 _OPEN_CLIP_TEXT_RULES = [
     (r"token_embedding\.weight", "token_embed.weight"),
-    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
-    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    *open_clip_block_rules("transformer"),
     (r"ln_final\.(weight|bias)", r"norm.\1"),
 ]
 # text widths whose published towers do not have 64-wide heads (SigLIP So400m: 16 heads of 72)
 _PUBLISHED_HEADS = {1152: 16}
 # OpenAI's released state dicts carry these scalars beside the weights (its build_model deletes them)
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VitlabError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(data, dict):
-        raise VitlabError(f"{path}: a JSON {type(data).__name__}, expected an object")
-    return data
 
 
 def _need(sd: dict, key: str, source: str) -> torch.Tensor:
@@ -248,7 +233,7 @@ def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
     if path.is_dir():
         config = path / "config.json"
         if config.is_file():
-            hf = _json(config)
+            hf = read_json_object(config)
             if hf.get("model_type") not in IMAGE_TEXT_TYPES:
                 raise VitlabError(f"{config}: model_type {hf.get('model_type')!r} is not a two-tower image-text "
                                   f"model vitlab reads (one of {', '.join(IMAGE_TEXT_TYPES)})")
@@ -256,7 +241,7 @@ def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
         for name in OPEN_CLIP_WEIGHTS:
             if (path / name).is_file():
                 oc = path / "open_clip_config.json"
-                return path / name, "open_clip", _json(oc) if oc.is_file() else None
+                return path / name, "open_clip", read_json_object(oc) if oc.is_file() else None
         raise VitlabError(f"{path}: a folder with neither a transformers config.json nor OpenCLIP weights "
                           f"({', '.join(OPEN_CLIP_WEIGHTS)})")
     if not path.is_file():
@@ -265,9 +250,9 @@ def image_text_files(path: str | Path) -> tuple[Path, str, dict | None]:
         return path, "big_vision", None
     oc, hf = path.parent / "open_clip_config.json", path.parent / "config.json"
     if oc.is_file():
-        return path, "open_clip", _json(oc)
+        return path, "open_clip", read_json_object(oc)
     if hf.is_file():
-        document = _json(hf)
+        document = read_json_object(hf)
         if document.get("model_type") in IMAGE_TEXT_TYPES:
             return path, "hf", document
     return path, "auto", None

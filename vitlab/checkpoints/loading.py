@@ -8,7 +8,6 @@ loads the weights strictly: any missing, unexpected or mis-shaped key is an erro
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from .family_layouts import (
     hf_vision_config,
     to_timm_names,
 )
-from .files import read_npz, read_safetensors, read_torch, sniff
+from .files import read_json_object, read_npz, read_safetensors, read_torch, sniff
 from .hybrid_npz import bit_prefix, read_bit_npz, resnetv2_config_from_state_dict
 from .resample import check_method, resample_1d, resample_patch_embed, resample_pos_embed
 from .statedicts import detect_layout, infer_config, no_ema_message, to_vitlab_names, unwrap_state_dict
@@ -492,23 +491,12 @@ def _read_npz(path: Path, grid_hint: tuple[int, int] | None) -> Checkpoint:
     return ckpt
 
 
-def _json_object(path: Path) -> dict:
-    """A Hugging Face folder's JSON file (config, index, preprocessor config) as a dict, or one error naming it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a corrupt download, another file under the name
-        raise VitlabError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise VitlabError(f"{path}: a JSON {type(data).__name__}, expected an object")
-    return data
-
-
 def _read_hf_folder(path: Path, grid_hint: tuple[int, int] | None, named: ModelConfig | None) -> Checkpoint:
     source = str(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise VitlabError(f"{source}: a directory without config.json; expected a Hugging Face model folder")
-    hf = _json_object(config_file)
+    hf = read_json_object(config_file)
     if hf.get("model_type") in HF_FAMILY_TYPES:
         return _read_hf_family_folder(path, hf, config_file, grid_hint, named)
     if hf.get("model_type") not in ("vit", "vit_mae", None):
@@ -578,7 +566,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         sniff(single)
         return read_safetensors(single)[0]
     if index.is_file():
-        weight_map = _json_object(index).get("weight_map", {})
+        weight_map = read_json_object(index).get("weight_map", {})
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = path / shard
@@ -596,7 +584,7 @@ _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def _hf_preprocessing(pre_file: Path, cfg: ViTConfig) -> Preprocessing:
-    pre = _json_object(pre_file)
+    pre = read_json_object(pre_file)
     size = pre.get("size", {})
     img = (size.get("height", cfg.img_size[0]), size.get("width", cfg.img_size[1])) if isinstance(size, dict) \
         else cfg.img_size

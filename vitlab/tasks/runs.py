@@ -283,7 +283,8 @@ def suite_checkpoint(
     log=print,
 ) -> dict:
     """``vitlab suite``: run (or resume) the suite in ``config_path`` on a checkpoint (the config's ``checkpoint``
-    unless one is given) and write results.json, report.md and suite.png into ``out_dir``."""
+    unless one is given) and write results.json, report.md and suite.png into ``out_dir``. A suite with
+    ``zero-shot`` tasks needs an image-text checkpoint (:func:`vitlab.load_image_text` reads it as well)."""
     config = load_suite_config(config_path)
     checkpoint = checkpoint if checkpoint is not None else config.checkpoint
     if checkpoint is None:
@@ -291,4 +292,8 @@ def suite_checkpoint(
                           "config")
     dev = resolve_device(device)
     model = load_for_eval(checkpoint, model_name, dev)
-    return run_suite(config, model, out_dir, checkpoint=checkpoint, device=dev, progress=progress, log=log)
+    image_text = None
+    if any(task.mode == "zero-shot" for task in config.tasks):  # the text tower too: the checkpoint's CLIP / SigLIP
+        image_text = load_image_text(checkpoint).to(dev).eval()
+    return run_suite(config, model, out_dir, checkpoint=checkpoint, device=dev, progress=progress, log=log,
+                     image_text=image_text)

@@ -31,11 +31,13 @@ from ..atomic import write_text_atomic
 from ..checkpoints import save
 from ..data import build_dataset
 from ..errors import VitlabError
+from ..evaluate.classification import evaluate_classifier
 from ..evaluate.data import class_names_of, with_transform
 from ..evaluate.features import extract_features
 from ..evaluate.fewshot import labels_of, tuned_probe
 from ..evaluate.report import write_json, write_suite_report
 from ..models import metadata_of
+from ..zeroshot import zero_shot_classifier
 from .finetune import finetune_task
 from .suite_config import SuiteConfig, TaskConfig
 
@@ -56,7 +58,10 @@ def checkpoint_identity(path: str | os.PathLike | None) -> str | None:
 
 def task_fingerprint(task: TaskConfig, seed: int, model_id: str | None) -> str:
     """sha256 of everything that determines a task's result (its settings, the suite seed, the model)."""
-    blob = json.dumps({"task": task.to_dict(), "seed": seed, "model": model_id}, sort_keys=True)
+    settings = task.to_dict()
+    if task.mode != "zero-shot":  # the prompts change nothing else (and older suites' fingerprints stay valid)
+        settings.pop("zero_shot", None)
+    blob = json.dumps({"task": settings, "seed": seed, "model": model_id}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -100,6 +105,22 @@ def run_fewshot_task(task: TaskConfig, model: nn.Module, train: Dataset, val: Da
             "representation": options["representation"]}
 
 
+def run_zero_shot_task(task: TaskConfig, image_text: nn.Module, test: Dataset, test_idx: list[int] | None,
+                       **kwargs) -> dict:
+    """The image-text model's zero-shot classifier of the test data's class names (:mod:`vitlab.zeroshot`), scored
+    on the test images (the ``test_examples`` subset when set); nothing is trained."""
+    names = class_names_of(test)
+    if not names:
+        raise VitlabError(f"{task.data}: a zero-shot task needs data that name their classes")
+    templates = task.zero_shot["templates"]
+    classifier = zero_shot_classifier(image_text, names, templates).to(kwargs["device"])
+    view = with_transform(test, metadata_of(classifier).preprocessing)
+    results = evaluate_classifier(classifier, Subset(view, test_idx) if test_idx is not None else view,
+                                  batch_size=task.zero_shot["batch_size"], class_names=list(names), **kwargs)
+    return {"accuracy": results["top1"], "chosen": len(templates), "param_name": "templates",
+            "templates": list(templates)}
+
+
 def aggregate(config: SuiteConfig, task_results: list[dict], checkpoint: str | None = None) -> dict:
     """The suite's result: tasks in config order, mean accuracy, and group means when the config asks for them."""
     scores = [t["accuracy"] for t in task_results]
@@ -132,6 +153,7 @@ def run_suite(
     device: torch.device | str | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    image_text: nn.Module | None = None,
 ) -> dict:
     """Run (or resume) every task of a suite and write the report into ``out_dir``.
 
@@ -141,7 +163,9 @@ def run_suite(
     the default reads named data sets, image folders and shards through :mod:`vitlab.data`. ``model_id`` identifies
     the model for resuming (default: :func:`checkpoint_identity` of ``checkpoint``). Returns the suite result (see
     :func:`aggregate`); per-task results carry ``accuracy``, ``chosen`` (tuned value), ``param_name``,
-    ``num_train``, ``num_test``, ``seconds`` and ``resumed``."""
+    ``num_train``, ``num_test``, ``seconds`` and ``resumed``. ``zero-shot`` tasks need ``image_text``, the
+    checkpoint's image-text model (:func:`vitlab.load_image_text`): they score its zero-shot classifier of the test
+    data's class names, with no training split."""
     out_dir = Path(out_dir)
     builder = dataset_builder or _default_builder
     preprocessing = _preprocessing_of(model)
@@ -161,19 +185,28 @@ def run_suite(
         _claim_task_dir(task_dir, fingerprint)
         log(f"[{task.name}] {task.mode} on {task.data} ...")
         start = time.perf_counter()
-        raw_train = builder(task.data, task.train_split, model.cfg.in_chans)
+        zero_shot = task.mode == "zero-shot"  # no training split: the classes' names are the only supervision
+        if zero_shot and image_text is None:
+            raise VitlabError(f"task {task.name!r}: zero-shot tasks need the checkpoint's image-text model (CLIP, "
+                              "SigLIP)")
+        raw_train = None if zero_shot else builder(task.data, task.train_split, model.cfg.in_chans)
         raw_test = builder(task.data, task.test_split, model.cfg.in_chans)
-        train_idx, val_idx = vtab_split(len(raw_train), task.train_examples, task.val_examples, config.seed)
         test_idx = sample_test_indices(len(raw_test), task.test_examples, config.seed)
-        num_classes = num_classes_of(raw_train, raw_test)
         kwargs = {"device": device, "num_workers": config.num_workers}
+        num_train = 0 if zero_shot else task.train_examples
+        if zero_shot:
+            num_classes = num_classes_of(raw_test)
+            outcome = run_zero_shot_task(task, image_text, raw_test, test_idx, **kwargs)
+        else:
+            train_idx, val_idx = vtab_split(len(raw_train), task.train_examples, task.val_examples, config.seed)
+            num_classes = num_classes_of(raw_train, raw_test)
         if task.mode == "fewshot":
             train_view = with_transform(raw_train, preprocessing)
             test_view = with_transform(raw_test, preprocessing)
             outcome = run_fewshot_task(task, model, Subset(train_view, train_idx), Subset(train_view, val_idx),
                                        Subset(test_view, test_idx) if test_idx is not None else test_view,
                                        num_classes, **kwargs)
-        else:
+        elif task.mode == "finetune":
             if checkpoint is None:
                 checkpoint = _save_pretrained(model, out_dir)
             outcome = finetune_task(task, checkpoint, raw_train, train_idx, val_idx, raw_test, test_idx,
@@ -181,7 +214,7 @@ def run_suite(
                                     seed=config.seed, progress=progress, log=log, **kwargs)
         num_test = len(test_idx) if test_idx is not None else len(raw_test)
         result = {"name": task.name, "group": task.group, "mode": task.mode, "data": task.data,
-                  "num_classes": num_classes, "num_train": task.train_examples, "num_test": num_test, **outcome,
+                  "num_classes": num_classes, "num_train": num_train, "num_test": num_test, **outcome,
                   "seconds": time.perf_counter() - start, "fingerprint": fingerprint}
         write_json(task_dir / "result.json", result)
         log(f"[{task.name}] {100 * result['accuracy']:.2f}% ({result['param_name']} = {result['chosen']:g}, "

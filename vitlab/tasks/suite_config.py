@@ -3,7 +3,7 @@
 Example (TOML)::
 
     name = "mini-vtab"
-    mode = "fewshot"            # or "finetune"; a task may override it
+    mode = "fewshot"            # or "finetune", or "zero-shot" (an image-text checkpoint); a task may override it
     train_examples = 1000       # VTAB-1k: 1000 training images per task ...
     val_examples = 200          # ... of which 200 pick the hyper-parameter (800 / 200), then all 1000 train
     test_examples = 2000        # optional cap on the test set (a seeded random subset); default: all
@@ -19,6 +19,9 @@ Example (TOML)::
     [fewshot]
     method = "lsr"              # lsr, knn or linear
     representation = "pre_logits"
+
+    [zero_shot]                 # CLIP / SigLIP: the data's class names in prompt templates, no training
+    templates = ["a photo of a {}."]
 
     [[task]]
     name = "fmnist"
@@ -37,14 +40,15 @@ from ..evaluate.features import REPRESENTATIONS
 from ..evaluate.probes import PROBES
 from ..hub import is_checkpoint_name
 
-MODES = ("fewshot", "finetune")
+MODES = ("fewshot", "finetune", "zero-shot")
 VTAB_GROUPS = ("natural", "specialized", "structured")
 FINETUNE_DEFAULTS = {"steps": 2500, "lr": [0.01], "batch_size": 512, "resolution": None, "warmup_steps": None}
 FEWSHOT_DEFAULTS = {"method": "lsr", "representation": "pre_logits", "grid": None, "batch_size": 256}
+ZERO_SHOT_DEFAULTS = {"templates": ["a photo of a {}."], "batch_size": 256}
 _TOP_KEYS = {"name", "checkpoint", "mode", "train_examples", "val_examples", "test_examples", "seed", "groups",
-             "finetune", "fewshot", "task", "tasks", "num_workers"}
+             "finetune", "fewshot", "zero_shot", "task", "tasks", "num_workers"}
 _TASK_KEYS = {"name", "data", "group", "mode", "train_split", "test_split", "train_examples", "val_examples",
-              "test_examples", "finetune", "fewshot"}
+              "test_examples", "finetune", "fewshot", "zero_shot"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class TaskConfig:
     test_examples: int | None = None
     finetune: dict = field(default_factory=dict)
     fewshot: dict = field(default_factory=dict)
+    zero_shot: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,6 +162,16 @@ def parse_suite_config(data: dict, source: str = "suite config", base_dir: str |
             raise VitlabError(f"{where}: fewshot method must be one of {', '.join(PROBES)}, got {fewshot['method']!r}")
         if fewshot["representation"] not in REPRESENTATIONS:
             raise VitlabError(f"{where}: representation must be one of {', '.join(REPRESENTATIONS)}")
+        zero_shot = _merge(ZERO_SHOT_DEFAULTS, data.get("zero_shot", {}), raw.get("zero_shot", {}),
+                           where=f"{where}: zero_shot")
+        templates = zero_shot["templates"]
+        if isinstance(templates, str):
+            templates = zero_shot["templates"] = [templates]
+        if not isinstance(templates, list) or not templates or any(
+                not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+            raise VitlabError(f"{where}: zero_shot templates must be a list of prompts, each with {{}} once where "
+                              "the class name goes")
+        _positive_int(zero_shot["batch_size"], f"{where}: zero_shot batch_size")
         group = raw.get("group")
         if group is not None and not isinstance(group, str):
             raise VitlabError(f"{where}: group must be a string")
@@ -166,7 +181,7 @@ def parse_suite_config(data: dict, source: str = "suite config", base_dir: str |
         tasks.append(TaskConfig(
             name=name, data=data_ref, mode=mode, group=group, train_split=raw.get("train_split", "train"),
             test_split=raw.get("test_split", "test"), train_examples=train_examples, val_examples=val_examples,
-            test_examples=test_examples, finetune=finetune, fewshot=fewshot,
+            test_examples=test_examples, finetune=finetune, fewshot=fewshot, zero_shot=zero_shot,
         ))
     use_groups = bool(data.get("groups", False))
     if use_groups:
