@@ -9,7 +9,8 @@ Steps, each in its own process with its own time budget, under one overall deadl
 1. ``tests``: ``pytest -m gpu tests/test_gpu.py tests/test_train_precision.py``: bf16 / fp16 autocast logits and
    training steps against the CPU float32 result, the flash / memory-efficient SDPA kernels, ``torch.compile``
    parity, FSDP on one GPU, the memory gradient checkpointing saves, an exact resume, training steps that never
-   synchronise with the GPU; each test's measured numbers come back through JUnit properties.
+   synchronise with the GPU, a CLIP B/16-sized image-text model's logits under autocast; each test's measured
+   numbers come back through JUnit properties.
 2. ``bench``: vitlab against timm in one process (``vitlab.compute.bench``, what ``vitlab bench`` runs), bf16 at
    224 px: ViT-B/16 and ViT-L/16 training throughput and MFU eager and compiled, compiled inference, peak memory,
    the GEMM rate measured in the same run, MFU against the datasheet peak too.

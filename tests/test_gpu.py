@@ -104,6 +104,38 @@ def test_autocast_logits_match_the_cpu_float32_logits(precision, record_property
     assert err <= TOL["logits"][precision]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_image_text_zero_shot_logits_match_the_cpu_float32_logits(precision, record_property):
+    """Both towers of a CLIP-shaped model (the causal text tower cut after the end-of-text token, the image tower with
+    its projection) under autocast: logits per image against the CPU float32 ones."""
+    from vitlab.image_text import create_image_text
+    from vitlab.models.text import TextConfig
+
+    if ON_CPU:
+        text = TextConfig(vocab_size=1000, context_length=16, embed_dim=64, depth=2, num_heads=2, mlp_dim=128,
+                          proj_dim=32, eos_id=999)
+        model = create_image_text("clip_b16", text, img_size=32, depth=2, embed_dim=64, num_heads=2, mlp_dim=128,
+                                  num_classes=32)
+    else:
+        text = TextConfig(eos_id=49407)
+        model = create_image_text("clip_b16", text)
+    randomize_(model, std=0.05)
+    model.eval()
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(1, text.vocab_size - 1, (6, text.context_length), generator=gen)
+    tokens[:, 7] = text.eos_id
+    images = torch.randn(4, 3, *model.visual.cfg.img_size, generator=gen)
+    with torch.inference_mode():
+        expected = model(images, tokens)
+    model.to(DEVICE)
+    with torch.inference_mode(), autocast(precision):
+        got = model(images.to(DEVICE), tokens.to(DEVICE))
+    err = rel_error(got.float(), expected)
+    record_property("rel_error", round(err, 6))
+    record_property("tolerance", TOL["logits"][precision])
+    assert err <= TOL["logits"][precision]
+
+
 def _step_run(tmp_path, name, device: str, **changes):
     cfg = tiny_config(tmp_path, run_name=name, device=device, optimizer="sgd", momentum=0.0, lr=0.1,
                       warmup_steps=0, schedule="constant", grad_clip=0.0, label_smoothing=0.0, **changes)

@@ -21,7 +21,8 @@ GPU_TESTS = ("test_autocast_logits_match_the_cpu_float32_logits", "test_training
              "test_compiled_training_step_matches_eager",
              "test_fsdp_over_one_gpu_trains_the_weights_of_the_plain_model",
              "test_gradient_checkpointing_saves_the_expected_activation_memory",
-             "test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one")
+             "test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one",
+             "test_image_text_zero_shot_logits_match_the_cpu_float32_logits")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,10 @@ def _count(entry) -> int:
     if entry.representation_size:
         overrides["representation_size"] = entry.representation_size
     with torch.device("meta"):
-        return sum(p.numel() for p in create_model(entry.model, **overrides).parameters())
+        model = create_model(entry.model, **overrides)
+    # EVA-02: vitlab stores the zero key third of each q/k/v bias, which the published files do not hold
+    unstored = model.cfg.depth * model.cfg.embed_dim if getattr(model.cfg, "rope_kind", None) == "eva" else 0
+    return sum(p.numel() for p in model.parameters()) - unstored
 
 
 @pytest.mark.parametrize("name", sorted(ENTRIES))
@@ -49,7 +52,7 @@ def test_entry_matches_the_architecture_it_names(name):
     assert (size_suffix == str(entry.img_size)) == (entry.img_size != default_size)
     assert entry.sources and entry.license in ("apache-2.0", "mit")
     for top1 in (entry.top1_paper, entry.top1_timm):
-        assert top1 is None or 60 < top1 < 90
+        assert top1 is None or 60 < top1 < 91  # EVA-02 L (m38m, in22k -> in1k): 90.05
     for source in entry.sources:
         assert source.kind in ("gcs", "timm", "transformers", "url")
         assert source.size is None and source.sha256 is None  # no publisher states them (module docstring)

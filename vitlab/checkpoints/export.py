@@ -18,8 +18,10 @@ from torch import nn
 from ..atomic import atomic_directory, write_atomic
 from ..errors import InvalidValueError, VitlabError
 from ..models import has_tokens, metadata_of
+from ..models.timm_args import eva02_export_problems
 from ..preprocessing import Preprocessing
 from .dinov3_layout import export_problems, to_timm_dinov3
+from .eva02_layout import to_timm_eva02
 from .family_layouts import to_transformers, transformers_class
 from .files import write_json, write_safetensors
 from .hybrid_npz import VIT_JAX_BACKBONE_NUMERICS, backbone_rules
@@ -103,8 +105,11 @@ def export_npz(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 def export_timm(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Write a timm ``VisionTransformer`` state dict (``.safetensors`` or ``torch.save`` by suffix); DINOv3
-    (``pos_embed='rope'``): the state dict of timm's ``vit_*_dinov3`` port. Returns notes."""
+    (``pos_embed='rope'``): the state dict of timm's ``vit_*_dinov3`` port; EVA-02 (``rope_kind='eva'``): timm's
+    ``eva02_*`` (Eva). Returns notes."""
     cfg = model.cfg
+    if getattr(cfg, "rope_kind", None) == "eva":
+        return _export_timm_eva02(model, Path(path))
     if cfg.pos_embed == "rope":
         return _export_timm_dinov3(model, Path(path))
     problems = _common_problems(cfg, "timm")
@@ -133,6 +138,17 @@ def _export_timm_dinov3(model: nn.Module, path: Path) -> list[str]:
         notes.append(f"this model uses rope_base {cfg.rope_base:g} and LayerNorm eps {cfg.norm_eps:g}; timm's DINOv3 "
                      "functions use 100 and 1e-5 (pass rope_temperature / norm_layer)")
     return notes
+
+
+def _export_timm_eva02(model: nn.Module, path: Path) -> list[str]:
+    cfg = model.cfg
+    _require(eva02_export_problems(cfg), "timm EVA-02")
+    _write_torch_state_dict(to_timm_eva02(_state_dict(model), cfg), path)
+    fused = "" if cfg.mlp_norm else ", qkv_fused=True, scale_mlp=False"
+    return [f"timm's EVA-02 (Eva): create an eva02_*_patch14_* model with embed_dim={cfg.embed_dim}, "
+            f"depth={cfg.depth}, num_heads={cfg.num_heads}, mlp_ratio={cfg.mlp_dim / cfg.embed_dim!r}{fused}"
+            + (", global_pool='token'" if cfg.pool == "token" else "")
+            + ("" if cfg.norm_after_pool else ", use_fc_norm=False")]
 
 
 def export_torchvision(model: nn.Module, path: str | os.PathLike) -> list[str]:

@@ -1,5 +1,5 @@
 """The layouts DINOv2, DeiT, SigLIP and CLIP image towers are published in, mapped onto timm's (= vitlab's) names
-(DINOv3's three layouts: :mod:`.dinov3_layout`).
+(DINOv3's three layouts: :mod:`.dinov3_layout`; EVA-02's two: :mod:`.eva02_layout`).
 
 Each reader is a pure function from the publisher's state dict to timm names, plus notes on what was dropped (a text
 tower, DINOv2's ``mask_token``); :func:`to_timm_names` picks it from :func:`detect_family_layout`. The writers
@@ -55,13 +55,15 @@ from .dinov3_layout import (
     hf_dinov3_hints,
     to_hf_dinov3,
 )
+from .eva02_layout import EVA02_LAYOUTS, EVA02_NUMERICS, detect_eva02_layout, from_eva02, from_timm_eva02
 from .statedicts import HF_QKV, HF_TO, HF_VIT_LAYER, QKV_TARGET, fuse_qkv, rename_keys, split_qkv
 
 # transformers' model types read here, and the vision-config fields they nest (full SigLIP / CLIP models)
 HF_FAMILY_TYPES = {"dinov2": "hf_dinov2", "dinov2_with_registers": "hf_dinov2", "deit": "hf_deit",
                    "siglip": "hf_siglip", "siglip_vision_model": "hf_siglip", "clip": "hf_clip",
                    "clip_vision_model": "hf_clip", "dinov3_vit": "hf_dinov3"}
-FAMILY_LAYOUTS = ("hf_dinov2", "hf_deit", "hf_siglip", "hf_clip", "dinov2", "deit3", "open_clip") + DINOV3_LAYOUTS
+FAMILY_LAYOUTS = ("hf_dinov2", "hf_deit", "hf_siglip", "hf_clip", "dinov2", "deit3", "open_clip") + DINOV3_LAYOUTS \
+    + EVA02_LAYOUTS
 # transformers' hidden_act -> vitlab's gelu field
 HF_ACTIVATIONS = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh",
                   "quick_gelu": "quick"}
@@ -76,6 +78,7 @@ FAMILY_NUMERICS = {
     "hf_siglip": {"gelu": "tanh", "norm_eps": 1e-6},
     "hf_clip": {"gelu": "quick", "norm_eps": 1e-5},
     **{layout: DINOV3_NUMERICS for layout in DINOV3_LAYOUTS},
+    **{layout: EVA02_NUMERICS for layout in EVA02_LAYOUTS},
 }
 
 
@@ -87,6 +90,9 @@ def detect_family_layout(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     dinov3 = detect_dinov3_layout(keys)  # first: its files also have DINOv2's mask_token and DeiT III's gamma_1
     if dinov3 is not None:
         return dinov3
+    eva02 = detect_eva02_layout(keys)  # before DINOv2: BAAI's files have its mask_token and (Ti, S) mlp.w12
+    if eva02 is not None:
+        return eva02
     if {"visual.class_embedding", "visual.conv1.weight"} & keys:
         return "open_clip"
     for prefix in ("vision_model.", ""):
@@ -283,7 +289,8 @@ def from_deit3(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[dic
 
 _READERS = {"hf_dinov2": from_hf_dinov2, "hf_deit": from_hf_deit, "hf_siglip": from_hf_tower,
             "hf_clip": from_hf_tower, "open_clip": from_open_clip, "dinov2": from_dinov2, "deit3": from_deit3,
-            "dinov3": from_dinov3, "timm_dinov3": from_timm_dinov3, "hf_dinov3": from_hf_dinov3}
+            "dinov3": from_dinov3, "timm_dinov3": from_timm_dinov3, "hf_dinov3": from_hf_dinov3,
+            "eva02": from_eva02, "timm_eva02": from_timm_eva02}
 
 
 def to_timm_names(state_dict: Mapping[str, torch.Tensor], layout: str,
@@ -338,6 +345,9 @@ _GELU_TO_HF = {"exact": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gel
 def transformers_class(cfg) -> str | None:
     """The transformers class that holds a model with these options (None: the paper's ViT, written as
     ``ViTForImageClassification``). Raises InvalidValueError for option sets no transformers class computes."""
+    if getattr(cfg, "rope_kind", None) == "eva" or getattr(cfg, "mlp_norm", False):
+        raise InvalidValueError("cannot write a transformers layout for this model: transformers has no EVA-02 "
+                                "(rope_kind='eva', mlp_norm); use the timm or vitlab layout")
     if getattr(cfg, "pos_embed", None) == "rope":
         problems = export_problems(cfg, "transformers")
         if problems:

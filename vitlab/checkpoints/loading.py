@@ -26,6 +26,7 @@ from . import npz as npz_layout
 from .adapter import ADAPTER_KEY, base_candidates, check_base_hash, load_adapter_tensors, read_adapter_document
 from .channels import adapt_model_channels, adapt_preprocessing_channels, adapt_state_dict_channels
 from .dinov3_layout import DINOV3_LAYOUTS, default_grid, dinov3_heads
+from .eva02_layout import EVA02_LAYOUTS
 from .family_layouts import (
     FAMILY_NUMERICS,
     HF_FAMILY_TYPES,
@@ -41,7 +42,7 @@ from .statedicts import detect_layout, infer_config, no_ema_message, to_vitlab_n
 from .vitlab_format import parse_document, read_document
 
 FORMATS = ("vitlab", "vit_jax", "big_vision", "bit", "timm", "hf", "torchvision", "dinov2", "deit3", "open_clip",
-           "dinov3", "timm_dinov3")
+           "dinov3", "timm_dinov3", "eva02", "timm_eva02")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # the ViTConfig fields that the weights cannot show, as each source's code sets them
@@ -56,7 +57,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # the original releases' evaluation: (mean, std, crop_pct), bicubic. DINOv2 and DeiT (III): ImageNet statistics, the
 # shorter side to 256 / 224 of the size, centre crop; OpenAI CLIP: its own statistics, shorter side to the size;
-# DINOv3 (timm's default_cfg): ImageNet statistics, crop 1.0 at 256 px.
+# DINOv3 (timm's default_cfg): ImageNet statistics, crop 1.0 at 256 px. EVA-02 (timm's default_cfg): OpenAI CLIP
+# statistics, crop 0.9 at 224 px and 1.0 at the fine-tuning sizes (336, 448).
 PUBLISHER_EVAL = {"dinov2": (IMAGENET_MEAN, IMAGENET_STD, 0.875), "deit3": (IMAGENET_MEAN, IMAGENET_STD, 0.875),
                   "open_clip": (CLIP_MEAN, CLIP_STD, 1.0), "dinov3": (IMAGENET_MEAN, IMAGENET_STD, 1.0)}
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
@@ -97,6 +99,10 @@ def source_preprocessing(fmt: str, img_size: tuple[int, int], in_chans: int) -> 
     up), centre crop, bicubic, mean = std = 0.5. Hugging Face: squash, bilinear, mean = std = 0.5. torchvision:
     shorter side to size * 256/224, centre crop, bilinear, ImageNet mean and std."""
     half = (0.5,) * in_chans
+    if fmt in EVA02_LAYOUTS and in_chans == 3:
+        crop = 1.0 if min(img_size) >= 336 else 0.9
+        return Preprocessing(img_size, resize="crop", crop_pct=crop, interpolation="bicubic", mean=CLIP_MEAN,
+                             std=CLIP_STD)
     if fmt in PUBLISHER_EVAL and in_chans == 3:
         mean, std, crop = PUBLISHER_EVAL[fmt]
         return Preprocessing(img_size, resize="crop", crop_pct=crop, interpolation="bicubic", mean=mean, std=std)
@@ -413,9 +419,10 @@ def _from_state_dict(source: str, container: str, state_dict: dict, notes: list[
         defaults.update(hf_config)
     elif named is not None:
         defaults["num_heads"] = named.num_heads
-        if getattr(named, "pos_embed", None) == "rope":  # nothing in the weights shows the rotary embedding
+        if getattr(named, "rotary", False):  # nothing in the weights shows the rotary embedding
             defaults.update({f: getattr(named, f) for f in ("pos_embed", "rope_base", "rope_shift", "rope_jitter",
-                                                            "rope_rescale", "dynamic_img_size")})
+                                                            "rope_rescale", "rope_kind", "rope_ref_grid",
+                                                            "dynamic_img_size")})
         # what the named model's family fixes and the weights cannot show (SigLIP's tanh GELU, CLIP's eps 1e-5 and
         # QuickGELU, the So400m/14 grid at 384 px)
         defaults.update({f: getattr(named, f) for f in ("gelu", "norm_eps", "layer_scale", "drop_remainder")

@@ -366,7 +366,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str, *, default
         pos_embed=pos_embed, norm_after_pool=fc_norm, representation_size=representation,
         qkv_bias="blocks.0.attn.qkv.bias" in sd, layer_scale=layer_scale, reg_tokens=reg_tokens, distilled=distilled,
         no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in sd, patch_bias="patch_embed.proj.bias" in sd,
-        mlp_type=mlp_type,
+        mlp_type=mlp_type, mlp_norm="blocks.0.mlp.norm.weight" in sd,
     )
     kwargs.update(defaults)
     try:

@@ -167,9 +167,10 @@ def merge_tokens(model: nn.Module, r: int | Sequence[int]) -> nn.Module:
         raise VitlabError(f"r={r!r}: token merging needs a ViT or hybrid ViT; a {type(model).__name__} {why}",
                           options=("r",))
     schedule = merge_schedule(model, r)
-    if any(schedule) and model.cfg.pos_embed == "rope":
-        raise VitlabError(f"r={r!r}: token merging cannot keep rotary position embeddings (pos_embed='rope', DINOv3): "
-                          "a merged token has no single position to rotate by", options=("r",))
+    if any(schedule) and getattr(model.cfg, "rotary", False):
+        raise VitlabError(f"r={r!r}: token merging cannot keep rotary position embeddings (pos_embed='rope' or "
+                          "rope_kind='eva': DINOv3, EVA-02): a merged token has no single position to rotate by",
+                          options=("r",))
     original = _ORIGINAL.get(type(model), type(model))
     if not any(schedule):
         model.__class__ = original

@@ -7,12 +7,12 @@ An entry is named ``<model>.<tag>`` (``vit_b16.augreg_in21k_ft_in1k``): ``<model
 set, parameter count), how the publisher evaluated them, where to get them (one or more sources, tried in order) and
 the accuracy reported for them. Nothing here downloads anything: :mod:`vitlab.hub` turns an entry into a local file.
 
-Facts come from public sources: timm's ``default_cfgs`` (``timm/models/vision_transformer.py``, timm 1.0.31: Hub
-repos, GCS file names, input size, crop, mean/std, interpolation, licence), the vit_jax README (the original file
-names), the paper (Table 5) and timm's ``results/results-imagenet.csv`` (top-1 that timm measured on the same
-weights). Parameter counts are timm's for the same architecture and head (plus the pre-logits layer the original
-ImageNet-21k files carry). File sizes and sha256 sums are recorded only where a publisher states them; none of the
-sources above does, so they are ``None`` and downloads are checked for being a readable checkpoint instead.
+Facts come from public sources: timm's ``default_cfgs`` (``timm/models/vision_transformer.py`` and ``eva.py``, timm
+1.0.31: Hub repos, GCS file names, input size, crop, mean/std, interpolation, licence), the vit_jax README (the
+original file names), the paper (Table 5) and timm's ``results/results-imagenet.csv`` (top-1 that timm measured on
+the same weights). Parameter counts are timm's for the same architecture and head (plus the pre-logits layer the
+original ImageNet-21k files carry). File sizes and sha256 sums are recorded only where a publisher states them; none
+of the sources above does, so they are ``None`` and downloads are checked for being a readable checkpoint instead.
 """
 
 from __future__ import annotations
@@ -419,6 +419,32 @@ CATALOG: tuple[PretrainedEntry, ...] = (
       PublisherPreprocessing("crop", 1.0, "bicubic"), license="mit",
       description="CLIP ViT-L/14 image tower, OpenCLIP on LAION-2B",
       image_text="laion/CLIP-ViT-L-14-laion2B-s32B-b82K"),
+    # --- EVA-02 (Fang et al. 2023): masked image modelling against EVA-CLIP features on ImageNet-21k (in22k) or
+    #     Merged-38M (m38m), 224 px features; then fine-tuned on ImageNet-1k (Ti, S at 336 px; B, L at 448 px),
+    #     directly or after an intermediate ImageNet-21k fine-tuning (timm's crop_mode squash for those). Parameter
+    #     counts are timm's (vitlab also stores the zero key third of each q/k/v bias); MIT (timm's default_cfgs)
+    *(E(f"eva02_{s}14.{tag}{'' if size == 224 else f'_{size}'}", f"eva02_{s}14", size, 0 if size == 224 else 1000,
+        "" if size == 224 else IMAGENET_1K, params, (_timm(f"eva02_{long}_patch14_{size}.{tag}"),),
+        PublisherPreprocessing("squash" if "in22k_in1k" in tag else "crop", 0.9 if size == 224 else 1.0, "bicubic",
+                               CLIP_MEAN, CLIP_STD),
+        license="mit", top1_timm=top1,
+        description=f"EVA-02 {long.capitalize()}/14, MIM on {data}" + (
+            " (features)" if size == 224 else f", fine-tuned on {'ImageNet-21k, then ' * ('in22k_in1k' in tag)}"
+                                              f"ImageNet-1k at {size} px"))
+      for s, long, tag, size, params, top1, data in (
+          ("t", "tiny", "mim_in22k", 224, 5_502_144, None, "ImageNet-21k"),
+          ("t", "tiny", "mim_in22k_ft_in1k", 336, 5_756_584, 80.630, "ImageNet-21k"),
+          ("s", "small", "mim_in22k", 224, 21_621_120, None, "ImageNet-21k"),
+          ("s", "small", "mim_in22k_ft_in1k", 336, 22_129_000, 85.716, "ImageNet-21k"),
+          ("b", "base", "mim_in22k", 224, 85_758_720, None, "ImageNet-21k"),
+          ("b", "base", "mim_in22k_ft_in1k", 448, 87_117_544, 88.250, "ImageNet-21k"),
+          ("b", "base", "mim_in22k_ft_in22k_in1k", 448, 87_117_544, 88.692, "ImageNet-21k"),
+          ("l", "large", "mim_in22k", 224, 303_268_800, None, "ImageNet-21k"),
+          ("l", "large", "mim_m38m", 224, 303_268_800, None, "Merged-38M"),
+          ("l", "large", "mim_in22k_ft_in1k", 448, 305_080_232, 89.624, "ImageNet-21k"),
+          ("l", "large", "mim_m38m_ft_in1k", 448, 305_080_232, 89.570, "Merged-38M"),
+          ("l", "large", "mim_in22k_ft_in22k_in1k", 448, 305_080_232, 89.966, "ImageNet-21k"),
+          ("l", "large", "mim_m38m_ft_in22k_in1k", 448, 305_080_232, 90.052, "Merged-38M"))),
 )
 del E
 
@@ -458,6 +484,10 @@ DEFAULT_TAGS: dict[str, str] = {
     "clip_b32": "laion2b",
     "clip_b16": "laion2b",
     "clip_l14": "laion2b",
+    "eva02_t14": "mim_in22k_ft_in1k_336",
+    "eva02_s14": "mim_in22k_ft_in1k_336",
+    "eva02_b14": "mim_in22k_ft_in22k_in1k_448",
+    "eva02_l14": "mim_m38m_ft_in22k_in1k_448",
 }
 
 _BY_NAME: dict[str, PretrainedEntry] = {e.name: e for e in CATALOG}

@@ -7,7 +7,8 @@ ResNet-v2 (``bit_r50x1`` = ``resnetv2_50x1_bit``, ...) and ResNet + ViT hybrids 
 ``vit_base_r50_s16_224`` / ``_384``, ...). The ViTs people start from today are rows of the same table, each the
 paper's ViT with a few options of :class:`ViTConfig` (docs/families.md): DeiT (``deit_b16``, distilled
 ``deit_b16_distilled``), DeiT III (``deit3_b16``), DINOv2 (``dinov2_b14``, with registers ``dinov2_b14_reg4``),
-DINOv3 (``dinov3_b16``: rotary position embedding, 4 registers), SigLIP / SigLIP 2 image towers (``siglip_b16``,
+DINOv3 (``dinov3_b16``: rotary position embedding, 4 registers), EVA-02 (``eva02_b14``: learned and rotary position
+embeddings, SwiGLU), SigLIP / SigLIP 2 image towers (``siglip_b16``,
 ``siglip_so400m14``, ...) and CLIP image towers (``clip_b16``,
 OpenAI's QuickGELU ``clip_b16_quickgelu``), with timm's model names as aliases. Any config field can be overridden
 at creation.
@@ -120,6 +121,22 @@ def _family_variants() -> list[ModelEntry]:
         qkvb = () if name == "dinov3_7b16" else (f"{stem}_qkvb",)  # timm has no 7B with q/v biases
         entries.append(ModelEntry(name, cfg, f"{description} (2-D RoPE, 4 registers, LayerScale 1e-5, "
                                   f"{'SwiGLU, ' if swiglu else ''}features)", (stem, *qkvb)))
+    eva02 = [  # name, timm size, width, depth, heads, SwiGLU gated width, sub-LN in the MLP, fine-tuning size
+        ("eva02_t14", "tiny", 192, 12, 3, 512, False, 336),
+        ("eva02_s14", "small", 384, 12, 6, 1024, False, 336),
+        ("eva02_b14", "base", 768, 12, 12, 2048, True, 448),
+        ("eva02_l14", "large", 1024, 24, 16, 2730, True, 448),
+    ]
+    for name, size, dim, depth, heads, mlp, sub_ln, tuned in eva02:
+        # timm's eva02_* settings: the 224 px MIM pre-training size (num_classes 0; the aliases of the fine-tuning
+        # size have the ImageNet-1k head), learned position table plus RoPE on positions scaled to the 16x16
+        # pre-training grid, SwiGLU (gated width int(D * 8/3)), q and v biases, mean of the patch tokens + fc_norm
+        cfg = ViTConfig(img_size=224, patch_size=14, num_classes=0, embed_dim=dim, depth=depth, num_heads=heads,
+                        mlp_dim=mlp, mlp_type="swiglu", mlp_norm=sub_ln, rope_kind="eva", rope_base=10000.0,
+                        rope_ref_grid=(16, 16), pool="gap", norm_after_pool=True)
+        entries.append(ModelEntry(name, cfg, f"EVA-02 {size.capitalize()}/14 (learned + 2-D RoPE, SwiGLU"
+                                  f"{' with sub-LN' if sub_ln else ''}, MIM features; {tuned} px fine-tuned alias)",
+                                  (f"eva02_{size}_patch14_224", f"eva02_{size}_patch14_{tuned}")))
     siglip = [  # name, timm stem, patch, width, depth, MLP, heads, default size, alias sizes, description
         ("siglip_b16", "vit_base_patch16_siglip", 16, 768, 12, 3072, 12, 224, (224, 256, 384, 512),
          "SigLIP / SigLIP 2 B/16 image tower"),
@@ -250,9 +267,12 @@ for _family in (_paper_variants, _small_data_variants, _bit_variants, _hybrid_va
         register(_entry)
 # timm's DINOv3 ``_qkvb`` models keep the query and value biases of the release (zero in the distilled models):
 # their aliases build the entries with qkv_bias=True (vitlab stores the masked key third too, held out of the sum)
-for _alias, (_name, _) in list(_ALIASES.items()):
+# timm's EVA-02 models at their fine-tuning sizes (336, 448) carry the ImageNet-1k classifier, at 224 none (MIM)
+for _alias, (_name, _overrides) in list(_ALIASES.items()):
     if _alias.endswith("_dinov3_qkvb"):
         _ALIASES[_alias] = (_name, {"qkv_bias": True})
+    elif _alias.startswith("eva02_") and _overrides.get("img_size") != 224:
+        _ALIASES[_alias] = (_name, {**_overrides, "num_classes": 1000})
 
 
 def list_models(pattern: str | None = None, aliases: bool = False) -> list[str]:

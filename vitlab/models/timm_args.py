@@ -65,6 +65,17 @@ def timm_dinov3_model_args(cfg: ViTConfig) -> dict:
             "num_reg_tokens": cfg.reg_tokens, "dynamic_img_size": cfg.dynamic_img_size}
 
 
+def timm_eva02_model_args(cfg: ViTConfig) -> dict:
+    """The keywords of timm's ``Eva`` (``eva02_*``) for what ``model_args`` can say of a ``rope_kind='eva'`` config
+    (the rotary embedding, SwiGLU and LayerNorm epsilon come with the name). ``qkv_fused`` follows the MLP's sub-LN
+    as in timm's functions (B, L: separate q, k, v)."""
+    return {"img_size": _size(cfg.img_size), "patch_size": _size(cfg.patch_size), "in_chans": cfg.in_chans,
+            "num_classes": cfg.num_classes, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
+            "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_dim / cfg.embed_dim, "qkv_bias": cfg.qkv_bias,
+            "qkv_fused": not cfg.mlp_norm, "scale_mlp": cfg.mlp_norm, "global_pool": TIMM_POOL[cfg.pool],
+            "use_fc_norm": cfg.norm_after_pool, "dynamic_img_size": cfg.dynamic_img_size}
+
+
 def config_overrides(model_args: dict) -> dict:
     """vitlab config fields for the ``model_args`` of a timm ``config.json`` (keys not listed here are left out:
     they do not change what the weights compute, or the checks on the weights catch them)."""
@@ -74,6 +85,8 @@ def config_overrides(model_args: dict) -> dict:
     for key in simple:
         if key in model_args:
             out[key] = model_args[key]
+    if "scale_mlp" in model_args:  # timm's Eva (EVA-02): the LayerNorm inside the MLP
+        out["mlp_norm"] = bool(model_args["scale_mlp"])
     if "num_reg_tokens" in model_args:  # timm's Eva (DINOv3) spelling
         out["reg_tokens"] = model_args["num_reg_tokens"]
     for key in ("img_size", "patch_size"):
@@ -115,6 +128,8 @@ def timm_architecture(cfg: ViTConfig) -> tuple[str, dict]:
     if type(cfg) is not ViTConfig:  # hybrids and CNNs: timm names them, but their model_args are not these
         raise InvalidValueError(f"cannot write the timm Hub layout for a {type(cfg).__name__} model (it holds ViTs "
                                 "here); use the vitlab layout")
+    if cfg.rope_kind == "eva":
+        return _eva02_architecture(cfg)
     if cfg.pos_embed == "rope":
         return _dinov3_architecture(cfg)
     problems = []
@@ -155,6 +170,48 @@ def timm_architecture(cfg: ViTConfig) -> tuple[str, dict]:
                                 "model_args builds it (a LayerNorm epsilon, patch bias or token set no timm "
                                 "ViT name has); use the vitlab layout")
     return best[2], args
+
+
+def eva02_export_problems(cfg) -> list[str]:
+    """What timm's ``eva02_*`` functions (plus ``model_args``) cannot hold of a ``rope_kind='eva'`` config."""
+    problems = []
+    if cfg.pos_embed != "learned" or cfg.no_embed_class:
+        problems.append("EVA-02 has a learned position table with a class slot next to its RoPE")
+    if not cfg.class_token or cfg.distilled or cfg.reg_tokens or cfg.pre_norm or not cfg.patch_bias:
+        problems.append("EVA-02 has a class token, no distillation token or registers, no ln_pre, a patch bias")
+    if cfg.mlp_type != "swiglu" or cfg.layer_scale:
+        problems.append("EVA-02 has a SwiGLU MLP and no LayerScale")
+    if cfg.representation_size or cfg.head_proj_dim or cfg.head_l2_norm or cfg.pool == "map":
+        problems.append("a pre-logits layer, head projection or attention pooling")
+    if (cfg.norm_eps, cfg.rope_base, cfg.rope_ref_grid) != (1e-6, 10000.0, (16, 16)):
+        problems.append(f"LayerNorm eps {cfg.norm_eps:g}, rope_base {cfg.rope_base:g}, rope_ref_grid "
+                        f"{cfg.rope_ref_grid} (timm's eva02_* fix 1e-6, 10000 and (16, 16))")
+    if cfg.drop_remainder or cfg.dynamic_img_pad:
+        problems.append("drop_remainder / dynamic_img_pad")
+    return problems
+
+
+def _eva02_architecture(cfg: ViTConfig) -> tuple[str, dict]:
+    """timm's ``eva02_*`` name and ``Eva`` keywords for a ``rope_kind='eva'`` config (the name needing the fewest
+    changed keywords)."""
+    problems = eva02_export_problems(cfg)
+    args = timm_eva02_model_args(cfg)
+    want = _comparable(cfg)
+    overrides = config_overrides(args)
+    best = None
+    for alias in sorted(a for a in _ALIASES if a.startswith("eva02_")):
+        base = get_config(alias)
+        try:
+            built = base.replace(**overrides)
+        except (ValueError, TypeError):
+            continue
+        if not problems and _comparable(built) == want:
+            rank = (sum(timm_eva02_model_args(base).get(k) != v for k, v in args.items()), alias)
+            best = rank if best is None or rank < best else best
+    if best is not None:
+        return best[1], args
+    raise InvalidValueError("cannot write the timm Hub layout for this model: " + "; ".join(
+        problems or ["no timm eva02_* architecture plus model_args builds it"]) + " (use the vitlab layout)")
 
 
 def _dinov3_architecture(cfg: ViTConfig) -> tuple[str, dict]:

@@ -35,6 +35,7 @@ PoolType = Literal["token", "gap", "map"]
 GeluType = Literal["exact", "tanh", "quick"]
 MlpType = Literal["mlp", "swiglu"]
 PosEmbedType = Literal["learned", "learned_2d", "sincos", "rope", "none"]
+RopeKind = Literal["dinov3", "eva"]
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -93,6 +94,13 @@ class ViTConfig:
       scale log-uniform in [1/f, f]; drawn once per forward, in training mode only; None: off). A query / key bias
       (``qkv_bias``) keeps its key third out of the sum (DINOv3's masked key bias: under RoPE a key bias would not
       cancel in the softmax).
+    - ``rope_kind='eva'``: EVA-02's rotary embedding (:func:`rope_eva`) instead of DINOv3's: integer grid positions
+      scaled onto ``rope_ref_grid`` (the pre-training grid; None: unscaled), periods ``rope_base ** (4 j /
+      head_dim)`` (EVA-02: 10000), rotation of interleaved channel pairs. It rotates the patch tokens *on top of*
+      ``pos_embed='learned'`` (EVA-02 has both: the learned table, class slot included, and RoPE) or alone with
+      ``pos_embed='rope'``; the key bias is left out as above (EVA-02 has none). No coordinate augmentations.
+    - ``mlp_norm``: a LayerNorm over the MLP's hidden width before ``fc2`` (``mlp.norm``; EVA-02 B/L's sub-LN in
+      the SwiGLU, timm's ``scale_mlp``).
 
     Prefix tokens are one concept: ``[class] [distillation] [registers...]`` in that order, then the patches;
     :attr:`num_prefix_tokens` counts them and :attr:`prefix_token_names` names them.
@@ -126,6 +134,9 @@ class ViTConfig:
     rope_shift: float | None = None
     rope_jitter: float | None = None
     rope_rescale: float | None = None
+    rope_kind: RopeKind = "dinov3"
+    rope_ref_grid: tuple[int, int] | None = None
+    mlp_norm: bool = False
     head_proj_dim: int = 0
     head_l2_norm: bool = False
     dropout: float = 0.0
@@ -139,6 +150,17 @@ class ViTConfig:
         object.__setattr__(self, "img_size", _pair(self.img_size))
         object.__setattr__(self, "patch_size", _pair(self.patch_size))
         errors = []
+        if self.rope_ref_grid is not None:
+            ref = _pair(self.rope_ref_grid)
+            object.__setattr__(self, "rope_ref_grid", ref)
+            if min(ref) <= 0:
+                errors.append(f"rope_ref_grid must be a positive grid (rows, columns), got {self.rope_ref_grid!r}")
+        if self.rope_kind not in ("dinov3", "eva"):
+            errors.append(f"rope_kind must be 'dinov3' or 'eva', got {self.rope_kind!r}")
+        elif self.rope_kind == "eva" and self.pos_embed not in ("learned", "rope"):
+            errors.append("rope_kind='eva' needs pos_embed='learned' (EVA-02: learned table plus RoPE) or 'rope'")
+        if self.rope_ref_grid is not None and self.rope_kind != "eva":
+            errors.append("rope_ref_grid needs rope_kind='eva' (DINOv3's coordinates are normalised already)")
         for (size, patch, axis) in zip(self.img_size, self.patch_size, ("height", "width")):
             if patch <= 0 or size <= 0 or (size % patch and not self.drop_remainder) or size < patch:
                 errors.append(f"image {axis} {size} is not a positive multiple of patch {axis} {patch}")
@@ -150,8 +172,8 @@ class ViTConfig:
             errors.append("pool='token' needs class_token=True")
         if self.pos_embed not in ("learned", "learned_2d", "sincos", "rope", "none"):
             errors.append(f"pos_embed must be learned, learned_2d, sincos, rope or none, got {self.pos_embed!r}")
-        if self.pos_embed == "rope" and (self.embed_dim // self.num_heads) % 4:
-            errors.append(f"pos_embed='rope' needs a head width (embed_dim / num_heads = "
+        if self.rotary and (self.embed_dim // self.num_heads) % 4:
+            errors.append(f"a rotary embedding needs a head width (embed_dim / num_heads = "
                           f"{self.embed_dim // self.num_heads}) divisible by 4")
         if not self.rope_base > 0:
             errors.append(f"rope_base must be > 0, got {self.rope_base!r}")
@@ -162,6 +184,8 @@ class ViTConfig:
                 errors.append(f"{name} must be None or a number >= {low:g}, got {value!r}")
             elif value is not None and self.pos_embed != "rope":
                 errors.append(f"{name} needs pos_embed='rope'")
+            elif value is not None and self.rope_kind == "eva":
+                errors.append(f"{name}: rope_kind='eva' has no coordinate augmentations (DINOv3's)")
         if self.pos_embed == "learned_2d" and self.embed_dim % 2:
             errors.append("pos_embed='learned_2d' needs an even embed_dim")
         if self.pos_embed == "sincos" and self.embed_dim % 4:
@@ -197,6 +221,12 @@ class ViTConfig:
                           f"{self.dynamic_resample!r}")
         if errors:
             raise InvalidValueError("invalid ViT config: " + "; ".join(errors))
+
+    @property
+    def rotary(self) -> bool:
+        """True when attention rotates the patch tokens' queries and keys (``pos_embed='rope'`` or
+        ``rope_kind='eva'``)."""
+        return self.pos_embed == "rope" or self.rope_kind == "eva"
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -239,8 +269,13 @@ class ViTConfig:
             changed["pool"] = "map"
         if self.gelu == "quick":
             changed["gelu"] = "quick"
-        if self.pos_embed == "rope":
-            changed["pos_embed"] = "rope"
+        if self.rotary:
+            if self.pos_embed == "rope":
+                changed["pos_embed"] = "rope"
+            if self.rope_kind != "dinov3":
+                changed["rope_kind"] = self.rope_kind
+            if self.rope_ref_grid is not None:
+                changed["rope_ref_grid"] = self.rope_ref_grid
             if self.rope_base != 100.0:
                 changed["rope_base"] = self.rope_base
             changed.update({name: getattr(self, name) for name in ("rope_shift", "rope_jitter", "rope_rescale")
@@ -252,6 +287,8 @@ class ViTConfig:
         out = asdict(self)
         out["img_size"] = list(self.img_size)
         out["patch_size"] = list(self.patch_size)
+        if self.rope_ref_grid is not None:
+            out["rope_ref_grid"] = list(self.rope_ref_grid)
         return out
 
     @classmethod
@@ -273,7 +310,7 @@ class ViTConfig:
 
 _FAMILY_DEFAULTS = {"layer_scale": None, "reg_tokens": 0, "distilled": False, "no_embed_class": False,
                     "pre_norm": False, "patch_bias": True, "mlp_type": "mlp", "drop_remainder": False,
-                    "head_proj_dim": 0, "head_l2_norm": False}
+                    "head_proj_dim": 0, "head_l2_norm": False, "mlp_norm": False}
 
 
 class PatchEmbed(nn.Module):
@@ -335,16 +372,42 @@ def rope_2d(grid_size: tuple[int, int], head_dim: int, base: float = 100.0, *, s
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, heads, N, head_dim) by ``rope`` ((N, 2 head_dim) from :func:`rope_2d`, or (B, N, 2 head_dim)
-    for a different token subset per image): x cos + rotate_half(x) sin, in float32 at least (bfloat16 activations
-    are not rotated in bfloat16), returned in x's dtype."""
+def rope_eva(grid_size: tuple[int, int], head_dim: int, base: float = 10000.0,
+             ref_grid: tuple[int, int] | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """EVA-02's 2-D rotary position embedding for a (gh, gw) patch grid: (gh * gw, 2 * head_dim), the sines then the
+    cosines, rows in row-major grid order, for :func:`apply_rope` with ``interleaved=True``.
+
+    Patch (i, j) sits at (i, j), or at (i ref_h / gh, j ref_w / gw) with ``ref_grid`` (the pre-training grid: a model
+    fine-tuned at 448 px from a 224 px pre-training sees positions in steps of 1/2). Frequencies are
+    ``base ** (-k / (head_dim / 4))``, k < head_dim / 4; the first half of the channels turns with the row, the second
+    with the column, each frequency on two adjacent channels (an interleaved pair)."""
+    gh, gw = grid_size
+    n = head_dim // 4
+    bands = 1.0 / base ** (torch.arange(n, dtype=torch.float32, device=device) / n)
+    rows = torch.arange(gh, dtype=torch.float32, device=device)
+    cols = torch.arange(gw, dtype=torch.float32, device=device)
+    if ref_grid is not None:  # the order of operations is timm's (equal float32 results)
+        rows, cols = rows / gh * ref_grid[0], cols / gw * ref_grid[1]
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)  # (N, 2)
+    angles = (coords[:, :, None] * bands).flatten(1).repeat_interleave(2, dim=1)  # (N, head_dim)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate ``x`` (B, heads, N, head_dim) by ``rope`` ((N, 2 head_dim) from :func:`rope_2d` / :func:`rope_eva`, or
+    (B, N, 2 head_dim) for a different token subset per image): x cos + rotate(x) sin, in float32 at least
+    (bfloat16 activations are not rotated in bfloat16), returned in x's dtype. ``rotate`` pairs channel c with
+    c + head_dim / 2 (rotate-half, DINOv3) or, ``interleaved``, channel 2c with 2c + 1 (EVA-02)."""
     sin, cos = rope.chunk(2, dim=-1)
     if rope.ndim == 3:
         sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    first, second = wide.chunk(2, dim=-1)
-    return (wide * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
+    if interleaved:
+        turned = torch.stack([-wide[..., 1::2], wide[..., 0::2]], dim=-1).reshape(wide.shape)
+    else:
+        first, second = wide.chunk(2, dim=-1)
+        turned = torch.cat([-second, first], dim=-1)
+    return (wide * cos + turned * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -357,13 +420,14 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rotary: bool = False):
+                 rotary: bool = False, interleaved: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = attn_drop
         self.rotary = rotary
+        self.interleaved = interleaved  # the rotation's channel pairs (apply_rope): EVA-02's layout
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -385,7 +449,8 @@ class Attention(nn.Module):
         return (out, probs) if return_attention else out
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE models: the key bias taken back out (DINOv3 masks it), then the patch rows of q and k rotated."""
+        """RoPE models: the key bias taken back out (DINOv3 masks it, EVA-02 has none), then the patch rows of q and
+        k rotated."""
         if rope is None:
             raise ModelInputError("a rotary-position-embedding (pos_embed='rope') block needs the rotary embedding "
                                   "of its tokens: run it through VisionTransformer (forward, forward_features, ...)")
@@ -394,8 +459,8 @@ class Attention(nn.Module):
             D = self.num_heads * self.head_dim
             k = k - linear.bias[D : 2 * D].reshape(self.num_heads, 1, self.head_dim)
         p = q.shape[2] - rope.shape[-2]
-        q = torch.cat([q[:, :, :p], apply_rope(q[:, :, p:], rope)], dim=2)
-        k = torch.cat([k[:, :, :p], apply_rope(k[:, :, p:], rope)], dim=2)
+        q = torch.cat([q[:, :, :p], apply_rope(q[:, :, p:], rope, self.interleaved)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rope(k[:, :, p:], rope, self.interleaved)], dim=2)
         return q, k
 
 
@@ -411,36 +476,46 @@ def gelu_module(kind: str) -> nn.Module:
     return QuickGELU() if kind == "quick" else nn.GELU(approximate="tanh" if kind == "tanh" else "none")
 
 
-class Mlp(nn.Module):
-    """Dense(D->M), GELU, Dense(M->D), with dropout after each dense layer as in the paper."""
+def _inner_norm(hidden_dim: int, norm_eps: float | None) -> nn.Module:
+    """The MLP's LayerNorm over its hidden width (``mlp_norm``; a ``norm_eps`` of None: none)."""
+    return nn.Identity() if norm_eps is None else nn.LayerNorm(hidden_dim, eps=norm_eps)
 
-    def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", drop: float = 0.0):
+
+class Mlp(nn.Module):
+    """Dense(D->M), GELU, Dense(M->D), with dropout after each dense layer as in the paper; ``norm_eps`` adds a
+    LayerNorm over the hidden width before the second layer (``mlp_norm``)."""
+
+    def __init__(self, dim: int, hidden_dim: int, gelu: str = "exact", drop: float = 0.0,
+                 norm_eps: float | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = gelu_module(gelu)
         self.drop1 = nn.Dropout(drop)
+        self.norm = _inner_norm(hidden_dim, norm_eps)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
 class SwiGLU(nn.Module):
     """SiLU(x W_g) * (x W_v), then Dense(M->D). ``fc1`` holds W_g and W_v packed (D -> 2M, gate rows first), so
-    the names and shapes are timm's ``SwiGLUPacked`` (DINOv2 ViT-g)."""
+    the names and shapes are timm's ``SwiGLUPacked`` (DINOv2 ViT-g); ``norm_eps`` adds a LayerNorm over the gated
+    width before ``fc2`` (``mlp_norm``, EVA-02 B/L's sub-LN)."""
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, norm_eps: float | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden_dim)
         self.act = nn.SiLU()
         self.drop1 = nn.Dropout(drop)
+        self.norm = _inner_norm(hidden_dim, norm_eps)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)  # (B, N, M) each
-        return self.drop2(self.fc2(self.drop1(self.act(gate) * value)))
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(gate) * value))))
 
 
 class LayerScale(nn.Module):
@@ -472,14 +547,15 @@ class Block(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout,
-                              rotary=cfg.pos_embed == "rope")
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_dropout, cfg.dropout, rotary=cfg.rotary,
+                              interleaved=cfg.rotary and cfg.rope_kind == "eva")
         self.ls1 = LayerScale(D, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
+        inner = cfg.norm_eps if cfg.mlp_norm else None
         if cfg.mlp_type == "swiglu":
-            self.mlp = SwiGLU(D, cfg.mlp_dim, cfg.dropout)
+            self.mlp = SwiGLU(D, cfg.mlp_dim, cfg.dropout, norm_eps=inner)
         else:
-            self.mlp = Mlp(D, cfg.mlp_dim, cfg.gelu, cfg.dropout)
+            self.mlp = Mlp(D, cfg.mlp_dim, cfg.gelu, cfg.dropout, norm_eps=inner)
         self.ls2 = LayerScale(D, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
         self.drop_path_rate = drop_path_rate
 
@@ -910,14 +986,19 @@ class VisionTransformer(nn.Module, ModelMetadata):
 
     def rotary_embedding(self, grid_size: tuple[int, int] | None = None,
                          keep: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``pos_embed='rope'`` models: the rotary embedding of the patch tokens of ``grid_size`` (default: the build
-        grid), (N, 2 head_dim) (:func:`rope_2d`), which every block's attention applies; with ``keep`` (B, K) int64
-        the rows of those patches only, (B, K, 2 head_dim). In training mode the config's coordinate augmentations
-        are drawn (once per call: every block sees the same positions). None for the other kinds."""
+        """Rotary models (``pos_embed='rope'`` or ``rope_kind='eva'``): the rotary embedding of the patch tokens of
+        ``grid_size`` (default: the build grid), (N, 2 head_dim) (:func:`rope_2d`, :func:`rope_eva`), which every
+        block's attention applies; with ``keep`` (B, K) int64 the rows of those patches only, (B, K, 2 head_dim). In
+        training mode DINOv3's coordinate augmentations are drawn (once per call: every block sees the same
+        positions). None for the other kinds."""
         cfg = self.cfg
-        if cfg.pos_embed != "rope":
+        if not cfg.rotary:
             return None
         grid = cfg.grid_size if grid_size is None else tuple(grid_size)
+        if cfg.rope_kind == "eva":
+            rope = rope_eva(grid, cfg.embed_dim // cfg.num_heads, cfg.rope_base, cfg.rope_ref_grid,
+                            device=self.patch_embed.proj.weight.device)
+            return rope if keep is None else rope[keep]
         augment = dict(shift=cfg.rope_shift, jitter=cfg.rope_jitter, rescale=cfg.rope_rescale) if self.training \
             else {}
         rope = rope_2d(grid, cfg.embed_dim // cfg.num_heads, cfg.rope_base, device=self.patch_embed.proj.weight.device,
