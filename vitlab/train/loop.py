@@ -217,7 +217,8 @@ def _describe(run: Run, train_flops: float) -> None:
     cfg, log, mc = run.config, run.log, run.model_cfg
     n_params = sum(p.numel() for p in run.model.parameters())
     log.info(f"run folder: {run.run_dir}")
-    log.info(f"data: {cfg.data} ({len(run.train_set):,} train images, {len(run.class_names)} classes"
+    classes = f", {len(run.class_names)} classes" if run.class_names else ""  # none: captions, self-supervision
+    log.info(f"data: {cfg.data} ({len(run.train_set):,} train images{classes}"
              + (f", {len(run.eval_set):,} evaluation images" if run.eval_set is not None else "") + ")")
     if has_tokens(mc):
         shape = (f"patch {mc.patch_size[0]}, {mc.num_patches + mc.num_prefix_tokens} tokens, width "
