@@ -26,6 +26,7 @@ from .compute.onednn import set_onednn_linear
 from .errors import InvalidValueError, VitlabError
 from .image_text import load_image_text
 from .models import VisionTransformer, metadata_of
+from .models.image_text import embed_texts
 
 __all__ = ["DEFAULT_TEMPLATES", "ENSEMBLE_TEMPLATES", "PromptHeads", "class_embeddings", "image_embedder",
            "prompt_head", "prompt_loss", "prompt_text", "zero_shot_classifier"]
@@ -83,21 +84,14 @@ def _check_names(class_names: Sequence[str]) -> list[str]:
 @torch.no_grad()
 def class_embeddings(model, class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                      batch_size: int = 256) -> torch.Tensor:
-    """(K, P) unit text embeddings of the classes: each class name in every template, embedded by ``model``'s text
-    tower (normalised), averaged over the templates and normalised again. ``model`` is an image-text model
-    (:func:`vitlab.load_image_text`) with a tokenizer."""
+    """(K, P) unit text embeddings of the classes (float32, on the CPU): each class name in every template, embedded
+    by ``model``'s text tower (normalised, :func:`~vitlab.models.image_text.embed_texts`), averaged over the
+    templates and normalised again. ``model`` is an image-text model (:func:`vitlab.load_image_text`) with a
+    tokenizer."""
     names = _check_names(class_names)
     templates = _check_templates(templates)
     texts = [template.format(prompt_text(name)) for name in names for template in templates]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.text.parameters()).device
-        chunks = [model.encode_text(model.tokenize(texts[i:i + batch_size]).to(device), normalize=True)
-                  for i in range(0, len(texts), batch_size)]
-    finally:
-        model.train(was_training)
-    per_prompt = torch.cat(chunks).float().reshape(len(names), len(templates), -1)
+    per_prompt = embed_texts(model, texts, batch_size).reshape(len(names), len(templates), -1)
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..devices import autocast
 from ..errors import InvalidValueError, VitlabError
+from ..models.image_text import embed_texts
 
 DEFAULT_KS = (1, 5, 10)
 BLOCK_ELEMENTS = 1 << 24  # scores per block: 64 MiB of float32
@@ -127,20 +128,6 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
 def _device_of(module: torch.nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def embed_texts(model, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
-    """(M, P) float32 unit text embeddings of ``texts`` by ``model``'s text tower (an
-    :class:`~vitlab.models.ImageTextModel` with a tokenizer), ``batch_size`` at a time on the tower's device."""
-    device = _device_of(model.text)
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = model.tokenize(list(texts[start:start + batch_size])).to(device)
-        with autocast(device, precision):
-            features = model.encode_text(tokens, normalize=False)
-        chunks.append(F.normalize(features.float(), dim=-1).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
 
 
 def _collate(items):

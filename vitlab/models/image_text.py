@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import autocast
 from ..errors import InvalidValueError, VitlabError
 from .text import TextTransformer
 
@@ -91,3 +92,19 @@ def _output_width(visual: nn.Module) -> int:
     if width is None:
         raise InvalidValueError(f"cannot tell the output width of a {type(visual).__name__} image tower")
     return width
+
+
+@torch.no_grad()
+def embed_texts(model: ImageTextModel, texts: Sequence[str], batch_size: int = 256,
+                precision: str = "fp32") -> torch.Tensor:
+    """(M, P) float32 unit text embeddings of ``texts`` by ``model``'s text tower (an :class:`ImageTextModel` with a
+    tokenizer), ``batch_size`` at a time on the tower's device, returned on the CPU."""
+    param = next(model.text.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenize(list(texts[start:start + batch_size])).to(device)
+        with autocast(device, precision):
+            features = model.encode_text(tokens, normalize=False)
+        chunks.append(F.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)

@@ -50,9 +50,9 @@ from ..data.manifest import _read_rows, looks_like_manifest
 from ..devices import autocast
 from ..errors import VitlabError
 from ..evaluate.distributed import gather_by_index, sum_over_processes, world
-from ..evaluate.retrieval import embed_texts, retrieval_metrics
+from ..evaluate.retrieval import retrieval_metrics
 from ..image_text import load_image_text, save_image_text
-from ..models.image_text import ImageTextModel
+from ..models.image_text import ImageTextModel, embed_texts
 from ..preprocessing import Preprocessing
 from .config import TrainConfig
 from .loop import train

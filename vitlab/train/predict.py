@@ -32,8 +32,8 @@ from ..devices import autocast
 from ..errors import InvalidValueError, VitlabError
 from ..evaluate.data import eval_dataset
 from ..evaluate.features import output_function
-from ..evaluate.retrieval import embed_texts
 from ..models import metadata_of
+from ..models.image_text import embed_texts
 from ..preprocessing import Preprocessing
 
 PRECISIONS = ("fp32", "bf16", "fp16")
